@@ -1,0 +1,187 @@
+// Jonker-Volgenant linear assignment on the CPU. One call solves one problem; the op layer runs
+// problems of a batch in parallel. See lap.h for the invariants every phase keeps.
+#include "lap.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace mcsmoe::lap {
+namespace {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+template <typename T>
+struct Problem {
+  const T* cost;
+  int64_t n, m;
+  double sign;
+  std::vector<double> v;           // column prices
+  std::vector<int32_t> col_of_row;  // -1: free row
+  std::vector<int32_t> row_of_col;  // -1: free column
+
+  Problem(const T* c, int64_t n_, int64_t m_, double s)
+      : cost(c), n(n_), m(m_), sign(s), v(m_, 0.0), col_of_row(n_, -1), row_of_col(m_, -1) {}
+
+  // Reduced row i into `out`: out[j] = c(i, j) - v[j].
+  void reduced_row(int64_t i, double* out) const {
+    const T* row = cost + i * m;
+    const double* vp = v.data();
+    for (int64_t j = 0; j < m; ++j) out[j] = sign * static_cast<double>(row[j]) - vp[j];
+  }
+
+  // Square problems: v[j] = column minimum; each column goes to its minimising row if that row is
+  // still free (JV's column reduction), then reduction transfer lowers the price of each assigned
+  // column by its row's slack to the second best column.
+  void column_reduction(std::vector<double>& scratch) {
+    std::vector<int32_t> argrow(m, 0);
+    for (int64_t j = 0; j < m; ++j) v[j] = sign * static_cast<double>(cost[j]);
+    for (int64_t i = 1; i < n; ++i) {
+      const T* row = cost + i * m;
+      for (int64_t j = 0; j < m; ++j) {
+        double c = sign * static_cast<double>(row[j]);
+        if (c < v[j]) {
+          v[j] = c;
+          argrow[j] = static_cast<int32_t>(i);
+        }
+      }
+    }
+    for (int64_t j = m - 1; j >= 0; --j) {
+      int32_t i = argrow[j];
+      if (col_of_row[i] < 0) {
+        col_of_row[i] = static_cast<int32_t>(j);
+        row_of_col[j] = i;
+      }
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      int32_t j1 = col_of_row[i];
+      if (j1 < 0) continue;
+      reduced_row(i, scratch.data());
+      double mu = kInf;
+      for (int64_t j = 0; j < m; ++j)
+        if (j != j1) mu = std::min(mu, scratch[j]);
+      if (mu < kInf) v[j1] -= mu - scratch[j1];
+    }
+  }
+
+  // JV's augmenting row reduction: a free row takes its best column, lowering that column's price
+  // to the row's second best; the row it displaces is retried at once. Bounded work per pass; any
+  // rows left free are handled by shortest paths, so the bound costs no optimality.
+  std::vector<int32_t> augmenting_row_reduction(std::vector<int32_t> free_rows, std::vector<double>& scratch) {
+    for (int pass = 0; pass < 2 && !free_rows.empty(); ++pass) {
+      std::vector<int32_t> still_free;
+      int64_t budget = 4 * (n + 16);
+      size_t k = 0;
+      while (k < free_rows.size()) {
+        int32_t i = free_rows[k++];
+        reduced_row(i, scratch.data());
+        double umin = scratch[0], usub = kInf;
+        int32_t j1 = 0, j2 = -1;
+        for (int64_t j = 1; j < m; ++j) {
+          double h = scratch[j];
+          if (h < usub) {
+            if (h >= umin) {
+              usub = h;
+              j2 = static_cast<int32_t>(j);
+            } else {
+              usub = umin;
+              umin = h;
+              j2 = j1;
+              j1 = static_cast<int32_t>(j);
+            }
+          }
+        }
+        int32_t i0 = row_of_col[j1];
+        bool strict = umin < usub;
+        if (strict) {
+          if (usub < kInf) v[j1] -= usub - umin;
+        } else if (i0 >= 0) {
+          j1 = j2;
+          i0 = row_of_col[j2];
+        }
+        col_of_row[i] = j1;
+        row_of_col[j1] = i;
+        if (i0 >= 0) {
+          col_of_row[i0] = -1;
+          if (strict && budget-- > 0)
+            free_rows[--k] = i0;
+          else
+            still_free.push_back(i0);
+        }
+      }
+      free_rows.swap(still_free);
+    }
+    return free_rows;
+  }
+
+  // Dijkstra from free row f over reduced costs, then flip the path and move the prices.
+  void shortest_augmenting_path(int32_t f, std::vector<double>& d, std::vector<int32_t>& pred,
+                                std::vector<double>& blocked, std::vector<int32_t>& scanned) {
+    reduced_row(f, d.data());
+    std::fill(pred.begin(), pred.end(), f);
+    std::fill(blocked.begin(), blocked.end(), 0.0);
+    scanned.clear();
+    double dmin = kInf;
+    int64_t jmin = -1;
+    for (int64_t j = 0; j < m; ++j)
+      if (d[j] < dmin || (d[j] == dmin && row_of_col[j] < 0)) {
+        dmin = d[j];
+        jmin = j;
+      }
+    while (row_of_col[jmin] >= 0) {
+      // scan jmin: it is assigned to row i; relax every unscanned column through row i
+      scanned.push_back(static_cast<int32_t>(jmin));
+      blocked[jmin] = kInf;
+      int32_t i = row_of_col[jmin];
+      const T* row = cost + static_cast<int64_t>(i) * m;
+      double h = sign * static_cast<double>(row[jmin]) - v[jmin] - dmin;
+      double best = kInf;
+      int64_t jbest = -1;
+      double* dp = d.data();
+      const double* vp = v.data();
+      const double* bp = blocked.data();
+      int32_t* pp = pred.data();
+      for (int64_t j = 0; j < m; ++j) {
+        double dj = sign * static_cast<double>(row[j]) - vp[j] - h + bp[j];  // +inf when scanned
+        if (dj < dp[j]) {
+          dp[j] = dj;
+          pp[j] = i;
+        }
+        double cand = dp[j] + bp[j];
+        if (cand < best || (cand == best && cand < kInf && row_of_col[j] < 0)) {
+          best = cand;
+          jbest = j;
+        }
+      }
+      dmin = best;
+      jmin = jbest;
+    }
+    for (int32_t j : scanned) v[j] += d[j] - dmin;
+    augment_path(f, jmin, pred.data(), row_of_col.data(), col_of_row.data());
+  }
+};
+
+}  // namespace
+
+template <typename T>
+void solve_cpu(const T* cost, int64_t n, int64_t m, double sign, int64_t* col4row) {
+  if (n == 0) return;
+  Problem<T> p(cost, n, m, sign);
+  std::vector<double> scratch(m);
+  std::vector<int32_t> free_rows;
+  if (n == m) p.column_reduction(scratch);
+  for (int64_t i = 0; i < n; ++i)
+    if (p.col_of_row[i] < 0) free_rows.push_back(static_cast<int32_t>(i));
+  free_rows = p.augmenting_row_reduction(std::move(free_rows), scratch);
+  std::vector<double> blocked(m);
+  std::vector<int32_t> pred(m), scanned;
+  scanned.reserve(m);
+  for (int32_t f : free_rows) p.shortest_augmenting_path(f, scratch, pred, blocked, scanned);
+  for (int64_t i = 0; i < n; ++i) col4row[i] = p.col_of_row[i];
+}
+
+template void solve_cpu<float>(const float*, int64_t, int64_t, double, int64_t*);
+template void solve_cpu<double>(const double*, int64_t, int64_t, double, int64_t*);
+
+}  // namespace mcsmoe::lap

@@ -1,0 +1,69 @@
+"""Switch Transformers (transformers 5.x): experts are a ModuleDict of `expert_{i}` with wi [ff, d],
+wo [d, ff] and ReLU; router.classifier [E, d]; top-1 routing with expert capacity.
+Sparse layers sit in both the encoder and the decoder."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..modules import MoEExperts, SwitchMoE
+from .base import MoELayer
+
+
+class SwitchLayer(MoELayer):
+    def _router(self) -> nn.Module:
+        return self.module.router
+
+    def router_weight(self) -> torch.Tensor:
+        return self._router().classifier.weight
+
+    def router_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        router = self._router()
+        return router.classifier(hidden.to(router.dtype))
+
+    def _experts(self):
+        return self.module.experts
+
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        experts = self._experts()
+        if isinstance(experts, MoEExperts):
+            return experts.w_in, experts.w_out
+        w_in = torch.stack([experts[f"expert_{i}"].wi.weight for i in range(self.num_experts)])
+        w_out = torch.stack([experts[f"expert_{i}"].wo.weight for i in range(self.num_experts)])
+        return w_in.detach(), w_out.detach()
+
+    @torch.no_grad()
+    def set_expert_weights(self, w_in: torch.Tensor, w_out: torch.Tensor) -> None:
+        experts = self._experts()
+        if isinstance(experts, MoEExperts):
+            experts.w_in.copy_(w_in)
+            experts.w_out.copy_(w_out)
+            return
+        for i in range(self.num_experts):
+            experts[f"expert_{i}"].wi.weight.copy_(w_in[i])
+            experts[f"expert_{i}"].wo.weight.copy_(w_out[i])
+
+    def install_experts(self, experts: MoEExperts) -> None:
+        """Replace the block by a SwitchMoE with the same router and the given expert slots."""
+        if isinstance(self.module, SwitchMoE):
+            self.module.experts = experts
+        else:
+            self.replace(SwitchMoE(self.module.router, experts))
+
+
+def is_switch_block(module: nn.Module) -> bool:
+    return type(module).__name__ == "SwitchTransformersSparseMLP" or isinstance(module, SwitchMoE)
+
+
+def switch_layers(model: nn.Module) -> list[SwitchLayer]:
+    from .base import split_name
+
+    layers = []
+    for name, module in model.named_modules():
+        if is_switch_block(module):
+            parent, attr = split_name(model, name)
+            layers.append(
+                SwitchLayer(name=name, module=module, parent=parent, attr=attr,
+                            num_experts=module.router.num_experts, top_k=1, activation="relu")
+            )
+    return layers

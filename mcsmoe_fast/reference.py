@@ -1,0 +1,60 @@
+"""Plain-PyTorch references of every op: the ground truth the tests compare against."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+# --- linear assignment ---------------------------------------------------------------------------
+def linear_assignment(cost: torch.Tensor, maximize: bool = False) -> torch.Tensor:
+    """scipy.optimize.linear_sum_assignment per problem; cost [n, m] or [B, n, m] with n <= m."""
+    from scipy.optimize import linear_sum_assignment
+
+    batched = cost.dim() == 3
+    costs = cost if batched else cost.unsqueeze(0)
+    out = torch.empty(costs.shape[:2], dtype=torch.int64)
+    for b, c in enumerate(costs.detach().cpu().double().numpy()):
+        rows, cols = linear_sum_assignment(c, maximize=maximize)
+        out[b, rows] = torch.from_numpy(cols.astype(np.int64))
+    out = out.to(cost.device)
+    return out if batched else out[0]
+
+
+def assignment_objective(cost: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Sum of the chosen entries per problem, in float64."""
+    return cost.double().gather(-1, cols.unsqueeze(-1)).squeeze(-1).sum(-1)
+
+
+# --- expert FFN over merged slots ----------------------------------------------------------------
+def expert_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "relu":
+        return F.relu(h)
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    raise ValueError(f"unknown activation {activation!r}; expected 'relu' or 'swiglu'")
+
+
+def grouped_expert_ffn(
+    hidden: torch.Tensor,  # [T, d]
+    w_in: torch.Tensor,  # [S, F, d]
+    w_out: torch.Tensor,  # [S, d, ff]
+    expert_map: torch.Tensor,  # [E] int64, slot of each original expert
+    top_k_index: torch.Tensor,  # [T, k] int64, original expert ids; -1 = no expert (dropped token)
+    top_k_weights: torch.Tensor,  # [T, k]
+    activation: str,
+) -> torch.Tensor:
+    """out[t] = sum over distinct slots s hit by token t of (sum of t's weights on s) * FFN_s(x_t)."""
+    out = torch.zeros_like(hidden)
+    valid = top_k_index >= 0
+    slots = torch.where(valid, expert_map[top_k_index.clamp(min=0)], -1)
+    for s in range(w_in.shape[0]):
+        hit = slots == s
+        tokens = hit.any(-1).nonzero().squeeze(-1)
+        if tokens.numel() == 0:
+            continue
+        weight = (top_k_weights * hit).sum(-1)[tokens]
+        h = expert_activation(hidden[tokens] @ w_in[s].T, activation)
+        out.index_add_(0, tokens, (h @ w_out[s].T) * weight[:, None].to(hidden.dtype))
+    return out
