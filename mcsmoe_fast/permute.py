@@ -1,0 +1,186 @@
+"""Expert permutation alignment (M-SMoE step 1): reorder each expert's hidden neurons to match a
+reference expert, so that averaging experts averages corresponding neurons.
+
+An expert's hidden neurons can be permuted without changing its function: rows of w_in (gate and up
+rows together for SwiGLU) and the matching columns of w_out. Weight matching scores neuron a of the
+reference against neuron b of the target by the dot products of everything attached to them,
+
+    C[a, b] = <w_in_R[a], w_in_T[b]> (+ <up_R[a], up_T[b]>) + <w_out_R[:, a], w_out_T[:, b]>,
+
+and solves one maximisation assignment per target expert, all experts of a layer in one batched
+call of ops.linear_assignment.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import ops
+from .models import MoELayer, moe_layers
+from .reference import expert_activation
+
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of cost matrices built at once
+
+
+def _neuron_blocks(w_in: torch.Tensor, w_out: torch.Tensor, activation: str) -> list[torch.Tensor]:
+    """[S, ff, *] blocks whose rows are attached to one hidden neuron each."""
+    ff = w_out.shape[-1]
+    rows = [w_in[:, :ff], w_in[:, ff:]] if activation == "swiglu" else [w_in]
+    return rows + [w_out.transpose(1, 2)]
+
+
+def weight_matching_cost(w_in, w_out, targets: torch.Tensor, refs: torch.Tensor, activation: str) -> torch.Tensor:
+    """Cost [len(targets), ff, ff]: reference neurons (rows) against target neurons (columns)."""
+    cost = None
+    for block in _neuron_blocks(w_in, w_out, activation):
+        block = block.float()
+        term = torch.bmm(block[refs], block[targets].transpose(1, 2))
+        cost = term if cost is None else cost.add_(term)
+    return cost
+
+
+def apply_permutation(w_in: torch.Tensor, w_out: torch.Tensor, perm: torch.Tensor, activation: str):
+    """Permuted copies: neuron a of expert s becomes old neuron perm[s, a]."""
+    ff = w_out.shape[-1]
+    index = torch.cat([perm, perm + ff], dim=1) if activation == "swiglu" else perm
+    new_in = torch.gather(w_in, 1, index.unsqueeze(-1).expand(-1, -1, w_in.shape[-1]))
+    new_out = torch.gather(w_out, 2, perm.unsqueeze(1).expand(-1, w_out.shape[1], -1))
+    return new_in, new_out
+
+
+def _check_references(refs: torch.Tensor, num_slots: int, name: str) -> None:
+    if refs.shape != (num_slots,) or refs.min() < 0 or refs.max() >= num_slots:
+        raise ValueError(f"{name}: reference must be an index or {num_slots} indices in [0, {num_slots}), got {refs.tolist()}")
+    if not torch.equal(refs[refs], refs):
+        raise ValueError(f"{name}: every reference expert must be its own reference (refs[refs] == refs), got {refs.tolist()}")
+
+
+def match_permutations(
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    refs: torch.Tensor,
+    activation: str,
+    cost_fn=None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> torch.Tensor:
+    """Permutation [S, ff] aligning every expert s to expert refs[s] (identity for references).
+
+    cost_fn(targets, refs) -> [t, ff, ff] scores (higher = more alike); weight matching by default.
+    Cost matrices are built and solved in chunks of at most `memory_budget` bytes.
+    """
+    num_slots, ff = w_in.shape[0], w_out.shape[-1]
+    refs = torch.as_tensor(refs, dtype=torch.int64, device=w_in.device)
+    _check_references(refs, num_slots, "match_permutations")
+    if cost_fn is None:
+        cost_fn = lambda t, r: weight_matching_cost(w_in, w_out, t, r, activation)  # noqa: E731
+    perm = torch.arange(ff, device=w_in.device).repeat(num_slots, 1)
+    targets = (refs != torch.arange(num_slots, device=refs.device)).nonzero().squeeze(-1)
+    chunk = max(1, memory_budget // max(1, ff * ff * 4))
+    for start in range(0, targets.numel(), chunk):
+        t = targets[start : start + chunk]
+        perm[t] = ops.linear_assignment(cost_fn(t, refs[t]), maximize=True).to(perm.device)
+    return perm
+
+
+def _resolve_references(reference, layers: list[MoELayer]) -> list[torch.Tensor]:
+    if reference is None:
+        reference = 0
+    if isinstance(reference, int):
+        reference = [reference] * len(layers)
+    if len(reference) != len(layers):
+        raise ValueError(f"reference: expected one entry per MoE layer ({len(layers)}), got {len(reference)}")
+    out = []
+    for layer, ref in zip(layers, reference):
+        slots = layer.expert_weights()[0].shape[0]
+        if isinstance(ref, int):
+            if not 0 <= ref < slots:
+                raise ValueError(f"{layer.name}: reference expert {ref} out of range [0, {slots})")
+            ref = [ref] * slots
+        out.append(torch.as_tensor(ref, dtype=torch.int64))
+    return out
+
+
+@torch.no_grad()
+def _layer_inputs(model: nn.Module, layers: list[MoELayer], batches: Iterable[dict], max_tokens: int) -> dict:
+    """Up to max_tokens hidden states [N, d] entering each MoE layer (padding excluded)."""
+    store = {layer.name: [] for layer in layers}
+    mask_holder = {}
+
+    def hook_for(name):
+        def hook(module, args):
+            x = args[0]
+            mask = mask_holder.get("mask")
+            if mask is not None and x.dim() == 3 and mask.shape == x.shape[:2]:
+                x = x[mask.bool()]
+            store[name].append(x.reshape(-1, x.shape[-1]).float())
+        return hook
+
+    handles = [layer.module.register_forward_pre_hook(hook_for(layer.name)) for layer in layers]
+    try:
+        for batch in batches:
+            mask_holder["mask"] = batch.get("attention_mask")
+            model(**batch)
+            if all(sum(t.shape[0] for t in v) >= max_tokens for v in store.values()):
+                break
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: torch.cat(v)[:max_tokens] if v else None for k, v in store.items()}
+
+
+def activation_matching_cost(x: torch.Tensor, w_in, activation: str):
+    """cost_fn for match_permutations: Pearson correlation of hidden activations over tokens x [N, d]."""
+    def cost_fn(targets: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+        def standardized(idx):
+            h = expert_activation(torch.einsum("nd,sfd->snf", x, w_in[idx].float()), activation)
+            h = h - h.mean(1, keepdim=True)
+            return h / h.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return torch.bmm(standardized(refs).transpose(1, 2), standardized(targets))
+    return cost_fn
+
+
+@torch.no_grad()
+def align_experts(
+    model: nn.Module,
+    reference=None,
+    strategy: str = "weight",
+    batches: Iterable[dict] | None = None,
+    max_tokens: int = 4096,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Permute every MoE layer's experts in place to match reference experts; the model computes
+    the same function afterwards.
+
+    reference: None (expert 0 of every layer), one index for all layers, or a per-layer list whose
+    entries are an index or a list of E indices (expert s aligns to reference[l][s]; merging passes
+    each expert's dominant expert). strategy: "weight" (weight matching) or "activation"
+    (correlation of hidden activations on calibration `batches`, an iterable of model input dicts).
+    Returns {layer name: permutation [E, ff]}; row s says which old neuron each new neuron was.
+    """
+    if strategy not in ("weight", "activation"):
+        raise ValueError(f"strategy must be 'weight' or 'activation', got {strategy!r}")
+    layers = moe_layers(model)
+    refs = _resolve_references(reference, layers)
+    inputs = None
+    if strategy == "activation":
+        if batches is None:
+            raise ValueError("strategy='activation' needs calibration `batches` (an iterable of model input dicts)")
+        inputs = _layer_inputs(model, layers, batches, max_tokens)
+    perms = {}
+    for layer, ref in tqdm(list(zip(layers, refs)), desc="aligning experts", unit="layer", disable=not progress):
+        w_in, w_out = layer.expert_weights()
+        ref = ref.to(w_in.device)
+        cost_fn = None
+        if strategy == "activation":
+            x = inputs[layer.name]
+            if x is None or x.shape[0] < 2:
+                raise ValueError(f"{layer.name}: no calibration tokens reached this layer")
+            cost_fn = activation_matching_cost(x.to(w_in.device), w_in, layer.activation)
+        perm = match_permutations(w_in, w_out, ref, layer.activation, cost_fn, memory_budget)
+        layer.set_expert_weights(*apply_permutation(w_in, w_out, perm, layer.activation))
+        perms[layer.name] = perm
+    return perms
