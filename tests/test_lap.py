@@ -1,0 +1,123 @@
+"""ops.linear_assignment against scipy.optimize.linear_sum_assignment (reference.linear_assignment)."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mcsmoe_fast import ops, reference
+
+
+def check_optimal(cost: torch.Tensor, cols: torch.Tensor, maximize: bool, rtol: float = 1e-9):
+    """cols is a valid assignment whose objective equals scipy's."""
+    costs = cost if cost.dim() == 3 else cost.unsqueeze(0)
+    cols_b = cols if cols.dim() == 2 else cols.unsqueeze(0)
+    assert cols_b.dtype == torch.int64 and cols_b.shape == costs.shape[:2]
+    for c, a in zip(costs, cols_b):
+        assert a.unique().numel() == a.numel(), "a column was used twice"
+        assert (a >= 0).all() and (a < c.shape[1]).all()
+    ours = reference.assignment_objective(costs, cols_b)
+    theirs = reference.assignment_objective(costs, reference.linear_assignment(costs, maximize))
+    scale = costs.double().abs().flatten(1).max(1).values.clamp_min(1e-300) * costs.shape[1]
+    assert torch.all((ours - theirs).abs() <= rtol * torch.maximum(theirs.abs(), scale)), (ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_random_sizes(dtype, maximize):
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(40):
+        n = int(torch.randint(1, 120, (), generator=gen))
+        m = n + int(torch.randint(0, 3, (), generator=gen)) * int(torch.randint(0, 40, (), generator=gen))
+        cost = torch.randn(n, m, generator=gen, dtype=dtype)
+        check_optimal(cost, ops.linear_assignment(cost, maximize), maximize)
+
+
+@pytest.mark.parametrize("n,m", [(1, 1), (1, 7), (2, 2), (300, 300), (257, 300), (64, 1000)])
+def test_square_and_rectangular(n, m):
+    cost = torch.rand(n, m, dtype=torch.float64)
+    check_optimal(cost, ops.linear_assignment(cost), False)
+
+
+@pytest.mark.parametrize("high", [1, 2, 3, 5])
+def test_tied_integer_costs(high):
+    gen = torch.Generator().manual_seed(high)
+    for n, m in [(5, 5), (17, 17), (40, 40), (33, 50), (100, 100), (150, 151)]:
+        cost = torch.randint(0, high + 1, (n, m), generator=gen).double()
+        for maximize in (False, True):
+            check_optimal(cost, ops.linear_assignment(cost, maximize), maximize)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-12, 1e12, 1e30])
+def test_huge_and_tiny_magnitudes(scale):
+    cost = torch.randn(60, 70, dtype=torch.float64) * scale
+    check_optimal(cost, ops.linear_assignment(cost), False)
+    check_optimal(cost, ops.linear_assignment(cost, maximize=True), True)
+
+
+def test_batch_matches_single_problems():
+    cost = torch.randn(7, 33, 45)
+    batched = ops.linear_assignment(cost, maximize=True)
+    check_optimal(cost, batched, True)
+    singles = torch.stack([ops.linear_assignment(c, maximize=True) for c in cost])
+    assert torch.equal(reference.assignment_objective(cost, batched), reference.assignment_objective(cost, singles))
+
+
+def test_identity_and_known_permutation():
+    perm = torch.randperm(50)
+    cost = torch.ones(50, 50)
+    cost[torch.arange(50), perm] = 0.0
+    assert torch.equal(ops.linear_assignment(cost), perm)
+
+
+def test_noncontiguous_input():
+    base = torch.randn(40, 30, dtype=torch.float64)
+    cost = base.T  # [30, 40], a transposed view
+    check_optimal(cost, ops.linear_assignment(cost), False)
+
+
+def test_empty_problems():
+    assert ops.linear_assignment(torch.zeros(0, 5)).shape == (0,)
+    assert ops.linear_assignment(torch.zeros(3, 0, 4)).shape == (3, 0)
+    assert ops.linear_assignment(torch.zeros(0, 4, 4)).shape == (0, 4)
+
+
+@pytest.mark.parametrize(
+    "cost,match",
+    [
+        (torch.zeros(5, 4), "n <= m"),
+        (torch.zeros(4), "rank"),
+        (torch.zeros(2, 2, 2, 2), "rank"),
+        (torch.zeros(3, 3, dtype=torch.int64), "float32 or float64"),
+        (torch.tensor([[0.0, float("nan")], [1.0, 2.0]]), "NaN or infinite"),
+        (torch.tensor([[0.0, float("inf")], [1.0, 2.0]]), "NaN or infinite"),
+    ],
+)
+def test_bad_input_raises(cost, match):
+    with pytest.raises(RuntimeError, match=match):
+        ops.linear_assignment(cost)
+
+
+def test_opcheck():
+    for cost in (torch.randn(6, 9), torch.randn(3, 5, 5, dtype=torch.float64)):
+        torch.library.opcheck(torch.ops.mcsmoe_fast.linear_assignment.default, (cost, True))
+
+
+def test_compile_traces_the_op():
+    fn = torch.compile(lambda c: ops.linear_assignment(c, maximize=True), backend="eager", fullgraph=True)
+    cost = torch.randn(4, 12, 12)
+    assert torch.equal(fn(cost), ops.linear_assignment(cost, maximize=True))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 25),
+    extra=st.integers(0, 10),
+    high=st.sampled_from([1, 3, 1000]),
+    maximize=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_optimal_like_scipy(n, extra, high, maximize, seed):
+    rng = np.random.default_rng(seed)
+    cost = torch.from_numpy(rng.integers(-high, high + 1, size=(n, n + extra)).astype(np.float64))
+    check_optimal(cost, ops.linear_assignment(cost, maximize), maximize)

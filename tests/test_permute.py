@@ -1,0 +1,138 @@
+"""Expert permutation alignment: function preserved, permutations recovered, references honoured."""
+import pytest
+import torch
+
+from mcsmoe_fast import align_experts, moe_layers
+from mcsmoe_fast.models.loading import load_model
+from mcsmoe_fast.permute import apply_permutation, match_permutations, weight_matching_cost
+from mcsmoe_fast.tiny import tiny_mixtral, tiny_switch
+
+
+def model_inputs(model, seed=0, batch=2, length=11):
+    ids = torch.randint(2, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+    if model.config.model_type == "switch_transformers":
+        return {"input_ids": ids, "decoder_input_ids": ids[:, :7]}
+    return {"input_ids": ids}
+
+
+@pytest.fixture(params=["switch", "mixtral"])
+def saved_model(request, tmp_path):
+    model = tiny_switch() if request.param == "switch" else tiny_mixtral(num_experts=6, intermediate_size=48)
+    model.save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+@pytest.mark.parametrize("strategy", ["weight", "activation"])
+def test_align_preserves_function(saved_model, strategy):
+    model = load_model(str(saved_model))
+    inputs = model_inputs(model)
+    with torch.no_grad():
+        before = model(**inputs).logits
+    perms = align_experts(model, strategy=strategy, batches=[inputs], progress=False)
+    with torch.no_grad():
+        after = model(**inputs).logits
+    assert (after - before).abs().max() <= 1e-5
+    layers = moe_layers(model)
+    assert set(perms) == {layer.name for layer in layers}
+    for layer in layers:
+        perm = perms[layer.name]
+        assert torch.equal(perm[0], torch.arange(perm.shape[1])), "the reference expert must not move"
+        assert torch.equal(perm.sort(1).values, torch.arange(perm.shape[1]).expand_as(perm)), "rows must be permutations"
+        assert (perm[1:] != torch.arange(perm.shape[1])).any(), "random experts should need reordering"
+
+
+@pytest.mark.parametrize("activation,ff", [("relu", 37), ("swiglu", 29)])
+def test_recovers_a_hidden_permutation(activation, ff):
+    """Expert 1 is expert 0 with its neurons shuffled (plus noise): alignment must undo the shuffle."""
+    d = 19
+    f = 2 * ff if activation == "swiglu" else ff
+    w_in0, w_out0 = torch.randn(1, f, d), torch.randn(1, d, ff)
+    shuffle = torch.randperm(ff).unsqueeze(0)
+    w_in1, w_out1 = apply_permutation(w_in0, w_out0, shuffle, activation)
+    w_in = torch.cat([w_in0, w_in1 + 0.01 * torch.randn_like(w_in1)])
+    w_out = torch.cat([w_out0, w_out1 + 0.01 * torch.randn_like(w_out1)])
+    perm = match_permutations(w_in, w_out, torch.tensor([0, 0]), activation)
+    aligned_in, aligned_out = apply_permutation(w_in, w_out, perm, activation)
+    assert (aligned_in[1] - w_in0[0]).abs().max() < 0.1
+    assert (aligned_out[1] - w_out0[0]).abs().max() < 0.1
+    assert torch.equal(shuffle[0][perm[1]], torch.arange(ff))
+
+
+def test_cost_matches_plain_dot_products():
+    w_in, w_out = torch.randn(3, 10, 4), torch.randn(3, 4, 5)  # swiglu: ff = 5
+    cost = weight_matching_cost(w_in, w_out, torch.tensor([1, 2]), torch.tensor([0, 0]), "swiglu")
+    for t, target in enumerate([1, 2]):
+        for a in range(5):
+            for b in range(5):
+                expected = (w_in[0, a] @ w_in[target, b] + w_in[0, 5 + a] @ w_in[target, 5 + b]
+                            + w_out[0, :, a] @ w_out[target, :, b])
+                assert torch.allclose(cost[t, a, b], expected, atol=1e-5)
+
+
+def test_alignment_raises_similarity_to_reference():
+    model = tiny_mixtral(num_experts=4, intermediate_size=64)
+    layer = moe_layers(model)[0]
+    w_in, w_out = (w.detach().clone() for w in layer.expert_weights())
+
+    def score(a, b):
+        return (a[0] * a[1:]).sum((1, 2)) + (b[0] * b[1:]).sum((1, 2))
+
+    before = score(w_in, w_out)
+    align_experts(model, progress=False)
+    after = score(*layer.expert_weights())
+    assert (after >= before - 1e-4).all() and (after > before).any()
+
+
+def test_per_expert_references_and_chunking():
+    model = tiny_switch(num_experts=6)
+    refs = [[0, 0, 2, 2, 2, 0]] * len(moe_layers(model))
+    perms = align_experts(model, reference=refs, memory_budget=1, progress=False)
+    for perm in perms.values():
+        assert torch.equal(perm[0], torch.arange(perm.shape[1])) and torch.equal(perm[2], torch.arange(perm.shape[1]))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"reference": 99}, "out of range"),
+        ({"reference": [0]}, "one entry per MoE layer"),
+        ({"reference": [[1, 2, 0, 0, 0, 0, 0, 0]] * 4}, "its own reference"),
+        ({"strategy": "gradient"}, "strategy"),
+        ({"strategy": "activation"}, "calibration"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        align_experts(tiny_switch(), progress=False, **kwargs)
+
+
+def test_unsupported_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2))
+    with pytest.raises(ValueError, match="unsupported model type 'llama'"):
+        align_experts(model, progress=False)
+
+
+def test_cli_permute(saved_model, tmp_path, capsys):
+    from mcsmoe_fast.cli import main
+
+    out = tmp_path / "aligned"
+    assert main(["permute", "--model", str(saved_model), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "neurons moved" in printed and "aligned" in printed
+    original, aligned = load_model(str(saved_model)), load_model(str(out))
+    inputs = model_inputs(original, seed=3)
+    with torch.no_grad():
+        assert (original(**inputs).logits - aligned(**inputs).logits).abs().max() <= 1e-5
+    w0 = moe_layers(original)[0].expert_weights()[0]
+    w1 = moe_layers(aligned)[0].expert_weights()[0]
+    assert not torch.equal(w0, w1)
+
+
+def test_cli_missing_model(tmp_path, capsys):
+    from mcsmoe_fast.cli import main
+
+    assert main(["permute", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "error" in capsys.readouterr().err
