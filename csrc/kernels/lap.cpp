@@ -116,49 +116,69 @@ struct Problem {
   }
 
   // Dijkstra from free row f over reduced costs, then flip the path and move the prices.
-  void shortest_augmenting_path(int32_t f, std::vector<double>& d, std::vector<int32_t>& pred,
+  // Scanned columns carry blocked[j] = +inf so that the relax-and-min loop has no branches and
+  // vectorizes; its minimum's index is found by a second, early-exit pass.
+  void shortest_augmenting_path(int32_t f, std::vector<double>& d, std::vector<int64_t>& pred,
                                 std::vector<double>& blocked, std::vector<int32_t>& scanned) {
     reduced_row(f, d.data());
     std::fill(pred.begin(), pred.end(), f);
     std::fill(blocked.begin(), blocked.end(), 0.0);
     scanned.clear();
-    double dmin = kInf;
-    int64_t jmin = -1;
-    for (int64_t j = 0; j < m; ++j)
-      if (d[j] < dmin || (d[j] == dmin && row_of_col[j] < 0)) {
-        dmin = d[j];
-        jmin = j;
-      }
+    double dmin = min_of(d.data(), blocked.data(), m);
+    int64_t jmin = first_at(d.data(), blocked.data(), dmin);
     while (row_of_col[jmin] >= 0) {
-      // scan jmin: it is assigned to row i; relax every unscanned column through row i
       scanned.push_back(static_cast<int32_t>(jmin));
       blocked[jmin] = kInf;
-      int32_t i = row_of_col[jmin];
-      const T* row = cost + static_cast<int64_t>(i) * m;
-      double h = sign * static_cast<double>(row[jmin]) - v[jmin] - dmin;
-      double best = kInf;
-      int64_t jbest = -1;
-      double* dp = d.data();
-      const double* vp = v.data();
-      const double* bp = blocked.data();
-      int32_t* pp = pred.data();
-      for (int64_t j = 0; j < m; ++j) {
-        double dj = sign * static_cast<double>(row[j]) - vp[j] - h + bp[j];  // +inf when scanned
-        if (dj < dp[j]) {
-          dp[j] = dj;
-          pp[j] = i;
-        }
-        double cand = dp[j] + bp[j];
-        if (cand < best || (cand == best && cand < kInf && row_of_col[j] < 0)) {
-          best = cand;
-          jbest = j;
-        }
-      }
-      dmin = best;
-      jmin = jbest;
+      const int64_t i = row_of_col[jmin];
+      const T* row = cost + i * m;
+      const double h = sign * static_cast<double>(row[jmin]) - v[jmin] - dmin;
+      dmin = relax(row, i, h, d.data(), pred.data(), blocked.data());
+      jmin = first_at(d.data(), blocked.data(), dmin);
     }
     for (int32_t j : scanned) v[j] += d[j] - dmin;
-    augment_path(f, jmin, pred.data(), row_of_col.data(), col_of_row.data());
+    augment(f, jmin, pred.data());
+  }
+
+  // d[j] = min(d[j], c(i, j) - v[j] - h) over unscanned columns; returns the new minimum.
+  double relax(const T* row, int64_t i, double h, double* d, int64_t* pred, const double* blocked) const {
+    const double* vp = v.data();
+    const double s = sign;
+    double best = kInf;
+#pragma omp simd reduction(min : best)
+    for (int64_t j = 0; j < m; ++j) {
+      const double dj = s * static_cast<double>(row[j]) - vp[j] - h + blocked[j];
+      const bool shorter = dj < d[j];
+      d[j] = shorter ? dj : d[j];
+      pred[j] = shorter ? i : pred[j];
+      const double cand = d[j] + blocked[j];
+      best = cand < best ? cand : best;
+    }
+    return best;
+  }
+
+  double min_of(const double* d, const double* blocked, int64_t len) const {
+    double best = kInf;
+#pragma omp simd reduction(min : best)
+    for (int64_t j = 0; j < len; ++j) best = d[j] + blocked[j] < best ? d[j] + blocked[j] : best;
+    return best;
+  }
+
+  // The first unscanned column at distance dmin.
+  int64_t first_at(const double* d, const double* blocked, double dmin) const {
+    for (int64_t j = 0; j < m; ++j)
+      if (d[j] + blocked[j] == dmin) return j;
+    return -1;  // unreachable: an unscanned free column always exists since n <= m
+  }
+
+  void augment(int64_t f, int64_t sink, const int64_t* pred) {
+    for (int64_t j = sink;;) {
+      const int64_t i = pred[j];
+      row_of_col[j] = static_cast<int32_t>(i);
+      const int64_t next = col_of_row[i];
+      col_of_row[i] = static_cast<int32_t>(j);
+      if (i == f) break;
+      j = next;
+    }
   }
 };
 
@@ -175,7 +195,8 @@ void solve_cpu(const T* cost, int64_t n, int64_t m, double sign, int64_t* col4ro
     if (p.col_of_row[i] < 0) free_rows.push_back(static_cast<int32_t>(i));
   free_rows = p.augmenting_row_reduction(std::move(free_rows), scratch);
   std::vector<double> blocked(m);
-  std::vector<int32_t> pred(m), scanned;
+  std::vector<int64_t> pred(m);
+  std::vector<int32_t> scanned;
   scanned.reserve(m);
   for (int32_t f : free_rows) p.shortest_augmenting_path(f, scratch, pred, blocked, scanned);
   for (int64_t i = 0; i < n; ++i) col4row[i] = p.col_of_row[i];
