@@ -34,9 +34,22 @@ def run_permute(args) -> int:
     return 0
 
 
+def add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="build small Switch and Mixtral models locally and align their experts")
+    p.set_defaults(run=run_demo)
+
+
+def run_demo(args) -> int:
+    from .demo import run_demo as demo
+
+    demo()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcsmoe-fast", description="Merge, then compress Mixture-of-Experts models.")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_demo(sub)
     add_permute(sub)
     return parser
 
