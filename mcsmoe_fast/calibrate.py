@@ -1,0 +1,211 @@
+"""Routing statistics on calibration data (M-SMoE step 0): how often each expert is chosen, and what
+the similarity bases of grouping.py need, accumulated in streaming form.
+
+Per MoE layer, over the calibration tokens that are not padding:
+
+- counts [E]        top-k selections of each expert (the router's choice before Switch's expert
+                    capacity drops tokens); `frequency` = counts / sum (the paper's usage frequency).
+- logit_gram [E, E] sum over tokens of logits^T logits: the `router-logits` basis compares the
+                    columns of the tokens x E logit matrix, and their cosine needs only this Gram matrix.
+- feature_sum [E, d] sum of the inputs routed to each expert (`feature` basis: the mean routed input).
+- output_sum [E, d] (only when `expert-output` is asked for) sum over ALL calibration tokens of each
+                    expert's output (HC-SMoE's basis), computed by running every expert on every token.
+
+Every accumulator has a fixed size, so memory does not grow with the number of tokens.
+Which tokens count: `attention_mask` excludes padding; the decoder layers of an encoder-decoder model
+use `decoder_attention_mask` when the batch has one, else every decoder token.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .models import MoELayer, moe_layers
+from .reference import expert_activation
+
+CHEAP_BASES = ("router-logits", "feature")
+
+
+@dataclass
+class LayerStats:
+    """Streaming routing statistics of one MoE layer (float64 accumulators)."""
+
+    name: str
+    num_experts: int
+    top_k: int
+    tokens: int
+    counts: torch.Tensor  # [E]
+    logit_gram: torch.Tensor  # [E, E]
+    feature_sum: torch.Tensor  # [E, d]
+    output_sum: torch.Tensor | None = None  # [E, d], present when expert-output was collected
+
+    @property
+    def frequency(self) -> torch.Tensor:
+        """Usage frequency [E]: share of the layer's top-k selections (all zeros if no token came)."""
+        total = self.counts.sum()
+        return self.counts / total if total > 0 else torch.zeros_like(self.counts)
+
+    @property
+    def mean_feature(self) -> torch.Tensor:
+        """Mean routed input [E, d] (zero rows for experts never routed to)."""
+        return self.feature_sum / self.counts.clamp_min(1).unsqueeze(-1)
+
+    @property
+    def mean_output(self) -> torch.Tensor:
+        if self.output_sum is None:
+            raise ValueError(f"{self.name}: expert outputs were not collected; "
+                             "pass bases including 'expert-output' to collect_routing_stats")
+        return self.output_sum / max(self.tokens, 1)
+
+    def summary(self) -> dict:
+        """JSON-ready summary (saved with merged checkpoints)."""
+        return {"tokens": int(self.tokens), "selections": int(self.counts.sum().item()),
+                "usage_frequency": [round(float(f), 6) for f in self.frequency]}
+
+
+class _Accumulator:
+    """The hook that feeds one layer's LayerStats."""
+
+    def __init__(self, layer: MoELayer, decoder: bool, want_output: bool, chunk_tokens: int):
+        w_in, _ = layer.expert_weights()
+        self.layer, self.decoder, self.chunk_tokens = layer, decoder, chunk_tokens
+        self.device = w_in.device
+        acc = torch.float32 if self.device.type == "mps" else torch.float64
+        e, d = layer.num_experts, layer.hidden_size
+        self.stats = LayerStats(
+            name=layer.name, num_experts=e, top_k=layer.top_k, tokens=0,
+            counts=torch.zeros(e, dtype=acc, device=self.device),
+            logit_gram=torch.zeros(e, e, dtype=acc, device=self.device),
+            feature_sum=torch.zeros(e, d, dtype=acc, device=self.device),
+        )
+        # expert-output: sum of each slot's hidden activations; output_sum = w_out @ that at the end,
+        # exact because the output is linear in the activations.
+        self.activation_sum = (
+            torch.zeros(w_in.shape[0], layer.intermediate_size, dtype=acc, device=self.device) if want_output else None
+        )
+
+    def __call__(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> None:
+        if mask is not None:
+            if mask.shape != hidden.shape[:-1]:
+                raise ValueError(f"{self.layer.name}: attention mask of shape {tuple(mask.shape)} does not match "
+                                 f"the layer input {tuple(hidden.shape[:-1])}")
+            hidden = hidden[mask.to(hidden.device).bool()]
+        x = hidden.reshape(-1, hidden.shape[-1])
+        if x.shape[0] == 0:
+            return
+        s = self.stats
+        acc = s.counts.dtype
+        logits = self.layer.router_logits(x).to(acc)
+        top = logits.topk(s.top_k, dim=-1).indices  # [T, k]
+        s.tokens += x.shape[0]
+        s.counts += torch.bincount(top.reshape(-1), minlength=s.num_experts).to(acc)
+        s.logit_gram += logits.T @ logits
+        xs = x.to(acc)
+        for j in range(s.top_k):
+            s.feature_sum.index_add_(0, top[:, j], xs)
+        if self.activation_sum is not None:
+            self._accumulate_activations(x)
+
+    def _accumulate_activations(self, x: torch.Tensor) -> None:
+        w_in, _ = self.layer.expert_weights()
+        for start in range(0, x.shape[0], self.chunk_tokens):
+            xc = x[start : start + self.chunk_tokens].to(w_in.dtype)
+            for slot in range(w_in.shape[0]):
+                h = expert_activation(xc @ w_in[slot].T, self.layer.activation)
+                self.activation_sum[slot] += h.sum(0).to(self.activation_sum.dtype)
+
+    def finish(self) -> LayerStats:
+        if self.activation_sum is not None:
+            _, w_out = self.layer.expert_weights()
+            emap = self.layer.expert_map().to(self.device)
+            per_slot = torch.einsum("sdf,sf->sd", w_out.to(self.activation_sum.dtype), self.activation_sum)
+            self.stats.output_sum = per_slot[emap]
+        return self.stats
+
+
+def _is_decoder_layer(model: nn.Module, name: str) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False)) and (
+        name.startswith("decoder.") or ".decoder." in name
+    )
+
+
+def _complete_inputs(model: nn.Module, batch: dict) -> dict:
+    """An encoder-decoder model needs decoder inputs: when the batch has neither decoder_input_ids nor
+    labels, the decoder reads the input text itself (teacher forcing), with the same padding mask."""
+    if not getattr(model.config, "is_encoder_decoder", False):
+        return batch
+    if "decoder_input_ids" in batch or "labels" in batch or "input_ids" not in batch:
+        return batch
+    batch = dict(batch)
+    batch["decoder_input_ids"] = model._shift_right(batch["input_ids"])
+    if "attention_mask" in batch and "decoder_attention_mask" not in batch:
+        batch["decoder_attention_mask"] = batch["attention_mask"]
+    return batch
+
+
+def _check_bases(bases) -> tuple[bool, tuple[str, ...]]:
+    from .grouping import SIMILARITY_BASES
+
+    bases = tuple(bases)
+    unknown = [b for b in bases if b not in SIMILARITY_BASES]
+    if unknown:
+        raise ValueError(f"bases: unknown similarity basis {unknown}; choose from {', '.join(SIMILARITY_BASES)}")
+    return "expert-output" in bases, bases
+
+
+@torch.no_grad()
+def collect_routing_stats(
+    model: nn.Module,
+    batches: Iterable[dict],
+    bases: Iterable[str] = CHEAP_BASES,
+    chunk_tokens: int = 1024,
+    progress: bool = True,
+) -> dict[str, LayerStats]:
+    """Run calibration `batches` (an iterable of model input dicts: input_ids, attention_mask, ...)
+    through `model` and return {MoE layer name: LayerStats}, in module order.
+
+    Usage counts, router-logit Gram matrices and routed-input sums are always collected (cheap);
+    `bases` containing "expert-output" also runs every expert on every token (chunk_tokens at a time).
+    """
+    want_output, _ = _check_bases(bases)
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    layers = moe_layers(model)
+    accumulators = {
+        layer.name: _Accumulator(layer, _is_decoder_layer(model, layer.name), want_output, chunk_tokens)
+        for layer in layers
+    }
+    masks: dict[str, torch.Tensor | None] = {}
+
+    def hook_for(acc: _Accumulator):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            acc(hidden, masks["decoder"] if acc.decoder else masks["encoder"])
+        return hook
+
+    handles = [layer.module.register_forward_pre_hook(hook_for(accumulators[layer.name]), with_kwargs=True)
+               for layer in layers]
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        total = len(batches) if hasattr(batches, "__len__") else None
+        for batch in tqdm(batches, desc="routing statistics", unit="batch", total=total, disable=not progress):
+            if not isinstance(batch, dict):
+                raise ValueError(f"batches must yield dicts of model inputs, got {type(batch).__name__}")
+            batch = _complete_inputs(model, batch)
+            masks["encoder"] = batch.get("attention_mask")
+            masks["decoder"] = batch.get("decoder_attention_mask")
+            model(**batch)
+            seen += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("batches: no calibration batch was given")
+    return {name: acc.finish() for name, acc in accumulators.items()}

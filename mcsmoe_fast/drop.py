@@ -1,0 +1,78 @@
+"""The `drop` baseline of merging: prune the non-dominant experts by masking their router logits to
+-inf before top-k, so the router never picks them (the pruning baselines of the MC-SMoE paper).
+
+The router's weight keeps its name in the state dict (`...classifier.weight` for Switch,
+`...gate.weight` for Mixtral); the mask is one more buffer `keep` [E] (bool) next to it, so masked
+checkpoints save and load like any other (checkpoint.py reinstalls the masks from its JSON section).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .models import MoELayer, SwitchLayer
+
+
+def _mask(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+class MaskedLinear(nn.Module):
+    """Switch's router.classifier with dropped experts' logits at -inf (the router itself is unchanged)."""
+
+    def __init__(self, linear: nn.Linear, keep: torch.Tensor):
+        super().__init__()
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.register_buffer("keep", torch.as_tensor(keep, dtype=torch.bool, device=linear.weight.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _mask(F.linear(x, self.weight, self.bias), self.keep)
+
+
+class MaskedTopKRouter(nn.Module):
+    """Mixtral's gate (softmax, top-k, renormalise) with dropped experts' logits at -inf.
+
+    When fewer than top_k experts are kept, the extra picks get weight 0 and so contribute nothing."""
+
+    def __init__(self, gate: nn.Module, keep: torch.Tensor):
+        super().__init__()
+        self.weight = gate.weight
+        self.top_k = gate.top_k
+        self.num_experts = gate.weight.shape[0]
+        self.hidden_dim = gate.weight.shape[1]
+        self.register_buffer("keep", torch.as_tensor(keep, dtype=torch.bool, device=gate.weight.device))
+
+    def forward(self, hidden_states: torch.Tensor):
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        router_logits = _mask(F.linear(hidden_states, self.weight), self.keep)
+        probs = torch.softmax(router_logits.float(), dim=-1)
+        top_value, top_index = torch.topk(probs, self.top_k, dim=-1)
+        top_value = top_value / top_value.sum(dim=-1, keepdim=True)
+        return router_logits, top_value, top_index
+
+
+def install_logit_mask(layer: MoELayer, keep) -> None:
+    """Mask the router logits of the experts with keep[e] == False in this layer (at least one kept)."""
+    keep = torch.as_tensor(keep, dtype=torch.bool)
+    if keep.shape != (layer.num_experts,) or not keep.any():
+        raise ValueError(f"{layer.name}: keep must be [{layer.num_experts}] booleans with at least one True, "
+                         f"got {keep.tolist()}")
+    block = layer.module
+    if isinstance(layer, SwitchLayer):  # Switch: the router calls its classifier
+        router = block.router
+        inner = router.classifier
+        router.classifier = MaskedLinear(inner, keep) if not isinstance(inner, MaskedLinear) else inner
+        router.classifier.keep.copy_(keep)
+    else:
+        gate = block.gate
+        block.gate = MaskedTopKRouter(gate, keep) if not isinstance(gate, MaskedTopKRouter) else gate
+        block.gate.keep.copy_(keep)
+
+
+def logit_mask(layer: MoELayer) -> torch.Tensor | None:
+    """The layer's keep mask [E], or None when no expert is masked."""
+    block = layer.module
+    owner = block.router.classifier if isinstance(layer, SwitchLayer) else block.gate
+    return owner.keep if isinstance(owner, (MaskedLinear, MaskedTopKRouter)) else None

@@ -1,0 +1,157 @@
+"""M-SMoE merging: group each layer's experts around dominant experts, align every group member to its
+dominant expert (weight matching, permute.py), and average the group with usage-frequency weights.
+
+A merged layer stores only its G merged experts plus `expert_map` [E] (modules.MoEExperts); the router
+is unchanged and still scores all E experts, and every member of a group computes with the group's
+merged weights. With G = E and no permutation the merged model equals the original.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibrate import LayerStats
+from .drop import install_logit_mask
+from .grouping import (
+    GROUPING_METHODS, MERGE_STRATEGIES, SIMILARITY_BASES, LayerGrouping, group_counts, group_layer, similarity_matrix,
+)
+from .models import MoELayer, moe_layers
+from .modules import MoEExperts
+from .permute import apply_permutation, match_permutations
+
+MERGE_SECTION = "mcsmoe_merge"  # the config attribute (and config.json key) describing the merge
+
+
+def expert_weights_per_expert(layer: MoELayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w_in [E, F, d], w_out [E, d, ff]): one entry per original expert, also for a merged layer."""
+    w_in, w_out = layer.expert_weights()
+    if w_in.shape[0] == layer.num_experts and torch.equal(layer.expert_map().cpu(), torch.arange(layer.num_experts)):
+        return w_in.detach(), w_out.detach()
+    emap = layer.expert_map().to(w_in.device)
+    return w_in.detach()[emap], w_out.detach()[emap]
+
+
+def select_layers(layers: list[MoELayer], which) -> list[MoELayer]:
+    """`which`: None (every MoE layer) or an iterable of layer names and/or positions in moe_layers order."""
+    if which is None:
+        return layers
+    if isinstance(which, (str, int)):
+        which = [which]
+    by_name = {layer.name: layer for layer in layers}
+    chosen, unknown = [], []
+    for w in which:
+        if isinstance(w, int) and not isinstance(w, bool) and -len(layers) <= w < len(layers):
+            chosen.append(layers[w])
+        elif isinstance(w, str) and w in by_name:
+            chosen.append(by_name[w])
+        else:
+            unknown.append(w)
+    if unknown:
+        raise ValueError(f"layers: unknown MoE layers {unknown}; the model has {list(by_name)} "
+                         f"(names or positions 0..{len(layers) - 1})")
+    names = {layer.name for layer in chosen}
+    return [layer for layer in layers if layer.name in names]  # module order, no duplicates
+
+
+def merge_group_weights(w_in: torch.Tensor, w_out: torch.Tensor, grouping: LayerGrouping):
+    """Merged slots (w_in [G, F, d], w_out [G, d, ff]): slot g = sum_i weight_i * expert_i over group g,
+    accumulated in float32 (a single-member group is copied exactly)."""
+    merged_in, merged_out = [], []
+    for members, weights in zip(grouping.groups, grouping.weights):
+        acc_in = torch.zeros(w_in.shape[1:], dtype=torch.float32, device=w_in.device)
+        acc_out = torch.zeros(w_out.shape[1:], dtype=torch.float32, device=w_out.device)
+        for e, w in zip(members, weights):
+            if w != 0.0:
+                acc_in.add_(w_in[e].float(), alpha=w)
+                acc_out.add_(w_out[e].float(), alpha=w)
+        merged_in.append(acc_in.to(w_in.dtype))
+        merged_out.append(acc_out.to(w_out.dtype))
+    return torch.stack(merged_in), torch.stack(merged_out)
+
+
+def _stats_for(stats: Mapping[str, LayerStats], layer: MoELayer) -> LayerStats:
+    if layer.name not in stats:
+        raise ValueError(f"stats: no routing statistics for layer {layer.name!r} "
+                         "(collect them with collect_routing_stats on this model)")
+    s = stats[layer.name]
+    if s.num_experts != layer.num_experts:
+        raise ValueError(f"stats[{layer.name!r}] has {s.num_experts} experts, the layer has {layer.num_experts}")
+    return s
+
+
+@torch.no_grad()
+def merge_experts(
+    model: nn.Module,
+    stats: Mapping[str, LayerStats],
+    num_groups,
+    similarity: str = "router-logits",
+    globally: bool = True,
+    permute: bool = True,
+    strategy: str = "frequency",
+    layers=None,
+    grouping: str = "dominant",
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, LayerGrouping]:
+    """Merge the experts of `model` in place; returns {layer name: LayerGrouping} of the merged layers.
+
+    num_groups: average groups per merged layer with globally=True (one global budget spread by usage
+      frequency, exactly num_groups x layers in total, >= 1 per layer), else the count of every layer
+      (an int, or a {layer name: count} mapping). See grouping.py for ties and edge cases.
+    similarity: the similarity basis (router-logits, router-weight, weight, feature, expert-output, random).
+    permute: align each member's neurons to its group's dominant expert before averaging.
+    strategy: "frequency" (usage-frequency weights), "average" (uniform), or "drop" (keep only the
+      dominant experts' weights and mask the others' router logits to -inf: a pruning baseline).
+    layers: None (all MoE layers) or layer names / positions to merge; the others stay as they are.
+    grouping: "dominant" (the paper's) or "hierarchical" (average-linkage clustering, HC-SMoE).
+    """
+    if similarity not in SIMILARITY_BASES:
+        raise ValueError(f"similarity must be one of {', '.join(SIMILARITY_BASES)}, got {similarity!r}")
+    if strategy not in MERGE_STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(MERGE_STRATEGIES)}, got {strategy!r}")
+    if grouping not in GROUPING_METHODS:
+        raise ValueError(f"grouping must be one of {', '.join(GROUPING_METHODS)}, got {grouping!r}")
+    chosen = select_layers(moe_layers(model), layers)
+    layer_stats = {layer.name: _stats_for(stats, layer) for layer in chosen}
+    counts = group_counts({n: s.frequency for n, s in layer_stats.items()}, num_groups, globally)
+
+    result: dict[str, LayerGrouping] = {}
+    for layer in tqdm(chosen, desc="merging experts", unit="layer", disable=not progress):
+        s = layer_stats[layer.name]
+        w_in, w_out = expert_weights_per_expert(layer)
+        sim = similarity_matrix(similarity, stats=s, router_weight=layer.router_weight(), w_in=w_in, w_out=w_out,
+                                seed=seed, num_experts=layer.num_experts)
+        g = group_layer(layer.name, s.frequency.cpu(), sim, counts[layer.name], grouping, strategy)
+        if permute and strategy != "drop" and g.num_groups < layer.num_experts:
+            leader = torch.tensor([g.dominant[slot] for slot in g.expert_map], device=w_in.device)
+            perm = match_permutations(w_in, w_out, leader, layer.activation)
+            w_in, w_out = apply_permutation(w_in, w_out, perm, layer.activation)
+        merged_in, merged_out = merge_group_weights(w_in, w_out, g)
+        emap = torch.tensor(g.expert_map, dtype=torch.int64, device=w_in.device)
+        layer.install_experts(MoEExperts(merged_in, merged_out, emap, layer.activation))
+        if strategy == "drop":
+            keep = torch.zeros(layer.num_experts, dtype=torch.bool)
+            keep[g.dominant] = True
+            install_logit_mask(layer, keep)
+        result[layer.name] = g
+
+    _record(model, result, layer_stats, dict(num_groups=num_groups if isinstance(num_groups, int) else dict(num_groups),
+                                             similarity=similarity, globally=globally, permute=permute,
+                                             strategy=strategy, grouping=grouping, seed=seed))
+    return result
+
+
+def _record(model: nn.Module, result: dict[str, LayerGrouping], stats: dict[str, LayerStats], method: dict) -> None:
+    """Keep a JSON-ready description of the merge on model.config (checkpoint.py saves it)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    section = dict(getattr(config, MERGE_SECTION, None) or {})
+    merges = list(section.get("merges", []))
+    merges.append({"method": method, "layers": {n: g.to_dict() for n, g in result.items()},
+                   "statistics": {n: stats[n].summary() for n in result}})
+    section["merges"] = merges
+    setattr(config, MERGE_SECTION, section)
