@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace mcsmoe::lap {
@@ -116,57 +117,57 @@ struct Problem {
   }
 
   // Dijkstra from free row f over reduced costs, then flip the path and move the prices.
-  // Scanned columns carry blocked[j] = +inf so that the relax-and-min loop has no branches and
-  // vectorizes; its minimum's index is found by a second, early-exit pass.
+  // A scanned column gets shadow price w[j] = -inf and distance +inf (its distance is kept in
+  // `scanned`), so the relax-and-min loop needs no branch and vectorizes; the minimum's index is
+  // found by a second, early-exit pass.
   void shortest_augmenting_path(int32_t f, std::vector<double>& d, std::vector<int64_t>& pred,
-                                std::vector<double>& blocked, std::vector<int32_t>& scanned) {
+                                std::vector<double>& w, std::vector<std::pair<int32_t, double>>& scanned) {
     reduced_row(f, d.data());
     std::fill(pred.begin(), pred.end(), f);
-    std::fill(blocked.begin(), blocked.end(), 0.0);
+    std::copy(v.begin(), v.end(), w.begin());
     scanned.clear();
-    double dmin = min_of(d.data(), blocked.data(), m);
-    int64_t jmin = first_at(d.data(), blocked.data(), dmin);
+    double dmin = min_of(d.data());
+    int64_t jmin = first_at(d.data(), dmin);
     while (row_of_col[jmin] >= 0) {
-      scanned.push_back(static_cast<int32_t>(jmin));
-      blocked[jmin] = kInf;
+      scanned.emplace_back(static_cast<int32_t>(jmin), dmin);
+      w[jmin] = -kInf;
+      d[jmin] = kInf;
       const int64_t i = row_of_col[jmin];
       const T* row = cost + i * m;
       const double h = sign * static_cast<double>(row[jmin]) - v[jmin] - dmin;
-      dmin = relax(row, i, h, d.data(), pred.data(), blocked.data());
-      jmin = first_at(d.data(), blocked.data(), dmin);
+      dmin = relax(row, i, h, d.data(), pred.data(), w.data());
+      jmin = first_at(d.data(), dmin);
     }
-    for (int32_t j : scanned) v[j] += d[j] - dmin;
+    for (auto [j, dj] : scanned) v[j] += dj - dmin;
     augment(f, jmin, pred.data());
   }
 
-  // d[j] = min(d[j], c(i, j) - v[j] - h) over unscanned columns; returns the new minimum.
-  double relax(const T* row, int64_t i, double h, double* d, int64_t* pred, const double* blocked) const {
-    const double* vp = v.data();
+  // d[j] = min(d[j], c(i, j) - w[j] - h); returns the new minimum (scanned columns stay +inf).
+  double relax(const T* row, int64_t i, double h, double* d, int64_t* pred, const double* w) const {
     const double s = sign;
     double best = kInf;
 #pragma omp simd reduction(min : best)
     for (int64_t j = 0; j < m; ++j) {
-      const double dj = s * static_cast<double>(row[j]) - vp[j] - h + blocked[j];
+      const double dj = s * static_cast<double>(row[j]) - w[j] - h;
       const bool shorter = dj < d[j];
       d[j] = shorter ? dj : d[j];
       pred[j] = shorter ? i : pred[j];
-      const double cand = d[j] + blocked[j];
-      best = cand < best ? cand : best;
+      best = d[j] < best ? d[j] : best;
     }
     return best;
   }
 
-  double min_of(const double* d, const double* blocked, int64_t len) const {
+  double min_of(const double* d) const {
     double best = kInf;
 #pragma omp simd reduction(min : best)
-    for (int64_t j = 0; j < len; ++j) best = d[j] + blocked[j] < best ? d[j] + blocked[j] : best;
+    for (int64_t j = 0; j < m; ++j) best = d[j] < best ? d[j] : best;
     return best;
   }
 
-  // The first unscanned column at distance dmin.
-  int64_t first_at(const double* d, const double* blocked, double dmin) const {
+  // The first column at distance dmin (never a scanned one: those sit at +inf > dmin).
+  int64_t first_at(const double* d, double dmin) const {
     for (int64_t j = 0; j < m; ++j)
-      if (d[j] + blocked[j] == dmin) return j;
+      if (d[j] == dmin) return j;
     return -1;  // unreachable: an unscanned free column always exists since n <= m
   }
 
@@ -194,11 +195,11 @@ void solve_cpu(const T* cost, int64_t n, int64_t m, double sign, int64_t* col4ro
   for (int64_t i = 0; i < n; ++i)
     if (p.col_of_row[i] < 0) free_rows.push_back(static_cast<int32_t>(i));
   free_rows = p.augmenting_row_reduction(std::move(free_rows), scratch);
-  std::vector<double> blocked(m);
+  std::vector<double> shadow(m);
   std::vector<int64_t> pred(m);
-  std::vector<int32_t> scanned;
+  std::vector<std::pair<int32_t, double>> scanned;
   scanned.reserve(m);
-  for (int32_t f : free_rows) p.shortest_augmenting_path(f, scratch, pred, blocked, scanned);
+  for (int32_t f : free_rows) p.shortest_augmenting_path(f, scratch, pred, shadow, scanned);
   for (int64_t i = 0; i < n; ++i) col4row[i] = p.col_of_row[i];
 }
 
