@@ -1,0 +1,129 @@
+"""Calibration text for routing statistics: a local .txt (one sample per line) or .jsonl file (a text
+field per line), or a `datasets` dataset name; tokenised into model input batches."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+DEFAULT_NUM_SAMPLES = 256  # the paper's calibration size
+
+
+def read_calibration_texts(source: str, num_samples: int = DEFAULT_NUM_SAMPLES, text_field: str = "text",
+                           split: str = "train") -> list[str]:
+    """Up to num_samples non-empty texts from `source`.
+
+    source: a .txt file (one sample per line), a .jsonl file (one JSON object per line, text in
+    `text_field`), or a dataset name for `datasets.load_dataset` ("name" or "name:config")."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    path = Path(source)
+    if path.suffix in (".txt", ".jsonl") or path.exists():
+        texts = _read_file(path, num_samples, text_field)
+    else:
+        texts = _read_dataset(source, num_samples, text_field, split)
+    if not texts:
+        raise ValueError(f"calibration source {source!r} holds no non-empty text")
+    return texts
+
+
+def _read_file(path: Path, num_samples: int, text_field: str) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration file {path} not found")
+    if path.suffix not in (".txt", ".jsonl"):
+        raise ValueError(f"calibration file {path}: expected a .txt (one sample per line) or .jsonl file")
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if len(texts) >= num_samples:
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                    raise ValueError(f"{path}:{lineno}: no string field {text_field!r}")
+                line = record[text_field].strip()
+                if not line:
+                    continue
+            texts.append(line)
+    return texts
+
+
+def _read_dataset(name: str, num_samples: int, text_field: str, split: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ValueError(f"calibration source {name!r} is neither a local .txt/.jsonl file nor loadable: "
+                         "the `datasets` package is not installed (pip install datasets)") from exc
+    dataset_name, _, config = name.partition(":")
+    try:
+        data = datasets.load_dataset(dataset_name, config or None, split=split)
+    except Exception as exc:  # offline, unknown name, missing split: all surface as one clear error
+        raise ValueError(f"could not load calibration dataset {name!r} (split {split!r}): {exc}") from exc
+    if text_field not in data.column_names:
+        raise ValueError(f"calibration dataset {name!r} has no column {text_field!r}; columns: {data.column_names}")
+    texts = []
+    for record in data:
+        text = record[text_field]
+        if isinstance(text, str) and text.strip():
+            texts.append(text.strip())
+            if len(texts) >= num_samples:
+                break
+    return texts
+
+
+def calibration_batches(texts: list[str], tokenizer, batch_size: int = 8, max_length: int = 256) -> list[dict]:
+    """Padded, truncated input dicts (input_ids, attention_mask) of batch_size texts each."""
+    if batch_size < 1 or max_length < 1:
+        raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size} and {max_length}")
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise ValueError("the tokenizer has no pad, eos or unk token to pad calibration batches with")
+        tokenizer.pad_token = fallback
+    batches = []
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt", return_token_type_ids=False)
+        batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    return batches
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt", "sentencepiece.bpe.model")
+
+
+def load_tokenizer(path: str):
+    """AutoTokenizer from `path`, or a ValueError that says how to provide one.
+
+    A local directory must hold tokenizer files: transformers would otherwise build an empty tokenizer
+    from the model config alone, which maps every word to the unknown token."""
+    from transformers import AutoTokenizer
+
+    local = Path(path)
+    if local.is_dir() and not any((local / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"no tokenizer files in {path!r} (looked for {', '.join(TOKENIZER_FILES)}); "
+                         "pass --tokenizer DIR with a tokenizer for this model")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # transformers raises OSError, ValueError or others depending on what is missing
+        raise ValueError(f"no tokenizer could be loaded from {path!r} ({type(exc).__name__}: {exc}); "
+                         "pass --tokenizer DIR with a tokenizer for this model") from exc
+
+
+def check_batches(batches: list[dict], tokenizer, vocab_size: int) -> None:
+    """Fail clearly when the tokenizer does not fit the model or reads the text as unknown tokens only."""
+    ids = torch.cat([b["input_ids"][b["attention_mask"].bool()] for b in batches])
+    if ids.numel() and int(ids.max()) >= vocab_size:
+        raise ValueError(f"the tokenizer produces token id {int(ids.max())} but the model's vocabulary has "
+                         f"{vocab_size} entries; is --tokenizer the model's own tokenizer?")
+    special = set(tokenizer.all_special_ids)
+    if ids.numel() and all(int(i) in special for i in ids.unique()):
+        raise ValueError("the tokenizer reads the calibration text as special/unknown tokens only; "
+                         "is --tokenizer the model's own tokenizer?")
