@@ -1,0 +1,354 @@
+// Linear assignment kernels without torch and without a GPU:
+//   (a) solve_cpu against brute force on small problems;
+//   (b) the block-per-problem solver of the CUDA kernel (solve_block, lap_block.h: the same phases
+//       in the same order, with the same barriers) driven by NT simulated threads that run one after
+//       another between barriers, against brute force and against solve_cpu's objective. Threads run
+//       forward, backward and shuffled between barriers: all orders must give the same answer, which
+//       they do only if no thread reads what another writes without a barrier in between;
+//   (c) edge cases.
+// Exit status 1 on any failure. `test_lap --stats N` prints how many barrier-separated argmin steps
+// the block solver takes on a random N x N problem (an estimate of the GPU's work).
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/lap.h"
+#include "kernels/lap_block.h"
+
+using namespace mcsmoe::lap;
+
+namespace {
+
+int g_passed = 0, g_failed = 0;
+
+#define CHECK(cond, ...)                                         \
+  do {                                                           \
+    if (cond) {                                                  \
+      ++g_passed;                                                \
+    } else {                                                     \
+      ++g_failed;                                                \
+      std::fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
+      std::fprintf(stderr, __VA_ARGS__);                         \
+      std::fprintf(stderr, "\n");                                \
+    }                                                            \
+  } while (0)
+
+// ---- NT simulated threads, one after another between barriers -----------------------------------
+enum class Order { Forward, Backward, Shuffled };
+
+// Between two barriers each simulated thread runs its whole share of the work (every step since the
+// last barrier, in program order) before the next thread starts: exactly what one thread of the
+// block would do if the others were stalled. Threads take turns forward, backward or shuffled; a
+// read of another thread's write without a barrier between them changes the answer with the order.
+struct HostBlock {
+  int nt;
+  Order order;
+  std::mt19937 rng{12345};
+  int64_t argmins = 0, syncs = 0;
+  std::vector<std::function<void(int)>> pending{};  // steps since the last barrier, per thread
+
+  int nthreads() const { return nt; }
+
+  std::vector<int> thread_order() {
+    std::vector<int> ts(nt);
+    std::iota(ts.begin(), ts.end(), 0);
+    if (order == Order::Backward) std::reverse(ts.begin(), ts.end());
+    if (order == Order::Shuffled) std::shuffle(ts.begin(), ts.end(), rng);
+    return ts;
+  }
+
+  template <class F>
+  void each(F f) {
+    pending.emplace_back(f);
+  }
+  template <class F>
+  void single(F f) {
+    pending.emplace_back([f](int t) {
+      if (t == 0) f();
+    });
+  }
+  template <typename T>
+  void before_row_scan(const T*, int64_t, int64_t) {}
+
+  // Runs the pending steps and then last(t) thread by thread, up to a barrier.
+  template <class F>
+  void run_interval(F&& last) {
+    for (int t : thread_order()) {
+      for (auto& step : pending) step(t);
+      last(t);
+    }
+    pending.clear();
+    ++syncs;
+  }
+  void sync() {
+    run_interval([](int) {});
+  }
+  void finish() {
+    run_interval([](int) {});
+    --syncs;  // no barrier on the device
+  }
+
+  // Same combine tree as the device: butterfly within each warp of 32 (lanes past nt hold the
+  // identity), then the warps' results in order.
+  template <class F>
+  ArgMin argmin(F&& f) {
+    ++argmins;
+    const int warps = (nt + 31) / 32;
+    std::vector<ArgMin> lane(static_cast<size_t>(warps) * 32, argmin_identity());
+    run_interval([&](int t) { lane[t] = f(t); });
+    for (int w = 0; w < warps; ++w) {
+      ArgMin* a = lane.data() + 32 * w;
+      for (int offset = 16; offset > 0; offset >>= 1) {
+        ArgMin next[32];
+        for (int l = 0; l < 32; ++l) next[l] = argmin_combine(a[l], a[l ^ offset]);
+        std::copy(next, next + 32, a);
+      }
+    }
+    ArgMin r = lane[0];
+    for (int w = 1; w < warps; ++w) r = argmin_combine(r, lane[32 * w]);
+    return r;
+  }
+};
+
+// Runs the CUDA kernel's per-problem solver on the host. The working arrays start as garbage, as
+// device memory would.
+template <typename T>
+std::vector<int64_t> solve_simulated(const std::vector<T>& cost, int64_t n, int64_t m, double sign, int nt,
+                                     Order order, HostBlock* stats = nullptr) {
+  std::vector<int64_t> out(n, -7);
+  if (n == 0) return out;
+  std::vector<double> buf(static_cast<size_t>(block_state_bytes(n, m)) / sizeof(double) + 2);
+  std::memset(buf.data(), 0xA5, buf.size() * sizeof(double));
+  BlockState s = carve_block_state(reinterpret_cast<unsigned char*>(buf.data()), n, m);
+  HostBlock blk{nt, order};
+  solve_block(blk, cost.data(), n, m, sign, s, out.data());
+  if (stats) {
+    stats->argmins = blk.argmins;
+    stats->syncs = blk.syncs;
+  }
+  return out;
+}
+
+template <typename T>
+std::vector<int64_t> solve_reference(const std::vector<T>& cost, int64_t n, int64_t m, double sign) {
+  std::vector<int64_t> out(n, -7);
+  solve_cpu(cost.data(), n, m, sign, out.data());
+  return out;
+}
+
+// ---- checks --------------------------------------------------------------------------------------
+template <typename T>
+bool valid_assignment(const std::vector<int64_t>& cols, int64_t n, int64_t m) {
+  if (static_cast<int64_t>(cols.size()) != n) return false;
+  std::vector<char> used(m, 0);
+  for (int64_t c : cols) {
+    if (c < 0 || c >= m || used[c]) return false;
+    used[c] = 1;
+  }
+  return true;
+}
+
+template <typename T>
+double objective(const std::vector<T>& cost, int64_t m, const std::vector<int64_t>& cols) {
+  double s = 0;
+  for (size_t i = 0; i < cols.size(); ++i) s += static_cast<double>(cost[i * m + cols[i]]);
+  return s;
+}
+
+// Best objective over all injective maps rows -> columns (n <= m <= 7).
+template <typename T>
+double brute_force(const std::vector<T>& cost, int64_t n, int64_t m, double sign) {
+  double best = INFINITY;
+  std::vector<char> used(m, 0);
+  auto rec = [&](auto&& self, int64_t i, double acc) -> void {
+    if (i == n) {
+      best = std::min(best, acc);
+      return;
+    }
+    for (int64_t j = 0; j < m; ++j) {
+      if (used[j]) continue;
+      used[j] = 1;
+      self(self, i + 1, acc + sign * static_cast<double>(cost[i * m + j]));
+      used[j] = 0;
+    }
+  };
+  rec(rec, 0, 0.0);
+  return sign * best;
+}
+
+template <typename T>
+double tolerance(const std::vector<T>& cost, int64_t m, double expected) {
+  double scale = 0;
+  for (T c : cost) scale = std::max(scale, std::abs(static_cast<double>(c)));
+  return 1e-9 * std::max(std::abs(expected), scale * static_cast<double>(m)) + 1e-300;
+}
+
+template <typename T>
+std::vector<T> random_cost(std::mt19937_64& rng, int64_t n, int64_t m, int tie_range) {
+  std::vector<T> c(n * m);
+  if (tie_range > 0) {
+    std::uniform_int_distribution<int> u(0, tie_range);
+    for (auto& x : c) x = static_cast<T>(u(rng));
+  } else {
+    std::normal_distribution<double> g(0.0, 1.0);
+    for (auto& x : c) x = static_cast<T>(g(rng));
+  }
+  return c;
+}
+
+const char* type_name(float) { return "float"; }
+const char* type_name(double) { return "double"; }
+
+// (a) + (b) on small problems: both solvers against brute force.
+template <typename T>
+void small_vs_brute_force(std::mt19937_64& rng, int trials) {
+  for (int trial = 0; trial < trials; ++trial) {
+    const int64_t m = 1 + static_cast<int64_t>(rng() % 7);
+    const int64_t n = 1 + static_cast<int64_t>(rng() % m);
+    const int ties = static_cast<int>(rng() % 4);  // 0: gaussian; 1..3: integers in [0, ties]
+    const double sign = (rng() & 1) ? -1.0 : 1.0;
+    auto cost = random_cost<T>(rng, n, m, ties);
+    const double want = brute_force(cost, n, m, sign);
+    const double tol = tolerance(cost, m, want);
+    auto cpu = solve_reference(cost, n, m, sign);
+    CHECK(valid_assignment<T>(cpu, n, m) && std::abs(objective(cost, m, cpu) - want) <= tol,
+          "solve_cpu<%s> n=%lld m=%lld sign=%g ties=%d: got %.17g want %.17g", type_name(T{}), (long long)n,
+          (long long)m, sign, ties, objective(cost, m, cpu), want);
+    for (int nt : {1, 3, 32, 128}) {
+      auto sim = solve_simulated(cost, n, m, sign, nt, Order::Shuffled);
+      CHECK(valid_assignment<T>(sim, n, m) && std::abs(objective(cost, m, sim) - want) <= tol,
+            "block<%s> NT=%d n=%lld m=%lld sign=%g ties=%d: got %.17g want %.17g", type_name(T{}), nt, (long long)n,
+            (long long)m, sign, ties, valid_assignment<T>(sim, n, m) ? objective(cost, m, sim) : NAN, want);
+    }
+  }
+}
+
+// (b) on larger problems: the simulated block solver against solve_cpu's objective; every thread
+// count and thread order gives the very same assignment.
+template <typename T>
+void large_vs_cpu(std::mt19937_64& rng, int trials) {
+  for (int trial = 0; trial < trials; ++trial) {
+    const int64_t n = 1 + static_cast<int64_t>(rng() % 200);
+    const int64_t m = (trial % 3 == 0) ? n : n + static_cast<int64_t>(rng() % 60);
+    const int ties = (trial % 4 == 1) ? 1 + static_cast<int>(rng() % 4) : 0;
+    const double sign = (trial % 2) ? -1.0 : 1.0;
+    auto cost = random_cost<T>(rng, n, m, ties);
+    auto cpu = solve_reference(cost, n, m, sign);
+    const double want = objective(cost, m, cpu);
+    const double tol = tolerance(cost, m, want);
+    std::vector<int64_t> first;
+    for (int nt : {1, 3, 32, 128}) {
+      for (Order order : {Order::Forward, Order::Backward, Order::Shuffled}) {
+        auto sim = solve_simulated(cost, n, m, sign, nt, order);
+        const bool ok = valid_assignment<T>(sim, n, m);
+        CHECK(ok && std::abs(objective(cost, m, sim) - want) <= tol,
+              "block<%s> NT=%d order=%d n=%lld m=%lld sign=%g ties=%d: got %.17g, solve_cpu %.17g", type_name(T{}),
+              nt, static_cast<int>(order), (long long)n, (long long)m, sign, ties,
+              ok ? objective(cost, m, sim) : NAN, want);
+        if (first.empty()) first = sim;
+        CHECK(sim == first, "block<%s> NT=%d order=%d n=%lld m=%lld: assignment differs from NT=1 forward",
+              type_name(T{}), nt, static_cast<int>(order), (long long)n, (long long)m);
+      }
+    }
+  }
+}
+
+// Maximising is minimising the negated cost; the cost scale does not matter.
+void magnitudes(std::mt19937_64& rng) {
+  for (double scale : {1e-30, 1e-12, 1e12, 1e30}) {
+    const int64_t n = 40, m = 47;
+    auto cost = random_cost<double>(rng, n, m, 0);
+    for (auto& c : cost) c *= scale;
+    for (double sign : {1.0, -1.0}) {
+      auto cpu = solve_reference(cost, n, m, sign);
+      auto sim = solve_simulated(cost, n, m, sign, 32, Order::Shuffled);
+      const double want = objective(cost, m, cpu);
+      CHECK(valid_assignment<double>(sim, n, m) && std::abs(objective(cost, m, sim) - want) <= tolerance(cost, m, want),
+            "scale=%g sign=%g: got %.17g want %.17g", scale, sign, objective(cost, m, sim), want);
+    }
+  }
+}
+
+// (c) edge cases.
+void edge_cases() {
+  for (int nt : {1, 32}) {
+    std::vector<float> none;
+    CHECK(solve_simulated(none, 0, 0, 1.0, nt, Order::Forward).empty(), "n=0 m=0");
+    std::vector<float> zero_rows;  // [0, 5]
+    CHECK(solve_simulated(zero_rows, 0, 5, 1.0, nt, Order::Forward).empty(), "n=0 m=5");
+    std::vector<double> one{3.5};
+    CHECK(solve_simulated(one, 1, 1, 1.0, nt, Order::Forward) == std::vector<int64_t>{0}, "n=m=1 min");
+    CHECK(solve_simulated(one, 1, 1, -1.0, nt, Order::Forward) == std::vector<int64_t>{0}, "n=m=1 max");
+    std::vector<double> row{4, -2, 7, -2, 9};  // n=1 < m: the first minimum / the maximum
+    CHECK(solve_simulated(row, 1, 5, 1.0, nt, Order::Shuffled) == std::vector<int64_t>{1}, "n=1<m min");
+    CHECK(solve_simulated(row, 1, 5, -1.0, nt, Order::Shuffled) == std::vector<int64_t>{4}, "n=1<m max");
+    std::vector<float> flat(6 * 9, 2.0f);  // all ties
+    auto a = solve_simulated(flat, 6, 9, 1.0, nt, Order::Shuffled);
+    CHECK(valid_assignment<float>(a, 6, 9), "all-equal costs");
+    std::vector<double> perm(30 * 30, 1.0);  // a planted permutation at cost 0
+    std::vector<int64_t> want(30);
+    for (int i = 0; i < 30; ++i) want[i] = (7 * i + 3) % 30;
+    for (int i = 0; i < 30; ++i) perm[i * 30 + want[i]] = 0.0;
+    CHECK(solve_simulated(perm, 30, 30, 1.0, nt, Order::Shuffled) == want, "planted permutation");
+  }
+  std::vector<float> none;
+  int64_t sentinel = -7;
+  solve_cpu(none.data(), 0, 5, 1.0, &sentinel);
+  CHECK(sentinel == -7, "solve_cpu n=0 writes nothing");
+  std::vector<double> one{-1.0};
+  int64_t col = -7;
+  solve_cpu(one.data(), 1, 1, 1.0, &col);
+  CHECK(col == 0, "solve_cpu n=m=1");
+  std::vector<double> row{4, -2, 7, -2, 9};
+  solve_cpu(row.data(), 1, 5, -1.0, &col);
+  CHECK(col == 4, "solve_cpu n=1<m max");
+  // workspace layout: arrays 16-byte aligned, disjoint, inside block_state_bytes
+  for (auto [n, m] : {std::pair<int64_t, int64_t>{1, 1}, {3, 7}, {5, 5}, {33, 1000}}) {
+    alignas(16) static unsigned char base[1 << 16];
+    BlockState s = carve_block_state(base, n, m);
+    auto off = [&](const void* p) { return static_cast<int64_t>(static_cast<const unsigned char*>(p) - base); };
+    bool ok = off(s.v) == 0 && off(s.d) >= off(s.v) + 8 * m && off(s.pred) >= off(s.d) + 8 * m &&
+              off(s.row_of_col) >= off(s.pred) + 4 * m && off(s.col_of_row) >= off(s.row_of_col) + 4 * m &&
+              off(s.scanned) >= off(s.col_of_row) + 4 * n && off(s.scanned) + m <= block_state_bytes(n, m);
+    for (const void* p : {(const void*)s.v, (const void*)s.d, (const void*)s.pred, (const void*)s.row_of_col,
+                          (const void*)s.col_of_row, (const void*)s.scanned})
+      ok = ok && off(p) % 16 == 0;
+    CHECK(ok, "carve_block_state n=%lld m=%lld", (long long)n, (long long)m);
+  }
+}
+
+int stats(int64_t n) {
+  std::mt19937_64 rng(7);
+  std::uniform_real_distribution<float> u(0.f, 1.f);
+  std::vector<float> cost(n * n);
+  for (auto& c : cost) c = u(rng);
+  HostBlock blk{256, Order::Forward};
+  auto cols = solve_simulated(cost, n, n, 1.0, 256, Order::Forward, &blk);
+  auto cpu = solve_reference(cost, n, n, 1.0);
+  std::printf("n=%lld: %lld argmin steps (%.1f per row), %lld barriers; objective %.9g (solve_cpu %.9g)\n",
+              (long long)n, (long long)blk.argmins, double(blk.argmins) / n, (long long)blk.syncs,
+              objective(cost, n, cols), objective(cost, n, cpu));
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc == 3 && std::string(argv[1]) == "--stats") return stats(std::atoll(argv[2]));
+  std::mt19937_64 rng(2024);
+  small_vs_brute_force<double>(rng, 400);
+  small_vs_brute_force<float>(rng, 400);
+  large_vs_cpu<double>(rng, 16);
+  large_vs_cpu<float>(rng, 16);
+  magnitudes(rng);
+  edge_cases();
+  std::printf("test_lap: %d passed, %d failed\n", g_passed, g_failed);
+  return g_failed == 0 ? 0 : 1;
+}
