@@ -6,6 +6,7 @@
 //   (R) for n < m, v[j] <= 0 everywhere and v[j] == 0 on unassigned columns
 //       (the dual conditions of the rectangular problem).
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 #include "lap_phases.h"

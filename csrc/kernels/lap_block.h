@@ -1,6 +1,6 @@
 // The block-per-problem assignment solver's control flow: the order in which the phases of
 // lap_phases.h run and where the barriers fall. One source for two drivers: the CUDA kernel
-// (lap.cu, Block = a thread block with __syncthreads and a shuffle + shared-memory argmin) and the
+// (lap_cuda.cu, Block = a thread block with __syncthreads and a shuffle + shared-memory argmin) and the
 // C++ tests (tests/cpp/test_lap.cpp, Block = NT simulated threads run one after another between
 // barriers). A Block provides:
 //   nthreads()      threads in the block

@@ -1,6 +1,6 @@
 // The work between two barriers of the block-per-problem assignment solver, as __host__ __device__
 // functions over one thread's slice of the columns (j = tid, tid + nthreads, ...). The CUDA kernel
-// (lap.cu) runs them with __syncthreads() between phases; the C++ tests run the very same phases on
+// (lap_cuda.cu) runs them with __syncthreads() between phases; the C++ tests run the very same phases on
 // the CPU, one simulated thread after another (tests/cpp/test_lap.cpp).
 //
 // Algorithm per problem: shortest augmenting paths (Dijkstra on reduced costs c(i,j) - v[j]) for
