@@ -9,10 +9,16 @@
 
 TORCH_LIBRARY(mcsmoe_fast, m) {
   m.def("linear_assignment(Tensor cost, bool maximize=False) -> Tensor");
+  m.def("moe_align(Tensor top_k_index, Tensor top_k_weights, Tensor expert_map, int num_slots) -> "
+        "(Tensor sorted_token_ids, Tensor slot_offsets, Tensor sorted_weights, Tensor token_rows)");
+  m.def("grouped_expert_ffn(Tensor hidden, Tensor w_in, Tensor w_out, Tensor expert_map, Tensor top_k_index, "
+        "Tensor top_k_weights, str activation) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mcsmoe_fast, CPU, m) {
   m.impl("linear_assignment", &mcsmoe::ops::linear_assignment_cpu);
+  m.impl("moe_align", &mcsmoe::ops::moe_align_cpu);
+  m.impl("grouped_expert_ffn", &mcsmoe::ops::grouped_expert_ffn_cpu);
 }
 
 #ifdef MCSMOE_WITH_CUDA

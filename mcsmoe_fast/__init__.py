@@ -10,3 +10,6 @@ from .checkpoint import from_pretrained, save_pretrained  # noqa: E402
 
 __all__ = ["ops", "moe_layers", "align_experts", "__version__"]
 __all__ += ["collect_routing_stats", "merge_experts", "save_pretrained", "from_pretrained"]
+from .optimize import optimize  # noqa: E402
+
+__all__ += ["optimize"]

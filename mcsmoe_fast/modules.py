@@ -1,10 +1,18 @@
-"""Drop-in MoE modules: expert slots shared through an `expert_map`, and the Switch block around them."""
+"""Drop-in MoE modules: expert slots shared through an `expert_map`, and the Switch block around them.
+
+Both run the fused op `ops.grouped_expert_ffn` (one call for the whole expert FFN, merged or not).
+They are inference modules: when gradients are needed (grad mode on and a parameter, the input or the
+routing weights require grad) the experts fall back to the plain-PyTorch `reference.grouped_expert_ffn`,
+which computes the same function and supports autograd, so fine-tuning through them still works.
+"""
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
 
-from . import reference
+from . import ops, reference
 
 
 class MoEExperts(nn.Module):
@@ -45,30 +53,99 @@ class MoEExperts(nn.Module):
         return f"slots={s}, experts={self.num_experts}, d={d}, F={f}, activation={self.activation}"
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        return reference.grouped_expert_ffn(
-            hidden, self.w_in, self.w_out, self.expert_map, top_k_index, top_k_weights, self.activation
+        args = (hidden, self.w_in, self.w_out, self.expert_map, top_k_index, top_k_weights, self.activation)
+        needs_grad = torch.is_grad_enabled() and (
+            self.w_in.requires_grad or self.w_out.requires_grad or hidden.requires_grad or top_k_weights.requires_grad
         )
+        if needs_grad:  # the fused op has no backward: same function, autograd-capable reference
+            return reference.grouped_expert_ffn(*args)
+        return ops.grouped_expert_ffn(*args)
+
+
+def capacity_drop(expert_index: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+    """Top-1 choices [B, L] -> the same with -1 where a token is past its expert's capacity.
+
+    Exactly transformers' rule: within each sequence, a token keeps its expert if it is among the
+    first `capacity` tokens (in sequence order) that chose that expert. Skipped when no sequence is
+    longer than the capacity (decode, short inputs), so the common case costs nothing.
+    """
+    if expert_index.shape[-1] <= capacity:
+        return expert_index
+    one_hot = nn.functional.one_hot(expert_index, num_experts).to(torch.int32)
+    priority = one_hot.cumsum(dim=-2).gather(-1, expert_index.unsqueeze(-1)).squeeze(-1)
+    return torch.where(priority <= capacity, expert_index, -1)
+
+
+@functools.cache
+def _fast_router_class():
+    # Subclassing keeps transformers' output recorders (router_logits) attached; imported lazily
+    # because loading transformers' Switch module takes seconds.
+    from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersTop1Router
+
+    class FastSwitchRouter(SwitchTransformersTop1Router):
+        """transformers' top-1 router returning the chosen expert ids [B, L] (before capacity), the
+        chosen probabilities [B, L, 1] and the logits; no one-hot dispatch mask. Same arithmetic."""
+
+        def forward(self, hidden_states: torch.Tensor):
+            self.input_dtype = hidden_states.dtype
+            hidden_states = hidden_states.to(self.dtype)
+            if self.training and self.jitter_noise > 0:
+                hidden_states *= torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+            self.classifier = self.classifier.to(self.dtype)
+            router_logits = self.classifier(hidden_states)
+            router_probs = nn.functional.softmax(router_logits, dim=-1, dtype=self.dtype).to(self.input_dtype)
+            expert_index = torch.argmax(router_probs, dim=-1)
+            chosen_probs = router_probs.gather(-1, expert_index.unsqueeze(-1))
+            return expert_index, chosen_probs, router_logits
+
+    return FastSwitchRouter
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+
+
+def fast_switch_router(router: nn.Module) -> nn.Module:
+    """A FastSwitchRouter sharing `router`'s classifier, settings and hooks (no copy of weights)."""
+    cls = _fast_router_class()
+    if isinstance(router, cls):
+        return router
+    fast = cls.__new__(cls)
+    nn.Module.__init__(fast)
+    fast.num_experts = router.num_experts
+    fast.expert_capacity = router.expert_capacity
+    fast.classifier = router.classifier
+    fast.jitter_noise = router.jitter_noise
+    fast.ignore_padding_tokens = router.ignore_padding_tokens
+    fast.dtype = router.dtype
+    fast.train(router.training)
+    for name in _HOOK_DICTS:
+        getattr(fast, name).update(getattr(router, name))
+    return fast
 
 
 class SwitchMoE(nn.Module):
     """Replacement for transformers' SwitchTransformersSparseMLP: its own router, MoEExperts slots.
 
     Expert capacity behaves exactly as in transformers (tokens past an expert's capacity within a
-    sequence get no expert and pass through the residual only); `dropless=True` routes every token.
+    sequence get no expert and pass through the residual only). `dropless=True` routes every token
+    to its expert whatever the capacity (it changes the outputs of long sequences: not HF's model).
+    Expert dropout is not applied (the module is for inference; in eval mode HF applies none either).
     """
 
     def __init__(self, router: nn.Module, experts: MoEExperts, dropless: bool = False):
         super().__init__()
-        self.router = router
+        self.router = fast_switch_router(router)
         self.experts = experts
         self.dropless = dropless
 
+    def extra_repr(self) -> str:
+        return f"dropless={self.dropless}"
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch, seq, d = hidden_states.shape
-        dispatch, probs, logits = self.router(hidden_states)  # one-hot [B, L, E] after capacity, probs [B, L, 1]
-        if self.dropless:
-            index = logits.argmax(-1)
-        else:
-            index = torch.where(dispatch.any(-1), dispatch.argmax(-1), -1)
+        index, probs, _ = self.router(hidden_states)  # [B, L] top-1 expert, [B, L, 1] its probability
+        if not self.dropless:
+            index = capacity_drop(index, self.router.num_experts, self.router.expert_capacity)
         out = self.experts(hidden_states.reshape(-1, d), index.reshape(-1, 1), probs.reshape(-1, 1))
         return out.reshape(batch, seq, d)

@@ -58,3 +58,31 @@ def grouped_expert_ffn(
         h = expert_activation(hidden[tokens] @ w_in[s].T, activation)
         out.index_add_(0, tokens, (h @ w_out[s].T) * weight[:, None].to(hidden.dtype))
     return out
+
+
+def moe_align(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, expert_map: torch.Tensor, num_slots: int):
+    """(sorted_token_ids [T*k], slot_offsets [S+1], sorted_weights [T*k], token_rows [T, k]): see ops.moe_align."""
+    T, k = top_k_index.shape
+    wdtype = torch.float64 if top_k_weights.dtype == torch.float64 else torch.float32
+    valid = top_k_index >= 0
+    slots = torch.where(valid, expert_map[top_k_index.clamp(min=0)], -1)
+    tokens, weights, counts = [], [], []
+    for s in range(num_slots):
+        hit = slots == s
+        t_s = hit.any(-1).nonzero().squeeze(-1)
+        tokens.append(t_s)
+        weights.append((top_k_weights.to(wdtype) * hit).sum(-1)[t_s])
+        counts.append(t_s.numel())
+    pairs = sum(counts)
+    sorted_tokens = torch.full((T * k,), -1, dtype=torch.int64, device=top_k_index.device)
+    sorted_weights = torch.zeros(T * k, dtype=wdtype, device=top_k_index.device)
+    sorted_tokens[:pairs] = torch.cat(tokens)
+    sorted_weights[:pairs] = torch.cat(weights)
+    offsets = torch.zeros(num_slots + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0)
+    token_rows = torch.full((T, k), -1, dtype=torch.int64)
+    filled = [0] * T
+    for row, t in enumerate(sorted_tokens[:pairs].tolist()):
+        token_rows[t, filled[t]] = row
+        filled[t] += 1
+    return sorted_tokens, offsets.to(top_k_index.device), sorted_weights, token_rows.to(top_k_index.device)

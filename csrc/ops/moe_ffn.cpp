@@ -1,0 +1,152 @@
+// grouped_expert_ffn on the CPU: align (counting sort by slot), gather each slot's tokens into one
+// contiguous block, per slot two GEMMs on contiguous slices (at::mm -> MKL/oneDNN) around the
+// activation, then each token sums its slots' rows times the summed routing weights.
+//
+// Threads: either the slots run in parallel (one GEMM per thread, single-threaded) or the slots run
+// one after another and each GEMM uses every thread. The second wins when slots have many rows; see
+// use_slot_parallelism. MCSMOE_SLOT_PARALLEL=0/1 forces one or the other (for measurements).
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <numeric>
+#include <vector>
+
+#include "ops/ops.h"
+
+namespace mcsmoe::ops {
+
+bool check_grouped_ffn_args(const at::Tensor& hidden, const at::Tensor& w_in, const at::Tensor& w_out,
+                            const at::Tensor& expert_map, const at::Tensor& top_k_index,
+                            const at::Tensor& top_k_weights, c10::string_view activation) {
+  const char* op = "grouped_expert_ffn";
+  TORCH_CHECK(activation == "relu" || activation == "swiglu", op, ": activation must be 'relu' or 'swiglu', got '",
+              std::string(activation), "'");
+  const bool swiglu = activation == "swiglu";
+  TORCH_CHECK(hidden.dim() == 2, op, ": hidden must be [T, d], got shape ", hidden.sizes());
+  TORCH_CHECK(at::isFloatingType(hidden.scalar_type()), op, ": hidden must be floating point, got ",
+              hidden.scalar_type());
+  TORCH_CHECK(w_in.dim() == 3 && w_out.dim() == 3, op, ": w_in must be [S, F, d] and w_out [S, d, ff], got shapes ",
+              w_in.sizes(), " and ", w_out.sizes());
+  TORCH_CHECK(w_in.scalar_type() == hidden.scalar_type() && w_out.scalar_type() == hidden.scalar_type(), op,
+              ": hidden, w_in and w_out must have one dtype, got ", hidden.scalar_type(), ", ", w_in.scalar_type(),
+              " and ", w_out.scalar_type());
+  TORCH_CHECK(w_in.device() == hidden.device() && w_out.device() == hidden.device() &&
+                  top_k_index.device() == hidden.device(),
+              op, ": all tensors must be on one device, got hidden on ", hidden.device(), ", w_in on ", w_in.device(),
+              ", w_out on ", w_out.device(), ", top_k_index on ", top_k_index.device());
+  const int64_t S = w_in.size(0), F = w_in.size(1), d = hidden.size(1), ff = w_out.size(2);
+  TORCH_CHECK(w_out.size(0) == S, op, ": w_in and w_out must have the same number of slots, got ", S, " and ",
+              w_out.size(0));
+  TORCH_CHECK(w_in.size(2) == d && w_out.size(1) == d, op, ": hidden size ", d, " must match w_in [S, F, d] ",
+              w_in.sizes(), " and w_out [S, d, ff] ", w_out.sizes());
+  TORCH_CHECK(F == (swiglu ? 2 * ff : ff), op, ": w_in has F = ", F, " rows but ", std::string(activation),
+              " with w_out's ff = ", ff, " needs F = ", swiglu ? 2 * ff : ff);
+  check_moe_routing(top_k_index, top_k_weights, expert_map, S, op);
+  TORCH_CHECK(top_k_index.size(0) == hidden.size(0), op, ": top_k_index has ", top_k_index.size(0),
+              " tokens but hidden has ", hidden.size(0));
+  return swiglu;
+}
+
+at::Tensor expert_activation(const at::Tensor& h, bool swiglu) {
+  if (!swiglu) return h.relu_();
+  const int64_t ff = h.size(1) / 2;
+  return at::silu(h.narrow(1, 0, ff)).mul_(h.narrow(1, ff, ff));
+}
+
+// Threads over slots only pay off when every slot's GEMM is too small to use all threads well.
+static bool use_slot_parallelism(int64_t max_rows, int64_t active_slots, int64_t threads) {
+  if (const char* env = std::getenv("MCSMOE_SLOT_PARALLEL")) return env[0] == '1';
+  return threads > 1 && active_slots >= threads && max_rows <= 32;
+}
+
+// Slots dealt to threads largest first, each to the least loaded thread (rows as the cost).
+static std::vector<std::vector<int64_t>> deal_slots(const std::vector<int64_t>& rows, int64_t threads) {
+  std::vector<int64_t> order(rows.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return rows[a] > rows[b]; });
+  std::vector<std::vector<int64_t>> work(threads);
+  std::vector<int64_t> load(threads, 0);
+  for (int64_t s : order) {
+    if (rows[s] == 0) continue;
+    const auto t = std::min_element(load.begin(), load.end()) - load.begin();
+    work[t].push_back(s);
+    load[t] += rows[s];
+  }
+  return work;
+}
+
+template <typename scalar_t, typename acc_t>
+static void combine_rows(const scalar_t* y, const acc_t* weights, const int64_t* token_rows, int64_t T, int64_t k,
+                         int64_t d, scalar_t* out) {
+  at::parallel_for(0, T, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(d);
+    for (int64_t t = begin; t < end; ++t) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t row = token_rows[t * k + j];
+        if (row < 0) break;
+        const acc_t w = weights[row];
+        const scalar_t* yr = y + row * d;
+        for (int64_t x = 0; x < d; ++x) acc[x] += static_cast<acc_t>(yr[x]) * w;
+      }
+      for (int64_t x = 0; x < d; ++x) out[t * d + x] = static_cast<scalar_t>(acc[x]);
+    }
+  });
+}
+
+at::Tensor grouped_expert_ffn_cpu(const at::Tensor& hidden_arg, const at::Tensor& w_in_arg,
+                                  const at::Tensor& w_out_arg, const at::Tensor& expert_map,
+                                  const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
+                                  c10::string_view activation) {
+  // An inference op (no backward): detached, the inner GEMMs neither record nor refuse autograd.
+  const at::Tensor hidden = hidden_arg.detach(), w_in = w_in_arg.detach(), w_out = w_out_arg.detach();
+  const bool swiglu =
+      check_grouped_ffn_args(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation);
+  TORCH_CHECK(hidden.device().is_cpu(), "grouped_expert_ffn: expected CPU tensors, got ", hidden.device());
+  const int64_t T = hidden.size(0), d = hidden.size(1), S = w_in.size(0), k = top_k_index.size(1);
+  const auto acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto aligned = moe_align_cpu_impl(top_k_index, top_k_weights, expert_map, S, acc);
+  const at::Tensor &sorted_tokens = aligned[0], &offsets = aligned[1], &weights = aligned[2], &rows = aligned[3];
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t pairs = off[S];
+  if (pairs == 0 || d == 0) return at::zeros_like(hidden, at::MemoryFormat::Contiguous);
+
+  const at::Tensor x = hidden.index_select(0, sorted_tokens.narrow(0, 0, pairs));  // [pairs, d] by slot
+  at::Tensor y = at::empty({pairs, d}, hidden.options());
+  auto run_slot = [&](int64_t s) {
+    const int64_t n = off[s + 1] - off[s];
+    if (n == 0) return;
+    at::Tensor h = at::mm(x.narrow(0, off[s], n), w_in.select(0, s).t());
+    at::Tensor y_s = y.narrow(0, off[s], n);
+    at::mm_out(y_s, expert_activation(h, swiglu), w_out.select(0, s).t());
+  };
+
+  std::vector<int64_t> slot_rows(S);
+  for (int64_t s = 0; s < S; ++s) slot_rows[s] = off[s + 1] - off[s];
+  const int64_t active = std::count_if(slot_rows.begin(), slot_rows.end(), [](int64_t n) { return n > 0; });
+  const int64_t threads = at::get_num_threads();
+  if (use_slot_parallelism(*std::max_element(slot_rows.begin(), slot_rows.end()), active, threads)) {
+    const auto work = deal_slots(slot_rows, threads);
+    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t)
+        for (int64_t s : work[t]) run_slot(s);
+    });
+  } else {
+    for (int64_t s = 0; s < S; ++s) run_slot(s);
+  }
+
+  at::Tensor out = at::empty({T, d}, hidden.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "grouped_expert_ffn_combine", [&] {
+    if (acc == at::kDouble) {
+      combine_rows<scalar_t, double>(y.data_ptr<scalar_t>(), weights.data_ptr<double>(), rows.data_ptr<int64_t>(), T,
+                                     k, d, out.data_ptr<scalar_t>());
+    } else {
+      combine_rows<scalar_t, float>(y.data_ptr<scalar_t>(), weights.data_ptr<float>(), rows.data_ptr<int64_t>(), T, k,
+                                    d, out.data_ptr<scalar_t>());
+    }
+  });
+  return out;
+}
+
+}  // namespace mcsmoe::ops

@@ -1,0 +1,27 @@
+"""optimize(model): swap every Hugging Face MoE block's experts for the fused modules, in place."""
+from __future__ import annotations
+
+from torch import nn
+
+from .models import moe_layers
+from .modules import MoEExperts, SwitchMoE
+
+
+def optimize(model: nn.Module, dropless: bool = False) -> nn.Module:
+    """Run every MoE layer of `model` through `ops.grouped_expert_ffn`; returns the same model.
+
+    Unmerged layers get MoEExperts over their E experts (identity expert_map) sharing the fused
+    weights where the family stores them fused (Mixtral: no copy), merged layers keep their slots.
+    Switch blocks become SwitchMoE with HF's expert capacity unless `dropless=True`.
+    Outputs equal the original model's (up to floating-point rounding of the GEMMs).
+    """
+    for layer in moe_layers(model):
+        experts = getattr(layer.module, "experts", None)
+        if not isinstance(experts, MoEExperts):
+            w_in, w_out = layer.expert_weights()
+            experts = MoEExperts(w_in.detach(), w_out.detach(), layer.expert_map(), layer.activation)
+            experts.train(layer.module.training)
+        layer.install_experts(experts)
+        if isinstance(layer.parent, nn.Module) and isinstance(getattr(layer.parent, layer.attr), SwitchMoE):
+            getattr(layer.parent, layer.attr).dropless = dropless
+    return model
