@@ -1,0 +1,130 @@
+"""`mcsmoe-fast merge` end to end, offline: tiny models with a tiny word-level tokenizer saved beside them."""
+import builtins
+import json
+
+import pytest
+import torch
+
+from mcsmoe_fast import from_pretrained, moe_layers
+from mcsmoe_fast.calibration_data import read_calibration_texts
+from mcsmoe_fast.cli import main
+from mcsmoe_fast.models.loading import load_model
+from mcsmoe_fast.modules import MoEExperts
+from mcsmoe_fast.tiny import tiny_mixtral, tiny_switch
+
+LINES = [
+    "the quick brown fox jumps over the lazy dog",
+    "a merged expert is smaller than eight experts",
+    "routers still score every original expert",
+    "mixture of experts models are sparse and large",
+    "calibration text decides which experts dominate",
+]
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(LINES, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[EOS]", "[UNK]"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]")
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    tok = tiny_tokenizer()
+    for name, model in (("mixtral", tiny_mixtral()), ("switch", tiny_switch())):
+        model.save_pretrained(tmp_path / name)
+    tok.save_pretrained(tmp_path / "mixtral")  # the switch model has no tokenizer of its own
+    tok.save_pretrained(tmp_path / "tokenizer")
+    (tmp_path / "calib.txt").write_text("\n".join(LINES * 4) + "\n\n")
+    (tmp_path / "calib.jsonl").write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(LINES)))
+    return tmp_path
+
+
+def run(args, capsys):
+    rc = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_merge_mixtral_from_text_file(workspace, capsys):
+    out_dir = workspace / "merged"
+    rc, out, err = run(["merge", "--model", workspace / "mixtral", "--calib", workspace / "calib.txt",
+                        "--num-groups", 2, "--out", out_dir], capsys)
+    assert rc == 0, err
+    assert "model.layers.0.mlp" in out and "model.layers.1.mlp" in out
+    assert "20 calibration samples; 4 groups over 2 layers" in out
+    assert "MiB before" in out and "after merging" in out
+    model = from_pretrained(out_dir)
+    assert sum(layer.module.experts.num_slots for layer in moe_layers(model)) == 4
+    assert (out_dir / "tokenizer.json").is_file()  # the merged checkpoint is usable on its own
+    rc, out, err = run(["merge", "--model", out_dir, "--calib", workspace / "calib.txt", "--num-groups", 1,
+                        "--no-globally", "--out", workspace / "again"], capsys)  # a merged model merges further
+    assert rc == 0, err
+    assert all(layer.module.experts.num_slots == 1 for layer in moe_layers(from_pretrained(workspace / "again")))
+
+
+def test_merge_switch_jsonl_options_and_dense_export(workspace, capsys):
+    out_dir = workspace / "dense"
+    rc, out, err = run(["merge", "--model", workspace / "switch", "--tokenizer", workspace / "tokenizer",
+                        "--calib", workspace / "calib.jsonl", "--num-groups", 3, "--no-globally", "--no-permute",
+                        "--strategy", "average", "--similarity", "expert-output", "--grouping", "hierarchical",
+                        "--layers", "1", "decoder.block.1.layer.2.mlp", "--export-dense", "--out", out_dir], capsys)
+    assert rc == 0, err
+    assert "5 calibration samples; 6 groups over 2 layers" in out
+    vanilla = load_model(str(out_dir))
+    layers = moe_layers(vanilla)
+    assert not any(isinstance(layer.module.experts, MoEExperts) for layer in layers)
+    w_in, _ = layers[1].expert_weights()  # 8 experts, 3 distinct weight sets
+    assert w_in.shape[0] == 8 and len({tuple(w.flatten()[:4].tolist()) for w in w_in}) == 3
+
+
+def test_missing_tokenizer_fails_clearly(workspace, capsys):
+    rc, out, err = run(["merge", "--model", workspace / "switch", "--calib", workspace / "calib.txt",
+                        "--num-groups", 2, "--out", workspace / "x"], capsys)
+    assert rc == 2
+    assert "tokenizer" in err and "--tokenizer" in err
+    assert not (workspace / "x").exists()
+
+
+def test_bad_calibration_sources_fail_clearly(workspace, capsys, monkeypatch):
+    (workspace / "bad.jsonl").write_text('{"sentence": "no text field"}\n')
+    rc, _, err = run(["merge", "--model", workspace / "mixtral", "--calib", workspace / "bad.jsonl",
+                      "--num-groups", 2, "--out", workspace / "x"], capsys)
+    assert rc == 2 and "'text'" in err
+    rc, _, err = run(["merge", "--model", workspace / "mixtral", "--calib", workspace / "missing.txt",
+                      "--num-groups", 2, "--out", workspace / "x"], capsys)
+    assert rc == 2 and "not found" in err
+    rc, _, err = run(["merge", "--model", workspace / "mixtral", "--calib", workspace / "calib.txt",
+                      "--num-groups", 0, "--out", workspace / "x"], capsys)
+    assert rc == 2 and "num_groups" in err
+
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):
+        if name == "datasets":
+            raise ImportError("No module named 'datasets'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    rc, _, err = run(["merge", "--model", workspace / "mixtral", "--calib", "some/hub-dataset",
+                      "--num-groups", 2, "--out", workspace / "x"], capsys)
+    assert rc == 2 and "datasets" in err and "pip install" in err
+
+
+def test_calibration_texts_respect_num_samples(workspace):
+    assert read_calibration_texts(str(workspace / "calib.txt"), 3) == LINES[:3]
+    assert len(read_calibration_texts(str(workspace / "calib.txt"))) == 20  # blank lines skipped
+    assert read_calibration_texts(str(workspace / "calib.jsonl"), 2) == LINES[:2]
+    with pytest.raises(ValueError, match="num_samples"):
+        read_calibration_texts(str(workspace / "calib.txt"), 0)
+
+
+def test_tokenizer_that_does_not_fit_the_model_fails_clearly(workspace, capsys):
+    from mcsmoe_fast.calibration_data import check_batches
+
+    batch = {"input_ids": torch.tensor([[5, 200]]), "attention_mask": torch.ones(1, 2, dtype=torch.int64)}
+    with pytest.raises(ValueError, match="vocabulary"):
+        check_batches([batch], tiny_tokenizer(), vocab_size=128)
