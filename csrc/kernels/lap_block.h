@@ -76,7 +76,7 @@ LAP_HD void solve_block(Block& blk, const T* cost, int64_t n, int64_t m, double 
   for (int64_t f = 0; f < n; ++f) {
     blk.before_row_scan(cost, m, f);
     ArgMin best = blk.argmin(
-        [&](int t) { return start_row_slice(t, nt, cost, m, sign, f, s.v, s.d, s.pred, s.scanned); });
+        [&](int t) { return start_row_slice(t, nt, cost, m, sign, f, s.v, s.row_of_col, s.d, s.pred, s.scanned); });
     for (;;) {
       const int64_t j0 = best.index;  // closest unscanned column; always exists (a free one does)
       const int32_t i = s.row_of_col[j0];
@@ -87,7 +87,7 @@ LAP_HD void solve_block(Block& blk, const T* cost, int64_t n, int64_t m, double 
         if (j0 % nt == t) s.scanned[j0] = 1;
       });
       best = blk.argmin(
-          [&](int t) { return relax_slice(t, nt, cost, m, sign, i, h, s.v, s.d, s.pred, s.scanned); });
+          [&](int t) { return relax_slice(t, nt, cost, m, sign, i, h, s.v, s.row_of_col, s.d, s.pred, s.scanned); });
     }
     const double dmin = best.value;
     blk.each([&](int t) { update_prices_slice(t, nt, m, dmin, s.d, s.scanned, s.v); });

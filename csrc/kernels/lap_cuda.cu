@@ -60,6 +60,7 @@ struct DeviceBlock {
       ArgMin o;
       o.value = __shfl_xor_sync(0xffffffffu, a.value, offset);
       o.index = __shfl_xor_sync(0xffffffffu, a.index, offset);
+      o.assigned = __shfl_xor_sync(0xffffffffu, a.assigned, offset);
       a = argmin_combine(a, o);
     }
     ArgMin* buf = warp_best + parity * kWarps;

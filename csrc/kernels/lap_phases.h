@@ -19,16 +19,21 @@ namespace mcsmoe::lap {
 
 struct ArgMin {
   double value;
-  int32_t index;  // -1 when the slice had no candidate
+  int32_t index;     // -1 when the slice had no candidate
+  int32_t assigned;  // 1 when the column has a row; on ties free columns win (the path ends there)
 };
 
-LAP_HD ArgMin argmin_identity() { return {std::numeric_limits<double>::infinity(), -1}; }
+LAP_HD ArgMin argmin_identity() { return {std::numeric_limits<double>::infinity(), -1, 1}; }
 
-// Deterministic combine: smaller value wins; on ties the lower column index wins.
+// Deterministic combine, a strict order on (value, assigned, index): the smaller value wins; on equal
+// values a free column beats an assigned one (as in the CPU solver: with many tied costs, taking the
+// lowest index instead would scan every assigned column before reaching a free one, O(n^2) steps);
+// then the lower column index wins. The result does not depend on the order of combination.
 LAP_HD ArgMin argmin_combine(ArgMin a, ArgMin b) {
   if (b.index < 0) return a;
   if (a.index < 0) return b;
-  if (b.value < a.value || (b.value == a.value && b.index < a.index)) return b;
+  if (b.value < a.value) return b;
+  if (b.value == a.value && (b.assigned < a.assigned || (b.assigned == a.assigned && b.index < a.index))) return b;
   return a;
 }
 
@@ -56,13 +61,14 @@ LAP_HD void prices_slice(int tid, int nthreads, const T* cost, int64_t n, int64_
 // Phase "start row f": every column is unscanned with tentative distance c(f, j) - v[j].
 template <typename T>
 LAP_HD ArgMin start_row_slice(int tid, int nthreads, const T* cost, int64_t m, double sign, int64_t f,
-                              const double* v, double* d, int32_t* pred, uint8_t* scanned) {
+                              const double* v, const int32_t* row_of_col, double* d, int32_t* pred,
+                              uint8_t* scanned) {
   ArgMin best = argmin_identity();
   for (int64_t j = tid; j < m; j += nthreads) {
     d[j] = cost_at(cost, m, f, j, sign) - v[j];
     pred[j] = static_cast<int32_t>(f);
     scanned[j] = 0;
-    best = argmin_combine(best, {d[j], static_cast<int32_t>(j)});
+    best = argmin_combine(best, {d[j], static_cast<int32_t>(j), row_of_col[j] >= 0});
   }
   return best;
 }
@@ -71,7 +77,8 @@ LAP_HD ArgMin start_row_slice(int tid, int nthreads, const T* cost, int64_t m, d
 // the unscanned columns through row i and return this slice's closest unscanned column.
 template <typename T>
 LAP_HD ArgMin relax_slice(int tid, int nthreads, const T* cost, int64_t m, double sign, int64_t i, double h,
-                          const double* v, double* d, int32_t* pred, const uint8_t* scanned) {
+                          const double* v, const int32_t* row_of_col, double* d, int32_t* pred,
+                          const uint8_t* scanned) {
   ArgMin best = argmin_identity();
   for (int64_t j = tid; j < m; j += nthreads) {
     if (scanned[j]) continue;
@@ -80,7 +87,7 @@ LAP_HD ArgMin relax_slice(int tid, int nthreads, const T* cost, int64_t m, doubl
       d[j] = dj;
       pred[j] = static_cast<int32_t>(i);
     }
-    best = argmin_combine(best, {d[j], static_cast<int32_t>(j)});
+    best = argmin_combine(best, {d[j], static_cast<int32_t>(j), row_of_col[j] >= 0});
   }
   return best;
 }
