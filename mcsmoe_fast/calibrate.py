@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .drop import logit_mask
 from .models import MoELayer, moe_layers
 from .reference import expert_activation
 
@@ -73,6 +74,7 @@ class _Accumulator:
     def __init__(self, layer: MoELayer, decoder: bool, want_output: bool, chunk_tokens: int):
         w_in, _ = layer.expert_weights()
         self.layer, self.decoder, self.chunk_tokens = layer, decoder, chunk_tokens
+        self.keep = logit_mask(layer)
         self.device = w_in.device
         acc = torch.float32 if self.device.type == "mps" else torch.float64
         e, d = layer.num_experts, layer.hidden_size
@@ -100,13 +102,17 @@ class _Accumulator:
         s = self.stats
         acc = s.counts.dtype
         logits = self.layer.router_logits(x).to(acc)
-        top = logits.topk(s.top_k, dim=-1).indices  # [T, k]
+        if self.keep is not None:  # a layer pruned by the drop baseline: its masked experts are never chosen
+            logits = logits.masked_fill(~self.keep, float("-inf"))
+        top_logits, top = logits.topk(s.top_k, dim=-1)  # [T, k]
+        chosen = torch.isfinite(top_logits)  # a masked expert picked only to fill k is not a selection
+        logits = torch.where(torch.isfinite(logits), logits, torch.zeros_like(logits))  # masked logits: 0 in the Gram
         s.tokens += x.shape[0]
-        s.counts += torch.bincount(top.reshape(-1), minlength=s.num_experts).to(acc)
+        s.counts += torch.bincount(top[chosen], minlength=s.num_experts).to(acc)
         s.logit_gram += logits.T @ logits
         xs = x.to(acc)
         for j in range(s.top_k):
-            s.feature_sum.index_add_(0, top[:, j], xs)
+            s.feature_sum.index_add_(0, top[chosen[:, j], j], xs[chosen[:, j]])
         if self.activation_sum is not None:
             self._accumulate_activations(x)
 

@@ -94,7 +94,8 @@ def similarity_matrix(basis: str, *, stats=None, router_weight=None, w_in=None, 
     """Expert-expert similarity [E, E] in [0, 1] for one layer, from the named similarity basis.
 
     router-logits, feature, expert-output need `stats` (calibrate.LayerStats); router-weight needs
-    router_weight [E, d]; weight needs per-expert w_in [E, F, d] and w_out [E, d, ff].
+    router_weight [E, d]; weight needs per-expert w_in [E, F, d] and w_out [E, d, ff] (compared as they
+    are, neuron by neuron: run align_experts first for a permutation-invariant comparison).
     """
     if basis not in SIMILARITY_BASES:
         raise ValueError(f"similarity: unknown basis {basis!r}; choose from {', '.join(SIMILARITY_BASES)}")

@@ -105,7 +105,8 @@ def merge_experts(
     permute: align each member's neurons to its group's dominant expert before averaging.
     strategy: "frequency" (usage-frequency weights), "average" (uniform), or "drop" (keep only the
       dominant experts' weights and mask the others' router logits to -inf: a pruning baseline).
-    layers: None (all MoE layers) or layer names / positions to merge; the others stay as they are.
+    layers: None (all MoE layers) or layer names / positions to merge; the others stay as they are
+      (the paper keeps switch-base-32's first encoder MoE layer: pass every position but 0).
     grouping: "dominant" (the paper's) or "hierarchical" (average-linkage clustering, HC-SMoE).
     """
     if similarity not in SIMILARITY_BASES:

@@ -140,3 +140,18 @@ def test_never_routed_expert_and_empty_layer():
                        logit_gram=torch.zeros(2, 2, dtype=torch.float64), feature_sum=torch.zeros(2, 2, dtype=torch.float64))
     assert empty.frequency.tolist() == [0.0, 0.0]
     assert empty.summary()["usage_frequency"] == [0.0, 0.0]
+
+
+def test_statistics_of_a_drop_pruned_model_never_count_masked_experts(tmp_path):
+    from mcsmoe_fast import merge_experts
+
+    for family in ("switch", "mixtral"):
+        model = build(family, tmp_path / family)
+        batches = calibration(model)
+        groupings = merge_experts(model, collect_routing_stats(model, batches, progress=False), 3, globally=False,
+                                  strategy="drop", progress=False)
+        stats = collect_routing_stats(model, batches, progress=False)
+        for name, s in stats.items():
+            dropped = [e for e in range(s.num_experts) if e not in groupings[name].dominant]
+            assert s.counts[dropped].sum() == 0
+            assert torch.isfinite(s.logit_gram).all()
