@@ -221,17 +221,35 @@ def _check_weights_file(path: Path, section: dict, verify: bool) -> Path:
     return weights
 
 
-def _load_tensors(weights: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+class _WeightsFile:
+    """The safetensors file read lazily: shapes from its header, one tensor at a time on request, so
+    loading never holds a second copy of the model in memory."""
 
-    try:
-        return load_file(str(weights))
-    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise CheckpointError(f"{weights}: unreadable safetensors file ({exc})") from exc
+    def __init__(self, weights: Path, aliases: dict[str, str]):
+        from safetensors import SafetensorError, safe_open
+
+        self.path = weights
+        try:
+            self.handle = safe_open(str(weights), framework="pt")
+            stored = {k: tuple(self.handle.get_slice(k).get_shape()) for k in self.handle.keys()}
+        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"{weights}: unreadable safetensors file ({exc})") from exc
+        for alias, name in aliases.items():
+            if name not in stored:
+                raise CheckpointError(f"{weights}: tied weight {alias!r} refers to {name!r}, which the file lacks")
+        self.names = {k: k for k in stored} | dict(aliases)  # name in the model -> name in the file
+        self.shapes = {k: stored[v] for k, v in self.names.items()}
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import SafetensorError
+
+        try:
+            return self.handle.get_tensor(self.names[name])
+        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"{self.path}: unreadable tensor {name!r} ({exc})") from exc
 
 
-def _install_layers(model: nn.Module, section: dict, tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _install_layers(model: nn.Module, section: dict, weights: _WeightsFile, path: Path, dtype: torch.dtype) -> None:
     layers = {layer.name: layer for layer in moe_layers(model)}
     for name, entry in section["layers"].items():
         layer = layers.get(name)
@@ -241,17 +259,18 @@ def _install_layers(model: nn.Module, section: dict, tensors: dict[str, torch.Te
             raise CheckpointError(f"{path}: layer {name!r} is recorded with {entry.get('num_experts')} "
                                   f"{entry.get('activation')} experts, the config builds {layer.num_experts} {layer.activation}")
         if "expert_map" in entry:
-            w_in, w_out = tensors.get(f"{name}.experts.w_in"), tensors.get(f"{name}.experts.w_out")
-            if w_in is None or w_out is None:
+            w_in, w_out = (weights.shapes.get(f"{name}.experts.{k}") for k in ("w_in", "w_out"))
+            if w_in is None or w_out is None or f"{name}.experts.expert_map" not in weights.shapes:
                 raise CheckpointError(f"{path}: no merged expert weights for layer {name!r} in {section['weights']}")
-            saved_map = tensors.get(f"{name}.experts.expert_map")
-            if saved_map is None or saved_map.tolist() != entry["expert_map"]:
+            saved_map = weights.get(f"{name}.experts.expert_map")
+            if saved_map.tolist() != entry["expert_map"]:
                 raise CheckpointError(f"{path}: expert_map of layer {name!r} differs between config.json and weights")
-            if w_in.shape[0] != entry["num_slots"]:
-                raise CheckpointError(f"{path}: layer {name!r} has {w_in.shape[0]} slots, config.json says {entry['num_slots']}")
-            try:
-                experts = MoEExperts(torch.empty_like(w_in), torch.empty_like(w_out), saved_map, layer.activation)
-            except ValueError as exc:
+            if w_in[0] != entry["num_slots"]:
+                raise CheckpointError(f"{path}: layer {name!r} has {w_in[0]} slots, config.json says {entry['num_slots']}")
+            try:  # uninitialised slots of the saved shapes; the weights are copied in afterwards
+                experts = MoEExperts(torch.empty(w_in, dtype=dtype), torch.empty(w_out, dtype=dtype), saved_map,
+                                     layer.activation)
+            except (ValueError, RuntimeError) as exc:
                 raise CheckpointError(f"{path}: layer {name!r}: {exc}") from exc
             layer.install_experts(experts)
             if entry.get("dropless"):
@@ -268,7 +287,8 @@ def from_pretrained(path, verify: bool = True, dtype: torch.dtype | None = None)
 
     verify: check the weights file's sha256 against config.json (reads the file once more).
     The model is built from its config without initialising weights; merged layers get MoEExperts of
-    the saved slot count before the state dict is loaded strictly.
+    the saved slot count; then the names and shapes must match the file exactly (strict), and the
+    tensors are copied in one at a time (peak memory: the merged model plus one tensor).
     """
     from transformers import AutoConfig
     from transformers.initialization import no_init_weights
@@ -279,31 +299,29 @@ def from_pretrained(path, verify: bool = True, dtype: torch.dtype | None = None)
     section = _read_section(path)
     if section is None:
         return load_model(str(path), dtype=dtype)
-    weights = _check_weights_file(path, section, verify)
-    tensors = _load_tensors(weights)
-    for alias, stored in section["aliases"].items():
-        if stored not in tensors:
-            raise CheckpointError(f"{path}: tied weight {alias!r} refers to {stored!r}, which the weights file lacks")
-        tensors[alias] = tensors[stored]
+    weights = _WeightsFile(_check_weights_file(path, section, verify), section["aliases"])
     try:
         config = AutoConfig.from_pretrained(str(path))
     except (ValueError, OSError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: config.json does not describe a transformers model ({exc})") from exc
-    with no_init_weights():
-        model = model_class_for(config).from_config(config, dtype=getattr(torch, section.get("dtype", "float32")))
-    _install_layers(model, section, tensors, path)
+    saved_dtype = getattr(torch, section.get("dtype", "float32"))
+    with no_init_weights():  # parameters stay uninitialised (and their pages untouched) until copied into
+        model = model_class_for(config).from_config(config, dtype=saved_dtype)
+    _install_layers(model, section, weights, path, saved_dtype)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
+    missing = sorted(set(expected) - set(weights.shapes))
+    unexpected = sorted(set(weights.shapes) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(weights.shapes) if tuple(expected[k].shape) != weights.shapes[k])
     if missing or unexpected or wrong:
         raise CheckpointError(
             f"{path}: weights do not match the model built from config.json: "
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
-            f"wrong shape {[(k, tuple(tensors[k].shape), tuple(expected[k].shape)) for k in wrong[:5]]}"
+            f"wrong shape {[(k, weights.shapes[k], tuple(expected[k].shape)) for k in wrong[:5]]}"
         )
-    model.load_state_dict(tensors, strict=True)
+    with torch.no_grad():
+        for name, target in expected.items():  # one tensor at a time: no second copy of the model
+            target.copy_(weights.get(name))
     model.tie_weights()
     if dtype is not None:
         model = model.to(dtype)
