@@ -24,6 +24,8 @@ TORCH_LIBRARY_IMPL(mcsmoe_fast, CPU, m) {
 #ifdef MCSMOE_WITH_CUDA
 TORCH_LIBRARY_IMPL(mcsmoe_fast, CUDA, m) {
   m.impl("linear_assignment", &mcsmoe::ops::linear_assignment_cuda);
+  m.impl("moe_align", &mcsmoe::ops::moe_align_cuda);
+  m.impl("grouped_expert_ffn", &mcsmoe::ops::grouped_expert_ffn_cuda);
 }
 #endif
 

@@ -60,6 +60,8 @@ def test_both_thread_strategies(mode, monkeypatch):
     monkeypatch.setenv("MCSMOE_SLOT_PARALLEL", mode)
     for T in (1, 3, 70):
         check(problem(T, 24, 40, 8, 4, 2, "swiglu", seed=T))
+        with torch.inference_mode():  # thread-local mode must reach the worker threads
+            check(problem(T, 24, 40, 8, 4, 2, "relu", seed=T))
 
 
 def test_empty_slots_and_all_tokens_on_one_slot():

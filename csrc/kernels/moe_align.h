@@ -10,6 +10,7 @@
 //                               experts share a slot runs that slot once); 0 past offsets[S].
 //          token_rows [T, k]    rows of token t's pairs in ascending slot order, then -1.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 namespace mcsmoe::moe {

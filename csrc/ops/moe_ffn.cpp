@@ -6,6 +6,7 @@
 // one after another and each GEMM uses every thread. The second wins when slots have many rows; see
 // use_slot_parallelism. MCSMOE_SLOT_PARALLEL=0/1 forces one or the other (for measurements).
 #include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -128,7 +129,9 @@ at::Tensor grouped_expert_ffn_cpu(const at::Tensor& hidden_arg, const at::Tensor
   const int64_t threads = at::get_num_threads();
   if (use_slot_parallelism(*std::max_element(slot_rows.begin(), slot_rows.end()), active, threads)) {
     const auto work = deal_slots(slot_rows, threads);
+    const bool inference = c10::InferenceMode::is_enabled();  // thread-local: carry it into the workers
     at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+      c10::InferenceMode guard(inference);
       for (int64_t t = begin; t < end; ++t)
         for (int64_t s : work[t]) run_slot(s);
     });
