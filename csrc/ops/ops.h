@@ -44,7 +44,7 @@ void check_align_status(const moe::AlignStatus& st, int64_t k, int64_t E, int64_
 // CPU alignment with weights summed in `acc` (kFloat or kDouble): sorted_tokens, offsets, weights, token_rows.
 std::vector<at::Tensor> moe_align_cpu_impl(const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
                                            const at::Tensor& expert_map, int64_t num_slots, at::ScalarType acc);
-// relu in place, or silu(gate) * up into a new [n, ff] tensor.
+// relu in place, or silu(gate) * up in place into the gate half (a strided [n, ff] view of h).
 at::Tensor expert_activation(const at::Tensor& h, bool swiglu);
 
 }  // namespace mcsmoe::ops
