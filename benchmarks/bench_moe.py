@@ -8,7 +8,9 @@ The summary prints each candidate against the group's eager anchor, and, for our
 module holds) and `peak_MB` (peak resident-memory growth during one forward: activations and
 workspace, from /proc/self VmHWM after malloc_trim and clear_refs; Linux/glibc only; page
 granular, so a few MB of noise). `dense_gemm_floor` (Mixtral, T >= 128) is two plain GEMMs with the
-FLOPs of our merged layer (same rows, one weight matrix): the speed limit of this machine."""
+FLOPs of our merged layer (same rows, one weight matrix): the speed limit of this machine. At T = 1
+(Mixtral) `touched_MB` / `GB_per_s`: expert bytes the token reads (distinct slots for ours, distinct
+experts for transformers) and the bandwidth that implies."""
 from __future__ import annotations
 
 import ctypes
@@ -165,6 +167,20 @@ def test_mixtral_layer(benchmark, G, T, impl):
     else:
         hf.experts.config._experts_implementation = impl
         run(benchmark, group, impl, lambda: hf(x), hf, impl == "eager", rounds)
+    if T == 1:  # decode: time should track the bytes of the distinct experts (ours: slots) read
+        touched = decode_bytes(ours, x, per_slot=impl == "mcsmoe_fast")
+        benchmark.extra_info["touched_MB"] = round(touched / 2**20, 1)
+        benchmark.extra_info["GB_per_s"] = round(touched / benchmark.stats.stats.median / 1e9, 1)
+
+
+def decode_bytes(ours, x, per_slot: bool) -> int:
+    """Expert weight bytes one token reads: its distinct slots (ours) or its distinct experts (HF)."""
+    with torch.inference_mode():
+        _, _, index = ours.gate(x.reshape(-1, x.shape[-1]))
+    ids = ours.experts.expert_map[index[0]] if per_slot else index[0]
+    w_in, w_out = ours.experts.w_in, ours.experts.w_out
+    per_expert = (w_in[0].numel() + w_out[0].numel()) * w_in.element_size()
+    return int(ids.unique().numel()) * per_expert
 
 
 SWITCH_CASES = [(G, T, impl) for G in (32, 8) for T in TOKENS for impl in ("eager", "mcsmoe_fast")]

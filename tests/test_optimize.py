@@ -145,3 +145,24 @@ def test_compile_whole_mixtral():
 
 def test_optimize_is_exported():
     assert mcsmoe_fast.optimize is optimize
+
+
+@pytest.mark.parametrize("family", ["switch", "mixtral"])
+def test_merged_checkpoint_loads_into_fast_modules(family, tmp_path):
+    from merge_helpers import build, calibration, forward
+
+    from mcsmoe_fast import collect_routing_stats, from_pretrained, merge_experts, save_pretrained
+
+    model = build(family, tmp_path)
+    batches = calibration(model)
+    merge_experts(model, collect_routing_stats(model, batches, progress=False), 3, globally=False, progress=False)
+    loaded = optimize(from_pretrained(save_pretrained(model, tmp_path / "merged")))
+    for layer in moe_layers(loaded):
+        assert isinstance(layer.module.experts, MoEExperts) and layer.module.experts.num_slots == 3
+        if family == "switch":
+            assert isinstance(layer.module, SwitchMoE)
+    with torch.no_grad():  # the fused op (no gradients needed) against the merged model's reference path
+        for b in batches:
+            with torch.enable_grad():
+                want = forward(model, b)
+            assert (forward(loaded, b) - want).abs().max() <= ATOL
