@@ -2,7 +2,7 @@
 grouped expert FFN, original and merged. Merged anchors are what transformers runs for a merged
 checkpoint: E full experts, where every member of a group holds its group's weights.
 
-Run:  python -m pytest benchmarks/bench_moe.py --benchmark-only   (about 3 minutes on 2 cores)
+Run:  python -m pytest benchmarks/bench_moe.py --benchmark-only   (about 70 s on 2 cores)
 The summary prints each candidate against the group's eager anchor, and, for ours, `vs_grouped_mm`
 (grouped_mm median / ours) from the same run. Memory per candidate: `param_MB` (expert weights the
 module holds) and `peak_MB` (peak resident-memory growth during one forward: activations and
