@@ -2,14 +2,21 @@
 __version__ = "0.1.0"
 
 from . import ops  # noqa: E402  (loads the native extension; raises with build instructions if missing)
-from .models import moe_layers  # noqa: E402
-from .permute import align_experts  # noqa: E402
 from .calibrate import collect_routing_stats  # noqa: E402
-from .merge import merge_experts  # noqa: E402
 from .checkpoint import from_pretrained, save_pretrained  # noqa: E402
-
-__all__ = ["ops", "moe_layers", "align_experts", "__version__"]
-__all__ += ["collect_routing_stats", "merge_experts", "save_pretrained", "from_pretrained"]
+from .merge import merge_experts  # noqa: E402
+from .models import moe_layers  # noqa: E402
 from .optimize import optimize  # noqa: E402
+from .permute import align_experts  # noqa: E402
 
-__all__ += ["optimize"]
+__all__ = [
+    "__version__",
+    "ops",
+    "moe_layers",
+    "align_experts",
+    "collect_routing_stats",
+    "merge_experts",
+    "save_pretrained",
+    "from_pretrained",
+    "optimize",
+]
