@@ -5,21 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lap_check import check_optimal
 from mcsmoe_fast import ops, reference
-
-
-def check_optimal(cost: torch.Tensor, cols: torch.Tensor, maximize: bool, rtol: float = 1e-9):
-    """cols is a valid assignment whose objective equals scipy's."""
-    costs = cost if cost.dim() == 3 else cost.unsqueeze(0)
-    cols_b = cols if cols.dim() == 2 else cols.unsqueeze(0)
-    assert cols_b.dtype == torch.int64 and cols_b.shape == costs.shape[:2]
-    for c, a in zip(costs, cols_b):
-        assert a.unique().numel() == a.numel(), "a column was used twice"
-        assert (a >= 0).all() and (a < c.shape[1]).all()
-    ours = reference.assignment_objective(costs, cols_b)
-    theirs = reference.assignment_objective(costs, reference.linear_assignment(costs, maximize))
-    scale = costs.double().abs().flatten(1).max(1).values.clamp_min(1e-300) * costs.shape[1]
-    assert torch.all((ours - theirs).abs() <= rtol * torch.maximum(theirs.abs(), scale)), (ours, theirs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
