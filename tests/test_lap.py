@@ -108,3 +108,12 @@ def test_property_optimal_like_scipy(n, extra, high, maximize, seed):
     rng = np.random.default_rng(seed)
     cost = torch.from_numpy(rng.integers(-high, high + 1, size=(n, n + extra)).astype(np.float64))
     check_optimal(cost, ops.linear_assignment(cost, maximize), maximize)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_entry_in_one_problem_of_a_batch(bad):
+    for dtype in (torch.float32, torch.float64):
+        cost = torch.randn(5, 20, 23, dtype=dtype)
+        cost[3, 19, 22] = bad
+        with pytest.raises(RuntimeError, match=r"NaN or infinite entries \(problem 3\)"):
+            ops.linear_assignment(cost)

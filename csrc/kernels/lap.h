@@ -13,6 +13,10 @@
 
 namespace mcsmoe::lap {
 
+// True when every one of the `count` entries is finite (no NaN, no inf).
+template <typename T>
+bool all_finite(const T* data, int64_t count);
+
 // Solves one problem. cost is row-major [n, m] with n <= m; sign is +1 (minimise) or -1 (maximise).
 // Writes col4row[n]. Inputs must be finite (checked by the caller).
 template <typename T>

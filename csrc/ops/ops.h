@@ -14,8 +14,9 @@ at::Tensor linear_assignment_cpu(const at::Tensor& cost, bool maximize);
 at::Tensor linear_assignment_cuda(const at::Tensor& cost, bool maximize);
 #endif
 
-// Shared argument checks; return the cost as a contiguous [B, n, m] tensor.
-at::Tensor check_assignment_cost(const at::Tensor& cost);
+// Shared argument checks; return the cost as a contiguous [B, n, m] tensor. check_finite adds the
+// NaN/inf check as a tensor op (the CPU path checks inside its per-problem loop instead).
+at::Tensor check_assignment_cost(const at::Tensor& cost, bool check_finite);
 
 // --- grouped expert FFN over merged slots (moe_align.cpp, moe_ffn.cpp, cuda/moe.cpp) ---
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align_cpu(const at::Tensor& top_k_index,

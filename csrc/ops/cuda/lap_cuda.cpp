@@ -14,7 +14,7 @@ namespace mcsmoe::ops {
 at::Tensor linear_assignment_cuda(const at::Tensor& cost, bool maximize) {
   TORCH_CHECK(cost.is_cuda(), "linear_assignment_cuda: cost must be a CUDA tensor, got device ", cost.device());
   const c10::cuda::CUDAGuard guard(cost.device());
-  at::Tensor c = check_assignment_cost(cost);  // [B, n, m], contiguous, finite
+  at::Tensor c = check_assignment_cost(cost, /*check_finite=*/true);  // [B, n, m], contiguous, finite
   const int64_t batch = c.size(0), n = c.size(1), m = c.size(2);
   TORCH_CHECK(batch < (int64_t{1} << 31), "linear_assignment: batch must be below 2^31 on CUDA, got ", batch);
   at::Tensor out = at::empty({batch, n}, c.options().dtype(at::kLong));
