@@ -13,6 +13,39 @@ namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
+// The hot loop of the shortest augmenting path, built for AVX2 and for the baseline ISA; the loader
+// picks the clone the processor supports (GCC function multiversioning).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
+#define LAP_ISA_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define LAP_ISA_CLONES
+#endif
+
+template <typename T>
+inline double relax_row_impl(const T* row, const double* w, double sign, double h, int64_t i, int64_t m,
+                             double* d, int64_t* pred) {
+  double best = kInf;
+#pragma omp simd reduction(min : best)
+  for (int64_t j = 0; j < m; ++j) {
+    const double dj = sign * static_cast<double>(row[j]) - w[j] - h;
+    const bool shorter = dj < d[j];
+    d[j] = shorter ? dj : d[j];
+    pred[j] = shorter ? i : pred[j];
+    best = d[j] < best ? d[j] : best;
+  }
+  return best;
+}
+
+LAP_ISA_CLONES double relax_row(const float* row, const double* w, double sign, double h, int64_t i, int64_t m,
+                                double* d, int64_t* pred) {
+  return relax_row_impl(row, w, sign, h, i, m, d, pred);
+}
+
+LAP_ISA_CLONES double relax_row(const double* row, const double* w, double sign, double h, int64_t i, int64_t m,
+                                double* d, int64_t* pred) {
+  return relax_row_impl(row, w, sign, h, i, m, d, pred);
+}
+
 template <typename T>
 struct Problem {
   const T* cost;
@@ -144,17 +177,7 @@ struct Problem {
 
   // d[j] = min(d[j], c(i, j) - w[j] - h); returns the new minimum (scanned columns stay +inf).
   double relax(const T* row, int64_t i, double h, double* d, int64_t* pred, const double* w) const {
-    const double s = sign;
-    double best = kInf;
-#pragma omp simd reduction(min : best)
-    for (int64_t j = 0; j < m; ++j) {
-      const double dj = s * static_cast<double>(row[j]) - w[j] - h;
-      const bool shorter = dj < d[j];
-      d[j] = shorter ? dj : d[j];
-      pred[j] = shorter ? i : pred[j];
-      best = d[j] < best ? d[j] : best;
-    }
-    return best;
+    return relax_row(row, w, sign, h, i, m, d, pred);
   }
 
   double min_of(const double* d) const {
