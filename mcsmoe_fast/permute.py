@@ -132,7 +132,11 @@ def _layer_inputs(model: nn.Module, layers: list[MoELayer], batches: Iterable[di
 
 
 def activation_matching_cost(x: torch.Tensor, w_in, activation: str):
-    """cost_fn for match_permutations: Pearson correlation of hidden activations over tokens x [N, d]."""
+    """cost_fn for match_permutations: Pearson correlation of hidden activations over tokens x [N, d].
+
+    Every calibration token that reaches the layer counts for every expert pair (the original code
+    used only the tokens routed to either expert of the pair; all tokens give every pair the same,
+    larger sample and one batched computation)."""
     def cost_fn(targets: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
         def standardized(idx):
             h = expert_activation(torch.einsum("nd,sfd->snf", x, w_in[idx].float()), activation)
