@@ -34,11 +34,13 @@ def _neuron_blocks(w_in: torch.Tensor, w_out: torch.Tensor, activation: str) -> 
 
 def weight_matching_cost(w_in, w_out, targets: torch.Tensor, refs: torch.Tensor, activation: str) -> torch.Tensor:
     """Cost [len(targets), ff, ff]: reference neurons (rows) against target neurons (columns)."""
+    shared = bool((refs == refs[0]).all())  # one reference for all: broadcast it instead of copying it
     cost = None
     for block in _neuron_blocks(w_in, w_out, activation):
         block = block.float()
-        term = torch.bmm(block[refs], block[targets].transpose(1, 2))
-        cost = term if cost is None else cost.add_(term)
+        ref = block[refs[0]].expand(len(refs), -1, -1) if shared else block[refs]
+        target = block[targets].transpose(1, 2)
+        cost = torch.bmm(ref, target) if cost is None else cost.baddbmm_(ref, target)
     return cost
 
 
