@@ -34,7 +34,7 @@ def _neuron_blocks(w_in: torch.Tensor, w_out: torch.Tensor, activation: str) -> 
 
 def weight_matching_cost(w_in, w_out, targets: torch.Tensor, refs: torch.Tensor, activation: str) -> torch.Tensor:
     """Cost [len(targets), ff, ff]: reference neurons (rows) against target neurons (columns)."""
-    shared = bool((refs == refs[0]).all())  # one reference for all: broadcast it instead of copying it
+    shared = len(refs) > 0 and bool((refs == refs[0]).all())  # one reference for all: broadcast it instead of copying it
     cost = None
     for block in _neuron_blocks(w_in, w_out, activation):
         block = block.float()
