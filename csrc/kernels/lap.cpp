@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <queue>
 #include <utility>
 #include <vector>
 
@@ -102,8 +103,9 @@ struct Problem {
   // JV's augmenting row reduction: a free row takes its best column, lowering that column's price
   // to the row's second best; the row it displaces is retried at once. Bounded work per pass; any
   // rows left free are handled by shortest paths, so the bound costs no optimality.
-  std::vector<int32_t> augmenting_row_reduction(std::vector<int32_t> free_rows, std::vector<double>& scratch) {
-    for (int pass = 0; pass < 2 && !free_rows.empty(); ++pass) {
+  std::vector<int32_t> augmenting_row_reduction(std::vector<int32_t> free_rows, std::vector<double>& scratch,
+                                                int passes) {
+    for (int pass = 0; pass < passes && !free_rows.empty(); ++pass) {
       std::vector<int32_t> still_free;
       int64_t budget = 4 * (n + 16);
       size_t k = 0;
@@ -194,6 +196,109 @@ struct Problem {
     return -1;  // unreachable: an unscanned free column always exists since n <= m
   }
 
+  // ---- sparse phase (square problems): shortest paths over each row's k best columns ----------------
+  std::vector<std::vector<int32_t>> candidates_of;  // filled lazily, for the rows a search reaches
+
+  // The k columns of smallest reduced cost of row i (at the time of the first request): one pass
+  // with a max-heap of the best seen so far (replacements are rare after the first few hundred).
+  const std::vector<int32_t>& candidates(int64_t i, int k, std::vector<double>& scratch) {
+    std::vector<int32_t>& c = candidates_of[i];
+    if (c.empty()) {
+      reduced_row(i, scratch.data());
+      std::vector<std::pair<double, int32_t>> best(k);
+      for (int j = 0; j < k; ++j) best[j] = {scratch[j], j};
+      std::make_heap(best.begin(), best.end());
+      for (int64_t j = k; j < m; ++j) {
+        if (scratch[j] < best.front().first) {
+          std::pop_heap(best.begin(), best.end());
+          best.back() = {scratch[j], static_cast<int32_t>(j)};
+          std::push_heap(best.begin(), best.end());
+        }
+      }
+      c.resize(k);
+      for (int j = 0; j < k; ++j) c[j] = best[j].second;
+    }
+    return c;
+  }
+
+  // Dijkstra from free row f over candidate edges only (a binary heap with lazy deletion). On reaching
+  // a free column it moves the prices and flips the path like the dense search; it returns false,
+  // changing nothing, when no free column is reachable. d must be +inf and done 0 everywhere on entry;
+  // both are restored on exit.
+  bool sparse_augmenting_path(int32_t f, int k, std::vector<double>& d, std::vector<int64_t>& pred,
+                              std::vector<uint8_t>& done, std::vector<int32_t>& touched,
+                              std::vector<std::pair<int32_t, double>>& scanned, std::vector<double>& scratch) {
+    using Item = std::pair<double, int32_t>;
+    std::priority_queue<Item, std::vector<Item>, std::greater<Item>> heap;
+    touched.clear();
+    scanned.clear();
+    auto relax_from = [&](int64_t i, double h) {
+      const T* row = cost + i * m;
+      for (int32_t j : candidates(i, k, scratch)) {
+        if (done[j]) continue;
+        const double dj = sign * static_cast<double>(row[j]) - v[j] - h;
+        if (dj < d[j]) {
+          if (d[j] == kInf) touched.push_back(j);
+          d[j] = dj;
+          pred[j] = i;
+          heap.push({dj, j});
+        }
+      }
+    };
+    relax_from(f, 0.0);
+    int32_t sink = -1;
+    double dmin = 0.0;
+    while (!heap.empty()) {
+      const auto [dist, j] = heap.top();
+      heap.pop();
+      if (done[j] || dist != d[j]) continue;  // already scanned, or a stale entry
+      if (row_of_col[j] < 0) {
+        sink = j;
+        dmin = dist;
+        break;
+      }
+      done[j] = 1;
+      scanned.emplace_back(j, dist);
+      const int64_t i = row_of_col[j];
+      relax_from(i, sign * static_cast<double>(cost[i * m + j]) - v[j] - dist);
+    }
+    if (sink >= 0) {
+      for (auto [j, dj] : scanned) v[j] += dj - dmin;
+      augment(f, sink, pred.data());
+    }
+    for (int32_t j : touched) {
+      d[j] = kInf;
+      done[j] = 0;
+    }
+    return sink >= 0;
+  }
+
+  // Runs the sparse searches for `free_rows`, then frees every row that is free or whose column no
+  // longer minimises its reduced cost (edges outside the candidate sets were never looked at).
+  // Afterwards invariant (I) holds for every assigned row, which is all the dense search needs on a
+  // square problem; the returned rows are finished by it.
+  std::vector<int32_t> sparse_phase(const std::vector<int32_t>& free_rows, int k, std::vector<int64_t>& pred,
+                                    std::vector<std::pair<int32_t, double>>& scanned, std::vector<double>& scratch) {
+    candidates_of.assign(n, {});
+    std::vector<double> d(m, kInf);
+    std::vector<uint8_t> done(m, 0);
+    std::vector<int32_t> touched;
+    for (int32_t f : free_rows) sparse_augmenting_path(f, k, d, pred, done, touched, scanned, scratch);
+    candidates_of = {};
+    std::vector<int32_t> unfinished;
+    for (int64_t i = 0; i < n; ++i) {
+      const int32_t j0 = col_of_row[i];
+      if (j0 >= 0) {
+        reduced_row(i, scratch.data());
+        if (min_of(scratch.data()) == scratch[j0]) continue;
+        row_of_col[j0] = -1;
+        col_of_row[i] = -1;
+      }
+      unfinished.push_back(static_cast<int32_t>(i));
+    }
+    return unfinished;
+  }
+
   void augment(int64_t f, int64_t sink, const int64_t* pred) {
     for (int64_t j = sink;;) {
       const int64_t i = pred[j];
@@ -218,26 +323,29 @@ bool all_finite(const T* data, int64_t count) {
 }
 
 template <typename T>
-void solve_cpu(const T* cost, int64_t n, int64_t m, double sign, int64_t* col4row) {
+void solve_cpu(const T* cost, int64_t n, int64_t m, double sign, int64_t* col4row, SolveOptions options) {
   if (n == 0) return;
   Problem<T> p(cost, n, m, sign);
+  const bool sparse = n == m && n >= options.sparse_min_size && options.sparse_k > 0 && options.sparse_k < m;
   std::vector<double> scratch(m);
   std::vector<int32_t> free_rows;
   if (n == m) p.column_reduction(scratch);
   for (int64_t i = 0; i < n; ++i)
     if (p.col_of_row[i] < 0) free_rows.push_back(static_cast<int32_t>(i));
-  free_rows = p.augmenting_row_reduction(std::move(free_rows), scratch);
+  // with cheap sparse searches to follow, one pass of row reduction is the better trade (measured)
+  free_rows = p.augmenting_row_reduction(std::move(free_rows), scratch, sparse ? 1 : 2);
   std::vector<double> shadow(m);
   std::vector<int64_t> pred(m);
   std::vector<std::pair<int32_t, double>> scanned;
   scanned.reserve(m);
+  if (sparse) free_rows = p.sparse_phase(free_rows, options.sparse_k, pred, scanned, scratch);
   for (int32_t f : free_rows) p.shortest_augmenting_path(f, scratch, pred, shadow, scanned);
   for (int64_t i = 0; i < n; ++i) col4row[i] = p.col_of_row[i];
 }
 
 template bool all_finite<float>(const float*, int64_t);
 template bool all_finite<double>(const double*, int64_t);
-template void solve_cpu<float>(const float*, int64_t, int64_t, double, int64_t*);
-template void solve_cpu<double>(const double*, int64_t, int64_t, double, int64_t*);
+template void solve_cpu<float>(const float*, int64_t, int64_t, double, int64_t*, SolveOptions);
+template void solve_cpu<double>(const double*, int64_t, int64_t, double, int64_t*, SolveOptions);
 
 }  // namespace mcsmoe::lap

@@ -17,10 +17,19 @@ namespace mcsmoe::lap {
 template <typename T>
 bool all_finite(const T* data, int64_t count);
 
+// Square problems of at least sparse_min_size rows first run their shortest augmenting paths over
+// each row's sparse_k best columns (a heap-based Dijkstra, O(k log m) per step instead of O(m)),
+// then a dense check finds every row whose column no longer minimises its reduced cost; those rows
+// are freed and finished by the dense solver. The result is exactly optimal either way.
+struct SolveOptions {
+  int64_t sparse_min_size = 512;
+  int sparse_k = 32;
+};
+
 // Solves one problem. cost is row-major [n, m] with n <= m; sign is +1 (minimise) or -1 (maximise).
 // Writes col4row[n]. Inputs must be finite (checked by the caller).
 template <typename T>
-void solve_cpu(const T* cost, int64_t n, int64_t m, double sign, int64_t* col4row);
+void solve_cpu(const T* cost, int64_t n, int64_t m, double sign, int64_t* col4row, SolveOptions options = {});
 
 #ifdef MCSMOE_WITH_CUDA
 // Solves `batch` problems of shape [n, m] (contiguous), one thread block per problem.

@@ -357,6 +357,42 @@ int stats(int64_t n) {
 
 }  // namespace
 
+// (d) the sparse phase of solve_cpu forced on small square problems with few candidates per row, so
+// that searches fail and rows get freed and finished densely: still the brute-force optimum; and on
+// larger problems against the dense solver (sparse phase off).
+template <typename T>
+void sparse_phase_vs_brute_force(std::mt19937_64& rng, int trials) {
+  for (int trial = 0; trial < trials; ++trial) {
+    const int64_t n = 2 + static_cast<int64_t>(rng() % 6);
+    const int ties = static_cast<int>(rng() % 4);
+    const double sign = (rng() & 1) ? -1.0 : 1.0;
+    auto cost = random_cost<T>(rng, n, n, ties);
+    const double want = brute_force(cost, n, n, sign);
+    for (int k = 1; k < n; ++k) {
+      std::vector<int64_t> got(n, -7);
+      solve_cpu(cost.data(), n, n, sign, got.data(), SolveOptions{1, k});
+      CHECK(valid_assignment<T>(got, n, n) && std::abs(objective(cost, n, got) - want) <= tolerance(cost, n, want),
+            "sparse solve_cpu<%s> n=%lld k=%d sign=%g ties=%d: got %.17g want %.17g", type_name(T{}), (long long)n, k,
+            sign, ties, valid_assignment<T>(got, n, n) ? objective(cost, n, got) : NAN, want);
+    }
+  }
+  for (int trial = 0; trial < 12; ++trial) {
+    const int64_t n = 50 + static_cast<int64_t>(rng() % 250);
+    const int ties = trial % 3 == 0 ? 3 : 0;
+    const double sign = (trial & 1) ? -1.0 : 1.0;
+    auto cost = random_cost<T>(rng, n, n, ties);
+    std::vector<int64_t> dense(n), sparse(n);
+    solve_cpu(cost.data(), n, n, sign, dense.data(), SolveOptions{n + 1, 0});
+    const double want = objective(cost, n, dense);
+    for (int k : {2, 8, 32}) {
+      solve_cpu(cost.data(), n, n, sign, sparse.data(), SolveOptions{1, k});
+      CHECK(valid_assignment<T>(sparse, n, n) && std::abs(objective(cost, n, sparse) - want) <= tolerance(cost, n, want),
+            "sparse solve_cpu<%s> n=%lld k=%d ties=%d: got %.17g, dense %.17g", type_name(T{}), (long long)n, k, ties,
+            objective(cost, n, sparse), want);
+    }
+  }
+}
+
 int main(int argc, char** argv) {
   if (argc == 3 && std::string(argv[1]) == "--stats") return stats(std::atoll(argv[2]));
   std::mt19937_64 rng(2024);
@@ -364,6 +400,8 @@ int main(int argc, char** argv) {
   small_vs_brute_force<float>(rng, 400);
   large_vs_cpu<double>(rng, 16);
   large_vs_cpu<float>(rng, 16);
+  sparse_phase_vs_brute_force<double>(rng, 300);
+  sparse_phase_vs_brute_force<float>(rng, 300);
   magnitudes(rng);
   edge_cases();
   tie_work();
