@@ -227,7 +227,8 @@ struct Problem {
   // both are restored on exit.
   bool sparse_augmenting_path(int32_t f, int k, std::vector<double>& d, std::vector<int64_t>& pred,
                               std::vector<uint8_t>& done, std::vector<int32_t>& touched,
-                              std::vector<std::pair<int32_t, double>>& scanned, std::vector<double>& scratch) {
+                              std::vector<std::pair<int32_t, double>>& scanned, std::vector<double>& scratch,
+                              std::vector<uint8_t>& to_check) {
     using Item = std::pair<double, int32_t>;
     std::priority_queue<Item, std::vector<Item>, std::greater<Item>> heap;
     touched.clear();
@@ -260,6 +261,7 @@ struct Problem {
       done[j] = 1;
       scanned.emplace_back(j, dist);
       const int64_t i = row_of_col[j];
+      to_check[i] = 1;  // its column's price may move: (I) must be checked for it afterwards
       relax_from(i, sign * static_cast<double>(cost[i * m + j]) - v[j] - dist);
     }
     if (sink >= 0) {
@@ -275,18 +277,23 @@ struct Problem {
 
   // Runs the sparse searches for `free_rows`, then frees every row that is free or whose column no
   // longer minimises its reduced cost (edges outside the candidate sets were never looked at).
-  // Afterwards invariant (I) holds for every assigned row, which is all the dense search needs on a
-  // square problem; the returned rows are finished by it.
+  // Only rows that started a search or owned a scanned column can break (I): every other row keeps
+  // its column and price while other prices only fall. Afterwards (I) holds for every assigned row,
+  // which is all the dense search needs on a square problem; the returned rows are finished by it.
   std::vector<int32_t> sparse_phase(const std::vector<int32_t>& free_rows, int k, std::vector<int64_t>& pred,
                                     std::vector<std::pair<int32_t, double>>& scanned, std::vector<double>& scratch) {
     candidates_of.assign(n, {});
     std::vector<double> d(m, kInf);
-    std::vector<uint8_t> done(m, 0);
+    std::vector<uint8_t> done(m, 0), to_check(n, 0);
     std::vector<int32_t> touched;
-    for (int32_t f : free_rows) sparse_augmenting_path(f, k, d, pred, done, touched, scanned, scratch);
+    for (int32_t f : free_rows) {
+      to_check[f] = 1;
+      sparse_augmenting_path(f, k, d, pred, done, touched, scanned, scratch, to_check);
+    }
     candidates_of = {};
     std::vector<int32_t> unfinished;
     for (int64_t i = 0; i < n; ++i) {
+      if (!to_check[i]) continue;
       const int32_t j0 = col_of_row[i];
       if (j0 >= 0) {
         reduced_row(i, scratch.data());
