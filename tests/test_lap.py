@@ -122,13 +122,13 @@ def test_non_finite_entry_in_one_problem_of_a_batch(bad):
 @pytest.mark.parametrize("kind", ["gaussian", "uniform", "integers", "low_rank"])
 @pytest.mark.parametrize("maximize", [False, True])
 def test_large_square_problems_use_the_sparse_phase(kind, maximize):
-    """n >= 512 square problems run the candidate-set searches plus the dense check: still optimal."""
+    """n >= 1536 square problems run the candidate-set searches plus the dense check: still optimal."""
     gen = torch.Generator().manual_seed(11)
-    n = 600
+    n = 1600
     cost = {
-        "gaussian": lambda: torch.randn(2, n, n, generator=gen, dtype=torch.float64),
-        "uniform": lambda: torch.rand(2, n, n, generator=gen),
-        "integers": lambda: torch.randint(0, 4, (2, n, n), generator=gen).double(),
-        "low_rank": lambda: torch.randn(2, n, 8, generator=gen) @ torch.randn(2, 8, n, generator=gen),
+        "gaussian": lambda: torch.randn(n, n, generator=gen, dtype=torch.float64),
+        "uniform": lambda: torch.rand(n, n, generator=gen),
+        "integers": lambda: torch.randint(0, 4, (n, n), generator=gen).double(),
+        "low_rank": lambda: torch.randn(n, 8, generator=gen) @ torch.randn(8, n, generator=gen),
     }[kind]()
     check_optimal(cost, ops.linear_assignment(cost, maximize), maximize)
