@@ -22,7 +22,7 @@ from . import ops
 from .models import MoELayer, moe_layers
 from .reference import expert_activation
 
-DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of cost matrices built at once
+DEFAULT_MEMORY_BUDGET = 2 << 30  # bytes of cost matrices built at once
 
 
 def _neuron_blocks(w_in: torch.Tensor, w_out: torch.Tensor, activation: str) -> list[torch.Tensor]:
@@ -80,7 +80,9 @@ def match_permutations(
         cost_fn = lambda t, r: weight_matching_cost(w_in, w_out, t, r, activation)  # noqa: E731
     perm = torch.arange(ff, device=w_in.device).repeat(num_slots, 1)
     targets = (refs != torch.arange(num_slots, device=refs.device)).nonzero().squeeze(-1)
-    chunk = max(1, memory_budget // max(1, ff * ff * 4))
+    per_chunk = max(1, memory_budget // max(1, ff * ff * 4))
+    num_chunks = -(-targets.numel() // per_chunk)
+    chunk = -(-targets.numel() // num_chunks) if num_chunks else 1  # even chunks keep the solver threads busy
     for start in range(0, targets.numel(), chunk):
         t = targets[start : start + chunk]
         perm[t] = ops.linear_assignment(cost_fn(t, refs[t]), maximize=True).to(perm.device)
