@@ -339,8 +339,8 @@ void solve_cpu(const T* cost, int64_t n, int64_t m, double sign, int64_t* col4ro
   if (n == m) p.column_reduction(scratch);
   for (int64_t i = 0; i < n; ++i)
     if (p.col_of_row[i] < 0) free_rows.push_back(static_cast<int32_t>(i));
-  // with cheap sparse searches to follow, one pass of row reduction is the better trade (measured)
-  free_rows = p.augmenting_row_reduction(std::move(free_rows), scratch, sparse ? 1 : 2);
+  // with cheap sparse searches to follow, row reduction does not pay for itself (measured)
+  free_rows = p.augmenting_row_reduction(std::move(free_rows), scratch, sparse ? 0 : 2);
   std::vector<double> shadow(m);
   std::vector<int64_t> pred(m);
   std::vector<std::pair<int32_t, double>> scanned;
