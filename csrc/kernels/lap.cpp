@@ -170,16 +170,11 @@ struct Problem {
       const int64_t i = row_of_col[jmin];
       const T* row = cost + i * m;
       const double h = sign * static_cast<double>(row[jmin]) - v[jmin] - dmin;
-      dmin = relax(row, i, h, d.data(), pred.data(), w.data());
+      dmin = relax_row(row, w.data(), sign, h, i, m, d.data(), pred.data());  // new minimum; scanned stay +inf
       jmin = first_at(d.data(), dmin);
     }
     for (auto [j, dj] : scanned) v[j] += dj - dmin;
     augment(f, jmin, pred.data());
-  }
-
-  // d[j] = min(d[j], c(i, j) - w[j] - h); returns the new minimum (scanned columns stay +inf).
-  double relax(const T* row, int64_t i, double h, double* d, int64_t* pred, const double* w) const {
-    return relax_row(row, w, sign, h, i, m, d, pred);
   }
 
   double min_of(const double* d) const {
