@@ -23,25 +23,41 @@ from .models import MoELayer, moe_layers
 from .reference import expert_activation
 
 DEFAULT_MEMORY_BUDGET = 2 << 30  # bytes of cost matrices built at once
+CPU_PROBLEMS_PER_THREAD = 4  # cost matrices per solver thread and chunk on the CPU
 
 
-def _neuron_blocks(w_in: torch.Tensor, w_out: torch.Tensor, activation: str) -> list[torch.Tensor]:
-    """[S, ff, *] blocks whose rows are attached to one hidden neuron each."""
+def _select(w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """w[idx] along dim 0: a broadcast view for one repeated index, a view for a run of consecutive
+    indices, a gathered copy otherwise (for a 32-expert layer the copies cost as much as a tenth of
+    the cost GEMMs)."""
+    if len(idx) > 0 and bool((idx == idx[0]).all()):
+        return w[idx[0]].expand(len(idx), *w.shape[1:])
+    if len(idx) > 0 and bool((idx.diff() == 1).all()):
+        return w[int(idx[0]) : int(idx[0]) + len(idx)]
+    return w[idx]
+
+
+def _neuron_blocks(w_in: torch.Tensor, w_out: torch.Tensor, activation: str) -> list[tuple[torch.Tensor, bool]]:
+    """[S, ff, *] blocks whose rows are attached to one hidden neuron each: (tensor, is_transposed).
+    w_out's block is its transpose; it is kept as the untransposed tensor so that gathers copy
+    contiguous rows and the GEMM reads it in its natural layout."""
     ff = w_out.shape[-1]
     rows = [w_in[:, :ff], w_in[:, ff:]] if activation == "swiglu" else [w_in]
-    return rows + [w_out.transpose(1, 2)]
+    return [(r, False) for r in rows] + [(w_out, True)]
 
 
-def weight_matching_cost(w_in, w_out, targets: torch.Tensor, refs: torch.Tensor, activation: str) -> torch.Tensor:
-    """Cost [len(targets), ff, ff]: reference neurons (rows) against target neurons (columns)."""
-    shared = len(refs) > 0 and bool((refs == refs[0]).all())  # one reference for all: broadcast it instead of copying it
-    cost = None
-    for block in _neuron_blocks(w_in, w_out, activation):
+def weight_matching_cost(w_in, w_out, targets: torch.Tensor, refs: torch.Tensor, activation: str,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """Cost [len(targets), ff, ff]: reference neurons (rows) against target neurons (columns), written
+    into `out` when given (a float32 tensor of that shape)."""
+    first = True
+    for block, transposed in _neuron_blocks(w_in, w_out, activation):
         block = block.float()
-        ref = block[refs[0]].expand(len(refs), -1, -1) if shared else block[refs]
-        target = block[targets].transpose(1, 2)
-        cost = torch.bmm(ref, target) if cost is None else cost.baddbmm_(ref, target)
-    return cost
+        ref, target = _select(block, refs), _select(block, targets)
+        ref, target = (ref.transpose(1, 2), target) if transposed else (ref, target.transpose(1, 2))
+        out = torch.bmm(ref, target, out=out) if first else out.baddbmm_(ref, target)
+        first = False
+    return out
 
 
 def apply_permutation(w_in: torch.Tensor, w_out: torch.Tensor, perm: torch.Tensor, activation: str):
@@ -76,16 +92,25 @@ def match_permutations(
     num_slots, ff = w_in.shape[0], w_out.shape[-1]
     refs = torch.as_tensor(refs, dtype=torch.int64, device=w_in.device)
     _check_references(refs, num_slots, "match_permutations")
-    if cost_fn is None:
-        cost_fn = lambda t, r: weight_matching_cost(w_in, w_out, t, r, activation)  # noqa: E731
     perm = torch.arange(ff, device=w_in.device).repeat(num_slots, 1)
     targets = (refs != torch.arange(num_slots, device=refs.device)).nonzero().squeeze(-1)
     per_chunk = max(1, memory_budget // max(1, ff * ff * 4))
+    if w_in.device.type == "cpu":
+        # a few problems per solver thread: the cost buffer is reused (a fresh one costs a page fault per
+        # 4 KiB, a tenth of the solve) and the threads still share the work evenly
+        per_chunk = min(per_chunk, CPU_PROBLEMS_PER_THREAD * torch.get_num_threads())
     num_chunks = -(-targets.numel() // per_chunk)
     chunk = -(-targets.numel() // num_chunks) if num_chunks else 1  # even chunks keep the solver threads busy
+    buffer = None
     for start in range(0, targets.numel(), chunk):
         t = targets[start : start + chunk]
-        perm[t] = ops.linear_assignment(cost_fn(t, refs[t]), maximize=True).to(perm.device)
+        if cost_fn is None:
+            if buffer is None:
+                buffer = torch.empty(min(chunk, targets.numel()), ff, ff, device=w_in.device)
+            cost = weight_matching_cost(w_in, w_out, t, refs[t], activation, out=buffer[: len(t)])
+        else:
+            cost = cost_fn(t, refs[t])
+        perm[t] = ops.linear_assignment(cost, maximize=True).to(perm.device)
     return perm
 
 

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <limits>
 #include <queue>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -48,6 +49,42 @@ LAP_ISA_CLONES double relax_row(const double* row, const double* w, double sign,
 }
 
 template <typename T>
+inline void reduce_row_impl(const T* row, const double* v, double sign, int64_t m, double* out) {
+#pragma omp simd
+  for (int64_t j = 0; j < m; ++j) out[j] = sign * static_cast<double>(row[j]) - v[j];
+}
+
+LAP_ISA_CLONES void reduce_row(const float* row, const double* v, double sign, int64_t m, double* out) {
+  reduce_row_impl(row, v, sign, m, out);
+}
+
+LAP_ISA_CLONES void reduce_row(const double* row, const double* v, double sign, int64_t m, double* out) {
+  reduce_row_impl(row, v, sign, m, out);
+}
+
+// One row of the column reduction: colmin[j] = min(colmin[j], sign * row[j]), argrow[j] = i where it
+// falls. Both arrays have the element width of T, so the loop vectorizes without conversions.
+template <typename T, typename I>
+inline void column_min_step_impl(const T* row, T sign, I i, int64_t m, T* colmin, I* argrow) {
+#pragma omp simd
+  for (int64_t j = 0; j < m; ++j) {
+    const T c = sign * row[j];
+    const bool lower = c < colmin[j];
+    colmin[j] = lower ? c : colmin[j];
+    argrow[j] = lower ? i : argrow[j];
+  }
+}
+
+LAP_ISA_CLONES void column_min_step(const float* row, float sign, int32_t i, int64_t m, float* colmin, int32_t* argrow) {
+  column_min_step_impl(row, sign, i, m, colmin, argrow);
+}
+
+LAP_ISA_CLONES void column_min_step(const double* row, double sign, int64_t i, int64_t m, double* colmin,
+                                    int64_t* argrow) {
+  column_min_step_impl(row, sign, i, m, colmin, argrow);
+}
+
+template <typename T>
 struct Problem {
   const T* cost;
   int64_t n, m;
@@ -60,43 +97,34 @@ struct Problem {
       : cost(c), n(n_), m(m_), sign(s), v(m_, 0.0), col_of_row(n_, -1), row_of_col(m_, -1) {}
 
   // Reduced row i into `out`: out[j] = c(i, j) - v[j].
-  void reduced_row(int64_t i, double* out) const {
-    const T* row = cost + i * m;
-    const double* vp = v.data();
-    for (int64_t j = 0; j < m; ++j) out[j] = sign * static_cast<double>(row[j]) - vp[j];
-  }
+  void reduced_row(int64_t i, double* out) const { reduce_row(cost + i * m, v.data(), sign, m, out); }
 
   // Square problems: v[j] = column minimum; each column goes to its minimising row if that row is
   // still free (JV's column reduction), then reduction transfer lowers the price of each assigned
   // column by its row's slack to the second best column.
   void column_reduction(std::vector<double>& scratch) {
-    std::vector<int32_t> argrow(m, 0);
-    for (int64_t j = 0; j < m; ++j) v[j] = sign * static_cast<double>(cost[j]);
-    for (int64_t i = 1; i < n; ++i) {
-      const T* row = cost + i * m;
-      for (int64_t j = 0; j < m; ++j) {
-        double c = sign * static_cast<double>(row[j]);
-        if (c < v[j]) {
-          v[j] = c;
-          argrow[j] = static_cast<int32_t>(i);
-        }
-      }
-    }
+    using Index = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+    std::vector<T> colmin(m);
+    std::vector<Index> argrow(m, 0);
+    for (int64_t j = 0; j < m; ++j) colmin[j] = static_cast<T>(sign) * cost[j];
+    for (int64_t i = 1; i < n; ++i)
+      column_min_step(cost + i * m, static_cast<T>(sign), static_cast<Index>(i), m, colmin.data(), argrow.data());
+    for (int64_t j = 0; j < m; ++j) v[j] = static_cast<double>(colmin[j]);
     for (int64_t j = m - 1; j >= 0; --j) {
-      int32_t i = argrow[j];
+      const int64_t i = argrow[j];
       if (col_of_row[i] < 0) {
         col_of_row[i] = static_cast<int32_t>(j);
-        row_of_col[j] = i;
+        row_of_col[j] = static_cast<int32_t>(i);
       }
     }
     for (int64_t i = 0; i < n; ++i) {
-      int32_t j1 = col_of_row[i];
+      const int32_t j1 = col_of_row[i];
       if (j1 < 0) continue;
       reduced_row(i, scratch.data());
-      double mu = kInf;
-      for (int64_t j = 0; j < m; ++j)
-        if (j != j1) mu = std::min(mu, scratch[j]);
-      if (mu < kInf) v[j1] -= mu - scratch[j1];
+      const double own = scratch[j1];
+      scratch[j1] = kInf;
+      const double mu = min_of(scratch.data());
+      if (mu < kInf) v[j1] -= mu - own;
     }
   }
 
@@ -192,82 +220,175 @@ struct Problem {
   }
 
   // ---- sparse phase (square problems): shortest paths over each row's k best columns ----------------
-  std::vector<std::vector<int32_t>> candidates_of;  // filled lazily, for the rows a search reaches
+  // Row i's candidate edges sit at [i * k, (i + 1) * k): their columns and signed costs, contiguous so a
+  // search step reads them in one stream instead of k scattered reads of the cost matrix. They are
+  // selected when a search first reaches the row (easy problems reach few rows).
+  struct Candidates {
+    int k = 0;
+    std::vector<int32_t> col;
+    std::vector<double> cost;
+    std::vector<uint8_t> ready;
+    std::vector<double> block_min, kth;  // selection scratch
+    std::vector<int32_t> picked;
+  } cand;
 
-  // The k columns of smallest reduced cost of row i (at the time of the first request): one pass
-  // with a max-heap of the best seen so far (replacements are rare after the first few hundred).
-  const std::vector<int32_t>& candidates(int64_t i, int k, std::vector<double>& scratch) {
-    std::vector<int32_t>& c = candidates_of[i];
-    if (c.empty()) {
-      reduced_row(i, scratch.data());
-      std::vector<std::pair<double, int32_t>> best(k);
-      for (int j = 0; j < k; ++j) best[j] = {scratch[j], j};
-      std::make_heap(best.begin(), best.end());
-      for (int64_t j = k; j < m; ++j) {
-        if (scratch[j] < best.front().first) {
-          std::pop_heap(best.begin(), best.end());
-          best.back() = {scratch[j], static_cast<int32_t>(j)};
-          std::push_heap(best.begin(), best.end());
-        }
-      }
-      c.resize(k);
-      for (int j = 0; j < k; ++j) c[j] = best[j].second;
-    }
-    return c;
+  void init_candidates(int k) {
+    cand.k = k;
+    cand.col.resize(n * k);
+    cand.cost.resize(n * k);
+    cand.ready.assign(n, 0);
+    cand.picked.resize(m);
   }
 
-  // Dijkstra from free row f over candidate edges only (a binary heap with lazy deletion). On reaching
-  // a free column it moves the prices and flips the path like the dense search; it returns false,
-  // changing nothing, when no free column is reachable. d must be +inf and done 0 everywhere on entry;
-  // both are restored on exit.
-  bool sparse_augmenting_path(int32_t f, int k, std::vector<double>& d, std::vector<int64_t>& pred,
-                              std::vector<uint8_t>& done, std::vector<int32_t>& touched,
-                              std::vector<std::pair<int32_t, double>>& scanned, std::vector<double>& scratch,
-                              std::vector<uint8_t>& to_check) {
-    using Item = std::pair<double, int32_t>;
-    std::priority_queue<Item, std::vector<Item>, std::greater<Item>> heap;
+  // Row i's k columns of smallest reduced cost. Any sets give an exact result (the check after the
+  // searches catches what they miss), so the selection only needs to be cheap: the k-th smallest of
+  // the block minima bounds the k-th smallest entry from above, the few entries under that bound are
+  // collected branch-free from the blocks that hold them, and nth_element trims them to k.
+  void select_candidates(int64_t i, double* r) {
+    const int k = cand.k;
+    const int64_t block = std::max<int64_t>(1, m / (3 * k));
+    const int64_t blocks = (m + block - 1) / block;  // >= k since k < m
+    reduced_row(i, r);
+    cand.block_min.resize(blocks);
+    for (int64_t b = 0; b < blocks; ++b) {
+      double lo = kInf;
+      const int64_t end = std::min(m, (b + 1) * block);
+      for (int64_t j = b * block; j < end; ++j) lo = r[j] < lo ? r[j] : lo;
+      cand.block_min[b] = lo;
+    }
+    cand.kth = cand.block_min;
+    std::nth_element(cand.kth.begin(), cand.kth.begin() + (k - 1), cand.kth.end());
+    const double bound = cand.kth[k - 1];
+    int32_t* picked = cand.picked.data();
+    int64_t count = 0;
+    for (int64_t b = 0; b < blocks; ++b) {
+      if (cand.block_min[b] > bound) continue;
+      const int64_t end = std::min(m, (b + 1) * block);
+      for (int64_t j = b * block; j < end; ++j) {
+        picked[count] = static_cast<int32_t>(j);
+        count += r[j] <= bound;
+      }
+    }
+    std::nth_element(picked, picked + (k - 1), picked + count, [r](int32_t a, int32_t b) { return r[a] < r[b]; });
+    const T* row = cost + i * m;
+    for (int t = 0; t < k; ++t) {
+      cand.col[i * k + t] = picked[t];
+      cand.cost[i * k + t] = sign * static_cast<double>(row[picked[t]]);
+    }
+    cand.ready[i] = 1;
+  }
+
+  // Dijkstra from free row f over candidate edges only (a binary heap with lazy deletion). A scanned
+  // column's distance is set to -inf, so no later edge improves it. Free columns are not pushed: the
+  // nearest one reached so far bounds the search, which ends when the heap holds nothing closer, and no
+  // column at or beyond that bound is recorded at all. On reaching the free column the search moves
+  // the prices and flips the path like the dense search; it returns false, changing nothing, when no
+  // free column is reachable. d must be +inf everywhere on entry, and is restored on exit.
+  using HeapItem = std::pair<double, int32_t>;
+  bool sparse_augmenting_path(int32_t f, std::vector<double>& d, std::vector<int64_t>& pred,
+                              std::vector<int32_t>& touched, std::vector<std::pair<int32_t, double>>& scanned,
+                              std::vector<HeapItem>& heap, std::vector<uint8_t>& to_check,
+                              std::vector<double>& scratch) {
+    const int k = cand.k;
+    const auto later = std::greater<HeapItem>();
+    heap.clear();
     touched.clear();
     scanned.clear();
+    int32_t sink = -1;
+    double bound = kInf;  // distance to `sink`, the nearest free column reached
     auto relax_from = [&](int64_t i, double h) {
-      const T* row = cost + i * m;
-      for (int32_t j : candidates(i, k, scratch)) {
-        if (done[j]) continue;
-        const double dj = sign * static_cast<double>(row[j]) - v[j] - h;
-        if (dj < d[j]) {
+      if (!cand.ready[i]) select_candidates(i, scratch.data());
+      const int32_t* cols = cand.col.data() + i * k;
+      const double* costs = cand.cost.data() + i * k;
+      for (int t = 0; t < k; ++t) {
+        const int32_t j = cols[t];
+        const double dj = costs[t] - v[j] - h;
+        if (dj < d[j] && dj < bound) {
           if (d[j] == kInf) touched.push_back(j);
           d[j] = dj;
           pred[j] = i;
-          heap.push({dj, j});
+          if (row_of_col[j] < 0) {
+            sink = j;
+            bound = dj;
+          } else {
+            heap.emplace_back(dj, j);
+            std::push_heap(heap.begin(), heap.end(), later);
+          }
         }
       }
     };
     relax_from(f, 0.0);
-    int32_t sink = -1;
-    double dmin = 0.0;
-    while (!heap.empty()) {
-      const auto [dist, j] = heap.top();
-      heap.pop();
-      if (done[j] || dist != d[j]) continue;  // already scanned, or a stale entry
-      if (row_of_col[j] < 0) {
-        sink = j;
-        dmin = dist;
-        break;
-      }
-      done[j] = 1;
+    while (!heap.empty() && heap.front().first < bound) {
+      const auto [dist, j] = heap.front();
+      std::pop_heap(heap.begin(), heap.end(), later);
+      heap.pop_back();
+      if (dist != d[j]) continue;  // already scanned, or a stale entry
+      d[j] = -kInf;
       scanned.emplace_back(j, dist);
       const int64_t i = row_of_col[j];
       to_check[i] = 1;  // its column's price may move: (I) must be checked for it afterwards
       relax_from(i, sign * static_cast<double>(cost[i * m + j]) - v[j] - dist);
     }
     if (sink >= 0) {
-      for (auto [j, dj] : scanned) v[j] += dj - dmin;
+      for (auto [j, dj] : scanned) v[j] += dj - bound;
       augment(f, sink, pred.data());
     }
-    for (int32_t j : touched) {
-      d[j] = kInf;
-      done[j] = 0;
-    }
+    for (int32_t j : touched) d[j] = kInf;
     return sink >= 0;
+  }
+
+  // Augmenting row reduction over candidate edges (JV's step at O(k) instead of O(m) per row): a
+  // free row takes its best candidate column, whose price drops to the row's second best candidate;
+  // the row it displaces is retried at once, within a budget. Every row that takes a column is
+  // flagged for the check; the candidate edges of all assigned rows stay non-negative, which the
+  // sparse searches need. Returns the rows still free.
+  std::vector<int32_t> sparse_row_reduction(std::vector<int32_t> free_rows, std::vector<uint8_t>& to_check,
+                                            std::vector<double>& scratch) {
+    const int k = cand.k;
+    std::vector<int32_t> still_free;
+    int64_t budget = 4 * (n + 16);
+    size_t next = 0;
+    while (next < free_rows.size()) {
+      const int32_t i = free_rows[next++];
+      if (!cand.ready[i]) select_candidates(i, scratch.data());
+      const int32_t* cols = cand.col.data() + i * k;
+      const double* costs = cand.cost.data() + i * k;
+      double umin = kInf, usub = kInf;
+      int32_t j1 = -1, j2 = -1;
+      for (int t = 0; t < k; ++t) {
+        const double h = costs[t] - v[cols[t]];
+        if (h < usub) {
+          if (h >= umin) {
+            usub = h;
+            j2 = cols[t];
+          } else {
+            usub = umin;
+            umin = h;
+            j2 = j1;
+            j1 = cols[t];
+          }
+        }
+      }
+      int32_t i0 = row_of_col[j1];
+      const bool strict = umin < usub;
+      if (strict) {
+        if (usub < kInf) v[j1] -= usub - umin;  // k = 1 has no second best
+      } else if (i0 >= 0) {
+        j1 = j2;
+        i0 = row_of_col[j2];
+      }
+      col_of_row[i] = j1;
+      row_of_col[j1] = i;
+      to_check[i] = 1;
+      if (i0 >= 0) {
+        col_of_row[i0] = -1;
+        if (strict && budget-- > 0)
+          free_rows[--next] = i0;
+        else
+          still_free.push_back(i0);
+      }
+    }
+    return still_free;
   }
 
   // Runs the sparse searches for `free_rows`, then frees every row that is free or whose column no
@@ -277,15 +398,20 @@ struct Problem {
   // which is all the dense search needs on a square problem; the returned rows are finished by it.
   std::vector<int32_t> sparse_phase(const std::vector<int32_t>& free_rows, int k, std::vector<int64_t>& pred,
                                     std::vector<std::pair<int32_t, double>>& scanned, std::vector<double>& scratch) {
-    candidates_of.assign(n, {});
+    if (cand.k != k) init_candidates(k);
+    // With many free rows the searches reach nearly every row: select all candidates up front, from the
+    // prices of the initialisation (measured: fewer rows fail the check than with later prices).
+    if (free_rows.size() * 8 >= static_cast<size_t>(n))
+      for (int64_t i = 0; i < n; ++i) select_candidates(i, scratch.data());
     std::vector<double> d(m, kInf);
-    std::vector<uint8_t> done(m, 0), to_check(n, 0);
+    std::vector<uint8_t> to_check(n, 0);
     std::vector<int32_t> touched;
-    for (int32_t f : free_rows) {
+    std::vector<HeapItem> heap;
+    for (int32_t f : sparse_row_reduction(free_rows, to_check, scratch)) {
       to_check[f] = 1;
-      sparse_augmenting_path(f, k, d, pred, done, touched, scanned, scratch, to_check);
+      sparse_augmenting_path(f, d, pred, touched, scanned, heap, to_check, scratch);
     }
-    candidates_of = {};
+    cand = {};
     std::vector<int32_t> unfinished;
     for (int64_t i = 0; i < n; ++i) {
       if (!to_check[i]) continue;
