@@ -14,6 +14,7 @@ namespace mcsmoe::lap {
 namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr int kSparseRounds = 2;
 
 // The hot loop of the shortest augmenting path, built for AVX2 and for the baseline ISA; the loader
 // picks the clone the processor supports (GCC function multiversioning).
@@ -60,6 +61,41 @@ LAP_ISA_CLONES void reduce_row(const float* row, const double* v, double sign, i
 
 LAP_ISA_CLONES void reduce_row(const double* row, const double* v, double sign, int64_t m, double* out) {
   reduce_row_impl(row, v, sign, m, out);
+}
+
+// Reduced costs in float, for choosing candidate columns (which needs no exactness).
+template <typename T>
+inline void reduce_row_float_impl(const T* row, const float* v, float sign, int64_t m, float* out) {
+#pragma omp simd
+  for (int64_t j = 0; j < m; ++j) out[j] = sign * static_cast<float>(row[j]) - v[j];
+}
+
+LAP_ISA_CLONES void reduce_row_float(const float* row, const float* v, float sign, int64_t m, float* out) {
+  reduce_row_float_impl(row, v, sign, m, out);
+}
+
+LAP_ISA_CLONES void reduce_row_float(const double* row, const float* v, float sign, int64_t m, float* out) {
+  reduce_row_float_impl(row, v, sign, m, out);
+}
+
+// min_j sign * row[j] - v[j], in the same arithmetic as reduce_row.
+template <typename T>
+inline double min_reduced_impl(const T* row, const double* v, double sign, int64_t m) {
+  double best = std::numeric_limits<double>::infinity();
+#pragma omp simd reduction(min : best)
+  for (int64_t j = 0; j < m; ++j) {
+    const double r = sign * static_cast<double>(row[j]) - v[j];
+    best = r < best ? r : best;
+  }
+  return best;
+}
+
+LAP_ISA_CLONES double min_reduced(const float* row, const double* v, double sign, int64_t m) {
+  return min_reduced_impl(row, v, sign, m);
+}
+
+LAP_ISA_CLONES double min_reduced(const double* row, const double* v, double sign, int64_t m) {
+  return min_reduced_impl(row, v, sign, m);
 }
 
 // One row of the column reduction: colmin[j] = min(colmin[j], sign * row[j]), argrow[j] = i where it
@@ -226,9 +262,9 @@ struct Problem {
   struct Candidates {
     int k = 0;
     std::vector<int32_t> col;
-    std::vector<double> cost;
+    std::vector<T> cost;  // sign * c(i, j), exact in T
     std::vector<uint8_t> ready;
-    std::vector<double> block_min, kth;  // selection scratch
+    std::vector<float> v, r, block_min, kth;  // selection scratch: prices and reduced costs in float
     std::vector<int32_t> picked;
   } cand;
 
@@ -237,28 +273,38 @@ struct Problem {
     cand.col.resize(n * k);
     cand.cost.resize(n * k);
     cand.ready.assign(n, 0);
+    cand.v.resize(m);
+    cand.r.resize(m);
     cand.picked.resize(m);
   }
 
-  // Row i's k columns of smallest reduced cost. Any sets give an exact result (the check after the
-  // searches catches what they miss), so the selection only needs to be cheap: the k-th smallest of
-  // the block minima bounds the k-th smallest entry from above, the few entries under that bound are
-  // collected branch-free from the blocks that hold them, and nth_element trims them to k.
-  void select_candidates(int64_t i, double* r) {
+  // The prices the selection uses (a float copy of v).
+  void snapshot_prices() {
+    for (int64_t j = 0; j < m; ++j) cand.v[j] = static_cast<float>(v[j]);
+  }
+
+  // Row i's k columns of smallest reduced cost, at the prices of the last snapshot. Any sets give an
+  // exact result (the check after the searches catches what they miss), so the selection only needs
+  // to be cheap: it runs in float; the k-th smallest of the block minima bounds the k-th smallest
+  // entry from above, the few entries under that bound are collected branch-free from the blocks
+  // that hold them, and nth_element trims them to k.
+  void select_candidates(int64_t i) {
     const int k = cand.k;
     const int64_t block = std::max<int64_t>(1, m / (3 * k));
     const int64_t blocks = (m + block - 1) / block;  // >= k since k < m
-    reduced_row(i, r);
+    float* r = cand.r.data();
+    reduce_row_float(cost + i * m, cand.v.data(), static_cast<float>(sign), m, r);
     cand.block_min.resize(blocks);
     for (int64_t b = 0; b < blocks; ++b) {
-      double lo = kInf;
+      float lo = std::numeric_limits<float>::infinity();
       const int64_t end = std::min(m, (b + 1) * block);
+#pragma omp simd reduction(min : lo)
       for (int64_t j = b * block; j < end; ++j) lo = r[j] < lo ? r[j] : lo;
       cand.block_min[b] = lo;
     }
     cand.kth = cand.block_min;
     std::nth_element(cand.kth.begin(), cand.kth.begin() + (k - 1), cand.kth.end());
-    const double bound = cand.kth[k - 1];
+    const float bound = cand.kth[k - 1];
     int32_t* picked = cand.picked.data();
     int64_t count = 0;
     for (int64_t b = 0; b < blocks; ++b) {
@@ -273,9 +319,16 @@ struct Problem {
     const T* row = cost + i * m;
     for (int t = 0; t < k; ++t) {
       cand.col[i * k + t] = picked[t];
-      cand.cost[i * k + t] = sign * static_cast<double>(row[picked[t]]);
+      cand.cost[i * k + t] = static_cast<T>(sign) * row[picked[t]];
     }
     cand.ready[i] = 1;
+  }
+
+  // Candidates for row i, selected at the current prices if it has none yet.
+  void ensure_candidates(int64_t i) {
+    if (cand.ready[i]) return;
+    snapshot_prices();
+    select_candidates(i);
   }
 
   // Dijkstra from free row f over candidate edges only (a binary heap with lazy deletion). A scanned
@@ -287,8 +340,7 @@ struct Problem {
   using HeapItem = std::pair<double, int32_t>;
   bool sparse_augmenting_path(int32_t f, std::vector<double>& d, std::vector<int64_t>& pred,
                               std::vector<int32_t>& touched, std::vector<std::pair<int32_t, double>>& scanned,
-                              std::vector<HeapItem>& heap, std::vector<uint8_t>& to_check,
-                              std::vector<double>& scratch) {
+                              std::vector<HeapItem>& heap, std::vector<uint8_t>& to_check) {
     const int k = cand.k;
     const auto later = std::greater<HeapItem>();
     heap.clear();
@@ -297,20 +349,25 @@ struct Problem {
     int32_t sink = -1;
     double bound = kInf;  // distance to `sink`, the nearest free column reached
     auto relax_from = [&](int64_t i, double h) {
-      if (!cand.ready[i]) select_candidates(i, scratch.data());
+      ensure_candidates(i);
       const int32_t* cols = cand.col.data() + i * k;
-      const double* costs = cand.cost.data() + i * k;
+      const T* costs = cand.cost.data() + i * k;
       for (int t = 0; t < k; ++t) {
         const int32_t j = cols[t];
-        const double dj = costs[t] - v[j] - h;
+        const double dj = static_cast<double>(costs[t]) - v[j] - h;
         if (dj < d[j] && dj < bound) {
           if (d[j] == kInf) touched.push_back(j);
           d[j] = dj;
           pred[j] = i;
-          if (row_of_col[j] < 0) {
+          const int64_t owner = row_of_col[j];
+          if (owner < 0) {
             sink = j;
             bound = dj;
           } else {
+            // scanning j will read these: start the (likely cache-missing) loads now
+            __builtin_prefetch(cost + owner * m + j);
+            __builtin_prefetch(cand.cost.data() + owner * k);
+            __builtin_prefetch(cand.col.data() + owner * k);
             heap.emplace_back(dj, j);
             std::push_heap(heap.begin(), heap.end(), later);
           }
@@ -342,21 +399,20 @@ struct Problem {
   // the row it displaces is retried at once, within a budget. Every row that takes a column is
   // flagged for the check; the candidate edges of all assigned rows stay non-negative, which the
   // sparse searches need. Returns the rows still free.
-  std::vector<int32_t> sparse_row_reduction(std::vector<int32_t> free_rows, std::vector<uint8_t>& to_check,
-                                            std::vector<double>& scratch) {
+  std::vector<int32_t> sparse_row_reduction(std::vector<int32_t> free_rows, std::vector<uint8_t>& to_check) {
     const int k = cand.k;
     std::vector<int32_t> still_free;
     int64_t budget = 4 * (n + 16);
     size_t next = 0;
     while (next < free_rows.size()) {
       const int32_t i = free_rows[next++];
-      if (!cand.ready[i]) select_candidates(i, scratch.data());
+      ensure_candidates(i);
       const int32_t* cols = cand.col.data() + i * k;
-      const double* costs = cand.cost.data() + i * k;
+      const T* costs = cand.cost.data() + i * k;
       double umin = kInf, usub = kInf;
       int32_t j1 = -1, j2 = -1;
       for (int t = 0; t < k; ++t) {
-        const double h = costs[t] - v[cols[t]];
+        const double h = static_cast<double>(costs[t]) - v[cols[t]];
         if (h < usub) {
           if (h >= umin) {
             usub = h;
@@ -392,33 +448,50 @@ struct Problem {
   }
 
   // Runs the sparse searches for `free_rows`, then frees every row that is free or whose column no
-  // longer minimises its reduced cost (edges outside the candidate sets were never looked at).
+  // longer minimises its reduced cost (edges outside the candidate sets were never looked at). Rows
+  // freed so get their candidates selected again and a second round of searches (measured: the dense
+  // search is left a few rows instead of tens to hundreds).
   // Only rows that started a search or owned a scanned column can break (I): every other row keeps
   // its column and price while other prices only fall. Afterwards (I) holds for every assigned row,
   // which is all the dense search needs on a square problem; the returned rows are finished by it.
   std::vector<int32_t> sparse_phase(const std::vector<int32_t>& free_rows, int k, std::vector<int64_t>& pred,
-                                    std::vector<std::pair<int32_t, double>>& scanned, std::vector<double>& scratch) {
+                                    std::vector<std::pair<int32_t, double>>& scanned) {
     if (cand.k != k) init_candidates(k);
     // With many free rows the searches reach nearly every row: select all candidates up front, from the
     // prices of the initialisation (measured: fewer rows fail the check than with later prices).
-    if (free_rows.size() * 8 >= static_cast<size_t>(n))
-      for (int64_t i = 0; i < n; ++i) select_candidates(i, scratch.data());
+    if (free_rows.size() * 8 >= static_cast<size_t>(n)) {
+      snapshot_prices();
+      for (int64_t i = 0; i < n; ++i) select_candidates(i);
+    }
     std::vector<double> d(m, kInf);
     std::vector<uint8_t> to_check(n, 0);
     std::vector<int32_t> touched;
     std::vector<HeapItem> heap;
-    for (int32_t f : sparse_row_reduction(free_rows, to_check, scratch)) {
-      to_check[f] = 1;
-      sparse_augmenting_path(f, d, pred, touched, scanned, heap, to_check, scratch);
+    std::vector<int32_t> rows = sparse_row_reduction(free_rows, to_check);
+    for (int round = 0;; ++round) {
+      for (int32_t f : rows) {
+        to_check[f] = 1;
+        sparse_augmenting_path(f, d, pred, touched, scanned, heap, to_check);
+      }
+      rows = check_rows(to_check);
+      if (rows.empty() || round + 1 == kSparseRounds) break;
+      for (int32_t i : rows) cand.ready[i] = 0;  // their best column lay outside the set: select again
     }
     cand = {};
+    return rows;
+  }
+
+  // Frees every flagged row whose column no longer minimises its reduced cost; returns those rows and
+  // the flagged rows that were free. Clears the flags.
+  std::vector<int32_t> check_rows(std::vector<uint8_t>& to_check) {
     std::vector<int32_t> unfinished;
     for (int64_t i = 0; i < n; ++i) {
       if (!to_check[i]) continue;
+      to_check[i] = 0;
       const int32_t j0 = col_of_row[i];
       if (j0 >= 0) {
-        reduced_row(i, scratch.data());
-        if (min_of(scratch.data()) == scratch[j0]) continue;
+        const T* row = cost + i * m;
+        if (min_reduced(row, v.data(), sign, m) == sign * static_cast<double>(row[j0]) - v[j0]) continue;
         row_of_col[j0] = -1;
         col_of_row[i] = -1;
       }
@@ -466,7 +539,7 @@ void solve_cpu(const T* cost, int64_t n, int64_t m, double sign, int64_t* col4ro
   std::vector<int64_t> pred(m);
   std::vector<std::pair<int32_t, double>> scanned;
   scanned.reserve(m);
-  if (sparse) free_rows = p.sparse_phase(free_rows, options.sparse_k, pred, scanned, scratch);
+  if (sparse) free_rows = p.sparse_phase(free_rows, options.sparse_k, pred, scanned);
   for (int32_t f : free_rows) p.shortest_augmenting_path(f, scratch, pred, shadow, scanned);
   for (int64_t i = 0; i < n; ++i) col4row[i] = p.col_of_row[i];
 }
