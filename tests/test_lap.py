@@ -122,9 +122,9 @@ def test_non_finite_entry_in_one_problem_of_a_batch(bad):
 @pytest.mark.parametrize("kind", ["gaussian", "uniform", "integers", "low_rank"])
 @pytest.mark.parametrize("maximize", [False, True])
 def test_large_square_problems_use_the_sparse_phase(kind, maximize):
-    """n >= 1536 square problems run the candidate-set searches plus the dense check: still optimal."""
+    """n >= 640 square problems run the candidate-set searches plus the dense check: still optimal."""
     gen = torch.Generator().manual_seed(11)
-    n = 1600
+    n = 700
     cost = {
         "gaussian": lambda: torch.randn(n, n, generator=gen, dtype=torch.float64),
         "uniform": lambda: torch.rand(n, n, generator=gen),
