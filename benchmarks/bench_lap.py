@@ -28,11 +28,16 @@ def random_costs(batch: int, n: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(batch, n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-COSTS = {"random": random_costs, "correlated": correlated_costs}
+def tied_costs(batch: int, n: int, seed: int = 0) -> torch.Tensor:
+    """Integers 0..3: every row has hundreds of tied minima (searches must not walk through them)."""
+    return torch.randint(0, 4, (batch, n, n), generator=torch.Generator().manual_seed(seed)).double()
+
+
+COSTS = {"random": random_costs, "correlated": correlated_costs, "tied": tied_costs}
 
 
 @pytest.mark.parametrize("n", [1024, 3072])
-@pytest.mark.parametrize("kind", ["random", "correlated"])
+@pytest.mark.parametrize("kind", ["random", "correlated", "tied"])
 @pytest.mark.parametrize("impl", ["scipy_loop", "mcsmoe_fast"])
 def test_linear_assignment(benchmark, impl, kind, n):
     cost = COSTS[kind](BATCH, n)
