@@ -119,7 +119,7 @@ def test_non_finite_entry_in_one_problem_of_a_batch(bad):
             ops.linear_assignment(cost)
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "uniform", "integers", "low_rank"])
+@pytest.mark.parametrize("kind", ["gaussian", "uniform", "integers", "low_rank", "constant", "row_constant"])
 @pytest.mark.parametrize("maximize", [False, True])
 def test_large_square_problems_use_the_sparse_phase(kind, maximize):
     """n >= 640 square problems run the candidate-set searches plus the dense check: still optimal."""
@@ -130,5 +130,7 @@ def test_large_square_problems_use_the_sparse_phase(kind, maximize):
         "uniform": lambda: torch.rand(n, n, generator=gen),
         "integers": lambda: torch.randint(0, 4, (n, n), generator=gen).double(),
         "low_rank": lambda: torch.randn(n, 8, generator=gen) @ torch.randn(8, n, generator=gen),
+        "constant": lambda: torch.full((n, n), 0.5),  # every search ties everywhere; many sparse searches fail
+        "row_constant": lambda: torch.arange(n, dtype=torch.float64)[:, None].expand(n, n).contiguous(),
     }[kind]()
     check_optimal(cost, ops.linear_assignment(cost, maximize), maximize)

@@ -401,6 +401,26 @@ void sparse_phase_vs_brute_force(std::mt19937_64& rng, int trials) {
   }
 }
 
+// (e) large tie-heavy problems, where many sparse searches reach no free column and the budget for
+// them sends the remaining rows to the dense search: a constant matrix (every permutation is
+// optimal) and rows that are constant (likewise), n = 3072.
+void tie_heavy_large() {
+  const int64_t n = 3072;
+  std::vector<float> constant(n * n, 0.25f), rows(n * n);
+  for (int64_t i = 0; i < n; ++i) std::fill(rows.begin() + i * n, rows.begin() + (i + 1) * n, float(i % 7));
+  for (const auto* cost : {&constant, &rows}) {
+    for (double sign : {1.0, -1.0}) {
+      std::vector<int64_t> got(n, -7);
+      solve_cpu(cost->data(), n, n, sign, got.data());
+      double want = 0;
+      for (int64_t i = 0; i < n; ++i) want += (*cost)[i * n];
+      CHECK(valid_assignment<float>(got, n, n) && objective(*cost, n, got) == want,
+            "tie-heavy n=%lld sign=%g: got %.17g want %.17g", (long long)n, sign,
+            valid_assignment<float>(got, n, n) ? objective(*cost, n, got) : NAN, want);
+    }
+  }
+}
+
 int main(int argc, char** argv) {
   if (argc == 3 && std::string(argv[1]) == "--stats") return stats(std::atoll(argv[2]));
   std::mt19937_64 rng(2024);
@@ -413,6 +433,7 @@ int main(int argc, char** argv) {
   magnitudes(rng);
   edge_cases();
   tie_work();
+  tie_heavy_large();
   std::printf("test_lap: %d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }
