@@ -3,9 +3,9 @@
 #include "lap.h"
 
 #include <algorithm>
+#include <cassert>
 #include <cmath>
 #include <limits>
-#include <queue>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -64,11 +64,24 @@ LAP_ISA_CLONES void reduce_row(const double* row, const double* v, double sign, 
   reduce_row_impl(row, v, sign, m, out);
 }
 
-// Reduced costs in float, for choosing candidate columns (which needs no exactness).
+// A double as a float, clamped to the finite range (costs and prices beyond it must not become inf:
+// inf - inf would make the selection compare NaNs).
+inline float to_finite_float(double x) {
+  constexpr double kMax = std::numeric_limits<float>::max();
+  return static_cast<float>(x < -kMax ? -kMax : (x > kMax ? kMax : x));
+}
+
+// Reduced costs in float, for choosing candidate columns (which needs no exactness). With v finite
+// floats, every entry is a float or +-inf, never NaN.
 template <typename T>
 inline void reduce_row_float_impl(const T* row, const float* v, float sign, int64_t m, float* out) {
 #pragma omp simd
-  for (int64_t j = 0; j < m; ++j) out[j] = sign * static_cast<float>(row[j]) - v[j];
+  for (int64_t j = 0; j < m; ++j) {
+    if constexpr (std::is_same_v<T, float>)
+      out[j] = sign * row[j] - v[j];
+    else
+      out[j] = sign * to_finite_float(row[j]) - v[j];
+  }
 }
 
 LAP_ISA_CLONES void reduce_row_float(const float* row, const float* v, float sign, int64_t m, float* out) {
@@ -291,7 +304,7 @@ struct Problem {
 
   // The prices the selection uses (a float copy of v).
   void snapshot_prices() {
-    for (int64_t j = 0; j < m; ++j) cand.v[j] = static_cast<float>(v[j]);
+    for (int64_t j = 0; j < m; ++j) cand.v[j] = to_finite_float(v[j]);
   }
 
   // Row i's k columns of smallest reduced cost, at the prices of the last snapshot. Any sets give an
@@ -331,6 +344,7 @@ struct Problem {
         count += r[j] <= bound;
       }
     }
+    assert(count >= k && "no NaN in r: at least k blocks hold an entry under the bound");
     std::nth_element(picked, picked + (k - 1), picked + count, [r](int32_t a, int32_t b) { return r[a] < r[b]; });
     const T* row = cost + i * m;
     for (int t = 0; t < k; ++t) {
