@@ -7,8 +7,9 @@ The summary prints each candidate against the group's eager anchor, and, for our
 (grouped_mm median / ours) from the same run. Memory per candidate: `param_MB` (expert weights the
 module holds) and `peak_MB` (peak resident-memory growth during one forward: activations and
 workspace, from /proc/self VmHWM after malloc_trim and clear_refs; Linux/glibc only; page
-granular, so a few MB of noise). `dense_gemm_floor` (Mixtral, T >= 128) is two plain GEMMs with the
-FLOPs of our merged layer (same rows, one weight matrix): the speed limit of this machine. At T = 1
+granular, so a few MB of noise). `dense_gemm_floor` (Mixtral, T >= 128) is two plain GEMMs (the GEMM our
+op calls: oneDNN for fp32 where torch has it) with the FLOPs of our merged layer (same rows, one
+weight matrix): the speed limit of this machine. At T = 1
 (Mixtral) `touched_MB` / `GB_per_s`: expert bytes the token reads (distinct slots for ours, distinct
 experts for transformers) and the bandwidth that implies."""
 from __future__ import annotations
@@ -141,10 +142,15 @@ def dense_gemm_floor(ours, x):
     rows = hidden.repeat(2, 1)[:pairs].contiguous()
     w_in, w_out = ours.experts.w_in[0], ours.experts.w_out[0]
 
+    def linear(a, w):  # the GEMM our op uses: torch's oneDNN linear where present (fp32), else MKL
+        if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+            return torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [None], "")
+        return torch.mm(a, w.t())
+
     def fn():
-        h = torch.mm(rows, w_in.t())
+        h = linear(rows, w_in)
         gate, up = h.chunk(2, dim=-1)
-        return torch.mm(torch.nn.functional.silu(gate) * up, w_out.t())
+        return linear(torch.nn.functional.silu(gate) * up, w_out)
     return fn, pairs
 
 
