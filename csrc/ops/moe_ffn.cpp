@@ -59,7 +59,8 @@ bool check_grouped_ffn_args(const at::Tensor& hidden, const at::Tensor& w_in, co
 static at::Tensor linear_nt(const at::Tensor& x, const at::Tensor& w) {
   static const std::optional<c10::OperatorHandle> onednn =
       c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
-  if (onednn && x.scalar_type() == at::kFloat) {
+  // oneDNN rejects empty operands (K = 0 for zero-width experts); at::mm returns zeros
+  if (onednn && x.scalar_type() == at::kFloat && x.numel() > 0 && w.numel() > 0) {
     c10::List<std::optional<at::Scalar>> scalars;
     scalars.push_back(std::nullopt);
     torch::jit::Stack stack{x, w, c10::IValue(), std::string("none"), scalars, c10::IValue()};
