@@ -84,26 +84,24 @@ def main() -> int:
     reps = 5 if args.quick else 20
     mix = dict(d=1024, ff=3584) if args.quick else dict(d=4096, ff=14336)  # Mixtral-8x7B
     rows = []
+
+    def measure(name, anchor, hf, ours, inputs):
+        """Time the anchor `hf` and `ours` on every T (inputs(T) -> x)."""
+        for T in tokens:
+            x = inputs(T)
+            with torch.inference_mode():
+                diff = (ours(x).float() - hf(x).float()).abs().max().item()
+                t_hf, t_ours = time_ms(lambda: hf(x), reps), time_ms(lambda: ours(x), reps)
+            rows.append((name, T, anchor, t_hf, t_ours, diff))
+
     for G in (8, 4, 2):
-        hf, ours = mixtral_pair(mix["d"], mix["ff"], 8, G, 2, dtype)
-        for T in tokens:
-            x = torch.randn(1, T, mix["d"], device="cuda", dtype=dtype)
-            with torch.inference_mode():
-                diff = (ours(x).float() - hf(x).float()).abs().max().item()
-                t_hf, t_ours = time_ms(lambda: hf(x), reps), time_ms(lambda: ours(x), reps)
-            rows.append((f"mixtral d{mix['d']} ff{mix['ff']} E8 top2 G={G}", T, "grouped_mm", t_hf, t_ours, diff))
-        del hf, ours
-        torch.cuda.empty_cache()
+        measure(f"mixtral d{mix['d']} ff{mix['ff']} E8 top2 G={G}", "grouped_mm",
+                *mixtral_pair(mix["d"], mix["ff"], 8, G, 2, dtype),
+                lambda T: torch.randn(1, T, mix["d"], device="cuda", dtype=dtype))
+        torch.cuda.empty_cache()  # the pair is gone once measure returns
     for G in (32, 8):
-        hf, ours = switch_pair(768, 3072, 32, G, dtype, capacity=64)
-        for T in tokens:
-            seq = min(T, 128)
-            x = torch.randn(T // seq, seq, 768, device="cuda", dtype=dtype)
-            with torch.inference_mode():
-                diff = (ours(x).float() - hf(x).float()).abs().max().item()
-                t_hf, t_ours = time_ms(lambda: hf(x), reps), time_ms(lambda: ours(x), reps)
-            rows.append((f"switch d768 ff3072 E32 top1 G={G}", T, "eager", t_hf, t_ours, diff))
-        del hf, ours
+        measure(f"switch d768 ff3072 E32 top1 G={G}", "eager", *switch_pair(768, 3072, 32, G, dtype, capacity=64),
+                lambda T: torch.randn(T // min(T, 128), min(T, 128), 768, device="cuda", dtype=dtype))
         torch.cuda.empty_cache()
     print(f"\n{torch.cuda.get_device_name()}  bf16  (median ms over {reps} runs)")
     print(f"{'layer':<40} {'T':>6} {'anchor':>10} {'anchor ms':>10} {'ours ms':>9} {'speed-up':>9} {'max|diff|':>10}")

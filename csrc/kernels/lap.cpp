@@ -32,8 +32,8 @@ void solve_cpu(const T* cost, int64_t n, int64_t m, double sign, int64_t* col4ro
   if (n == m) p.column_reduction(scratch);
   for (int64_t i = 0; i < n; ++i)
     if (p.col_of_row[i] < 0) free_rows.push_back(static_cast<int32_t>(i));
-  // the sparse phase runs its own row reduction, over candidate edges
-  free_rows = p.augmenting_row_reduction(std::move(free_rows), scratch, sparse ? 0 : 2);
+  if (!sparse)  // the sparse phase runs its own row reduction, over candidate edges
+    free_rows = p.augmenting_row_reduction(std::move(free_rows), scratch, 2);
   std::vector<double> shadow(m);
   std::vector<int32_t> free_cols;
   std::vector<int64_t> pred(m);

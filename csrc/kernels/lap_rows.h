@@ -87,7 +87,7 @@ LAP_ISA_CLONES static void reduce_row_float(const double* row, const float* v, f
 // min_j sign * row[j] - v[j], in the same arithmetic as reduce_row.
 template <typename T>
 inline double min_reduced_impl(const T* row, const double* v, double sign, int64_t m) {
-  double best = std::numeric_limits<double>::infinity();
+  double best = kInf;
 #pragma omp simd reduction(min : best)
   for (int64_t j = 0; j < m; ++j) {
     const double r = sign * static_cast<double>(row[j]) - v[j];

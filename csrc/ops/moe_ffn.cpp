@@ -52,22 +52,23 @@ bool check_grouped_ffn_args(const at::Tensor& hidden, const at::Tensor& w_in, co
   return swiglu;
 }
 
-// x [n, K] times w [N, K] transposed. float32 goes to torch's oneDNN linear (mkldnn::_linear_pointwise)
-// when this torch build has it: measured here (Zen 4, fp32) 1.1-1.7x faster than at::mm, which runs
-// MKL, on every expert GEMM shape of the benchmarks, most at small row counts. Other dtypes, and builds
-// without oneDNN, use at::mm.
-static at::Tensor linear_nt(const at::Tensor& x, const at::Tensor& w) {
+// x [n, K] times w [N, K] transposed, written into `out` when given. float32 goes to torch's oneDNN
+// linear (mkldnn::_linear_pointwise) when this torch build has it: measured here (Zen 4, fp32)
+// 1.1-1.7x faster than at::mm, which runs MKL, on every expert GEMM shape of the benchmarks, most at
+// small row counts; it returns a fresh tensor (copied into `out`). Other dtypes, builds without oneDNN
+// and empty operands (which oneDNN rejects: zero-width experts) use at::mm / at::mm_out.
+static at::Tensor linear_nt(const at::Tensor& x, const at::Tensor& w, std::optional<at::Tensor> out = std::nullopt) {
   static const std::optional<c10::OperatorHandle> onednn =
       c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
-  // oneDNN rejects empty operands (K = 0 for zero-width experts); at::mm returns zeros
   if (onednn && x.scalar_type() == at::kFloat && x.numel() > 0 && w.numel() > 0) {
     c10::List<std::optional<at::Scalar>> scalars;
     scalars.push_back(std::nullopt);
     torch::jit::Stack stack{x, w, c10::IValue(), std::string("none"), scalars, c10::IValue()};
     onednn->callBoxed(&stack);
-    return stack[0].toTensor();
+    at::Tensor result = stack[0].toTensor();
+    return out ? out->copy_(result) : result;
   }
-  return at::mm(x, w.t());
+  return out ? at::mm_out(*out, x, w.t()) : at::mm(x, w.t());
 }
 
 at::Tensor expert_activation(const at::Tensor& h, bool swiglu) {
@@ -153,7 +154,7 @@ at::Tensor grouped_expert_ffn_cpu(const at::Tensor& hidden_arg, const at::Tensor
     for (int64_t r = off[s]; r < off[s + 1]; r += block) {
       const int64_t n = std::min(block, off[s + 1] - r);
       at::Tensor h = linear_nt(x.narrow(0, r, n), w_in.select(0, s));
-      y.narrow(0, r, n).copy_(linear_nt(expert_activation(h, swiglu), w_out.select(0, s)));
+      linear_nt(expert_activation(h, swiglu), w_out.select(0, s), y.narrow(0, r, n));
     }
   };
 
