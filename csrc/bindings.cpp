@@ -13,12 +13,18 @@ TORCH_LIBRARY(mcsmoe_fast, m) {
         "(Tensor sorted_token_ids, Tensor slot_offsets, Tensor sorted_weights, Tensor token_rows)");
   m.def("grouped_expert_ffn(Tensor hidden, Tensor w_in, Tensor w_out, Tensor expert_map, Tensor top_k_index, "
         "Tensor top_k_weights, str activation) -> Tensor");
+  m.def("sparse_lowrank_linear(Tensor x, Tensor U, Tensor V, Tensor S_rows, Tensor row_idx, Tensor? bias=None) -> "
+        "Tensor");
+  m.def("grouped_expert_ffn_slr(Tensor hidden, Tensor[] w_in, Tensor[] w_out, Tensor expert_map, "
+        "Tensor top_k_index, Tensor top_k_weights, str activation) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mcsmoe_fast, CPU, m) {
   m.impl("linear_assignment", &mcsmoe::ops::linear_assignment_cpu);
   m.impl("moe_align", &mcsmoe::ops::moe_align_cpu);
   m.impl("grouped_expert_ffn", &mcsmoe::ops::grouped_expert_ffn_cpu);
+  m.impl("sparse_lowrank_linear", &mcsmoe::ops::sparse_lowrank_linear_cpu);
+  m.impl("grouped_expert_ffn_slr", &mcsmoe::ops::grouped_expert_ffn_slr_cpu);
 }
 
 #ifdef MCSMOE_WITH_CUDA
@@ -26,6 +32,8 @@ TORCH_LIBRARY_IMPL(mcsmoe_fast, CUDA, m) {
   m.impl("linear_assignment", &mcsmoe::ops::linear_assignment_cuda);
   m.impl("moe_align", &mcsmoe::ops::moe_align_cuda);
   m.impl("grouped_expert_ffn", &mcsmoe::ops::grouped_expert_ffn_cuda);
+  m.impl("sparse_lowrank_linear", &mcsmoe::ops::sparse_lowrank_linear_cuda);
+  m.impl("grouped_expert_ffn_slr", &mcsmoe::ops::grouped_expert_ffn_slr_cuda);
 }
 #endif
 

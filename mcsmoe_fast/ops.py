@@ -99,3 +99,71 @@ def _no_backward(ctx, grad):
 
 
 torch.library.register_autograd("mcsmoe_fast::grouped_expert_ffn", _no_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+# --- sparse-plus-low-rank linear (compressed experts) ---------------------------------------------
+def sparse_lowrank_linear(x, U, V, S_rows, row_idx, bias=None):
+    """y = x (U V + S)^T + bias without forming W: S is zero except the rows `row_idx` (held in S_rows).
+
+    x [..., in]; U [out, r]; V [r, in]; S_rows [K, in]; row_idx [K] int64, distinct rows in [0, out);
+    bias [out] or None. Computes (x V^T) U^T and adds x S_rows^T into the kept output columns: no
+    [out, in] weight and no temporary larger than [T, r] and [T, K] besides the output. CPU (float32,
+    float64, bfloat16, float16) and CUDA (float32, float16, bfloat16). Differentiable in x, U, V,
+    S_rows and bias. Equals reference.sparse_lowrank_linear.
+    """
+    return _lib.sparse_lowrank_linear(x, U, V, S_rows, row_idx, bias)
+
+
+@torch.library.register_fake("mcsmoe_fast::sparse_lowrank_linear")
+def _sparse_lowrank_linear_fake(x, U, V, S_rows, row_idx, bias=None):
+    torch._check(x.dim() >= 1 and U.dim() == 2 and V.dim() == 2 and S_rows.dim() == 2,
+                 lambda: "x [..., in], U [out, r], V [r, in], S_rows [K, in]")
+    torch._check(V.shape[0] == U.shape[1] and V.shape[1] == x.shape[-1] and S_rows.shape[1] == x.shape[-1],
+                 lambda: "U, V, S_rows and x disagree on r or in")
+    torch._check(row_idx.dim() == 1 and row_idx.shape[0] == S_rows.shape[0], lambda: "row_idx must be [K]")
+    torch._check(U.dtype == x.dtype and V.dtype == x.dtype and S_rows.dtype == x.dtype, lambda: "one dtype")
+    return x.new_empty((*x.shape[:-1], U.shape[0]))
+
+
+def _slr_setup_context(ctx, inputs, output):
+    x, U, V, S_rows, row_idx, bias = inputs
+    ctx.save_for_backward(x, U, V, S_rows, row_idx)
+    ctx.has_bias = bias is not None
+
+
+def _slr_backward(ctx, grad):
+    x, U, V, S_rows, row_idx = ctx.saved_tensors
+    need_x, need_u, need_v, need_s, _, need_b = ctx.needs_input_grad
+    x2, g = x.reshape(-1, x.shape[-1]), grad.reshape(-1, U.shape[0])
+    gz = g @ U  # [T, r]
+    gs = g.index_select(1, row_idx)  # [T, K]: the gradient reaching the kept rows
+    gx = (gz @ V + gs @ S_rows).reshape(x.shape) if need_x else None
+    gU = g.T @ (x2 @ V.T) if need_u else None
+    gV = gz.T @ x2 if need_v else None
+    gS = gs.T @ x2 if need_s else None
+    gb = g.sum(0) if need_b and ctx.has_bias else None
+    return gx, gU, gV, gS, None, gb
+
+
+torch.library.register_autograd("mcsmoe_fast::sparse_lowrank_linear", _slr_backward, setup_context=_slr_setup_context)
+
+
+def grouped_expert_ffn_slr(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation):
+    """grouped_expert_ffn over compressed slots (inference; no autograd): every slot's w_in and w_out are
+    sparse-plus-low-rank, given as banks [U [S, out, r], V [S, r, in], S_rows [K, in], row_idx [K] int64,
+    row_offsets [S+1] int64]; slot s owns the kept rows row_offsets[s] .. row_offsets[s+1] (row indices
+    distinct within a slot). Shapes otherwise as in grouped_expert_ffn (w_in: out = F, in = d; w_out:
+    out = d, in = ff). Equals reference.grouped_expert_ffn_slr (the dense reconstruction)."""
+    return _lib.grouped_expert_ffn_slr(hidden, list(w_in), list(w_out), expert_map, top_k_index, top_k_weights,
+                                       activation)
+
+
+@torch.library.register_fake("mcsmoe_fast::grouped_expert_ffn_slr")
+def _grouped_expert_ffn_slr_fake(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation):
+    torch._check(activation in ACTIVATIONS, lambda: f"activation must be 'relu' or 'swiglu', got {activation!r}")
+    torch._check(len(w_in) == 5 and len(w_out) == 5, lambda: "w_in, w_out: [U, V, S_rows, row_idx, row_offsets]")
+    torch._check(hidden.dim() == 2 and top_k_index.shape[0] == hidden.shape[0], lambda: "hidden [T, d], top_k_index [T, k]")
+    return torch.empty_like(hidden, memory_format=torch.contiguous_format)
+
+
+torch.library.register_autograd("mcsmoe_fast::grouped_expert_ffn_slr", _no_backward, setup_context=lambda ctx, inputs, output: None)

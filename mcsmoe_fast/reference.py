@@ -86,3 +86,30 @@ def moe_align(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, expert_map
         token_rows[t, filled[t]] = row
         filled[t] += 1
     return sorted_tokens, offsets.to(top_k_index.device), sorted_weights, token_rows.to(top_k_index.device)
+
+
+# --- sparse-plus-low-rank (compressed) experts -----------------------------------------------------
+def slr_dense(U: torch.Tensor, V: torch.Tensor, S_rows: torch.Tensor, row_idx: torch.Tensor) -> torch.Tensor:
+    """W = U V + S [out, in], with S zero outside the rows row_idx (which hold S_rows)."""
+    return (U @ V).index_add(0, row_idx, S_rows)
+
+
+def sparse_lowrank_linear(x, U, V, S_rows, row_idx, bias=None):
+    """x (U V + S)^T + bias through the reconstructed dense W."""
+    y = x @ slr_dense(U, V, S_rows, row_idx).T
+    return y if bias is None else y + bias
+
+
+def slr_bank_dense(bank) -> torch.Tensor:
+    """A bank of compressed slots [U [S, out, r], V [S, r, in], S_rows [K, in], row_idx [K], row_offsets [S+1]]
+    as dense weights [S, out, in]."""
+    U, V, S_rows, row_idx, offsets = bank
+    off = offsets.tolist()
+    return torch.stack([slr_dense(U[s], V[s], S_rows[off[s]:off[s + 1]], row_idx[off[s]:off[s + 1]])
+                        for s in range(U.shape[0])])
+
+
+def grouped_expert_ffn_slr(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation):
+    """The grouped expert FFN over compressed slots, through their reconstructed dense weights."""
+    return grouped_expert_ffn(hidden, slr_bank_dense(w_in), slr_bank_dense(w_out), expert_map, top_k_index,
+                              top_k_weights, activation)

@@ -1,12 +1,10 @@
-// grouped_expert_ffn on the CPU: align (counting sort by slot), gather each slot's tokens into one
+// grouped_expert_ffn on the CPU (and the frame the compressed variant shares): align (counting sort by slot), gather each slot's tokens into one
 // contiguous block, per slot two GEMMs on contiguous slices (at::mm -> MKL/oneDNN) around the
 // activation, then each token sums its slots' rows times the summed routing weights.
 //
 // Threads: either the slots run in parallel (one GEMM per thread, single-threaded) or the slots run
 // one after another and each GEMM uses every thread; see use_slot_parallelism. MCSMOE_SLOT_PARALLEL=0/1 forces one or the other (for measurements).
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/core/stack.h>
 #include <c10/core/InferenceMode.h>
 
 #include <algorithm>
@@ -50,25 +48,6 @@ bool check_grouped_ffn_args(const at::Tensor& hidden, const at::Tensor& w_in, co
   TORCH_CHECK(top_k_index.size(0) == hidden.size(0), op, ": top_k_index has ", top_k_index.size(0),
               " tokens but hidden has ", hidden.size(0));
   return swiglu;
-}
-
-// x [n, K] times w [N, K] transposed, written into `out` when given. float32 goes to torch's oneDNN
-// linear (mkldnn::_linear_pointwise) when this torch build has it: measured here (Zen 4, fp32)
-// 1.1-1.7x faster than at::mm, which runs MKL, on every expert GEMM shape of the benchmarks, most at
-// small row counts; it returns a fresh tensor (copied into `out`). Other dtypes, builds without oneDNN
-// and empty operands (which oneDNN rejects: zero-width experts) use at::mm / at::mm_out.
-static at::Tensor linear_nt(const at::Tensor& x, const at::Tensor& w, std::optional<at::Tensor> out = std::nullopt) {
-  static const std::optional<c10::OperatorHandle> onednn =
-      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
-  if (onednn && x.scalar_type() == at::kFloat && x.numel() > 0 && w.numel() > 0) {
-    c10::List<std::optional<at::Scalar>> scalars;
-    scalars.push_back(std::nullopt);
-    torch::jit::Stack stack{x, w, c10::IValue(), std::string("none"), scalars, c10::IValue()};
-    onednn->callBoxed(&stack);
-    at::Tensor result = stack[0].toTensor();
-    return out ? out->copy_(result) : result;
-  }
-  return out ? at::mm_out(*out, x, w.t()) : at::mm(x, w.t());
 }
 
 at::Tensor expert_activation(const at::Tensor& h, bool swiglu) {
@@ -124,16 +103,11 @@ static void combine_rows(const scalar_t* y, const acc_t* weights, const int64_t*
   });
 }
 
-at::Tensor grouped_expert_ffn_cpu(const at::Tensor& hidden_arg, const at::Tensor& w_in_arg,
-                                  const at::Tensor& w_out_arg, const at::Tensor& expert_map,
-                                  const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
-                                  c10::string_view activation) {
-  // An inference op (no backward): detached, the inner GEMMs neither record nor refuse autograd.
-  const at::Tensor hidden = hidden_arg.detach(), w_in = w_in_arg.detach(), w_out = w_out_arg.detach();
-  const bool swiglu =
-      check_grouped_ffn_args(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation);
+at::Tensor grouped_ffn_cpu_frame(const at::Tensor& hidden, int64_t S, const at::Tensor& expert_map,
+                                 const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
+                                 const SlotFfn& ffn) {
   TORCH_CHECK(hidden.device().is_cpu(), "grouped_expert_ffn: expected CPU tensors, got ", hidden.device());
-  const int64_t T = hidden.size(0), d = hidden.size(1), S = w_in.size(0), k = top_k_index.size(1);
+  const int64_t T = hidden.size(0), d = hidden.size(1), k = top_k_index.size(1);
   const auto acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto aligned = moe_align_cpu_impl(top_k_index, top_k_weights, expert_map, S, acc);
   const at::Tensor &sorted_tokens = aligned[0], &offsets = aligned[1], &weights = aligned[2], &rows = aligned[3];
@@ -153,8 +127,7 @@ at::Tensor grouped_expert_ffn_cpu(const at::Tensor& hidden_arg, const at::Tensor
     const int64_t block = blocks > 0 ? (slot_rows + blocks - 1) / blocks : 0;
     for (int64_t r = off[s]; r < off[s + 1]; r += block) {
       const int64_t n = std::min(block, off[s + 1] - r);
-      at::Tensor h = linear_nt(x.narrow(0, r, n), w_in.select(0, s));
-      linear_nt(expert_activation(h, swiglu), w_out.select(0, s), y.narrow(0, r, n));
+      ffn(s, x.narrow(0, r, n), y.narrow(0, r, n));
     }
   };
 
@@ -185,6 +158,21 @@ at::Tensor grouped_expert_ffn_cpu(const at::Tensor& hidden_arg, const at::Tensor
     }
   });
   return out;
+}
+
+at::Tensor grouped_expert_ffn_cpu(const at::Tensor& hidden_arg, const at::Tensor& w_in_arg,
+                                  const at::Tensor& w_out_arg, const at::Tensor& expert_map,
+                                  const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
+                                  c10::string_view activation) {
+  // An inference op (no backward): detached, the inner GEMMs neither record nor refuse autograd.
+  const at::Tensor hidden = hidden_arg.detach(), w_in = w_in_arg.detach(), w_out = w_out_arg.detach();
+  const bool swiglu =
+      check_grouped_ffn_args(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation);
+  return grouped_ffn_cpu_frame(hidden, w_in.size(0), expert_map, top_k_index, top_k_weights,
+                               [&](int64_t s, const at::Tensor& x, at::Tensor y) {
+                                 at::Tensor h = linear_nt(x, w_in.select(0, s));
+                                 linear_nt(expert_activation(h, swiglu), w_out.select(0, s), y);
+                               });
 }
 
 }  // namespace mcsmoe::ops

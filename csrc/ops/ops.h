@@ -2,6 +2,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <functional>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -47,5 +49,57 @@ std::vector<at::Tensor> moe_align_cpu_impl(const at::Tensor& top_k_index, const 
                                            const at::Tensor& expert_map, int64_t num_slots, at::ScalarType acc);
 // relu in place, or silu(gate) * up in place into the gate half (a strided [n, ff] view of h).
 at::Tensor expert_activation(const at::Tensor& h, bool swiglu);
+
+// x [n, K] w [N, K]^T (+ bias [N]) on the CPU (linear_nt.cpp): oneDNN for float32, else at::mm;
+// written into `out` when given.
+at::Tensor linear_nt(const at::Tensor& x, const at::Tensor& w, std::optional<at::Tensor> out = std::nullopt,
+                     const std::optional<at::Tensor>& bias = std::nullopt);
+
+// The CPU frame of the grouped expert FFN (moe_ffn.cpp): align the routing, gather each slot's tokens
+// into contiguous rows, call run_slot(s, x_rows [n, d], y_rows [n, d]) for each busy slot (in row blocks;
+// slots in parallel or one after another), then combine each token's rows with its summed weights.
+using SlotFfn = std::function<void(int64_t slot, const at::Tensor& x, at::Tensor y)>;
+at::Tensor grouped_ffn_cpu_frame(const at::Tensor& hidden, int64_t num_slots, const at::Tensor& expert_map,
+                                 const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
+                                 const SlotFfn& run_slot);
+
+// --- sparse-plus-low-rank linear (slr.cpp, slr_ffn.cpp, cuda/slr_cuda.cpp) ---
+// Checks shapes, dtypes and devices of x [..., in], U [out, r], V [r, in], S_rows [K, in], row_idx [K]
+// int64 and bias [out]; not the values of row_idx (check_row_idx_cpu / the CUDA check do that).
+void check_slr_args(const at::Tensor& x, const at::Tensor& U, const at::Tensor& V, const at::Tensor& S_rows,
+                    const at::Tensor& row_idx, const std::optional<at::Tensor>& bias, const char* op);
+// Raises unless row_idx (contiguous int64 on the CPU) holds distinct rows in [0, out).
+void check_row_idx_cpu(const at::Tensor& row_idx, int64_t out, const char* op, const char* what);
+// y [n, out] = x [n, in] (U V + S)^T (+ bias) on the CPU, written into `out` (rows contiguous) when given;
+// row_idx is a host pointer to S_rows.size(0) checked indices. Threads: whatever the GEMMs use here.
+at::Tensor slr_linear_cpu(const at::Tensor& x, const at::Tensor& U, const at::Tensor& V, const at::Tensor& S_rows,
+                          const int64_t* row_idx, const std::optional<at::Tensor>& bias,
+                          std::optional<at::Tensor> out);
+at::Tensor sparse_lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& U, const at::Tensor& V,
+                                     const at::Tensor& S_rows, const at::Tensor& row_idx,
+                                     const std::optional<at::Tensor>& bias);
+// Compressed slots of one expert matrix per slot: [U [S, out, r], V [S, r, in], S_rows [K, in],
+// row_idx [K] int64, row_offsets [S+1] int64] (slot s owns S_rows/row_idx rows row_offsets[s]..[s+1]).
+// Checks shapes/dtypes/devices; returns (S, out, in).
+std::tuple<int64_t, int64_t, int64_t> check_slr_bank(const at::TensorList& bank, const at::Tensor& hidden,
+                                                     const char* op, const char* name);
+// Checks every argument of grouped_expert_ffn_slr but the row index values; returns true for swiglu.
+bool check_slr_ffn_args(const at::Tensor& hidden, at::TensorList w_in, at::TensorList w_out,
+                        const at::Tensor& expert_map, const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
+                        c10::string_view activation);
+// The host copy of a bank's row_offsets after checking them and every slot's row indices.
+std::vector<int64_t> checked_offsets(const at::TensorList& bank, int64_t S, int64_t out, const char* op,
+                                     const char* name);
+at::Tensor grouped_expert_ffn_slr_cpu(const at::Tensor& hidden, at::TensorList w_in, at::TensorList w_out,
+                                      const at::Tensor& expert_map, const at::Tensor& top_k_index,
+                                      const at::Tensor& top_k_weights, c10::string_view activation);
+#ifdef MCSMOE_WITH_CUDA
+at::Tensor sparse_lowrank_linear_cuda(const at::Tensor& x, const at::Tensor& U, const at::Tensor& V,
+                                      const at::Tensor& S_rows, const at::Tensor& row_idx,
+                                      const std::optional<at::Tensor>& bias);
+at::Tensor grouped_expert_ffn_slr_cuda(const at::Tensor& hidden, at::TensorList w_in, at::TensorList w_out,
+                                       const at::Tensor& expert_map, const at::Tensor& top_k_index,
+                                       const at::Tensor& top_k_weights, c10::string_view activation);
+#endif
 
 }  // namespace mcsmoe::ops

@@ -1,0 +1,107 @@
+// sparse_lowrank_linear on the CPU: y = x (U V + S)^T + bias without forming W.
+//
+// Per block of rows of x: z = x V^T [n, r] and y = z U^T (+ bias) (GEMMs), then zs = x S_rows^T [n, K]
+// (a GEMM over the kept rows only) added into the kept columns of y (kernels/slr.h). Nothing of size
+// [out, in] is built, and the only temporaries are [n, r] and [n, K].
+// Threads: large T runs blocks of rows in parallel with single-threaded GEMMs; small T runs one block
+// with threaded GEMMs.
+#include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
+
+#include <vector>
+
+#include "kernels/slr.h"
+#include "ops/ops.h"
+
+namespace mcsmoe::ops {
+
+void check_slr_args(const at::Tensor& x, const at::Tensor& U, const at::Tensor& V, const at::Tensor& S_rows,
+                    const at::Tensor& row_idx, const std::optional<at::Tensor>& bias, const char* op) {
+  TORCH_CHECK(x.dim() >= 1, op, ": x must be [..., in], got a scalar");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be floating point, got ", x.scalar_type());
+  TORCH_CHECK(U.dim() == 2 && V.dim() == 2 && S_rows.dim() == 2, op,
+              ": U must be [out, r], V [r, in] and S_rows [K, in], got shapes ", U.sizes(), ", ", V.sizes(), " and ",
+              S_rows.sizes());
+  const int64_t in = x.size(-1), out = U.size(0), r = U.size(1);
+  TORCH_CHECK(V.size(0) == r, op, ": U [out, r] has r = ", r, " but V [r, in] has ", V.size(0), " rows");
+  TORCH_CHECK(V.size(1) == in, op, ": V [r, in] has in = ", V.size(1), " but x has ", in, " features");
+  TORCH_CHECK(S_rows.size(1) == in, op, ": S_rows [K, in] has in = ", S_rows.size(1), " but x has ", in, " features");
+  TORCH_CHECK(row_idx.dim() == 1 && row_idx.scalar_type() == at::kLong, op,
+              ": row_idx must be an int64 tensor [K], got ", row_idx.scalar_type(), " of shape ", row_idx.sizes());
+  TORCH_CHECK(row_idx.size(0) == S_rows.size(0), op, ": row_idx has ", row_idx.size(0), " entries but S_rows has ",
+              S_rows.size(0), " rows");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(U.scalar_type() == dt && V.scalar_type() == dt && S_rows.scalar_type() == dt, op,
+              ": x, U, V and S_rows must have one dtype, got ", dt, ", ", U.scalar_type(), ", ", V.scalar_type(),
+              " and ", S_rows.scalar_type());
+  const auto dev = x.device();
+  TORCH_CHECK(U.device() == dev && V.device() == dev && S_rows.device() == dev && row_idx.device() == dev, op,
+              ": all tensors must be on one device, got x on ", dev, ", U on ", U.device(), ", V on ", V.device(),
+              ", S_rows on ", S_rows.device(), ", row_idx on ", row_idx.device());
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out, op, ": bias must be [out] = [", out, "], got shape ",
+                bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == dt && bias->device() == dev, op, ": bias must be ", dt, " on ", dev,
+                ", got ", bias->scalar_type(), " on ", bias->device());
+  }
+}
+
+void check_row_idx_cpu(const at::Tensor& row_idx, int64_t out, const char* op, const char* what) {
+  std::vector<unsigned char> seen(static_cast<size_t>(out));
+  const auto st = slr::check_row_idx(row_idx.data_ptr<int64_t>(), row_idx.numel(), out, seen.data());
+  TORCH_CHECK_INDEX(st.code != 1, op, ": ", what, "[", st.where, "] = ", st.value, " is not an output row in [0, ",
+                    out, ")");
+  TORCH_CHECK_VALUE(st.code != 2, op, ": ", what, "[", st.where, "] = ", st.value,
+                    " repeats an earlier row (kept rows must be distinct)");
+}
+
+at::Tensor slr_linear_cpu(const at::Tensor& x, const at::Tensor& U, const at::Tensor& V, const at::Tensor& S_rows,
+                          const int64_t* row_idx, const std::optional<at::Tensor>& bias, std::optional<at::Tensor> out) {
+  at::Tensor y = linear_nt(linear_nt(x, V), U, out, bias);
+  const int64_t K = S_rows.size(0);
+  if (K == 0 || x.size(0) == 0) return y;
+  const at::Tensor zs = linear_nt(x, S_rows);  // [n, K], contiguous
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "sparse_lowrank_add_kept_rows", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    slr::add_kept_rows_cpu<scalar_t, acc_t>(y.data_ptr<scalar_t>(), y.stride(0), zs.data_ptr<scalar_t>(),
+                                            zs.stride(0), row_idx, x.size(0), K);
+  });
+  return y;
+}
+
+at::Tensor sparse_lowrank_linear_cpu(const at::Tensor& x_arg, const at::Tensor& U_arg, const at::Tensor& V_arg,
+                                     const at::Tensor& S_arg, const at::Tensor& row_idx_arg,
+                                     const std::optional<at::Tensor>& bias_arg) {
+  const char* op = "sparse_lowrank_linear";
+  check_slr_args(x_arg, U_arg, V_arg, S_arg, row_idx_arg, bias_arg, op);
+  TORCH_CHECK(x_arg.device().is_cpu(), op, ": expected CPU tensors, got ", x_arg.device());
+  // Autograd is registered in Python around this kernel: detach so the inner GEMMs record nothing.
+  const at::Tensor U = U_arg.detach().contiguous(), V = V_arg.detach().contiguous(),
+                   S_rows = S_arg.detach().contiguous();
+  const at::Tensor row_idx = row_idx_arg.contiguous();
+  std::optional<at::Tensor> bias;
+  if (bias_arg) bias = bias_arg->detach();
+  const int64_t in = x_arg.size(-1), out = U.size(0);
+  check_row_idx_cpu(row_idx, out, op, "row_idx");
+  const at::Tensor x = x_arg.detach().reshape({-1, in}).contiguous();
+  const int64_t T = x.size(0);
+  auto out_shape = x_arg.sizes().vec();
+  out_shape.back() = out;
+  // Blocks of at least kMinRows rows per thread keep the GEMMs efficient; each thread walks its rows
+  // in tiles of kTile so its [tile, out] slice of y is still in cache when the kept rows are added.
+  constexpr int64_t kMinRows = 64, kTile = 256;
+  if (T <= kTile || at::get_num_threads() == 1 && T <= 4 * kTile)  // one block: the GEMMs' own output, no copy
+    return slr_linear_cpu(x, U, V, S_rows, row_idx.data_ptr<int64_t>(), bias, std::nullopt).view(out_shape);
+  at::Tensor y = at::empty({T, out}, x.options());
+  const bool inference = c10::InferenceMode::is_enabled();
+  at::parallel_for(0, T, kMinRows, [&](int64_t begin, int64_t end) {
+    c10::InferenceMode guard(inference);
+    for (int64_t r = begin; r < end; r += kTile) {
+      const int64_t n = std::min(kTile, end - r);
+      slr_linear_cpu(x.narrow(0, r, n), U, V, S_rows, row_idx.data_ptr<int64_t>(), bias, y.narrow(0, r, n));
+    }
+  });
+  return y.view(out_shape);
+}
+
+}  // namespace mcsmoe::ops

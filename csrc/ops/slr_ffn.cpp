@@ -1,0 +1,104 @@
+// grouped_expert_ffn_slr on the CPU: the grouped expert FFN over compressed slots. Same frame as the
+// dense op (moe_ffn.cpp: align, gather, slots in parallel or in turn, combine); each slot runs
+// sparse_lowrank_linear twice around the activation, so no slot's dense weights are ever formed.
+#include <ATen/ATen.h>
+
+#include <string>
+
+#include "ops/ops.h"
+
+namespace mcsmoe::ops {
+
+std::tuple<int64_t, int64_t, int64_t> check_slr_bank(const at::TensorList& bank, const at::Tensor& hidden,
+                                                     const char* op, const char* name) {
+  TORCH_CHECK(bank.size() == 5, op, ": ", name, " must be [U, V, S_rows, row_idx, row_offsets], got ", bank.size(),
+              " tensors");
+  const at::Tensor &U = bank[0], &V = bank[1], &S_rows = bank[2], &row_idx = bank[3], &offsets = bank[4];
+  TORCH_CHECK(U.dim() == 3 && V.dim() == 3, op, ": ", name, " U must be [S, out, r] and V [S, r, in], got ",
+              U.sizes(), " and ", V.sizes());
+  const int64_t S = U.size(0), out = U.size(1), in = V.size(2);
+  TORCH_CHECK(V.size(0) == S && V.size(1) == U.size(2), op, ": ", name, " U ", U.sizes(), " and V ", V.sizes(),
+              " disagree on slots or rank");
+  TORCH_CHECK(S_rows.dim() == 2 && S_rows.size(1) == in, op, ": ", name, " S_rows must be [K, ", in, "], got ",
+              S_rows.sizes());
+  TORCH_CHECK(row_idx.dim() == 1 && row_idx.scalar_type() == at::kLong && row_idx.size(0) == S_rows.size(0), op,
+              ": ", name, " row_idx must be int64 [", S_rows.size(0), "], got ", row_idx.scalar_type(), " ",
+              row_idx.sizes());
+  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong && offsets.size(0) == S + 1, op, ": ", name,
+              " row_offsets must be int64 [S + 1] = [", S + 1, "], got ", offsets.scalar_type(), " ", offsets.sizes());
+  const auto dt = hidden.scalar_type();
+  TORCH_CHECK(U.scalar_type() == dt && V.scalar_type() == dt && S_rows.scalar_type() == dt, op, ": ", name,
+              " U, V and S_rows must have hidden's dtype ", dt, ", got ", U.scalar_type(), ", ", V.scalar_type(),
+              " and ", S_rows.scalar_type());
+  for (const auto& t : bank)
+    TORCH_CHECK(t.device() == hidden.device(), op, ": ", name, " tensors must be on hidden's device ",
+                hidden.device(), ", got one on ", t.device());
+  return {S, out, in};
+}
+
+// The slot ranges of a bank's kept rows, checked (ascending offsets, distinct rows per slot).
+std::vector<int64_t> checked_offsets(const at::TensorList& bank, int64_t S, int64_t out, const char* op,
+                                     const char* name) {
+  const at::Tensor offsets = bank[4].cpu().contiguous(), row_idx = bank[3].cpu().contiguous();
+  std::vector<int64_t> off(offsets.data_ptr<int64_t>(), offsets.data_ptr<int64_t>() + S + 1);
+  TORCH_CHECK(off[0] == 0 && off[S] == row_idx.size(0), op, ": ", name, " row_offsets must start at 0 and end at ",
+              row_idx.size(0), ", got ", off[0], " and ", off[S]);
+  for (int64_t s = 0; s < S; ++s) {
+    TORCH_CHECK(off[s] <= off[s + 1], op, ": ", name, " row_offsets must not decrease, got ", off[s], " then ",
+                off[s + 1]);
+    const std::string what = std::string(name) + " row_idx of slot " + std::to_string(s) + ", entry ";
+    check_row_idx_cpu(row_idx.narrow(0, off[s], off[s + 1] - off[s]), out, op, what.c_str());
+  }
+  return off;
+}
+
+bool check_slr_ffn_args(const at::Tensor& hidden, at::TensorList w_in, at::TensorList w_out,
+                        const at::Tensor& expert_map, const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
+                        c10::string_view activation) {
+  const char* op = "grouped_expert_ffn_slr";
+  TORCH_CHECK(activation == "relu" || activation == "swiglu", op, ": activation must be 'relu' or 'swiglu', got '",
+              std::string(activation), "'");
+  const bool swiglu = activation == "swiglu";
+  TORCH_CHECK(hidden.dim() == 2, op, ": hidden must be [T, d], got shape ", hidden.sizes());
+  TORCH_CHECK(at::isFloatingType(hidden.scalar_type()), op, ": hidden must be floating point, got ",
+              hidden.scalar_type());
+  const auto [S, F, d_in] = check_slr_bank(w_in, hidden, op, "w_in");
+  const auto [S_out, d_out, ff] = check_slr_bank(w_out, hidden, op, "w_out");
+  const int64_t d = hidden.size(1);
+  TORCH_CHECK(S_out == S, op, ": w_in has ", S, " slots but w_out has ", S_out);
+  TORCH_CHECK(d_in == d && d_out == d, op, ": hidden size ", d, " must match w_in's in = ", d_in, " and w_out's out = ",
+              d_out);
+  TORCH_CHECK(F == (swiglu ? 2 * ff : ff), op, ": w_in has ", F, " output rows but ", std::string(activation),
+              " with w_out's ff = ", ff, " needs ", swiglu ? 2 * ff : ff);
+  check_moe_routing(top_k_index, top_k_weights, expert_map, S, op);
+  TORCH_CHECK(top_k_index.size(0) == hidden.size(0), op, ": top_k_index has ", top_k_index.size(0),
+              " tokens but hidden has ", hidden.size(0));
+  TORCH_CHECK(top_k_index.device() == hidden.device(), op, ": top_k_index must be on hidden's device ",
+              hidden.device(), ", got ", top_k_index.device());
+  return swiglu;
+}
+
+at::Tensor grouped_expert_ffn_slr_cpu(const at::Tensor& hidden_arg, at::TensorList w_in, at::TensorList w_out,
+                                      const at::Tensor& expert_map, const at::Tensor& top_k_index,
+                                      const at::Tensor& top_k_weights, c10::string_view activation) {
+  const char* op = "grouped_expert_ffn_slr";
+  const bool swiglu = check_slr_ffn_args(hidden_arg, w_in, w_out, expert_map, top_k_index, top_k_weights, activation);
+  const at::Tensor hidden = hidden_arg.detach();
+  const int64_t S = w_in[0].size(0);
+  const auto off_in = checked_offsets(w_in, S, w_in[0].size(1), op, "w_in");
+  const auto off_out = checked_offsets(w_out, S, w_out[0].size(1), op, "w_out");
+  std::vector<at::Tensor> bi, bo;  // detached (an inference op) and contiguous
+  for (const auto& t : w_in) bi.push_back(t.detach().contiguous());
+  for (const auto& t : w_out) bo.push_back(t.detach().contiguous());
+  return grouped_ffn_cpu_frame(
+      hidden, S, expert_map, top_k_index, top_k_weights, [&](int64_t s, const at::Tensor& x, at::Tensor y) {
+        const int64_t kin = off_in[s + 1] - off_in[s], kout = off_out[s + 1] - off_out[s];
+        at::Tensor h = slr_linear_cpu(x, bi[0][s], bi[1][s], bi[2].narrow(0, off_in[s], kin),
+                                      bi[3].data_ptr<int64_t>() + off_in[s], std::nullopt, std::nullopt);
+        at::Tensor a = expert_activation(h, swiglu);
+        slr_linear_cpu(a, bo[0][s], bo[1][s], bo[2].narrow(0, off_out[s], kout),
+                       bo[3].data_ptr<int64_t>() + off_out[s], std::nullopt, y);
+      });
+}
+
+}  // namespace mcsmoe::ops
