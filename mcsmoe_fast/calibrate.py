@@ -11,6 +11,11 @@ Per MoE layer, over the calibration tokens that are not padding:
 - output_sum [E, d] (only when `expert-output` is asked for) sum over ALL calibration tokens of each
                     expert's output (HC-SMoE's basis), computed by running every expert on every token.
 
+- slot_input_sq [S, d], slot_hidden_sq [S, ff] (only with input_norms=True) per stored slot, the sums
+                    of squares of the slot's inputs (routed tokens) and of its hidden activations: the
+                    feature norms that one-shot compression (compress.py, importance="activation") weighs
+                    each |S_ij| with.
+
 Every accumulator has a fixed size, so memory does not grow with the number of tokens.
 Which tokens count: `attention_mask` excludes padding; the decoder layers of an encoder-decoder model
 use `decoder_attention_mask` when the batch has one, else every decoder token.
@@ -43,6 +48,8 @@ class LayerStats:
     logit_gram: torch.Tensor  # [E, E]
     feature_sum: torch.Tensor  # [E, d]
     output_sum: torch.Tensor | None = None  # [E, d], present when expert-output was collected
+    slot_input_sq: torch.Tensor | None = None  # [S, d], present when input norms were collected
+    slot_hidden_sq: torch.Tensor | None = None  # [S, ff]
 
     @property
     def frequency(self) -> torch.Tensor:
@@ -71,7 +78,8 @@ class LayerStats:
 class _Accumulator:
     """The hook that feeds one layer's LayerStats."""
 
-    def __init__(self, layer: MoELayer, decoder: bool, want_output: bool, chunk_tokens: int):
+    def __init__(self, layer: MoELayer, decoder: bool, want_output: bool, chunk_tokens: int,
+                 input_norms: bool = False):
         w_in, _ = layer.expert_weights()
         self.layer, self.decoder, self.chunk_tokens = layer, decoder, chunk_tokens
         self.keep = logit_mask(layer)
@@ -89,6 +97,10 @@ class _Accumulator:
         self.activation_sum = (
             torch.zeros(w_in.shape[0], layer.intermediate_size, dtype=acc, device=self.device) if want_output else None
         )
+        if input_norms:
+            self.stats.slot_input_sq = torch.zeros(w_in.shape[0], d, dtype=acc, device=self.device)
+            self.stats.slot_hidden_sq = torch.zeros(w_in.shape[0], layer.intermediate_size, dtype=acc,
+                                                    device=self.device)
 
     def __call__(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> None:
         if mask is not None:
@@ -115,6 +127,8 @@ class _Accumulator:
             s.feature_sum.index_add_(0, top[chosen[:, j], j], xs[chosen[:, j]])
         if self.activation_sum is not None:
             self._accumulate_activations(x)
+        if s.slot_input_sq is not None:
+            self._accumulate_input_norms(x, top, chosen)
 
     def _accumulate_activations(self, x: torch.Tensor) -> None:
         w_in, _ = self.layer.expert_weights()
@@ -123,6 +137,17 @@ class _Accumulator:
             for slot in range(w_in.shape[0]):
                 h = expert_activation(xc @ w_in[slot].T, self.layer.activation)
                 self.activation_sum[slot] += h.sum(0).to(self.activation_sum.dtype)
+
+    def _accumulate_input_norms(self, x: torch.Tensor, top: torch.Tensor, chosen: torch.Tensor) -> None:
+        w_in, _ = self.layer.expert_weights()
+        slots = torch.where(chosen, self.layer.expert_map().to(top.device)[top], -1)
+        for slot in range(w_in.shape[0]):
+            xs = x[(slots == slot).any(-1)]
+            for start in range(0, xs.shape[0], self.chunk_tokens):
+                xc = xs[start : start + self.chunk_tokens]
+                h = expert_activation(xc.to(w_in.dtype) @ w_in[slot].detach().T, self.layer.activation)
+                self.stats.slot_input_sq[slot] += xc.to(self.stats.slot_input_sq.dtype).square().sum(0)
+                self.stats.slot_hidden_sq[slot] += h.to(self.stats.slot_hidden_sq.dtype).square().sum(0)
 
     def finish(self) -> LayerStats:
         if self.activation_sum is not None:
@@ -170,19 +195,22 @@ def collect_routing_stats(
     bases: Iterable[str] = CHEAP_BASES,
     chunk_tokens: int = 1024,
     progress: bool = True,
+    input_norms: bool = False,
 ) -> dict[str, LayerStats]:
     """Run calibration `batches` (an iterable of model input dicts: input_ids, attention_mask, ...)
     through `model` and return {MoE layer name: LayerStats}, in module order.
 
     Usage counts, router-logit Gram matrices and routed-input sums are always collected (cheap);
     `bases` containing "expert-output" also runs every expert on every token (chunk_tokens at a time).
+    `input_norms=True` also runs every slot on its routed tokens to collect the feature norms that
+    one-shot compression needs (compress_experts(..., importance="activation")).
     """
     want_output, _ = _check_bases(bases)
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     layers = moe_layers(model)
     accumulators = {
-        layer.name: _Accumulator(layer, _is_decoder_layer(model, layer.name), want_output, chunk_tokens)
+        layer.name: _Accumulator(layer, _is_decoder_layer(model, layer.name), want_output, chunk_tokens, input_norms)
         for layer in layers
     }
     masks: dict[str, torch.Tensor | None] = {}

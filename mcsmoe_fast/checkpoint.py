@@ -31,6 +31,7 @@ from torch import nn
 from .drop import install_logit_mask, logit_mask
 from .merge import MERGE_SECTION, expert_weights_per_expert
 from .models import moe_layers
+from .compressed import BANK_FIELDS, CompressedMoEExperts
 from .modules import MoEExperts
 
 FORMAT_VERSION = 1
@@ -43,17 +44,26 @@ class CheckpointError(ValueError):
 
 # --- saving ---------------------------------------------------------------------------------------
 def _merged_layers(model: nn.Module) -> dict:
-    """{name: layer entry} for every MoE layer stored as slots (MoEExperts) or with masked experts."""
+    """{name: layer entry} for every MoE layer stored as slots (MoEExperts, CompressedMoEExperts) or with
+    masked experts."""
     entries = {}
     for layer in moe_layers(model):
         experts = getattr(layer.module, "experts", None)
         keep = logit_mask(layer)
-        if not isinstance(experts, MoEExperts) and keep is None:
+        slots = isinstance(experts, (MoEExperts, CompressedMoEExperts))
+        if not slots and keep is None:
             continue
         entry = {"num_experts": layer.num_experts, "activation": layer.activation}
-        if isinstance(experts, MoEExperts):
+        if slots:
             entry.update(num_slots=experts.num_slots, expert_map=experts.expert_map.tolist(),
                          dropless=bool(getattr(layer.module, "dropless", False)))
+        if isinstance(experts, CompressedMoEExperts):
+            if experts.pruning:
+                raise ValueError(f"layer {layer.name!r} is still being pruned (masked rows are stored): call "
+                                 "CompressionPruner.finalize() (or finalize() on its experts) before saving")
+            entry["compressed"] = {"rank_in": experts.in_U.shape[2], "rank_out": experts.out_U.shape[2],
+                                   "kept_rows_in": experts.in_S_rows.shape[0],
+                                   "kept_rows_out": experts.out_S_rows.shape[0]}
         if keep is not None:
             entry["dropped"] = (~keep).nonzero().flatten().tolist()
         entries[layer.name] = entry
@@ -258,7 +268,9 @@ def _install_layers(model: nn.Module, section: dict, weights: _WeightsFile, path
         if entry.get("num_experts") != layer.num_experts or entry.get("activation") != layer.activation:
             raise CheckpointError(f"{path}: layer {name!r} is recorded with {entry.get('num_experts')} "
                                   f"{entry.get('activation')} experts, the config builds {layer.num_experts} {layer.activation}")
-        if "expert_map" in entry:
+        if "compressed" in entry:
+            _install_compressed(layer, entry, weights, path, dtype)
+        elif "expert_map" in entry:
             w_in, w_out = (weights.shapes.get(f"{name}.experts.{k}") for k in ("w_in", "w_out"))
             if w_in is None or w_out is None or f"{name}.experts.expert_map" not in weights.shapes:
                 raise CheckpointError(f"{path}: no merged expert weights for layer {name!r} in {section['weights']}")
@@ -279,6 +291,31 @@ def _install_layers(model: nn.Module, section: dict, weights: _WeightsFile, path
             keep = torch.ones(layer.num_experts, dtype=torch.bool)
             keep[entry["dropped"]] = False
             install_logit_mask(layer, keep)
+
+
+def _install_compressed(layer, entry: dict, weights: _WeightsFile, path: Path, dtype: torch.dtype) -> None:
+    """Empty compressed slots of the saved shapes (the weights are copied in afterwards)."""
+    name = layer.name
+    banks = []
+    for side in ("in", "out"):
+        shapes = [weights.shapes.get(f"{name}.experts.{side}_{f}") for f in BANK_FIELDS]
+        if any(s is None for s in shapes):
+            raise CheckpointError(f"{path}: no compressed expert weights ({side}_*) for layer {name!r} in {WEIGHTS_NAME}")
+        U, V, S_rows, row_idx, offsets = shapes
+        if U[0] != entry["num_slots"]:
+            raise CheckpointError(f"{path}: layer {name!r} has {U[0]} slots, config.json says {entry['num_slots']}")
+        banks.append([torch.empty(U, dtype=dtype), torch.empty(V, dtype=dtype), torch.empty(S_rows, dtype=dtype),
+                      torch.zeros(row_idx, dtype=torch.int64), torch.zeros(offsets, dtype=torch.int64)])
+    saved_map = weights.get(f"{name}.experts.expert_map")
+    if saved_map.tolist() != entry["expert_map"]:
+        raise CheckpointError(f"{path}: expert_map of layer {name!r} differs between config.json and weights")
+    try:
+        experts = CompressedMoEExperts(banks[0], banks[1], saved_map, layer.activation)
+    except (ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: layer {name!r}: {exc}") from exc
+    layer.install_experts(experts)
+    if entry.get("dropless"):
+        layer.module.dropless = True
 
 
 def from_pretrained(path, verify: bool = True, dtype: torch.dtype | None = None) -> nn.Module:

@@ -23,6 +23,7 @@ from .modules import MoEExperts
 from .permute import apply_permutation, match_permutations
 
 MERGE_SECTION = "mcsmoe_merge"  # the config attribute (and config.json key) describing the merge
+COMPRESS_SECTION = "mcsmoe_compress"  # the same for compression (compress.py)
 
 
 def expert_weights_per_expert(layer: MoELayer) -> tuple[torch.Tensor, torch.Tensor]:

@@ -116,12 +116,22 @@ def sparse_lowrank_linear(x, U, V, S_rows, row_idx, bias=None):
 
 @torch.library.register_fake("mcsmoe_fast::sparse_lowrank_linear")
 def _sparse_lowrank_linear_fake(x, U, V, S_rows, row_idx, bias=None):
+    # The checks the CPU and CUDA kernels make that need no data (row_idx values need data). Tensors on
+    # the meta device land here too, so a device mismatch must be caught here, not only in the kernels.
     torch._check(x.dim() >= 1 and U.dim() == 2 and V.dim() == 2 and S_rows.dim() == 2,
-                 lambda: "x [..., in], U [out, r], V [r, in], S_rows [K, in]")
+                 lambda: "sparse_lowrank_linear: x [..., in], U [out, r], V [r, in], S_rows [K, in]")
     torch._check(V.shape[0] == U.shape[1] and V.shape[1] == x.shape[-1] and S_rows.shape[1] == x.shape[-1],
-                 lambda: "U, V, S_rows and x disagree on r or in")
-    torch._check(row_idx.dim() == 1 and row_idx.shape[0] == S_rows.shape[0], lambda: "row_idx must be [K]")
-    torch._check(U.dtype == x.dtype and V.dtype == x.dtype and S_rows.dtype == x.dtype, lambda: "one dtype")
+                 lambda: "sparse_lowrank_linear: U, V, S_rows and x disagree on r or in")
+    torch._check(row_idx.dim() == 1 and row_idx.dtype == torch.int64 and row_idx.shape[0] == S_rows.shape[0],
+                 lambda: "sparse_lowrank_linear: row_idx must be an int64 tensor [K]")
+    torch._check(x.dtype.is_floating_point and U.dtype == x.dtype and V.dtype == x.dtype and S_rows.dtype == x.dtype,
+                 lambda: "sparse_lowrank_linear: x, U, V and S_rows must have one floating dtype")
+    tensors = (x, U, V, S_rows, row_idx) + (() if bias is None else (bias,))
+    devices = {t.device for t in tensors}
+    torch._check(len(devices) == 1, lambda: f"sparse_lowrank_linear: all tensors must be on one device, got {devices}")
+    if bias is not None:
+        torch._check(bias.dim() == 1 and bias.shape[0] == U.shape[0] and bias.dtype == x.dtype,
+                     lambda: f"sparse_lowrank_linear: bias must be [out] = [{U.shape[0]}] of x's dtype")
     return x.new_empty((*x.shape[:-1], U.shape[0]))
 
 
@@ -133,16 +143,20 @@ def _slr_setup_context(ctx, inputs, output):
 
 def _slr_backward(ctx, grad):
     x, U, V, S_rows, row_idx = ctx.saved_tensors
-    need_x, need_u, need_v, need_s, _, need_b = ctx.needs_input_grad
-    x2, g = x.reshape(-1, x.shape[-1]), grad.reshape(-1, U.shape[0])
+    # The dispatcher drops a bias left at its default (None): then there are five inputs, not six.
+    need = ctx.needs_input_grad
+    need_x, need_u, need_v, need_s = need[:4]
+    need_b = len(need) > 5 and need[5] and ctx.has_bias
+    x2 = x.reshape(x.shape[:-1].numel(), x.shape[-1])  # not reshape(-1, in): in may be 0
+    g = grad.reshape(x2.shape[0], U.shape[0])
     gz = g @ U  # [T, r]
     gs = g.index_select(1, row_idx)  # [T, K]: the gradient reaching the kept rows
     gx = (gz @ V + gs @ S_rows).reshape(x.shape) if need_x else None
     gU = g.T @ (x2 @ V.T) if need_u else None
     gV = gz.T @ x2 if need_v else None
     gS = gs.T @ x2 if need_s else None
-    gb = g.sum(0) if need_b and ctx.has_bias else None
-    return gx, gU, gV, gS, None, gb
+    gb = g.sum(0) if need_b else None
+    return (gx, gU, gV, gS, None, gb)[:len(need)]
 
 
 torch.library.register_autograd("mcsmoe_fast::sparse_lowrank_linear", _slr_backward, setup_context=_slr_setup_context)
@@ -160,9 +174,20 @@ def grouped_expert_ffn_slr(hidden, w_in, w_out, expert_map, top_k_index, top_k_w
 
 @torch.library.register_fake("mcsmoe_fast::grouped_expert_ffn_slr")
 def _grouped_expert_ffn_slr_fake(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation):
-    torch._check(activation in ACTIVATIONS, lambda: f"activation must be 'relu' or 'swiglu', got {activation!r}")
-    torch._check(len(w_in) == 5 and len(w_out) == 5, lambda: "w_in, w_out: [U, V, S_rows, row_idx, row_offsets]")
-    torch._check(hidden.dim() == 2 and top_k_index.shape[0] == hidden.shape[0], lambda: "hidden [T, d], top_k_index [T, k]")
+    op = "grouped_expert_ffn_slr"
+    torch._check(activation in ACTIVATIONS, lambda: f"{op}: activation must be 'relu' or 'swiglu', got {activation!r}")
+    torch._check(len(w_in) == 5 and len(w_out) == 5, lambda: f"{op}: w_in, w_out: [U, V, S_rows, row_idx, row_offsets]")
+    torch._check(hidden.dim() == 2 and top_k_index.dim() == 2 and top_k_index.shape[0] == hidden.shape[0],
+                 lambda: f"{op}: hidden [T, d], top_k_index [T, k]")
+    for name, bank in (("w_in", w_in), ("w_out", w_out)):
+        U, V, S_rows, row_idx, offsets = bank
+        torch._check(U.dim() == 3 and V.dim() == 3 and S_rows.dim() == 2, lambda: f"{op}: {name} U [S, out, r], V [S, r, in], S_rows [K, in]")
+        torch._check(U.dtype == hidden.dtype and V.dtype == hidden.dtype and S_rows.dtype == hidden.dtype,
+                     lambda: f"{op}: {name} U, V and S_rows must have hidden's dtype {hidden.dtype}")
+        torch._check(row_idx.dtype == torch.int64 and offsets.dtype == torch.int64, lambda: f"{op}: {name} row_idx and row_offsets must be int64")
+        torch._check(offsets.dim() == 1 and offsets.shape[0] == U.shape[0] + 1, lambda: f"{op}: {name} row_offsets must be [S + 1]")
+    devices = {t.device for t in (hidden, *w_in, *w_out, top_k_index)}
+    torch._check(len(devices) == 1, lambda: f"{op}: all tensors must be on one device, got {devices}")
     return torch.empty_like(hidden, memory_format=torch.contiguous_format)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from .models import moe_layers
+from .compressed import CompressedMoEExperts
 from .modules import MoEExperts, SwitchMoE
 
 
@@ -11,13 +12,14 @@ def optimize(model: nn.Module, dropless: bool = False) -> nn.Module:
     """Run every MoE layer of `model` through `ops.grouped_expert_ffn`; returns the same model.
 
     Unmerged layers get MoEExperts over their E experts (identity expert_map) sharing the fused
-    weights where the family stores them fused (Mixtral: no copy), merged layers keep their slots.
+    weights where the family stores them fused (Mixtral: no copy), merged layers keep their slots, and
+    compressed layers (compress_experts) keep their low-rank-plus-rows slots (ops.grouped_expert_ffn_slr).
     Switch blocks become SwitchMoE with HF's expert capacity unless `dropless=True`.
     Outputs equal the original model's (up to floating-point rounding of the GEMMs).
     """
     for layer in moe_layers(model):
         experts = getattr(layer.module, "experts", None)
-        if not isinstance(experts, MoEExperts):
+        if not isinstance(experts, (MoEExperts, CompressedMoEExperts)):
             w_in, w_out = layer.expert_weights()
             experts = MoEExperts(w_in.detach(), w_out.detach(), layer.expert_map(), layer.activation)
             experts.train(layer.module.training)

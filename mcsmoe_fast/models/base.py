@@ -70,6 +70,13 @@ class MoELayer:
         self.module = new_module
 
 
+def refuse_compressed(layer: MoELayer, experts) -> None:
+    """Dense weights cannot be written into compressed slots (their dense form is a reconstruction)."""
+    if type(experts).__name__ == "CompressedMoEExperts":
+        raise ValueError(f"layer {layer.name!r} is compressed: its experts cannot be rewritten as dense weights "
+                         "(align and merge before compressing)")
+
+
 def split_name(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     """(parent module, attribute) of the submodule at dotted path `name`."""
     parent_name, _, attr = name.rpartition(".")

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ..compressed import CompressedMoEExperts
 from ..modules import MoEExperts
-from .base import MoELayer, split_name
+from .base import MoELayer, refuse_compressed, split_name
 
 
 class MixtralLayer(MoELayer):
@@ -22,22 +23,25 @@ class MixtralLayer(MoELayer):
         experts = self.module.experts
         if isinstance(experts, MoEExperts):
             return experts.w_in, experts.w_out
+        if isinstance(experts, CompressedMoEExperts):
+            return experts.dense_weights()
         return experts.gate_up_proj, experts.down_proj
 
     @torch.no_grad()
     def set_expert_weights(self, w_in: torch.Tensor, w_out: torch.Tensor) -> None:
+        refuse_compressed(self, self.module.experts)
         cur_in, cur_out = self.expert_weights()
         cur_in.copy_(w_in)
         cur_out.copy_(w_out)
 
-    def install_experts(self, experts: MoEExperts) -> None:
+    def install_experts(self, experts: MoEExperts | CompressedMoEExperts) -> None:
         """Replace the block's experts module by the given expert slots (router unchanged)."""
         self.module.experts = experts
 
 
 def is_mixtral_block(module: nn.Module) -> bool:
     return hasattr(module, "gate") and hasattr(module, "experts") and (
-        hasattr(module.experts, "gate_up_proj") or isinstance(module.experts, MoEExperts)
+        hasattr(module.experts, "gate_up_proj") or isinstance(module.experts, (MoEExperts, CompressedMoEExperts))
     ) and hasattr(module.gate, "weight") and hasattr(module, "top_k")
 
 

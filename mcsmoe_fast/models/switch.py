@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..compressed import CompressedMoEExperts
 from ..modules import MoEExperts, SwitchMoE
-from .base import MoELayer
+from .base import MoELayer, refuse_compressed
 
 
 class SwitchLayer(MoELayer):
@@ -28,6 +29,8 @@ class SwitchLayer(MoELayer):
         experts = self._experts()
         if isinstance(experts, MoEExperts):
             return experts.w_in, experts.w_out
+        if isinstance(experts, CompressedMoEExperts):
+            return experts.dense_weights()
         w_in = torch.stack([experts[f"expert_{i}"].wi.weight for i in range(self.num_experts)])
         w_out = torch.stack([experts[f"expert_{i}"].wo.weight for i in range(self.num_experts)])
         return w_in.detach(), w_out.detach()
@@ -35,6 +38,7 @@ class SwitchLayer(MoELayer):
     @torch.no_grad()
     def set_expert_weights(self, w_in: torch.Tensor, w_out: torch.Tensor) -> None:
         experts = self._experts()
+        refuse_compressed(self, experts)
         if isinstance(experts, MoEExperts):
             experts.w_in.copy_(w_in)
             experts.w_out.copy_(w_out)
@@ -43,7 +47,7 @@ class SwitchLayer(MoELayer):
             experts[f"expert_{i}"].wi.weight.copy_(w_in[i])
             experts[f"expert_{i}"].wo.weight.copy_(w_out[i])
 
-    def install_experts(self, experts: MoEExperts) -> None:
+    def install_experts(self, experts: MoEExperts | CompressedMoEExperts) -> None:
         """Replace the block by a SwitchMoE with the same router and the given expert slots."""
         if isinstance(self.module, SwitchMoE):
             self.module.experts = experts

@@ -1,0 +1,137 @@
+"""Compressed expert slots (MC-SMoE's "then compress"): every slot's w_in and w_out is a low-rank
+product plus a few kept rows, W ~= U V + S with S zero outside `row_idx`.
+
+A bank holds one expert matrix of every slot:
+
+    U [S, out, r]   V [S, r, in]   S_rows [K, in]   row_idx [K] int64   row_offsets [S + 1] int64
+
+where slot s owns the kept rows row_offsets[s] .. row_offsets[s+1] (counts differ per slot: pruning
+uses one global threshold). While pruning is in progress (see compress.CompressionPruner) every row is
+still stored and a `keep` mask [K] says which rows count; `finalize()` drops the others for good.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops, reference
+
+BANK_FIELDS = ("U", "V", "S_rows", "row_idx", "row_offsets")
+
+
+class CompressedMoEExperts(nn.Module):
+    """Drop-in for MoEExperts whose slots are compressed: forward(hidden [T, d], top_k_index [T, k],
+    top_k_weights [T, k]) runs ops.grouped_expert_ffn_slr (one fused call); with gradients required it
+    runs ops.sparse_lowrank_linear per slot instead (same function, differentiable in U, V, S_rows)."""
+
+    def __init__(self, w_in: list[torch.Tensor], w_out: list[torch.Tensor], expert_map: torch.Tensor,
+                 activation: str, keep_in: torch.Tensor | None = None, keep_out: torch.Tensor | None = None):
+        super().__init__()
+        if activation not in ("relu", "swiglu"):
+            raise ValueError(f"activation must be 'relu' or 'swiglu', got {activation!r}")
+        for side, bank, keep in (("in", w_in, keep_in), ("out", w_out, keep_out)):
+            U, V, S_rows, row_idx, offsets = bank
+            self.register_parameter(f"{side}_U", nn.Parameter(U))
+            self.register_parameter(f"{side}_V", nn.Parameter(V))
+            self.register_parameter(f"{side}_S_rows", nn.Parameter(S_rows))
+            self.register_buffer(f"{side}_row_idx", torch.as_tensor(row_idx, dtype=torch.int64))
+            self.register_buffer(f"{side}_row_offsets", torch.as_tensor(offsets, dtype=torch.int64))
+            self.register_buffer(f"{side}_keep", keep, persistent=False)
+        self.register_buffer("expert_map", torch.as_tensor(expert_map, dtype=torch.int64, device=w_in[0].device))
+        self.activation = activation
+        if self.expert_map.numel() and (self.expert_map.min() < 0 or self.expert_map.max() >= self.num_slots):
+            raise ValueError(f"expert_map must have entries in [0, {self.num_slots}), got {self.expert_map.tolist()}")
+
+    # --- views -------------------------------------------------------------------------------------
+    @property
+    def num_experts(self) -> int:
+        return self.expert_map.numel()
+
+    @property
+    def num_slots(self) -> int:
+        return self.in_U.shape[0]
+
+    @property
+    def pruning(self) -> bool:
+        """True until finalize(): rows are masked, not yet removed."""
+        return self.in_keep is not None
+
+    def bank(self, side: str) -> list[torch.Tensor]:
+        """[U, V, S_rows, row_idx, row_offsets] of side "in" or "out", masked rows left out."""
+        U, V, S_rows, row_idx, offsets = (getattr(self, f"{side}_{f}") for f in BANK_FIELDS)
+        keep = getattr(self, f"{side}_keep")
+        if keep is None:
+            return [U, V, S_rows, row_idx, offsets]
+        kept = keep.nonzero().squeeze(-1)
+        per_slot = torch.zeros(self.num_slots + 1, dtype=torch.int64, device=offsets.device)
+        slot_of_row = torch.searchsorted(offsets[1:], torch.arange(keep.numel(), device=offsets.device), right=True)
+        per_slot[1:] = torch.bincount(slot_of_row[kept], minlength=self.num_slots).cumsum(0)
+        return [U, V, S_rows.index_select(0, kept), row_idx.index_select(0, kept), per_slot]
+
+    def dense_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w_in [S, F, d], w_out [S, d, ff]) reconstructed: U V + S per slot."""
+        with torch.no_grad():
+            return reference.slr_bank_dense(self.bank("in")), reference.slr_bank_dense(self.bank("out"))
+
+    def extra_repr(self) -> str:
+        s, f, r_in = self.in_U.shape
+        return (f"slots={s}, experts={self.num_experts}, d={self.in_V.shape[2]}, F={f}, rank_in={r_in}, "
+                f"rank_out={self.out_U.shape[2]}, kept_rows_in={self.bank('in')[2].shape[0]}, "
+                f"kept_rows_out={self.bank('out')[2].shape[0]}, activation={self.activation}")
+
+    # --- pruning -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_keep(self, keep_in: torch.Tensor, keep_out: torch.Tensor) -> None:
+        """Mask rows (bool [K] per side); masked rows are zeroed and get no gradient from then on."""
+        for side, keep in (("in", keep_in), ("out", keep_out)):
+            rows = getattr(self, f"{side}_S_rows")
+            keep = keep.to(device=rows.device, dtype=torch.bool)
+            if keep.shape != rows.shape[:1]:
+                raise ValueError(f"keep_{side} must be [{rows.shape[0]}], got {tuple(keep.shape)}")
+            rows[~keep] = 0
+            setattr(self, f"{side}_keep", keep)
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Drop the masked rows for good: S_rows, row_idx and row_offsets keep only the kept rows."""
+        for side in ("in", "out"):
+            _, _, S_rows, row_idx, offsets = self.bank(side)
+            old = getattr(self, f"{side}_S_rows")
+            setattr(self, f"{side}_S_rows", nn.Parameter(S_rows.contiguous(), requires_grad=old.requires_grad))
+            setattr(self, f"{side}_row_idx", row_idx.contiguous())
+            setattr(self, f"{side}_row_offsets", offsets)
+            setattr(self, f"{side}_keep", None)
+
+    # --- forward -----------------------------------------------------------------------------------
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        w_in, w_out = self.bank("in"), self.bank("out")
+        params = (self.in_U, self.in_V, self.in_S_rows, self.out_U, self.out_V, self.out_S_rows)
+        needs_grad = torch.is_grad_enabled() and (
+            hidden.requires_grad or top_k_weights.requires_grad or any(p.requires_grad for p in params)
+        )
+        if needs_grad:
+            return _grouped_slr_autograd(hidden, w_in, w_out, self.expert_map, top_k_index, top_k_weights,
+                                         self.activation)
+        return ops.grouped_expert_ffn_slr(hidden, w_in, w_out, self.expert_map, top_k_index, top_k_weights,
+                                          self.activation)
+
+
+def _grouped_slr_autograd(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation):
+    """The grouped FFN over compressed slots, slot by slot through the differentiable linear op."""
+    out = torch.zeros_like(hidden)
+    valid = top_k_index >= 0
+    slots = torch.where(valid, expert_map[top_k_index.clamp(min=0)], -1)
+    off_in, off_out = w_in[4].tolist(), w_out[4].tolist()
+    for s in range(w_in[0].shape[0]):
+        hit = slots == s
+        tokens = hit.any(-1).nonzero().squeeze(-1)
+        if tokens.numel() == 0:
+            continue
+        weight = (top_k_weights * hit).sum(-1)[tokens]
+        a, b = off_in[s], off_in[s + 1]
+        h = ops.sparse_lowrank_linear(hidden[tokens], w_in[0][s], w_in[1][s], w_in[2][a:b], w_in[3][a:b])
+        h = reference.expert_activation(h, activation)
+        a, b = off_out[s], off_out[s + 1]
+        y = ops.sparse_lowrank_linear(h, w_out[0][s], w_out[1][s], w_out[2][a:b], w_out[3][a:b])
+        out = out.index_add(0, tokens, y * weight[:, None].to(hidden.dtype))
+    return out
