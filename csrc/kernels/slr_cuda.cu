@@ -1,5 +1,6 @@
 // GPU side of kernels/slr.h: adding the kept rows' products into their output columns (one thread per
-// (token, kept row): distinct row indices make every write distinct), and the row index check.
+// (token, kept row): distinct row indices make every write distinct), and the row index check, for one
+// list of rows or for a bank's per-slot lists in one pass (check_row_idx_slots_cuda).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -42,26 +43,40 @@ __global__ void fill_kernel(int32_t* p, int64_t n, int32_t value) {
     p[i] = value;
 }
 
-// Pass 1: the first position of every row index (and out-of-range positions into bad).
-__global__ void first_position_kernel(const int64_t* row_idx, int64_t K, int64_t out, int32_t* first,
-                                      unsigned long long* bad) {
+// Slot s owns positions offsets[s] .. offsets[s+1] of row_idx (one slot when offsets is null). The
+// slot of position j is the last s < S with offsets[s] <= j: always in [0, S) even for offsets the host
+// has not validated yet, so no index below leaves `first` [S * out].
+__device__ int64_t slot_of(const int64_t* offsets, int64_t S, int64_t j) {
+  if (offsets == nullptr) return 0;
+  int64_t lo = 0, hi = S - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (offsets[mid] <= j) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+// Pass 1: the first position of every (slot, row) (and out-of-range positions into bad).
+__global__ void first_position_kernel(const int64_t* row_idx, int64_t K, const int64_t* offsets, int64_t S,
+                                      int64_t out, int32_t* first, unsigned long long* bad) {
   for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < K;
        j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = row_idx[j];
     if (r < 0 || r >= out)
       atomicMin(bad, static_cast<unsigned long long>(j));
     else
-      atomicMin(first + r, static_cast<int32_t>(j));
+      atomicMin(first + slot_of(offsets, S, j) * out + r, static_cast<int32_t>(j));
   }
 }
 
-// Pass 2: a position that is not its row's first is a duplicate.
-__global__ void duplicate_kernel(const int64_t* row_idx, int64_t K, int64_t out, const int32_t* first,
-                                 unsigned long long* bad) {
+// Pass 2: a position that is not its (slot, row)'s first is a duplicate.
+__global__ void duplicate_kernel(const int64_t* row_idx, int64_t K, const int64_t* offsets, int64_t S, int64_t out,
+                                 const int32_t* first, unsigned long long* bad) {
   for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < K;
        j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = row_idx[j];
-    if (r >= 0 && r < out && first[r] != static_cast<int32_t>(j)) atomicMin(bad, static_cast<unsigned long long>(j));
+    if (r >= 0 && r < out && first[slot_of(offsets, S, j) * out + r] != static_cast<int32_t>(j))
+      atomicMin(bad, static_cast<unsigned long long>(j));
   }
 }
 
@@ -109,21 +124,27 @@ void add_kept_rows_cuda(void* y, int64_t ldy, const void* z, int64_t ldz, const 
   check(cudaGetLastError(), "add_kept_rows kernel");
 }
 
-void check_row_idx_cuda(const int64_t* row_idx, int64_t K, int64_t out, int32_t* seen, int64_t* status_out,
-                        void* stream) {
+void check_row_idx_slots_cuda(const int64_t* row_idx, int64_t K, const int64_t* offsets, int64_t S, int64_t out,
+                              int32_t* seen, int64_t* status_out, void* stream) {
   if (K >= INT32_MAX) throw std::runtime_error("sparse_lowrank_linear: more than 2^31 kept rows");
+  if (S < 1) throw std::runtime_error("sparse_lowrank_linear: a row index check needs at least one slot");
   auto s = static_cast<cudaStream_t>(stream);
   const int threads = 256;
   // status_out doubles as the scratch word for the lowest bad position (reset before use)
   auto* bad = reinterpret_cast<unsigned long long*>(status_out + 1);
   check(cudaMemsetAsync(bad, 0xff, sizeof(unsigned long long), s), "memset");
-  if (out > 0) fill_kernel<<<grid_for(out, threads), threads, 0, s>>>(seen, out, INT32_MAX);
+  if (S * out > 0) fill_kernel<<<grid_for(S * out, threads), threads, 0, s>>>(seen, S * out, INT32_MAX);
   if (K > 0) {
-    first_position_kernel<<<grid_for(K, threads), threads, 0, s>>>(row_idx, K, out, seen, bad);
-    duplicate_kernel<<<grid_for(K, threads), threads, 0, s>>>(row_idx, K, out, seen, bad);
+    first_position_kernel<<<grid_for(K, threads), threads, 0, s>>>(row_idx, K, offsets, S, out, seen, bad);
+    duplicate_kernel<<<grid_for(K, threads), threads, 0, s>>>(row_idx, K, offsets, S, out, seen, bad);
   }
   status_kernel<<<1, 1, 0, s>>>(row_idx, K, out, bad, status_out);
   check(cudaGetLastError(), "row index check kernels");
+}
+
+void check_row_idx_cuda(const int64_t* row_idx, int64_t K, int64_t out, int32_t* seen, int64_t* status_out,
+                        void* stream) {
+  check_row_idx_slots_cuda(row_idx, K, nullptr, 1, out, seen, status_out, stream);
 }
 
 }  // namespace mcsmoe::slr

@@ -1,6 +1,7 @@
 // moe_align and grouped_expert_ffn on CUDA: alignment kernels (kernels/moe_align_cuda.cu), one
 // device-to-host copy of the slot offsets (the per-slot GEMM sizes; this also reports bad expert ids),
 // per-slot at::mm (cuBLAS) on contiguous slices, the fused SwiGLU and the weighted combine kernels.
+// The alignment steps are declared in align_cuda.h: the compressed FFN (slr_cuda.cpp) shares them.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -9,27 +10,21 @@
 
 #include "kernels/moe_align.h"
 #include "kernels/moe_ffn.h"
+#include "ops/cuda/align_cuda.h"
 #include "ops/ops.h"
 
 namespace mcsmoe::ops {
-namespace {
 
-struct AlignedCuda {
-  at::Tensor sorted_tokens, offsets, weights, token_rows;
-  at::Tensor host;  // [S + 1 + 3] int64 on the CPU: offsets, then the status (code, where, value)
-};
-
-// Runs the kernels; copies offsets and status to the host and raises on bad ids.
-AlignedCuda align(const at::Tensor& top_k_index, const at::Tensor& top_k_weights, const at::Tensor& expert_map,
-                  int64_t S, const char* op) {
+AlignedCuda launch_align(const at::Tensor& top_k_index, const at::Tensor& top_k_weights, const at::Tensor& expert_map,
+                         int64_t S, const char* op, int64_t extra) {
   const int64_t T = top_k_index.size(0), k = top_k_index.size(1), E = expert_map.size(0);
   TORCH_CHECK(T * k < (int64_t{1} << 31), op, ": T * k must be below 2^31 on CUDA, got ", T * k);
   at::Tensor idx = top_k_index.contiguous(), map = expert_map.contiguous();
   at::Tensor w = top_k_weights.to(at::kFloat).contiguous();
   auto long_opts = idx.options();
   AlignedCuda r;
-  at::Tensor dev = at::empty({S + 1 + 3}, long_opts);  // offsets then status, one copy back
-  r.offsets = dev.narrow(0, 0, S + 1);
+  r.dev = at::empty({S + 1 + 3 + extra}, long_opts);  // offsets, status, caller's words: one copy back
+  r.offsets = r.dev.narrow(0, 0, S + 1);
   r.sorted_tokens = at::empty({T * k}, long_opts);
   r.weights = at::empty({T * k}, w.options());
   r.token_rows = at::empty({T, k}, long_opts);
@@ -40,30 +35,38 @@ AlignedCuda align(const at::Tensor& top_k_index, const at::Tensor& top_k_weights
     moe::align_cuda<float>(idx.data_ptr<int64_t>(), w.data_ptr<float>(), map.data_ptr<int64_t>(), T, k, E, S,
                            r.sorted_tokens.data_ptr<int64_t>(), r.offsets.data_ptr<int64_t>(),
                            r.weights.data_ptr<float>(), r.token_rows.data_ptr<int64_t>(),
-                           dev.data_ptr<int64_t>() + S + 1, workspace.data_ptr(), stream);
+                           r.dev.data_ptr<int64_t>() + S + 1, workspace.data_ptr(), stream);
   } catch (const std::runtime_error& e) {
     TORCH_CHECK(false, e.what());
   }
-  r.host = dev.to(at::kCPU);  // synchronises with the stream
+  return r;
+}
+
+void check_align(const AlignedCuda& r, int64_t k, int64_t E, int64_t S, const char* op) {
   const int64_t* st = r.host.data_ptr<int64_t>() + S + 1;
   moe::AlignStatus status;
   status.code = static_cast<int>(st[0]);
   status.where = st[1];
   status.value = st[2];
   check_align_status(status, k, E, S, op);
+}
+
+AlignedCuda align(const at::Tensor& top_k_index, const at::Tensor& top_k_weights, const at::Tensor& expert_map,
+                  int64_t S, const char* op) {
+  AlignedCuda r = launch_align(top_k_index, top_k_weights, expert_map, S, op);
+  r.host = r.dev.to(at::kCPU);  // synchronises with the stream
+  check_align(r, top_k_index.size(1), expert_map.size(0), S, op);
   return r;
 }
 
-moe::Dtype kernel_dtype(at::ScalarType t) {
+moe::Dtype kernel_dtype(at::ScalarType t, const char* op) {
   switch (t) {
     case at::kFloat: return moe::Dtype::f32;
     case at::kHalf: return moe::Dtype::f16;
     case at::kBFloat16: return moe::Dtype::bf16;
-    default: TORCH_CHECK(false, "grouped_expert_ffn: CUDA supports float32, float16 and bfloat16, got ", t);
+    default: TORCH_CHECK(false, op, ": CUDA supports float32, float16 and bfloat16, got ", t);
   }
 }
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align_cuda(const at::Tensor& top_k_index,
                                                                           const at::Tensor& top_k_weights,
@@ -86,7 +89,7 @@ at::Tensor grouped_expert_ffn_cuda(const at::Tensor& hidden_arg, const at::Tenso
   TORCH_CHECK(hidden_arg.is_cuda(), "grouped_expert_ffn: expected CUDA tensors, got ", hidden_arg.device());
   const c10::cuda::CUDAGuard guard(hidden_arg.device());
   const at::Tensor hidden = hidden_arg.detach(), w_in = w_in_arg.detach(), w_out = w_out_arg.detach();
-  const auto dtype = kernel_dtype(hidden.scalar_type());
+  const auto dtype = kernel_dtype(hidden.scalar_type(), "grouped_expert_ffn");
   const int64_t T = hidden.size(0), d = hidden.size(1), S = w_in.size(0), k = top_k_index.size(1),
                 ff = w_out.size(2);
   AlignedCuda r = align(top_k_index, top_k_weights, expert_map, S, "grouped_expert_ffn");
