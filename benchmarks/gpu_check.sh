@@ -20,12 +20,13 @@ $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/
 $PY -c 'import mcsmoe_fast._C as c; assert c.cuda_enabled; print("cuda_enabled", c.cuda_enabled)' || exit 1
 
 step "CUDA tests"
-cuda_tests=$(ls tests/test_lap_cuda.py tests/test_grouped_ffn.py tests/test_routing_align.py tests/test_optimize.py 2>/dev/null)
-timeout 240 $PY -m pytest -q $cuda_tests -k "cuda or gpu" 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
+cuda_tests=$(ls tests/test_lap_cuda.py tests/test_grouped_ffn.py tests/test_routing_align.py tests/test_optimize.py \
+  tests/test_slr_cuda.py 2>/dev/null)
+timeout 300 $PY -m pytest -q $cuda_tests -k "cuda or gpu" 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "GPU benchmarks"
-for bench in benchmarks/gpu_lap_bench.py benchmarks/gpu_moe_bench.py; do
+for bench in benchmarks/gpu_lap_bench.py benchmarks/gpu_moe_bench.py benchmarks/gpu_slr_bench.py; do
   [ -f "$bench" ] || { echo "missing $bench"; status=1; continue; }
   echo "--- $bench"
   timeout 180 $PY "$bench" 2>&1 | tee "$OUT/$(basename "$bench" .py).txt" || status=1
