@@ -150,6 +150,7 @@ def test_activation_importance_uses_the_input_norms(tmp_path):
     for s in stats.values():  # make a few input features dominate: rows heavy on them must win
         s.slot_input_sq[:, :3] *= 1e6
     by_weight = kept_rows_of(model, tmp_path, "weight", None)
+    assert kept_rows_of(model, tmp_path, "weight", None) == by_weight  # deterministic
     by_activation = kept_rows_of(model, tmp_path, "activation", stats)
     assert by_weight != by_activation
 
@@ -158,7 +159,8 @@ def kept_rows_of(model, tmp_path, importance, stats):
     import copy
 
     m = copy.deepcopy(model)
-    modules = compress_experts(m, rank=2, keep_ratio=0.2, importance=importance, stats=stats, progress=False)
+    modules = compress_experts(m, rank=2, keep_ratio=0.2, importance=importance, stats=stats, progress=False,
+                               svd="randomized")
     return [mod.in_row_idx.tolist() for mod in modules.values()]
 
 
@@ -191,6 +193,11 @@ def test_pruner_masks_by_gradient_importance_and_finalize_compacts(tmp_path):
     assert shares[0] == 1.0 and shares[-1] == 0.2 and shares[1] < 1.0
     for before, after in zip(masks, masks[1:]):  # a masked row stays masked
         assert all(not (a & ~b).any() for b, a in zip(before, after))
+    # a masked row stays masked even when its smoothed importance is the highest
+    for ema, m in zip(pruner.ema[::2], pruner.modules):
+        ema[~m.in_keep] = 1e9
+    pruner.step()
+    assert all(not (m.in_keep & ~before).any() for m, before in zip(pruner.modules, masks[-1]))
     with pytest.raises(ValueError, match="still being pruned"):
         save_pretrained(model, tmp_path / "mid")
     pruner.finalize()
