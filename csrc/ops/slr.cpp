@@ -7,6 +7,7 @@
 // with threaded GEMMs.
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
+#include <c10/util/accumulate.h>
 
 #include <vector>
 
@@ -83,8 +84,9 @@ at::Tensor sparse_lowrank_linear_cpu(const at::Tensor& x_arg, const at::Tensor& 
   if (bias_arg) bias = bias_arg->detach();
   const int64_t in = x_arg.size(-1), out = U.size(0);
   check_row_idx_cpu(row_idx, out, op, "row_idx");
-  const at::Tensor x = x_arg.detach().reshape({-1, in}).contiguous();
-  const int64_t T = x.size(0);
+  // Rows as the product of the leading sizes: reshape({-1, in}) is ambiguous when in = 0.
+  const int64_t T = c10::multiply_integers(x_arg.sizes().begin(), x_arg.sizes().end() - 1);
+  const at::Tensor x = x_arg.detach().reshape({T, in}).contiguous();
   auto out_shape = x_arg.sizes().vec();
   out_shape.back() = out;
   // Blocks of at least kMinRows rows per thread keep the GEMMs efficient; each thread walks its rows
