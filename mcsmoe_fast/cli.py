@@ -127,12 +127,87 @@ def run_merge(args) -> int:
     return 0
 
 
+# --- compress (MC-SMoE) ----------------------------------------------------------------------------
+def add_compress(sub) -> None:
+    from .compress import IMPORTANCE, SVD_METHODS
+
+    p = sub.add_parser("compress", help="compress every expert slot into low-rank factors plus kept rows (one-shot)")
+    p.add_argument("--model", required=True, help="model directory (merged or plain checkpoint) or hub id")
+    p.add_argument("--out", required=True, help="directory to save the compressed model to (not --model)")
+    p.add_argument("--rank", type=int, default=32, help="rank of the low-rank factors (default 32)")
+    p.add_argument("--keep-ratio", type=float, default=0.1,
+                   help="share of the sparse part's entries kept, one threshold over all experts (default 0.1)")
+    one_shot = [i for i in IMPORTANCE if i != "gradient"]
+    p.add_argument("--importance", choices=one_shot, default="weight",
+                   help="row scores: |S| (weight) or |S| times input norms from --calib (activation)")
+    p.add_argument("--svd", choices=SVD_METHODS, default="auto", help="truncated SVD method (default auto)")
+    p.add_argument("--layers", nargs="+", default=None,
+                   help="MoE layers to compress: names or positions in module order (default: all)")
+    p.add_argument("--calib", default=None, help="calibration text for --importance activation (as for merge)")
+    p.add_argument("--num-samples", type=int, default=256, help="calibration samples (default 256)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per calibration sample (default 256)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
+    p.add_argument("--text-field", default="text", help="text field of .jsonl records and datasets (default text)")
+    p.add_argument("--split", default="train", help="dataset split for a dataset name (default train)")
+    p.set_defaults(run=run_compress)
+
+
+def run_compress(args) -> int:
+    from pathlib import Path
+
+    from .calibrate import collect_routing_stats
+    from .calibration_data import calibration_batches, check_batches, load_tokenizer, read_calibration_texts
+    from .checkpoint import from_pretrained, save_pretrained
+    from .compress import compress_experts
+    from .models.loading import load_model
+
+    if Path(args.out).absolute().resolve() == Path(args.model).absolute().resolve():
+        raise ValueError(f"--out {args.out} is the input model's directory; write the compressed model elsewhere")
+    if args.rank < 1 or not 0 < args.keep_ratio <= 1:
+        raise ValueError(f"need --rank >= 1 and 0 < --keep-ratio <= 1, got {args.rank} and {args.keep_ratio}")
+    if args.importance == "activation" and args.calib is None:
+        raise ValueError("--importance activation needs --calib (calibration text)")
+    tokenizer = None
+    try:
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
+    except (OSError, ValueError):
+        if args.calib is not None:
+            raise
+    model = from_pretrained(args.model) if Path(args.model).is_dir() else load_model(args.model)
+    stats = None
+    start = time.perf_counter()
+    if args.importance == "activation":
+        texts = read_calibration_texts(args.calib, args.num_samples, args.text_field, args.split)
+        batches = calibration_batches(texts, tokenizer, args.batch_size, args.max_length)
+        check_batches(batches, tokenizer, model.config.vocab_size)
+        stats = collect_routing_stats(model, batches, input_norms=True)
+    before = _parameter_bytes(model)
+    layers = [int(x) if x.lstrip("-").isdigit() else x for x in args.layers] if args.layers else None
+    modules = compress_experts(model, rank=args.rank, keep_ratio=args.keep_ratio, layers=layers,
+                               importance=args.importance, stats=stats, svd=args.svd)
+    elapsed = time.perf_counter() - start
+    width = max(len(name) for name in modules)
+    print(f"{'layer':<{width}}  slots  rank in/out  kept rows in/out")
+    for name, m in modules.items():
+        print(f"{name:<{width}}  {m.num_slots:>5}  {m.in_U.shape[2]:>4}/{m.out_U.shape[2]:<4}  "
+              f"{m.in_S_rows.shape[0]}/{m.out_S_rows.shape[0]}")
+    after = _parameter_bytes(model)
+    print(f"compressed {len(modules)} layers in {elapsed:.2f} s")
+    out = save_pretrained(model, args.out, tokenizer=tokenizer)
+    print(f"parameters: {before / 2**20:.2f} MiB before, {after / 2**20:.2f} MiB after compressing "
+          f"({before / max(after, 1):.2f}x smaller)")
+    print(f"saved checkpoint to {out} ({_dir_bytes(out) / 2**20:.2f} MiB on disk)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcsmoe-fast", description="Merge, then compress Mixture-of-Experts models.")
     sub = parser.add_subparsers(dest="command", required=True)
     add_demo(sub)
     add_permute(sub)
     add_merge(sub)
+    add_compress(sub)
     return parser
 
 
