@@ -52,6 +52,11 @@ void add_kept_rows_cuda(void* y, int64_t ldy, const void* z, int64_t ldz, const 
 // device int64 (code, where, value) holding the lowest offending position (code 0 when none).
 void check_row_idx_cuda(const int64_t* row_idx, int64_t K, int64_t out, int32_t* seen, int64_t* status_out,
                         void* stream);
+// check_row_idx_cuda over a bank's per-slot row lists in one pass: slot s owns positions
+// offsets[s] .. offsets[s+1] (a device pointer) and its rows must be distinct; `seen` is device scratch
+// of S * out int32.
+void check_row_idx_slots_cuda(const int64_t* row_idx, int64_t K, const int64_t* offsets, int64_t S, int64_t out,
+                              int32_t* seen, int64_t* status_out, void* stream);
 #endif
 
 }  // namespace mcsmoe::slr

@@ -18,14 +18,6 @@
 #include "ops/cuda/align_cuda.h"
 #include "ops/ops.h"
 
-namespace mcsmoe::slr {
-// kernels/slr_cuda.cu: check_row_idx_cuda over a bank's per-slot row lists in one pass (slot s owns
-// positions offsets[s] .. offsets[s+1], a device pointer; rows distinct within a slot); `seen` is device
-// scratch of S * out int32. Declared here for now: its home is kernels/slr.h, beside check_row_idx_cuda.
-void check_row_idx_slots_cuda(const int64_t* row_idx, int64_t K, const int64_t* offsets, int64_t S, int64_t out,
-                              int32_t* seen, int64_t* status_out, void* stream);
-}  // namespace mcsmoe::slr
-
 namespace mcsmoe::ops {
 namespace {
 
