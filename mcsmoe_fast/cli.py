@@ -7,6 +7,17 @@ import sys
 import time
 
 
+def refuse_overwriting_input(args) -> None:
+    """Every subcommand that writes a model refuses to write it over the model it reads: a save replaces
+    the target directory, which would delete the user's original weights."""
+    from pathlib import Path
+
+    out, model = Path(args.out).absolute().resolve(), Path(args.model).absolute().resolve()
+    if out == model or (model.is_dir() and model in out.parents):
+        raise ValueError(f"--out {args.out} would write into the input model's directory {args.model}; "
+                         "choose another output directory")
+
+
 def add_permute(sub) -> None:
     p = sub.add_parser("permute", help="align every MoE layer's expert neurons to a reference expert")
     p.add_argument("--model", required=True, help="model directory (or hub id where the network allows)")
@@ -21,6 +32,7 @@ def run_permute(args) -> int:
     from .models.loading import load_model
     from .permute import align_experts
 
+    refuse_overwriting_input(args)
     model = load_model(args.model)
     start = time.perf_counter()
     perms = align_experts(model, reference=args.reference)
@@ -99,6 +111,7 @@ def run_merge(args) -> int:
     from .merge import merge_experts
     from .models.loading import load_model
 
+    refuse_overwriting_input(args)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     texts = read_calibration_texts(args.calib, args.num_samples, args.text_field, args.split)
     batches = calibration_batches(texts, tokenizer, args.batch_size, args.max_length)
@@ -162,8 +175,7 @@ def run_compress(args) -> int:
     from .compress import compress_experts
     from .models.loading import load_model
 
-    if Path(args.out).absolute().resolve() == Path(args.model).absolute().resolve():
-        raise ValueError(f"--out {args.out} is the input model's directory; write the compressed model elsewhere")
+    refuse_overwriting_input(args)
     if args.rank < 1 or not 0 < args.keep_ratio <= 1:
         raise ValueError(f"need --rank >= 1 and 0 < --keep-ratio <= 1, got {args.rank} and {args.keep_ratio}")
     if args.importance == "activation" and args.calib is None:

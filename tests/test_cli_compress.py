@@ -56,6 +56,7 @@ def test_compress_refuses_bad_input_and_writing_over_its_input(workspace, capsys
     before = {f.name: f.read_bytes() for f in src.iterdir()}
     for args, message in (
         (["--out", src], "input model's directory"),
+        (["--out", src / "sub"], "input model's directory"),
         (["--out", workspace / "x", "--rank", 0], "--rank >= 1"),
         (["--out", workspace / "x", "--keep-ratio", 1.5], "--keep-ratio"),
         (["--out", workspace / "x", "--importance", "activation"], "needs --calib"),

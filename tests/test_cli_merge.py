@@ -128,3 +128,17 @@ def test_tokenizer_that_does_not_fit_the_model_fails_clearly(workspace, capsys):
     batch = {"input_ids": torch.tensor([[5, 200]]), "attention_mask": torch.ones(1, 2, dtype=torch.int64)}
     with pytest.raises(ValueError, match="vocabulary"):
         check_batches([batch], tiny_tokenizer(), vocab_size=128)
+
+
+@pytest.mark.parametrize("command", ["merge", "permute"])
+@pytest.mark.parametrize("inside", [False, True])
+def test_writing_over_the_input_model_is_refused(command, inside, workspace, capsys):
+    src = workspace / "mixtral"
+    before = {f.name: f.read_bytes() for f in src.iterdir()}
+    out = src / "merged" if inside else src
+    args = [command, "--model", src, "--out", out]
+    if command == "merge":
+        args += ["--calib", workspace / "calib.txt", "--num-groups", 2]
+    rc, _, err = run(args, capsys)
+    assert rc == 2 and "input model's directory" in err, err
+    assert {f.name: f.read_bytes() for f in src.iterdir()} == before
