@@ -335,7 +335,11 @@ def from_pretrained(path, verify: bool = True, dtype: torch.dtype | None = None)
     path = Path(path)
     section = _read_section(path)
     if section is None:
-        return load_model(str(path), dtype=dtype)
+        try:
+            return load_model(str(path), dtype=dtype)
+        except Exception as exc:  # safetensors, OSError, ValueError...: a plain checkpoint that does not load
+            raise CheckpointError(f"{path}: the transformers checkpoint does not load "
+                                  f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from exc
     weights = _WeightsFile(_check_weights_file(path, section, verify), section["aliases"])
     try:
         config = AutoConfig.from_pretrained(str(path))

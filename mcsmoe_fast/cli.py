@@ -29,11 +29,12 @@ def add_permute(sub) -> None:
 def run_permute(args) -> int:
     import torch
 
-    from .models.loading import load_model
+    from .calibration_data import load_tokenizer
+    from .models.loading import open_model
     from .permute import align_experts
 
     refuse_overwriting_input(args)
-    model = load_model(args.model)
+    model = open_model(args.model)
     start = time.perf_counter()
     perms = align_experts(model, reference=args.reference)
     elapsed = time.perf_counter() - start
@@ -42,6 +43,10 @@ def run_permute(args) -> int:
         print(f"{name}: {moved} of {perm.numel()} neurons moved")
     print(f"aligned {len(perms)} layers in {elapsed:.2f} s")
     model.save_pretrained(args.out)
+    try:  # the aligned model is usable on its own (merge reads the tokenizer beside the model)
+        load_tokenizer(args.model).save_pretrained(args.out)
+    except ValueError:
+        print("no tokenizer beside the input model: none saved with the aligned model")
     print(f"saved to {args.out}")
     return 0
 
@@ -103,19 +108,24 @@ def _dir_bytes(path) -> int:
 
 
 def run_merge(args) -> int:
-    from pathlib import Path
-
     from .calibrate import collect_routing_stats
     from .calibration_data import calibration_batches, check_batches, load_tokenizer, read_calibration_texts
-    from .checkpoint import from_pretrained, save_pretrained
+    from .checkpoint import save_pretrained
     from .merge import merge_experts
-    from .models.loading import load_model
+    from .models import moe_layers
+    from .models.loading import open_model
 
     refuse_overwriting_input(args)
+    if args.num_groups < 1:
+        raise ValueError(f"--num-groups must be >= 1, got {args.num_groups}")
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     texts = read_calibration_texts(args.calib, args.num_samples, args.text_field, args.split)
     batches = calibration_batches(texts, tokenizer, args.batch_size, args.max_length)
-    model = from_pretrained(args.model) if Path(args.model).is_dir() else load_model(args.model)
+    model = open_model(args.model)
+    experts = {layer.num_experts for layer in moe_layers(model)}
+    if args.num_groups >= max(experts):
+        raise ValueError(f"nothing would be merged: --num-groups {args.num_groups} is not below the number of "
+                         f"experts per layer ({max(experts)})")
     check_batches(batches, tokenizer, model.config.vocab_size)
     before = _parameter_bytes(model)
     similarity_bases = (args.similarity,) if args.similarity == "expert-output" else ("router-logits", "feature")
@@ -167,13 +177,11 @@ def add_compress(sub) -> None:
 
 
 def run_compress(args) -> int:
-    from pathlib import Path
-
     from .calibrate import collect_routing_stats
     from .calibration_data import calibration_batches, check_batches, load_tokenizer, read_calibration_texts
-    from .checkpoint import from_pretrained, save_pretrained
+    from .checkpoint import save_pretrained
     from .compress import compress_experts
-    from .models.loading import load_model
+    from .models.loading import open_model
 
     refuse_overwriting_input(args)
     if args.rank < 1 or not 0 < args.keep_ratio <= 1:
@@ -186,7 +194,7 @@ def run_compress(args) -> int:
     except (OSError, ValueError):
         if args.calib is not None:
             raise
-    model = from_pretrained(args.model) if Path(args.model).is_dir() else load_model(args.model)
+    model = open_model(args.model)
     stats = None
     start = time.perf_counter()
     if args.importance == "activation":
@@ -214,7 +222,10 @@ def run_compress(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="mcsmoe-fast", description="Merge, then compress Mixture-of-Experts models.")
+    parser.add_argument("--version", action="version", version=f"mcsmoe-fast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_demo(sub)
     add_permute(sub)
@@ -225,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one progress bar per step of ours, not transformers' loading/writing bars
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError, OSError) as exc:

@@ -7,7 +7,7 @@ merged weights. With G = E and no permutation the merged model equals the origin
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn

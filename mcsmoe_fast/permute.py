@@ -12,7 +12,7 @@ call of ops.linear_assignment.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import torch
 from torch import nn

@@ -99,7 +99,7 @@ def test_bad_calibration_sources_fail_clearly(workspace, capsys, monkeypatch):
     assert rc == 2 and "not found" in err
     rc, _, err = run(["merge", "--model", workspace / "mixtral", "--calib", workspace / "calib.txt",
                       "--num-groups", 0, "--out", workspace / "x"], capsys)
-    assert rc == 2 and "num_groups" in err
+    assert rc == 2 and "--num-groups" in err
 
     real_import = builtins.__import__
 
@@ -142,3 +142,65 @@ def test_writing_over_the_input_model_is_refused(command, inside, workspace, cap
     rc, _, err = run(args, capsys)
     assert rc == 2 and "input model's directory" in err, err
     assert {f.name: f.read_bytes() for f in src.iterdir()} == before
+
+
+def test_missing_model_directory_fails_at_once(workspace, capsys):
+    for spec in (workspace / "nonexistent", "./nonexistent", "~/nonexistent-model"):
+        rc, _, err = run(["permute", "--model", spec, "--out", workspace / "x"], capsys)
+        assert rc == 2 and "model directory not found" in err, err
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_unreachable_hub_id_fails_in_one_line(workspace, capsys, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def offline(self, repo_id, **kwargs):
+        calls.append(repo_id)
+        raise ConnectionError("Failed to resolve host (offline)")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", offline)
+    monkeypatch.setenv("HF_HUB_CACHE", str(workspace / "empty-cache"))
+    rc, _, err = run(["permute", "--model", "some-org/some-moe", "--out", workspace / "x"], capsys)
+    assert rc == 2 and "'some-org/some-moe'" in err and "ConnectionError" in err, err
+    assert len(err.strip().splitlines()) == 1 and calls == ["some-org/some-moe"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rc, _, err = run(["permute", "--model", "some-org/some-moe", "--out", workspace / "x"], capsys)
+    assert rc == 2 and "HF_HUB_OFFLINE" in err and len(calls) == 1
+
+
+@pytest.mark.parametrize("command", ["merge", "permute", "compress"])
+def test_truncated_plain_checkpoint_gives_a_clear_error(command, workspace, capsys):
+    weights = workspace / "mixtral" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    args = [command, "--model", workspace / "mixtral", "--out", workspace / "x"]
+    if command == "merge":
+        args += ["--calib", workspace / "calib.txt", "--num-groups", 2]
+    rc, _, err = run(args, capsys)
+    assert rc == 2 and "does not load" in err and "mixtral" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_num_groups_is_checked_before_loading_and_when_nothing_merges(workspace, capsys):
+    (workspace / "mixtral" / "model.safetensors").write_bytes(b"corrupt")  # loading would fail first
+    for bad in (0, -3):
+        rc, _, err = run(["merge", "--model", workspace / "mixtral", "--calib", workspace / "calib.txt",
+                          "--num-groups", bad, "--out", workspace / "x"], capsys)
+        assert rc == 2 and "--num-groups must be >= 1" in err, err
+    rc, _, err = run(["merge", "--model", workspace / "switch", "--tokenizer", workspace / "tokenizer", "--calib",
+                      workspace / "calib.txt", "--num-groups", 8, "--out", workspace / "x"], capsys)
+    assert rc == 2 and "nothing would be merged" in err, err
+    assert not (workspace / "x").exists()
+
+
+def test_permute_saves_the_tokenizer_and_version_flag(workspace, capsys):
+    rc, out, err = run(["permute", "--model", workspace / "mixtral", "--out", workspace / "aligned"], capsys)
+    assert rc == 0, err
+    assert (workspace / "aligned" / "tokenizer.json").is_file()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    from mcsmoe_fast import __version__
+
+    assert capsys.readouterr().out.strip() == f"mcsmoe-fast {__version__}"

@@ -1,6 +1,9 @@
 """Load a Hugging Face MoE model from a local directory or a hub id, with the right head class."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 SEQ2SEQ_TYPES = {"switch_transformers"}
@@ -19,3 +22,52 @@ def load_model(name_or_path: str, dtype: torch.dtype | None = None):
     config = AutoConfig.from_pretrained(name_or_path)
     model = model_class_for(config).from_pretrained(name_or_path, dtype=dtype or torch.float32)
     return model.eval()
+
+
+def looks_like_path(spec: str) -> bool:
+    """A model argument meant as a local path rather than a hub id ("org/name")."""
+    return (spec.startswith((".", "~", os.sep)) or os.sep * 2 in spec or spec.count("/") > 1
+            or Path(spec).expanduser().exists())
+
+
+def open_model(spec: str, dtype: torch.dtype | None = None):
+    """A model from a local directory (plain, merged or compressed checkpoint) or a hub id.
+
+    A path that is not a directory fails at once; a hub id is read from the local cache first, and
+    otherwise the Hub is asked once (no retries), failing in one line when it cannot be reached."""
+    from ..checkpoint import from_pretrained
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return from_pretrained(path, dtype=dtype)
+    if looks_like_path(spec):
+        raise FileNotFoundError(f"model directory not found: {spec}")
+    try:
+        return _load_cached(spec, dtype)
+    except OSError:
+        pass
+    _check_hub(spec)
+    return load_model(spec, dtype=dtype)
+
+
+def _load_cached(repo_id: str, dtype):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(repo_id, local_files_only=True)
+    model = model_class_for(config).from_pretrained(repo_id, dtype=dtype or torch.float32, local_files_only=True)
+    return model.eval()
+
+
+def _check_hub(repo_id: str) -> None:
+    """One short request for the repo; a clear one-line error instead of transformers' retries."""
+    from huggingface_hub import HfApi
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise ValueError(f"model {repo_id!r} is not a local directory nor in the Hugging Face cache, "
+                         "and HF_HUB_OFFLINE is set")
+    try:
+        HfApi().model_info(repo_id, timeout=10)
+    except Exception as exc:  # connection errors, unknown repo, gated repo: one line that names it
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"model {repo_id!r} is not a local directory, not in the Hugging Face cache, and the "
+                         f"Hub did not serve it ({type(exc).__name__}: {reason})") from None
