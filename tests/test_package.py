@@ -35,3 +35,15 @@ def test_missing_extension_says_how_to_build(monkeypatch):
     monkeypatch.setattr(importlib, "import_module", fake_import)
     with pytest.raises(ImportError, match="pip install --no-build-isolation"):
         _ext.load()
+
+
+def test_source_tree_without_extension_says_so(monkeypatch, tmp_path):
+    (tmp_path / "setup.py").write_text("")
+    (tmp_path / "mcsmoe_fast").mkdir()
+    monkeypatch.setattr(_ext, "__file__", str(tmp_path / "mcsmoe_fast" / "_ext.py"))
+    monkeypatch.setattr(_ext, "_installed_elsewhere", lambda package_dir: tmp_path / "site-packages" / "mcsmoe_fast")
+    message = _ext._hint(ImportError("no _C"))
+    assert "source tree" in message and str(tmp_path / "mcsmoe_fast") in message
+    assert "site-packages" in message and "another directory" in message and "build_ext --inplace" in message
+    (tmp_path / "mcsmoe_fast" / "_C.cpython-311-x86_64-linux-gnu.so").write_text("")  # built in place: other cause
+    assert "source tree" not in _ext._hint(ImportError("no _C"))
