@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import ops, reference
+from .activations import check as check_activation
 
 BANK_FIELDS = ("U", "V", "S_rows", "row_idx", "row_offsets")
 
@@ -27,8 +28,7 @@ class CompressedMoEExperts(nn.Module):
     def __init__(self, w_in: list[torch.Tensor], w_out: list[torch.Tensor], expert_map: torch.Tensor,
                  activation: str, keep_in: torch.Tensor | None = None, keep_out: torch.Tensor | None = None):
         super().__init__()
-        if activation not in ("relu", "swiglu"):
-            raise ValueError(f"activation must be 'relu' or 'swiglu', got {activation!r}")
+        check_activation(activation)
         for side, bank, keep in (("in", w_in, keep_in), ("out", w_out, keep_out)):
             U, V, S_rows, row_idx, offsets = bank
             self.register_parameter(f"{side}_U", nn.Parameter(U))

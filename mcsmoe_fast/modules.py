@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import ops, reference
+from .activations import check as check_activation, is_gated
 
 
 class MoEExperts(nn.Module):
@@ -25,12 +26,11 @@ class MoEExperts(nn.Module):
 
     def __init__(self, w_in: torch.Tensor, w_out: torch.Tensor, expert_map: torch.Tensor, activation: str):
         super().__init__()
-        if activation not in ("relu", "swiglu"):
-            raise ValueError(f"activation must be 'relu' or 'swiglu', got {activation!r}")
+        check_activation(activation)
         if w_in.dim() != 3 or w_out.dim() != 3 or w_in.shape[0] != w_out.shape[0]:
             raise ValueError(f"w_in [S, F, d] and w_out [S, d, ff] expected, got {tuple(w_in.shape)} and {tuple(w_out.shape)}")
         ff = w_out.shape[2]
-        if w_in.shape[1] != (2 * ff if activation == "swiglu" else ff) or w_in.shape[2] != w_out.shape[1]:
+        if w_in.shape[1] != (2 * ff if is_gated(activation) else ff) or w_in.shape[2] != w_out.shape[1]:
             raise ValueError(f"w_in {tuple(w_in.shape)} does not match w_out {tuple(w_out.shape)} for {activation}")
         expert_map = torch.as_tensor(expert_map, dtype=torch.int64, device=w_in.device)
         if expert_map.dim() != 1 or (expert_map.numel() and (expert_map.min() < 0 or expert_map.max() >= w_in.shape[0])):

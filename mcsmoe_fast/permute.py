@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import ops
+from .activations import is_gated
 from .models import MoELayer, moe_layers
 from .reference import expert_activation
 
@@ -42,7 +43,7 @@ def _neuron_blocks(w_in: torch.Tensor, w_out: torch.Tensor, activation: str) -> 
     w_out's block is its transpose; it is kept as the untransposed tensor so that gathers copy
     contiguous rows and the GEMM reads it in its natural layout."""
     ff = w_out.shape[-1]
-    rows = [w_in[:, :ff], w_in[:, ff:]] if activation == "swiglu" else [w_in]
+    rows = [w_in[:, :ff], w_in[:, ff:]] if is_gated(activation) else [w_in]
     return [(r, False) for r in rows] + [(w_out, True)]
 
 
@@ -63,7 +64,7 @@ def weight_matching_cost(w_in, w_out, targets: torch.Tensor, refs: torch.Tensor,
 def apply_permutation(w_in: torch.Tensor, w_out: torch.Tensor, perm: torch.Tensor, activation: str):
     """Permuted copies: neuron a of expert s becomes old neuron perm[s, a]."""
     ff = w_out.shape[-1]
-    index = torch.cat([perm, perm + ff], dim=1) if activation == "swiglu" else perm
+    index = torch.cat([perm, perm + ff], dim=1) if is_gated(activation) else perm
     new_in = torch.gather(w_in, 1, index.unsqueeze(-1).expand(-1, -1, w_in.shape[-1]))
     new_out = torch.gather(w_out, 2, perm.unsqueeze(1).expand(-1, w_out.shape[1], -1))
     return new_in, new_out

@@ -9,7 +9,7 @@ import torch
 
 
 def tiny_switch(num_experts: int = 8, d_model: int = 32, d_ff: int = 64, num_layers: int = 4,
-                expert_capacity: int = 64, seed: int = 0):
+                expert_capacity: int = 64, seed: int = 0, dense_act_fn: str = "relu"):
     from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -18,12 +18,13 @@ def tiny_switch(num_experts: int = 8, d_model: int = 32, d_ff: int = 64, num_lay
         num_decoder_layers=num_layers, num_heads=4, num_experts=num_experts,
         num_sparse_encoder_layers=num_layers // 2, num_sparse_decoder_layers=num_layers // 2,
         expert_capacity=expert_capacity, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        dense_act_fn=dense_act_fn,
     )
     return SwitchTransformersForConditionalGeneration(config).eval()
 
 
 def tiny_mixtral(num_experts: int = 8, hidden_size: int = 32, intermediate_size: int = 64,
-                 num_layers: int = 2, top_k: int = 2, seed: int = 0):
+                 num_layers: int = 2, top_k: int = 2, seed: int = 0, hidden_act: str = "silu"):
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(seed)
@@ -31,6 +32,6 @@ def tiny_mixtral(num_experts: int = 8, hidden_size: int = 32, intermediate_size:
         vocab_size=128, hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
         num_local_experts=num_experts, num_experts_per_tok=top_k, max_position_embeddings=256,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, hidden_act=hidden_act,
     )
     return MixtralForCausalLM(config).eval()

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from mcsmoe_fast import ops, reference
+from mcsmoe_fast.activations import ACTIVATIONS, is_gated
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12),
@@ -13,7 +14,7 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12
 
 def problem(T, d, ff, E, S, k, activation, dtype=torch.float32, drop=0.0, seed=0, device="cpu", emap=None):
     gen = torch.Generator().manual_seed(seed)
-    F = 2 * ff if activation == "swiglu" else ff
+    F = 2 * ff if is_gated(activation) else ff
     hidden = torch.randn(T, d, generator=gen, dtype=torch.float64)
     w_in = torch.randn(S, F, d, generator=gen, dtype=torch.float64) / d**0.5
     w_out = torch.randn(S, d, ff, generator=gen, dtype=torch.float64) / ff**0.5
@@ -48,6 +49,24 @@ SHAPES = [  # T, d, ff, E, S, k, drop
 def test_matches_reference(shape, activation, dtype):
     T, d, ff, E, S, k, drop = shape
     check(problem(T, d, ff, E, S, k, activation, dtype, drop, seed=int(sum(shape) * 10)))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape", [(37, 24, 40, 8, 3, 2, 0.1), (1, 13, 7, 4, 2, 1, 0.0)])
+def test_every_activation_matches_reference(activation, shape):
+    T, d, ff, E, S, k, drop = shape
+    args = problem(T, d, ff, E, S, k, activation, torch.float64, drop, seed=5)
+    check(args)
+    others = [a for a in ACTIVATIONS if a != activation and is_gated(a) == is_gated(activation)]
+    for other in others:  # each name computes its own function
+        assert not torch.allclose(ops.grouped_expert_ffn(*args[:-1], other), ops.grouped_expert_ffn(*args))
+
+
+def test_unknown_activation_is_a_value_error():
+    args = list(problem(5, 8, 6, 4, 2, 2, "relu"))
+    args[-1] = "quick_gelu"
+    with pytest.raises(ValueError, match="unknown activation 'quick_gelu'"):
+        ops.grouped_expert_ffn(*args)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -117,7 +136,7 @@ def good_args():
 
 
 @pytest.mark.parametrize("edit,match", [
-    (lambda a: a.__setitem__(6, "gelu"), "activation"),
+    (lambda a: a.__setitem__(6, "gelu"), "F = 12 rows but gelu"),  # ungated: w_in must have ff rows
     (lambda a: a.__setitem__(0, a[0][None]), r"hidden must be \[T, d\]"),
     (lambda a: a.__setitem__(0, a[0][:, :7]), "hidden size"),
     (lambda a: a.__setitem__(1, a[1][:, :6]), "F = 12"),
@@ -158,7 +177,7 @@ def test_torch_compile_traces_the_op():
 @cuda_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES + [(4099, 64, 96, 8, 4, 2, 0.1), (2048, 128, 64, 32, 8, 1, 0.3)])
-@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_cuda_matches_reference(shape, activation, dtype):
     T, d, ff, E, S, k, drop = shape
     args = problem(T, d, ff, E, S, k, activation, dtype, drop, seed=int(sum(shape) * 10), device="cuda")

@@ -414,7 +414,7 @@ def set_bank(name, i, fn):
 
 
 FFN_BAD = [  # edit of a good problem (T 5, d 8, ff 6, swiglu, S 3 with kept rows [0, 5, 12] / [0, 4, 8])
-    (lambda a: a.__setitem__(6, "gelu"), RuntimeError, "activation must be 'relu' or 'swiglu', got 'gelu'"),
+    (lambda a: a.__setitem__(6, "quick_gelu"), ValueError, "unknown activation 'quick_gelu'"),
     (lambda a: a.__setitem__(6, "relu"), RuntimeError, "w_in has 12 output rows but relu with w_out's ff = 6 needs 6"),
     (lambda a: a.__setitem__(1, a[1][:4]), RuntimeError, r"w_in must be \[U, V, S_rows, row_idx, row_offsets\], got 4"),
     (lambda a: a.__setitem__(2, a[2] + [a[2][4]]), RuntimeError, r"w_out must be \[U, V, S_rows, row_idx, row_offsets\], got 6"),

@@ -18,13 +18,24 @@
 
 namespace mcsmoe::ops {
 
-bool check_grouped_ffn_args(const at::Tensor& hidden, const at::Tensor& w_in, const at::Tensor& w_out,
-                            const at::Tensor& expert_map, const at::Tensor& top_k_index,
-                            const at::Tensor& top_k_weights, c10::string_view activation) {
+Activation parse_activation(c10::string_view name, const char* op) {
+  using moe::ActFn;
+  static const std::pair<const char*, Activation> known[] = {
+      {"relu", {ActFn::relu, false}},        {"gelu", {ActFn::gelu, false}},  {"gelu_tanh", {ActFn::gelu_tanh, false}},
+      {"silu", {ActFn::silu, false}},        {"reglu", {ActFn::relu, true}},  {"geglu", {ActFn::gelu, true}},
+      {"geglu_tanh", {ActFn::gelu_tanh, true}}, {"swiglu", {ActFn::silu, true}}};
+  for (const auto& [n, a] : known)
+    if (name == n) return a;
+  TORCH_CHECK_VALUE(false, op, ": unknown activation '", std::string(name),
+                    "'; expected relu, gelu, gelu_tanh, silu, reglu, geglu, geglu_tanh or swiglu");
+}
+
+Activation check_grouped_ffn_args(const at::Tensor& hidden, const at::Tensor& w_in, const at::Tensor& w_out,
+                                  const at::Tensor& expert_map, const at::Tensor& top_k_index,
+                                  const at::Tensor& top_k_weights, c10::string_view activation) {
   const char* op = "grouped_expert_ffn";
-  TORCH_CHECK(activation == "relu" || activation == "swiglu", op, ": activation must be 'relu' or 'swiglu', got '",
-              std::string(activation), "'");
-  const bool swiglu = activation == "swiglu";
+  const Activation act = parse_activation(activation, op);
+  const bool gated = act.gated;
   TORCH_CHECK(hidden.dim() == 2, op, ": hidden must be [T, d], got shape ", hidden.sizes());
   TORCH_CHECK(at::isFloatingType(hidden.scalar_type()), op, ": hidden must be floating point, got ",
               hidden.scalar_type());
@@ -42,19 +53,28 @@ bool check_grouped_ffn_args(const at::Tensor& hidden, const at::Tensor& w_in, co
               w_out.size(0));
   TORCH_CHECK(w_in.size(2) == d && w_out.size(1) == d, op, ": hidden size ", d, " must match w_in [S, F, d] ",
               w_in.sizes(), " and w_out [S, d, ff] ", w_out.sizes());
-  TORCH_CHECK(F == (swiglu ? 2 * ff : ff), op, ": w_in has F = ", F, " rows but ", std::string(activation),
-              " with w_out's ff = ", ff, " needs F = ", swiglu ? 2 * ff : ff);
+  TORCH_CHECK(F == (gated ? 2 * ff : ff), op, ": w_in has F = ", F, " rows but ", std::string(activation),
+              " with w_out's ff = ", ff, " needs F = ", gated ? 2 * ff : ff, gated ? " (gate rows, then up rows)" : "");
   check_moe_routing(top_k_index, top_k_weights, expert_map, S, op);
   TORCH_CHECK(top_k_index.size(0) == hidden.size(0), op, ": top_k_index has ", top_k_index.size(0),
               " tokens but hidden has ", hidden.size(0));
-  return swiglu;
+  return act;
 }
 
-at::Tensor expert_activation(const at::Tensor& h, bool swiglu) {
-  if (!swiglu) return h.relu_();
+static at::Tensor act_(at::Tensor x, moe::ActFn fn) {  // in place
+  switch (fn) {
+    case moe::ActFn::relu: return at::relu_(x);
+    case moe::ActFn::gelu: return at::gelu_(x, "none");
+    case moe::ActFn::gelu_tanh: return at::gelu_(x, "tanh");
+    default: return at::silu_(x);
+  }
+}
+
+at::Tensor expert_activation(const at::Tensor& h, Activation act) {
+  if (!act.gated) return act_(h, act.fn);
   const int64_t ff = h.size(1) / 2;
   at::Tensor gate = h.narrow(1, 0, ff);  // in place: the GEMM reads it with row stride 2*ff
-  return at::silu_(gate).mul_(h.narrow(1, ff, ff));
+  return act_(gate, act.fn).mul_(h.narrow(1, ff, ff));
 }
 
 // Measured here (2 threads, Mixtral-shaped fp32, T = 1..1024): one single-threaded GEMM per thread
@@ -166,12 +186,12 @@ at::Tensor grouped_expert_ffn_cpu(const at::Tensor& hidden_arg, const at::Tensor
                                   c10::string_view activation) {
   // An inference op (no backward): detached, the inner GEMMs neither record nor refuse autograd.
   const at::Tensor hidden = hidden_arg.detach(), w_in = w_in_arg.detach(), w_out = w_out_arg.detach();
-  const bool swiglu =
+  const Activation act =
       check_grouped_ffn_args(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation);
   return grouped_ffn_cpu_frame(hidden, w_in.size(0), expert_map, top_k_index, top_k_weights,
                                [&](int64_t s, const at::Tensor& x, at::Tensor y) {
                                  at::Tensor h = linear_nt(x, w_in.select(0, s));
-                                 linear_nt(expert_activation(h, swiglu), w_out.select(0, s), y);
+                                 linear_nt(expert_activation(h, act), w_out.select(0, s), y);
                                });
 }
 

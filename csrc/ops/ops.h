@@ -7,6 +7,7 @@
 #include <tuple>
 #include <vector>
 
+#include "kernels/activation.h"
 #include "kernels/moe_align.h"
 
 namespace mcsmoe::ops {
@@ -37,18 +38,27 @@ at::Tensor grouped_expert_ffn_cuda(const at::Tensor& hidden, const at::Tensor& w
                                    const at::Tensor& expert_map, const at::Tensor& top_k_index,
                                    const at::Tensor& top_k_weights, c10::string_view activation);
 #endif
-// Shared checks: routing tensors; the FFN's arguments (returns true for swiglu); kernel status.
+// An expert activation (mcsmoe_fast/activations.py): act(h), or act(gate) * up when gated.
+struct Activation {
+  moe::ActFn fn;
+  bool gated;
+};
+// "relu", "gelu", "gelu_tanh", "silu", "reglu", "geglu", "geglu_tanh", "swiglu"; a ValueError otherwise.
+Activation parse_activation(c10::string_view name, const char* op);
+
+// Shared checks: routing tensors; the FFN's arguments (returns the activation); kernel status.
 void check_moe_routing(const at::Tensor& top_k_index, const at::Tensor& top_k_weights, const at::Tensor& expert_map,
                        int64_t num_slots, const char* op);
-bool check_grouped_ffn_args(const at::Tensor& hidden, const at::Tensor& w_in, const at::Tensor& w_out,
+Activation check_grouped_ffn_args(const at::Tensor& hidden, const at::Tensor& w_in, const at::Tensor& w_out,
                             const at::Tensor& expert_map, const at::Tensor& top_k_index,
                             const at::Tensor& top_k_weights, c10::string_view activation);
 void check_align_status(const moe::AlignStatus& st, int64_t k, int64_t E, int64_t S, const char* op);
 // CPU alignment with weights summed in `acc` (kFloat or kDouble): sorted_tokens, offsets, weights, token_rows.
 std::vector<at::Tensor> moe_align_cpu_impl(const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
                                            const at::Tensor& expert_map, int64_t num_slots, at::ScalarType acc);
-// relu in place, or silu(gate) * up in place into the gate half (a strided [n, ff] view of h).
-at::Tensor expert_activation(const at::Tensor& h, bool swiglu);
+// act(h) in place, or act(gate) * up in place into the gate half (a strided [n, ff] view of h). ATen's
+// ops: works on any device (the CUDA ops use their fused gated kernel instead).
+at::Tensor expert_activation(const at::Tensor& h, Activation act);
 
 // x [n, K] w [N, K]^T (+ bias [N]) on the CPU (linear_nt.cpp): oneDNN for float32, else at::mm;
 // written into `out` when given.
@@ -83,8 +93,8 @@ at::Tensor sparse_lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& U, c
 // Checks shapes/dtypes/devices; returns (S, out, in).
 std::tuple<int64_t, int64_t, int64_t> check_slr_bank(const at::TensorList& bank, const at::Tensor& hidden,
                                                      const char* op, const char* name);
-// Checks every argument of grouped_expert_ffn_slr but the row index values; returns true for swiglu.
-bool check_slr_ffn_args(const at::Tensor& hidden, at::TensorList w_in, at::TensorList w_out,
+// Checks every argument of grouped_expert_ffn_slr but the row index values; returns the activation.
+Activation check_slr_ffn_args(const at::Tensor& hidden, at::TensorList w_in, at::TensorList w_out,
                         const at::Tensor& expert_map, const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
                         c10::string_view activation);
 // The host copy of a bank's row_offsets after checking them and every slot's row indices.

@@ -52,13 +52,12 @@ std::vector<int64_t> checked_offsets(const at::TensorList& bank, int64_t S, int6
   return off;
 }
 
-bool check_slr_ffn_args(const at::Tensor& hidden, at::TensorList w_in, at::TensorList w_out,
-                        const at::Tensor& expert_map, const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
-                        c10::string_view activation) {
+Activation check_slr_ffn_args(const at::Tensor& hidden, at::TensorList w_in, at::TensorList w_out,
+                              const at::Tensor& expert_map, const at::Tensor& top_k_index,
+                              const at::Tensor& top_k_weights, c10::string_view activation) {
   const char* op = "grouped_expert_ffn_slr";
-  TORCH_CHECK(activation == "relu" || activation == "swiglu", op, ": activation must be 'relu' or 'swiglu', got '",
-              std::string(activation), "'");
-  const bool swiglu = activation == "swiglu";
+  const Activation act = parse_activation(activation, op);
+  const bool gated = act.gated;
   TORCH_CHECK(hidden.dim() == 2, op, ": hidden must be [T, d], got shape ", hidden.sizes());
   TORCH_CHECK(at::isFloatingType(hidden.scalar_type()), op, ": hidden must be floating point, got ",
               hidden.scalar_type());
@@ -68,21 +67,21 @@ bool check_slr_ffn_args(const at::Tensor& hidden, at::TensorList w_in, at::Tenso
   TORCH_CHECK(S_out == S, op, ": w_in has ", S, " slots but w_out has ", S_out);
   TORCH_CHECK(d_in == d && d_out == d, op, ": hidden size ", d, " must match w_in's in = ", d_in, " and w_out's out = ",
               d_out);
-  TORCH_CHECK(F == (swiglu ? 2 * ff : ff), op, ": w_in has ", F, " output rows but ", std::string(activation),
-              " with w_out's ff = ", ff, " needs ", swiglu ? 2 * ff : ff);
+  TORCH_CHECK(F == (gated ? 2 * ff : ff), op, ": w_in has ", F, " output rows but ", std::string(activation),
+              " with w_out's ff = ", ff, " needs ", gated ? 2 * ff : ff);
   check_moe_routing(top_k_index, top_k_weights, expert_map, S, op);
   TORCH_CHECK(top_k_index.size(0) == hidden.size(0), op, ": top_k_index has ", top_k_index.size(0),
               " tokens but hidden has ", hidden.size(0));
   TORCH_CHECK(top_k_index.device() == hidden.device(), op, ": top_k_index must be on hidden's device ",
               hidden.device(), ", got ", top_k_index.device());
-  return swiglu;
+  return act;
 }
 
 at::Tensor grouped_expert_ffn_slr_cpu(const at::Tensor& hidden_arg, at::TensorList w_in, at::TensorList w_out,
                                       const at::Tensor& expert_map, const at::Tensor& top_k_index,
                                       const at::Tensor& top_k_weights, c10::string_view activation) {
   const char* op = "grouped_expert_ffn_slr";
-  const bool swiglu = check_slr_ffn_args(hidden_arg, w_in, w_out, expert_map, top_k_index, top_k_weights, activation);
+  const Activation act = check_slr_ffn_args(hidden_arg, w_in, w_out, expert_map, top_k_index, top_k_weights, activation);
   const at::Tensor hidden = hidden_arg.detach();
   const int64_t S = w_in[0].size(0);
   const auto off_in = checked_offsets(w_in, S, w_in[0].size(1), op, "w_in");
@@ -95,7 +94,7 @@ at::Tensor grouped_expert_ffn_slr_cpu(const at::Tensor& hidden_arg, at::TensorLi
         const int64_t kin = off_in[s + 1] - off_in[s], kout = off_out[s + 1] - off_out[s];
         at::Tensor h = slr_linear_cpu(x, bi[0][s], bi[1][s], bi[2].narrow(0, off_in[s], kin),
                                       bi[3].data_ptr<int64_t>() + off_in[s], std::nullopt, std::nullopt);
-        at::Tensor a = expert_activation(h, swiglu);
+        at::Tensor a = expert_activation(h, act);
         slr_linear_cpu(a, bo[0][s], bo[1][s], bo[2].narrow(0, off_out[s], kout),
                        bo[3].data_ptr<int64_t>() + off_out[s], std::nullopt, y);
       });

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-ACTIVATIONS = ("relu", "swiglu")
-
 
 @dataclass
 class MoELayer:
@@ -29,7 +27,7 @@ class MoELayer:
     attr: str
     num_experts: int
     top_k: int
-    activation: str  # "relu" | "swiglu"
+    activation: str  # one of activations.ACTIVATIONS, read from the model's config
 
     # --- implemented per family -----------------------------------------------------------------
     def router_weight(self) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Mixtral-style fused experts (transformers 5.x): experts.gate_up_proj [E, 2*ff, d] (gate rows then
-up rows), experts.down_proj [E, d, ff], gate.weight [E, d], SwiGLU, softmax-then-top-k routing.
+up rows), experts.down_proj [E, d, ff], gate.weight [E, d], act(gate) * up with the config's hidden_act (SiLU: SwiGLU), softmax-then-top-k routing.
 Qwen2/3-MoE, OLMoE and DeepSeek-V3 share this layout."""
 from __future__ import annotations
 
@@ -46,12 +46,16 @@ def is_mixtral_block(module: nn.Module) -> bool:
 
 
 def mixtral_layers(model: nn.Module) -> list[MixtralLayer]:
+    from ..activations import from_config
+
+    config = getattr(model, "config", None)
+    activation = from_config(getattr(config, "hidden_act", "silu"), gated=True, where="mixtral")
     layers = []
     for name, module in model.named_modules():
         if is_mixtral_block(module):
             parent, attr = split_name(model, name)
             layers.append(
                 MixtralLayer(name=name, module=module, parent=parent, attr=attr,
-                             num_experts=module.gate.weight.shape[0], top_k=module.top_k, activation="swiglu")
+                             num_experts=module.gate.weight.shape[0], top_k=module.top_k, activation=activation)
             )
     return layers

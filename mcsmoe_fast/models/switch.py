@@ -1,5 +1,5 @@
 """Switch Transformers (transformers 5.x): experts are a ModuleDict of `expert_{i}` with wi [ff, d],
-wo [d, ff] and ReLU; router.classifier [E, d]; top-1 routing with expert capacity.
+wo [d, ff] and the config's dense_act_fn (ReLU by default); router.classifier [E, d]; top-1 routing with expert capacity.
 Sparse layers sit in both the encoder and the decoder."""
 from __future__ import annotations
 
@@ -60,14 +60,17 @@ def is_switch_block(module: nn.Module) -> bool:
 
 
 def switch_layers(model: nn.Module) -> list[SwitchLayer]:
+    from ..activations import from_config
     from .base import split_name
 
+    config = getattr(model, "config", None)
+    activation = from_config(getattr(config, "dense_act_fn", "relu"), gated=False, where="switch_transformers")
     layers = []
     for name, module in model.named_modules():
         if is_switch_block(module):
             parent, attr = split_name(model, name)
             layers.append(
                 SwitchLayer(name=name, module=module, parent=parent, attr=attr,
-                            num_experts=module.router.num_experts, top_k=1, activation="relu")
+                            num_experts=module.router.num_experts, top_k=1, activation=activation)
             )
     return layers

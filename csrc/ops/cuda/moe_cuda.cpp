@@ -84,8 +84,9 @@ at::Tensor grouped_expert_ffn_cuda(const at::Tensor& hidden_arg, const at::Tenso
                                    const at::Tensor& w_out_arg, const at::Tensor& expert_map,
                                    const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
                                    c10::string_view activation) {
-  const bool swiglu =
+  const Activation act =
       check_grouped_ffn_args(hidden_arg, w_in_arg, w_out_arg, expert_map, top_k_index, top_k_weights, activation);
+  const bool gated = act.gated;
   TORCH_CHECK(hidden_arg.is_cuda(), "grouped_expert_ffn: expected CUDA tensors, got ", hidden_arg.device());
   const c10::cuda::CUDAGuard guard(hidden_arg.device());
   const at::Tensor hidden = hidden_arg.detach(), w_in = w_in_arg.detach(), w_out = w_out_arg.detach();
@@ -103,7 +104,7 @@ at::Tensor grouped_expert_ffn_cuda(const at::Tensor& hidden_arg, const at::Tenso
   int64_t max_rows = 0;
   for (int64_t s = 0; s < S; ++s) max_rows = std::max(max_rows, off[s + 1] - off[s]);
   at::Tensor h_buf = at::empty({max_rows, w_in.size(1)}, hidden.options());
-  at::Tensor a_buf = swiglu ? at::empty({max_rows, ff}, hidden.options()) : at::Tensor();
+  at::Tensor a_buf = gated ? at::empty({max_rows, ff}, hidden.options()) : at::Tensor();
   try {
     for (int64_t s = 0; s < S; ++s) {
       const int64_t n = off[s + 1] - off[s];
@@ -111,11 +112,11 @@ at::Tensor grouped_expert_ffn_cuda(const at::Tensor& hidden_arg, const at::Tenso
       at::Tensor h = h_buf.narrow(0, 0, n);
       at::mm_out(h, x.narrow(0, off[s], n), w_in.select(0, s).t());
       at::Tensor a = h;
-      if (swiglu) {
+      if (gated) {
         a = a_buf.narrow(0, 0, n);
-        moe::swiglu_cuda(h.data_ptr(), h.stride(0), a.data_ptr(), n, ff, dtype, stream);
+        moe::gated_act_cuda(h.data_ptr(), h.stride(0), a.data_ptr(), n, ff, act.fn, dtype, stream);
       } else {
-        h.relu_();
+        expert_activation(h, act);  // ATen's in-place op on the device
       }
       at::Tensor y_s = y.narrow(0, off[s], n);
       at::mm_out(y_s, a, w_out.select(0, s).t());

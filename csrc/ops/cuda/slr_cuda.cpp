@@ -131,7 +131,7 @@ at::Tensor grouped_expert_ffn_slr_cuda(const at::Tensor& hidden_arg, at::TensorL
                                        const at::Tensor& expert_map, const at::Tensor& top_k_index,
                                        const at::Tensor& top_k_weights, c10::string_view activation) {
   const char* op = "grouped_expert_ffn_slr";
-  const bool swiglu = check_slr_ffn_args(hidden_arg, w_in, w_out, expert_map, top_k_index, top_k_weights, activation);
+  const Activation act = check_slr_ffn_args(hidden_arg, w_in, w_out, expert_map, top_k_index, top_k_weights, activation);
   TORCH_CHECK(hidden_arg.is_cuda(), op, ": expected CUDA tensors, got ", hidden_arg.device());
   const c10::cuda::CUDAGuard guard(hidden_arg.device());
   const auto mdtype = kernel_dtype(hidden_arg.scalar_type(), op);
@@ -183,7 +183,7 @@ at::Tensor grouped_expert_ffn_slr_cuda(const at::Tensor& hidden_arg, at::TensorL
   const auto opts = hidden.options();
   const at::Tensor h_buf = at::empty({max_rows * F}, opts), z_buf = at::empty({max_rows * max_rank}, opts),
                    zs_buf = at::empty({max_rows * max_kept}, opts),
-                   a_buf = swiglu ? at::empty({max_rows * ff}, opts) : at::Tensor();
+                   a_buf = act.gated ? at::empty({max_rows * ff}, opts) : at::Tensor();
   for (int64_t s = 0; s < S; ++s) {
     const int64_t n = off[s + 1] - off[s];
     if (n == 0) continue;
@@ -191,11 +191,11 @@ at::Tensor grouped_expert_ffn_slr_cuda(const at::Tensor& hidden_arg, at::TensorL
     slr_linear_into(x.narrow(0, off[s], n), bi[0][s], bi[1][s], bi[2].narrow(0, off_in[s], off_in[s + 1] - off_in[s]),
                     bi[3].data_ptr<int64_t>() + off_in[s], h_s, z_buf, zs_buf, sdtype, stream);
     at::Tensor a = h_s;
-    if (swiglu) {
+    if (act.gated) {
       a = scratch(a_buf, n, ff);
-      launch([&] { moe::swiglu_cuda(h_s.data_ptr(), F, a.data_ptr(), n, ff, mdtype, stream); });
+      launch([&] { moe::gated_act_cuda(h_s.data_ptr(), F, a.data_ptr(), n, ff, act.fn, mdtype, stream); });
     } else {
-      a.relu_();
+      expert_activation(a, act);  // ATen's in-place op on the device
     }
     slr_linear_into(a, bo[0][s], bo[1][s], bo[2].narrow(0, off_out[s], off_out[s + 1] - off_out[s]),
                     bo[3].data_ptr<int64_t>() + off_out[s], y.narrow(0, off[s], n), z_buf, zs_buf, sdtype, stream);
