@@ -28,7 +28,7 @@ def _linear_assignment_fake(cost: torch.Tensor, maximize: bool = False) -> torch
 
 
 # --- grouped expert FFN over merged slots ---------------------------------------------------------
-ACTIVATIONS = ("relu", "swiglu")
+from .activations import ACTIVATIONS  # noqa: E402
 
 
 def moe_align(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, expert_map: torch.Tensor, num_slots: int):
@@ -72,8 +72,9 @@ def grouped_expert_ffn(
     """The whole expert FFN over S slots in one call (inference; no autograd).
 
     hidden [T, d]; w_in [S, F, d]; w_out [S, d, ff]; expert_map [E] int64; top_k_index [T, k] int64
-    (-1 = no expert); top_k_weights [T, k]; activation "relu" (F = ff) or "swiglu" (F = 2*ff, gate rows
-    then up rows, silu(gate) * up). out[t] = sum over the distinct slots s of token t of
+    (-1 = no expert); top_k_weights [T, k]; activation one of activations.ACTIVATIONS: ungated "relu",
+    "gelu", "gelu_tanh", "silu" (F = ff), or gated "reglu", "geglu", "geglu_tanh", "swiglu" (F = 2*ff, gate
+    rows then up rows, act(gate) * up). out[t] = sum over the distinct slots s of token t of
     (t's summed weight on s) * w_out[s] @ act(w_in[s] @ hidden[t]). Equals reference.grouped_expert_ffn.
     """
     return _lib.grouped_expert_ffn(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation)
@@ -81,7 +82,7 @@ def grouped_expert_ffn(
 
 @torch.library.register_fake("mcsmoe_fast::grouped_expert_ffn")
 def _grouped_expert_ffn_fake(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation):
-    torch._check(activation in ACTIVATIONS, lambda: f"activation must be 'relu' or 'swiglu', got {activation!r}")
+    torch._check(activation in ACTIVATIONS, lambda: f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     torch._check(hidden.dim() == 2 and w_in.dim() == 3 and w_out.dim() == 3, lambda: "hidden [T, d], w_in [S, F, d], w_out [S, d, ff]")
     torch._check(w_in.dtype == hidden.dtype and w_out.dtype == hidden.dtype, lambda: "hidden, w_in, w_out: one dtype")
     torch._check(top_k_index.shape[0] == hidden.shape[0], lambda: "top_k_index must have one row per token")
@@ -175,7 +176,7 @@ def grouped_expert_ffn_slr(hidden, w_in, w_out, expert_map, top_k_index, top_k_w
 @torch.library.register_fake("mcsmoe_fast::grouped_expert_ffn_slr")
 def _grouped_expert_ffn_slr_fake(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation):
     op = "grouped_expert_ffn_slr"
-    torch._check(activation in ACTIVATIONS, lambda: f"{op}: activation must be 'relu' or 'swiglu', got {activation!r}")
+    torch._check(activation in ACTIVATIONS, lambda: f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
     torch._check(len(w_in) == 5 and len(w_out) == 5, lambda: f"{op}: w_in, w_out: [U, V, S_rows, row_idx, row_offsets]")
     torch._check(hidden.dim() == 2 and top_k_index.dim() == 2 and top_k_index.shape[0] == hidden.shape[0],
                  lambda: f"{op}: hidden [T, d], top_k_index [T, k]")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 # --- linear assignment ---------------------------------------------------------------------------
@@ -28,12 +27,10 @@ def assignment_objective(cost: torch.Tensor, cols: torch.Tensor) -> torch.Tensor
 
 # --- expert FFN over merged slots ----------------------------------------------------------------
 def expert_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "relu":
-        return F.relu(h)
-    if activation == "swiglu":
-        gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    raise ValueError(f"unknown activation {activation!r}; expected 'relu' or 'swiglu'")
+    """act(h), or act(gate) * up for gated activations (see activations.py)."""
+    from .activations import apply
+
+    return apply(h, activation)
 
 
 def grouped_expert_ffn(
