@@ -3,10 +3,12 @@ __version__ = "0.1.0"
 
 from . import ops  # noqa: E402  (loads the native extension; raises with build instructions if missing)
 from .calibrate import collect_routing_stats  # noqa: E402
+from .calibration_data import calibration_batches, load_tokenizer, read_calibration_texts  # noqa: E402
 from .checkpoint import from_pretrained, save_pretrained  # noqa: E402
 from .compress import compress_experts  # noqa: E402
 from .merge import merge_experts  # noqa: E402
 from .models import moe_layers  # noqa: E402
+from .models.loading import open_model  # noqa: E402
 from .optimize import optimize  # noqa: E402
 from .permute import align_experts  # noqa: E402
 from .pruner import CompressionPruner  # noqa: E402
@@ -15,6 +17,10 @@ __all__ = [
     "__version__",
     "ops",
     "moe_layers",
+    "open_model",
+    "load_tokenizer",
+    "read_calibration_texts",
+    "calibration_batches",
     "align_experts",
     "collect_routing_stats",
     "merge_experts",

@@ -35,3 +35,19 @@ def tiny_mixtral(num_experts: int = 8, hidden_size: int = 32, intermediate_size:
         pad_token_id=0, bos_token_id=1, eos_token_id=2, hidden_act=hidden_act,
     )
     return MixtralForCausalLM(config).eval()
+
+
+TINY_WORDS = ("the quick brown fox jumps over a lazy dog experts share merged weights routers still score every "
+              "original expert mixture of models are sparse and large calibration text decides which dominate")
+
+
+def tiny_tokenizer(words: str = TINY_WORDS):
+    """A word-level tokenizer over `words` (plus [PAD], [EOS], [UNK]), built locally; vocabulary < 128 so it
+    fits the tiny models."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([words], trainers.WordLevelTrainer(special_tokens=["[PAD]", "[EOS]", "[UNK]"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]")
