@@ -1,6 +1,8 @@
 """optimize(model): swap every Hugging Face MoE block's experts for the fused modules, in place."""
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 from .models import moe_layers
@@ -17,7 +19,12 @@ def optimize(model: nn.Module, dropless: bool = False) -> nn.Module:
     Switch blocks become SwitchMoE with HF's expert capacity unless `dropless=True`.
     Outputs equal the original model's (up to floating-point rounding of the GEMMs).
     """
-    for layer in moe_layers(model):
+    layers = moe_layers(model, allow_empty=True)
+    if not layers:
+        warnings.warn(f"optimize: this {model.config.model_type} model has no MoE layer; returned unchanged",
+                      stacklevel=2)
+        return model
+    for layer in layers:
         experts = getattr(layer.module, "experts", None)
         if not isinstance(experts, (MoEExperts, CompressedMoEExperts)):
             w_in, w_out = layer.expert_weights()

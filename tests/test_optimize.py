@@ -166,3 +166,20 @@ def test_merged_checkpoint_loads_into_fast_modules(family, tmp_path):
             with torch.enable_grad():
                 want = forward(model, b)
             assert (forward(loaded, b) - want).abs().max() <= ATOL
+
+
+def test_model_without_moe_layers_is_returned_unchanged_with_a_warning():
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    config = SwitchTransformersConfig(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=2,
+                                      num_heads=2, num_experts=4, num_sparse_encoder_layers=0,
+                                      num_sparse_decoder_layers=0, decoder_start_token_id=0)
+    config.encoder_sparse_step = config.decoder_sparse_step = 0  # no sparse block at all
+    model = SwitchTransformersForConditionalGeneration(config).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match="no MoE layer"):
+        assert optimize(model) is model
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match="no MoE layer"):  # the algorithm steps still refuse it
+        moe_layers(model)
