@@ -52,7 +52,9 @@ def run_permute(args) -> int:
 
 
 def add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="build small Switch and Mixtral models locally and align their experts")
+    p = sub.add_parser("demo", help="build small random Switch and Mixtral models locally, align their experts, "
+                                    "merge them 4:1, save and reload the smaller checkpoint into the fused "
+                                    "modules; prints what changed, sizes and timings")
     p.set_defaults(run=run_demo)
 
 
