@@ -155,3 +155,35 @@ def test_statistics_of_a_drop_pruned_model_never_count_masked_experts(tmp_path):
             dropped = [e for e in range(s.num_experts) if e not in groupings[name].dominant]
             assert s.counts[dropped].sum() == 0
             assert torch.isfinite(s.logit_gram).all()
+
+
+@pytest.mark.parametrize("top_k,kept", [(2, 1), (3, 2)])
+def test_fewer_kept_experts_than_top_k_counts_only_kept_selections(top_k, kept, tmp_path):
+    """A Mixtral layer pruned to fewer experts than top_k: the top-k is filled with masked experts at
+    weight 0; those fillers are no selection (counts, frequency, routed inputs) and their logits are 0
+    in the Gram matrix. Checked against a plain computation over the stored layer inputs."""
+    from mcsmoe_fast import merge_experts
+
+    model = build("mixtral", tmp_path, top_k=top_k)
+    batches = calibration(model)
+    groupings = merge_experts(model, collect_routing_stats(model, batches, progress=False), kept, globally=False,
+                              strategy="drop", progress=False)
+    stats = collect_routing_stats(model, batches, progress=False)
+    layers, store = stored_layer_inputs(model, batches)
+    for layer in layers:
+        s, g = stats[layer.name], groupings[layer.name]
+        x = torch.cat([h[b["attention_mask"].bool()] for h, b in zip(store[layer.name], batches)]).double()
+        keep = torch.zeros(layer.num_experts, dtype=torch.bool)
+        keep[g.dominant] = True
+        logits = x @ layer.router_weight().double().T
+        top = logits.masked_fill(~keep, float("-inf")).topk(kept, dim=-1).indices  # every kept expert
+        counts = torch.bincount(top.flatten(), minlength=layer.num_experts).double()
+        feature = torch.zeros(layer.num_experts, x.shape[1], dtype=torch.float64).index_add_(
+            0, top.flatten(), x.repeat_interleave(kept, 0))
+        masked = logits * keep  # masked experts' logits count as 0
+        assert s.tokens == x.shape[0]
+        assert torch.equal(s.counts, counts) and s.counts.sum() == kept * x.shape[0]
+        assert torch.equal(s.counts[~keep], torch.zeros(int((~keep).sum()), dtype=torch.float64))
+        torch.testing.assert_close(s.frequency, counts / counts.sum())
+        torch.testing.assert_close(s.feature_sum, feature, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(s.logit_gram, masked.T @ masked, rtol=1e-5, atol=1e-5)

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mcsmoe_fast import collect_routing_stats, merge_experts, moe_layers
 from mcsmoe_fast.drop import MaskedLinear, MaskedTopKRouter
@@ -192,3 +193,89 @@ def test_merging_a_merged_model_again(tmp_path):
     for layer in moe_layers(model):
         assert layer.module.experts.num_slots == 2 == groupings[layer.name].num_groups
     assert len(model.config.mcsmoe_merge["merges"]) == 2
+
+
+def plain_cosine(vectors):
+    """(cos + 1) / 2 between the rows of vectors, one pair at a time (zero rows: cosine 0)."""
+    v = vectors.double().reshape(vectors.shape[0], -1)
+    return torch.stack([(F.cosine_similarity(v[i : i + 1], v, dim=1) + 1) / 2 for i in range(v.shape[0])])
+
+
+def plain_gram_cosine(gram):
+    """(cos + 1) / 2 between the columns of the logit matrix, from its Gram matrix, entry by entry."""
+    e = gram.shape[0]
+    return torch.tensor([[(gram[i, j] / (gram[i, i] * gram[j, j]).sqrt() + 1).item() / 2 for j in range(e)]
+                         for i in range(e)], dtype=torch.float64)
+
+
+def spy_group_layer(monkeypatch):
+    """Record every (layer name, frequency, similarity, num_groups) that merge_experts groups with."""
+    import mcsmoe_fast.merge as merge_module
+
+    calls = {}
+    real = merge_module.group_layer
+
+    def spy(name, frequency, similarity, num_groups, *args, **kwargs):
+        calls[name] = (frequency.clone(), similarity.clone(), num_groups)
+        return real(name, frequency, similarity, num_groups, *args, **kwargs)
+
+    monkeypatch.setattr(merge_module, "group_layer", spy)
+    return calls
+
+
+@pytest.mark.parametrize("similarity", ["router-logits", "router-weight", "weight", "feature", "expert-output",
+                                        "random"])
+def test_each_similarity_basis_is_computed_from_the_right_data(similarity, tmp_path, monkeypatch):
+    """The similarity matrix each layer is grouped with equals one computed by hand from that layer's own
+    statistics (router-logits: Gram matrix; feature: mean routed input; expert-output: mean output over all
+    tokens) or weights (router-weight: the gate; weight: every expert's w_in and w_out, before alignment)."""
+    from mcsmoe_fast.grouping import random_similarity
+
+    model = build("mixtral", tmp_path)
+    batches = calibration(model)
+    stats = collect_routing_stats(model, batches, bases=("router-logits", "feature", "expert-output"), progress=False)
+    before = original_weights(model)
+    routers = {layer.name: layer.router_weight().detach().clone() for layer in moe_layers(model)}
+    calls = spy_group_layer(monkeypatch)
+    merge_experts(model, stats, 3, similarity=similarity, globally=False, seed=5, progress=False)
+    assert list(calls) == list(stats)
+    for name, (frequency, sim, num_groups) in calls.items():
+        s = stats[name]
+        if similarity == "router-logits":
+            expected = plain_gram_cosine(s.logit_gram)
+        elif similarity == "feature":
+            expected = plain_cosine(s.feature_sum / s.counts.clamp_min(1).unsqueeze(1))
+        elif similarity == "expert-output":
+            expected = plain_cosine(s.output_sum / s.tokens)
+        elif similarity == "router-weight":
+            expected = plain_cosine(routers[name])
+        elif similarity == "weight":
+            w_in, w_out = before[name]
+            expected = plain_cosine(torch.cat([w_in.flatten(1), w_out.flatten(1)], 1))
+        else:
+            expected = random_similarity(8, seed=5)
+            assert not torch.equal(expected, random_similarity(8, seed=0))
+        torch.testing.assert_close(sim.double(), expected, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(frequency.double(), s.counts / s.counts.sum())
+        assert num_groups == 3
+    if similarity in ("router-logits", "feature", "expert-output"):  # each layer its own statistics
+        names = list(calls)
+        assert not torch.allclose(calls[names[0]][1], calls[names[1]][1])
+
+
+def test_weight_similarity_of_a_merged_model_compares_every_original_expert(tmp_path, monkeypatch):
+    """A merged layer stores G slots; the weight basis still compares E experts, each with its slot's
+    weights (experts sharing a slot are identical: similarity 1)."""
+    model, _, stats = setup("mixtral", tmp_path)
+    merge_experts(model, stats, 4, globally=False, permute=False, progress=False)
+    slots = {layer.name: (layer.module.experts.w_in.detach().clone(), layer.module.experts.w_out.detach().clone(),
+                          layer.module.experts.expert_map.clone()) for layer in moe_layers(model)}
+    calls = spy_group_layer(monkeypatch)
+    merge_experts(model, stats, 2, similarity="weight", globally=False, progress=False)
+    for name, (_, sim, _) in calls.items():
+        w_in, w_out, emap = slots[name]
+        expected = plain_cosine(torch.cat([w_in[emap].flatten(1), w_out[emap].flatten(1)], 1))
+        assert sim.shape == (8, 8)
+        torch.testing.assert_close(sim.double(), expected, rtol=1e-6, atol=1e-9)
+        same = emap[:, None] == emap[None, :]
+        torch.testing.assert_close(sim[same].double(), torch.ones(int(same.sum()), dtype=torch.float64))

@@ -41,21 +41,45 @@ def test_align_preserves_function(saved_model, strategy):
         assert (perm[1:] != torch.arange(perm.shape[1])).any(), "random experts should need reordering"
 
 
+def plain_permuted(w_in, w_out, order, activation):
+    """Expert (w_in [F, d], w_out [d, ff]) whose hidden neuron a is old neuron order[a], by plain indexing:
+    rows of w_in (gate rows and up rows alike for SwiGLU) and the matching columns of w_out."""
+    ff = w_out.shape[-1]
+    rows = torch.cat([order, order + ff]) if activation == "swiglu" else order
+    return w_in[rows], w_out[:, order]
+
+
 @pytest.mark.parametrize("activation,ff", [("relu", 37), ("swiglu", 29)])
 def test_recovers_a_hidden_permutation(activation, ff):
-    """Expert 1 is expert 0 with its neurons shuffled (plus noise): alignment must undo the shuffle."""
+    """Expert 1 is expert 0 with its neurons shuffled (plus noise): alignment must undo the shuffle.
+    The shuffled expert is built, and the result checked, by plain indexing (not by apply_permutation)."""
+    g = torch.Generator().manual_seed(ff)
     d = 19
     f = 2 * ff if activation == "swiglu" else ff
-    w_in0, w_out0 = torch.randn(1, f, d), torch.randn(1, d, ff)
-    shuffle = torch.randperm(ff).unsqueeze(0)
-    w_in1, w_out1 = apply_permutation(w_in0, w_out0, shuffle, activation)
-    w_in = torch.cat([w_in0, w_in1 + 0.01 * torch.randn_like(w_in1)])
-    w_out = torch.cat([w_out0, w_out1 + 0.01 * torch.randn_like(w_out1)])
+    w_in0, w_out0 = torch.randn(f, d, generator=g), torch.randn(d, ff, generator=g)
+    shuffle = torch.randperm(ff, generator=g)
+    w_in1, w_out1 = plain_permuted(w_in0, w_out0, shuffle, activation)
+    w_in = torch.stack([w_in0, w_in1 + 0.01 * torch.randn(f, d, generator=g)])
+    w_out = torch.stack([w_out0, w_out1 + 0.01 * torch.randn(d, ff, generator=g)])
     perm = match_permutations(w_in, w_out, torch.tensor([0, 0]), activation)
-    aligned_in, aligned_out = apply_permutation(w_in, w_out, perm, activation)
-    assert (aligned_in[1] - w_in0[0]).abs().max() < 0.1
-    assert (aligned_out[1] - w_out0[0]).abs().max() < 0.1
-    assert torch.equal(shuffle[0][perm[1]], torch.arange(ff))
+    assert torch.equal(perm[0], torch.arange(ff))
+    assert torch.equal(shuffle[perm[1]], torch.arange(ff))  # new neuron a of expert 1 is old neuron perm[1, a]
+    aligned_in, aligned_out = plain_permuted(w_in[1], w_out[1], perm[1], activation)
+    assert (aligned_in - w_in0).abs().max() < 0.1
+    assert (aligned_out - w_out0).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+def test_apply_permutation_is_plain_indexing(activation):
+    g = torch.Generator().manual_seed(3)
+    s, d, ff = 3, 5, 7
+    f = 2 * ff if activation == "swiglu" else ff
+    w_in, w_out = torch.randn(s, f, d, generator=g), torch.randn(s, d, ff, generator=g)
+    perm = torch.stack([torch.randperm(ff, generator=g) for _ in range(s)])
+    new_in, new_out = apply_permutation(w_in, w_out, perm, activation)
+    for e in range(s):
+        exp_in, exp_out = plain_permuted(w_in[e], w_out[e], perm[e], activation)
+        assert torch.equal(new_in[e], exp_in) and torch.equal(new_out[e], exp_out)
 
 
 def test_cost_matches_plain_dot_products():
