@@ -11,20 +11,60 @@ _lib = torch.ops.mcsmoe_fast
 
 # --- linear assignment ---------------------------------------------------------------------------
 def linear_assignment(cost: torch.Tensor, maximize: bool = False) -> torch.Tensor:
-    """Optimal assignment of rows to columns for cost [n, m] or a batch [B, n, m] (n <= m).
+    """Optimal assignment of rows to columns for cost [n, m] or a batch [B, n, m].
 
-    Returns int64 column indices [..., n]: row i takes column out[..., i]; the objective is optimal
-    (equal to scipy.optimize.linear_sum_assignment's). float32 or float64, CPU or CUDA; duals are
-    float64. Raises on n > m, non-finite entries or a wrong rank.
+    Returns int64 column indices [..., n]: row i takes column out[..., i], or none (-1) when n > m
+    (then m rows get a column each). The objective is optimal, equal to
+    scipy.optimize.linear_sum_assignment's, whose contract this keeps: any real dtype (bool and
+    integers are solved as float64, float16/bfloat16 as float32; duals are float64), CPU or CUDA;
+    +inf (-inf when maximizing) marks a forbidden pair. Raises ValueError on NaN, on -inf (+inf when
+    maximizing), on a problem where every assignment uses a forbidden pair ("infeasible") and on a
+    wrong rank; TypeError on a complex dtype.
     """
     return _lib.linear_assignment(cost, maximize)
 
 
 @torch.library.register_fake("mcsmoe_fast::linear_assignment")
 def _linear_assignment_fake(cost: torch.Tensor, maximize: bool = False) -> torch.Tensor:
-    torch._check(cost.dim() in (2, 3), lambda: f"cost must be [n, m] or [B, n, m], got rank {cost.dim()}")
-    torch._check(cost.shape[-2] <= cost.shape[-1], lambda: "need n <= m (rows <= columns)")
+    torch._check_value(cost.dim() in (2, 3), lambda: f"cost must be [n, m] or [B, n, m], got rank {cost.dim()}")
     return cost.new_empty(cost.shape[:-1], dtype=torch.int64)
+
+
+def linear_sum_assignment(cost, maximize: bool = False):
+    """Drop-in for scipy.optimize.linear_sum_assignment: (row indices, column indices) of an optimal
+    assignment of the matrix `cost`, rows ascending; min(n, m) pairs.
+
+    A torch.Tensor (CPU or CUDA) gives int64 tensors on its device; anything else (a numpy array, a
+    nested list) gives numpy int64 arrays. Errors as in scipy: ValueError for a wrong rank, invalid
+    entries (NaN, -inf when minimizing, +inf when maximizing) or an infeasible matrix (+inf, or -inf
+    when maximizing, marks a forbidden pair); TypeError for a dtype that does not cast safely to float64.
+    """
+    if isinstance(cost, torch.Tensor):
+        if cost.dim() != 2:
+            raise ValueError(f"expected a matrix (2-D tensor), got a {cost.dim()} tensor")
+        return _rows_and_cols(linear_assignment(cost.detach(), maximize), cost.shape)
+    import numpy as np
+
+    array = np.asarray(cost)
+    if array.ndim != 2:
+        raise ValueError(f"expected a matrix (2-D array), got a {array.ndim} array")
+    if not np.can_cast(array.dtype, np.float64, casting="safe"):
+        raise TypeError(f"Cannot cast array data from {array.dtype!r} to dtype('float64') according to the rule 'safe'")
+    if array.dtype not in (np.float32, np.float64):
+        array = array.astype(np.float64)
+    if not (array.flags.c_contiguous and array.flags.writeable and min(array.strides, default=0) >= 0):
+        array = np.array(array, order="C")  # torch.from_numpy warns on read-only arrays, refuses negative strides
+    cols = linear_assignment(torch.from_numpy(array), maximize)
+    rows, cols = _rows_and_cols(cols, array.shape)
+    return rows.numpy(), cols.numpy()
+
+
+def _rows_and_cols(cols: torch.Tensor, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """linear_assignment's columns per row of one [n, m] problem -> scipy's (rows, cols)."""
+    if shape[0] <= shape[1]:
+        return torch.arange(shape[0], device=cols.device), cols
+    rows = torch.nonzero(cols >= 0).squeeze(1)
+    return rows, cols[rows]
 
 
 # --- grouped expert FFN over merged slots ---------------------------------------------------------

@@ -7,22 +7,27 @@ import torch
 
 # --- linear assignment ---------------------------------------------------------------------------
 def linear_assignment(cost: torch.Tensor, maximize: bool = False) -> torch.Tensor:
-    """scipy.optimize.linear_sum_assignment per problem; cost [n, m] or [B, n, m] with n <= m."""
+    """scipy.optimize.linear_sum_assignment per problem; cost [n, m] or [B, n, m]. Columns per row,
+    -1 for the rows left without one (n > m). Raises scipy's ValueError on invalid or infeasible costs."""
     from scipy.optimize import linear_sum_assignment
 
     batched = cost.dim() == 3
     costs = cost if batched else cost.unsqueeze(0)
-    out = torch.empty(costs.shape[:2], dtype=torch.int64)
+    out = torch.full(costs.shape[:2], -1, dtype=torch.int64)
     for b, c in enumerate(costs.detach().cpu().double().numpy()):
         rows, cols = linear_sum_assignment(c, maximize=maximize)
-        out[b, rows] = torch.from_numpy(cols.astype(np.int64))
+        out[b, torch.from_numpy(rows.astype(np.int64))] = torch.from_numpy(cols.astype(np.int64))
     out = out.to(cost.device)
     return out if batched else out[0]
 
 
 def assignment_objective(cost: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Sum of the chosen entries per problem, in float64."""
-    return cost.double().gather(-1, cols.unsqueeze(-1)).squeeze(-1).sum(-1)
+    """Sum of the chosen entries per problem, in float64 (rows with column -1 choose nothing)."""
+    if cost.shape[-1] == 0:
+        return torch.zeros(cols.shape[:-1], dtype=torch.float64, device=cost.device)
+    taken = cols >= 0
+    chosen = cost.double().gather(-1, cols.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(taken, chosen, torch.zeros((), dtype=torch.float64, device=chosen.device)).sum(-1)
 
 
 # --- expert FFN over merged slots ----------------------------------------------------------------
