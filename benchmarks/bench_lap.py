@@ -54,6 +54,28 @@ def test_linear_assignment(benchmark, impl, kind, n):
     benchmark.extra_info["objective_sum"] = float(reference.assignment_objective(cost, cols).sum())
 
 
+def forbidden_costs(batch: int, n: int, seed: int = 0) -> torch.Tensor:
+    """Uniform costs with half the pairs forbidden (+inf): solved with big M on a float64 copy."""
+    gen = torch.Generator().manual_seed(seed)
+    cost = torch.rand(batch, n, n, generator=gen)
+    return cost.masked_fill(torch.rand(batch, n, n, generator=gen) < 0.5, float("inf"))
+
+
+@pytest.mark.parametrize("impl", ["scipy_loop", "mcsmoe_fast"])
+def test_linear_assignment_forbidden_pairs(benchmark, impl):
+    cost = forbidden_costs(BATCH, 1024)
+    benchmark.group = f"lap forbidden pairs {BATCH}x1024"
+    if impl == "scipy_loop":
+        benchmark.extra_info["anchor"] = True
+        cols = benchmark.pedantic(reference.linear_assignment, (cost, False), rounds=1, iterations=1)
+    else:
+        cols = benchmark.pedantic(ops.linear_assignment, (cost, False), rounds=3, iterations=1)
+        expected = reference.assignment_objective(cost[:2], reference.linear_assignment(cost[:2], False))
+        got = reference.assignment_objective(cost[:2], cols[:2])
+        assert torch.allclose(got, expected, rtol=1e-9, atol=0), "objective differs from scipy"
+    benchmark.extra_info["objective_sum"] = float(reference.assignment_objective(cost, cols).sum())
+
+
 def switch_base_layer(experts: int = 32, d: int = 768, ff: int = 3072, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(experts, ff, d, generator=gen) * d**-0.5, torch.randn(experts, d, ff, generator=gen) * d**-0.5)
