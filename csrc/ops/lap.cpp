@@ -14,8 +14,8 @@ namespace mcsmoe::ops {
 
 // [n, m] or [B, n, m] of any real dtype -> contiguous [B, r, k] float32 or float64 with r <= k: bool and
 // integers become float64 (as in scipy), other floating types float32 (exactly); n > m is transposed
-// (finish_assignment maps the answer back). check_finite rejects every non-finite entry besides.
-at::Tensor check_assignment_cost(const at::Tensor& cost, bool check_finite) {
+// (finish_assignment maps the answer back).
+at::Tensor check_assignment_cost(const at::Tensor& cost) {
   TORCH_CHECK_VALUE(cost.dim() == 2 || cost.dim() == 3,
                     "linear_assignment: expected a matrix [n, m] or a batch [B, n, m], got a tensor of rank ",
                     cost.dim());
@@ -31,8 +31,6 @@ at::Tensor check_assignment_cost(const at::Tensor& cost, bool check_finite) {
   if (c.size(1) > c.size(2)) c = c.transpose(1, 2);
   TORCH_CHECK_VALUE(c.size(2) < (int64_t{1} << 31), "linear_assignment: dimensions must be below 2^31, got ",
                     cost.sizes());
-  TORCH_CHECK_VALUE(!check_finite || c.numel() == 0 || at::isfinite(c).all().item<bool>(),
-                    "linear_assignment: cost contains NaN or infinite entries");
   return c.contiguous();
 }
 
@@ -61,7 +59,7 @@ void check_assignment_status(const std::vector<lap::Status>& status) {
 
 at::Tensor linear_assignment_cpu(const at::Tensor& cost, bool maximize) {
   TORCH_CHECK(cost.device().is_cpu(), "linear_assignment_cpu: cost must be on the CPU");
-  at::Tensor c = check_assignment_cost(cost, /*check_finite=*/false);
+  at::Tensor c = check_assignment_cost(cost);
   const int64_t batch = c.size(0), n = c.size(1), m = c.size(2);
   at::Tensor out = at::empty({batch, n}, c.options().dtype(at::kLong));
   int64_t* out_p = out.data_ptr<int64_t>();

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "kernels/activation.h"
+#include "kernels/lap.h"
 #include "kernels/moe_align.h"
 
 namespace mcsmoe::ops {
@@ -17,9 +18,12 @@ at::Tensor linear_assignment_cpu(const at::Tensor& cost, bool maximize);
 at::Tensor linear_assignment_cuda(const at::Tensor& cost, bool maximize);
 #endif
 
-// Shared argument checks; return the cost as a contiguous [B, n, m] tensor. check_finite adds the
-// NaN/inf check as a tensor op (the CPU path checks inside its per-problem loop instead).
-at::Tensor check_assignment_cost(const at::Tensor& cost, bool check_finite);
+// Shared by the CPU and CUDA linear_assignment (ops/lap.cpp): the cost as a contiguous [B, r, k] float32 or
+// float64 problem with r <= k (bool/integers as float64, n > m transposed); the answer mapped back to
+// cost's rows (-1 for rows without a column when n > m); ValueErrors for invalid or infeasible problems.
+at::Tensor check_assignment_cost(const at::Tensor& cost);
+at::Tensor finish_assignment(const at::Tensor& cost, at::Tensor cols);
+void check_assignment_status(const std::vector<lap::Status>& status);
 
 // --- grouped expert FFN over merged slots (moe_align.cpp, moe_ffn.cpp, cuda/moe.cpp) ---
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align_cpu(const at::Tensor& top_k_index,

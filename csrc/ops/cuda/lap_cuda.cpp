@@ -19,10 +19,6 @@
 
 namespace mcsmoe::ops {
 
-// shared with the CPU op (ops/lap.cpp), internal to linear_assignment
-at::Tensor finish_assignment(const at::Tensor& cost, at::Tensor cols);
-void check_assignment_status(const std::vector<lap::Status>& status);
-
 namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
@@ -59,7 +55,7 @@ std::pair<at::Tensor, at::Tensor> substitute_forbidden(const at::Tensor& c, bool
 at::Tensor linear_assignment_cuda(const at::Tensor& cost, bool maximize) {
   TORCH_CHECK(cost.is_cuda(), "linear_assignment_cuda: cost must be a CUDA tensor, got device ", cost.device());
   const c10::cuda::CUDAGuard guard(cost.device());
-  at::Tensor c = check_assignment_cost(cost, /*check_finite=*/false);  // [B, n, m], n <= m, contiguous
+  at::Tensor c = check_assignment_cost(cost);  // [B, n, m], n <= m, contiguous
   const int64_t batch = c.size(0), n = c.size(1), m = c.size(2);
   TORCH_CHECK_VALUE(batch < (int64_t{1} << 31), "linear_assignment: batch must be below 2^31 on CUDA, got ", batch);
   at::Tensor out = at::empty({batch, n}, c.options().dtype(at::kLong));
