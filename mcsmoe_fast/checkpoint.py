@@ -33,6 +33,7 @@ from .merge import MERGE_SECTION, expert_weights_per_expert
 from .models import moe_layers
 from .compressed import BANK_FIELDS, CompressedMoEExperts
 from .modules import MoEExperts
+from .plain_save import guard_plain_save
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "mcsmoe_model.safetensors"
@@ -366,4 +367,4 @@ def from_pretrained(path, verify: bool = True, dtype: torch.dtype | None = None)
     model.tie_weights()
     if dtype is not None:
         model = model.to(dtype)
-    return model.eval()
+    return guard_plain_save(model.eval()) if section["layers"] else model.eval()

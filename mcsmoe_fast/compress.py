@@ -30,6 +30,7 @@ from .calibrate import LayerStats
 from .compressed import CompressedMoEExperts
 from .merge import COMPRESS_SECTION, select_layers
 from .models import MoELayer, moe_layers
+from .plain_save import guard_plain_save
 
 IMPORTANCE = ("weight", "activation", "gradient")
 SVD_METHODS = ("auto", "exact", "randomized")
@@ -181,6 +182,7 @@ def compress_experts(
             module.set_keep(next(masks), next(masks))
             module.finalize()
     _record(model, modules, dict(rank=rank, keep_ratio=keep_ratio, importance=importance, svd=svd))
+    guard_plain_save(model)
     return modules
 
 

@@ -8,6 +8,7 @@ from torch import nn
 from .models import moe_layers
 from .compressed import CompressedMoEExperts
 from .modules import MoEExperts, SwitchMoE
+from .plain_save import guard_plain_save
 
 
 def optimize(model: nn.Module, dropless: bool = False) -> nn.Module:
@@ -33,4 +34,4 @@ def optimize(model: nn.Module, dropless: bool = False) -> nn.Module:
         layer.install_experts(experts)
         if isinstance(layer.parent, nn.Module) and isinstance(getattr(layer.parent, layer.attr), SwitchMoE):
             getattr(layer.parent, layer.attr).dropless = dropless
-    return model
+    return guard_plain_save(model)
