@@ -6,6 +6,9 @@
 // one after another and each GEMM uses every thread; see use_slot_parallelism. MCSMOE_SLOT_PARALLEL=0/1 forces one or the other (for measurements).
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include <algorithm>
 #include <cstdlib>
@@ -123,6 +126,21 @@ static void combine_rows(const scalar_t* y, const acc_t* weights, const int64_t*
   });
 }
 
+SingleThreadIf::SingleThreadIf(bool on) {
+#ifdef _OPENMP
+  if (on && omp_get_max_threads() > 1) {
+    saved_ = omp_get_max_threads();
+    omp_set_num_threads(1);
+  }
+#endif
+}
+
+SingleThreadIf::~SingleThreadIf() {
+#ifdef _OPENMP
+  if (saved_ > 0) omp_set_num_threads(saved_);
+#endif
+}
+
 at::Tensor grouped_ffn_cpu_frame(const at::Tensor& hidden, int64_t S, const at::Tensor& expert_map,
                                  const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
                                  const SlotFfn& ffn) {
@@ -188,6 +206,7 @@ at::Tensor grouped_expert_ffn_cpu(const at::Tensor& hidden_arg, const at::Tensor
   const at::Tensor hidden = hidden_arg.detach(), w_in = w_in_arg.detach(), w_out = w_out_arg.detach();
   const Activation act =
       check_grouped_ffn_args(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation);
+  const SingleThreadIf small(top_k_index.numel() * (w_in.size(1) + w_out.size(2)) * hidden.size(1) < kSmallCallMacs);
   return grouped_ffn_cpu_frame(hidden, w_in.size(0), expert_map, top_k_index, top_k_weights,
                                [&](int64_t s, const at::Tensor& x, at::Tensor y) {
                                  at::Tensor h = linear_nt(x, w_in.select(0, s));
