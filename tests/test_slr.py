@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mcsmoe_fast import ops, reference
+from mcsmoe_fast.activations import ACTIVATIONS, is_gated
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12),
        torch.float16: dict(rtol=2e-2, atol=2e-2), torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
@@ -67,7 +68,7 @@ def kept_counts(S, out, gen, kept):
 
 def ffn_problem(T, d, ff, E, S, k, r, activation, dtype=torch.float32, drop=0.0, seed=0, emap=None, kept="mixed"):
     gen = torch.Generator().manual_seed(seed)
-    F = 2 * ff if activation == "swiglu" else ff
+    F = 2 * ff if is_gated(activation) else ff
     hidden = torch.randn(T, d, generator=gen, dtype=torch.float64)
     w_in = slr_bank(S, F, d, r, kept_counts(S, F, gen, kept), gen)
     w_out = slr_bank(S, d, ff, r, kept_counts(S, d, gen, kept), gen)
@@ -161,6 +162,14 @@ def test_linear_thread_strategies(threads):
             check_linear(linear_problem((T,), 9, 14, 2, 5, T % 2 == 0, seed=T))
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("mode", ["0", "1"])
+def test_linear_forced_thread_strategies(mode, monkeypatch):
+    # MCSMOE_SLR_ROW_PARALLEL forces row blocks in parallel (1) or one block of threaded GEMMs (0).
+    monkeypatch.setenv("MCSMOE_SLR_ROW_PARALLEL", mode)
+    for T in (1, 63, 130, 700, 1100):
+        check_linear(linear_problem((T,), 11, 13, 3, 4, T % 2 == 1, seed=T))
 
 
 def test_linear_inference_mode():
@@ -267,6 +276,11 @@ def test_ffn_matches_reference(shape, activation, dtype):
 @pytest.mark.parametrize("activation", ["relu", "swiglu"])
 def test_ffn_no_kept_rows_and_all_rows_kept(kept, activation):
     check_ffn(ffn_problem(29, 12, 10, 8, 4, 2, 3, activation, kept=kept, seed=21))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_ffn_every_activation(activation):
+    check_ffn(ffn_problem(31, 12, 10, 8, 4, 2, 3, activation, drop=0.1, seed=28))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -3,12 +3,13 @@
 // Per block of rows of x: z = x V^T [n, r] and y = z U^T (+ bias) (GEMMs), then zs = x S_rows^T [n, K]
 // (a GEMM over the kept rows only) added into the kept columns of y (kernels/slr.h). Nothing of size
 // [out, in] is built, and the only temporaries are [n, r] and [n, K].
-// Threads: large T runs blocks of rows in parallel with single-threaded GEMMs; small T runs one block
-// with threaded GEMMs.
+// Threads: blocks of rows in parallel with single-threaded GEMMs from 64 to 512 rows per thread, one
+// block with threaded GEMMs otherwise (see use_row_parallelism).
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/util/accumulate.h>
 
+#include <cstdlib>
 #include <vector>
 
 #include "kernels/slr.h"
@@ -56,18 +57,47 @@ void check_row_idx_cpu(const at::Tensor& row_idx, int64_t out, const char* op, c
                     " repeats an earlier row (kept rows must be distinct)");
 }
 
+// The U product z U^T (+ bias), written into `out` when given. Inside a parallel region (one thread
+// per GEMM) at::mm writes it in place: MKL runs these inner-dimension-r products single-threaded within
+// a few percent of oneDNN, and oneDNN's fresh result would cost a copy of the whole [n, out] output.
+// Threaded, oneDNN stays (MKL is up to 2x slower there on [T, 32] x [32, 3584]).
+static at::Tensor lowrank_product(const at::Tensor& z, const at::Tensor& U, const std::optional<at::Tensor>& bias,
+                                  std::optional<at::Tensor> out) {
+  if (out && at::in_parallel_region())
+    return bias ? at::addmm_out(*out, *bias, z, U.t()) : at::mm_out(*out, z, U.t());
+  return linear_nt(z, U, out, bias);
+}
+
 at::Tensor slr_linear_cpu(const at::Tensor& x, const at::Tensor& U, const at::Tensor& V, const at::Tensor& S_rows,
                           const int64_t* row_idx, const std::optional<at::Tensor>& bias, std::optional<at::Tensor> out) {
-  at::Tensor y = linear_nt(linear_nt(x, V), U, out, bias);
+  at::Tensor y = lowrank_product(linear_nt(x, V), U, bias, out);
   const int64_t K = S_rows.size(0);
   if (K == 0 || x.size(0) == 0) return y;
   const at::Tensor zs = linear_nt(x, S_rows);  // [n, K], contiguous
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "sparse_lowrank_add_kept_rows", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    slr::add_kept_rows_cpu<scalar_t, acc_t>(y.data_ptr<scalar_t>(), y.stride(0), zs.data_ptr<scalar_t>(),
-                                            zs.stride(0), row_idx, x.size(0), K);
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    const scalar_t* zp = zs.data_ptr<scalar_t>();
+    const int64_t ldy = y.stride(0), ldz = zs.stride(0);
+    // Rows in parallel unless already inside a parallel region (then inline).
+    at::parallel_for(0, x.size(0), std::max<int64_t>(1, 16384 / K), [&](int64_t b, int64_t e) {
+      slr::add_kept_rows_cpu<scalar_t, acc_t>(yp + b * ldy, ldy, zp + b * ldz, ldz, row_idx, e - b, K);
+    });
   });
   return y;
+}
+
+// Threads over blocks of rows, each running its own single-threaded GEMMs (one parallel region), or one
+// block of threaded GEMMs (four parallel regions). Measured here (2 threads, fp32, 768/1024/3072/3584
+// wide layers at rank 32 / keep 10%, interleaved runs on a quiet machine): row blocks are 1.0-1.35x
+// faster from 64 to 256 rows per thread (most on the 3072->768 and 3584->1024 shapes, whose threaded
+// GEMMs split [T, 3072] x [3072, 32|76] badly), one block 1-7% faster from 512 rows per thread (the
+// 768->3072 and 1024->3584 shapes; equal on the others). With other processes competing for the cores,
+// every extra barrier waits for a descheduled thread: row blocks then run 2-4x faster than one block.
+// MCSMOE_SLR_ROW_PARALLEL=0/1 forces one or the other (for measurements).
+static bool use_row_parallelism(int64_t T, int64_t threads, int64_t min_rows) {
+  if (const char* env = std::getenv("MCSMOE_SLR_ROW_PARALLEL")) return env[0] == '1';
+  return threads > 1 && T >= threads * min_rows && T < threads * 512;
 }
 
 at::Tensor sparse_lowrank_linear_cpu(const at::Tensor& x_arg, const at::Tensor& U_arg, const at::Tensor& V_arg,
@@ -89,13 +119,15 @@ at::Tensor sparse_lowrank_linear_cpu(const at::Tensor& x_arg, const at::Tensor& 
   const at::Tensor x = x_arg.detach().reshape({T, in}).contiguous();
   auto out_shape = x_arg.sizes().vec();
   out_shape.back() = out;
-  // Blocks of at least kMinRows rows per thread keep the GEMMs efficient; each thread walks its rows
-  // in tiles of kTile so its [tile, out] slice of y is still in cache when the kept rows are added.
+  // Row blocks: at least kMinRows rows per thread keep the GEMMs efficient; each thread walks its rows
+  // in tiles of kTile, so the [tile, out] slice of y is still in cache when the kept rows are added and
+  // the temporaries stay [tile, r] and [tile, K].
   constexpr int64_t kMinRows = 64, kTile = 256;
-  if (T <= kTile || at::get_num_threads() == 1 && T <= 4 * kTile)  // one block: the GEMMs' own output, no copy
+  const int64_t threads = at::get_num_threads();
+  if (T == 0 || !use_row_parallelism(T, threads, kMinRows) && (threads > 1 || T <= 4 * kTile))  // one block
     return slr_linear_cpu(x, U, V, S_rows, row_idx.data_ptr<int64_t>(), bias, std::nullopt).view(out_shape);
   at::Tensor y = at::empty({T, out}, x.options());
-  const bool inference = c10::InferenceMode::is_enabled();
+  const bool inference = c10::InferenceMode::is_enabled();  // thread-local: carry it into the workers
   at::parallel_for(0, T, kMinRows, [&](int64_t begin, int64_t end) {
     c10::InferenceMode guard(inference);
     for (int64_t r = begin; r < end; r += kTile) {

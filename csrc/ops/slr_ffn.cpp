@@ -77,6 +77,17 @@ Activation check_slr_ffn_args(const at::Tensor& hidden, at::TensorList w_in, at:
   return act;
 }
 
+// The activation as a contiguous [n, ff]: both of w_out's GEMMs (V and the kept rows) read it, and
+// oneDNN copies a strided input (the gate half of h, row stride 2 * ff) on each call. Gated: act(gate)
+// in place, then gate * up into a fresh contiguous tensor (measured here, Mixtral-shaped compressed
+// slots, one thread: the layer 1-2% faster than with the strided view).
+static at::Tensor slot_activation(const at::Tensor& h, Activation act) {
+  if (!act.gated) return expert_activation(h, act);
+  const int64_t ff = h.size(1) / 2;
+  const at::Tensor gate = expert_activation(h.narrow(1, 0, ff), Activation{act.fn, false});
+  return at::mul(gate, h.narrow(1, ff, ff));
+}
+
 at::Tensor grouped_expert_ffn_slr_cpu(const at::Tensor& hidden_arg, at::TensorList w_in, at::TensorList w_out,
                                       const at::Tensor& expert_map, const at::Tensor& top_k_index,
                                       const at::Tensor& top_k_weights, c10::string_view activation) {
@@ -94,7 +105,7 @@ at::Tensor grouped_expert_ffn_slr_cpu(const at::Tensor& hidden_arg, at::TensorLi
         const int64_t kin = off_in[s + 1] - off_in[s], kout = off_out[s + 1] - off_out[s];
         at::Tensor h = slr_linear_cpu(x, bi[0][s], bi[1][s], bi[2].narrow(0, off_in[s], kin),
                                       bi[3].data_ptr<int64_t>() + off_in[s], std::nullopt, std::nullopt);
-        at::Tensor a = expert_activation(h, act);
+        at::Tensor a = slot_activation(h, act);
         slr_linear_cpu(a, bo[0][s], bo[1][s], bo[2].narrow(0, off_out[s], kout),
                        bo[3].data_ptr<int64_t>() + off_out[s], std::nullopt, y);
       });
