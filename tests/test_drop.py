@@ -151,3 +151,27 @@ def test_install_logit_mask_reinstalls_in_place_and_rejects_bad_masks(family, tm
         logits = owner(hidden) if family == "switch" else owner(hidden)[0]
     assert torch.isneginf(logits[..., 3:]).all() and torch.isfinite(logits[..., :3]).all()
     assert logit_mask(moe_layers(model)[1]) is None  # other layers untouched
+
+
+def test_masks_are_bool_buffers_on_the_router_device():
+    """keep given as 0/1 numbers becomes a bool mask (`~keep` of integers would be -1/-2, no mask at all);
+    the mask lives on the router's device (a CPU mask from a checkpoint next to a model on another device;
+    the meta device stands in for a GPU here)."""
+    linear = nn.Linear(3, 4)
+    masked = MaskedLinear(linear, [1, 1, 0, 1])
+    assert masked.keep.dtype == torch.bool
+    out = masked(torch.randn(5, 3))
+    assert torch.isneginf(out[:, 2]).all() and torch.isfinite(out[:, [0, 1, 3]]).all()
+    gate = nn.Module()
+    gate.weight = nn.Parameter(torch.randn(4, 3))
+    gate.top_k = 2
+    router = MaskedTopKRouter(gate, torch.tensor([1, 0, 1, 1], dtype=torch.uint8))
+    assert router.keep.dtype == torch.bool
+    logits, _, index = router(torch.randn(5, 3))
+    assert torch.isneginf(logits[:, 1]).all() and not (index == 1).any()
+    meta_linear = nn.Linear(3, 4, device="meta")
+    assert MaskedLinear(meta_linear, torch.ones(4, dtype=torch.bool)).keep.device.type == "meta"
+    meta_gate = nn.Module()
+    meta_gate.weight = nn.Parameter(torch.empty(4, 3, device="meta"))
+    meta_gate.top_k = 2
+    assert MaskedTopKRouter(meta_gate, torch.ones(4, dtype=torch.bool)).keep.device.type == "meta"

@@ -236,3 +236,99 @@ def test_global_counts_edge_cases():
         group_counts(freqs, {"a": 1}, globally=False)
     with pytest.raises(ValueError, match="no layer"):
         group_counts({}, 2)
+
+
+# --- found by mutation testing (benchmarks/mutation.sh grouping) ----------------------------------
+def test_layer_grouping_to_dict_is_the_saved_description():
+    g = build_grouping("l", [0, 0, 0, 3], torch.tensor([0.1, 0.1, 0.1, 0.7]), "average")
+    assert g.name == "l" and g.num_experts == 4 and g.num_groups == 2
+    assert g.to_dict() == {"expert_map": [0, 0, 0, 1], "dominant": [0, 3], "groups": [[0, 1, 2], [3]],
+                           "weights": [[0.333333, 0.333333, 0.333333], [1.0]]}  # rounded to 6 digits
+
+
+def test_similarity_stays_in_zero_one_despite_rounding():
+    """Cosines of (anti)parallel vectors can round past +-1 by a few ulps; the documented range [0, 1]
+    holds exactly for both cosine forms (rows of a matrix; columns known through their Gram matrix)."""
+    for seed in range(20):
+        g = rng(seed)
+        scale = torch.logspace(-3, 3, 50, dtype=torch.float64)
+        base = torch.randn(50, generator=g, dtype=torch.float64) * scale
+        factors = torch.rand(4, generator=g, dtype=torch.float64) * 10
+        rows = torch.cat([torch.stack([base * f for f in factors]), -base.unsqueeze(0),
+                          torch.randn(3, 50, generator=g, dtype=torch.float64) * scale])  # 4 parallel, 1 opposite
+        for sim in (cosine_similarity_matrix(rows), gram_similarity(rows @ rows.T)):
+            assert sim.max() <= 1.0 and sim.min() >= 0.0, seed
+            torch.testing.assert_close(sim[:4, :4], torch.ones(4, 4, dtype=torch.float64))
+            torch.testing.assert_close(sim[:4, 4], torch.zeros(4, dtype=torch.float64))
+
+
+def test_random_similarity_range_defaults_and_fallbacks():
+    r = random_similarity(32)
+    assert torch.equal(r, random_similarity(32, seed=0))  # seed 0 by default, as merge_experts
+    assert torch.equal(r.diagonal(), torch.ones(32, dtype=torch.float64)) and torch.equal(r, r.T)
+    off = r[~torch.eye(32, dtype=torch.bool)]
+    assert off.min() >= 0.0 and off.max() < 1.0 and off.max() > 0.9 and abs(off.mean().item() - 0.5) < 0.05
+    s = make_stats(num_experts=5)
+    assert torch.equal(similarity_matrix("random", num_experts=7), random_similarity(7, 0))
+    assert torch.equal(similarity_matrix("random", stats=s), random_similarity(5, 0))  # E from the statistics
+    assert torch.equal(similarity_matrix("random", stats=s, num_experts=3, seed=2), random_similarity(3, 2))
+    with pytest.raises(ValueError, match="^similarity 'random' needs num_experts$"):
+        similarity_matrix("random")
+
+
+def test_statistics_bases_without_statistics_and_unknown_names_fail_clearly():
+    for basis in ("router-logits", "feature", "expert-output"):
+        with pytest.raises(ValueError, match=f"similarity '{basis}' needs routing statistics"):
+            similarity_matrix(basis)
+    every = "router-logits, router-weight, weight, feature, expert-output, random"
+    with pytest.raises(ValueError, match=f"unknown basis 'cosine'; choose from {every}$"):
+        similarity_matrix("cosine")
+    sim, freq = torch.eye(4), torch.ones(4) / 4
+    with pytest.raises(ValueError, match="^grouping method must be one of dominant, hierarchical, got 'kmeans'$"):
+        group_layer("l", freq, sim, 2, method="kmeans")
+    with pytest.raises(ValueError, match="^strategy must be one of frequency, average, drop, got 'fisher'$"):
+        build_grouping("l", [0, 1, 2, 3], freq, "fisher")
+    with pytest.raises(ValueError, match="^num_groups must be >= 1, got 0$"):
+        dominant_experts(freq, 0)
+    with pytest.raises(ValueError, match="^num_groups must be an int, got 1.5$"):
+        dominant_experts(freq, 1.5)
+    freqs = {"a": torch.ones(4), "b": torch.ones(4)}
+    with pytest.raises(ValueError, match=r"^num_groups\['b'\] must be >= 1, got 0$"):
+        group_counts(freqs, {"a": 1, "b": 0}, globally=False)
+    with pytest.raises(ValueError, match="^num_groups: a per-layer mapping needs globally=False$"):
+        group_counts(freqs, {"a": 1, "b": 1})
+    with pytest.raises(ValueError, match="^no layer to merge$"):
+        group_counts({}, 1)
+
+
+def test_build_grouping_defaults_to_frequency_weights_and_keeps_the_name():
+    freq = torch.tensor([0.1, 0.3, 0.6])
+    g = build_grouping("layer.7", [0, 0, 2], freq)
+    assert g.name == "layer.7" and g.groups == [[1, 0], [2]]
+    assert g.weights == [pytest.approx([0.75, 0.25]), [1.0]]
+    assert group_layer("layer.7", freq, torch.eye(3), 2).name == "layer.7"
+
+
+def test_group_layer_runs_the_method_it_is_asked_for():
+    """Dominant-expert assignment and hierarchical clustering give different partitions here: each method
+    must give its own."""
+    e, k = 8, 3
+    for seed in range(20):
+        g = rng(100 + seed)
+        sim = torch.rand(e, e, generator=g, dtype=torch.float64)
+        sim = (sim + sim.T) / 2
+        sim.fill_diagonal_(1.0)
+        freq = torch.rand(e, generator=g, dtype=torch.float64)
+        dominant = assign_to_dominant(sim, freq, dominant_experts(freq, k))
+        hierarchical = hierarchical_clusters(sim, k)
+
+        def partition(labels):
+            return {frozenset(i for i in range(e) if labels[i] == lab) for lab in set(labels)}
+
+        if partition(dominant) != partition(hierarchical):
+            break
+    else:
+        pytest.fail("no input where the two methods differ")
+    for method, labels in (("dominant", dominant), ("hierarchical", hierarchical)):
+        grouping = group_layer("l", freq, sim, k, method)
+        assert {frozenset(group) for group in grouping.groups} == partition(labels), method
