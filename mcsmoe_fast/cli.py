@@ -65,6 +65,16 @@ def run_demo(args) -> int:
     return 0
 
 
+def add_calibration_options(p) -> None:
+    """How calibration text becomes batches (merge, compress)."""
+    p.add_argument("--num-samples", type=int, default=256, help="calibration samples (default 256)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per calibration sample (default 256)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
+    p.add_argument("--text-field", default="text", help="text field of .jsonl records and datasets (default text)")
+    p.add_argument("--split", default="train", help="dataset split for a dataset name (default train)")
+
+
 # --- merge (M-SMoE) ------------------------------------------------------------------------------
 def add_merge(sub) -> None:
     from .grouping import GROUPING_METHODS, MERGE_STRATEGIES, SIMILARITY_BASES
@@ -87,12 +97,7 @@ def add_merge(sub) -> None:
                    help="frequency-weighted or uniform average, or drop non-dominant experts (baseline)")
     p.add_argument("--layers", nargs="+", default=None,
                    help="MoE layers to merge: names or positions in module order (default: all)")
-    p.add_argument("--num-samples", type=int, default=256, help="calibration samples (default 256)")
-    p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
-    p.add_argument("--max-length", type=int, default=256, help="tokens per calibration sample (default 256)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
-    p.add_argument("--text-field", default="text", help="text field of .jsonl records and datasets (default text)")
-    p.add_argument("--split", default="train", help="dataset split for a dataset name (default train)")
+    add_calibration_options(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the random similarity basis")
     p.add_argument("--export-dense", action="store_true",
                    help="save a plain transformers checkpoint (every expert materialised) instead")
@@ -169,12 +174,7 @@ def add_compress(sub) -> None:
     p.add_argument("--layers", nargs="+", default=None,
                    help="MoE layers to compress: names or positions in module order (default: all)")
     p.add_argument("--calib", default=None, help="calibration text for --importance activation (as for merge)")
-    p.add_argument("--num-samples", type=int, default=256, help="calibration samples (default 256)")
-    p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
-    p.add_argument("--max-length", type=int, default=256, help="tokens per calibration sample (default 256)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
-    p.add_argument("--text-field", default="text", help="text field of .jsonl records and datasets (default text)")
-    p.add_argument("--split", default="train", help="dataset split for a dataset name (default train)")
+    add_calibration_options(p)
     p.set_defaults(run=run_compress)
 
 

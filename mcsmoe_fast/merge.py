@@ -21,6 +21,7 @@ from .grouping import (
 from .models import MoELayer, moe_layers
 from .modules import MoEExperts
 from .permute import apply_permutation, match_permutations
+from .plain_save import guard_plain_save
 
 MERGE_SECTION = "mcsmoe_merge"  # the config attribute (and config.json key) describing the merge
 COMPRESS_SECTION = "mcsmoe_compress"  # the same for compression (compress.py)
@@ -143,6 +144,7 @@ def merge_experts(
     _record(model, result, layer_stats, dict(num_groups=num_groups if isinstance(num_groups, int) else dict(num_groups),
                                              similarity=similarity, globally=globally, permute=permute,
                                              strategy=strategy, grouping=grouping, seed=seed))
+    guard_plain_save(model)
     return result
 
 

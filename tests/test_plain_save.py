@@ -39,3 +39,12 @@ def test_plain_models_still_save_with_transformers(tmp_path):
     ours = from_pretrained(save_pretrained(model, tmp_path / "ours"))  # our format, nothing merged
     ours.save_pretrained(tmp_path / "plain-again")
     assert (tmp_path / "plain-again" / "config.json").is_file()
+
+
+def test_merged_models_refuse_plain_saves(tmp_path):
+    from mcsmoe_fast import collect_routing_stats, merge_experts
+
+    model = build("switch", tmp_path)
+    batches = calibration(model)
+    merge_experts(model, collect_routing_stats(model, batches, progress=False), 2, progress=False)
+    refuses(model, tmp_path)
