@@ -15,11 +15,14 @@ def read_calibration_texts(source: str, num_samples: int = DEFAULT_NUM_SAMPLES, 
     """Up to num_samples non-empty texts from `source`.
 
     source: a .txt file (one sample per line), a .jsonl file (one JSON object per line, text in
-    `text_field`), or a dataset name for `datasets.load_dataset` ("name" or "name:config")."""
+    `text_field`), or a local dataset directory or a dataset name for `datasets.load_dataset` ("name"
+    or "name:config")."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     path = Path(source)
-    if path.suffix in (".txt", ".jsonl") or path.exists():
+    if path.is_dir():  # a local dataset directory (data files per split): datasets reads it like a hub name
+        texts = _read_dataset(source, num_samples, text_field, split)
+    elif path.suffix in (".txt", ".jsonl") or path.exists():
         texts = _read_file(path, num_samples, text_field)
     else:
         texts = _read_dataset(source, num_samples, text_field, split)

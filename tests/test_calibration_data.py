@@ -130,9 +130,6 @@ def test_dataset_errors_name_the_column_and_the_split(local_dataset):
         read_calibration_texts("other/name", 10)
 
 
-@pytest.mark.xfail(strict=True, reason="read_calibration_texts sends every existing path to the .txt/.jsonl "
-                   "reader: a local dataset directory (data files per split, which datasets.load_dataset reads) "
-                   "fails with 'calibration file ... not found'")
 def test_local_dataset_directory_is_a_calibration_source(tmp_path):
     pytest.importorskip("datasets")
     data = tmp_path / "calib-data"
