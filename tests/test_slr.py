@@ -103,7 +103,7 @@ LINEAR_SHAPES = [  # leading dims of x, in, out, r, K
     ((5,), 7, 6, 3, 2), ((1,), 33, 17, 4, 5), ((0,), 9, 5, 2, 2), ((2, 3), 13, 11, 3, 0), ((4,), 8, 10, 2, 10),
     ((6,), 12, 9, 0, 3), ((3,), 0, 5, 2, 2), ((2, 3), 0, 4, 1, 1), ((7,), 10, 1, 2, 1), ((7,), 10, 1, 2, 0),
     ((), 9, 8, 2, 3), ((3, 0, 2), 5, 4, 1, 2), ((3,), 4, 0, 2, 0), ((40,), 64, 50, 50, 5), ((1, 1), 257, 3, 1, 3),
-    ((300,), 20, 30, 4, 7), ((2, 2, 129), 17, 24, 5, 9),  # T > 256: row blocks in parallel
+    ((300,), 20, 30, 4, 7), ((300,), 30, 20, 4, 7), ((2, 2, 129), 24, 17, 5, 9),  # row blocks (out <= in) or not
 ]
 
 
@@ -154,12 +154,14 @@ def test_linear_non_contiguous_inputs():
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_linear_thread_strategies(threads):
-    # One thread: one block up to 1024 rows, row blocks beyond; two: row blocks in parallel past 256 rows.
+    # One thread: one block up to 1024 rows, row blocks beyond; two: row blocks in parallel from 128 to
+    # 1023 rows when the layer is no wider than its input, one block otherwise.
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for T in (256, 257, 1024, 1100):
+        for T in (127, 128, 257, 1023, 1024, 1100):
             check_linear(linear_problem((T,), 9, 14, 2, 5, T % 2 == 0, seed=T))
+            check_linear(linear_problem((T,), 14, 9, 2, 5, T % 2 == 1, seed=T))
     finally:
         torch.set_num_threads(before)
 

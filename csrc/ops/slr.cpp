@@ -3,8 +3,8 @@
 // Per block of rows of x: z = x V^T [n, r] and y = z U^T (+ bias) (GEMMs), then zs = x S_rows^T [n, K]
 // (a GEMM over the kept rows only) added into the kept columns of y (kernels/slr.h). Nothing of size
 // [out, in] is built, and the only temporaries are [n, r] and [n, K].
-// Threads: blocks of rows in parallel with single-threaded GEMMs from 64 to 512 rows per thread, one
-// block with threaded GEMMs otherwise (see use_row_parallelism).
+// Threads: blocks of rows in parallel with single-threaded GEMMs (layers no wider than their input, 64 to
+// 512 rows per thread), one block with threaded GEMMs otherwise (see use_row_parallelism).
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/util/accumulate.h>
@@ -88,16 +88,16 @@ at::Tensor slr_linear_cpu(const at::Tensor& x, const at::Tensor& U, const at::Te
 }
 
 // Threads over blocks of rows, each running its own single-threaded GEMMs (one parallel region), or one
-// block of threaded GEMMs (four parallel regions). Measured here (2 threads, fp32, 768/1024/3072/3584
-// wide layers at rank 32 / keep 10%, interleaved runs on a quiet machine): row blocks are 1.0-1.35x
-// faster from 64 to 256 rows per thread (most on the 3072->768 and 3584->1024 shapes, whose threaded
-// GEMMs split [T, 3072] x [3072, 32|76] badly), one block 1-7% faster from 512 rows per thread (the
-// 768->3072 and 1024->3584 shapes; equal on the others). With other processes competing for the cores,
-// every extra barrier waits for a descheduled thread: row blocks then run 2-4x faster than one block.
+// block of threaded GEMMs (four parallel regions). Measured here (2 threads, fp32, rank 32 / keep 10%,
+// interleaved runs on a quiet machine): layers narrower than their input (3072->768, 3584->1024) run
+// up to 1.3x faster in row blocks from 64 to 256 rows per thread (oneDNN splits [T, 3072] x [3072, 32|76]
+// badly across threads) and equal from 256 up; wider layers (768->3072, 1024->3584) run 3-7% faster as
+// one block at every T. Row blocks also hold up better when other processes compete for the cores
+// (every extra barrier then waits for a descheduled thread).
 // MCSMOE_SLR_ROW_PARALLEL=0/1 forces one or the other (for measurements).
-static bool use_row_parallelism(int64_t T, int64_t threads, int64_t min_rows) {
+static bool use_row_parallelism(int64_t T, int64_t in, int64_t out, int64_t threads, int64_t min_rows) {
   if (const char* env = std::getenv("MCSMOE_SLR_ROW_PARALLEL")) return env[0] == '1';
-  return threads > 1 && T >= threads * min_rows && T < threads * 512;
+  return threads > 1 && out <= in && T >= threads * min_rows && T < threads * 512;
 }
 
 at::Tensor sparse_lowrank_linear_cpu(const at::Tensor& x_arg, const at::Tensor& U_arg, const at::Tensor& V_arg,
@@ -124,7 +124,7 @@ at::Tensor sparse_lowrank_linear_cpu(const at::Tensor& x_arg, const at::Tensor& 
   // the temporaries stay [tile, r] and [tile, K].
   constexpr int64_t kMinRows = 64, kTile = 256;
   const int64_t threads = at::get_num_threads();
-  if (T == 0 || !use_row_parallelism(T, threads, kMinRows) && (threads > 1 || T <= 4 * kTile))  // one block
+  if (T == 0 || !use_row_parallelism(T, in, out, threads, kMinRows) && (threads > 1 || T <= 4 * kTile))
     return slr_linear_cpu(x, U, V, S_rows, row_idx.data_ptr<int64_t>(), bias, std::nullopt).view(out_shape);
   at::Tensor y = at::empty({T, out}, x.options());
   const bool inference = c10::InferenceMode::is_enabled();  // thread-local: carry it into the workers
