@@ -9,26 +9,12 @@ up to bf16 rounding)."""
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 import torch
 
+from gpu_moe_bench import time_ms  # CUDA-event median, shared with the MoE benchmark
 from mcsmoe_fast import ops, reference
-
-
-def time_ms(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def compressed(out, inn, rank, keep, gen, dtype):
