@@ -25,18 +25,17 @@ class CompressedMoEExperts(nn.Module):
     top_k_weights [T, k]) runs ops.grouped_expert_ffn_slr (one fused call); with gradients required it
     runs ops.sparse_lowrank_linear per slot instead (same function, differentiable in U, V, S_rows)."""
 
-    def __init__(self, w_in: list[torch.Tensor], w_out: list[torch.Tensor], expert_map: torch.Tensor,
-                 activation: str, keep_in: torch.Tensor | None = None, keep_out: torch.Tensor | None = None):
+    def __init__(self, w_in: list[torch.Tensor], w_out: list[torch.Tensor], expert_map: torch.Tensor, activation: str):
         super().__init__()
         check_activation(activation)
-        for side, bank, keep in (("in", w_in, keep_in), ("out", w_out, keep_out)):
+        for side, bank in (("in", w_in), ("out", w_out)):
             U, V, S_rows, row_idx, offsets = bank
             self.register_parameter(f"{side}_U", nn.Parameter(U))
             self.register_parameter(f"{side}_V", nn.Parameter(V))
             self.register_parameter(f"{side}_S_rows", nn.Parameter(S_rows))
             self.register_buffer(f"{side}_row_idx", torch.as_tensor(row_idx, dtype=torch.int64))
             self.register_buffer(f"{side}_row_offsets", torch.as_tensor(offsets, dtype=torch.int64))
-            self.register_buffer(f"{side}_keep", keep, persistent=False)
+            self.register_buffer(f"{side}_keep", None, persistent=False)  # set_keep() while pruning
         self.register_buffer("expert_map", torch.as_tensor(expert_map, dtype=torch.int64, device=w_in[0].device))
         self.activation = activation
         if self.expert_map.numel() and (self.expert_map.min() < 0 or self.expert_map.max() >= self.num_slots):
@@ -118,20 +117,13 @@ class CompressedMoEExperts(nn.Module):
 
 def _grouped_slr_autograd(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation):
     """The grouped FFN over compressed slots, slot by slot through the differentiable linear op."""
-    out = torch.zeros_like(hidden)
-    valid = top_k_index >= 0
-    slots = torch.where(valid, expert_map[top_k_index.clamp(min=0)], -1)
     off_in, off_out = w_in[4].tolist(), w_out[4].tolist()
-    for s in range(w_in[0].shape[0]):
-        hit = slots == s
-        tokens = hit.any(-1).nonzero().squeeze(-1)
-        if tokens.numel() == 0:
-            continue
-        weight = (top_k_weights * hit).sum(-1)[tokens]
+
+    def slot_ffn(s, x):
         a, b = off_in[s], off_in[s + 1]
-        h = ops.sparse_lowrank_linear(hidden[tokens], w_in[0][s], w_in[1][s], w_in[2][a:b], w_in[3][a:b])
-        h = reference.expert_activation(h, activation)
+        h = reference.expert_activation(ops.sparse_lowrank_linear(x, w_in[0][s], w_in[1][s], w_in[2][a:b],
+                                                                  w_in[3][a:b]), activation)
         a, b = off_out[s], off_out[s + 1]
-        y = ops.sparse_lowrank_linear(h, w_out[0][s], w_out[1][s], w_out[2][a:b], w_out[3][a:b])
-        out = out.index_add(0, tokens, y * weight[:, None].to(hidden.dtype))
-    return out
+        return ops.sparse_lowrank_linear(h, w_out[0][s], w_out[1][s], w_out[2][a:b], w_out[3][a:b])
+
+    return reference.grouped_over_slots(hidden, w_in[0].shape[0], expert_map, top_k_index, top_k_weights, slot_ffn)

@@ -48,17 +48,24 @@ def grouped_expert_ffn(
     activation: str,
 ) -> torch.Tensor:
     """out[t] = sum over distinct slots s hit by token t of (sum of t's weights on s) * FFN_s(x_t)."""
+    return grouped_over_slots(hidden, w_in.shape[0], expert_map, top_k_index, top_k_weights,
+                              lambda s, x: expert_activation(x @ w_in[s].T, activation) @ w_out[s].T)
+
+
+def grouped_over_slots(hidden, num_slots, expert_map, top_k_index, top_k_weights, slot_ffn):
+    """The grouped expert FFN with slot s computed by slot_ffn(s, x_rows): each token runs every distinct
+    slot its top-k experts map to once, weighted by its summed routing weights on that slot. Plain
+    PyTorch, differentiable through slot_ffn."""
     out = torch.zeros_like(hidden)
     valid = top_k_index >= 0
     slots = torch.where(valid, expert_map[top_k_index.clamp(min=0)], -1)
-    for s in range(w_in.shape[0]):
+    for s in range(num_slots):
         hit = slots == s
         tokens = hit.any(-1).nonzero().squeeze(-1)
         if tokens.numel() == 0:
             continue
         weight = (top_k_weights * hit).sum(-1)[tokens]
-        h = expert_activation(hidden[tokens] @ w_in[s].T, activation)
-        out.index_add_(0, tokens, (h @ w_out[s].T) * weight[:, None].to(hidden.dtype))
+        out.index_add_(0, tokens, slot_ffn(s, hidden[tokens]) * weight[:, None].to(hidden.dtype))
     return out
 
 

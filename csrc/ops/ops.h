@@ -98,8 +98,10 @@ at::Tensor grouped_ffn_cpu_frame(const at::Tensor& hidden, int64_t num_slots, co
 // int64 and bias [out]; not the values of row_idx (check_row_idx_cpu / the CUDA check do that).
 void check_slr_args(const at::Tensor& x, const at::Tensor& U, const at::Tensor& V, const at::Tensor& S_rows,
                     const at::Tensor& row_idx, const std::optional<at::Tensor>& bias, const char* op);
-// Raises unless row_idx (contiguous int64 on the CPU) holds distinct rows in [0, out).
-void check_row_idx_cpu(const at::Tensor& row_idx, int64_t out, const char* op, const char* what);
+// Raises unless the K host indices row_idx are distinct rows in [0, out); the message names `what`
+// (and the slot of a bank when slot >= 0). `seen` is scratch, reused across calls.
+void check_row_idx_cpu(const int64_t* row_idx, int64_t K, int64_t out, const char* op, const char* what,
+                       int64_t slot, std::vector<unsigned char>& seen);
 // y [n, out] = x [n, in] (U V + S)^T (+ bias) on the CPU, written into `out` (rows contiguous) when given;
 // row_idx is a host pointer to S_rows.size(0) checked indices. Threads: whatever the GEMMs use here.
 at::Tensor slr_linear_cpu(const at::Tensor& x, const at::Tensor& U, const at::Tensor& V, const at::Tensor& S_rows,

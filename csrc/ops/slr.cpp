@@ -10,6 +10,7 @@
 #include <c10/util/accumulate.h>
 
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "kernels/slr.h"
@@ -48,12 +49,17 @@ void check_slr_args(const at::Tensor& x, const at::Tensor& U, const at::Tensor& 
   }
 }
 
-void check_row_idx_cpu(const at::Tensor& row_idx, int64_t out, const char* op, const char* what) {
-  std::vector<unsigned char> seen(static_cast<size_t>(out));
-  const auto st = slr::check_row_idx(row_idx.data_ptr<int64_t>(), row_idx.numel(), out, seen.data());
-  TORCH_CHECK_INDEX(st.code != 1, op, ": ", what, "[", st.where, "] = ", st.value, " is not an output row in [0, ",
+void check_row_idx_cpu(const int64_t* row_idx, int64_t K, int64_t out, const char* op, const char* what,
+                       int64_t slot, std::vector<unsigned char>& seen) {
+  seen.resize(static_cast<size_t>(out));
+  const auto st = slr::check_row_idx(row_idx, K, out, seen.data());
+  if (st.code == 0) return;
+  // "row_idx[j]" for the linear, "w_in row_idx of slot s, entry [j]" for a bank's slot
+  const std::string where = slot < 0 ? std::string(what)
+                                     : std::string(what) + " row_idx of slot " + std::to_string(slot) + ", entry ";
+  TORCH_CHECK_INDEX(st.code != 1, op, ": ", where, "[", st.where, "] = ", st.value, " is not an output row in [0, ",
                     out, ")");
-  TORCH_CHECK_VALUE(st.code != 2, op, ": ", what, "[", st.where, "] = ", st.value,
+  TORCH_CHECK_VALUE(false, op, ": ", where, "[", st.where, "] = ", st.value,
                     " repeats an earlier row (kept rows must be distinct)");
 }
 
@@ -113,7 +119,8 @@ at::Tensor sparse_lowrank_linear_cpu(const at::Tensor& x_arg, const at::Tensor& 
   std::optional<at::Tensor> bias;
   if (bias_arg) bias = bias_arg->detach();
   const int64_t in = x_arg.size(-1), out = U.size(0);
-  check_row_idx_cpu(row_idx, out, op, "row_idx");
+  std::vector<unsigned char> seen;
+  check_row_idx_cpu(row_idx.data_ptr<int64_t>(), row_idx.numel(), out, op, "row_idx", -1, seen);
   // Rows as the product of the leading sizes: reshape({-1, in}) is ambiguous when in = 0.
   const int64_t T = c10::multiply_integers(x_arg.sizes().begin(), x_arg.sizes().end() - 1);
   const at::Tensor x = x_arg.detach().reshape({T, in}).contiguous();
