@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from mcsmoe_fast import ops, reference
+# the problems of the CPU tests, built in float64 on the CPU and moved (and rounded) by `to`
+from test_slr import ffn_problem as cpu_ffn_problem, linear_problem as cpu_linear_problem, slr_bank as bank
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICE = "cuda"
@@ -17,14 +19,6 @@ TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=2e-2,
 
 
 # --- problems (float64 on the CPU; `to` moves and rounds them) ---------------------------------------------
-def factors(out, inn, r, K, gen):
-    """U [out, r], V [r, in], S_rows [K, in] scaled for O(1) outputs, and K distinct rows in random order."""
-    U = torch.randn(out, r, generator=gen, dtype=torch.float64) / max(r, 1) ** 0.5
-    V = torch.randn(r, inn, generator=gen, dtype=torch.float64) / max(inn, 1) ** 0.5
-    S_rows = torch.randn(K, inn, generator=gen, dtype=torch.float64) / max(inn, 1) ** 0.5
-    return U, V, S_rows, torch.randperm(out, generator=gen)[:K]
-
-
 def to(args, dtype, device=DEVICE):
     """Floating tensors to dtype, everything to device; lists (banks) element-wise; None and str as they are."""
     if isinstance(args, (list, tuple)):
@@ -35,10 +29,7 @@ def to(args, dtype, device=DEVICE):
 
 
 def linear_problem(lead, inn, out, r, K, bias, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(*lead, inn, generator=gen, dtype=torch.float64)
-    U, V, S_rows, row_idx = factors(out, inn, r, K, gen)
-    return [x, U, V, S_rows, row_idx, torch.randn(out, generator=gen, dtype=torch.float64) if bias else None]
+    return list(cpu_linear_problem(lead, inn, out, r, K, bias, torch.float64, seed))
 
 
 def check_linear(args64, dtype, **tol):
@@ -51,40 +42,8 @@ def check_linear(args64, dtype, **tol):
     return out
 
 
-def bank(S, out, inn, r, counts, gen):
-    """[U [S, out, r], V [S, r, in], S_rows [K, in], row_idx [K], row_offsets [S+1]]: counts[s] distinct rows
-    in slot s (in random order; rows may repeat across slots)."""
-    U = torch.randn(S, out, r, generator=gen, dtype=torch.float64) / max(r, 1) ** 0.5
-    V = torch.randn(S, r, inn, generator=gen, dtype=torch.float64) / max(inn, 1) ** 0.5
-    S_rows = torch.randn(sum(counts), inn, generator=gen, dtype=torch.float64) / max(inn, 1) ** 0.5
-    row_idx = torch.cat([torch.randperm(out, generator=gen)[:c] for c in counts] + [torch.empty(0, dtype=torch.int64)])
-    offsets = torch.tensor([0] + list(counts), dtype=torch.int64).cumsum(0)
-    return [U, V, S_rows, row_idx, offsets]
-
-
-def counts_for(S, out, gen, kept):
-    """Kept rows per slot: "mixed" (slot 0 none, the last all `out`, the rest random), "none" or "full"."""
-    if kept == "none":
-        return [0] * S
-    if kept == "full":
-        return [out] * S
-    counts = torch.randint(0, out + 1, (S,), generator=gen).tolist()
-    if S > 1:
-        counts[0], counts[-1] = 0, out
-    return counts
-
-
 def ffn_problem(T, d, ff, E, S, k, r, activation, drop=0.0, seed=0, emap=None, kept="mixed"):
-    gen = torch.Generator().manual_seed(seed)
-    F = 2 * ff if activation == "swiglu" else ff
-    hidden = torch.randn(T, d, generator=gen, dtype=torch.float64)
-    w_in = bank(S, F, d, r, counts_for(S, F, gen, kept), gen)
-    w_out = bank(S, d, ff, r, counts_for(S, d, gen, kept), gen)
-    emap = torch.randint(0, S, (E,), generator=gen) if emap is None else emap
-    idx = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)]) if T else torch.empty(0, k, dtype=torch.int64)
-    idx = torch.where(torch.rand(T, k, generator=gen) < drop, -1, idx)
-    weights = torch.rand(T, k, generator=gen, dtype=torch.float64)
-    return [hidden, w_in, w_out, emap, idx, weights, activation]
+    return cpu_ffn_problem(T, d, ff, E, S, k, r, activation, torch.float64, drop, seed, emap, kept)
 
 
 def check_ffn(args64, dtype, **tol):
