@@ -158,24 +158,35 @@ class _Accumulator:
         return self.stats
 
 
-def _is_decoder_layer(model: nn.Module, name: str) -> bool:
+def is_decoder_layer(model: nn.Module, name: str) -> bool:
     return bool(getattr(model.config, "is_encoder_decoder", False)) and (
         name.startswith("decoder.") or ".decoder." in name
     )
 
 
-def _complete_inputs(model: nn.Module, batch: dict) -> dict:
-    """An encoder-decoder model needs decoder inputs: when the batch has neither decoder_input_ids nor
-    labels, the decoder reads the input text itself (teacher forcing), with the same padding mask."""
-    if not getattr(model.config, "is_encoder_decoder", False):
+def complete_inputs(model: nn.Module, batch: dict) -> dict:
+    """An encoder-decoder model needs decoder inputs. With `labels` (a task's targets, -100 on padding)
+    the model feeds the decoder the shifted targets itself, and the decoder mask is the targets' mask.
+    With neither labels nor decoder_input_ids, the decoder reads the input text itself (teacher
+    forcing) with the same padding mask."""
+    if not getattr(model.config, "is_encoder_decoder", False) or "decoder_input_ids" in batch:
         return batch
-    if "decoder_input_ids" in batch or "labels" in batch or "input_ids" not in batch:
+    if "labels" in batch:
+        if "decoder_attention_mask" in batch:
+            return batch
+        return {**batch, "decoder_attention_mask": (batch["labels"] != -100).long()}
+    if "input_ids" not in batch:
         return batch
     batch = dict(batch)
     batch["decoder_input_ids"] = model._shift_right(batch["input_ids"])
     if "attention_mask" in batch and "decoder_attention_mask" not in batch:
         batch["decoder_attention_mask"] = batch["attention_mask"]
     return batch
+
+
+def token_masks(batch: dict) -> dict[str, torch.Tensor | None]:
+    """The padding masks of a completed batch: {"encoder": ..., "decoder": ...} (None = every token)."""
+    return {"encoder": batch.get("attention_mask"), "decoder": batch.get("decoder_attention_mask")}
 
 
 def _check_bases(bases) -> tuple[bool, tuple[str, ...]]:
@@ -210,7 +221,7 @@ def collect_routing_stats(
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     layers = moe_layers(model)
     accumulators = {
-        layer.name: _Accumulator(layer, _is_decoder_layer(model, layer.name), want_output, chunk_tokens, input_norms)
+        layer.name: _Accumulator(layer, is_decoder_layer(model, layer.name), want_output, chunk_tokens, input_norms)
         for layer in layers
     }
     masks: dict[str, torch.Tensor | None] = {}
@@ -231,9 +242,8 @@ def collect_routing_stats(
         for batch in tqdm(batches, desc="routing statistics", unit="batch", total=total, disable=not progress):
             if not isinstance(batch, dict):
                 raise ValueError(f"batches must yield dicts of model inputs, got {type(batch).__name__}")
-            batch = _complete_inputs(model, batch)
-            masks["encoder"] = batch.get("attention_mask")
-            masks["decoder"] = batch.get("decoder_attention_mask")
+            batch = complete_inputs(model, batch)
+            masks.update(token_masks(batch))
             model(**batch)
             seen += 1
     finally:

@@ -25,6 +25,7 @@ Defined behaviours (the contract the tests check):
 """
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -78,6 +79,12 @@ def gram_similarity(gram: torch.Tensor) -> torch.Tensor:
     denom = norms.unsqueeze(0) * norms.unsqueeze(1)
     cos = torch.where(denom > 0, gram / denom.clamp_min(1e-300), torch.zeros_like(gram)).clamp(-1.0, 1.0)
     return (cos + 1) / 2
+
+
+def layer_seed(seed: int, layer_name: str) -> int:
+    """One seed per layer from the user's seed and the layer's name: the random baseline draws a
+    different similarity in every layer, and the same one for a layer whichever layers are merged."""
+    return zlib.crc32(f"{seed}:{layer_name}".encode())
 
 
 def random_similarity(num_experts: int, seed: int = 0) -> torch.Tensor:

@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from .calibrate import LayerStats
 from .drop import install_logit_mask
 from .grouping import (
-    GROUPING_METHODS, MERGE_STRATEGIES, SIMILARITY_BASES, LayerGrouping, group_counts, group_layer, similarity_matrix,
+    GROUPING_METHODS, MERGE_STRATEGIES, SIMILARITY_BASES, LayerGrouping, group_counts, group_layer, layer_seed,
+    similarity_matrix,
 )
 from .models import MoELayer, moe_layers
 from .modules import MoEExperts
@@ -126,7 +127,7 @@ def merge_experts(
         s = layer_stats[layer.name]
         w_in, w_out = expert_weights_per_expert(layer)
         sim = similarity_matrix(similarity, stats=s, router_weight=layer.router_weight(), w_in=w_in, w_out=w_out,
-                                seed=seed, num_experts=layer.num_experts)
+                                seed=layer_seed(seed, layer.name), num_experts=layer.num_experts)
         g = group_layer(layer.name, s.frequency.cpu(), sim, counts[layer.name], grouping, strategy)
         if permute and strategy != "drop" and g.num_groups < layer.num_experts:
             leader = torch.tensor([g.dominant[slot] for slot in g.expert_map], device=w_in.device)

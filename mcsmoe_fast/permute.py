@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from . import ops
 from .activations import is_gated
+from .calibrate import complete_inputs, is_decoder_layer, token_masks
 from .models import MoELayer, moe_layers
 from .reference import expert_activation
 
@@ -135,29 +136,41 @@ def _resolve_references(reference, layers: list[MoELayer]) -> list[torch.Tensor]
 
 @torch.no_grad()
 def _layer_inputs(model: nn.Module, layers: list[MoELayer], batches: Iterable[dict], max_tokens: int) -> dict:
-    """Up to max_tokens hidden states [N, d] entering each MoE layer (padding excluded)."""
+    """Up to max_tokens hidden states [N, d] entering each MoE layer (padding excluded: an encoder
+    layer uses the batch's attention_mask, a decoder layer its decoder mask)."""
     store = {layer.name: [] for layer in layers}
-    mask_holder = {}
+    masks: dict[str, torch.Tensor | None] = {}
 
-    def hook_for(name):
-        def hook(module, args):
-            x = args[0]
-            mask = mask_holder.get("mask")
-            if mask is not None and x.dim() == 3 and mask.shape == x.shape[:2]:
-                x = x[mask.bool()]
+    def hook_for(name, side):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            mask = masks.get(side)
+            if mask is not None:
+                if mask.shape != x.shape[:-1]:
+                    raise ValueError(f"{name}: {side} mask of shape {tuple(mask.shape)} does not match the hidden "
+                                     f"states {tuple(x.shape[:-1])}")
+                x = x[mask.to(x.device).bool()]
             store[name].append(x.reshape(-1, x.shape[-1]).float())
         return hook
 
-    handles = [layer.module.register_forward_pre_hook(hook_for(layer.name)) for layer in layers]
+    handles = [layer.module.register_forward_pre_hook(
+        hook_for(layer.name, "decoder" if is_decoder_layer(model, layer.name) else "encoder"), with_kwargs=True)
+        for layer in layers]
+    was_training = model.training
+    model.eval()
     try:
         for batch in batches:
-            mask_holder["mask"] = batch.get("attention_mask")
+            if not isinstance(batch, dict):
+                raise ValueError(f"batches must yield dicts of model inputs, got {type(batch).__name__}")
+            batch = complete_inputs(model, batch)
+            masks.update(token_masks(batch))
             model(**batch)
             if all(sum(t.shape[0] for t in v) >= max_tokens for v in store.values()):
                 break
     finally:
         for h in handles:
             h.remove()
+        model.train(was_training)
     return {k: torch.cat(v)[:max_tokens] if v else None for k, v in store.items()}
 
 

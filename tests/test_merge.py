@@ -229,7 +229,7 @@ def test_each_similarity_basis_is_computed_from_the_right_data(similarity, tmp_p
     """The similarity matrix each layer is grouped with equals one computed by hand from that layer's own
     statistics (router-logits: Gram matrix; feature: mean routed input; expert-output: mean output over all
     tokens) or weights (router-weight: the gate; weight: every expert's w_in and w_out, before alignment)."""
-    from mcsmoe_fast.grouping import random_similarity
+    from mcsmoe_fast.grouping import layer_seed, random_similarity
 
     model = build("mixtral", tmp_path)
     batches = calibration(model)
@@ -253,8 +253,8 @@ def test_each_similarity_basis_is_computed_from_the_right_data(similarity, tmp_p
             w_in, w_out = before[name]
             expected = plain_cosine(torch.cat([w_in.flatten(1), w_out.flatten(1)], 1))
         else:
-            expected = random_similarity(8, seed=5)
-            assert not torch.equal(expected, random_similarity(8, seed=0))
+            expected = random_similarity(8, seed=layer_seed(5, name))
+            assert not torch.equal(expected, random_similarity(8, seed=layer_seed(0, name)))
         torch.testing.assert_close(sim.double(), expected, rtol=1e-6, atol=1e-9)
         torch.testing.assert_close(frequency.double(), s.counts / s.counts.sum())
         assert num_groups == 3
@@ -279,3 +279,18 @@ def test_weight_similarity_of_a_merged_model_compares_every_original_expert(tmp_
         torch.testing.assert_close(sim.double(), expected, rtol=1e-6, atol=1e-9)
         same = emap[:, None] == emap[None, :]
         torch.testing.assert_close(sim[same].double(), torch.ones(int(same.sum()), dtype=torch.float64))
+
+
+def test_random_similarity_differs_per_layer_and_is_reproducible(tmp_path, monkeypatch):
+    import mcsmoe_fast.merge as merge_module
+
+    seen = []
+    real = merge_module.similarity_matrix
+    monkeypatch.setattr(merge_module, "similarity_matrix", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    for seed in (0, 0, 1):
+        model, _, stats = setup("mixtral", tmp_path / str(len(seen)), num_layers=3)
+        merge_experts(model, stats, num_groups=2, similarity="random", seed=seed, progress=False)
+    first, again, other = seen[:3], seen[3:6], seen[6:]
+    assert not torch.equal(first[0], first[1]) and not torch.equal(first[1], first[2]), "one matrix for every layer"
+    assert all(torch.equal(a, b) for a, b in zip(first, again)), "the same seed must draw the same matrices"
+    assert not any(torch.equal(a, b) for a, b in zip(first, other)), "another seed must draw other matrices"

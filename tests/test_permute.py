@@ -160,3 +160,30 @@ def test_cli_missing_model(tmp_path, capsys):
 
     assert main(["permute", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_activation_strategy_on_switch_with_ordinary_calibration_batches(tmp_path):
+    """input_ids + attention_mask only (no decoder inputs): the decoder reads the input text; each layer
+    keeps its own side's tokens: encoder layers the attention_mask's, decoder layers the labels' mask."""
+    from mcsmoe_fast.permute import _layer_inputs
+
+    tiny_switch().save_pretrained(tmp_path / "m")
+    model = load_model(str(tmp_path / "m"))
+    ids = torch.randint(2, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    with torch.no_grad():
+        before = model(**batch, decoder_input_ids=ids).logits
+    align_experts(model, strategy="activation", batches=[batch], progress=False)
+    with torch.no_grad():
+        assert (model(**batch, decoder_input_ids=ids).logits - before).abs().max() <= 1e-5
+
+    labels = torch.full((2, 5), -100)
+    labels[0, :2] = 7
+    labels[1, :3] = 8  # 5 target tokens in all, against 13 unpadded input tokens
+    layers = moe_layers(model)
+    for b, expected in (({**batch}, {"encoder": 13, "decoder": 13}), ({**batch, "labels": labels}, {"encoder": 13, "decoder": 5})):
+        counts = {name: x.shape[0] for name, x in _layer_inputs(model, layers, [b], 4096).items()}
+        for name, n in counts.items():
+            assert n == expected["decoder" if name.startswith("decoder.") else "encoder"], (name, counts)
