@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -141,12 +142,14 @@ def _replace_dir(tmp: Path, target: Path) -> None:
         os.rename(tmp, target)
 
 
-def save_pretrained(model: nn.Module, save_directory, export_dense: bool = False, tokenizer=None) -> Path:
+def save_pretrained(model: nn.Module, save_directory, export_dense: bool = False, tokenizer=None,
+                    extra: Callable[[Path], None] | None = None) -> Path:
     """Save `model` (merged or not) to `save_directory`; returns its path.
 
     Default: the merged format above (unique weights only). export_dense=True: a plain transformers
     checkpoint with every expert materialised (not possible for models with dropped experts: plain
-    transformers cannot mask router logits). `tokenizer`, when given, is saved alongside.
+    transformers cannot mask router logits). `tokenizer`, when given, is saved alongside. `extra(dir)`
+    writes more files into the checkpoint before it is moved into place (the trainer's state).
     """
     target = Path(save_directory).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -156,6 +159,8 @@ def save_pretrained(model: nn.Module, save_directory, export_dense: bool = False
         (_write_dense if export_dense else _write_merged)(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        if extra is not None:
+            extra(tmp)
         _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

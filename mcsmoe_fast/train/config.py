@@ -1,0 +1,66 @@
+"""Training settings: the paper's defaults (AdamW eps 1e-6, betas 0.9/0.98, weight decay 0.01, linear
+decay after a linear warm-up of 16 steps; KD alpha 0.2 at temperature 2, task-loss weight 1, no
+hidden-state loss) in one dataclass that a YAML/JSON config file can fill."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps of this run (a resumed run ends at the same step)
+    batch_size: int = 16
+    learning_rate: float = 1e-4
+    warmup_steps: int = 16
+    weight_decay: float = 0.01
+    adam_eps: float = 1e-6
+    adam_betas: tuple[float, float] = (0.9, 0.98)
+    max_grad_norm: float | None = 1.0
+    # knowledge distillation (used when a teacher is given)
+    kd_lambda: float = 0.2
+    temperature: float = 2.0
+    task_lambda: float = 1.0
+    hd_lambda: float = 0.0
+    # evaluation and checkpoints
+    eval_every: int = 100  # steps between evaluations (and "latest" checkpoints); 0: only at the end
+    metric: str = "perplexity"  # the key of eval_fn's result that picks the best checkpoint
+    greater_is_better: bool = False
+    # compression pruner (used when the student has compressed experts in pruning state)
+    keep_ratio: float = 0.1
+    prune_initial_warmup: int = 0
+    prune_final_warmup: int = 0
+    seed: int = 0
+    mixed_precision: str = "no"  # accelerate's: "no", "fp16", "bf16"
+
+    def __post_init__(self):
+        problems = []
+        if self.steps < 1:
+            problems.append(f"steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.learning_rate > 0:
+            problems.append(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.warmup_steps < 0 or self.eval_every < 0:
+            problems.append("warmup_steps and eval_every must be >= 0")
+        if not self.temperature > 0:
+            problems.append(f"temperature must be > 0, got {self.temperature}")
+        if min(self.kd_lambda, self.task_lambda, self.hd_lambda) < 0:
+            problems.append("kd_lambda, task_lambda and hd_lambda must be >= 0")
+        if not 0 < self.keep_ratio <= 1:
+            problems.append(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            problems.append(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        if problems:
+            raise ValueError("TrainConfig: " + "; ".join(problems))
+        self.adam_betas = tuple(self.adam_betas)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown settings {unknown}; known: {sorted(known)}")
+        return cls(**values)

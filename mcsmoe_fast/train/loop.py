@@ -1,0 +1,237 @@
+"""One training loop for fine-tuning and KD recovery, on `accelerate`: `accelerate launch` spreads the
+same code over GPUs and machines, and mixed precision is accelerate's.
+
+    result = train(model, dataset, TrainConfig(steps=300), collate_fn=..., eval_fn=..., teacher=full_model,
+                   output_dir="runs/msmoe-kd")
+
+With a teacher the loss is the KD loss (losses.py) and the routers are frozen; without one it is the
+model's own loss (fine-tuning). A student with compressed experts still in pruning state gets a
+CompressionPruner, called after every optimizer step. Every `eval_every` steps (and at the end) the
+model is evaluated, `output_dir/latest` is replaced by a checkpoint with everything needed to resume,
+and `output_dir/best` when the metric improved (for a pruned student: only once the pruning schedule
+reached its final keep ratio, saved finalized). `resume=True` continues from `latest`: same data order,
+optimizer and schedule, so the resumed run ends where an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..checkpoint import from_pretrained, save_pretrained
+from ..compressed import CompressedMoEExperts
+from ..models import moe_layers
+from ..pruner import CompressionPruner
+from .config import TrainConfig
+from .losses import kd_loss, task_loss
+from .state import read_progress, restore_state, write_state
+
+BEST, LATEST = "best", "latest"
+
+
+@dataclass
+class TrainResult:
+    step: int
+    best_step: int | None
+    best_metric: float | None
+    history: list[dict] = field(default_factory=list)  # one record per evaluation: step, loss, metrics
+    output_dir: Path | None = None
+
+
+def freeze_routers(model: nn.Module) -> int:
+    """Stop gradients to every MoE router (KD recovery keeps the routing as it was); returns the count."""
+    layers = moe_layers(model, allow_empty=True)
+    for layer in layers:
+        layer.router_weight().requires_grad_(False)
+    return len(layers)
+
+
+def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not on norms and biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("train: the model has no parameter that requires grad")
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate, betas=config.adam_betas,
+                             eps=config.adam_eps)
+
+
+def _scheduler(optimizer, config: TrainConfig):
+    """Linear warm-up to the learning rate, then linear decay to 0 at the last step."""
+    warm, total = config.warmup_steps, config.steps
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        return max(0.0, (total - step) / max(1, total - warm))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _pruner(model: nn.Module, config: TrainConfig) -> CompressionPruner | None:
+    pruning = [m for m in model.modules() if isinstance(m, CompressedMoEExperts) and m.pruning]
+    if not pruning:
+        return None
+    return CompressionPruner(model, config.keep_ratio, config.steps, config.prune_initial_warmup,
+                             config.prune_final_warmup)
+
+
+def _improved(value: float, best: float | None, greater: bool) -> bool:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    return best is None or (value > best if greater else value < best)
+
+
+def _load_weights(model: nn.Module, checkpoint: Path) -> None:
+    saved = from_pretrained(checkpoint)
+    missing, unexpected = model.load_state_dict(saved.state_dict(), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"resume: {checkpoint} does not hold this model's weights (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}): resume with the model the run started from")
+
+
+def train(
+    model: nn.Module,
+    train_data,
+    config: TrainConfig,
+    *,
+    collate_fn: Callable | None = None,
+    eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+    teacher: nn.Module | None = None,
+    output_dir=None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train `model` in place for config.steps optimizer steps on `train_data` (a map-style dataset
+    whose batches, made by `collate_fn`, are model input dicts with `labels`). See the module doc."""
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import set_seed
+
+    output_dir = Path(output_dir) if output_dir is not None else None
+    if resume and output_dir is None:
+        raise ValueError("resume=True needs the output_dir of the run to resume")
+    if eval_fn is None and config.eval_every:
+        raise ValueError("eval_every > 0 needs an eval_fn (or set eval_every=0)")
+    if len(train_data) < config.batch_size:
+        raise ValueError(f"train_data has {len(train_data)} examples, fewer than one batch of {config.batch_size}")
+    causal = not getattr(model.config, "is_encoder_decoder", False)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision,
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    set_seed(config.seed)
+    if teacher is not None:
+        freeze_routers(model)
+        teacher.eval().requires_grad_(False)
+    pruner = _pruner(model, config)
+    loader = torch.utils.data.DataLoader(train_data, batch_size=config.batch_size, shuffle=True, drop_last=True,
+                                         collate_fn=collate_fn)
+    optimizer = _optimizer(model, config)
+    scheduler = _scheduler(optimizer, config)
+
+    step, best_metric, best_step, history = 0, None, None, []
+    if resume and (output_dir / LATEST / "config.json").exists():
+        if pruner is None:
+            _load_weights(model, output_dir / LATEST)
+        record = restore_state(output_dir / LATEST, optimizer, scheduler, pruner, model if pruner else None)
+        step, best_metric, best_step, history = record["step"], record["best_metric"], record["best_step"], record["history"]
+        if step > config.steps:
+            raise ValueError(f"resume: the saved run is at step {step}, past steps={config.steps}")
+
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    if teacher is not None:
+        teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
+    per_epoch = len(loader)
+    want_hidden = teacher is not None and config.hd_lambda > 0
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def checkpoint(name: str, progress_record: dict, with_state: bool) -> None:
+        if not accelerator.is_main_process:
+            return
+        plain = saved = accelerator.unwrap_model(model)
+        if pruner is not None:  # checkpoints hold the compact, finalized form; a resume needs the masked rows too
+            saved = copy.deepcopy(plain)
+            for m in saved.modules():
+                if isinstance(m, CompressedMoEExperts) and m.pruning:
+                    m.finalize()
+        if with_state:
+            model_state = plain.state_dict() if pruner is not None else None
+            write = lambda d: write_state(d, progress_record, optimizer, scheduler, pruner, model_state)  # noqa: E731
+        else:
+            write = lambda d: write_state(d, progress_record)  # noqa: E731
+        save_pretrained(saved, output_dir / name, extra=write)
+
+    def evaluate(loss: float) -> None:
+        nonlocal best_metric, best_step
+        record = {"step": step, "loss": loss}
+        if eval_fn is not None:
+            plain = accelerator.unwrap_model(model)
+            plain.eval()
+            with torch.no_grad():
+                record.update(eval_fn(plain))
+            plain.train()
+            if config.metric not in record:
+                raise ValueError(f"eval_fn returned {sorted(record)}, without the metric {config.metric!r}")
+        history.append(record)
+        final_keep = pruner is None or pruner.kept_fraction(step) <= config.keep_ratio
+        value = record.get(config.metric)
+        if eval_fn is not None and final_keep and _improved(value, best_metric, config.greater_is_better):
+            best_metric, best_step = value, step
+            if output_dir is not None:
+                checkpoint(BEST, {"step": step, "metric": config.metric, "value": value}, with_state=False)
+        if output_dir is not None:
+            checkpoint(LATEST, {"step": step, "best_metric": best_metric, "best_step": best_step,
+                                "history": history, "config": config.to_dict()}, with_state=True)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "step" and isinstance(v, float)})
+
+    bar = tqdm(total=config.steps, initial=step, desc="training" if teacher is None else "KD recovery",
+               unit="step", disable=not progress or not accelerator.is_main_process)
+    model.train()
+    running = 0.0
+    while step < config.steps:
+        epoch, skip = divmod(step, per_epoch)
+        loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        for batch in batches:
+            labels = batch["labels"]
+            out = model(**batch, output_hidden_states=want_hidden)
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_out = teacher(**batch, output_hidden_states=want_hidden)
+                loss, _ = kd_loss(out, teacher_out, labels, causal, config.kd_lambda, config.temperature,
+                                  config.task_lambda, config.hd_lambda)
+            else:
+                loss = out.loss if getattr(out, "loss", None) is not None else task_loss(out.logits, labels, causal)
+            accelerator.backward(loss)
+            if config.max_grad_norm:
+                accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            if pruner is not None:
+                pruner.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            running += loss.item()
+            bar.update(1)
+            if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
+                evaluate(running / (step - (history[-1]["step"] if history else 0)))
+                running = 0.0
+            if step >= config.steps:
+                break
+    bar.close()
+    model = accelerator.unwrap_model(model)
+    if pruner is not None:
+        pruner.finalize()
+    accelerator.wait_for_everyone()
+    return TrainResult(step, best_step, best_metric, history, output_dir)
+
+
+def resumable_step(output_dir) -> int | None:
+    """The step a run in output_dir would resume from (None: nothing to resume)."""
+    path = Path(output_dir) / LATEST
+    return read_progress(path)["step"] if (path / "config.json").exists() else None
