@@ -125,13 +125,13 @@ def test_permute_reference_aligns_every_expert_to_that_expert(workspace, capsys)
 
 def test_demo_subcommand_runs_the_pipeline(capsys, monkeypatch):
     """`mcsmoe-fast demo` through the CLI entry point (smaller models than the default, for speed)."""
-    import mcsmoe_fast.demo as demo
+    import mcsmoe_fast.demo.tour as demo
     from mcsmoe_fast.cli import main
     from mcsmoe_fast.tiny import tiny_mixtral, tiny_switch
 
     monkeypatch.setattr(demo, "BUILDERS", {"switch": lambda: tiny_switch(num_layers=2),
                                            "mixtral": lambda: tiny_mixtral(num_layers=1)})
-    assert main(["demo"]) == 0
+    assert main(["demo", "--tour"]) == 0
     out = capsys.readouterr().out
     assert "switch: 2 MoE layers, 8 experts each, activation relu" in out
     assert "mixtral: 1 MoE layers, 8 experts each, activation swiglu" in out

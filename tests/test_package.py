@@ -7,7 +7,7 @@ from mcsmoe_fast import _ext
 
 
 def test_demo_runs_the_pipeline():
-    from mcsmoe_fast.demo import run_demo
+    from mcsmoe_fast.demo.tour import run_demo
 
     lines = []
     figures = run_demo(print_fn=lines.append)

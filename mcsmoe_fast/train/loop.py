@@ -108,9 +108,11 @@ def train(
     output_dir=None,
     resume: bool = False,
     progress: bool = True,
+    callback: Callable[[nn.Module, dict], None] | None = None,
 ) -> TrainResult:
     """Train `model` in place for config.steps optimizer steps on `train_data` (a map-style dataset
-    whose batches, made by `collate_fn`, are model input dicts with `labels`). See the module doc."""
+    whose batches, made by `collate_fn`, are model input dicts with `labels`). See the module doc.
+    `callback(model, record)` runs after every evaluation (record: step, loss, metrics)."""
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import set_seed
 
@@ -188,6 +190,8 @@ def train(
             checkpoint(LATEST, {"step": step, "best_metric": best_metric, "best_step": best_step,
                                 "history": history, "config": config.to_dict()}, with_state=True)
         bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "step" and isinstance(v, float)})
+        if callback is not None:
+            callback(accelerator.unwrap_model(model), record)
 
     bar = tqdm(total=config.steps, initial=step, desc="training" if teacher is None else "KD recovery",
                unit="step", disable=not progress or not accelerator.is_main_process)

@@ -1,5 +1,6 @@
-"""The quick-start job on an embedded default: build a small Switch and a small Mixtral model locally,
-save them and load them back through the real loading code, then run the pipeline on each:
+"""`mcsmoe-fast demo --tour`: the pipeline's mechanics on both families, in seconds. Build a small Switch
+and a small Mixtral model locally (random weights: this shows sizes, timings and exactness, not
+quality), save them and load them back through the real loading code, then run the pipeline on each:
 align experts, collect routing statistics, merge to a quarter of the experts, save the smaller
 checkpoint, load it back into the fused inference modules, and report what changed and how long it took."""
 from __future__ import annotations
@@ -10,14 +11,14 @@ from pathlib import Path
 
 import torch
 
-from .calibrate import collect_routing_stats
-from .checkpoint import from_pretrained, save_pretrained
-from .merge import merge_experts
-from .models import moe_layers
-from .models.loading import load_model
-from .optimize import optimize
-from .permute import align_experts
-from .tiny import tiny_mixtral, tiny_switch
+from ..calibrate import collect_routing_stats
+from ..checkpoint import from_pretrained, save_pretrained
+from ..merge import merge_experts
+from ..models import moe_layers
+from ..models.loading import load_model
+from ..optimize import optimize
+from ..permute import align_experts
+from ..tiny import tiny_mixtral, tiny_switch
 
 BUILDERS = {
     "switch": lambda: tiny_switch(num_experts=16, d_model=128, d_ff=512, num_layers=4),

@@ -1,0 +1,59 @@
+"""`mcsmoe-fast demo`: the whole recipe with quality on a model trained here (recipe.py), measured
+and written out (measure.py, report.py). `--tour` runs tour.py instead: the pipeline's mechanics on
+random Switch and Mixtral models, in seconds."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .recipe import QUICK, DemoPlan, run_recipe
+
+OUTPUTS = ("results.json", "plot.png", "checkpoints")
+
+
+def prepare_out_dir(out: Path) -> Path:
+    """The demo writes only its own files; it refuses a directory that holds anything else."""
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise FileExistsError(f"--out {out} exists and is not a directory")
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS)
+        if foreign:
+            raise FileExistsError(f"--out {out} holds files the demo did not write ({', '.join(foreign[:5])}); "
+                                  "choose an empty or new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def run_demo(out_dir="mcsmoe-demo", quick: bool = False, plan: DemoPlan | None = None, progress: bool = True,
+             print_fn=print) -> dict:
+    """Run the recipe and write checkpoints, results.json and plot.png into out_dir; returns the rows."""
+    from .measure import checkpoint_mb, expert_parameters, perplexity, throughput
+    from .report import format_table, write_json, write_plot
+
+    out = prepare_out_dir(out_dir)
+    plan = plan or (QUICK if quick else DemoPlan())
+    start = time.perf_counter()
+    result = run_recipe(plan, progress=progress, print_fn=print_fn)
+    held_out = result["held_out"]
+    full_params = expert_parameters(result["rows"]["full"][0])
+    full_ppl = None
+    rows = {}
+    for name, (model, steps) in result["rows"].items():
+        ppl = perplexity(model, held_out)
+        full_ppl = full_ppl or ppl
+        hf, fast = throughput(model, held_out[:16])
+        params = expert_parameters(model)
+        slug = name.lower().replace(" + ", "-").replace(", ", "-").replace(" ", "-")
+        rows[name] = {"steps": steps, "expert_params": params, "expert_share": params / full_params,
+                      "checkpoint_mb": checkpoint_mb(model, out / "checkpoints" / slug), "perplexity": ppl,
+                      "vs_full": ppl / full_ppl, "tokens_per_s_transformers": hf, "tokens_per_s_optimized": fast}
+    seconds = time.perf_counter() - start
+    print_fn(format_table(rows))
+    print_fn(f"MC-SMoE one-shot (before its KD): perplexity {result['mc_one_shot_perplexity']:.3f}; "
+             f"total {seconds:.0f} s. Tokens/s: forward over 16 x {plan.length} held-out bytes.")
+    write_json(out / "results.json", rows, {"plan": result["plan"], "seconds": seconds,
+                                            "mc_one_shot_perplexity": result["mc_one_shot_perplexity"]})
+    plotted = write_plot(out / "plot.png", rows)
+    print_fn(f"wrote {out}/results.json, {out}/checkpoints/" + (", plot.png" if plotted else " (no matplotlib: no plot)"))
+    return rows

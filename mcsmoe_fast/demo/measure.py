@@ -1,0 +1,75 @@
+"""What the demo's table reports for one model: held-out perplexity (per byte), expert parameters,
+checkpoint size, and forward throughput with transformers' modules and after `optimize`."""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import save_pretrained, to_dense
+from ..compressed import CompressedMoEExperts
+from ..models import moe_layers
+from ..modules import MoEExperts
+from ..optimize import optimize
+from .corpus import lm_batch
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 32) -> float:
+    """exp(mean next-byte cross-entropy) over the held-out windows [N, L]."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, windows.shape[0], batch_size):
+        batch = lm_batch(windows[i: i + batch_size])
+        n = batch["labels"][:, 1:].numel()
+        total += model(**batch).loss.item() * n
+        count += n
+    model.train(was_training)
+    return math.exp(total / count)
+
+
+def expert_parameters(model: nn.Module) -> int:
+    """Stored expert weights (values, not indices) over every MoE layer."""
+    total = 0
+    for layer in moe_layers(model):
+        experts = layer.module.experts
+        if isinstance(experts, CompressedMoEExperts):
+            total += sum(getattr(experts, f"{side}_{f}").numel() for side in ("in", "out") for f in ("U", "V", "S_rows"))
+        elif isinstance(experts, MoEExperts):
+            total += experts.w_in.numel() + experts.w_out.numel()
+        else:
+            total += sum(t.numel() for t in layer.expert_weights())
+    return total
+
+
+def checkpoint_mb(model: nn.Module, directory: Path) -> float:
+    save_pretrained(model, directory)
+    return sum(f.stat().st_size for f in directory.glob("*.safetensors")) / 1e6
+
+
+@torch.no_grad()
+def tokens_per_second(model: nn.Module, windows: torch.Tensor, repeats: int = 3) -> float:
+    """Best of `repeats` forward passes over the windows (after one warm-up pass)."""
+    model.eval()
+    batch = {"input_ids": windows}
+    model(**batch)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(**batch)
+        best = min(best, time.perf_counter() - start)
+    return windows.numel() / best
+
+
+def throughput(model: nn.Module, windows: torch.Tensor) -> tuple[float, float]:
+    """(tokens/s with transformers' modules, tokens/s after optimize). A merged or compressed model runs
+    in transformers' modules as its dense export (every expert given its group's weights)."""
+    plain = to_dense(model) if any(isinstance(layer.module.experts, (MoEExperts, CompressedMoEExperts))
+                                   for layer in moe_layers(model)) else model
+    fast = optimize(copy.deepcopy(model))
+    return tokens_per_second(plain, windows), tokens_per_second(fast, windows)

@@ -1,0 +1,132 @@
+"""The demo's recipe on a model it trains itself: a byte-level Mixtral-style MoE language model learns
+the Python standard library's source; then align + merge 8 -> 4 experts per layer (M-SMoE), recover
+with knowledge distillation, compress the merged experts (MC-SMoE), recover again, and measure every
+model on held-out source files.
+
+Fair by construction: the full model trains for `steps`; the model that is merged is its checkpoint at
+`steps - recover_steps`, so every recovered row ends at exactly `steps` optimizer steps (the JSON
+records each row's steps). The teacher is that same merged-from checkpoint: nothing a student sees
+comes from later training. MC-SMoE follows the paper's order: merge, half the recovery steps of KD,
+compress, the other half.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from torch import nn
+
+from ..calibrate import collect_routing_stats
+from ..compress import compress_experts
+from ..merge import merge_experts
+from ..train import TrainConfig, train
+from .corpus import Windows, lm_batch, split_corpus
+from .measure import perplexity
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    layers: int = 2
+    heads: int = 4
+    experts: int = 8
+    top_k: int = 2
+    length: int = 128  # bytes per training window
+    batch_size: int = 16
+    steps: int = 1000  # the full model's optimizer steps: every row ends at or before this
+    recover_steps: int = 300  # KD steps after merging (the merged checkpoint is at steps - recover_steps)
+    learning_rate: float = 3e-3
+    kd_learning_rate: float = 1e-3
+    warmup_steps: int = 50
+    groups: int = 4  # merged experts per layer (on average: adaptive per-layer counts)
+    rank: int = 16
+    keep_ratio: float = 0.1
+    calibration_windows: int = 64
+    eval_windows: int = 96
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0 < self.recover_steps < self.steps:
+            raise ValueError(f"recover_steps must be in (0, steps), got {self.recover_steps} of {self.steps}")
+        if not 1 <= self.groups < self.experts:
+            raise ValueError(f"groups must be in [1, experts), got {self.groups}")
+
+    @property
+    def merge_step(self) -> int:
+        return self.steps - self.recover_steps
+
+
+QUICK = DemoPlan(hidden_size=64, intermediate_size=128, steps=240, recover_steps=80, learning_rate=5e-3,
+                 kd_learning_rate=2e-3, warmup_steps=20, rank=8, calibration_windows=32, eval_windows=48)
+
+
+def byte_lm(plan: DemoPlan) -> nn.Module:
+    """A small Mixtral-style MoE language model over bytes (vocabulary 256)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(plan.seed)
+    config = MixtralConfig(vocab_size=256, hidden_size=plan.hidden_size, intermediate_size=plan.intermediate_size,
+                           num_hidden_layers=plan.layers, num_attention_heads=plan.heads,
+                           num_key_value_heads=plan.heads, num_local_experts=plan.experts,
+                           num_experts_per_tok=plan.top_k, max_position_embeddings=plan.length,
+                           tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    return MixtralForCausalLM(config)
+
+
+def _snapshot_at(step: int, into: dict):
+    def callback(model, record):
+        if record["step"] == step:
+            into["model"] = copy.deepcopy(model).eval()
+    return callback
+
+
+def run_recipe(plan: DemoPlan, progress: bool = True, print_fn=print) -> dict:
+    """Train, merge, recover, compress, recover. Returns {row name: (model, steps)} and the data."""
+    train_tokens, eval_tokens = split_corpus(int(plan.steps * plan.batch_size * plan.length * 1.05),
+                                             plan.eval_windows * plan.length)
+    data = Windows(train_tokens, plan.length)
+    held_out = Windows(eval_tokens, plan.length).rows
+    eval_fn = lambda m: {"perplexity": perplexity(m, held_out)}  # noqa: E731
+    print_fn(f"corpus: {train_tokens.numel() / 1e6:.1f} MB of standard-library source to train on, "
+             f"{eval_tokens.numel() / 1e3:.0f} kB of held-out files to evaluate on")
+
+    full = byte_lm(plan)
+    snap: dict = {}
+    config = TrainConfig(steps=plan.steps, batch_size=plan.batch_size, learning_rate=plan.learning_rate,
+                         warmup_steps=plan.warmup_steps, eval_every=math.gcd(plan.merge_step, plan.steps),
+                         seed=plan.seed)
+    train(full, data, config, collate_fn=lm_batch, eval_fn=eval_fn, callback=_snapshot_at(plan.merge_step, snap),
+          progress=progress)
+    teacher = snap["model"]
+
+    calibration = [{"input_ids": data.rows[i: i + 16]} for i in range(0, plan.calibration_windows, 16)]
+    stats = collect_routing_stats(teacher, calibration, progress=False)
+    baseline = copy.deepcopy(teacher)
+    merge_experts(baseline, stats, plan.groups, similarity="random", strategy="average", permute=False,
+                  globally=False, seed=plan.seed, progress=False)
+    msmoe = copy.deepcopy(teacher)
+    merge_experts(msmoe, stats, plan.groups, progress=False)
+
+    kd = replace(config, steps=plan.recover_steps, learning_rate=plan.kd_learning_rate,
+                 warmup_steps=min(plan.warmup_steps, plan.recover_steps // 4), eval_every=plan.recover_steps // 2)
+    msmoe_kd, mid = copy.deepcopy(msmoe), {}
+    train(msmoe_kd, data, kd, collate_fn=lm_batch, eval_fn=eval_fn, teacher=teacher,
+          callback=_snapshot_at(kd.eval_every, mid), progress=progress)
+
+    mc = mid["model"]
+    compress_experts(mc, rank=plan.rank, keep_ratio=plan.keep_ratio, importance="weight", progress=False)
+    one_shot = perplexity(mc, held_out)
+    rest = plan.recover_steps - kd.eval_every
+    train(mc, data, replace(kd, steps=rest, eval_every=rest), collate_fn=lm_batch, eval_fn=eval_fn, teacher=teacher,
+          progress=progress)
+    rows = {
+        "full": (full, plan.steps),
+        "random groups, uniform average": (baseline, plan.merge_step),
+        "M-SMoE": (msmoe, plan.merge_step),
+        "M-SMoE + KD": (msmoe_kd, plan.steps),
+        "MC-SMoE + KD": (mc, plan.steps),
+    }
+    return {"rows": rows, "held_out": held_out, "mc_one_shot_perplexity": one_shot, "plan": asdict(plan)}

@@ -1,0 +1,80 @@
+"""`mcsmoe-fast demo`: the recipe on a model it trains (a tiny plan here, for speed): fair step counts,
+the table, results.json, the plot and checkpoints that load back; the output directory is guarded."""
+import json
+
+import pytest
+import torch
+
+from mcsmoe_fast import from_pretrained
+from mcsmoe_fast.demo import run_demo
+from mcsmoe_fast.demo.corpus import Windows, is_held_out, split_corpus, stdlib_files
+from mcsmoe_fast.demo.measure import perplexity
+from mcsmoe_fast.demo.recipe import DemoPlan
+
+TINY = DemoPlan(hidden_size=32, intermediate_size=64, heads=2, length=32, batch_size=8, steps=24, recover_steps=8,
+                learning_rate=1e-2, kd_learning_rate=5e-3, warmup_steps=4, rank=4, calibration_windows=16,
+                eval_windows=8)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    lines = []
+    rows = run_demo(out, plan=TINY, progress=False, print_fn=lines.append)
+    return out, rows, "\n".join(lines)
+
+
+def test_rows_are_fair_and_complete(demo_run):
+    out, rows, text = demo_run
+    assert list(rows) == ["full", "random groups, uniform average", "M-SMoE", "M-SMoE + KD", "MC-SMoE + KD"]
+    assert all(r["steps"] <= rows["full"]["steps"] == TINY.steps for r in rows.values())
+    assert rows["M-SMoE"]["steps"] == TINY.steps - TINY.recover_steps
+    assert rows["M-SMoE + KD"]["steps"] == rows["MC-SMoE + KD"]["steps"] == TINY.steps
+    assert rows["M-SMoE"]["expert_share"] == pytest.approx(TINY.groups / TINY.experts)
+    assert rows["MC-SMoE + KD"]["expert_params"] < rows["M-SMoE"]["expert_params"] < rows["full"]["expert_params"]
+    assert rows["MC-SMoE + KD"]["checkpoint_mb"] < rows["M-SMoE"]["checkpoint_mb"] < rows["full"]["checkpoint_mb"]
+    assert rows["full"]["perplexity"] < 256 / 4, "the full model learned something about bytes of Python source"
+    for name, r in rows.items():
+        assert r["vs_full"] == pytest.approx(r["perplexity"] / rows["full"]["perplexity"])
+        assert r["tokens_per_s_transformers"] > 0 and r["tokens_per_s_optimized"] > 0
+        assert name in text
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows)) and saved["plan"]["steps"] == TINY.steps
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_checkpoints_load_back_with_the_reported_perplexity(demo_run):
+    out, rows, _ = demo_run
+    _, held_out = split_corpus(1, TINY.eval_windows * TINY.length)
+    windows = Windows(held_out, TINY.length).rows
+    for name, slug in (("M-SMoE + KD", "m-smoe-kd"), ("MC-SMoE + KD", "mc-smoe-kd")):
+        model = from_pretrained(out / "checkpoints" / slug)
+        assert perplexity(model, windows) == pytest.approx(rows[name]["perplexity"], rel=1e-4)
+
+
+def test_out_dir_with_foreign_files_is_refused(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="mine.txt"):
+        run_demo(tmp_path, plan=TINY, progress=False, print_fn=lambda s: None)
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_corpus_split_is_disjoint_and_deterministic():
+    import sysconfig
+    from pathlib import Path
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = stdlib_files()
+    held = [p for p in files if is_held_out(p, root)]
+    assert 0 < len(held) < len(files) / 4
+    a, b = split_corpus(5000, 3000)
+    assert torch.equal(a, split_corpus(5000, 3000)[0]) and a.numel() == 5000 and b.numel() == 3000
+    assert int(a.max()) < 256
+
+
+@pytest.mark.parametrize("bad,match", [({"recover_steps": 24}, "recover_steps"), ({"groups": 8}, "groups")])
+def test_plan_refuses_bad_values(bad, match):
+    from dataclasses import asdict
+
+    with pytest.raises(ValueError, match=match):
+        DemoPlan(**{**asdict(TINY), **bad})
