@@ -1,0 +1,48 @@
+"""The `mcsmoe-fast` command. Each subcommand lives in its own module with an `add(sub)` that adds its
+parser (with a worked example in its --help) and a `run(args)`; the work itself stays in the library."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import compress, demo, merge, permute
+from .config_file import apply_config, config_path
+
+SUBCOMMANDS = {"demo": demo, "permute": permute, "merge": merge, "compress": compress}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(prog="mcsmoe-fast", description="Merge, then compress Mixture-of-Experts models.")
+    parser.add_argument("--version", action="version", version=f"mcsmoe-fast {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    parsers = {}
+    for name, module in SUBCOMMANDS.items():
+        p = module.add(sub)
+        p.add_argument("--config", default=None, metavar="FILE",
+                       help="read settings from a YAML or JSON file (options given here win)")
+        parsers[name] = p
+    return parser, parsers
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, parsers = build_parser()
+    command = next((a for a in argv if a in parsers), None)
+    try:
+        path = config_path(argv)
+        if path is not None and command is not None:
+            apply_config(parsers[command], path)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"mcsmoe-fast {command}: error: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one progress bar per step of ours, not transformers' loading/writing bars
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"mcsmoe-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2

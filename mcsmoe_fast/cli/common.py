@@ -1,0 +1,42 @@
+"""What several subcommands share: the guard against writing over the input model, calibration options,
+sizes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def refuse_overwriting_input(args) -> None:
+    """Every subcommand that writes a model refuses to write it over the model it reads: a save replaces
+    the target directory, which would delete the user's original weights."""
+    out, model = Path(args.out).absolute().resolve(), Path(args.model).absolute().resolve()
+    if out == model or (model.is_dir() and model in out.parents):
+        raise ValueError(f"--out {args.out} would write into the input model's directory {args.model}; "
+                         "choose another output directory")
+
+
+def add_calibration_options(p) -> None:
+    """How calibration text becomes batches (merge, compress)."""
+    p.add_argument("--num-samples", type=int, default=256, help="calibration samples (default 256)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per calibration sample (default 256)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
+    p.add_argument("--text-field", default="text", help="text field of .jsonl records and datasets (default text)")
+    p.add_argument("--split", default="train", help="dataset split for a dataset name (default train)")
+
+
+def parameter_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def dir_bytes(path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+
+
+def subcommand(sub, name: str, help: str, example: str, description: str | None = None):
+    """A subcommand's parser whose --help ends with a worked example."""
+    import argparse
+
+    return sub.add_parser(name, help=help, description=description or help, epilog=f"example:\n  {example}",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,0 +1,73 @@
+"""mcsmoe-fast compress: MC-SMoE one-shot (low-rank factors plus kept rows) and save."""
+from __future__ import annotations
+
+import time
+
+from .common import add_calibration_options, dir_bytes, parameter_bytes, refuse_overwriting_input, subcommand
+
+
+def add(sub):
+    from ..compress import IMPORTANCE, SVD_METHODS
+
+    p = subcommand(sub, "compress", "compress every expert slot into low-rank factors plus kept rows (one-shot)",
+                   "mcsmoe-fast compress --model ./mixtral-merged --rank 32 --keep-ratio 0.1 --out ./mixtral-mc")
+    p.add_argument("--model", required=True, help="model directory (merged or plain checkpoint) or hub id")
+    p.add_argument("--out", required=True, help="directory to save the compressed model to (not --model)")
+    p.add_argument("--rank", type=int, default=32, help="rank of the low-rank factors (default 32)")
+    p.add_argument("--keep-ratio", type=float, default=0.1,
+                   help="share of the sparse part's entries kept, one threshold over all experts (default 0.1)")
+    one_shot = [i for i in IMPORTANCE if i != "gradient"]
+    p.add_argument("--importance", choices=one_shot, default="weight",
+                   help="row scores: |S| (weight) or |S| times input norms from --calib (activation)")
+    p.add_argument("--svd", choices=SVD_METHODS, default="auto", help="truncated SVD method (default auto)")
+    p.add_argument("--layers", nargs="+", default=None,
+                   help="MoE layers to compress: names or positions in module order (default: all)")
+    p.add_argument("--calib", default=None, help="calibration text for --importance activation (as for merge)")
+    add_calibration_options(p)
+    p.set_defaults(run=run)
+    return p
+
+
+def run(args) -> int:
+    from ..calibrate import collect_routing_stats
+    from ..calibration_data import calibration_batches, check_batches, load_tokenizer, read_calibration_texts
+    from ..checkpoint import save_pretrained
+    from ..compress import compress_experts
+    from ..models.loading import open_model
+
+    refuse_overwriting_input(args)
+    if args.rank < 1 or not 0 < args.keep_ratio <= 1:
+        raise ValueError(f"need --rank >= 1 and 0 < --keep-ratio <= 1, got {args.rank} and {args.keep_ratio}")
+    if args.importance == "activation" and args.calib is None:
+        raise ValueError("--importance activation needs --calib (calibration text)")
+    tokenizer = None
+    try:
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
+    except (OSError, ValueError):
+        if args.calib is not None:
+            raise
+    model = open_model(args.model)
+    stats = None
+    start = time.perf_counter()
+    if args.importance == "activation":
+        texts = read_calibration_texts(args.calib, args.num_samples, args.text_field, args.split)
+        batches = calibration_batches(texts, tokenizer, args.batch_size, args.max_length)
+        check_batches(batches, tokenizer, model.config.vocab_size)
+        stats = collect_routing_stats(model, batches, input_norms=True)
+    before = parameter_bytes(model)
+    layers = [int(x) if x.lstrip("-").isdigit() else x for x in args.layers] if args.layers else None
+    modules = compress_experts(model, rank=args.rank, keep_ratio=args.keep_ratio, layers=layers,
+                               importance=args.importance, stats=stats, svd=args.svd)
+    elapsed = time.perf_counter() - start
+    width = max(len(name) for name in modules)
+    print(f"{'layer':<{width}}  slots  rank in/out  kept rows in/out")
+    for name, m in modules.items():
+        print(f"{name:<{width}}  {m.num_slots:>5}  {m.in_U.shape[2]:>4}/{m.out_U.shape[2]:<4}  "
+              f"{m.in_S_rows.shape[0]}/{m.out_S_rows.shape[0]}")
+    after = parameter_bytes(model)
+    print(f"compressed {len(modules)} layers in {elapsed:.2f} s")
+    out = save_pretrained(model, args.out, tokenizer=tokenizer)
+    print(f"parameters: {before / 2**20:.2f} MiB before, {after / 2**20:.2f} MiB after compressing "
+          f"({before / max(after, 1):.2f}x smaller)")
+    print(f"saved checkpoint to {out} ({dir_bytes(out) / 2**20:.2f} MiB on disk)")
+    return 0

@@ -1,0 +1,80 @@
+"""mcsmoe-fast merge: M-SMoE (group and merge experts) and save the smaller model."""
+from __future__ import annotations
+
+import argparse
+import time
+
+from .common import add_calibration_options, dir_bytes, parameter_bytes, refuse_overwriting_input, subcommand
+
+
+def add(sub):
+    from ..grouping import GROUPING_METHODS, MERGE_STRATEGIES, SIMILARITY_BASES
+
+    p = subcommand(sub, "merge", "merge each MoE layer's experts into groups (M-SMoE) and save the smaller model",
+                   "mcsmoe-fast merge --model ./mixtral-tiny --calib calib.txt --num-groups 4 --out ./mixtral-merged")
+    p.add_argument("--model", required=True, help="model directory (plain or merged checkpoint) or hub id")
+    p.add_argument("--calib", required=True,
+                   help="calibration text: a .txt file (one sample per line), a .jsonl file, or a dataset name")
+    p.add_argument("--num-groups", type=int, required=True,
+                   help="groups per merged layer (the average per layer with --globally)")
+    p.add_argument("--out", required=True, help="directory to save the merged model to")
+    p.add_argument("--similarity", choices=SIMILARITY_BASES, default="router-logits", help="similarity basis")
+    p.add_argument("--grouping", choices=GROUPING_METHODS, default="dominant",
+                   help="dominant experts (paper) or hierarchical clustering (HC-SMoE)")
+    p.add_argument("--globally", action=argparse.BooleanOptionalAction, default=True,
+                   help="spread one budget of groups over the layers by usage frequency (default on)")
+    p.add_argument("--no-permute", dest="permute", action="store_false",
+                   help="do not align group members to their dominant expert before averaging")
+    p.add_argument("--strategy", choices=MERGE_STRATEGIES, default="frequency",
+                   help="frequency-weighted or uniform average, or drop non-dominant experts (baseline)")
+    p.add_argument("--layers", nargs="+", default=None,
+                   help="MoE layers to merge: names or positions in module order (default: all)")
+    add_calibration_options(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random similarity basis")
+    p.add_argument("--export-dense", action="store_true",
+                   help="save a plain transformers checkpoint (every expert materialised) instead")
+    p.set_defaults(run=run)
+    return p
+
+
+def run(args) -> int:
+    from ..calibrate import collect_routing_stats
+    from ..calibration_data import calibration_batches, check_batches, load_tokenizer, read_calibration_texts
+    from ..checkpoint import save_pretrained
+    from ..merge import merge_experts
+    from ..models import moe_layers
+    from ..models.loading import open_model
+
+    refuse_overwriting_input(args)
+    if args.num_groups < 1:
+        raise ValueError(f"--num-groups must be >= 1, got {args.num_groups}")
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    texts = read_calibration_texts(args.calib, args.num_samples, args.text_field, args.split)
+    batches = calibration_batches(texts, tokenizer, args.batch_size, args.max_length)
+    model = open_model(args.model)
+    experts = {layer.num_experts for layer in moe_layers(model)}
+    if args.num_groups >= max(experts):
+        raise ValueError(f"nothing would be merged: --num-groups {args.num_groups} is not below the number of "
+                         f"experts per layer ({max(experts)})")
+    check_batches(batches, tokenizer, model.config.vocab_size)
+    before = parameter_bytes(model)
+    similarity_bases = (args.similarity,) if args.similarity == "expert-output" else ("router-logits", "feature")
+    start = time.perf_counter()
+    stats = collect_routing_stats(model, batches, bases=similarity_bases)
+    layers = [int(x) if x.lstrip("-").isdigit() else x for x in args.layers] if args.layers else None
+    groupings = merge_experts(model, stats, args.num_groups, similarity=args.similarity, globally=args.globally,
+                              permute=args.permute, strategy=args.strategy, layers=layers,
+                              grouping=args.grouping, seed=args.seed)
+    elapsed = time.perf_counter() - start
+    after = parameter_bytes(model)
+    width = max(len(name) for name in groupings)
+    print(f"{'layer':<{width}}  experts  groups  dominant experts")
+    for name, g in groupings.items():
+        print(f"{name:<{width}}  {g.num_experts:>7}  {g.num_groups:>6}  {g.dominant}")
+    total = sum(g.num_groups for g in groupings.values())
+    print(f"{len(texts)} calibration samples; {total} groups over {len(groupings)} layers in {elapsed:.2f} s")
+    out = save_pretrained(model, args.out, export_dense=args.export_dense, tokenizer=tokenizer)
+    print(f"parameters: {before / 2**20:.2f} MiB before, {after / 2**20:.2f} MiB after merging "
+          f"({before / max(after, 1):.2f}x smaller)")
+    print(f"saved {'dense ' if args.export_dense else ''}checkpoint to {out} ({dir_bytes(out) / 2**20:.2f} MiB on disk)")
+    return 0

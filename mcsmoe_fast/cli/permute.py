@@ -1,0 +1,41 @@
+"""mcsmoe-fast permute: align every MoE layer's expert neurons to a reference expert."""
+from __future__ import annotations
+
+import time
+
+from .common import refuse_overwriting_input, subcommand
+
+
+def add(sub):
+    p = subcommand(sub, "permute", "align every MoE layer's expert neurons to a reference expert (function-preserving)",
+                   "mcsmoe-fast permute --model ./switch-base-32-sst2 --out ./switch-aligned --reference 0")
+    p.add_argument("--model", required=True, help="model directory (or hub id where the network allows)")
+    p.add_argument("--out", required=True, help="directory to save the aligned model to")
+    p.add_argument("--reference", type=int, default=0, help="reference expert index in every layer (default 0)")
+    p.set_defaults(run=run)
+    return p
+
+
+def run(args) -> int:
+    import torch
+
+    from ..calibration_data import load_tokenizer
+    from ..models.loading import open_model
+    from ..permute import align_experts
+
+    refuse_overwriting_input(args)
+    model = open_model(args.model)
+    start = time.perf_counter()
+    perms = align_experts(model, reference=args.reference)
+    elapsed = time.perf_counter() - start
+    for name, perm in perms.items():
+        moved = (perm != torch.arange(perm.shape[1])).sum().item()
+        print(f"{name}: {moved} of {perm.numel()} neurons moved")
+    print(f"aligned {len(perms)} layers in {elapsed:.2f} s")
+    model.save_pretrained(args.out)
+    try:  # the aligned model is usable on its own (merge reads the tokenizer beside the model)
+        load_tokenizer(args.model).save_pretrained(args.out)
+    except ValueError:
+        print("no tokenizer beside the input model: none saved with the aligned model")
+    print(f"saved to {args.out}")
+    return 0
