@@ -1,18 +1,17 @@
 """mcsmoe-fast demo: the recipe with quality on a model trained here (or --tour: the mechanics)."""
 from __future__ import annotations
 
-import argparse
+from .common import subcommand
 
 
 def add(sub):
-    p = sub.add_parser(
-        "demo", help="train a small MoE language model here, merge and compress it, and show the quality",
+    p = subcommand(
+        sub, "demo", "train a small MoE language model here, merge and compress it, and show the quality",
+        "mcsmoe-fast demo --quick --out /tmp/mcsmoe-demo",
         description="Train a byte-level Mixtral-style MoE (8 experts, top-2) on the Python standard library's "
                     "source, then M-SMoE 8 -> 4, KD recovery, MC-SMoE compression, KD recovery; print a table "
                     "(expert parameters, checkpoint MB, held-out perplexity, tokens/s) and write checkpoints, "
-                    "results.json and plot.png into --out. No network; about 3 minutes on two CPU cores.",
-        epilog="example: mcsmoe-fast demo --quick --out /tmp/mcsmoe-demo",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+                    "results.json and plot.png into --out. No network; about 3 minutes on two CPU cores.")
     p.add_argument("--out", default="mcsmoe-demo", help="output directory (default ./mcsmoe-demo)")
     p.add_argument("--quick", action="store_true", help="a smaller model and fewer steps: under a minute")
     p.add_argument("--tour", action="store_true",
