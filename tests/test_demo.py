@@ -7,8 +7,8 @@ import torch
 
 from mcsmoe_fast import from_pretrained
 from mcsmoe_fast.demo import run_demo
-from mcsmoe_fast.demo.corpus import Windows, is_held_out, split_corpus, stdlib_files
-from mcsmoe_fast.demo.measure import perplexity
+from mcsmoe_fast.demo.corpus import is_held_out, split_corpus, stdlib_files
+from mcsmoe_fast.train.text import Windows, perplexity
 from mcsmoe_fast.demo.recipe import DemoPlan
 
 TINY = DemoPlan(hidden_size=32, intermediate_size=64, heads=2, length=32, batch_size=8, steps=24, recover_steps=8,

@@ -188,3 +188,25 @@ def test_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="without the metric 'perplexity'"):
         train(model, data, TrainConfig(steps=2, batch_size=8, eval_every=1), collate_fn=collate,
               eval_fn=lambda m: {"ppl": 1.0})
+
+
+def test_text_windows_and_perplexity_against_a_plain_loop(tmp_path):
+    from mcsmoe_fast.tiny import tiny_tokenizer
+    from mcsmoe_fast.train.text import Windows, perplexity, text_windows
+
+    (tmp_path / "t.txt").write_text("the quick brown fox jumps over a lazy dog " * 20)
+    windows = text_windows(tmp_path / "t.txt", tiny_tokenizer(), 9)
+    assert windows.rows.shape[1] == 9 and len(windows) >= 4
+    model = tiny_job_model()
+    rows = tiny_job_data(n=5, length=10)
+    losses = []
+    with torch.no_grad():
+        for r in rows:
+            logits = model(input_ids=r[None]).logits[0, :-1]
+            losses.append(F.cross_entropy(logits, r[1:], reduction="sum"))
+    expected = torch.exp(torch.stack(losses).sum() / (5 * 9)).item()
+    assert perplexity(model, torch.stack(rows), batch_size=2) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        Windows(torch.arange(5), 9)
+    with pytest.raises(FileNotFoundError, match="no such text file"):
+        text_windows(tmp_path / "missing.txt", tiny_tokenizer(), 9)

@@ -28,7 +28,8 @@ def prepare_out_dir(out: Path) -> Path:
 def run_demo(out_dir="mcsmoe-demo", quick: bool = False, plan: DemoPlan | None = None, progress: bool = True,
              print_fn=print) -> dict:
     """Run the recipe and write checkpoints, results.json and plot.png into out_dir; returns the rows."""
-    from .measure import checkpoint_mb, expert_parameters, perplexity, throughput
+    from ..train.text import perplexity
+    from .measure import checkpoint_mb, expert_parameters, throughput
     from .report import format_table, write_json, write_plot
 
     out = prepare_out_dir(out_dir)

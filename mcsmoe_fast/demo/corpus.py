@@ -39,23 +39,3 @@ def split_corpus(train_bytes: int, eval_bytes: int, root: Path | None = None) ->
     held = [p for p in files if is_held_out(p, root)]
     train = [p for p in files if not is_held_out(p, root)]
     return read_bytes(train, train_bytes), read_bytes(held, eval_bytes)
-
-
-class Windows(torch.utils.data.Dataset):
-    """Non-overlapping windows of `length` bytes; each is one causal-LM example (labels = inputs)."""
-
-    def __init__(self, tokens: torch.Tensor, length: int):
-        if tokens.numel() < length:
-            raise ValueError(f"corpus of {tokens.numel()} bytes is shorter than one window of {length}")
-        self.rows = tokens[: tokens.numel() // length * length].view(-1, length)
-
-    def __len__(self) -> int:
-        return self.rows.shape[0]
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.rows[i]
-
-
-def lm_batch(rows) -> dict[str, torch.Tensor]:
-    ids = torch.stack(list(rows))
-    return {"input_ids": ids, "labels": ids}

@@ -3,7 +3,6 @@ checkpoint size, and forward throughput with transformers' modules and after `op
 from __future__ import annotations
 
 import copy
-import math
 import time
 from pathlib import Path
 
@@ -15,22 +14,6 @@ from ..compressed import CompressedMoEExperts
 from ..models import moe_layers
 from ..modules import MoEExperts
 from ..optimize import optimize
-from .corpus import lm_batch
-
-
-@torch.no_grad()
-def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 32) -> float:
-    """exp(mean next-byte cross-entropy) over the held-out windows [N, L]."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, windows.shape[0], batch_size):
-        batch = lm_batch(windows[i: i + batch_size])
-        n = batch["labels"][:, 1:].numel()
-        total += model(**batch).loss.item() * n
-        count += n
-    model.train(was_training)
-    return math.exp(total / count)
 
 
 def expert_parameters(model: nn.Module) -> int:

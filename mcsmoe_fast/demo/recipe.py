@@ -22,8 +22,8 @@ from ..calibrate import collect_routing_stats
 from ..compress import compress_experts
 from ..merge import merge_experts
 from ..train import TrainConfig, train
-from .corpus import Windows, lm_batch, split_corpus
-from .measure import perplexity
+from ..train.text import Windows, lm_batch, perplexity
+from .corpus import split_corpus
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,60 @@
+"""Causal language modelling on plain text: token windows to train on, and perplexity to evaluate."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class Windows(torch.utils.data.Dataset):
+    """Non-overlapping windows of `length` tokens; each is one causal-LM example (labels = inputs)."""
+
+    def __init__(self, tokens: torch.Tensor, length: int):
+        if length < 2:
+            raise ValueError(f"window length must be >= 2, got {length}")
+        if tokens.numel() < length:
+            raise ValueError(f"{tokens.numel()} tokens are fewer than one window of {length}")
+        self.rows = tokens[: tokens.numel() // length * length].view(-1, length)
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.rows[i]
+
+
+def lm_batch(rows) -> dict[str, torch.Tensor]:
+    ids = torch.stack(list(rows))
+    return {"input_ids": ids, "labels": ids}
+
+
+def text_windows(path, tokenizer, length: int) -> Windows:
+    """A text file, tokenized as one stream, cut into windows of `length` tokens."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: no such text file")
+    try:
+        text = file.read_text()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc})") from exc
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return Windows(torch.tensor(ids, dtype=torch.long), length)
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 32) -> float:
+    """exp(mean next-token cross-entropy) over the windows [N, L]."""
+    if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise ValueError(f"perplexity needs windows [N >= 1, L >= 2], got {tuple(windows.shape)}")
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, windows.shape[0], batch_size):
+        batch = lm_batch(windows[i: i + batch_size])
+        n = batch["labels"][:, 1:].numel()
+        total += model(**batch).loss.item() * n
+        count += n
+    model.train(was_training)
+    return math.exp(total / count)
