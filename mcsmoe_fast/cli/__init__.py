@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import compress, demo, merge, permute
+from . import bench, compress, demo, evaluate, finetune, merge, permute
 from .config_file import apply_config, config_path
 
-SUBCOMMANDS = {"demo": demo, "permute": permute, "merge": merge, "compress": compress}
+SUBCOMMANDS = {
+    "demo": demo, "finetune": finetune, "permute": permute, "merge": merge, "compress": compress, "eval": evaluate,
+    "bench": bench,
+}
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:

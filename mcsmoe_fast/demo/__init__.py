@@ -43,7 +43,7 @@ def run_demo(out_dir="mcsmoe-demo", quick: bool = False, plan: DemoPlan | None =
     for name, (model, steps) in result["rows"].items():
         ppl = perplexity(model, held_out)
         full_ppl = full_ppl or ppl
-        hf, fast = throughput(model, held_out[:16])
+        hf, fast = throughput(model, {"input_ids": held_out[:16]})
         params = expert_parameters(model)
         slug = name.lower().replace(" + ", "-").replace(", ", "-").replace(" ", "-")
         rows[name] = {"steps": steps, "expert_params": params, "expert_share": params / full_params,

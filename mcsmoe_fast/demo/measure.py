@@ -36,23 +36,23 @@ def checkpoint_mb(model: nn.Module, directory: Path) -> float:
 
 
 @torch.no_grad()
-def tokens_per_second(model: nn.Module, windows: torch.Tensor, repeats: int = 3) -> float:
-    """Best of `repeats` forward passes over the windows (after one warm-up pass)."""
+def tokens_per_second(model: nn.Module, inputs: dict, repeats: int = 3) -> float:
+    """Input tokens per second: the best of `repeats` forward passes (after one warm-up pass)."""
     model.eval()
-    batch = {"input_ids": windows}
-    model(**batch)
+    model(**inputs)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        model(**batch)
+        model(**inputs)
         best = min(best, time.perf_counter() - start)
-    return windows.numel() / best
+    return inputs["input_ids"].numel() / best
 
 
-def throughput(model: nn.Module, windows: torch.Tensor) -> tuple[float, float]:
+def throughput(model: nn.Module, inputs: dict, repeats: int = 3) -> tuple[float, float]:
     """(tokens/s with transformers' modules, tokens/s after optimize). A merged or compressed model runs
     in transformers' modules as its dense export (every expert given its group's weights)."""
-    plain = to_dense(model) if any(isinstance(layer.module.experts, (MoEExperts, CompressedMoEExperts))
-                                   for layer in moe_layers(model)) else model
+    merged = any(isinstance(getattr(layer.module, "experts", None), (MoEExperts, CompressedMoEExperts))
+                 for layer in moe_layers(model))
+    plain = to_dense(model) if merged else model
     fast = optimize(copy.deepcopy(model))
-    return tokens_per_second(plain, windows), tokens_per_second(fast, windows)
+    return tokens_per_second(plain, inputs, repeats), tokens_per_second(fast, inputs, repeats)

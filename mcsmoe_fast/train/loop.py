@@ -109,10 +109,12 @@ def train(
     resume: bool = False,
     progress: bool = True,
     callback: Callable[[nn.Module, dict], None] | None = None,
+    tokenizer=None,
 ) -> TrainResult:
     """Train `model` in place for config.steps optimizer steps on `train_data` (a map-style dataset
     whose batches, made by `collate_fn`, are model input dicts with `labels`). See the module doc.
-    `callback(model, record)` runs after every evaluation (record: step, loss, metrics)."""
+    `callback(model, record)` runs after every evaluation (record: step, loss, metrics); `tokenizer`
+    is saved into every checkpoint."""
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import set_seed
 
@@ -166,7 +168,7 @@ def train(
             write = lambda d: write_state(d, progress_record, optimizer, scheduler, pruner, model_state)  # noqa: E731
         else:
             write = lambda d: write_state(d, progress_record)  # noqa: E731
-        save_pretrained(saved, output_dir / name, extra=write)
+        save_pretrained(saved, output_dir / name, tokenizer=tokenizer, extra=write)
 
     def evaluate(loss: float) -> None:
         nonlocal best_metric, best_step

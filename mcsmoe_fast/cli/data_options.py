@@ -1,0 +1,73 @@
+"""What finetune and eval train or evaluate on: a text-to-text task (`--task`, hub dataset or local
+files) or plain text for a causal LM (`--text`, perplexity)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+def add_data_options(p, training: bool) -> None:
+    p.add_argument("--task", default=None, help="a text-to-text task: sst2, mrpc, multirc, copa, winogrande, squad, "
+                                                "wikiqa, hotpotqa (see docs/tasks.md)")
+    if training:
+        p.add_argument("--data", default=None, help="local training file of --task (.jsonl/.json/.csv; default: "
+                                                    "the hub dataset's training split)")
+    p.add_argument("--eval-data", default=None,
+                   help="local evaluation file of --task (default: the hub dataset's validation split)")
+    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N examples only")
+    if training:
+        p.add_argument("--text", default=None, help="causal LM: a UTF-8 text file to train on")
+    p.add_argument("--eval-text", default=None, help="causal LM: a UTF-8 text file to measure perplexity on")
+    p.add_argument("--length", type=int, default=256, help="causal LM: tokens per window (default 256)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
+
+
+@dataclass
+class Data:
+    train: object | None  # a dataset for train(), None for eval
+    collate: Callable | None
+    evaluate: Callable  # model -> {metric: value}
+    metric: str
+    greater_is_better: bool
+    batch_size: int | None  # the task's (paper) default, None for text
+    learning_rate: float | None
+
+
+def resolve_data(args, tokenizer, training: bool) -> Data:
+    text = getattr(args, "text", None)
+    if (args.task is None) == (text is None and args.eval_text is None):
+        raise ValueError("give either --task (a text-to-text task) or --text/--eval-text (causal LM perplexity)")
+    if args.task is not None:
+        return _task_data(args, tokenizer, training)
+    return _text_data(args, tokenizer, training)
+
+
+def _task_data(args, tokenizer, training: bool) -> Data:
+    from ..tasks import encode_pairs, evaluate_task, get_task, load_task_data
+
+    task = get_task(args.task)
+    examples = load_task_data(task, task.eval_split, args.eval_data, args.eval_limit)
+    train = load_task_data(task, task.train_split, args.data) if training else None
+    return Data(
+        train=train,
+        collate=lambda rows: encode_pairs(tokenizer, [task.to_text(r) for r in rows]),
+        evaluate=lambda model: evaluate_task(model, tokenizer, task, examples, progress=False),
+        metric=task.primary_metric, greater_is_better=True, batch_size=task.batch_size,
+        learning_rate=task.learning_rate,
+    )
+
+
+def _text_data(args, tokenizer, training: bool) -> Data:
+    from ..train.text import lm_batch, perplexity, text_windows
+
+    if training and args.text is None:
+        raise ValueError("--text (the training text) is needed with --eval-text")
+    eval_path = args.eval_text or getattr(args, "text", None)
+    held_out = text_windows(eval_path, tokenizer, args.length).rows
+    if args.eval_limit:
+        held_out = held_out[: args.eval_limit]
+    return Data(
+        train=text_windows(args.text, tokenizer, args.length) if training else None,
+        collate=lm_batch, evaluate=lambda model: {"perplexity": perplexity(model, held_out)},
+        metric="perplexity", greater_is_better=False, batch_size=None, learning_rate=None,
+    )

@@ -1,0 +1,37 @@
+"""mcsmoe-fast eval: a model's task metrics or held-out perplexity."""
+from __future__ import annotations
+
+import json
+
+from .common import subcommand
+from .data_options import add_data_options, resolve_data
+
+
+def add(sub):
+    p = subcommand(sub, "eval", "evaluate a model (plain, merged or compressed): task metrics or perplexity",
+                   "mcsmoe-fast eval --model ./switch-merged --task copa --eval-data copa_val.jsonl")
+    p.add_argument("--model", required=True, help="model directory (plain, merged or compressed) or hub id")
+    add_data_options(p, training=False)
+    p.add_argument("--optimize", action="store_true", help="run the fused inference modules (same results, faster)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.set_defaults(run=run)
+    return p
+
+
+def run(args) -> int:
+    from ..calibration_data import load_tokenizer
+    from ..models.loading import open_model
+    from ..optimize import optimize
+
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    data = resolve_data(args, tokenizer, training=False)
+    model = open_model(args.model)
+    if args.optimize:
+        optimize(model)
+    results = data.evaluate(model.eval())
+    for name, value in results.items():
+        print(f"{name}: {value:.4f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0

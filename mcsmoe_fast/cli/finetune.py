@@ -1,0 +1,61 @@
+"""mcsmoe-fast finetune: fine-tune a model on a task or text, or recover a merged/compressed one with
+knowledge distillation from its full model (--teacher)."""
+from __future__ import annotations
+
+import argparse
+
+from .common import refuse_overwriting_input, subcommand
+from .data_options import add_data_options, resolve_data
+
+
+def add(sub):
+    p = subcommand(
+        sub, "finetune", "fine-tune on a task or text; with --teacher, KD recovery of a merged or compressed model",
+        "mcsmoe-fast finetune --model ./switch-merged --teacher ./switch-aligned --task copa "
+        "--data copa_train.jsonl --eval-data copa_val.jsonl --steps 500 --out ./runs/copa-kd")
+    p.add_argument("--model", required=True, help="the model to train (plain, merged or compressed) or hub id")
+    p.add_argument("--out", required=True, help="run directory: best/ and latest/ checkpoints (not --model)")
+    p.add_argument("--teacher", default=None, help="KD recovery: the full model the student was merged from")
+    add_data_options(p, training=True)
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the task's (paper) batch size, else 16")
+    p.add_argument("--lr", type=float, default=None, help="learning rate; default: the task's (paper), else 1e-4")
+    p.add_argument("--warmup-steps", type=int, default=16, help="linear warm-up steps (default 16)")
+    p.add_argument("--eval-every", type=int, default=100, help="steps between evaluations and checkpoints")
+    p.add_argument("--kd-lambda", type=float, default=0.2, help="weight of the KL term (default 0.2)")
+    p.add_argument("--temperature", type=float, default=2.0, help="KD temperature (default 2)")
+    p.add_argument("--hd-lambda", type=float, default=0.0, help="weight of the hidden-state log-MSE term (default 0)")
+    p.add_argument("--keep-ratio", type=float, default=0.1,
+                   help="compressed students in pruning state: final share of sparse entries kept (default 0.1)")
+    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="accelerate's")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.set_defaults(run=run)
+    return p
+
+
+def run(args) -> int:
+    from ..calibration_data import load_tokenizer
+    from ..models.loading import open_model
+    from ..train import TrainConfig, train
+
+    refuse_overwriting_input(args)
+    if args.teacher is not None:
+        refuse_overwriting_input(argparse.Namespace(model=args.teacher, out=args.out))
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    data = resolve_data(args, tokenizer, training=True)
+    config = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size or data.batch_size or 16,
+        learning_rate=args.lr or data.learning_rate or 1e-4, warmup_steps=args.warmup_steps,
+        eval_every=args.eval_every, kd_lambda=args.kd_lambda, temperature=args.temperature,
+        hd_lambda=args.hd_lambda, metric=data.metric, greater_is_better=data.greater_is_better,
+        keep_ratio=args.keep_ratio, mixed_precision=args.mixed_precision, seed=args.seed)
+    model = open_model(args.model)
+    teacher = open_model(args.teacher) if args.teacher else None
+    result = train(model, data.train, config, collate_fn=data.collate, eval_fn=data.evaluate, teacher=teacher,
+                   output_dir=args.out, resume=args.resume, tokenizer=tokenizer)
+    last = result.history[-1] if result.history else {}
+    print(f"trained to step {result.step}; last {data.metric} {last.get(data.metric, float('nan')):.4f}; "
+          f"best {result.best_metric} at step {result.best_step}")
+    print(f"checkpoints: {args.out}/best (best {data.metric}), {args.out}/latest (resumable)")
+    return 0

@@ -1,0 +1,119 @@
+"""`mcsmoe-fast finetune | eval | bench` end to end on tiny local models and files: a task (SST-2 from a
+local jsonl) and plain text for a causal LM; KD recovery with --teacher; --resume; clear errors."""
+import json
+import re
+
+import pytest
+import torch
+
+from mcsmoe_fast import from_pretrained, moe_layers
+from mcsmoe_fast.tiny import tiny_mixtral, tiny_switch
+from test_cli_merge import LINES, run
+
+SENTENCES = [("experts are great and fast", 1), ("the router is slow and bad", 0), ("merged experts are great", 1),
+             ("a bad slow model", 0), ("fast great routers", 1), ("slow bad experts", 0)]
+
+
+def tokenizer_with(words):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(words, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[EOS]", "[UNK]"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]")
+
+
+@pytest.fixture
+def space(tmp_path):
+    words = [s for s, _ in SENTENCES] + LINES + ["Question: Was that sentence positive or negative? Answer:"]
+    tok = tokenizer_with(words)
+    torch.manual_seed(0)
+    tiny_switch().save_pretrained(tmp_path / "switch")
+    tiny_mixtral().save_pretrained(tmp_path / "mixtral")
+    for name in ("switch", "mixtral"):
+        tok.save_pretrained(tmp_path / name)
+    (tmp_path / "sst2.jsonl").write_text("\n".join(json.dumps({"sentence": s, "label": y}) for s, y in SENTENCES))
+    (tmp_path / "train.txt").write_text(" ".join(LINES * 30))
+    (tmp_path / "heldout.txt").write_text(" ".join(reversed(LINES * 6)))
+    return tmp_path
+
+
+def metric(out: str, name: str) -> float:
+    return float(re.search(rf"^{name}: (\S+)$", out, re.M).group(1))
+
+
+def test_finetune_a_task_and_eval_agrees_with_the_best_checkpoint(space, capsys):
+    base = ["--task", "sst2", "--eval-data", space / "sst2.jsonl"]
+    rc, out, err = run(["eval", "--model", space / "switch", *base], capsys)
+    assert rc == 0, err
+    before = metric(out, "accuracy")
+    rc, out, err = run(["finetune", "--model", space / "switch", *base, "--data", space / "sst2.jsonl",
+                        "--batch-size", 6, "--steps", 30, "--lr", 3e-3, "--warmup-steps", 2, "--eval-every", 10,
+                        "--out", space / "run"], capsys)
+    assert rc == 0, err
+    best = float(re.search(r"best (\S+) at step", out).group(1))
+    assert best == 1.0 > before, (before, out)  # six training sentences, memorised
+    rc, out, err = run(["eval", "--model", space / "run" / "best", *base, "--json", space / "r.json"], capsys)
+    assert rc == 0, err
+    assert metric(out, "accuracy") == best == json.loads((space / "r.json").read_text())["accuracy"]
+
+
+def test_finetune_text_lowers_held_out_perplexity_and_resumes(space, capsys):
+    text = ["--text", space / "train.txt", "--eval-text", space / "heldout.txt", "--length", 16]
+    rc, out, err = run(["eval", "--model", space / "mixtral", "--eval-text", space / "heldout.txt", "--length", 16], capsys)
+    assert rc == 0, err
+    before = metric(out, "perplexity")
+    common = ["finetune", "--model", space / "mixtral", *text, "--batch-size", 4, "--lr", 1e-2, "--warmup-steps", 2,
+              "--eval-every", 5, "--out", space / "lm"]
+    rc, out, err = run([*common, "--steps", 10], capsys)
+    assert rc == 0, err
+    rc, out, err = run([*common, "--steps", 20, "--resume"], capsys)
+    assert rc == 0, err
+    assert "trained to step 20" in out
+    state = json.loads((space / "lm" / "latest" / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["history"]] == [5, 10, 15, 20]
+    rc, out, err = run(["eval", "--model", space / "lm" / "best", "--eval-text", space / "heldout.txt", "--length", 16],
+                       capsys)
+    assert rc == 0, err
+    assert metric(out, "perplexity") < 0.5 * before
+
+
+def test_kd_recovery_of_a_merged_model_keeps_its_routers(space, capsys):
+    (space / "calib.txt").write_text("\n".join(LINES * 4))
+    rc, _, err = run(["merge", "--model", space / "mixtral", "--calib", space / "calib.txt", "--num-groups", 2,
+                      "--out", space / "merged"], capsys)
+    assert rc == 0, err
+    rc, out, err = run(["finetune", "--model", space / "merged", "--teacher", space / "mixtral", "--text",
+                        space / "train.txt", "--length", 16, "--batch-size", 4, "--steps", 6, "--eval-every", 3,
+                        "--lr", 1e-2, "--out", space / "kd"], capsys)
+    assert rc == 0, err
+    merged, recovered = from_pretrained(space / "merged"), from_pretrained(space / "kd" / "best")
+    for a, b in zip(moe_layers(merged), moe_layers(recovered)):
+        assert torch.equal(a.router_weight(), b.router_weight())
+        assert a.module.experts.num_slots == b.module.experts.num_slots < 8
+        assert not torch.equal(a.module.experts.w_in, b.module.experts.w_in)
+
+
+def test_bench_prints_one_row_per_size(space, capsys):
+    rc, out, err = run(["bench", "--model", space / "mixtral", "--tokens", 32, 64, "--length", 16, "--repeats", 1],
+                       capsys)
+    assert rc == 0, err
+    rows = re.findall(r"^\s+(\d+)\s+(\d+)\s+(\d+)\s+([\d.]+)x$", out, re.M)
+    assert [int(r[0]) for r in rows] == [32, 64] and all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["eval", "--task", "sst2", "--eval-text", "x.txt"], "either --task"),
+    (["eval"], "either --task"),
+    (["eval", "--task", "nope"], "unknown task 'nope'"),
+    (["eval", "--task", "sst2", "--eval-data", "missing.jsonl"], "missing.jsonl"),
+    (["eval", "--eval-text", "missing.txt"], "no such text file"),
+    (["finetune", "--eval-text", "{space}/heldout.txt", "--out", "{space}/o"], "--text"),
+    (["finetune", "--text", "{space}/train.txt", "--out", "{space}/mixtral"], "would write into the input model"),
+])
+def test_bad_arguments_are_one_clear_line(space, capsys, args, match):
+    args = [a.format(space=space) for a in args]
+    rc, _, err = run([args[0], "--model", space / "mixtral", *args[1:]], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert match in err, err
