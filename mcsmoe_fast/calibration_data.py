@@ -1,5 +1,8 @@
 """Calibration text for routing statistics: a local .txt (one sample per line) or .jsonl file (a text
-field per line), or a `datasets` dataset name; tokenised into model input batches."""
+field per line), or a `datasets` dataset name; tokenised into model input batches.
+
+Text-to-text tasks (SST-2, COPA, SQuAD, ...) calibrate on prompts and targets instead: see
+mcsmoe_fast.tasks.calibration_batches."""
 from __future__ import annotations
 
 import json
@@ -81,15 +84,23 @@ def _read_dataset(name: str, num_samples: int, text_field: str, split: str) -> l
     return texts
 
 
-def calibration_batches(texts: list[str], tokenizer, batch_size: int = 8, max_length: int = 256) -> list[dict]:
-    """Padded, truncated input dicts (input_ids, attention_mask) of batch_size texts each."""
-    if batch_size < 1 or max_length < 1:
-        raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size} and {max_length}")
+def ensure_pad_token(tokenizer) -> None:
+    """Give a tokenizer without a pad token its eos (else unk) token as pad token, or raise ValueError."""
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is None:
             raise ValueError("the tokenizer has no pad, eos or unk token to pad calibration batches with")
         tokenizer.pad_token = fallback
+
+
+def calibration_batches(texts: list[str], tokenizer, batch_size: int = 8, max_length: int = 256) -> list[dict]:
+    """Padded, truncated input dicts (input_ids, attention_mask) of batch_size texts each.
+
+    These feed an encoder-decoder model's decoder its own input text; for a text-to-text task's calibration
+    (the decoder reads the task's targets, as the original did) use mcsmoe_fast.tasks.calibration_batches."""
+    if batch_size < 1 or max_length < 1:
+        raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size} and {max_length}")
+    ensure_pad_token(tokenizer)
     batches = []
     for start in range(0, len(texts), batch_size):
         enc = tokenizer(texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length,
