@@ -55,7 +55,7 @@ def write_state(directory: Path, progress: dict, optimizer=None, scheduler=None,
             tensors[f"pruner.keep.{i}"] = keep.cpu().contiguous()
     if model_state is not None:
         record["model_tensors"] = sorted(model_state)
-        tensors.update({f"model.{k}": v.detach().cpu().contiguous() for k, v in model_state.items()})
+        tensors.update({f"model.{k}": v.detach().cpu().clone() for k, v in model_state.items()})
     save_file(tensors, str(directory / STATE_TENSORS))
     (directory / STATE_JSON).write_text(json.dumps(record, indent=1))
 
