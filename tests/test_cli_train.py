@@ -117,3 +117,35 @@ def test_bad_arguments_are_one_clear_line(space, capsys, args, match):
     rc, _, err = run([args[0], "--model", space / "mixtral", *args[1:]], capsys)
     assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert match in err, err
+
+
+def test_lm_eval_is_optional_and_wired_through(space, capsys, monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # not installed
+    rc, _, err = run(["eval", "--model", space / "mixtral", "--lm-eval", "hellaswag"], capsys)
+    assert rc == 2 and "pip install lm-eval" in err
+    calls = {}
+
+    class FakeHFLM:
+        def __init__(self, pretrained, tokenizer, batch_size):
+            calls["model"], calls["tokenizer"] = pretrained, tokenizer
+
+    def simple_evaluate(model, tasks, num_fewshot, limit):
+        calls.update(tasks=tasks, num_fewshot=num_fewshot, limit=limit)
+        return {"results": {"arc_easy": {"acc,none": 0.25, "acc_stderr,none": 0.01, "alias": "arc_easy"}}}
+
+    fake = types.ModuleType("lm_eval")
+    fake.simple_evaluate = simple_evaluate
+    models = types.ModuleType("lm_eval.models")
+    hf = types.ModuleType("lm_eval.models.huggingface")
+    hf.HFLM = FakeHFLM
+    for name, module in (("lm_eval", fake), ("lm_eval.models", models), ("lm_eval.models.huggingface", hf)):
+        monkeypatch.setitem(sys.modules, name, module)
+    rc, out, err = run(["eval", "--model", space / "mixtral", "--lm-eval", "arc_easy", "--num-fewshot", 3,
+                        "--eval-limit", 5], capsys)
+    assert rc == 0, err
+    assert out.strip() == "arc_easy/acc: 0.2500"
+    assert calls["tasks"] == ["arc_easy"] and calls["num_fewshot"] == 3 and calls["limit"] == 5
+    assert moe_layers(calls["model"]) and calls["tokenizer"] is not None

@@ -19,6 +19,10 @@ def add_data_options(p, training: bool) -> None:
         p.add_argument("--text", default=None, help="causal LM: a UTF-8 text file to train on")
     p.add_argument("--eval-text", default=None, help="causal LM: a UTF-8 text file to measure perplexity on")
     p.add_argument("--length", type=int, default=256, help="causal LM: tokens per window (default 256)")
+    if not training:
+        p.add_argument("--lm-eval", nargs="+", default=None, metavar="TASK",
+                       help="causal LM: lm-evaluation-harness tasks (needs the optional package lm-eval)")
+        p.add_argument("--num-fewshot", type=int, default=None, help="--lm-eval: few-shot examples per task")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
 
 
@@ -35,8 +39,12 @@ class Data:
 
 def resolve_data(args, tokenizer, training: bool) -> Data:
     text = getattr(args, "text", None)
-    if (args.task is None) == (text is None and args.eval_text is None):
-        raise ValueError("give either --task (a text-to-text task) or --text/--eval-text (causal LM perplexity)")
+    harness = getattr(args, "lm_eval", None)
+    if [args.task is not None, text is not None or args.eval_text is not None, harness is not None].count(True) != 1:
+        raise ValueError("give either --task (a text-to-text task) or --text/--eval-text (causal LM perplexity)"
+                         + ("" if training else " or --lm-eval TASK..."))
+    if harness is not None:
+        return _harness_data(args, tokenizer)
     if args.task is not None:
         return _task_data(args, tokenizer, training)
     return _text_data(args, tokenizer, training)
@@ -71,3 +79,11 @@ def _text_data(args, tokenizer, training: bool) -> Data:
         collate=lm_batch, evaluate=lambda model: {"perplexity": perplexity(model, held_out)},
         metric="perplexity", greater_is_better=False, batch_size=None, learning_rate=None,
     )
+
+
+def _harness_data(args, tokenizer) -> Data:
+    from ..tasks.harness import harness_evaluate
+
+    return Data(train=None, collate=None, metric="", greater_is_better=True, batch_size=None, learning_rate=None,
+                evaluate=lambda model: harness_evaluate(model, tokenizer, args.lm_eval, args.num_fewshot,
+                                                        args.eval_limit))
