@@ -7,27 +7,17 @@ import pytest
 import torch
 
 from mcsmoe_fast import from_pretrained, moe_layers
-from mcsmoe_fast.tiny import tiny_mixtral, tiny_switch
+from mcsmoe_fast.tiny import tiny_mixtral, tiny_switch, tiny_tokenizer
 from test_cli_merge import LINES, run
 
 SENTENCES = [("experts are great and fast", 1), ("the router is slow and bad", 0), ("merged experts are great", 1),
              ("a bad slow model", 0), ("fast great routers", 1), ("slow bad experts", 0)]
 
 
-def tokenizer_with(words):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(words, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[EOS]", "[UNK]"]))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]")
-
-
 @pytest.fixture
 def space(tmp_path):
     words = [s for s, _ in SENTENCES] + LINES + ["Question: Was that sentence positive or negative? Answer:"]
-    tok = tokenizer_with(words)
+    tok = tiny_tokenizer(" ".join(words))
     torch.manual_seed(0)
     tiny_switch().save_pretrained(tmp_path / "switch")
     tiny_mixtral().save_pretrained(tmp_path / "mixtral")
