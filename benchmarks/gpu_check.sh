@@ -20,8 +20,8 @@ $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/
 $PY -c 'import mcsmoe_fast._C as c; assert c.cuda_enabled; print("cuda_enabled", c.cuda_enabled)' || exit 1
 
 step "CUDA tests"
-cuda_tests=$(ls tests/test_lap_cuda.py tests/test_grouped_ffn.py tests/test_routing_align.py tests/test_optimize.py \
-  tests/test_slr_cuda.py 2>/dev/null)
+cuda_tests=$(ls tests/test_lap_cuda.py tests/test_grouped_ffn.py tests/test_grouped_ffn_backward.py \
+  tests/test_routing_align.py tests/test_optimize.py tests/test_slr_cuda.py 2>/dev/null)
 timeout 300 $PY -m pytest -q $cuda_tests -k "cuda or gpu" 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 

@@ -13,6 +13,11 @@ TORCH_LIBRARY(mcsmoe_fast, m) {
         "(Tensor sorted_token_ids, Tensor slot_offsets, Tensor sorted_weights, Tensor token_rows)");
   m.def("grouped_expert_ffn(Tensor hidden, Tensor w_in, Tensor w_out, Tensor expert_map, Tensor top_k_index, "
         "Tensor top_k_weights, str activation) -> Tensor");
+  // Gradients of grouped_expert_ffn (hidden, w_in, w_out, top_k_weights) for grad_out; output_mask picks
+  // which are computed, the others are empty tensors [0].
+  m.def("grouped_expert_ffn_backward(Tensor grad_out, Tensor hidden, Tensor w_in, Tensor w_out, Tensor expert_map, "
+        "Tensor top_k_index, Tensor top_k_weights, str activation, bool[4] output_mask) -> "
+        "(Tensor grad_hidden, Tensor grad_w_in, Tensor grad_w_out, Tensor grad_top_k_weights)");
   m.def("sparse_lowrank_linear(Tensor x, Tensor U, Tensor V, Tensor S_rows, Tensor row_idx, Tensor? bias=None) -> "
         "Tensor");
   m.def("grouped_expert_ffn_slr(Tensor hidden, Tensor[] w_in, Tensor[] w_out, Tensor expert_map, "
@@ -23,6 +28,7 @@ TORCH_LIBRARY_IMPL(mcsmoe_fast, CPU, m) {
   m.impl("linear_assignment", &mcsmoe::ops::linear_assignment_cpu);
   m.impl("moe_align", &mcsmoe::ops::moe_align_cpu);
   m.impl("grouped_expert_ffn", &mcsmoe::ops::grouped_expert_ffn_cpu);
+  m.impl("grouped_expert_ffn_backward", &mcsmoe::ops::grouped_expert_ffn_backward_cpu);
   m.impl("sparse_lowrank_linear", &mcsmoe::ops::sparse_lowrank_linear_cpu);
   m.impl("grouped_expert_ffn_slr", &mcsmoe::ops::grouped_expert_ffn_slr_cpu);
 }
@@ -32,6 +38,7 @@ TORCH_LIBRARY_IMPL(mcsmoe_fast, CUDA, m) {
   m.impl("linear_assignment", &mcsmoe::ops::linear_assignment_cuda);
   m.impl("moe_align", &mcsmoe::ops::moe_align_cuda);
   m.impl("grouped_expert_ffn", &mcsmoe::ops::grouped_expert_ffn_cuda);
+  m.impl("grouped_expert_ffn_backward", &mcsmoe::ops::grouped_expert_ffn_backward_cuda);
   m.impl("sparse_lowrank_linear", &mcsmoe::ops::sparse_lowrank_linear_cuda);
   m.impl("grouped_expert_ffn_slr", &mcsmoe::ops::grouped_expert_ffn_slr_cuda);
 }

@@ -1,9 +1,9 @@
 """Drop-in MoE modules: expert slots shared through an `expert_map`, and the Switch block around them.
 
-Both run the fused op `ops.grouped_expert_ffn` (one call for the whole expert FFN, merged or not).
-They are inference modules: when gradients are needed (grad mode on and a parameter, the input or the
-routing weights require grad) the experts fall back to the plain-PyTorch `reference.grouped_expert_ffn`,
-which computes the same function and supports autograd, so fine-tuning through them still works.
+Both run the fused op `ops.grouped_expert_ffn` (one call for the whole expert FFN, merged or not),
+for inference and for training alike: its fused backward (`ops.grouped_expert_ffn_backward`) gives the
+gradients of the input, both weight banks and the routing weights, so fine-tuning and KD recovery run
+through the same op.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import functools
 import torch
 from torch import nn
 
-from . import ops, reference
+from . import ops
 from .activations import check as check_activation, is_gated
 
 
@@ -53,13 +53,8 @@ class MoEExperts(nn.Module):
         return f"slots={s}, experts={self.num_experts}, d={d}, F={f}, activation={self.activation}"
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        args = (hidden, self.w_in, self.w_out, self.expert_map, top_k_index, top_k_weights, self.activation)
-        needs_grad = torch.is_grad_enabled() and (
-            self.w_in.requires_grad or self.w_out.requires_grad or hidden.requires_grad or top_k_weights.requires_grad
-        )
-        if needs_grad:  # the fused op has no backward: same function, autograd-capable reference
-            return reference.grouped_expert_ffn(*args)
-        return ops.grouped_expert_ffn(*args)
+        return ops.grouped_expert_ffn(hidden, self.w_in, self.w_out, self.expert_map, top_k_index, top_k_weights,
+                                      self.activation)
 
 
 def capacity_drop(expert_index: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:

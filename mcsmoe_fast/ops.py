@@ -109,7 +109,8 @@ def grouped_expert_ffn(
     top_k_weights: torch.Tensor,
     activation: str,
 ) -> torch.Tensor:
-    """The whole expert FFN over S slots in one call (inference; no autograd).
+    """The whole expert FFN over S slots in one call; differentiable in hidden, w_in, w_out and
+    top_k_weights (the backward is the fused op grouped_expert_ffn_backward).
 
     hidden [T, d]; w_in [S, F, d]; w_out [S, d, ff]; expert_map [E] int64; top_k_index [T, k] int64
     (-1 = no expert); top_k_weights [T, k]; activation one of activations.ACTIVATIONS: ungated "relu",
@@ -131,15 +132,58 @@ def _grouped_expert_ffn_fake(hidden, w_in, w_out, expert_map, top_k_index, top_k
     return torch.empty_like(hidden, memory_format=torch.contiguous_format)
 
 
+def grouped_expert_ffn_backward(grad_out, hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation,
+                                output_mask=(True, True, True, True)):
+    """Gradients of grouped_expert_ffn for grad_out [T, d]: (grad_hidden [T, d], grad_w_in [S, F, d],
+    grad_w_out [S, d, ff], grad_top_k_weights [T, k] in top_k_weights' dtype). output_mask (four bools,
+    in that order) says which to compute; the others come back as empty tensors [0]. Recomputes the
+    expert hidden layer (the forward saves nothing but its inputs). Entry (t, j) of the weights' gradient
+    is <grad_out[t], FFN_s(hidden[t])> for the slot s of expert top_k_index[t, j], 0 where it is -1: every
+    entry of a token mapping to one slot gets the same value, as the forward sums their weights."""
+    return _lib.grouped_expert_ffn_backward(grad_out, hidden, w_in, w_out, expert_map, top_k_index, top_k_weights,
+                                            activation, list(output_mask))
+
+
+@torch.library.register_fake("mcsmoe_fast::grouped_expert_ffn_backward")
+def _grouped_expert_ffn_backward_fake(grad_out, hidden, w_in, w_out, expert_map, top_k_index, top_k_weights,
+                                      activation, output_mask):
+    _grouped_expert_ffn_fake(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation)
+    torch._check(grad_out.shape == hidden.shape and grad_out.dtype == hidden.dtype and grad_out.device == hidden.device,
+                 lambda: "grouped_expert_ffn_backward: grad_out must have hidden's shape, dtype and device")
+    torch._check(len(output_mask) == 4, lambda: "grouped_expert_ffn_backward: output_mask must hold four bools")
+
+    def grad(need, like):
+        return torch.empty_like(like, memory_format=torch.contiguous_format) if need else like.new_empty((0,))
+    return (grad(output_mask[0], hidden), grad(output_mask[1], w_in), grad(output_mask[2], w_out),
+            grad(output_mask[3], top_k_weights))
+
+
+def _ffn_setup_context(ctx, inputs, output):
+    hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation = inputs
+    ctx.save_for_backward(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights)
+    ctx.activation = activation
+
+
+def _ffn_backward(ctx, grad):
+    hidden, w_in, w_out, expert_map, top_k_index, top_k_weights = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], need[2], need[5]]
+    if not any(mask):
+        return (None,) * 7
+    grads = _lib.grouped_expert_ffn_backward(grad.to(hidden.dtype), hidden, w_in, w_out, expert_map, top_k_index,
+                                             top_k_weights, ctx.activation, mask)
+    g_hidden, g_w_in, g_w_out, g_weights = (g if m else None for g, m in zip(grads, mask))
+    return g_hidden, g_w_in, g_w_out, None, None, g_weights, None
+
+
+torch.library.register_autograd("mcsmoe_fast::grouped_expert_ffn", _ffn_backward, setup_context=_ffn_setup_context)
+
+
 def _no_backward(ctx, grad):
     raise RuntimeError(
-        "mcsmoe_fast.ops.grouped_expert_ffn is an inference op without a backward; use "
-        "mcsmoe_fast.reference.grouped_expert_ffn for gradients (MoEExperts switches to it by itself "
-        "when gradients are required)"
+        "mcsmoe_fast.ops.grouped_expert_ffn_slr is an inference op without a backward; use "
+        "mcsmoe_fast.reference.grouped_expert_ffn_slr for gradients"
     )
-
-
-torch.library.register_autograd("mcsmoe_fast::grouped_expert_ffn", _no_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 # --- sparse-plus-low-rank linear (compressed experts) ---------------------------------------------

@@ -2,6 +2,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <array>
 #include <functional>
 #include <optional>
 #include <tuple>
@@ -92,6 +93,36 @@ using SlotFfn = std::function<void(int64_t slot, const at::Tensor& x, at::Tensor
 at::Tensor grouped_ffn_cpu_frame(const at::Tensor& hidden, int64_t num_slots, const at::Tensor& expert_map,
                                  const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
                                  const SlotFfn& run_slot);
+
+// --- the grouped expert FFN's backward (moe_ffn_backward.cpp, cuda/moe_backward_cuda.cpp) ---
+// (grad_hidden, grad_w_in, grad_w_out, grad_top_k_weights) of grouped_expert_ffn for grad_out [T, d];
+// output_mask says which to compute, the others come back as empty tensors [0]. The weights' gradient
+// entry (t, j) is <grad_out[t], FFN_s(hidden[t])> for the slot s of expert top_k_index[t, j] (0 for -1).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_expert_ffn_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& w_in, const at::Tensor& w_out,
+    const at::Tensor& expert_map, const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
+    c10::string_view activation, std::array<bool, 4> output_mask);
+#ifdef MCSMOE_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_expert_ffn_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& w_in, const at::Tensor& w_out,
+    const at::Tensor& expert_map, const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
+    c10::string_view activation, std::array<bool, 4> output_mask);
+#endif
+// The forward's checks plus grad_out's shape, dtype and device; returns the activation.
+Activation check_grouped_ffn_backward_args(const at::Tensor& grad_out, const at::Tensor& hidden,
+                                           const at::Tensor& w_in, const at::Tensor& w_out,
+                                           const at::Tensor& expert_map, const at::Tensor& top_k_index,
+                                           const at::Tensor& top_k_weights, c10::string_view activation);
+// Zero gradients where output_mask asks for them, empty tensors [0] elsewhere (nothing routed, d = 0).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_ffn_grads(const at::Tensor& hidden,
+                                                                            const at::Tensor& w_in,
+                                                                            const at::Tensor& w_out,
+                                                                            const at::Tensor& top_k_weights,
+                                                                            std::array<bool, 4> output_mask);
+// out [T, k] (row_grads' dtype) = row_grads[row of (t, slot of top_k_index[t, j])], 0 where the index is -1:
+// every entry of a token that maps to one slot gets that slot's row gradient. Host tensors, from moe_align.
+void routing_weight_grads_cpu(const at::Tensor& top_k_index, const at::Tensor& expert_map, const at::Tensor& offsets,
+                              const at::Tensor& token_rows, const at::Tensor& row_grads, at::Tensor out);
 
 // --- sparse-plus-low-rank linear (slr.cpp, slr_ffn.cpp, cuda/slr_cuda.cpp) ---
 // Checks shapes, dtypes and devices of x [..., in], U [out, r], V [r, in], S_rows [K, in], row_idx [K]
