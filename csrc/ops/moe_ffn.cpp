@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "ops/ops.h"
+#include "ops/slot_parallel.h"
 
 namespace mcsmoe::ops {
 
@@ -78,33 +79,6 @@ at::Tensor expert_activation(const at::Tensor& h, Activation act) {
   const int64_t ff = h.size(1) / 2;
   at::Tensor gate = h.narrow(1, 0, ff);  // in place: the GEMM reads it with row stride 2*ff
   return act_(gate, act.fn).mul_(h.narrow(1, ff, ff));
-}
-
-// Measured here (2 threads, Mixtral-shaped fp32, T = 1..1024): one single-threaded GEMM per thread
-// beats threaded GEMMs whenever there are at least as many busy slots as threads (no barriers, and
-// small-M GEMMs scale badly across threads), up to 1.6x at T = 16; threaded GEMMs win only with
-// fewer busy slots than threads or very large, few slots (G = 2, T = 1024: within 4%). Measured again
-// with the oneDNN GEMMs (G = 8, 4, 2; T = 16, 128, 1024): the same choices hold (slot parallelism up to
-// 15% faster where it is chosen, equal within noise at G = 2, T = 1024).
-static bool use_slot_parallelism(int64_t max_rows, int64_t active_slots, int64_t threads) {
-  if (const char* env = std::getenv("MCSMOE_SLOT_PARALLEL")) return env[0] == '1';
-  return threads > 1 && active_slots >= threads && (max_rows <= 512 || active_slots >= 2 * threads);
-}
-
-// Slots dealt to threads largest first, each to the least loaded thread (rows as the cost).
-static std::vector<std::vector<int64_t>> deal_slots(const std::vector<int64_t>& rows, int64_t threads) {
-  std::vector<int64_t> order(rows.size());
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return rows[a] > rows[b]; });
-  std::vector<std::vector<int64_t>> work(threads);
-  std::vector<int64_t> load(threads, 0);
-  for (int64_t s : order) {
-    if (rows[s] == 0) continue;
-    const auto t = std::min_element(load.begin(), load.end()) - load.begin();
-    work[t].push_back(s);
-    load[t] += rows[s];
-  }
-  return work;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -202,7 +176,8 @@ at::Tensor grouped_expert_ffn_cpu(const at::Tensor& hidden_arg, const at::Tensor
                                   const at::Tensor& w_out_arg, const at::Tensor& expert_map,
                                   const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
                                   c10::string_view activation) {
-  // An inference op (no backward): detached, the inner GEMMs neither record nor refuse autograd.
+  // Detached: the inner GEMMs neither record nor refuse autograd (the op's backward is its own op,
+  // grouped_expert_ffn_backward, registered as its autograd in ops.py).
   const at::Tensor hidden = hidden_arg.detach(), w_in = w_in_arg.detach(), w_out = w_out_arg.detach();
   const Activation act =
       check_grouped_ffn_args(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation);

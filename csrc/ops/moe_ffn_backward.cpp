@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "ops/ops.h"
+#include "ops/slot_parallel.h"
 
 namespace mcsmoe::ops {
 
@@ -46,29 +47,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_ffn_grads(
 }
 
 namespace {
-
-// The forward's thread rule (moe_ffn.cpp, measured there): slots in parallel, one single-threaded GEMM
-// per thread, when there are at least as many busy slots as threads and the slots are small or many.
-bool use_slot_parallelism(int64_t max_rows, int64_t active_slots, int64_t threads) {
-  if (const char* env = std::getenv("MCSMOE_SLOT_PARALLEL")) return env[0] == '1';
-  return threads > 1 && active_slots >= threads && (max_rows <= 512 || active_slots >= 2 * threads);
-}
-
-// Slots dealt to threads largest first, each to the least loaded thread (rows as the cost).
-std::vector<std::vector<int64_t>> deal_slots(const std::vector<int64_t>& rows, int64_t threads) {
-  std::vector<int64_t> order(rows.size());
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return rows[a] > rows[b]; });
-  std::vector<std::vector<int64_t>> work(threads);
-  std::vector<int64_t> load(threads, 0);
-  for (int64_t s : order) {
-    if (rows[s] == 0) continue;
-    const auto t = std::min_element(load.begin(), load.end()) - load.begin();
-    work[t].push_back(s);
-    load[t] += rows[s];
-  }
-  return work;
-}
 
 at::Tensor act_fn(const at::Tensor& x, moe::ActFn fn) {
   switch (fn) {
