@@ -199,6 +199,18 @@ def _check_bases(bases) -> tuple[bool, tuple[str, ...]]:
     return "expert-output" in bases, bases
 
 
+def layer_accumulator(layer: MoELayer, bases: Iterable[str] = CHEAP_BASES, chunk_tokens: int = 1024,
+                      input_norms: bool = False, decoder: bool = False):
+    """The accumulator collect_routing_stats hooks onto one MoE layer, for callers that run the layers
+    themselves (streaming/ runs a checkpoint one decoder layer at a time). Call it as acc(hidden [..., d],
+    mask [...] or None) with every input of the layer's block (a forward pre-hook), then acc.finish()
+    returns the layer's LayerStats. The layer's weights must be materialised when this is built."""
+    want_output, _ = _check_bases(bases)
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    return _Accumulator(layer, decoder, want_output, chunk_tokens, input_norms)
+
+
 @torch.no_grad()
 def collect_routing_stats(
     model: nn.Module,

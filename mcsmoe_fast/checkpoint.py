@@ -8,6 +8,13 @@ A merged checkpoint directory holds:
                              method and a statistics summary, plus the weights file's size and sha256
     mcsmoe_model.safetensors every unique tensor once (tied weights are stored once, listed as aliases)
 
+or, for a model larger than a shard (save_pretrained(..., max_shard_size=...), and the streaming
+pipeline of streaming/), the same tensors split over mcsmoe_model-00001-of-0000N.safetensors ...
+plus mcsmoe_model.safetensors.index.json (weight_map {tensor: shard}); the section then has format
+version 2 and a "shards" entry {file: {bytes, sha256}}, and "weights" names the index (its size and
+sha256 are recorded like a single file's). Loading copies one tensor at a time and closes each shard
+once its tensors are in, and `verify` checks every shard's sha256.
+
 The weights file deliberately is not named model.safetensors: plain transformers cannot run a merged
 model, so its from_pretrained fails loudly instead of loading random experts. `export_dense=True`
 writes a plain transformers checkpoint instead (every expert materialised), which vanilla
@@ -18,12 +25,12 @@ renamed into place; an interrupted save leaves the previous checkpoint as it was
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -35,13 +42,17 @@ from .models import moe_layers
 from .compressed import BANK_FIELDS, CompressedMoEExperts
 from .modules import MoEExperts
 from .plain_save import guard_plain_save
+from .weight_files import (
+    CheckpointError, ShardWriter, WeightFiles, WrittenWeights, parse_size, read_index, sha256_file,
+)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # one weights file
+SHARDED_FORMAT_VERSION = 2  # shards plus an index (readers of version 1 refuse it with a clear message)
 WEIGHTS_NAME = "mcsmoe_model.safetensors"
+WEIGHTS_METADATA = {"format": "pt", "producer": "mcsmoe-fast"}
 
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that is missing, corrupt, truncated or does not match its config."""
+__all__ = ["CheckpointError", "WEIGHTS_NAME", "save_pretrained", "from_pretrained", "to_dense", "layer_entry",
+           "atomic_directory", "write_merged_config", "ShardWriter"]
 
 
 # --- saving ---------------------------------------------------------------------------------------
@@ -55,21 +66,28 @@ def _merged_layers(model: nn.Module) -> dict:
         slots = isinstance(experts, (MoEExperts, CompressedMoEExperts))
         if not slots and keep is None:
             continue
-        entry = {"num_experts": layer.num_experts, "activation": layer.activation}
-        if slots:
-            entry.update(num_slots=experts.num_slots, expert_map=experts.expert_map.tolist(),
-                         dropless=bool(getattr(layer.module, "dropless", False)))
-        if isinstance(experts, CompressedMoEExperts):
-            if experts.pruning:
-                raise ValueError(f"layer {layer.name!r} is still being pruned (masked rows are stored): call "
-                                 "CompressionPruner.finalize() (or finalize() on its experts) before saving")
-            entry["compressed"] = {"rank_in": experts.in_U.shape[2], "rank_out": experts.out_U.shape[2],
-                                   "kept_rows_in": experts.in_S_rows.shape[0],
-                                   "kept_rows_out": experts.out_S_rows.shape[0]}
-        if keep is not None:
-            entry["dropped"] = (~keep).nonzero().flatten().tolist()
-        entries[layer.name] = entry
+        if isinstance(experts, CompressedMoEExperts) and experts.pruning:
+            raise ValueError(f"layer {layer.name!r} is still being pruned (masked rows are stored): call "
+                             "CompressionPruner.finalize() (or finalize() on its experts) before saving")
+        entries[layer.name] = layer_entry(layer.num_experts, layer.activation, experts if slots else None,
+                                          keep, dropless=bool(getattr(layer.module, "dropless", False)))
     return entries
+
+
+def layer_entry(num_experts: int, activation: str, experts=None, keep: torch.Tensor | None = None,
+                dropless: bool = False) -> dict:
+    """The config.json entry of one merged layer: its expert slots (MoEExperts or a finalized
+    CompressedMoEExperts; None when only router logits are masked) and its keep mask (None: none dropped)."""
+    entry = {"num_experts": num_experts, "activation": activation}
+    if experts is not None:
+        entry.update(num_slots=experts.num_slots, expert_map=experts.expert_map.tolist(), dropless=dropless)
+    if isinstance(experts, CompressedMoEExperts):
+        entry["compressed"] = {"rank_in": experts.in_U.shape[2], "rank_out": experts.out_U.shape[2],
+                               "kept_rows_in": experts.in_S_rows.shape[0],
+                               "kept_rows_out": experts.out_S_rows.shape[0]}
+    if keep is not None:
+        entry["dropped"] = (~keep).nonzero().flatten().tolist()
+    return entry
 
 
 def _unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -90,14 +108,6 @@ def _unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     return {n: t.contiguous() for n, t in kept.items()}, aliases
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _model_dtype(model: nn.Module) -> str:
     for p in model.parameters():
         if p.is_floating_point():
@@ -105,26 +115,38 @@ def _model_dtype(model: nn.Module) -> str:
     return "float32"
 
 
-def _write_merged(model: nn.Module, tmp: Path) -> None:
-    from safetensors.torch import save_file
-
+def _write_merged(model: nn.Module, tmp: Path, max_shard_size: int | None = None) -> None:
+    layers = _merged_layers(model)  # refuses a model still being pruned before anything is written
     tensors, aliases = _unique_tensors(model.state_dict())
-    save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": "mcsmoe-fast"})
-    weights = tmp / WEIGHTS_NAME
-    section = dict(getattr(model.config, MERGE_SECTION, None) or {})
-    section.update(
-        format_version=FORMAT_VERSION, weights=WEIGHTS_NAME, weights_bytes=weights.stat().st_size,
-        weights_sha256=_sha256(weights), dtype=_model_dtype(model), aliases=aliases,
-        layers=_merged_layers(model),
-    )
+    writer = ShardWriter(tmp, WEIGHTS_NAME, max_shard_size, WEIGHTS_METADATA)
+    for name, tensor in tensors.items():
+        writer.add(name, tensor)
     config = model.config.__class__.from_dict(model.config.to_dict())
+    write_merged_config(config, tmp, writer.finish(), aliases, layers, _model_dtype(model))
+
+
+def write_merged_config(config, directory: Path, written: WrittenWeights, aliases: dict[str, str],
+                        layers: dict[str, dict], dtype: str) -> None:
+    """Save `config` (its mcsmoe_merge section completed with the weights files, aliases and merged layer
+    entries) as config.json in `directory`, next to the weights `written` by a ShardWriter."""
+    section = dict(getattr(config, MERGE_SECTION, None) or {})
+    section.pop("shards", None)
+    if written.sharded:
+        index = Path(directory) / written.index
+        section.update(format_version=SHARDED_FORMAT_VERSION, weights=written.index, shards=written.files,
+                       weights_bytes=index.stat().st_size, weights_sha256=sha256_file(index))
+    else:
+        (name, info), = written.files.items()
+        section.update(format_version=FORMAT_VERSION, weights=name, weights_bytes=info["bytes"],
+                       weights_sha256=info["sha256"])
+    section.update(dtype=dtype, aliases=aliases, layers=layers)
     setattr(config, MERGE_SECTION, section)
-    config.save_pretrained(str(tmp))
+    config.save_pretrained(str(directory))
 
 
-def _write_dense(model: nn.Module, tmp: Path) -> None:
+def _write_dense(model: nn.Module, tmp: Path, max_shard_size: int | None = None) -> None:
     dense = to_dense(model)
-    dense.save_pretrained(str(tmp))
+    dense.save_pretrained(str(tmp), **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:
@@ -142,29 +164,45 @@ def _replace_dir(tmp: Path, target: Path) -> None:
         os.rename(tmp, target)
 
 
+@contextmanager
+def atomic_directory(target) -> Iterator[Path]:
+    """Yield a fresh temporary directory next to `target`; when the block ends normally it replaces
+    `target` (a previous checkpoint there, or nothing), when it raises it is removed and `target` is left
+    as it was."""
+    target = Path(target).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_pretrained(model: nn.Module, save_directory, export_dense: bool = False, tokenizer=None,
-                    extra: Callable[[Path], None] | None = None) -> Path:
+                    extra: Callable[[Path], None] | None = None, max_shard_size=None) -> Path:
     """Save `model` (merged or not) to `save_directory`; returns its path.
 
     Default: the merged format above (unique weights only). export_dense=True: a plain transformers
     checkpoint with every expert materialised (not possible for models with dropped experts: plain
     transformers cannot mask router logits). `tokenizer`, when given, is saved alongside. `extra(dir)`
     writes more files into the checkpoint before it is moved into place (the trainer's state).
+    max_shard_size: None (one weights file) or bytes (an int or "500MB", "2GiB"...) per shard of the
+    merged format (the dense export uses transformers' own sharding, at this size when given).
     """
+    shard = parse_size(max_shard_size, "max_shard_size")
     target = Path(save_directory).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        (_write_dense if export_dense else _write_merged)(model, tmp)
+    with atomic_directory(target) as tmp:
+        if export_dense:
+            _write_dense(model, tmp, shard)
+        else:
+            _write_merged(model, tmp, shard)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if extra is not None:
             extra(tmp)
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -214,58 +252,47 @@ def _read_section(path: Path) -> dict | None:
     section = raw.get(MERGE_SECTION) if isinstance(raw, dict) else None
     if section is None:
         return None
-    if not isinstance(section, dict) or section.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{config_file}: unsupported {MERGE_SECTION} section "
-                              f"(format_version {section.get('format_version') if isinstance(section, dict) else None!r}, "
-                              f"expected {FORMAT_VERSION})")
-    for key in ("weights", "weights_bytes", "layers", "aliases"):
+    version = section.get("format_version") if isinstance(section, dict) else None
+    if version not in (FORMAT_VERSION, SHARDED_FORMAT_VERSION):
+        raise CheckpointError(f"{config_file}: unsupported {MERGE_SECTION} section (format_version {version!r}, "
+                              f"expected {FORMAT_VERSION} or {SHARDED_FORMAT_VERSION})")
+    required = ("weights", "weights_bytes", "layers", "aliases") + (("shards",) if version == SHARDED_FORMAT_VERSION else ())
+    for key in required:
         if key not in section:
             raise CheckpointError(f"{config_file}: {MERGE_SECTION} section lacks {key!r}")
     return section
 
 
-def _check_weights_file(path: Path, section: dict, verify: bool) -> Path:
-    weights = path / section["weights"]
+def _check_file(path: Path, file: str, size: int, sha256: str | None, verify: bool, what: str) -> Path:
+    """The file exists, has the recorded size and (verify) the recorded sha256."""
+    weights = path / file
     if not weights.is_file():
-        raise CheckpointError(f"{path}: weights file {section['weights']} is missing")
-    size = weights.stat().st_size
-    if size != section["weights_bytes"]:
-        raise CheckpointError(f"{weights}: {size} bytes, the config says {section['weights_bytes']} "
-                              "(truncated or replaced weights file)")
-    if verify and section.get("weights_sha256") and _sha256(weights) != section["weights_sha256"]:
-        raise CheckpointError(f"{weights}: sha256 does not match the config (corrupt weights file)")
+        raise CheckpointError(f"{path}: {what} {file} is missing")
+    actual = weights.stat().st_size
+    if actual != size:
+        raise CheckpointError(f"{weights}: {actual} bytes, the config says {size} (truncated or replaced {what})")
+    if verify and sha256 and sha256_file(weights) != sha256:
+        raise CheckpointError(f"{weights}: sha256 does not match the config (corrupt {what})")
     return weights
 
 
-class _WeightsFile:
-    """The safetensors file read lazily: shapes from its header, one tensor at a time on request, so
-    loading never holds a second copy of the model in memory."""
-
-    def __init__(self, weights: Path, aliases: dict[str, str]):
-        from safetensors import SafetensorError, safe_open
-
-        self.path = weights
-        try:
-            self.handle = safe_open(str(weights), framework="pt")
-            stored = {k: tuple(self.handle.get_slice(k).get_shape()) for k in self.handle.keys()}
-        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-            raise CheckpointError(f"{weights}: unreadable safetensors file ({exc})") from exc
-        for alias, name in aliases.items():
-            if name not in stored:
-                raise CheckpointError(f"{weights}: tied weight {alias!r} refers to {name!r}, which the file lacks")
-        self.names = {k: k for k in stored} | dict(aliases)  # name in the model -> name in the file
-        self.shapes = {k: stored[v] for k, v in self.names.items()}
-
-    def get(self, name: str) -> torch.Tensor:
-        from safetensors import SafetensorError
-
-        try:
-            return self.handle.get_tensor(self.names[name])
-        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-            raise CheckpointError(f"{self.path}: unreadable tensor {name!r} ({exc})") from exc
+def _open_weights(path: Path, section: dict, verify: bool) -> WeightFiles:
+    """The checkpoint's weights, every file checked against config.json (size always, sha256 if verify)."""
+    first = _check_file(path, section["weights"], section["weights_bytes"], section.get("weights_sha256"), verify,
+                        "index file" if "shards" in section else "weights file")
+    if "shards" not in section:
+        return WeightFiles(path, single=first.name, aliases=section["aliases"])
+    shards = section["shards"]
+    weight_map = read_index(first)
+    unlisted = sorted(set(weight_map.values()) - set(shards))
+    if unlisted:
+        raise CheckpointError(f"{first}: the index names shards that config.json does not list: {unlisted[:5]}")
+    for file, info in shards.items():
+        _check_file(path, file, info.get("bytes"), info.get("sha256"), verify, "weights shard")
+    return WeightFiles(path, weight_map=weight_map, aliases=section["aliases"])
 
 
-def _install_layers(model: nn.Module, section: dict, weights: _WeightsFile, path: Path, dtype: torch.dtype) -> None:
+def _install_layers(model: nn.Module, section: dict, weights: WeightFiles, path: Path, dtype: torch.dtype) -> None:
     layers = {layer.name: layer for layer in moe_layers(model)}
     for name, entry in section["layers"].items():
         layer = layers.get(name)
@@ -299,7 +326,7 @@ def _install_layers(model: nn.Module, section: dict, weights: _WeightsFile, path
             install_logit_mask(layer, keep)
 
 
-def _install_compressed(layer, entry: dict, weights: _WeightsFile, path: Path, dtype: torch.dtype) -> None:
+def _install_compressed(layer, entry: dict, weights: WeightFiles, path: Path, dtype: torch.dtype) -> None:
     """Empty compressed slots of the saved shapes (the weights are copied in afterwards)."""
     name = layer.name
     banks = []
@@ -328,7 +355,7 @@ def from_pretrained(path, verify: bool = True, dtype: torch.dtype | None = None)
     """Load a checkpoint written by save_pretrained (merged format) in eval mode, with exactly the saved
     weights. A directory without an mcsmoe_merge section is loaded as a plain transformers checkpoint.
 
-    verify: check the weights file's sha256 against config.json (reads the file once more).
+    verify: check the weights file's (every shard's) sha256 against config.json (reads the files once more).
     The model is built from its config without initialising weights; merged layers get MoEExperts of
     the saved slot count; then the names and shapes must match the file exactly (strict), and the
     tensors are copied in one at a time (peak memory: the merged model plus one tensor).
@@ -346,7 +373,7 @@ def from_pretrained(path, verify: bool = True, dtype: torch.dtype | None = None)
         except Exception as exc:  # safetensors, OSError, ValueError...: a plain checkpoint that does not load
             raise CheckpointError(f"{path}: the transformers checkpoint does not load "
                                   f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from exc
-    weights = _WeightsFile(_check_weights_file(path, section, verify), section["aliases"])
+    weights = _open_weights(path, section, verify)
     try:
         config = AutoConfig.from_pretrained(str(path))
     except (ValueError, OSError, KeyError, TypeError) as exc:
@@ -366,9 +393,8 @@ def from_pretrained(path, verify: bool = True, dtype: torch.dtype | None = None)
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
             f"wrong shape {[(k, weights.shapes[k], tuple(expected[k].shape)) for k in wrong[:5]]}"
         )
-    with torch.no_grad():
-        for name, target in expected.items():  # one tensor at a time: no second copy of the model
-            target.copy_(weights.get(name))
+    weights.copy_into(expected)  # one tensor at a time, one file open at a time: no second copy of the model
+    weights.release()
     model.tie_weights()
     if dtype is not None:
         model = model.to(dtype)

@@ -21,7 +21,7 @@ from .grouping import (
 )
 from .models import MoELayer, moe_layers
 from .modules import MoEExperts
-from .permute import apply_permutation, match_permutations
+from .permute import DEFAULT_MEMORY_BUDGET, apply_permutation, match_permutations
 from .plain_save import guard_plain_save
 
 MERGE_SECTION = "mcsmoe_merge"  # the config attribute (and config.json key) describing the merge
@@ -86,6 +86,28 @@ def _stats_for(stats: Mapping[str, LayerStats], layer: MoELayer) -> LayerStats:
 
 
 @torch.no_grad()
+def merge_layer_weights(name: str, stats: LayerStats, w_in: torch.Tensor, w_out: torch.Tensor, num_groups: int,
+                        activation: str, *, router_weight: torch.Tensor | None = None,
+                        similarity: str = "router-logits", permute: bool = True, strategy: str = "frequency",
+                        grouping: str = "dominant", seed: int = 0, memory_budget: int = DEFAULT_MEMORY_BUDGET):
+    """One layer of merge_experts on plain tensors (the streaming pipeline calls it with one layer's
+    weights read from disk): w_in [E, F, d], w_out [E, d, ff] per original expert, the layer's routing
+    statistics and its group count. Returns (LayerGrouping, merged w_in [G, F, d], merged w_out [G, d, ff]).
+    router_weight [E, d] is needed only for the router-weight basis; memory_budget bounds the bytes of
+    weight-matching cost matrices built at once (match_permutations)."""
+    num_experts = w_in.shape[0]
+    sim = similarity_matrix(similarity, stats=stats, router_weight=router_weight, w_in=w_in, w_out=w_out,
+                            seed=layer_seed(seed, name), num_experts=num_experts)
+    g = group_layer(name, stats.frequency.cpu(), sim, num_groups, grouping, strategy)
+    if permute and strategy != "drop" and g.num_groups < num_experts:
+        leader = torch.tensor([g.dominant[slot] for slot in g.expert_map], device=w_in.device)
+        perm = match_permutations(w_in, w_out, leader, activation, memory_budget=memory_budget)
+        w_in, w_out = apply_permutation(w_in, w_out, perm, activation)
+    merged_in, merged_out = merge_group_weights(w_in, w_out, g)
+    return g, merged_in, merged_out
+
+
+@torch.no_grad()
 def merge_experts(
     model: nn.Module,
     stats: Mapping[str, LayerStats],
@@ -124,16 +146,11 @@ def merge_experts(
 
     result: dict[str, LayerGrouping] = {}
     for layer in tqdm(chosen, desc="merging experts", unit="layer", disable=not progress):
-        s = layer_stats[layer.name]
         w_in, w_out = expert_weights_per_expert(layer)
-        sim = similarity_matrix(similarity, stats=s, router_weight=layer.router_weight(), w_in=w_in, w_out=w_out,
-                                seed=layer_seed(seed, layer.name), num_experts=layer.num_experts)
-        g = group_layer(layer.name, s.frequency.cpu(), sim, counts[layer.name], grouping, strategy)
-        if permute and strategy != "drop" and g.num_groups < layer.num_experts:
-            leader = torch.tensor([g.dominant[slot] for slot in g.expert_map], device=w_in.device)
-            perm = match_permutations(w_in, w_out, leader, layer.activation)
-            w_in, w_out = apply_permutation(w_in, w_out, perm, layer.activation)
-        merged_in, merged_out = merge_group_weights(w_in, w_out, g)
+        g, merged_in, merged_out = merge_layer_weights(
+            layer.name, layer_stats[layer.name], w_in, w_out, counts[layer.name], layer.activation,
+            router_weight=layer.router_weight(), similarity=similarity, permute=permute, strategy=strategy,
+            grouping=grouping, seed=seed)
         emap = torch.tensor(g.expert_map, dtype=torch.int64, device=w_in.device)
         layer.install_experts(MoEExperts(merged_in, merged_out, emap, layer.activation))
         if strategy == "drop":

@@ -1,0 +1,7 @@
+"""Merging (and one-shot compressing) checkpoints larger than memory, one decoder layer at a time from
+sharded safetensors. `merge_checkpoint` is the pipeline (pipeline.py); `fits_in_memory` tells whether
+the in-memory pipeline would fit a budget, so callers can switch automatically."""
+from .memory import checkpoint_bytes, fits_in_memory, in_memory_bytes
+from .pipeline import StreamingResult, merge_checkpoint
+
+__all__ = ["merge_checkpoint", "fits_in_memory", "in_memory_bytes", "checkpoint_bytes", "StreamingResult"]

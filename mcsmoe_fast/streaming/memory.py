@@ -1,0 +1,123 @@
+"""Memory: what the process holds now, what a model needs, and how a budget is split.
+
+A streaming run holds one decoder layer (plus the temporaries of merging it), the carried hidden states
+of the calibration tokens, and at most one output shard being assembled. `plan_memory` decides from
+`max_memory` whether the hidden states stay in memory or go to a file, how large output shards are, and
+how many bytes of weight-matching cost matrices are built at once.
+"""
+from __future__ import annotations
+
+import os
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..weight_files import parse_size
+
+DEFAULT_SHARD_SIZE = 2 * 10**9  # bytes per output shard without a budget (transformers uses 5 GB)
+MIN_SHARD_SIZE = 10**6
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now (/proc/self/statm; the peak so far where /proc is absent)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (ru_maxrss, kilobytes on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def human(n: int) -> str:
+    """Bytes for people: 812MiB, 1.5GiB, 3KiB."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}" if n < 10 * size else f"{n / size:.0f}{unit}"
+    return f"{n}B"
+
+
+@dataclass
+class MemoryPlan:
+    budget: int | None  # max_memory in bytes (None: no limit)
+    layer_bytes: int  # the largest decoder layer in the compute dtype
+    activation_bytes: int  # the carried hidden states of every calibration token
+    offload: bool  # hidden states go to a file
+    shard_size: int  # bytes per output shard
+    matching_bytes: int  # weight-matching cost matrices built at once (match_permutations memory_budget)
+
+    @property
+    def layer_floor(self) -> int:
+        """What one layer needs while it is merged: its weights, permuted copies, merged slots and the
+        cost matrices (a rough floor; below it the budget cannot be kept)."""
+        return 3 * self.layer_bytes + self.matching_bytes
+
+
+def plan_memory(budget, layer_bytes: int, expert_matrix_bytes: int, activation_bytes: int,
+                shard_size=None) -> MemoryPlan:
+    """Split `budget` (bytes, "1GB", or None) between one layer, the output buffer and the hidden
+    states; expert_matrix_bytes is one ff x ff cost matrix (float32)."""
+    from ..permute import DEFAULT_MEMORY_BUDGET
+
+    budget = parse_size(budget, "max_memory")
+    shard_size = parse_size(shard_size, "max_shard_size")
+    if budget is None:
+        return MemoryPlan(None, layer_bytes, activation_bytes, False, shard_size or DEFAULT_SHARD_SIZE,
+                          DEFAULT_MEMORY_BUDGET)
+    if shard_size is None:
+        shard_size = min(DEFAULT_SHARD_SIZE, max(MIN_SHARD_SIZE, budget // 8))
+    matching = max(expert_matrix_bytes, min(DEFAULT_MEMORY_BUDGET, budget // 8))
+    plan = MemoryPlan(budget, layer_bytes, activation_bytes, False, shard_size, matching)
+    plan.offload = activation_bytes > budget - plan.layer_floor - shard_size
+    return plan
+
+
+def checkpoint_bytes(path, dtype: torch.dtype | None = torch.float32) -> tuple[int, int]:
+    """(bytes of every tensor of the safetensors checkpoint at `path` in `dtype` (None: as stored),
+    bytes of its largest layer's expert tensors), from the file headers alone."""
+    from .source import open_weight_files
+
+    files = open_weight_files(Path(path))
+    total, per_layer = 0, {}
+    for name, shape in files.shapes.items():
+        numel = 1
+        for n in shape:
+            numel *= n
+        size = numel * ((dtype.itemsize if dtype is not None and files.dtypes[name].is_floating_point
+                         else files.dtypes[name].itemsize))
+        total += size
+        if ".experts." in name and ".layers." in name:
+            layer = name.split(".layers.", 1)[1].split(".", 1)[0]
+            per_layer[layer] = per_layer.get(layer, 0) + size
+    return total, max(per_layer.values(), default=0)
+
+
+def in_memory_bytes(path, dtype: torch.dtype | None = torch.float32) -> int:
+    """Estimated peak memory of the in-memory pipeline (open_model -> collect_routing_stats ->
+    merge_experts -> save_pretrained) on the checkpoint directory `path`: transformers' loader holds
+    the checkpoint's mapped file pages next to the parameters in `dtype` (open_model loads float32),
+    and merging the largest layer adds about 2.5x its expert tensors (per-expert weights, permuted
+    copies, merged slots). Calibration activations are not counted. Measured on a 3 GB fp32 Mixtral
+    (benchmarks/bench_streaming.py): estimate 6.9 GB, peak RSS 6.7 GB."""
+    path = Path(path).expanduser()
+    stored, _ = checkpoint_bytes(path, None)
+    total, layer = checkpoint_bytes(path, dtype)
+    return stored + total + int(2.5 * layer)
+
+
+def fits_in_memory(path, budget, dtype: torch.dtype | None = torch.float32) -> bool:
+    """Whether the in-memory pipeline should fit in `budget` (bytes or "24GB") for the checkpoint
+    directory `path` (see in_memory_bytes). None: no limit, fits. A path that is not a local directory
+    (a hub id) counts as fitting: its size cannot be known without downloading it."""
+    limit = parse_size(budget, "budget")
+    if limit is None:
+        return True
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        return True
+    return in_memory_bytes(path, dtype) <= limit

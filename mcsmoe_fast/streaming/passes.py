@@ -1,0 +1,189 @@
+"""The passes over the decoder layers of a streamed merge (pipeline.py sets them up).
+
+statistics_pass: embeddings, then each decoder layer materialised from the checkpoint, run over every
+  calibration batch (its MoE block feeding calibrate's accumulator through a forward pre-hook, as
+  collect_routing_stats does), its non-expert tensors copied to the output, and emptied again.
+merge_pass: each MoE layer's router and experts read again and handed to the Merger.
+Merger: the expert step of one layer: merge.merge_layer_weights, then write the slots (or stage them
+  for compression, compress_stage.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import merge as merge_module
+from ..calibrate import LayerStats, layer_accumulator
+from ..checkpoint import layer_entry
+from ..grouping import LayerGrouping
+from ..modules import MoEExperts
+from ..weight_files import ShardWriter
+from .activations import ActivationStore
+from .compress_stage import CompressionStage
+from .forward import Batch, run_layer
+from .memory import human, rss_bytes
+from .skeleton import empty, materialise
+from .source import SourceCheckpoint
+
+EXPERT_TENSORS = ("experts.gate_up_proj", "experts.down_proj")
+
+
+class Progress:
+    """One tqdm bar per pass; the postfix shows the layer, the calibration tokens and resident memory,
+    whose highest value between layers is kept in `peak`."""
+
+    def __init__(self, enabled: bool, tokens: int):
+        self.enabled, self.tokens, self.peak = enabled, tokens, rss_bytes()
+
+    def bar(self, items, desc: str):
+        if isinstance(items, int):
+            return tqdm(total=items, desc=desc, unit="layer", disable=not self.enabled)
+        return tqdm(items, desc=desc, unit="layer", disable=not self.enabled)
+
+    def update(self, bar, layer: str) -> None:
+        now = rss_bytes()
+        self.peak = max(self.peak, now)
+        bar.set_postfix_str(f"{layer} | {self.tokens} tokens | rss {human(now)}", refresh=False)
+
+
+@dataclass
+class Stream:
+    """Everything the passes share."""
+
+    model: torch.nn.Module  # the skeleton (parameters on the meta device)
+    source: SourceCheckpoint
+    shapes: dict[str, tuple[int, ...]]  # every model tensor stored once
+    prefix: str  # dotted path of the decoder layers ("model.layers")
+    layers: torch.nn.ModuleList
+    views: dict[int, object]  # decoder layer index -> MoELayer view
+    chosen: set[str]  # names of the MoE layers to merge
+    batches: list[Batch]
+    dtype: torch.dtype
+    bases: tuple[str, ...]
+    writer: ShardWriter | None  # set once the output directory exists
+    progress: Progress
+    stats: dict[str, LayerStats] = field(default_factory=dict)
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.source.read(name, self.shapes[name], self.dtype)
+
+
+class Merger:
+    """The expert step of one MoE layer: merge it (chosen layers) and write its slots, or stage them
+    for compression. Collects the groupings and the config entries of the merged layers."""
+
+    def __init__(self, writer: ShardWriter, stage: CompressionStage | None, options: dict, matching_bytes: int):
+        self.writer, self.stage, self.options, self.matching_bytes = writer, stage, options, matching_bytes
+        self.groupings: dict[str, LayerGrouping] = {}
+        self.entries: dict[str, dict] = {}
+
+    @torch.no_grad()
+    def __call__(self, view, w_in, w_out, router_weight, stats: LayerStats | None, count: int | None) -> None:
+        name, opts = view.name, self.options
+        keep = None
+        if stats is None:  # a layer left out of `layers`: experts unchanged (compressed as they are)
+            expert_map = torch.arange(view.num_experts)
+            if self.stage is None:
+                self.writer.add(f"{name}.experts.gate_up_proj", w_in)
+                self.writer.add(f"{name}.experts.down_proj", w_out)
+                return
+        else:
+            g, w_in, w_out = merge_module.merge_layer_weights(
+                name, stats, w_in, w_out, count, view.activation, router_weight=router_weight,
+                similarity=opts["similarity"], permute=opts["permute"], strategy=opts["strategy"],
+                grouping=opts["grouping"], seed=opts["seed"], memory_budget=self.matching_bytes)
+            self.groupings[name] = g
+            expert_map = torch.tensor(g.expert_map, dtype=torch.int64)
+            if opts["strategy"] == "drop":  # drop.py's MaskedTopKRouter buffer next to the router weight
+                keep = torch.zeros(view.num_experts, dtype=torch.bool)
+                keep[g.dominant] = True
+                self.writer.add(f"{name}.gate.keep", keep)
+        if self.stage is not None:
+            self.stage.add(name, w_in, w_out, expert_map, view.activation, keep)
+            return
+        experts = MoEExperts(w_in, w_out, expert_map, view.activation)
+        for k, v in experts.state_dict().items():
+            self.writer.add(f"{name}.experts.{k}", v)
+        self.entries[name] = layer_entry(view.num_experts, view.activation, experts, keep)
+
+
+def _attach(view, bases, current: dict):
+    """(accumulator, hook handle): calibrate's accumulator fed by a pre-hook on the MoE block, with the
+    padding mask of the batch being run (current["mask"])."""
+    acc = layer_accumulator(view, bases=bases)
+
+    def hook(module, args, kwargs):
+        acc(args[0] if args else kwargs["hidden_states"], current.get("mask"))
+
+    return acc, view.module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@torch.no_grad()
+def embed(s: Stream, store: ActivationStore) -> None:
+    """hidden_b <- embed_tokens(input_ids_b) for every batch; the embedding goes to the output."""
+    embeddings = s.model.get_input_embeddings()
+    name = next(n for n, m in s.model.named_modules() if m is embeddings)
+    tensors = {f"{name}.{k}": s.read(f"{name}.{k}") for k, _ in embeddings.named_parameters()}
+    s.source.release()
+    materialise(embeddings, name, tensors)
+    for b, batch in enumerate(s.batches):
+        store.put(b, embeddings(batch.input_ids))
+    for n, t in tensors.items():
+        s.writer.add(n, t)
+    empty(embeddings)
+
+
+@torch.no_grad()
+def statistics_pass(s: Stream, store: ActivationStore, merge_now, desc: str) -> None:
+    """Run every decoder layer over the carried hidden states, collecting the chosen MoE layers'
+    statistics into s.stats; merge_now(view, tensors) is called for the layers whose experts are
+    handled right away (the layer is still materialised then)."""
+    embed(s, store)
+    bar = s.progress.bar(range(len(s.layers)), desc)
+    for i in bar:
+        name = f"{s.prefix}.{i}"
+        s.progress.update(bar, name)
+        layer, view = s.layers[i], s.views.get(i)
+        tensors = {n: s.read(n) for n in s.shapes if n.startswith(name + ".")}
+        s.source.release()
+        materialise(layer, name, tensors)
+        current: dict = {}
+        acc = _attach(view, s.bases, current) if view is not None and view.name in s.chosen else None
+        try:
+            run_layer(s.model, layer, s.batches, store.get, store.put,
+                      lambda batch: current.update(mask=batch.attention_mask))
+        finally:
+            if acc is not None:
+                acc[1].remove()
+        if acc is not None:
+            s.stats[view.name] = acc[0].finish()
+        experts = {f"{view.name}.{t}" for t in EXPERT_TENSORS} if view is not None else set()
+        for n, t in tensors.items():  # attention, norms, router: copied through unchanged
+            if n not in experts:
+                s.writer.add(n, t)
+        if view is not None:
+            merge_now(view, tensors)
+        empty(layer)
+        del tensors
+        s.progress.update(bar, name)
+    for n in s.shapes:  # the final norm, lm_head and anything else outside the decoder layers
+        if n not in s.writer.names and not n.startswith(f"{s.prefix}."):
+            s.writer.add(n, s.read(n))
+    s.source.release()
+
+
+@torch.no_grad()
+def merge_pass(s: Stream, merger: Merger, counts: dict[str, int], desc: str) -> None:
+    """Read each MoE layer's experts and router again and merge (or stage) them."""
+    todo = [i for i in sorted(s.views) if s.views[i].name in s.chosen or merger.stage is not None]
+    bar = s.progress.bar(todo, desc)
+    for i in bar:
+        view = s.views[i]
+        s.progress.update(bar, view.name)
+        w_in, w_out, router = (s.read(f"{view.name}.{t}") for t in (*EXPERT_TENSORS, "gate.weight"))
+        s.source.release()
+        merger(view, w_in, w_out, router, s.stats.get(view.name), counts.get(view.name))
+        del w_in, w_out, router
+        s.progress.update(bar, view.name)

@@ -1,0 +1,213 @@
+"""merge_checkpoint: M-SMoE (and optionally one-shot compression) on a checkpoint larger than memory,
+one decoder layer at a time, writing the project's merged checkpoint format in shards.
+
+    pass 1  statistics: embeddings -> every decoder layer in turn over all calibration tokens (the
+            ORIGINAL model's activations, exactly as collect_routing_stats sees them), each MoE
+            block's routing statistics collected by calibrate's own accumulator; non-expert tensors
+            are copied to the output as each layer goes by.
+            group counts: global adaptive (grouping.group_counts) once every layer's usage is known.
+    pass 2  merging: per layer, its router and experts are read again, grouped, aligned and merged
+            (merge.merge_layer_weights, the per-layer body of merge_experts) and written.
+    (pass 3) compression: with compress=..., each merged layer's bank is staged and pruned once the
+            global threshold is known (compress_stage.py).
+
+When the group counts do not depend on other layers (globally=False) the merge happens in pass 1,
+right after the layer's statistics are complete, and every tensor is read once.
+
+The result equals open_model -> collect_routing_stats -> merge_experts (-> compress_experts) ->
+save_pretrained on the same batches: same groups, same tensors. Everything is written into a
+temporary directory renamed into place at the end; an interrupted run leaves no output.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import compress as compress_module
+from .. import merge as merge_module
+from ..calibrate import CHEAP_BASES, LayerStats
+from ..checkpoint import WEIGHTS_METADATA, WEIGHTS_NAME, atomic_directory, write_merged_config
+from ..grouping import GROUPING_METHODS, MERGE_STRATEGIES, SIMILARITY_BASES, LayerGrouping, group_counts
+from ..merge import select_layers
+from ..weight_files import ShardWriter
+from .activations import ActivationStore
+from .compress_stage import CompressionStage, compress_options
+from .forward import prepare_batches
+from .memory import MemoryPlan, human, plan_memory
+from .passes import Merger, Progress, Stream, merge_pass, statistics_pass
+from .skeleton import build_skeleton, decoder_layers, moe_views, tensor_shapes
+from .source import SourceCheckpoint
+
+
+@dataclass
+class StreamingResult:
+    """What merge_checkpoint did."""
+
+    path: Path
+    groupings: dict[str, LayerGrouping]
+    stats: dict[str, LayerStats]
+    passes: int  # weight passes over the checkpoint (1 when the merge ran during pass 1)
+    offloaded: bool  # hidden states went to a file
+    bytes_read: int  # tensor bytes read from the checkpoint
+    bytes_written: int  # bytes of the written weights files
+    peak_rss: int  # highest resident memory seen between layers (bytes)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _check_options(similarity, strategy, grouping, bases) -> tuple[str, ...]:
+    if similarity not in SIMILARITY_BASES:
+        raise ValueError(f"similarity must be one of {', '.join(SIMILARITY_BASES)}, got {similarity!r}")
+    if strategy not in MERGE_STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(MERGE_STRATEGIES)}, got {strategy!r}")
+    if grouping not in GROUPING_METHODS:
+        raise ValueError(f"grouping must be one of {', '.join(GROUPING_METHODS)}, got {grouping!r}")
+    if bases is not None:
+        return tuple(bases)
+    return ("expert-output",) if similarity == "expert-output" else CHEAP_BASES
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _plan(s: Stream, max_memory, max_shard_size) -> MemoryPlan:
+    layer_bytes = max(sum(_numel(shape) for n, shape in s.shapes.items() if n.startswith(f"{s.prefix}.{i}."))
+                      for i in range(len(s.layers))) * s.dtype.itemsize
+    ff = max((s.shapes[f"{v.name}.experts.down_proj"][-1] for v in s.views.values()), default=1)
+    activations = sum(b.input_ids.numel() for b in s.batches) * s.model.config.hidden_size * s.dtype.itemsize
+    plan = plan_memory(max_memory, layer_bytes, ff * ff * 4, activations, max_shard_size)
+    if plan.budget is not None and plan.layer_floor > plan.budget:
+        warnings.warn(f"max_memory {human(plan.budget)} is below what merging one layer needs (about "
+                      f"{human(plan.layer_floor)}); the run continues above the budget", stacklevel=3)
+    return plan
+
+
+@torch.no_grad()
+def merge_checkpoint(
+    path,
+    out,
+    calibration_batches: Iterable[dict],
+    num_groups,
+    similarity: str = "router-logits",
+    globally: bool = True,
+    compress: dict | None = None,
+    max_memory=None,
+    offload_dir=None,
+    progress: bool = True,
+    *,
+    permute: bool = True,
+    strategy: str = "frequency",
+    grouping: str = "dominant",
+    layers=None,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    max_shard_size=None,
+    bases: Iterable[str] | None = None,
+    tokenizer=None,
+) -> StreamingResult:
+    """Merge the experts of the Mixtral-style checkpoint directory `path` into `out` without ever
+    holding the model in memory; returns a StreamingResult.
+
+    calibration_batches: dicts with input_ids [B, L] (and attention_mask, position_ids), as for
+      collect_routing_stats; kept for the whole run (their hidden states are carried layer to layer).
+    num_groups, similarity, globally, permute, strategy, grouping, layers, seed: as merge_experts.
+    compress: None, or dict(rank=..., keep_ratio=..., svd="auto"): one-shot compression of the merged
+      experts as compress_experts(importance="weight") would do on the merged model (every MoE layer).
+    max_memory: a target for resident memory (bytes or "16GB"): decides whether the carried hidden
+      states stay in memory or go to a file, the output shard size and the weight-matching chunks. One
+      layer (with its merge temporaries, about 3x its weights) has to fit; None: no limit.
+    offload_dir: where hidden states go when they exceed the budget (default: inside the temporary
+      output directory); the file is removed at the end, also when the run fails.
+    dtype: compute and output dtype (default float32, as open_model loads).
+    max_shard_size: bytes per output shard (default: max_memory / 8 between 1 MB and 2 GB; 2 GB without
+      a budget).
+    bases: similarity bases to collect (default: what `similarity` needs).
+    tokenizer: saved with the checkpoint when given.
+    """
+    started = time.perf_counter()
+    bases = _check_options(similarity, strategy, grouping, bases)
+    compress = compress_options(compress)
+    source = SourceCheckpoint(path)
+    out = Path(out).expanduser().absolute()
+    if out == source.path or source.path in out.parents:
+        raise ValueError(f"out ({out}) must not be the input checkpoint directory or inside it")
+    dtype = dtype or torch.float32
+    model = build_skeleton(source.config, dtype)
+    shapes, aliases = tensor_shapes(model)
+    source.check(shapes)
+    batches = prepare_batches(calibration_batches, source.config.vocab_size)
+    prefix, layer_list = decoder_layers(model)
+    views = moe_views(model, layer_list)
+    chosen = [v.name for v in select_layers([views[i] for i in sorted(views)], layers)]  # module order
+    num_experts = {v.name: v.num_experts for v in views.values()}
+    # group counts known up front (not global): each layer is merged as soon as its statistics are in
+    fused = not globally
+    counts = group_counts({n: torch.zeros(num_experts[n]) for n in chosen}, num_groups, globally) if fused else {}
+    s = Stream(model=model, source=source, shapes=shapes, prefix=prefix, layers=layer_list, views=views,
+               chosen=set(chosen), batches=batches, dtype=dtype, bases=bases, writer=None,
+               progress=Progress(progress, sum(b.tokens for b in batches)))
+    plan = _plan(s, max_memory, max_shard_size)
+    seconds: dict[str, float] = {}
+
+    with atomic_directory(out) as tmp:
+        s.writer = ShardWriter(tmp, WEIGHTS_NAME, plan.shard_size, WEIGHTS_METADATA)
+        stage = (CompressionStage(tmp / ".compress-staging", compress["rank"], compress["keep_ratio"], compress["svd"])
+                 if compress else None)
+        merger = Merger(s.writer, stage, dict(similarity=similarity, permute=permute, strategy=strategy,
+                                              grouping=grouping, seed=seed), plan.matching_bytes)
+
+        def merge_now(view, tensors):  # during pass 1: every layer when fused, else layers kept as they are
+            if fused or (view.name not in s.chosen and stage is None):
+                merger(view, *(tensors[f"{view.name}.{t}"] for t in ("experts.gate_up_proj", "experts.down_proj",
+                                                                     "gate.weight")),
+                       s.stats.get(view.name), counts.get(view.name))
+
+        t0 = time.perf_counter()
+        store = ActivationStore([(*b.input_ids.shape, model.config.hidden_size) for b in batches], dtype,
+                                (offload_dir or tmp / ".activations") if plan.offload else None)
+        offloaded = store.offloaded
+        try:
+            statistics_pass(s, store, merge_now, "pass 1/1: statistics + merging" if fused
+                            else "pass 1/2: routing statistics")
+        finally:
+            store.close()
+            if offloaded and not offload_dir:
+                (tmp / ".activations").rmdir()
+        seconds["pass1"] = time.perf_counter() - t0
+        if not fused:
+            t0 = time.perf_counter()
+            counts = group_counts({n: s.stats[n].frequency for n in chosen}, num_groups, globally)
+            merge_pass(s, merger, counts, "pass 2/2: merging")
+            seconds["pass2"] = time.perf_counter() - t0
+        if stage is not None:
+            t0 = time.perf_counter()
+            bar = s.progress.bar(len(stage.layers), "compressing: global threshold")
+            merger.entries.update(stage.finish(s.writer, progress=lambda n: (s.progress.update(bar, n), bar.update())))
+            bar.close()
+            seconds["compress"] = time.perf_counter() - t0
+
+        written = s.writer.finish()
+        merge_module._record(model, merger.groupings, {n: s.stats[n] for n in chosen}, dict(
+            num_groups=num_groups if isinstance(num_groups, int) else dict(num_groups), similarity=similarity,
+            globally=globally, permute=permute, strategy=strategy, grouping=grouping, seed=seed))
+        if compress:
+            compress_module._record(model, dict.fromkeys(merger.entries), dict(
+                rank=compress["rank"], keep_ratio=compress["keep_ratio"], importance="weight", svd=compress["svd"]))
+        entries = {views[i].name: merger.entries[views[i].name] for i in sorted(views)
+                   if views[i].name in merger.entries}
+        write_merged_config(model.config, tmp, written, aliases, entries, str(dtype).removeprefix("torch."))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    seconds["total"] = time.perf_counter() - started
+    return StreamingResult(path=out, groupings=merger.groupings, stats=s.stats, passes=1 if fused else 2,
+                           offloaded=offloaded, bytes_read=source.bytes_read,
+                           bytes_written=sum(f["bytes"] for f in written.files.values()),
+                           peak_rss=s.progress.peak, seconds=seconds)

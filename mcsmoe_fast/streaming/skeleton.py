@@ -1,0 +1,62 @@
+"""The model without its weights: built from the config with every parameter on the meta device (no
+memory), then filled one module at a time from the checkpoint and emptied again.
+
+Buffers stay real (accelerate's init_empty_weights leaves them on the CPU): the rotary embedding's
+inverse frequencies are computed from the config and needed by every layer.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..models import moe_layers
+from ..models.loading import model_class_for
+
+
+def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = model_class_for(config).from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def tensor_shapes(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """({name: shape} of every state-dict tensor stored once, {tied name: stored name}); tied names
+    follow state-dict order as checkpoint.save_pretrained records them."""
+    shapes, aliases, seen = {}, {}, {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            aliases[name] = seen[id(t)]
+            continue
+        seen[id(t)] = name
+        shapes[name] = tuple(t.shape)
+    return shapes, aliases
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(dotted prefix, the decoder layers) of a decoder-only transformers model."""
+    inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    prefix = next(name for name, module in model.named_modules() if module is inner.layers)
+    return prefix, inner.layers
+
+
+def moe_views(model: nn.Module, layers: nn.ModuleList) -> dict[int, object]:
+    """{decoder layer index: MoELayer view} of the layers that hold an MoE block."""
+    views = {}
+    for view in moe_layers(model):
+        for i, layer in enumerate(layers):
+            if any(m is view.module for m in layer.modules()):
+                views[i] = view
+    return views
+
+
+def materialise(module: nn.Module, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Give `module` (named `prefix` in the model) the given tensors {full name: tensor}; strict."""
+    local = {name[len(prefix) + 1:]: t for name, t in tensors.items()}
+    module.load_state_dict(local, strict=True, assign=True)
+
+
+def empty(module: nn.Module) -> None:
+    """Back to the meta device: the module's weights are released."""
+    module.to("meta")

@@ -1,0 +1,138 @@
+"""The checkpoint being merged, read tensor by tensor under the model's own parameter names.
+
+A plain transformers directory: config.json plus model.safetensors, or shards listed by
+model.safetensors.index.json. Everything is checked before any work starts (every shard exists and is
+a complete safetensors file holding the tensors the index puts in it; every tensor the model needs is
+there with the right shape), so a bad shard fails in seconds, naming the file, not hours in.
+
+Mixtral checkpoints come in two layouts, and transformers 5 writes the first one itself:
+
+- per expert (the original release): model.layers.{i}.block_sparse_moe.experts.{j}.w1/w2/w3.weight
+  (w1 gate [ff, d], w3 up [ff, d], w2 down [d, ff]) and block_sparse_moe.gate.weight;
+- fused (the modules of transformers 5): model.layers.{i}.mlp.experts.gate_up_proj [E, 2ff, d] (gate
+  rows then up rows) and mlp.experts.down_proj [E, d, ff].
+
+`read` returns the fused tensors either way, assembled expert by expert straight into one buffer, as
+transformers' loader does (conversion_mapping.py: MergeModulelist + Concatenate).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..merge import MERGE_SECTION
+from ..weight_files import CheckpointError, WeightFiles, read_index
+
+HF_WEIGHTS = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"
+SUPPORTED_TYPES = ("mixtral",)
+
+
+def open_weight_files(path: Path) -> WeightFiles:
+    """The safetensors weights of a transformers checkpoint directory (index preferred), checked."""
+    if (path / HF_INDEX).is_file():
+        return WeightFiles(path, weight_map=read_index(path / HF_INDEX))
+    if (path / HF_WEIGHTS).is_file():
+        return WeightFiles(path, single=HF_WEIGHTS)
+    raise CheckpointError(f"{path}: no safetensors weights ({HF_WEIGHTS} or {HF_INDEX}); streaming reads "
+                          "safetensors checkpoints only")
+
+
+class SourceCheckpoint:
+    """A Mixtral-style transformers checkpoint directory, its config and its tensors."""
+
+    def __init__(self, path):
+        from transformers import AutoConfig
+
+        self.path = Path(path).expanduser().absolute()
+        config_file = self.path / "config.json"
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: no such checkpoint directory")
+        if not config_file.is_file():
+            raise CheckpointError(f"{self.path}: no config.json; not a checkpoint directory")
+        try:
+            raw = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{config_file}: corrupt JSON ({exc})") from exc
+        if isinstance(raw, dict) and MERGE_SECTION in raw:
+            raise ValueError(f"{self.path} is already a merged mcsmoe-fast checkpoint; streaming merges plain "
+                             "transformers checkpoints (use the in-memory pipeline to merge it again)")
+        model_type = raw.get("model_type") if isinstance(raw, dict) else None
+        if model_type not in SUPPORTED_TYPES:
+            raise ValueError(f"{self.path}: streaming supports decoder-only Mixtral-style checkpoints "
+                             f"(model_type {', '.join(SUPPORTED_TYPES)}), got {model_type!r}; "
+                             "use the in-memory pipeline for it")
+        self.config = AutoConfig.from_pretrained(str(self.path))
+        self.files = open_weight_files(self.path)
+
+    @property
+    def bytes_read(self) -> int:
+        return self.files.bytes_read
+
+    # --- names -------------------------------------------------------------------------------------
+    def _plain(self, name: str) -> str | None:
+        if name in self.files:
+            return name
+        legacy = name.replace(".mlp.", ".block_sparse_moe.")
+        return legacy if legacy in self.files else None
+
+    def _per_expert(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]] | None:
+        """Stored per-expert tensors (name, expected shape) that make up the fused tensor `name`."""
+        for fused, parts in ((".mlp.experts.gate_up_proj", ("w1", "w3")), (".mlp.experts.down_proj", ("w2",))):
+            if name.endswith(fused):
+                prefix = name[: -len(fused)]
+                num_experts, rows, cols = shape
+                part_shape = (rows // len(parts), cols)
+                for block in ("block_sparse_moe", "mlp"):
+                    names = [(f"{prefix}.{block}.experts.{j}.{p}.weight", part_shape)
+                             for j in range(num_experts) for p in parts]
+                    if names[0][0] in self.files:
+                        return names
+        return None
+
+    def check(self, expected: dict[str, tuple[int, ...]]) -> None:
+        """Every tensor in `expected` {model name: shape} can be read with that shape."""
+        missing, wrong = [], []
+        for name, shape in expected.items():
+            plain = self._plain(name)
+            parts = [(plain, shape)] if plain is not None else self._per_expert(name, shape)
+            if parts is None:
+                missing.append(name)
+                continue
+            for stored, part_shape in parts:
+                if stored not in self.files:
+                    missing.append(stored)
+                elif tuple(self.files.shapes[stored]) != tuple(part_shape):
+                    wrong.append(f"{stored} in {self.files.file_of(stored)}: {tuple(self.files.shapes[stored])}, "
+                                 f"expected {tuple(part_shape)}")
+        if missing or wrong:
+            raise CheckpointError(
+                f"{self.path}: the weights do not match the model its config.json builds: "
+                + (f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}" if missing else "")
+                + ("; " if missing and wrong else "")
+                + (f"wrong shape {wrong[:5]}" if wrong else ""))
+
+    # --- reading -----------------------------------------------------------------------------------
+    def read(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Tensor `name` of the model (shape as the model expects), in `dtype`."""
+        plain = self._plain(name)
+        if plain is not None:
+            stored = self.files.dtypes[plain]
+            out = torch.empty(shape, dtype=dtype if stored.is_floating_point else stored)
+            return self.files.read_into(plain, out)
+        parts = self._per_expert(name, shape)
+        out = torch.empty(shape, dtype=dtype)
+        rows = shape[1] // (2 if name.endswith("gate_up_proj") else 1)
+        for k, (stored, _) in enumerate(parts):
+            if name.endswith("gate_up_proj"):
+                j, half = divmod(k, 2)
+                self.files.read_into(stored, out[j, half * rows : (half + 1) * rows])
+            else:
+                self.files.read_into(stored, out[k])
+        return out
+
+    def release(self) -> None:
+        """Close the open files (called after every layer)."""
+        self.files.release()
