@@ -142,3 +142,26 @@ def test_demo_subcommand_runs_the_pipeline(capsys, monkeypatch):
     assert len(sizes) == 2 and all(float(after) < float(before) for before, after in sizes)
     differences = [float(x) for x in re.findall(r"max difference to the merged model (\S+)", out)]
     assert len(differences) == 2 and max(differences) <= 1e-5
+
+
+def test_merge_streams_when_the_model_does_not_fit_max_memory(workspace, capsys):
+    """--max-memory below the in-memory pipeline's need: the merge runs layer by layer from the shards and
+    gives the same checkpoint (groups and outputs) as the in-memory merge."""
+    sharded = workspace / "sharded"
+    load_model(str(workspace / "mixtral")).save_pretrained(sharded, max_shard_size="50KB")
+    tiny_tokenizer().save_pretrained(sharded)
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    common = ["--calib", workspace / "calib.txt", "--num-groups", 2]
+    rc, out, err = run(["merge", "--model", sharded, *common, "--out", workspace / "streamed", "--max-memory", "100KB",
+                        "--offload-dir", workspace / "acts"], capsys)
+    assert rc == 0, err
+    assert "layer by layer" in out
+    rc, out, err = run(["merge", "--model", sharded, *common, "--out", workspace / "in-memory"], capsys)
+    assert rc == 0, err
+    assert "layer by layer" not in out
+    streamed, in_memory = from_pretrained(workspace / "streamed"), from_pretrained(workspace / "in-memory")
+    assert [layer.expert_map().tolist() for layer in moe_layers(streamed)] == \
+        [layer.expert_map().tolist() for layer in moe_layers(in_memory)]
+    ids = torch.randint(3, 40, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(streamed(input_ids=ids).logits, in_memory(input_ids=ids).logits, atol=1e-5, rtol=0)

@@ -33,8 +33,29 @@ def add(sub):
     p.add_argument("--seed", type=int, default=0, help="seed of the random similarity basis")
     p.add_argument("--export-dense", action="store_true",
                    help="save a plain transformers checkpoint (every expert materialised) instead")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory budget, e.g. 8GB: a checkpoint that would not fit is merged layer by layer from "
+                        "its shards without loading the whole model (Mixtral-style models)")
+    p.add_argument("--offload-dir", default=None,
+                   help="with streaming: where carried calibration activations go when they exceed the budget")
     p.set_defaults(run=run)
     return p
+
+
+def run_streaming(args, tokenizer, batches) -> int:
+    """The whole merge layer by layer from the checkpoint's shards (streaming/)."""
+    from ..streaming import merge_checkpoint
+
+    layers = [int(x) if x.lstrip("-").isdigit() else x for x in args.layers] if args.layers else None
+    result = merge_checkpoint(args.model, args.out, batches, args.num_groups, similarity=args.similarity,
+                              globally=args.globally, max_memory=args.max_memory, offload_dir=args.offload_dir,
+                              permute=args.permute, strategy=args.strategy, grouping=args.grouping, layers=layers,
+                              seed=args.seed, tokenizer=tokenizer)
+    total = sum(g.num_groups for g in result.groupings.values())
+    print(f"streamed {len(result.groupings)} layers layer by layer ({result.passes} pass(es) over the weights, "
+          f"{result.bytes_read / 2**20:.1f} MiB read, peak RSS {result.peak_rss / 2**20:.0f} MiB): {total} groups")
+    print(f"saved checkpoint to {result.path} ({dir_bytes(result.path) / 2**20:.2f} MiB on disk)")
+    return 0
 
 
 def run(args) -> int:
@@ -51,6 +72,12 @@ def run(args) -> int:
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     texts = read_calibration_texts(args.calib, args.num_samples, args.text_field, args.split)
     batches = calibration_batches(texts, tokenizer, args.batch_size, args.max_length)
+    from ..streaming import fits_in_memory
+
+    if not fits_in_memory(args.model, args.max_memory):
+        if args.export_dense:
+            raise ValueError("--export-dense needs the whole model in memory; drop it or raise --max-memory")
+        return run_streaming(args, tokenizer, batches)
     model = open_model(args.model)
     experts = {layer.num_experts for layer in moe_layers(model)}
     if args.num_groups >= max(experts):
