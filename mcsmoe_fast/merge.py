@@ -108,6 +108,15 @@ def merge_layer_weights(name: str, stats: LayerStats, w_in: torch.Tensor, w_out:
 
 
 @torch.no_grad()
+def check_merge_options(similarity: str, strategy: str, grouping: str) -> None:
+    if similarity not in SIMILARITY_BASES:
+        raise ValueError(f"similarity must be one of {', '.join(SIMILARITY_BASES)}, got {similarity!r}")
+    if strategy not in MERGE_STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(MERGE_STRATEGIES)}, got {strategy!r}")
+    if grouping not in GROUPING_METHODS:
+        raise ValueError(f"grouping must be one of {', '.join(GROUPING_METHODS)}, got {grouping!r}")
+
+
 def merge_experts(
     model: nn.Module,
     stats: Mapping[str, LayerStats],
@@ -134,12 +143,7 @@ def merge_experts(
       (the paper keeps switch-base-32's first encoder MoE layer: pass every position but 0).
     grouping: "dominant" (the paper's) or "hierarchical" (average-linkage clustering, HC-SMoE).
     """
-    if similarity not in SIMILARITY_BASES:
-        raise ValueError(f"similarity must be one of {', '.join(SIMILARITY_BASES)}, got {similarity!r}")
-    if strategy not in MERGE_STRATEGIES:
-        raise ValueError(f"strategy must be one of {', '.join(MERGE_STRATEGIES)}, got {strategy!r}")
-    if grouping not in GROUPING_METHODS:
-        raise ValueError(f"grouping must be one of {', '.join(GROUPING_METHODS)}, got {grouping!r}")
+    check_merge_options(similarity, strategy, grouping)
     chosen = select_layers(moe_layers(model), layers)
     layer_stats = {layer.name: _stats_for(stats, layer) for layer in chosen}
     counts = group_counts({n: s.frequency for n, s in layer_stats.items()}, num_groups, globally)

@@ -32,8 +32,8 @@ from .. import compress as compress_module
 from .. import merge as merge_module
 from ..calibrate import CHEAP_BASES, LayerStats
 from ..checkpoint import WEIGHTS_METADATA, WEIGHTS_NAME, atomic_directory, write_merged_config
-from ..grouping import GROUPING_METHODS, MERGE_STRATEGIES, SIMILARITY_BASES, LayerGrouping, group_counts
-from ..merge import select_layers
+from ..grouping import LayerGrouping, group_counts
+from ..merge import check_merge_options, select_layers
 from ..weight_files import ShardWriter
 from .activations import ActivationStore
 from .compress_stage import CompressionStage, compress_options
@@ -60,12 +60,7 @@ class StreamingResult:
 
 
 def _check_options(similarity, strategy, grouping, bases) -> tuple[str, ...]:
-    if similarity not in SIMILARITY_BASES:
-        raise ValueError(f"similarity must be one of {', '.join(SIMILARITY_BASES)}, got {similarity!r}")
-    if strategy not in MERGE_STRATEGIES:
-        raise ValueError(f"strategy must be one of {', '.join(MERGE_STRATEGIES)}, got {strategy!r}")
-    if grouping not in GROUPING_METHODS:
-        raise ValueError(f"grouping must be one of {', '.join(GROUPING_METHODS)}, got {grouping!r}")
+    check_merge_options(similarity, strategy, grouping)
     if bases is not None:
         return tuple(bases)
     return ("expert-output",) if similarity == "expert-output" else CHEAP_BASES
