@@ -12,7 +12,7 @@ import torch
 from mcsmoe_fast import ops, reference
 from mcsmoe_fast.activations import ACTIVATIONS
 from mcsmoe_fast.modules import MoEExperts
-from test_grouped_ffn import problem
+from test_grouped_ffn import SHAPES, problem
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12),
@@ -50,13 +50,6 @@ def check_grads(args, seed=0, which=DIFFERENTIABLE, **tol):
         assert g.shape == w.shape and g.dtype == w.dtype, NAMES[DIFFERENTIABLE.index(i)]
         torch.testing.assert_close(g, w, **(tol or TOL[hidden.dtype]), msg=lambda m: f"grad of {NAMES[DIFFERENTIABLE.index(i)]}: {m}")
     return got
-
-
-SHAPES = [  # T, d, ff, E, S, k, drop
-    (1, 16, 24, 8, 8, 2, 0.0), (1, 13, 7, 4, 2, 1, 0.0), (5, 7, 11, 3, 3, 3, 0.0), (37, 24, 40, 8, 3, 2, 0.1),
-    (64, 33, 17, 32, 8, 1, 0.3), (100, 8, 8, 8, 1, 2, 0.0), (19, 40, 9, 16, 16, 4, 0.25), (0, 8, 8, 4, 2, 2, 0.0),
-    (200, 16, 16, 64, 5, 6, 0.05), (7, 8, 0, 4, 2, 2, 0.0), (6, 0, 8, 4, 2, 1, 0.0),  # zero-width experts, d = 0
-]
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -145,19 +145,7 @@ at::Tensor grouped_ffn_cpu_frame(const at::Tensor& hidden, int64_t S, const at::
 
   std::vector<int64_t> slot_rows(S);
   for (int64_t s = 0; s < S; ++s) slot_rows[s] = off[s + 1] - off[s];
-  const int64_t active = std::count_if(slot_rows.begin(), slot_rows.end(), [](int64_t n) { return n > 0; });
-  const int64_t threads = at::get_num_threads();
-  if (use_slot_parallelism(*std::max_element(slot_rows.begin(), slot_rows.end()), active, threads)) {
-    const auto work = deal_slots(slot_rows, threads);
-    const bool inference = c10::InferenceMode::is_enabled();  // thread-local: carry it into the workers
-    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-      c10::InferenceMode guard(inference);
-      for (int64_t t = begin; t < end; ++t)
-        for (int64_t s : work[t]) run_slot(s);
-    });
-  } else {
-    for (int64_t s = 0; s < S; ++s) run_slot(s);
-  }
+  for_each_slot(slot_rows, run_slot);
 
   at::Tensor out = at::empty({T, d}, hidden.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "grouped_expert_ffn_combine", [&] {

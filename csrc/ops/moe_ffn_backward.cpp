@@ -209,20 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_expert_ffn_ba
     if (need_win) g_win.select(0, s).zero_();
     if (need_wout) g_wout.select(0, s).zero_();
   }
-  const int64_t active = std::count_if(slot_rows.begin(), slot_rows.end(), [](int64_t n) { return n > 0; });
-  const int64_t threads = at::get_num_threads();
-  if (use_slot_parallelism(*std::max_element(slot_rows.begin(), slot_rows.end()), active, threads)) {
-    const auto work = deal_slots(slot_rows, threads);
-    const bool inference = c10::InferenceMode::is_enabled();  // thread-local: carry it into the workers
-    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-      c10::InferenceMode guard(inference);
-      for (int64_t t = begin; t < end; ++t)
-        for (int64_t s : work[t]) run_slot(s);
-    });
-  } else {
-    for (int64_t s = 0; s < S; ++s)
-      if (slot_rows[s] > 0) run_slot(s);
-  }
+  for_each_slot(slot_rows, run_slot);
 
   at::Tensor grad_hidden = at::empty({0}, hidden.options());
   if (need_x) {

@@ -1,6 +1,9 @@
 // How the CPU grouped-FFN ops (forward and backward) spread slots over threads.
 #pragma once
 
+#include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -34,6 +37,25 @@ inline std::vector<std::vector<int64_t>> deal_slots(const std::vector<int64_t>& 
     load[t] += rows[s];
   }
   return work;
+}
+
+// run_slot(s) for every slot with rows, spread over threads by the rule above.
+template <typename F>
+void for_each_slot(const std::vector<int64_t>& slot_rows, F&& run_slot) {
+  const int64_t active = std::count_if(slot_rows.begin(), slot_rows.end(), [](int64_t n) { return n > 0; });
+  const int64_t threads = at::get_num_threads();
+  if (!slot_rows.empty() && use_slot_parallelism(*std::max_element(slot_rows.begin(), slot_rows.end()), active, threads)) {
+    const auto work = deal_slots(slot_rows, threads);
+    const bool inference = c10::InferenceMode::is_enabled();  // thread-local: carry it into the workers
+    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+      c10::InferenceMode guard(inference);
+      for (int64_t t = begin; t < end; ++t)
+        for (int64_t s : work[t]) run_slot(s);
+    });
+  } else {
+    for (int64_t s = 0; s < static_cast<int64_t>(slot_rows.size()); ++s)
+      if (slot_rows[s] > 0) run_slot(s);
+  }
 }
 
 }  // namespace mcsmoe::ops
