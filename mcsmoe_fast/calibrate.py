@@ -31,7 +31,6 @@ from tqdm.auto import tqdm
 
 from .drop import logit_mask
 from .models import MoELayer, moe_layers
-from .reference import expert_activation
 
 CHEAP_BASES = ("router-logits", "feature")
 
@@ -113,11 +112,14 @@ class _Accumulator:
             return
         s = self.stats
         acc = s.counts.dtype
-        logits = self.layer.router_logits(x).to(acc)
-        if self.keep is not None:  # a layer pruned by the drop baseline: its masked experts are never chosen
-            logits = logits.masked_fill(~self.keep, float("-inf"))
-        top_logits, top = logits.topk(s.top_k, dim=-1)  # [T, k]
-        chosen = torch.isfinite(top_logits)  # a masked expert picked only to fill k is not a selection
+        if self.keep is None:  # the experts the block itself chooses (its family's routing rule)
+            logits, top = self.layer.route(x)
+            logits = logits.to(acc)
+            chosen = torch.ones_like(top, dtype=torch.bool)
+        else:  # a layer pruned by the drop baseline: its masked experts are never chosen
+            logits = self.layer.router_logits(x).to(acc).masked_fill(~self.keep, float("-inf"))
+            top_logits, top = logits.topk(s.top_k, dim=-1)  # [T, k]
+            chosen = torch.isfinite(top_logits)  # a masked expert picked only to fill k is not a selection
         logits = torch.where(torch.isfinite(logits), logits, torch.zeros_like(logits))  # masked logits: 0 in the Gram
         s.tokens += x.shape[0]
         s.counts += torch.bincount(top[chosen], minlength=s.num_experts).to(acc)
@@ -135,7 +137,7 @@ class _Accumulator:
         for start in range(0, x.shape[0], self.chunk_tokens):
             xc = x[start : start + self.chunk_tokens].to(w_in.dtype)
             for slot in range(w_in.shape[0]):
-                h = expert_activation(xc @ w_in[slot].T, self.layer.activation)
+                h = self.layer.hidden_activations(xc, slot)
                 self.activation_sum[slot] += h.sum(0).to(self.activation_sum.dtype)
 
     def _accumulate_input_norms(self, x: torch.Tensor, top: torch.Tensor, chosen: torch.Tensor) -> None:
@@ -145,7 +147,7 @@ class _Accumulator:
             xs = x[(slots == slot).any(-1)]
             for start in range(0, xs.shape[0], self.chunk_tokens):
                 xc = xs[start : start + self.chunk_tokens]
-                h = expert_activation(xc.to(w_in.dtype) @ w_in[slot].detach().T, self.layer.activation)
+                h = self.layer.hidden_activations(xc.to(w_in.dtype), slot)
                 self.stats.slot_input_sq[slot] += xc.to(self.stats.slot_input_sq.dtype).square().sum(0)
                 self.stats.slot_hidden_sq[slot] += h.to(self.stats.slot_hidden_sq.dtype).square().sum(0)
 
@@ -153,7 +155,10 @@ class _Accumulator:
         if self.activation_sum is not None:
             _, w_out = self.layer.expert_weights()
             emap = self.layer.expert_map().to(self.device)
-            per_slot = torch.einsum("sdf,sf->sd", w_out.to(self.activation_sum.dtype), self.activation_sum)
+            per_slot = torch.einsum("sdf,sf->sd", w_out.detach().to(self.activation_sum.dtype), self.activation_sum)
+            b_out = self.layer.expert_biases()[1]
+            if b_out is not None:  # every token passes every slot here (the expert-output basis)
+                per_slot += self.stats.tokens * b_out.detach().to(per_slot.dtype)
             self.stats.output_sum = per_slot[emap]
         return self.stats
 

@@ -233,7 +233,11 @@ def to_dense(model: nn.Module) -> nn.Module:
     ours_layers = {layer.name: layer for layer in moe_layers(model)}
     for layer in moe_layers(dense):
         if layer.name in merged:
-            layer.set_expert_weights(*expert_weights_per_expert(ours_layers[layer.name]))
+            w_in, w_out, b_in, b_out = expert_weights_per_expert(ours_layers[layer.name], biases=True)
+            if b_in is None and b_out is None:
+                layer.set_expert_weights(w_in, w_out)
+            else:
+                layer.set_expert_weights(w_in, w_out, b_in=b_in, b_out=b_out)
     dense.tie_weights()
     return dense.eval()
 
@@ -312,9 +316,11 @@ def _install_layers(model: nn.Module, section: dict, weights: WeightFiles, path:
                 raise CheckpointError(f"{path}: expert_map of layer {name!r} differs between config.json and weights")
             if w_in[0] != entry["num_slots"]:
                 raise CheckpointError(f"{path}: layer {name!r} has {w_in[0]} slots, config.json says {entry['num_slots']}")
+            b_in, b_out = (weights.shapes.get(f"{name}.experts.{k}") for k in ("b_in", "b_out"))
             try:  # uninitialised slots of the saved shapes; the weights are copied in afterwards
                 experts = MoEExperts(torch.empty(w_in, dtype=dtype), torch.empty(w_out, dtype=dtype), saved_map,
-                                     layer.activation)
+                                     layer.activation, None if b_in is None else torch.empty(b_in, dtype=dtype),
+                                     None if b_out is None else torch.empty(b_out, dtype=dtype), layer.activation_args)
             except (ValueError, RuntimeError) as exc:
                 raise CheckpointError(f"{path}: layer {name!r}: {exc}") from exc
             layer.install_experts(experts)

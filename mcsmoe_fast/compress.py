@@ -155,6 +155,11 @@ def compress_experts(
         raise ValueError(f"layers {again} are already compressed; compress a model once (from its merged form)")
     if importance == "activation" and stats is None:
         raise ValueError("importance='activation' needs stats=collect_routing_stats(model, batches, input_norms=True)")
+    unsupported = [layer.name for layer in chosen
+                   if layer.activation_args or any(b is not None for b in layer.expert_biases())]
+    if unsupported:
+        raise ValueError(f"layers {unsupported[:3]}{'...' if len(unsupported) > 3 else ''} have expert biases or a "
+                         "clamped activation (GPT-OSS); compressing those experts is not supported yet (merge them instead)")
 
     norms = {}
     modules: dict[str, CompressedMoEExperts] = {}

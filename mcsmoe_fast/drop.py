@@ -66,7 +66,11 @@ def install_logit_mask(layer: MoELayer, keep) -> None:
         router.classifier = MaskedLinear(inner, keep) if not isinstance(inner, MaskedLinear) else inner
         router.classifier.keep.copy_(keep)
     else:
-        gate = block.gate
+        gate = getattr(block, "gate", None)
+        if not isinstance(gate, MaskedTopKRouter) and type(gate).__name__ != "MixtralTopKRouter":
+            raise ValueError(f"{layer.name}: the drop baseline masks router logits of Switch and Mixtral routers only; "
+                             f"{type(getattr(block, 'gate', None) or getattr(block, 'router', None)).__name__} "
+                             "routes differently (use strategy='frequency' or 'average')")
         block.gate = MaskedTopKRouter(gate, keep) if not isinstance(gate, MaskedTopKRouter) else gate
         block.gate.keep.copy_(keep)
 
@@ -74,5 +78,5 @@ def install_logit_mask(layer: MoELayer, keep) -> None:
 def logit_mask(layer: MoELayer) -> torch.Tensor | None:
     """The layer's keep mask [E], or None when no expert is masked."""
     block = layer.module
-    owner = block.router.classifier if isinstance(layer, SwitchLayer) else block.gate
+    owner = block.router.classifier if isinstance(layer, SwitchLayer) else getattr(block, "gate", None)
     return owner.keep if isinstance(owner, (MaskedLinear, MaskedTopKRouter)) else None

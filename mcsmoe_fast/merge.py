@@ -21,20 +21,23 @@ from .grouping import (
 )
 from .models import MoELayer, moe_layers
 from .modules import MoEExperts
-from .permute import DEFAULT_MEMORY_BUDGET, apply_permutation, match_permutations
+from .permute import DEFAULT_MEMORY_BUDGET, apply_permutation, match_permutations, with_bias_column
 from .plain_save import guard_plain_save
 
 MERGE_SECTION = "mcsmoe_merge"  # the config attribute (and config.json key) describing the merge
 COMPRESS_SECTION = "mcsmoe_compress"  # the same for compression (compress.py)
 
 
-def expert_weights_per_expert(layer: MoELayer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w_in [E, F, d], w_out [E, d, ff]): one entry per original expert, also for a merged layer."""
-    w_in, w_out = layer.expert_weights()
-    if w_in.shape[0] == layer.num_experts and torch.equal(layer.expert_map().cpu(), torch.arange(layer.num_experts)):
-        return w_in.detach(), w_out.detach()
-    emap = layer.expert_map().to(w_in.device)
-    return w_in.detach()[emap], w_out.detach()[emap]
+def expert_weights_per_expert(layer: MoELayer, biases: bool = False) -> tuple[torch.Tensor, ...]:
+    """(w_in [E, F, d], w_out [E, d, ff]), and with biases=True also (b_in [E, F] | None, b_out [E, d] | None):
+    one entry per original expert, also for a merged layer."""
+    tensors = [*layer.expert_weights()] + ([*layer.expert_biases()] if biases else [])
+    tensors = [None if t is None else t.detach() for t in tensors]
+    if tensors[0].shape[0] == layer.num_experts and torch.equal(layer.expert_map().cpu(),
+                                                                torch.arange(layer.num_experts)):
+        return tuple(tensors)
+    emap = layer.expert_map().to(tensors[0].device)
+    return tuple(None if t is None else t[emap] for t in tensors)
 
 
 def select_layers(layers: list[MoELayer], which) -> list[MoELayer]:
@@ -59,20 +62,21 @@ def select_layers(layers: list[MoELayer], which) -> list[MoELayer]:
     return [layer for layer in layers if layer.name in names]  # module order, no duplicates
 
 
-def merge_group_weights(w_in: torch.Tensor, w_out: torch.Tensor, grouping: LayerGrouping):
-    """Merged slots (w_in [G, F, d], w_out [G, d, ff]): slot g = sum_i weight_i * expert_i over group g,
-    accumulated in float32 (a single-member group is copied exactly)."""
-    merged_in, merged_out = [], []
-    for members, weights in zip(grouping.groups, grouping.weights):
-        acc_in = torch.zeros(w_in.shape[1:], dtype=torch.float32, device=w_in.device)
-        acc_out = torch.zeros(w_out.shape[1:], dtype=torch.float32, device=w_out.device)
-        for e, w in zip(members, weights):
-            if w != 0.0:
-                acc_in.add_(w_in[e].float(), alpha=w)
-                acc_out.add_(w_out[e].float(), alpha=w)
-        merged_in.append(acc_in.to(w_in.dtype))
-        merged_out.append(acc_out.to(w_out.dtype))
-    return torch.stack(merged_in), torch.stack(merged_out)
+def merge_group_weights(w_in: torch.Tensor, w_out: torch.Tensor, grouping: LayerGrouping, *more: torch.Tensor):
+    """Merged slots (w_in [G, F, d], w_out [G, d, ff], then any more per-expert tensors such as biases):
+    slot g = sum_i weight_i * expert_i over group g, accumulated in float32 (a single-member group is
+    copied exactly)."""
+    merged = []
+    for t in (w_in, w_out, *more):
+        slots = []
+        for members, weights in zip(grouping.groups, grouping.weights):
+            acc = torch.zeros(t.shape[1:], dtype=torch.float32, device=t.device)
+            for e, w in zip(members, weights):
+                if w != 0.0:
+                    acc.add_(t[e].float(), alpha=w)
+            slots.append(acc.to(t.dtype))
+        merged.append(torch.stack(slots))
+    return tuple(merged)
 
 
 def _stats_for(stats: Mapping[str, LayerStats], layer: MoELayer) -> LayerStats:
@@ -89,22 +93,28 @@ def _stats_for(stats: Mapping[str, LayerStats], layer: MoELayer) -> LayerStats:
 def merge_layer_weights(name: str, stats: LayerStats, w_in: torch.Tensor, w_out: torch.Tensor, num_groups: int,
                         activation: str, *, router_weight: torch.Tensor | None = None,
                         similarity: str = "router-logits", permute: bool = True, strategy: str = "frequency",
-                        grouping: str = "dominant", seed: int = 0, memory_budget: int = DEFAULT_MEMORY_BUDGET):
+                        grouping: str = "dominant", seed: int = 0, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                        b_in: torch.Tensor | None = None, b_out: torch.Tensor | None = None):
     """One layer of merge_experts on plain tensors (the streaming pipeline calls it with one layer's
-    weights read from disk): w_in [E, F, d], w_out [E, d, ff] per original expert, the layer's routing
-    statistics and its group count. Returns (LayerGrouping, merged w_in [G, F, d], merged w_out [G, d, ff]).
-    router_weight [E, d] is needed only for the router-weight basis; memory_budget bounds the bytes of
-    weight-matching cost matrices built at once (match_permutations)."""
-    num_experts = w_in.shape[0]
+    weights read from disk): w_in [E, F, d], w_out [E, d, ff] (and optional biases b_in [E, F],
+    b_out [E, d]) per original expert, the layer's routing statistics and its group count. Returns
+    (LayerGrouping, merged w_in [G, F, d], merged w_out [G, d, ff], merged b_in, merged b_out), the
+    biases None when not given. router_weight [E, d] is needed only for the router-weight basis;
+    memory_budget bounds the bytes of weight-matching cost matrices built at once (match_permutations)."""
+    num_experts, d = w_in.shape[0], w_in.shape[-1]
     sim = similarity_matrix(similarity, stats=stats, router_weight=router_weight, w_in=w_in, w_out=w_out,
                             seed=layer_seed(seed, name), num_experts=num_experts)
     g = group_layer(name, stats.frequency.cpu(), sim, num_groups, grouping, strategy)
+    w_in = with_bias_column(w_in, b_in)
     if permute and strategy != "drop" and g.num_groups < num_experts:
         leader = torch.tensor([g.dominant[slot] for slot in g.expert_map], device=w_in.device)
         perm = match_permutations(w_in, w_out, leader, activation, memory_budget=memory_budget)
         w_in, w_out = apply_permutation(w_in, w_out, perm, activation)
-    merged_in, merged_out = merge_group_weights(w_in, w_out, g)
-    return g, merged_in, merged_out
+    merged = merge_group_weights(w_in, w_out, g, *(() if b_out is None else (b_out,)))
+    merged_in, merged_out = merged[0], merged[1]
+    merged_b_out = merged[2] if b_out is not None else None
+    merged_b_in = merged_in[..., d].clone() if b_in is not None else None
+    return g, merged_in[..., :d].contiguous(), merged_out, merged_b_in, merged_b_out
 
 
 @torch.no_grad()
@@ -150,13 +160,14 @@ def merge_experts(
 
     result: dict[str, LayerGrouping] = {}
     for layer in tqdm(chosen, desc="merging experts", unit="layer", disable=not progress):
-        w_in, w_out = expert_weights_per_expert(layer)
-        g, merged_in, merged_out = merge_layer_weights(
+        w_in, w_out, b_in, b_out = expert_weights_per_expert(layer, biases=True)
+        g, merged_in, merged_out, merged_b_in, merged_b_out = merge_layer_weights(
             layer.name, layer_stats[layer.name], w_in, w_out, counts[layer.name], layer.activation,
             router_weight=layer.router_weight(), similarity=similarity, permute=permute, strategy=strategy,
-            grouping=grouping, seed=seed)
+            grouping=grouping, seed=seed, b_in=b_in, b_out=b_out)
         emap = torch.tensor(g.expert_map, dtype=torch.int64, device=w_in.device)
-        layer.install_experts(MoEExperts(merged_in, merged_out, emap, layer.activation))
+        layer.install_experts(MoEExperts(merged_in, merged_out, emap, layer.activation, merged_b_in, merged_b_out,
+                                         layer.activation_args))
         if strategy == "drop":
             keep = torch.zeros(layer.num_experts, dtype=torch.bool)
             keep[g.dominant] = True

@@ -24,7 +24,9 @@ class MoEExperts(nn.Module):
     A top_k_index entry of -1 means "no expert" (a token dropped by expert capacity).
     """
 
-    def __init__(self, w_in: torch.Tensor, w_out: torch.Tensor, expert_map: torch.Tensor, activation: str):
+    def __init__(self, w_in: torch.Tensor, w_out: torch.Tensor, expert_map: torch.Tensor, activation: str,
+                 b_in: torch.Tensor | None = None, b_out: torch.Tensor | None = None,
+                 activation_args: dict | None = None):
         super().__init__()
         check_activation(activation)
         if w_in.dim() != 3 or w_out.dim() != 3 or w_in.shape[0] != w_out.shape[0]:
@@ -32,12 +34,18 @@ class MoEExperts(nn.Module):
         ff = w_out.shape[2]
         if w_in.shape[1] != (2 * ff if is_gated(activation) else ff) or w_in.shape[2] != w_out.shape[1]:
             raise ValueError(f"w_in {tuple(w_in.shape)} does not match w_out {tuple(w_out.shape)} for {activation}")
+        for name, b, shape in (("b_in", b_in, w_in.shape[:2]), ("b_out", b_out, w_out.shape[:2])):
+            if b is not None and tuple(b.shape) != tuple(shape):
+                raise ValueError(f"{name} must be {list(shape)} for these weights, got {list(b.shape)}")
         expert_map = torch.as_tensor(expert_map, dtype=torch.int64, device=w_in.device)
         if expert_map.dim() != 1 or (expert_map.numel() and (expert_map.min() < 0 or expert_map.max() >= w_in.shape[0])):
             raise ValueError(f"expert_map must be 1-D with entries in [0, {w_in.shape[0]}), got {expert_map.tolist()}")
         self.activation = activation
+        self.activation_args = dict(activation_args or {})
         self.w_in = nn.Parameter(w_in)
         self.w_out = nn.Parameter(w_out)
+        self.b_in = None if b_in is None else nn.Parameter(b_in)
+        self.b_out = None if b_out is None else nn.Parameter(b_out)
         self.register_buffer("expert_map", expert_map)
 
     @property
@@ -50,11 +58,13 @@ class MoEExperts(nn.Module):
 
     def extra_repr(self) -> str:
         s, f, d = self.w_in.shape
-        return f"slots={s}, experts={self.num_experts}, d={d}, F={f}, activation={self.activation}"
+        biases = ", biases" if self.b_in is not None or self.b_out is not None else ""
+        args = "".join(f", {k}={v}" for k, v in self.activation_args.items())
+        return f"slots={s}, experts={self.num_experts}, d={d}, F={f}, activation={self.activation}{args}{biases}"
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        return ops.grouped_expert_ffn(hidden, self.w_in, self.w_out, self.expert_map, top_k_index, top_k_weights,
-                                      self.activation)
+        return ops.grouped_expert_ffn(hidden, self.w_in, self.w_out, self.expert_map, top_k_index.long(),
+                                      top_k_weights, self.activation, self.b_in, self.b_out, **self.activation_args)
 
 
 def capacity_drop(expert_index: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:

@@ -1,12 +1,20 @@
-"""optimize(model): swap every Hugging Face MoE block's experts for the fused modules, in place."""
+"""optimize(model): run every MoE layer through the fused ops, in place.
+
+Families whose experts use transformers' `use_experts_implementation` contract keep their own modules,
+parameter names and layout: their unmerged layers switch to the "mcsmoe_fast" experts implementation
+(experts_interface.py), so transformers' save_pretrained, from_pretrained, tensor-parallel plans and
+set_experts_implementation keep working. Merged and compressed layers already are our slot modules.
+Switch blocks (no experts contract) become SwitchMoE.
+"""
 from __future__ import annotations
 
 import warnings
 
 from torch import nn
 
-from .models import moe_layers
 from .compressed import CompressedMoEExperts
+from .experts_interface import NAME as EXPERTS_IMPLEMENTATION
+from .models import ExpertsLayer, moe_layers
 from .modules import MoEExperts, SwitchMoE
 from .plain_save import guard_plain_save
 
@@ -14,24 +22,30 @@ from .plain_save import guard_plain_save
 def optimize(model: nn.Module, dropless: bool = False) -> nn.Module:
     """Run every MoE layer of `model` through `ops.grouped_expert_ffn`; returns the same model.
 
-    Unmerged layers get MoEExperts over their E experts (identity expert_map) sharing the fused
-    weights where the family stores them fused (Mixtral: no copy), merged layers keep their slots, and
-    compressed layers (compress_experts) keep their low-rank-plus-rows slots (ops.grouped_expert_ffn_slr).
-    Switch blocks become SwitchMoE with HF's expert capacity unless `dropless=True`.
-    Outputs equal the original model's (up to floating-point rounding of the GEMMs).
+    Unmerged layers of the experts-contract families (Mixtral, Qwen-MoE, DeepSeek-V3, GPT-OSS, ...) use the
+    "mcsmoe_fast" experts implementation on their own parameters; merged layers keep their slots and
+    compressed layers (compress_experts) their low-rank-plus-rows slots (ops.grouped_expert_ffn_slr).
+    Switch blocks become SwitchMoE (unmerged: MoEExperts over the E experts) with HF's expert capacity
+    unless `dropless=True`. Outputs equal the original model's (up to floating-point rounding of the GEMMs).
     """
     layers = moe_layers(model, allow_empty=True)
     if not layers:
         warnings.warn(f"optimize: this {model.config.model_type} model has no MoE layer; returned unchanged",
                       stacklevel=2)
         return model
+    ours = False
     for layer in layers:
         experts = getattr(layer.module, "experts", None)
+        if isinstance(layer, ExpertsLayer):
+            ours |= isinstance(experts, (MoEExperts, CompressedMoEExperts))
+            continue
         if not isinstance(experts, (MoEExperts, CompressedMoEExperts)):
             w_in, w_out = layer.expert_weights()
             experts = MoEExperts(w_in.detach(), w_out.detach(), layer.expert_map(), layer.activation)
             experts.train(layer.module.training)
         layer.install_experts(experts)
-        if isinstance(layer.parent, nn.Module) and isinstance(getattr(layer.parent, layer.attr), SwitchMoE):
-            getattr(layer.parent, layer.attr).dropless = dropless
-    return guard_plain_save(model)
+        getattr(layer.parent, layer.attr).dropless = dropless
+        ours = True
+    if any(isinstance(layer, ExpertsLayer) for layer in layers):
+        model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+    return guard_plain_save(model) if ours else model

@@ -19,10 +19,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import ops
-from .activations import is_gated
+from .activations import apply, is_gated
 from .calibrate import complete_inputs, is_decoder_layer, token_masks
 from .models import MoELayer, moe_layers
-from .reference import expert_activation
 
 DEFAULT_MEMORY_BUDGET = 2 << 30  # bytes of cost matrices built at once
 CPU_PROBLEMS_PER_THREAD = 4  # cost matrices per solver thread and chunk on the CPU
@@ -69,6 +68,12 @@ def apply_permutation(w_in: torch.Tensor, w_out: torch.Tensor, perm: torch.Tenso
     new_in = torch.gather(w_in, 1, index.unsqueeze(-1).expand(-1, -1, w_in.shape[-1]))
     new_out = torch.gather(w_out, 2, perm.unsqueeze(1).expand(-1, w_out.shape[1], -1))
     return new_in, new_out
+
+
+def with_bias_column(w_in: torch.Tensor, b_in: torch.Tensor | None) -> torch.Tensor:
+    """w_in [E, F, d] with b_in [E, F] appended as column d: a neuron's input bias then moves with its
+    row under permutation, counts in weight matching, and is averaged like its weights when merging."""
+    return w_in if b_in is None else torch.cat([w_in, b_in.to(w_in.dtype).unsqueeze(-1)], dim=-1)
 
 
 def _check_references(refs: torch.Tensor, num_slots: int, name: str) -> None:
@@ -174,15 +179,19 @@ def _layer_inputs(model: nn.Module, layers: list[MoELayer], batches: Iterable[di
     return {k: torch.cat(v)[:max_tokens] if v else None for k, v in store.items()}
 
 
-def activation_matching_cost(x: torch.Tensor, w_in, activation: str):
-    """cost_fn for match_permutations: Pearson correlation of hidden activations over tokens x [N, d].
+def activation_matching_cost(x: torch.Tensor, w_in, activation: str, activation_args: dict | None = None):
+    """cost_fn for match_permutations: Pearson correlation of hidden activations over tokens x [N, d]
+    (w_in [S, F, d + 1] carries the input biases as its last column, see with_bias_column).
 
     Every calibration token that reaches the layer counts for every expert pair (the original code
     used only the tokens routed to either expert of the pair; all tokens give every pair the same,
     larger sample and one batched computation)."""
+    if w_in.shape[-1] == x.shape[-1] + 1:
+        x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=-1)
+
     def cost_fn(targets: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
         def standardized(idx):
-            h = expert_activation(torch.einsum("nd,sfd->snf", x, w_in[idx].float()), activation)
+            h = apply(torch.einsum("nd,sfd->snf", x, w_in[idx].float()), activation, **(activation_args or {}))
             h = h - h.mean(1, keepdim=True)
             return h / h.norm(dim=1, keepdim=True).clamp_min(1e-12)
         return torch.bmm(standardized(refs).transpose(1, 2), standardized(targets))
@@ -220,14 +229,21 @@ def align_experts(
     perms = {}
     for layer, ref in tqdm(list(zip(layers, refs)), desc="aligning experts", unit="layer", disable=not progress):
         w_in, w_out = layer.expert_weights()
+        b_in = layer.expert_biases()[0]
+        d = w_in.shape[-1]
+        w_in = with_bias_column(w_in, b_in)
         ref = ref.to(w_in.device)
         cost_fn = None
         if strategy == "activation":
             x = inputs[layer.name]
             if x is None or x.shape[0] < 2:
                 raise ValueError(f"{layer.name}: no calibration tokens reached this layer")
-            cost_fn = activation_matching_cost(x.to(w_in.device), w_in, layer.activation)
+            cost_fn = activation_matching_cost(x.to(w_in.device), w_in, layer.activation, layer.activation_args)
         perm = match_permutations(w_in, w_out, ref, layer.activation, cost_fn, memory_budget)
-        layer.set_expert_weights(*apply_permutation(w_in, w_out, perm, layer.activation))
+        new_in, new_out = apply_permutation(w_in, w_out, perm, layer.activation)
+        if b_in is None:
+            layer.set_expert_weights(new_in, new_out)
+        else:
+            layer.set_expert_weights(new_in[..., :d], new_out, b_in=new_in[..., d])
         perms[layer.name] = perm
     return perms

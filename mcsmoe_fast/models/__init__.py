@@ -1,30 +1,46 @@
-"""Model adapters: a uniform `MoELayer` view of every MoE block, one file per model family."""
+"""Model adapters: a uniform `MoELayer` view of every MoE block.
+
+Switch Transformers has its own adapter (switch.py: its experts are a ModuleDict of MLPs); every other
+family is found by structure through the generic adapter (experts.py), which reads transformers'
+`use_experts_implementation` experts contract.
+"""
 from __future__ import annotations
 
 from torch import nn
 
 from .base import MoELayer
-from .mixtral import MixtralLayer, mixtral_layers
+from .experts import ExpertsLayer, experts_layers
 from .switch import SwitchLayer, switch_layers
 
-FAMILIES = {
-    "switch_transformers": switch_layers,
-    "mixtral": mixtral_layers,
-}
+TESTED_FAMILIES = ("switch_transformers", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss",
+                   "qwen3_next", "qwen3_5_moe_text")
+
+
+def _is_moe_family(model: nn.Module) -> bool:
+    """transformers' own test for a model class whose experts use the contract (it reads the modeling source)."""
+    check = getattr(type(model), "_can_set_experts_implementation", None)
+    try:
+        return bool(check()) if check is not None else False
+    except Exception:  # a model class transformers cannot inspect
+        return False
 
 
 def moe_layers(model: nn.Module, allow_empty: bool = False) -> list[MoELayer]:
     """Every MoE layer of a supported model, in module order (an error when there is none, unless
-    allow_empty)."""
+    allow_empty and the model is of an MoE family)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in FAMILIES:
+    layers = switch_layers(model) if model_type == "switch_transformers" else experts_layers(model)
+    if layers:
+        return layers
+    if model_type != "switch_transformers" and not _is_moe_family(model):
         raise ValueError(
-            f"unsupported model type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}"
+            f"no MoE layer mcsmoe_fast can handle in this {model_type!r} model: supported are Switch Transformers "
+            "and transformers MoE families whose experts use `use_experts_implementation` "
+            f"(tested: {', '.join(TESTED_FAMILIES)})"
         )
-    layers = FAMILIES[model_type](model)
-    if not layers and not allow_empty:
+    if not allow_empty:
         raise ValueError(f"no MoE layer found in this {model_type} model (are its sparse layers configured?)")
-    return layers
+    return []
 
 
-__all__ = ["MoELayer", "SwitchLayer", "MixtralLayer", "moe_layers", "FAMILIES"]
+__all__ = ["MoELayer", "SwitchLayer", "ExpertsLayer", "moe_layers", "TESTED_FAMILIES"]

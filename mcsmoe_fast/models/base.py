@@ -1,17 +1,20 @@
 """The one view of an MoE layer that every step of the pipeline works on.
 
-Each model family (switch.py, mixtral.py) maps its Hugging Face modules onto `MoELayer`. Expert weights
-always travel in the fused layout of Mixtral-style models:
+Switch Transformers (switch.py) and every transformers family whose experts follow the
+`use_experts_implementation` contract (experts.py: Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3, GPT-OSS,
+Qwen3-Next, ...) map their Hugging Face modules onto `MoELayer`. Expert weights always travel in one
+canonical layout:
 
-    w_in  [S, F, d]   F = ff for ReLU experts, 2 * ff for SwiGLU experts (gate rows, then up rows)
+    w_in  [S, F, d]   F = ff for ungated experts, 2 * ff for gated ones (gate rows, then up rows)
     w_out [S, d, ff]
+    b_in  [S, F], b_out [S, d]   optional biases (GPT-OSS)
 
 where S is the number of stored expert slots: S = E for an original layer, S = G after merging, and
 `expert_map` [E] names the slot each of the E original experts uses.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -27,7 +30,8 @@ class MoELayer:
     attr: str
     num_experts: int
     top_k: int
-    activation: str  # one of activations.ACTIVATIONS, read from the model's config
+    activation: str  # one of activations.ACTIVATIONS, read from the model
+    activation_args: dict = field(default_factory=dict)  # alpha, limit of clamped_swiglu (GPT-OSS)
 
     # --- implemented per family -----------------------------------------------------------------
     def router_weight(self) -> torch.Tensor:
@@ -46,6 +50,17 @@ class MoELayer:
         """Write weights of the same shape back into the block, in place."""
         raise NotImplementedError
 
+    def expert_biases(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(b_in [S, F], b_out [S, d]), or None for a family without expert biases."""
+        experts = getattr(self.module, "experts", None)
+        return getattr(experts, "b_in", None), getattr(experts, "b_out", None)
+
+    def route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(router logits [T, E], chosen experts [T, k]) for hidden states [T, d], chosen as the block
+        chooses them (families with their own selection rule override this)."""
+        logits = self.router_logits(hidden)
+        return logits, logits.topk(self.top_k, dim=-1).indices
+
     def expert_map(self) -> torch.Tensor:
         """Slot of each original expert, int64 [E] (identity for an unmerged layer)."""
         experts = getattr(self.module, "experts", None)
@@ -54,6 +69,19 @@ class MoELayer:
         return torch.arange(self.num_experts, device=self.router_weight().device)
 
     # --- shared helpers --------------------------------------------------------------------------
+    def hidden_activations(self, x: torch.Tensor, slots: torch.Tensor | int) -> torch.Tensor:
+        """act(w_in[s] x + b_in[s]) of slot(s) `slots` for tokens x [N, d]: [N, ff] for one slot, [n, N, ff]
+        for a tensor of n slots (computed in x's dtype)."""
+        from ..activations import apply
+
+        w_in, _ = self.expert_weights()
+        b_in, _ = self.expert_biases()
+        w = w_in.detach()[slots].to(x.dtype)
+        h = x @ w.transpose(-1, -2)
+        if b_in is not None:
+            h = h + b_in.detach()[slots].to(x.dtype).unsqueeze(-2)
+        return apply(h, self.activation, **self.activation_args)
+
     @property
     def intermediate_size(self) -> int:
         return self.expert_weights()[1].shape[-1]

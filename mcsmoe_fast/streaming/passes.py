@@ -90,7 +90,7 @@ class Merger:
                 self.writer.add(f"{name}.experts.down_proj", w_out)
                 return
         else:
-            g, w_in, w_out = merge_module.merge_layer_weights(
+            g, w_in, w_out, _, _ = merge_module.merge_layer_weights(
                 name, stats, w_in, w_out, count, view.activation, router_weight=router_weight,
                 similarity=opts["similarity"], permute=opts["permute"], strategy=opts["strategy"],
                 grouping=opts["grouping"], seed=opts["seed"], memory_budget=self.matching_bytes)

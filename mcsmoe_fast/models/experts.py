@@ -1,0 +1,123 @@
+"""The generic adapter: every MoE block whose experts module follows transformers'
+`use_experts_implementation` contract (experts_spec.py), found by structure: a block with an `experts`
+child of that contract (or our slots that replaced one) and a router child (`gate` or `router`) with a
+weight [E, d] whose forward returns (router_logits, top_k_weights, top_k_index).
+
+This covers Mixtral, Qwen2-MoE and Qwen3-MoE, OLMoE, DeepSeek-V3, GPT-OSS, Qwen3-Next and Qwen3.5-MoE
+in transformers 5. What differs between them stays in their own modules and is used as is:
+  - routing: the family's router module picks the experts (softmax top-k, DeepSeek-V3's sigmoid scores
+    with correction bias and group-limited top-k, GPT-OSS's biased logits), so routing statistics count
+    exactly the experts the model uses;
+  - shared experts (Qwen2-MoE's shared_expert and its gate, DeepSeek-V3's shared_experts) are siblings
+    of `experts` and are never merged;
+  - dense layers (DeepSeek-V3's first layers, Qwen's mlp_only_layers) have no such block and are left alone;
+  - layout and activation come from the experts module's flags and gate (ExpertsSpec).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..compressed import CompressedMoEExperts
+from ..modules import MoEExperts
+from .base import MoELayer, refuse_compressed, split_name
+from .experts_spec import ExpertsSpec, follows_contract
+
+ROUTER_NAMES = ("gate", "router")
+
+
+class ExpertsLayer(MoELayer):
+    """One block of a use_experts_implementation family."""
+
+    @property
+    def router(self) -> nn.Module:
+        return router_of(self.module)
+
+    def router_weight(self) -> torch.Tensor:
+        return self.router.weight
+
+    def router_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.router(hidden)[0]
+
+    def route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, _, index = self.router(hidden)
+        return logits, index.long()
+
+    def _spec(self) -> ExpertsSpec | None:
+        experts = self.module.experts
+        return None if isinstance(experts, (MoEExperts, CompressedMoEExperts)) else ExpertsSpec.of(experts)
+
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        experts = self.module.experts
+        if isinstance(experts, MoEExperts):
+            return experts.w_in, experts.w_out
+        if isinstance(experts, CompressedMoEExperts):
+            return experts.dense_weights()
+        return self._spec().weights(experts)
+
+    def expert_biases(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        spec = self._spec()
+        return super().expert_biases() if spec is None else spec.biases(self.module.experts)
+
+    @torch.no_grad()
+    def set_expert_weights(self, w_in: torch.Tensor, w_out: torch.Tensor,
+                           b_in: torch.Tensor | None = None, b_out: torch.Tensor | None = None) -> None:
+        """Write canonical weights (and biases, where the layer has them) back into the block, in place."""
+        experts = self.module.experts
+        refuse_compressed(self, experts)
+        spec = self._spec()
+        if spec is not None:
+            spec.write(experts, w_in, w_out, b_in, b_out)
+            return
+        experts.w_in.copy_(w_in)
+        experts.w_out.copy_(w_out)
+        for name, value in (("b_in", b_in), ("b_out", b_out)):
+            if value is not None and getattr(experts, name, None) is not None:
+                getattr(experts, name).copy_(value)
+
+    def install_experts(self, experts: MoEExperts | CompressedMoEExperts) -> None:
+        """Replace the block's experts module by the given expert slots (router unchanged)."""
+        self.module.experts = experts
+
+
+def router_of(block: nn.Module) -> nn.Module | None:
+    for name in ROUTER_NAMES:
+        router = getattr(block, name, None)
+        weight = getattr(router, "weight", None)
+        if isinstance(router, nn.Module) and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            return router
+    return None
+
+
+def is_experts_block(module: nn.Module) -> bool:
+    experts = getattr(module, "experts", None)
+    if not isinstance(experts, nn.Module) or router_of(module) is None:
+        return False
+    return isinstance(experts, (MoEExperts, CompressedMoEExperts)) or follows_contract(experts)
+
+
+def _top_k(block: nn.Module, router: nn.Module) -> int:
+    for owner in (router, block):
+        for attr in ("top_k", "num_experts_per_tok"):
+            if isinstance(getattr(owner, attr, None), int):
+                return getattr(owner, attr)
+    raise ValueError(f"{type(block).__name__}: cannot tell how many experts a token uses (no top_k on its router)")
+
+
+def experts_layers(model: nn.Module) -> list[ExpertsLayer]:
+    """Every block of `model` whose experts follow the contract, in module order."""
+    layers = []
+    for name, module in model.named_modules():
+        if not is_experts_block(module):
+            continue
+        router, experts = router_of(module), module.experts
+        if isinstance(experts, (MoEExperts, CompressedMoEExperts)):
+            activation, args = experts.activation, dict(getattr(experts, "activation_args", {}))
+        else:
+            spec = ExpertsSpec.of(experts)
+            activation, args = spec.activation, dict(spec.activation_args)
+        parent, attr = split_name(model, name)
+        layers.append(ExpertsLayer(name=name, module=module, parent=parent, attr=attr,
+                                   num_experts=router.weight.shape[0], top_k=_top_k(module, router),
+                                   activation=activation, activation_args=args))
+    return layers
