@@ -11,17 +11,20 @@ TORCH_LIBRARY(mcsmoe_fast, m) {
   m.def("linear_assignment(Tensor cost, bool maximize=False) -> Tensor");
   m.def("moe_align(Tensor top_k_index, Tensor top_k_weights, Tensor expert_map, int num_slots) -> "
         "(Tensor sorted_token_ids, Tensor slot_offsets, Tensor sorted_weights, Tensor token_rows)");
+  // b_in [S, F], b_out [S, d]: optional expert biases; alpha, limit: clamped_swiglu's (GPT-OSS) parameters.
   m.def("grouped_expert_ffn(Tensor hidden, Tensor w_in, Tensor w_out, Tensor expert_map, Tensor top_k_index, "
-        "Tensor top_k_weights, str activation) -> Tensor");
-  // Gradients of grouped_expert_ffn (hidden, w_in, w_out, top_k_weights) for grad_out; output_mask picks
-  // which are computed, the others are empty tensors [0].
+        "Tensor top_k_weights, str activation, Tensor? b_in=None, Tensor? b_out=None, float alpha=1.702, "
+        "float limit=7.0) -> Tensor");
+  // Gradients of grouped_expert_ffn (hidden, w_in, w_out, top_k_weights, b_in, b_out) for grad_out;
+  // output_mask picks which are computed, the others are empty tensors [0] (so are those of absent biases).
   m.def("grouped_expert_ffn_backward(Tensor grad_out, Tensor hidden, Tensor w_in, Tensor w_out, Tensor expert_map, "
-        "Tensor top_k_index, Tensor top_k_weights, str activation, bool[4] output_mask) -> "
-        "(Tensor grad_hidden, Tensor grad_w_in, Tensor grad_w_out, Tensor grad_top_k_weights)");
+        "Tensor top_k_index, Tensor top_k_weights, str activation, bool[6] output_mask, Tensor? b_in=None, "
+        "Tensor? b_out=None, float alpha=1.702, float limit=7.0) -> (Tensor grad_hidden, Tensor grad_w_in, "
+        "Tensor grad_w_out, Tensor grad_top_k_weights, Tensor grad_b_in, Tensor grad_b_out)");
   m.def("sparse_lowrank_linear(Tensor x, Tensor U, Tensor V, Tensor S_rows, Tensor row_idx, Tensor? bias=None) -> "
         "Tensor");
   m.def("grouped_expert_ffn_slr(Tensor hidden, Tensor[] w_in, Tensor[] w_out, Tensor expert_map, "
-        "Tensor top_k_index, Tensor top_k_weights, str activation) -> Tensor");
+        "Tensor top_k_index, Tensor top_k_weights, str activation, float alpha=1.702, float limit=7.0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mcsmoe_fast, CPU, m) {

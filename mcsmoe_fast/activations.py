@@ -1,8 +1,11 @@
 """The expert activations the fused ops know, and how each model family's config names them.
 
 Ungated experts compute w_out @ act(w_in @ x) with F = ff rows in w_in; gated experts (Mixtral-style)
-compute w_out @ (act(gate) * up) with w_in = [gate rows; up rows], F = 2 * ff. A family whose
-configured activation is not listed here is refused with an error naming it, never run with another.
+compute w_out @ (act(gate) * up) with w_in = [gate rows; up rows], F = 2 * ff. GPT-OSS's clamped SwiGLU
+is gated too (same layout) but not act(gate) * up: with g = min(gate, limit) and u = clamp(up, -limit,
+limit) it is (u + 1) * g * sigmoid(alpha * g); alpha and limit come from the model (1.702 and 7.0 in
+GPT-OSS) and are ignored by the other activations. A family whose configured activation is not listed
+here is refused with an error naming it, never run with another.
 """
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ import torch.nn.functional as F
 
 UNGATED = ("relu", "gelu", "gelu_tanh", "silu")
 GATED = {"reglu": "relu", "geglu": "gelu", "geglu_tanh": "gelu_tanh", "swiglu": "silu"}  # name -> act(gate)
-ACTIVATIONS = UNGATED + tuple(GATED)
+CLAMPED_SWIGLU = "clamped_swiglu"  # GPT-OSS: gated, but its own formula (clamped_swiglu below)
+ACTIVATIONS = UNGATED + tuple(GATED) + (CLAMPED_SWIGLU,)
+ALPHA, LIMIT = 1.702, 7.0  # clamped_swiglu's defaults: GPT-OSS's
 
 # transformers' ACT2FN names -> our element-wise function (same function: exact or to rounding)
 HF_NAMES = {
@@ -23,7 +28,7 @@ HF_NAMES = {
 
 def is_gated(activation: str) -> bool:
     check(activation)
-    return activation in GATED
+    return activation in GATED or activation == CLAMPED_SWIGLU
 
 
 def check(activation: str) -> None:
@@ -53,9 +58,21 @@ def elementwise(x: torch.Tensor, fn: str) -> torch.Tensor:
     return F.silu(x)
 
 
-def apply(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """The expert activation on h [..., F]: act(h), or act(gate) * up for gated activations."""
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float = ALPHA, limit: float = LIMIT) -> torch.Tensor:
+    """GPT-OSS's gated activation, as transformers' GptOssExperts computes it (autograd through torch's clamp:
+    the gradient passes where min <= x <= max)."""
+    gate = gate.clamp(min=None, max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def apply(h: torch.Tensor, activation: str, alpha: float = ALPHA, limit: float = LIMIT) -> torch.Tensor:
+    """The expert activation on h [..., F]: act(h), or act(gate) * up for gated activations (gate columns,
+    then up columns), or clamped_swiglu(gate, up, alpha, limit)."""
     check(activation)
+    if activation == CLAMPED_SWIGLU:
+        gate, up = h.chunk(2, dim=-1)
+        return clamped_swiglu(gate, up, alpha, limit)
     if activation in GATED:
         gate, up = h.chunk(2, dim=-1)
         return elementwise(gate, GATED[activation]) * up

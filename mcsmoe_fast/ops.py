@@ -2,6 +2,8 @@
 so torch.compile can trace them. Plain-PyTorch references of the same ops are in reference.py."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._ext import _C  # noqa: F401  (loading it registers the ops)
@@ -68,7 +70,7 @@ def _rows_and_cols(cols: torch.Tensor, shape) -> tuple[torch.Tensor, torch.Tenso
 
 
 # --- grouped expert FFN over merged slots ---------------------------------------------------------
-from .activations import ACTIVATIONS  # noqa: E402
+from .activations import ACTIVATIONS, ALPHA, CLAMPED_SWIGLU, LIMIT  # noqa: E402
 
 
 def moe_align(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, expert_map: torch.Tensor, num_slots: int):
@@ -108,72 +110,110 @@ def grouped_expert_ffn(
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
     activation: str,
+    b_in: torch.Tensor | None = None,
+    b_out: torch.Tensor | None = None,
+    alpha: float = ALPHA,
+    limit: float = LIMIT,
 ) -> torch.Tensor:
-    """The whole expert FFN over S slots in one call; differentiable in hidden, w_in, w_out and
-    top_k_weights (the backward is the fused op grouped_expert_ffn_backward).
+    """The whole expert FFN over S slots in one call; differentiable in hidden, w_in, w_out, top_k_weights,
+    b_in and b_out (the backward is the fused op grouped_expert_ffn_backward).
 
     hidden [T, d]; w_in [S, F, d]; w_out [S, d, ff]; expert_map [E] int64; top_k_index [T, k] int64
     (-1 = no expert); top_k_weights [T, k]; activation one of activations.ACTIVATIONS: ungated "relu",
     "gelu", "gelu_tanh", "silu" (F = ff), or gated "reglu", "geglu", "geglu_tanh", "swiglu" (F = 2*ff, gate
-    rows then up rows, act(gate) * up). out[t] = sum over the distinct slots s of token t of
-    (t's summed weight on s) * w_out[s] @ act(w_in[s] @ hidden[t]). Equals reference.grouped_expert_ffn.
+    rows then up rows, act(gate) * up), or GPT-OSS's "clamped_swiglu" (F = 2*ff, same layout;
+    (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit); alpha and limit are
+    ignored by the other activations). Optional expert biases b_in [S, F] and b_out [S, d] (the weights'
+    dtype and device; either may be given alone). out[t] = sum over the distinct slots s of token t of
+    (t's summed weight on s) * FFN_s(hidden[t]), FFN_s(x) = act(w_in[s] @ x + b_in[s]) @ w_out[s]^T + b_out[s].
+    Equals reference.grouped_expert_ffn.
     """
-    return _lib.grouped_expert_ffn(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation)
+    return _lib.grouped_expert_ffn(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation,
+                                   b_in, b_out, alpha, limit)
+
+
+def _check_activation(activation, alpha, limit, op):
+    torch._check_value(activation in ACTIVATIONS, lambda: f"{op}: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if activation == CLAMPED_SWIGLU:
+        torch._check_value(math.isfinite(limit) and limit >= 0, lambda: f"{op}: clamped_swiglu needs a finite limit >= 0, got {limit}")
+        torch._check_value(math.isfinite(alpha), lambda: f"{op}: clamped_swiglu needs a finite alpha, got {alpha}")
 
 
 @torch.library.register_fake("mcsmoe_fast::grouped_expert_ffn")
-def _grouped_expert_ffn_fake(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation):
-    torch._check(activation in ACTIVATIONS, lambda: f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+def _grouped_expert_ffn_fake(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation, b_in=None,
+                             b_out=None, alpha=ALPHA, limit=LIMIT):
+    op = "grouped_expert_ffn"
+    _check_activation(activation, alpha, limit, op)
     torch._check(hidden.dim() == 2 and w_in.dim() == 3 and w_out.dim() == 3, lambda: "hidden [T, d], w_in [S, F, d], w_out [S, d, ff]")
     torch._check(w_in.dtype == hidden.dtype and w_out.dtype == hidden.dtype, lambda: "hidden, w_in, w_out: one dtype")
     torch._check(top_k_index.shape[0] == hidden.shape[0], lambda: "top_k_index must have one row per token")
-    devices = {t.device for t in (hidden, w_in, w_out, expert_map, top_k_index, top_k_weights)}
-    torch._check(len(devices) == 1, lambda: f"grouped_expert_ffn: all tensors must be on one device, got {devices}")
+    tensors = [hidden, w_in, w_out, expert_map, top_k_index, top_k_weights]
+    for name, bias, cols in (("b_in", b_in, w_in.shape[1]), ("b_out", b_out, w_out.shape[1])):
+        if bias is None:
+            continue
+        want = (w_in.shape[0], cols)
+        torch._check(bias.dim() == 2 and tuple(bias.shape) == want,
+                     lambda: f"{op}: {name} must be [{want[0]}, {want[1]}] (one row per slot), got {list(bias.shape)}")
+        torch._check(bias.dtype == w_in.dtype, lambda: f"{op}: {name} must have the weights' dtype {w_in.dtype}, got {bias.dtype}")
+        tensors.append(bias)
+    devices = {t.device for t in tensors}
+    torch._check(len(devices) == 1, lambda: f"{op}: all tensors must be on one device, got {devices}")
     return torch.empty_like(hidden, memory_format=torch.contiguous_format)
 
 
 def grouped_expert_ffn_backward(grad_out, hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation,
-                                output_mask=(True, True, True, True)):
+                                output_mask=(True,) * 6, b_in=None, b_out=None, alpha=ALPHA, limit=LIMIT):
     """Gradients of grouped_expert_ffn for grad_out [T, d]: (grad_hidden [T, d], grad_w_in [S, F, d],
-    grad_w_out [S, d, ff], grad_top_k_weights [T, k] in top_k_weights' dtype). output_mask (four bools,
-    in that order) says which to compute; the others come back as empty tensors [0]. Recomputes the
-    expert hidden layer (the forward saves nothing but its inputs). Entry (t, j) of the weights' gradient
-    is <grad_out[t], FFN_s(hidden[t])> for the slot s of expert top_k_index[t, j], 0 where it is -1: every
-    entry of a token mapping to one slot gets the same value, as the forward sums their weights."""
-    return _lib.grouped_expert_ffn_backward(grad_out, hidden, w_in, w_out, expert_map, top_k_index, top_k_weights,
-                                            activation, list(output_mask))
+    grad_w_out [S, d, ff], grad_top_k_weights [T, k] in top_k_weights' dtype, grad_b_in [S, F], grad_b_out
+    [S, d]). output_mask (six bools, in that order) says which to compute; the others come back as empty
+    tensors [0], and so do the gradients of biases not given. A mask of four bools (the op before biases)
+    computes no bias gradients and returns the first four. Recomputes the expert hidden layer (the forward
+    saves nothing but its inputs). Entry (t, j) of the weights' gradient is <grad_out[t], FFN_s(hidden[t])>
+    (b_out[s] included) for the slot s of expert top_k_index[t, j], 0 where it is -1: every entry of a token
+    mapping to one slot gets the same value, as the forward sums their weights."""
+    mask = list(output_mask)
+    if len(mask) not in (4, 6):
+        raise ValueError(f"grouped_expert_ffn_backward: output_mask must hold four or six bools, got {len(mask)}")
+    grads = _lib.grouped_expert_ffn_backward(grad_out, hidden, w_in, w_out, expert_map, top_k_index, top_k_weights,
+                                             activation, mask + [False] * (6 - len(mask)), b_in, b_out, alpha, limit)
+    return grads[:len(mask)]
 
 
 @torch.library.register_fake("mcsmoe_fast::grouped_expert_ffn_backward")
 def _grouped_expert_ffn_backward_fake(grad_out, hidden, w_in, w_out, expert_map, top_k_index, top_k_weights,
-                                      activation, output_mask):
-    _grouped_expert_ffn_fake(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation)
+                                      activation, output_mask, b_in=None, b_out=None, alpha=ALPHA, limit=LIMIT):
+    _grouped_expert_ffn_fake(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation, b_in, b_out,
+                             alpha, limit)
     torch._check(grad_out.shape == hidden.shape and grad_out.dtype == hidden.dtype and grad_out.device == hidden.device,
                  lambda: "grouped_expert_ffn_backward: grad_out must have hidden's shape, dtype and device")
-    torch._check(len(output_mask) == 4, lambda: "grouped_expert_ffn_backward: output_mask must hold four bools")
+    torch._check(len(output_mask) == 6, lambda: "grouped_expert_ffn_backward: output_mask must hold six bools")
 
     def grad(need, like):
-        return torch.empty_like(like, memory_format=torch.contiguous_format) if need else like.new_empty((0,))
+        return torch.empty_like(like, memory_format=torch.contiguous_format) if need else hidden.new_empty((0,)) if like is None else like.new_empty((0,))
     return (grad(output_mask[0], hidden), grad(output_mask[1], w_in), grad(output_mask[2], w_out),
-            grad(output_mask[3], top_k_weights))
+            grad(output_mask[3], top_k_weights), grad(output_mask[4] and b_in is not None, b_in),
+            grad(output_mask[5] and b_out is not None, b_out))
 
 
 def _ffn_setup_context(ctx, inputs, output):
-    hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation = inputs
-    ctx.save_for_backward(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights)
-    ctx.activation = activation
+    # torch fills in the arguments the dispatcher dropped at their defaults: inputs always has all eleven
+    hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation, b_in, b_out, alpha, limit = inputs
+    ctx.save_for_backward(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, b_in, b_out)
+    ctx.activation, ctx.alpha, ctx.limit = activation, alpha, limit
 
 
 def _ffn_backward(ctx, grad):
-    hidden, w_in, w_out, expert_map, top_k_index, top_k_weights = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    mask = [need[0], need[1], need[2], need[5]]
+    hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, b_in, b_out = ctx.saved_tensors
+    # needs_input_grad covers only the arguments passed: trailing ones left at their defaults are dropped
+    n = len(ctx.needs_input_grad)
+    need = tuple(ctx.needs_input_grad) + (False,) * (11 - n)
+    mask = [need[0], need[1], need[2], need[5], need[7] and b_in is not None, need[8] and b_out is not None]
     if not any(mask):
-        return (None,) * 7
+        return (None,) * n
     grads = _lib.grouped_expert_ffn_backward(grad.to(hidden.dtype), hidden, w_in, w_out, expert_map, top_k_index,
-                                             top_k_weights, ctx.activation, mask)
-    g_hidden, g_w_in, g_w_out, g_weights = (g if m else None for g, m in zip(grads, mask))
-    return g_hidden, g_w_in, g_w_out, None, None, g_weights, None
+                                             top_k_weights, ctx.activation, mask, b_in, b_out, ctx.alpha, ctx.limit)
+    g = [t if m else None for t, m in zip(grads, mask)]
+    return (g[0], g[1], g[2], None, None, g[3], None, g[4], g[5], None, None)[:n]
 
 
 torch.library.register_autograd("mcsmoe_fast::grouped_expert_ffn", _ffn_backward, setup_context=_ffn_setup_context)
@@ -247,20 +287,23 @@ def _slr_backward(ctx, grad):
 torch.library.register_autograd("mcsmoe_fast::sparse_lowrank_linear", _slr_backward, setup_context=_slr_setup_context)
 
 
-def grouped_expert_ffn_slr(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation):
+def grouped_expert_ffn_slr(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation,
+                           alpha: float = ALPHA, limit: float = LIMIT):
     """grouped_expert_ffn over compressed slots (inference; no autograd): every slot's w_in and w_out are
     sparse-plus-low-rank, given as banks [U [S, out, r], V [S, r, in], S_rows [K, in], row_idx [K] int64,
     row_offsets [S+1] int64]; slot s owns the kept rows row_offsets[s] .. row_offsets[s+1] (row indices
     distinct within a slot). Shapes otherwise as in grouped_expert_ffn (w_in: out = F, in = d; w_out:
-    out = d, in = ff). Equals reference.grouped_expert_ffn_slr (the dense reconstruction)."""
+    out = d, in = ff); alpha and limit as there (clamped_swiglu's; no expert biases). Equals
+    reference.grouped_expert_ffn_slr (the dense reconstruction)."""
     return _lib.grouped_expert_ffn_slr(hidden, list(w_in), list(w_out), expert_map, top_k_index, top_k_weights,
-                                       activation)
+                                       activation, alpha, limit)
 
 
 @torch.library.register_fake("mcsmoe_fast::grouped_expert_ffn_slr")
-def _grouped_expert_ffn_slr_fake(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation):
+def _grouped_expert_ffn_slr_fake(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation,
+                                 alpha=ALPHA, limit=LIMIT):
     op = "grouped_expert_ffn_slr"
-    torch._check(activation in ACTIVATIONS, lambda: f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    _check_activation(activation, alpha, limit, op)
     torch._check(len(w_in) == 5 and len(w_out) == 5, lambda: f"{op}: w_in, w_out: [U, V, S_rows, row_idx, row_offsets]")
     torch._check(hidden.dim() == 2 and top_k_index.dim() == 2 and top_k_index.shape[0] == hidden.shape[0],
                  lambda: f"{op}: hidden [T, d], top_k_index [T, k]")

@@ -31,11 +31,11 @@ def assignment_objective(cost: torch.Tensor, cols: torch.Tensor) -> torch.Tensor
 
 
 # --- expert FFN over merged slots ----------------------------------------------------------------
-def expert_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """act(h), or act(gate) * up for gated activations (see activations.py)."""
+def expert_activation(h: torch.Tensor, activation: str, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+    """act(h), or act(gate) * up for gated activations, or GPT-OSS's clamped SwiGLU (see activations.py)."""
     from .activations import apply
 
-    return apply(h, activation)
+    return apply(h, activation, alpha, limit)
 
 
 def grouped_expert_ffn(
@@ -46,10 +46,21 @@ def grouped_expert_ffn(
     top_k_index: torch.Tensor,  # [T, k] int64, original expert ids; -1 = no expert (dropped token)
     top_k_weights: torch.Tensor,  # [T, k]
     activation: str,
+    b_in: torch.Tensor | None = None,  # [S, F]
+    b_out: torch.Tensor | None = None,  # [S, d]
+    alpha: float = 1.702,  # clamped_swiglu's parameters
+    limit: float = 7.0,
 ) -> torch.Tensor:
-    """out[t] = sum over distinct slots s hit by token t of (sum of t's weights on s) * FFN_s(x_t)."""
-    return grouped_over_slots(hidden, w_in.shape[0], expert_map, top_k_index, top_k_weights,
-                              lambda s, x: expert_activation(x @ w_in[s].T, activation) @ w_out[s].T)
+    """out[t] = sum over distinct slots s hit by token t of (sum of t's weights on s) * FFN_s(x_t), with
+    FFN_s(x) = act(x W_in[s]^T + b_in[s]) W_out[s]^T + b_out[s] (the biases inside the routing weight, as
+    transformers' experts add them)."""
+    def slot_ffn(s, x):
+        h = x @ w_in[s].T
+        if b_in is not None:
+            h = h + b_in[s]
+        y = expert_activation(h, activation, alpha, limit) @ w_out[s].T
+        return y if b_out is None else y + b_out[s]
+    return grouped_over_slots(hidden, w_in.shape[0], expert_map, top_k_index, top_k_weights, slot_ffn)
 
 
 def grouped_over_slots(hidden, num_slots, expert_map, top_k_index, top_k_weights, slot_ffn):
@@ -118,7 +129,8 @@ def slr_bank_dense(bank) -> torch.Tensor:
                         for s in range(U.shape[0])])
 
 
-def grouped_expert_ffn_slr(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation):
+def grouped_expert_ffn_slr(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation,
+                           alpha: float = 1.702, limit: float = 7.0):
     """The grouped expert FFN over compressed slots, through their reconstructed dense weights."""
     return grouped_expert_ffn(hidden, slr_bank_dense(w_in), slr_bank_dense(w_out), expert_map, top_k_index,
-                              top_k_weights, activation)
+                              top_k_weights, activation, alpha=alpha, limit=limit)

@@ -11,7 +11,9 @@ enum class Dtype { f32, f16, bf16 };
 
 #ifdef MCSMOE_WITH_CUDA
 // a[r, j] = act(h[r, j]) * h[r, ff + j] for h [n, 2*ff] (row stride ldh) -> a [n, ff] contiguous; float math.
-void gated_act_cuda(const void* h, int64_t ldh, void* a, int64_t n, int64_t ff, ActFn fn, Dtype dtype, void* stream);
+// fn = clamped_swiglu: a[r, j] = clamped_swiglu(h[r, j], h[r, ff + j], alpha, limit) (activation.h).
+void gated_act_cuda(const void* h, int64_t ldh, void* a, int64_t n, int64_t ff, ActFn fn, float alpha, float limit,
+                    Dtype dtype, void* stream);
 // out[t] = sum_j weights[row] * y[row] over row = token_rows[t, j] >= 0 (float accumulation; 0 if none).
 void combine_cuda(const void* y, const float* weights, const int64_t* token_rows, int64_t T, int64_t k, int64_t d,
                   void* out, Dtype dtype, void* stream);

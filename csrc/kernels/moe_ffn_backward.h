@@ -13,12 +13,15 @@ namespace mcsmoe::moe {
 // For n rows of one slot: h [n, F] (row stride ldh; F = 2*ff gated: gate columns then up columns, else F = ff)
 // holds H = X W_in^T, p [n, ff] contiguous holds P = G W_out (may be null when neither row_grad nor write_dh
 // is asked for), w [n] the rows' summed routing weights.
-// With A = act(H) (or act(gate) * up), float math:
+// With A = act(H) (or act(gate) * up, or clamped_swiglu(gate, up) with alpha and limit), float math:
 //   row_grad != nullptr: row_grad[r] = sum_j P[r, j] A[r, j]        (float)
+//                        + sum_c G[r, c] b_out[c] over c < d when b_out != nullptr (g [n, d], row stride ldg:
+//                        the slot's grad_out rows; the output bias's share of <G_r, y_r>)
 //   wa != nullptr:       wa [n, ff] contiguous = w[r] A[r, j]
 //   write_dh:            h = dH, the gradient of H for dA = w[r] P[r, j] (in place of H)
 void act_backward_cuda(void* h, int64_t ldh, const void* p, const float* w, void* wa, float* row_grad, bool write_dh,
-                       int64_t n, int64_t ff, ActFn fn, bool gated, Dtype dtype, void* stream);
+                       int64_t n, int64_t ff, ActFn fn, bool gated, float alpha, float limit, const void* g,
+                       int64_t ldg, const void* b_out, int64_t d, Dtype dtype, void* stream);
 // out [T*k] = row_grads[row] for the row of token t on slot expert_map[top_k_index[t, j]] (found in
 // token_rows [T, k] through the slot offsets [S + 1]), 0 where top_k_index is -1 (or no row matches).
 void routing_weight_grads_cuda(const int64_t* top_k_index, const int64_t* expert_map, const int64_t* offsets,

@@ -44,7 +44,8 @@ __device__ __forceinline__ float block_sum(float v) {
 template <typename T>
 __global__ void act_backward_kernel(T* __restrict__ h, int64_t ldh, const T* __restrict__ p,
                                     const float* __restrict__ w, T* __restrict__ wa, float* __restrict__ row_grad,
-                                    bool write_dh, int64_t ff, ActFn fn, bool gated) {
+                                    bool write_dh, int64_t ff, ActFn fn, bool gated, float alpha, float limit,
+                                    const T* __restrict__ g, int64_t ldg, const T* __restrict__ b_out, int64_t d) {
   const int64_t r = blockIdx.x;
   T* hr = h + r * ldh;
   const float wr = w[r];
@@ -53,7 +54,7 @@ __global__ void act_backward_kernel(T* __restrict__ h, int64_t ldh, const T* __r
     const float pj = p != nullptr ? load(p + r * ff + j) : 0.f;
     float a;
     if (gated) {
-      const GatedGrad gg = gated_act_backward(load(hr + j), load(hr + ff + j), wr * pj, fn);
+      const GatedGrad gg = gated_act_backward(load(hr + j), load(hr + ff + j), wr * pj, fn, alpha, limit);
       a = gg.a;
       if (write_dh) {
         store(hr + j, gg.dg);
@@ -68,6 +69,8 @@ __global__ void act_backward_kernel(T* __restrict__ h, int64_t ldh, const T* __r
     if (wa != nullptr) store(wa + r * ff + j, wr * a);
   }
   if (row_grad != nullptr) {
+    if (b_out != nullptr)  // <G_r, b_out>: the output bias's part of the row's output
+      for (int64_t c = threadIdx.x; c < d; c += kThreads) dot += load(g + r * ldg + c) * load(b_out + c);
     dot = block_sum(dot);
     if (threadIdx.x == 0) row_grad[r] = dot;
   }
@@ -115,13 +118,15 @@ void by_dtype(Dtype dtype, F&& f) {
 }  // namespace
 
 void act_backward_cuda(void* h, int64_t ldh, const void* p, const float* w, void* wa, float* row_grad, bool write_dh,
-                       int64_t n, int64_t ff, ActFn fn, bool gated, Dtype dtype, void* stream) {
+                       int64_t n, int64_t ff, ActFn fn, bool gated, float alpha, float limit, const void* g,
+                       int64_t ldg, const void* b_out, int64_t d, Dtype dtype, void* stream) {
   if (n == 0) return;
   if (n > 0x7fffffff) throw std::runtime_error("grouped_expert_ffn_backward: more than 2^31 - 1 rows in one slot");
   by_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     act_backward_kernel<T><<<static_cast<unsigned>(n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-        static_cast<T*>(h), ldh, static_cast<const T*>(p), w, static_cast<T*>(wa), row_grad, write_dh, ff, fn, gated);
+        static_cast<T*>(h), ldh, static_cast<const T*>(p), w, static_cast<T*>(wa), row_grad, write_dh, ff, fn, gated,
+        alpha, limit, static_cast<const T*>(g), ldg, static_cast<const T*>(b_out), d);
   });
   check(cudaGetLastError(), "activation backward kernel");
 }

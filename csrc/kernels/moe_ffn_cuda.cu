@@ -1,4 +1,4 @@
-// Fused gated activation (act(gate) * up) and the weighted combine for the grouped expert FFN (contracts in moe_ffn.h).
+// Fused gated activation (act(gate) * up, or clamped SwiGLU) and the weighted combine for the grouped expert FFN (contracts in moe_ffn.h).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -22,13 +22,13 @@ __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2
 
 template <typename T>
 __global__ void gated_act_kernel(const T* __restrict__ h, int64_t ldh, T* __restrict__ a, int64_t n, int64_t ff,
-                                 ActFn fn) {
+                                 ActFn fn, float alpha, float limit) {
   const int64_t total = n * ff;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = i / ff, j = i - r * ff;
     const float g = load(h + r * ldh + j), u = load(h + r * ldh + ff + j);
-    store(a + i, act(g, fn) * u);
+    store(a + i, gated_act(g, u, fn, alpha, limit));
   }
 }
 
@@ -64,15 +64,15 @@ void by_dtype(Dtype dtype, F&& f) {
 
 }  // namespace
 
-void gated_act_cuda(const void* h, int64_t ldh, void* a, int64_t n, int64_t ff, ActFn fn, Dtype dtype,
-                    void* stream) {
+void gated_act_cuda(const void* h, int64_t ldh, void* a, int64_t n, int64_t ff, ActFn fn, float alpha, float limit,
+                    Dtype dtype, void* stream) {
   if (n == 0 || ff == 0) return;
   const int threads = 256;
   const int64_t blocks = std::min<int64_t>((n * ff + threads - 1) / threads, 65535 * 8);
   by_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     gated_act_kernel<T><<<static_cast<unsigned>(blocks), threads, 0, static_cast<cudaStream_t>(stream)>>>(
-        static_cast<const T*>(h), ldh, static_cast<T*>(a), n, ff, fn);
+        static_cast<const T*>(h), ldh, static_cast<T*>(a), n, ff, fn, alpha, limit);
   });
   check(cudaGetLastError(), "gated activation kernel");
 }

@@ -4,6 +4,7 @@
 //
 // Threads: either the slots run in parallel (one GEMM per thread, single-threaded) or the slots run
 // one after another and each GEMM uses every thread; see use_slot_parallelism. MCSMOE_SLOT_PARALLEL=0/1 forces one or the other (for measurements).
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
 #ifdef _OPENMP
@@ -11,6 +12,7 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <numeric>
 #include <optional>
@@ -22,23 +24,55 @@
 
 namespace mcsmoe::ops {
 
-Activation parse_activation(c10::string_view name, const char* op) {
+Activation parse_activation(c10::string_view name, const char* op, double alpha, double limit) {
   using moe::ActFn;
   static const std::pair<const char*, Activation> known[] = {
       {"relu", {ActFn::relu, false}},        {"gelu", {ActFn::gelu, false}},  {"gelu_tanh", {ActFn::gelu_tanh, false}},
       {"silu", {ActFn::silu, false}},        {"reglu", {ActFn::relu, true}},  {"geglu", {ActFn::gelu, true}},
-      {"geglu_tanh", {ActFn::gelu_tanh, true}}, {"swiglu", {ActFn::silu, true}}};
-  for (const auto& [n, a] : known)
-    if (name == n) return a;
+      {"geglu_tanh", {ActFn::gelu_tanh, true}}, {"swiglu", {ActFn::silu, true}},
+      {"clamped_swiglu", {ActFn::clamped_swiglu, true}}};
+  for (auto [n, a] : known) {
+    if (name != n) continue;
+    if (a.clamped()) {
+      // clamp(up, -limit, limit) needs -limit <= limit; NaN fails both checks
+      TORCH_CHECK_VALUE(limit >= 0 && std::isfinite(limit), op, ": clamped_swiglu needs a finite limit >= 0, got ",
+                        limit);
+      TORCH_CHECK_VALUE(std::isfinite(alpha), op, ": clamped_swiglu needs a finite alpha, got ", alpha);
+    }
+    a.alpha = alpha;
+    a.limit = limit;
+    return a;
+  }
   TORCH_CHECK_VALUE(false, op, ": unknown activation '", std::string(name),
-                    "'; expected relu, gelu, gelu_tanh, silu, reglu, geglu, geglu_tanh or swiglu");
+                    "'; expected relu, gelu, gelu_tanh, silu, reglu, geglu, geglu_tanh, swiglu or clamped_swiglu");
+}
+
+// b_in [S, F] and b_out [S, d], when given: the weights' dtype, hidden's device.
+static void check_expert_biases(const at::Tensor& hidden, const at::Tensor& w_in, const at::Tensor& w_out,
+                                const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
+                                const char* op) {
+  const std::pair<const char*, const std::optional<at::Tensor>*> biases[] = {{"b_in", &b_in}, {"b_out", &b_out}};
+  for (const auto& [name, bias] : biases) {
+    if (!bias->has_value()) continue;
+    const at::Tensor& b = **bias;
+    const bool is_in = name[2] == 'i';
+    const int64_t rows = w_in.size(0), cols = is_in ? w_in.size(1) : w_out.size(1);
+    TORCH_CHECK(b.dim() == 2 && b.size(0) == rows && b.size(1) == cols, op, ": ", name, " must be ",
+                is_in ? "[S, F]" : "[S, d]", " = [", rows, ", ", cols, "] (one row per slot), got shape ", b.sizes());
+    TORCH_CHECK(b.scalar_type() == w_in.scalar_type(), op, ": ", name, " must have the weights' dtype ",
+                w_in.scalar_type(), ", got ", b.scalar_type());
+    TORCH_CHECK(b.device() == hidden.device(), op, ": ", name, " must be on hidden's device ", hidden.device(),
+                ", got ", b.device());
+  }
 }
 
 Activation check_grouped_ffn_args(const at::Tensor& hidden, const at::Tensor& w_in, const at::Tensor& w_out,
                                   const at::Tensor& expert_map, const at::Tensor& top_k_index,
-                                  const at::Tensor& top_k_weights, c10::string_view activation) {
+                                  const at::Tensor& top_k_weights, c10::string_view activation,
+                                  const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
+                                  double alpha, double limit) {
   const char* op = "grouped_expert_ffn";
-  const Activation act = parse_activation(activation, op);
+  const Activation act = parse_activation(activation, op, alpha, limit);
   const bool gated = act.gated;
   TORCH_CHECK(hidden.dim() == 2, op, ": hidden must be [T, d], got shape ", hidden.sizes());
   TORCH_CHECK(at::isFloatingType(hidden.scalar_type()), op, ": hidden must be floating point, got ",
@@ -62,6 +96,7 @@ Activation check_grouped_ffn_args(const at::Tensor& hidden, const at::Tensor& w_
   check_moe_routing(top_k_index, top_k_weights, expert_map, S, op);
   TORCH_CHECK(top_k_index.size(0) == hidden.size(0), op, ": top_k_index has ", top_k_index.size(0),
               " tokens but hidden has ", hidden.size(0));
+  check_expert_biases(hidden, w_in, w_out, b_in, b_out, op);
   return act;
 }
 
@@ -74,7 +109,32 @@ static at::Tensor act_(at::Tensor x, moe::ActFn fn) {  // in place
   }
 }
 
+template <typename scalar_t>
+static void clamped_swiglu_rows(scalar_t* h, int64_t ldh, int64_t n, int64_t ff, double alpha, double limit) {
+  using opmath_t = at::opmath_type<scalar_t>;  // float for float16/bfloat16, as torch computes them
+  const auto a = static_cast<opmath_t>(alpha), l = static_cast<opmath_t>(limit);
+  at::parallel_for(0, n, std::max<int64_t>(1, 8192 / std::max<int64_t>(ff, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      scalar_t* gate = h + r * ldh;
+      const scalar_t* up = gate + ff;
+      for (int64_t j = 0; j < ff; ++j)
+        gate[j] = static_cast<scalar_t>(moe::clamped_swiglu<opmath_t>(gate[j], up[j], a, l));
+    }
+  });
+}
+
+at::Tensor clamped_swiglu_cpu_(const at::Tensor& h, double alpha, double limit) {
+  TORCH_CHECK(h.device().is_cpu() && h.dim() == 2 && h.size(1) % 2 == 0 && (h.size(1) == 0 || h.stride(1) == 1),
+              "clamped_swiglu_cpu_: expected a CPU [n, 2 ff] tensor with contiguous rows, got ", h.sizes());
+  const int64_t n = h.size(0), ff = h.size(1) / 2;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "clamped_swiglu", [&] {
+    clamped_swiglu_rows<scalar_t>(h.data_ptr<scalar_t>(), h.stride(0), n, ff, alpha, limit);
+  });
+  return h.narrow(1, 0, ff);
+}
+
 at::Tensor expert_activation(const at::Tensor& h, Activation act) {
+  if (act.clamped()) return clamped_swiglu_cpu_(h, act.alpha, act.limit);
   if (!act.gated) return act_(h, act.fn);
   const int64_t ff = h.size(1) / 2;
   at::Tensor gate = h.narrow(1, 0, ff);  // in place: the GEMM reads it with row stride 2*ff
@@ -163,17 +223,24 @@ at::Tensor grouped_ffn_cpu_frame(const at::Tensor& hidden, int64_t S, const at::
 at::Tensor grouped_expert_ffn_cpu(const at::Tensor& hidden_arg, const at::Tensor& w_in_arg,
                                   const at::Tensor& w_out_arg, const at::Tensor& expert_map,
                                   const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
-                                  c10::string_view activation) {
+                                  c10::string_view activation, const std::optional<at::Tensor>& b_in_arg,
+                                  const std::optional<at::Tensor>& b_out_arg, double alpha, double limit) {
   // Detached: the inner GEMMs neither record nor refuse autograd (the op's backward is its own op,
   // grouped_expert_ffn_backward, registered as its autograd in ops.py).
   const at::Tensor hidden = hidden_arg.detach(), w_in = w_in_arg.detach(), w_out = w_out_arg.detach();
-  const Activation act =
-      check_grouped_ffn_args(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation);
+  const Activation act = check_grouped_ffn_args(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights,
+                                                activation, b_in_arg, b_out_arg, alpha, limit);
+  // The biases ride in the slot's GEMMs (addmm / oneDNN's bias): no extra pass over the rows.
+  const std::optional<at::Tensor> b_in = b_in_arg ? std::optional(b_in_arg->detach()) : std::nullopt;
+  const std::optional<at::Tensor> b_out = b_out_arg ? std::optional(b_out_arg->detach()) : std::nullopt;
+  auto row = [](const std::optional<at::Tensor>& b, int64_t s) {
+    return b ? std::optional<at::Tensor>(b->select(0, s)) : std::nullopt;
+  };
   const SingleThreadIf small(top_k_index.numel() * (w_in.size(1) + w_out.size(2)) * hidden.size(1) < kSmallCallMacs);
   return grouped_ffn_cpu_frame(hidden, w_in.size(0), expert_map, top_k_index, top_k_weights,
                                [&](int64_t s, const at::Tensor& x, at::Tensor y) {
-                                 at::Tensor h = linear_nt(x, w_in.select(0, s));
-                                 linear_nt(expert_activation(h, act), w_out.select(0, s), y);
+                                 at::Tensor h = linear_nt(x, w_in.select(0, s), std::nullopt, row(b_in, s));
+                                 linear_nt(expert_activation(h, act), w_out.select(0, s), y, row(b_out, s));
                                });
 }
 

@@ -31,9 +31,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align_cpu(const a
                                                                          const at::Tensor& top_k_weights,
                                                                          const at::Tensor& expert_map,
                                                                          int64_t num_slots);
+// Optional expert biases b_in [S, F] and b_out [S, d]: y_s = act(x W_in[s]^T + b_in[s]) W_out[s]^T + b_out[s].
+// alpha and limit: clamped_swiglu's parameters (ignored by the other activations).
 at::Tensor grouped_expert_ffn_cpu(const at::Tensor& hidden, const at::Tensor& w_in, const at::Tensor& w_out,
                                   const at::Tensor& expert_map, const at::Tensor& top_k_index,
-                                  const at::Tensor& top_k_weights, c10::string_view activation);
+                                  const at::Tensor& top_k_weights, c10::string_view activation,
+                                  const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
+                                  double alpha, double limit);
 #ifdef MCSMOE_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align_cuda(const at::Tensor& top_k_index,
                                                                           const at::Tensor& top_k_weights,
@@ -41,29 +45,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align_cuda(const 
                                                                           int64_t num_slots);
 at::Tensor grouped_expert_ffn_cuda(const at::Tensor& hidden, const at::Tensor& w_in, const at::Tensor& w_out,
                                    const at::Tensor& expert_map, const at::Tensor& top_k_index,
-                                   const at::Tensor& top_k_weights, c10::string_view activation);
+                                   const at::Tensor& top_k_weights, c10::string_view activation,
+                                   const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
+                                   double alpha, double limit);
 #endif
-// An expert activation (mcsmoe_fast/activations.py): act(h), or act(gate) * up when gated.
+// An expert activation (mcsmoe_fast/activations.py): act(h), or act(gate) * up when gated, or GPT-OSS's
+// clamped SwiGLU (gated; fn = clamped_swiglu) with its alpha and limit.
 struct Activation {
   moe::ActFn fn;
   bool gated;
+  double alpha = 1.702, limit = 7.0;
+  bool clamped() const { return fn == moe::ActFn::clamped_swiglu; }
 };
-// "relu", "gelu", "gelu_tanh", "silu", "reglu", "geglu", "geglu_tanh", "swiglu"; a ValueError otherwise.
-Activation parse_activation(c10::string_view name, const char* op);
+// "relu", "gelu", "gelu_tanh", "silu", "reglu", "geglu", "geglu_tanh", "swiglu", "clamped_swiglu"; a ValueError
+// otherwise (and for clamped_swiglu with a limit that is not a number >= 0 or an alpha that is not finite).
+Activation parse_activation(c10::string_view name, const char* op, double alpha = 1.702, double limit = 7.0);
 
 // Shared checks: routing tensors; the FFN's arguments (returns the activation); kernel status.
 void check_moe_routing(const at::Tensor& top_k_index, const at::Tensor& top_k_weights, const at::Tensor& expert_map,
                        int64_t num_slots, const char* op);
 Activation check_grouped_ffn_args(const at::Tensor& hidden, const at::Tensor& w_in, const at::Tensor& w_out,
-                            const at::Tensor& expert_map, const at::Tensor& top_k_index,
-                            const at::Tensor& top_k_weights, c10::string_view activation);
+                                  const at::Tensor& expert_map, const at::Tensor& top_k_index,
+                                  const at::Tensor& top_k_weights, c10::string_view activation,
+                                  const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
+                                  double alpha, double limit);
 void check_align_status(const moe::AlignStatus& st, int64_t k, int64_t E, int64_t S, const char* op);
 // CPU alignment with weights summed in `acc` (kFloat or kDouble): sorted_tokens, offsets, weights, token_rows.
 std::vector<at::Tensor> moe_align_cpu_impl(const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
                                            const at::Tensor& expert_map, int64_t num_slots, at::ScalarType acc);
 // act(h) in place, or act(gate) * up in place into the gate half (a strided [n, ff] view of h). ATen's
-// ops: works on any device (the CUDA ops use their fused gated kernel instead).
+// ops: works on any device (the CUDA ops use their fused gated kernel instead), but clamped_swiglu, a
+// loop over the rows of h on the CPU only (clamped_swiglu_cpu_).
 at::Tensor expert_activation(const at::Tensor& h, Activation act);
+// clamped_swiglu of h [n, 2 ff] (rows contiguous; gate columns, then up columns) in place into the gate
+// half, which it returns (a strided [n, ff] view). CPU.
+at::Tensor clamped_swiglu_cpu_(const at::Tensor& h, double alpha, double limit);
 
 // x [n, K] w [N, K]^T (+ bias [N]) on the CPU (linear_nt.cpp): oneDNN for float32, else at::mm;
 // written into `out` when given.
@@ -95,30 +111,41 @@ at::Tensor grouped_ffn_cpu_frame(const at::Tensor& hidden, int64_t num_slots, co
                                  const SlotFfn& run_slot);
 
 // --- the grouped expert FFN's backward (moe_ffn_backward.cpp, cuda/moe_backward_cuda.cpp) ---
-// (grad_hidden, grad_w_in, grad_w_out, grad_top_k_weights) of grouped_expert_ffn for grad_out [T, d];
-// output_mask says which to compute, the others come back as empty tensors [0]. The weights' gradient
-// entry (t, j) is <grad_out[t], FFN_s(hidden[t])> for the slot s of expert top_k_index[t, j] (0 for -1).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_expert_ffn_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& w_in, const at::Tensor& w_out,
-    const at::Tensor& expert_map, const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
-    c10::string_view activation, std::array<bool, 4> output_mask);
+// (grad_hidden, grad_w_in, grad_w_out, grad_top_k_weights, grad_b_in, grad_b_out) of grouped_expert_ffn for
+// grad_out [T, d]; output_mask says which to compute, the others come back as empty tensors [0] (so do the
+// gradients of biases not given). The weights' gradient entry (t, j) is <grad_out[t], FFN_s(hidden[t])>
+// (b_out[s] included) for the slot s of expert top_k_index[t, j] (0 for -1).
+using FfnGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+FfnGrads grouped_expert_ffn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& w_in,
+                                         const at::Tensor& w_out, const at::Tensor& expert_map,
+                                         const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
+                                         c10::string_view activation, std::array<bool, 6> output_mask,
+                                         const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
+                                         double alpha, double limit);
 #ifdef MCSMOE_WITH_CUDA
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_expert_ffn_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& w_in, const at::Tensor& w_out,
-    const at::Tensor& expert_map, const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
-    c10::string_view activation, std::array<bool, 4> output_mask);
+FfnGrads grouped_expert_ffn_backward_cuda(const at::Tensor& grad_out, const at::Tensor& hidden,
+                                          const at::Tensor& w_in, const at::Tensor& w_out,
+                                          const at::Tensor& expert_map, const at::Tensor& top_k_index,
+                                          const at::Tensor& top_k_weights, c10::string_view activation,
+                                          std::array<bool, 6> output_mask, const std::optional<at::Tensor>& b_in,
+                                          const std::optional<at::Tensor>& b_out, double alpha, double limit);
 #endif
 // The forward's checks plus grad_out's shape, dtype and device; returns the activation.
 Activation check_grouped_ffn_backward_args(const at::Tensor& grad_out, const at::Tensor& hidden,
                                            const at::Tensor& w_in, const at::Tensor& w_out,
                                            const at::Tensor& expert_map, const at::Tensor& top_k_index,
-                                           const at::Tensor& top_k_weights, c10::string_view activation);
-// Zero gradients where output_mask asks for them, empty tensors [0] elsewhere (nothing routed, d = 0).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_ffn_grads(const at::Tensor& hidden,
-                                                                            const at::Tensor& w_in,
-                                                                            const at::Tensor& w_out,
-                                                                            const at::Tensor& top_k_weights,
-                                                                            std::array<bool, 4> output_mask);
+                                           const at::Tensor& top_k_weights, c10::string_view activation,
+                                           const std::optional<at::Tensor>& b_in,
+                                           const std::optional<at::Tensor>& b_out, double alpha, double limit);
+// output_mask with the bias entries cleared where that bias is not given.
+std::array<bool, 6> effective_mask(std::array<bool, 6> mask, const std::optional<at::Tensor>& b_in,
+                                   const std::optional<at::Tensor>& b_out);
+// Zero gradients where output_mask (effective) asks for them, empty tensors [0] elsewhere (nothing routed,
+// d = 0). The bias gradients are zero-filled like the weights' (b_out's included: with nothing routed no
+// output row holds b_out; with d = 0 it has no entries).
+FfnGrads masked_ffn_grads(const at::Tensor& hidden, const at::Tensor& w_in, const at::Tensor& w_out,
+                          const at::Tensor& top_k_weights, const std::optional<at::Tensor>& b_in,
+                          const std::optional<at::Tensor>& b_out, std::array<bool, 6> output_mask);
 // out [T, k] (row_grads' dtype) = row_grads[row of (t, slot of top_k_index[t, j])], 0 where the index is -1:
 // every entry of a token that maps to one slot gets that slot's row gradient. Host tensors, from moe_align.
 void routing_weight_grads_cpu(const at::Tensor& top_k_index, const at::Tensor& expert_map, const at::Tensor& offsets,
@@ -148,21 +175,24 @@ std::tuple<int64_t, int64_t, int64_t> check_slr_bank(const at::TensorList& bank,
                                                      const char* op, const char* name);
 // Checks every argument of grouped_expert_ffn_slr but the row index values; returns the activation.
 Activation check_slr_ffn_args(const at::Tensor& hidden, at::TensorList w_in, at::TensorList w_out,
-                        const at::Tensor& expert_map, const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
-                        c10::string_view activation);
+                              const at::Tensor& expert_map, const at::Tensor& top_k_index,
+                              const at::Tensor& top_k_weights, c10::string_view activation, double alpha,
+                              double limit);
 // The host copy of a bank's row_offsets after checking them and every slot's row indices.
 std::vector<int64_t> checked_offsets(const at::TensorList& bank, int64_t S, int64_t out, const char* op,
                                      const char* name);
 at::Tensor grouped_expert_ffn_slr_cpu(const at::Tensor& hidden, at::TensorList w_in, at::TensorList w_out,
                                       const at::Tensor& expert_map, const at::Tensor& top_k_index,
-                                      const at::Tensor& top_k_weights, c10::string_view activation);
+                                      const at::Tensor& top_k_weights, c10::string_view activation, double alpha,
+                                      double limit);
 #ifdef MCSMOE_WITH_CUDA
 at::Tensor sparse_lowrank_linear_cuda(const at::Tensor& x, const at::Tensor& U, const at::Tensor& V,
                                       const at::Tensor& S_rows, const at::Tensor& row_idx,
                                       const std::optional<at::Tensor>& bias);
 at::Tensor grouped_expert_ffn_slr_cuda(const at::Tensor& hidden, at::TensorList w_in, at::TensorList w_out,
                                        const at::Tensor& expert_map, const at::Tensor& top_k_index,
-                                       const at::Tensor& top_k_weights, c10::string_view activation);
+                                       const at::Tensor& top_k_weights, c10::string_view activation, double alpha,
+                                       double limit);
 #endif
 
 }  // namespace mcsmoe::ops

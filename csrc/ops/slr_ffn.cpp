@@ -54,9 +54,10 @@ std::vector<int64_t> checked_offsets(const at::TensorList& bank, int64_t S, int6
 
 Activation check_slr_ffn_args(const at::Tensor& hidden, at::TensorList w_in, at::TensorList w_out,
                               const at::Tensor& expert_map, const at::Tensor& top_k_index,
-                              const at::Tensor& top_k_weights, c10::string_view activation) {
+                              const at::Tensor& top_k_weights, c10::string_view activation, double alpha,
+                              double limit) {
   const char* op = "grouped_expert_ffn_slr";
-  const Activation act = parse_activation(activation, op);
+  const Activation act = parse_activation(activation, op, alpha, limit);
   const bool gated = act.gated;
   TORCH_CHECK(hidden.dim() == 2, op, ": hidden must be [T, d], got shape ", hidden.sizes());
   TORCH_CHECK(at::isFloatingType(hidden.scalar_type()), op, ": hidden must be floating point, got ",
@@ -82,6 +83,7 @@ Activation check_slr_ffn_args(const at::Tensor& hidden, at::TensorList w_in, at:
 // in place, then gate * up into a fresh contiguous tensor (measured here, Mixtral-shaped compressed
 // slots, one thread: the layer 1-2% faster than with the strided view).
 static at::Tensor slot_activation(const at::Tensor& h, Activation act) {
+  if (act.clamped()) return expert_activation(h, act).contiguous();  // into the gate half, then copied out
   if (!act.gated) return expert_activation(h, act);
   const int64_t ff = h.size(1) / 2;
   const at::Tensor gate = expert_activation(h.narrow(1, 0, ff), Activation{act.fn, false});
@@ -90,9 +92,11 @@ static at::Tensor slot_activation(const at::Tensor& h, Activation act) {
 
 at::Tensor grouped_expert_ffn_slr_cpu(const at::Tensor& hidden_arg, at::TensorList w_in, at::TensorList w_out,
                                       const at::Tensor& expert_map, const at::Tensor& top_k_index,
-                                      const at::Tensor& top_k_weights, c10::string_view activation) {
+                                      const at::Tensor& top_k_weights, c10::string_view activation, double alpha,
+                                      double limit) {
   const char* op = "grouped_expert_ffn_slr";
-  const Activation act = check_slr_ffn_args(hidden_arg, w_in, w_out, expert_map, top_k_index, top_k_weights, activation);
+  const Activation act = check_slr_ffn_args(hidden_arg, w_in, w_out, expert_map, top_k_index, top_k_weights,
+                                            activation, alpha, limit);
   const at::Tensor hidden = hidden_arg.detach();
   const int64_t S = w_in[0].size(0);
   const auto off_in = checked_offsets(w_in, S, w_in[0].size(1), op, "w_in");

@@ -1,6 +1,7 @@
 // moe_align and grouped_expert_ffn on CUDA: alignment kernels (kernels/moe_align_cuda.cu), one
 // device-to-host copy of the slot offsets (the per-slot GEMM sizes; this also reports bad expert ids),
-// per-slot at::mm (cuBLAS) on contiguous slices, the fused SwiGLU and the weighted combine kernels.
+// per-slot at::mm / at::addmm with the expert biases (cuBLAS) on contiguous slices, the fused gated
+// activation (SwiGLU and the like, GPT-OSS's clamped SwiGLU) and the weighted combine kernels.
 // The alignment steps are declared in align_cuda.h: the compressed FFN (slr_cuda.cpp) shares them.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -83,13 +84,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align_cuda(const 
 at::Tensor grouped_expert_ffn_cuda(const at::Tensor& hidden_arg, const at::Tensor& w_in_arg,
                                    const at::Tensor& w_out_arg, const at::Tensor& expert_map,
                                    const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
-                                   c10::string_view activation) {
-  const Activation act =
-      check_grouped_ffn_args(hidden_arg, w_in_arg, w_out_arg, expert_map, top_k_index, top_k_weights, activation);
+                                   c10::string_view activation, const std::optional<at::Tensor>& b_in_arg,
+                                   const std::optional<at::Tensor>& b_out_arg, double alpha, double limit) {
+  const Activation act = check_grouped_ffn_args(hidden_arg, w_in_arg, w_out_arg, expert_map, top_k_index,
+                                                top_k_weights, activation, b_in_arg, b_out_arg, alpha, limit);
   const bool gated = act.gated;
   TORCH_CHECK(hidden_arg.is_cuda(), "grouped_expert_ffn: expected CUDA tensors, got ", hidden_arg.device());
   const c10::cuda::CUDAGuard guard(hidden_arg.device());
   const at::Tensor hidden = hidden_arg.detach(), w_in = w_in_arg.detach(), w_out = w_out_arg.detach();
+  const at::Tensor b_in = b_in_arg ? b_in_arg->detach() : at::Tensor(), b_out = b_out_arg ? b_out_arg->detach() : at::Tensor();
   const auto dtype = kernel_dtype(hidden.scalar_type(), "grouped_expert_ffn");
   const int64_t T = hidden.size(0), d = hidden.size(1), S = w_in.size(0), k = top_k_index.size(1),
                 ff = w_out.size(2);
@@ -110,16 +113,26 @@ at::Tensor grouped_expert_ffn_cuda(const at::Tensor& hidden_arg, const at::Tenso
       const int64_t n = off[s + 1] - off[s];
       if (n == 0) continue;
       at::Tensor h = h_buf.narrow(0, 0, n);
-      at::mm_out(h, x.narrow(0, off[s], n), w_in.select(0, s).t());
+      // the biases ride in the GEMMs (addmm's bias, broadcast over the rows): no extra pass
+      if (b_in.defined()) {
+        at::addmm_out(h, b_in.select(0, s), x.narrow(0, off[s], n), w_in.select(0, s).t());
+      } else {
+        at::mm_out(h, x.narrow(0, off[s], n), w_in.select(0, s).t());
+      }
       at::Tensor a = h;
       if (gated) {
         a = a_buf.narrow(0, 0, n);
-        moe::gated_act_cuda(h.data_ptr(), h.stride(0), a.data_ptr(), n, ff, act.fn, dtype, stream);
+        moe::gated_act_cuda(h.data_ptr(), h.stride(0), a.data_ptr(), n, ff, act.fn, static_cast<float>(act.alpha),
+                            static_cast<float>(act.limit), dtype, stream);
       } else {
         expert_activation(h, act);  // ATen's in-place op on the device
       }
       at::Tensor y_s = y.narrow(0, off[s], n);
-      at::mm_out(y_s, a, w_out.select(0, s).t());
+      if (b_out.defined()) {
+        at::addmm_out(y_s, b_out.select(0, s), a, w_out.select(0, s).t());
+      } else {
+        at::mm_out(y_s, a, w_out.select(0, s).t());
+      }
     }
     at::Tensor out = at::empty({T, d}, hidden.options());
     moe::combine_cuda(y.data_ptr(), r.weights.data_ptr<float>(), r.token_rows.data_ptr<int64_t>(), T, k, d,

@@ -129,9 +129,11 @@ at::Tensor sparse_lowrank_linear_cuda(const at::Tensor& x_arg, const at::Tensor&
 
 at::Tensor grouped_expert_ffn_slr_cuda(const at::Tensor& hidden_arg, at::TensorList w_in, at::TensorList w_out,
                                        const at::Tensor& expert_map, const at::Tensor& top_k_index,
-                                       const at::Tensor& top_k_weights, c10::string_view activation) {
+                                       const at::Tensor& top_k_weights, c10::string_view activation, double alpha,
+                                       double limit) {
   const char* op = "grouped_expert_ffn_slr";
-  const Activation act = check_slr_ffn_args(hidden_arg, w_in, w_out, expert_map, top_k_index, top_k_weights, activation);
+  const Activation act = check_slr_ffn_args(hidden_arg, w_in, w_out, expert_map, top_k_index, top_k_weights,
+                                            activation, alpha, limit);
   TORCH_CHECK(hidden_arg.is_cuda(), op, ": expected CUDA tensors, got ", hidden_arg.device());
   const c10::cuda::CUDAGuard guard(hidden_arg.device());
   const auto mdtype = kernel_dtype(hidden_arg.scalar_type(), op);
@@ -193,7 +195,10 @@ at::Tensor grouped_expert_ffn_slr_cuda(const at::Tensor& hidden_arg, at::TensorL
     at::Tensor a = h_s;
     if (act.gated) {
       a = scratch(a_buf, n, ff);
-      launch([&] { moe::gated_act_cuda(h_s.data_ptr(), F, a.data_ptr(), n, ff, act.fn, mdtype, stream); });
+      launch([&] {
+        moe::gated_act_cuda(h_s.data_ptr(), F, a.data_ptr(), n, ff, act.fn, static_cast<float>(act.alpha),
+                            static_cast<float>(act.limit), mdtype, stream);
+      });
     } else {
       expert_activation(a, act);  // ATen's in-place op on the device
     }
