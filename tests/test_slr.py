@@ -82,12 +82,14 @@ def ffn_problem(T, d, ff, E, S, k, r, activation, dtype=torch.float32, drop=0.0,
     return [hidden.to(dtype), cast(w_in), cast(w_out), emap, idx, weights.to(wdtype), activation]
 
 
-def check_ffn(args, **tol):
-    out = ops.grouped_expert_ffn_slr(*args)
+def check_ffn(args, kw=None, **tol):
+    """The op against the reference (float64, same rounded inputs); kw: alpha and limit, when given."""
+    kw = kw or {}
+    out = ops.grouped_expert_ffn_slr(*args, **kw)
     hidden = args[0]
     to64 = lambda bank: [t.double() if t.is_floating_point() else t for t in bank]  # noqa: E731
     ref = reference.grouped_expert_ffn_slr(hidden.double(), to64(args[1]), to64(args[2]), *args[3:5],
-                                           args[5].double(), args[6])
+                                           args[5].double(), args[6], **kw)
     assert out.shape == ref.shape and out.dtype == hidden.dtype and out.device == hidden.device
     torch.testing.assert_close(out, ref.to(hidden.dtype), **(tol or TOL[hidden.dtype]))
     return out
@@ -388,6 +390,48 @@ def test_ffn_grad_inputs_give_clear_backward_error():
         ops.grouped_expert_ffn_slr(*args).sum().backward()
 
 
+def clamped_problem(T, dtype, scale, seed=29, **kw):
+    """A clamped_swiglu problem whose w_in bank is scaled by `scale` (U and S_rows): pre-activations of about
+    +-scale."""
+    args = ffn_problem(T, 16, 12, 8, 4, 2, 3, "clamped_swiglu", dtype, 0.1, seed=seed, **kw)
+    args[1][0], args[1][2] = args[1][0] * scale, args[1][2] * scale
+    return args
+
+
+@pytest.mark.parametrize("alpha,limit,scale", [(1.702, 7.0, 9.0), (1.702, 0.6, 1.0), (0.8, 1.5, 2.0), (1.702, 0.0, 1.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ffn_clamped_swiglu_straddles_the_limit(alpha, limit, scale, dtype):
+    args = clamped_problem(41, dtype, scale)
+    hidden, w_in, _, emap, idx = args[:5]
+    W_in = reference.slr_bank_dense(w_in)
+    h = torch.einsum("nd,nfd->nf", hidden[(idx >= 0).nonzero()[:, 0]], W_in[emap[idx[idx >= 0]]])
+    gate, up = h.chunk(2, dim=-1)
+    for clamped in (gate > limit, up > limit, up < -limit):  # both sides of +-limit
+        assert 0.1 < clamped.double().mean() < 0.6
+    kw = dict(alpha=alpha, limit=limit)
+    out = check_ffn(args, kw, **(dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else {}))
+    # the dense op on the reconstructed weights: the same function
+    dense = ops.grouped_expert_ffn(hidden, W_in, reference.slr_bank_dense(args[2]), emap, idx, args[5], args[6], **kw)
+    torch.testing.assert_close(out, dense, **(dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else TOL[dtype]))
+    if (alpha, limit) != (1.702, 7.0):
+        assert not torch.allclose(out, ops.grouped_expert_ffn_slr(*args))
+
+
+@pytest.mark.parametrize("mode", ["0", "1"])
+def test_ffn_clamped_swiglu_thread_strategies_and_half_precision(mode, monkeypatch):
+    monkeypatch.setenv("MCSMOE_SLOT_PARALLEL", mode)
+    for T in (1, 70, 1100):
+        check_ffn(clamped_problem(T, torch.float32, 2.0, seed=T), dict(limit=1.0), rtol=1e-4, atol=1e-4)
+    for dtype in (torch.bfloat16, torch.float16):
+        check_ffn(clamped_problem(23, dtype, 2.0), dict(limit=1.0), rtol=5e-2, atol=5e-2)
+
+
+def test_ffn_bad_clamped_swiglu_limit_is_a_value_error():
+    args = clamped_problem(5, torch.float32, 1.0)
+    with pytest.raises(ValueError, match="grouped_expert_ffn_slr: clamped_swiglu needs a finite limit >= 0, got -2"):
+        ops.grouped_expert_ffn_slr(*args, limit=-2.0)
+
+
 # --- bad inputs -------------------------------------------------------------------------------------------
 LINEAR_BAD = [  # edit of [x, U, V, S_rows, row_idx, bias], exception, message
     (lambda a: a.__setitem__(0, a[0][:, :5]), RuntimeError, r"V \[r, in\] has in = 6 but x has 5"),
@@ -502,8 +546,10 @@ def test_linear_opcheck():
 
 
 def test_ffn_opcheck():
-    for T, act in [(7, "relu"), (1, "swiglu"), (0, "swiglu")]:
+    for T, act in [(7, "relu"), (1, "swiglu"), (0, "swiglu"), (9, "clamped_swiglu")]:
         torch.library.opcheck(torch.ops.mcsmoe_fast.grouped_expert_ffn_slr, ffn_problem(T, 8, 6, 4, 3, 2, 2, act, drop=0.2, seed=32))
+    torch.library.opcheck(torch.ops.mcsmoe_fast.grouped_expert_ffn_slr,
+                          ffn_problem(9, 8, 6, 4, 3, 2, 2, "clamped_swiglu", seed=33), dict(alpha=1.2, limit=0.4))
 
 
 def test_torch_compile_linear_forward_and_backward():
@@ -534,3 +580,14 @@ def test_torch_compile_ffn():
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     expected = args[0] + reference.grouped_expert_ffn_slr(*args)
     torch.testing.assert_close(compiled(*args[:6]), expected)
+
+
+def test_torch_compile_ffn_clamped_swiglu():
+    args = clamped_problem(12, torch.float32, 2.0, seed=35)
+
+    def block(hidden, w_in, w_out, emap, idx, w):
+        return hidden + ops.grouped_expert_ffn_slr(hidden, w_in, w_out, emap, idx, w, "clamped_swiglu", alpha=1.1, limit=0.9)
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    expected = args[0] + reference.grouped_expert_ffn_slr(*args, alpha=1.1, limit=0.9)
+    torch.testing.assert_close(compiled(*args[:6]), expected, rtol=1e-4, atol=1e-4)

@@ -9,7 +9,7 @@ import torch
 
 from mcsmoe_fast import ops, reference
 # the problems of the CPU tests, built in float64 on the CPU and moved (and rounded) by `to`
-from test_slr import ffn_problem as cpu_ffn_problem, linear_problem as cpu_linear_problem, slr_bank as bank
+from test_slr import clamped_problem, ffn_problem as cpu_ffn_problem, linear_problem as cpu_linear_problem, slr_bank as bank
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICE = "cuda"
@@ -46,11 +46,13 @@ def ffn_problem(T, d, ff, E, S, k, r, activation, drop=0.0, seed=0, emap=None, k
     return cpu_ffn_problem(T, d, ff, E, S, k, r, activation, torch.float64, drop, seed, emap, kept)
 
 
-def check_ffn(args64, dtype, **tol):
+def check_ffn(args64, dtype, kw=None, **tol):
+    """kw: alpha and limit (clamped_swiglu), when given."""
+    kw = kw or {}
     args = to(args64, dtype)
     args[5] = args[5].float()  # routing weights stay float32, as models pass them
-    out = ops.grouped_expert_ffn_slr(*args)
-    ref = reference.grouped_expert_ffn_slr(*to(args, torch.float64, "cpu"))
+    out = ops.grouped_expert_ffn_slr(*args, **kw)
+    ref = reference.grouped_expert_ffn_slr(*to(args, torch.float64, "cpu"), **kw)
     assert out.shape == ref.shape and out.dtype == dtype and out.device.type == DEVICE
     torch.testing.assert_close(out.cpu().double(), ref, **(tol or TOL[dtype]))
     return out
@@ -187,6 +189,22 @@ def test_cuda_ffn_matches_cpu_op():
     cpu[5] = cpu[5].float()
     gpu = to(cpu, torch.float32)
     torch.testing.assert_close(ops.grouped_expert_ffn_slr(*gpu).cpu(), ops.grouped_expert_ffn_slr(*cpu), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("alpha,limit,scale", [(1.702, 7.0, 9.0), (1.702, 0.6, 1.0), (0.8, 1.5, 2.0)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_ffn_clamped_swiglu_straddles_the_limit(alpha, limit, scale, dtype):
+    tol = dict(rtol=1e-4, atol=5e-4) if dtype == torch.float32 else {}
+    check_ffn(clamped_problem(41, torch.float64, scale), dtype, dict(alpha=alpha, limit=limit), **tol)
+
+
+def test_cuda_ffn_clamped_swiglu_matches_cpu_op_and_opcheck():
+    cpu = to(clamped_problem(300, torch.float64, 2.0, seed=36), torch.float32, "cpu")
+    gpu = to(cpu, torch.float32)
+    kw = dict(alpha=1.3, limit=0.9)
+    torch.testing.assert_close(ops.grouped_expert_ffn_slr(*gpu, **kw).cpu(), ops.grouped_expert_ffn_slr(*cpu, **kw),
+                               rtol=1e-4, atol=1e-4)
+    torch.library.opcheck(torch.ops.mcsmoe_fast.grouped_expert_ffn_slr, gpu, kw)
 
 
 def test_cuda_ffn_opcheck():
