@@ -70,3 +70,35 @@ def test_unsupported_activation_is_refused_by_name(family, act, tmp_path):
 def test_from_config_maps_gated_and_plain_names():
     assert from_config("gelu_new", gated=True, where="x") == "geglu_tanh"
     assert from_config("swish", gated=False, where="x") == "silu"
+
+
+def test_clamped_swiglu_is_gpt_oss_gate():
+    # transformers' GptOssExperts._apply_gate (interleaved gate/up columns) against ours (gate columns, then up)
+    from types import SimpleNamespace
+
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    from mcsmoe_fast.activations import apply
+
+    gen = torch.Generator().manual_seed(0)
+    for alpha, limit in ((1.702, 7.0), (1.0, 0.5)):
+        gate, up = (torch.randn(40, 16, generator=gen, dtype=torch.float64) * 3 * limit for _ in range(2))
+        gate, up = gate.requires_grad_(), up.requires_grad_()
+        theirs = GptOssExperts._apply_gate(SimpleNamespace(alpha=alpha, limit=limit),
+                                           torch.stack([gate, up], -1).flatten(-2))
+        ours = apply(torch.cat([gate, up], -1), "clamped_swiglu", alpha, limit)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+        g = torch.randn(40, 16, generator=gen, dtype=torch.float64)
+        for a, b in zip(torch.autograd.grad(ours, [gate, up], g), torch.autograd.grad(theirs, [gate, up], g)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_clamped_swiglu_is_listed_gated_and_other_activations_ignore_its_parameters():
+    from mcsmoe_fast.activations import ACTIVATIONS, apply, is_gated
+
+    assert "clamped_swiglu" in ACTIVATIONS and is_gated("clamped_swiglu")
+    h = torch.randn(5, 12, generator=torch.Generator().manual_seed(1)) * 9
+    for act in ("swiglu", "gelu"):
+        assert torch.equal(apply(h, act, alpha=0.1, limit=0.2), apply(h, act))
+    assert not torch.equal(apply(h, "clamped_swiglu", limit=1.0), apply(h, "clamped_swiglu"))
+    assert from_config("silu", gated=True, where="x") == "swiglu"  # clamped_swiglu is never picked by name
