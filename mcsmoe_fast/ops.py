@@ -153,7 +153,8 @@ def _grouped_expert_ffn_fake(hidden, w_in, w_out, expert_map, top_k_index, top_k
             continue
         want = (w_in.shape[0], cols)
         torch._check(bias.dim() == 2 and tuple(bias.shape) == want,
-                     lambda: f"{op}: {name} must be [{want[0]}, {want[1]}] (one row per slot), got {list(bias.shape)}")
+                     lambda: f"{op}: {name} must be {'[S, F]' if name == 'b_in' else '[S, d]'} = [{want[0]}, {want[1]}] "
+                             f"(one row per slot), got shape {list(bias.shape)}")
         torch._check(bias.dtype == w_in.dtype, lambda: f"{op}: {name} must have the weights' dtype {w_in.dtype}, got {bias.dtype}")
         tensors.append(bias)
     devices = {t.device for t in tensors}
