@@ -101,10 +101,11 @@ class ExpertsSpec:
         for name, args in _candidates(module, self.gated):
             if _same(activations.apply(canonical, name, **args), theirs):
                 return name, args
-        what = "gate (_apply_gate)" if self.gated else f"activation {type(getattr(module, 'act_fn', None)).__name__}"
+        what = "gate (_apply_gate)" if self.gated else f"activation ({type(getattr(module, 'act_fn', None)).__name__})"
         hf_name = getattr(getattr(module, "config", None), "hidden_act", None)
-        raise ValueError(f"{type(module).__name__}: its {what}{f' (hidden_act={hf_name!r})' if hf_name else ''} is "
-                         f"not an activation mcsmoe_fast's fused ops compute (known: {', '.join(activations.ACTIVATIONS)})")
+        named = f"activation {hf_name!r}" if isinstance(hf_name, str) else f"{what}"
+        raise ValueError(f"{type(module).__name__}: expert {named} is not supported by mcsmoe_fast's fused ops (its "
+                         f"{what} matches none of {', '.join(activations.ACTIVATIONS)})")
 
     # --- layout: the module's tensors <-> the canonical layout -----------------------------------
     def in_rows_to_canonical(self, t: torch.Tensor, dim: int) -> torch.Tensor:
