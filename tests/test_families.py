@@ -260,15 +260,20 @@ def test_experts_implementation_honours_an_expert_map():
     close(out, expected)
 
 
-@pytest.mark.parametrize("family,hidden_act", [("mixtral", "gelu"), ("qwen3_moe", "gelu_pytorch_tanh"),
-                                               ("olmoe", "relu")])
-def test_the_activation_is_read_from_the_model(family, hidden_act):
+GATED_NAME = {"relu": "reglu", "gelu": "geglu", "gelu_new": "geglu_tanh", "gelu_pytorch_tanh": "geglu_tanh",
+              "silu": "swiglu"}
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gpt_oss"])  # GPT-OSS: its own clamped SwiGLU
+@pytest.mark.parametrize("hidden_act", list(GATED_NAME))
+def test_the_configured_activation_is_read_from_the_model(family, hidden_act, monkeypatch):
     model = tiny_moe(family, hidden_act=hidden_act)
     before = logits(model)
-    assert mf.moe_layers(model)[0].activation == {"gelu": "geglu", "gelu_pytorch_tanh": "geglu_tanh",
-                                                  "relu": "reglu"}[hidden_act]
+    assert mf.moe_layers(model)[0].activation == GATED_NAME[hidden_act]
+    calls = CountCalls(monkeypatch)
     mf.optimize(model)
     close(logits(model), before)
+    assert calls.n == 2
 
 
 def test_an_activation_the_fused_op_does_not_know_is_refused_by_name(tmp_path):
