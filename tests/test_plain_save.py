@@ -26,8 +26,8 @@ def test_optimized_and_compressed_models_refuse_plain_saves(family, tmp_path):
     if family == "switch":  # SwitchMoE replaces the block
         refuses(model, tmp_path)
     else:  # the experts-contract families keep their modules under optimize: transformers' save just works
-        model.save_pretrained(tmp_path / "plain")
-        torch.testing.assert_close(forward(load_model(str(tmp_path / "plain")), batch), expected, rtol=1e-5, atol=1e-5)
+        model.save_pretrained(tmp_path / "optimized")
+        torch.testing.assert_close(forward(load_model(str(tmp_path / "optimized")), batch), expected, rtol=1e-5, atol=1e-5)
     dense = save_pretrained(model, tmp_path / "dense", export_dense=True)
     torch.testing.assert_close(forward(load_model(str(dense)), batch), expected, rtol=1e-5, atol=1e-5)
     compress_experts(model, rank=4, keep_ratio=0.5, progress=False)
