@@ -204,3 +204,29 @@ def test_permute_saves_the_tokenizer_and_version_flag(workspace, capsys):
     from mcsmoe_fast import __version__
 
     assert capsys.readouterr().out.strip() == f"mcsmoe-fast {__version__}"
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "gpt_oss"])
+def test_merge_align_and_bench_other_families(family, workspace, capsys):
+    """The CLI goes through the generic adapter: a shared expert (Qwen2-MoE), a dense first layer and
+    group-limited routing (DeepSeek-V3), transposed biased experts (GPT-OSS)."""
+    from mcsmoe_fast.tiny import tiny_moe
+
+    tiny_moe(family).save_pretrained(workspace / family)
+    tiny_tokenizer().save_pretrained(workspace / family)
+    rc, out, err = run(["permute", "--model", workspace / family, "--out", workspace / f"{family}-aligned"], capsys)
+    assert rc == 0, err
+    ids = torch.randint(3, 40, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = load_model(str(workspace / family))(ids).logits
+        aligned = load_model(str(workspace / f"{family}-aligned"))  # a plain transformers checkpoint
+        torch.testing.assert_close(aligned(ids).logits, want, rtol=1e-5, atol=1e-5)
+    rc, out, err = run(["merge", "--model", workspace / family, "--calib", workspace / "calib.txt",
+                        "--num-groups", 2, "--out", workspace / f"{family}-merged"], capsys)
+    assert rc == 0, err
+    merged = from_pretrained(workspace / f"{family}-merged")
+    assert sum(layer.module.experts.num_slots for layer in moe_layers(merged)) == 4
+    rc, out, err = run(["bench", "--model", workspace / f"{family}-merged", "--tokens", 16, "--length", 8,
+                        "--repeats", 1], capsys)
+    assert rc == 0, err
+    assert "tok/s optimize" in out
