@@ -123,6 +123,29 @@ def test_single_file_and_fused_layout_sources(batches, tmp_path):
         assert_same_checkpoint(expected, result.path, batches)
 
 
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe"])
+def test_other_families_stream_like_the_in_memory_pipeline(family, batches, tmp_path):
+    """The generic adapter's families of the same decoder shape: Qwen2-MoE's shared expert is copied
+    through, its per-layer-type masks and Qwen3-MoE's / OLMoE's masks match their model forwards."""
+    from mcsmoe_fast.tiny import tiny_moe
+
+    src = tmp_path / family
+    tiny_moe(family, num_layers=3, seed=4).save_pretrained(src, max_shard_size="60KB")
+    assert (src / "model.safetensors.index.json").is_file()
+    expected = in_memory(src, tmp_path / "expected", batches)
+    result = quiet_merge(src, tmp_path / "streamed", batches, NUM_GROUPS, max_shard_size="30KB")
+    assert_same_checkpoint(expected, result.path, batches)
+
+
+def test_families_outside_the_streamed_decoder_shape_are_refused(tmp_path):
+    from mcsmoe_fast.tiny import tiny_moe
+
+    tiny_moe("gpt_oss").save_pretrained(tmp_path / "gpt-oss")
+    with pytest.raises(ValueError, match="streaming supports decoder-only checkpoints of Mixtral-shaped families .*'gpt_oss'"):
+        merge_checkpoint(tmp_path / "gpt-oss", tmp_path / "out", [{"input_ids": torch.ones(1, 4, dtype=torch.long)}], 2)
+    assert not (tmp_path / "out").exists()
+
+
 def test_hidden_states_match_the_full_model_layer_by_layer(source, batches):
     """The cut forward pass (streaming/forward.py) reproduces model(**batch) exactly."""
     from mcsmoe_fast.streaming.forward import prepare_batches, run_layer
@@ -133,7 +156,7 @@ def test_hidden_states_match_the_full_model_layer_by_layer(source, batches):
         hidden = [model.model.embed_tokens(b.input_ids) for b in prepared]
         full = [model(**b, output_hidden_states=True).hidden_states for b in batches]
         for i, layer in enumerate(model.model.layers[:-1]):  # the last entry is after the final norm
-            run_layer(model, layer, prepared, hidden.__getitem__, hidden.__setitem__)
+            run_layer(model, layer, i, prepared, hidden.__getitem__, hidden.__setitem__)
             for b in range(len(batches)):
                 assert torch.equal(hidden[b], full[b][i + 1])
 

@@ -1,6 +1,6 @@
-"""The decoder-only forward pass cut at the layer boundaries, as transformers' MixtralModel.forward
-computes it (modeling_mixtral.py): embeddings, then per layer and batch the causal mask (sliding
-window when the config has one) and the rotary position embeddings, then the layer.
+"""The decoder-only forward pass cut at the layer boundaries, as the model forwards of Mixtral, Qwen2-MoE,
+Qwen3-MoE and OLMoE compute it (modeling_mixtral.py & co): embeddings, then per layer and batch the
+causal mask (sliding window where the config says so) and the rotary position embeddings, then the layer.
 
 Without a KV cache: for one full-sequence forward a cache changes nothing (keys and values are the
 same), so the hidden states equal those of model(**batch) bit for bit (tests/test_streaming.py).
@@ -55,16 +55,24 @@ def prepare_batches(batches: Iterable[dict], vocab_size: int) -> list[Batch]:
     return out
 
 
-def causal_mask(config, hidden: torch.Tensor, batch: Batch):
+def causal_mask(config, hidden: torch.Tensor, batch: Batch, layer_index: int):
+    """The layer's attention mask, as the family's model forward builds it: per layer type where the
+    config lists `layer_types` (Qwen2-MoE), else sliding-window when the config has a window (Mixtral,
+    Qwen3-MoE), else causal (OLMoE)."""
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-    make = create_causal_mask if getattr(config, "sliding_window", None) is None else create_sliding_window_causal_mask
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        sliding = layer_types[layer_index] == "sliding_attention"
+    else:
+        sliding = getattr(config, "sliding_window", None) is not None
+    make = create_sliding_window_causal_mask if sliding else create_causal_mask
     return make(config=config, inputs_embeds=hidden, attention_mask=batch.attention_mask, cache=None,
                 position_ids=batch.position_ids)
 
 
 @torch.no_grad()
-def run_layer(model: nn.Module, layer: nn.Module, batches: list[Batch], get: Callable[[int], torch.Tensor],
+def run_layer(model: nn.Module, layer: nn.Module, index: int, batches: list[Batch], get: Callable[[int], torch.Tensor],
               put: Callable[[int, torch.Tensor], None], on_batch: Callable[[Batch], None] | None = None) -> None:
     """hidden_b <- layer(hidden_b) for every batch b, reading and writing through get / put.
     on_batch(batch) is called before the layer runs on it (the routing-statistics hook reads its mask)."""
@@ -72,7 +80,7 @@ def run_layer(model: nn.Module, layer: nn.Module, batches: list[Batch], get: Cal
     for b, batch in enumerate(batches):
         hidden = get(b)
         position_embeddings = inner.rotary_emb(hidden, position_ids=batch.position_ids)
-        mask = causal_mask(model.config, hidden, batch)
+        mask = causal_mask(model.config, hidden, batch, index)
         if on_batch is not None:
             on_batch(batch)
         put(b, layer(hidden, attention_mask=mask, position_ids=batch.position_ids,

@@ -152,7 +152,7 @@ def statistics_pass(s: Stream, store: ActivationStore, merge_now, desc: str) -> 
         current: dict = {}
         acc = _attach(view, s.bases, current) if view is not None and view.name in s.chosen else None
         try:
-            run_layer(s.model, layer, s.batches, store.get, store.put,
+            run_layer(s.model, layer, i, s.batches, store.get, store.put,
                       lambda batch: current.update(mask=batch.attention_mask))
         finally:
             if acc is not None:

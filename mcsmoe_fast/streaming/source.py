@@ -5,12 +5,15 @@ model.safetensors.index.json. Everything is checked before any work starts (ever
 a complete safetensors file holding the tensors the index puts in it; every tensor the model needs is
 there with the right shape), so a bad shard fails in seconds, naming the file, not hours in.
 
-Mixtral checkpoints come in two layouts, and transformers 5 writes the first one itself:
+Supported: decoder-only families whose decoder layers take (hidden, attention_mask, position_ids,
+position_embeddings) and whose experts are stored concatenated and untransposed without biases:
+Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE. Their checkpoints come in two layouts:
 
-- per expert (the original release): model.layers.{i}.block_sparse_moe.experts.{j}.w1/w2/w3.weight
-  (w1 gate [ff, d], w3 up [ff, d], w2 down [d, ff]) and block_sparse_moe.gate.weight;
-- fused (the modules of transformers 5): model.layers.{i}.mlp.experts.gate_up_proj [E, 2ff, d] (gate
-  rows then up rows) and mlp.experts.down_proj [E, d, ff].
+- per expert (the original releases): model.layers.{i}.block_sparse_moe.experts.{j}.w1/w2/w3.weight
+  (Mixtral: w1 gate [ff, d], w3 up [ff, d], w2 down [d, ff]) or mlp.experts.{j}.gate_proj/up_proj/
+  down_proj.weight (Qwen-MoE, OLMoE);
+- fused (the modules of transformers 5, which save_pretrained writes): model.layers.{i}.mlp.experts.
+  gate_up_proj [E, 2ff, d] (gate rows then up rows) and mlp.experts.down_proj [E, d, ff].
 
 `read` returns the fused tensors either way, assembled expert by expert straight into one buffer, as
 transformers' loader does (conversion_mapping.py: MergeModulelist + Concatenate).
@@ -27,7 +30,9 @@ from ..weight_files import CheckpointError, WeightFiles, read_index
 
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
-SUPPORTED_TYPES = ("mixtral",)
+SUPPORTED_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+# names of the per-expert tensors of a fused tensor: (gate, up) and (down,), per naming convention
+PER_EXPERT_NAMES = ((("w1", "w3"), ("w2",)), (("gate_proj", "up_proj"), ("down_proj",)))
 
 
 def open_weight_files(path: Path) -> WeightFiles:
@@ -41,7 +46,7 @@ def open_weight_files(path: Path) -> WeightFiles:
 
 
 class SourceCheckpoint:
-    """A Mixtral-style transformers checkpoint directory, its config and its tensors."""
+    """A transformers checkpoint directory of a supported family, its config and its tensors."""
 
     def __init__(self, path):
         from transformers import AutoConfig
@@ -61,7 +66,7 @@ class SourceCheckpoint:
                              "transformers checkpoints (use the in-memory pipeline to merge it again)")
         model_type = raw.get("model_type") if isinstance(raw, dict) else None
         if model_type not in SUPPORTED_TYPES:
-            raise ValueError(f"{self.path}: streaming supports decoder-only Mixtral-style checkpoints "
+            raise ValueError(f"{self.path}: streaming supports decoder-only checkpoints of Mixtral-shaped families "
                              f"(model_type {', '.join(SUPPORTED_TYPES)}), got {model_type!r}; "
                              "use the in-memory pipeline for it")
         self.config = AutoConfig.from_pretrained(str(self.path))
@@ -80,10 +85,13 @@ class SourceCheckpoint:
 
     def _per_expert(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]] | None:
         """Stored per-expert tensors (name, expected shape) that make up the fused tensor `name`."""
-        for fused, parts in ((".mlp.experts.gate_up_proj", ("w1", "w3")), (".mlp.experts.down_proj", ("w2",))):
-            if name.endswith(fused):
-                prefix = name[: -len(fused)]
-                num_experts, rows, cols = shape
+        for k, fused in enumerate((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")):
+            if not name.endswith(fused):
+                continue
+            prefix = name[: -len(fused)]
+            num_experts, rows, cols = shape
+            for naming in PER_EXPERT_NAMES:
+                parts = naming[k]
                 part_shape = (rows // len(parts), cols)
                 for block in ("block_sparse_moe", "mlp"):
                     names = [(f"{prefix}.{block}.experts.{j}.{p}.weight", part_shape)
