@@ -164,17 +164,48 @@ def _replace_dir(tmp: Path, target: Path) -> None:
         os.rename(tmp, target)
 
 
+OWNER_FILE = ".mcsmoe-owner"  # the pid that writes a temporary directory
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Remove the temporary directories of earlier saves to `target` whose writer died (SIGKILL, power
+    loss: nothing ran to clean them up); a directory whose writer still runs is left alone."""
+    removed = []
+    for tmp in target.parent.glob(f".{target.name}.tmp-*"):
+        try:
+            pid = int((tmp / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or being created right now
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
 @contextmanager
 def atomic_directory(target) -> Iterator[Path]:
     """Yield a fresh temporary directory next to `target`; when the block ends normally it replaces
     `target` (a previous checkpoint there, or nothing), when it raises it is removed and `target` is left
-    as it was."""
+    as it was. Temporary directories left by a killed earlier run are removed first."""
     target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target)
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
+        (tmp / OWNER_FILE).write_text(str(os.getpid()))
         yield tmp
+        (tmp / OWNER_FILE).unlink()
         _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

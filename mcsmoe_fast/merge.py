@@ -21,7 +21,9 @@ from .grouping import (
 )
 from .models import MoELayer, moe_layers
 from .modules import MoEExperts
-from .permute import DEFAULT_MEMORY_BUDGET, apply_permutation, match_permutations, with_bias_column
+from .permute import (
+    DEFAULT_MEMORY_BUDGET, apply_permutation, apply_permutation_, match_permutations, with_bias_column,
+)
 from .plain_save import guard_plain_save
 
 MERGE_SECTION = "mcsmoe_merge"  # the config attribute (and config.json key) describing the merge
@@ -94,13 +96,16 @@ def merge_layer_weights(name: str, stats: LayerStats, w_in: torch.Tensor, w_out:
                         activation: str, *, router_weight: torch.Tensor | None = None,
                         similarity: str = "router-logits", permute: bool = True, strategy: str = "frequency",
                         grouping: str = "dominant", seed: int = 0, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                        b_in: torch.Tensor | None = None, b_out: torch.Tensor | None = None):
+                        b_in: torch.Tensor | None = None, b_out: torch.Tensor | None = None,
+                        inplace: bool = False):
     """One layer of merge_experts on plain tensors (the streaming pipeline calls it with one layer's
     weights read from disk): w_in [E, F, d], w_out [E, d, ff] (and optional biases b_in [E, F],
     b_out [E, d]) per original expert, the layer's routing statistics and its group count. Returns
     (LayerGrouping, merged w_in [G, F, d], merged w_out [G, d, ff], merged b_in, merged b_out), the
     biases None when not given. router_weight [E, d] is needed only for the router-weight basis;
-    memory_budget bounds the bytes of weight-matching cost matrices built at once (match_permutations)."""
+    memory_budget bounds the bytes of weight-matching cost matrices built at once (match_permutations).
+    inplace=True permutes w_in and w_out in place (the streaming pipeline's own buffers: no second copy
+    of the layer); their contents are then the aligned experts."""
     num_experts, d = w_in.shape[0], w_in.shape[-1]
     sim = similarity_matrix(similarity, stats=stats, router_weight=router_weight, w_in=w_in, w_out=w_out,
                             seed=layer_seed(seed, name), num_experts=num_experts)
@@ -109,7 +114,8 @@ def merge_layer_weights(name: str, stats: LayerStats, w_in: torch.Tensor, w_out:
     if permute and strategy != "drop" and g.num_groups < num_experts:
         leader = torch.tensor([g.dominant[slot] for slot in g.expert_map], device=w_in.device)
         perm = match_permutations(w_in, w_out, leader, activation, memory_budget=memory_budget)
-        w_in, w_out = apply_permutation(w_in, w_out, perm, activation)
+        permute_fn = apply_permutation_ if inplace else apply_permutation
+        w_in, w_out = permute_fn(w_in, w_out, perm, activation)
     merged = merge_group_weights(w_in, w_out, g, *(() if b_out is None else (b_out,)))
     merged_in, merged_out = merged[0], merged[1]
     merged_b_out = merged[2] if b_out is not None else None

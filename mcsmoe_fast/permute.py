@@ -70,6 +70,22 @@ def apply_permutation(w_in: torch.Tensor, w_out: torch.Tensor, perm: torch.Tenso
     return new_in, new_out
 
 
+@torch.no_grad()
+def apply_permutation_(w_in: torch.Tensor, w_out: torch.Tensor, perm: torch.Tensor, activation: str):
+    """apply_permutation in place, one expert at a time (a single expert's copy as workspace instead
+    of a second copy of the whole layer); experts whose permutation is the identity are not touched."""
+    ff = w_out.shape[-1]
+    identity = torch.arange(ff, device=perm.device)
+    for s in range(perm.shape[0]):
+        p = perm[s]
+        if torch.equal(p, identity):
+            continue
+        rows = torch.cat([p, p + ff]) if is_gated(activation) else p
+        w_in[s].copy_(w_in[s].index_select(0, rows))
+        w_out[s].copy_(w_out[s].index_select(1, p))
+    return w_in, w_out
+
+
 def with_bias_column(w_in: torch.Tensor, b_in: torch.Tensor | None) -> torch.Tensor:
     """w_in [E, F, d] with b_in [E, F] appended as column d: a neuron's input bias then moves with its
     row under permutation, counts in weight matching, and is averaged like its weights when merging."""

@@ -209,3 +209,27 @@ def test_unknown_layer_and_format_version_rejected(checkpoint):
 
 def test_checkpoint_errors_are_value_errors():
     assert issubclass(CheckpointError, ValueError)  # the CLI reports ValueErrors cleanly
+
+
+def test_a_killed_saves_temporary_directory_is_removed_by_the_next_save(tmp_path):
+    """SIGKILL leaves the temporary directory behind (nothing runs to remove it); the next save to the
+    same target removes it, but never one whose writer is still alive."""
+    import subprocess
+    import sys
+
+    from mcsmoe_fast.checkpoint import OWNER_FILE
+    from mcsmoe_fast.tiny import tiny_mixtral
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale, live = tmp_path / ".ckpt.tmp-dead0000", tmp_path / ".ckpt.tmp-live0000"
+    for d, pid in ((stale, dead.pid), (live, os.getppid())):
+        d.mkdir()
+        (d / OWNER_FILE).write_text(str(pid))
+        (d / "mcsmoe_model.safetensors").write_bytes(b"half written")
+    foreign = tmp_path / ".ckpt.tmp-foreign"  # no owner file: not ours to judge
+    foreign.mkdir()
+    save_pretrained(tiny_mixtral(num_layers=1), tmp_path / "ckpt")
+    assert not stale.exists() and live.exists() and foreign.exists()
+    assert not (tmp_path / "ckpt" / OWNER_FILE).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ckpt.tmp-foreign", ".ckpt.tmp-live0000", "ckpt"]

@@ -4,7 +4,7 @@ import torch
 
 from mcsmoe_fast import align_experts, moe_layers
 from mcsmoe_fast.models.loading import load_model
-from mcsmoe_fast.permute import apply_permutation, match_permutations, weight_matching_cost
+from mcsmoe_fast.permute import apply_permutation, apply_permutation_, match_permutations, weight_matching_cost
 from mcsmoe_fast.tiny import tiny_mixtral, tiny_switch
 
 
@@ -76,10 +76,15 @@ def test_apply_permutation_is_plain_indexing(activation):
     f = 2 * ff if activation == "swiglu" else ff
     w_in, w_out = torch.randn(s, f, d, generator=g), torch.randn(s, d, ff, generator=g)
     perm = torch.stack([torch.randperm(ff, generator=g) for _ in range(s)])
+    perm[1] = torch.arange(ff)  # an identity row too
     new_in, new_out = apply_permutation(w_in, w_out, perm, activation)
     for e in range(s):
         exp_in, exp_out = plain_permuted(w_in[e], w_out[e], perm[e], activation)
         assert torch.equal(new_in[e], exp_in) and torch.equal(new_out[e], exp_out)
+    same_in, same_out = w_in.clone(), w_out.clone()
+    ptr = same_in.data_ptr()
+    got_in, got_out = apply_permutation_(same_in, same_out, perm, activation)  # in place: same result
+    assert got_in.data_ptr() == ptr and torch.equal(got_in, new_in) and torch.equal(got_out, new_out)
 
 
 def test_cost_matches_plain_dot_products():

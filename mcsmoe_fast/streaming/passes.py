@@ -93,7 +93,7 @@ class Merger:
             g, w_in, w_out, _, _ = merge_module.merge_layer_weights(
                 name, stats, w_in, w_out, count, view.activation, router_weight=router_weight,
                 similarity=opts["similarity"], permute=opts["permute"], strategy=opts["strategy"],
-                grouping=opts["grouping"], seed=opts["seed"], memory_budget=self.matching_bytes)
+                grouping=opts["grouping"], seed=opts["seed"], memory_budget=self.matching_bytes, inplace=True)
             self.groupings[name] = g
             expert_map = torch.tensor(g.expert_map, dtype=torch.int64)
             if opts["strategy"] == "drop":  # drop.py's MaskedTopKRouter buffer next to the router weight
