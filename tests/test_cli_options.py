@@ -165,3 +165,23 @@ def test_merge_streams_when_the_model_does_not_fit_max_memory(workspace, capsys)
     ids = torch.randint(3, 40, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(streamed(input_ids=ids).logits, in_memory(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_permute_streams_when_the_model_does_not_fit_max_memory(workspace, capsys):
+    """permute --max-memory below the model's need: aligned layer by layer from the shards, the same plain
+    transformers checkpoint (every tensor) as the in-memory alignment, and the tokenizer beside it."""
+    sharded = workspace / "sharded"
+    load_model(str(workspace / "mixtral")).save_pretrained(sharded, max_shard_size="50KB")
+    tiny_tokenizer().save_pretrained(sharded)
+    rc, out, err = run(["permute", "--model", sharded, "--out", workspace / "streamed", "--max-memory", "100KB",
+                        "--reference", 3], capsys)
+    assert rc == 0, err
+    assert "layer by layer" in out
+    rc, out, err = run(["permute", "--model", sharded, "--out", workspace / "in-memory", "--reference", 3], capsys)
+    assert rc == 0, err
+    assert "layer by layer" not in out
+    streamed, in_memory = load_model(str(workspace / "streamed")), load_model(str(workspace / "in-memory"))
+    a, b = streamed.state_dict(), in_memory.state_dict()
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert (workspace / "streamed" / "tokenizer.json").is_file()
+    assert (workspace / "streamed" / "model.safetensors").is_file()  # shards of max_memory / 8, at least 1 MB

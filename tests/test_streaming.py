@@ -146,6 +146,29 @@ def test_families_outside_the_streamed_decoder_shape_are_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_streamed_permute_equals_align_experts_then_save(family, tmp_path):
+    from mcsmoe_fast import align_experts
+    from mcsmoe_fast.models.loading import load_model
+    from mcsmoe_fast.streaming import permute_checkpoint
+    from mcsmoe_fast.tiny import tiny_moe
+
+    src = tmp_path / family
+    tiny_moe(family, num_layers=3, seed=5).save_pretrained(src, max_shard_size="60KB")
+    perms = permute_checkpoint(src, tmp_path / "streamed", reference=2, max_shard_size="40KB", progress=False)
+    model = open_model(str(src))
+    expected = align_experts(model, reference=2, progress=False)
+    assert perms.keys() == expected.keys() and all(torch.equal(perms[k], expected[k]) for k in perms)
+    index = json.loads((tmp_path / "streamed" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # sharded, with transformers' index
+    aligned = load_model(str(tmp_path / "streamed")).state_dict()
+    want = model.state_dict()
+    assert sorted(aligned) == sorted(want) and all(torch.equal(aligned[k], want[k]) for k in want)
+    with pytest.raises(ValueError, match="reference expert 8 out of range"):
+        permute_checkpoint(src, tmp_path / "bad", reference=8, progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_hidden_states_match_the_full_model_layer_by_layer(source, batches):
     """The cut forward pass (streaming/forward.py) reproduces model(**batch) exactly."""
     from mcsmoe_fast.streaming.forward import prepare_batches, run_layer

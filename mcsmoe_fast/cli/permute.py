@@ -12,6 +12,9 @@ def add(sub):
     p.add_argument("--model", required=True, help="model directory (or hub id where the network allows)")
     p.add_argument("--out", required=True, help="directory to save the aligned model to")
     p.add_argument("--reference", type=int, default=0, help="reference expert index in every layer (default 0)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory budget, e.g. 8GB: a checkpoint that would not fit is aligned layer by layer from "
+                        "its shards without loading the whole model (Mixtral, Qwen2/3-MoE, OLMoE)")
     p.set_defaults(run=run)
     return p
 
@@ -23,7 +26,20 @@ def run(args) -> int:
     from ..models.loading import open_model
     from ..permute import align_experts
 
+    from ..streaming import fits_in_memory, permute_checkpoint
+
     refuse_overwriting_input(args)
+    if not fits_in_memory(args.model, args.max_memory):
+        try:
+            tokenizer = load_tokenizer(args.model)
+        except ValueError:
+            tokenizer = None
+        start = time.perf_counter()
+        perms = permute_checkpoint(args.model, args.out, args.reference, max_memory=args.max_memory,
+                                   tokenizer=tokenizer)
+        print(f"aligned {len(perms)} layers layer by layer from the checkpoint's shards in "
+              f"{time.perf_counter() - start:.2f} s; saved to {args.out}")
+        return 0
     model = open_model(args.model)
     start = time.perf_counter()
     perms = align_experts(model, reference=args.reference)

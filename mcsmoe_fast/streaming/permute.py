@@ -1,0 +1,81 @@
+"""permute_checkpoint: align_experts (weight matching) on a checkpoint larger than memory.
+
+Weight matching needs no calibration data and each MoE layer only its own experts, so one pass does it:
+for every MoE layer its experts are read, every expert is aligned to the reference expert and permuted
+in place, and the layer is written out; every other tensor is copied through one at a time. The output
+is a plain transformers checkpoint (sharded safetensors with an index, the experts under the model's own
+fused names), written into a temporary directory renamed into place, equal to
+open_model -> align_experts(model, reference) -> model.save_pretrained on the same checkpoint.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..checkpoint import atomic_directory
+from ..permute import apply_permutation_, match_permutations
+from ..weight_files import ShardWriter, parse_size
+from .memory import DEFAULT_SHARD_SIZE, MIN_SHARD_SIZE
+from .skeleton import build_skeleton, decoder_layers, moe_views, tensor_shapes
+from .source import SourceCheckpoint
+
+EXPERT_TENSORS = ("experts.gate_up_proj", "experts.down_proj")
+
+
+def _shard_size(max_memory, max_shard_size) -> int:
+    shard = parse_size(max_shard_size, "max_shard_size")
+    if shard is not None:
+        return shard
+    budget = parse_size(max_memory, "max_memory")
+    return DEFAULT_SHARD_SIZE if budget is None else min(DEFAULT_SHARD_SIZE, max(MIN_SHARD_SIZE, budget // 8))
+
+
+@torch.no_grad()
+def permute_checkpoint(path, out, reference: int = 0, max_memory=None, max_shard_size=None,
+                       dtype: torch.dtype | None = None, progress: bool = True, tokenizer=None) -> dict[str, torch.Tensor]:
+    """Align every MoE layer of the checkpoint directory `path` to its expert `reference` and write the
+    result to `out`, one layer in memory at a time; returns {layer name: permutation [E, ff]} as
+    align_experts does. dtype: compute and output dtype (default float32, as open_model loads);
+    max_memory: a resident-memory target (bytes or "16GB"; one layer's experts have to fit) that sets the
+    output shard size (max_memory / 8 between 1 MB and 2 GB) unless max_shard_size (bytes) is given;
+    tokenizer: saved with the checkpoint."""
+    source = SourceCheckpoint(path)
+    out = Path(out).expanduser().absolute()
+    if out == source.path or source.path in out.parents:
+        raise ValueError(f"out ({out}) must not be the input checkpoint directory or inside it")
+    dtype = dtype or torch.float32
+    model = build_skeleton(source.config, dtype)
+    shapes, _ = tensor_shapes(model)
+    source.check(shapes)
+    _, layers = decoder_layers(model)
+    views = [moe_views(model, layers)[i] for i in sorted(moe_views(model, layers))]
+    for view in views:
+        if not 0 <= reference < view.num_experts:
+            raise ValueError(f"{view.name}: reference expert {reference} out of range [0, {view.num_experts})")
+    experts = {f"{v.name}.{t}" for v in views for t in EXPERT_TENSORS}
+    perms = {}
+    with atomic_directory(out) as tmp:
+        writer = ShardWriter(tmp, "model.safetensors", _shard_size(max_memory, max_shard_size), {"format": "pt"})
+        for view in tqdm(views, desc="aligning experts", unit="layer", disable=not progress):
+            w_in, w_out = (source.read(f"{view.name}.{t}", shapes[f"{view.name}.{t}"], dtype) for t in EXPERT_TENSORS)
+            source.release()
+            refs = torch.full((view.num_experts,), reference, dtype=torch.int64)
+            perm = match_permutations(w_in, w_out, refs, view.activation)
+            apply_permutation_(w_in, w_out, perm, view.activation)
+            writer.add(f"{view.name}.experts.gate_up_proj", w_in)
+            writer.add(f"{view.name}.experts.down_proj", w_out)
+            perms[view.name] = perm
+            del w_in, w_out
+        for name, shape in shapes.items():  # everything else, one tensor at a time
+            if name not in experts:
+                writer.add(name, source.read(name, shape, dtype))
+        source.release()
+        writer.finish()
+        config = source.config
+        config.dtype = str(dtype).removeprefix("torch.")
+        config.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return perms
