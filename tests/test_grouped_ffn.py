@@ -97,6 +97,26 @@ def test_both_thread_strategies(mode, monkeypatch):
             check(problem(T, 24, 40, 8, 4, 2, "relu", seed=T))
 
 
+@pytest.mark.parametrize("mode", ["0", "1"])
+def test_many_small_slots_on_two_threads(mode, monkeypatch):
+    """Many small slots (Qwen3-like: E = S = 96, top-8), large enough to run on every thread (above
+    kSmallCallMacs): in parallel the threads take slots from a shared counter. Equal to the reference,
+    and bit for bit the same on every call whichever thread ran which slot."""
+    monkeypatch.setenv("MCSMOE_SLOT_PARALLEL", mode)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        args = problem(300, 64, 32, 96, 96, 8, "swiglu", seed=3, emap=torch.arange(96))
+        args[4][:40] = args[4][0]  # a few slots with many more rows than the rest
+        first = check(args, rtol=1e-4, atol=1e-5)
+        for _ in range(3):
+            assert torch.equal(ops.grouped_expert_ffn(*args), first)
+        args = problem(257, 48, 40, 64, 32, 4, "clamped_swiglu", seed=4)
+        check(args, dict(biases(args), alpha=1.702, limit=7.0), rtol=1e-4, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_empty_slots_and_all_tokens_on_one_slot():
     emap = torch.full((8,), 2, dtype=torch.int64)  # slots 0, 1, 3 never used
     out = check(problem(50, 16, 24, 8, 4, 2, "swiglu", emap=emap))

@@ -158,6 +158,19 @@ def test_both_thread_strategies_and_row_blocks(mode, monkeypatch):
         check_grads(problem(200, 24, 40, 8, 4, 2, "relu", seed=9))
 
 
+@pytest.mark.parametrize("mode", ["0", "1"])
+def test_many_small_slots_on_two_threads(mode, monkeypatch):
+    """Many small slots (E = S = 64, top-6) above kSmallCallMacs, so every thread takes slots from the
+    shared counter: every gradient equals the reference's."""
+    monkeypatch.setenv("MCSMOE_SLOT_PARALLEL", mode)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        check_grads(problem(300, 32, 16, 64, 64, 6, "swiglu", torch.float64, 0.05, seed=6, emap=torch.arange(64)))
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_on_cpu(dtype):
     args = problem(23, 16, 24, 8, 4, 2, "swiglu", dtype, 0.1)
