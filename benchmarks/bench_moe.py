@@ -1,21 +1,51 @@
-"""One MoE layer, fp32 CPU: transformers' modules (eager; Mixtral also grouped_mm) against our fused
-grouped expert FFN, original and merged. Merged anchors are what transformers runs for a merged
-checkpoint: E full experts, where every member of a group holds its group's weights.
+"""One MoE layer, fp32 CPU: transformers' modules against our fused grouped expert FFN
+(ops.grouped_expert_ffn), original and merged, at T = 1, 16, 128, 1024 tokens.
 
-Run:  python -m pytest benchmarks/bench_moe.py --benchmark-only   (about 70 s on 2 cores)
-The summary prints each candidate against the group's eager anchor, and, for ours, `vs_grouped_mm`
-(grouped_mm median / ours) from the same run. Memory per candidate: `param_MB` (expert weights the
-module holds) and `peak_MB` (peak resident-memory growth during one forward: activations and
-workspace, from /proc/self VmHWM after malloc_trim and clear_refs; Linux/glibc only; page
-granular, so a few MB of noise). `dense_gemm_floor` (Mixtral, T >= 128) is two plain GEMMs (the GEMM our
-op calls: oneDNN for fp32 where torch has it) with the FLOPs of our merged layer (same rows, one
-weight matrix): the speed limit of this machine. At T = 1
-(Mixtral) `touched_MB` / `GB_per_s`: expert bytes the token reads (distinct slots for ours, distinct
-experts for transformers) and the bandwidth that implies."""
+Layers (E experts, top-k; merged to G slots):
+  mixtral   d 1024, ff 3584, E 8, top-2; G = 8, 4, 2          MixtralSparseMoeBlock
+  switch    d 768, ff 3072, E 32, top-1 (capacity 64); G = 32, 8   SwitchTransformersSparseMLP
+  qwen3     d 2048, ff 768 (moe_intermediate_size), E 128, top-8; G = 128, 32   Qwen3MoeSparseMoeBlock
+  gpt-oss   d 2880, ff 2880, E 32, top-4, expert biases, clamped SwiGLU (alpha 1.702, limit 7); G = 32, 8
+            GptOssMLP (GptOssExperts: gate_up_proj [E, d, 2 ff], gate/up columns interleaved)
+Merged anchors are what transformers runs for a merged checkpoint: E full experts, where every member of a
+group holds its group's weights. G = E is the original layer.
+
+Candidates (one benchmark group per layer, G and T; all in the same run):
+  eager, grouped_mm, batched_mm   transformers' experts implementations (config._experts_implementation);
+                                  eager is the group's anchor; batched_mm for qwen3 and gpt-oss only
+  mcsmoe_fast   ours: the original qwen3/gpt-oss layers run the HF block itself under our registered
+                experts implementation "mcsmoe_fast" (GPT-OSS through a canonical copy of its weights,
+                made on the first call and cached); merged layers (and mixtral/switch) run MoEExperts with G
+                slots. Its output is checked against transformers' (grouped_mm; switch: eager).
+  dense_gemm_floor   (mixtral, T >= 128) two plain GEMMs (the GEMM our op calls: oneDNN for fp32 where
+                torch has it) with the FLOPs of our merged layer (same rows, one weight matrix): the speed
+                limit of this machine.
+batched_mm gathers every (token, expert) pair's weights ([T*k, F, d] + [T*k, d, ff]); cells where that is over
+4 GiB are skipped with a reason (qwen3 T >= 128: 18 GiB at T = 128; gpt-oss T >= 16: 5.9 GiB at T = 16).
+
+Run:  python -m pytest benchmarks/bench_moe.py --benchmark-only   (5.3 min on 2 cores, idle machine;
+      -k qwen3 / -k gpt_oss / -k mixtral / -k switch for one family). Measure on an idle machine: threaded
+      GEMMs slow down several times when another process competes for the cores.
+Memory: one layer is alive at a time (layer() frees the previous one before building the next); the largest,
+the original gpt-oss layer, holds 3.0 GiB of expert weights plus our 3.0 GiB canonical copy: 7.1 GiB
+resident at most (measured: the rss_MB column).
+
+The summary prints each candidate against its group's eager anchor (anchor median / candidate median: > 1
+is faster), then per candidate:
+  param_MB      expert weights the module holds
+  peak_MB       peak resident-memory growth during one forward: activations and workspace (what batched_mm
+                gathers), from /proc/self VmHWM after malloc_trim and clear_refs; Linux/glibc only; page
+                granular, so a few MB of noise
+  rss_MB        (qwen3, gpt-oss) the process's peak resident memory during that forward, the layer included
+  vs_grouped_mm grouped_mm median / ours
+  vs_best_hf    the fastest transformers implementation's median / ours, and which one it was
+  canonical_copy_MB   (original gpt-oss, ours) the cached canonical copy of the expert weights
+  touched_MB / GB_per_s   (mixtral, T = 1) expert bytes the token reads (distinct slots for ours, distinct
+                experts for transformers) and the bandwidth that implies
+  rows          (dense_gemm_floor) the GEMMs' rows"""
 from __future__ import annotations
 
 import ctypes
-import functools
 import gc
 
 import pytest
@@ -33,13 +63,34 @@ def group_map(E: int, G: int) -> torch.Tensor:
     return torch.arange(E) // (E // G)
 
 
-@functools.lru_cache(maxsize=1)
+_layer: dict[tuple, tuple] = {}
+
+
+def layer(build, G: int):
+    """build(G), kept until another layer is asked for. Unlike lru_cache(maxsize=1), which evicts only
+    after building the next entry, the previous layer is freed *before* the next is built, and one cache
+    serves every family: at most one layer is alive (a GPT-OSS-shaped layer is 3.2 GB of fp32 experts)."""
+    key = (build.__name__, G)
+    if key not in _layer:
+        _layer.clear()
+        gc.collect()
+        malloc_trim()
+        _layer[key] = build(G)
+    return _layer[key]
+
+
+def malloc_trim():
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back to the OS
+    except (OSError, AttributeError):
+        pass
+
+
 def mixtral_layer(G: int):
     """(HF block with E experts holding the slot weights, our block with G slots)."""
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-    gc.collect()
     cfg = MixtralConfig(hidden_size=MIXTRAL["d"], intermediate_size=MIXTRAL["ff"], num_local_experts=MIXTRAL["E"],
                         num_experts_per_tok=MIXTRAL["k"])
     cfg._experts_implementation = "eager"
@@ -59,12 +110,10 @@ def mixtral_layer(G: int):
     return hf, ours
 
 
-@functools.lru_cache(maxsize=1)
 def switch_layer(G: int):
     from transformers import SwitchTransformersConfig
     from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
 
-    gc.collect()
     cfg = SwitchTransformersConfig(d_model=SWITCH["d"], d_ff=SWITCH["ff"], num_experts=SWITCH["E"],
                                    expert_capacity=SWITCH["capacity"])
     gen = torch.Generator().manual_seed(G)
@@ -87,8 +136,9 @@ def inputs(T: int, d: int, seq: int | None = None) -> torch.Tensor:
     return torch.randn(T // seq, seq, d, generator=torch.Generator().manual_seed(T))
 
 
-def peak_rss_growth_mb(fn) -> float:
-    """Peak resident memory above the current level while fn runs (Linux VmHWM after clear_refs)."""
+def peak_rss_mb(fn) -> tuple[float, float]:
+    """(growth, total): peak resident memory above the current level while fn runs, and the process's
+    peak resident memory then (Linux VmHWM after clear_refs); NaNs where /proc cannot tell."""
     def status(key):
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith(key))
@@ -99,9 +149,15 @@ def peak_rss_growth_mb(fn) -> float:
             f.write("5")
         base = status("VmRSS:")
         fn()
-        return round((status("VmHWM:") - base) / 1024, 1)
-    except (OSError, AttributeError):
-        return float("nan")
+        hwm = status("VmHWM:")
+        return round((hwm - base) / 1024, 1), round(hwm / 1024, 1)
+    except (OSError, AttributeError, StopIteration):
+        return float("nan"), float("nan")
+
+
+def peak_rss_growth_mb(fn) -> float:
+    """Peak resident memory above the current level while fn runs (Linux VmHWM after clear_refs)."""
+    return peak_rss_mb(fn)[0]
 
 
 def expert_mb(module) -> float:
@@ -110,21 +166,29 @@ def expert_mb(module) -> float:
 
 
 _medians: dict[str, dict[str, object]] = {}
+HF_IMPLS = ("eager", "grouped_mm", "batched_mm")  # transformers' experts implementations
 
 
-def run(benchmark, group: str, impl: str, fn, module, anchor: bool, rounds: int):
+def run(benchmark, group: str, impl: str, fn, module, anchor: bool, rounds: int, rss: bool = False):
     benchmark.group = group
     if anchor:
         benchmark.extra_info["anchor"] = True
     with torch.inference_mode():
         out = benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
         benchmark.extra_info["param_MB"] = expert_mb(module)
-        benchmark.extra_info["peak_MB"] = peak_rss_growth_mb(fn)
+        growth, total = peak_rss_mb(fn)
+        benchmark.extra_info["peak_MB"] = growth
+        if rss:
+            benchmark.extra_info["rss_MB"] = total
     seen = _medians.setdefault(group, {})
     seen[impl] = benchmark
     if impl == "mcsmoe_fast" and "grouped_mm" in seen:
         ratio = seen["grouped_mm"].stats.stats.median / benchmark.stats.stats.median
         benchmark.extra_info["vs_grouped_mm"] = f"{ratio:.2f}x"
+    hf = {name: b.stats.stats.median for name, b in seen.items() if name in HF_IMPLS}
+    if impl == "mcsmoe_fast" and len(hf) > 1:
+        best = min(hf, key=hf.get)
+        benchmark.extra_info["vs_best_hf"] = f"{hf[best] / benchmark.stats.stats.median:.2f}x ({best})"
     return out
 
 
@@ -156,7 +220,7 @@ def dense_gemm_floor(ours, x):
 
 @pytest.mark.parametrize("G,T,impl", MIXTRAL_CASES, ids=[f"G{G}-T{T}-{i}" for G, T, i in MIXTRAL_CASES])
 def test_mixtral_layer(benchmark, G, T, impl):
-    hf, ours = mixtral_layer(G)
+    hf, ours = layer(mixtral_layer, G)
     x = inputs(T, MIXTRAL["d"])
     rounds = 5 if T >= 1024 else 10
     group = f"mixtral d1024 ff3584 E8 top2 G={G} T={T}"
@@ -194,7 +258,7 @@ SWITCH_CASES = [(G, T, impl) for G in (32, 8) for T in TOKENS for impl in ("eage
 
 @pytest.mark.parametrize("G,T,impl", SWITCH_CASES, ids=[f"G{G}-T{T}-{i}" for G, T, i in SWITCH_CASES])
 def test_switch_layer(benchmark, G, T, impl):
-    hf, ours = switch_layer(G)
+    hf, ours = layer(switch_layer, G)
     x = inputs(T, SWITCH["d"], min(T, SEQ))
     rounds = 5 if T >= 1024 else 10
     group = f"switch d768 ff3072 E32 top1 G={G} T={T}"
@@ -204,3 +268,131 @@ def test_switch_layer(benchmark, G, T, impl):
             torch.testing.assert_close(out, hf(x), rtol=1e-4, atol=1e-4)
     else:
         run(benchmark, group, impl, lambda: hf(x), hf, True, rounds)
+
+
+# --- many small experts (Qwen3-MoE) and few large ones with biases (GPT-OSS), original and merged to E/4 ---
+QWEN3 = dict(d=2048, ff=768, E=128, k=8)  # Qwen3-30B-A3B's MoE layer: moe_intermediate_size 768
+GPT_OSS = dict(d=2880, ff=2880, E=32, k=4, alpha=1.702, limit=7.0)  # gpt-oss-20b's MoE layer
+# batched_mm gathers every (token, expert) pair's weights, [T*k, F, d] + [T*k, d, ff]: a cell that would
+# gather more than this is skipped (Qwen3 T >= 128: 18 GiB at T = 128; GPT-OSS T >= 16: 5.9 GiB at T = 16).
+BATCHED_MM_MAX_BYTES = 4 * 2**30
+
+
+def qwen3_layer(G: int):
+    """(HF Qwen3MoeSparseMoeBlock whose E experts hold their group's weights, our block with G slots);
+    G = E: (the HF block, None): ours is then the HF block under the "mcsmoe_fast" experts implementation."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    d, ff, E = QWEN3["d"], QWEN3["ff"], QWEN3["E"]
+    cfg = Qwen3MoeConfig(hidden_size=d, moe_intermediate_size=ff, num_experts=E, num_experts_per_tok=QWEN3["k"],
+                         norm_topk_prob=True)
+    cfg._experts_implementation = "eager"
+    gen = torch.Generator().manual_seed(G)
+    hf = Qwen3MoeSparseMoeBlock(cfg).eval().requires_grad_(False)
+    emap = group_map(E, G)
+    slots_in = torch.randn(G, 2 * ff, d, generator=gen) * d**-0.5
+    slots_out = torch.randn(G, d, ff, generator=gen) * ff**-0.5
+    with torch.no_grad():
+        hf.gate.weight.normal_(0, 0.05, generator=gen)
+        for e in range(E):  # one expert at a time: no [E, F, d] temporary
+            hf.experts.gate_up_proj[e].copy_(slots_in[emap[e]])
+            hf.experts.down_proj[e].copy_(slots_out[emap[e]])
+    if G == E:
+        return hf, None
+    ours = Qwen3MoeSparseMoeBlock(cfg).eval().requires_grad_(False)
+    ours.gate = hf.gate
+    ours.experts = MoEExperts(slots_in, slots_out, emap, "swiglu").requires_grad_(False)
+    return hf, ours
+
+
+def gpt_oss_layer(G: int):
+    """As qwen3_layer, for a GPT-OSS-shaped GptOssMLP: GptOssExperts store gate_up_proj [E, d, 2 ff]
+    (transposed, gate and up columns interleaved), down_proj [E, ff, d] and biases; ours holds G slots
+    in the canonical layout (w_in [G, 2 ff, d] gate rows then up rows, w_out [G, d, ff], b_in, b_out)."""
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+
+    d, ff, E = GPT_OSS["d"], GPT_OSS["ff"], GPT_OSS["E"]
+    cfg = GptOssConfig(hidden_size=d, intermediate_size=ff, num_local_experts=E, num_experts_per_tok=GPT_OSS["k"],
+                       swiglu_alpha=GPT_OSS["alpha"], swiglu_limit=GPT_OSS["limit"])
+    cfg._experts_implementation = "eager"
+    gen = torch.Generator().manual_seed(G)
+    hf = GptOssMLP(cfg).eval().requires_grad_(False)
+    emap = group_map(E, G)
+    w_in = torch.randn(G, 2 * ff, d, generator=gen) * d**-0.5
+    w_out = torch.randn(G, d, ff, generator=gen) * ff**-0.5
+    b_in = torch.randn(G, 2 * ff, generator=gen) * 0.1
+    b_out = torch.randn(G, d, generator=gen) * 0.1
+    experts = hf.experts
+    with torch.no_grad():
+        hf.router.weight.normal_(0, 0.05, generator=gen)
+        hf.router.bias.normal_(0, 0.05, generator=gen)
+        for e in range(E):  # GptOssExperts' layout, written by hand (ours is checked against theirs)
+            g = int(emap[e])
+            experts.gate_up_proj[e, :, 0::2].copy_(w_in[g, :ff].t())
+            experts.gate_up_proj[e, :, 1::2].copy_(w_in[g, ff:].t())
+            experts.gate_up_proj_bias[e, 0::2].copy_(b_in[g, :ff])
+            experts.gate_up_proj_bias[e, 1::2].copy_(b_in[g, ff:])
+            experts.down_proj[e].copy_(w_out[g].t())
+            experts.down_proj_bias[e].copy_(b_out[g])
+    if G == E:
+        return hf, None
+    ours = GptOssMLP(cfg).eval().requires_grad_(False)
+    ours.router = hf.router
+    ours.experts = MoEExperts(w_in, w_out, emap, "clamped_swiglu", b_in, b_out,
+                              dict(alpha=GPT_OSS["alpha"], limit=GPT_OSS["limit"])).requires_grad_(False)
+    return hf, ours
+
+
+def batched_mm_bytes(shape: dict, T: int) -> int:
+    F = 2 * shape["ff"]
+    return T * shape["k"] * (F * shape["d"] + shape["d"] * shape["ff"]) * 4
+
+
+def first(out):  # GptOssMLP returns (hidden, router_scores)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def family_case(benchmark, build, shape: dict, name: str, G: int, T: int, impl: str):
+    E = shape["E"]
+    if impl == "batched_mm" and batched_mm_bytes(shape, T) > BATCHED_MM_MAX_BYTES:
+        pytest.skip(f"batched_mm at large T: it would gather {batched_mm_bytes(shape, T) / 2**30:.1f} GiB of expert "
+                    f"weights ([T*k, F, d] + [T*k, d, ff], T*k = {T * shape['k']}) per call, over the "
+                    f"{BATCHED_MM_MAX_BYTES / 2**30:.0f} GiB this benchmark allows")
+    hf, ours = layer(build, G)
+    x = inputs(T, shape["d"])
+    rounds = 5 if T >= 1024 else 10
+    group = f"{name} d{shape['d']} ff{shape['ff']} E{E} top{shape['k']} G={G} T={T}"
+    experts_config = hf.experts.config
+    if impl == "mcsmoe_fast":
+        if ours is None:  # the original layer: the HF block itself, under our experts implementation
+            experts_config._experts_implementation = "mcsmoe_fast"
+            out = run(benchmark, group, impl, lambda: hf(x), hf, False, rounds, rss=True)
+            cached = hf.experts.__dict__.get("_mcsmoe_canonical")  # GPT-OSS: the canonical copy of its weights
+            if cached is not None:
+                benchmark.extra_info["canonical_copy_MB"] = round(
+                    sum(t.numel() * t.element_size() for t in cached[1] if t is not None) / 2**20, 1)
+        else:
+            out = run(benchmark, group, impl, lambda: ours(x), ours, False, rounds, rss=True)
+        experts_config._experts_implementation = "grouped_mm"
+        with torch.inference_mode():
+            torch.testing.assert_close(first(out), first(hf(x)), rtol=1e-4, atol=2e-4)
+    else:
+        experts_config._experts_implementation = impl
+        run(benchmark, group, impl, lambda: hf(x), hf, impl == "eager", rounds, rss=True)
+
+
+FAMILY_IMPLS = HF_IMPLS + ("mcsmoe_fast",)
+QWEN3_CASES = [(G, T, impl) for G in (QWEN3["E"], QWEN3["E"] // 4) for T in TOKENS for impl in FAMILY_IMPLS]
+GPT_OSS_CASES = [(G, T, impl) for G in (GPT_OSS["E"], GPT_OSS["E"] // 4) for T in TOKENS for impl in FAMILY_IMPLS]
+
+
+@pytest.mark.parametrize("G,T,impl", QWEN3_CASES, ids=[f"G{G}-T{T}-{i}" for G, T, i in QWEN3_CASES])
+def test_qwen3_layer(benchmark, G, T, impl):
+    family_case(benchmark, qwen3_layer, QWEN3, "qwen3", G, T, impl)
+
+
+@pytest.mark.parametrize("G,T,impl", GPT_OSS_CASES, ids=[f"G{G}-T{T}-{i}" for G, T, i in GPT_OSS_CASES])
+def test_gpt_oss_layer(benchmark, G, T, impl):
+    family_case(benchmark, gpt_oss_layer, GPT_OSS, "gpt-oss", G, T, impl)
