@@ -53,9 +53,9 @@ class MemoryPlan:
 
     @property
     def layer_floor(self) -> int:
-        """What one layer needs while it is merged: its weights, permuted copies, merged slots and the
-        cost matrices (a rough floor; below it the budget cannot be kept)."""
-        return 3 * self.layer_bytes + self.matching_bytes
+        """What one layer needs while it is merged: its weights (permuted in place), merged slots of at
+        most the same size and the cost matrices (a rough floor; below it the budget cannot be kept)."""
+        return 2 * self.layer_bytes + self.matching_bytes
 
 
 def plan_memory(budget, layer_bytes: int, expert_matrix_bytes: int, activation_bytes: int,

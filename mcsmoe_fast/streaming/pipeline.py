@@ -118,7 +118,7 @@ def merge_checkpoint(
       experts as compress_experts(importance="weight") would do on the merged model (every MoE layer).
     max_memory: a target for resident memory (bytes or "16GB"): decides whether the carried hidden
       states stay in memory or go to a file, the output shard size and the weight-matching chunks. One
-      layer (with its merge temporaries, about 3x its weights) has to fit; None: no limit.
+      layer (with its merge temporaries, about 2x its weights) has to fit; None: no limit.
     offload_dir: where hidden states go when they exceed the budget (default: inside the temporary
       output directory); the file is removed at the end, also when the run fails.
     dtype: compute and output dtype (default float32, as open_model loads).
