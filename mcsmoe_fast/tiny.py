@@ -55,12 +55,15 @@ _FAMILIES = {
     "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM",
                    dict(shared_expert_intermediate_size=40, intermediate_size=40, head_dim=8, linear_num_value_heads=4,
                         linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8)),
+    "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM",
+                    dict(shared_expert_intermediate_size=40, head_dim=8, linear_num_value_heads=4,
+                         linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8)),
 }
 FAMILY_NAMES = tuple(_FAMILIES)
 _EXPERT_FIELDS = {  # (experts, ff) field names where they differ from Mixtral's
     "qwen2_moe": ("num_experts", "moe_intermediate_size"), "qwen3_moe": ("num_experts", "moe_intermediate_size"),
     "olmoe": ("num_experts", "intermediate_size"), "deepseek_v3": ("n_routed_experts", "moe_intermediate_size"),
-    "qwen3_next": ("num_experts", "moe_intermediate_size"),
+    "qwen3_next": ("num_experts", "moe_intermediate_size"), "qwen3_5_moe": ("num_experts", "moe_intermediate_size"),
 }
 
 
@@ -68,7 +71,7 @@ def tiny_moe(family: str, num_experts: int = 8, hidden_size: int = 32, intermedi
              num_layers: int = 2, top_k: int = 2, seed: int = 0, **overrides):
     """A tiny causal LM of `family` (one of FAMILY_NAMES) with random weights, in eval mode. Every
     layer is an MoE layer except DeepSeek-V3's first (dense, as configured by first_k_dense_replace);
-    Qwen3-Next alternates linear and full attention. GPT-OSS's expert biases are random too."""
+    Qwen3-Next and Qwen3.5-MoE alternate linear and full attention. GPT-OSS's expert biases are random too."""
     import transformers
 
     if family not in _FAMILIES:
@@ -81,7 +84,7 @@ def tiny_moe(family: str, num_experts: int = 8, hidden_size: int = 32, intermedi
                   eos_token_id=2, num_experts_per_tok=top_k)
     fields.update(extra)
     fields[experts_field], fields[ff_field] = num_experts, intermediate_size
-    if family == "qwen3_next":
+    if family in ("qwen3_next", "qwen3_5_moe"):
         fields["layer_types"] = ["linear_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]
     fields.update(overrides)
     torch.manual_seed(seed)
