@@ -185,3 +185,24 @@ def test_permute_streams_when_the_model_does_not_fit_max_memory(workspace, capsy
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert (workspace / "streamed" / "tokenizer.json").is_file()
     assert (workspace / "streamed" / "model.safetensors").is_file()  # shards of max_memory / 8, at least 1 MB
+
+
+def test_compress_streams_when_the_model_does_not_fit_max_memory(workspace, capsys):
+    """compress --max-memory on a merged checkpoint that would not fit: compressed layer by layer from its
+    shards, the same checkpoint as the in-memory compression."""
+    rc, out, err = run(["merge", "--model", workspace / "mixtral", "--calib", workspace / "calib.txt",
+                        "--num-groups", 2, "--out", workspace / "merged"], capsys)
+    assert rc == 0, err
+    common = ["--model", workspace / "merged", "--rank", 4, "--keep-ratio", 0.3]
+    rc, out, err = run(["compress", *common, "--out", workspace / "streamed", "--max-memory", "100KB"], capsys)
+    assert rc == 0, err
+    assert "layer by layer" in out
+    rc, out, err = run(["compress", *common, "--out", workspace / "in-memory"], capsys)
+    assert rc == 0, err
+    assert "layer by layer" not in out
+    a, b = from_pretrained(workspace / "streamed").state_dict(), from_pretrained(workspace / "in-memory").state_dict()
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert (workspace / "streamed" / "tokenizer.json").is_file()
+    rc, out, err = run(["compress", *common, "--out", workspace / "x", "--max-memory", "100KB", "--importance",
+                        "activation", "--calib", workspace / "calib.txt"], capsys)
+    assert rc != 0 and "--importance weight" in err

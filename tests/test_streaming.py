@@ -390,3 +390,31 @@ def test_sharded_checkpoint_errors_name_the_shard(sharded):
     os.remove(shard)
     with pytest.raises(CheckpointError, match=f"{shard.name} is missing"):
         from_pretrained(path, verify=False)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "switch"])
+def test_streamed_compress_equals_compress_experts_then_save(family, tmp_path):
+    """compress_checkpoint on a sharded merged checkpoint (Switch too: no forward pass is needed) equals
+    from_pretrained -> compress_experts(importance="weight") -> save_pretrained."""
+    from merge_helpers import build
+
+    from mcsmoe_fast.streaming import compress_checkpoint
+
+    model = build(family, tmp_path)
+    data = calibration(model, seed=1)
+    merge_experts(model, collect_routing_stats(model, data, progress=False), NUM_GROUPS, progress=False,
+                  **({"strategy": "drop"} if family == "mixtral" else {}))
+    merged = save_pretrained(model, tmp_path / "merged", max_shard_size="30KB")
+    expected = from_pretrained(merged)
+    compress_experts(expected, **COMPRESS, importance="weight", progress=False)
+    save_pretrained(expected, tmp_path / "expected")
+    entries = compress_checkpoint(merged, tmp_path / "streamed", **COMPRESS, max_shard_size="20KB", progress=False)
+    assert set(entries) == {layer.name for layer in moe_layers(expected)}
+    assert_same_checkpoint(tmp_path / "expected", tmp_path / "streamed", data)
+    assert (tmp_path / "streamed" / "mcsmoe_model.safetensors.index.json").is_file()
+    assert not (tmp_path / "streamed" / ".compress-staging").exists()
+    with pytest.raises(ValueError, match="already compressed"):
+        compress_checkpoint(tmp_path / "streamed", tmp_path / "again", progress=False)
+    with pytest.raises(ValueError, match="plain transformers checkpoint"):
+        compress_checkpoint(tmp_path / f"{family}-base", tmp_path / "plain", progress=False)
+    assert not (tmp_path / "again").exists() and not (tmp_path / "plain").exists()

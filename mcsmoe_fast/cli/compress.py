@@ -24,6 +24,9 @@ def add(sub):
                    help="MoE layers to compress: names or positions in module order (default: all)")
     p.add_argument("--calib", default=None, help="calibration text for --importance activation (as for merge)")
     add_calibration_options(p)
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory budget, e.g. 8GB: a merged checkpoint that would not fit is compressed layer by "
+                        "layer from its shards (importance weight, every layer)")
     p.set_defaults(run=run)
     return p
 
@@ -46,6 +49,18 @@ def run(args) -> int:
     except (OSError, ValueError):
         if args.calib is not None:
             raise
+    from ..streaming import compress_checkpoint, fits_in_memory
+
+    if not fits_in_memory(args.model, args.max_memory):
+        if args.importance != "weight" or args.layers:
+            raise ValueError("streaming compression (--max-memory) compresses every layer with --importance weight")
+        start = time.perf_counter()
+        entries = compress_checkpoint(args.model, args.out, args.rank, args.keep_ratio, args.svd,
+                                      max_memory=args.max_memory, tokenizer=tokenizer)
+        print(f"compressed {len(entries)} layers layer by layer from the checkpoint's shards in "
+              f"{time.perf_counter() - start:.2f} s")
+        print(f"saved checkpoint to {args.out} ({dir_bytes(args.out) / 2**20:.2f} MiB on disk)")
+        return 0
     model = open_model(args.model)
     stats = None
     start = time.perf_counter()

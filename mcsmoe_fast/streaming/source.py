@@ -36,11 +36,15 @@ PER_EXPERT_NAMES = ((("w1", "w3"), ("w2",)), (("gate_proj", "up_proj"), ("down_p
 
 
 def open_weight_files(path: Path) -> WeightFiles:
-    """The safetensors weights of a transformers checkpoint directory (index preferred), checked."""
-    if (path / HF_INDEX).is_file():
-        return WeightFiles(path, weight_map=read_index(path / HF_INDEX))
-    if (path / HF_WEIGHTS).is_file():
-        return WeightFiles(path, single=HF_WEIGHTS)
+    """The safetensors weights of a transformers (or mcsmoe-fast merged) checkpoint directory (index
+    preferred), checked."""
+    from ..checkpoint import WEIGHTS_NAME
+
+    for single in (HF_WEIGHTS, WEIGHTS_NAME):
+        if (path / f"{single}.index.json").is_file():
+            return WeightFiles(path, weight_map=read_index(path / f"{single}.index.json"))
+        if (path / single).is_file():
+            return WeightFiles(path, single=single)
     raise CheckpointError(f"{path}: no safetensors weights ({HF_WEIGHTS} or {HF_INDEX}); streaming reads "
                           "safetensors checkpoints only")
 

@@ -1,0 +1,92 @@
+"""compress_checkpoint: one-shot MC-SMoE compression of a merged checkpoint larger than memory.
+
+Weight-importance compression needs no calibration data and each layer only its own slots, but one
+threshold over the whole model: every MoE layer's slots are read from the merged checkpoint's shards
+and decomposed into a staged full bank (compress_stage.py, the streamed merge's own stage), every other
+tensor is copied through one at a time, and once all layers are in, the staged banks are pruned with
+the global threshold and written. The result equals from_pretrained -> compress_experts(importance=
+"weight") -> save_pretrained on the same checkpoint, written atomically in the project's sharded format.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import compress as compress_module
+from ..checkpoint import WEIGHTS_METADATA, WEIGHTS_NAME, _open_weights, _read_section, atomic_directory
+from ..checkpoint import write_merged_config
+from ..weight_files import CheckpointError, ShardWriter
+from .compress_stage import CompressionStage, compress_options
+from .memory import plan_memory
+from .skeleton import build_skeleton
+
+SLOTS = ("w_in", "w_out", "expert_map")
+
+
+@torch.no_grad()
+def compress_checkpoint(path, out, rank: int = 32, keep_ratio: float = 0.1, svd: str = "auto", max_memory=None,
+                        max_shard_size=None, verify: bool = True, progress: bool = True, tokenizer=None) -> dict:
+    """Compress every MoE layer of the merged checkpoint directory `path` (written by save_pretrained or
+    merge_checkpoint; every MoE layer stored as slots) into `out`; returns {layer name: config entry}.
+    rank, keep_ratio, svd: as compress_experts (importance="weight"); max_memory sets the output shard
+    size (max_memory / 8 between 1 MB and 2 GB) unless max_shard_size is given; verify: check every
+    input shard's sha256 first (reads the files once more)."""
+    from transformers import AutoConfig
+
+    from ..models import moe_layers
+
+    opts = compress_options(dict(rank=rank, keep_ratio=keep_ratio, svd=svd))
+    path, out = Path(path).expanduser().absolute(), Path(out).expanduser().absolute()
+    section = _read_section(path)
+    if section is None:
+        raise ValueError(f"{path} is a plain transformers checkpoint: streaming compression reads merged "
+                         "checkpoints (merge it first, e.g. with mcsmoe-fast merge --max-memory)")
+    if out == path or path in out.parents:
+        raise ValueError(f"out ({out}) must not be the input checkpoint directory or inside it")
+    weights = _open_weights(path, section, verify)
+    config = AutoConfig.from_pretrained(str(path))
+    dtype = getattr(torch, section.get("dtype", "float32"))
+    model = build_skeleton(config, dtype)
+    layers = moe_layers(model)
+    entries = section["layers"]
+    for layer in layers:
+        entry = entries.get(layer.name, {})
+        if "compressed" in entry:
+            raise ValueError(f"layer {layer.name!r} is already compressed; compress a model once (from its merged form)")
+        if "expert_map" not in entry:
+            raise CheckpointError(f"{path}: layer {layer.name!r} is not stored as merged slots; streaming compression "
+                                  "needs every MoE layer merged (use the in-memory pipeline for this checkpoint)")
+    plan = plan_memory(max_memory, 0, 0, 0, max_shard_size)
+    slot_names = {f"{layer.name}.experts.{k}" for layer in layers for k in SLOTS}
+    with atomic_directory(out) as tmp:
+        writer = ShardWriter(tmp, WEIGHTS_NAME, plan.shard_size, WEIGHTS_METADATA)
+        stage = CompressionStage(tmp / ".compress-staging", opts["rank"], opts["keep_ratio"], opts["svd"])
+        for layer in tqdm(layers, desc="compressing: decomposing", unit="layer", disable=not progress):
+            w_in, w_out, emap = (weights.get(f"{layer.name}.experts.{k}") for k in SLOTS)
+            weights.release()
+            keep = None
+            if entries[layer.name].get("dropped"):
+                keep = torch.ones(layer.num_experts, dtype=torch.bool)
+                keep[entries[layer.name]["dropped"]] = False
+            stage.add(layer.name, w_in.to(dtype), w_out.to(dtype), emap, layer.activation, keep)
+            del w_in, w_out
+        for name in weights.shapes:  # everything else, one tensor at a time
+            if name not in slot_names:
+                writer.add(name, weights.get(name))
+        weights.release()
+        bar = tqdm(total=len(layers), desc="compressing: global threshold", unit="layer", disable=not progress)
+        new_entries = stage.finish(writer, progress=lambda name: bar.update())
+        bar.close()
+        for name, entry in new_entries.items():
+            entry["dropless"] = bool(entries[name].get("dropless", False))
+        written = writer.finish()
+        compress_module._record(model, dict.fromkeys(new_entries), dict(
+            rank=opts["rank"], keep_ratio=opts["keep_ratio"], importance="weight", svd=opts["svd"]))
+        ordered = {layer.name: new_entries[layer.name] for layer in layers}
+        write_merged_config(model.config, tmp, written, section["aliases"], ordered,
+                            str(dtype).removeprefix("torch."))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return ordered
