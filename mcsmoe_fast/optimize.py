@@ -15,7 +15,7 @@ from torch import nn
 from .compressed import CompressedMoEExperts
 from .experts_interface import NAME as EXPERTS_IMPLEMENTATION
 from .models import ExpertsLayer, moe_layers
-from .modules import MoEExperts, SwitchMoE
+from .modules import MoEExperts
 from .plain_save import guard_plain_save
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 import mcsmoe_fast.merge as merge_module
 import mcsmoe_fast.streaming.passes as passes
-import mcsmoe_fast.streaming.pipeline as pipeline
+import mcsmoe_fast.streaming.skeleton as skeleton
 from mcsmoe_fast import (
     collect_routing_stats, compress_experts, from_pretrained, merge_experts, moe_layers, open_model, save_pretrained,
 )
@@ -209,7 +209,7 @@ def test_only_one_layer_is_materialised_at_a_time(tmp_path, batches, monkeypatch
     model_box, peaks, layers_live = {}, [], []
     baseline = live_tensor_bytes()
 
-    real_build, real_materialise = pipeline.build_skeleton, passes.materialise
+    real_build, real_materialise = skeleton.build_skeleton, passes.materialise
 
     def build(*args):
         model_box["model"] = real_build(*args)
@@ -222,7 +222,7 @@ def test_only_one_layer_is_materialised_at_a_time(tmp_path, batches, monkeypatch
                             if any(p.device.type != "meta" for p in layer.parameters())])
         peaks.append(live_tensor_bytes() - baseline)
 
-    monkeypatch.setattr(pipeline, "build_skeleton", build)
+    monkeypatch.setattr(skeleton, "build_skeleton", build)
     monkeypatch.setattr(passes, "materialise", materialise)
     result = merge_checkpoint(src, tmp_path / "out", batches, 2, max_shard_size="20KB", progress=False)
     assert layers_live == [[], [0], [1], [2], [3]]  # embeddings, then one decoder layer at a time

@@ -19,7 +19,7 @@ from ..checkpoint import WEIGHTS_METADATA, WEIGHTS_NAME, _open_weights, _read_se
 from ..checkpoint import write_merged_config
 from ..weight_files import CheckpointError, ShardWriter
 from .compress_stage import CompressionStage, compress_options
-from .memory import plan_memory
+from .memory import shard_size_for
 from .skeleton import build_skeleton
 
 SLOTS = ("w_in", "w_out", "expert_map")
@@ -58,10 +58,9 @@ def compress_checkpoint(path, out, rank: int = 32, keep_ratio: float = 0.1, svd:
         if "expert_map" not in entry:
             raise CheckpointError(f"{path}: layer {layer.name!r} is not stored as merged slots; streaming compression "
                                   "needs every MoE layer merged (use the in-memory pipeline for this checkpoint)")
-    plan = plan_memory(max_memory, 0, 0, 0, max_shard_size)
     slot_names = {f"{layer.name}.experts.{k}" for layer in layers for k in SLOTS}
     with atomic_directory(out) as tmp:
-        writer = ShardWriter(tmp, WEIGHTS_NAME, plan.shard_size, WEIGHTS_METADATA)
+        writer = ShardWriter(tmp, WEIGHTS_NAME, shard_size_for(max_memory, max_shard_size), WEIGHTS_METADATA)
         stage = CompressionStage(tmp / ".compress-staging", opts["rank"], opts["keep_ratio"], opts["svd"])
         for layer in tqdm(layers, desc="compressing: decomposing", unit="layer", disable=not progress):
             w_in, w_out, emap = (weights.get(f"{layer.name}.experts.{k}") for k in SLOTS)

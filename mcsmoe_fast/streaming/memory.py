@@ -58,19 +58,26 @@ class MemoryPlan:
         return 2 * self.layer_bytes + self.matching_bytes
 
 
+def shard_size_for(max_memory, max_shard_size=None) -> int:
+    """Bytes per output shard: max_shard_size when given, else max_memory / 8 between 1 MB and 2 GB
+    (2 GB without a budget)."""
+    shard = parse_size(max_shard_size, "max_shard_size")
+    if shard is not None:
+        return shard
+    budget = parse_size(max_memory, "max_memory")
+    return DEFAULT_SHARD_SIZE if budget is None else min(DEFAULT_SHARD_SIZE, max(MIN_SHARD_SIZE, budget // 8))
+
+
 def plan_memory(budget, layer_bytes: int, expert_matrix_bytes: int, activation_bytes: int,
                 shard_size=None) -> MemoryPlan:
     """Split `budget` (bytes, "1GB", or None) between one layer, the output buffer and the hidden
     states; expert_matrix_bytes is one ff x ff cost matrix (float32)."""
     from ..permute import DEFAULT_MEMORY_BUDGET
 
+    shard_size = shard_size_for(budget, shard_size)
     budget = parse_size(budget, "max_memory")
-    shard_size = parse_size(shard_size, "max_shard_size")
     if budget is None:
-        return MemoryPlan(None, layer_bytes, activation_bytes, False, shard_size or DEFAULT_SHARD_SIZE,
-                          DEFAULT_MEMORY_BUDGET)
-    if shard_size is None:
-        shard_size = min(DEFAULT_SHARD_SIZE, max(MIN_SHARD_SIZE, budget // 8))
+        return MemoryPlan(None, layer_bytes, activation_bytes, False, shard_size, DEFAULT_MEMORY_BUDGET)
     matching = max(expert_matrix_bytes, min(DEFAULT_MEMORY_BUDGET, budget // 8))
     plan = MemoryPlan(budget, layer_bytes, activation_bytes, False, shard_size, matching)
     plan.offload = activation_bytes > budget - plan.layer_floor - shard_size

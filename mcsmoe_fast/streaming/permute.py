@@ -9,27 +9,16 @@ open_model -> align_experts(model, reference) -> model.save_pretrained on the sa
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_directory
 from ..permute import apply_permutation_, match_permutations
-from ..weight_files import ShardWriter, parse_size
-from .memory import DEFAULT_SHARD_SIZE, MIN_SHARD_SIZE
-from .skeleton import build_skeleton, decoder_layers, moe_views, tensor_shapes
-from .source import SourceCheckpoint
+from ..weight_files import ShardWriter
+from .memory import shard_size_for
+from .skeleton import decoder_layers, moe_views, open_source
 
 EXPERT_TENSORS = ("experts.gate_up_proj", "experts.down_proj")
-
-
-def _shard_size(max_memory, max_shard_size) -> int:
-    shard = parse_size(max_shard_size, "max_shard_size")
-    if shard is not None:
-        return shard
-    budget = parse_size(max_memory, "max_memory")
-    return DEFAULT_SHARD_SIZE if budget is None else min(DEFAULT_SHARD_SIZE, max(MIN_SHARD_SIZE, budget // 8))
 
 
 @torch.no_grad()
@@ -41,14 +30,7 @@ def permute_checkpoint(path, out, reference: int = 0, max_memory=None, max_shard
     max_memory: a resident-memory target (bytes or "16GB"; one layer's experts have to fit) that sets the
     output shard size (max_memory / 8 between 1 MB and 2 GB) unless max_shard_size (bytes) is given;
     tokenizer: saved with the checkpoint."""
-    source = SourceCheckpoint(path)
-    out = Path(out).expanduser().absolute()
-    if out == source.path or source.path in out.parents:
-        raise ValueError(f"out ({out}) must not be the input checkpoint directory or inside it")
-    dtype = dtype or torch.float32
-    model = build_skeleton(source.config, dtype)
-    shapes, _ = tensor_shapes(model)
-    source.check(shapes)
+    source, out, dtype, model, shapes, _ = open_source(path, out, dtype)
     _, layers = decoder_layers(model)
     views = [moe_views(model, layers)[i] for i in sorted(moe_views(model, layers))]
     for view in views:
@@ -57,7 +39,7 @@ def permute_checkpoint(path, out, reference: int = 0, max_memory=None, max_shard
     experts = {f"{v.name}.{t}" for v in views for t in EXPERT_TENSORS}
     perms = {}
     with atomic_directory(out) as tmp:
-        writer = ShardWriter(tmp, "model.safetensors", _shard_size(max_memory, max_shard_size), {"format": "pt"})
+        writer = ShardWriter(tmp, "model.safetensors", shard_size_for(max_memory, max_shard_size), {"format": "pt"})
         for view in tqdm(views, desc="aligning experts", unit="layer", disable=not progress):
             w_in, w_out = (source.read(f"{view.name}.{t}", shapes[f"{view.name}.{t}"], dtype) for t in EXPERT_TENSORS)
             source.release()

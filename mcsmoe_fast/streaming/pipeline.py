@@ -40,8 +40,7 @@ from .compress_stage import CompressionStage, compress_options
 from .forward import prepare_batches
 from .memory import MemoryPlan, human, plan_memory
 from .passes import Merger, Progress, Stream, merge_pass, statistics_pass
-from .skeleton import build_skeleton, decoder_layers, moe_views, tensor_shapes
-from .source import SourceCheckpoint
+from .skeleton import decoder_layers, moe_views, open_source
 
 
 @dataclass
@@ -130,14 +129,7 @@ def merge_checkpoint(
     started = time.perf_counter()
     bases = _check_options(similarity, strategy, grouping, bases)
     compress = compress_options(compress)
-    source = SourceCheckpoint(path)
-    out = Path(out).expanduser().absolute()
-    if out == source.path or source.path in out.parents:
-        raise ValueError(f"out ({out}) must not be the input checkpoint directory or inside it")
-    dtype = dtype or torch.float32
-    model = build_skeleton(source.config, dtype)
-    shapes, aliases = tensor_shapes(model)
-    source.check(shapes)
+    source, out, dtype, model, shapes, aliases = open_source(path, out, dtype)
     batches = prepare_batches(calibration_batches, source.config.vocab_size)
     prefix, layer_list = decoder_layers(model)
     views = moe_views(model, layer_list)

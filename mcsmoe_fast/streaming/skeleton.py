@@ -21,6 +21,25 @@ def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
+def open_source(path, out, dtype: torch.dtype | None):
+    """(SourceCheckpoint, absolute out path, dtype, skeleton, {name: shape}, aliases) for a streamed run
+    reading checkpoint `path` into `out` (never the input directory or inside it); every tensor the
+    skeleton needs is checked to be in the checkpoint with its shape."""
+    from pathlib import Path
+
+    from .source import SourceCheckpoint
+
+    source = SourceCheckpoint(path)
+    out = Path(out).expanduser().absolute()
+    if out == source.path or source.path in out.parents:
+        raise ValueError(f"out ({out}) must not be the input checkpoint directory or inside it")
+    dtype = dtype or torch.float32
+    model = build_skeleton(source.config, dtype)
+    shapes, aliases = tensor_shapes(model)
+    source.check(shapes)
+    return source, out, dtype, model, shapes, aliases
+
+
 def tensor_shapes(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """({name: shape} of every state-dict tensor stored once, {tied name: stored name}); tied names
     follow state-dict order as checkpoint.save_pretrained records them."""
