@@ -23,7 +23,7 @@ use `decoder_attention_mask` when the batch has one, else every decoder token.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .drop import logit_mask
 from .models import MoELayer, moe_layers
+from .models.dispatched import compute_device, onloaded
 
 CHEAP_BASES = ("router-logits", "feature")
 
@@ -68,6 +69,12 @@ class LayerStats:
                              "pass bases including 'expert-output' to collect_routing_stats")
         return self.output_sum / max(self.tokens, 1)
 
+    def to(self, device) -> LayerStats:
+        """The same statistics with every tensor on `device`."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **moved)
+
     def summary(self) -> dict:
         """JSON-ready summary (saved with merged checkpoints)."""
         return {"tokens": int(self.tokens), "selections": int(self.counts.sum().item()),
@@ -82,7 +89,7 @@ class _Accumulator:
         w_in, _ = layer.expert_weights()
         self.layer, self.decoder, self.chunk_tokens = layer, decoder, chunk_tokens
         self.keep = logit_mask(layer)
-        self.device = w_in.device
+        self.device = compute_device(layer.module, w_in)
         acc = torch.float32 if self.device.type == "mps" else torch.float64
         e, d = layer.num_experts, layer.hidden_size
         self.stats = LayerStats(
@@ -127,10 +134,12 @@ class _Accumulator:
         xs = x.to(acc)
         for j in range(s.top_k):
             s.feature_sum.index_add_(0, top[chosen[:, j], j], xs[chosen[:, j]])
-        if self.activation_sum is not None:
-            self._accumulate_activations(x)
-        if s.slot_input_sq is not None:
-            self._accumulate_input_norms(x, top, chosen)
+        if self.activation_sum is not None or s.slot_input_sq is not None:
+            with onloaded(self.layer.module):  # an offloaded block's experts, for the time of these sums
+                if self.activation_sum is not None:
+                    self._accumulate_activations(x)
+                if s.slot_input_sq is not None:
+                    self._accumulate_input_norms(x, top, chosen)
 
     def _accumulate_activations(self, x: torch.Tensor) -> None:
         w_in, _ = self.layer.expert_weights()
@@ -153,14 +162,18 @@ class _Accumulator:
 
     def finish(self) -> LayerStats:
         if self.activation_sum is not None:
-            _, w_out = self.layer.expert_weights()
-            emap = self.layer.expert_map().to(self.device)
-            per_slot = torch.einsum("sdf,sf->sd", w_out.detach().to(self.activation_sum.dtype), self.activation_sum)
-            b_out = self.layer.expert_biases()[1]
-            if b_out is not None:  # every token passes every slot here (the expert-output basis)
-                per_slot += self.stats.tokens * b_out.detach().to(per_slot.dtype)
-            self.stats.output_sum = per_slot[emap]
+            with onloaded(self.layer.module):
+                self._finish_output()
         return self.stats
+
+    def _finish_output(self) -> None:
+        _, w_out = self.layer.expert_weights()
+        emap = self.layer.expert_map().to(self.device)
+        per_slot = torch.einsum("sdf,sf->sd", w_out.detach().to(self.activation_sum.dtype), self.activation_sum)
+        b_out = self.layer.expert_biases()[1]
+        if b_out is not None:  # every token passes every slot here (the expert-output basis)
+            per_slot += self.stats.tokens * b_out.detach().to(per_slot.dtype)
+        self.stats.output_sum = per_slot[emap]
 
 
 def is_decoder_layer(model: nn.Module, name: str) -> bool:

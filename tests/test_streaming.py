@@ -4,7 +4,6 @@ layer in memory at a time."""
 import gc
 import json
 import os
-import warnings
 
 import pytest
 import torch
@@ -20,8 +19,8 @@ from mcsmoe_fast.checkpoint import CheckpointError
 from mcsmoe_fast.streaming import checkpoint_bytes, fits_in_memory, in_memory_bytes, merge_checkpoint
 from mcsmoe_fast.tiny import tiny_mixtral, tiny_switch
 from merge_helpers import calibration, forward
+from streaming_helpers import NUM_GROUPS, assert_same_checkpoint, in_memory, quiet_merge
 
-NUM_GROUPS = 3
 COMPRESS = dict(rank=4, keep_ratio=0.3)
 
 
@@ -38,39 +37,6 @@ def source(tmp_path_factory):
 @pytest.fixture(scope="module")
 def batches(source):
     return calibration(tiny_mixtral(num_layers=1), seed=3, batches=3, batch=2, length=9)
-
-
-def in_memory(src, out, batches, compress=None, **kwargs):
-    """The in-memory pipeline the streamed one must equal."""
-    model = open_model(str(src))
-    stats = collect_routing_stats(model, batches, progress=False)
-    merge_experts(model, stats, NUM_GROUPS, progress=False, **kwargs)
-    if compress:
-        compress_experts(model, **compress, importance="weight", progress=False)
-    return save_pretrained(model, out)
-
-
-def assert_same_checkpoint(expected, actual, batches):
-    a, b = from_pretrained(expected), from_pretrained(actual)
-    for x in batches:
-        torch.testing.assert_close(forward(b, x), forward(a, x), rtol=0, atol=1e-5)
-    for la, lb in zip(moe_layers(a), moe_layers(b)):
-        assert la.name == lb.name
-        assert torch.equal(la.expert_map(), lb.expert_map())
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sorted(sa) == sorted(sb)
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
-    ca, cb = (json.loads((p / "config.json").read_text()) for p in (expected, actual))
-    for key in ("merges", "layers"):
-        assert ca["mcsmoe_merge"][key] == cb["mcsmoe_merge"][key]
-    assert ca.get("mcsmoe_compress") == cb.get("mcsmoe_compress")
-
-
-def quiet_merge(*args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # a budget below one layer warns
-        return merge_checkpoint(*args, progress=False, **kwargs)
 
 
 @pytest.mark.parametrize("globally", [True, False], ids=["global-two-passes", "per-layer-one-pass"])

@@ -40,3 +40,28 @@ def subcommand(sub, name: str, help: str, example: str, description: str | None 
 
     return sub.add_parser(name, help=help, description=description or help, epilog=f"example:\n  {example}",
                           formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def per_device_sizes(text: str | None):
+    """--max-memory: one size ("8GB") or sizes per device ("cpu=8GB,0=70GB,1=70GB") as a dict."""
+    if text is None or "=" not in text:
+        return text
+    sizes = {}
+    for part in text.split(","):
+        device, sep, size = part.partition("=")
+        if not sep or not device.strip() or not size.strip():
+            raise ValueError(f"--max-memory: expected SIZE or DEVICE=SIZE,... (e.g. cpu=8GB,0=70GB), got {text!r}")
+        sizes[device.strip()] = size.strip()
+    return sizes
+
+
+def device_map_option(text: str | None):
+    """--device-map: a strategy or device name as it is, or a JSON object {module name: device}."""
+    import json
+
+    if text is None or not text.lstrip().startswith("{"):
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--device-map: not a JSON object ({exc})") from None

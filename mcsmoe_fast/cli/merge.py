@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from .common import add_calibration_options, dir_bytes, parameter_bytes, refuse_overwriting_input, subcommand
+from .common import (add_calibration_options, device_map_option, dir_bytes, parameter_bytes, per_device_sizes,
+                     refuse_overwriting_input, subcommand)
 
 
 def add(sub):
@@ -35,9 +36,16 @@ def add(sub):
                    help="save a plain transformers checkpoint (every expert materialised) instead")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="memory budget, e.g. 8GB: a checkpoint that would not fit is merged layer by layer from "
-                        "its shards without loading the whole model (Mixtral-style models)")
+                        "its shards without loading the whole model (Mixtral-style models); with --device-map "
+                        "also per device, e.g. cpu=8GB,0=70GB,1=70GB")
+    p.add_argument("--device-map", default=None, metavar="MAP",
+                   help="stream the merge and run the calibration forward with accelerate's device map: auto, "
+                        "balanced, balanced_low_0, sequential, cpu, cuda:N or a JSON object {module: device}; GPUs "
+                        "first, then the CPU up to --max-memory, the rest offloaded to --offload-dir (needed for "
+                        "several GPUs, DeepSeek-V3 and Qwen3-Next)")
     p.add_argument("--offload-dir", default=None,
-                   help="with streaming: where carried calibration activations go when they exceed the budget")
+                   help="with streaming: where carried calibration activations (or, with --device-map, the "
+                        "offloaded layers) go when they exceed the budget")
     p.set_defaults(run=run)
     return p
 
@@ -48,9 +56,10 @@ def run_streaming(args, tokenizer, batches) -> int:
 
     layers = [int(x) if x.lstrip("-").isdigit() else x for x in args.layers] if args.layers else None
     result = merge_checkpoint(args.model, args.out, batches, args.num_groups, similarity=args.similarity,
-                              globally=args.globally, max_memory=args.max_memory, offload_dir=args.offload_dir,
-                              permute=args.permute, strategy=args.strategy, grouping=args.grouping, layers=layers,
-                              seed=args.seed, tokenizer=tokenizer)
+                              globally=args.globally, max_memory=per_device_sizes(args.max_memory),
+                              offload_dir=args.offload_dir, permute=args.permute, strategy=args.strategy,
+                              grouping=args.grouping, layers=layers, seed=args.seed, tokenizer=tokenizer,
+                              device_map=device_map_option(args.device_map))
     total = sum(g.num_groups for g in result.groupings.values())
     print(f"streamed {len(result.groupings)} layers layer by layer ({result.passes} pass(es) over the weights, "
           f"{result.bytes_read / 2**20:.1f} MiB read, peak RSS {result.peak_rss / 2**20:.0f} MiB): {total} groups")
@@ -74,9 +83,14 @@ def run(args) -> int:
     batches = calibration_batches(texts, tokenizer, args.batch_size, args.max_length)
     from ..streaming import fits_in_memory
 
-    if not fits_in_memory(args.model, args.max_memory):
+    budget = per_device_sizes(args.max_memory)
+    if isinstance(budget, dict) and args.device_map is None:
+        raise ValueError("--max-memory per device (DEVICE=SIZE,...) needs --device-map")
+    if args.device_map is not None or not fits_in_memory(args.model, budget.get("cpu") if isinstance(budget, dict)
+                                                                     else budget):
         if args.export_dense:
-            raise ValueError("--export-dense needs the whole model in memory; drop it or raise --max-memory")
+            raise ValueError("--export-dense needs the whole model in memory; drop it (and --device-map) or raise "
+                             "--max-memory")
         return run_streaming(args, tokenizer, batches)
     model = open_model(args.model)
     experts = {layer.num_experts for layer in moe_layers(model)}

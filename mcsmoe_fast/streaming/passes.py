@@ -1,8 +1,10 @@
 """The passes over the decoder layers of a streamed merge (pipeline.py sets them up).
 
-statistics_pass: embeddings, then each decoder layer materialised from the checkpoint, run over every
-  calibration batch (its MoE block feeding calibrate's accumulator through a forward pre-hook, as
-  collect_routing_stats does), its non-expert tensors copied to the output, and emptied again.
+layer_pass: each decoder layer read once, its non-expert tensors copied to the output, its experts
+  merged when their statistics are known; as the statistics pass (with an ActivationStore), the
+  embeddings and then each layer materialised from the checkpoint run over every calibration batch
+  (its MoE block feeding calibrate's accumulator through a forward pre-hook, as collect_routing_stats
+  does) and are emptied again.
 merge_pass: each MoE layer's router and experts read again and handed to the Merger.
 Merger: the expert step of one layer: merge.merge_layer_weights, then write the slots (or stage them
   for compression, compress_stage.py).
@@ -121,57 +123,67 @@ def _attach(view, bases, current: dict):
 
 
 @torch.no_grad()
-def embed(s: Stream, store: ActivationStore) -> None:
-    """hidden_b <- embed_tokens(input_ids_b) for every batch; the embedding goes to the output."""
+def embed(s: Stream, store: ActivationStore | None) -> None:
+    """The embedding goes to the output; with a store, hidden_b <- embed_tokens(input_ids_b) for every batch."""
     embeddings = s.model.get_input_embeddings()
     name = next(n for n, m in s.model.named_modules() if m is embeddings)
     tensors = {f"{name}.{k}": s.read(f"{name}.{k}") for k, _ in embeddings.named_parameters()}
     s.source.release()
-    materialise(embeddings, name, tensors)
-    for b, batch in enumerate(s.batches):
-        store.put(b, embeddings(batch.input_ids))
+    if store is not None:
+        materialise(embeddings, name, tensors)
+        for b, batch in enumerate(s.batches):
+            store.put(b, embeddings(batch.input_ids))
+        empty(embeddings)
     for n, t in tensors.items():
         s.writer.add(n, t)
-    empty(embeddings)
 
 
 @torch.no_grad()
-def statistics_pass(s: Stream, store: ActivationStore, merge_now, desc: str) -> None:
-    """Run every decoder layer over the carried hidden states, collecting the chosen MoE layers'
-    statistics into s.stats; merge_now(view, tensors) is called for the layers whose experts are
-    handled right away (the layer is still materialised then)."""
+def layer_pass(s: Stream, merge_now, desc: str, store: ActivationStore | None = None) -> None:
+    """Read every decoder layer once and copy its non-expert tensors to the output; merge_now(view,
+    tensors) is called for the layers whose experts are handled in this pass. With a store (the
+    statistics pass), each layer also runs over the carried hidden states, collecting the chosen MoE
+    layers' statistics into s.stats before merge_now sees the layer."""
     embed(s, store)
     bar = s.progress.bar(range(len(s.layers)), desc)
     for i in bar:
         name = f"{s.prefix}.{i}"
         s.progress.update(bar, name)
-        layer, view = s.layers[i], s.views.get(i)
+        view = s.views.get(i)
         tensors = {n: s.read(n) for n in s.shapes if n.startswith(name + ".")}
         s.source.release()
-        materialise(layer, name, tensors)
-        current: dict = {}
-        acc = _attach(view, s.bases, current) if view is not None and view.name in s.chosen else None
-        try:
-            run_layer(s.model, layer, i, s.batches, store.get, store.put,
-                      lambda batch: current.update(mask=batch.attention_mask))
-        finally:
-            if acc is not None:
-                acc[1].remove()
-        if acc is not None:
-            s.stats[view.name] = acc[0].finish()
+        if store is not None:
+            _run_with_statistics(s, store, i, tensors)
         experts = {f"{view.name}.{t}" for t in EXPERT_TENSORS} if view is not None else set()
         for n, t in tensors.items():  # attention, norms, router: copied through unchanged
             if n not in experts:
                 s.writer.add(n, t)
         if view is not None:
             merge_now(view, tensors)
-        empty(layer)
         del tensors
         s.progress.update(bar, name)
     for n in s.shapes:  # the final norm, lm_head and anything else outside the decoder layers
         if n not in s.writer.names and not n.startswith(f"{s.prefix}."):
             s.writer.add(n, s.read(n))
     s.source.release()
+
+
+def _run_with_statistics(s: Stream, store: ActivationStore, i: int, tensors: dict[str, torch.Tensor]) -> None:
+    """Decoder layer i, materialised from `tensors`, over every carried hidden state; its MoE block's
+    statistics (a chosen layer) go to s.stats."""
+    layer, view = s.layers[i], s.views.get(i)
+    materialise(layer, f"{s.prefix}.{i}", tensors)
+    current: dict = {}
+    acc = _attach(view, s.bases, current) if view is not None and view.name in s.chosen else None
+    try:
+        run_layer(s.model, layer, i, s.batches, store.get, store.put,
+                  lambda batch: current.update(mask=batch.attention_mask))
+    finally:
+        if acc is not None:
+            acc[1].remove()
+        empty(layer)
+    if acc is not None:
+        s.stats[view.name] = acc[0].finish()
 
 
 @torch.no_grad()

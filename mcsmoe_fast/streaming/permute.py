@@ -30,7 +30,7 @@ def permute_checkpoint(path, out, reference: int = 0, max_memory=None, max_shard
     max_memory: a resident-memory target (bytes or "16GB"; one layer's experts have to fit) that sets the
     output shard size (max_memory / 8 between 1 MB and 2 GB) unless max_shard_size (bytes) is given;
     tokenizer: saved with the checkpoint."""
-    source, out, dtype, model, shapes, _ = open_source(path, out, dtype)
+    source, out, dtype, model, shapes, _ = open_source(path, out, dtype, dispatched=True)  # no forward
     _, layers = decoder_layers(model)
     views = [moe_views(model, layers)[i] for i in sorted(moe_views(model, layers))]
     for view in views:

@@ -20,6 +20,8 @@ temporary directory renamed into place at the end; an interrupted run leaves no 
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Iterable
@@ -37,9 +39,10 @@ from ..merge import check_merge_options, select_layers
 from ..weight_files import ShardWriter
 from .activations import ActivationStore
 from .compress_stage import CompressionStage, compress_options
+from .dispatch import check_device_map, dispatched_statistics, split_memory
 from .forward import prepare_batches
 from .memory import MemoryPlan, human, plan_memory
-from .passes import Merger, Progress, Stream, merge_pass, statistics_pass
+from .passes import Merger, Progress, Stream, layer_pass, merge_pass
 from .skeleton import decoder_layers, moe_views, open_source
 
 
@@ -106,6 +109,7 @@ def merge_checkpoint(
     max_shard_size=None,
     bases: Iterable[str] | None = None,
     tokenizer=None,
+    device_map=None,
 ) -> StreamingResult:
     """Merge the experts of the Mixtral-style checkpoint directory `path` into `out` without ever
     holding the model in memory; returns a StreamingResult.
@@ -117,9 +121,18 @@ def merge_checkpoint(
       experts as compress_experts(importance="weight") would do on the merged model (every MoE layer).
     max_memory: a target for resident memory (bytes or "16GB"): decides whether the carried hidden
       states stay in memory or go to a file, the output shard size and the weight-matching chunks. One
-      layer (with its merge temporaries, about 2x its weights) has to fit; None: no limit.
-    offload_dir: where hidden states go when they exceed the budget (default: inside the temporary
-      output directory); the file is removed at the end, also when the run fails.
+      layer (with its merge temporaries, about 2x its weights) has to fit; None: no limit. With a
+      device_map, also a dict per device as accelerate takes it ({0: "70GB", 1: "70GB", "cpu": "8GB"});
+      its "cpu" entry is then the resident budget.
+    offload_dir: where hidden states go when they exceed the budget, and with a device_map where
+      accelerate offloads the layers that fit no device (default: inside the temporary output
+      directory); what the run writes there is removed at the end, also when the run fails.
+    device_map: None (the statistics pass runs the cut forward on the CPU, one layer at a time), or a
+      device map for accelerate's big-model inference ("auto", "balanced", "balanced_low_0",
+      "sequential", "cpu", "cuda:N" or {module name: device or "disk"}, see dispatch.py): the statistics
+      pass is the model's own forward on GPUs / CPU / disk as accelerate places it, then one pass over
+      the weights merges every layer. Needed for several GPUs, and for DeepSeek-V3 and Qwen3-Next, whose
+      decoder layers the cut forward does not run.
     dtype: compute and output dtype (default float32, as open_model loads).
     max_shard_size: bytes per output shard (default: max_memory / 8 between 1 MB and 2 GB; 2 GB without
       a budget).
@@ -129,19 +142,24 @@ def merge_checkpoint(
     started = time.perf_counter()
     bases = _check_options(similarity, strategy, grouping, bases)
     compress = compress_options(compress)
-    source, out, dtype, model, shapes, aliases = open_source(path, out, dtype)
+    check_device_map(device_map)
+    if isinstance(max_memory, dict) and device_map is None:
+        raise ValueError("max_memory per device (a dict) is for accelerate's device map; pass device_map too, "
+                         "or one size for the resident memory")
+    budget, device_memory = split_memory(max_memory) if device_map is not None else (max_memory, None)
+    source, out, dtype, model, shapes, aliases = open_source(path, out, dtype, device_map is not None)
     batches = prepare_batches(calibration_batches, source.config.vocab_size)
     prefix, layer_list = decoder_layers(model)
     views = moe_views(model, layer_list)
     chosen = [v.name for v in select_layers([views[i] for i in sorted(views)], layers)]  # module order
     num_experts = {v.name: v.num_experts for v in views.values()}
     # group counts known up front (not global): each layer is merged as soon as its statistics are in
-    fused = not globally
+    fused = not globally and device_map is None
     counts = group_counts({n: torch.zeros(num_experts[n]) for n in chosen}, num_groups, globally) if fused else {}
     s = Stream(model=model, source=source, shapes=shapes, prefix=prefix, layers=layer_list, views=views,
                chosen=set(chosen), batches=batches, dtype=dtype, bases=bases, writer=None,
                progress=Progress(progress, sum(b.tokens for b in batches)))
-    plan = _plan(s, max_memory, max_shard_size)
+    plan = _plan(s, budget, max_shard_size)
     seconds: dict[str, float] = {}
 
     with atomic_directory(out) as tmp:
@@ -151,29 +169,45 @@ def merge_checkpoint(
         merger = Merger(s.writer, stage, dict(similarity=similarity, permute=permute, strategy=strategy,
                                               grouping=grouping, seed=seed), plan.matching_bytes)
 
-        def merge_now(view, tensors):  # during pass 1: every layer when fused, else layers kept as they are
-            if fused or (view.name not in s.chosen and stage is None):
+        merge_all = fused or device_map is not None
+
+        def merge_now(view, tensors):  # in the layer pass: every layer, or the ones kept as they are
+            if merge_all or (view.name not in s.chosen and stage is None):
                 merger(view, *(tensors[f"{view.name}.{t}"] for t in ("experts.gate_up_proj", "experts.down_proj",
                                                                      "gate.weight")),
                        s.stats.get(view.name), counts.get(view.name))
 
         t0 = time.perf_counter()
-        store = ActivationStore([(*b.input_ids.shape, model.config.hidden_size) for b in batches], dtype,
-                                (offload_dir or tmp / ".activations") if plan.offload else None)
-        offloaded = store.offloaded
-        try:
-            statistics_pass(s, store, merge_now, "pass 1/1: statistics + merging" if fused
-                            else "pass 1/2: routing statistics")
-        finally:
-            store.close()
-            if offloaded and not offload_dir:
-                (tmp / ".activations").rmdir()
-        seconds["pass1"] = time.perf_counter() - t0
-        if not fused:
-            t0 = time.perf_counter()
+        if device_map is not None:
+            offload = Path(tempfile.mkdtemp(prefix=".mcsmoe-offload-", dir=offload_dir or tmp))
+            try:
+                s.stats, placed = dispatched_statistics(source, dtype, batches, bases, s.chosen, device_map,
+                                                        device_memory, offload, s.progress)
+            finally:
+                shutil.rmtree(offload, ignore_errors=True)
+            offloaded = "disk" in placed.values()
+            seconds["pass1"] = time.perf_counter() - t0
             counts = group_counts({n: s.stats[n].frequency for n in chosen}, num_groups, globally)
-            merge_pass(s, merger, counts, "pass 2/2: merging")
+            t0 = time.perf_counter()
+            layer_pass(s, merge_now, "pass 2/2: merging")
             seconds["pass2"] = time.perf_counter() - t0
+        else:
+            store = ActivationStore([(*b.input_ids.shape, model.config.hidden_size) for b in batches], dtype,
+                                    (offload_dir or tmp / ".activations") if plan.offload else None)
+            offloaded = store.offloaded
+            try:
+                layer_pass(s, merge_now, "pass 1/1: statistics + merging" if fused
+                           else "pass 1/2: routing statistics", store)
+            finally:
+                store.close()
+                if offloaded and not offload_dir:
+                    (tmp / ".activations").rmdir()
+            seconds["pass1"] = time.perf_counter() - t0
+            if not fused:
+                t0 = time.perf_counter()
+                counts = group_counts({n: s.stats[n].frequency for n in chosen}, num_groups, globally)
+                merge_pass(s, merger, counts, "pass 2/2: merging")
+                seconds["pass2"] = time.perf_counter() - t0
         if stage is not None:
             t0 = time.perf_counter()
             bar = s.progress.bar(len(stage.layers), "compressing: global threshold")

@@ -21,15 +21,15 @@ def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
-def open_source(path, out, dtype: torch.dtype | None):
+def open_source(path, out, dtype: torch.dtype | None, dispatched: bool = False):
     """(SourceCheckpoint, absolute out path, dtype, skeleton, {name: shape}, aliases) for a streamed run
     reading checkpoint `path` into `out` (never the input directory or inside it); every tensor the
-    skeleton needs is checked to be in the checkpoint with its shape."""
+    skeleton needs is checked to be in the checkpoint with its shape. dispatched: see SourceCheckpoint."""
     from pathlib import Path
 
     from .source import SourceCheckpoint
 
-    source = SourceCheckpoint(path)
+    source = SourceCheckpoint(path, dispatched)
     out = Path(out).expanduser().absolute()
     if out == source.path or source.path in out.parents:
         raise ValueError(f"out ({out}) must not be the input checkpoint directory or inside it")

@@ -5,9 +5,10 @@ model.safetensors.index.json. Everything is checked before any work starts (ever
 a complete safetensors file holding the tensors the index puts in it; every tensor the model needs is
 there with the right shape), so a bad shard fails in seconds, naming the file, not hours in.
 
-Supported: decoder-only families whose decoder layers take (hidden, attention_mask, position_ids,
-position_embeddings) and whose experts are stored concatenated and untransposed without biases:
-Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE. Their checkpoints come in two layouts:
+Supported: decoder-only families whose experts are stored concatenated and untransposed without biases:
+Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE (their decoder layers take (hidden, attention_mask, position_ids,
+position_embeddings), so the cut forward runs them), and DeepSeek-V3 and Qwen3-Next when their own
+forward runs under accelerate (merge_checkpoint(device_map=...)) or no forward is needed (permute). Their checkpoints come in two layouts:
 
 - per expert (the original releases): model.layers.{i}.block_sparse_moe.experts.{j}.w1/w2/w3.weight
   (Mixtral: w1 gate [ff, d], w3 up [ff, d], w2 down [d, ff]) or mlp.experts.{j}.gate_proj/up_proj/
@@ -30,7 +31,9 @@ from ..weight_files import CheckpointError, WeightFiles, read_index
 
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
-SUPPORTED_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+SUPPORTED_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")  # the cut forward (forward.py) runs these
+# same expert layout, but decoder layers only their model's own forward runs (MLA, linear attention)
+DISPATCH_TYPES = ("deepseek_v3", "qwen3_next")
 # names of the per-expert tensors of a fused tensor: (gate, up) and (down,), per naming convention
 PER_EXPERT_NAMES = ((("w1", "w3"), ("w2",)), (("gate_proj", "up_proj"), ("down_proj",)))
 
@@ -52,7 +55,9 @@ def open_weight_files(path: Path) -> WeightFiles:
 class SourceCheckpoint:
     """A transformers checkpoint directory of a supported family, its config and its tensors."""
 
-    def __init__(self, path):
+    def __init__(self, path, dispatched: bool = False):
+        """dispatched: the caller runs the model's own forward (accelerate device map) or none at all,
+        so DISPATCH_TYPES are accepted too."""
         from transformers import AutoConfig
 
         self.path = Path(path).expanduser().absolute()
@@ -69,9 +74,13 @@ class SourceCheckpoint:
             raise ValueError(f"{self.path} is already a merged mcsmoe-fast checkpoint; streaming merges plain "
                              "transformers checkpoints (use the in-memory pipeline to merge it again)")
         model_type = raw.get("model_type") if isinstance(raw, dict) else None
-        if model_type not in SUPPORTED_TYPES:
+        if model_type in DISPATCH_TYPES and not dispatched:
+            raise ValueError(f"{self.path}: the layer-by-layer forward does not run {model_type!r} decoder layers "
+                             "(DeepSeek-V3's MLA attention, Qwen3-Next's linear attention); pass device_map "
+                             "(--device-map auto) to run their own forward with accelerate")
+        if model_type not in SUPPORTED_TYPES + DISPATCH_TYPES:
             raise ValueError(f"{self.path}: streaming supports decoder-only checkpoints of Mixtral-shaped families "
-                             f"(model_type {', '.join(SUPPORTED_TYPES)}), got {model_type!r}; "
+                             f"(model_type {', '.join(SUPPORTED_TYPES + DISPATCH_TYPES)}), got {model_type!r}; "
                              "use the in-memory pipeline for it")
         self.config = AutoConfig.from_pretrained(str(self.path))
         self.files = open_weight_files(self.path)
