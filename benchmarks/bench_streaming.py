@@ -7,12 +7,15 @@ model.safetensors.index.json), one layer at a time so the writer itself stays sm
 intermediate 3584, 8 experts, 8 layers, vocabulary 32000 = 3.2 GB. Then, each in a fresh subprocess:
 
 - streaming:  mcsmoe_fast.streaming.merge_checkpoint(..., num_groups=4, max_memory=budget)
+- device-map: the same with device_map="auto": the statistics pass is the model's own forward under
+              accelerate (the CPU takes layers up to the budget, the rest is offloaded to disk)
 - in-memory:  open_model -> collect_routing_stats -> merge_experts(4) -> save_pretrained
 
 and reports per mode the wall time, the peak RSS (the child's ru_maxrss), the bytes it read from disk
 (/proc/self/io read_bytes; the checkpoint's pages are evicted from the page cache first with
-posix_fadvise, so these are real reads) and the bytes read through read() or page faults (rchar),
-plus whether both outputs hold identical tensors. The checkpoint files are removed at the end unless
+posix_fadvise, so these are real reads), the bytes read through read() or page faults (rchar) and
+the bytes written to disk (write_bytes: the output, and accelerate's offloaded weights), plus whether
+every output holds the in-memory run's tensors. The checkpoint files are removed at the end unless
 --keep. A script, not a test.
 """
 from __future__ import annotations
@@ -104,6 +107,38 @@ def proc_io() -> dict:
         return {}
 
 
+def rss_parts() -> dict:
+    """Resident memory now by kind (GiB): anonymous (the process's own allocations) and file-backed
+    (mapped checkpoint pages: page cache the kernel can drop, but counted in RSS and ru_maxrss)."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("RssAnon", "RssFile"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+class PeakSampler:
+    """Highest RssAnon / RssFile seen, sampled every 10 ms on a thread."""
+
+    def __init__(self):
+        import threading
+
+        self.peaks, self.done = {"RssAnon": 0, "RssFile": 0}, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.done.wait(0.01):
+            for key, value in rss_parts().items():
+                self.peaks[key] = max(self.peaks[key], value)
+
+    def stop(self) -> dict:
+        self.done.set()
+        self.thread.join()
+        return self.peaks
+
+
 def batches():
     import torch
 
@@ -115,12 +150,13 @@ def batches():
 
 def run_mode(mode: str, src: Path, out: Path, budget: str) -> dict:
     """In this (child) process: one merge; returns its measurements."""
-    io0, t0 = proc_io(), time.perf_counter()
+    io0, t0, sampler = proc_io(), time.perf_counter(), PeakSampler()
     extra = {}
-    if mode == "streaming":
+    if mode in ("streaming", "device-map"):
         from mcsmoe_fast.streaming import merge_checkpoint
 
-        result = merge_checkpoint(src, out, batches(), GROUPS, max_memory=budget, progress=True)
+        result = merge_checkpoint(src, out, batches(), GROUPS, max_memory=budget, progress=True,
+                                  device_map="auto" if mode == "device-map" else None)
         extra = {"bytes_read_counted": result.bytes_read, "offloaded": result.offloaded,
                  "sampled_peak_rss": result.peak_rss, "seconds": result.seconds}
     else:
@@ -130,11 +166,13 @@ def run_mode(mode: str, src: Path, out: Path, budget: str) -> dict:
         stats = collect_routing_stats(model, batches())
         merge_experts(model, stats, GROUPS)
         save_pretrained(model, out)
-    io1 = proc_io()
-    return {"mode": mode, "wall_s": time.perf_counter() - t0,
+    io1, peaks = proc_io(), sampler.stop()
+    return {"mode": mode, "wall_s": time.perf_counter() - t0, "peak_anon": peaks["RssAnon"],
+            "peak_file": peaks["RssFile"],
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "disk_read_bytes": io1.get("read_bytes", 0) - io0.get("read_bytes", 0),
-            "rchar": io1.get("rchar", 0) - io0.get("rchar", 0), **extra}
+            "rchar": io1.get("rchar", 0) - io0.get("rchar", 0),
+            "disk_write_bytes": io1.get("write_bytes", 0) - io0.get("write_bytes", 0), **extra}
 
 
 def same_tensors(a: Path, b: Path) -> bool:
@@ -159,6 +197,8 @@ def main() -> int:
     parser.add_argument("--dir", default="/tmp/bench-streaming", help="work directory (about 6.5 GB)")
     parser.add_argument("--budget", default="1GB", help="max_memory of the streaming run")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    parser.add_argument("--modes", default="streaming,device-map,in-memory",
+                        help="comma-separated modes to run (the last one is the reference for identical outputs)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--child", nargs=3, metavar=("MODE", "SRC", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -176,7 +216,8 @@ def main() -> int:
         size = write_checkpoint(src)
         print(f"wrote {gib(size)} in {len(list(src.glob('*.safetensors')))} shards in {time.perf_counter() - t0:.0f} s")
         results = {}
-        for mode in ("streaming", "in-memory"):
+        modes = args.modes.split(",")
+        for mode in modes:
             evict(src)
             child = subprocess.run([sys.executable, __file__, "--budget", args.budget, "--child", mode, str(src),
                                     str(work / f"out-{mode}")], stdout=subprocess.PIPE, text=True)
@@ -185,18 +226,24 @@ def main() -> int:
                 return 1
             line = next(x for x in child.stdout.splitlines() if x.startswith("RESULT "))
             results[mode] = json.loads(line[len("RESULT "):])
-        identical = same_tensors(work / "out-streaming", work / "out-in-memory")
+        identical = {m: same_tensors(work / f"out-{m}", work / f"out-{modes[-1]}") for m in modes[:-1]}
         print(f"\ncheckpoint {gib(size)} fp32 ({LAYERS} layers, {EXPERTS} experts, hidden {HIDDEN}, intermediate "
               f"{INTERMEDIATE}); merge {EXPERTS} -> {GROUPS}; streaming budget {args.budget}; calibration "
               f"{CALIBRATION['batches']}x{CALIBRATION['batch']}x{CALIBRATION['length']} tokens")
-        print(f"{'mode':<10} {'wall':>8} {'peak RSS':>10} {'disk reads':>11} {'rchar':>10}")
+        print(f"{'mode':<10} {'wall':>8} {'peak RSS':>10} {'anon':>10} {'file':>10} {'disk reads':>11} {'rchar':>10} "
+              f"{'disk writes':>12}")
         for mode, r in results.items():
-            print(f"{mode:<10} {r['wall_s']:>7.1f}s {gib(r['peak_rss']):>10} {gib(r['disk_read_bytes']):>11} "
-                  f"{gib(r['rchar']):>10}")
-        s = results["streaming"]
-        print(f"streaming: {gib(s['bytes_read_counted'])} tensor bytes read (all tensors once, routers and experts "
-              f"twice), activations offloaded: {s['offloaded']}, passes: {s['seconds']}")
-        print(f"outputs identical (tensors, groups): {identical}")
+            print(f"{mode:<10} {r['wall_s']:>7.1f}s {gib(r['peak_rss']):>10} {gib(r['peak_anon']):>10} "
+                  f"{gib(r['peak_file']):>10} {gib(r['disk_read_bytes']):>11} {gib(r['rchar']):>10} "
+                  f"{gib(r['disk_write_bytes']):>12}")
+        print("(peak RSS: ru_maxrss; anon / file: the highest anonymous and file-backed parts sampled every 10 ms; "
+              "file-backed pages are mapped checkpoint pages the kernel can drop)")
+        for mode in ("streaming", "device-map"):
+            if mode in results:
+                r = results[mode]
+                print(f"{mode}: {gib(r['bytes_read_counted'])} tensor bytes read from the checkpoint by our reader, "
+                      f"offloaded (activations / layers): {r['offloaded']}, seconds: {r['seconds']}")
+        print(f"outputs identical to {modes[-1]} (tensors, groups): {identical}")
         if args.json:
             Path(args.json).write_text(json.dumps({"checkpoint_bytes": size, "results": results,
                                                    "identical": identical}, indent=2))

@@ -29,6 +29,26 @@ def rss_bytes() -> int:
         return peak_rss_bytes()
 
 
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim) between layers: freed
+    temporaries of one layer would otherwise stay resident and add up with the next layer's."""
+    global _libc
+    if _libc is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc = None
+
+
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process so far (ru_maxrss, kilobytes on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -25,7 +25,7 @@ from ..weight_files import ShardWriter
 from .activations import ActivationStore
 from .compress_stage import CompressionStage
 from .forward import Batch, run_layer
-from .memory import human, rss_bytes
+from .memory import human, rss_bytes, trim_heap
 from .skeleton import empty, materialise
 from .source import SourceCheckpoint
 
@@ -45,6 +45,7 @@ class Progress:
         return tqdm(items, desc=desc, unit="layer", disable=not self.enabled)
 
     def update(self, bar, layer: str) -> None:
+        trim_heap()
         now = rss_bytes()
         self.peak = max(self.peak, now)
         bar.set_postfix_str(f"{layer} | {self.tokens} tokens | rss {human(now)}", refresh=False)
