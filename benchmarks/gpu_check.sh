@@ -21,7 +21,7 @@ $PY -c 'import mcsmoe_fast._C as c; assert c.cuda_enabled; print("cuda_enabled",
 
 step "CUDA tests"
 cuda_tests=$(ls tests/test_lap_cuda.py tests/test_grouped_ffn.py tests/test_grouped_ffn_backward.py \
-  tests/test_routing_align.py tests/test_optimize.py tests/test_slr_cuda.py 2>/dev/null)
+  tests/test_routing_align.py tests/test_optimize.py tests/test_slr_cuda.py tests/test_streaming_device_map.py 2>/dev/null)
 timeout 300 $PY -m pytest -q $cuda_tests -k "cuda or gpu" 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
