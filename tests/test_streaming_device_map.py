@@ -11,7 +11,7 @@ from mcsmoe_fast import align_experts, collect_routing_stats, open_model
 from mcsmoe_fast.models.dispatched import compute_device, onloaded
 from mcsmoe_fast.streaming import merge_checkpoint, permute_checkpoint
 from mcsmoe_fast.streaming.dispatch import check_device_map, split_memory
-from mcsmoe_fast.tiny import tiny_mixtral, tiny_moe
+from mcsmoe_fast.tiny import tiny_mixtral, tiny_moe, tiny_switch
 from merge_helpers import calibration
 from streaming_helpers import NUM_GROUPS, assert_same_checkpoint, in_memory, quiet_merge
 
@@ -127,6 +127,55 @@ def test_families_only_their_own_forward_runs(family, batches, tmp_path):
     perms = permute_checkpoint(src, tmp_path / "permuted", reference=1, progress=False)
     model = open_model(str(src))
     assert set(perms) == set(align_experts(model, reference=1, progress=False))
+    aligned, want = load_model(str(tmp_path / "permuted")).state_dict(), model.state_dict()
+    assert sorted(aligned) == sorted(want) and all(torch.equal(aligned[k], want[k]) for k in want)
+
+
+@pytest.fixture(scope="module")
+def switch_source(tmp_path_factory):
+    path = tmp_path_factory.mktemp("device-map") / "switch-sharded"
+    tiny_switch(seed=3).save_pretrained(path, max_shard_size="60KB")
+    return path
+
+
+def with_labels(batches):
+    """Task batches: the decoder reads the shifted labels, padding marked -100."""
+    out = []
+    for b in batches:
+        labels = b["input_ids"][:, :6].clone()
+        labels[0, 4:] = -100
+        out.append({**b, "labels": labels})
+    return out
+
+
+@pytest.mark.parametrize("options", [dict(), dict(strategy="drop", similarity="weight", layers=[0, 3]),
+                                     dict(compress=dict(rank=4, keep_ratio=0.3))],
+                         ids=["frequency", "drop-some-layers", "compress"])
+@pytest.mark.parametrize("labelled", [False, True], ids=["text", "labels"])
+def test_switch_streams_with_a_device_map(switch_source, tmp_path, options, labelled):
+    """Switch's encoder and decoder blocks, read one at a time after accelerate ran its own forward
+    (the decoder on the final encoder output and the relative position biases), equal the in-memory merge."""
+    texts = calibration(tiny_switch(), seed=2, batches=2)
+    batches = with_labels(texts) if labelled else texts
+    options = dict(options)
+    compress = options.pop("compress", None)
+    expected = in_memory(switch_source, tmp_path / "expected", batches, compress=compress, **options)
+    result = quiet_merge(switch_source, tmp_path / "streamed", batches, NUM_GROUPS, compress=compress,
+                         device_map="auto", max_memory="60KB", **options)
+    assert result.offloaded
+    assert_same_checkpoint(expected, result.path, texts)
+    assert set(result.groupings) == ({"encoder.block.1.layer.1.mlp", "decoder.block.3.layer.2.mlp"}
+                                     if "layers" in options else set(result.stats))
+
+
+def test_switch_streamed_permute_equals_align_experts(switch_source, tmp_path):
+    from mcsmoe_fast.models.loading import load_model
+
+    perms = permute_checkpoint(switch_source, tmp_path / "permuted", reference=3, max_shard_size="40KB",
+                               progress=False)
+    model = open_model(str(switch_source))
+    expected = align_experts(model, reference=3, progress=False)
+    assert perms.keys() == expected.keys() and all(torch.equal(perms[k], expected[k]) for k in perms)
     aligned, want = load_model(str(tmp_path / "permuted")).state_dict(), model.state_dict()
     assert sorted(aligned) == sorted(want) and all(torch.equal(aligned[k], want[k]) for k in want)
 

@@ -67,13 +67,6 @@ def split_memory(max_memory) -> tuple[int | None, dict | None]:
     return budget, {**get_max_memory(), "cpu": budget}
 
 
-def as_inputs(batch: Batch) -> dict:
-    inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids}
-    if batch.attention_mask is not None:
-        inputs["attention_mask"] = batch.attention_mask
-    return inputs
-
-
 @torch.no_grad()
 def dispatched_statistics(source, dtype: torch.dtype, batches: list[Batch], bases, chosen: set[str], device_map,
                           max_memory: dict | None, offload_folder, progress) -> tuple[dict[str, LayerStats], dict]:
@@ -96,7 +89,7 @@ def dispatched_statistics(source, dtype: torch.dtype, batches: list[Batch], base
                 now = rss_bytes()
                 progress.peak = max(progress.peak, now)
                 bar.set_postfix_str(f"{b.tokens} tokens | rss {human(now)}", refresh=False)
-                yield as_inputs(b)
+                yield b.inputs
 
         stats = collect_routing_stats(model, inputs(), bases=bases, progress=False)
         progress.peak = max(progress.peak, rss_bytes())

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-ACCEPTED_KEYS = {"input_ids", "attention_mask", "position_ids", "labels"}  # labels: not needed, ignored
+ACCEPTED_KEYS = {"input_ids", "attention_mask", "position_ids", "labels"}  # labels: ignored by the cut forward
+SEQ2SEQ_KEYS = {"input_ids", "attention_mask", "labels", "decoder_input_ids", "decoder_attention_mask"}
 
 
 @dataclass
@@ -21,22 +22,24 @@ class Batch:
     input_ids: torch.Tensor  # [B, L]
     attention_mask: torch.Tensor | None  # [B, L], 1 = token, 0 = padding
     position_ids: torch.Tensor  # [B or 1, L]
+    inputs: dict  # the batch as given (on the CPU): what a model's own forward gets
 
     @property
     def tokens(self) -> int:
         return int(self.attention_mask.sum()) if self.attention_mask is not None else self.input_ids.numel()
 
 
-def prepare_batches(batches: Iterable[dict], vocab_size: int) -> list[Batch]:
-    """Check and keep the calibration batches (input_ids, optional attention_mask / position_ids)."""
+def prepare_batches(batches: Iterable[dict], vocab_size: int, accepted: set[str] = ACCEPTED_KEYS) -> list[Batch]:
+    """Check and keep the calibration batches (input_ids, optional attention_mask / position_ids, or
+    the `accepted` inputs of an encoder-decoder model)."""
     out = []
     for i, batch in enumerate(batches):
         if not isinstance(batch, dict):
             raise ValueError(f"calibration batches must be dicts of model inputs, batch {i} is {type(batch).__name__}")
-        unknown = sorted(set(batch) - ACCEPTED_KEYS)
+        unknown = sorted(set(batch) - accepted)
         if unknown:
             raise ValueError(f"calibration batch {i}: unsupported inputs {unknown} for streaming "
-                             f"(accepted: {', '.join(sorted(ACCEPTED_KEYS))})")
+                             f"(accepted: {', '.join(sorted(accepted))})")
         ids = batch.get("input_ids")
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
             raise ValueError(f"calibration batch {i}: input_ids must be an integer tensor [batch, length]")
@@ -49,7 +52,8 @@ def prepare_batches(batches: Iterable[dict], vocab_size: int) -> list[Batch]:
         positions = batch.get("position_ids")
         if positions is None:
             positions = torch.arange(ids.shape[1]).unsqueeze(0)
-        out.append(Batch(ids.cpu(), None if mask is None else mask.cpu(), positions.cpu()))
+        inputs = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        out.append(Batch(ids.cpu(), None if mask is None else mask.cpu(), positions.cpu(), inputs))
     if not out:
         raise ValueError("calibration_batches: no calibration batch was given")
     return out

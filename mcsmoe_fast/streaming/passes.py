@@ -25,11 +25,10 @@ from ..weight_files import ShardWriter
 from .activations import ActivationStore
 from .compress_stage import CompressionStage
 from .forward import Batch, run_layer
+from .layout import ExpertTensors
 from .memory import human, rss_bytes, trim_heap
 from .skeleton import empty, materialise
 from .source import SourceCheckpoint
-
-EXPERT_TENSORS = ("experts.gate_up_proj", "experts.down_proj")
 
 
 class Progress:
@@ -58,9 +57,8 @@ class Stream:
     model: torch.nn.Module  # the skeleton (parameters on the meta device)
     source: SourceCheckpoint
     shapes: dict[str, tuple[int, ...]]  # every model tensor stored once
-    prefix: str  # dotted path of the decoder layers ("model.layers")
-    layers: torch.nn.ModuleList
-    views: dict[int, object]  # decoder layer index -> MoELayer view
+    units: list[tuple[str, torch.nn.Module]]  # (name, module) of the blocks read one at a time (skeleton.layer_units)
+    views: dict[str, object]  # unit name -> MoELayer view
     chosen: set[str]  # names of the MoE layers to merge
     batches: list[Batch]
     dtype: torch.dtype
@@ -83,26 +81,29 @@ class Merger:
         self.entries: dict[str, dict] = {}
 
     @torch.no_grad()
-    def __call__(self, view, w_in, w_out, router_weight, stats: LayerStats | None, count: int | None) -> None:
-        name, opts = view.name, self.options
+    def __call__(self, view, tensors: dict[str, torch.Tensor], stats: LayerStats | None, count: int | None) -> None:
+        """Merge (or pass on) the layer of `view` from `tensors`, which hold its stored expert and
+        router tensors (ExpertTensors.of(view))."""
+        name, opts, layout = view.name, self.options, ExpertTensors.of(view)
+        w_in, w_out = layout.read(tensors.__getitem__)
         keep = None
         if stats is None:  # a layer left out of `layers`: experts unchanged (compressed as they are)
             expert_map = torch.arange(view.num_experts)
             if self.stage is None:
-                self.writer.add(f"{name}.experts.gate_up_proj", w_in)
-                self.writer.add(f"{name}.experts.down_proj", w_out)
+                for n in layout.experts:
+                    self.writer.add(n, tensors[n])
                 return
         else:
             g, w_in, w_out, _, _ = merge_module.merge_layer_weights(
-                name, stats, w_in, w_out, count, view.activation, router_weight=router_weight,
+                name, stats, w_in, w_out, count, view.activation, router_weight=tensors[layout.router],
                 similarity=opts["similarity"], permute=opts["permute"], strategy=opts["strategy"],
                 grouping=opts["grouping"], seed=opts["seed"], memory_budget=self.matching_bytes, inplace=True)
             self.groupings[name] = g
             expert_map = torch.tensor(g.expert_map, dtype=torch.int64)
-            if opts["strategy"] == "drop":  # drop.py's MaskedTopKRouter buffer next to the router weight
+            if opts["strategy"] == "drop":  # drop.py's logit mask buffer next to the router weight
                 keep = torch.zeros(view.num_experts, dtype=torch.bool)
                 keep[g.dominant] = True
-                self.writer.add(f"{name}.gate.keep", keep)
+                self.writer.add(layout.keep, keep)
         if self.stage is not None:
             self.stage.add(name, w_in, w_out, expert_map, view.activation, keep)
             return
@@ -141,21 +142,20 @@ def embed(s: Stream, store: ActivationStore | None) -> None:
 
 @torch.no_grad()
 def layer_pass(s: Stream, merge_now, desc: str, store: ActivationStore | None = None) -> None:
-    """Read every decoder layer once and copy its non-expert tensors to the output; merge_now(view,
-    tensors) is called for the layers whose experts are handled in this pass. With a store (the
-    statistics pass), each layer also runs over the carried hidden states, collecting the chosen MoE
-    layers' statistics into s.stats before merge_now sees the layer."""
+    """Read every unit (decoder layer, or Switch block) once and copy its non-expert tensors to the
+    output; merge_now(view, tensors) is called for the MoE layers whose experts are handled in this
+    pass. With a store (the statistics pass of the cut forward), each layer also runs over the carried
+    hidden states, collecting the chosen MoE layers' statistics into s.stats before merge_now sees it."""
     embed(s, store)
-    bar = s.progress.bar(range(len(s.layers)), desc)
-    for i in bar:
-        name = f"{s.prefix}.{i}"
+    bar = s.progress.bar(s.units, desc)
+    for i, (name, unit) in enumerate(bar):
         s.progress.update(bar, name)
-        view = s.views.get(i)
+        view = s.views.get(name)
         tensors = {n: s.read(n) for n in s.shapes if n.startswith(name + ".")}
         s.source.release()
         if store is not None:
-            _run_with_statistics(s, store, i, tensors)
-        experts = {f"{view.name}.{t}" for t in EXPERT_TENSORS} if view is not None else set()
+            _run_with_statistics(s, store, i, name, unit, tensors)
+        experts = set(ExpertTensors.of(view).experts) if view is not None else set()
         for n, t in tensors.items():  # attention, norms, router: copied through unchanged
             if n not in experts:
                 s.writer.add(n, t)
@@ -163,17 +163,18 @@ def layer_pass(s: Stream, merge_now, desc: str, store: ActivationStore | None = 
             merge_now(view, tensors)
         del tensors
         s.progress.update(bar, name)
-    for n in s.shapes:  # the final norm, lm_head and anything else outside the decoder layers
-        if n not in s.writer.names and not n.startswith(f"{s.prefix}."):
+    for n in s.shapes:  # final norms, the head and anything else outside the units
+        if n not in s.writer.names and not any(n.startswith(u + ".") for u, _ in s.units):
             s.writer.add(n, s.read(n))
     s.source.release()
 
 
-def _run_with_statistics(s: Stream, store: ActivationStore, i: int, tensors: dict[str, torch.Tensor]) -> None:
+def _run_with_statistics(s: Stream, store: ActivationStore, i: int, name: str, layer: torch.nn.Module,
+                         tensors: dict[str, torch.Tensor]) -> None:
     """Decoder layer i, materialised from `tensors`, over every carried hidden state; its MoE block's
     statistics (a chosen layer) go to s.stats."""
-    layer, view = s.layers[i], s.views.get(i)
-    materialise(layer, f"{s.prefix}.{i}", tensors)
+    view = s.views.get(name)
+    materialise(layer, name, tensors)
     current: dict = {}
     acc = _attach(view, s.bases, current) if view is not None and view.name in s.chosen else None
     try:
@@ -190,13 +191,13 @@ def _run_with_statistics(s: Stream, store: ActivationStore, i: int, tensors: dic
 @torch.no_grad()
 def merge_pass(s: Stream, merger: Merger, counts: dict[str, int], desc: str) -> None:
     """Read each MoE layer's experts and router again and merge (or stage) them."""
-    todo = [i for i in sorted(s.views) if s.views[i].name in s.chosen or merger.stage is not None]
+    todo = [v for v in s.views.values() if v.name in s.chosen or merger.stage is not None]
     bar = s.progress.bar(todo, desc)
-    for i in bar:
-        view = s.views[i]
+    for view in bar:
         s.progress.update(bar, view.name)
-        w_in, w_out, router = (s.read(f"{view.name}.{t}") for t in (*EXPERT_TENSORS, "gate.weight"))
+        layout = ExpertTensors.of(view)
+        tensors = {n: s.read(n) for n in (*layout.experts, layout.router)}
         s.source.release()
-        merger(view, w_in, w_out, router, s.stats.get(view.name), counts.get(view.name))
-        del w_in, w_out, router
+        merger(view, tensors, s.stats.get(view.name), counts.get(view.name))
+        del tensors
         s.progress.update(bar, view.name)

@@ -16,9 +16,8 @@ from ..checkpoint import atomic_directory
 from ..permute import apply_permutation_, match_permutations
 from ..weight_files import ShardWriter
 from .memory import shard_size_for
-from .skeleton import decoder_layers, moe_views, open_source
-
-EXPERT_TENSORS = ("experts.gate_up_proj", "experts.down_proj")
+from .layout import ExpertTensors
+from .skeleton import layer_units, moe_views, open_source
 
 
 @torch.no_grad()
@@ -31,23 +30,23 @@ def permute_checkpoint(path, out, reference: int = 0, max_memory=None, max_shard
     output shard size (max_memory / 8 between 1 MB and 2 GB) unless max_shard_size (bytes) is given;
     tokenizer: saved with the checkpoint."""
     source, out, dtype, model, shapes, _ = open_source(path, out, dtype, dispatched=True)  # no forward
-    _, layers = decoder_layers(model)
-    views = [moe_views(model, layers)[i] for i in sorted(moe_views(model, layers))]
+    views = list(moe_views(model, layer_units(model)).values())
     for view in views:
         if not 0 <= reference < view.num_experts:
             raise ValueError(f"{view.name}: reference expert {reference} out of range [0, {view.num_experts})")
-    experts = {f"{v.name}.{t}" for v in views for t in EXPERT_TENSORS}
+    experts = {n for v in views for n in ExpertTensors.of(v).experts}
     perms = {}
     with atomic_directory(out) as tmp:
         writer = ShardWriter(tmp, "model.safetensors", shard_size_for(max_memory, max_shard_size), {"format": "pt"})
         for view in tqdm(views, desc="aligning experts", unit="layer", disable=not progress):
-            w_in, w_out = (source.read(f"{view.name}.{t}", shapes[f"{view.name}.{t}"], dtype) for t in EXPERT_TENSORS)
+            layout = ExpertTensors.of(view)
+            w_in, w_out = layout.read(lambda n: source.read(n, shapes[n], dtype))
             source.release()
             refs = torch.full((view.num_experts,), reference, dtype=torch.int64)
             perm = match_permutations(w_in, w_out, refs, view.activation)
             apply_permutation_(w_in, w_out, perm, view.activation)
-            writer.add(f"{view.name}.experts.gate_up_proj", w_in)
-            writer.add(f"{view.name}.experts.down_proj", w_out)
+            for n, t in layout.split(w_in, w_out).items():
+                writer.add(n, t)
             perms[view.name] = perm
             del w_in, w_out
         for name, shape in shapes.items():  # everything else, one tensor at a time

@@ -40,10 +40,10 @@ from ..weight_files import ShardWriter
 from .activations import ActivationStore
 from .compress_stage import CompressionStage, compress_options
 from .dispatch import check_device_map, dispatched_statistics, split_memory
-from .forward import prepare_batches
+from .forward import ACCEPTED_KEYS, SEQ2SEQ_KEYS, prepare_batches
 from .memory import MemoryPlan, human, plan_memory
 from .passes import Merger, Progress, Stream, layer_pass, merge_pass
-from .skeleton import decoder_layers, moe_views, open_source
+from .skeleton import layer_units, moe_views, open_source
 
 
 @dataclass
@@ -76,9 +76,9 @@ def _numel(shape) -> int:
 
 
 def _plan(s: Stream, max_memory, max_shard_size) -> MemoryPlan:
-    layer_bytes = max(sum(_numel(shape) for n, shape in s.shapes.items() if n.startswith(f"{s.prefix}.{i}."))
-                      for i in range(len(s.layers))) * s.dtype.itemsize
-    ff = max((s.shapes[f"{v.name}.experts.down_proj"][-1] for v in s.views.values()), default=1)
+    layer_bytes = max(sum(_numel(shape) for n, shape in s.shapes.items() if n.startswith(f"{u}."))
+                      for u, _ in s.units) * s.dtype.itemsize
+    ff = max((v.intermediate_size for v in s.views.values()), default=1)
     activations = sum(b.input_ids.numel() for b in s.batches) * s.model.config.hidden_size * s.dtype.itemsize
     plan = plan_memory(max_memory, layer_bytes, ff * ff * 4, activations, max_shard_size)
     if plan.budget is not None and plan.layer_floor > plan.budget:
@@ -148,15 +148,16 @@ def merge_checkpoint(
                          "or one size for the resident memory")
     budget, device_memory = split_memory(max_memory) if device_map is not None else (max_memory, None)
     source, out, dtype, model, shapes, aliases = open_source(path, out, dtype, device_map is not None)
-    batches = prepare_batches(calibration_batches, source.config.vocab_size)
-    prefix, layer_list = decoder_layers(model)
-    views = moe_views(model, layer_list)
-    chosen = [v.name for v in select_layers([views[i] for i in sorted(views)], layers)]  # module order
+    seq2seq = getattr(source.config, "is_encoder_decoder", False)
+    batches = prepare_batches(calibration_batches, source.config.vocab_size, SEQ2SEQ_KEYS if seq2seq else ACCEPTED_KEYS)
+    units = layer_units(model)
+    views = moe_views(model, units)
+    chosen = [v.name for v in select_layers(list(views.values()), layers)]  # module order
     num_experts = {v.name: v.num_experts for v in views.values()}
     # group counts known up front (not global): each layer is merged as soon as its statistics are in
     fused = not globally and device_map is None
     counts = group_counts({n: torch.zeros(num_experts[n]) for n in chosen}, num_groups, globally) if fused else {}
-    s = Stream(model=model, source=source, shapes=shapes, prefix=prefix, layers=layer_list, views=views,
+    s = Stream(model=model, source=source, shapes=shapes, units=units, views=views,
                chosen=set(chosen), batches=batches, dtype=dtype, bases=bases, writer=None,
                progress=Progress(progress, sum(b.tokens for b in batches)))
     plan = _plan(s, budget, max_shard_size)
@@ -173,9 +174,7 @@ def merge_checkpoint(
 
         def merge_now(view, tensors):  # in the layer pass: every layer, or the ones kept as they are
             if merge_all or (view.name not in s.chosen and stage is None):
-                merger(view, *(tensors[f"{view.name}.{t}"] for t in ("experts.gate_up_proj", "experts.down_proj",
-                                                                     "gate.weight")),
-                       s.stats.get(view.name), counts.get(view.name))
+                merger(view, tensors, s.stats.get(view.name), counts.get(view.name))
 
         t0 = time.perf_counter()
         if device_map is not None:
@@ -222,8 +221,7 @@ def merge_checkpoint(
         if compress:
             compress_module._record(model, dict.fromkeys(merger.entries), dict(
                 rank=compress["rank"], keep_ratio=compress["keep_ratio"], importance="weight", svd=compress["svd"]))
-        entries = {views[i].name: merger.entries[views[i].name] for i in sorted(views)
-                   if views[i].name in merger.entries}
+        entries = {v.name: merger.entries[v.name] for v in views.values() if v.name in merger.entries}
         write_merged_config(model.config, tmp, written, aliases, entries, str(dtype).removeprefix("torch."))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

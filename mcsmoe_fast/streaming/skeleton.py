@@ -18,6 +18,7 @@ def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
 
     with init_empty_weights():
         model = model_class_for(config).from_config(config, dtype=dtype)
+    model.tie_weights()  # as from_pretrained does: tied names become aliases of one stored tensor
     return model.eval()
 
 
@@ -60,13 +61,23 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return prefix, inner.layers
 
 
-def moe_views(model: nn.Module, layers: nn.ModuleList) -> dict[int, object]:
-    """{decoder layer index: MoELayer view} of the layers that hold an MoE block."""
-    views = {}
-    for view in moe_layers(model):
-        for i, layer in enumerate(layers):
-            if any(m is view.module for m in layer.modules()):
-                views[i] = view
+def layer_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the blocks a pass reads one at a time, in order: the decoder layers of a
+    decoder-only model; the encoder blocks, then the decoder blocks, of Switch Transformers."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        return [(f"{stack}.block.{i}", block) for stack in ("encoder", "decoder")
+                for i, block in enumerate(getattr(model, stack).block)]
+    prefix, layers = decoder_layers(model)
+    return [(f"{prefix}.{i}", layer) for i, layer in enumerate(layers)]
+
+
+def moe_views(model: nn.Module, units: list[tuple[str, nn.Module]]) -> dict[str, object]:
+    """{unit name: MoELayer view} of the units that hold an MoE block, in unit order."""
+    views, layers = {}, moe_layers(model)
+    for name, unit in units:
+        for view in layers:
+            if any(m is view.module for m in unit.modules()):
+                views[name] = view
     return views
 
 

@@ -8,7 +8,8 @@ there with the right shape), so a bad shard fails in seconds, naming the file, n
 Supported: decoder-only families whose experts are stored concatenated and untransposed without biases:
 Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE (their decoder layers take (hidden, attention_mask, position_ids,
 position_embeddings), so the cut forward runs them), and DeepSeek-V3 and Qwen3-Next when their own
-forward runs under accelerate (merge_checkpoint(device_map=...)) or no forward is needed (permute). Their checkpoints come in two layouts:
+forward runs under accelerate (merge_checkpoint(device_map=...)) or no forward is needed (permute);
+Switch Transformers likewise (per-expert wi / wo, stored under the model's own names). Their checkpoints come in two layouts:
 
 - per expert (the original releases): model.layers.{i}.block_sparse_moe.experts.{j}.w1/w2/w3.weight
   (Mixtral: w1 gate [ff, d], w3 up [ff, d], w2 down [d, ff]) or mlp.experts.{j}.gate_proj/up_proj/
@@ -32,8 +33,8 @@ from ..weight_files import CheckpointError, WeightFiles, read_index
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 SUPPORTED_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")  # the cut forward (forward.py) runs these
-# same expert layout, but decoder layers only their model's own forward runs (MLA, linear attention)
-DISPATCH_TYPES = ("deepseek_v3", "qwen3_next")
+# layers only their model's own forward runs (MLA, linear attention, Switch's encoder-decoder)
+DISPATCH_TYPES = ("deepseek_v3", "qwen3_next", "switch_transformers")
 # names of the per-expert tensors of a fused tensor: (gate, up) and (down,), per naming convention
 PER_EXPERT_NAMES = ((("w1", "w3"), ("w2",)), (("gate_proj", "up_proj"), ("down_proj",)))
 
@@ -75,9 +76,9 @@ class SourceCheckpoint:
                              "transformers checkpoints (use the in-memory pipeline to merge it again)")
         model_type = raw.get("model_type") if isinstance(raw, dict) else None
         if model_type in DISPATCH_TYPES and not dispatched:
-            raise ValueError(f"{self.path}: the layer-by-layer forward does not run {model_type!r} decoder layers "
-                             "(DeepSeek-V3's MLA attention, Qwen3-Next's linear attention); pass device_map "
-                             "(--device-map auto) to run their own forward with accelerate")
+            raise ValueError(f"{self.path}: the layer-by-layer forward does not run {model_type!r} layers "
+                             "(DeepSeek-V3's MLA attention, Qwen3-Next's linear attention, Switch's encoder-decoder); "
+                             "pass device_map (--device-map auto) to run their own forward with accelerate")
         if model_type not in SUPPORTED_TYPES + DISPATCH_TYPES:
             raise ValueError(f"{self.path}: streaming supports decoder-only checkpoints of Mixtral-shaped families "
                              f"(model_type {', '.join(SUPPORTED_TYPES + DISPATCH_TYPES)}), got {model_type!r}; "
