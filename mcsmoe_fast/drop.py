@@ -53,6 +53,18 @@ class MaskedTopKRouter(nn.Module):
         return router_logits, top_value, top_index
 
 
+def check_maskable(layer: MoELayer) -> None:
+    """ValueError unless the drop baseline can mask this layer's router logits (Switch and Mixtral routers)."""
+    if isinstance(layer, SwitchLayer):
+        return
+    block = layer.module
+    gate = getattr(block, "gate", None)
+    if not isinstance(gate, MaskedTopKRouter) and type(gate).__name__ != "MixtralTopKRouter":
+        raise ValueError(f"{layer.name}: the drop baseline masks router logits of Switch and Mixtral routers only; "
+                         f"{type(gate or getattr(block, 'router', None)).__name__} "
+                         "routes differently (use strategy='frequency' or 'average')")
+
+
 def install_logit_mask(layer: MoELayer, keep) -> None:
     """Mask the router logits of the experts with keep[e] == False in this layer (at least one kept)."""
     keep = torch.as_tensor(keep, dtype=torch.bool)
@@ -66,11 +78,8 @@ def install_logit_mask(layer: MoELayer, keep) -> None:
         router.classifier = MaskedLinear(inner, keep) if not isinstance(inner, MaskedLinear) else inner
         router.classifier.keep.copy_(keep)
     else:
-        gate = getattr(block, "gate", None)
-        if not isinstance(gate, MaskedTopKRouter) and type(gate).__name__ != "MixtralTopKRouter":
-            raise ValueError(f"{layer.name}: the drop baseline masks router logits of Switch and Mixtral routers only; "
-                             f"{type(getattr(block, 'gate', None) or getattr(block, 'router', None)).__name__} "
-                             "routes differently (use strategy='frequency' or 'average')")
+        check_maskable(layer)
+        gate = block.gate
         block.gate = MaskedTopKRouter(gate, keep) if not isinstance(gate, MaskedTopKRouter) else gate
         block.gate.keep.copy_(keep)
 

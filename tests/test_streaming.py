@@ -89,10 +89,12 @@ def test_single_file_and_fused_layout_sources(batches, tmp_path):
         assert_same_checkpoint(expected, result.path, batches)
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"])
 def test_other_families_stream_like_the_in_memory_pipeline(family, batches, tmp_path):
-    """The generic adapter's families of the same decoder shape: Qwen2-MoE's shared expert is copied
-    through, its per-layer-type masks and Qwen3-MoE's / OLMoE's masks match their model forwards."""
+    """The generic adapter's families the cut forward runs: Qwen2-MoE's and DeepSeek-V3's shared experts
+    and DeepSeek-V3's dense first layer are copied through; the per-layer-type masks (Qwen2-MoE, GPT-OSS's
+    sliding layers with sinks), MLA attention and GPT-OSS's transposed, interleaved, biased experts with
+    their clamped SwiGLU match the in-memory pipeline."""
     from mcsmoe_fast.tiny import tiny_moe
 
     src = tmp_path / family
@@ -103,16 +105,35 @@ def test_other_families_stream_like_the_in_memory_pipeline(family, batches, tmp_
     assert_same_checkpoint(expected, result.path, batches)
 
 
-def test_families_outside_the_streamed_decoder_shape_are_refused(tmp_path):
+def test_what_streaming_cannot_do_is_refused_before_any_work(tmp_path, batches):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     from mcsmoe_fast.tiny import tiny_moe
 
-    tiny_moe("gpt_oss").save_pretrained(tmp_path / "gpt-oss")
-    with pytest.raises(ValueError, match="streaming supports decoder-only checkpoints of Mixtral-shaped families .*'gpt_oss'"):
-        merge_checkpoint(tmp_path / "gpt-oss", tmp_path / "out", [{"input_ids": torch.ones(1, 4, dtype=torch.long)}], 2)
+    LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4)).save_pretrained(tmp_path / "llama")
+    with pytest.raises(ValueError, match="streaming supports checkpoints of model_type .*got 'llama'"):
+        merge_checkpoint(tmp_path / "llama", tmp_path / "out", batches, 2)
+    tiny_moe("gpt_oss", num_layers=2).save_pretrained(tmp_path / "gpt-oss")
+    with pytest.raises(ValueError, match="expert biases or a clamped activation"):
+        merge_checkpoint(tmp_path / "gpt-oss", tmp_path / "out", batches, 2, compress=dict(rank=4, keep_ratio=0.3))
+    from safetensors.torch import load_file
+
+    quantized = tmp_path / "gpt-oss-mxfp4"  # the hub release's layout: experts as MXFP4 blocks and scales
+    quantized.mkdir()
+    (quantized / "config.json").write_text((tmp_path / "gpt-oss" / "config.json").read_text())
+    tensors = load_file(str(tmp_path / "gpt-oss" / "model.safetensors"))
+    save_file({(k + "_blocks" if k.endswith("experts.gate_up_proj") else k): v for k, v in tensors.items()},
+              str(quantized / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="quantized expert weights .*gate_up_proj_blocks"):
+        merge_checkpoint(quantized, tmp_path / "out", batches, 2)
+    tiny_moe("qwen3_moe", num_layers=2).save_pretrained(tmp_path / "qwen3")
+    with pytest.raises(ValueError, match="drop baseline masks router logits of Switch and Mixtral routers only"):
+        merge_checkpoint(tmp_path / "qwen3", tmp_path / "out", batches, 2, strategy="drop", similarity="weight")
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss"])
 def test_streamed_permute_equals_align_experts_then_save(family, tmp_path):
     from mcsmoe_fast import align_experts
     from mcsmoe_fast.models.loading import load_model

@@ -36,13 +36,13 @@ def add(sub):
                    help="save a plain transformers checkpoint (every expert materialised) instead")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="memory budget, e.g. 8GB: a checkpoint that would not fit is merged layer by layer from "
-                        "its shards without loading the whole model (Mixtral-style models); with --device-map "
-                        "also per device, e.g. cpu=8GB,0=70GB,1=70GB")
+                        "its shards without loading the whole model (Switch, Qwen3-Next and Qwen3.5-MoE need "
+                        "--device-map); with --device-map also per device, e.g. cpu=8GB,0=70GB,1=70GB")
     p.add_argument("--device-map", default=None, metavar="MAP",
                    help="stream the merge and run the calibration forward with accelerate's device map: auto, "
                         "balanced, balanced_low_0, sequential, cpu, cuda:N or a JSON object {module: device}; GPUs "
-                        "first, then the CPU up to --max-memory, the rest offloaded to --offload-dir (needed for "
-                        "several GPUs, DeepSeek-V3 and Qwen3-Next)")
+                        "first, then the CPU up to --max-memory, the rest offloaded to --offload-dir (for several "
+                        "GPUs, and Switch, Qwen3-Next and Qwen3.5-MoE)")
     p.add_argument("--offload-dir", default=None,
                    help="with streaming: where carried calibration activations (or, with --device-map, the "
                         "offloaded layers) go when they exceed the budget")

@@ -1,5 +1,5 @@
 """The decoder-only forward pass cut at the layer boundaries, as the model forwards of Mixtral, Qwen2-MoE,
-Qwen3-MoE and OLMoE compute it (modeling_mixtral.py & co): embeddings, then per layer and batch the
+Qwen3-MoE, OLMoE, DeepSeek-V3 and GPT-OSS compute it (modeling_mixtral.py & co): embeddings, then per layer and batch the
 causal mask (sliding window where the config says so) and the rotary position embeddings, then the layer.
 
 Without a KV cache: for one full-sequence forward a cache changes nothing (keys and values are the
@@ -61,7 +61,7 @@ def prepare_batches(batches: Iterable[dict], vocab_size: int, accepted: set[str]
 
 def causal_mask(config, hidden: torch.Tensor, batch: Batch, layer_index: int):
     """The layer's attention mask, as the family's model forward builds it: per layer type where the
-    config lists `layer_types` (Qwen2-MoE), else sliding-window when the config has a window (Mixtral,
+    config lists `layer_types` (Qwen2-MoE, GPT-OSS), else sliding-window when the config has a window (Mixtral,
     Qwen3-MoE), else causal (OLMoE)."""
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 

@@ -1,9 +1,12 @@
-"""Which stored tensors hold an MoE layer's experts and router, by the model's own parameter names.
+"""Which stored tensors hold an MoE layer's experts and router, by the model's own parameter names, and
+how they map to the canonical banks w_in [E, F, d] (gate rows then up rows), w_out [E, d, ff], b_in [E, F]
+and b_out [E, d].
 
-Fused families (Mixtral, Qwen-MoE, OLMoE, DeepSeek-V3, Qwen3-Next): experts.gate_up_proj [E, F, d] and
-experts.down_proj [E, d, ff], router gate.weight. Switch Transformers: one wi [ff, d] and wo [d, ff]
-per expert (experts.expert_{j}), router router.classifier.weight. Either way `read` gives the canonical
-banks w_in [E, F, d] and w_out [E, d, ff] and `split` turns banks back into the stored tensors.
+Contract families (transformers' fused experts: Mixtral, Qwen-MoE, OLMoE, DeepSeek-V3, Qwen3-Next,
+GPT-OSS): experts.gate_up_proj (or up_proj) and experts.down_proj, with *_bias where the family has
+biases, in the layout the module's flags give (ExpertsSpec: GPT-OSS's are transposed with gate and up
+interleaved); router gate.weight or router.weight. Switch Transformers: one wi [ff, d] and wo [d, ff]
+per expert (experts.expert_{j}), router router.classifier.weight.
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from ..models import SwitchLayer
+from ..models.experts import router_of
+from ..models.experts_spec import ExpertsSpec
 
 
 @dataclass(frozen=True)
@@ -21,6 +26,9 @@ class ExpertTensors:
     w_out: tuple[str, ...]
     router: str
     keep: str  # the drop baseline's logit mask, a buffer next to the router weight (drop.py)
+    b_in: str | None = None
+    b_out: str | None = None
+    spec: ExpertsSpec | None = None  # the fused bank's layout (None: Switch's per-expert tensors)
 
     @classmethod
     def of(cls, view) -> ExpertTensors:
@@ -30,20 +38,47 @@ class ExpertTensors:
             return cls(tuple(f"{n}.experts.expert_{j}.wi.weight" for j in experts),
                        tuple(f"{n}.experts.expert_{j}.wo.weight" for j in experts),
                        f"{n}.router.classifier.weight", f"{n}.router.classifier.keep")
-        return cls((f"{n}.experts.gate_up_proj",), (f"{n}.experts.down_proj",), f"{n}.gate.weight", f"{n}.gate.keep")
+        block = view.module
+        spec = ExpertsSpec.of(block.experts)
+        router = next(attr for attr, child in block.named_children() if child is router_of(block))
+        w_in = f"{n}.experts.{'gate_up_proj' if spec.gated else 'up_proj'}"
+        return cls((w_in,), (f"{n}.experts.down_proj",), f"{n}.{router}.weight", f"{n}.{router}.keep",
+                   f"{w_in}_bias" if spec.has_bias else None, f"{n}.experts.down_proj_bias" if spec.has_bias else None,
+                   spec)
 
     @property
     def experts(self) -> tuple[str, ...]:
-        return (*self.w_in, *self.w_out)
+        """Every stored tensor of the experts (weights and biases)."""
+        return (*self.w_in, *self.w_out, *(b for b in (self.b_in, self.b_out) if b is not None))
 
-    def read(self, get: Callable[[str], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w_in [E, F, d], w_out [E, d, ff]) from get(name) of each stored tensor."""
-        return tuple(get(names[0]) if len(names) == 1 else torch.stack([get(x) for x in names])
-                     for names in (self.w_in, self.w_out))
+    def read(self, get: Callable[[str], torch.Tensor]):
+        """(w_in, w_out, b_in, b_out) canonical (biases None without them) from get(name) of each stored
+        tensor; the fused banks themselves when already canonical, copies otherwise."""
+        if self.spec is None:
+            return torch.stack([get(x) for x in self.w_in]), torch.stack([get(x) for x in self.w_out]), None, None
+        w_in, w_out = get(self.w_in[0]), get(self.w_out[0])
+        if self.spec.transposed:
+            w_in, w_out = w_in.transpose(1, 2), w_out.transpose(1, 2).contiguous()
+        w_in = self.spec.in_rows_to_canonical(w_in, dim=1).contiguous()
+        if self.b_in is None:
+            return w_in, w_out, None, None
+        return w_in, w_out, self.spec.in_rows_to_canonical(get(self.b_in), dim=1), get(self.b_out)
 
-    def split(self, w_in: torch.Tensor, w_out: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{stored name: tensor} of the banks."""
-        out = {}
-        for names, bank in ((self.w_in, w_in), (self.w_out, w_out)):
-            out.update({names[0]: bank} if len(names) == 1 else {x: bank[j] for j, x in enumerate(names)})
+    def split(self, w_in: torch.Tensor, w_out: torch.Tensor, b_in: torch.Tensor | None = None,
+              b_out: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """{stored name: tensor} of canonical banks (the inverse of read)."""
+        if self.spec is None:
+            return {**{x: w_in[j] for j, x in enumerate(self.w_in)}, **{x: w_out[j] for j, x in enumerate(self.w_out)}}
+        out = {self.w_in[0]: self._stored_rows(w_in, dim=1), self.w_out[0]: w_out}
+        if self.spec.transposed:
+            out = {k: v.transpose(1, 2).contiguous() for k, v in out.items()}
+        if self.b_in is not None:
+            out[self.b_in], out[self.b_out] = self._stored_rows(b_in, dim=1), b_out
         return out
+
+    def _stored_rows(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """Canonical gate block then up block along `dim` back to the stored order (interleaved for GPT-OSS)."""
+        if not self.spec.gated or self.spec.concatenated:
+            return t
+        ff = t.shape[dim] // 2
+        return torch.stack([t.narrow(dim, 0, ff), t.narrow(dim, ff, ff)], dim=dim + 1).flatten(dim, dim + 1)

@@ -85,7 +85,7 @@ class Merger:
         """Merge (or pass on) the layer of `view` from `tensors`, which hold its stored expert and
         router tensors (ExpertTensors.of(view))."""
         name, opts, layout = view.name, self.options, ExpertTensors.of(view)
-        w_in, w_out = layout.read(tensors.__getitem__)
+        w_in, w_out, b_in, b_out = layout.read(tensors.__getitem__)
         keep = None
         if stats is None:  # a layer left out of `layers`: experts unchanged (compressed as they are)
             expert_map = torch.arange(view.num_experts)
@@ -94,10 +94,11 @@ class Merger:
                     self.writer.add(n, tensors[n])
                 return
         else:
-            g, w_in, w_out, _, _ = merge_module.merge_layer_weights(
+            g, w_in, w_out, b_in, b_out = merge_module.merge_layer_weights(
                 name, stats, w_in, w_out, count, view.activation, router_weight=tensors[layout.router],
                 similarity=opts["similarity"], permute=opts["permute"], strategy=opts["strategy"],
-                grouping=opts["grouping"], seed=opts["seed"], memory_budget=self.matching_bytes, inplace=True)
+                grouping=opts["grouping"], seed=opts["seed"], memory_budget=self.matching_bytes, b_in=b_in,
+                b_out=b_out, inplace=True)
             self.groupings[name] = g
             expert_map = torch.tensor(g.expert_map, dtype=torch.int64)
             if opts["strategy"] == "drop":  # drop.py's logit mask buffer next to the router weight
@@ -107,7 +108,7 @@ class Merger:
         if self.stage is not None:
             self.stage.add(name, w_in, w_out, expert_map, view.activation, keep)
             return
-        experts = MoEExperts(w_in, w_out, expert_map, view.activation)
+        experts = MoEExperts(w_in, w_out, expert_map, view.activation, b_in, b_out, view.activation_args)
         for k, v in experts.state_dict().items():
             self.writer.add(f"{name}.experts.{k}", v)
         self.entries[name] = layer_entry(view.num_experts, view.activation, experts, keep)

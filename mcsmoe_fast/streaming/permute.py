@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_directory
-from ..permute import apply_permutation_, match_permutations
+from ..permute import apply_permutation_, match_permutations, with_bias_column
 from ..weight_files import ShardWriter
 from .memory import shard_size_for
 from .layout import ExpertTensors
@@ -40,13 +40,16 @@ def permute_checkpoint(path, out, reference: int = 0, max_memory=None, max_shard
         writer = ShardWriter(tmp, "model.safetensors", shard_size_for(max_memory, max_shard_size), {"format": "pt"})
         for view in tqdm(views, desc="aligning experts", unit="layer", disable=not progress):
             layout = ExpertTensors.of(view)
-            w_in, w_out = layout.read(lambda n: source.read(n, shapes[n], dtype))
+            w_in, w_out, b_in, b_out = layout.read(lambda n: source.read(n, shapes[n], dtype))
             source.release()
+            d = w_in.shape[-1]
+            w_in = with_bias_column(w_in, b_in)  # an input bias moves with its neuron
             refs = torch.full((view.num_experts,), reference, dtype=torch.int64)
             perm = match_permutations(w_in, w_out, refs, view.activation)
             apply_permutation_(w_in, w_out, perm, view.activation)
-            for n, t in layout.split(w_in, w_out).items():
-                writer.add(n, t)
+            aligned = layout.split(w_in[..., :d], w_out, None if b_in is None else w_in[..., d], b_out)
+            for n, t in aligned.items():
+                writer.add(n, t.contiguous())
             perms[view.name] = perm
             del w_in, w_out
         for name, shape in shapes.items():  # everything else, one tensor at a time

@@ -34,6 +34,7 @@ from .. import compress as compress_module
 from .. import merge as merge_module
 from ..calibrate import CHEAP_BASES, LayerStats
 from ..checkpoint import WEIGHTS_METADATA, WEIGHTS_NAME, atomic_directory, write_merged_config
+from ..drop import check_maskable
 from ..grouping import LayerGrouping, group_counts
 from ..merge import check_merge_options, select_layers
 from ..weight_files import ShardWriter
@@ -41,6 +42,7 @@ from .activations import ActivationStore
 from .compress_stage import CompressionStage, compress_options
 from .dispatch import check_device_map, dispatched_statistics, split_memory
 from .forward import ACCEPTED_KEYS, SEQ2SEQ_KEYS, prepare_batches
+from .layout import ExpertTensors
 from .memory import MemoryPlan, human, plan_memory
 from .passes import Merger, Progress, Stream, layer_pass, merge_pass
 from .skeleton import layer_units, moe_views, open_source
@@ -66,6 +68,18 @@ def _check_options(similarity, strategy, grouping, bases) -> tuple[str, ...]:
     if bases is not None:
         return tuple(bases)
     return ("expert-output",) if similarity == "expert-output" else CHEAP_BASES
+
+
+def _check_layers(chosen_views, views, strategy: str, compress) -> None:
+    """What the in-memory pipeline would refuse only after its work, refused before any is done."""
+    if strategy == "drop":
+        for view in chosen_views:
+            check_maskable(view)
+    if compress:
+        biased = [v.name for v in views.values() if v.activation_args or ExpertTensors.of(v).b_in is not None]
+        if biased:
+            raise ValueError(f"layers {biased[:3]}{'...' if len(biased) > 3 else ''} have expert biases or a clamped "
+                             "activation (GPT-OSS): their compression is not supported; merge without compress")
 
 
 def _numel(shape) -> int:
@@ -111,8 +125,8 @@ def merge_checkpoint(
     tokenizer=None,
     device_map=None,
 ) -> StreamingResult:
-    """Merge the experts of the Mixtral-style checkpoint directory `path` into `out` without ever
-    holding the model in memory; returns a StreamingResult.
+    """Merge the experts of the checkpoint directory `path` (a family source.py lists) into `out`
+    without ever holding the model in memory; returns a StreamingResult.
 
     calibration_batches: dicts with input_ids [B, L] (and attention_mask, position_ids), as for
       collect_routing_stats; kept for the whole run (their hidden states are carried layer to layer).
@@ -152,7 +166,9 @@ def merge_checkpoint(
     batches = prepare_batches(calibration_batches, source.config.vocab_size, SEQ2SEQ_KEYS if seq2seq else ACCEPTED_KEYS)
     units = layer_units(model)
     views = moe_views(model, units)
-    chosen = [v.name for v in select_layers(list(views.values()), layers)]  # module order
+    chosen_views = select_layers(list(views.values()), layers)  # module order
+    chosen = [v.name for v in chosen_views]
+    _check_layers(chosen_views, views, strategy, compress)
     num_experts = {v.name: v.num_experts for v in views.values()}
     # group counts known up front (not global): each layer is merged as soon as its statistics are in
     fused = not globally and device_map is None

@@ -5,11 +5,12 @@ model.safetensors.index.json. Everything is checked before any work starts (ever
 a complete safetensors file holding the tensors the index puts in it; every tensor the model needs is
 there with the right shape), so a bad shard fails in seconds, naming the file, not hours in.
 
-Supported: decoder-only families whose experts are stored concatenated and untransposed without biases:
-Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE (their decoder layers take (hidden, attention_mask, position_ids,
-position_embeddings), so the cut forward runs them), and DeepSeek-V3 and Qwen3-Next when their own
-forward runs under accelerate (merge_checkpoint(device_map=...)) or no forward is needed (permute);
-Switch Transformers likewise (per-expert wi / wo, stored under the model's own names). Their checkpoints come in two layouts:
+Supported: the families whose decoder layers take (hidden, attention_mask, position_ids,
+position_embeddings), so the cut forward runs them: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3,
+GPT-OSS; and Qwen3-Next, Qwen3.5-MoE (linear attention) and Switch Transformers when their own forward
+runs under accelerate (merge_checkpoint(device_map=...)) or no forward is needed (permute). Expert
+tensors are read under the model's own names (layout.py); fused banks also in the per-expert layout of
+the original releases:
 
 - per expert (the original releases): model.layers.{i}.block_sparse_moe.experts.{j}.w1/w2/w3.weight
   (Mixtral: w1 gate [ff, d], w3 up [ff, d], w2 down [d, ff]) or mlp.experts.{j}.gate_proj/up_proj/
@@ -32,9 +33,10 @@ from ..weight_files import CheckpointError, WeightFiles, read_index
 
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
-SUPPORTED_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")  # the cut forward (forward.py) runs these
-# layers only their model's own forward runs (MLA, linear attention, Switch's encoder-decoder)
-DISPATCH_TYPES = ("deepseek_v3", "qwen3_next", "switch_transformers")
+# the cut forward (forward.py) runs these decoder layers
+SUPPORTED_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss")
+# layers only their model's own forward runs (linear attention, Switch's encoder-decoder)
+DISPATCH_TYPES = ("qwen3_next", "qwen3_5_moe_text", "switch_transformers")
 # names of the per-expert tensors of a fused tensor: (gate, up) and (down,), per naming convention
 PER_EXPERT_NAMES = ((("w1", "w3"), ("w2",)), (("gate_proj", "up_proj"), ("down_proj",)))
 
@@ -77,11 +79,11 @@ class SourceCheckpoint:
         model_type = raw.get("model_type") if isinstance(raw, dict) else None
         if model_type in DISPATCH_TYPES and not dispatched:
             raise ValueError(f"{self.path}: the layer-by-layer forward does not run {model_type!r} layers "
-                             "(DeepSeek-V3's MLA attention, Qwen3-Next's linear attention, Switch's encoder-decoder); "
+                             "(Qwen3-Next's and Qwen3.5-MoE's linear attention, Switch's encoder-decoder); "
                              "pass device_map (--device-map auto) to run their own forward with accelerate")
         if model_type not in SUPPORTED_TYPES + DISPATCH_TYPES:
-            raise ValueError(f"{self.path}: streaming supports decoder-only checkpoints of Mixtral-shaped families "
-                             f"(model_type {', '.join(SUPPORTED_TYPES + DISPATCH_TYPES)}), got {model_type!r}; "
+            raise ValueError(f"{self.path}: streaming supports checkpoints of model_type "
+                             f"{', '.join(SUPPORTED_TYPES + DISPATCH_TYPES)}, got {model_type!r}; "
                              "use the in-memory pipeline for it")
         self.config = AutoConfig.from_pretrained(str(self.path))
         self.files = open_weight_files(self.path)
@@ -129,6 +131,11 @@ class SourceCheckpoint:
                 elif tuple(self.files.shapes[stored]) != tuple(part_shape):
                     wrong.append(f"{stored} in {self.files.file_of(stored)}: {tuple(self.files.shapes[stored])}, "
                                  f"expected {tuple(part_shape)}")
+        quantized = [n for n in self.files.shapes if n.endswith(("_blocks", "_scales"))]
+        if missing and quantized:
+            raise CheckpointError(f"{self.path}: quantized expert weights ({quantized[0]}, ...; e.g. GPT-OSS's MXFP4 "
+                                  "release): streaming reads unquantized checkpoints; load it with transformers "
+                                  "(dequantize) and save_pretrained it in bf16 first")
         if missing or wrong:
             raise CheckpointError(
                 f"{self.path}: the weights do not match the model its config.json builds: "
