@@ -14,7 +14,7 @@ def add(sub):
     p.add_argument("--reference", type=int, default=0, help="reference expert index in every layer (default 0)")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="memory budget, e.g. 8GB: a checkpoint that would not fit is aligned layer by layer from "
-                        "its shards without loading the whole model (Mixtral, Qwen2/3-MoE, OLMoE)")
+                        "its shards without loading the whole model (every tested family, Switch included)")
     p.set_defaults(run=run)
     return p
 

@@ -14,6 +14,9 @@ one decoder layer at a time, writing the project's merged checkpoint format in s
 When the group counts do not depend on other layers (globally=False) the merge happens in pass 1,
 right after the layer's statistics are complete, and every tensor is read once.
 
+With a device_map (dispatch.py), pass 1 is instead the model's own forward under accelerate (GPUs, CPU,
+disk offload), and pass 2 reads every layer once, copying its other tensors and merging its experts.
+
 The result equals open_model -> collect_routing_stats -> merge_experts (-> compress_experts) ->
 save_pretrained on the same batches: same groups, same tensors. Everything is written into a
 temporary directory renamed into place at the end; an interrupted run leaves no output.
@@ -145,8 +148,8 @@ def merge_checkpoint(
       device map for accelerate's big-model inference ("auto", "balanced", "balanced_low_0",
       "sequential", "cpu", "cuda:N" or {module name: device or "disk"}, see dispatch.py): the statistics
       pass is the model's own forward on GPUs / CPU / disk as accelerate places it, then one pass over
-      the weights merges every layer. Needed for several GPUs, and for DeepSeek-V3 and Qwen3-Next, whose
-      decoder layers the cut forward does not run.
+      the weights merges every layer. Needed for several GPUs, and for Qwen3-Next, Qwen3.5-MoE and Switch
+      Transformers, whose layers the cut forward does not run.
     dtype: compute and output dtype (default float32, as open_model loads).
     max_shard_size: bytes per output shard (default: max_memory / 8 between 1 MB and 2 GB; 2 GB without
       a budget).
