@@ -24,7 +24,8 @@ TORCH_LIBRARY(mcsmoe_fast, m) {
   m.def("sparse_lowrank_linear(Tensor x, Tensor U, Tensor V, Tensor S_rows, Tensor row_idx, Tensor? bias=None) -> "
         "Tensor");
   m.def("grouped_expert_ffn_slr(Tensor hidden, Tensor[] w_in, Tensor[] w_out, Tensor expert_map, "
-        "Tensor top_k_index, Tensor top_k_weights, str activation, float alpha=1.702, float limit=7.0) -> Tensor");
+        "Tensor top_k_index, Tensor top_k_weights, str activation, Tensor? b_in=None, Tensor? b_out=None, "
+        "float alpha=1.702, float limit=7.0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mcsmoe_fast, CPU, m) {

@@ -379,8 +379,11 @@ def _install_compressed(layer, entry: dict, weights: WeightFiles, path: Path, dt
     saved_map = weights.get(f"{name}.experts.expert_map")
     if saved_map.tolist() != entry["expert_map"]:
         raise CheckpointError(f"{path}: expert_map of layer {name!r} differs between config.json and weights")
+    b_in, b_out = (weights.shapes.get(f"{name}.experts.{k}") for k in ("b_in", "b_out"))
     try:
-        experts = CompressedMoEExperts(banks[0], banks[1], saved_map, layer.activation)
+        experts = CompressedMoEExperts(banks[0], banks[1], saved_map, layer.activation,
+                                       None if b_in is None else torch.empty(b_in, dtype=dtype),
+                                       None if b_out is None else torch.empty(b_out, dtype=dtype), layer.activation_args)
     except (ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: layer {name!r}: {exc}") from exc
     layer.install_experts(experts)

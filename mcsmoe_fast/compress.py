@@ -155,20 +155,16 @@ def compress_experts(
         raise ValueError(f"layers {again} are already compressed; compress a model once (from its merged form)")
     if importance == "activation" and stats is None:
         raise ValueError("importance='activation' needs stats=collect_routing_stats(model, batches, input_norms=True)")
-    unsupported = [layer.name for layer in chosen
-                   if layer.activation_args or any(b is not None for b in layer.expert_biases())]
-    if unsupported:
-        raise ValueError(f"layers {unsupported[:3]}{'...' if len(unsupported) > 3 else ''} have expert biases or a "
-                         "clamped activation (GPT-OSS); compressing those experts is not supported yet (merge them instead)")
-
     norms = {}
     modules: dict[str, CompressedMoEExperts] = {}
     for layer in tqdm(chosen, desc="compressing experts", unit="layer", disable=not progress):
         w_in, w_out = (w.detach() for w in layer.expert_weights())
         if importance == "activation":
             norms[layer.name] = _input_norms(stats, layer, w_in.shape[0])
+        b_in, b_out = (None if b is None else b.detach().clone() for b in layer.expert_biases())
         module = CompressedMoEExperts(full_bank(w_in, rank, svd), full_bank(w_out, rank, svd),
-                                      layer.expert_map().clone(), layer.activation)
+                                      layer.expert_map().clone(), layer.activation, b_in, b_out,
+                                      layer.activation_args)
         module.train(layer.module.training)
         if importance == "gradient":  # every row kept, masked later by the pruner
             module.set_keep(torch.ones(module.in_S_rows.shape[0], dtype=torch.bool),

@@ -25,7 +25,9 @@ class CompressedMoEExperts(nn.Module):
     top_k_weights [T, k]) runs ops.grouped_expert_ffn_slr (one fused call); with gradients required it
     runs ops.sparse_lowrank_linear per slot instead (same function, differentiable in U, V, S_rows)."""
 
-    def __init__(self, w_in: list[torch.Tensor], w_out: list[torch.Tensor], expert_map: torch.Tensor, activation: str):
+    def __init__(self, w_in: list[torch.Tensor], w_out: list[torch.Tensor], expert_map: torch.Tensor, activation: str,
+                 b_in: torch.Tensor | None = None, b_out: torch.Tensor | None = None,
+                 activation_args: dict | None = None):
         super().__init__()
         check_activation(activation)
         for side, bank in (("in", w_in), ("out", w_out)):
@@ -38,6 +40,14 @@ class CompressedMoEExperts(nn.Module):
             self.register_buffer(f"{side}_keep", None, persistent=False)  # set_keep() while pruning
         self.register_buffer("expert_map", torch.as_tensor(expert_map, dtype=torch.int64, device=w_in[0].device))
         self.activation = activation
+        self.activation_args = dict(activation_args or {})
+        # expert biases (GPT-OSS) stay dense: one row per slot, next to the compressed matrices
+        slots, rows_in, rows_out = w_in[0].shape[0], w_in[0].shape[1], w_out[0].shape[1]
+        for name, b, shape in (("b_in", b_in, (slots, rows_in)), ("b_out", b_out, (slots, rows_out))):
+            if b is not None and tuple(b.shape) != shape:
+                raise ValueError(f"{name} must be {list(shape)} for these banks, got {list(b.shape)}")
+        self.b_in = None if b_in is None else nn.Parameter(b_in)
+        self.b_out = None if b_out is None else nn.Parameter(b_out)
         if self.expert_map.numel() and (self.expert_map.min() < 0 or self.expert_map.max() >= self.num_slots):
             raise ValueError(f"expert_map must have entries in [0, {self.num_slots}), got {self.expert_map.tolist()}")
 
@@ -74,9 +84,11 @@ class CompressedMoEExperts(nn.Module):
 
     def extra_repr(self) -> str:
         s, f, r_in = self.in_U.shape
+        args = "".join(f", {k}={v}" for k, v in self.activation_args.items())
+        biases = ", biases" if self.b_in is not None or self.b_out is not None else ""
         return (f"slots={s}, experts={self.num_experts}, d={self.in_V.shape[2]}, F={f}, rank_in={r_in}, "
                 f"rank_out={self.out_U.shape[2]}, kept_rows_in={self.bank('in')[2].shape[0]}, "
-                f"kept_rows_out={self.bank('out')[2].shape[0]}, activation={self.activation}")
+                f"kept_rows_out={self.bank('out')[2].shape[0]}, activation={self.activation}{args}{biases}")
 
     # --- pruning -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -104,26 +116,31 @@ class CompressedMoEExperts(nn.Module):
     # --- forward -----------------------------------------------------------------------------------
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         w_in, w_out = self.bank("in"), self.bank("out")
-        params = (self.in_U, self.in_V, self.in_S_rows, self.out_U, self.out_V, self.out_S_rows)
+        params = (self.in_U, self.in_V, self.in_S_rows, self.out_U, self.out_V, self.out_S_rows,
+                  *(b for b in (self.b_in, self.b_out) if b is not None))
         needs_grad = torch.is_grad_enabled() and (
             hidden.requires_grad or top_k_weights.requires_grad or any(p.requires_grad for p in params)
         )
         if needs_grad:
             return _grouped_slr_autograd(hidden, w_in, w_out, self.expert_map, top_k_index, top_k_weights,
-                                         self.activation)
+                                         self.activation, self.b_in, self.b_out, self.activation_args)
         return ops.grouped_expert_ffn_slr(hidden, w_in, w_out, self.expert_map, top_k_index, top_k_weights,
-                                          self.activation)
+                                          self.activation, self.b_in, self.b_out, **self.activation_args)
 
 
-def _grouped_slr_autograd(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation):
+def _grouped_slr_autograd(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation, b_in=None,
+                          b_out=None, activation_args=None):
     """The grouped FFN over compressed slots, slot by slot through the differentiable linear op."""
     off_in, off_out = w_in[4].tolist(), w_out[4].tolist()
+    args = activation_args or {}
 
     def slot_ffn(s, x):
         a, b = off_in[s], off_in[s + 1]
-        h = reference.expert_activation(ops.sparse_lowrank_linear(x, w_in[0][s], w_in[1][s], w_in[2][a:b],
-                                                                  w_in[3][a:b]), activation)
+        h = ops.sparse_lowrank_linear(x, w_in[0][s], w_in[1][s], w_in[2][a:b], w_in[3][a:b],
+                                      None if b_in is None else b_in[s])
+        h = reference.expert_activation(h, activation, **args)
         a, b = off_out[s], off_out[s + 1]
-        return ops.sparse_lowrank_linear(h, w_out[0][s], w_out[1][s], w_out[2][a:b], w_out[3][a:b])
+        return ops.sparse_lowrank_linear(h, w_out[0][s], w_out[1][s], w_out[2][a:b], w_out[3][a:b],
+                                         None if b_out is None else b_out[s])
 
     return reference.grouped_over_slots(hidden, w_in[0].shape[0], expert_map, top_k_index, top_k_weights, slot_ffn)

@@ -289,20 +289,20 @@ torch.library.register_autograd("mcsmoe_fast::sparse_lowrank_linear", _slr_backw
 
 
 def grouped_expert_ffn_slr(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation,
-                           alpha: float = ALPHA, limit: float = LIMIT):
+                           b_in=None, b_out=None, alpha: float = ALPHA, limit: float = LIMIT):
     """grouped_expert_ffn over compressed slots (inference; no autograd): every slot's w_in and w_out are
     sparse-plus-low-rank, given as banks [U [S, out, r], V [S, r, in], S_rows [K, in], row_idx [K] int64,
     row_offsets [S+1] int64]; slot s owns the kept rows row_offsets[s] .. row_offsets[s+1] (row indices
     distinct within a slot). Shapes otherwise as in grouped_expert_ffn (w_in: out = F, in = d; w_out:
-    out = d, in = ff); alpha and limit as there (clamped_swiglu's; no expert biases). Equals
-    reference.grouped_expert_ffn_slr (the dense reconstruction)."""
+    out = d, in = ff); b_in [S, F], b_out [S, d] (optional expert biases), alpha and limit as there
+    (GPT-OSS's). Equals reference.grouped_expert_ffn_slr (the dense reconstruction)."""
     return _lib.grouped_expert_ffn_slr(hidden, list(w_in), list(w_out), expert_map, top_k_index, top_k_weights,
-                                       activation, alpha, limit)
+                                       activation, b_in, b_out, alpha, limit)
 
 
 @torch.library.register_fake("mcsmoe_fast::grouped_expert_ffn_slr")
 def _grouped_expert_ffn_slr_fake(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation,
-                                 alpha=ALPHA, limit=LIMIT):
+                                 b_in=None, b_out=None, alpha=ALPHA, limit=LIMIT):
     op = "grouped_expert_ffn_slr"
     _check_activation(activation, alpha, limit, op)
     torch._check(len(w_in) == 5 and len(w_out) == 5, lambda: f"{op}: w_in, w_out: [U, V, S_rows, row_idx, row_offsets]")
@@ -315,7 +315,13 @@ def _grouped_expert_ffn_slr_fake(hidden, w_in, w_out, expert_map, top_k_index, t
                      lambda: f"{op}: {name} U, V and S_rows must have hidden's dtype {hidden.dtype}")
         torch._check(row_idx.dtype == torch.int64 and offsets.dtype == torch.int64, lambda: f"{op}: {name} row_idx and row_offsets must be int64")
         torch._check(offsets.dim() == 1 and offsets.shape[0] == U.shape[0] + 1, lambda: f"{op}: {name} row_offsets must be [S + 1]")
-    devices = {t.device for t in (hidden, *w_in, *w_out, top_k_index)}
+    S, F, d = w_in[0].shape[0], w_in[0].shape[1], hidden.shape[1]
+    for name, bias, cols in (("b_in", b_in, F), ("b_out", b_out, d)):
+        if bias is not None:
+            torch._check(bias.dim() == 2 and bias.shape[0] == S and bias.shape[1] == cols and bias.dtype == hidden.dtype,
+                         lambda: f"{op}: {name} must be [S, {'F' if name == 'b_in' else 'd'}] of hidden's dtype")
+    biases = tuple(b for b in (b_in, b_out) if b is not None)
+    devices = {t.device for t in (hidden, *w_in, *w_out, top_k_index, *biases)}
     torch._check(len(devices) == 1, lambda: f"{op}: all tensors must be on one device, got {devices}")
     return torch.empty_like(hidden, memory_format=torch.contiguous_format)
 

@@ -130,7 +130,7 @@ def slr_bank_dense(bank) -> torch.Tensor:
 
 
 def grouped_expert_ffn_slr(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation,
-                           alpha: float = 1.702, limit: float = 7.0):
+                           b_in=None, b_out=None, alpha: float = 1.702, limit: float = 7.0):
     """The grouped expert FFN over compressed slots, through their reconstructed dense weights."""
     return grouped_expert_ffn(hidden, slr_bank_dense(w_in), slr_bank_dense(w_out), expert_map, top_k_index,
-                              top_k_weights, activation, alpha=alpha, limit=limit)
+                              top_k_weights, activation, b_in, b_out, alpha=alpha, limit=limit)

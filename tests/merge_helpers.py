@@ -4,12 +4,18 @@ from __future__ import annotations
 import torch
 
 from mcsmoe_fast.models.loading import load_model
-from mcsmoe_fast.tiny import tiny_mixtral, tiny_switch
+from mcsmoe_fast.tiny import tiny_mixtral, tiny_moe, tiny_switch
 
 
 def build(family: str, tmp_path, **kwargs):
-    """A tiny model of `family` saved to tmp_path and loaded back through the real loading code."""
-    model = tiny_switch(**kwargs) if family == "switch" else tiny_mixtral(**kwargs)
+    """A tiny model of `family` ("switch", "mixtral" or a tiny_moe family) saved to tmp_path and loaded back
+    through the real loading code."""
+    if family == "switch":
+        model = tiny_switch(**kwargs)
+    elif family == "mixtral":
+        model = tiny_mixtral(**kwargs)
+    else:
+        model = tiny_moe(family, **kwargs)
     path = tmp_path / f"{family}-base"
     model.save_pretrained(path)
     return load_model(str(path))

@@ -116,6 +116,44 @@ def test_grouped_module_matches_reference_with_and_without_gradients():
     assert experts.in_S_rows.grad is not None and experts.out_U.grad is not None and hidden.grad is not None
 
 
+@pytest.mark.parametrize("which", ["b_in", "b_out", "both"])
+def test_module_with_biases_and_clamped_swiglu_matches_reference_and_its_gradients(which):
+    """GPT-OSS's experts compressed: dense biases next to the banks, clamped SwiGLU with its own alpha and
+    limit; the fused op and the differentiable path against the dense reference, gradients included."""
+    g = torch.Generator().manual_seed(4)
+    S, d, ff, E, T = 3, 12, 10, 6, 25
+    bank = lambda out, inp, r, k: [torch.randn(S, out, r, generator=g, dtype=torch.float64),
+                                   torch.randn(S, r, inp, generator=g, dtype=torch.float64),
+                                   torch.randn(sum(k), inp, generator=g, dtype=torch.float64),
+                                   torch.cat([torch.randperm(out, generator=g)[:n] for n in k]),
+                                   torch.tensor([0, k[0], k[0] + k[1], sum(k)])]
+    w_in, w_out = bank(2 * ff, d, 4, [3, 0, 7]), bank(d, ff, 2, [1, 5, 2])
+    b_in = torch.randn(S, 2 * ff, generator=g, dtype=torch.float64) if which != "b_out" else None
+    b_out = torch.randn(S, d, generator=g, dtype=torch.float64) if which != "b_in" else None
+    args = dict(alpha=1.3, limit=2.5)
+    experts = CompressedMoEExperts(w_in, w_out, torch.tensor([0, 1, 2, 0, 1, 2]), "clamped_swiglu", b_in, b_out,
+                                   args)
+    hidden = torch.randn(T, d, generator=g, dtype=torch.float64)
+    idx = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(T)])
+    weights = torch.rand(T, 2, generator=g, dtype=torch.float64)
+    ref_b_in, ref_b_out = (None if b is None else b.clone().requires_grad_() for b in (b_in, b_out))
+    ref = reference.grouped_expert_ffn_slr(hidden, w_in, w_out, experts.expert_map, idx, weights, "clamped_swiglu",
+                                           ref_b_in, ref_b_out, **args)
+    with torch.no_grad():
+        torch.testing.assert_close(experts(hidden, idx, weights), ref)
+        plain = CompressedMoEExperts(w_in, w_out, experts.expert_map, "clamped_swiglu", activation_args=args)
+        assert not torch.allclose(plain(hidden, idx, weights), ref)  # the biases count
+    out = experts(hidden, idx, weights)  # the differentiable per-slot path (parameters require grad)
+    torch.testing.assert_close(out, ref)
+    out.sum().backward()
+    ref.sum().backward()
+    for mine, theirs in ((experts.b_in, ref_b_in), (experts.b_out, ref_b_out)):
+        if theirs is not None:
+            torch.testing.assert_close(mine.grad, theirs.grad)
+    with pytest.raises(ValueError, match="b_out must be"):
+        CompressedMoEExperts(w_in, w_out, experts.expert_map, "clamped_swiglu", None, torch.zeros(S, d + 1))
+
+
 # --- options --------------------------------------------------------------------------------------
 def test_layers_option_compresses_only_the_chosen_layers(tmp_path):
     model, _ = merged("switch", tmp_path)

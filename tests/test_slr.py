@@ -426,6 +426,36 @@ def test_ffn_clamped_swiglu_thread_strategies_and_half_precision(mode, monkeypat
         check_ffn(clamped_problem(23, dtype, 2.0), dict(limit=1.0), rtol=5e-2, atol=5e-2)
 
 
+@pytest.mark.parametrize("activation", ["relu", "swiglu", "clamped_swiglu"])
+@pytest.mark.parametrize("which", ["b_in", "b_out", "both"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ffn_expert_biases(activation, which, dtype):
+    """b_in [S, F] inside the activation, b_out [S, d] inside the routing weight, as in the dense op."""
+    args = ffn_problem(41, 12, 10, 8, 4, 2, 3, activation, dtype, drop=0.1, seed=31)
+    S, F, d = args[1][0].shape[0], args[1][0].shape[1], args[0].shape[1]
+    gen = torch.Generator().manual_seed(5)
+    kw = dict(b_in=torch.randn(S, F, generator=gen, dtype=dtype) if which != "b_out" else None,
+              b_out=torch.randn(S, d, generator=gen, dtype=dtype) if which != "b_in" else None)
+    if activation == "clamped_swiglu":
+        kw.update(alpha=1.2, limit=1.5)
+    out = check_ffn(args, kw)
+    dense = ops.grouped_expert_ffn(args[0], reference.slr_bank_dense(args[1]), reference.slr_bank_dense(args[2]),
+                                   *args[3:7], **kw)
+    torch.testing.assert_close(out, dense, **TOL[dtype])
+    assert not torch.allclose(out, ops.grouped_expert_ffn_slr(*args, **{k: v for k, v in kw.items() if "b_" not in k}))
+
+
+@pytest.mark.parametrize("bias, match", [
+    (dict(b_in=torch.zeros(4, 19)), r"b_in must be \[S, F\] = \[4, 20\]"),
+    (dict(b_out=torch.zeros(3, 12)), r"b_out must be \[S, d\] = \[4, 12\]"),
+    (dict(b_out=torch.zeros(4, 12, dtype=torch.float64)), "b_out must have the weights' dtype"),
+])
+def test_ffn_bad_biases_raise(bias, match):
+    args = ffn_problem(9, 12, 10, 8, 4, 2, 3, "swiglu", seed=32)
+    with pytest.raises(RuntimeError, match=match):
+        ops.grouped_expert_ffn_slr(*args, **bias)
+
+
 def test_ffn_bad_clamped_swiglu_limit_is_a_value_error():
     args = clamped_problem(5, torch.float32, 1.0)
     with pytest.raises(ValueError, match="grouped_expert_ffn_slr: clamped_swiglu needs a finite limit >= 0, got -2"):
@@ -550,6 +580,9 @@ def test_ffn_opcheck():
         torch.library.opcheck(torch.ops.mcsmoe_fast.grouped_expert_ffn_slr, ffn_problem(T, 8, 6, 4, 3, 2, 2, act, drop=0.2, seed=32))
     torch.library.opcheck(torch.ops.mcsmoe_fast.grouped_expert_ffn_slr,
                           ffn_problem(9, 8, 6, 4, 3, 2, 2, "clamped_swiglu", seed=33), dict(alpha=1.2, limit=0.4))
+    torch.library.opcheck(torch.ops.mcsmoe_fast.grouped_expert_ffn_slr,
+                          ffn_problem(9, 8, 6, 4, 3, 2, 2, "clamped_swiglu", seed=34),
+                          dict(b_in=torch.randn(3, 12), b_out=torch.randn(3, 8), limit=0.4))
 
 
 def test_torch_compile_linear_forward_and_backward():

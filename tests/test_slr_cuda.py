@@ -207,6 +207,28 @@ def test_cuda_ffn_clamped_swiglu_matches_cpu_op_and_opcheck():
     torch.library.opcheck(torch.ops.mcsmoe_fast.grouped_expert_ffn_slr, gpu, kw)
 
 
+@pytest.mark.parametrize("activation", ["swiglu", "clamped_swiglu"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_ffn_expert_biases_match_reference_and_cpu_op(activation, dtype):
+    args64 = ffn_problem(57, 24, 20, 8, 4, 2, 3, activation, drop=0.1, seed=37)
+    S, F, d = args64[1][0].shape[0], args64[1][0].shape[1], args64[0].shape[1]
+    gen = torch.Generator().manual_seed(38)
+    b_in, b_out = torch.randn(S, F, generator=gen, dtype=torch.float64), torch.randn(S, d, generator=gen, dtype=torch.float64)
+    kw = dict(alpha=1.2, limit=1.5) if activation == "clamped_swiglu" else {}
+    args = to(args64, dtype)
+    args[5] = args[5].float()
+    biases = dict(b_in=b_in.to(DEVICE, dtype), b_out=b_out.to(DEVICE, dtype))
+    out = ops.grouped_expert_ffn_slr(*args, **biases, **kw)
+    ref = reference.grouped_expert_ffn_slr(*to(args, torch.float64, "cpu"), b_in=biases["b_in"].cpu().double(),
+                                           b_out=biases["b_out"].cpu().double(), **kw)
+    torch.testing.assert_close(out.cpu().double(), ref, **TOL[dtype])
+    if dtype == torch.float32:
+        cpu = to(args, torch.float32, "cpu")
+        torch.testing.assert_close(out.cpu(), ops.grouped_expert_ffn_slr(*cpu, b_in=b_in.float(), b_out=b_out.float(),
+                                                                         **kw), rtol=1e-4, atol=1e-4)
+        torch.library.opcheck(torch.ops.mcsmoe_fast.grouped_expert_ffn_slr, args, {**biases, **kw})
+
+
 def test_cuda_ffn_opcheck():
     for T, act in [(7, "relu"), (1, "swiglu"), (0, "swiglu")]:
         args = to(ffn_problem(T, 8, 6, 4, 3, 2, 2, act, drop=0.2, seed=32), torch.float32)

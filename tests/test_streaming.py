@@ -105,6 +105,17 @@ def test_other_families_stream_like_the_in_memory_pipeline(family, batches, tmp_
     assert_same_checkpoint(expected, result.path, batches)
 
 
+def test_streamed_merge_and_compress_of_biased_experts_equals_in_memory(batches, tmp_path):
+    from mcsmoe_fast.tiny import tiny_moe
+
+    src = tmp_path / "gpt-oss"
+    tiny_moe("gpt_oss", num_layers=3, seed=6).save_pretrained(src, max_shard_size="60KB")
+    expected = in_memory(src, tmp_path / "expected", batches, compress=COMPRESS)
+    result = quiet_merge(src, tmp_path / "streamed", batches, NUM_GROUPS, compress=COMPRESS)
+    assert_same_checkpoint(expected, result.path, batches)
+    assert any(k.endswith("experts.b_in") for k in from_pretrained(result.path).state_dict())
+
+
 def test_what_streaming_cannot_do_is_refused_before_any_work(tmp_path, batches):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -115,8 +126,6 @@ def test_what_streaming_cannot_do_is_refused_before_any_work(tmp_path, batches):
     with pytest.raises(ValueError, match="streaming supports checkpoints of model_type .*got 'llama'"):
         merge_checkpoint(tmp_path / "llama", tmp_path / "out", batches, 2)
     tiny_moe("gpt_oss", num_layers=2).save_pretrained(tmp_path / "gpt-oss")
-    with pytest.raises(ValueError, match="expert biases or a clamped activation"):
-        merge_checkpoint(tmp_path / "gpt-oss", tmp_path / "out", batches, 2, compress=dict(rank=4, keep_ratio=0.3))
     from safetensors.torch import load_file
 
     quantized = tmp_path / "gpt-oss-mxfp4"  # the hub release's layout: experts as MXFP4 blocks and scales
@@ -379,10 +388,10 @@ def test_sharded_checkpoint_errors_name_the_shard(sharded):
         from_pretrained(path, verify=False)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "switch"])
+@pytest.mark.parametrize("family", ["mixtral", "switch", "gpt_oss"])
 def test_streamed_compress_equals_compress_experts_then_save(family, tmp_path):
-    """compress_checkpoint on a sharded merged checkpoint (Switch too: no forward pass is needed) equals
-    from_pretrained -> compress_experts(importance="weight") -> save_pretrained."""
+    """compress_checkpoint on a sharded merged checkpoint (Switch too: no forward pass is needed; GPT-OSS's
+    biases stay dense) equals from_pretrained -> compress_experts(importance="weight") -> save_pretrained."""
     from merge_helpers import build
 
     from mcsmoe_fast.streaming import compress_checkpoint

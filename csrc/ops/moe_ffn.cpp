@@ -47,20 +47,18 @@ Activation parse_activation(c10::string_view name, const char* op, double alpha,
                     "'; expected relu, gelu, gelu_tanh, silu, reglu, geglu, geglu_tanh, swiglu or clamped_swiglu");
 }
 
-// b_in [S, F] and b_out [S, d], when given: the weights' dtype, hidden's device.
-static void check_expert_biases(const at::Tensor& hidden, const at::Tensor& w_in, const at::Tensor& w_out,
-                                const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
-                                const char* op) {
+void check_expert_biases(const at::Tensor& hidden, int64_t S, int64_t F, int64_t d, at::ScalarType dtype,
+                         const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out, const char* op) {
   const std::pair<const char*, const std::optional<at::Tensor>*> biases[] = {{"b_in", &b_in}, {"b_out", &b_out}};
   for (const auto& [name, bias] : biases) {
     if (!bias->has_value()) continue;
     const at::Tensor& b = **bias;
     const bool is_in = name[2] == 'i';
-    const int64_t rows = w_in.size(0), cols = is_in ? w_in.size(1) : w_out.size(1);
-    TORCH_CHECK(b.dim() == 2 && b.size(0) == rows && b.size(1) == cols, op, ": ", name, " must be ",
-                is_in ? "[S, F]" : "[S, d]", " = [", rows, ", ", cols, "] (one row per slot), got shape ", b.sizes());
-    TORCH_CHECK(b.scalar_type() == w_in.scalar_type(), op, ": ", name, " must have the weights' dtype ",
-                w_in.scalar_type(), ", got ", b.scalar_type());
+    const int64_t cols = is_in ? F : d;
+    TORCH_CHECK(b.dim() == 2 && b.size(0) == S && b.size(1) == cols, op, ": ", name, " must be ",
+                is_in ? "[S, F]" : "[S, d]", " = [", S, ", ", cols, "] (one row per slot), got shape ", b.sizes());
+    TORCH_CHECK(b.scalar_type() == dtype, op, ": ", name, " must have the weights' dtype ", dtype, ", got ",
+                b.scalar_type());
     TORCH_CHECK(b.device() == hidden.device(), op, ": ", name, " must be on hidden's device ", hidden.device(),
                 ", got ", b.device());
   }
@@ -96,7 +94,7 @@ Activation check_grouped_ffn_args(const at::Tensor& hidden, const at::Tensor& w_
   check_moe_routing(top_k_index, top_k_weights, expert_map, S, op);
   TORCH_CHECK(top_k_index.size(0) == hidden.size(0), op, ": top_k_index has ", top_k_index.size(0),
               " tokens but hidden has ", hidden.size(0));
-  check_expert_biases(hidden, w_in, w_out, b_in, b_out, op);
+  check_expert_biases(hidden, w_in.size(0), w_in.size(1), w_out.size(1), w_in.scalar_type(), b_in, b_out, op);
   return act;
 }
 

@@ -49,6 +49,9 @@ at::Tensor grouped_expert_ffn_cuda(const at::Tensor& hidden, const at::Tensor& w
                                    const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
                                    double alpha, double limit);
 #endif
+// b_in [S, F] and b_out [S, d], when given: `dtype` (the weights'), hidden's device.
+void check_expert_biases(const at::Tensor& hidden, int64_t S, int64_t F, int64_t d, at::ScalarType dtype,
+                         const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out, const char* op);
 // An expert activation (mcsmoe_fast/activations.py): act(h), or act(gate) * up when gated, or GPT-OSS's
 // clamped SwiGLU (gated; fn = clamped_swiglu) with its alpha and limit.
 struct Activation {
@@ -176,23 +179,26 @@ std::tuple<int64_t, int64_t, int64_t> check_slr_bank(const at::TensorList& bank,
 // Checks every argument of grouped_expert_ffn_slr but the row index values; returns the activation.
 Activation check_slr_ffn_args(const at::Tensor& hidden, at::TensorList w_in, at::TensorList w_out,
                               const at::Tensor& expert_map, const at::Tensor& top_k_index,
-                              const at::Tensor& top_k_weights, c10::string_view activation, double alpha,
-                              double limit);
+                              const at::Tensor& top_k_weights, c10::string_view activation,
+                              const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
+                              double alpha, double limit);
 // The host copy of a bank's row_offsets after checking them and every slot's row indices.
 std::vector<int64_t> checked_offsets(const at::TensorList& bank, int64_t S, int64_t out, const char* op,
                                      const char* name);
 at::Tensor grouped_expert_ffn_slr_cpu(const at::Tensor& hidden, at::TensorList w_in, at::TensorList w_out,
                                       const at::Tensor& expert_map, const at::Tensor& top_k_index,
-                                      const at::Tensor& top_k_weights, c10::string_view activation, double alpha,
-                                      double limit);
+                                      const at::Tensor& top_k_weights, c10::string_view activation,
+                                      const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
+                                      double alpha, double limit);
 #ifdef MCSMOE_WITH_CUDA
 at::Tensor sparse_lowrank_linear_cuda(const at::Tensor& x, const at::Tensor& U, const at::Tensor& V,
                                       const at::Tensor& S_rows, const at::Tensor& row_idx,
                                       const std::optional<at::Tensor>& bias);
 at::Tensor grouped_expert_ffn_slr_cuda(const at::Tensor& hidden, at::TensorList w_in, at::TensorList w_out,
                                        const at::Tensor& expert_map, const at::Tensor& top_k_index,
-                                       const at::Tensor& top_k_weights, c10::string_view activation, double alpha,
-                                       double limit);
+                                       const at::Tensor& top_k_weights, c10::string_view activation,
+                                       const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
+                                       double alpha, double limit);
 #endif
 
 }  // namespace mcsmoe::ops

@@ -54,8 +54,9 @@ std::vector<int64_t> checked_offsets(const at::TensorList& bank, int64_t S, int6
 
 Activation check_slr_ffn_args(const at::Tensor& hidden, at::TensorList w_in, at::TensorList w_out,
                               const at::Tensor& expert_map, const at::Tensor& top_k_index,
-                              const at::Tensor& top_k_weights, c10::string_view activation, double alpha,
-                              double limit) {
+                              const at::Tensor& top_k_weights, c10::string_view activation,
+                              const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
+                              double alpha, double limit) {
   const char* op = "grouped_expert_ffn_slr";
   const Activation act = parse_activation(activation, op, alpha, limit);
   const bool gated = act.gated;
@@ -70,6 +71,7 @@ Activation check_slr_ffn_args(const at::Tensor& hidden, at::TensorList w_in, at:
               d_out);
   TORCH_CHECK(F == (gated ? 2 * ff : ff), op, ": w_in has ", F, " output rows but ", std::string(activation),
               " with w_out's ff = ", ff, " needs ", gated ? 2 * ff : ff);
+  check_expert_biases(hidden, S, F, d, hidden.scalar_type(), b_in, b_out, op);
   check_moe_routing(top_k_index, top_k_weights, expert_map, S, op);
   TORCH_CHECK(top_k_index.size(0) == hidden.size(0), op, ": top_k_index has ", top_k_index.size(0),
               " tokens but hidden has ", hidden.size(0));
@@ -92,11 +94,18 @@ static at::Tensor slot_activation(const at::Tensor& h, Activation act) {
 
 at::Tensor grouped_expert_ffn_slr_cpu(const at::Tensor& hidden_arg, at::TensorList w_in, at::TensorList w_out,
                                       const at::Tensor& expert_map, const at::Tensor& top_k_index,
-                                      const at::Tensor& top_k_weights, c10::string_view activation, double alpha,
-                                      double limit) {
+                                      const at::Tensor& top_k_weights, c10::string_view activation,
+                                      const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
+                                      double alpha, double limit) {
   const char* op = "grouped_expert_ffn_slr";
   const Activation act = check_slr_ffn_args(hidden_arg, w_in, w_out, expert_map, top_k_index, top_k_weights,
-                                            activation, alpha, limit);
+                                            activation, b_in, b_out, alpha, limit);
+  // The biases ride in the low-rank GEMMs (addmm), as in the dense op.
+  const std::optional<at::Tensor> bias_in = b_in ? std::optional(b_in->detach().contiguous()) : std::nullopt;
+  const std::optional<at::Tensor> bias_out = b_out ? std::optional(b_out->detach().contiguous()) : std::nullopt;
+  auto row = [](const std::optional<at::Tensor>& b, int64_t s) {
+    return b ? std::optional<at::Tensor>(b->select(0, s)) : std::nullopt;
+  };
   const at::Tensor hidden = hidden_arg.detach();
   const int64_t S = w_in[0].size(0);
   const auto off_in = checked_offsets(w_in, S, w_in[0].size(1), op, "w_in");
@@ -108,10 +117,10 @@ at::Tensor grouped_expert_ffn_slr_cpu(const at::Tensor& hidden_arg, at::TensorLi
       hidden, S, expert_map, top_k_index, top_k_weights, [&](int64_t s, const at::Tensor& x, at::Tensor y) {
         const int64_t kin = off_in[s + 1] - off_in[s], kout = off_out[s + 1] - off_out[s];
         at::Tensor h = slr_linear_cpu(x, bi[0][s], bi[1][s], bi[2].narrow(0, off_in[s], kin),
-                                      bi[3].data_ptr<int64_t>() + off_in[s], std::nullopt, std::nullopt);
+                                      bi[3].data_ptr<int64_t>() + off_in[s], row(bias_in, s), std::nullopt);
         at::Tensor a = slot_activation(h, act);
         slr_linear_cpu(a, bo[0][s], bo[1][s], bo[2].narrow(0, off_out[s], kout),
-                       bo[3].data_ptr<int64_t>() + off_out[s], std::nullopt, y);
+                       bo[3].data_ptr<int64_t>() + off_out[s], row(bias_out, s), y);
       });
 }
 

@@ -23,6 +23,7 @@ from .memory import shard_size_for
 from .skeleton import build_skeleton
 
 SLOTS = ("w_in", "w_out", "expert_map")
+BIASES = ("b_in", "b_out")  # expert biases (GPT-OSS), kept dense next to the compressed banks
 
 
 @torch.no_grad()
@@ -58,18 +59,21 @@ def compress_checkpoint(path, out, rank: int = 32, keep_ratio: float = 0.1, svd:
         if "expert_map" not in entry:
             raise CheckpointError(f"{path}: layer {layer.name!r} is not stored as merged slots; streaming compression "
                                   "needs every MoE layer merged (use the in-memory pipeline for this checkpoint)")
-    slot_names = {f"{layer.name}.experts.{k}" for layer in layers for k in SLOTS}
+    slot_names = {f"{layer.name}.experts.{k}" for layer in layers for k in (*SLOTS, *BIASES)}
     with atomic_directory(out) as tmp:
         writer = ShardWriter(tmp, WEIGHTS_NAME, shard_size_for(max_memory, max_shard_size), WEIGHTS_METADATA)
         stage = CompressionStage(tmp / ".compress-staging", opts["rank"], opts["keep_ratio"], opts["svd"])
         for layer in tqdm(layers, desc="compressing: decomposing", unit="layer", disable=not progress):
             w_in, w_out, emap = (weights.get(f"{layer.name}.experts.{k}") for k in SLOTS)
+            b_in, b_out = (weights.get(f"{layer.name}.experts.{k}").to(dtype) if f"{layer.name}.experts.{k}" in
+                           weights.shapes else None for k in BIASES)
             weights.release()
             keep = None
             if entries[layer.name].get("dropped"):
                 keep = torch.ones(layer.num_experts, dtype=torch.bool)
                 keep[entries[layer.name]["dropped"]] = False
-            stage.add(layer.name, w_in.to(dtype), w_out.to(dtype), emap, layer.activation, keep)
+            stage.add(layer.name, w_in.to(dtype), w_out.to(dtype), emap, layer.activation, keep, b_in, b_out,
+                      layer.activation_args)
             del w_in, w_out
         for name in weights.shapes:  # everything else, one tensor at a time
             if name not in slot_names:

@@ -49,24 +49,27 @@ class CompressionStage:
     def __init__(self, directory: Path, rank: int, keep_ratio: float, svd: str = "auto"):
         self.directory, self.rank, self.keep_ratio, self.svd = Path(directory), rank, keep_ratio, svd
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.layers: list[tuple[str, str, str, torch.Tensor | None]] = []  # (name, file, activation, keep)
+        # (name, file, activation, keep, activation_args)
+        self.layers: list[tuple[str, str, str, torch.Tensor | None, dict]] = []
         self.scores: list[torch.Tensor] = []
         self.lengths: list[int] = []
 
     @torch.no_grad()
     def add(self, name: str, w_in: torch.Tensor, w_out: torch.Tensor, expert_map: torch.Tensor, activation: str,
-            keep: torch.Tensor | None = None) -> None:
-        """Decompose one layer's slots (w_in [S, F, d], w_out [S, d, ff]) and stage them."""
+            keep: torch.Tensor | None = None, b_in: torch.Tensor | None = None, b_out: torch.Tensor | None = None,
+            activation_args: dict | None = None) -> None:
+        """Decompose one layer's slots (w_in [S, F, d], w_out [S, d, ff]; biases b_in [S, F], b_out [S, d]
+        kept dense) and stage them."""
         from safetensors.torch import save_file
 
         module = CompressedMoEExperts(full_bank(w_in, self.rank, self.svd), full_bank(w_out, self.rank, self.svd),
-                                      expert_map.clone(), activation)
+                                      expert_map.clone(), activation, b_in, b_out, activation_args)
         for side in ("in", "out"):
             self.scores.append(_row_scores(module, side, None))
             self.lengths.append(getattr(module, f"{side}_S_rows").shape[1])
         file = f"{len(self.layers):05d}.safetensors"
         save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(self.directory / file))
-        self.layers.append((name, file, activation, keep))
+        self.layers.append((name, file, activation, keep, module.activation_args))
 
     @torch.no_grad()
     def finish(self, writer: ShardWriter, progress=None) -> dict[str, dict]:
@@ -74,12 +77,13 @@ class CompressionStage:
         config entries (checkpoint.layer_entry)."""
         masks = iter(global_keep(self.scores, self.lengths, self.keep_ratio))
         entries = {}
-        for name, file, activation, keep in self.layers:
+        for name, file, activation, keep, activation_args in self.layers:
             staged = WeightFiles(self.directory, single=file)
             state = {k: staged.get(k) for k in staged.shapes}
             staged.release()
             banks = [[state[f"{side}_{f}"] for f in BANK_FIELDS] for side in ("in", "out")]
-            module = CompressedMoEExperts(banks[0], banks[1], state["expert_map"], activation)
+            module = CompressedMoEExperts(banks[0], banks[1], state["expert_map"], activation, state.get("b_in"),
+                                          state.get("b_out"), activation_args)
             module.set_keep(next(masks), next(masks))
             module.finalize()
             for k, v in module.state_dict().items():

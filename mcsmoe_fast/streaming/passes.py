@@ -106,7 +106,7 @@ class Merger:
                 keep[g.dominant] = True
                 self.writer.add(layout.keep, keep)
         if self.stage is not None:
-            self.stage.add(name, w_in, w_out, expert_map, view.activation, keep)
+            self.stage.add(name, w_in, w_out, expert_map, view.activation, keep, b_in, b_out, view.activation_args)
             return
         experts = MoEExperts(w_in, w_out, expert_map, view.activation, b_in, b_out, view.activation_args)
         for k, v in experts.state_dict().items():

@@ -45,7 +45,6 @@ from .activations import ActivationStore
 from .compress_stage import CompressionStage, compress_options
 from .dispatch import check_device_map, dispatched_statistics, split_memory
 from .forward import ACCEPTED_KEYS, SEQ2SEQ_KEYS, prepare_batches
-from .layout import ExpertTensors
 from .memory import MemoryPlan, human, plan_memory
 from .passes import Merger, Progress, Stream, layer_pass, merge_pass
 from .skeleton import layer_units, moe_views, open_source
@@ -73,16 +72,11 @@ def _check_options(similarity, strategy, grouping, bases) -> tuple[str, ...]:
     return ("expert-output",) if similarity == "expert-output" else CHEAP_BASES
 
 
-def _check_layers(chosen_views, views, strategy: str, compress) -> None:
+def _check_layers(chosen_views, strategy: str) -> None:
     """What the in-memory pipeline would refuse only after its work, refused before any is done."""
     if strategy == "drop":
         for view in chosen_views:
             check_maskable(view)
-    if compress:
-        biased = [v.name for v in views.values() if v.activation_args or ExpertTensors.of(v).b_in is not None]
-        if biased:
-            raise ValueError(f"layers {biased[:3]}{'...' if len(biased) > 3 else ''} have expert biases or a clamped "
-                             "activation (GPT-OSS): their compression is not supported; merge without compress")
 
 
 def _numel(shape) -> int:
@@ -171,7 +165,7 @@ def merge_checkpoint(
     views = moe_views(model, units)
     chosen_views = select_layers(list(views.values()), layers)  # module order
     chosen = [v.name for v in chosen_views]
-    _check_layers(chosen_views, views, strategy, compress)
+    _check_layers(chosen_views, strategy)
     num_experts = {v.name: v.num_experts for v in views.values()}
     # group counts known up front (not global): each layer is merged as soon as its statistics are in
     fused = not globally and device_map is None

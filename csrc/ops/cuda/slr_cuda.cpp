@@ -55,12 +55,15 @@ at::Tensor scratch(const at::Tensor& buf, int64_t n, int64_t m) { return buf.nar
 // y [n, out] (rows contiguous) = x (U V + S)^T, written in place; row_idx: device pointer to S_rows.size(0)
 // checked rows. z_buf and zs_buf are flat scratch of at least n * r and n * K elements.
 void slr_linear_into(const at::Tensor& x, const at::Tensor& U, const at::Tensor& V, const at::Tensor& S_rows,
-                     const int64_t* row_idx, at::Tensor y, const at::Tensor& z_buf, const at::Tensor& zs_buf,
-                     slr::Dtype dtype, void* stream) {
+                     const int64_t* row_idx, const std::optional<at::Tensor>& bias, at::Tensor y,
+                     const at::Tensor& z_buf, const at::Tensor& zs_buf, slr::Dtype dtype, void* stream) {
   const int64_t n = x.size(0), r = U.size(1), K = S_rows.size(0);
   at::Tensor z = scratch(z_buf, n, r);
   at::mm_out(z, x, V.t());
-  at::mm_out(y, z, U.t());  // r = 0: ATen writes zeros
+  if (bias)
+    at::addmm_out(y, *bias, z, U.t());
+  else
+    at::mm_out(y, z, U.t());  // r = 0: ATen writes zeros
   if (K == 0 || n == 0) return;
   at::Tensor zs = scratch(zs_buf, n, K);
   at::mm_out(zs, x, S_rows.t());
@@ -129,11 +132,17 @@ at::Tensor sparse_lowrank_linear_cuda(const at::Tensor& x_arg, const at::Tensor&
 
 at::Tensor grouped_expert_ffn_slr_cuda(const at::Tensor& hidden_arg, at::TensorList w_in, at::TensorList w_out,
                                        const at::Tensor& expert_map, const at::Tensor& top_k_index,
-                                       const at::Tensor& top_k_weights, c10::string_view activation, double alpha,
-                                       double limit) {
+                                       const at::Tensor& top_k_weights, c10::string_view activation,
+                                       const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
+                                       double alpha, double limit) {
   const char* op = "grouped_expert_ffn_slr";
   const Activation act = check_slr_ffn_args(hidden_arg, w_in, w_out, expert_map, top_k_index, top_k_weights,
-                                            activation, alpha, limit);
+                                            activation, b_in, b_out, alpha, limit);
+  const std::optional<at::Tensor> bias_in = b_in ? std::optional(b_in->detach()) : std::nullopt;
+  const std::optional<at::Tensor> bias_out = b_out ? std::optional(b_out->detach()) : std::nullopt;
+  auto row = [](const std::optional<at::Tensor>& b, int64_t s) {
+    return b ? std::optional<at::Tensor>(b->select(0, s)) : std::nullopt;
+  };
   TORCH_CHECK(hidden_arg.is_cuda(), op, ": expected CUDA tensors, got ", hidden_arg.device());
   const c10::cuda::CUDAGuard guard(hidden_arg.device());
   const auto mdtype = kernel_dtype(hidden_arg.scalar_type(), op);
@@ -191,7 +200,7 @@ at::Tensor grouped_expert_ffn_slr_cuda(const at::Tensor& hidden_arg, at::TensorL
     if (n == 0) continue;
     at::Tensor h_s = scratch(h_buf, n, F);
     slr_linear_into(x.narrow(0, off[s], n), bi[0][s], bi[1][s], bi[2].narrow(0, off_in[s], off_in[s + 1] - off_in[s]),
-                    bi[3].data_ptr<int64_t>() + off_in[s], h_s, z_buf, zs_buf, sdtype, stream);
+                    bi[3].data_ptr<int64_t>() + off_in[s], row(bias_in, s), h_s, z_buf, zs_buf, sdtype, stream);
     at::Tensor a = h_s;
     if (act.gated) {
       a = scratch(a_buf, n, ff);
@@ -203,7 +212,8 @@ at::Tensor grouped_expert_ffn_slr_cuda(const at::Tensor& hidden_arg, at::TensorL
       expert_activation(a, act);  // ATen's in-place op on the device
     }
     slr_linear_into(a, bo[0][s], bo[1][s], bo[2].narrow(0, off_out[s], off_out[s + 1] - off_out[s]),
-                    bo[3].data_ptr<int64_t>() + off_out[s], y.narrow(0, off[s], n), z_buf, zs_buf, sdtype, stream);
+                    bo[3].data_ptr<int64_t>() + off_out[s], row(bias_out, s), y.narrow(0, off[s], n), z_buf, zs_buf,
+                    sdtype, stream);
   }
   at::Tensor out = at::empty({T, d}, opts);
   launch([&] {
