@@ -213,8 +213,9 @@ def test_pruner_schedule_is_cubic_between_warmups(tmp_path):
     assert [p.kept_fraction(s) for s in (8, 9, 10)] == [0.1] * 3
 
 
-def test_pruner_masks_by_gradient_importance_and_finalize_compacts(tmp_path):
-    model, batches = merged("mixtral", tmp_path)
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_pruner_masks_by_gradient_importance_and_finalize_compacts(family, tmp_path):
+    model, batches = merged(family, tmp_path)
     compress_experts(model, rank=2, keep_ratio=0.2, importance="gradient", progress=False)
     full = kept_rows(model)
     pruner = CompressionPruner(model, keep_ratio=0.2, total_steps=4, initial_warmup=1, final_warmup=1)
