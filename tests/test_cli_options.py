@@ -206,3 +206,36 @@ def test_compress_streams_when_the_model_does_not_fit_max_memory(workspace, caps
     rc, out, err = run(["compress", *common, "--out", workspace / "x", "--max-memory", "100KB", "--importance",
                         "activation", "--calib", workspace / "calib.txt"], capsys)
     assert rc != 0 and "--importance weight" in err
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["in-memory", "streamed"])
+def test_dtype_option_sets_what_merge_and_permute_load_and_save(workspace, capsys, streamed):
+    """--dtype auto keeps a bfloat16 checkpoint in bfloat16 (half the output of the float32 default); the
+    streamed merge equals the in-memory one in that dtype too."""
+    from safetensors import safe_open
+
+    from mcsmoe_fast.tiny import tiny_mixtral
+
+    src = workspace / "mixtral-bf16"
+    tiny_mixtral().to(torch.bfloat16).save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    budget = ["--max-memory", "1KB"] if streamed else []
+
+    def float_dtypes(path):
+        dtypes = set()
+        for f in path.glob("*.safetensors"):
+            with safe_open(str(f), "pt") as h:
+                dtypes |= {h.get_tensor(k).dtype for k in h.keys() if h.get_tensor(k).is_floating_point()}
+        return dtypes
+
+    for dtype, expected in (("auto", torch.bfloat16), ("float32", torch.float32), ("float16", torch.float16)):
+        for command, extra in (("merge", ["--calib", workspace / "calib.txt", "--num-groups", 3]), ("permute", [])):
+            out = workspace / f"{command}-{dtype}-{streamed}"
+            rc, _, err = run([command, "--model", src, "--out", out, "--dtype", dtype, *extra, *budget], capsys)
+            assert rc == 0, err
+            assert float_dtypes(out) == {expected}, (command, dtype)
+    if streamed:  # the same tensors as the in-memory merge in bfloat16
+        run(["merge", "--model", src, "--calib", workspace / "calib.txt", "--num-groups", 3, "--dtype", "auto",
+             "--out", workspace / "in-memory"], capsys)
+        a, b = (from_pretrained(workspace / p).state_dict() for p in ("in-memory", "merge-auto-True"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -65,3 +65,25 @@ def device_map_option(text: str | None):
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"--device-map: not a JSON object ({exc})") from None
+
+
+DTYPE_CHOICES = ("float32", "bfloat16", "float16", "auto")
+
+
+def add_dtype_option(p) -> None:
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
+                   help="dtype the model is loaded, merged and saved in: float32 (default), bfloat16, float16, or "
+                        "auto (the checkpoint's own, e.g. bfloat16 for Mixtral: half the memory and output size)")
+
+
+def dtype_option(args):
+    """The torch dtype of --dtype; auto reads the checkpoint's config (float32 when it names none)."""
+    import torch
+
+    if args.dtype != "auto":
+        return getattr(torch, args.dtype)
+    from transformers import AutoConfig
+
+    stored = getattr(AutoConfig.from_pretrained(args.model), "dtype", None)
+    stored = getattr(torch, stored, None) if isinstance(stored, str) else stored
+    return stored if stored in (torch.float32, torch.bfloat16, torch.float16) else torch.float32

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from .common import (add_calibration_options, device_map_option, dir_bytes, parameter_bytes, per_device_sizes,
-                     refuse_overwriting_input, subcommand)
+from .common import (add_calibration_options, add_dtype_option, device_map_option, dir_bytes, dtype_option,
+                     parameter_bytes, per_device_sizes, refuse_overwriting_input, subcommand)
 
 
 def add(sub):
@@ -31,6 +31,7 @@ def add(sub):
     p.add_argument("--layers", nargs="+", default=None,
                    help="MoE layers to merge: names or positions in module order (default: all)")
     add_calibration_options(p)
+    add_dtype_option(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the random similarity basis")
     p.add_argument("--export-dense", action="store_true",
                    help="save a plain transformers checkpoint (every expert materialised) instead")
@@ -50,7 +51,7 @@ def add(sub):
     return p
 
 
-def run_streaming(args, tokenizer, batches) -> int:
+def run_streaming(args, tokenizer, batches, dtype) -> int:
     """The whole merge layer by layer from the checkpoint's shards (streaming/)."""
     from ..streaming import merge_checkpoint
 
@@ -59,7 +60,7 @@ def run_streaming(args, tokenizer, batches) -> int:
                               globally=args.globally, max_memory=per_device_sizes(args.max_memory),
                               offload_dir=args.offload_dir, permute=args.permute, strategy=args.strategy,
                               grouping=args.grouping, layers=layers, seed=args.seed, tokenizer=tokenizer,
-                              device_map=device_map_option(args.device_map))
+                              device_map=device_map_option(args.device_map), dtype=dtype)
     total = sum(g.num_groups for g in result.groupings.values())
     print(f"streamed {len(result.groupings)} layers layer by layer ({result.passes} pass(es) over the weights, "
           f"{result.bytes_read / 2**20:.1f} MiB read, peak RSS {result.peak_rss / 2**20:.0f} MiB): {total} groups")
@@ -84,15 +85,16 @@ def run(args) -> int:
     from ..streaming import fits_in_memory
 
     budget = per_device_sizes(args.max_memory)
+    dtype = dtype_option(args)
     if isinstance(budget, dict) and args.device_map is None:
         raise ValueError("--max-memory per device (DEVICE=SIZE,...) needs --device-map")
-    if args.device_map is not None or not fits_in_memory(args.model, budget.get("cpu") if isinstance(budget, dict)
-                                                                     else budget):
+    if args.device_map is not None or not fits_in_memory(
+            args.model, budget.get("cpu") if isinstance(budget, dict) else budget, dtype):
         if args.export_dense:
             raise ValueError("--export-dense needs the whole model in memory; drop it (and --device-map) or raise "
                              "--max-memory")
-        return run_streaming(args, tokenizer, batches)
-    model = open_model(args.model)
+        return run_streaming(args, tokenizer, batches, dtype)
+    model = open_model(args.model, dtype)
     experts = {layer.num_experts for layer in moe_layers(model)}
     if args.num_groups >= max(experts):
         raise ValueError(f"nothing would be merged: --num-groups {args.num_groups} is not below the number of "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from .common import refuse_overwriting_input, subcommand
+from .common import add_dtype_option, dtype_option, refuse_overwriting_input, subcommand
 
 
 def add(sub):
@@ -15,6 +15,7 @@ def add(sub):
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="memory budget, e.g. 8GB: a checkpoint that would not fit is aligned layer by layer from "
                         "its shards without loading the whole model (every tested family, Switch included)")
+    add_dtype_option(p)
     p.set_defaults(run=run)
     return p
 
@@ -29,18 +30,19 @@ def run(args) -> int:
     from ..streaming import fits_in_memory, permute_checkpoint
 
     refuse_overwriting_input(args)
-    if not fits_in_memory(args.model, args.max_memory):
+    dtype = dtype_option(args)
+    if not fits_in_memory(args.model, args.max_memory, dtype):
         try:
             tokenizer = load_tokenizer(args.model)
         except ValueError:
             tokenizer = None
         start = time.perf_counter()
-        perms = permute_checkpoint(args.model, args.out, args.reference, max_memory=args.max_memory,
+        perms = permute_checkpoint(args.model, args.out, args.reference, max_memory=args.max_memory, dtype=dtype,
                                    tokenizer=tokenizer)
         print(f"aligned {len(perms)} layers layer by layer from the checkpoint's shards in "
               f"{time.perf_counter() - start:.2f} s; saved to {args.out}")
         return 0
-    model = open_model(args.model)
+    model = open_model(args.model, dtype)
     start = time.perf_counter()
     perms = align_experts(model, reference=args.reference)
     elapsed = time.perf_counter() - start
