@@ -1,8 +1,10 @@
 """The `drop` baseline of merging: prune the non-dominant experts by masking their router logits to
 -inf before top-k, so the router never picks them (the pruning baselines of the MC-SMoE paper).
 
-The router's weight keeps its name in the state dict (`...classifier.weight` for Switch,
-`...gate.weight` for Mixtral); the mask is one more buffer `keep` [E] (bool) next to it, so masked
+Routers it can mask: Switch's classifier, and the softmax top-k gates of Mixtral, Qwen2-MoE, Qwen3-MoE and
+OLMoE (the other families choose experts their own way: sigmoid groups, biased logits). The router's
+weight keeps its name in the state dict (`...classifier.weight` for Switch, `...gate.weight` for the
+others); the mask is one more buffer `keep` [E] (bool) next to it, so masked
 checkpoints save and load like any other (checkpoint.py reinstalls the masks from its JSON section).
 """
 from __future__ import annotations
@@ -31,8 +33,15 @@ class MaskedLinear(nn.Module):
         return _mask(F.linear(x, self.weight, self.bias), self.keep)
 
 
+# softmax over every expert in float32, top-k of the probabilities, optionally renormalised: the gates
+# (transformers 5.x) whose choice the mask changes only by never picking a dropped expert
+SOFTMAX_TOP_K_ROUTERS = ("MixtralTopKRouter", "Qwen2MoeTopKRouter", "Qwen3MoeTopKRouter", "OlmoeTopKRouter")
+
+
 class MaskedTopKRouter(nn.Module):
-    """Mixtral's gate (softmax, top-k, renormalise) with dropped experts' logits at -inf.
+    """A softmax top-k gate (SOFTMAX_TOP_K_ROUTERS) with dropped experts' logits at -inf: softmax, top-k,
+    renormalised when the gate renormalises (Mixtral always, the others per norm_topk_prob), the top-k
+    weights cast back to the logits' dtype where the gate does (all but Mixtral).
 
     When fewer than top_k experts are kept, the extra picks get weight 0 and so contribute nothing."""
 
@@ -42,6 +51,8 @@ class MaskedTopKRouter(nn.Module):
         self.top_k = gate.top_k
         self.num_experts = gate.weight.shape[0]
         self.hidden_dim = gate.weight.shape[1]
+        self.norm_topk_prob = bool(getattr(gate, "norm_topk_prob", True))
+        self.cast_scores = type(gate).__name__ != "MixtralTopKRouter"
         self.register_buffer("keep", torch.as_tensor(keep, dtype=torch.bool, device=gate.weight.device))
 
     def forward(self, hidden_states: torch.Tensor):
@@ -49,7 +60,10 @@ class MaskedTopKRouter(nn.Module):
         router_logits = _mask(F.linear(hidden_states, self.weight), self.keep)
         probs = torch.softmax(router_logits.float(), dim=-1)
         top_value, top_index = torch.topk(probs, self.top_k, dim=-1)
-        top_value = top_value / top_value.sum(dim=-1, keepdim=True)
+        if self.norm_topk_prob:
+            top_value = top_value / top_value.sum(dim=-1, keepdim=True)
+        if self.cast_scores:
+            top_value = top_value.to(router_logits.dtype)
         return router_logits, top_value, top_index
 
 
@@ -59,8 +73,9 @@ def check_maskable(layer: MoELayer) -> None:
         return
     block = layer.module
     gate = getattr(block, "gate", None)
-    if not isinstance(gate, MaskedTopKRouter) and type(gate).__name__ != "MixtralTopKRouter":
-        raise ValueError(f"{layer.name}: the drop baseline masks router logits of Switch and Mixtral routers only; "
+    if not isinstance(gate, MaskedTopKRouter) and type(gate).__name__ not in SOFTMAX_TOP_K_ROUTERS:
+        raise ValueError(f"{layer.name}: the drop baseline masks router logits of Switch's router and softmax top-k "
+                         f"gates only ({', '.join(SOFTMAX_TOP_K_ROUTERS)}); "
                          f"{type(gate or getattr(block, 'router', None)).__name__} "
                          "routes differently (use strategy='frequency' or 'average')")
 

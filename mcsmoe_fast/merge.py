@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibrate import LayerStats
-from .drop import install_logit_mask
+from .drop import check_maskable, install_logit_mask
 from .grouping import (
     GROUPING_METHODS, MERGE_STRATEGIES, SIMILARITY_BASES, LayerGrouping, group_counts, group_layer, layer_seed,
     similarity_matrix,
@@ -161,6 +161,9 @@ def merge_experts(
     """
     check_merge_options(similarity, strategy, grouping)
     chosen = select_layers(moe_layers(model), layers)
+    if strategy == "drop":  # before any layer changes: a refused layer must not leave the model half merged
+        for layer in chosen:
+            check_maskable(layer)
     layer_stats = {layer.name: _stats_for(stats, layer) for layer in chosen}
     counts = group_counts({n: s.frequency for n, s in layer_stats.items()}, num_groups, globally)
 

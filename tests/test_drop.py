@@ -6,16 +6,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from mcsmoe_fast import collect_routing_stats, from_pretrained, merge_experts, moe_layers, optimize, save_pretrained
-from mcsmoe_fast.drop import MaskedLinear, MaskedTopKRouter, install_logit_mask, logit_mask
+from mcsmoe_fast.drop import SOFTMAX_TOP_K_ROUTERS, MaskedLinear, MaskedTopKRouter, install_logit_mask, logit_mask
 from mcsmoe_fast.models.loading import load_model
 from merge_helpers import build, calibration, forward
 
 
+GATE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]  # softmax top-k gates
+
+
 def hf_router_never_choosing(gate, dropped):
-    """transformers' MixtralTopKRouter.forward, written out (transformers 5.x modeling_mixtral.py), with the
-    logits of the dropped experts set to -inf before the softmax and the top-k: softmax in float32 over all
-    experts, top-k of the probabilities, the top-k weights divided by their sum."""
+    """transformers' MixtralTopKRouter.forward (and Qwen2/3-MoE's, OLMoE's), written out (transformers 5.x
+    modeling_*.py), with the logits of the dropped experts set to -inf before the softmax and the top-k:
+    softmax in float32 over all experts, top-k of the probabilities, the top-k weights divided by their
+    sum (Mixtral always, the others when norm_topk_prob) and, but for Mixtral, cast to the logits' dtype."""
     dropped = torch.as_tensor(dropped, dtype=torch.int64)
+    mixtral = type(gate).__name__ == "MixtralTopKRouter"
 
     def forward(hidden_states):
         hidden_states = hidden_states.reshape(-1, gate.hidden_dim)
@@ -23,16 +28,22 @@ def hf_router_never_choosing(gate, dropped):
         router_logits[:, dropped] = float("-inf")
         router_probs = torch.nn.functional.softmax(router_logits.float(), dim=-1)
         router_top_value, router_indices = torch.topk(router_probs, gate.top_k, dim=-1)
-        router_top_value /= router_top_value.sum(dim=-1, keepdim=True)
+        if mixtral or gate.norm_topk_prob:
+            router_top_value /= router_top_value.sum(dim=-1, keepdim=True)
+        if not mixtral:
+            router_top_value = router_top_value.to(router_logits.dtype)
         return router_logits, router_top_value, router_indices
 
     return forward
 
 
-def test_hand_written_reference_router_is_transformers_router_when_nothing_is_dropped(tmp_path):
+@pytest.mark.parametrize("family", GATE_FAMILIES)
+@pytest.mark.parametrize("norm_topk_prob", [False, True])
+def test_hand_written_reference_router_is_transformers_router_when_nothing_is_dropped(family, norm_topk_prob,
+                                                                                      tmp_path):
     """The reference below is only as good as its copy of transformers' router: with no expert dropped
     it must give exactly what transformers' own gate gives."""
-    model = build("mixtral", tmp_path)
+    model = build(family, tmp_path, **({} if family == "mixtral" else {"norm_topk_prob": norm_topk_prob}))
     gate = moe_layers(model)[0].module.gate
     hidden = torch.randn(2, 7, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -42,16 +53,18 @@ def test_hand_written_reference_router_is_transformers_router_when_nothing_is_dr
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("family", GATE_FAMILIES)
 @pytest.mark.parametrize("num_groups", [3, 1])  # 1 < top_k = 2: the second pick has weight 0
-def test_pruned_mixtral_equals_transformers_with_dropped_experts_never_chosen(num_groups, tmp_path):
-    model = build("mixtral", tmp_path)
+def test_pruned_model_equals_transformers_with_dropped_experts_never_chosen(family, num_groups, tmp_path):
+    normalised = family == "mixtral" or num_groups == 1  # Qwen / OLMoE: both settings of norm_topk_prob
+    model = build(family, tmp_path, **({} if family == "mixtral" else {"norm_topk_prob": normalised}))
     batches = calibration(model, batches=3)
     stats = collect_routing_stats(model, batches, progress=False)
     groupings = merge_experts(model, stats, num_groups, globally=False, strategy="drop", progress=False)
 
-    reference = load_model(str(tmp_path / "mixtral-base"))  # transformers' model, original weights
+    reference = load_model(str(tmp_path / f"{family}-base"))  # transformers' model, original weights
     for layer in moe_layers(reference):
-        assert type(layer.module.gate).__name__ == "MixtralTopKRouter"
+        assert type(layer.module.gate).__name__ in SOFTMAX_TOP_K_ROUTERS
         dropped = [e for e in range(layer.num_experts) if e not in groupings[layer.name].dominant]
         assert len(dropped) == layer.num_experts - num_groups
         layer.module.gate.forward = hf_router_never_choosing(layer.module.gate, dropped)
@@ -66,7 +79,8 @@ def test_pruned_mixtral_equals_transformers_with_dropped_experts_never_chosen(nu
         assert torch.equal(kept, ref_weights > 0)
         assert torch.equal(index[kept], ref_index[kept])  # zero-weight fillers may be any dropped expert
         torch.testing.assert_close(weights, ref_weights)
-        torch.testing.assert_close(weights.sum(-1), torch.ones(13))  # renormalised over the top-k
+        if normalised:
+            torch.testing.assert_close(weights.sum(-1), torch.ones(13))  # renormalised over the top-k
 
     expected = [forward(reference, b) for b in batches]
     for b, ref in zip(batches, expected):

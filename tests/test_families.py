@@ -329,11 +329,12 @@ def test_compression_of_merged_experts(family, tmp_path):
     assert family != "gpt_oss" or experts.b_in.grad.abs().sum() > 0
 
 
-def test_unsupported_steps_are_refused_with_a_reason():
-    model = tiny_moe("gpt_oss")
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3", "qwen3_next"])  # biased logits, sigmoid groups, ...
+def test_the_drop_baseline_is_refused_on_gates_it_cannot_mask(family):
+    model = tiny_moe(family)
+    before = logits(model)
     stats = mf.collect_routing_stats(model, batches(), progress=False)
-    with pytest.raises(ValueError, match="drop baseline"):
-        mf.merge_experts(tiny_moe("qwen3_moe"), mf.collect_routing_stats(tiny_moe("qwen3_moe"), batches(),
-                                                                         progress=False),
-                         num_groups=4, strategy="drop", progress=False)
-    assert stats  # the statistics themselves work for GPT-OSS
+    with pytest.raises(ValueError, match="drop baseline masks router logits of Switch's router and softmax top-k"):
+        mf.merge_experts(model, stats, num_groups=4, strategy="drop", progress=False)
+    assert not any(isinstance(layer.module.experts, MoEExperts) for layer in mf.moe_layers(model))  # untouched
+    torch.testing.assert_close(logits(model), before, rtol=0, atol=0)

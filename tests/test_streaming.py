@@ -105,6 +105,18 @@ def test_other_families_stream_like_the_in_memory_pipeline(family, batches, tmp_
     assert_same_checkpoint(expected, result.path, batches)
 
 
+def test_streamed_drop_on_a_qwen_gate_equals_in_memory(batches, tmp_path):
+    from mcsmoe_fast.tiny import tiny_moe
+
+    src = tmp_path / "qwen3"
+    tiny_moe("qwen3_moe", num_layers=2, seed=7, norm_topk_prob=True).save_pretrained(src, max_shard_size="60KB")
+    kwargs = dict(strategy="drop", similarity="weight")
+    expected = in_memory(src, tmp_path / "expected", batches, **kwargs)
+    result = quiet_merge(src, tmp_path / "streamed", batches, NUM_GROUPS, **kwargs)
+    assert_same_checkpoint(expected, result.path, batches)
+    assert json.loads((result.path / "config.json").read_text())["mcsmoe_merge"]["layers"]["model.layers.0.mlp"]["dropped"]
+
+
 def test_streamed_merge_and_compress_of_biased_experts_equals_in_memory(batches, tmp_path):
     from mcsmoe_fast.tiny import tiny_moe
 
@@ -136,9 +148,8 @@ def test_what_streaming_cannot_do_is_refused_before_any_work(tmp_path, batches):
               str(quantized / "model.safetensors"))
     with pytest.raises(CheckpointError, match="quantized expert weights .*gate_up_proj_blocks"):
         merge_checkpoint(quantized, tmp_path / "out", batches, 2)
-    tiny_moe("qwen3_moe", num_layers=2).save_pretrained(tmp_path / "qwen3")
-    with pytest.raises(ValueError, match="drop baseline masks router logits of Switch and Mixtral routers only"):
-        merge_checkpoint(tmp_path / "qwen3", tmp_path / "out", batches, 2, strategy="drop", similarity="weight")
+    with pytest.raises(ValueError, match="drop baseline masks router logits of Switch's router and softmax top-k"):
+        merge_checkpoint(tmp_path / "gpt-oss", tmp_path / "out", batches, 2, strategy="drop", similarity="weight")
     assert not (tmp_path / "out").exists()
 
 
