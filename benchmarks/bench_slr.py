@@ -29,6 +29,9 @@ Goals (T >= 128):
     slots) and `compressed` (ops.grouped_expert_ffn_slr on the 4 compressed slots). extra_info:
     `param_MB` (expert weights held) and `peak_MB` (peak resident-memory growth during one call, as in
     bench_moe.py).
+(c) test_gpt_oss_layer: a GPT-OSS-shaped layer (d 2880, ff 2880, E 32, top-4, expert biases, clamped
+    SwiGLU) merged to 8 slots and compressed the same way; anchor `merged_dense` (our grouped op on the
+    dense slots, biases included), candidate `compressed`.
 """
 from __future__ import annotations
 
@@ -172,4 +175,56 @@ def test_mixtral_layer(benchmark, T, impl):
         benchmark.extra_info["peak_MB"] = peak_rss_growth_mb(fn)
         if impl != "hf_eager":
             torch.testing.assert_close(y, hf.experts(hidden, index, weights), rtol=1e-4, atol=1e-4)
+    record(benchmark, group, "ours" if impl == "compressed" else impl, "merged_dense")
+
+
+# --- (c) a GPT-OSS-shaped MoE layer, merged and compressed (expert biases, clamped SwiGLU) ---------------
+GPT_OSS = dict(d=2880, ff=2880, E=32, k=4, slots=8)
+GPT_OSS_TOKENS = [128, 1024]
+
+
+@functools.lru_cache(maxsize=1)
+def gpt_oss_layer():
+    """(dense slots (w_in, w_out), banks, biases (b_in, b_out), expert_map): 32 experts merged to 8 slots,
+    every slot compressed at rank 32 / keep 10%, biases dense."""
+    gc.collect()
+    d, ff, E, S = GPT_OSS["d"], GPT_OSS["ff"], GPT_OSS["E"], GPT_OSS["slots"]
+    gen = torch.Generator().manual_seed(1)
+    bank_in, bank_out = compressed_bank(S, 2 * ff, d, gen), compressed_bank(S, d, ff, gen)
+    w_in, w_out = reference.slr_bank_dense(bank_in), reference.slr_bank_dense(bank_out)
+    b_in, b_out = torch.randn(S, 2 * ff, generator=gen) * 0.1, torch.randn(S, d, generator=gen) * 0.1
+    return w_in, w_out, bank_in, bank_out, b_in, b_out, torch.arange(E) // (E // S)
+
+
+GPT_OSS_IMPLS = ["merged_dense", "compressed"]
+GPT_OSS_CASES = [(T, impl) for T in GPT_OSS_TOKENS for impl in GPT_OSS_IMPLS]
+
+
+@pytest.mark.parametrize("T,impl", GPT_OSS_CASES, ids=[f"T{T}-{m}" for T, m in GPT_OSS_CASES])
+def test_gpt_oss_layer(benchmark, T, impl):
+    """Anchor `merged_dense`: ops.grouped_expert_ffn on the 8 dense slots with their biases; `compressed`:
+    ops.grouped_expert_ffn_slr on the compressed slots with the same biases. Routing: top-4 of random
+    logits with GPT-OSS's softmax over the chosen four, computed once outside the timed call."""
+    w_in, w_out, bank_in, bank_out, b_in, b_out, emap = gpt_oss_layer()
+    gen = torch.Generator().manual_seed(T)
+    hidden = torch.randn(T, GPT_OSS["d"], generator=gen)
+    top, index = torch.randn(T, GPT_OSS["E"], generator=gen).topk(GPT_OSS["k"], dim=-1)
+    weights = top.softmax(dim=-1)
+    fns = {
+        "merged_dense": (lambda: ops.grouped_expert_ffn(hidden, w_in, w_out, emap, index, weights, "clamped_swiglu",
+                                                        b_in, b_out), nbytes(w_in, w_out, b_in, b_out)),
+        "compressed": (lambda: ops.grouped_expert_ffn_slr(hidden, bank_in, bank_out, emap, index, weights,
+                                                          "clamped_swiglu", b_in, b_out),
+                       nbytes(*bank_in, *bank_out, b_in, b_out)),
+    }
+    fn, param_bytes = fns[impl]
+    group = f"gpt-oss d2880 ff2880 E32 top4 -> 8 slots r32 keep10% biases T={T}"
+    benchmark.group = group
+    if impl == "merged_dense":
+        benchmark.extra_info["anchor"] = True
+    with torch.inference_mode():
+        y = benchmark.pedantic(fn, rounds=5 if T >= 1024 else 10, iterations=1, warmup_rounds=1)
+        benchmark.extra_info["param_MB"] = round(param_bytes / 2**20, 1)
+        if impl == "compressed":
+            torch.testing.assert_close(y, fns["merged_dense"][0](), rtol=1e-4, atol=1e-4)
     record(benchmark, group, "ours" if impl == "compressed" else impl, "merged_dense")
