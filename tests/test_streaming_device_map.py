@@ -221,6 +221,12 @@ def test_cli_merge_with_a_device_map(source, tmp_path, capsys):
         assert main(common + ["--out", str(tmp_path / out)] + options) != 0
         assert error in capsys.readouterr().err
     assert not any((tmp_path / d).exists() for d in "abc")
+    import yaml  # the same settings from a --config file: mappings, not strings
+
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump({"device-map": MIXED, "max-memory": {"cpu": "1GB"}, "out": str(tmp_path / "d")}))
+    assert main(common + ["--config", str(config)]) == 0
+    assert (tmp_path / "d" / "config.json").is_file()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: a GPU in the device map")

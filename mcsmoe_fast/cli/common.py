@@ -42,9 +42,10 @@ def subcommand(sub, name: str, help: str, example: str, description: str | None 
                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def per_device_sizes(text: str | None):
-    """--max-memory: one size ("8GB") or sizes per device ("cpu=8GB,0=70GB,1=70GB") as a dict."""
-    if text is None or "=" not in text:
+def per_device_sizes(text):
+    """--max-memory: one size ("8GB") or sizes per device ("cpu=8GB,0=70GB,1=70GB") as a dict (a mapping
+    from a --config file is taken as it is)."""
+    if text is None or isinstance(text, dict) or "=" not in str(text):
         return text
     sizes = {}
     for part in text.split(","):
@@ -55,11 +56,12 @@ def per_device_sizes(text: str | None):
     return sizes
 
 
-def device_map_option(text: str | None):
-    """--device-map: a strategy or device name as it is, or a JSON object {module name: device}."""
+def device_map_option(text):
+    """--device-map: a strategy or device name as it is, or a JSON object {module name: device} (a mapping
+    from a --config file is taken as it is)."""
     import json
 
-    if text is None or not text.lstrip().startswith("{"):
+    if text is None or isinstance(text, dict) or not str(text).lstrip().startswith("{"):
         return text
     try:
         return json.loads(text)
