@@ -20,6 +20,7 @@ import gc
 import torch
 
 from ..calibrate import LayerStats, collect_routing_stats
+from ..models.dispatched import compute_device
 from ..weight_files import parse_size
 from .forward import Batch
 from .memory import human, rss_bytes
@@ -84,12 +85,15 @@ def dispatched_statistics(source, dtype: torch.dtype, batches: list[Batch], base
         bar = tqdm(batches, desc="pass 1/2: routing statistics (accelerate device map)", unit="batch",
                    disable=not progress.enabled)
 
+        embeddings = model.get_input_embeddings()
+        device = compute_device(embeddings, embeddings.weight)  # where the first layer runs (a GPU, the CPU)
+
         def inputs():
             for b in bar:
                 now = rss_bytes()
                 progress.peak = max(progress.peak, now)
                 bar.set_postfix_str(f"{b.tokens} tokens | rss {human(now)}", refresh=False)
-                yield b.inputs
+                yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.inputs.items()}
 
         stats = collect_routing_stats(model, inputs(), bases=bases, progress=False)
         progress.peak = max(progress.peak, rss_bytes())
