@@ -6,7 +6,8 @@ A bank holds one expert matrix of every slot:
     U [S, out, r]   V [S, r, in]   S_rows [K, in]   row_idx [K] int64   row_offsets [S + 1] int64
 
 where slot s owns the kept rows row_offsets[s] .. row_offsets[s+1] (counts differ per slot: pruning
-uses one global threshold). While pruning is in progress (see compress.CompressionPruner) every row is
+uses one global threshold). Expert biases (GPT-OSS: b_in [S, F], b_out [S, d]) stay dense beside the
+banks, and clamped SwiGLU keeps its alpha and limit (activation_args), as in MoEExperts. While pruning is in progress (see compress.CompressionPruner) every row is
 still stored and a `keep` mask [K] says which rows count; `finalize()` drops the others for good.
 """
 from __future__ import annotations
