@@ -7,8 +7,9 @@ A bank holds one expert matrix of every slot:
 
 where slot s owns the kept rows row_offsets[s] .. row_offsets[s+1] (counts differ per slot: pruning
 uses one global threshold). Expert biases (GPT-OSS: b_in [S, F], b_out [S, d]) stay dense beside the
-banks, and clamped SwiGLU keeps its alpha and limit (activation_args), as in MoEExperts. While pruning is in progress (see compress.CompressionPruner) every row is
-still stored and a `keep` mask [K] says which rows count; `finalize()` drops the others for good.
+banks, and clamped SwiGLU keeps its alpha and limit (activation_args), as in MoEExperts. While pruning
+is in progress (see compress.CompressionPruner) every row is still stored and a `keep` mask [K] says
+which rows count; `finalize()` drops the others for good.
 """
 from __future__ import annotations
 
