@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -177,11 +178,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(target: Path) -> list[Path]:
-    """Remove the temporary directories of earlier saves to `target` whose writer died (SIGKILL, power
-    loss: nothing ran to clean them up); a directory whose writer still runs is left alone."""
+def _remove_dead_owners(directories) -> list[Path]:
+    """Remove those of `directories` whose owner (OWNER_FILE) died; those without one, or whose owner
+    still runs, are left alone."""
     removed = []
-    for tmp in target.parent.glob(f".{target.name}.tmp-*"):
+    for tmp in directories:
         try:
             pid = int((tmp / OWNER_FILE).read_text())
         except (OSError, ValueError):
@@ -190,6 +191,28 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp)
     return removed
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Remove the temporary directories of earlier saves to `target` whose writer died (SIGKILL, power
+    loss: nothing ran to clean them up); a directory whose writer still runs is left alone."""
+    return _remove_dead_owners(target.parent.glob(f".{target.name}.tmp-*"))
+
+
+@contextmanager
+def scratch_directory(parent, prefix: str) -> Iterator[Path]:
+    """A fresh directory `parent/<prefix><random>` owned by this process for the block, removed when it
+    ends (also on error); the ones a killed earlier run left in `parent` are removed first (offloaded
+    weights and activations can be tens of GB)."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_owners(parent.glob(f"{prefix}*"))
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        (tmp / OWNER_FILE).write_text(str(os.getpid()))
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager

@@ -58,6 +58,31 @@ def test_device_map_merge_equals_in_memory_pipeline(source, batches, tmp_path, m
     assert sorted(p.name for p in result.path.iterdir() if p.name.startswith(".")) == []
 
 
+@pytest.mark.parametrize("device_map", [MIXED, None], ids=["offloaded-layers", "offloaded-activations"])
+def test_a_killed_runs_offload_directories_are_removed_by_the_next_run(source, batches, tmp_path, device_map):
+    """Offloaded layers or activations of a run killed with SIGKILL (nothing ran to clean them up) are
+    removed by the next run in the same --offload-dir; a live run's and other files are left alone."""
+    import os
+    import subprocess
+    import sys
+
+    from mcsmoe_fast.checkpoint import OWNER_FILE
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    offload = tmp_path / "offload"
+    prefix = ".mcsmoe-offload-" if device_map else ".mcsmoe-activations-"
+    stale, live, other = offload / f"{prefix}dead", offload / f"{prefix}live", offload / "user-file.txt"
+    for d, pid in ((stale, dead.pid), (live, os.getppid())):
+        d.mkdir(parents=True)
+        (d / OWNER_FILE).write_text(str(pid))
+        (d / "weights.dat").write_bytes(b"0" * 100)
+    other.write_text("mine")
+    quiet_merge(source, tmp_path / "out", batches, NUM_GROUPS, device_map=device_map, offload_dir=offload,
+                max_memory=None if device_map else "1KB")
+    assert sorted(p.name for p in offload.iterdir()) == sorted([live.name, other.name])
+
+
 @pytest.mark.parametrize("similarity", ["expert-output", "weight"])
 def test_device_map_with_offloaded_expert_outputs_and_compression(source, batches, tmp_path, similarity):
     """expert-output reads an offloaded block's experts outside its forward (onloaded), and the

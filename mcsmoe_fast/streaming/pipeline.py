@@ -23,11 +23,10 @@ temporary directory renamed into place at the end; an interrupted run leaves no 
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import torch
 from .. import compress as compress_module
 from .. import merge as merge_module
 from ..calibrate import CHEAP_BASES, LayerStats
-from ..checkpoint import WEIGHTS_METADATA, WEIGHTS_NAME, atomic_directory, write_merged_config
+from ..checkpoint import WEIGHTS_METADATA, WEIGHTS_NAME, atomic_directory, scratch_directory, write_merged_config
 from ..drop import check_maskable
 from ..grouping import LayerGrouping, group_counts
 from ..merge import check_merge_options, select_layers
@@ -191,12 +190,9 @@ def merge_checkpoint(
 
         t0 = time.perf_counter()
         if device_map is not None:
-            offload = Path(tempfile.mkdtemp(prefix=".mcsmoe-offload-", dir=offload_dir or tmp))
-            try:
+            with scratch_directory(offload_dir or tmp, ".mcsmoe-offload-") as offload:
                 s.stats, placed = dispatched_statistics(source, dtype, batches, bases, s.chosen, device_map,
                                                         device_memory, offload, s.progress)
-            finally:
-                shutil.rmtree(offload, ignore_errors=True)
             offloaded = "disk" in placed.values()
             seconds["pass1"] = time.perf_counter() - t0
             counts = group_counts({n: s.stats[n].frequency for n in chosen}, num_groups, globally)
@@ -204,16 +200,16 @@ def merge_checkpoint(
             layer_pass(s, merge_now, "pass 2/2: merging")
             seconds["pass2"] = time.perf_counter() - t0
         else:
-            store = ActivationStore([(*b.input_ids.shape, model.config.hidden_size) for b in batches], dtype,
-                                    (offload_dir or tmp / ".activations") if plan.offload else None)
-            offloaded = store.offloaded
-            try:
-                layer_pass(s, merge_now, "pass 1/1: statistics + merging" if fused
-                           else "pass 1/2: routing statistics", store)
-            finally:
-                store.close()
-                if offloaded and not offload_dir:
-                    (tmp / ".activations").rmdir()
+            offloaded = plan.offload
+            with (scratch_directory(offload_dir or tmp, ".mcsmoe-activations-") if offloaded
+                  else nullcontext()) as where:
+                store = ActivationStore([(*b.input_ids.shape, model.config.hidden_size) for b in batches], dtype,
+                                        where)
+                try:
+                    layer_pass(s, merge_now, "pass 1/1: statistics + merging" if fused
+                               else "pass 1/2: routing statistics", store)
+                finally:
+                    store.close()
             seconds["pass1"] = time.perf_counter() - t0
             if not fused:
                 t0 = time.perf_counter()
