@@ -63,6 +63,11 @@ def group_map(E: int, G: int) -> torch.Tensor:
     return torch.arange(E) // (E // G)
 
 
+def gated_slots(G: int, d: int, ff: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random gated slots (w_in [G, 2 ff, d], w_out [G, d, ff]) with entries of about 1/sqrt(fan-in)."""
+    return torch.randn(G, 2 * ff, d, generator=gen) * d**-0.5, torch.randn(G, d, ff, generator=gen) * ff**-0.5
+
+
 _layer: dict[tuple, tuple] = {}
 
 
@@ -98,8 +103,7 @@ def mixtral_layer(G: int):
     hf = MixtralSparseMoeBlock(cfg).eval().requires_grad_(False)
     emap = group_map(MIXTRAL["E"], G)
     d, ff = MIXTRAL["d"], MIXTRAL["ff"]
-    slots_in = torch.randn(G, 2 * ff, d, generator=gen) * d**-0.5
-    slots_out = torch.randn(G, d, ff, generator=gen) * ff**-0.5
+    slots_in, slots_out = gated_slots(G, d, ff, gen)
     with torch.no_grad():
         hf.gate.weight.normal_(0, 0.05, generator=gen)
         hf.experts.gate_up_proj.copy_(slots_in[emap])
@@ -291,8 +295,7 @@ def qwen3_layer(G: int):
     gen = torch.Generator().manual_seed(G)
     hf = Qwen3MoeSparseMoeBlock(cfg).eval().requires_grad_(False)
     emap = group_map(E, G)
-    slots_in = torch.randn(G, 2 * ff, d, generator=gen) * d**-0.5
-    slots_out = torch.randn(G, d, ff, generator=gen) * ff**-0.5
+    slots_in, slots_out = gated_slots(G, d, ff, gen)
     with torch.no_grad():
         hf.gate.weight.normal_(0, 0.05, generator=gen)
         for e in range(E):  # one expert at a time: no [E, F, d] temporary
@@ -320,8 +323,7 @@ def gpt_oss_layer(G: int):
     gen = torch.Generator().manual_seed(G)
     hf = GptOssMLP(cfg).eval().requires_grad_(False)
     emap = group_map(E, G)
-    w_in = torch.randn(G, 2 * ff, d, generator=gen) * d**-0.5
-    w_out = torch.randn(G, d, ff, generator=gen) * ff**-0.5
+    w_in, w_out = gated_slots(G, d, ff, gen)
     b_in = torch.randn(G, 2 * ff, generator=gen) * 0.1
     b_out = torch.randn(G, d, generator=gen) * 0.1
     experts = hf.experts

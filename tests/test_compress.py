@@ -93,15 +93,23 @@ def test_compressed_model_equals_its_dense_reconstruction(family, importance, tm
         torch.testing.assert_close(forward(model, b), forward(vanilla, b), rtol=1e-4, atol=1e-4)
 
 
+def slot_banks(g: torch.Generator, d: int, ff: int):
+    """Banks of 3 compressed swiglu slots (float64): w_in rank 4 with 3, 0 and 7 kept rows, w_out rank 2
+    with 1, 5 and 2."""
+    def bank(out, inp, r, k):
+        return [torch.randn(3, out, r, generator=g, dtype=torch.float64),
+                torch.randn(3, r, inp, generator=g, dtype=torch.float64),
+                torch.randn(sum(k), inp, generator=g, dtype=torch.float64),
+                torch.cat([torch.randperm(out, generator=g)[:n] for n in k]),
+                torch.tensor([0, k[0], k[0] + k[1], sum(k)])]
+
+    return bank(2 * ff, d, 4, [3, 0, 7]), bank(d, ff, 2, [1, 5, 2])
+
+
 def test_grouped_module_matches_reference_with_and_without_gradients():
     g = torch.Generator().manual_seed(3)
-    S, d, ff, E, T = 3, 12, 10, 6, 25
-    bank = lambda out, inp, r, k: [torch.randn(S, out, r, generator=g, dtype=torch.float64),
-                                   torch.randn(S, r, inp, generator=g, dtype=torch.float64),
-                                   torch.randn(sum(k), inp, generator=g, dtype=torch.float64),
-                                   torch.cat([torch.randperm(out, generator=g)[:n] for n in k]),
-                                   torch.tensor([0, k[0], k[0] + k[1], sum(k)])]
-    w_in, w_out = bank(2 * ff, d, 4, [3, 0, 7]), bank(d, ff, 2, [1, 5, 2])
+    d, ff, E, T = 12, 10, 6, 25
+    w_in, w_out = slot_banks(g, d, ff)
     experts = CompressedMoEExperts(w_in, w_out, torch.tensor([0, 1, 2, 0, 1, 2]), "swiglu")
     hidden = torch.randn(T, d, generator=g, dtype=torch.float64)
     idx = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(T)])
@@ -122,12 +130,7 @@ def test_module_with_biases_and_clamped_swiglu_matches_reference_and_its_gradien
     limit; the fused op and the differentiable path against the dense reference, gradients included."""
     g = torch.Generator().manual_seed(4)
     S, d, ff, E, T = 3, 12, 10, 6, 25
-    bank = lambda out, inp, r, k: [torch.randn(S, out, r, generator=g, dtype=torch.float64),
-                                   torch.randn(S, r, inp, generator=g, dtype=torch.float64),
-                                   torch.randn(sum(k), inp, generator=g, dtype=torch.float64),
-                                   torch.cat([torch.randperm(out, generator=g)[:n] for n in k]),
-                                   torch.tensor([0, k[0], k[0] + k[1], sum(k)])]
-    w_in, w_out = bank(2 * ff, d, 4, [3, 0, 7]), bank(d, ff, 2, [1, 5, 2])
+    w_in, w_out = slot_banks(g, d, ff)
     b_in = torch.randn(S, 2 * ff, generator=g, dtype=torch.float64) if which != "b_out" else None
     b_out = torch.randn(S, d, generator=g, dtype=torch.float64) if which != "b_in" else None
     args = dict(alpha=1.3, limit=2.5)

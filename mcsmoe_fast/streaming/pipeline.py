@@ -71,13 +71,6 @@ def _check_options(similarity, strategy, grouping, bases) -> tuple[str, ...]:
     return ("expert-output",) if similarity == "expert-output" else CHEAP_BASES
 
 
-def _check_layers(chosen_views, strategy: str) -> None:
-    """What the in-memory pipeline would refuse only after its work, refused before any is done."""
-    if strategy == "drop":
-        for view in chosen_views:
-            check_maskable(view)
-
-
 def _numel(shape) -> int:
     n = 1
     for s in shape:
@@ -164,7 +157,9 @@ def merge_checkpoint(
     views = moe_views(model, units)
     chosen_views = select_layers(list(views.values()), layers)  # module order
     chosen = [v.name for v in chosen_views]
-    _check_layers(chosen_views, strategy)
+    if strategy == "drop":  # refused before any work, as merge_experts does
+        for view in chosen_views:
+            check_maskable(view)
     num_experts = {v.name: v.num_experts for v in views.values()}
     # group counts known up front (not global): each layer is merged as soon as its statistics are in
     fused = not globally and device_map is None
