@@ -10,6 +10,10 @@ After each optimizer step the importance of every S entry, |theta * grad|, is sm
 holding the scheduled share of entries: everything for the first `initial_warmup` steps, then
 keep_ratio + (1 - keep_ratio) * (1 - progress)^3, and keep_ratio for the last `final_warmup` steps.
 A masked row stays masked (it no longer takes part in the forward, so it has no gradient).
+
+A step whose gradients hold an inf or NaN (an fp16 overflow that mixed precision skips) leaves the
+importance scores as they were: one non-finite score would make its row's EMA NaN for good, and NaN rows
+would then be kept or dropped by storage order instead of by importance. The schedule still advances.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ class CompressionPruner:
         self.keep_ratio, self.total_steps, self.beta = float(keep_ratio), total_steps, beta
         self.initial_warmup, self.final_warmup = initial_warmup, final_warmup
         self.steps = 0
+        self.skipped = 0  # score updates left out because the gradients were not finite
         self.ema = [torch.zeros_like(getattr(m, f"{side}_S_rows"), dtype=torch.float32)
                     for m in self.modules for side in ("in", "out")]
 
@@ -59,13 +64,27 @@ class CompressionPruner:
                 yield m, side, getattr(m, f"{side}_S_rows"), getattr(m, f"{side}_keep")
 
     @torch.no_grad()
-    def step(self) -> float:
-        """Update the importance EMA from the current gradients and mask rows; returns the kept share."""
+    def _update_scores(self) -> bool:
+        """Fold |theta * grad| into the EMA; False (nothing changed) when any of it is not finite."""
+        importance = [(rows * rows.grad).abs().float() if rows.grad is not None else None
+                      for _, _, rows, _ in self._matrices()]
+        if not all(i is None or bool(torch.isfinite(i).all()) for i in importance):
+            self.skipped += 1
+            return False
+        for ema, i in zip(self.ema, importance):
+            if i is not None:
+                ema.mul_(self.beta).add_(i, alpha=1 - self.beta)
+        return True
+
+    @torch.no_grad()
+    def step(self, update_scores: bool = True) -> float:
+        """Update the importance EMA from the current gradients (unless `update_scores` is False: the
+        optimizer skipped this step) and mask rows; returns the kept share."""
         self.steps += 1
+        if update_scores:
+            self._update_scores()
         scores, lengths = [], []
         for ema, (_, _, rows, keep) in zip(self.ema, self._matrices()):
-            if rows.grad is not None:
-                ema.mul_(self.beta).add_((rows * rows.grad).abs().float(), alpha=1 - self.beta)
             row_score = ema.mean(-1) if ema.shape[-1] else ema.sum(-1)
             scores.append(row_score.masked_fill(~keep, float("-inf")))
             lengths.append(rows.shape[1])

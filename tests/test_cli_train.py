@@ -85,6 +85,38 @@ def test_kd_recovery_of_a_merged_model_keeps_its_routers(space, capsys):
         assert not torch.equal(a.module.experts.w_in, b.module.experts.w_in)
 
 
+def test_finetune_rank_runs_the_papers_recipe_prune_during_kd(space, capsys):
+    """--rank decomposes the merged experts, the rows are pruned during KD on the schedule, and best/
+    holds about keep_ratio of the sparse residual's entries (finalized: the compact form)."""
+    from mcsmoe_fast.compressed import CompressedMoEExperts
+
+    (space / "calib.txt").write_text("\n".join(LINES * 4))
+    rc, _, err = run(["merge", "--model", space / "mixtral", "--calib", space / "calib.txt", "--num-groups", 2,
+                      "--out", space / "merged"], capsys)
+    assert rc == 0, err
+    rc, out, err = run(["finetune", "--model", space / "merged", "--teacher", space / "mixtral", "--text",
+                        space / "train.txt", "--length", 16, "--batch-size", 4, "--steps", 12, "--eval-every", 4,
+                        "--warmup-steps", 1, "--lr", 1e-2, "--rank", 4, "--keep-ratio", 0.25, "--out", space / "mc"],
+                       capsys)
+    assert rc == 0, err
+    best = from_pretrained(space / "mc" / "best")
+    modules = [m for m in best.modules() if isinstance(m, CompressedMoEExperts)]
+    assert modules and not any(m.pruning for m in modules)
+    kept = sum(m.in_S_rows.numel() + m.out_S_rows.numel() for m in modules)
+    residual = sum(m.num_slots * (m.in_U.shape[1] * m.in_V.shape[2] + m.out_U.shape[1] * m.out_V.shape[2])
+                   for m in modules)
+    assert 0.2 * residual <= kept <= 0.25 * residual, (kept, residual)
+    assert all(m.in_U.shape[2] == 4 for m in modules)
+    state = json.loads((space / "mc" / "latest" / "trainer_state.json").read_text())
+    assert state["pruner"]["steps"] == 12
+
+
+def test_finetune_refuses_pruning_options_without_rank(space, capsys):
+    rc, _, err = run(["finetune", "--model", space / "mixtral", "--text", space / "train.txt", "--keep-ratio", 0.2,
+                      "--out", space / "o"], capsys)
+    assert rc == 2 and "--keep-ratio only apply when rows are pruned during training: pass --rank" in err, err
+
+
 def test_bench_prints_one_row_per_size(space, capsys):
     rc, out, err = run(["bench", "--model", space / "mixtral", "--tokens", 32, 64, "--length", 16, "--repeats", 1],
                        capsys)

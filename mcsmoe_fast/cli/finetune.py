@@ -1,5 +1,7 @@
 """mcsmoe-fast finetune: fine-tune a model on a task or text, or recover a merged/compressed one with
-knowledge distillation from its full model (--teacher)."""
+knowledge distillation from its full model (--teacher). With --rank it runs the paper's MC-SMoE recipe:
+decompose the merged experts into low-rank factors plus sparse rows, prune the rows during training on
+the cubic schedule down to --keep-ratio, and save the finalized (compact) model."""
 from __future__ import annotations
 
 import argparse
@@ -25,8 +27,17 @@ def add(sub):
     p.add_argument("--kd-lambda", type=float, default=0.2, help="weight of the KL term (default 0.2)")
     p.add_argument("--temperature", type=float, default=2.0, help="KD temperature (default 2)")
     p.add_argument("--hd-lambda", type=float, default=0.0, help="weight of the hidden-state log-MSE term (default 0)")
-    p.add_argument("--keep-ratio", type=float, default=0.1,
-                   help="compressed students in pruning state: final share of sparse entries kept (default 0.1)")
+    p.add_argument("--rank", type=int, default=None,
+                   help="MC-SMoE: decompose the experts at this rank first and prune their sparse rows during "
+                        "training (the paper's recipe; without it the model is trained as it is)")
+    p.add_argument("--keep-ratio", type=float, default=None,
+                   help="with --rank: final share of the sparse entries kept, one global threshold (default 0.1)")
+    p.add_argument("--prune-initial-warmup", type=int, default=None,
+                   help="with --rank: steps before the first row is pruned (default: --warmup-steps)")
+    p.add_argument("--prune-final-warmup", type=int, default=None,
+                   help="with --rank: last steps held at --keep-ratio (default: 4 x --warmup-steps)")
+    p.add_argument("--train-routers", action="store_true",
+                   help="train the routers too (default: frozen, as the paper does for fine-tuning and KD)")
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="accelerate's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
@@ -49,8 +60,11 @@ def run(args) -> int:
         learning_rate=args.lr or data.learning_rate or 1e-4, warmup_steps=args.warmup_steps,
         eval_every=args.eval_every, kd_lambda=args.kd_lambda, temperature=args.temperature,
         hd_lambda=args.hd_lambda, metric=data.metric, greater_is_better=data.greater_is_better,
-        keep_ratio=args.keep_ratio, mixed_precision=args.mixed_precision, seed=args.seed)
+        keep_ratio=0.1 if args.keep_ratio is None else args.keep_ratio, prune_initial_warmup=args.prune_initial_warmup,
+        prune_final_warmup=args.prune_final_warmup, train_routers=args.train_routers,
+        mixed_precision=args.mixed_precision, seed=args.seed)
     model = open_model(args.model)
+    decompose_for_pruning(model, args, config)
     teacher = open_model(args.teacher) if args.teacher else None
     result = train(model, data.train, config, collate_fn=data.collate, eval_fn=data.evaluate, teacher=teacher,
                    output_dir=args.out, resume=args.resume, tokenizer=tokenizer)
@@ -59,3 +73,20 @@ def run(args) -> int:
           f"best {result.best_metric} at step {result.best_step}")
     print(f"checkpoints: {args.out}/best (best {data.metric}), {args.out}/latest (resumable)")
     return 0
+
+
+def decompose_for_pruning(model, args, config) -> None:
+    """--rank: compress the experts with every sparse row kept, for the pruner to prune during training.
+    Pruning options without --rank are refused: a saved compressed model is already finalized, so they
+    would do nothing."""
+    from ..compress import compress_experts
+
+    if args.rank is not None:
+        compress_experts(model, rank=args.rank, keep_ratio=config.keep_ratio, importance="gradient",
+                         progress=False)
+        return
+    given = [f"--{name.replace('_', '-')}" for name in ("keep_ratio", "prune_initial_warmup", "prune_final_warmup")
+             if getattr(args, name) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} only apply when rows are pruned during training: pass --rank R to "
+                         "decompose the merged experts and prune them on the paper's schedule")

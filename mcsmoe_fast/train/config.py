@@ -1,6 +1,7 @@
-"""Training settings: the paper's defaults (AdamW eps 1e-6, betas 0.9/0.98, weight decay 0.01, linear
-decay after a linear warm-up of 16 steps; KD alpha 0.2 at temperature 2, task-loss weight 1, no
-hidden-state loss) in one dataclass that a YAML/JSON config file can fill."""
+"""Training settings: the paper's defaults (AdamW eps 1e-6 for KD and 1e-8 for plain fine-tuning, betas
+0.9/0.98, weight decay 0.01, linear decay after a linear warm-up of 16 steps; KD alpha 0.2 at temperature
+2, task-loss weight 1, no hidden-state loss; routers frozen; the compression pruner's warm-ups 1x and 4x
+the learning-rate warm-up) in one dataclass that a YAML/JSON config file can fill."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
@@ -13,9 +14,10 @@ class TrainConfig:
     learning_rate: float = 1e-4
     warmup_steps: int = 16
     weight_decay: float = 0.01
-    adam_eps: float = 1e-6
+    adam_eps: float | None = None  # None: 1e-6 with a teacher (KD), 1e-8 without (fine-tuning), as the original
     adam_betas: tuple[float, float] = (0.9, 0.98)
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = 1.0  # the original never clips (docs/training.md says why we do)
+    train_routers: bool = False  # the original freezes the routers for fine-tuning and KD alike
     # knowledge distillation (used when a teacher is given)
     kd_lambda: float = 0.2
     temperature: float = 2.0
@@ -27,8 +29,8 @@ class TrainConfig:
     greater_is_better: bool = False
     # compression pruner (used when the student has compressed experts in pruning state)
     keep_ratio: float = 0.1
-    prune_initial_warmup: int = 0
-    prune_final_warmup: int = 0
+    prune_initial_warmup: int | None = None  # steps before any row is pruned; None: warmup_steps
+    prune_final_warmup: int | None = None  # last steps held at keep_ratio; None: 4 * warmup_steps
     seed: int = 0
     mixed_precision: str = "no"  # accelerate's: "no", "fp16", "bf16"
 
@@ -46,6 +48,10 @@ class TrainConfig:
             problems.append(f"temperature must be > 0, got {self.temperature}")
         if min(self.kd_lambda, self.task_lambda, self.hd_lambda) < 0:
             problems.append("kd_lambda, task_lambda and hd_lambda must be >= 0")
+        if self.adam_eps is not None and not self.adam_eps > 0:
+            problems.append(f"adam_eps must be > 0, got {self.adam_eps}")
+        if any(w is not None and w < 0 for w in (self.prune_initial_warmup, self.prune_final_warmup)):
+            problems.append("prune_initial_warmup and prune_final_warmup must be >= 0")
         if not 0 < self.keep_ratio <= 1:
             problems.append(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -53,6 +59,24 @@ class TrainConfig:
         if problems:
             raise ValueError("TrainConfig: " + "; ".join(problems))
         self.adam_betas = tuple(self.adam_betas)
+
+    def optimizer_eps(self, distilling: bool) -> float:
+        if self.adam_eps is not None:
+            return self.adam_eps
+        return 1e-6 if distilling else 1e-8
+
+    def pruning_warmups(self) -> tuple[int, int]:
+        """(initial, final) warm-ups of the compression pruner. The defaults, 1x and 4x the learning-rate
+        warm-up (the original's 50 and 200 steps), are scaled by steps / (2 * their sum) when the two
+        would leave no pruning stretch; explicit values are taken as they are (the pruner checks they fit)."""
+        given = (self.prune_initial_warmup, self.prune_final_warmup)
+        initial, final = (self.warmup_steps if given[0] is None else given[0],
+                          4 * self.warmup_steps if given[1] is None else given[1])
+        total = initial + final
+        if None in given and total >= self.steps:
+            initial = initial * self.steps // (2 * total) if given[0] is None else initial
+            final = final * self.steps // (2 * total) if given[1] is None else final
+        return initial, final
 
     def to_dict(self) -> dict:
         return asdict(self)

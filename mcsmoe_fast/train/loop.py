@@ -4,9 +4,11 @@ same code over GPUs and machines, and mixed precision is accelerate's.
     result = train(model, dataset, TrainConfig(steps=300), collate_fn=..., eval_fn=..., teacher=full_model,
                    output_dir="runs/msmoe-kd")
 
-With a teacher the loss is the KD loss (losses.py) and the routers are frozen; without one it is the
-model's own loss (fine-tuning). A student with compressed experts still in pruning state gets a
-CompressionPruner, called after every optimizer step. Every `eval_every` steps (and at the end) the
+With a teacher the loss is the KD loss (losses.py) and the student runs in eval mode (no dropout, no
+router jitter: the original's "accurate distillation"); without one it is the model's own loss
+(fine-tuning, in train mode). The routers are frozen in both unless `config.train_routers`. A student with
+compressed experts still in pruning state gets a CompressionPruner, called after every optimizer step
+(without a score update when mixed precision skipped the step). Every `eval_every` steps (and at the end) the
 model is evaluated, `output_dir/latest` is replaced by a checkpoint with everything needed to resume,
 and `output_dir/best` when the metric improved (for a pruned student: only once the pruning schedule
 reached its final keep ratio, saved finalized). `resume=True` continues from `latest`: same data order,
@@ -45,22 +47,31 @@ class TrainResult:
 
 
 def freeze_routers(model: nn.Module) -> int:
-    """Stop gradients to every MoE router (KD recovery keeps the routing as it was); returns the count."""
+    """Stop gradients to every MoE router: the module holding each router weight, its bias included
+    (training keeps the routing as it was); returns the count."""
     layers = moe_layers(model, allow_empty=True)
     for layer in layers:
-        layer.router_weight().requires_grad_(False)
+        weight = layer.router_weight()
+        for module in layer.module.modules():
+            if any(p is weight for p in module.parameters(recurse=False)):
+                module.requires_grad_(False)
+        weight.requires_grad_(False)
     return len(layers)
 
 
-def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (not on norms and biases)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+def decays(name: str, param: torch.Tensor) -> bool:
+    """Weight decay on matrices only: not on norms and biases (stacked [E, F] expert biases included)."""
+    return param.dim() >= 2 and not name.rpartition(".")[2].endswith("bias")
+
+
+def _optimizer(model: nn.Module, config: TrainConfig, distilling: bool) -> torch.optim.Optimizer:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise ValueError("train: the model has no parameter that requires grad")
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [{"params": [p for n, p in named if decays(n, p)], "weight_decay": config.weight_decay},
+              {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate, betas=config.adam_betas,
-                             eps=config.adam_eps)
+                             eps=config.optimizer_eps(distilling))
 
 
 def _scheduler(optimizer, config: TrainConfig):
@@ -79,8 +90,7 @@ def _pruner(model: nn.Module, config: TrainConfig) -> CompressionPruner | None:
     pruning = [m for m in model.modules() if isinstance(m, CompressedMoEExperts) and m.pruning]
     if not pruning:
         return None
-    return CompressionPruner(model, config.keep_ratio, config.steps, config.prune_initial_warmup,
-                             config.prune_final_warmup)
+    return CompressionPruner(model, config.keep_ratio, config.steps, *config.pruning_warmups())
 
 
 def _improved(value: float, best: float | None, greater: bool) -> bool:
@@ -129,13 +139,14 @@ def train(
     accelerator = Accelerator(mixed_precision=config.mixed_precision,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     set_seed(config.seed)
-    if teacher is not None:
+    if not config.train_routers:
         freeze_routers(model)
+    if teacher is not None:
         teacher.eval().requires_grad_(False)
     pruner = _pruner(model, config)
     loader = torch.utils.data.DataLoader(train_data, batch_size=config.batch_size, shuffle=True, drop_last=True,
                                          collate_fn=collate_fn)
-    optimizer = _optimizer(model, config)
+    optimizer = _optimizer(model, config, distilling=teacher is not None)
     scheduler = _scheduler(optimizer, config)
 
     step, best_metric, best_step, history = 0, None, None, []
@@ -178,7 +189,7 @@ def train(
             plain.eval()
             with torch.no_grad():
                 record.update(eval_fn(plain))
-            plain.train()
+            plain.train(training_mode)
             if config.metric not in record:
                 raise ValueError(f"eval_fn returned {sorted(record)}, without the metric {config.metric!r}")
         history.append(record)
@@ -197,7 +208,8 @@ def train(
 
     bar = tqdm(total=config.steps, initial=step, desc="training" if teacher is None else "KD recovery",
                unit="step", disable=not progress or not accelerator.is_main_process)
-    model.train()
+    training_mode = teacher is None  # KD runs the student in eval mode, as the original
+    model.train(training_mode)
     running = 0.0
     while step < config.steps:
         epoch, skip = divmod(step, per_epoch)
@@ -219,7 +231,7 @@ def train(
             optimizer.step()
             scheduler.step()
             if pruner is not None:
-                pruner.step()
+                pruner.step(update_scores=not accelerator.optimizer_step_was_skipped)
             optimizer.zero_grad(set_to_none=True)
             step += 1
             running += loss.item()
