@@ -26,13 +26,17 @@ def demo_run(tmp_path_factory):
 
 def test_rows_are_fair_and_complete(demo_run):
     out, rows, text = demo_run
-    assert list(rows) == ["full", "random groups, uniform average", "M-SMoE", "M-SMoE + KD", "MC-SMoE + KD"]
+    mc = ("MC-SMoE one-shot + KD", "MC-SMoE pruned during KD")
+    assert list(rows) == ["full", "random groups, uniform average", "M-SMoE", "M-SMoE + KD", *mc]
     assert all(r["steps"] <= rows["full"]["steps"] == TINY.steps for r in rows.values())
     assert rows["M-SMoE"]["steps"] == TINY.steps - TINY.recover_steps
-    assert rows["M-SMoE + KD"]["steps"] == rows["MC-SMoE + KD"]["steps"] == TINY.steps
+    assert rows["M-SMoE + KD"]["steps"] == rows[mc[0]]["steps"] == rows[mc[1]]["steps"] == TINY.steps
     assert rows["M-SMoE"]["expert_share"] == pytest.approx(TINY.groups / TINY.experts)
-    assert rows["MC-SMoE + KD"]["expert_params"] < rows["M-SMoE"]["expert_params"] < rows["full"]["expert_params"]
-    assert rows["MC-SMoE + KD"]["checkpoint_mb"] < rows["M-SMoE"]["checkpoint_mb"] < rows["full"]["checkpoint_mb"]
+    for name in mc:
+        assert rows[name]["expert_params"] < rows["M-SMoE"]["expert_params"] < rows["full"]["expert_params"]
+        assert rows[name]["checkpoint_mb"] < rows["M-SMoE"]["checkpoint_mb"] < rows["full"]["checkpoint_mb"]
+    # both keep about keep_ratio of the sparse residual: the same budget, chosen by magnitude or by importance
+    assert rows[mc[1]]["expert_params"] == pytest.approx(rows[mc[0]]["expert_params"], rel=0.02)
     assert rows["full"]["perplexity"] < 256 / 4, "the full model learned something about bytes of Python source"
     for name, r in rows.items():
         assert r["vs_full"] == pytest.approx(r["perplexity"] / rows["full"]["perplexity"])
@@ -47,7 +51,8 @@ def test_checkpoints_load_back_with_the_reported_perplexity(demo_run):
     out, rows, _ = demo_run
     _, held_out = split_corpus(1, TINY.eval_windows * TINY.length)
     windows = Windows(held_out, TINY.length).rows
-    for name, slug in (("M-SMoE + KD", "m-smoe-kd"), ("MC-SMoE + KD", "mc-smoe-kd")):
+    for name, slug in (("M-SMoE + KD", "m-smoe-kd"), ("MC-SMoE one-shot + KD", "mc-smoe-one-shot-kd"),
+                       ("MC-SMoE pruned during KD", "mc-smoe-pruned-during-kd")):
         model = from_pretrained(out / "checkpoints" / slug)
         assert perplexity(model, windows) == pytest.approx(rows[name]["perplexity"], rel=1e-4)
 

@@ -407,6 +407,11 @@ def test_calibration_batches_feed_the_decoder_the_targets(tmp_path):
             assert labels.tolist() == ids(tok, sst2.to_text(example)[1]) + [tok.eos_token_id]
             seen.append(examples.index(example))
     assert len(set(seen)) == 12  # 12 distinct examples, drawn at random with a fixed seed
+    # the original's subset, in its order: datasets' shuffle(seed=2333).select(range(12))
+    import datasets
+
+    original = datasets.Dataset.from_list(examples).shuffle(seed=2333).select(range(12))
+    assert seen == [examples.index(dict(ex)) for ex in original]
     def prompts(batches):
         return [tuple(r[m.bool()].tolist()) for b in batches for r, m in zip(b["input_ids"], b["attention_mask"])]
 

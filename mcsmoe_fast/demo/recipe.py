@@ -7,7 +7,8 @@ Fair by construction: the full model trains for `steps`; the model that is merge
 `steps - recover_steps`, so every recovered row ends at exactly `steps` optimizer steps (the JSON
 records each row's steps). The teacher is that same merged-from checkpoint: nothing a student sees
 comes from later training. MC-SMoE follows the paper's order: merge, half the recovery steps of KD,
-compress, the other half.
+compress, the other half; two rows: compressed one-shot (rows kept by weight magnitude) then KD, and the
+paper's own recipe, the rows pruned during KD by |theta * grad| on the cubic schedule.
 """
 from __future__ import annotations
 
@@ -97,7 +98,7 @@ def run_recipe(plan: DemoPlan, progress: bool = True, print_fn=print) -> dict:
     snap: dict = {}
     config = TrainConfig(steps=plan.steps, batch_size=plan.batch_size, learning_rate=plan.learning_rate,
                          warmup_steps=plan.warmup_steps, eval_every=math.gcd(plan.merge_step, plan.steps),
-                         seed=plan.seed)
+                         seed=plan.seed, train_routers=True)  # trained from scratch: its routers learn too
     train(full, data, config, collate_fn=lm_batch, eval_fn=eval_fn, callback=_snapshot_at(plan.merge_step, snap),
           progress=progress)
     teacher = snap["model"]
@@ -110,23 +111,26 @@ def run_recipe(plan: DemoPlan, progress: bool = True, print_fn=print) -> dict:
     msmoe = copy.deepcopy(teacher)
     merge_experts(msmoe, stats, plan.groups, progress=False)
 
-    kd = replace(config, steps=plan.recover_steps, learning_rate=plan.kd_learning_rate,
+    kd = replace(config, steps=plan.recover_steps, learning_rate=plan.kd_learning_rate, train_routers=False,
                  warmup_steps=min(plan.warmup_steps, plan.recover_steps // 4), eval_every=plan.recover_steps // 2)
     msmoe_kd, mid = copy.deepcopy(msmoe), {}
     train(msmoe_kd, data, kd, collate_fn=lm_batch, eval_fn=eval_fn, teacher=teacher,
           callback=_snapshot_at(kd.eval_every, mid), progress=progress)
 
-    mc = mid["model"]
+    rest = replace(kd, steps=plan.recover_steps - kd.eval_every, eval_every=plan.recover_steps - kd.eval_every,
+                   keep_ratio=plan.keep_ratio)
+    mc, pruned = mid["model"], copy.deepcopy(mid["model"])
     compress_experts(mc, rank=plan.rank, keep_ratio=plan.keep_ratio, importance="weight", progress=False)
     one_shot = perplexity(mc, held_out)
-    rest = plan.recover_steps - kd.eval_every
-    train(mc, data, replace(kd, steps=rest, eval_every=rest), collate_fn=lm_batch, eval_fn=eval_fn, teacher=teacher,
-          progress=progress)
+    train(mc, data, rest, collate_fn=lm_batch, eval_fn=eval_fn, teacher=teacher, progress=progress)
+    compress_experts(pruned, rank=plan.rank, keep_ratio=plan.keep_ratio, importance="gradient", progress=False)
+    train(pruned, data, rest, collate_fn=lm_batch, eval_fn=eval_fn, teacher=teacher, progress=progress)
     rows = {
         "full": (full, plan.steps),
         "random groups, uniform average": (baseline, plan.merge_step),
         "M-SMoE": (msmoe, plan.merge_step),
         "M-SMoE + KD": (msmoe_kd, plan.steps),
-        "MC-SMoE + KD": (mc, plan.steps),
+        "MC-SMoE one-shot + KD": (mc, plan.steps),
+        "MC-SMoE pruned during KD": (pruned, plan.steps),
     }
     return {"rows": rows, "held_out": held_out, "mc_one_shot_perplexity": one_shot, "plan": asdict(plan)}

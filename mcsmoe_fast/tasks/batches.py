@@ -104,13 +104,21 @@ def training_batches(task: Task | str, tokenizer, examples: Sequence[Mapping], b
             for chunk in _chunks(pairs, batch_size or task.batch_size)]
 
 
+def original_subset(size: int, n: int, seed: int = CALIBRATION_SEED) -> list[int]:
+    """The indices of the original's calibration subset, `dataset.shuffle(seed=seed).select(range(n))`
+    (datasets shuffles with numpy's default_rng(seed).permutation), without needing datasets."""
+    import numpy as np
+
+    return np.random.default_rng(seed).permutation(size)[: min(n, size)].tolist()
+
+
 def calibration_batches(task: Task | str, tokenizer, n: int = DEFAULT_CALIBRATION_SAMPLES, *,
                         examples: Sequence[Mapping] | None = None, path=None, split: str | None = None,
                         batch_size: int = 32, seed: int = CALIBRATION_SEED, max_source_length: int = 512,
                         max_target_length: int = 128,
                         decoder_start_token_id: int | None = None) -> list[dict[str, torch.Tensor]]:
     """Calibration batches for routing statistics on a text-to-text task, as the original built them: n
-    training examples drawn at random (seeded), the prompt into the encoder and the task's TARGET into the
+    training examples drawn as the original drew them (original_subset), the prompt into the encoder and the task's TARGET into the
     decoder (decoder_input_ids = labels shifted right), not the prompt shifted right.
 
     examples: the examples to draw from; when None they are loaded with
@@ -127,7 +135,7 @@ def calibration_batches(task: Task | str, tokenizer, n: int = DEFAULT_CALIBRATIO
         examples = load_task_data(task, split or task.train_split, path)
     if not examples:
         raise ValueError(f"no {task.name} examples to calibrate on")
-    chosen = random.Random(seed).sample(range(len(examples)), min(n, len(examples)))
+    chosen = original_subset(len(examples), n, seed)
     pairs = [task.to_text(examples[i]) for i in chosen]
     ensure_pad_token(tokenizer)
     start = tokenizer.pad_token_id if decoder_start_token_id is None else decoder_start_token_id
