@@ -117,15 +117,28 @@ def load_tokenizer(path: str):
     """AutoTokenizer from `path`, or a ValueError that says how to provide one.
 
     A local directory must hold tokenizer files: transformers would otherwise build an empty tokenizer
-    from the model config alone, which maps every word to the unknown token."""
+    from the model config alone, which maps every word to the unknown token. A hub id is read from the
+    cache first; otherwise it is checked like a model (models.loading.check_model_source: one short
+    request, no retries) before transformers downloads it."""
     from transformers import AutoTokenizer
 
-    local = Path(path)
+    from .models.loading import check_model_source
+
+    local = Path(path).expanduser()
     if local.is_dir() and not any((local / name).is_file() for name in TOKENIZER_FILES):
         raise ValueError(f"no tokenizer files in {path!r} (looked for {', '.join(TOKENIZER_FILES)}); "
                          "pass --tokenizer DIR with a tokenizer for this model")
+    if not local.is_dir():
+        try:
+            check_model_source(path, what="tokenizer")
+        except FileNotFoundError as exc:  # this function's one error type
+            raise ValueError(str(exc)) from None
+        try:
+            return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception:  # not cached (or only partly): transformers fetches it below
+            pass
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(local if local.is_dir() else path)
     except Exception as exc:  # transformers raises OSError, ValueError or others depending on what is missing
         raise ValueError(f"no tokenizer could be loaded from {path!r} ({type(exc).__name__}: {exc}); "
                          "pass --tokenizer DIR with a tokenizer for this model") from exc

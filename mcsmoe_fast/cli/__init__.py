@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from . import bench, compress, demo, evaluate, finetune, merge, permute
+from .common import check_model_options
 from .config_file import apply_config, config_path
 
 SUBCOMMANDS = {
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # one progress bar per step of ours, not transformers' loading/writing bars
     try:
+        check_model_options(args)  # before the subcommand reads any tokenizer or data
         return args.run(args)
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"mcsmoe-fast {args.command}: error: {exc}", file=sys.stderr)

@@ -1,5 +1,5 @@
-"""What several subcommands share: the guard against writing over the input model, calibration options,
-sizes."""
+"""What several subcommands share: the check that the models they read are there, the guard against
+writing over the input model, calibration options, sizes."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,6 +12,21 @@ def refuse_overwriting_input(args) -> None:
     if out == model or (model.is_dir() and model in out.parents):
         raise ValueError(f"--out {args.out} would write into the input model's directory {args.model}; "
                          "choose another output directory")
+
+
+MODEL_OPTIONS = ("model", "teacher")  # the options that name a model to read (directory or hub id)
+
+
+def check_model_options(args) -> None:
+    """Every model a subcommand will read is there, checked before the subcommand reads any tokenizer,
+    config or data (main runs this for every subcommand): a missing directory fails at once, a hub id
+    that is not cached is asked about once, briefly (models.loading.check_model_source)."""
+    from ..models.loading import check_model_source
+
+    for option in MODEL_OPTIONS:
+        spec = getattr(args, option, None)
+        if spec is not None:
+            check_model_source(str(spec))
 
 
 def add_calibration_options(p) -> None:
@@ -84,8 +99,8 @@ def dtype_option(args):
 
     if args.dtype != "auto":
         return getattr(torch, args.dtype)
-    from transformers import AutoConfig
+    from ..models.loading import load_config
 
-    stored = getattr(AutoConfig.from_pretrained(args.model), "dtype", None)
+    stored = getattr(load_config(args.model), "dtype", None)
     stored = getattr(torch, stored, None) if isinstance(stored, str) else stored
     return stored if stored in (torch.float32, torch.bfloat16, torch.float16) else torch.float32

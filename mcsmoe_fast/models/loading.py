@@ -30,6 +30,35 @@ def looks_like_path(spec: str) -> bool:
             or Path(spec).expanduser().exists())
 
 
+def check_model_source(spec: str, what: str = "model") -> None:
+    """Fail at once, in one line that names `spec`, when it names no `what` (model or tokenizer) to load:
+    run before any tokenizer, config or data is read, so no loader's retries run (the CLI checks --model
+    this way before a subcommand starts).
+
+    A directory passes; a path that is not a directory fails without any network; a hub id passes when
+    it is in the Hugging Face cache, and otherwise the Hub is asked once, briefly (no retries)."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise FileNotFoundError(f"{spec} is a file, not a {what} directory")
+    if looks_like_path(spec):
+        raise FileNotFoundError(f"{what} directory not found: {spec}")
+    if not in_hub_cache(spec):
+        _check_hub(spec, what)
+
+
+def in_hub_cache(repo_id: str) -> bool:
+    """Whether the Hugging Face cache holds files of the repo (its config or tokenizer), without any request."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return any(isinstance(try_to_load_from_cache(repo_id, name), str)
+                   for name in ("config.json", "tokenizer_config.json", "tokenizer.json"))
+    except ValueError:  # not a valid repo id: the Hub check names the problem
+        return False
+
+
 def open_model(spec: str, dtype: torch.dtype | None = None):
     """A model from a local directory (plain, merged or compressed checkpoint) or a hub id.
 
@@ -37,17 +66,29 @@ def open_model(spec: str, dtype: torch.dtype | None = None):
     otherwise the Hub is asked once (no retries), failing in one line when it cannot be reached."""
     from ..checkpoint import from_pretrained
 
+    check_model_source(spec)
     path = Path(spec).expanduser()
     if path.is_dir():
         return from_pretrained(path, dtype=dtype)
-    if looks_like_path(spec):
-        raise FileNotFoundError(f"model directory not found: {spec}")
     try:
         return _load_cached(spec, dtype)
     except OSError:
         pass
     _check_hub(spec)
     return load_model(spec, dtype=dtype)
+
+
+def load_config(spec: str):
+    """AutoConfig of a directory or hub id, from the cache first: a cached hub id needs no request (and so
+    meets none of huggingface_hub's retries offline)."""
+    from transformers import AutoConfig
+
+    if not Path(spec).expanduser().is_dir():
+        try:
+            return AutoConfig.from_pretrained(spec, local_files_only=True)
+        except (OSError, ValueError):  # not cached, or not a repo id: the check says which, in one line
+            check_model_source(spec)
+    return AutoConfig.from_pretrained(spec)
 
 
 def _load_cached(repo_id: str, dtype):
@@ -58,16 +99,23 @@ def _load_cached(repo_id: str, dtype):
     return model.eval()
 
 
-def _check_hub(repo_id: str) -> None:
-    """One short request for the repo; a clear one-line error instead of transformers' retries."""
+_SERVED: set[str] = set()  # repo ids the Hub answered for in this process: asked about once
+
+
+def _check_hub(repo_id: str, what: str = "model") -> None:
+    """One short request for the repo; a clear one-line error instead of huggingface_hub's retries (five, with
+    backoff, about 50 s offline)."""
     from huggingface_hub import HfApi
 
+    if repo_id in _SERVED:
+        return
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise ValueError(f"model {repo_id!r} is not a local directory nor in the Hugging Face cache, "
+        raise ValueError(f"{what} {repo_id!r} is not a local directory nor in the Hugging Face cache, "
                          "and HF_HUB_OFFLINE is set")
     try:
         HfApi().model_info(repo_id, timeout=10)
     except Exception as exc:  # connection errors, unknown repo, gated repo: one line that names it
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"model {repo_id!r} is not a local directory, not in the Hugging Face cache, and the "
+        raise ValueError(f"{what} {repo_id!r} is not a local directory, not in the Hugging Face cache, and the "
                          f"Hub did not serve it ({type(exc).__name__}: {reason})") from None
+    _SERVED.add(repo_id)
