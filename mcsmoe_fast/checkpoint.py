@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from .drop import install_logit_mask, logit_mask
-from .merge import MERGE_SECTION, expert_weights_per_expert
+from .models import expert_weights_per_expert
+from .sections import MERGE_SECTION
 from .models import moe_layers
 from .compressed import BANK_FIELDS, CompressedMoEExperts
 from .modules import MoEExperts

@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 
 from .calibrate import LayerStats
 from .compressed import CompressedMoEExperts
-from .merge import COMPRESS_SECTION, select_layers
-from .models import MoELayer, moe_layers
+from .models import MoELayer, moe_layers, select_layers
 from .plain_save import guard_plain_save
+from .sections import record_compression
 
 IMPORTANCE = ("weight", "activation", "gradient")
 SVD_METHODS = ("auto", "exact", "randomized")
@@ -96,7 +96,7 @@ def _compressed(layer: MoELayer) -> CompressedMoEExperts | None:
     return experts if isinstance(experts, CompressedMoEExperts) else None
 
 
-def _row_scores(module: CompressedMoEExperts, side: str, norms: torch.Tensor | None) -> torch.Tensor:
+def row_scores(module: CompressedMoEExperts, side: str, norms: torch.Tensor | None) -> torch.Tensor:
     """Mean |S_ij| (times ||x_j|| of the slot's inputs when norms [S, in] are given) per stored row."""
     S_rows = getattr(module, f"{side}_S_rows").detach()
     mag = S_rows.abs().float()
@@ -176,18 +176,13 @@ def compress_experts(
         scores, lengths = [], []
         for name, module in modules.items():
             for i, side in enumerate(("in", "out")):
-                scores.append(_row_scores(module, side, norms[name][i] if name in norms else None))
+                scores.append(row_scores(module, side, norms[name][i] if name in norms else None))
                 lengths.append(getattr(module, f"{side}_S_rows").shape[1])
         masks = iter(global_keep(scores, lengths, keep_ratio))
         for module in modules.values():
             module.set_keep(next(masks), next(masks))
             module.finalize()
-    _record(model, modules, dict(rank=rank, keep_ratio=keep_ratio, importance=importance, svd=svd))
+    record_compression(model, modules, dict(rank=rank, keep_ratio=keep_ratio, importance=importance, svd=svd))
     guard_plain_save(model)
     return modules
 
-
-def _record(model: nn.Module, modules: dict[str, CompressedMoEExperts], method: dict) -> None:
-    config = getattr(model, "config", None)
-    if config is not None:
-        setattr(config, COMPRESS_SECTION, {"method": method, "layers": sorted(modules)})

@@ -19,50 +19,13 @@ from .grouping import (
     GROUPING_METHODS, MERGE_STRATEGIES, SIMILARITY_BASES, LayerGrouping, group_counts, group_layer, layer_seed,
     similarity_matrix,
 )
-from .models import MoELayer, moe_layers
+from .models import MoELayer, expert_weights_per_expert, moe_layers, select_layers
 from .modules import MoEExperts
 from .permute import (
     DEFAULT_MEMORY_BUDGET, apply_permutation, apply_permutation_, match_permutations, with_bias_column,
 )
 from .plain_save import guard_plain_save
-
-MERGE_SECTION = "mcsmoe_merge"  # the config attribute (and config.json key) describing the merge
-COMPRESS_SECTION = "mcsmoe_compress"  # the same for compression (compress.py)
-
-
-def expert_weights_per_expert(layer: MoELayer, biases: bool = False) -> tuple[torch.Tensor, ...]:
-    """(w_in [E, F, d], w_out [E, d, ff]), and with biases=True also (b_in [E, F] | None, b_out [E, d] | None):
-    one entry per original expert, also for a merged layer."""
-    tensors = [*layer.expert_weights()] + ([*layer.expert_biases()] if biases else [])
-    tensors = [None if t is None else t.detach() for t in tensors]
-    if tensors[0].shape[0] == layer.num_experts and torch.equal(layer.expert_map().cpu(),
-                                                                torch.arange(layer.num_experts)):
-        return tuple(tensors)
-    emap = layer.expert_map().to(tensors[0].device)
-    return tuple(None if t is None else t[emap] for t in tensors)
-
-
-def select_layers(layers: list[MoELayer], which) -> list[MoELayer]:
-    """`which`: None (every MoE layer) or an iterable of layer names and/or positions in moe_layers order."""
-    if which is None:
-        return layers
-    if isinstance(which, (str, int)):
-        which = [which]
-    by_name = {layer.name: layer for layer in layers}
-    chosen, unknown = [], []
-    for w in which:
-        if isinstance(w, int) and not isinstance(w, bool) and -len(layers) <= w < len(layers):
-            chosen.append(layers[w])
-        elif isinstance(w, str) and w in by_name:
-            chosen.append(by_name[w])
-        else:
-            unknown.append(w)
-    if unknown:
-        raise ValueError(f"layers: unknown MoE layers {unknown}; the model has {list(by_name)} "
-                         f"(names or positions 0..{len(layers) - 1})")
-    names = {layer.name for layer in chosen}
-    return [layer for layer in layers if layer.name in names]  # module order, no duplicates
-
+from .sections import record_merge
 
 def merge_group_weights(w_in: torch.Tensor, w_out: torch.Tensor, grouping: LayerGrouping, *more: torch.Tensor):
     """Merged slots (w_in [G, F, d], w_out [G, d, ff], then any more per-expert tensors such as biases):
@@ -183,21 +146,9 @@ def merge_experts(
             install_logit_mask(layer, keep)
         result[layer.name] = g
 
-    _record(model, result, layer_stats, dict(num_groups=num_groups if isinstance(num_groups, int) else dict(num_groups),
-                                             similarity=similarity, globally=globally, permute=permute,
-                                             strategy=strategy, grouping=grouping, seed=seed))
+    record_merge(model, result, layer_stats, dict(num_groups=num_groups if isinstance(num_groups, int) else dict(num_groups),
+                                                  similarity=similarity, globally=globally, permute=permute,
+                                                  strategy=strategy, grouping=grouping, seed=seed))
     guard_plain_save(model)
     return result
 
-
-def _record(model: nn.Module, result: dict[str, LayerGrouping], stats: dict[str, LayerStats], method: dict) -> None:
-    """Keep a JSON-ready description of the merge on model.config (checkpoint.py saves it)."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return
-    section = dict(getattr(config, MERGE_SECTION, None) or {})
-    merges = list(section.get("merges", []))
-    merges.append({"method": method, "layers": {n: g.to_dict() for n, g in result.items()},
-                   "statistics": {n: stats[n].summary() for n in result}})
-    section["merges"] = merges
-    setattr(config, MERGE_SECTION, section)

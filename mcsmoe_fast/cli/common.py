@@ -39,6 +39,13 @@ def add_calibration_options(p) -> None:
     p.add_argument("--split", default="train", help="dataset split for a dataset name (default train)")
 
 
+def layers_option(values):
+    """--layers: MoE layer names, or positions in module order (negative from the end); None: every layer."""
+    if not values:
+        return None
+    return [int(x) if isinstance(x, int) or str(x).lstrip("-").isdigit() else x for x in values]
+
+
 def parameter_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import time
 
-from .common import add_calibration_options, dir_bytes, parameter_bytes, refuse_overwriting_input, subcommand
+from .common import (add_calibration_options, dir_bytes, layers_option, parameter_bytes, refuse_overwriting_input,
+                     subcommand)
 
 
 def add(sub):
@@ -70,7 +71,7 @@ def run(args) -> int:
         check_batches(batches, tokenizer, model.config.vocab_size)
         stats = collect_routing_stats(model, batches, input_norms=True)
     before = parameter_bytes(model)
-    layers = [int(x) if x.lstrip("-").isdigit() else x for x in args.layers] if args.layers else None
+    layers = layers_option(args.layers)
     modules = compress_experts(model, rank=args.rank, keep_ratio=args.keep_ratio, layers=layers,
                                importance=args.importance, stats=stats, svd=args.svd)
     elapsed = time.perf_counter() - start

@@ -5,7 +5,7 @@ import argparse
 import time
 
 from .common import (add_calibration_options, add_dtype_option, device_map_option, dir_bytes, dtype_option,
-                     parameter_bytes, per_device_sizes, refuse_overwriting_input, subcommand)
+                     layers_option, parameter_bytes, per_device_sizes, refuse_overwriting_input, subcommand)
 
 
 def add(sub):
@@ -55,7 +55,7 @@ def run_streaming(args, tokenizer, batches, dtype) -> int:
     """The whole merge layer by layer from the checkpoint's shards (streaming/)."""
     from ..streaming import merge_checkpoint
 
-    layers = [int(x) if x.lstrip("-").isdigit() else x for x in args.layers] if args.layers else None
+    layers = layers_option(args.layers)
     result = merge_checkpoint(args.model, args.out, batches, args.num_groups, similarity=args.similarity,
                               globally=args.globally, max_memory=per_device_sizes(args.max_memory),
                               offload_dir=args.offload_dir, permute=args.permute, strategy=args.strategy,
@@ -104,7 +104,7 @@ def run(args) -> int:
     similarity_bases = (args.similarity,) if args.similarity == "expert-output" else ("router-logits", "feature")
     start = time.perf_counter()
     stats = collect_routing_stats(model, batches, bases=similarity_bases)
-    layers = [int(x) if x.lstrip("-").isdigit() else x for x in args.layers] if args.layers else None
+    layers = layers_option(args.layers)
     groupings = merge_experts(model, stats, args.num_groups, similarity=args.similarity, globally=args.globally,
                               permute=args.permute, strategy=args.strategy, layers=layers,
                               grouping=args.grouping, seed=args.seed)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import MoELayer
+from .base import MoELayer, expert_weights_per_expert, select_layers
 from .experts import ExpertsLayer, experts_layers
 from .switch import SwitchLayer, switch_layers
 
@@ -43,4 +43,4 @@ def moe_layers(model: nn.Module, allow_empty: bool = False) -> list[MoELayer]:
     return []
 
 
-__all__ = ["MoELayer", "SwitchLayer", "ExpertsLayer", "moe_layers", "TESTED_FAMILIES"]
+__all__ = ["MoELayer", "select_layers", "expert_weights_per_expert", "SwitchLayer", "ExpertsLayer", "moe_layers", "TESTED_FAMILIES"]

@@ -107,3 +107,37 @@ def split_name(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     """(parent module, attribute) of the submodule at dotted path `name`."""
     parent_name, _, attr = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+def select_layers(layers: list[MoELayer], which) -> list[MoELayer]:
+    """`which`: None (every MoE layer) or an iterable of layer names and/or positions in moe_layers order."""
+    if which is None:
+        return layers
+    if isinstance(which, (str, int)):
+        which = [which]
+    by_name = {layer.name: layer for layer in layers}
+    chosen, unknown = [], []
+    for w in which:
+        if isinstance(w, int) and not isinstance(w, bool) and -len(layers) <= w < len(layers):
+            chosen.append(layers[w])
+        elif isinstance(w, str) and w in by_name:
+            chosen.append(by_name[w])
+        else:
+            unknown.append(w)
+    if unknown:
+        raise ValueError(f"layers: unknown MoE layers {unknown}; the model has {list(by_name)} "
+                         f"(names or positions 0..{len(layers) - 1})")
+    names = {layer.name for layer in chosen}
+    return [layer for layer in layers if layer.name in names]  # module order, no duplicates
+
+
+def expert_weights_per_expert(layer: MoELayer, biases: bool = False) -> tuple[torch.Tensor, ...]:
+    """(w_in [E, F, d], w_out [E, d, ff]), and with biases=True also (b_in [E, F] | None, b_out [E, d] | None):
+    one entry per original expert, also for a merged layer."""
+    tensors = [*layer.expert_weights()] + ([*layer.expert_biases()] if biases else [])
+    tensors = [None if t is None else t.detach() for t in tensors]
+    if tensors[0].shape[0] == layer.num_experts and torch.equal(layer.expert_map().cpu(),
+                                                                torch.arange(layer.num_experts)):
+        return tuple(tensors)
+    emap = layer.expert_map().to(tensors[0].device)
+    return tuple(None if t is None else t[emap] for t in tensors)

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import compress as compress_module
 from ..checkpoint import WEIGHTS_METADATA, WEIGHTS_NAME, _open_weights, _read_section, atomic_directory
 from ..checkpoint import write_merged_config
+from ..sections import record_compression
 from ..weight_files import CheckpointError, ShardWriter
 from .compress_stage import CompressionStage, compress_options
 from .memory import shard_size_for
@@ -85,7 +85,7 @@ def compress_checkpoint(path, out, rank: int = 32, keep_ratio: float = 0.1, svd:
         for name, entry in new_entries.items():
             entry["dropless"] = bool(entries[name].get("dropless", False))
         written = writer.finish()
-        compress_module._record(model, dict.fromkeys(new_entries), dict(
+        record_compression(model, new_entries, dict(
             rank=opts["rank"], keep_ratio=opts["keep_ratio"], importance="weight", svd=opts["svd"]))
         ordered = {layer.name: new_entries[layer.name] for layer in layers}
         write_merged_config(model.config, tmp, written, section["aliases"], ordered,

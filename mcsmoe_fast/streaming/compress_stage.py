@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import layer_entry
-from ..compress import IMPORTANCE, SVD_METHODS, _row_scores, full_bank, global_keep
+from ..compress import IMPORTANCE, SVD_METHODS, full_bank, global_keep, row_scores
 from ..compressed import BANK_FIELDS, CompressedMoEExperts
 from ..weight_files import ShardWriter, WeightFiles
 
@@ -65,7 +65,7 @@ class CompressionStage:
         module = CompressedMoEExperts(full_bank(w_in, self.rank, self.svd), full_bank(w_out, self.rank, self.svd),
                                       expert_map.clone(), activation, b_in, b_out, activation_args)
         for side in ("in", "out"):
-            self.scores.append(_row_scores(module, side, None))
+            self.scores.append(row_scores(module, side, None))
             self.lengths.append(getattr(module, f"{side}_S_rows").shape[1])
         file = f"{len(self.layers):05d}.safetensors"
         save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(self.directory / file))

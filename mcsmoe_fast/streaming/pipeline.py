@@ -32,13 +32,13 @@ from pathlib import Path
 
 import torch
 
-from .. import compress as compress_module
-from .. import merge as merge_module
 from ..calibrate import CHEAP_BASES, LayerStats
 from ..checkpoint import WEIGHTS_METADATA, WEIGHTS_NAME, atomic_directory, scratch_directory, write_merged_config
 from ..drop import check_maskable
 from ..grouping import LayerGrouping, group_counts
-from ..merge import check_merge_options, select_layers
+from ..merge import check_merge_options
+from ..models import select_layers
+from ..sections import record_compression, record_merge
 from ..weight_files import ShardWriter
 from .activations import ActivationStore
 from .compress_stage import CompressionStage, compress_options
@@ -219,11 +219,11 @@ def merge_checkpoint(
             seconds["compress"] = time.perf_counter() - t0
 
         written = s.writer.finish()
-        merge_module._record(model, merger.groupings, {n: s.stats[n] for n in chosen}, dict(
+        record_merge(model, merger.groupings, {n: s.stats[n] for n in chosen}, dict(
             num_groups=num_groups if isinstance(num_groups, int) else dict(num_groups), similarity=similarity,
             globally=globally, permute=permute, strategy=strategy, grouping=grouping, seed=seed))
         if compress:
-            compress_module._record(model, dict.fromkeys(merger.entries), dict(
+            record_compression(model, merger.entries, dict(
                 rank=compress["rank"], keep_ratio=compress["keep_ratio"], importance="weight", svd=compress["svd"]))
         entries = {v.name: merger.entries[v.name] for v in views.values() if v.name in merger.entries}
         write_merged_config(model.config, tmp, written, aliases, entries, str(dtype).removeprefix("torch."))

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..merge import MERGE_SECTION
+from ..sections import MERGE_SECTION
 from ..weight_files import CheckpointError, WeightFiles, read_index
 
 HF_WEIGHTS = "model.safetensors"

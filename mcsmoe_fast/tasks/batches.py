@@ -14,16 +14,11 @@ import torch
 
 from ..calibration_data import ensure_pad_token
 from .base import Task
+from .registry import get_task
 
 IGNORE_INDEX = -100  # label value the cross-entropy loss skips
 DEFAULT_CALIBRATION_SAMPLES = 256  # the original calibrated on 256 training examples
 CALIBRATION_SEED = 2333  # the seed the original shuffled the training set with before taking them
-
-
-def _get_task(task: Task | str) -> Task:
-    from . import get_task
-
-    return get_task(task)
 
 
 def _check_lengths(max_source_length: int, max_target_length: int) -> None:
@@ -96,7 +91,7 @@ def training_batches(task: Task | str, tokenizer, examples: Sequence[Mapping], b
                      max_target_length: int = 128) -> list[dict[str, torch.Tensor]]:
     """Batches of the task's (prompt, target) pairs; batch_size defaults to the paper's for the task.
     The model feeds its decoder the shifted labels itself (model(**batch) returns the loss)."""
-    task = _get_task(task)
+    task = get_task(task)
     pairs = [task.to_text(ex) for ex in examples]
     if shuffle:
         random.Random(seed).shuffle(pairs)
@@ -128,7 +123,7 @@ def calibration_batches(task: Task | str, tokenizer, n: int = DEFAULT_CALIBRATIO
     labels, decoder_input_ids and decoder_attention_mask; fewer than n examples are all used."""
     from .data import load_task_data
 
-    task = _get_task(task)
+    task = get_task(task)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if examples is None:

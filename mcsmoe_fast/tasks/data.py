@@ -19,14 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .base import Column, Task
+from .registry import get_task
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv")
-
-
-def _get_task(task: Task | str) -> Task:
-    from . import get_task
-
-    return get_task(task)
 
 
 def load_task_data(task: Task | str, split: str = "validation", path: str | Path | None = None,
@@ -35,7 +30,7 @@ def load_task_data(task: Task | str, split: str = "validation", path: str | Path
     (`datasets.load_dataset(task.hub_id, task.hub_config, split=split)`), or of the local .jsonl / .json /
     .csv file `path` (the file is the split: `split` is then unused). Raises ValueError naming the missing
     columns, or the file, line and column of a malformed value."""
-    task = _get_task(task)
+    task = get_task(task)
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
     if path is not None:
@@ -68,7 +63,7 @@ def _load_hub(task: Task, split: str, limit: int | None) -> list[dict]:
 def read_task_file(task: Task | str, path: str | Path, limit: int | None = None) -> list[dict]:
     """The examples of a local .jsonl / .json / .csv file (see the module docstring), checked against the
     task's columns."""
-    task = _get_task(task)
+    task = get_task(task)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{task.name} data file {path} not found")

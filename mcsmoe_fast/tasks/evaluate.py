@@ -20,14 +20,9 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .base import Task
+from .registry import get_task
 from .batches import IGNORE_INDEX, pad_labels, shift_right, target_token_ids
 from .metrics import accuracy, binary_f1, multirc_scores, squad_scores
-
-
-def _get_task(task: Task | str) -> Task:
-    from . import get_task
-
-    return get_task(task)
 
 
 def _device(model) -> torch.device:
@@ -90,7 +85,7 @@ def predict_task(model, tokenizer, task: Task | str, examples: Sequence[Mapping]
     longest prompt first so batches pad little; max_new_tokens defaults to task.max_new_tokens."""
     from tqdm.auto import tqdm
 
-    task = _get_task(task)
+    task = get_task(task)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_new_tokens is not None and max_new_tokens < 1:
@@ -130,7 +125,7 @@ def score_predictions(task: Task | str, predictions: Sequence[str], examples: Se
     """The task's metrics (task.metrics, fractions in [0, 1]) of predicted answer strings against the
     examples' gold answers. Classification: a prediction outside the example's choices is wrong (and
     counts as not-positive for F1). Generative: SQuAD-style exact match and token F1, best over all golds."""
-    task = _get_task(task)
+    task = get_task(task)
     if len(predictions) != len(examples):
         raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
     if not task.is_classification:
@@ -156,7 +151,7 @@ def evaluate_task(model, tokenizer, task: Task | str, examples: Sequence[Mapping
                   label_scoring: bool = True, progress: bool = True) -> dict[str, float]:
     """{metric: value in [0, 1]} of `model` on `examples` (labelled raw examples of `task`, e.g. from
     load_task_data(task, "validation")): predict_task, then score_predictions."""
-    task = _get_task(task)
+    task = get_task(task)
     if not examples:
         raise ValueError(f"no {task.name} examples to evaluate on")
     for example in examples:  # every example labelled: fail before running the model
