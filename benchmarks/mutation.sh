@@ -5,8 +5,10 @@
 #
 # Run (from anywhere, in the venv that has the package installed with its built extension):
 #     pip install mutmut                                # once
-#     bash benchmarks/mutation.sh                       # all five files
-#     bash benchmarks/mutation.sh drop grouping         # some of them: drop grouping merge calibrate permute
+#     bash benchmarks/mutation.sh                       # all of them
+#     bash benchmarks/mutation.sh drop grouping         # some: drop grouping merge calibrate permute compress pruner train
+# A name is a file mcsmoe_fast/<name>.py or a directory mcsmoe_fast/<name>/ (every .py in it, e.g. train).
+# Tested with mutmut 3.8.1 (libcst 1.9.0). On a shared machine: JOBS=1 nice -n 19 bash benchmarks/mutation.sh ...
 # Settings (environment): PYTHON (default: python), JOBS (parallel test workers, default 2),
 #     WORK (work directory, default a fresh one under /tmp; kept, so `cd $WORK/<file> && python -m mutmut browse`,
 #     `python -m mutmut show NAME` or a rerun of a few mutants, `python -m mutmut run NAME`, work afterwards).
@@ -17,9 +19,10 @@
 # surviving mutant (also saved to WORK/survivors-<file>.txt). benchmarks/MUTATION.md lists the survivors of
 # the last recorded run and why each one is harmless, or the test that now kills it.
 #
-# mutmut does not mutate decorated functions: in the copy, `@torch.no_grad()` on a module-level function is
-# rewritten as `name = torch.no_grad()(name)` after it (same behaviour), so merge_experts, align_experts and
-# collect_routing_stats are mutated too. Properties (@property) stay unmutated.
+# mutmut does not mutate decorated functions: in the copy of the mutated files, `@torch.no_grad()` on a
+# function or a method is rewritten as `name = torch.no_grad()(name)` after it, at the same indentation
+# (same behaviour), so merge_experts, align_experts, collect_routing_stats, compress_experts, the pruner's
+# step and perplexity are mutated too. Properties (@property) and other decorators stay unmutated.
 #
 # How long (2 cores, JOBS=2, measured with the suite of this commit): drop.py 128 mutants in 3.5 min
 # (7 min with other work on the machine); grouping.py 452 mutants in 14 min (21 min loaded). Each run starts by
@@ -32,7 +35,13 @@ PYTHON=${PYTHON:-python}
 JOBS=${JOBS:-2}
 WORK=${WORK:-$(mktemp -d /tmp/mcsmoe-mutation.XXXXXX)}
 FILES=("$@")
-[ ${#FILES[@]} -gt 0 ] || FILES=(drop grouping merge calibrate permute)
+[ ${#FILES[@]} -gt 0 ] || FILES=(drop grouping merge calibrate permute compress pruner train)
+
+sources_for() {  # mutmut's only_mutate patterns: the file mcsmoe_fast/<name>.py or every file in mcsmoe_fast/<name>/
+  if [ -f "$ROOT/mcsmoe_fast/$1.py" ]; then echo "mcsmoe_fast/$1.py"
+  elif [ -d "$ROOT/mcsmoe_fast/$1" ]; then (cd "$ROOT" && ls mcsmoe_fast/"$1"/*.py)
+  else echo "no mcsmoe_fast/$1.py or mcsmoe_fast/$1/" >&2; exit 2; fi
+}
 
 tests_for() {  # the test files that exercise each algorithm file
   case "$1" in
@@ -41,7 +50,10 @@ tests_for() {  # the test files that exercise each algorithm file
     merge) echo "tests/test_merge.py tests/test_cli_options.py tests/test_checkpoint.py" ;;
     calibrate) echo "tests/test_calibrate.py tests/test_merge.py tests/test_compress.py" ;;
     permute) echo "tests/test_permute.py tests/test_merge.py" ;;
-    *) echo "unknown file '$1': choose from drop grouping merge calibrate permute" >&2; exit 2 ;;
+    compress) echo "tests/test_compress.py tests/test_compress_importance.py tests/test_slr.py" ;;
+    pruner) echo "tests/test_pruner_schedule.py tests/test_train.py tests/test_train_pruned_resume.py" ;;
+    train) echo "tests/test_train.py tests/test_pruner_schedule.py tests/test_train_pruned_resume.py tests/test_cli_train.py" ;;
+    *) echo "unknown file '$1': choose from drop grouping merge calibrate permute compress pruner train" >&2; exit 2 ;;
   esac
 }
 
@@ -52,39 +64,50 @@ echo "work directory: $WORK"
 
 for name in "${FILES[@]}"; do
   tests=$(tests_for "$name")
+  [ ! -f "$ROOT/tests/test_mutants_$name.py" ] || tests="$tests tests/test_mutants_$name.py"  # tests written to kill survivors
   dir="$WORK/$name"
   rm -rf "$dir" && mkdir -p "$dir"
   (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard -- mcsmoe_fast tests pyproject.toml \
      | xargs -0 -I{} sh -c 'test -f "{}" && cp --parents "{}" "$0"' "$dir")
   cp "$SO" "$dir/mcsmoe_fast/"
-  "$PYTHON" - "$dir/mcsmoe_fast" <<'PY'
-import pathlib, re, sys
-for path in pathlib.Path(sys.argv[1]).glob("*.py"):
-    src = path.read_text()
-    names = re.findall(r"^@torch\.no_grad\(\)\ndef (\w+)\(", src, flags=re.M)
-    if names:
-        src = re.sub(r"^@torch\.no_grad\(\)\n(?=def )", "", src, flags=re.M)
-        src += "\n" + "".join(f"{n} = torch.no_grad()({n})\n" for n in names)
-        path.write_text(src)
+  sources=$(sources_for "$name")
+  "$PYTHON" - "$dir" $sources <<'PY'
+import ast, pathlib, sys
+root = pathlib.Path(sys.argv[1])
+for rel in sys.argv[2:]:
+    path = root / rel
+    lines = path.read_text().splitlines(keepends=True)
+    edits = []  # (decorator line, last line of the function, indentation, name), 1-based
+    for node in ast.walk(ast.parse("".join(lines))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and len(node.decorator_list) == 1:
+            dec = node.decorator_list[0]
+            if ast.unparse(dec) == "torch.no_grad()" and lines[dec.lineno - 1].strip() == "@torch.no_grad()":
+                edits.append((dec.lineno, node.end_lineno, " " * node.col_offset, node.name))
+    for dec_line, end_line, indent, fn in sorted(edits, reverse=True):
+        lines.insert(end_line, f"{indent}{fn} = torch.no_grad()({fn})\n")
+        del lines[dec_line - 1]
+    if edits:
+        path.write_text("".join(lines))
 PY
   {
     echo "[mutmut]"
     echo "source_paths=mcsmoe_fast"
-    echo "only_mutate=mcsmoe_fast/$name.py"
+    echo "only_mutate="
+    for f in $sources; do echo "    $f"; done
     echo "pytest_add_cli_args_test_selection="
     for t in $tests; do echo "    $t"; done
     echo "pytest_add_cli_args=-p no:cacheprovider"
     echo "process_isolation=forkserver"  # torch is not fork-safe once its thread pools run
     echo "use_git_change_detection=false"
   } > "$dir/setup.cfg"
-  echo "=== $name.py against: $tests"
+  echo "=== $sources against: $tests"
   start=$SECONDS
   (cd "$dir" && OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PYTHON" -m mutmut run --max-children "$JOBS" > run.log 2>&1) || {
     tail -40 "$dir/run.log"; echo "mutmut run failed for $name (log: $dir/run.log)" >&2; exit 1; }
   (cd "$dir" && "$PYTHON" -m mutmut results --all true > results.txt 2>&1 || true)
   survived=$(grep -c ": survived" "$dir/results.txt" || true)
   total=$(grep -c ": " "$dir/results.txt" || true)
-  echo "$name.py: $total mutants, $survived survived, $((SECONDS - start)) s"
+  echo "$name: $total mutants, $survived survived, $((SECONDS - start)) s"
   grep -v ": killed" "$dir/results.txt" | sed 's/^/  /' || true
   : > "$WORK/survivors-$name.txt"
   for m in $(grep ": survived" "$dir/results.txt" | sed 's/: survived//' | tr -d ' '); do
