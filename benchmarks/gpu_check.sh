@@ -17,17 +17,29 @@ $PY -c 'import torch, transformers; print("torch", torch.__version__, "cuda", to
 step "build with CUDA (sm_90)"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MCSMOE_FAST_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
 $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; echo "CUDA BUILD FAILED"; exit 1; }
-$PY -c 'import mcsmoe_fast._C as c; assert c.cuda_enabled; print("cuda_enabled", c.cuda_enabled)' || exit 1
+# every op the extension registers (TORCH_LIBRARY in csrc/bindings.cpp) must have a CUDA kernel
+$PY - <<'PY' || exit 1
+import torch
+import mcsmoe_fast._C as c
+assert c.cuda_enabled, "the CUDA build reports cuda_enabled = False"
+ops = sorted(name for name in torch._C._dispatch_get_all_op_names() if name.startswith("mcsmoe_fast::"))
+assert ops, "the extension registers no mcsmoe_fast ops"
+missing = [name for name in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")]
+assert not missing, f"no CUDA kernel for {missing}"
+print("cuda_enabled", c.cuda_enabled, "; CUDA kernels for", ", ".join(ops))
+PY
 
 step "CUDA tests"
-cuda_tests=$(ls tests/test_lap_cuda.py tests/test_grouped_ffn.py tests/test_grouped_ffn_backward.py \
-  tests/test_routing_align.py tests/test_optimize.py tests/test_slr_cuda.py tests/test_streaming_device_map.py 2>/dev/null)
+# the test files -k "cuda or gpu" selects from: named for CUDA or the GPU, or holding tests that are
+cuda_tests=$( (ls tests/test_*cuda*.py tests/test_*gpu*.py 2>/dev/null;
+  grep -l -E "def test[[:alnum:]_]*(cuda|gpu)" tests/test_*.py) | sort -u)
+echo "$cuda_tests" | tr '\n' ' '; echo
 timeout 300 $PY -m pytest -q $cuda_tests -k "cuda or gpu" 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "GPU benchmarks"
-for bench in benchmarks/gpu_lap_bench.py benchmarks/gpu_moe_bench.py benchmarks/gpu_slr_bench.py; do
-  [ -f "$bench" ] || { echo "missing $bench"; status=1; continue; }
+for bench in benchmarks/gpu_*_bench.py; do
+  [ -f "$bench" ] || { echo "no benchmarks/gpu_*_bench.py"; status=1; continue; }
   echo "--- $bench"
   timeout 180 $PY "$bench" 2>&1 | tee "$OUT/$(basename "$bench" .py).txt" || status=1
 done

@@ -6,21 +6,17 @@
 //
 // A problem's working arrays (about 29 bytes per column) live in shared memory when they fit and
 // in the caller's global workspace otherwise.
-#include <cuda_runtime.h>
-
 #include <stdexcept>
 #include <string>
 
-#include "lap.h"
-#include "lap_block.h"
+#include "kernels/cuda_dispatch.cuh"
+#include "kernels/lap.h"
+#include "kernels/lap_block.h"
 
 namespace mcsmoe::lap {
 namespace {
 
-void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("linear_assignment (CUDA): ") + what + ": " + cudaGetErrorString(err));
-}
+constexpr const char* kOp = "linear_assignment (CUDA)";
 
 template <int NT>
 struct DeviceBlock {
@@ -93,24 +89,24 @@ void launch(const T* cost, int64_t batch, int64_t n, int64_t m, double sign, int
   auto kernel = lap_kernel<T, NT>;
   const int64_t state = block_state_bytes(n, m);
   int device = 0, optin = 0;
-  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+  cuda_check(cudaGetDevice(&device), kOp, "cudaGetDevice");
+  cuda_check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), kOp,
              "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
   cudaFuncAttributes attr{};
-  check_cuda(cudaFuncGetAttributes(&attr, kernel), "cudaFuncGetAttributes");
+  cuda_check(cudaFuncGetAttributes(&attr, kernel), kOp, "cudaFuncGetAttributes");
   const bool in_shared = state + static_cast<int64_t>(attr.sharedSizeBytes) <= optin;
   size_t dynamic = 0;
   if (in_shared) {
     dynamic = static_cast<size_t>(state);
     if (dynamic > 48 * 1024)
-      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic)),
-                 "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+      cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic)),
+                 kOp, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
   } else if (workspace == nullptr) {
     throw std::invalid_argument("linear_assignment (CUDA): workspace is null but the problem needs one");
   }
   kernel<<<static_cast<unsigned>(batch), NT, dynamic, stream>>>(cost, n, m, sign, col4row,
                                                                static_cast<unsigned char*>(workspace), in_shared);
-  check_cuda(cudaGetLastError(), "kernel launch");
+  cuda_check(cudaGetLastError(), kOp, "kernel launch");
 }
 
 void check_sizes(int64_t batch, int64_t n, int64_t m) {

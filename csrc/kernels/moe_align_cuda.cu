@@ -4,18 +4,13 @@
 //   2. slot_offsets: one thread, prefix sum over S (S is the number of merged experts: small).
 //   3. place: one block per slot walks all pairs in token order and compacts its own with a block
 //      prefix sum (warp ballots), so tokens stay ascending within a slot; an extra block pads the tail.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <stdexcept>
-#include <string>
-
+#include "kernels/cuda_dispatch.cuh"
 #include "kernels/moe_align.h"
 
 namespace mcsmoe::moe {
 namespace {
 
+constexpr const char* kOp = "moe_align";
 constexpr int kPlaceThreads = 256;
 
 __device__ __forceinline__ float to_float(float x) { return x; }
@@ -125,10 +120,6 @@ T* carve(char*& p, int64_t count) {
   return out;
 }
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string("moe_align: ") + what + ": " + cudaGetErrorString(err));
-}
-
 }  // namespace
 
 size_t align_cuda_workspace_bytes(int64_t T, int64_t k, int64_t S) {
@@ -148,20 +139,20 @@ void align_cuda(const int64_t* top_k_index, const IW* top_k_weights, const int64
   int* pair_rank = carve<int>(p, n);
   float* pair_weight = carve<float>(p, n);
   int* counts = carve<int>(p, S);
-  check(cudaMemsetAsync(counts, 0, S * sizeof(int), stream), "memset");
-  check(cudaMemsetAsync(status_out, 0, 3 * sizeof(int64_t), stream), "memset");
+  cuda_check(cudaMemsetAsync(counts, 0, S * sizeof(int), stream), kOp, "memset");
+  cuda_check(cudaMemsetAsync(status_out, 0, 3 * sizeof(int64_t), stream), kOp, "memset");
   if (T > 0) {
     const int threads = 256;
     pair_slots_kernel<IW><<<static_cast<unsigned>((T + threads - 1) / threads), threads, 0, stream>>>(
         top_k_index, top_k_weights, expert_map, T, static_cast<int>(k), E, S, pair_slot, pair_rank, pair_weight,
         counts, token_rows, status_out);
-    check(cudaGetLastError(), "pair_slots kernel");
+    cuda_check(cudaGetLastError(), kOp, "pair_slots kernel");
   }
   slot_offsets_kernel<<<1, 1, 0, stream>>>(counts, S, offsets);
-  check(cudaGetLastError(), "slot_offsets kernel");
+  cuda_check(cudaGetLastError(), kOp, "slot_offsets kernel");
   place_kernel<<<static_cast<unsigned>(S + 1), kPlaceThreads, 0, stream>>>(
       pair_slot, pair_rank, pair_weight, offsets, n, static_cast<int>(k), S, sorted_tokens, sorted_weights, token_rows);
-  check(cudaGetLastError(), "place kernel");
+  cuda_check(cudaGetLastError(), kOp, "place kernel");
 }
 
 #define MCSMOE_ALIGN_CUDA(IW)                                                                                     \

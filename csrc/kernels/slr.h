@@ -10,6 +10,8 @@
 #pragma once
 #include <cstdint>
 
+#include "kernels/dtype.h"
+
 #if defined(__CUDACC__)
 #define SLR_HD __host__ __device__ __forceinline__
 #else
@@ -44,7 +46,6 @@ struct RowIdxStatus {
 RowIdxStatus check_row_idx(const int64_t* row_idx, int64_t K, int64_t out, unsigned char* seen);
 
 #ifdef MCSMOE_WITH_CUDA
-enum class Dtype { f32, f16, bf16 };
 // add_kept_rows on the GPU (device pointers; half types add in float).
 void add_kept_rows_cuda(void* y, int64_t ldy, const void* z, int64_t ldz, const int64_t* row_idx, int64_t T_rows,
                         int64_t K, Dtype dtype, void* stream);

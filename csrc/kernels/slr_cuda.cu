@@ -1,20 +1,17 @@
 // GPU side of kernels/slr.h: adding the kept rows' products into their output columns (one thread per
 // (token, kept row): distinct row indices make every write distinct), and the row index check, for one
 // list of rows or for a bank's per-slot lists in one pass (check_row_idx_slots_cuda).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <algorithm>
 #include <climits>
 #include <stdexcept>
-#include <string>
 #include <type_traits>
 
+#include "kernels/cuda_dispatch.cuh"
 #include "kernels/slr.h"
 
 namespace mcsmoe::slr {
 namespace {
+
+constexpr const char* kOp = "sparse_lowrank_linear";
 
 template <typename T>
 __global__ void add_kept_rows_kernel(T* __restrict__ y, int64_t ldy, const T* __restrict__ z, int64_t ldz,
@@ -23,16 +20,13 @@ __global__ void add_kept_rows_kernel(T* __restrict__ y, int64_t ldy, const T* __
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t t = i / K, j = i - t * K;
-    // fp32 runs the shared step; the half types spell out its float round trip (torch builds .cu
-    // files with __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__)
+    // fp32 runs the shared step; the half types spell out its float round trip with cuda_dispatch.cuh's
+    // load/store (torch builds .cu files with __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__)
     if constexpr (std::is_same_v<T, float>) {
       add_kept_entry<float, float>(y + t * ldy, z + t * ldz, row_idx, j);
-    } else if constexpr (std::is_same_v<T, __half>) {
-      __half& dst = y[t * ldy + row_idx[j]];
-      dst = __float2half(__half2float(dst) + __half2float(z[t * ldz + j]));
     } else {
-      __nv_bfloat16& dst = y[t * ldy + row_idx[j]];
-      dst = __float2bfloat16(__bfloat162float(dst) + __bfloat162float(z[t * ldz + j]));
+      T* dst = y + t * ldy + row_idx[j];
+      store(dst, load(dst) + load(z + t * ldz + j));
     }
   }
 }
@@ -94,15 +88,6 @@ __global__ void status_kernel(const int64_t* row_idx, int64_t K, int64_t out, co
   status[2] = r;
 }
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("sparse_lowrank_linear: ") + what + ": " + cudaGetErrorString(err));
-}
-
-unsigned grid_for(int64_t n, int threads) {
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads, 65535 * 8)));
-}
-
 }  // namespace
 
 void add_kept_rows_cuda(void* y, int64_t ldy, const void* z, int64_t ldz, const int64_t* row_idx, int64_t rows,
@@ -110,36 +95,31 @@ void add_kept_rows_cuda(void* y, int64_t ldy, const void* z, int64_t ldz, const 
   if (rows == 0 || K == 0) return;
   const int threads = 256;
   auto s = static_cast<cudaStream_t>(stream);
-  auto launch = [&](auto* tag) {
+  by_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     add_kept_rows_kernel<T><<<grid_for(rows * K, threads), threads, 0, s>>>(static_cast<T*>(y), ldy,
                                                                             static_cast<const T*>(z), ldz, row_idx,
                                                                             rows, K);
-  };
-  switch (dtype) {
-    case Dtype::f32: launch(static_cast<float*>(nullptr)); break;
-    case Dtype::f16: launch(static_cast<__half*>(nullptr)); break;
-    case Dtype::bf16: launch(static_cast<__nv_bfloat16*>(nullptr)); break;
-  }
-  check(cudaGetLastError(), "add_kept_rows kernel");
+  });
+  cuda_check(cudaGetLastError(), kOp, "add_kept_rows kernel");
 }
 
 void check_row_idx_slots_cuda(const int64_t* row_idx, int64_t K, const int64_t* offsets, int64_t S, int64_t out,
                               int32_t* seen, int64_t* status_out, void* stream) {
-  if (K >= INT32_MAX) throw std::runtime_error("sparse_lowrank_linear: more than 2^31 kept rows");
-  if (S < 1) throw std::runtime_error("sparse_lowrank_linear: a row index check needs at least one slot");
+  if (K >= INT32_MAX) throw std::runtime_error(std::string(kOp) + ": more than 2^31 kept rows");
+  if (S < 1) throw std::runtime_error(std::string(kOp) + ": a row index check needs at least one slot");
   auto s = static_cast<cudaStream_t>(stream);
   const int threads = 256;
   // status_out doubles as the scratch word for the lowest bad position (reset before use)
   auto* bad = reinterpret_cast<unsigned long long*>(status_out + 1);
-  check(cudaMemsetAsync(bad, 0xff, sizeof(unsigned long long), s), "memset");
+  cuda_check(cudaMemsetAsync(bad, 0xff, sizeof(unsigned long long), s), kOp, "memset");
   if (S * out > 0) fill_kernel<<<grid_for(S * out, threads), threads, 0, s>>>(seen, S * out, INT32_MAX);
   if (K > 0) {
     first_position_kernel<<<grid_for(K, threads), threads, 0, s>>>(row_idx, K, offsets, S, out, seen, bad);
     duplicate_kernel<<<grid_for(K, threads), threads, 0, s>>>(row_idx, K, offsets, S, out, seen, bad);
   }
   status_kernel<<<1, 1, 0, s>>>(row_idx, K, out, bad, status_out);
-  check(cudaGetLastError(), "row index check kernels");
+  cuda_check(cudaGetLastError(), kOp, "row index check kernels");
 }
 
 void check_row_idx_cuda(const int64_t* row_idx, int64_t K, int64_t out, int32_t* seen, int64_t* status_out,

@@ -1,4 +1,10 @@
-// ATen-facing op implementations, one function per (op, device). Registered in bindings.cpp.
+// ATen-facing op implementations, one function per (op, device), registered in bindings.cpp, and the pieces
+// the ops share. One section per op, named by the op's stem: ops/<stem>.cpp (CPU), ops/cuda/<stem>_cuda.cpp
+// (CUDA), kernels/<stem>.h (torch-free kernels), tests/cpp/test_<stem>.cpp and tests/test_<stem>.py:
+//   linear_assignment -> lap                 grouped_expert_ffn          -> grouped_ffn
+//   moe_align         -> moe_align           grouped_expert_ffn_backward -> grouped_ffn_backward
+//   sparse_lowrank_linear -> slr             grouped_expert_ffn_slr      -> grouped_ffn_slr
+// Shared pieces: the expert activations (activation.cpp), linear_nt.cpp, slot_parallel.h.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -14,11 +20,11 @@
 
 namespace mcsmoe::ops {
 
+// --- linear_assignment (lap.cpp, cuda/lap_cuda.cpp) ---
 at::Tensor linear_assignment_cpu(const at::Tensor& cost, bool maximize);
 #ifdef MCSMOE_WITH_CUDA
 at::Tensor linear_assignment_cuda(const at::Tensor& cost, bool maximize);
 #endif
-
 // Shared by the CPU and CUDA linear_assignment (ops/lap.cpp): the cost as a contiguous [B, r, k] float32 or
 // float64 problem with r <= k (bool/integers as float64, n > m transposed); the answer mapped back to
 // cost's rows (-1 for rows without a column when n > m); ValueErrors for invalid or infeasible problems.
@@ -26,32 +32,26 @@ at::Tensor check_assignment_cost(const at::Tensor& cost);
 at::Tensor finish_assignment(const at::Tensor& cost, at::Tensor cols);
 void check_assignment_status(const std::vector<lap::Status>& status);
 
-// --- grouped expert FFN over merged slots (moe_align.cpp, moe_ffn.cpp, cuda/moe.cpp) ---
+// --- moe_align (moe_align.cpp, cuda/moe_align_cuda.cpp): the routing alignment every grouped FFN runs ---
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align_cpu(const at::Tensor& top_k_index,
                                                                          const at::Tensor& top_k_weights,
                                                                          const at::Tensor& expert_map,
                                                                          int64_t num_slots);
-// Optional expert biases b_in [S, F] and b_out [S, d]: y_s = act(x W_in[s]^T + b_in[s]) W_out[s]^T + b_out[s].
-// alpha and limit: clamped_swiglu's parameters (ignored by the other activations).
-at::Tensor grouped_expert_ffn_cpu(const at::Tensor& hidden, const at::Tensor& w_in, const at::Tensor& w_out,
-                                  const at::Tensor& expert_map, const at::Tensor& top_k_index,
-                                  const at::Tensor& top_k_weights, c10::string_view activation,
-                                  const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
-                                  double alpha, double limit);
 #ifdef MCSMOE_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align_cuda(const at::Tensor& top_k_index,
                                                                           const at::Tensor& top_k_weights,
                                                                           const at::Tensor& expert_map,
                                                                           int64_t num_slots);
-at::Tensor grouped_expert_ffn_cuda(const at::Tensor& hidden, const at::Tensor& w_in, const at::Tensor& w_out,
-                                   const at::Tensor& expert_map, const at::Tensor& top_k_index,
-                                   const at::Tensor& top_k_weights, c10::string_view activation,
-                                   const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
-                                   double alpha, double limit);
 #endif
-// b_in [S, F] and b_out [S, d], when given: `dtype` (the weights'), hidden's device.
-void check_expert_biases(const at::Tensor& hidden, int64_t S, int64_t F, int64_t d, at::ScalarType dtype,
-                         const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out, const char* op);
+// Shared checks (CPU and CUDA, every MoE op): the routing tensors; an alignment's status.
+void check_moe_routing(const at::Tensor& top_k_index, const at::Tensor& top_k_weights, const at::Tensor& expert_map,
+                       int64_t num_slots, const char* op);
+void check_align_status(const moe::AlignStatus& st, int64_t k, int64_t E, int64_t S, const char* op);
+// CPU alignment with weights summed in `acc` (kFloat or kDouble): sorted_tokens, offsets, weights, token_rows.
+std::vector<at::Tensor> moe_align_cpu_impl(const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
+                                           const at::Tensor& expert_map, int64_t num_slots, at::ScalarType acc);
+
+// --- shared: the expert activations (activation.cpp) and the CPU GEMM (linear_nt.cpp) ---
 // An expert activation (mcsmoe_fast/activations.py): act(h), or act(gate) * up when gated, or GPT-OSS's
 // clamped SwiGLU (gated; fn = clamped_swiglu) with its alpha and limit.
 struct Activation {
@@ -63,19 +63,6 @@ struct Activation {
 // "relu", "gelu", "gelu_tanh", "silu", "reglu", "geglu", "geglu_tanh", "swiglu", "clamped_swiglu"; a ValueError
 // otherwise (and for clamped_swiglu with a limit that is not a number >= 0 or an alpha that is not finite).
 Activation parse_activation(c10::string_view name, const char* op, double alpha = 1.702, double limit = 7.0);
-
-// Shared checks: routing tensors; the FFN's arguments (returns the activation); kernel status.
-void check_moe_routing(const at::Tensor& top_k_index, const at::Tensor& top_k_weights, const at::Tensor& expert_map,
-                       int64_t num_slots, const char* op);
-Activation check_grouped_ffn_args(const at::Tensor& hidden, const at::Tensor& w_in, const at::Tensor& w_out,
-                                  const at::Tensor& expert_map, const at::Tensor& top_k_index,
-                                  const at::Tensor& top_k_weights, c10::string_view activation,
-                                  const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
-                                  double alpha, double limit);
-void check_align_status(const moe::AlignStatus& st, int64_t k, int64_t E, int64_t S, const char* op);
-// CPU alignment with weights summed in `acc` (kFloat or kDouble): sorted_tokens, offsets, weights, token_rows.
-std::vector<at::Tensor> moe_align_cpu_impl(const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
-                                           const at::Tensor& expert_map, int64_t num_slots, at::ScalarType acc);
 // act(h) in place, or act(gate) * up in place into the gate half (a strided [n, ff] view of h). ATen's
 // ops: works on any device (the CUDA ops use their fused gated kernel instead), but clamped_swiglu, a
 // loop over the rows of h on the CPU only (clamped_swiglu_cpu_).
@@ -83,37 +70,49 @@ at::Tensor expert_activation(const at::Tensor& h, Activation act);
 // clamped_swiglu of h [n, 2 ff] (rows contiguous; gate columns, then up columns) in place into the gate
 // half, which it returns (a strided [n, ff] view). CPU.
 at::Tensor clamped_swiglu_cpu_(const at::Tensor& h, double alpha, double limit);
-
-// x [n, K] w [N, K]^T (+ bias [N]) on the CPU (linear_nt.cpp): oneDNN for float32, else at::mm;
-// written into `out` when given.
+// x [n, K] w [N, K]^T (+ bias [N]) on the CPU: oneDNN for float32, else at::mm; written into `out` when given.
 at::Tensor linear_nt(const at::Tensor& x, const at::Tensor& w, std::optional<at::Tensor> out = std::nullopt,
                      const std::optional<at::Tensor>& bias = std::nullopt);
 
-// The CPU frame of the grouped expert FFN (moe_ffn.cpp): align the routing, gather each slot's tokens
-// into contiguous rows, call run_slot(s, x_rows [n, d], y_rows [n, d]) for each busy slot (in row blocks;
-// slots in parallel or one after another), then combine each token's rows with its summed weights.
-// Calls below kSmallCallMacs multiply-adds run on the calling thread alone (SingleThreadIf): measured here,
-// a 32 x 64 expert FFN on 64 tokens takes 0.068 ms on one thread and 0.078 ms on two, and on a busy
-// machine a thread the OS has descheduled stalls every barrier of a call that had no work to share.
-constexpr int64_t kSmallCallMacs = int64_t{1} << 20;
-// While alive, OpenMP parallel regions started by this thread (ATen's, oneDNN's) use one thread.
-class SingleThreadIf {
- public:
-  explicit SingleThreadIf(bool on);
-  ~SingleThreadIf();
-  SingleThreadIf(const SingleThreadIf&) = delete;
-  SingleThreadIf& operator=(const SingleThreadIf&) = delete;
-
- private:
-  int saved_ = 0;
-};
-
+// --- grouped_expert_ffn over merged slots (grouped_ffn.cpp, cuda/grouped_ffn_cuda.cpp) ---
+// Optional expert biases b_in [S, F] and b_out [S, d]: y_s = act(x W_in[s]^T + b_in[s]) W_out[s]^T + b_out[s].
+// alpha and limit: clamped_swiglu's parameters (ignored by the other activations).
+at::Tensor grouped_expert_ffn_cpu(const at::Tensor& hidden, const at::Tensor& w_in, const at::Tensor& w_out,
+                                  const at::Tensor& expert_map, const at::Tensor& top_k_index,
+                                  const at::Tensor& top_k_weights, c10::string_view activation,
+                                  const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
+                                  double alpha, double limit);
+#ifdef MCSMOE_WITH_CUDA
+at::Tensor grouped_expert_ffn_cuda(const at::Tensor& hidden, const at::Tensor& w_in, const at::Tensor& w_out,
+                                   const at::Tensor& expert_map, const at::Tensor& top_k_index,
+                                   const at::Tensor& top_k_weights, c10::string_view activation,
+                                   const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
+                                   double alpha, double limit);
+#endif
+// b_in [S, F] and b_out [S, d], when given: `dtype` (the weights'), hidden's device.
+void check_expert_biases(const at::Tensor& hidden, int64_t S, int64_t F, int64_t d, at::ScalarType dtype,
+                         const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out, const char* op);
+// The FFN's arguments checked; returns the activation.
+Activation check_grouped_ffn_args(const at::Tensor& hidden, const at::Tensor& w_in, const at::Tensor& w_out,
+                                  const at::Tensor& expert_map, const at::Tensor& top_k_index,
+                                  const at::Tensor& top_k_weights, c10::string_view activation,
+                                  const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
+                                  double alpha, double limit);
+// The CPU frame of the grouped expert FFN (shared with grouped_ffn_slr): align the routing, gather each
+// slot's tokens into contiguous rows, call run_slot(s, x_rows [n, d], y_rows [n, d]) for each busy slot (in
+// row blocks; slots in parallel or one after another: slot_parallel.h), then combine each token's rows with
+// its summed weights (combine_token_rows_cpu).
 using SlotFfn = std::function<void(int64_t slot, const at::Tensor& x, at::Tensor y)>;
 at::Tensor grouped_ffn_cpu_frame(const at::Tensor& hidden, int64_t num_slots, const at::Tensor& expert_map,
                                  const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
                                  const SlotFfn& run_slot);
+// out [T, d] (rows' dtype): out[t] = the sum of rows[token_rows[t, j]] (until -1), each times weights[row] when
+// weights are given (the alignment's summed weights: float64 for float64 rows, else float32), plain when not
+// (the backward's dX rows). kernels/grouped_ffn.h's combine_token_rows over chunks of tokens in parallel.
+at::Tensor combine_token_rows_cpu(const at::Tensor& rows, const at::Tensor& token_rows,
+                                  const std::optional<at::Tensor>& weights);
 
-// --- the grouped expert FFN's backward (moe_ffn_backward.cpp, cuda/moe_backward_cuda.cpp) ---
+// --- grouped_expert_ffn_backward (grouped_ffn_backward.cpp, cuda/grouped_ffn_backward_cuda.cpp) ---
 // (grad_hidden, grad_w_in, grad_w_out, grad_top_k_weights, grad_b_in, grad_b_out) of grouped_expert_ffn for
 // grad_out [T, d]; output_mask says which to compute, the others come back as empty tensors [0] (so do the
 // gradients of biases not given). The weights' gradient entry (t, j) is <grad_out[t], FFN_s(hidden[t])>
@@ -143,6 +142,26 @@ Activation check_grouped_ffn_backward_args(const at::Tensor& grad_out, const at:
 // output_mask with the bias entries cleared where that bias is not given.
 std::array<bool, 6> effective_mask(std::array<bool, 6> mask, const std::optional<at::Tensor>& b_in,
                                    const std::optional<at::Tensor>& b_out);
+// What a backward call computes (effective_mask's entries by name) and the intermediates that takes.
+struct FfnNeeds {
+  bool x, w_in, w_out, weights, b_in, b_out;
+  FfnNeeds(std::array<bool, 6> output_mask, const std::optional<at::Tensor>& b_in,
+           const std::optional<at::Tensor>& b_out);
+  bool any() const { return x || w_in || w_out || weights || b_in || b_out; }
+  bool dh() const { return x || w_in || b_in; }  // dH, the gradient of H = X W_in^T + b_in
+  bool p() const { return dh() || weights; }     // P = G W_out (grad_W_out alone needs none)
+  bool a() const { return weights || w_out; }    // A = act(H)
+};
+// The slots' parameter gradients: w_in [S, F, d], w_out [S, d, ff], b_in [S, F], b_out [S, d] where asked
+// for, empty tensors [0] elsewhere (uninitialised: every slot writes its own, or zero_slot).
+struct SlotGrads {
+  at::Tensor w_in, w_out, b_in, b_out;
+  SlotGrads(const FfnNeeds& need, int64_t S, int64_t F, int64_t d, int64_t ff, const at::TensorOptions& opts);
+  void zero_slot(int64_t s);  // the zero gradients of a slot no token reached
+
+ private:
+  FfnNeeds need_;
+};
 // Zero gradients where output_mask (effective) asks for them, empty tensors [0] elsewhere (nothing routed,
 // d = 0). The bias gradients are zero-filled like the weights' (b_out's included: with nothing routed no
 // output row holds b_out; with d = 0 it has no entries).
@@ -154,7 +173,15 @@ FfnGrads masked_ffn_grads(const at::Tensor& hidden, const at::Tensor& w_in, cons
 void routing_weight_grads_cpu(const at::Tensor& top_k_index, const at::Tensor& expert_map, const at::Tensor& offsets,
                               const at::Tensor& token_rows, const at::Tensor& row_grads, at::Tensor out);
 
-// --- sparse-plus-low-rank linear (slr.cpp, slr_ffn.cpp, cuda/slr_cuda.cpp) ---
+// --- sparse_lowrank_linear (slr.cpp, cuda/slr_cuda.cpp) ---
+at::Tensor sparse_lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& U, const at::Tensor& V,
+                                     const at::Tensor& S_rows, const at::Tensor& row_idx,
+                                     const std::optional<at::Tensor>& bias);
+#ifdef MCSMOE_WITH_CUDA
+at::Tensor sparse_lowrank_linear_cuda(const at::Tensor& x, const at::Tensor& U, const at::Tensor& V,
+                                      const at::Tensor& S_rows, const at::Tensor& row_idx,
+                                      const std::optional<at::Tensor>& bias);
+#endif
 // Checks shapes, dtypes and devices of x [..., in], U [out, r], V [r, in], S_rows [K, in], row_idx [K]
 // int64 and bias [out]; not the values of row_idx (check_row_idx_cpu / the CUDA check do that).
 void check_slr_args(const at::Tensor& x, const at::Tensor& U, const at::Tensor& V, const at::Tensor& S_rows,
@@ -168,37 +195,34 @@ void check_row_idx_cpu(const int64_t* row_idx, int64_t K, int64_t out, const cha
 at::Tensor slr_linear_cpu(const at::Tensor& x, const at::Tensor& U, const at::Tensor& V, const at::Tensor& S_rows,
                           const int64_t* row_idx, const std::optional<at::Tensor>& bias,
                           std::optional<at::Tensor> out);
-at::Tensor sparse_lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& U, const at::Tensor& V,
-                                     const at::Tensor& S_rows, const at::Tensor& row_idx,
-                                     const std::optional<at::Tensor>& bias);
-// Compressed slots of one expert matrix per slot: [U [S, out, r], V [S, r, in], S_rows [K, in],
-// row_idx [K] int64, row_offsets [S+1] int64] (slot s owns S_rows/row_idx rows row_offsets[s]..[s+1]).
-// Checks shapes/dtypes/devices; returns (S, out, in).
-std::tuple<int64_t, int64_t, int64_t> check_slr_bank(const at::TensorList& bank, const at::Tensor& hidden,
-                                                     const char* op, const char* name);
-// Checks every argument of grouped_expert_ffn_slr but the row index values; returns the activation.
-Activation check_slr_ffn_args(const at::Tensor& hidden, at::TensorList w_in, at::TensorList w_out,
-                              const at::Tensor& expert_map, const at::Tensor& top_k_index,
-                              const at::Tensor& top_k_weights, c10::string_view activation,
-                              const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
-                              double alpha, double limit);
-// The host copy of a bank's row_offsets after checking them and every slot's row indices.
-std::vector<int64_t> checked_offsets(const at::TensorList& bank, int64_t S, int64_t out, const char* op,
-                                     const char* name);
+
+// --- grouped_expert_ffn_slr: the grouped FFN over compressed slots (grouped_ffn_slr.cpp,
+// cuda/grouped_ffn_slr_cuda.cpp) ---
 at::Tensor grouped_expert_ffn_slr_cpu(const at::Tensor& hidden, at::TensorList w_in, at::TensorList w_out,
                                       const at::Tensor& expert_map, const at::Tensor& top_k_index,
                                       const at::Tensor& top_k_weights, c10::string_view activation,
                                       const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
                                       double alpha, double limit);
 #ifdef MCSMOE_WITH_CUDA
-at::Tensor sparse_lowrank_linear_cuda(const at::Tensor& x, const at::Tensor& U, const at::Tensor& V,
-                                      const at::Tensor& S_rows, const at::Tensor& row_idx,
-                                      const std::optional<at::Tensor>& bias);
 at::Tensor grouped_expert_ffn_slr_cuda(const at::Tensor& hidden, at::TensorList w_in, at::TensorList w_out,
                                        const at::Tensor& expert_map, const at::Tensor& top_k_index,
                                        const at::Tensor& top_k_weights, c10::string_view activation,
                                        const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
                                        double alpha, double limit);
 #endif
+// Compressed slots of one expert matrix per slot: [U [S, out, r], V [S, r, in], S_rows [K, in],
+// row_idx [K] int64, row_offsets [S+1] int64] (slot s owns S_rows/row_idx rows row_offsets[s]..[s+1]).
+// Checks shapes/dtypes/devices; returns (S, out, in).
+std::tuple<int64_t, int64_t, int64_t> check_slr_bank(const at::TensorList& bank, const at::Tensor& hidden,
+                                                     const char* op, const char* name);
+// Checks every argument of grouped_expert_ffn_slr but the row index values; returns the activation.
+Activation check_grouped_ffn_slr_args(const at::Tensor& hidden, at::TensorList w_in, at::TensorList w_out,
+                                      const at::Tensor& expert_map, const at::Tensor& top_k_index,
+                                      const at::Tensor& top_k_weights, c10::string_view activation,
+                                      const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
+                                      double alpha, double limit);
+// The host copy of a bank's row_offsets after checking them and every slot's row indices.
+std::vector<int64_t> checked_offsets(const at::TensorList& bank, int64_t S, int64_t out, const char* op,
+                                     const char* name);
 
 }  // namespace mcsmoe::ops

@@ -1,8 +1,13 @@
-// How the CPU grouped-FFN ops (forward and backward) spread slots over threads.
+// How the CPU grouped-FFN ops (forward and backward) spread their work over threads: slots in parallel or
+// one after another (for_each_slot), each slot's rows in blocks (for_each_row_block), small calls on the
+// calling thread alone (SingleThreadIf).
 #pragma once
 
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -60,5 +65,52 @@ void for_each_slot(const std::vector<int64_t>& slot_rows, F&& run_slot) {
       if (slot_rows[s] > 0) run_slot(s);
   }
 }
+
+// Rows of every slot: rows[s] = offsets[s + 1] - offsets[s] (offsets [S + 1] from the alignment).
+inline std::vector<int64_t> rows_per_slot(const int64_t* offsets, int64_t S) {
+  std::vector<int64_t> rows(S);
+  for (int64_t s = 0; s < S; ++s) rows[s] = offsets[s + 1] - offsets[s];
+  return rows;
+}
+
+// f(r, n) over rows [begin, end) of one slot in even blocks of at most kRowBlock rows, which bound the
+// [rows, F] intermediates (29 MB for Mixtral's F = 7168). Measured here, Mixtral-shaped, 1608 rows: blocks
+// of 1024 or more run at full speed, 512-row blocks cost 5-8% on the first GEMM, and a small remainder
+// block costs more again.
+constexpr int64_t kRowBlock = 1024;
+template <typename F>
+void for_each_row_block(int64_t begin, int64_t end, F&& f) {
+  const int64_t rows = end - begin;
+  const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
+  const int64_t block = blocks > 0 ? (rows + blocks - 1) / blocks : 0;
+  for (int64_t r = begin; r < end; r += block) f(r, std::min(block, end - r));
+}
+
+// Calls below kSmallCallMacs multiply-adds run on the calling thread alone (SingleThreadIf): measured here,
+// a 32 x 64 expert FFN on 64 tokens takes 0.068 ms on one thread and 0.078 ms on two, and on a busy
+// machine a thread the OS has descheduled stalls every barrier of a call that had no work to share.
+constexpr int64_t kSmallCallMacs = int64_t{1} << 20;
+// While alive, OpenMP parallel regions started by this thread (ATen's, oneDNN's) use one thread.
+class SingleThreadIf {
+ public:
+  explicit SingleThreadIf(bool on) {
+#ifdef _OPENMP
+    if (on && omp_get_max_threads() > 1) {
+      saved_ = omp_get_max_threads();
+      omp_set_num_threads(1);
+    }
+#endif
+  }
+  ~SingleThreadIf() {
+#ifdef _OPENMP
+    if (saved_ > 0) omp_set_num_threads(saved_);
+#endif
+  }
+  SingleThreadIf(const SingleThreadIf&) = delete;
+  SingleThreadIf& operator=(const SingleThreadIf&) = delete;
+
+ private:
+  int saved_ = 0;
+};
 
 }  // namespace mcsmoe::ops

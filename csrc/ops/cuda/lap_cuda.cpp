@@ -6,7 +6,6 @@
 // forbidden pair: those are infeasible.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <limits>
 #include <stdexcept>
@@ -15,6 +14,7 @@
 #include <vector>
 
 #include "kernels/lap.h"
+#include "ops/cuda/kernel_call.h"
 #include "ops/ops.h"
 
 namespace mcsmoe::ops {
@@ -68,7 +68,7 @@ at::Tensor linear_assignment_cuda(const at::Tensor& cost, bool maximize) {
     }
     const size_t bytes = lap::lap_cuda_workspace_bytes(batch, n, m);
     at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, c.options().dtype(at::kByte));
-    void* stream = c10::cuda::getCurrentCUDAStream(cost.device().index()).stream();
+    void* stream = current_stream(cost.device());
     try {
       AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "linear_assignment_cuda", [&] {
         lap::solve_cuda<scalar_t>(c.data_ptr<scalar_t>(), batch, n, m, sign, out.data_ptr<int64_t>(),

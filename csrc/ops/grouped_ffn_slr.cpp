@@ -1,5 +1,5 @@
 // grouped_expert_ffn_slr on the CPU: the grouped expert FFN over compressed slots. Same frame as the
-// dense op (moe_ffn.cpp: align, gather, slots in parallel or in turn, combine); each slot runs
+// dense op (grouped_ffn.cpp: align, gather, slots in parallel or in turn, combine); each slot runs
 // sparse_lowrank_linear twice around the activation, so no slot's dense weights are ever formed.
 #include <ATen/ATen.h>
 
@@ -52,11 +52,11 @@ std::vector<int64_t> checked_offsets(const at::TensorList& bank, int64_t S, int6
   return off;
 }
 
-Activation check_slr_ffn_args(const at::Tensor& hidden, at::TensorList w_in, at::TensorList w_out,
-                              const at::Tensor& expert_map, const at::Tensor& top_k_index,
-                              const at::Tensor& top_k_weights, c10::string_view activation,
-                              const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
-                              double alpha, double limit) {
+Activation check_grouped_ffn_slr_args(const at::Tensor& hidden, at::TensorList w_in, at::TensorList w_out,
+                                      const at::Tensor& expert_map, const at::Tensor& top_k_index,
+                                      const at::Tensor& top_k_weights, c10::string_view activation,
+                                      const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
+                                      double alpha, double limit) {
   const char* op = "grouped_expert_ffn_slr";
   const Activation act = parse_activation(activation, op, alpha, limit);
   const bool gated = act.gated;
@@ -98,7 +98,7 @@ at::Tensor grouped_expert_ffn_slr_cpu(const at::Tensor& hidden_arg, at::TensorLi
                                       const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
                                       double alpha, double limit) {
   const char* op = "grouped_expert_ffn_slr";
-  const Activation act = check_slr_ffn_args(hidden_arg, w_in, w_out, expert_map, top_k_index, top_k_weights,
+  const Activation act = check_grouped_ffn_slr_args(hidden_arg, w_in, w_out, expert_map, top_k_index, top_k_weights,
                                             activation, b_in, b_out, alpha, limit);
   // The biases ride in the low-rank GEMMs (addmm), as in the dense op.
   const std::optional<at::Tensor> bias_in = b_in ? std::optional(b_in->detach().contiguous()) : std::nullopt;

@@ -5,7 +5,7 @@
 #include <cstdint>
 
 #include "kernels/activation.h"
-#include "kernels/moe_ffn.h"
+#include "kernels/dtype.h"
 
 namespace mcsmoe::moe {
 

@@ -1,4 +1,4 @@
-// grouped_expert_ffn_backward on the CPU: the gradients of the grouped expert FFN (moe_ffn.cpp) with the
+// grouped_expert_ffn_backward on the CPU: the gradients of the grouped expert FFN (grouped_ffn.cpp) with the
 // same routing frame: align (counting sort by slot), gather each slot's tokens and output gradients into
 // contiguous rows, then per slot s with routed rows X [n, d], summed weights w [n] and gradients G [n, d]:
 //   H = X W_in[s]^T + b_in[s] (recomputed; the forward keeps nothing), A = act(H), P = G W_out[s]   [n, ff]
@@ -9,7 +9,9 @@
 // GEMMs through ATen (MKL/oneDNN), the activation and its derivative through ATen's vectorized ops (GPT-OSS's
 // clamped SwiGLU: one fused loop over the rows, activation.h's formulas), slots in parallel or one after
 // another with threaded GEMMs (the forward's rule). Outputs left out by output_mask are not computed and
-// come back as empty tensors [0].
+// come back as empty tensors [0]. The work on one block of a slot's rows is five named steps (recompute,
+// weight_row_grads, output_grads, activation_grad, input_grads: block_backward); the dX rows are summed per
+// token by the forward's combine (combine_token_rows_cpu, unit weights).
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
@@ -61,6 +63,27 @@ FfnGrads masked_ffn_grads(const at::Tensor& hidden, const at::Tensor& w_in, cons
           grad(mask[4], b_in ? *b_in : w_in), grad(mask[5], b_out ? *b_out : w_out)};
 }
 
+FfnNeeds::FfnNeeds(std::array<bool, 6> mask, const std::optional<at::Tensor>& b_in_arg,
+                   const std::optional<at::Tensor>& b_out_arg) {
+  mask = effective_mask(mask, b_in_arg, b_out_arg);
+  x = mask[0], w_in = mask[1], w_out = mask[2], weights = mask[3], b_in = mask[4], b_out = mask[5];
+}
+
+SlotGrads::SlotGrads(const FfnNeeds& need, int64_t S, int64_t F, int64_t d, int64_t ff, const at::TensorOptions& opts)
+    : need_(need) {
+  w_in = need.w_in ? at::empty({S, F, d}, opts) : at::empty({0}, opts);
+  w_out = need.w_out ? at::empty({S, d, ff}, opts) : at::empty({0}, opts);
+  b_in = need.b_in ? at::empty({S, F}, opts) : at::empty({0}, opts);
+  b_out = need.b_out ? at::empty({S, d}, opts) : at::empty({0}, opts);
+}
+
+void SlotGrads::zero_slot(int64_t s) {
+  if (need_.w_in) w_in.select(0, s).zero_();
+  if (need_.w_out) w_out.select(0, s).zero_();
+  if (need_.b_in) b_in.select(0, s).zero_();
+  if (need_.b_out) b_out.select(0, s).zero_();
+}
+
 namespace {
 
 at::Tensor act_fn(const at::Tensor& x, moe::ActFn fn) {
@@ -108,22 +131,137 @@ void clamped_swiglu_backward_rows(scalar_t* h, int64_t ldh, const scalar_t* p, c
   });
 }
 
-// out[t] = sum of rows[token_rows[t, j]] over j (until -1): each token's gradient from its slots' rows.
-template <typename scalar_t, typename acc_t>
-void sum_token_rows(const scalar_t* rows, const int64_t* token_rows, int64_t T, int64_t k, int64_t d, scalar_t* out) {
-  at::parallel_for(0, T, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(d);
-    for (int64_t t = begin; t < end; ++t) {
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t row = token_rows[t * k + j];
-        if (row < 0) break;
-        const scalar_t* r = rows + row * d;
-        for (int64_t x = 0; x < d; ++x) acc[x] += static_cast<acc_t>(r[x]);
-      }
-      for (int64_t x = 0; x < d; ++x) out[t * d + x] = static_cast<scalar_t>(acc[x]);
-    }
+std::optional<at::Tensor> detached(const std::optional<at::Tensor>& t) {
+  return t ? std::optional(t->detach()) : std::nullopt;
+}
+
+// out = a b for a slot's first block of rows, out += a b for its later blocks; likewise a v and the row sum.
+void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool first) {
+  if (first) {
+    at::mm_out(out, a, b);
+  } else {
+    out.addmm_(a, b);
+  }
+}
+
+void mv_into(at::Tensor out, const at::Tensor& a, const at::Tensor& v, bool first) {
+  if (first) {
+    at::mv_out(out, a, v);
+  } else {
+    out.addmv_(a, v);
+  }
+}
+
+void row_sum_into(at::Tensor out, const at::Tensor& h, bool first) {
+  if (first) {
+    at::sum_out(out, h, {0});
+  } else {
+    out.add_(h.sum(0));
+  }
+}
+
+// One call's backward: its inputs, the routed rows by slot and the gradients it fills (each slot writes
+// only its own entries, so slots may run in parallel).
+struct Pass {
+  Activation act;
+  FfnNeeds need;
+  at::Tensor w_in, w_out;
+  std::optional<at::Tensor> b_in, b_out;
+  at::ScalarType acc;       // the routing weights' dtype: float64 for float64, else float32
+  at::Tensor x, g, w_rows;  // routed rows by slot: hidden [pairs, d], grad_out [pairs, d], summed weights [pairs, 1]
+  at::Tensor dx, gw_rows;   // per routed row: dX [pairs, d] and the routing weight's gradient [pairs] (acc)
+  SlotGrads grads;
+};
+
+// n rows of slot s from row r (`first`: the slot's first block), and the forward recomputed on them.
+struct Block {
+  int64_t s, r, n;
+  bool first;
+  at::Tensor x, g, w;          // X [n, d], G [n, d], summed weights [n, 1]
+  at::Tensor h, p;             // H [n, F] (dH in place, later), P = G W_out[s] [n, ff]
+  at::Tensor gate, up, a, ag;  // views of h (gate = h ungated); A; act(gate) (act(h) ungated)
+};
+
+// The clamped SwiGLU in one pass over the rows: A (when needed) and dH in place of H for dA = w P.
+void clamped_swiglu_block(const Pass& pass, Block& b) {
+  const int64_t ff = pass.w_out.size(2);
+  const bool need_a = pass.need.a(), need_dh = pass.need.dh();
+  b.a = need_a ? at::empty({b.n, ff}, b.h.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.h.scalar_type(), "clamped_swiglu_backward", [&] {
+    const at::Tensor w_c = b.w.contiguous();
+    clamped_swiglu_backward_rows<scalar_t>(b.h.data_ptr<scalar_t>(), b.h.stride(0),
+                                           b.p.defined() ? b.p.data_ptr<scalar_t>() : nullptr,
+                                           w_c.data_ptr<scalar_t>(), need_a ? b.a.data_ptr<scalar_t>() : nullptr,
+                                           need_dh, b.n, ff, pass.act.alpha, pass.act.limit);
   });
+}
+
+// Step 1. H = X W_in[s]^T + b_in[s] and P = G W_out[s] (the forward keeps nothing; grad_W_out alone needs
+// no P), then A and act(gate) as the later steps need them.
+void recompute(const Pass& pass, Block& b) {
+  const int64_t ff = pass.w_out.size(2);
+  const std::optional<at::Tensor> bin_s = pass.b_in ? std::optional(pass.b_in->select(0, b.s)) : std::nullopt;
+  b.h = linear_nt(b.x, pass.w_in.select(0, b.s), std::nullopt, bin_s);  // [n, F]
+  if (pass.need.p()) b.p = at::mm(b.g, pass.w_out.select(0, b.s));
+  b.gate = pass.act.gated ? b.h.narrow(1, 0, ff) : b.h;
+  if (pass.act.gated) b.up = b.h.narrow(1, ff, ff);
+  if (pass.act.clamped()) {
+    clamped_swiglu_block(pass, b);
+  } else {
+    if (pass.need.a() || pass.act.gated) b.ag = act_fn(b.gate, pass.act.fn);
+    if (pass.need.a()) b.a = pass.act.gated ? b.ag * b.up : b.ag;
+  }
+}
+
+// Step 2. Each routed row's weight gradient <G_t, y_t> = <P_t, A_t> + <G_t, b_out[s]> (b_out is part of y).
+void weight_row_grads(Pass& pass, const Block& b) {
+  at::Tensor gw_b = pass.gw_rows.narrow(0, b.r, b.n);
+  at::sum_out(gw_b, b.p * b.a, {1}, false, pass.acc);
+  if (pass.b_out) gw_b.add_(at::mv(b.g, pass.b_out->select(0, b.s)));
+}
+
+// Step 3. grad_W_out[s] = G^T (w A) and grad_b_out[s] = G^T w. A is scaled in place: the steps after this
+// read H (and act(gate)), not A.
+void output_grads(Pass& pass, Block& b) {
+  if (pass.need.w_out) {
+    b.a.mul_(b.w);
+    mm_into(pass.grads.w_out.select(0, b.s), b.g.t(), b.a, b.first);
+  }
+  if (pass.need.b_out) mv_into(pass.grads.b_out.select(0, b.s), b.g.t(), b.w.squeeze(1), b.first);
+}
+
+// Step 4. dH in place of H for dA = w P (the clamped SwiGLU wrote it in step 1).
+void activation_grad(const Pass& pass, Block& b) {
+  if (pass.act.clamped()) return;
+  b.p.mul_(b.w);  // dA
+  if (pass.act.gated) {
+    at::Tensor da_up = b.p * b.up;                         // the gradient reaching act(gate)
+    at::mul_out(b.up, b.p, b.ag);                          // d up = dA act(gate), in place of up
+    act_backward_out(b.gate, da_up, b.gate, pass.act.fn);  // d gate, in place of gate
+  } else {
+    act_backward_out(b.h, b.p, b.h, pass.act.fn);  // dH in place of H
+  }
+}
+
+// Step 5. grad_b_in[s] = sum of dH's rows, grad_W_in[s] = dH^T X, and dX = dH W_in[s] (rows, summed per
+// token after all slots: deterministic).
+void input_grads(Pass& pass, const Block& b) {
+  if (pass.need.b_in) row_sum_into(pass.grads.b_in.select(0, b.s), b.h, b.first);
+  if (pass.need.w_in) mm_into(pass.grads.w_in.select(0, b.s), b.h.t(), b.x, b.first);
+  if (pass.need.x) {
+    at::Tensor dx_b = pass.dx.narrow(0, b.r, b.n);
+    at::mm_out(dx_b, b.h, pass.w_in.select(0, b.s));
+  }
+}
+
+void block_backward(Pass& pass, int64_t s, int64_t r, int64_t n, bool first) {
+  Block b{s, r, n, first, pass.x.narrow(0, r, n), pass.g.narrow(0, r, n), pass.w_rows.narrow(0, r, n)};
+  recompute(pass, b);
+  if (pass.need.weights) weight_row_grads(pass, b);
+  output_grads(pass, b);
+  if (!pass.need.dh()) return;
+  activation_grad(pass, b);
+  input_grads(pass, b);
 }
 
 }  // namespace
@@ -164,11 +302,8 @@ FfnGrads grouped_expert_ffn_backward_cpu(const at::Tensor& grad_out_arg, const a
   const Activation act = check_grouped_ffn_backward_args(grad_out, hidden, w_in, w_out, expert_map, top_k_index,
                                                          top_k_weights, activation, b_in_arg, b_out_arg, alpha, limit);
   TORCH_CHECK(hidden.device().is_cpu(), "grouped_expert_ffn_backward: expected CPU tensors, got ", hidden.device());
-  const std::optional<at::Tensor> b_in = b_in_arg ? std::optional(b_in_arg->detach()) : std::nullopt;
-  const std::optional<at::Tensor> b_out = b_out_arg ? std::optional(b_out_arg->detach()) : std::nullopt;
-  const auto mask = effective_mask(mask_arg, b_in, b_out);
-  const bool need_x = mask[0], need_win = mask[1], need_wout = mask[2], need_w = mask[3], need_bin = mask[4],
-             need_bout = mask[5];
+  const std::optional<at::Tensor> b_in = detached(b_in_arg), b_out = detached(b_out_arg);
+  const FfnNeeds need(mask_arg, b_in, b_out);
   const int64_t T = hidden.size(0), d = hidden.size(1), k = top_k_index.size(1), S = w_in.size(0),
                 F = w_in.size(1), ff = w_out.size(2);
   const auto dtype = hidden.scalar_type();
@@ -177,143 +312,35 @@ FfnGrads grouped_expert_ffn_backward_cpu(const at::Tensor& grad_out_arg, const a
   const at::Tensor &sorted_tokens = aligned[0], &offsets = aligned[1], &weights = aligned[2], &token_rows = aligned[3];
   const int64_t* off = offsets.data_ptr<int64_t>();
   const int64_t pairs = off[S];
-  if (pairs == 0 || d == 0 || !(need_x || need_win || need_wout || need_w || need_bin || need_bout))
-    return masked_ffn_grads(hidden, w_in, w_out, top_k_weights, b_in, b_out, mask);
+  if (pairs == 0 || d == 0 || !need.any())
+    return masked_ffn_grads(hidden, w_in, w_out, top_k_weights, b_in, b_out, mask_arg);
   // The backward's GEMMs: pairs * (3 F + 2 ff) * d multiply-adds; below kSmallCallMacs one thread does it all.
   const SingleThreadIf small(pairs * (3 * F + 2 * ff) * d < kSmallCallMacs);
 
   const at::Tensor rows = sorted_tokens.narrow(0, 0, pairs);
-  const at::Tensor x = hidden.index_select(0, rows);    // [pairs, d] by slot
-  const at::Tensor g = grad_out.index_select(0, rows);  // [pairs, d]
-  const at::Tensor w_rows = weights.narrow(0, 0, pairs).to(dtype).unsqueeze(1);  // [pairs, 1]
   const auto opts = hidden.options();
-  at::Tensor dx = need_x ? at::empty({pairs, d}, opts) : at::Tensor();
-  at::Tensor gw_rows = need_w ? at::empty({pairs}, weights.options()) : at::Tensor();
-  at::Tensor g_win = need_win ? at::empty({S, F, d}, opts) : at::empty({0}, opts);
-  at::Tensor g_wout = need_wout ? at::empty({S, d, ff}, opts) : at::empty({0}, opts);
-  at::Tensor g_bin = need_bin ? at::empty({S, F}, opts) : at::empty({0}, opts);
-  at::Tensor g_bout = need_bout ? at::empty({S, d}, opts) : at::empty({0}, opts);
-  const bool need_dh = need_x || need_win || need_bin, need_a = need_w || need_wout;
+  Pass pass{act, need, w_in, w_out, b_in, b_out, acc,
+            hidden.index_select(0, rows), grad_out.index_select(0, rows),  // [pairs, d] by slot
+            weights.narrow(0, 0, pairs).to(dtype).unsqueeze(1),             // [pairs, 1]
+            need.x ? at::empty({pairs, d}, opts) : at::Tensor(),
+            need.weights ? at::empty({pairs}, weights.options()) : at::Tensor(),
+            SlotGrads(need, S, F, d, ff, opts)};
+  const std::vector<int64_t> slot_rows = rows_per_slot(off, S);
+  for (int64_t s = 0; s < S; ++s)  // slots no token reached get zero parameter gradients
+    if (slot_rows[s] == 0) pass.grads.zero_slot(s);
+  for_each_slot(slot_rows, [&](int64_t s) {
+    for_each_row_block(off[s], off[s + 1],
+                       [&](int64_t r, int64_t n) { block_backward(pass, s, r, n, /*first=*/r == off[s]); });
+  });
 
-  // One block of n rows of slot s starting at row r; `first` blocks write the slot's parameter gradients,
-  // later blocks add to them.
-  auto run_block = [&](int64_t s, int64_t r, int64_t n, bool first) {
-    const at::Tensor x_b = x.narrow(0, r, n), g_b = g.narrow(0, r, n), w_b = w_rows.narrow(0, r, n);
-    const at::Tensor win_s = w_in.select(0, s), wout_s = w_out.select(0, s);
-    const std::optional<at::Tensor> bin_s = b_in ? std::optional(b_in->select(0, s)) : std::nullopt;
-    at::Tensor h = linear_nt(x_b, win_s, std::nullopt, bin_s);  // [n, F]
-    // [n, ff]: G W_out, the gradient reaching A before the weights (grad_W_out alone does not need it)
-    at::Tensor p = need_w || need_dh ? at::mm(g_b, wout_s) : at::Tensor();
-    at::Tensor gate = act.gated ? h.narrow(1, 0, ff) : h, up = act.gated ? h.narrow(1, ff, ff) : at::Tensor();
-    at::Tensor a, ag;  // A; act(gate) (or act(h)) for the other activations
-    if (act.clamped()) {  // one pass: A (when needed) and dH in place of H (dA = w P)
-      a = need_a ? at::empty({n, ff}, opts) : at::Tensor();
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "clamped_swiglu_backward", [&] {
-        const at::Tensor w_c = w_b.contiguous();
-        clamped_swiglu_backward_rows<scalar_t>(h.data_ptr<scalar_t>(), h.stride(0),
-                                               p.defined() ? p.data_ptr<scalar_t>() : nullptr,
-                                               w_c.data_ptr<scalar_t>(), need_a ? a.data_ptr<scalar_t>() : nullptr,
-                                               need_dh, n, ff, act.alpha, act.limit);
-      });
-    } else {
-      ag = need_a || act.gated ? act_fn(gate, act.fn) : at::Tensor();
-      if (need_a) a = act.gated ? ag * up : ag;
-    }
-    if (need_w) {
-      at::Tensor gw_b = gw_rows.narrow(0, r, n);
-      at::sum_out(gw_b, p * a, {1}, false, acc);
-      if (b_out) gw_b.add_(at::mv(g_b, b_out->select(0, s)));  // <G_t, b_out[s]>: b_out is part of y
-    }
-    if (need_wout) {
-      at::Tensor g_wout_s = g_wout.select(0, s);
-      a.mul_(w_b);  // w A, in place: the derivative below reads H (and act(gate)), not A
-      if (first) {
-        at::mm_out(g_wout_s, g_b.t(), a);
-      } else {
-        g_wout_s.addmm_(g_b.t(), a);
-      }
-    }
-    if (need_bout) {  // G^T w
-      at::Tensor g_bout_s = g_bout.select(0, s);
-      const at::Tensor w_vec = w_b.squeeze(1);
-      if (first) {
-        at::mv_out(g_bout_s, g_b.t(), w_vec);
-      } else {
-        g_bout_s.addmv_(g_b.t(), w_vec);
-      }
-    }
-    if (!need_dh) return;
-    if (!act.clamped()) {
-      p.mul_(w_b);  // dA
-      if (act.gated) {
-        at::Tensor da_up = p * up;       // the gradient reaching act(gate)
-        at::mul_out(up, p, ag);          // d up = dA act(gate), in place of up
-        act_backward_out(gate, da_up, gate, act.fn);  // d gate, in place of gate
-      } else {
-        act_backward_out(h, p, h, act.fn);  // dH in place of H
-      }
-    }
-    if (need_bin) {
-      at::Tensor g_bin_s = g_bin.select(0, s);
-      if (first) {
-        at::sum_out(g_bin_s, h, {0});
-      } else {
-        g_bin_s.add_(h.sum(0));
-      }
-    }
-    if (need_win) {
-      at::Tensor g_win_s = g_win.select(0, s);
-      if (first) {
-        at::mm_out(g_win_s, h.t(), x_b);
-      } else {
-        g_win_s.addmm_(h.t(), x_b);
-      }
-    }
-    if (need_x) {
-      at::Tensor dx_b = dx.narrow(0, r, n);
-      at::mm_out(dx_b, h, win_s);
-    }
-  };
-  // Row blocks as in the forward: at most kRowBlock rows bound the [rows, F] intermediates.
-  constexpr int64_t kRowBlock = 1024;
-  auto run_slot = [&](int64_t s) {
-    const int64_t slot_rows = off[s + 1] - off[s];
-    const int64_t blocks = (slot_rows + kRowBlock - 1) / kRowBlock;
-    const int64_t block = blocks > 0 ? (slot_rows + blocks - 1) / blocks : 0;
-    for (int64_t r = off[s]; r < off[s + 1]; r += block) run_block(s, r, std::min(block, off[s + 1] - r), r == off[s]);
-  };
-
-  std::vector<int64_t> slot_rows(S);
-  for (int64_t s = 0; s < S; ++s) slot_rows[s] = off[s + 1] - off[s];
-  for (int64_t s = 0; s < S; ++s) {  // slots no token reached get zero parameter gradients
-    if (slot_rows[s] > 0) continue;
-    if (need_win) g_win.select(0, s).zero_();
-    if (need_wout) g_wout.select(0, s).zero_();
-    if (need_bin) g_bin.select(0, s).zero_();
-    if (need_bout) g_bout.select(0, s).zero_();
-  }
-  for_each_slot(slot_rows, run_slot);
-
-  at::Tensor grad_hidden = at::empty({0}, opts);
-  if (need_x) {
-    grad_hidden = at::empty({T, d}, opts);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "grouped_expert_ffn_backward_hidden", [&] {
-      if (acc == at::kDouble) {
-        sum_token_rows<scalar_t, double>(dx.data_ptr<scalar_t>(), token_rows.data_ptr<int64_t>(), T, k, d,
-                                         grad_hidden.data_ptr<scalar_t>());
-      } else {
-        sum_token_rows<scalar_t, float>(dx.data_ptr<scalar_t>(), token_rows.data_ptr<int64_t>(), T, k, d,
-                                        grad_hidden.data_ptr<scalar_t>());
-      }
-    });
-  }
+  at::Tensor grad_hidden = need.x ? combine_token_rows_cpu(pass.dx, token_rows, std::nullopt) : at::empty({0}, opts);
   at::Tensor grad_weights = at::empty({0}, top_k_weights.options());
-  if (need_w) {
+  if (need.weights) {
     at::Tensor out = at::empty({T, k}, weights.options());
-    routing_weight_grads_cpu(top_k_index, expert_map, offsets, token_rows, gw_rows, out);
+    routing_weight_grads_cpu(top_k_index, expert_map, offsets, token_rows, pass.gw_rows, out);
     grad_weights = out.to(top_k_weights.scalar_type());
   }
-  return {grad_hidden, g_win, g_wout, grad_weights, g_bin, g_bout};
+  return {grad_hidden, pass.grads.w_in, pass.grads.w_out, grad_weights, pass.grads.b_in, pass.grads.b_out};
 }
 
 }  // namespace mcsmoe::ops

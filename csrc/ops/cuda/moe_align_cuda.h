@@ -1,10 +1,7 @@
-// Routing alignment on the GPU, shared by the dense and the compressed grouped expert FFNs
-// (moe_cuda.cpp, slr_cuda.cpp; defined in moe_cuda.cpp). Only c10/cuda headers: ATen/cuda does not
-// compile with this toolkit (no cublas_v2.h).
+// Routing alignment on the GPU, shared by the grouped expert FFN ops on CUDA (grouped_ffn_cuda.cpp,
+// grouped_ffn_backward_cuda.cpp, grouped_ffn_slr_cuda.cpp; defined in moe_align_cuda.cpp with the moe_align op).
 #pragma once
 #include <ATen/ATen.h>
-
-#include "kernels/moe_ffn.h"
 
 namespace mcsmoe::ops {
 
@@ -23,8 +20,5 @@ void check_align(const AlignedCuda& r, int64_t k, int64_t E, int64_t S, const ch
 // launch_align, the copy to the host, check_align.
 AlignedCuda align(const at::Tensor& top_k_index, const at::Tensor& top_k_weights, const at::Tensor& expert_map,
                   int64_t S, const char* op);
-
-// The kernels' dtype tag: float32, float16 or bfloat16 (anything else raises, naming op).
-moe::Dtype kernel_dtype(at::ScalarType t, const char* op);
 
 }  // namespace mcsmoe::ops

@@ -1,27 +1,15 @@
-// The grouped expert FFN's backward elementwise kernels (contracts in moe_ffn_backward.h): one block per row
+// The grouped expert FFN's backward elementwise kernels (contracts in grouped_ffn_backward.h): one block per row
 // for the activation backward (its row sum is the routing weight's gradient), one thread per top-k entry
 // for the routing weights' gradient.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <algorithm>
-#include <stdexcept>
-#include <string>
 #include <type_traits>
 
-#include "kernels/moe_ffn_backward.h"
+#include "kernels/cuda_dispatch.cuh"
+#include "kernels/grouped_ffn_backward.h"
 
 namespace mcsmoe::moe {
 namespace {
 
-__device__ __forceinline__ float load(const float* p) { return *p; }
-__device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
-
+constexpr const char* kOp = "grouped_expert_ffn_backward";
 constexpr int kThreads = 256;
 
 // Block-wide sum (kThreads threads); the result is valid in thread 0.
@@ -101,34 +89,20 @@ __global__ void routing_weight_grads_kernel(const int64_t* __restrict__ top_k_in
   }
 }
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("grouped_expert_ffn_backward: ") + what + ": " + cudaGetErrorString(err));
-}
-
-template <typename F>
-void by_dtype(Dtype dtype, F&& f) {
-  switch (dtype) {
-    case Dtype::f32: f(static_cast<float*>(nullptr)); break;
-    case Dtype::f16: f(static_cast<__half*>(nullptr)); break;
-    case Dtype::bf16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
-  }
-}
-
 }  // namespace
 
 void act_backward_cuda(void* h, int64_t ldh, const void* p, const float* w, void* wa, float* row_grad, bool write_dh,
                        int64_t n, int64_t ff, ActFn fn, bool gated, float alpha, float limit, const void* g,
                        int64_t ldg, const void* b_out, int64_t d, Dtype dtype, void* stream) {
   if (n == 0) return;
-  if (n > 0x7fffffff) throw std::runtime_error("grouped_expert_ffn_backward: more than 2^31 - 1 rows in one slot");
+  if (n > 0x7fffffff) throw std::runtime_error(std::string(kOp) + ": more than 2^31 - 1 rows in one slot");
   by_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     act_backward_kernel<T><<<static_cast<unsigned>(n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
         static_cast<T*>(h), ldh, static_cast<const T*>(p), w, static_cast<T*>(wa), row_grad, write_dh, ff, fn, gated,
         alpha, limit, static_cast<const T*>(g), ldg, static_cast<const T*>(b_out), d);
   });
-  check(cudaGetLastError(), "activation backward kernel");
+  cuda_check(cudaGetLastError(), kOp, "activation backward kernel");
 }
 
 void routing_weight_grads_cuda(const int64_t* top_k_index, const int64_t* expert_map, const int64_t* offsets,
@@ -136,10 +110,9 @@ void routing_weight_grads_cuda(const int64_t* top_k_index, const int64_t* expert
                                void* stream) {
   if (T * k == 0) return;
   const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((T * k + threads - 1) / threads, 65535 * 8);
-  routing_weight_grads_kernel<<<static_cast<unsigned>(blocks), threads, 0, static_cast<cudaStream_t>(stream)>>>(
+  routing_weight_grads_kernel<<<grid_for(T * k, threads), threads, 0, static_cast<cudaStream_t>(stream)>>>(
       top_k_index, expert_map, offsets, token_rows, row_grads, T, k, out);
-  check(cudaGetLastError(), "routing weight gradient kernel");
+  cuda_check(cudaGetLastError(), kOp, "routing weight gradient kernel");
 }
 
 }  // namespace mcsmoe::moe

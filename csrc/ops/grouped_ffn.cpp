@@ -1,51 +1,24 @@
-// grouped_expert_ffn on the CPU (and the frame the compressed variant shares): align (counting sort by slot), gather each slot's tokens into one
-// contiguous block, per slot two GEMMs on contiguous slices (at::mm -> MKL/oneDNN) around the
-// activation, then each token sums its slots' rows times the summed routing weights.
+// grouped_expert_ffn on the CPU, and the frame the compressed variant (grouped_ffn_slr.cpp) shares: align
+// (counting sort by slot), gather each slot's tokens into one contiguous block, per slot two GEMMs on
+// contiguous slices (linear_nt -> oneDNN/MKL) around the activation, then each token sums its slots' rows
+// times the summed routing weights (kernels/grouped_ffn.h's combine, which the backward shares).
 //
-// Threads: either the slots run in parallel (one GEMM per thread, single-threaded) or the slots run
-// one after another and each GEMM uses every thread; see use_slot_parallelism. MCSMOE_SLOT_PARALLEL=0/1 forces one or the other (for measurements).
-#include <ATen/OpMathType.h>
+// Threads: either the slots run in parallel (one GEMM per thread, single-threaded) or the slots run one
+// after another and each GEMM uses every thread; see use_slot_parallelism (slot_parallel.h).
+// MCSMOE_SLOT_PARALLEL=0/1 forces one or the other (for measurements).
 #include <ATen/Parallel.h>
-#include <c10/core/InferenceMode.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include <algorithm>
-#include <cmath>
-#include <cstdlib>
-#include <numeric>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "kernels/grouped_ffn.h"
 #include "ops/ops.h"
 #include "ops/slot_parallel.h"
 
 namespace mcsmoe::ops {
-
-Activation parse_activation(c10::string_view name, const char* op, double alpha, double limit) {
-  using moe::ActFn;
-  static const std::pair<const char*, Activation> known[] = {
-      {"relu", {ActFn::relu, false}},        {"gelu", {ActFn::gelu, false}},  {"gelu_tanh", {ActFn::gelu_tanh, false}},
-      {"silu", {ActFn::silu, false}},        {"reglu", {ActFn::relu, true}},  {"geglu", {ActFn::gelu, true}},
-      {"geglu_tanh", {ActFn::gelu_tanh, true}}, {"swiglu", {ActFn::silu, true}},
-      {"clamped_swiglu", {ActFn::clamped_swiglu, true}}};
-  for (auto [n, a] : known) {
-    if (name != n) continue;
-    if (a.clamped()) {
-      // clamp(up, -limit, limit) needs -limit <= limit; NaN fails both checks
-      TORCH_CHECK_VALUE(limit >= 0 && std::isfinite(limit), op, ": clamped_swiglu needs a finite limit >= 0, got ",
-                        limit);
-      TORCH_CHECK_VALUE(std::isfinite(alpha), op, ": clamped_swiglu needs a finite alpha, got ", alpha);
-    }
-    a.alpha = alpha;
-    a.limit = limit;
-    return a;
-  }
-  TORCH_CHECK_VALUE(false, op, ": unknown activation '", std::string(name),
-                    "'; expected relu, gelu, gelu_tanh, silu, reglu, geglu, geglu_tanh, swiglu or clamped_swiglu");
-}
 
 void check_expert_biases(const at::Tensor& hidden, int64_t S, int64_t F, int64_t d, at::ScalarType dtype,
                          const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out, const char* op) {
@@ -98,86 +71,28 @@ Activation check_grouped_ffn_args(const at::Tensor& hidden, const at::Tensor& w_
   return act;
 }
 
-static at::Tensor act_(at::Tensor x, moe::ActFn fn) {  // in place
-  switch (fn) {
-    case moe::ActFn::relu: return at::relu_(x);
-    case moe::ActFn::gelu: return at::gelu_(x, "none");
-    case moe::ActFn::gelu_tanh: return at::gelu_(x, "tanh");
-    default: return at::silu_(x);
-  }
-}
-
-template <typename scalar_t>
-static void clamped_swiglu_rows(scalar_t* h, int64_t ldh, int64_t n, int64_t ff, double alpha, double limit) {
-  using opmath_t = at::opmath_type<scalar_t>;  // float for float16/bfloat16, as torch computes them
-  const auto a = static_cast<opmath_t>(alpha), l = static_cast<opmath_t>(limit);
-  at::parallel_for(0, n, std::max<int64_t>(1, 8192 / std::max<int64_t>(ff, 1)), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      scalar_t* gate = h + r * ldh;
-      const scalar_t* up = gate + ff;
-      for (int64_t j = 0; j < ff; ++j)
-        gate[j] = static_cast<scalar_t>(moe::clamped_swiglu<opmath_t>(gate[j], up[j], a, l));
-    }
+at::Tensor combine_token_rows_cpu(const at::Tensor& rows, const at::Tensor& token_rows,
+                                  const std::optional<at::Tensor>& weights) {
+  const int64_t T = token_rows.size(0), k = token_rows.size(1), d = rows.size(1);
+  at::Tensor out = at::empty({T, d}, rows.options());
+  const int64_t* tr = token_rows.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "grouped_expert_ffn_combine", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* y = rows.data_ptr<scalar_t>();
+    const acc_t* w = weights ? weights->data_ptr<acc_t>() : nullptr;
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, T, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t begin, int64_t end) {
+      moe::combine_token_rows<scalar_t, acc_t>(y, w, tr, begin, end, k, d, o);
+    });
   });
-}
-
-at::Tensor clamped_swiglu_cpu_(const at::Tensor& h, double alpha, double limit) {
-  TORCH_CHECK(h.device().is_cpu() && h.dim() == 2 && h.size(1) % 2 == 0 && (h.size(1) == 0 || h.stride(1) == 1),
-              "clamped_swiglu_cpu_: expected a CPU [n, 2 ff] tensor with contiguous rows, got ", h.sizes());
-  const int64_t n = h.size(0), ff = h.size(1) / 2;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "clamped_swiglu", [&] {
-    clamped_swiglu_rows<scalar_t>(h.data_ptr<scalar_t>(), h.stride(0), n, ff, alpha, limit);
-  });
-  return h.narrow(1, 0, ff);
-}
-
-at::Tensor expert_activation(const at::Tensor& h, Activation act) {
-  if (act.clamped()) return clamped_swiglu_cpu_(h, act.alpha, act.limit);
-  if (!act.gated) return act_(h, act.fn);
-  const int64_t ff = h.size(1) / 2;
-  at::Tensor gate = h.narrow(1, 0, ff);  // in place: the GEMM reads it with row stride 2*ff
-  return act_(gate, act.fn).mul_(h.narrow(1, ff, ff));
-}
-
-template <typename scalar_t, typename acc_t>
-static void combine_rows(const scalar_t* y, const acc_t* weights, const int64_t* token_rows, int64_t T, int64_t k,
-                         int64_t d, scalar_t* out) {
-  at::parallel_for(0, T, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(d);
-    for (int64_t t = begin; t < end; ++t) {
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t row = token_rows[t * k + j];
-        if (row < 0) break;
-        const acc_t w = weights[row];
-        const scalar_t* yr = y + row * d;
-        for (int64_t x = 0; x < d; ++x) acc[x] += static_cast<acc_t>(yr[x]) * w;
-      }
-      for (int64_t x = 0; x < d; ++x) out[t * d + x] = static_cast<scalar_t>(acc[x]);
-    }
-  });
-}
-
-SingleThreadIf::SingleThreadIf(bool on) {
-#ifdef _OPENMP
-  if (on && omp_get_max_threads() > 1) {
-    saved_ = omp_get_max_threads();
-    omp_set_num_threads(1);
-  }
-#endif
-}
-
-SingleThreadIf::~SingleThreadIf() {
-#ifdef _OPENMP
-  if (saved_ > 0) omp_set_num_threads(saved_);
-#endif
+  return out;
 }
 
 at::Tensor grouped_ffn_cpu_frame(const at::Tensor& hidden, int64_t S, const at::Tensor& expert_map,
                                  const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
                                  const SlotFfn& ffn) {
   TORCH_CHECK(hidden.device().is_cpu(), "grouped_expert_ffn: expected CPU tensors, got ", hidden.device());
-  const int64_t T = hidden.size(0), d = hidden.size(1), k = top_k_index.size(1);
+  const int64_t d = hidden.size(1);
   const auto acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto aligned = moe_align_cpu_impl(top_k_index, top_k_weights, expert_map, S, acc);
   const at::Tensor &sorted_tokens = aligned[0], &offsets = aligned[1], &weights = aligned[2], &rows = aligned[3];
@@ -187,35 +102,10 @@ at::Tensor grouped_ffn_cpu_frame(const at::Tensor& hidden, int64_t S, const at::
 
   const at::Tensor x = hidden.index_select(0, sorted_tokens.narrow(0, 0, pairs));  // [pairs, d] by slot
   at::Tensor y = at::empty({pairs, d}, hidden.options());
-  // Rows in even blocks of at most kRowBlock bound the [rows, F] intermediate (29 MB for Mixtral's
-  // F = 7168). Measured here, Mixtral-shaped, 1608 rows: blocks of 1024 or more run at full speed,
-  // 512-row blocks cost 5-8% on the first GEMM, and a small remainder block costs more again.
-  constexpr int64_t kRowBlock = 1024;
-  auto run_slot = [&](int64_t s) {
-    const int64_t slot_rows = off[s + 1] - off[s];
-    const int64_t blocks = (slot_rows + kRowBlock - 1) / kRowBlock;
-    const int64_t block = blocks > 0 ? (slot_rows + blocks - 1) / blocks : 0;
-    for (int64_t r = off[s]; r < off[s + 1]; r += block) {
-      const int64_t n = std::min(block, off[s + 1] - r);
-      ffn(s, x.narrow(0, r, n), y.narrow(0, r, n));
-    }
-  };
-
-  std::vector<int64_t> slot_rows(S);
-  for (int64_t s = 0; s < S; ++s) slot_rows[s] = off[s + 1] - off[s];
-  for_each_slot(slot_rows, run_slot);
-
-  at::Tensor out = at::empty({T, d}, hidden.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "grouped_expert_ffn_combine", [&] {
-    if (acc == at::kDouble) {
-      combine_rows<scalar_t, double>(y.data_ptr<scalar_t>(), weights.data_ptr<double>(), rows.data_ptr<int64_t>(), T,
-                                     k, d, out.data_ptr<scalar_t>());
-    } else {
-      combine_rows<scalar_t, float>(y.data_ptr<scalar_t>(), weights.data_ptr<float>(), rows.data_ptr<int64_t>(), T, k,
-                                    d, out.data_ptr<scalar_t>());
-    }
+  for_each_slot(rows_per_slot(off, S), [&](int64_t s) {
+    for_each_row_block(off[s], off[s + 1], [&](int64_t r, int64_t n) { ffn(s, x.narrow(0, r, n), y.narrow(0, r, n)); });
   });
-  return out;
+  return combine_token_rows_cpu(y, rows, weights);
 }
 
 at::Tensor grouped_expert_ffn_cpu(const at::Tensor& hidden_arg, const at::Tensor& w_in_arg,
