@@ -42,7 +42,7 @@ from .models import expert_weights_per_expert
 from .sections import MERGE_SECTION
 from .models import moe_layers
 from .compressed import BANK_FIELDS, CompressedMoEExperts
-from .modules import MoEExperts
+from .modules import MoEExperts, slot_names
 from .plain_save import guard_plain_save
 from .weight_files import (
     CheckpointError, ShardWriter, WeightFiles, WrittenWeights, parse_size, read_index, sha256_file,
@@ -119,7 +119,8 @@ def _model_dtype(model: nn.Module) -> str:
 
 def _write_merged(model: nn.Module, tmp: Path, max_shard_size: int | None = None) -> None:
     layers = _merged_layers(model)  # refuses a model still being pruned before anything is written
-    tensors, aliases = _unique_tensors(model.state_dict())
+    with slot_names():  # each merged slot once (a SwitchMoE's plain state dict names every expert)
+        tensors, aliases = _unique_tensors(model.state_dict())
     writer = ShardWriter(tmp, WEIGHTS_NAME, max_shard_size, WEIGHTS_METADATA)
     for name, tensor in tensors.items():
         writer.add(name, tensor)
@@ -446,7 +447,8 @@ def from_pretrained(path, verify: bool = True, dtype: torch.dtype | None = None)
     with no_init_weights():  # parameters stay uninitialised (and their pages untouched) until copied into
         model = model_class_for(config).from_config(config, dtype=saved_dtype)
     _install_layers(model, section, weights, path, saved_dtype)
-    expected = model.state_dict()
+    with slot_names():  # the tensors in the file's names, aliasing the model's parameters
+        expected = model.state_dict()
     missing = sorted(set(expected) - set(weights.shapes))
     unexpected = sorted(set(weights.shapes) - set(expected))
     wrong = sorted(k for k in set(expected) & set(weights.shapes) if tuple(expected[k].shape) != weights.shapes[k])

@@ -11,10 +11,12 @@ run the fused grouped expert FFN (ops.grouped_expert_ffn) with no module swappin
 layout and everything transformers does with the model stay as they are. An experts module that carries
 an `expert_map` buffer [E] (slots shared by several experts) is honoured.
 
-Families stored in our canonical layout (gate rows then up rows, [E, F, d]) are read in place. For a
-transposed or interleaved layout (GPT-OSS) the canonical weights are a copy, kept on the module and
-rebuilt when a parameter changes (its version counter); under autograd the copy is made differentiably
-on every call instead, so gradients reach the family's own parameters.
+The op reads the family's parameters on every call: views of them for families stored gate rows then up
+rows (transposed or not: strides to the GEMMs), and for interleaved gate/up (GPT-OSS) a gate-first copy of
+the slots the call's tokens use, made for that call and dropped after it. No re-laid-out copy is kept
+between calls: nothing could tell when it went stale (an in-place write through `.data`, as weight loaders
+and patching tools do, leaves the version counter as it was, and inference tensors have none). The copy is
+differentiable, so gradients reach the family's own parameters.
 """
 from __future__ import annotations
 
@@ -27,37 +29,30 @@ from .models.experts_spec import ExpertsSpec
 NAME = "mcsmoe_fast"
 
 
-def _params(module: nn.Module, spec: ExpertsSpec) -> list[torch.Tensor]:
-    names = ["gate_up_proj" if spec.gated else "up_proj", "down_proj"]
-    if spec.has_bias:
-        names += ["gate_up_proj_bias" if spec.gated else "up_proj_bias", "down_proj_bias"]
-    return [getattr(module, n) for n in names]
-
-
-def canonical_tensors(module: nn.Module, spec: ExpertsSpec):
-    """(w_in, w_out, b_in, b_out) in the canonical layout for the fused op."""
-    in_place = spec.concatenated or not spec.gated
-    if in_place or torch.is_grad_enabled() and any(p.requires_grad for p in _params(module, spec)):
-        return (*spec.weights(module), *spec.biases(module))
-    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in _params(module, spec))
-    cached = module.__dict__.get("_mcsmoe_canonical")
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            tensors = tuple(None if t is None else t.contiguous() for t in (*spec.weights(module), *spec.biases(module)))
-        cached = (key, tensors)
-        module.__dict__["_mcsmoe_canonical"] = cached  # not a buffer: no state_dict entry
-    return cached[1]
-
-
 def _expert_map(module: nn.Module, num_experts: int, device) -> torch.Tensor:
     emap = getattr(module, "expert_map", None)
     if isinstance(emap, torch.Tensor):
         return emap
-    cached = module.__dict__.get("_mcsmoe_identity")
-    if cached is None or cached.numel() != num_experts or cached.device != device:
-        cached = torch.arange(num_experts, device=device)
-        module.__dict__["_mcsmoe_identity"] = cached
-    return cached
+    return torch.arange(num_experts, device=device)  # made per call: nothing kept on the module
+
+
+def fused_arguments(module: nn.Module, spec: ExpertsSpec, top_k_index: torch.Tensor):
+    """(w_in, w_out, b_in, b_out, expert_map) of ops.grouped_expert_ffn for this call. Where the layout needs a
+    copy (spec.copies_weights), only the slots that `top_k_index` [T, k] uses are copied, and expert_map sends
+    each expert to its slot's place among them (a decoding token touches k slots, not all S)."""
+    bank = module.gate_up_proj if spec.gated else module.up_proj
+    num_slots = bank.shape[0]
+    emap = _expert_map(module, num_slots, bank.device)
+    if not spec.copies_weights or torch.compiler.is_compiling():  # compiled: static shapes, every slot
+        return (*spec.fused_tensors(module), emap)
+    used = torch.unique(emap[top_k_index[top_k_index >= 0]])  # sorted
+    if used.numel() == num_slots:
+        return (*spec.fused_tensors(module), emap)
+    if used.numel() == 0:  # no token has an expert: one slot keeps the op's arguments well formed
+        used = emap.new_zeros(1)
+    place = torch.zeros(num_slots, dtype=torch.int64, device=emap.device)
+    place[used] = torch.arange(used.numel(), device=emap.device)
+    return (*spec.fused_tensors(module, used), place[emap])
 
 
 def mcsmoe_fast_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -67,9 +62,9 @@ def mcsmoe_fast_experts_forward(self: nn.Module, hidden_states: torch.Tensor, to
         raise NotImplementedError(f"{type(self).__name__}: the mcsmoe_fast experts implementation does not run "
                                   "expert-parallel shards; use grouped_mm for expert parallelism")
     spec = ExpertsSpec.of(self)
-    w_in, w_out, b_in, b_out = canonical_tensors(self, spec)
-    emap = _expert_map(self, w_in.shape[0], w_in.device)
-    return ops.grouped_expert_ffn(hidden_states, w_in, w_out, emap, top_k_index.long(), top_k_weights,
+    top_k_index = top_k_index.long()
+    w_in, w_out, b_in, b_out, emap = fused_arguments(self, spec, top_k_index)
+    return ops.grouped_expert_ffn(hidden_states, w_in, w_out, emap, top_k_index, top_k_weights,
                                   spec.activation, b_in, b_out, **spec.activation_args)
 
 

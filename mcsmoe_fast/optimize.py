@@ -4,7 +4,9 @@ Families whose experts use transformers' `use_experts_implementation` contract k
 parameter names and layout: their unmerged layers switch to the "mcsmoe_fast" experts implementation
 (experts_interface.py), so transformers' save_pretrained, from_pretrained, tensor-parallel plans and
 set_experts_implementation keep working. Merged and compressed layers already are our slot modules.
-Switch blocks (no experts contract) become SwitchMoE.
+Switch blocks (no experts contract) become SwitchMoE, which keeps transformers' state-dict names
+(`experts.expert_{i}.wi.weight`, ...) and its expert dropout in training mode. A model on the meta device
+is optimized without memory (the swapped modules are on meta, ready for load_state_dict(..., assign=True)).
 """
 from __future__ import annotations
 
@@ -26,7 +28,9 @@ def optimize(model: nn.Module, dropless: bool = False) -> nn.Module:
     "mcsmoe_fast" experts implementation on their own parameters; merged layers keep their slots and
     compressed layers (compress_experts) their low-rank-plus-rows slots (ops.grouped_expert_ffn_slr).
     Switch blocks become SwitchMoE (unmerged: MoEExperts over the E experts) with HF's expert capacity
-    unless `dropless=True`. Outputs equal the original model's (up to floating-point rounding of the GEMMs).
+    unless `dropless=True`; their state dict has transformers' keys, so transformers loads it as this model.
+    Outputs equal the original model's (up to floating-point rounding of the GEMMs), in training mode too
+    (Switch's expert dropout draws transformers' masks).
     """
     layers = moe_layers(model, allow_empty=True)
     if not layers:

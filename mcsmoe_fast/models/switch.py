@@ -48,11 +48,22 @@ class SwitchLayer(MoELayer):
             experts[f"expert_{i}"].wo.weight.copy_(w_out[i])
 
     def install_experts(self, experts: MoEExperts | CompressedMoEExperts) -> None:
-        """Replace the block by a SwitchMoE with the same router and the given expert slots."""
+        """Replace the block by a SwitchMoE with the same router, transformers' expert dropout and the given
+        expert slots."""
         if isinstance(self.module, SwitchMoE):
             self.module.experts = experts
         else:
-            self.replace(SwitchMoE(self.module.router, experts))
+            block = SwitchMoE(self.module.router, experts, expert_dropout=expert_dropout_rate(self.module))
+            self.replace(block.train(self.module.training))  # the model's mode (eval: no expert dropout)
+
+
+def expert_dropout_rate(block: nn.Module) -> float:
+    """The dropout rate inside transformers' Switch experts (config.dropout_rate), read from the block's first
+    expert (SwitchTransformersDenseActDense.dropout, between the activation and wo); 0 when it has none."""
+    experts = getattr(block, "experts", None)
+    first = experts["expert_0"] if isinstance(experts, nn.ModuleDict) and "expert_0" in experts else None
+    dropout = getattr(first, "dropout", None)
+    return float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
 
 
 def is_switch_block(module: nn.Module) -> bool:
