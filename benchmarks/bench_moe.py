@@ -14,8 +14,8 @@ Candidates (one benchmark group per layer, G and T; all in the same run):
   eager, grouped_mm, batched_mm   transformers' experts implementations (config._experts_implementation);
                                   eager is the group's anchor; batched_mm for qwen3 and gpt-oss only
   mcsmoe_fast   ours: the original qwen3/gpt-oss layers run the HF block itself under our registered
-                experts implementation "mcsmoe_fast" (GPT-OSS through a canonical copy of its weights,
-                made on the first call and cached); merged layers (and mixtral/switch) run MoEExperts with G
+                experts implementation "mcsmoe_fast" (GPT-OSS's interleaved gate/up through the composed
+                path on its stored banks, no copy kept); merged layers (and mixtral/switch) run MoEExperts with G
                 slots. Its output is checked against transformers' (grouped_mm; switch: eager).
   dense_gemm_floor   (mixtral, T >= 128) two plain GEMMs (the GEMM our op calls: oneDNN for fp32 where
                 torch has it) with the FLOPs of our merged layer (same rows, one weight matrix): the speed
@@ -39,7 +39,6 @@ is faster), then per candidate:
   rss_MB        (qwen3, gpt-oss) the process's peak resident memory during that forward, the layer included
   vs_grouped_mm grouped_mm median / ours
   vs_best_hf    the fastest transformers implementation's median / ours, and which one it was
-  canonical_copy_MB   (original gpt-oss, ours) the cached canonical copy of the expert weights
   touched_MB / GB_per_s   (mixtral, T = 1) expert bytes the token reads (distinct slots for ours, distinct
                 experts for transformers) and the bandwidth that implies
   rows          (dense_gemm_floor) the GEMMs' rows"""
@@ -371,10 +370,6 @@ def family_case(benchmark, build, shape: dict, name: str, G: int, T: int, impl: 
         if ours is None:  # the original layer: the HF block itself, under our experts implementation
             experts_config._experts_implementation = "mcsmoe_fast"
             out = run(benchmark, group, impl, lambda: hf(x), hf, False, rounds, rss=True)
-            cached = hf.experts.__dict__.get("_mcsmoe_canonical")  # GPT-OSS: the canonical copy of its weights
-            if cached is not None:
-                benchmark.extra_info["canonical_copy_MB"] = round(
-                    sum(t.numel() * t.element_size() for t in cached[1] if t is not None) / 2**20, 1)
         else:
             out = run(benchmark, group, impl, lambda: ours(x), ours, False, rounds, rss=True)
         experts_config._experts_implementation = "grouped_mm"

@@ -27,9 +27,9 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .drop import logit_mask
+from .hooks import is_decoder_layer, run_hooked
 from .models import MoELayer, moe_layers
 from .models.dispatched import compute_device, onloaded
 
@@ -176,37 +176,6 @@ class _Accumulator:
         self.stats.output_sum = per_slot[emap]
 
 
-def is_decoder_layer(model: nn.Module, name: str) -> bool:
-    return bool(getattr(model.config, "is_encoder_decoder", False)) and (
-        name.startswith("decoder.") or ".decoder." in name
-    )
-
-
-def complete_inputs(model: nn.Module, batch: dict) -> dict:
-    """An encoder-decoder model needs decoder inputs. With `labels` (a task's targets, -100 on padding)
-    the model feeds the decoder the shifted targets itself, and the decoder mask is the targets' mask.
-    With neither labels nor decoder_input_ids, the decoder reads the input text itself (teacher
-    forcing) with the same padding mask."""
-    if not getattr(model.config, "is_encoder_decoder", False) or "decoder_input_ids" in batch:
-        return batch
-    if "labels" in batch:
-        if "decoder_attention_mask" in batch:
-            return batch
-        return {**batch, "decoder_attention_mask": (batch["labels"] != -100).long()}
-    if "input_ids" not in batch:
-        return batch
-    batch = dict(batch)
-    batch["decoder_input_ids"] = model._shift_right(batch["input_ids"])
-    if "attention_mask" in batch and "decoder_attention_mask" not in batch:
-        batch["decoder_attention_mask"] = batch["attention_mask"]
-    return batch
-
-
-def token_masks(batch: dict) -> dict[str, torch.Tensor | None]:
-    """The padding masks of a completed batch: {"encoder": ..., "decoder": ...} (None = every token)."""
-    return {"encoder": batch.get("attention_mask"), "decoder": batch.get("decoder_attention_mask")}
-
-
 def _check_bases(bases) -> tuple[bool, tuple[str, ...]]:
     from .grouping import SIMILARITY_BASES
 
@@ -254,32 +223,8 @@ def collect_routing_stats(
         layer.name: _Accumulator(layer, is_decoder_layer(model, layer.name), want_output, chunk_tokens, input_norms)
         for layer in layers
     }
-    masks: dict[str, torch.Tensor | None] = {}
-
-    def hook_for(acc: _Accumulator):
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            acc(hidden, masks["decoder"] if acc.decoder else masks["encoder"])
-        return hook
-
-    handles = [layer.module.register_forward_pre_hook(hook_for(accumulators[layer.name]), with_kwargs=True)
-               for layer in layers]
-    was_training = model.training
-    model.eval()
-    seen = 0
-    try:
-        total = len(batches) if hasattr(batches, "__len__") else None
-        for batch in tqdm(batches, desc="routing statistics", unit="batch", total=total, disable=not progress):
-            if not isinstance(batch, dict):
-                raise ValueError(f"batches must yield dicts of model inputs, got {type(batch).__name__}")
-            batch = complete_inputs(model, batch)
-            masks.update(token_masks(batch))
-            model(**batch)
-            seen += 1
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    seen = run_hooked(model, layers, batches, lambda layer, hidden, mask: accumulators[layer.name](hidden, mask),
+                      desc="routing statistics" if progress else None)
     if seen == 0:
         raise ValueError("batches: no calibration batch was given")
     return {name: acc.finish() for name, acc in accumulators.items()}

@@ -12,18 +12,17 @@ layout and everything transformers does with the model stay as they are. An expe
 an `expert_map` buffer [E] (slots shared by several experts) is honoured.
 
 The op reads the family's parameters on every call: views of them for families stored gate rows then up
-rows (transposed or not: strides to the GEMMs), and for interleaved gate/up (GPT-OSS) a gate-first copy of
-the slots the call's tokens use, made for that call and dropped after it. No re-laid-out copy is kept
-between calls: nothing could tell when it went stale (an in-place write through `.data`, as weight loaders
-and patching tools do, leaves the version counter as it was, and inference tensors have none). The copy is
-differentiable, so gradients reach the family's own parameters.
+rows (transposed or not: strides to the GEMMs). Interleaved gate/up (GPT-OSS) runs a composed path on
+the stored banks instead (interleaved_forward). No re-laid-out copy is kept between calls: nothing could
+tell when it went stale (an in-place write through `.data`, as weight loaders and patching tools do,
+leaves the version counter as it was, and inference tensors have none).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from . import ops
+from . import activations, ops
 from .models.experts_spec import ExpertsSpec
 
 NAME = "mcsmoe_fast"
@@ -36,23 +35,39 @@ def _expert_map(module: nn.Module, num_experts: int, device) -> torch.Tensor:
     return torch.arange(num_experts, device=device)  # made per call: nothing kept on the module
 
 
-def fused_arguments(module: nn.Module, spec: ExpertsSpec, top_k_index: torch.Tensor):
-    """(w_in, w_out, b_in, b_out, expert_map) of ops.grouped_expert_ffn for this call. Where the layout needs a
-    copy (spec.copies_weights), only the slots that `top_k_index` [T, k] uses are copied, and expert_map sends
-    each expert to its slot's place among them (a decoding token touches k slots, not all S)."""
-    bank = module.gate_up_proj if spec.gated else module.up_proj
-    num_slots = bank.shape[0]
-    emap = _expert_map(module, num_slots, bank.device)
-    if not spec.copies_weights or torch.compiler.is_compiling():  # compiled: static shapes, every slot
-        return (*spec.fused_tensors(module), emap)
-    used = torch.unique(emap[top_k_index[top_k_index >= 0]])  # sorted
-    if used.numel() == num_slots:
-        return (*spec.fused_tensors(module), emap)
-    if used.numel() == 0:  # no token has an expert: one slot keeps the op's arguments well formed
-        used = emap.new_zeros(1)
-    place = torch.zeros(num_slots, dtype=torch.int64, device=emap.device)
-    place[used] = torch.arange(used.numel(), device=emap.device)
-    return (*spec.fused_tensors(module, used), place[emap])
+def interleaved_forward(module: nn.Module, spec: ExpertsSpec, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                        top_k_weights: torch.Tensor) -> torch.Tensor:
+    """Interleaved gate/up (GPT-OSS), read where it is stored: per used slot one GEMM on its stored bank,
+    the activation on the output's gate and up columns (the [n, 2F] activations are reordered, never the
+    weights), one GEMM out, the routing weight, and a sum per token. The fused op would need a gate-first
+    copy of the weights on every call, which costs more than it saves below T ~ 1024 (measured in the
+    commit that made this path); plain torch ops, so gradients reach the module's own parameters."""
+    w1, w2 = (module.gate_up_proj, module.down_proj)
+    emap = _expert_map(module, w1.shape[0], w1.device)
+    flat = top_k_index.reshape(-1)
+    valid = flat >= 0
+    slots = torch.where(valid, emap[flat.clamp_min(0)], -1)
+    order = torch.argsort(slots, stable=True)
+    counts = torch.bincount(slots[valid], minlength=w1.shape[0]).tolist()
+    weights = top_k_weights.reshape(-1)
+    out = torch.zeros_like(hidden)
+    start = int((~valid).sum())
+    for s, n in enumerate(counts):
+        if n == 0:
+            continue
+        pairs = order[start:start + n]
+        start += n
+        tokens = pairs // top_k_index.shape[1]
+        x = hidden[tokens].to(w1.dtype)
+        h = x @ w1[s] if spec.transposed else x @ w1[s].T
+        if spec.has_bias:
+            h = h + module.gate_up_proj_bias[s]
+        a = activations.apply(torch.cat([h[:, 0::2], h[:, 1::2]], dim=-1), spec.activation, **spec.activation_args)
+        y = a @ w2[s] if spec.transposed else a @ w2[s].T
+        if spec.has_bias:
+            y = y + module.down_proj_bias[s]
+        out.index_add_(0, tokens, (y * weights[pairs, None]).to(out.dtype))
+    return out
 
 
 def mcsmoe_fast_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -63,7 +78,10 @@ def mcsmoe_fast_experts_forward(self: nn.Module, hidden_states: torch.Tensor, to
                                   "expert-parallel shards; use grouped_mm for expert parallelism")
     spec = ExpertsSpec.of(self)
     top_k_index = top_k_index.long()
-    w_in, w_out, b_in, b_out, emap = fused_arguments(self, spec, top_k_index)
+    if spec.copies_weights and not torch.compiler.is_compiling():  # compiled: the fused op on a traced copy
+        return interleaved_forward(self, spec, hidden_states, top_k_index, top_k_weights)
+    w_in, w_out, b_in, b_out = spec.fused_tensors(self)
+    emap = _expert_map(self, w_in.shape[0], w_in.device)
     return ops.grouped_expert_ffn(hidden_states, w_in, w_out, emap, top_k_index, top_k_weights,
                                   spec.activation, b_in, b_out, **spec.activation_args)
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import ops
 from .activations import apply, is_gated
-from .calibrate import complete_inputs, is_decoder_layer, token_masks
+from .hooks import run_hooked
 from .models import MoELayer, moe_layers
 
 DEFAULT_MEMORY_BUDGET = 2 << 30  # bytes of cost matrices built at once
@@ -160,38 +160,17 @@ def _layer_inputs(model: nn.Module, layers: list[MoELayer], batches: Iterable[di
     """Up to max_tokens hidden states [N, d] entering each MoE layer (padding excluded: an encoder
     layer uses the batch's attention_mask, a decoder layer its decoder mask)."""
     store = {layer.name: [] for layer in layers}
-    masks: dict[str, torch.Tensor | None] = {}
 
-    def hook_for(name, side):
-        def hook(module, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
-            mask = masks.get(side)
-            if mask is not None:
-                if mask.shape != x.shape[:-1]:
-                    raise ValueError(f"{name}: {side} mask of shape {tuple(mask.shape)} does not match the hidden "
-                                     f"states {tuple(x.shape[:-1])}")
-                x = x[mask.to(x.device).bool()]
-            store[name].append(x.reshape(-1, x.shape[-1]).float())
-        return hook
+    def receive(layer: MoELayer, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        if mask is not None:
+            if mask.shape != x.shape[:-1]:
+                raise ValueError(f"{layer.name}: mask of shape {tuple(mask.shape)} does not match the hidden "
+                                 f"states {tuple(x.shape[:-1])}")
+            x = x[mask.to(x.device).bool()]
+        store[layer.name].append(x.reshape(-1, x.shape[-1]).float())
 
-    handles = [layer.module.register_forward_pre_hook(
-        hook_for(layer.name, "decoder" if is_decoder_layer(model, layer.name) else "encoder"), with_kwargs=True)
-        for layer in layers]
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            if not isinstance(batch, dict):
-                raise ValueError(f"batches must yield dicts of model inputs, got {type(batch).__name__}")
-            batch = complete_inputs(model, batch)
-            masks.update(token_masks(batch))
-            model(**batch)
-            if all(sum(t.shape[0] for t in v) >= max_tokens for v in store.values()):
-                break
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    run_hooked(model, layers, batches, receive,
+               stop=lambda: all(sum(t.shape[0] for t in v) >= max_tokens for v in store.values()))
     return {k: torch.cat(v)[:max_tokens] if v else None for k, v in store.items()}
 
 

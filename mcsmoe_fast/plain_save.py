@@ -1,8 +1,9 @@
 """transformers' own save_pretrained / push_to_hub refused on a model whose MoE layers are ours.
 
-A merged, compressed or optimized model's state_dict names its experts `experts.w_in`, `experts.in_U`,
-... which transformers' from_pretrained does not know: it would load such a checkpoint with freshly
-initialised experts and no error. So every step that installs our modules (merge, compress, optimize,
+A merged or compressed model's experts are our slot modules (`experts.w_in` with an `expert_map`,
+`experts.in_U`, ...), which transformers' from_pretrained does not know: it would load such a checkpoint
+with freshly initialised experts and no error (an optimized Switch model's state_dict keeps transformers'
+names, but its save is refused all the same: only this package's format records what was swapped). So every step that installs our modules (merge, compress, optimize,
 loading a merged checkpoint) guards the model: the transformers methods raise and say what to use.
 """
 from __future__ import annotations

@@ -40,14 +40,18 @@ def close(a, b, tol=1e-5):
 
 
 class CountCalls:
+    """Calls of our experts implementation: the fused op, or for interleaved gate/up (GPT-OSS) the composed
+    path on the stored banks."""
     def __init__(self, monkeypatch):
         self.n = 0
-        real = experts_interface.ops.grouped_expert_ffn
+        for owner, name in ((experts_interface.ops, "grouped_expert_ffn"), (experts_interface, "interleaved_forward")):
+            monkeypatch.setattr(owner, name, self.counted(getattr(owner, name)))
 
-        def counted(*args, **kwargs):
+    def counted(self, real):
+        def call(*args, **kwargs):
             self.n += 1
             return real(*args, **kwargs)
-        monkeypatch.setattr(experts_interface.ops, "grouped_expert_ffn", counted)
+        return call
 
 
 @pytest.mark.parametrize("family", FAMILIES)

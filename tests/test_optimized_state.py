@@ -73,8 +73,8 @@ def test_gpt_oss_built_under_inference_mode_runs():
 
 
 def test_gpt_oss_experts_forward_with_few_experts_hit_dropped_tokens_and_an_expert_map():
-    """The re-layout covers the slots a call uses: one token, tokens with no expert (-1), all tokens on one
-    expert, and an experts module whose E experts share G slots through `expert_map`."""
+    """The composed path on the stored banks (interleaved gate/up): one token, tokens with no expert (-1),
+    all tokens on one expert, and an experts module whose E experts share G slots through `expert_map`."""
     experts = tiny_moe("gpt_oss").model.layers[0].mlp.experts
     spec = ExpertsSpec.of(experts)
     gen = torch.Generator().manual_seed(0)

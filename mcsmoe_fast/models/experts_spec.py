@@ -129,24 +129,19 @@ class ExpertsSpec:
         views of the parameters (a transposed layout is only strides to its GEMMs)."""
         return self.gated and not self.concatenated
 
-    def fused_tensors(self, module: nn.Module, slots: torch.Tensor | None = None):
-        """(w_in [S', F, d], w_out [S', d, ff], b_in [S', F] | None, b_out [S', d] | None) for the fused op, read
+    def fused_tensors(self, module: nn.Module):
+        """(w_in [S, F, d], w_out [S, d, ff], b_in [S, F] | None, b_out [S, d] | None) for the fused op, read
         from the parameters on every call (never a kept copy, so never stale): strided views where the layout
         allows, and for interleaved gate/up a gate-first copy made in one pass along the stored rows.
-        `slots` (int64, distinct) keeps those slots only, in that order (a copy of each tensor); None: all.
         Differentiable: gradients reach the module's own parameters."""
         w_in = module.gate_up_proj if self.gated else module.up_proj
         w_out = module.down_proj
         b_in = b_out = None
         if self.has_bias:
             b_in, b_out = (module.gate_up_proj_bias if self.gated else module.up_proj_bias), module.down_proj_bias
-        pick = (lambda t: t) if slots is None else (lambda t: t.index_select(0, slots))
         if self.gated and not self.concatenated:
-            w_in = _gate_first(w_in, 2 if self.transposed else 1, slots)
-            b_in = None if b_in is None else _gate_first(b_in, 1, slots)
-        else:
-            w_in, b_in = pick(w_in), None if b_in is None else pick(b_in)
-        w_out, b_out = pick(w_out), None if b_out is None else pick(b_out)
+            w_in = _gate_first(w_in, 2 if self.transposed else 1)
+            b_in = None if b_in is None else _gate_first(b_in, 1)
         if self.transposed:
             w_in, w_out = w_in.transpose(1, 2), w_out.transpose(1, 2)
         return w_in, w_out, b_in, b_out
@@ -184,10 +179,7 @@ class ExpertsSpec:
         dst.index_copy_(dim, 2 * idx + 1, src.narrow(dim, ff, ff))
 
 
-def _gate_first(t: torch.Tensor, dim: int, slots: torch.Tensor | None) -> torch.Tensor:
+def _gate_first(t: torch.Tensor, dim: int) -> torch.Tensor:
     """`t` with its interleaved gate/up entries along `dim` (gate0, up0, gate1, ...) reordered to the gate
-    block then the up block, for `slots` of dim 0 (all when None): one copy, reading each stored row once."""
-    pairs = t.unflatten(dim, (-1, 2)).transpose(dim, dim + 1)  # [..., 2, ff, ...] view: gate entries, then up
-    if slots is not None:
-        pairs = pairs.index_select(0, slots)  # the copy, already in gate-first order
-    return pairs.flatten(dim, dim + 1)  # a view after index_select, else the copy
+    block then the up block: one copy, reading each stored row once."""
+    return t.unflatten(dim, (-1, 2)).transpose(dim, dim + 1).flatten(dim, dim + 1)

@@ -20,6 +20,7 @@ from .. import merge as merge_module
 from ..calibrate import LayerStats, layer_accumulator
 from ..checkpoint import layer_entry
 from ..grouping import LayerGrouping
+from ..hooks import hook_block_input
 from ..modules import MoEExperts
 from ..weight_files import ShardWriter
 from .activations import ActivationStore
@@ -118,11 +119,7 @@ def _attach(view, bases, current: dict):
     """(accumulator, hook handle): calibrate's accumulator fed by a pre-hook on the MoE block, with the
     padding mask of the batch being run (current["mask"])."""
     acc = layer_accumulator(view, bases=bases)
-
-    def hook(module, args, kwargs):
-        acc(args[0] if args else kwargs["hidden_states"], current.get("mask"))
-
-    return acc, view.module.register_forward_pre_hook(hook, with_kwargs=True)
+    return acc, hook_block_input(view.module, lambda hidden: acc(hidden, current.get("mask")))
 
 
 @torch.no_grad()
