@@ -21,6 +21,7 @@ different lengths; the threshold counts entries, so the stored bytes follow keep
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -34,6 +35,41 @@ from .sections import record_compression
 
 IMPORTANCE = ("weight", "activation", "gradient")
 SVD_METHODS = ("auto", "exact", "randomized")
+
+
+def check_rank(rank) -> int:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+    return rank
+
+
+def check_keep_ratio(keep_ratio) -> float:
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
+    return float(keep_ratio)
+
+
+@dataclass(frozen=True)
+class CompressOptions:
+    """The compression settings, checked here once for every caller (compress_experts, the pruner,
+    streaming, TrainConfig, the CLI): the rank of the low-rank factors, the share of the sparse part's
+    entries kept (one threshold over every matrix), how rows are scored, and the SVD method."""
+
+    rank: int = 32
+    keep_ratio: float = 0.1
+    importance: str = "weight"
+    svd: str = "auto"
+
+    def __post_init__(self):
+        check_rank(self.rank)
+        object.__setattr__(self, "keep_ratio", check_keep_ratio(self.keep_ratio))
+        if self.importance not in IMPORTANCE:
+            raise ValueError(f"importance must be one of {', '.join(IMPORTANCE)}, got {self.importance!r}")
+        if self.svd not in SVD_METHODS:
+            raise ValueError(f"svd must be one of {', '.join(SVD_METHODS)}, got {self.svd!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 # --- decomposition ---------------------------------------------------------------------------------
@@ -141,14 +177,7 @@ def compress_experts(
     stats: routing statistics with input norms (importance="activation" only).
     svd: "auto", "exact" or "randomized" (see lowrank_factors).
     """
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
-    if not isinstance(keep_ratio, (int, float)) or not 0.0 < keep_ratio <= 1.0:
-        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
-    if importance not in IMPORTANCE:
-        raise ValueError(f"importance must be one of {', '.join(IMPORTANCE)}, got {importance!r}")
-    if svd not in SVD_METHODS:
-        raise ValueError(f"svd must be one of {', '.join(SVD_METHODS)}, got {svd!r}")
+    options = CompressOptions(rank, keep_ratio, importance, svd)
     chosen = select_layers(moe_layers(model), layers)
     again = [layer.name for layer in chosen if _compressed(layer) is not None]
     if again:
@@ -178,11 +207,11 @@ def compress_experts(
             for i, side in enumerate(("in", "out")):
                 scores.append(row_scores(module, side, norms[name][i] if name in norms else None))
                 lengths.append(getattr(module, f"{side}_S_rows").shape[1])
-        masks = iter(global_keep(scores, lengths, keep_ratio))
+        masks = iter(global_keep(scores, lengths, options.keep_ratio))
         for module in modules.values():
             module.set_keep(next(masks), next(masks))
             module.finalize()
-    record_compression(model, modules, dict(rank=rank, keep_ratio=keep_ratio, importance=importance, svd=svd))
+    record_compression(model, modules, options.to_dict())
     guard_plain_save(model)
     return modules
 

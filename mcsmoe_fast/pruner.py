@@ -20,15 +20,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .compress import global_keep
+from .compress import check_keep_ratio, global_keep
 from .compressed import CompressedMoEExperts
 
 
 class CompressionPruner:
     def __init__(self, model: nn.Module, keep_ratio: float, total_steps: int, initial_warmup: int = 0,
                  final_warmup: int = 0, beta: float = 0.85):
-        if not isinstance(keep_ratio, (int, float)) or not 0.0 < keep_ratio <= 1.0:
-            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
+        keep_ratio = check_keep_ratio(keep_ratio)
         if not 0 <= beta < 1:
             raise ValueError(f"beta must be in [0, 1), got {beta!r}")
         if total_steps < 1 or initial_warmup < 0 or final_warmup < 0 or initial_warmup + final_warmup > total_steps:
@@ -41,7 +40,7 @@ class CompressionPruner:
         if finalized:
             raise ValueError(f"{len(finalized)} compressed expert modules are already finalized (pruned at once); "
                              "compress with importance='gradient' to prune during training")
-        self.keep_ratio, self.total_steps, self.beta = float(keep_ratio), total_steps, beta
+        self.keep_ratio, self.total_steps, self.beta = keep_ratio, total_steps, beta
         self.initial_warmup, self.final_warmup = initial_warmup, final_warmup
         self.steps = 0
         self.skipped = 0  # score updates left out because the gradients were not finite

@@ -57,8 +57,8 @@ def test_compress_refuses_bad_input_and_writing_over_its_input(workspace, capsys
     for args, message in (
         (["--out", src], "input model's directory"),
         (["--out", src / "sub"], "input model's directory"),
-        (["--out", workspace / "x", "--rank", 0], "--rank >= 1"),
-        (["--out", workspace / "x", "--keep-ratio", 1.5], "--keep-ratio"),
+        (["--out", workspace / "x", "--rank", 0], "--rank must be an int >= 1, got 0"),
+        (["--out", workspace / "x", "--keep-ratio", 1.5], "--keep-ratio must be in (0, 1], got 1.5"),
         (["--out", workspace / "x", "--importance", "activation"], "needs --calib"),
     ):
         rc, _, err = run(["compress", "--model", src, *args], capsys)

@@ -8,15 +8,17 @@ from .common import (add_calibration_options, dir_bytes, layers_option, paramete
 
 
 def add(sub):
-    from ..compress import IMPORTANCE, SVD_METHODS
+    from ..compress import IMPORTANCE, SVD_METHODS, CompressOptions
 
     p = subcommand(sub, "compress", "compress every expert slot into low-rank factors plus kept rows (one-shot)",
                    "mcsmoe-fast compress --model ./mixtral-merged --rank 32 --keep-ratio 0.1 --out ./mixtral-mc")
     p.add_argument("--model", required=True, help="model directory (merged or plain checkpoint) or hub id")
     p.add_argument("--out", required=True, help="directory to save the compressed model to (not --model)")
-    p.add_argument("--rank", type=int, default=32, help="rank of the low-rank factors (default 32)")
-    p.add_argument("--keep-ratio", type=float, default=0.1,
-                   help="share of the sparse part's entries kept, one threshold over all experts (default 0.1)")
+    p.add_argument("--rank", type=int, default=CompressOptions.rank,
+                   help=f"rank of the low-rank factors (default {CompressOptions.rank})")
+    p.add_argument("--keep-ratio", type=float, default=CompressOptions.keep_ratio,
+                   help="share of the sparse part's entries kept, one threshold over all experts "
+                        f"(default {CompressOptions.keep_ratio})")
     one_shot = [i for i in IMPORTANCE if i != "gradient"]
     p.add_argument("--importance", choices=one_shot, default="weight",
                    help="row scores: |S| (weight) or |S| times input norms from --calib (activation)")
@@ -36,12 +38,14 @@ def run(args) -> int:
     from ..calibrate import collect_routing_stats
     from ..calibration_data import calibration_batches, check_batches, load_tokenizer, read_calibration_texts
     from ..checkpoint import save_pretrained
-    from ..compress import compress_experts
+    from ..compress import CompressOptions, compress_experts
     from ..models.loading import open_model
 
     refuse_overwriting_input(args)
-    if args.rank < 1 or not 0 < args.keep_ratio <= 1:
-        raise ValueError(f"need --rank >= 1 and 0 < --keep-ratio <= 1, got {args.rank} and {args.keep_ratio}")
+    try:  # checked before anything is loaded
+        CompressOptions(args.rank, args.keep_ratio, args.importance, args.svd)
+    except ValueError as exc:  # the message names the option as the user typed it
+        raise ValueError("--" + str(exc).replace("keep_ratio", "keep-ratio")) from None
     if args.importance == "activation" and args.calib is None:
         raise ValueError("--importance activation needs --calib (calibration text)")
     tokenizer = None

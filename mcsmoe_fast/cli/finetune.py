@@ -48,6 +48,7 @@ def add(sub):
 def run(args) -> int:
     from ..calibration_data import load_tokenizer
     from ..models.loading import open_model
+    from ..compress import CompressOptions
     from ..train import TrainConfig, train
 
     refuse_overwriting_input(args)
@@ -60,7 +61,8 @@ def run(args) -> int:
         learning_rate=args.lr or data.learning_rate or 1e-4, warmup_steps=args.warmup_steps,
         eval_every=args.eval_every, kd_lambda=args.kd_lambda, temperature=args.temperature,
         hd_lambda=args.hd_lambda, metric=data.metric, greater_is_better=data.greater_is_better,
-        keep_ratio=0.1 if args.keep_ratio is None else args.keep_ratio, prune_initial_warmup=args.prune_initial_warmup,
+        keep_ratio=CompressOptions.keep_ratio if args.keep_ratio is None else args.keep_ratio,
+        prune_initial_warmup=args.prune_initial_warmup,
         prune_final_warmup=args.prune_final_warmup, train_routers=args.train_routers,
         mixed_precision=args.mixed_precision, seed=args.seed)
     model = open_model(args.model)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import layer_entry
-from ..compress import IMPORTANCE, SVD_METHODS, full_bank, global_keep, row_scores
+from ..compress import IMPORTANCE, CompressOptions, full_bank, global_keep, row_scores
 from ..compressed import BANK_FIELDS, CompressedMoEExperts
 from ..weight_files import ShardWriter, WeightFiles
 
@@ -28,18 +28,14 @@ def compress_options(compress) -> dict | None:
     unknown = sorted(set(compress) - {"rank", "keep_ratio", "svd", "importance"})
     if unknown:
         raise ValueError(f"compress: unknown options {unknown} (rank, keep_ratio, svd, importance)")
-    opts = {"rank": 32, "keep_ratio": 0.1, "importance": "weight", "svd": "auto", **compress}
-    rank, keep_ratio = opts["rank"], opts["keep_ratio"]
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"compress: rank must be an int >= 1, got {rank!r}")
-    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0.0 < keep_ratio <= 1.0:
-        raise ValueError(f"compress: keep_ratio must be in (0, 1], got {keep_ratio!r}")
+    try:
+        opts = CompressOptions(**compress).to_dict()
+    except ValueError as exc:
+        raise ValueError(f"compress: {exc}") from None
     if opts["importance"] != "weight":
         others = ", ".join(i for i in IMPORTANCE if i != "weight")
         raise ValueError(f"compress: streaming compresses one-shot with importance='weight' only ({others} need "
                          "calibration through the merged model or fine-tuning: use the in-memory pipeline)")
-    if opts["svd"] not in SVD_METHODS:
-        raise ValueError(f"compress: svd must be one of {', '.join(SVD_METHODS)}, got {opts['svd']!r}")
     return opts
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from ..compress import CompressOptions, check_keep_ratio
+
 
 @dataclass
 class TrainConfig:
@@ -28,7 +30,7 @@ class TrainConfig:
     metric: str = "perplexity"  # the key of eval_fn's result that picks the best checkpoint
     greater_is_better: bool = False
     # compression pruner (used when the student has compressed experts in pruning state)
-    keep_ratio: float = 0.1
+    keep_ratio: float = CompressOptions.keep_ratio
     prune_initial_warmup: int | None = None  # steps before any row is pruned; None: warmup_steps
     prune_final_warmup: int | None = None  # last steps held at keep_ratio; None: 4 * warmup_steps
     seed: int = 0
@@ -52,8 +54,10 @@ class TrainConfig:
             problems.append(f"adam_eps must be > 0, got {self.adam_eps}")
         if any(w is not None and w < 0 for w in (self.prune_initial_warmup, self.prune_final_warmup)):
             problems.append("prune_initial_warmup and prune_final_warmup must be >= 0")
-        if not 0 < self.keep_ratio <= 1:
-            problems.append(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        try:
+            check_keep_ratio(self.keep_ratio)
+        except ValueError as exc:
+            problems.append(str(exc))
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             problems.append(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
         if problems:
