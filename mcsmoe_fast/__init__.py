@@ -8,7 +8,7 @@ from .checkpoint import from_pretrained, save_pretrained  # noqa: E402
 from .compress import compress_experts  # noqa: E402
 from .merge import merge_experts  # noqa: E402
 from .models import moe_layers  # noqa: E402
-from .models.loading import open_model  # noqa: E402
+from .loading import open_model  # noqa: E402
 from .optimize import optimize  # noqa: E402
 from .permute import align_experts  # noqa: E402
 from .pruner import CompressionPruner  # noqa: E402

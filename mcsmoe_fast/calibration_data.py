@@ -118,11 +118,11 @@ def load_tokenizer(path: str):
 
     A local directory must hold tokenizer files: transformers would otherwise build an empty tokenizer
     from the model config alone, which maps every word to the unknown token. A hub id is read from the
-    cache first; otherwise it is checked like a model (models.loading.check_model_source: one short
+    cache first; otherwise it is checked like a model (models.hub.check_model_source: one short
     request, no retries) before transformers downloads it."""
     from transformers import AutoTokenizer
 
-    from .models.loading import check_model_source
+    from .models.hub import check_model_source
 
     local = Path(path).expanduser()
     if local.is_dir() and not any((local / name).is_file() for name in TOKENIZER_FILES):

@@ -268,7 +268,7 @@ def to_dense(model: nn.Module) -> nn.Module:
     """A plain transformers model computing what `model` computes, each expert given its group's weights."""
     from transformers.initialization import no_init_weights
 
-    from .models.loading import model_class_for
+    from .models.hub import model_class_for
 
     merged = _merged_layers(model)
     dropped = [n for n, e in merged.items() if e.get("dropped")]
@@ -428,7 +428,7 @@ def from_pretrained(path, verify: bool = True, dtype: torch.dtype | None = None)
     from transformers import AutoConfig
     from transformers.initialization import no_init_weights
 
-    from .models.loading import load_model, model_class_for
+    from .models.hub import load_model, model_class_for
 
     path = Path(path)
     section = _read_section(path)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from mcsmoe_fast.models.loading import load_model
+from mcsmoe_fast.models.hub import load_model
 from mcsmoe_fast.tiny import tiny_mixtral, tiny_moe, tiny_switch
 
 

@@ -6,7 +6,7 @@ import torch
 
 from mcsmoe_fast import align_experts, collect_routing_stats, merge_experts, moe_layers, optimize
 from mcsmoe_fast.activations import from_config
-from mcsmoe_fast.models.loading import load_model
+from mcsmoe_fast.models.hub import load_model
 from mcsmoe_fast.tiny import tiny_mixtral, tiny_switch
 from merge_helpers import calibration, forward
 

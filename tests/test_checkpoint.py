@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from mcsmoe_fast import collect_routing_stats, from_pretrained, merge_experts, moe_layers, save_pretrained
 from mcsmoe_fast.checkpoint import WEIGHTS_NAME, CheckpointError
-from mcsmoe_fast.models.loading import load_model
+from mcsmoe_fast.models.hub import load_model
 from mcsmoe_fast.modules import MoEExperts
 from merge_helpers import build, calibration, forward
 

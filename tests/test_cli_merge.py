@@ -8,7 +8,7 @@ import torch
 from mcsmoe_fast import from_pretrained, moe_layers
 from mcsmoe_fast.calibration_data import read_calibration_texts
 from mcsmoe_fast.cli import main
-from mcsmoe_fast.models.loading import load_model
+from mcsmoe_fast.models.hub import load_model
 from mcsmoe_fast.modules import MoEExperts
 from mcsmoe_fast.tiny import tiny_mixtral, tiny_switch
 

@@ -119,7 +119,8 @@ def test_hub_ids_still_load_when_the_hub_serves_them(tmp_path, monkeypatch):
     """Online, a bare name is asked about once and then loaded as before (here: from a local stand-in)."""
     import huggingface_hub
 
-    from mcsmoe_fast.models import loading
+    from mcsmoe_fast import loading
+    from mcsmoe_fast.models.hub import check_model_source
     from mcsmoe_fast.tiny import tiny_mixtral
 
     tiny_mixtral().save_pretrained(tmp_path / "stand-in")
@@ -131,7 +132,7 @@ def test_hub_ids_still_load_when_the_hub_serves_them(tmp_path, monkeypatch):
     monkeypatch.setattr(loading, "load_model",
                         lambda name, dtype=None: real_load(str(tmp_path / "stand-in"), dtype) if name == "org/moe"
                         else real_load(name, dtype))
-    loading.check_model_source("org/moe")
+    check_model_source("org/moe")
     model = loading.open_model("org/moe")
     assert model.config.model_type == "mixtral"
     assert asked == ["org/moe"]  # one request for the check and the load together

@@ -9,7 +9,7 @@ from mcsmoe_fast import align_experts, collect_routing_stats, from_pretrained, m
 from mcsmoe_fast.calibration_data import calibration_batches, read_calibration_texts
 from mcsmoe_fast.drop import logit_mask
 from mcsmoe_fast.grouping import group_counts
-from mcsmoe_fast.models.loading import load_model
+from mcsmoe_fast.models.hub import load_model
 from test_calibration_data import SPLITS, local_dataset  # noqa: F401  (fixture)
 from test_cli_merge import LINES, run, tiny_tokenizer, workspace  # noqa: F401  (fixture)
 

@@ -86,7 +86,7 @@ def test_compressed_model_equals_its_dense_reconstruction(family, importance, tm
     compress_experts(model, rank=3, keep_ratio=0.2, importance=importance, stats=stats, progress=False)
     optimize(model)
     dense = save_pretrained(model, tmp_path / "dense", export_dense=True)
-    from mcsmoe_fast.models.loading import load_model
+    from mcsmoe_fast.models.hub import load_model
 
     vanilla = load_model(str(dense))  # transformers' own modules with the reconstructed weights
     for b in batches:

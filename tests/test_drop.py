@@ -7,7 +7,7 @@ from torch import nn
 
 from mcsmoe_fast import collect_routing_stats, from_pretrained, merge_experts, moe_layers, optimize, save_pretrained
 from mcsmoe_fast.drop import SOFTMAX_TOP_K_ROUTERS, MaskedLinear, MaskedTopKRouter, install_logit_mask, logit_mask
-from mcsmoe_fast.models.loading import load_model
+from mcsmoe_fast.models.hub import load_model
 from merge_helpers import build, calibration, forward
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from mcsmoe_fast import align_experts, moe_layers
-from mcsmoe_fast.models.loading import load_model
+from mcsmoe_fast.models.hub import load_model
 from mcsmoe_fast.permute import apply_permutation, apply_permutation_, match_permutations, weight_matching_cost
 from mcsmoe_fast.tiny import tiny_mixtral, tiny_switch
 

@@ -156,7 +156,7 @@ def test_what_streaming_cannot_do_is_refused_before_any_work(tmp_path, batches):
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss"])
 def test_streamed_permute_equals_align_experts_then_save(family, tmp_path):
     from mcsmoe_fast import align_experts
-    from mcsmoe_fast.models.loading import load_model
+    from mcsmoe_fast.models.hub import load_model
     from mcsmoe_fast.streaming import permute_checkpoint
     from mcsmoe_fast.tiny import tiny_moe
 

@@ -149,7 +149,7 @@ def test_families_only_their_own_forward_runs(family, batches, tmp_path):
     assert result.offloaded
     assert_same_checkpoint(expected, result.path, batches)
 
-    from mcsmoe_fast.models.loading import load_model
+    from mcsmoe_fast.models.hub import load_model
 
     perms = permute_checkpoint(src, tmp_path / "permuted", reference=1, progress=False)
     model = open_model(str(src))
@@ -196,7 +196,7 @@ def test_switch_streams_with_a_device_map(switch_source, tmp_path, options, labe
 
 
 def test_switch_streamed_permute_equals_align_experts(switch_source, tmp_path):
-    from mcsmoe_fast.models.loading import load_model
+    from mcsmoe_fast.models.hub import load_model
 
     perms = permute_checkpoint(switch_source, tmp_path / "permuted", reference=3, max_shard_size="40KB",
                                progress=False)

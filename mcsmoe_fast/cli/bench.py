@@ -29,7 +29,7 @@ def random_inputs(model, tokens: int, length: int, seed: int = 0) -> dict:
 
 def run(args) -> int:
     from ..demo.measure import throughput
-    from ..models.loading import open_model
+    from ..loading import open_model
 
     if min(args.tokens) < 1 or args.length < 1 or args.repeats < 1:
         raise ValueError("--tokens, --length and --repeats must be >= 1")

@@ -20,8 +20,8 @@ MODEL_OPTIONS = ("model", "teacher")  # the options that name a model to read (d
 def check_model_options(args) -> None:
     """Every model a subcommand will read is there, checked before the subcommand reads any tokenizer,
     config or data (main runs this for every subcommand): a missing directory fails at once, a hub id
-    that is not cached is asked about once, briefly (models.loading.check_model_source)."""
-    from ..models.loading import check_model_source
+    that is not cached is asked about once, briefly (models.hub.check_model_source)."""
+    from ..models.hub import check_model_source
 
     for option in MODEL_OPTIONS:
         spec = getattr(args, option, None)
@@ -106,7 +106,7 @@ def dtype_option(args):
 
     if args.dtype != "auto":
         return getattr(torch, args.dtype)
-    from ..models.loading import load_config
+    from ..models.hub import load_config
 
     stored = getattr(load_config(args.model), "dtype", None)
     stored = getattr(torch, stored, None) if isinstance(stored, str) else stored

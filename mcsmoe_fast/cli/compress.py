@@ -39,7 +39,7 @@ def run(args) -> int:
     from ..calibration_data import calibration_batches, check_batches, load_tokenizer, read_calibration_texts
     from ..checkpoint import save_pretrained
     from ..compress import CompressOptions, compress_experts
-    from ..models.loading import open_model
+    from ..loading import open_model
 
     refuse_overwriting_input(args)
     try:  # checked before anything is loaded

@@ -20,7 +20,7 @@ def add(sub):
 
 def run(args) -> int:
     from ..calibration_data import load_tokenizer
-    from ..models.loading import open_model
+    from ..loading import open_model
     from ..optimize import optimize
 
     tokenizer = load_tokenizer(args.tokenizer or args.model)

@@ -47,7 +47,7 @@ def add(sub):
 
 def run(args) -> int:
     from ..calibration_data import load_tokenizer
-    from ..models.loading import open_model
+    from ..loading import open_model
     from ..compress import CompressOptions
     from ..train import TrainConfig, train
 

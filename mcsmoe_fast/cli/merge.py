@@ -74,7 +74,7 @@ def run(args) -> int:
     from ..checkpoint import save_pretrained
     from ..merge import merge_experts
     from ..models import moe_layers
-    from ..models.loading import open_model
+    from ..loading import open_model
 
     refuse_overwriting_input(args)
     if args.num_groups < 1:

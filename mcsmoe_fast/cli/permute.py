@@ -24,7 +24,7 @@ def run(args) -> int:
     import torch
 
     from ..calibration_data import load_tokenizer
-    from ..models.loading import open_model
+    from ..loading import open_model
     from ..permute import align_experts
 
     from ..streaming import fits_in_memory, permute_checkpoint

@@ -15,7 +15,7 @@ from ..calibrate import collect_routing_stats
 from ..checkpoint import from_pretrained, save_pretrained
 from ..merge import merge_experts
 from ..models import moe_layers
-from ..models.loading import load_model
+from ..models.hub import load_model
 from ..optimize import optimize
 from ..permute import align_experts
 from ..tiny import tiny_mixtral, tiny_switch

@@ -75,7 +75,7 @@ def dispatched_statistics(source, dtype: torch.dtype, batches: list[Batch], base
     every batch through the checkpoint dispatched by accelerate; the model is released before returning."""
     from tqdm.auto import tqdm
 
-    from ..models.loading import model_class_for
+    from ..models.hub import model_class_for
 
     model = model_class_for(source.config).from_pretrained(
         str(source.path), device_map=device_map, max_memory=max_memory, offload_folder=str(offload_folder),

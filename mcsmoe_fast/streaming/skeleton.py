@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..models import moe_layers
-from ..models.loading import model_class_for
+from ..models.hub import model_class_for
 
 
 def build_skeleton(config, dtype: torch.dtype) -> nn.Module:

@@ -1,4 +1,5 @@
-"""Load a Hugging Face MoE model from a local directory or a hub id, with the right head class."""
+"""Plain transformers models and configs from a local directory or a hub id (the right head class), and
+the one check of a model source: a directory, or a hub id asked about once, briefly."""
 from __future__ import annotations
 
 import os
@@ -45,7 +46,7 @@ def check_model_source(spec: str, what: str = "model") -> None:
     if looks_like_path(spec):
         raise FileNotFoundError(f"{what} directory not found: {spec}")
     if not in_hub_cache(spec):
-        _check_hub(spec, what)
+        check_hub(spec, what)
 
 
 def in_hub_cache(repo_id: str) -> bool:
@@ -57,25 +58,6 @@ def in_hub_cache(repo_id: str) -> bool:
                    for name in ("config.json", "tokenizer_config.json", "tokenizer.json"))
     except ValueError:  # not a valid repo id: the Hub check names the problem
         return False
-
-
-def open_model(spec: str, dtype: torch.dtype | None = None):
-    """A model from a local directory (plain, merged or compressed checkpoint) or a hub id.
-
-    A path that is not a directory fails at once; a hub id is read from the local cache first, and
-    otherwise the Hub is asked once (no retries), failing in one line when it cannot be reached."""
-    from ..checkpoint import from_pretrained
-
-    check_model_source(spec)
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return from_pretrained(path, dtype=dtype)
-    try:
-        return _load_cached(spec, dtype)
-    except OSError:
-        pass
-    _check_hub(spec)
-    return load_model(spec, dtype=dtype)
 
 
 def load_config(spec: str):
@@ -91,7 +73,8 @@ def load_config(spec: str):
     return AutoConfig.from_pretrained(spec)
 
 
-def _load_cached(repo_id: str, dtype):
+def load_cached(repo_id: str, dtype):
+    """The model of a hub id from the local cache only (OSError when it is not cached)."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(repo_id, local_files_only=True)
@@ -102,7 +85,7 @@ def _load_cached(repo_id: str, dtype):
 _SERVED: set[str] = set()  # repo ids the Hub answered for in this process: asked about once
 
 
-def _check_hub(repo_id: str, what: str = "model") -> None:
+def check_hub(repo_id: str, what: str = "model") -> None:
     """One short request for the repo; a clear one-line error instead of huggingface_hub's retries (five, with
     backoff, about 50 s offline)."""
     from huggingface_hub import HfApi

@@ -1,0 +1,29 @@
+"""open_model: any model this package reads, from a local directory (a plain transformers checkpoint or
+a merged or compressed one of ours) or a hub id. Above checkpoint.py, which it calls: nothing below
+imports it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import from_pretrained
+from .models.hub import check_hub, check_model_source, load_cached, load_model
+
+
+def open_model(spec: str, dtype: torch.dtype | None = None):
+    """A model from a local directory (plain, merged or compressed checkpoint) or a hub id.
+
+    A path that is not a directory fails at once; a hub id is read from the local cache first, and
+    otherwise the Hub is asked once (no retries), failing in one line when it cannot be reached."""
+    check_model_source(spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return from_pretrained(path, dtype=dtype)
+    try:
+        return load_cached(spec, dtype)
+    except OSError:
+        pass
+    check_hub(spec)
+    return load_model(spec, dtype=dtype)
+
