@@ -178,9 +178,9 @@ def run_mode(mode: str, src: Path, out: Path, budget: str) -> dict:
 def same_tensors(a: Path, b: Path) -> bool:
     import torch
 
-    from mcsmoe_fast.checkpoint import _open_weights, _read_section
+    from mcsmoe_fast.checkpoint import open_weights, read_section
 
-    wa, wb = (_open_weights(p, _read_section(p), verify=False) for p in (a, b))
+    wa, wb = (open_weights(p, read_section(p), verify=False) for p in (a, b))
     if set(wa.shapes) != set(wb.shapes):
         return False
     ok = all(torch.equal(wa.get(k), wb.get(k)) for k in wa.shapes)

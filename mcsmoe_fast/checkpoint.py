@@ -299,7 +299,7 @@ def to_dense(model: nn.Module) -> nn.Module:
 
 
 # --- loading ---------------------------------------------------------------------------------------
-def _read_section(path: Path) -> dict | None:
+def read_section(path: Path) -> dict | None:
     config_file = path / "config.json"
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
@@ -336,7 +336,7 @@ def _check_file(path: Path, file: str, size: int, sha256: str | None, verify: bo
     return weights
 
 
-def _open_weights(path: Path, section: dict, verify: bool) -> WeightFiles:
+def open_weights(path: Path, section: dict, verify: bool) -> WeightFiles:
     """The checkpoint's weights, every file checked against config.json (size always, sha256 if verify)."""
     first = _check_file(path, section["weights"], section["weights_bytes"], section.get("weights_sha256"), verify,
                         "index file" if "shards" in section else "weights file")
@@ -431,14 +431,14 @@ def from_pretrained(path, verify: bool = True, dtype: torch.dtype | None = None)
     from .models.hub import load_model, model_class_for
 
     path = Path(path)
-    section = _read_section(path)
+    section = read_section(path)
     if section is None:
         try:
             return load_model(str(path), dtype=dtype)
         except Exception as exc:  # safetensors, OSError, ValueError...: a plain checkpoint that does not load
             raise CheckpointError(f"{path}: the transformers checkpoint does not load "
                                   f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from exc
-    weights = _open_weights(path, section, verify)
+    weights = open_weights(path, section, verify)
     try:
         config = AutoConfig.from_pretrained(str(path))
     except (ValueError, OSError, KeyError, TypeError) as exc:

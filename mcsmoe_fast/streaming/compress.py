@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import WEIGHTS_METADATA, WEIGHTS_NAME, _open_weights, _read_section, atomic_directory
+from ..checkpoint import WEIGHTS_METADATA, WEIGHTS_NAME, atomic_directory, open_weights, read_section
 from ..checkpoint import write_merged_config
 from ..sections import record_compression
 from ..weight_files import CheckpointError, ShardWriter
@@ -40,13 +40,13 @@ def compress_checkpoint(path, out, rank: int = 32, keep_ratio: float = 0.1, svd:
 
     opts = compress_options(dict(rank=rank, keep_ratio=keep_ratio, svd=svd))
     path, out = Path(path).expanduser().absolute(), Path(out).expanduser().absolute()
-    section = _read_section(path)
+    section = read_section(path)
     if section is None:
         raise ValueError(f"{path} is a plain transformers checkpoint: streaming compression reads merged "
                          "checkpoints (merge it first, e.g. with mcsmoe-fast merge --max-memory)")
     if out == path or path in out.parents:
         raise ValueError(f"out ({out}) must not be the input checkpoint directory or inside it")
-    weights = _open_weights(path, section, verify)
+    weights = open_weights(path, section, verify)
     config = AutoConfig.from_pretrained(str(path))
     dtype = getattr(torch, section.get("dtype", "float32"))
     model = build_skeleton(config, dtype)
