@@ -90,6 +90,134 @@ def _plan(s: Stream, max_memory, max_shard_size) -> MemoryPlan:
     return plan
 
 
+def _check_memory(max_memory, device_map) -> tuple:
+    """Check device_map and max_memory; returns (resident budget, per-device memory or None)."""
+    check_device_map(device_map)
+    if isinstance(max_memory, dict) and device_map is None:
+        raise ValueError("max_memory per device (a dict) is for accelerate's device map; pass device_map too, "
+                         "or one size for the resident memory")
+    return split_memory(max_memory) if device_map is not None else (max_memory, None)
+
+
+@dataclass
+class _Groups:
+    """The MoE layers to merge (module order) and how their group counts are decided."""
+
+    chosen: list[str]
+    num_groups: object
+    globally: bool
+
+    def up_front(self, views) -> dict[str, int]:
+        """The counts before any statistics (valid when they do not depend on other layers' usage)."""
+        num_experts = {v.name: v.num_experts for v in views.values()}
+        return group_counts({n: torch.zeros(num_experts[n]) for n in self.chosen}, self.num_groups, self.globally)
+
+    def from_stats(self, stats: dict[str, LayerStats]) -> dict[str, int]:
+        return group_counts({n: stats[n].frequency for n in self.chosen}, self.num_groups, self.globally)
+
+
+def _open_stream(path, out, dtype, calibration_batches, layers, strategy: str, bases, progress: bool,
+                 dispatched: bool) -> tuple[Stream, Path, list[str], dict]:
+    """Open the checkpoint as a skeleton and prepare the calibration batches; returns the Stream (no
+    writer yet), the output path, the names of the layers to merge (module order) and the tied aliases."""
+    source, out, dtype, model, shapes, aliases = open_source(path, out, dtype, dispatched)
+    seq2seq = getattr(source.config, "is_encoder_decoder", False)
+    batches = prepare_batches(calibration_batches, source.config.vocab_size, SEQ2SEQ_KEYS if seq2seq else ACCEPTED_KEYS)
+    units = layer_units(model)
+    views = moe_views(model, units)
+    chosen_views = select_layers(list(views.values()), layers)  # module order
+    if strategy == "drop":  # refused before any work, as merge_experts does
+        for view in chosen_views:
+            check_maskable(view)
+    chosen = [v.name for v in chosen_views]
+    s = Stream(model=model, source=source, shapes=shapes, units=units, views=views,
+               chosen=set(chosen), batches=batches, dtype=dtype, bases=bases, writer=None,
+               progress=Progress(progress, sum(b.tokens for b in batches)))
+    return s, out, chosen, aliases
+
+
+def _merger(s: Stream, tmp: Path, plan: MemoryPlan, compress: dict | None, options: dict) -> Merger:
+    """Open the output shards in `tmp` (s.writer) and the merge step, staging for compression when asked."""
+    s.writer = ShardWriter(tmp, WEIGHTS_NAME, plan.shard_size, WEIGHTS_METADATA)
+    stage = (CompressionStage(tmp / ".compress-staging", compress["rank"], compress["keep_ratio"], compress["svd"])
+             if compress else None)
+    return Merger(s.writer, stage, options, plan.matching_bytes)
+
+
+def _merge_in_layer_pass(s: Stream, merger: Merger, counts: dict[str, int], merge_all: bool):
+    """layer_pass's merge_now: every layer when merge_all, else only the layers kept as they are."""
+    def merge_now(view, tensors):
+        if merge_all or (view.name not in s.chosen and merger.stage is None):
+            merger(view, tensors, s.stats.get(view.name), counts.get(view.name))
+    return merge_now
+
+
+def _dispatched_passes(s: Stream, merger: Merger, groups: _Groups, device_map, device_memory, scratch: Path,
+                       seconds: dict) -> bool:
+    """Statistics from the model's own forward under accelerate, then one pass over the weights that
+    copies every layer and merges its experts; returns whether accelerate offloaded layers to disk."""
+    t0 = time.perf_counter()
+    with scratch_directory(scratch, ".mcsmoe-offload-") as offload:
+        s.stats, placed = dispatched_statistics(s.source, s.dtype, s.batches, s.bases, s.chosen, device_map,
+                                                device_memory, offload, s.progress)
+    offloaded = "disk" in placed.values()
+    seconds["pass1"] = time.perf_counter() - t0
+    counts = groups.from_stats(s.stats)
+    t0 = time.perf_counter()
+    layer_pass(s, _merge_in_layer_pass(s, merger, counts, merge_all=True), "pass 2/2: merging")
+    seconds["pass2"] = time.perf_counter() - t0
+    return offloaded
+
+
+def _streamed_passes(s: Stream, merger: Merger, groups: _Groups, counts: dict[str, int], fused: bool,
+                     offload: bool, scratch: Path, seconds: dict) -> None:
+    """The cut forward, one layer at a time over the carried hidden states (in memory, or in a file when
+    `offload`): statistics, and the merge too when `fused`; else a second pass merges."""
+    t0 = time.perf_counter()
+    with (scratch_directory(scratch, ".mcsmoe-activations-") if offload else nullcontext()) as where:
+        store = ActivationStore([(*b.input_ids.shape, s.model.config.hidden_size) for b in s.batches], s.dtype,
+                                where)
+        try:
+            layer_pass(s, _merge_in_layer_pass(s, merger, counts, merge_all=fused),
+                       "pass 1/1: statistics + merging" if fused else "pass 1/2: routing statistics", store)
+        finally:
+            store.close()
+    seconds["pass1"] = time.perf_counter() - t0
+    if not fused:
+        t0 = time.perf_counter()
+        merge_pass(s, merger, groups.from_stats(s.stats), "pass 2/2: merging")
+        seconds["pass2"] = time.perf_counter() - t0
+
+
+def _compress_pass(s: Stream, merger: Merger, seconds: dict) -> None:
+    """Prune the staged merged banks once the global threshold is known and write them."""
+    t0 = time.perf_counter()
+    bar = s.progress.bar(len(merger.stage.layers), "compressing: global threshold")
+    merger.entries.update(merger.stage.finish(s.writer, progress=lambda n: (s.progress.update(bar, n), bar.update())))
+    bar.close()
+    seconds["compress"] = time.perf_counter() - t0
+
+
+def _write_config(s: Stream, merger: Merger, tmp: Path, groups: _Groups, options: dict, compress: dict | None,
+                  aliases: dict, tokenizer):
+    """Close the shards, record the merge (and compression) in the config and write it (and the
+    tokenizer); returns the written shards' index."""
+    written = s.writer.finish()
+    num_groups = groups.num_groups
+    record_merge(s.model, merger.groupings, {n: s.stats[n] for n in groups.chosen}, dict(
+        num_groups=num_groups if isinstance(num_groups, int) else dict(num_groups), similarity=options["similarity"],
+        globally=groups.globally, permute=options["permute"], strategy=options["strategy"],
+        grouping=options["grouping"], seed=options["seed"]))
+    if compress:
+        record_compression(s.model, merger.entries, dict(
+            rank=compress["rank"], keep_ratio=compress["keep_ratio"], importance="weight", svd=compress["svd"]))
+    entries = {v.name: merger.entries[v.name] for v in s.views.values() if v.name in merger.entries}
+    write_merged_config(s.model.config, tmp, written, aliases, entries, str(s.dtype).removeprefix("torch."))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    return written
+
+
 @torch.no_grad()
 def merge_checkpoint(
     path,
@@ -145,92 +273,27 @@ def merge_checkpoint(
     started = time.perf_counter()
     bases = _check_options(similarity, strategy, grouping, bases)
     compress = compress_options(compress)
-    check_device_map(device_map)
-    if isinstance(max_memory, dict) and device_map is None:
-        raise ValueError("max_memory per device (a dict) is for accelerate's device map; pass device_map too, "
-                         "or one size for the resident memory")
-    budget, device_memory = split_memory(max_memory) if device_map is not None else (max_memory, None)
-    source, out, dtype, model, shapes, aliases = open_source(path, out, dtype, device_map is not None)
-    seq2seq = getattr(source.config, "is_encoder_decoder", False)
-    batches = prepare_batches(calibration_batches, source.config.vocab_size, SEQ2SEQ_KEYS if seq2seq else ACCEPTED_KEYS)
-    units = layer_units(model)
-    views = moe_views(model, units)
-    chosen_views = select_layers(list(views.values()), layers)  # module order
-    chosen = [v.name for v in chosen_views]
-    if strategy == "drop":  # refused before any work, as merge_experts does
-        for view in chosen_views:
-            check_maskable(view)
-    num_experts = {v.name: v.num_experts for v in views.values()}
+    budget, device_memory = _check_memory(max_memory, device_map)
+    s, out, chosen, aliases = _open_stream(path, out, dtype, calibration_batches, layers, strategy, bases, progress,
+                                           dispatched=device_map is not None)
+    groups = _Groups(chosen, num_groups, globally)
     # group counts known up front (not global): each layer is merged as soon as its statistics are in
     fused = not globally and device_map is None
-    counts = group_counts({n: torch.zeros(num_experts[n]) for n in chosen}, num_groups, globally) if fused else {}
-    s = Stream(model=model, source=source, shapes=shapes, units=units, views=views,
-               chosen=set(chosen), batches=batches, dtype=dtype, bases=bases, writer=None,
-               progress=Progress(progress, sum(b.tokens for b in batches)))
+    counts = groups.up_front(s.views) if fused else {}
     plan = _plan(s, budget, max_shard_size)
-    seconds: dict[str, float] = {}
-
+    options, seconds = dict(similarity=similarity, permute=permute, strategy=strategy, grouping=grouping, seed=seed), {}
     with atomic_directory(out) as tmp:
-        s.writer = ShardWriter(tmp, WEIGHTS_NAME, plan.shard_size, WEIGHTS_METADATA)
-        stage = (CompressionStage(tmp / ".compress-staging", compress["rank"], compress["keep_ratio"], compress["svd"])
-                 if compress else None)
-        merger = Merger(s.writer, stage, dict(similarity=similarity, permute=permute, strategy=strategy,
-                                              grouping=grouping, seed=seed), plan.matching_bytes)
-
-        merge_all = fused or device_map is not None
-
-        def merge_now(view, tensors):  # in the layer pass: every layer, or the ones kept as they are
-            if merge_all or (view.name not in s.chosen and stage is None):
-                merger(view, tensors, s.stats.get(view.name), counts.get(view.name))
-
-        t0 = time.perf_counter()
+        merger = _merger(s, tmp, plan, compress, options)
         if device_map is not None:
-            with scratch_directory(offload_dir or tmp, ".mcsmoe-offload-") as offload:
-                s.stats, placed = dispatched_statistics(source, dtype, batches, bases, s.chosen, device_map,
-                                                        device_memory, offload, s.progress)
-            offloaded = "disk" in placed.values()
-            seconds["pass1"] = time.perf_counter() - t0
-            counts = group_counts({n: s.stats[n].frequency for n in chosen}, num_groups, globally)
-            t0 = time.perf_counter()
-            layer_pass(s, merge_now, "pass 2/2: merging")
-            seconds["pass2"] = time.perf_counter() - t0
+            offloaded = _dispatched_passes(s, merger, groups, device_map, device_memory, offload_dir or tmp, seconds)
         else:
             offloaded = plan.offload
-            with (scratch_directory(offload_dir or tmp, ".mcsmoe-activations-") if offloaded
-                  else nullcontext()) as where:
-                store = ActivationStore([(*b.input_ids.shape, model.config.hidden_size) for b in batches], dtype,
-                                        where)
-                try:
-                    layer_pass(s, merge_now, "pass 1/1: statistics + merging" if fused
-                               else "pass 1/2: routing statistics", store)
-                finally:
-                    store.close()
-            seconds["pass1"] = time.perf_counter() - t0
-            if not fused:
-                t0 = time.perf_counter()
-                counts = group_counts({n: s.stats[n].frequency for n in chosen}, num_groups, globally)
-                merge_pass(s, merger, counts, "pass 2/2: merging")
-                seconds["pass2"] = time.perf_counter() - t0
-        if stage is not None:
-            t0 = time.perf_counter()
-            bar = s.progress.bar(len(stage.layers), "compressing: global threshold")
-            merger.entries.update(stage.finish(s.writer, progress=lambda n: (s.progress.update(bar, n), bar.update())))
-            bar.close()
-            seconds["compress"] = time.perf_counter() - t0
-
-        written = s.writer.finish()
-        record_merge(model, merger.groupings, {n: s.stats[n] for n in chosen}, dict(
-            num_groups=num_groups if isinstance(num_groups, int) else dict(num_groups), similarity=similarity,
-            globally=globally, permute=permute, strategy=strategy, grouping=grouping, seed=seed))
-        if compress:
-            record_compression(model, merger.entries, dict(
-                rank=compress["rank"], keep_ratio=compress["keep_ratio"], importance="weight", svd=compress["svd"]))
-        entries = {v.name: merger.entries[v.name] for v in views.values() if v.name in merger.entries}
-        write_merged_config(model.config, tmp, written, aliases, entries, str(dtype).removeprefix("torch."))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+            _streamed_passes(s, merger, groups, counts, fused, offloaded, offload_dir or tmp, seconds)
+        if merger.stage is not None:
+            _compress_pass(s, merger, seconds)
+        written = _write_config(s, merger, tmp, groups, options, compress, aliases, tokenizer)
     seconds["total"] = time.perf_counter() - started
     return StreamingResult(path=out, groupings=merger.groupings, stats=s.stats, passes=1 if fused else 2,
-                           offloaded=offloaded, bytes_read=source.bytes_read,
+                           offloaded=offloaded, bytes_read=s.source.bytes_read,
                            bytes_written=sum(f["bytes"] for f in written.files.values()),
                            peak_rss=s.progress.peak, seconds=seconds)

@@ -107,6 +107,164 @@ def _load_weights(model: nn.Module, checkpoint: Path) -> None:
                          f"unexpected {unexpected[:3]}): resume with the model the run started from")
 
 
+@dataclass
+class _Run:
+    """One training run: its parts (prepared by accelerate once _prepare ran) and its progress, shared by
+    the steps, the evaluations and the checkpoints."""
+
+    config: TrainConfig
+    accelerator: object
+    model: nn.Module
+    teacher: nn.Module | None
+    pruner: CompressionPruner | None
+    loader: torch.utils.data.DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    output_dir: Path | None
+    eval_fn: Callable[[nn.Module], dict[str, float]] | None
+    callback: Callable[[nn.Module, dict], None] | None
+    tokenizer: object
+    causal: bool
+    step: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    history: list[dict] = field(default_factory=list)
+    bar: object = None
+
+    @property
+    def training_mode(self) -> bool:
+        return self.teacher is None  # KD runs the student in eval mode, as the original
+
+
+def _check_arguments(train_data, config: TrainConfig, eval_fn, output_dir: Path | None, resume: bool) -> None:
+    if resume and output_dir is None:
+        raise ValueError("resume=True needs the output_dir of the run to resume")
+    if eval_fn is None and config.eval_every:
+        raise ValueError("eval_every > 0 needs an eval_fn (or set eval_every=0)")
+    if len(train_data) < config.batch_size:
+        raise ValueError(f"train_data has {len(train_data)} examples, fewer than one batch of {config.batch_size}")
+
+
+def _setup(model: nn.Module, train_data, config: TrainConfig, collate_fn, teacher: nn.Module | None,
+           output_dir: Path | None, eval_fn, callback, tokenizer) -> _Run:
+    """The accelerator (seeded), frozen routers and teacher, the pruner, the data loader, the optimizer and
+    its schedule."""
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import set_seed
+
+    causal = not getattr(model.config, "is_encoder_decoder", False)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision,
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    set_seed(config.seed)
+    if not config.train_routers:
+        freeze_routers(model)
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
+    pruner = _pruner(model, config)
+    loader = torch.utils.data.DataLoader(train_data, batch_size=config.batch_size, shuffle=True, drop_last=True,
+                                         collate_fn=collate_fn)
+    optimizer = _optimizer(model, config, distilling=teacher is not None)
+    return _Run(config, accelerator, model, teacher, pruner, loader, optimizer, _scheduler(optimizer, config),
+                output_dir, eval_fn, callback, tokenizer, causal)
+
+
+def _resume(run: _Run) -> None:
+    """Continue from output_dir/latest: weights (a pruned student's masked rows come with the state),
+    optimizer, schedule, pruner and the progress record."""
+    latest = run.output_dir / LATEST
+    if run.pruner is None:
+        _load_weights(run.model, latest)
+    record = restore_state(latest, run.optimizer, run.scheduler, run.pruner, run.model if run.pruner else None)
+    run.step, run.best_metric, run.best_step, run.history = (record["step"], record["best_metric"],
+                                                             record["best_step"], record["history"])
+    if run.step > run.config.steps:
+        raise ValueError(f"resume: the saved run is at step {run.step}, past steps={run.config.steps}")
+
+
+def _prepare(run: _Run) -> None:
+    """Hand the model, optimizer, loader, schedule (and teacher) to accelerate."""
+    run.model, run.optimizer, run.loader, run.scheduler = run.accelerator.prepare(
+        run.model, run.optimizer, run.loader, run.scheduler)
+    if run.teacher is not None:
+        run.teacher = run.accelerator.prepare_model(run.teacher, evaluation_mode=True)
+
+
+def _checkpoint(run: _Run, name: str, progress_record: dict, with_state: bool) -> None:
+    """Write output_dir/name (main process only): the model (a pruned student finalized), and with_state
+    everything a resume needs."""
+    if not run.accelerator.is_main_process:
+        return
+    plain = saved = run.accelerator.unwrap_model(run.model)
+    if run.pruner is not None:  # checkpoints hold the compact, finalized form; a resume needs the masked rows too
+        saved = copy.deepcopy(plain)
+        for m in saved.modules():
+            if isinstance(m, CompressedMoEExperts) and m.pruning:
+                m.finalize()
+    if with_state:
+        model_state = plain.state_dict() if run.pruner is not None else None
+        state = (run.optimizer, run.scheduler, run.pruner, model_state)
+    else:
+        state = ()
+    save_pretrained(saved, run.output_dir / name, tokenizer=run.tokenizer,
+                    extra=lambda d: write_state(d, progress_record, *state))
+
+
+def _evaluate(run: _Run, loss: float) -> None:
+    """Evaluate, keep the record, write `best` when the metric improved and `latest`, call the callback."""
+    config, record = run.config, {"step": run.step, "loss": loss}
+    if run.eval_fn is not None:
+        plain = run.accelerator.unwrap_model(run.model)
+        plain.eval()
+        with torch.no_grad():
+            record.update(run.eval_fn(plain))
+        plain.train(run.training_mode)
+        if config.metric not in record:
+            raise ValueError(f"eval_fn returned {sorted(record)}, without the metric {config.metric!r}")
+    run.history.append(record)
+    final_keep = run.pruner is None or run.pruner.kept_fraction(run.step) <= config.keep_ratio
+    value = record.get(config.metric)
+    if run.eval_fn is not None and final_keep and _improved(value, run.best_metric, config.greater_is_better):
+        run.best_metric, run.best_step = value, run.step
+        if run.output_dir is not None:
+            _checkpoint(run, BEST, {"step": run.step, "metric": config.metric, "value": value}, with_state=False)
+    if run.output_dir is not None:
+        _checkpoint(run, LATEST, {"step": run.step, "best_metric": run.best_metric, "best_step": run.best_step,
+                                  "history": run.history, "config": config.to_dict()}, with_state=True)
+    run.bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "step" and isinstance(v, float)})
+    if run.callback is not None:
+        run.callback(run.accelerator.unwrap_model(run.model), record)
+
+
+def _optimizer_step(run: _Run, batch: dict, params: list[torch.Tensor]) -> torch.Tensor:
+    """Forward (and the teacher's), loss, backward, clipping, optimizer, schedule and pruner; returns the loss."""
+    config, labels = run.config, batch["labels"]
+    want_hidden = run.teacher is not None and config.hd_lambda > 0
+    out = run.model(**batch, output_hidden_states=want_hidden)
+    if run.teacher is not None:
+        with torch.no_grad():
+            teacher_out = run.teacher(**batch, output_hidden_states=want_hidden)
+        loss, _ = kd_loss(out, teacher_out, labels, run.causal, config.kd_lambda, config.temperature,
+                          config.task_lambda, config.hd_lambda)
+    else:
+        loss = out.loss if getattr(out, "loss", None) is not None else task_loss(out.logits, labels, run.causal)
+    run.accelerator.backward(loss)
+    if config.max_grad_norm:
+        run.accelerator.clip_grad_norm_(params, config.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    if run.pruner is not None:
+        run.pruner.step(update_scores=not run.accelerator.optimizer_step_was_skipped)
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def _batches(run: _Run):
+    """The rest of the current epoch's batches: the epoch's seeded order, those already trained skipped."""
+    epoch, skip = divmod(run.step, len(run.loader))
+    run.loader.set_epoch(epoch)
+    return run.accelerator.skip_first_batches(run.loader, skip) if skip else run.loader
+
+
 def train(
     model: nn.Module,
     train_data,
@@ -125,128 +283,33 @@ def train(
     whose batches, made by `collate_fn`, are model input dicts with `labels`). See the module doc.
     `callback(model, record)` runs after every evaluation (record: step, loss, metrics); `tokenizer`
     is saved into every checkpoint."""
-    from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.utils import set_seed
-
     output_dir = Path(output_dir) if output_dir is not None else None
-    if resume and output_dir is None:
-        raise ValueError("resume=True needs the output_dir of the run to resume")
-    if eval_fn is None and config.eval_every:
-        raise ValueError("eval_every > 0 needs an eval_fn (or set eval_every=0)")
-    if len(train_data) < config.batch_size:
-        raise ValueError(f"train_data has {len(train_data)} examples, fewer than one batch of {config.batch_size}")
-    causal = not getattr(model.config, "is_encoder_decoder", False)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision,
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-    set_seed(config.seed)
-    if not config.train_routers:
-        freeze_routers(model)
-    if teacher is not None:
-        teacher.eval().requires_grad_(False)
-    pruner = _pruner(model, config)
-    loader = torch.utils.data.DataLoader(train_data, batch_size=config.batch_size, shuffle=True, drop_last=True,
-                                         collate_fn=collate_fn)
-    optimizer = _optimizer(model, config, distilling=teacher is not None)
-    scheduler = _scheduler(optimizer, config)
-
-    step, best_metric, best_step, history = 0, None, None, []
+    _check_arguments(train_data, config, eval_fn, output_dir, resume)
+    run = _setup(model, train_data, config, collate_fn, teacher, output_dir, eval_fn, callback, tokenizer)
     if resume and (output_dir / LATEST / "config.json").exists():
-        if pruner is None:
-            _load_weights(model, output_dir / LATEST)
-        record = restore_state(output_dir / LATEST, optimizer, scheduler, pruner, model if pruner else None)
-        step, best_metric, best_step, history = record["step"], record["best_metric"], record["best_step"], record["history"]
-        if step > config.steps:
-            raise ValueError(f"resume: the saved run is at step {step}, past steps={config.steps}")
-
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    if teacher is not None:
-        teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
-    per_epoch = len(loader)
-    want_hidden = teacher is not None and config.hd_lambda > 0
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def checkpoint(name: str, progress_record: dict, with_state: bool) -> None:
-        if not accelerator.is_main_process:
-            return
-        plain = saved = accelerator.unwrap_model(model)
-        if pruner is not None:  # checkpoints hold the compact, finalized form; a resume needs the masked rows too
-            saved = copy.deepcopy(plain)
-            for m in saved.modules():
-                if isinstance(m, CompressedMoEExperts) and m.pruning:
-                    m.finalize()
-        if with_state:
-            model_state = plain.state_dict() if pruner is not None else None
-            write = lambda d: write_state(d, progress_record, optimizer, scheduler, pruner, model_state)  # noqa: E731
-        else:
-            write = lambda d: write_state(d, progress_record)  # noqa: E731
-        save_pretrained(saved, output_dir / name, tokenizer=tokenizer, extra=write)
-
-    def evaluate(loss: float) -> None:
-        nonlocal best_metric, best_step
-        record = {"step": step, "loss": loss}
-        if eval_fn is not None:
-            plain = accelerator.unwrap_model(model)
-            plain.eval()
-            with torch.no_grad():
-                record.update(eval_fn(plain))
-            plain.train(training_mode)
-            if config.metric not in record:
-                raise ValueError(f"eval_fn returned {sorted(record)}, without the metric {config.metric!r}")
-        history.append(record)
-        final_keep = pruner is None or pruner.kept_fraction(step) <= config.keep_ratio
-        value = record.get(config.metric)
-        if eval_fn is not None and final_keep and _improved(value, best_metric, config.greater_is_better):
-            best_metric, best_step = value, step
-            if output_dir is not None:
-                checkpoint(BEST, {"step": step, "metric": config.metric, "value": value}, with_state=False)
-        if output_dir is not None:
-            checkpoint(LATEST, {"step": step, "best_metric": best_metric, "best_step": best_step,
-                                "history": history, "config": config.to_dict()}, with_state=True)
-        bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "step" and isinstance(v, float)})
-        if callback is not None:
-            callback(accelerator.unwrap_model(model), record)
-
-    bar = tqdm(total=config.steps, initial=step, desc="training" if teacher is None else "KD recovery",
-               unit="step", disable=not progress or not accelerator.is_main_process)
-    training_mode = teacher is None  # KD runs the student in eval mode, as the original
-    model.train(training_mode)
+        _resume(run)
+    _prepare(run)
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    run.bar = tqdm(total=config.steps, initial=run.step, desc="training" if teacher is None else "KD recovery",
+                   unit="step", disable=not progress or not run.accelerator.is_main_process)
+    run.model.train(run.training_mode)
     running = 0.0
-    while step < config.steps:
-        epoch, skip = divmod(step, per_epoch)
-        loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-        for batch in batches:
-            labels = batch["labels"]
-            out = model(**batch, output_hidden_states=want_hidden)
-            if teacher is not None:
-                with torch.no_grad():
-                    teacher_out = teacher(**batch, output_hidden_states=want_hidden)
-                loss, _ = kd_loss(out, teacher_out, labels, causal, config.kd_lambda, config.temperature,
-                                  config.task_lambda, config.hd_lambda)
-            else:
-                loss = out.loss if getattr(out, "loss", None) is not None else task_loss(out.logits, labels, causal)
-            accelerator.backward(loss)
-            if config.max_grad_norm:
-                accelerator.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            if pruner is not None:
-                pruner.step(update_scores=not accelerator.optimizer_step_was_skipped)
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+    while run.step < config.steps:
+        for batch in _batches(run):
+            loss = _optimizer_step(run, batch, params)
+            run.step += 1
             running += loss.item()
-            bar.update(1)
-            if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
-                evaluate(running / (step - (history[-1]["step"] if history else 0)))
+            run.bar.update(1)
+            if (config.eval_every and run.step % config.eval_every == 0) or run.step == config.steps:
+                _evaluate(run, running / (run.step - (run.history[-1]["step"] if run.history else 0)))
                 running = 0.0
-            if step >= config.steps:
+            if run.step >= config.steps:
                 break
-    bar.close()
-    model = accelerator.unwrap_model(model)
-    if pruner is not None:
-        pruner.finalize()
-    accelerator.wait_for_everyone()
-    return TrainResult(step, best_step, best_metric, history, output_dir)
+    run.bar.close()
+    if run.pruner is not None:
+        run.pruner.finalize()
+    run.accelerator.wait_for_everyone()
+    return TrainResult(run.step, run.best_step, run.best_metric, run.history, output_dir)
 
 
 def resumable_step(output_dir) -> int | None:
