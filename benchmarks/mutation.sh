@@ -24,12 +24,18 @@
 # (same behaviour), so merge_experts, align_experts, collect_routing_stats, compress_experts, the pruner's
 # step and perplexity are mutated too. Properties (@property) and other decorators stay unmutated.
 #
+# Interrupted? `cd $WORK/<name> && python -m mutmut run --max-children $JOBS` continues where it stopped (results
+# are kept per mutant). Changing the test selection in setup.cfg makes mutmut forget every earlier result.
+#
 # How long (2 cores, JOBS=2, measured with the suite of this commit): drop.py 128 mutants in 3.5 min
 # (7 min with other work on the machine); grouping.py 452 mutants in 14 min (21 min loaded). Each run starts by
 # running the selected test files once (~1-2 min) to learn which test reaches which function; after that
 # only those tests run for each mutant, stopping at the first failure. merge.py, calibrate.py and permute.py
 # are not measured yet: their tests run models, so expect longer (plan an hour or more for all five).
+# With JOBS=1 under nice 19 on 2 cores busy with other work: pruner.py 202 mutants in 12 min, compress.py
+# 418 in about 95 min, train/ 1053 in several hours (see benchmarks/MUTATION.md).
 set -euo pipefail
+{  # the whole script is read before it runs: editing this file during a run cannot change the run
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-python}
 JOBS=${JOBS:-2}
@@ -100,7 +106,7 @@ PY
     echo "process_isolation=forkserver"  # torch is not fork-safe once its thread pools run
     echo "use_git_change_detection=false"
   } > "$dir/setup.cfg"
-  echo "=== $sources against: $tests"
+  echo "=== $(echo $sources) against: $tests"
   start=$SECONDS
   (cd "$dir" && OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PYTHON" -m mutmut run --max-children "$JOBS" > run.log 2>&1) || {
     tail -40 "$dir/run.log"; echo "mutmut run failed for $name (log: $dir/run.log)" >&2; exit 1; }
@@ -109,9 +115,26 @@ PY
   total=$(grep -c ": " "$dir/results.txt" || true)
   echo "$name: $total mutants, $survived survived, $((SECONDS - start)) s"
   grep -v ": killed" "$dir/results.txt" | sed 's/^/  /' || true
-  : > "$WORK/survivors-$name.txt"
-  for m in $(grep ": survived" "$dir/results.txt" | sed 's/: survived//' | tr -d ' '); do
-    (cd "$dir" && "$PYTHON" -m mutmut show "$m" >> "$WORK/survivors-$name.txt" 2>&1 || true)
-  done
+  grep ": survived\|: no tests" "$dir/results.txt" > "$dir/survivors.lst" || true
+  "$PYTHON" - "$dir" > "$WORK/survivors-$name.txt" <<'PY'
+import ast, difflib, pathlib, re, sys  # each listed mutant's diff against its original function (mutmut show, fast)
+root, sources = pathlib.Path(sys.argv[1]), {}
+for line in open(root / "survivors.lst"):
+    name, status = (part.strip() for part in line.rsplit(":", 1))
+    module, function = re.match(r"(.*)\.(x.*__mutmut_\d+)$", name).groups()
+    path = root / "mutants" / (module.replace(".", "/") + ".py")
+    if path not in sources:
+        text = path.read_text()
+        sources[path] = {node.name: ast.get_source_segment(text, node) for node in ast.walk(ast.parse(text))
+                         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    functions = sources[path]
+    original = re.sub(r"_\d+$", "_orig", function)
+    before = functions[original].splitlines()
+    after = functions[function].replace(function, original, 1).splitlines()
+    lines = [l for l in difflib.unified_diff(before, after, lineterm="", n=0) if l[:1] in "+-" and l[:3] not in ("---", "+++")]
+    print(f"# {name}: {status}\n" + "\n".join(lines))
+PY
 done
 echo "survivors' diffs: $WORK/survivors-*.txt"
+exit
+}
