@@ -37,13 +37,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .drop import install_logit_mask, logit_mask
-from .models import expert_weights_per_expert
-from .sections import MERGE_SECTION
-from .models import moe_layers
 from .compressed import BANK_FIELDS, CompressedMoEExperts
+from .drop import install_logit_mask, logit_mask
+from .models import expert_weights_per_expert, moe_layers
 from .modules import MoEExperts, slot_names
 from .plain_save import guard_plain_save
+from .sections import MERGE_SECTION
 from .weight_files import (
     CheckpointError, ShardWriter, WeightFiles, WrittenWeights, parse_size, read_index, sha256_file,
 )
