@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from mcsmoe_fast import CompressionPruner, compress_experts
-from mcsmoe_fast.compressed import CompressedMoEExperts
 from mcsmoe_fast.tiny import tiny_mixtral
+from test_pruner_schedule import matrices
 
 BETA = 0.85
 
@@ -20,15 +20,6 @@ def compressed_model(dtype=torch.float32, intermediate_size=24, importance="grad
     model = tiny_mixtral(num_experts=4, hidden_size=16, intermediate_size=intermediate_size, num_layers=1).to(dtype)
     compress_experts(model, rank=2, keep_ratio=0.5, importance=importance, svd="exact", progress=False)
     return model
-
-
-def matrices(model):
-    """Every S_rows parameter (w_in then w_out of each compressed module) and a getter of its mask."""
-    out = []
-    for m in model.modules():
-        if isinstance(m, CompressedMoEExperts):
-            out += [(m.in_S_rows, lambda m=m: m.in_keep), (m.out_S_rows, lambda m=m: m.out_keep)]
-    return out
 
 
 @torch.no_grad()
