@@ -125,14 +125,15 @@ for line in open(root / "survivors.lst"):
     path = root / "mutants" / (module.replace(".", "/") + ".py")
     if path not in sources:
         text = path.read_text()
-        sources[path] = {node.name: ast.get_source_segment(text, node) for node in ast.walk(ast.parse(text))
+        lines = text.splitlines()
+        sources[path] = {node.name: "\n".join(lines[node.lineno - 1:node.end_lineno]) for node in ast.walk(ast.parse(text))
                          if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
     functions = sources[path]
     original = re.sub(r"_\d+$", "_orig", function)
     before = functions[original].splitlines()
     after = functions[function].replace(function, original, 1).splitlines()
-    lines = [l for l in difflib.unified_diff(before, after, lineterm="", n=0) if l[:1] in "+-" and l[:3] not in ("---", "+++")]
-    print(f"# {name}: {status}\n" + "\n".join(lines))
+    diff = [l for l in difflib.unified_diff(before, after, lineterm="", n=0) if l[:1] in "+-" and l[:3] not in ("---", "+++")]
+    print(f"# {name}: {status}\n" + "\n".join(diff))
 PY
 done
 echo "survivors' diffs: $WORK/survivors-*.txt"
