@@ -267,7 +267,7 @@ def test_transformers_save_is_refused_after_compression(tmp_path):
 def test_a_progress_bar_by_default_and_none_when_asked(capsys):
     compress_experts(tiny(), rank=2, svd="exact")
     err = capsys.readouterr().err
-    assert "compressing experts" in err and "2/2" in err and "layer/s" in err
+    assert re.search(r"(^|\r)compressing experts: .*2/2.*layer/s", err), err
     compress_experts(tiny(), rank=2, svd="exact", progress=False)
     assert capsys.readouterr().err == ""
 
