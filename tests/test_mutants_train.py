@@ -1,5 +1,6 @@
 """mcsmoe_fast/train behaviours that no other test checked, each seen unnoticed under a one-line mutation
 (benchmarks/MUTATION.md). Expected values are computed here independently, on tiny models and tensors."""
+import json
 import re
 import warnings
 
@@ -7,10 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mcsmoe_fast.train import kd_divergence, kd_loss, task_loss
+from mcsmoe_fast import compress_experts
+from mcsmoe_fast.tiny import tiny_mixtral, tiny_moe, tiny_switch
+from mcsmoe_fast.train import TrainConfig, freeze_routers, kd_divergence, kd_loss, resumable_step, task_loss, train
 from mcsmoe_fast.train.losses import hidden_loss
+from mcsmoe_fast.train.state import read_progress
 from mcsmoe_fast.train.text import Windows, perplexity
-from train_helpers import tiny_job_model
+from train_helpers import collate, run_tiny_job, tiny_job_data, tiny_job_model
 
 
 def exact(message):
@@ -127,3 +131,280 @@ def test_kd_loss_reports_its_parts_by_name():
     want = 0.25 * parts["task"] + 0.5 * parts["kd"] + 0.125 * parts["hd"]
     assert total.item() == pytest.approx(want, rel=1e-6)
     assert parts["task"] == pytest.approx(task_loss(s, labels, True).item(), rel=1e-6)
+
+
+# --- config.py --------------------------------------------------------------------------------------------
+def test_only_the_defaulted_warm_up_is_scaled_and_stays_a_whole_step_count():
+    """steps=12, warm-up 4: the default final warm-up (16) and the given initial one (5) leave no pruning
+    stretch; only the final one is scaled, 16 * 12 // (2 * 21) = 4 steps (an int, not 4.57)."""
+    warmups = TrainConfig(steps=12, warmup_steps=4, prune_initial_warmup=5).pruning_warmups()
+    assert warmups == (5, 4) and all(type(w) is int for w in warmups)
+    warmups = TrainConfig(steps=12, warmup_steps=4, prune_final_warmup=10).pruning_warmups()
+    assert warmups == (1, 10) and all(type(w) is int for w in warmups)  # 4 * 12 // 28
+
+
+# --- loop.py: a tiny job whose batches are all the same -------------------------------------------------
+def same_rows(n=8, length=10, seed=7):
+    row = torch.randint(3, 40, (length,), generator=torch.Generator().manual_seed(seed))
+    return [row.clone() for _ in range(n)]
+
+
+def run(model, data, teacher=None, **settings):
+    base = dict(steps=1, batch_size=8, eval_every=1, learning_rate=1e-3, warmup_steps=0)
+    return train(model, data, TrainConfig(**(base | settings)), collate_fn=collate,
+                 eval_fn=lambda m: {"perplexity": 1.0}, teacher=teacher, progress=False)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "switch"])
+@pytest.mark.parametrize("hd_lambda", [0.0, 0.5])
+def test_the_first_kd_loss_is_kd_loss_of_the_batch(family, hd_lambda):
+    """Every batch is the same, so the loss recorded after step 1 is kd_loss of that batch with the initial
+    student (in eval mode) and the teacher: causal for Mixtral (position t predicts label t + 1), not for
+    Switch (an encoder-decoder); with hd_lambda the hidden states of both are asked for."""
+    make = (lambda seed: tiny_job_model(seed)) if family == "mixtral" else \
+        (lambda seed: (torch.manual_seed(seed), tiny_switch(num_experts=4, d_model=16, d_ff=24, num_layers=2))[1])
+    student, teacher, data = make(1), make(0), same_rows()
+    batch = collate(data)
+    with torch.no_grad():
+        want, _ = kd_loss(student.eval()(**batch, output_hidden_states=bool(hd_lambda)),
+                          teacher.eval()(**batch, output_hidden_states=bool(hd_lambda)), batch["labels"],
+                          family == "mixtral", 0.5, 2.0, 0.7, hd_lambda)
+    result = run(student, data, teacher, kd_lambda=0.5, temperature=2.0, task_lambda=0.7, hd_lambda=hd_lambda)
+    assert result.history[0]["loss"] == pytest.approx(want.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("with_teacher, hd_lambda, wanted", [(True, 0.0, False), (False, 0.5, False), (True, 0.5, True)])
+def test_hidden_states_are_asked_for_only_when_the_hidden_loss_uses_them(with_teacher, hd_lambda, wanted):
+    student, teacher = tiny_job_model(1), tiny_job_model(0)
+    asked = []
+    for m in (student, teacher):
+        m.register_forward_pre_hook(lambda module, args, kwargs: asked.append(kwargs.get("output_hidden_states")),
+                                    with_kwargs=True)
+    run(student, same_rows(), teacher if with_teacher else None, hd_lambda=hd_lambda, eval_every=0)
+    assert asked and set(asked) == {wanted}
+
+
+def test_the_teacher_is_left_frozen():
+    teacher = tiny_job_model(0)
+    run(tiny_job_model(1), same_rows(), teacher)
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+
+
+def test_batches_are_shuffled_and_partial_batches_dropped():
+    """20 examples in batches of 8: two shuffled full batches per epoch, the last 4 examples left out."""
+    data = [torch.full((6,), i + 3) for i in range(20)]
+    seen = []
+    model = tiny_job_model()
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"][:, 0] - 3),
+                                    with_kwargs=True)
+    train(model, data, TrainConfig(steps=4, batch_size=8, eval_every=0), collate_fn=collate, progress=False)
+    assert [len(b) for b in seen] == [8, 8, 8, 8]
+    first_epoch = torch.cat(seen[:2]).tolist()
+    assert len(set(first_epoch)) == 16 and first_epoch != list(range(16))
+
+
+def test_bf16_mixed_precision_runs_the_student_under_autocast():
+    """accelerate keeps one precision per process: its state is reset around each run (as its own tests do)."""
+    from accelerate.state import AcceleratorState
+
+    dtypes = {}
+    try:
+        for precision in ("no", "bf16"):
+            AcceleratorState._reset_state(True)
+            model = tiny_job_model()
+            model.lm_head.register_forward_hook(lambda module, args, out, p=precision: dtypes.update({p: out.dtype}))
+            run(model, same_rows(), mixed_precision=precision, eval_every=0)
+    finally:
+        AcceleratorState._reset_state(True)
+    assert dtypes == {"no": torch.float32, "bf16": torch.bfloat16}
+
+
+class Stop(Exception):
+    pass
+
+
+def test_a_run_stopped_mid_epoch_resumes_with_the_same_data_order(tmp_path):
+    """48 examples in batches of 8 (6 per epoch), stopped after the checkpoint of step 4: the resumed run
+    skips the 4 batches it saw and goes on in the same shuffled order (accelerate's seedable sampler), so it
+    ends where an uninterrupted run does."""
+    config = TrainConfig(steps=8, batch_size=8, eval_every=4, learning_rate=5e-3, warmup_steps=0)
+    data = tiny_job_data()
+
+    def stop_at_4(model, record):
+        if record["step"] == 4:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(tiny_job_model(), data, config, collate_fn=collate, eval_fn=lambda m: {"perplexity": 1.0},
+              output_dir=tmp_path / "a", progress=False, callback=stop_at_4)
+    resumed = tiny_job_model()
+    train(resumed, data, config, collate_fn=collate, eval_fn=lambda m: {"perplexity": 1.0},
+          output_dir=tmp_path / "a", resume=True, progress=False)
+    straight = tiny_job_model()
+    train(straight, data, config, collate_fn=collate, eval_fn=lambda m: {"perplexity": 1.0},
+          output_dir=tmp_path / "b", progress=False)
+    for (name, a), b in zip(resumed.state_dict().items(), straight.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_progress_bar_by_default(capsys):
+    train(tiny_job_model(1), same_rows(), TrainConfig(steps=1, batch_size=8, eval_every=0), collate_fn=collate)
+    assert re.search(r"(^|\r)training: .*1/1.*step", capsys.readouterr().err)
+    train(tiny_job_model(1), same_rows(), TrainConfig(steps=1, batch_size=8, eval_every=0), collate_fn=collate,
+          teacher=tiny_job_model(0))
+    assert re.search(r"(^|\r)KD recovery: .*1/1", capsys.readouterr().err)
+
+
+# --- loop.py: evaluation, checkpoints and resuming ----------------------------------------------------------
+def scored_run(tmp_path, scores, greater=False):
+    scores = iter(scores)
+    return train(tiny_job_model(), tiny_job_data(), TrainConfig(steps=12, batch_size=8, eval_every=3,
+                                                                metric="score", greater_is_better=greater),
+                 collate_fn=collate, eval_fn=lambda m: {"score": next(scores)}, output_dir=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("greater", [False, True])
+def test_a_missing_or_nan_metric_is_never_the_best_and_ties_keep_the_first(tmp_path, greater):
+    """After a best of 2 (3 when greater is better), a NaN and a missing value change nothing, and the
+    worse last value does not take over; equal values keep the first."""
+    best, worse = (2.0, 3.0) if not greater else (3.0, 2.0)
+    result = scored_run(tmp_path / "nan", [best, float("nan"), None, worse], greater)
+    assert (result.best_step, result.best_metric) == (3, best)
+    result = scored_run(tmp_path / "first-nan", [float("nan"), None, worse, worse], greater)
+    assert (result.best_step, result.best_metric) == (9, worse)
+    result = scored_run(tmp_path / "tie", [3.0, 3.0, 3.0, 3.0], greater)
+    assert (result.best_step, result.best_metric) == (3, 3.0)
+
+
+def test_a_plain_run_keeps_no_second_copy_of_the_weights_in_its_training_state(tmp_path):
+    from safetensors import safe_open
+
+    run_tiny_job(tmp_path, steps=3)
+    with safe_open(str(tmp_path / "latest" / "trainer_state.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert names and not any(n.startswith("model.") for n in names)
+    assert "model_tensors" not in json.loads((tmp_path / "latest" / "trainer_state.json").read_text())
+
+
+def test_resuming_a_finished_run_returns_it_and_a_longer_run_is_refused(tmp_path):
+    _, first = run_tiny_job(tmp_path, steps=3)
+    _, again = run_tiny_job(tmp_path, steps=3, resume=True)
+    assert again.step == 3 and again.history == first.history
+    with pytest.raises(ValueError, match=exact("resume: the saved run is at step 3, past steps=2")):
+        run_tiny_job(tmp_path, steps=2, resume=True)
+
+
+def test_resumable_step_of_a_directory_without_a_run_is_none(tmp_path):
+    assert resumable_step(tmp_path) is None
+    (tmp_path / "latest").mkdir()
+    assert resumable_step(tmp_path) is None
+
+
+@pytest.mark.parametrize("saved_layers, resumed_layers", [(1, 2), (2, 1)])
+def test_resuming_with_another_model_is_refused(tmp_path, saved_layers, resumed_layers):
+    """A run saved from a model with one layer more or less than the one resumed with: the message lists
+    three of the missing (or unexpected) weights."""
+    data = tiny_job_data()
+    config = TrainConfig(steps=2, batch_size=8, eval_every=2)
+    saved = tiny_mixtral(num_experts=4, hidden_size=32, intermediate_size=48, num_layers=saved_layers)
+    train(saved, data, config, collate_fn=collate, eval_fn=lambda m: {"perplexity": 1.0}, output_dir=tmp_path,
+          progress=False)
+    resumed = tiny_mixtral(num_experts=4, hidden_size=32, intermediate_size=48, num_layers=resumed_layers)
+    three = r"\['[^']+', '[^']+', '[^']+'\]"
+    missing, unexpected = (three, r"\[\]") if resumed_layers > saved_layers else (r"\[\]", three)
+    message = (re.escape(f"resume: {tmp_path / 'latest'} does not hold this model's weights (missing ") + missing
+               + re.escape(", unexpected ") + unexpected + re.escape("): resume with the model the run started from"))
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        train(resumed, data, config, collate_fn=collate, eval_fn=lambda m: {"perplexity": 1.0}, output_dir=tmp_path,
+              resume=True, progress=False)
+
+
+def test_a_model_of_an_moe_family_without_moe_layers_trains():
+    """Qwen2-MoE with every layer dense (mlp_only_layers): no router to freeze, and fine-tuning runs."""
+    model = tiny_moe("qwen2_moe", num_experts=4, hidden_size=16, intermediate_size=24, num_layers=2,
+                     mlp_only_layers=[0, 1])
+    assert freeze_routers(model) == 0
+    result = run(model, same_rows(), eval_every=0)
+    assert result.step == 1
+
+
+def test_clear_messages_for_a_missing_output_dir_or_eval_fn(tmp_path):
+    model, data = tiny_job_model(), same_rows()
+    with pytest.raises(ValueError, match=exact("resume=True needs the output_dir of the run to resume")):
+        train(model, data, TrainConfig(steps=1, batch_size=8, eval_every=0), collate_fn=collate, resume=True)
+    with pytest.raises(ValueError, match=exact("eval_every > 0 needs an eval_fn (or set eval_every=0)")):
+        train(model, data, TrainConfig(steps=1, batch_size=8, eval_every=1), collate_fn=collate)
+
+
+# --- state.py -----------------------------------------------------------------------------------------------
+def test_an_unreadable_training_state_names_the_file(tmp_path):
+    (tmp_path / "trainer_state.json").write_text("{not json")
+    with pytest.raises(ValueError, match="^" + re.escape(f"{tmp_path / 'trainer_state.json'}: no readable training state (")):
+        read_progress(tmp_path)
+
+
+def pruned_job(tmp_path, steps=2):
+    model = tiny_job_model()
+    compress_experts(model, rank=4, keep_ratio=0.5, importance="gradient", progress=False)
+    return model, TrainConfig(steps=steps, batch_size=8, eval_every=2, prune_initial_warmup=0, prune_final_warmup=0)
+
+
+def test_resuming_a_pruned_student_needs_its_saved_state(tmp_path):
+    data = tiny_job_data()
+    train(tiny_job_model(), data, TrainConfig(steps=2, batch_size=8, eval_every=2), collate_fn=collate,
+          eval_fn=lambda m: {"perplexity": 1.0}, output_dir=tmp_path / "plain", progress=False)
+    student, config = pruned_job(tmp_path)
+    with pytest.raises(ValueError, match=exact(
+            f"{tmp_path / 'plain' / 'latest'}: the saved run holds no student state to resume a pruned student from")):
+        train(student, data, config, collate_fn=collate, eval_fn=lambda m: {"perplexity": 1.0},
+              output_dir=tmp_path / "plain", resume=True, progress=False)
+
+
+@pytest.mark.parametrize("damage", ["no pruner", "a weight left out"])
+def test_a_damaged_pruned_state_is_refused(tmp_path, damage):
+    data = tiny_job_data()
+    student, config = pruned_job(tmp_path)
+    train(student, data, config, collate_fn=collate, eval_fn=lambda m: {"perplexity": 1.0}, output_dir=tmp_path,
+          progress=False)
+    path = tmp_path / "latest" / "trainer_state.json"
+    record = json.loads(path.read_text())
+    if damage == "no pruner":
+        del record["pruner"]
+        expected = pytest.raises(ValueError, match=exact(f"{tmp_path / 'latest'}: the saved run had no compression pruner"))
+    else:
+        record["model_tensors"].remove("lm_head.weight")
+        expected = pytest.raises(RuntimeError, match="Missing key.*lm_head.weight")
+    path.write_text(json.dumps(record))
+    student, config = pruned_job(tmp_path, steps=4)
+    with expected:
+        train(student, data, config, collate_fn=collate, eval_fn=lambda m: {"perplexity": 1.0}, output_dir=tmp_path,
+              resume=True, progress=False)
+
+
+# --- text.py: files -----------------------------------------------------------------------------------------
+def test_text_windows_hold_the_text_without_special_tokens(tmp_path):
+    """A tokenizer whose template adds [EOS] in front of every text: the windows hold the words alone."""
+    from tokenizers.processors import TemplateProcessing
+
+    from mcsmoe_fast.tiny import tiny_tokenizer
+    from mcsmoe_fast.train.text import text_windows
+
+    tok = tiny_tokenizer()
+    eos = tok.convert_tokens_to_ids("[EOS]")
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="[EOS] $A", special_tokens=[("[EOS]", eos)])
+    text = "the quick brown fox jumps over a lazy dog " * 3
+    assert tok(text)["input_ids"][0] == eos  # the template is in effect by default
+    words = tok(text, add_special_tokens=False)["input_ids"]
+    (tmp_path / "t.txt").write_text(text)
+    windows = text_windows(tmp_path / "t.txt", tok, 4)
+    assert windows.rows.dtype == torch.long
+    assert windows.rows.flatten().tolist() == words[: len(words) // 4 * 4]
+
+
+def test_text_that_is_not_utf8_is_refused_by_name(tmp_path):
+    from mcsmoe_fast.tiny import tiny_tokenizer
+    from mcsmoe_fast.train.text import text_windows
+
+    (tmp_path / "t.txt").write_bytes(b"caf\xe9 au lait")
+    with pytest.raises(ValueError, match="^" + re.escape(f"{tmp_path / 't.txt'}: not UTF-8 text (")):
+        text_windows(tmp_path / "t.txt", tiny_tokenizer(), 4)
