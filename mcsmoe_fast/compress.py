@@ -184,12 +184,12 @@ def compress_experts(
         raise ValueError(f"layers {again} are already compressed; compress a model once (from its merged form)")
     if importance == "activation" and stats is None:
         raise ValueError("importance='activation' needs stats=collect_routing_stats(model, batches, input_norms=True)")
-    norms = {}
+    # every layer's statistics are checked before the first layer is replaced: a refusal leaves the model as it was
+    norms = {layer.name: _input_norms(stats, layer, layer.expert_weights()[0].shape[0])
+             for layer in chosen} if importance == "activation" else {}
     modules: dict[str, CompressedMoEExperts] = {}
     for layer in tqdm(chosen, desc="compressing experts", unit="layer", disable=not progress):
         w_in, w_out = (w.detach() for w in layer.expert_weights())
-        if importance == "activation":
-            norms[layer.name] = _input_norms(stats, layer, w_in.shape[0])
         b_in, b_out = (None if b is None else b.detach().clone() for b in layer.expert_biases())
         module = CompressedMoEExperts(full_bank(w_in, rank, svd), full_bank(w_out, rank, svd),
                                       layer.expert_map().clone(), layer.activation, b_in, b_out,

@@ -1,6 +1,7 @@
 """compress_experts, CompressedMoEExperts and CompressionPruner: decomposition, the global row threshold,
 function preservation, the fused path against the dense reconstruction, checkpoints, errors."""
 import json
+import re
 
 import pytest
 import torch
@@ -299,3 +300,24 @@ def test_compressing_twice_and_stale_stats_raise(tmp_path):
         CompressionPruner(model, 0.1, total_steps=3)
     with pytest.raises(ValueError, match="compressed"):
         moe_layers(model)[0].set_expert_weights(*moe_layers(model)[0].expert_weights())
+
+
+@pytest.mark.parametrize("spoil", ["missing", "stale"])
+def test_statistics_wrong_for_a_later_layer_leave_every_layer_as_it_was(spoil, tmp_path):
+    """The statistics of every layer are checked before the first one is replaced: a refusal about the last
+    layer leaves the earlier ones dense, and a retry with good statistics compresses them all."""
+    model, batches = merged("mixtral", tmp_path)
+    stats = collect_routing_stats(model, batches, progress=False, input_norms=True)
+    last = moe_layers(model)[-1].name
+    bad = dict(stats)
+    if spoil == "missing":
+        del bad[last]
+    else:
+        bad[last] = collect_routing_stats(build("mixtral", tmp_path), batches, progress=False,
+                                          input_norms=True)[last]
+    before = forward(model, batches[0])
+    with pytest.raises(ValueError, match=re.escape(repr(last))):
+        compress_experts(model, importance="activation", stats=bad, progress=False)
+    assert not kept_rows(model)
+    assert torch.equal(forward(model, batches[0]), before)
+    assert len(compress_experts(model, importance="activation", stats=stats, progress=False)) == len(stats)
