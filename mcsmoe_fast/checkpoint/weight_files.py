@@ -1,7 +1,7 @@
 """Safetensors weights in one file or split over several shards plus an index: written shard by shard,
 read tensor by tensor.
 
-Both checkpoint.py (merged checkpoints) and streaming/ (plain transformers checkpoints read layer by
+Both checkpoint/ (merged checkpoints) and streaming/ (plain transformers checkpoints read layer by
 layer) go through these two classes:
 
 - `ShardWriter` buffers tensors and writes a shard whenever the next tensor would push the buffer past

@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import activations, ops
-from .models.experts_spec import ExpertsSpec
+from .. import activations, ops
+from .experts_spec import ExpertsSpec
 
 NAME = "mcsmoe_fast"
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import ops, reference
-from .activations import check as check_activation
+from .. import ops
+from ..activations import apply as apply_activation, check as check_activation
 
 BANK_FIELDS = ("U", "V", "S_rows", "row_idx", "row_offsets")
 
@@ -82,7 +82,7 @@ class CompressedMoEExperts(nn.Module):
     def dense_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(w_in [S, F, d], w_out [S, d, ff]) reconstructed: U V + S per slot."""
         with torch.no_grad():
-            return reference.slr_bank_dense(self.bank("in")), reference.slr_bank_dense(self.bank("out"))
+            return _dense(self.bank("in")), _dense(self.bank("out"))
 
     def extra_repr(self) -> str:
         s, f, r_in = self.in_U.shape
@@ -130,19 +130,35 @@ class CompressedMoEExperts(nn.Module):
                                           self.activation, self.b_in, self.b_out, **self.activation_args)
 
 
+def _dense(bank) -> torch.Tensor:
+    """A bank [U [S, out, r], V [S, r, in], S_rows [K, in], row_idx [K], row_offsets [S+1]] as weights [S, out, in]."""
+    U, V, S_rows, row_idx, offsets = bank
+    W = U @ V
+    slot_of_row = torch.repeat_interleave(torch.arange(U.shape[0], device=U.device), offsets.diff())
+    return W.index_put_((slot_of_row, row_idx), S_rows.to(W.dtype), accumulate=True)
+
+
 def _grouped_slr_autograd(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation, b_in=None,
                           b_out=None, activation_args=None):
-    """The grouped FFN over compressed slots, slot by slot through the differentiable linear op."""
+    """The grouped FFN over compressed slots for training: slot by slot through the differentiable linear op,
+    each token running each distinct slot of its top-k once with its summed routing weight on that slot."""
     off_in, off_out = w_in[4].tolist(), w_out[4].tolist()
-    args = activation_args or {}
-
-    def slot_ffn(s, x):
+    num_slots = w_in[0].shape[0]
+    valid = top_k_index >= 0
+    slots = expert_map[top_k_index.clamp(min=0)].masked_fill(~valid, 0)
+    weight = torch.zeros(hidden.shape[0], num_slots, dtype=top_k_weights.dtype, device=hidden.device)
+    weight = weight.scatter_add(1, slots, top_k_weights * valid)  # [T, S], differentiable in the routing weights
+    hit = torch.zeros_like(weight, dtype=torch.bool)
+    hit[valid.nonzero()[:, 0], slots[valid]] = True  # token t runs slot s
+    out = torch.zeros_like(hidden)
+    for s in hit.any(0).nonzero().flatten().tolist():
+        tokens = hit[:, s].nonzero().flatten()
         a, b = off_in[s], off_in[s + 1]
-        h = ops.sparse_lowrank_linear(x, w_in[0][s], w_in[1][s], w_in[2][a:b], w_in[3][a:b],
+        h = ops.sparse_lowrank_linear(hidden[tokens], w_in[0][s], w_in[1][s], w_in[2][a:b], w_in[3][a:b],
                                       None if b_in is None else b_in[s])
-        h = reference.expert_activation(h, activation, **args)
+        h = apply_activation(h, activation, **(activation_args or {}))
         a, b = off_out[s], off_out[s + 1]
-        return ops.sparse_lowrank_linear(h, w_out[0][s], w_out[1][s], w_out[2][a:b], w_out[3][a:b],
-                                         None if b_out is None else b_out[s])
-
-    return reference.grouped_over_slots(hidden, w_in[0].shape[0], expert_map, top_k_index, top_k_weights, slot_ffn)
+        h = ops.sparse_lowrank_linear(h, w_out[0][s], w_out[1][s], w_out[2][a:b], w_out[3][a:b],
+                                      None if b_out is None else b_out[s])
+        out = out.index_add(0, tokens, h * weight[tokens, s, None].to(hidden.dtype))
+    return out

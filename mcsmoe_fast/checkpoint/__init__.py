@@ -1,0 +1,19 @@
+"""Checkpoints of merged and compressed models that are really smaller: safetensors holding each unique tensor
+once plus JSON, never pickle. format.py (names, versions, config entries), atomic.py (temporary directories
+renamed into place), weight_files.py (shards, index, reading tensors one at a time), save.py, load.py,
+dense.py (the plain transformers export) and plain_save.py (transformers' own save refused on merged models).
+"""
+from .atomic import OWNER_FILE, atomic_directory, remove_stale_temporaries, scratch_directory
+from .dense import to_dense
+from .format import (
+    FORMAT_VERSION, SHARDED_FORMAT_VERSION, WEIGHTS_METADATA, WEIGHTS_NAME, layer_entry, write_merged_config,
+)
+from .load import from_pretrained, open_weights, read_section
+from .plain_save import PlainSaveRefused, guard_plain_save
+from .save import save_pretrained
+from .weight_files import CheckpointError, ShardWriter, WeightFiles, WrittenWeights, parse_size
+
+__all__ = ["CheckpointError", "FORMAT_VERSION", "OWNER_FILE", "PlainSaveRefused", "SHARDED_FORMAT_VERSION",
+           "ShardWriter", "WEIGHTS_METADATA", "WEIGHTS_NAME", "WeightFiles", "WrittenWeights", "atomic_directory",
+           "from_pretrained", "guard_plain_save", "layer_entry", "open_weights", "parse_size", "read_section",
+           "remove_stale_temporaries", "save_pretrained", "scratch_directory", "to_dense", "write_merged_config"]

@@ -1,0 +1,185 @@
+"""from_pretrained: a merged checkpoint back into the model it was saved from, every file checked against
+config.json (sizes always, sha256 on request); tensors copied one at a time."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..drop import install_logit_mask
+from ..models import moe_layers
+from ..modules import BANK_FIELDS, CompressedMoEExperts, MoEExperts, slot_names
+from ..sections import MERGE_SECTION
+from .format import FORMAT_VERSION, SHARDED_FORMAT_VERSION, WEIGHTS_NAME
+from .plain_save import guard_plain_save
+from .weight_files import CheckpointError, WeightFiles, read_index, sha256_file
+
+
+def read_section(path: Path) -> dict | None:
+    config_file = path / "config.json"
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if not config_file.is_file():
+        raise CheckpointError(f"{path}: no config.json; not a checkpoint directory")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{config_file}: corrupt JSON ({exc})") from exc
+    section = raw.get(MERGE_SECTION) if isinstance(raw, dict) else None
+    if section is None:
+        return None
+    version = section.get("format_version") if isinstance(section, dict) else None
+    if version not in (FORMAT_VERSION, SHARDED_FORMAT_VERSION):
+        raise CheckpointError(f"{config_file}: unsupported {MERGE_SECTION} section (format_version {version!r}, "
+                              f"expected {FORMAT_VERSION} or {SHARDED_FORMAT_VERSION})")
+    required = ("weights", "weights_bytes", "layers", "aliases") + (("shards",) if version == SHARDED_FORMAT_VERSION else ())
+    for key in required:
+        if key not in section:
+            raise CheckpointError(f"{config_file}: {MERGE_SECTION} section lacks {key!r}")
+    return section
+
+
+def _check_file(path: Path, file: str, size: int, sha256: str | None, verify: bool, what: str) -> Path:
+    """The file exists, has the recorded size and (verify) the recorded sha256."""
+    weights = path / file
+    if not weights.is_file():
+        raise CheckpointError(f"{path}: {what} {file} is missing")
+    actual = weights.stat().st_size
+    if actual != size:
+        raise CheckpointError(f"{weights}: {actual} bytes, the config says {size} (truncated or replaced {what})")
+    if verify and sha256 and sha256_file(weights) != sha256:
+        raise CheckpointError(f"{weights}: sha256 does not match the config (corrupt {what})")
+    return weights
+
+
+def open_weights(path: Path, section: dict, verify: bool) -> WeightFiles:
+    """The checkpoint's weights, every file checked against config.json (size always, sha256 if verify)."""
+    first = _check_file(path, section["weights"], section["weights_bytes"], section.get("weights_sha256"), verify,
+                        "index file" if "shards" in section else "weights file")
+    if "shards" not in section:
+        return WeightFiles(path, single=first.name, aliases=section["aliases"])
+    shards = section["shards"]
+    weight_map = read_index(first)
+    unlisted = sorted(set(weight_map.values()) - set(shards))
+    if unlisted:
+        raise CheckpointError(f"{first}: the index names shards that config.json does not list: {unlisted[:5]}")
+    for file, info in shards.items():
+        _check_file(path, file, info.get("bytes"), info.get("sha256"), verify, "weights shard")
+    return WeightFiles(path, weight_map=weight_map, aliases=section["aliases"])
+
+
+def _install_layers(model: nn.Module, section: dict, weights: WeightFiles, path: Path, dtype: torch.dtype) -> None:
+    layers = {layer.name: layer for layer in moe_layers(model)}
+    for name, entry in section["layers"].items():
+        layer = layers.get(name)
+        if layer is None:
+            raise CheckpointError(f"{path}: merged layer {name!r} is not an MoE layer of the model its config builds")
+        if entry.get("num_experts") != layer.num_experts or entry.get("activation") != layer.activation:
+            raise CheckpointError(f"{path}: layer {name!r} is recorded with {entry.get('num_experts')} "
+                                  f"{entry.get('activation')} experts, the config builds {layer.num_experts} {layer.activation}")
+        if "compressed" in entry:
+            _install_compressed(layer, entry, weights, path, dtype)
+        elif "expert_map" in entry:
+            w_in, w_out = (weights.shapes.get(f"{name}.experts.{k}") for k in ("w_in", "w_out"))
+            if w_in is None or w_out is None or f"{name}.experts.expert_map" not in weights.shapes:
+                raise CheckpointError(f"{path}: no merged expert weights for layer {name!r} in {section['weights']}")
+            saved_map = weights.get(f"{name}.experts.expert_map")
+            if saved_map.tolist() != entry["expert_map"]:
+                raise CheckpointError(f"{path}: expert_map of layer {name!r} differs between config.json and weights")
+            if w_in[0] != entry["num_slots"]:
+                raise CheckpointError(f"{path}: layer {name!r} has {w_in[0]} slots, config.json says {entry['num_slots']}")
+            b_in, b_out = (weights.shapes.get(f"{name}.experts.{k}") for k in ("b_in", "b_out"))
+            try:  # uninitialised slots of the saved shapes; the weights are copied in afterwards
+                experts = MoEExperts(torch.empty(w_in, dtype=dtype), torch.empty(w_out, dtype=dtype), saved_map,
+                                     layer.activation, None if b_in is None else torch.empty(b_in, dtype=dtype),
+                                     None if b_out is None else torch.empty(b_out, dtype=dtype), layer.activation_args)
+            except (ValueError, RuntimeError) as exc:
+                raise CheckpointError(f"{path}: layer {name!r}: {exc}") from exc
+            layer.install_experts(experts)
+            if entry.get("dropless"):
+                layer.module.dropless = True
+        if entry.get("dropped"):
+            keep = torch.ones(layer.num_experts, dtype=torch.bool)
+            keep[entry["dropped"]] = False
+            install_logit_mask(layer, keep)
+
+
+def _install_compressed(layer, entry: dict, weights: WeightFiles, path: Path, dtype: torch.dtype) -> None:
+    """Empty compressed slots of the saved shapes (the weights are copied in afterwards)."""
+    name = layer.name
+    banks = []
+    for side in ("in", "out"):
+        shapes = [weights.shapes.get(f"{name}.experts.{side}_{f}") for f in BANK_FIELDS]
+        if any(s is None for s in shapes):
+            raise CheckpointError(f"{path}: no compressed expert weights ({side}_*) for layer {name!r} in {WEIGHTS_NAME}")
+        U, V, S_rows, row_idx, offsets = shapes
+        if U[0] != entry["num_slots"]:
+            raise CheckpointError(f"{path}: layer {name!r} has {U[0]} slots, config.json says {entry['num_slots']}")
+        banks.append([torch.empty(U, dtype=dtype), torch.empty(V, dtype=dtype), torch.empty(S_rows, dtype=dtype),
+                      torch.zeros(row_idx, dtype=torch.int64), torch.zeros(offsets, dtype=torch.int64)])
+    saved_map = weights.get(f"{name}.experts.expert_map")
+    if saved_map.tolist() != entry["expert_map"]:
+        raise CheckpointError(f"{path}: expert_map of layer {name!r} differs between config.json and weights")
+    b_in, b_out = (weights.shapes.get(f"{name}.experts.{k}") for k in ("b_in", "b_out"))
+    try:
+        experts = CompressedMoEExperts(banks[0], banks[1], saved_map, layer.activation,
+                                       None if b_in is None else torch.empty(b_in, dtype=dtype),
+                                       None if b_out is None else torch.empty(b_out, dtype=dtype), layer.activation_args)
+    except (ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: layer {name!r}: {exc}") from exc
+    layer.install_experts(experts)
+    if entry.get("dropless"):
+        layer.module.dropless = True
+
+
+def from_pretrained(path, verify: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a checkpoint written by save_pretrained (merged format) in eval mode, with exactly the saved
+    weights. A directory without an mcsmoe_merge section is loaded as a plain transformers checkpoint.
+
+    verify: check the weights file's (every shard's) sha256 against config.json (reads the files once more).
+    The model is built from its config without initialising weights; merged layers get MoEExperts of
+    the saved slot count; then the names and shapes must match the file exactly (strict), and the
+    tensors are copied in one at a time (peak memory: the merged model plus one tensor).
+    """
+    from transformers import AutoConfig
+    from transformers.initialization import no_init_weights
+
+    from ..models.hub import load_model, model_class_for
+
+    path = Path(path)
+    section = read_section(path)
+    if section is None:
+        try:
+            return load_model(str(path), dtype=dtype)
+        except Exception as exc:  # safetensors, OSError, ValueError...: a plain checkpoint that does not load
+            raise CheckpointError(f"{path}: the transformers checkpoint does not load "
+                                  f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from exc
+    weights = open_weights(path, section, verify)
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (ValueError, OSError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: config.json does not describe a transformers model ({exc})") from exc
+    saved_dtype = getattr(torch, section.get("dtype", "float32"))
+    with no_init_weights():  # parameters stay uninitialised (and their pages untouched) until copied into
+        model = model_class_for(config).from_config(config, dtype=saved_dtype)
+    _install_layers(model, section, weights, path, saved_dtype)
+    with slot_names():  # the tensors in the file's names, aliasing the model's parameters
+        expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights.shapes))
+    unexpected = sorted(set(weights.shapes) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(weights.shapes) if tuple(expected[k].shape) != weights.shapes[k])
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{path}: weights do not match the model built from config.json: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
+            f"wrong shape {[(k, weights.shapes[k], tuple(expected[k].shape)) for k in wrong[:5]]}"
+        )
+    weights.copy_into(expected)  # one tensor at a time, one file open at a time: no second copy of the model
+    weights.release()
+    model.tie_weights()
+    if dtype is not None:
+        model = model.to(dtype)
+    return guard_plain_save(model.eval()) if section["layers"] else model.eval()

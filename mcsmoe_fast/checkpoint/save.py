@@ -1,0 +1,60 @@
+"""save_pretrained: the merged format (each unique tensor once) or a dense export (every expert written out).
+
+The weights file deliberately is not named model.safetensors: plain transformers cannot run a merged
+model, so its from_pretrained fails loudly instead of loading random experts. `export_dense=True`
+writes a plain transformers checkpoint instead (every expert materialised), which vanilla
+`from_pretrained` loads.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from torch import nn
+
+from ..modules import slot_names
+from .atomic import atomic_directory
+from .dense import to_dense
+from .format import WEIGHTS_METADATA, WEIGHTS_NAME, merged_layers, model_dtype, unique_tensors, write_merged_config
+from .weight_files import ShardWriter, parse_size
+
+
+def _write_merged(model: nn.Module, tmp: Path, max_shard_size: int | None = None) -> None:
+    layers = merged_layers(model)  # refuses a model still being pruned before anything is written
+    with slot_names():  # each merged slot once (a SwitchMoE's plain state dict names every expert)
+        tensors, aliases = unique_tensors(model.state_dict())
+    writer = ShardWriter(tmp, WEIGHTS_NAME, max_shard_size, WEIGHTS_METADATA)
+    for name, tensor in tensors.items():
+        writer.add(name, tensor)
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    write_merged_config(config, tmp, writer.finish(), aliases, layers, model_dtype(model))
+
+
+def _write_dense(model: nn.Module, tmp: Path, max_shard_size: int | None = None) -> None:
+    dense = to_dense(model)
+    dense.save_pretrained(str(tmp), **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
+
+
+def save_pretrained(model: nn.Module, save_directory, export_dense: bool = False, tokenizer=None,
+                    extra: Callable[[Path], None] | None = None, max_shard_size=None) -> Path:
+    """Save `model` (merged or not) to `save_directory`; returns its path.
+
+    Default: the merged format above (unique weights only). export_dense=True: a plain transformers
+    checkpoint with every expert materialised (not possible for models with dropped experts: plain
+    transformers cannot mask router logits). `tokenizer`, when given, is saved alongside. `extra(dir)`
+    writes more files into the checkpoint before it is moved into place (the trainer's state).
+    max_shard_size: None (one weights file) or bytes (an int or "500MB", "2GiB"...) per shard of the
+    merged format (the dense export uses transformers' own sharding, at this size when given).
+    """
+    shard = parse_size(max_shard_size, "max_shard_size")
+    target = Path(save_directory).absolute()
+    with atomic_directory(target) as tmp:
+        if export_dense:
+            _write_dense(model, tmp, shard)
+        else:
+            _write_merged(model, tmp, shard)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if extra is not None:
+            extra(tmp)
+    return target
