@@ -12,7 +12,7 @@ from .loading import open_model  # noqa: E402
 from .optimize import optimize  # noqa: E402
 from .permute import align_experts  # noqa: E402
 from .pruner import CompressionPruner  # noqa: E402
-from .experts_interface import register as _register_experts_implementation  # noqa: E402
+from .modules.experts_interface import register as _register_experts_implementation  # noqa: E402
 
 _register_experts_implementation()  # experts_implementation="mcsmoe_fast" in transformers
 

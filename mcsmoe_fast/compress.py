@@ -28,9 +28,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibrate import LayerStats
-from .compressed import CompressedMoEExperts
+from .modules.compressed import CompressedMoEExperts
 from .models import MoELayer, moe_layers, select_layers
-from .plain_save import guard_plain_save
+from .checkpoint.plain_save import guard_plain_save
 from .sections import record_compression
 
 IMPORTANCE = ("weight", "activation", "gradient")

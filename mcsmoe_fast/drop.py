@@ -5,7 +5,7 @@ Routers it can mask: Switch's classifier, and the softmax top-k gates of Mixtral
 OLMoE (the other families choose experts their own way: sigmoid groups, biased logits). The router's
 weight keeps its name in the state dict (`...classifier.weight` for Switch, `...gate.weight` for the
 others); the mask is one more buffer `keep` [E] (bool) next to it, so masked
-checkpoints save and load like any other (checkpoint.py reinstalls the masks from its JSON section).
+checkpoints save and load like any other (checkpoint/load.py reinstalls the masks from its JSON section).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """open_model: any model this package reads, from a local directory (a plain transformers checkpoint or
-a merged or compressed one of ours) or a hub id. Above checkpoint.py, which it calls: nothing below
+a merged or compressed one of ours) or a hub id. Above checkpoint/, which it calls: nothing below
 imports it."""
 from __future__ import annotations
 

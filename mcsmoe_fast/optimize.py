@@ -2,7 +2,7 @@
 
 Families whose experts use transformers' `use_experts_implementation` contract keep their own modules,
 parameter names and layout: their unmerged layers switch to the "mcsmoe_fast" experts implementation
-(experts_interface.py), so transformers' save_pretrained, from_pretrained, tensor-parallel plans and
+(modules/experts_interface.py), so transformers' save_pretrained, from_pretrained, tensor-parallel plans and
 set_experts_implementation keep working. Merged and compressed layers already are our slot modules.
 Switch blocks (no experts contract) become SwitchMoE, which keeps transformers' state-dict names
 (`experts.expert_{i}.wi.weight`, ...) and its expert dropout in training mode. A model on the meta device
@@ -14,11 +14,11 @@ import warnings
 
 from torch import nn
 
-from .compressed import CompressedMoEExperts
-from .experts_interface import NAME as EXPERTS_IMPLEMENTATION
+from .modules.compressed import CompressedMoEExperts
+from .modules.experts_interface import NAME as EXPERTS_IMPLEMENTATION
 from .models import ExpertsLayer, moe_layers
 from .modules import MoEExperts
-from .plain_save import guard_plain_save
+from .checkpoint.plain_save import guard_plain_save
 
 
 def optimize(model: nn.Module, dropless: bool = False) -> nn.Module:

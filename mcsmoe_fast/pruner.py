@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .compress import check_keep_ratio, global_keep
-from .compressed import CompressedMoEExperts
+from .modules.compressed import CompressedMoEExperts
 
 
 class CompressionPruner:

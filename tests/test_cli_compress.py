@@ -2,7 +2,7 @@
 import torch
 
 from mcsmoe_fast import from_pretrained, moe_layers
-from mcsmoe_fast.compressed import CompressedMoEExperts
+from mcsmoe_fast.modules.compressed import CompressedMoEExperts
 from test_cli_merge import run, workspace  # noqa: F401  (the fixture)
 
 

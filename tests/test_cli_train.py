@@ -88,7 +88,7 @@ def test_kd_recovery_of_a_merged_model_keeps_its_routers(space, capsys):
 def test_finetune_rank_runs_the_papers_recipe_prune_during_kd(space, capsys):
     """--rank decomposes the merged experts, the rows are pruned during KD on the schedule, and best/
     holds about keep_ratio of the sparse residual's entries (finalized: the compact form)."""
-    from mcsmoe_fast.compressed import CompressedMoEExperts
+    from mcsmoe_fast.modules.compressed import CompressedMoEExperts
 
     (space / "calib.txt").write_text("\n".join(LINES * 4))
     rc, _, err = run(["merge", "--model", space / "mixtral", "--calib", space / "calib.txt", "--num-groups", 2,

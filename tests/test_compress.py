@@ -13,7 +13,7 @@ from mcsmoe_fast import (
 from mcsmoe_fast import reference
 from mcsmoe_fast.checkpoint import WEIGHTS_NAME
 from mcsmoe_fast.compress import global_keep, lowrank_factors
-from mcsmoe_fast.compressed import CompressedMoEExperts
+from mcsmoe_fast.modules.compressed import CompressedMoEExperts
 from merge_helpers import build, calibration, forward
 
 FAMILIES = ["switch", "mixtral"]

@@ -1,5 +1,5 @@
 """Every transformers MoE family of the experts contract, through every step, against the HF model's own
-outputs: the generic adapter (models/experts.py), the experts implementation (experts_interface.py) and
+outputs: the generic adapter (models/experts.py), the experts implementation (modules/experts_interface.py) and
 optimize. Tiny random models are saved and loaded offline through the code a user runs on a hub id."""
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM
 
 import mcsmoe_fast as mf
 from mcsmoe_fast.activations import apply
-from mcsmoe_fast import experts_interface
+from mcsmoe_fast.modules import experts_interface
 from mcsmoe_fast.models import ExpertsLayer
-from mcsmoe_fast.models.experts_spec import ExpertsSpec
+from mcsmoe_fast.modules.experts_spec import ExpertsSpec
 from mcsmoe_fast.modules import MoEExperts
 from mcsmoe_fast.tiny import FAMILY_NAMES, tiny_moe
 

@@ -11,7 +11,7 @@ import torch
 
 from mcsmoe_fast import collect_routing_stats, compress_experts, moe_layers
 from mcsmoe_fast.compress import full_bank, global_keep, lowrank_factors, row_scores
-from mcsmoe_fast.compressed import CompressedMoEExperts
+from mcsmoe_fast.modules.compressed import CompressedMoEExperts
 from mcsmoe_fast.tiny import tiny_mixtral, tiny_moe
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -255,7 +255,7 @@ def test_the_settings_and_layers_are_recorded_on_the_config_with_rank_32_by_defa
 def test_transformers_save_is_refused_after_compression(tmp_path):
     """A compressed model's experts are ours: transformers' save_pretrained would write a checkpoint that
     its from_pretrained loads with fresh experts, so it raises and names the way to save."""
-    from mcsmoe_fast.plain_save import PlainSaveRefused
+    from mcsmoe_fast.checkpoint.plain_save import PlainSaveRefused
 
     model = tiny()
     compress_experts(model, rank=2, svd="exact", progress=False)

@@ -5,7 +5,7 @@ import torch
 
 from mcsmoe_fast import compress_experts, from_pretrained, optimize, save_pretrained
 from mcsmoe_fast.models.hub import load_model
-from mcsmoe_fast.plain_save import PlainSaveRefused
+from mcsmoe_fast.checkpoint.plain_save import PlainSaveRefused
 from merge_helpers import build, calibration, forward
 
 

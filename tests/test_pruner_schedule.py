@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mcsmoe_fast import CompressionPruner, compress_experts
-from mcsmoe_fast.compressed import CompressedMoEExperts
+from mcsmoe_fast.modules.compressed import CompressedMoEExperts
 from mcsmoe_fast.tiny import tiny_mixtral
 from mcsmoe_fast.train import TrainConfig, train
 from train_helpers import collate, perplexity_on, tiny_job_data, tiny_job_model

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mcsmoe_fast import from_pretrained, moe_layers
-from mcsmoe_fast.compressed import CompressedMoEExperts
+from mcsmoe_fast.modules.compressed import CompressedMoEExperts
 from mcsmoe_fast.demo.measure import expert_parameters
 from mcsmoe_fast.modules import MoEExperts
 from mcsmoe_fast.tasks import evaluate_task, get_task, load_task_data

@@ -302,7 +302,7 @@ def test_shard_that_does_not_match_the_index_is_named(source, batches, tmp_path)
     # a tensor of the wrong shape (the index is right, the shard holds something else)
     src2 = copy_dir(source, tmp_path / "src2")
     shard = src2 / right
-    from mcsmoe_fast.weight_files import WeightFiles
+    from mcsmoe_fast.checkpoint.weight_files import WeightFiles
 
     files = WeightFiles(src2, single=right)
     tensors = {k: files.get(k) for k in files.shapes}
@@ -372,7 +372,7 @@ def test_save_pretrained_shards_and_loads_back_exactly(sharded, batches):
     assert section["format_version"] == 2 and section["weights"] == "mcsmoe_model.safetensors.index.json"
     shards = sorted(p.name for p in path.glob("mcsmoe_model-*.safetensors"))
     assert len(shards) > 3 and sorted(section["shards"]) == shards
-    from mcsmoe_fast.weight_files import WeightFiles
+    from mcsmoe_fast.checkpoint.weight_files import WeightFiles
 
     for shard in shards:  # at most 25 KB of tensors, unless one tensor alone is larger
         files = WeightFiles(path, single=shard)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from mcsmoe_fast import from_pretrained, moe_layers
-from mcsmoe_fast.compressed import CompressedMoEExperts
+from mcsmoe_fast.modules.compressed import CompressedMoEExperts
 from mcsmoe_fast.tiny import tiny_mixtral
 from merge_helpers import calibration
 from streaming_helpers import NUM_GROUPS, assert_same_checkpoint, in_memory, quiet_merge

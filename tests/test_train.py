@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mcsmoe_fast import compress_experts, from_pretrained, moe_layers
-from mcsmoe_fast.compressed import CompressedMoEExperts
+from mcsmoe_fast.modules.compressed import CompressedMoEExperts
 from mcsmoe_fast.train import TrainConfig, kd_loss, resumable_step, train
 from mcsmoe_fast.pruner import CompressionPruner
 from mcsmoe_fast.tiny import tiny_moe

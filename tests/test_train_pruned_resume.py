@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mcsmoe_fast import compress_experts, from_pretrained
-from mcsmoe_fast.compressed import CompressedMoEExperts
+from mcsmoe_fast.modules.compressed import CompressedMoEExperts
 from mcsmoe_fast.train import TrainConfig, resumable_step, train
 from train_helpers import collate, perplexity_on, tiny_job_data, tiny_job_model
 

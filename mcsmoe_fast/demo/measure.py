@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import save_pretrained, to_dense
-from ..compressed import CompressedMoEExperts
+from ..modules.compressed import CompressedMoEExperts
 from ..models import moe_layers
 from ..modules import MoEExperts
 from ..optimize import optimize

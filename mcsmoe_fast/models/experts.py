@@ -18,10 +18,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..compressed import CompressedMoEExperts
+from ..modules.compressed import CompressedMoEExperts
 from ..modules import MoEExperts
 from .base import MoELayer, refuse_compressed, split_name
-from .experts_spec import ExpertsSpec, follows_contract
+from ..modules.experts_spec import ExpertsSpec, follows_contract
 
 ROUTER_NAMES = ("gate", "router")
 

@@ -17,7 +17,7 @@ def model_class_for(config):
 
 
 def load_model(name_or_path: str, dtype: torch.dtype | None = None):
-    """The model in eval mode; a plain transformers checkpoint (see checkpoint.py for merged ones)."""
+    """The model in eval mode; a plain transformers checkpoint (see checkpoint/ for merged ones)."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(name_or_path)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..compressed import CompressedMoEExperts
+from ..modules.compressed import CompressedMoEExperts
 from ..modules import MoEExperts, SwitchMoE
 from .base import MoELayer, refuse_compressed
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import WEIGHTS_METADATA, WEIGHTS_NAME, atomic_directory, open_weights, read_section
 from ..checkpoint import write_merged_config
 from ..sections import record_compression
-from ..weight_files import CheckpointError, ShardWriter
+from ..checkpoint.weight_files import CheckpointError, ShardWriter
 from .compress_stage import CompressionStage, compress_options
 from .memory import shard_size_for
 from .skeleton import build_skeleton

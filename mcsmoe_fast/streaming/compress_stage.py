@@ -15,8 +15,8 @@ import torch
 
 from ..checkpoint import layer_entry
 from ..compress import IMPORTANCE, CompressOptions, full_bank, global_keep, row_scores
-from ..compressed import BANK_FIELDS, CompressedMoEExperts
-from ..weight_files import ShardWriter, WeightFiles
+from ..modules.compressed import BANK_FIELDS, CompressedMoEExperts
+from ..checkpoint.weight_files import ShardWriter, WeightFiles
 
 
 def compress_options(compress) -> dict | None:

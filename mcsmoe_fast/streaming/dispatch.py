@@ -21,7 +21,7 @@ import torch
 
 from ..calibrate import LayerStats, collect_routing_stats
 from ..models.dispatched import compute_device
-from ..weight_files import parse_size
+from ..checkpoint.weight_files import parse_size
 from .forward import Batch
 from .memory import human, rss_bytes
 

@@ -17,7 +17,7 @@ import torch
 
 from ..models import SwitchLayer
 from ..models.experts import router_of
-from ..models.experts_spec import ExpertsSpec
+from ..modules.experts_spec import ExpertsSpec
 
 
 @dataclass(frozen=True)

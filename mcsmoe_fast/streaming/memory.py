@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..weight_files import parse_size
+from ..checkpoint.weight_files import parse_size
 
 DEFAULT_SHARD_SIZE = 2 * 10**9  # bytes per output shard without a budget (transformers uses 5 GB)
 MIN_SHARD_SIZE = 10**6

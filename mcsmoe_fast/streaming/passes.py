@@ -22,7 +22,7 @@ from ..checkpoint import layer_entry
 from ..grouping import LayerGrouping
 from ..hooks import hook_block_input
 from ..modules import MoEExperts
-from ..weight_files import ShardWriter
+from ..checkpoint.weight_files import ShardWriter
 from .activations import ActivationStore
 from .compress_stage import CompressionStage
 from .forward import Batch, run_layer

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_directory
 from ..permute import apply_permutation_, match_permutations, with_bias_column
-from ..weight_files import ShardWriter
+from ..checkpoint.weight_files import ShardWriter
 from .memory import shard_size_for
 from .layout import ExpertTensors
 from .skeleton import layer_units, moe_views, open_source

@@ -39,7 +39,7 @@ from ..grouping import LayerGrouping, group_counts
 from ..merge import check_merge_options
 from ..models import select_layers
 from ..sections import record_compression, record_merge
-from ..weight_files import ShardWriter
+from ..checkpoint.weight_files import ShardWriter
 from .activations import ActivationStore
 from .compress_stage import CompressionStage, compress_options
 from .dispatch import check_device_map, dispatched_statistics, split_memory

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..sections import MERGE_SECTION
-from ..weight_files import CheckpointError, WeightFiles, read_index
+from ..checkpoint.weight_files import CheckpointError, WeightFiles, read_index
 
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"

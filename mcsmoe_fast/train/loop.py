@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checkpoint import from_pretrained, save_pretrained
-from ..compressed import CompressedMoEExperts
+from ..modules.compressed import CompressedMoEExperts
 from ..models import moe_layers
 from ..pruner import CompressionPruner
 from .config import TrainConfig
