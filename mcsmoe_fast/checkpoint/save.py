@@ -1,4 +1,5 @@
-"""save_pretrained: the merged format (each unique tensor once) or a dense export (every expert written out).
+"""save_pretrained: the merged format (each unique tensor once), the standard format (the family's own
+checkpoint with M experts, standard.py) or a dense export (every expert written out).
 
 The weights file deliberately is not named model.safetensors: plain transformers cannot run a merged
 model, so its from_pretrained fails loudly instead of loading random experts. `export_dense=True`
@@ -15,6 +16,7 @@ from torch import nn
 from ..modules import slot_names
 from .atomic import atomic_directory
 from .dense import to_dense
+from .standard import to_standard
 from .format import WEIGHTS_METADATA, WEIGHTS_NAME, merged_layers, model_dtype, unique_tensors, write_merged_config
 from .weight_files import ShardWriter, parse_size
 
@@ -35,8 +37,12 @@ def _write_dense(model: nn.Module, tmp: Path, max_shard_size: int | None = None)
     dense.save_pretrained(str(tmp), **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
 
 
+FORMATS = ("exact", "standard")
+
+
 def save_pretrained(model: nn.Module, save_directory, export_dense: bool = False, tokenizer=None,
-                    extra: Callable[[Path], None] | None = None, max_shard_size=None) -> Path:
+                    extra: Callable[[Path], None] | None = None, max_shard_size=None, format: str = "exact",
+                    router: str | None = None, batches=None) -> Path:
     """Save `model` (merged or not) to `save_directory`; returns its path.
 
     Default: the merged format above (unique weights only). export_dense=True: a plain transformers
@@ -45,11 +51,26 @@ def save_pretrained(model: nn.Module, save_directory, export_dense: bool = False
     writes more files into the checkpoint before it is moved into place (the trainer's state).
     max_shard_size: None (one weights file) or bytes (an int or "500MB", "2GiB"...) per shard of the
     merged format (the dense export uses transformers' own sharding, at this size when given).
+    format: "exact" (default: the merged format above, all E router rows and the expert_map) or "standard"
+    (the family's own transformers checkpoint with M experts and M router rows, which vanilla transformers,
+    vLLM and SGLang load: see to_standard; refused before anything is written when the model cannot be
+    expressed that way). router, batches: the standard format's router rows ("fitted" on `batches`, the
+    default when they are given, or "dominant"); see standard_router.py.
     """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if format == "standard" and export_dense:
+        raise ValueError("export_dense=True writes every expert (E per layer); format='standard' writes the M merged "
+                         "experts: choose one")
+    if format != "standard" and (router is not None or batches is not None):
+        raise ValueError("router and batches choose the router rows of format='standard' only")
     shard = parse_size(max_shard_size, "max_shard_size")
+    standard = to_standard(model, router=router, batches=batches) if format == "standard" else None
     target = Path(save_directory).absolute()
     with atomic_directory(target) as tmp:
-        if export_dense:
+        if standard is not None:
+            standard.save_pretrained(str(tmp), **({} if shard is None else {"max_shard_size": shard}))
+        elif export_dense:
             _write_dense(model, tmp, shard)
         else:
             _write_merged(model, tmp, shard)

@@ -1,0 +1,114 @@
+"""to_standard: a merged (or compressed) model as the family's own transformers model with M experts.
+
+The exact (aliased) format keeps all E router rows and an `expert_map`; only this package loads it.
+The standard format is the family's own checkpoint with M experts per MoE layer and M router rows,
+the config's expert count updated (num_local_experts / num_experts / n_routed_experts), every other
+tensor as it is (attention, norms, dense layers, shared experts), the experts written through the
+family's adapter in its own layout: vanilla transformers, vLLM and SGLang load it unmodified.
+
+What cannot be expressed is refused before any work (standard_plan.py), and the router of a merged
+expert is its group's dominant expert's row or a fitted row (standard_router.py; "fitted" is the default
+when calibration batches are given, measured in docs/standard_format.md). Compressed experts are written
+out densely (U V + S), so a compressed model's standard checkpoint is as large as the merged one's.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..models import SwitchLayer, moe_layers
+from ..sections import COMPRESS_SECTION, MERGE_SECTION
+from .format import model_dtype
+from .standard_plan import LayerPlan, expert_count_fields, plan_standard, router_module, router_prefix
+from .standard_router import check_router, router_inputs, router_state
+
+STANDARD_SECTION = "mcsmoe_standard"  # config.json: the router choice and each standard expert's group
+
+
+def standard_config(model: nn.Module, plans: dict[str, LayerPlan], router: str, expert_capacity: int | None):
+    """The model's config with the expert count M (and, for Switch, the expert capacity) of the standard form."""
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    for section in (MERGE_SECTION, COMPRESS_SECTION):
+        if hasattr(config, section):
+            delattr(config, section)
+    num_experts = next(iter(plans.values())).num_experts
+    for field in expert_count_fields(config):
+        setattr(config, field, num_experts)
+    if config.model_type == "switch_transformers":
+        config.expert_capacity = switch_capacity(config.expert_capacity, plans, expert_capacity)
+    setattr(config, STANDARD_SECTION, {"router": router, "layers": {
+        name: {"groups": p.groups, "router_rows": p.rows} for name, p in plans.items()}})
+    return config
+
+
+def switch_capacity(capacity: int, plans: dict[str, LayerPlan], override: int | None) -> int:
+    """Family rule (Switch): expert capacity counts tokens per expert and sequence. A merged expert takes
+    the tokens of all its group's members, each of which had `capacity` in the aliased form, so its
+    capacity is scaled by the largest group (`override` sets it instead)."""
+    if override is not None:
+        if not isinstance(override, int) or override < 1:
+            raise ValueError(f"expert_capacity must be a positive int, got {override!r}")
+        return override
+    return capacity * max(len(g) for p in plans.values() for g in p.groups)
+
+
+def copy_shared_tensors(model: nn.Module, standard: nn.Module, skip: tuple[str, ...]) -> None:
+    """Every tensor of `standard` outside the MoE layers' routers and experts, copied from `model`."""
+    ours, theirs = model.state_dict(), standard.state_dict()
+    wanted = [k for k in theirs if not k.startswith(skip)]
+    missing = [k for k in wanted if k not in ours or ours[k].shape != theirs[k].shape]
+    if missing:
+        raise ValueError(f"format='standard': the model has no weights of the right shape for {missing[:5]}")
+    standard.load_state_dict({k: ours[k] for k in wanted}, strict=False)
+
+
+@torch.no_grad()
+def to_standard(model: nn.Module, router: str | None = None, batches=None, expert_capacity: int | None = None,
+                max_tokens: int = 65536) -> nn.Module:
+    """The family's own transformers model (eval mode) with M experts and M router rows per MoE layer.
+
+    router: "fitted" (rows fitted on `batches` so each merged expert's routing probability matches its
+      group's summed probability; the default when batches are given, the better one measured) or
+      "dominant" (the row of each group's dominant expert; the default without batches).
+    batches: calibration input dicts (as for collect_routing_stats), needed by router="fitted";
+      max_tokens per layer are used.
+    expert_capacity: Switch only: the standard model's expert capacity (default: the original capacity
+      times the largest group, since one merged expert now takes all its members' tokens).
+    Raises ValueError, before any work, for what a standard checkpoint cannot express (standard_plan.py).
+    """
+    from transformers.initialization import no_init_weights
+
+    from ..models.hub import model_class_for
+
+    router = router or ("fitted" if batches is not None else "dominant")
+    check_router(router, batches)
+    plans = plan_standard(model)
+    config = standard_config(model, plans, router, expert_capacity)
+    layers = moe_layers(model)
+    hidden = router_inputs(model, layers, batches, max_tokens) if router == "fitted" else {}
+    with no_init_weights():
+        standard = model_class_for(config).from_config(config, dtype=getattr(torch, model_dtype(model)))
+    new_layers = {layer.name: layer for layer in moe_layers(standard)}
+    if set(new_layers) != set(plans):
+        raise ValueError(f"format='standard': the standard model's MoE layers {sorted(new_layers)} are not the "
+                         f"model's {sorted(plans)}")
+    skip = tuple(p for layer in new_layers.values()
+                 for p in (f"{layer.name}.experts.", f"{layer.name}.{router_prefix(layer)}"))
+    copy_shared_tensors(model, standard, skip)
+    for layer in layers:
+        plan, new = plans[layer.name], new_layers[layer.name]
+        router_module(new).load_state_dict(router_state(layer, router_module(layer), plan, hidden.get(layer.name)))
+        write_experts(layer, new, plan)
+    standard.tie_weights()
+    return standard.eval()
+
+
+def write_experts(layer, new, plan: LayerPlan) -> None:
+    """The layer's merged slots, in the plan's order, into the standard block through its adapter."""
+    slots = torch.tensor(plan.slots, dtype=torch.long)
+    w_in, w_out = (w.detach()[slots.to(w.device)] for w in layer.expert_weights())
+    b_in, b_out = (None if b is None else b.detach()[slots.to(b.device)] for b in layer.expert_biases())
+    if isinstance(new, SwitchLayer):
+        new.set_expert_weights(w_in, w_out)
+    else:
+        new.set_expert_weights(w_in, w_out, b_in=b_in, b_out=b_out)

@@ -1,0 +1,155 @@
+"""What a standard checkpoint of a merged model will hold, decided (and refused) before any work.
+
+A standard checkpoint is the family's own transformers checkpoint with M experts per MoE layer and M
+router rows: standard expert i is merged slot `slots[i]`, its router row is that of `rows[i]` (an
+original expert: its group's dominant expert, or the start of a fitted row), and `groups[i]` are the
+original experts whose routing it takes over. What such a checkpoint cannot express is refused here,
+with the reason: slot counts that differ per layer (the config has one expert count), top_k > M, a
+model still being pruned, and the family rules below.
+
+Family rules (kept in this one table of functions so each can move into its family's adapter):
+  - Switch Transformers: the router is `router.classifier`, the count `num_experts`;
+  - DeepSeek-V3's group-limited routing (`n_group`, `topk_group`): routing group j of the standard
+    model is the j-th block of M / n_group experts, so every merged group must lie inside one routing
+    group of the original, every routing group must keep the same number of merged experts (at least 2:
+    a group is scored by its top-2), and the standard experts are ordered routing group by routing group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..drop import logit_mask
+from ..models import MoELayer, SwitchLayer, moe_layers
+from ..modules import CompressedMoEExperts
+from ..sections import MERGE_SECTION
+
+EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")  # the config's expert count
+
+
+@dataclass
+class LayerPlan:
+    """One MoE layer of the standard checkpoint (lists of length M, in the standard experts' order)."""
+
+    name: str
+    slots: list[int]  # the merged slot each standard expert is
+    rows: list[int]  # the original expert whose router row it gets (its group's dominant expert)
+    groups: list[list[int]]  # the original experts whose routing it takes over (its group)
+    dropped: bool = False  # drop strategy: only `rows` are routed to; their rows reproduce the routing exactly
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.slots)
+
+
+# --- family rules -----------------------------------------------------------------------------------
+def router_module(layer: MoELayer) -> nn.Module:
+    """The module holding the layer's router rows (weight [E, d], and bias / e_score_correction_bias [E])."""
+    return layer.module.router.classifier if isinstance(layer, SwitchLayer) else layer.router
+
+
+def router_prefix(layer: MoELayer) -> str:
+    """The router's state-dict prefix inside the block ("router.classifier.", "gate." or "router.")."""
+    if isinstance(layer, SwitchLayer):
+        return "router.classifier."
+    name = next(n for n in ("gate", "router") if getattr(layer.module, n, None) is layer.router)
+    return f"{name}."
+
+
+def routing_groups(config) -> int:
+    """Number of routing groups of a group-limited router (DeepSeek-V3's n_group); 1 for the others."""
+    n_group = getattr(config, "n_group", None)
+    return int(n_group) if isinstance(n_group, int) and n_group > 1 else 1
+
+
+def expert_count_fields(config) -> list[str]:
+    fields = [f for f in EXPERT_COUNT_FIELDS if isinstance(getattr(config, f, None), int)]
+    if not fields:
+        raise ValueError(f"format='standard': the {config.model_type} config has none of {', '.join(EXPERT_COUNT_FIELDS)}: "
+                         "cannot write its expert count")
+    return fields
+
+
+# --- the plan -------------------------------------------------------------------------------------
+def recorded_dominant(model: nn.Module, layer: MoELayer, expert_map: list[int]) -> list[int] | None:
+    """The dominant expert of each slot as the last merge of this layer recorded it (config.mcsmoe_merge),
+    None when no record matches the layer's expert_map."""
+    section = getattr(model.config, MERGE_SECTION, None) or {}
+    for merge in reversed(section.get("merges", [])):
+        entry = merge.get("layers", {}).get(layer.name)
+        if entry is not None:
+            return list(entry["dominant"]) if entry.get("expert_map") == expert_map else None
+    return None
+
+
+def plan_layer(model: nn.Module, layer: MoELayer) -> LayerPlan:
+    experts = getattr(layer.module, "experts", None)
+    if isinstance(experts, CompressedMoEExperts) and experts.pruning:
+        raise ValueError(f"format='standard': layer {layer.name!r} is still being pruned: call "
+                         "CompressionPruner.finalize() (or finalize() on its experts) first")
+    expert_map = [int(s) for s in layer.expert_map().tolist()]
+    num_slots = max(expert_map) + 1
+    groups = [[e for e, s in enumerate(expert_map) if s == slot] for slot in range(num_slots)]
+    if any(not g for g in groups):
+        raise ValueError(f"format='standard': layer {layer.name!r} has slots no expert uses")
+    keep = logit_mask(layer)
+    if keep is not None:  # drop strategy: the kept expert of each slot is the only one routed to
+        kept = [[e for e in g if bool(keep[e])] for g in groups]
+        if any(len(k) != 1 for k in kept):
+            raise ValueError(f"format='standard': layer {layer.name!r} masks router logits with kept experts "
+                             f"{[k for k in kept]} per slot; exactly one per slot can become a standard expert")
+        return LayerPlan(layer.name, list(range(num_slots)), [k[0] for k in kept], groups, dropped=True)
+    dominant = recorded_dominant(model, layer, expert_map) or [g[0] for g in groups]
+    return LayerPlan(layer.name, list(range(num_slots)), dominant, groups)
+
+
+def order_by_routing_group(plan: LayerPlan, num_experts: int, n_group: int, topk_group: int, top_k: int) -> LayerPlan:
+    """DeepSeek-V3's group-limited routing: the standard experts ordered routing group by routing group."""
+    size = num_experts // n_group
+    where = []
+    for members in plan.groups:
+        owners = sorted({e // size for e in members})
+        if len(owners) > 1:
+            raise ValueError(f"format='standard': layer {plan.name!r} merges experts {members} across routing groups "
+                             f"{owners} (n_group={n_group}, {size} experts each); group-limited routing needs every "
+                             "merged group inside one routing group: merge within routing groups, or save format='exact'")
+        where.append(owners[0])
+    per_group = [where.count(j) for j in range(n_group)]
+    if len(set(per_group)) > 1 or per_group[0] < 2:
+        raise ValueError(f"format='standard': layer {plan.name!r} keeps {per_group} merged experts in its {n_group} "
+                         "routing groups; group-limited routing needs the same number in every routing group, at "
+                         "least 2 (a group is scored by its top-2 experts)")
+    if top_k > topk_group * per_group[0]:
+        raise ValueError(f"format='standard': layer {plan.name!r}: top_k={top_k} exceeds topk_group={topk_group} x "
+                         f"{per_group[0]} experts per routing group")
+    order = sorted(range(plan.num_experts), key=lambda i: (where[i], i))
+    return LayerPlan(plan.name, [plan.slots[i] for i in order], [plan.rows[i] for i in order],
+                     [plan.groups[i] for i in order], plan.dropped)
+
+
+def plan_standard(model: nn.Module) -> dict[str, LayerPlan]:
+    """{layer name: LayerPlan} for every MoE layer, or a ValueError naming what the standard format
+    cannot express."""
+    config = model.config
+    expert_count_fields(config)
+    layers = moe_layers(model)
+    plans = {layer.name: plan_layer(model, layer) for layer in layers}
+    counts = {name: p.num_experts for name, p in plans.items()}
+    if len(set(counts.values())) > 1:
+        raise ValueError(f"format='standard': the layers keep different numbers of experts {counts}, but the "
+                         f"{config.model_type} config has one expert count; merge every layer to the same count "
+                         "(merge_experts(..., globally=False), --no-globally) or save format='exact'")
+    for layer in layers:
+        plan = plans[layer.name]
+        if layer.top_k > plan.num_experts:
+            raise ValueError(f"format='standard': layer {layer.name!r} routes each token to top_k={layer.top_k} "
+                             f"experts but keeps only {plan.num_experts}; merge to at least {layer.top_k} experts")
+        n_group = routing_groups(config)
+        if n_group > 1:
+            if layer.num_experts % n_group or plan.num_experts % n_group:
+                raise ValueError(f"format='standard': layer {layer.name!r}: {plan.num_experts} experts do not split "
+                                 f"into n_group={n_group} routing groups")
+            plans[layer.name] = order_by_routing_group(plan, layer.num_experts, n_group,
+                                                       int(getattr(config, "topk_group", n_group)), layer.top_k)
+    return plans

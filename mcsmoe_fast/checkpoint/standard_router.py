@@ -1,0 +1,119 @@
+"""The router row of a merged expert in a standard checkpoint: "dominant" or "fitted".
+
+A standard checkpoint has one router row per merged expert, where the merged (aliased) model still
+scores all E original experts and a group's merged expert receives the summed routing weight of its
+members. Two ways to give the merged expert one row:
+
+  dominant  the row of the group's dominant expert (the member with the highest usage frequency, as
+            the merge recorded it): no data needed; the merged expert is then chosen where its dominant
+            expert was, with the dominant expert's probability only (what REAM does).
+  fitted    rows (and the bias, where the router has one) fitted on calibration tokens so that each
+            merged expert's routing probability matches the summed probability of its members:
+            softmax routers minimise the cross-entropy (= KL up to a constant) between the target
+            q_g(t) = sum_{e in g} softmax(router logits of t)_e and softmax(W h_t + b)_g over the
+            M merged experts; sigmoid routers (DeepSeek-V3) the binary cross-entropy between
+            sigmoid(W h_t + b)_g and the clamped sum of member scores. Full-batch L-BFGS from the
+            dominant rows, with a small ridge pull towards them (well posed with fewer tokens than d).
+            DeepSeek-V3's e_score_correction_bias is sliced at the dominant experts either way.
+
+Measured on the demo's trained byte-level MoE (docs/standard_format.md): fitted rows are the better
+choice, which is why `to_standard` defaults to them whenever calibration batches are given.
+Layers merged with strategy='drop' keep their dominant rows whatever the choice: routing over the kept
+experts' rows is exactly what their masked router computes.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from ..hooks import run_hooked
+from ..models import MoELayer
+from .standard_plan import LayerPlan
+
+ROUTERS = ("dominant", "fitted")
+SIGMOID_ROUTERS = ("DeepseekV3TopkRouter",)  # family rule: routers whose scores are per-expert sigmoids
+
+
+def check_router(router: str, batches) -> None:
+    if router not in ROUTERS:
+        raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {router!r}")
+    if router == "fitted" and batches is None:
+        raise ValueError("router='fitted' needs calibration batches (batches=...) to fit the merged experts' "
+                         "router rows on; pass them, or router='dominant'")
+
+
+def is_sigmoid_router(module: nn.Module) -> bool:
+    return type(module).__name__ in SIGMOID_ROUTERS
+
+
+@torch.no_grad()
+def router_inputs(model: nn.Module, layers: list[MoELayer], batches, max_tokens: int = 65536) -> dict[str, torch.Tensor]:
+    """{layer name: hidden states [N, d]} entering each layer's router on the calibration batches (padding
+    left out; the first max_tokens tokens), in float32 on the CPU."""
+    seen: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in layers}
+
+    def receive(layer, hidden, mask):
+        if mask is not None and hidden.dim() == 3 and tuple(mask.shape) == tuple(hidden.shape[:2]):
+            hidden = hidden[mask.bool()]
+        kept = sum(h.shape[0] for h in seen[layer.name])
+        if kept < max_tokens:
+            seen[layer.name].append(hidden.reshape(-1, hidden.shape[-1])[: max_tokens - kept].float().cpu())
+
+    run_hooked(model, layers, batches, receive)
+    return {name: torch.cat(hs) for name, hs in seen.items() if hs}
+
+
+def member_targets(logits: torch.Tensor, groups: list[list[int]], sigmoid: bool) -> torch.Tensor:
+    """[N, M] routing probability of each merged expert: the summed probability of its members."""
+    scores = logits.float().sigmoid() if sigmoid else logits.float().softmax(-1)
+    target = torch.stack([scores[:, g].sum(-1) for g in groups], dim=-1)
+    return target.clamp(1e-6, 1 - 1e-6) if sigmoid else target
+
+
+def fit_rows(hidden: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+             sigmoid: bool, ridge: float = 1e-4, steps: int = 100) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows [M, d] (and bias [M]) from the dominant rows `weight` / `bias`, fitted so that the router's
+    probabilities on `hidden` [N, d] match `target` [N, M] (see the module docstring)."""
+    w0 = weight.detach().float()
+    w = w0.clone().requires_grad_(True)
+    b0 = None if bias is None else bias.detach().float()
+    b = None if b0 is None else b0.clone().requires_grad_(True)
+    params = [w] if b is None else [w, b]
+    opt = torch.optim.LBFGS(params, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def loss_fn():
+        opt.zero_grad()
+        logits = F.linear(hidden, w, b)
+        if sigmoid:
+            loss = F.binary_cross_entropy_with_logits(logits, target)
+        else:
+            loss = -(target * logits.log_softmax(-1)).sum(-1).mean()
+        loss = loss + ridge * ((w - w0) ** 2).sum() + (0 if b is None else ridge * ((b - b0) ** 2).sum())
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(loss_fn)
+    return w.detach().to(weight.dtype), None if b is None else b.detach().to(bias.dtype)
+
+
+def router_state(layer: MoELayer, module: nn.Module, plan: LayerPlan, hidden: torch.Tensor | None) -> dict:
+    """The standard router's state dict: every [E]-leading tensor of the layer's router module (weight,
+    bias, e_score_correction_bias) sliced at plan.rows; with `hidden` (router="fitted", layers not dropped)
+    weight and bias fitted."""
+    rows = torch.tensor(plan.rows, dtype=torch.long)
+    state = {}
+    for key, t in module.state_dict().items():
+        if key == "keep":  # the drop strategy's mask: the kept rows need none
+            continue
+        state[key] = t[rows.to(t.device)].clone() if t.dim() >= 1 and t.shape[0] == layer.num_experts else t.clone()
+    if hidden is not None and not plan.dropped:
+        with torch.no_grad():
+            logits = layer.router_logits(hidden.to(layer.router_weight().dtype))
+        target = member_targets(logits, plan.groups, is_sigmoid_router(module))
+        state["weight"], fitted_bias = fit_rows(hidden, target, state["weight"], state.get("bias"),
+                                                is_sigmoid_router(module))
+        if fitted_bias is not None:
+            state["bias"] = fitted_bias
+    return state
