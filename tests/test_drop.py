@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mcsmoe_fast import collect_routing_stats, from_pretrained, merge_experts, moe_layers, optimize, save_pretrained
-from mcsmoe_fast.drop import SOFTMAX_TOP_K_ROUTERS, MaskedLinear, MaskedTopKRouter, install_logit_mask, logit_mask
+from mcsmoe_fast.drop import install_logit_mask, logit_mask
+from mcsmoe_fast.modules.masked_router import SOFTMAX_TOP_K_ROUTERS, MaskedLinear, MaskedTopKRouter
 from mcsmoe_fast.models.hub import load_model
 from merge_helpers import build, calibration, forward
 

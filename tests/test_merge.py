@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mcsmoe_fast import collect_routing_stats, merge_experts, moe_layers
-from mcsmoe_fast.drop import MaskedLinear, MaskedTopKRouter
+from mcsmoe_fast.modules.masked_router import MaskedLinear, MaskedTopKRouter
 from mcsmoe_fast.modules import MoEExperts
 from mcsmoe_fast.reference import linear_assignment
 from merge_helpers import build, calibration, forward

@@ -1,19 +1,19 @@
-"""Model adapters: a uniform `MoELayer` view of every MoE block.
-
-Switch Transformers has its own adapter (switch.py: its experts are a ModuleDict of MLPs); every other
-family is found by structure through the generic adapter (experts.py), which reads transformers'
-`use_experts_implementation` experts contract.
+"""Model adapters: a uniform `MoELayer` view of every MoE block, found through the registry of families
+(registry.py). Switch Transformers has its own adapter (switch.py: its experts are a ModuleDict of MLPs); the
+families on transformers' `use_experts_implementation` experts contract are found by structure through the
+generic adapter (experts.py).
 """
 from __future__ import annotations
 
 from torch import nn
 
 from .base import MoELayer, expert_weights_per_expert, select_layers
-from .experts import ExpertsLayer, experts_layers
-from .switch import SwitchLayer, switch_layers
+from .experts import ExpertsLayer
+from .registry import FAMILIES, Family, family_of, tested_model_types
+from .stored_tensors import ExpertTensors
+from .switch import SwitchLayer
 
-TESTED_FAMILIES = ("switch_transformers", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss",
-                   "qwen3_next", "qwen3_5_moe_text")
+TESTED_FAMILIES = tested_model_types()
 
 
 def _is_moe_family(model: nn.Module) -> bool:
@@ -29,10 +29,11 @@ def moe_layers(model: nn.Module, allow_empty: bool = False) -> list[MoELayer]:
     """Every MoE layer of a supported model, in module order (an error when there is none, unless
     allow_empty and the model is of an MoE family)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    layers = switch_layers(model) if model_type == "switch_transformers" else experts_layers(model)
+    family = family_of(model_type)
+    layers = family.find_layers(model)
     if layers:
         return layers
-    if model_type != "switch_transformers" and not _is_moe_family(model):
+    if not family.model_types and not _is_moe_family(model):
         raise ValueError(
             f"no MoE layer mcsmoe_fast can handle in this {model_type!r} model: supported are Switch Transformers "
             "and transformers MoE families whose experts use `use_experts_implementation` "
@@ -43,4 +44,5 @@ def moe_layers(model: nn.Module, allow_empty: bool = False) -> list[MoELayer]:
     return []
 
 
-__all__ = ["MoELayer", "select_layers", "expert_weights_per_expert", "SwitchLayer", "ExpertsLayer", "moe_layers", "TESTED_FAMILIES"]
+__all__ = ["MoELayer", "select_layers", "expert_weights_per_expert", "SwitchLayer", "ExpertsLayer", "moe_layers",
+           "TESTED_FAMILIES", "FAMILIES", "Family", "family_of", "ExpertTensors"]

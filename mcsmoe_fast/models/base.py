@@ -61,6 +61,23 @@ class MoELayer:
         logits = self.router_logits(hidden)
         return logits, logits.topk(self.top_k, dim=-1).indices
 
+    def check_maskable(self) -> None:
+        """ValueError unless the drop baseline can mask this layer's router logits (families override)."""
+        raise ValueError(f"{self.name}: the drop baseline cannot mask the router logits of {type(self.module).__name__} "
+                         "(use strategy='frequency' or 'average')")
+
+    def mask_router(self, keep: torch.Tensor) -> None:
+        """Route as before but never to the experts with keep[e] == False (the drop baseline)."""
+        self.check_maskable()
+
+    def logit_mask(self) -> torch.Tensor | None:
+        """The router's keep mask [E], or None when no expert is masked."""
+        return None
+
+    def stored_tensors(self):
+        """ExpertTensors: the checkpoint names of this layer's experts and router (streaming reads by them)."""
+        raise ValueError(f"{self.name}: {type(self.module).__name__} layers are not streamed; use the in-memory pipeline")
+
     def expert_map(self) -> torch.Tensor:
         """Slot of each original expert, int64 [E] (identity for an unmerged layer)."""
         experts = getattr(self.module, "experts", None)

@@ -20,7 +20,9 @@ from torch import nn
 
 from ..modules.compressed import CompressedMoEExperts
 from ..modules import MoEExperts
+from ..modules.masked_router import SOFTMAX_TOP_K_ROUTERS, MaskedTopKRouter
 from .base import MoELayer, refuse_compressed, split_name
+from .stored_tensors import ExpertTensors
 from ..modules.experts_spec import ExpertsSpec, follows_contract
 
 ROUTER_NAMES = ("gate", "router")
@@ -78,6 +80,36 @@ class ExpertsLayer(MoELayer):
     def install_experts(self, experts: MoEExperts | CompressedMoEExperts) -> None:
         """Replace the block's experts module by the given expert slots (router unchanged)."""
         self.module.experts = experts
+
+
+    # --- the drop baseline: softmax top-k gates only (the others choose experts their own way) -------------
+    def check_maskable(self) -> None:
+        gate = getattr(self.module, "gate", None)
+        if not isinstance(gate, MaskedTopKRouter) and type(gate).__name__ not in SOFTMAX_TOP_K_ROUTERS:
+            raise ValueError(f"{self.name}: the drop baseline masks router logits of Switch's router and softmax "
+                             f"top-k gates only ({', '.join(SOFTMAX_TOP_K_ROUTERS)}); {type(self.router).__name__} "
+                             "routes differently (use strategy='frequency' or 'average')")
+
+    def mask_router(self, keep: torch.Tensor) -> None:
+        self.check_maskable()
+        if not isinstance(self.module.gate, MaskedTopKRouter):
+            self.module.gate = MaskedTopKRouter(self.module.gate, keep)
+        self.module.gate.keep.copy_(keep)
+
+    def logit_mask(self) -> torch.Tensor | None:
+        gate = getattr(self.module, "gate", None)
+        return gate.keep if isinstance(gate, MaskedTopKRouter) else None
+
+    def stored_tensors(self) -> ExpertTensors:
+        """experts.gate_up_proj (or up_proj) and experts.down_proj, with *_bias where the family has biases, in
+        the layout the experts module's flags give; router gate.weight or router.weight."""
+        n, block = self.name, self.module
+        spec = ExpertsSpec.of(block.experts)
+        router = next(attr for attr, child in block.named_children() if child is router_of(block))
+        w_in = f"{n}.experts.{'gate_up_proj' if spec.gated else 'up_proj'}"
+        return ExpertTensors((w_in,), (f"{n}.experts.down_proj",), f"{n}.{router}.weight", f"{n}.{router}.keep",
+                             f"{w_in}_bias" if spec.has_bias else None,
+                             f"{n}.experts.down_proj_bias" if spec.has_bias else None, spec)
 
 
 def router_of(block: nn.Module) -> nn.Module | None:

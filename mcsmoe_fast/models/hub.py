@@ -7,13 +7,14 @@ from pathlib import Path
 
 import torch
 
-SEQ2SEQ_TYPES = {"switch_transformers"}
+from .registry import family_of
 
 
 def model_class_for(config):
+    """The transformers head class of the config's family (registry.py)."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    return AutoModelForSeq2SeqLM if config.model_type in SEQ2SEQ_TYPES else AutoModelForCausalLM
+    return AutoModelForSeq2SeqLM if family_of(config.model_type).seq2seq else AutoModelForCausalLM
 
 
 def load_model(name_or_path: str, dtype: torch.dtype | None = None):

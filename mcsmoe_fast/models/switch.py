@@ -8,7 +8,9 @@ from torch import nn
 
 from ..modules.compressed import CompressedMoEExperts
 from ..modules import MoEExperts, SwitchMoE
+from ..modules.masked_router import MaskedLinear
 from .base import MoELayer, refuse_compressed
+from .stored_tensors import ExpertTensors
 
 
 class SwitchLayer(MoELayer):
@@ -55,6 +57,28 @@ class SwitchLayer(MoELayer):
         else:
             block = SwitchMoE(self.module.router, experts, expert_dropout=expert_dropout_rate(self.module))
             self.replace(block.train(self.module.training))  # the model's mode (eval: no expert dropout)
+
+
+    # --- the drop baseline: the router calls its classifier, whose logits are masked ----------------------
+    def check_maskable(self) -> None:
+        return None
+
+    def mask_router(self, keep: torch.Tensor) -> None:
+        router = self.module.router
+        if not isinstance(router.classifier, MaskedLinear):
+            router.classifier = MaskedLinear(router.classifier, keep)
+        router.classifier.keep.copy_(keep)
+
+    def logit_mask(self) -> torch.Tensor | None:
+        classifier = self.module.router.classifier
+        return classifier.keep if isinstance(classifier, MaskedLinear) else None
+
+    def stored_tensors(self) -> ExpertTensors:
+        """One wi [ff, d] and wo [d, ff] per expert (experts.expert_{j}), router router.classifier.weight."""
+        n, experts = self.name, range(self.num_experts)
+        return ExpertTensors(tuple(f"{n}.experts.expert_{j}.wi.weight" for j in experts),
+                             tuple(f"{n}.experts.expert_{j}.wo.weight" for j in experts),
+                             f"{n}.router.classifier.weight", f"{n}.router.classifier.keep")
 
 
 def expert_dropout_rate(block: nn.Module) -> float:

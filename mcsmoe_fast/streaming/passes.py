@@ -26,7 +26,6 @@ from ..checkpoint.weight_files import ShardWriter
 from .activations import ActivationStore
 from .compress_stage import CompressionStage
 from .forward import Batch, run_layer
-from .layout import ExpertTensors
 from .memory import human, rss_bytes, trim_heap
 from .skeleton import empty, materialise
 from .source import SourceCheckpoint
@@ -84,8 +83,8 @@ class Merger:
     @torch.no_grad()
     def __call__(self, view, tensors: dict[str, torch.Tensor], stats: LayerStats | None, count: int | None) -> None:
         """Merge (or pass on) the layer of `view` from `tensors`, which hold its stored expert and
-        router tensors (ExpertTensors.of(view))."""
-        name, opts, layout = view.name, self.options, ExpertTensors.of(view)
+        router tensors (view.stored_tensors())."""
+        name, opts, layout = view.name, self.options, view.stored_tensors()
         w_in, w_out, b_in, b_out = layout.read(tensors.__getitem__)
         keep = None
         if stats is None:  # a layer left out of `layers`: experts unchanged (compressed as they are)
@@ -153,7 +152,7 @@ def layer_pass(s: Stream, merge_now, desc: str, store: ActivationStore | None = 
         s.source.release()
         if store is not None:
             _run_with_statistics(s, store, i, name, unit, tensors)
-        experts = set(ExpertTensors.of(view).experts) if view is not None else set()
+        experts = set(view.stored_tensors().experts) if view is not None else set()
         for n, t in tensors.items():  # attention, norms, router: copied through unchanged
             if n not in experts:
                 s.writer.add(n, t)
@@ -193,7 +192,7 @@ def merge_pass(s: Stream, merger: Merger, counts: dict[str, int], desc: str) -> 
     bar = s.progress.bar(todo, desc)
     for view in bar:
         s.progress.update(bar, view.name)
-        layout = ExpertTensors.of(view)
+        layout = view.stored_tensors()
         tensors = {n: s.read(n) for n in (*layout.experts, layout.router)}
         s.source.release()
         merger(view, tensors, s.stats.get(view.name), counts.get(view.name))

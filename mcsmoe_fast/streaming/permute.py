@@ -16,7 +16,6 @@ from ..checkpoint import atomic_directory
 from ..permute import apply_permutation_, match_permutations, with_bias_column
 from ..checkpoint.weight_files import ShardWriter
 from .memory import shard_size_for
-from .layout import ExpertTensors
 from .skeleton import layer_units, moe_views, open_source
 
 
@@ -34,12 +33,12 @@ def permute_checkpoint(path, out, reference: int = 0, max_memory=None, max_shard
     for view in views:
         if not 0 <= reference < view.num_experts:
             raise ValueError(f"{view.name}: reference expert {reference} out of range [0, {view.num_experts})")
-    experts = {n for v in views for n in ExpertTensors.of(v).experts}
+    experts = {n for v in views for n in v.stored_tensors().experts}
     perms = {}
     with atomic_directory(out) as tmp:
         writer = ShardWriter(tmp, "model.safetensors", shard_size_for(max_memory, max_shard_size), {"format": "pt"})
         for view in tqdm(views, desc="aligning experts", unit="layer", disable=not progress):
-            layout = ExpertTensors.of(view)
+            layout = view.stored_tensors()
             w_in, w_out, b_in, b_out = layout.read(lambda n: source.read(n, shapes[n], dtype))
             source.release()
             d = w_in.shape[-1]

@@ -1,5 +1,6 @@
-"""Which stored tensors hold an MoE layer's experts and router, by the model's own parameter names, and
-how they map to the canonical banks w_in [E, F, d] (gate rows then up rows), w_out [E, d, ff], b_in [E, F]
+"""Which stored tensors hold an MoE layer's experts and router, by the model's own parameter names (each
+adapter's `stored_tensors()`; streaming reads and writes checkpoints through them), and how they map to the
+canonical banks w_in [E, F, d] (gate rows then up rows), w_out [E, d, ff], b_in [E, F]
 and b_out [E, d].
 
 Contract families (transformers' fused experts: Mixtral, Qwen-MoE, OLMoE, DeepSeek-V3, Qwen3-Next,
@@ -15,8 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models import SwitchLayer
-from ..models.experts import router_of
 from ..modules.experts_spec import ExpertsSpec
 
 
@@ -29,22 +28,6 @@ class ExpertTensors:
     b_in: str | None = None
     b_out: str | None = None
     spec: ExpertsSpec | None = None  # the fused bank's layout (None: Switch's per-expert tensors)
-
-    @classmethod
-    def of(cls, view) -> ExpertTensors:
-        n = view.name
-        if isinstance(view, SwitchLayer):
-            experts = range(view.num_experts)
-            return cls(tuple(f"{n}.experts.expert_{j}.wi.weight" for j in experts),
-                       tuple(f"{n}.experts.expert_{j}.wo.weight" for j in experts),
-                       f"{n}.router.classifier.weight", f"{n}.router.classifier.keep")
-        block = view.module
-        spec = ExpertsSpec.of(block.experts)
-        router = next(attr for attr, child in block.named_children() if child is router_of(block))
-        w_in = f"{n}.experts.{'gate_up_proj' if spec.gated else 'up_proj'}"
-        return cls((w_in,), (f"{n}.experts.down_proj",), f"{n}.{router}.weight", f"{n}.{router}.keep",
-                   f"{w_in}_bias" if spec.has_bias else None, f"{n}.experts.down_proj_bias" if spec.has_bias else None,
-                   spec)
 
     @property
     def experts(self) -> tuple[str, ...]:

@@ -1,0 +1,60 @@
+"""Routers with dropped experts: the router logits of masked experts set to -inf before the choice, so the
+router never picks them (the `drop` baseline of merging, drop.py). The router's weight keeps its name in the
+state dict (`...classifier.weight` for Switch, `...gate.weight` for the others); the mask is one more buffer
+`keep` [E] (bool) next to it."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _mask(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+class MaskedLinear(nn.Module):
+    """Switch's router.classifier with dropped experts' logits at -inf (the router itself is unchanged)."""
+
+    def __init__(self, linear: nn.Linear, keep: torch.Tensor):
+        super().__init__()
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.register_buffer("keep", torch.as_tensor(keep, dtype=torch.bool, device=linear.weight.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _mask(F.linear(x, self.weight, self.bias), self.keep)
+
+
+# softmax over every expert in float32, top-k of the probabilities, optionally renormalised: the gates
+# (transformers 5.x) whose choice the mask changes only by never picking a dropped expert
+SOFTMAX_TOP_K_ROUTERS = ("MixtralTopKRouter", "Qwen2MoeTopKRouter", "Qwen3MoeTopKRouter", "OlmoeTopKRouter")
+
+
+class MaskedTopKRouter(nn.Module):
+    """A softmax top-k gate (SOFTMAX_TOP_K_ROUTERS) with dropped experts' logits at -inf: softmax, top-k,
+    renormalised when the gate renormalises (Mixtral always, the others per norm_topk_prob), the top-k
+    weights cast back to the logits' dtype where the gate does (all but Mixtral).
+
+    When fewer than top_k experts are kept, the extra picks get weight 0 and so contribute nothing."""
+
+    def __init__(self, gate: nn.Module, keep: torch.Tensor):
+        super().__init__()
+        self.weight = gate.weight
+        self.top_k = gate.top_k
+        self.num_experts = gate.weight.shape[0]
+        self.hidden_dim = gate.weight.shape[1]
+        self.norm_topk_prob = bool(getattr(gate, "norm_topk_prob", True))
+        self.cast_scores = type(gate).__name__ != "MixtralTopKRouter"
+        self.register_buffer("keep", torch.as_tensor(keep, dtype=torch.bool, device=gate.weight.device))
+
+    def forward(self, hidden_states: torch.Tensor):
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        router_logits = _mask(F.linear(hidden_states, self.weight), self.keep)
+        probs = torch.softmax(router_logits.float(), dim=-1)
+        top_value, top_index = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            top_value = top_value / top_value.sum(dim=-1, keepdim=True)
+        if self.cast_scores:
+            top_value = top_value.to(router_logits.dtype)
+        return router_logits, top_value, top_index
