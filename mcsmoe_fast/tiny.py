@@ -58,8 +58,15 @@ _FAMILIES = {
     "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM",
                     dict(shared_expert_intermediate_size=40, head_dim=8, linear_num_value_heads=4,
                          linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8)),
+    # Llama-4 text: sigmoid top-k router scaling the expert's input, a shared expert, MoE on every 2nd layer
+    # (the others dense MLPs of intermediate_size_mlp); chunked attention (8 tokens) and NoPE every 4th
+    # layer run on CPU; weights at std 0.1 so the routed experts weigh in the logits
+    "llama4_text": ("Llama4TextConfig", "Llama4ForCausalLM",
+                    dict(head_dim=8, intermediate_size_mlp=40, interleave_moe_layer_step=2, attention_chunk_size=8,
+                         initializer_range=0.1, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
 }
-FAMILY_NAMES = tuple(_FAMILIES)
+OWN_LAYOUT_FAMILIES = ("llama4_text",)  # own adapter (models/llama4.py), not on the experts contract
+FAMILY_NAMES = tuple(f for f in _FAMILIES if f not in OWN_LAYOUT_FAMILIES)  # the experts-contract families
 _EXPERT_FIELDS = {  # (experts, ff) field names where they differ from Mixtral's
     "qwen2_moe": ("num_experts", "moe_intermediate_size"), "qwen3_moe": ("num_experts", "moe_intermediate_size"),
     "olmoe": ("num_experts", "intermediate_size"), "deepseek_v3": ("n_routed_experts", "moe_intermediate_size"),
@@ -69,16 +76,17 @@ _EXPERT_FIELDS = {  # (experts, ff) field names where they differ from Mixtral's
 
 def tiny_moe(family: str, num_experts: int = 8, hidden_size: int = 32, intermediate_size: int = 48,
              num_layers: int = 2, top_k: int = 2, seed: int = 0, **overrides):
-    """A tiny causal LM of `family` (one of FAMILY_NAMES) with random weights, in eval mode. Every
-    layer is an MoE layer except DeepSeek-V3's first (dense, as configured by first_k_dense_replace);
+    """A tiny causal LM of `family` (one of FAMILY_NAMES or OWN_LAYOUT_FAMILIES) with random weights, in eval
+    mode. Every layer is an MoE layer except DeepSeek-V3's first (dense, as configured by first_k_dense_replace)
+    and Llama-4's even ones (2 * num_layers layers, MoE on the odd ones: num_layers MoE layers);
     Qwen3-Next and Qwen3.5-MoE alternate linear and full attention. GPT-OSS's expert biases are random too."""
     import transformers
 
     if family not in _FAMILIES:
-        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILY_NAMES)}")
+        raise ValueError(f"unknown family {family!r}; choose from {', '.join(_FAMILIES)}")
     config_cls, model_cls, extra = _FAMILIES[family]
     experts_field, ff_field = _EXPERT_FIELDS.get(family, ("num_local_experts", "intermediate_size"))
-    layers = num_layers + (1 if family == "deepseek_v3" else 0)
+    layers = {"deepseek_v3": num_layers + 1, "llama4_text": 2 * num_layers}.get(family, num_layers)  # dense layers too
     fields = dict(vocab_size=128, hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
                   eos_token_id=2, num_experts_per_tok=top_k)
