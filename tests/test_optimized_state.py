@@ -11,9 +11,8 @@ from torch import nn
 from transformers import SwitchTransformersForConditionalGeneration
 
 from mcsmoe_fast import moe_layers, optimize
-from mcsmoe_fast.modules import experts_interface
+from mcsmoe_fast.modules import MoEExperts, SwitchMoE, experts_interface
 from mcsmoe_fast.modules.experts_spec import ExpertsSpec
-from mcsmoe_fast.modules import MoEExperts, SwitchMoE
 from mcsmoe_fast.tiny import tiny_moe, tiny_switch
 from test_optimize import merge_by_hand, switch_inputs
 
