@@ -9,6 +9,8 @@ from .common import (add_calibration_options, add_dtype_option, device_map_optio
 
 
 def add(sub):
+    from ..checkpoint import FORMATS
+    from ..checkpoint.standard_router import ROUTERS
     from ..grouping import GROUPING_METHODS, MERGE_STRATEGIES, SIMILARITY_BASES
 
     p = subcommand(sub, "merge", "merge each MoE layer's experts into groups (M-SMoE) and save the smaller model",
@@ -22,8 +24,9 @@ def add(sub):
     p.add_argument("--similarity", choices=SIMILARITY_BASES, default="router-logits", help="similarity basis")
     p.add_argument("--grouping", choices=GROUPING_METHODS, default="dominant",
                    help="dominant experts (paper) or hierarchical clustering (HC-SMoE)")
-    p.add_argument("--globally", action=argparse.BooleanOptionalAction, default=True,
-                   help="spread one budget of groups over the layers by usage frequency (default on)")
+    p.add_argument("--globally", action=argparse.BooleanOptionalAction, default=None,
+                   help="spread one budget of groups over the layers by usage frequency (default on; off with "
+                        "--format standard, whose checkpoint has one expert count)")
     p.add_argument("--no-permute", dest="permute", action="store_false",
                    help="do not align group members to their dominant expert before averaging")
     p.add_argument("--strategy", choices=MERGE_STRATEGIES, default="frequency",
@@ -35,6 +38,13 @@ def add(sub):
     p.add_argument("--seed", type=int, default=0, help="seed of the random similarity basis")
     p.add_argument("--export-dense", action="store_true",
                    help="save a plain transformers checkpoint (every expert materialised) instead")
+    p.add_argument("--format", choices=FORMATS, default="exact",
+                   help="exact: all router rows plus the expert_map, loaded by mcsmoe_fast (default); standard: the "
+                        "family's own checkpoint with the merged experts and one router row each, loaded by vanilla "
+                        "transformers, vLLM and SGLang")
+    p.add_argument("--router", choices=ROUTERS, default=None,
+                   help="with --format standard: each merged expert's router row, fitted on the calibration text to "
+                        "its group's summed routing probability (fitted, default) or its dominant expert's (dominant)")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="memory budget, e.g. 8GB: a checkpoint that would not fit is merged layer by layer from "
                         "its shards without loading the whole model (Switch, Qwen3-Next and Qwen3.5-MoE need "
@@ -68,15 +78,30 @@ def run_streaming(args, tokenizer, batches, dtype) -> int:
     return 0
 
 
+def check_format_options(args) -> None:
+    """--format / --router / --globally / --export-dense together, before any work; resolves --globally."""
+    standard = args.format == "standard"
+    if args.router is not None and not standard:
+        raise ValueError("--router chooses the router rows of --format standard; add --format standard")
+    if standard and args.export_dense:
+        raise ValueError("--export-dense writes every expert; --format standard writes the merged ones: choose one")
+    if standard and args.globally:
+        raise ValueError("--globally gives the layers different expert counts, but a --format standard checkpoint "
+                         "has one count for the whole model: drop --globally (every layer gets --num-groups)")
+    if args.globally is None:
+        args.globally = not standard
+
+
 def run(args) -> int:
     from ..calibrate import collect_routing_stats
     from ..calibration_data import calibration_batches, check_batches, load_tokenizer, read_calibration_texts
     from ..checkpoint import save_pretrained
     from ..merge import merge_experts
-    from ..models import moe_layers
+    from ..models import moe_layers, select_layers
     from ..loading import open_model
 
     refuse_overwriting_input(args)
+    check_format_options(args)
     if args.num_groups < 1:
         raise ValueError(f"--num-groups must be >= 1, got {args.num_groups}")
     tokenizer = load_tokenizer(args.tokenizer or args.model)
@@ -90,11 +115,16 @@ def run(args) -> int:
         raise ValueError("--max-memory per device (DEVICE=SIZE,...) needs --device-map")
     if args.device_map is not None or not fits_in_memory(
             args.model, budget.get("cpu") if isinstance(budget, dict) else budget, dtype):
-        if args.export_dense:
-            raise ValueError("--export-dense needs the whole model in memory; drop it (and --device-map) or raise "
-                             "--max-memory")
+        if args.export_dense or args.format == "standard":
+            what = "--export-dense" if args.export_dense else "--format standard"
+            raise ValueError(f"{what} needs the whole model in memory (the streamed merge writes the exact format "
+                             "only); drop it (and --device-map) or raise --max-memory")
         return run_streaming(args, tokenizer, batches, dtype)
     model = open_model(args.model, dtype)
+    if args.format == "standard" and args.layers and len(select_layers(moe_layers(model), layers_option(args.layers))) \
+            < len(moe_layers(model)):
+        raise ValueError("--layers leaves some MoE layers with all their experts, but a --format standard checkpoint "
+                         "has one expert count for every layer: drop --layers")
     experts = {layer.num_experts for layer in moe_layers(model)}
     if args.num_groups >= max(experts):
         raise ValueError(f"nothing would be merged: --num-groups {args.num_groups} is not below the number of "
@@ -116,8 +146,10 @@ def run(args) -> int:
         print(f"{name:<{width}}  {g.num_experts:>7}  {g.num_groups:>6}  {g.dominant}")
     total = sum(g.num_groups for g in groupings.values())
     print(f"{len(texts)} calibration samples; {total} groups over {len(groupings)} layers in {elapsed:.2f} s")
-    out = save_pretrained(model, args.out, export_dense=args.export_dense, tokenizer=tokenizer)
+    standard = dict(format="standard", router=args.router, batches=batches) if args.format == "standard" else {}
+    out = save_pretrained(model, args.out, export_dense=args.export_dense, tokenizer=tokenizer, **standard)
     print(f"parameters: {before / 2**20:.2f} MiB before, {after / 2**20:.2f} MiB after merging "
           f"({before / max(after, 1):.2f}x smaller)")
-    print(f"saved {'dense ' if args.export_dense else ''}checkpoint to {out} ({dir_bytes(out) / 2**20:.2f} MiB on disk)")
+    kind = "dense " if args.export_dense else ("standard " if args.format == "standard" else "")
+    print(f"saved {kind}checkpoint to {out} ({dir_bytes(out) / 2**20:.2f} MiB on disk)")
     return 0
