@@ -30,6 +30,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from cpu_info import cpu_line  # noqa: E402
+
 HIDDEN, INTERMEDIATE, EXPERTS, LAYERS, VOCAB, HEADS, KV_HEADS = 1024, 3584, 8, 8, 32000, 8, 8
 GROUPS = 4
 CALIBRATION = dict(batches=4, batch=2, length=128)
@@ -227,7 +230,8 @@ def main() -> int:
             line = next(x for x in child.stdout.splitlines() if x.startswith("RESULT "))
             results[mode] = json.loads(line[len("RESULT "):])
         identical = {m: same_tensors(work / f"out-{m}", work / f"out-{modes[-1]}") for m in modes[:-1]}
-        print(f"\ncheckpoint {gib(size)} fp32 ({LAYERS} layers, {EXPERTS} experts, hidden {HIDDEN}, intermediate "
+        print(f"\n{cpu_line()}")
+        print(f"checkpoint {gib(size)} fp32 ({LAYERS} layers, {EXPERTS} experts, hidden {HIDDEN}, intermediate "
               f"{INTERMEDIATE}); merge {EXPERTS} -> {GROUPS}; streaming budget {args.budget}; calibration "
               f"{CALIBRATION['batches']}x{CALIBRATION['batch']}x{CALIBRATION['length']} tokens")
         print(f"{'mode':<10} {'wall':>8} {'peak RSS':>10} {'anon':>10} {'file':>10} {'disk reads':>11} {'rchar':>10} "

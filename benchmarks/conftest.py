@@ -9,6 +9,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from cpu_info import cpu_line  # noqa: E402
+
+
+def pytest_report_header(config):
+    return cpu_line()
+
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = getattr(config, "_benchmarksession", None)
@@ -32,5 +38,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             lines.append(f"{group:<42} {b.name:<48} {ratio:7.2f}x vs {anchor.name}{extra}")
     if lines:
         terminalreporter.write_sep("=", "speed-up against the anchor of each group (median times, same run)")
+        terminalreporter.write_line(cpu_line())
         for line in lines:
             terminalreporter.write_line(line)
