@@ -11,6 +11,16 @@ Per MoE layer, over the calibration tokens that are not padding:
 - output_sum [E, d] (only when `expert-output` is asked for) sum over ALL calibration tokens of each
                     expert's output (HC-SMoE's basis), computed by running every expert on every token.
 
+- saliency_sum [E]   (only with saliency="reap" or "reap-softmax") REAP's saliency numerator: sum over the
+                    tokens whose top-k contains expert j of g_j(x) * ||f_j(x)||_2, where f_j(x) is expert j's
+                    output (its bias included) and g_j(x) its routing weight; `saliency` = saliency_sum / counts
+                    (REAP, Lasby et al. 2025, eq. 9: the mean over the tokens routed to j; 0 if none came).
+                    g: "reap" (REAP's default) the router's softmax probability renormalised over the token's
+                    chosen experts, "reap-softmax" the plain softmax probability over all E experts. Routers
+                    whose scores are not a softmax (DeepSeek-V3's and Llama-4's sigmoids, and any router not in
+                    SOFTMAX_ROUTERS) give g = the router's own top-k weight for both modes. The expert outputs
+                    are computed once per routed (token, expert) pair by the fused grouped_expert_ffn (one row
+                    per pair), never for every expert on every token.
 - slot_input_sq [S, d], slot_hidden_sq [S, ff] (only with input_norms=True) per stored slot, the sums
                     of squares of the slot's inputs (routed tokens) and of its hidden activations: the
                     feature norms that one-shot compression (compress.py, importance="activation") weighs
@@ -32,8 +42,15 @@ from .drop import logit_mask
 from .hooks import is_decoder_layer, run_hooked
 from .models import MoELayer, moe_layers
 from .models.dispatched import compute_device, onloaded
+from .modules.masked_router import SOFTMAX_TOP_K_ROUTERS
+from .ops import grouped_expert_ffn
 
 CHEAP_BASES = ("router-logits", "feature")
+SALIENCY_MODES = ("reap", "reap-softmax")
+# routers whose routing weights are a softmax of the logits they return (over all experts, or over the top-k
+# logits: GPT-OSS, which equals the renormalised softmax); any other router gives its own top-k weights
+SOFTMAX_ROUTERS = (*SOFTMAX_TOP_K_ROUTERS, "MaskedTopKRouter", "GptOssTopKRouter", "Qwen3NextTopKRouter",
+                   "Qwen3_5MoeTopKRouter", "SwitchTransformersTop1Router", "MaskedLinear")
 
 
 @dataclass
@@ -50,6 +67,8 @@ class LayerStats:
     output_sum: torch.Tensor | None = None  # [E, d], present when expert-output was collected
     slot_input_sq: torch.Tensor | None = None  # [S, d], present when input norms were collected
     slot_hidden_sq: torch.Tensor | None = None  # [S, ff]
+    saliency_sum: torch.Tensor | None = None  # [E], present when saliency was collected
+    saliency_mode: str | None = None  # "reap" or "reap-softmax"
 
     @property
     def frequency(self) -> torch.Tensor:
@@ -69,6 +88,15 @@ class LayerStats:
                              "pass bases including 'expert-output' to collect_routing_stats")
         return self.output_sum / max(self.tokens, 1)
 
+    @property
+    def saliency(self) -> torch.Tensor:
+        """REAP saliency [E]: mean of g_j(x) * ||f_j(x)|| over the tokens routed to j (0 for experts never routed to)."""
+        if self.saliency_sum is None:
+            raise ValueError(f"{self.name}: expert saliency was not collected; pass saliency='reap' (or "
+                             "'reap-softmax') to collect_routing_stats")
+        return torch.where(self.counts > 0, self.saliency_sum / self.counts.clamp_min(1),
+                           torch.zeros_like(self.saliency_sum))
+
     def to(self, device) -> LayerStats:
         """The same statistics with every tensor on `device`."""
         moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
@@ -85,7 +113,7 @@ class _Accumulator:
     """The hook that feeds one layer's LayerStats."""
 
     def __init__(self, layer: MoELayer, decoder: bool, want_output: bool, chunk_tokens: int,
-                 input_norms: bool = False):
+                 input_norms: bool = False, saliency: str | None = None):
         w_in, _ = layer.expert_weights()
         self.layer, self.decoder, self.chunk_tokens = layer, decoder, chunk_tokens
         self.keep = logit_mask(layer)
@@ -107,6 +135,9 @@ class _Accumulator:
             self.stats.slot_input_sq = torch.zeros(w_in.shape[0], d, dtype=acc, device=self.device)
             self.stats.slot_hidden_sq = torch.zeros(w_in.shape[0], layer.intermediate_size, dtype=acc,
                                                     device=self.device)
+        if saliency is not None:
+            self.stats.saliency_sum = torch.zeros(e, dtype=acc, device=self.device)
+            self.stats.saliency_mode = saliency
 
     def __call__(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> None:
         if mask is not None:
@@ -127,6 +158,7 @@ class _Accumulator:
             logits = self.layer.router_logits(x).to(acc).masked_fill(~self.keep, float("-inf"))
             top_logits, top = logits.topk(s.top_k, dim=-1)  # [T, k]
             chosen = torch.isfinite(top_logits)  # a masked expert picked only to fill k is not a selection
+        gates = self._gates(x, logits, top, chosen) if s.saliency_sum is not None else None
         logits = torch.where(torch.isfinite(logits), logits, torch.zeros_like(logits))  # masked logits: 0 in the Gram
         s.tokens += x.shape[0]
         s.counts += torch.bincount(top[chosen], minlength=s.num_experts).to(acc)
@@ -140,6 +172,46 @@ class _Accumulator:
                     self._accumulate_activations(x)
                 if s.slot_input_sq is not None:
                     self._accumulate_input_norms(x, top, chosen)
+        if gates is not None:
+            with onloaded(self.layer.module):
+                self._accumulate_saliency(x, top, chosen, gates)
+
+    def _gates(self, x: torch.Tensor, logits: torch.Tensor, top: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """g [T, k]: the routing weight of each chosen expert that REAP's saliency weighs (see the module docstring)."""
+        router = getattr(self.layer, "router", None) or getattr(self.layer.module, "router")
+        acc = self.stats.saliency_sum.dtype
+        if type(router).__name__ not in SOFTMAX_ROUTERS:  # sigmoid & co: the router's own top-k weights
+            out = router(x)
+            if len(out) == 3:  # (logits, top-k weights [T, k], top-k index [T, k])
+                dense = torch.zeros_like(logits, dtype=acc).scatter(1, out[2].long(), out[1].to(acc))
+            else:  # Llama-4: (scores [T, E], logits)
+                dense = out[0].to(acc)
+            return torch.where(chosen, dense.gather(1, top), torch.zeros((), dtype=acc, device=dense.device))
+        probs = torch.softmax(logits.to(acc), dim=-1)  # masked experts (-inf) get 0
+        g = torch.where(chosen, probs.gather(1, top), torch.zeros((), dtype=acc, device=probs.device))
+        if self.stats.saliency_mode == "reap":
+            g = g / g.sum(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
+        return g
+
+    def _accumulate_saliency(self, x: torch.Tensor, top: torch.Tensor, chosen: torch.Tensor, gates: torch.Tensor) -> None:
+        """saliency_sum[j] += g * ||f_j(x)|| over routed pairs: the fused op runs one row per (token, chosen expert)."""
+        w_in, w_out = (w.detach() for w in self.layer.expert_weights())
+        b_in, b_out = (None if b is None else b.detach() for b in self.layer.expert_biases())
+        emap = self.layer.expert_map().to(w_in.device)
+        k = top.shape[1]
+        pairs = torch.where(chosen, top, -1).reshape(-1, 1).to(w_in.device)
+        args = self.layer.activation_args
+        step = max(1, self.chunk_tokens) * k
+        rows = x.to(w_in.dtype).repeat_interleave(k, dim=0)
+        for start in range(0, rows.shape[0], step):
+            idx = pairs[start : start + step]
+            out = grouped_expert_ffn(rows[start : start + step], w_in, w_out, emap, idx,
+                                     torch.ones(idx.shape, dtype=w_in.dtype, device=w_in.device),
+                                     self.layer.activation, b_in, b_out, **args)
+            norms = out.to(self.stats.saliency_sum.dtype).norm(dim=-1)
+            g = gates.reshape(-1)[start : start + step].to(norms.device)
+            valid = idx[:, 0] >= 0
+            self.stats.saliency_sum.index_add_(0, idx[valid, 0].to(self.device), (g * norms)[valid].to(self.device))
 
     def _accumulate_activations(self, x: torch.Tensor) -> None:
         w_in, _ = self.layer.expert_weights()
@@ -186,16 +258,22 @@ def _check_bases(bases) -> tuple[bool, tuple[str, ...]]:
     return "expert-output" in bases, bases
 
 
+def check_saliency(saliency: str | None) -> None:
+    if saliency is not None and saliency not in SALIENCY_MODES:
+        raise ValueError(f"saliency must be None or one of {', '.join(SALIENCY_MODES)}, got {saliency!r}")
+
+
 def layer_accumulator(layer: MoELayer, bases: Iterable[str] = CHEAP_BASES, chunk_tokens: int = 1024,
-                      input_norms: bool = False, decoder: bool = False):
+                      input_norms: bool = False, decoder: bool = False, saliency: str | None = None):
     """The accumulator collect_routing_stats hooks onto one MoE layer, for callers that run the layers
     themselves (streaming/ runs a checkpoint one decoder layer at a time). Call it as acc(hidden [..., d],
     mask [...] or None) with every input of the layer's block (a forward pre-hook), then acc.finish()
     returns the layer's LayerStats. The layer's weights must be materialised when this is built."""
     want_output, _ = _check_bases(bases)
+    check_saliency(saliency)
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    return _Accumulator(layer, decoder, want_output, chunk_tokens, input_norms)
+    return _Accumulator(layer, decoder, want_output, chunk_tokens, input_norms, saliency)
 
 
 @torch.no_grad()
@@ -206,6 +284,7 @@ def collect_routing_stats(
     chunk_tokens: int = 1024,
     progress: bool = True,
     input_norms: bool = False,
+    saliency: str | None = None,
 ) -> dict[str, LayerStats]:
     """Run calibration `batches` (an iterable of model input dicts: input_ids, attention_mask, ...)
     through `model` and return {MoE layer name: LayerStats}, in module order.
@@ -214,13 +293,17 @@ def collect_routing_stats(
     `bases` containing "expert-output" also runs every expert on every token (chunk_tokens at a time).
     `input_norms=True` also runs every slot on its routed tokens to collect the feature norms that
     one-shot compression needs (compress_experts(..., importance="activation")).
+    `saliency` ("reap", "reap-softmax" or None) also accumulates REAP's expert saliency (LayerStats.saliency,
+    see the module docstring), running each expert only on its routed tokens.
     """
     want_output, _ = _check_bases(bases)
+    check_saliency(saliency)
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     layers = moe_layers(model)
     accumulators = {
-        layer.name: _Accumulator(layer, is_decoder_layer(model, layer.name), want_output, chunk_tokens, input_norms)
+        layer.name: _Accumulator(layer, is_decoder_layer(model, layer.name), want_output, chunk_tokens, input_norms,
+                                 saliency)
         for layer in layers
     }
     seen = run_hooked(model, layers, batches, lambda layer, hidden, mask: accumulators[layer.name](hidden, mask),
