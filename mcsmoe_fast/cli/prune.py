@@ -1,0 +1,70 @@
+"""mcsmoe-fast prune: REAP (or usage-frequency) expert pruning, saved as the family's own checkpoint."""
+from __future__ import annotations
+
+import time
+
+from .common import (add_calibration_options, add_dtype_option, dir_bytes, dtype_option, parameter_bytes,
+                     refuse_overwriting_input, subcommand)
+
+
+def add(sub):
+    from ..calibrate import SALIENCY_MODES
+    from ..prune import PRUNE_METHODS
+
+    p = subcommand(sub, "prune", "prune each MoE layer to its most salient experts (REAP) and save the family's own "
+                   "checkpoint (vanilla transformers, vLLM and SGLang load it)",
+                   "mcsmoe-fast prune --model ./qwen3-moe --calib calib.txt --method reap --ratio 0.5 --out ./pruned")
+    p.add_argument("--model", required=True, help="model directory or hub id (an unmerged model)")
+    p.add_argument("--calib", required=True,
+                   help="calibration text: a .txt file (one sample per line), a .jsonl file, or a dataset name")
+    count = p.add_mutually_exclusive_group(required=True)
+    count.add_argument("--num-experts", type=int, default=None, help="experts kept per MoE layer")
+    count.add_argument("--ratio", type=float, default=None,
+                       help="share of each layer's experts removed, in [0, 1) (0.5: half the experts)")
+    p.add_argument("--method", choices=PRUNE_METHODS, default="reap",
+                   help="reap: keep the highest REAP saliency (routing weight x expert output norm); frequency: "
+                        "keep the most used experts")
+    p.add_argument("--saliency", choices=SALIENCY_MODES, default="reap",
+                   help="REAP's routing weight: the softmax probability renormalised over the top-k (reap, default) "
+                        "or the plain softmax probability (reap-softmax); sigmoid routers use their own weights")
+    p.add_argument("--out", required=True, help="directory to save the pruned model to")
+    add_calibration_options(p)
+    add_dtype_option(p)
+    p.set_defaults(run=run)
+    return p
+
+
+def run(args) -> int:
+    from ..calibrate import collect_routing_stats
+    from ..calibration_data import calibration_batches, check_batches, load_tokenizer, read_calibration_texts
+    from ..checkpoint import save_pretrained
+    from ..loading import open_model
+    from ..models import moe_layers
+    from ..prune import check_prune, kept_experts, prune_experts, resolve_count
+
+    refuse_overwriting_input(args)
+    model = open_model(args.model, dtype_option(args))
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError(f"--model {args.model}: the model has no MoE layer to prune")
+    check_prune(model, resolve_count(layers[0].num_experts, args.num_experts, args.ratio))  # before calibrating
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    texts = read_calibration_texts(args.calib, args.num_samples, args.text_field, args.split)
+    batches = calibration_batches(texts, tokenizer, args.batch_size, args.max_length)
+    check_batches(batches, tokenizer, model.config.vocab_size)
+    start = time.perf_counter()
+    stats = collect_routing_stats(model, batches, saliency=args.saliency if args.method == "reap" else None)
+    kept = kept_experts(model, stats, args.num_experts, args.ratio, args.method)
+    pruned = prune_experts(model, stats, args.num_experts, args.ratio, args.method)
+    elapsed = time.perf_counter() - start
+    width = max(len(name) for name in kept)
+    print(f"{'layer':<{width}}  experts  kept  kept experts")
+    for layer in layers:
+        print(f"{layer.name:<{width}}  {layer.num_experts:>7}  {len(kept[layer.name]):>4}  {kept[layer.name]}")
+    print(f"{len(texts)} calibration samples; {args.method} pruning of {len(layers)} layers in {elapsed:.2f} s")
+    before, after = parameter_bytes(model), parameter_bytes(pruned)
+    out = save_pretrained(pruned, args.out, tokenizer=tokenizer, format="standard")
+    print(f"parameters: {before / 2**20:.2f} MiB before, {after / 2**20:.2f} MiB after pruning "
+          f"({before / max(after, 1):.2f}x smaller)")
+    print(f"saved standard checkpoint to {out} ({dir_bytes(out) / 2**20:.2f} MiB on disk)")
+    return 0
