@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 import mcsmoe_fast as mf
 from mcsmoe_fast.checkpoint import to_standard
 from mcsmoe_fast.checkpoint.standard_plan import expert_count_fields
-from mcsmoe_fast.checkpoint.standard_router import member_targets
+from mcsmoe_fast.checkpoint.standard_router import routing_targets
 from mcsmoe_fast.grouping import LayerGrouping
 from mcsmoe_fast.merge import merge_group_weights
 from mcsmoe_fast.models import expert_weights_per_expert
@@ -144,7 +144,7 @@ def test_drop_strategy_standard_model_computes_exactly_what_the_masked_model_com
 
 @torch.no_grad()
 def router_kl(merged, standard, batches):
-    """Mean KL(group probabilities of the merged router || standard router) over calibration tokens, per layer."""
+    """Mean KL(what each group receives in the merged model || standard router) on calibration tokens, per layer."""
     from mcsmoe_fast.checkpoint.standard_router import router_inputs
 
     layers = mf.moe_layers(merged)
@@ -152,9 +152,9 @@ def router_kl(merged, standard, batches):
     groups = standard.config.mcsmoe_standard["layers"]
     out = []
     for old, new in zip(layers, mf.moe_layers(standard)):
-        target = member_targets(old.router_logits(hidden[old.name]), groups[old.name]["groups"], False)
+        target = routing_targets(old, hidden[old.name], groups[old.name]["groups"])
         logp = new.router_logits(hidden[old.name]).float().log_softmax(-1)
-        out.append(float((target * (target.log() - logp)).sum(-1).mean()))
+        out.append(float((target * (target.clamp_min(1e-12).log() - logp)).sum(-1).mean()))
     return out
 
 
@@ -239,3 +239,9 @@ def test_refuses_bad_options(tmp_path):
         mf.save_pretrained(model, tmp_path / "x", format="gguf")
     with pytest.raises(ValueError, match="format='standard' only"):
         mf.save_pretrained(model, tmp_path / "x", router="dominant")
+
+
+def test_refuses_a_family_it_does_not_know_yet(tmp_path):
+    from mcsmoe_fast.tiny import tiny_moe
+
+    refused(tiny_moe("llama4_text"), tmp_path, r"Llama4Layer layers .* not supported yet", router="dominant")

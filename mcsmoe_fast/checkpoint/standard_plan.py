@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..drop import logit_mask
-from ..models import MoELayer, SwitchLayer, moe_layers
+from ..models import ExpertsLayer, MoELayer, SwitchLayer, moe_layers
 from ..modules import CompressedMoEExperts
 from ..sections import MERGE_SECTION
 
@@ -84,6 +84,9 @@ def recorded_dominant(model: nn.Module, layer: MoELayer, expert_map: list[int]) 
 
 
 def plan_layer(model: nn.Module, layer: MoELayer) -> LayerPlan:
+    if not isinstance(layer, (SwitchLayer, ExpertsLayer)):
+        raise ValueError(f"format='standard': {type(layer).__name__} layers ({layer.name!r}) are not supported yet "
+                         "(Switch Transformers and the experts-contract families are); save format='exact'")
     experts = getattr(layer.module, "experts", None)
     if isinstance(experts, CompressedMoEExperts) and experts.pruning:
         raise ValueError(f"format='standard': layer {layer.name!r} is still being pruned: call "

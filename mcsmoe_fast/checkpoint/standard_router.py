@@ -8,16 +8,20 @@ members. Two ways to give the merged expert one row:
             the merge recorded it): no data needed; the merged expert is then chosen where its dominant
             expert was, with the dominant expert's probability only (what REAM does).
   fitted    rows (and the bias, where the router has one) fitted on calibration tokens so that each
-            merged expert's routing probability matches the summed probability of its members:
-            softmax routers minimise the cross-entropy (= KL up to a constant) between the target
-            q_g(t) = sum_{e in g} softmax(router logits of t)_e and softmax(W h_t + b)_g over the
-            M merged experts; sigmoid routers (DeepSeek-V3) the binary cross-entropy between
-            sigmoid(W h_t + b)_g and the clamped sum of member scores. Full-batch L-BFGS from the
-            dominant rows, with a small ridge pull towards them (well posed with fewer tokens than d).
-            DeepSeek-V3's e_score_correction_bias is sliced at the dominant experts either way.
+            merged expert's routing probability matches what its group receives in the merged model
+            (routing_targets: the summed routing weights of the members the token chose, for gates whose
+            top-k weights sum to 1; the summed probability of all members otherwise): softmax routers
+            minimise the cross-entropy (= KL up to a constant) between that target and
+            softmax(W h_t + b) over the M merged experts; sigmoid routers (DeepSeek-V3) the binary
+            cross-entropy between sigmoid(W h_t + b)_g and the clamped sum of member scores. Full-batch
+            L-BFGS from the dominant rows, with a small ridge pull towards them (well posed with fewer
+            tokens than d). DeepSeek-V3's e_score_correction_bias is sliced at the dominant experts.
 
-Measured on the demo's trained byte-level MoE (docs/standard_format.md): fitted rows are the better
-choice, which is why `to_standard` defaults to them whenever calibration batches are given.
+Measured on the demo's trained byte-level MoE (docs/standard_format.md, benchmarks/standard_router.py):
+fitted rows give the merged model's own perplexity (7.268 vs 7.271 aliased), dominant rows 7.475; fitting
+to the summed probability of all members (7.736) was worse than the dominant rows for a renormalising
+gate, hence the chosen-members target. `to_standard` defaults to "fitted" whenever calibration batches
+are given.
 Layers merged with strategy='drop' keep their dominant rows whatever the choice: routing over the kept
 experts' rows is exactly what their masked router computes.
 """
@@ -28,8 +32,8 @@ from torch import nn
 import torch.nn.functional as F
 
 from ..hooks import run_hooked
-from ..models import MoELayer
-from .standard_plan import LayerPlan
+from ..models import ExpertsLayer, MoELayer
+from .standard_plan import LayerPlan, router_module
 
 ROUTERS = ("dominant", "fitted")
 SIGMOID_ROUTERS = ("DeepseekV3TopkRouter",)  # family rule: routers whose scores are per-expert sigmoids
@@ -65,10 +69,35 @@ def router_inputs(model: nn.Module, layers: list[MoELayer], batches, max_tokens:
 
 
 def member_targets(logits: torch.Tensor, groups: list[list[int]], sigmoid: bool) -> torch.Tensor:
-    """[N, M] routing probability of each merged expert: the summed probability of its members."""
+    """[N, M] summed probability (sigmoid: clamped summed score) of each merged expert's members."""
     scores = logits.float().sigmoid() if sigmoid else logits.float().softmax(-1)
     target = torch.stack([scores[:, g].sum(-1) for g in groups], dim=-1)
     return target.clamp(1e-6, 1 - 1e-6) if sigmoid else target
+
+
+@torch.no_grad()
+def routing_targets(layer: MoELayer, hidden: torch.Tensor, groups: list[list[int]]) -> torch.Tensor:
+    """[N, M] what the fitted rows are fitted to: the routing weight the merged (aliased) model gives each
+    merged expert, i.e. the summed weights of the members a token chose, where the router's top-k weights
+    sum to 1 (renormalising gates: Mixtral, Qwen3-MoE, OLMoE, GPT-OSS); otherwise (Switch, Qwen2-MoE with
+    norm_topk_prob=False, where the weights are the probabilities themselves) the summed probability of all
+    members, which equals the chosen members' weights plus the rest of the mass; sigmoid routers
+    (DeepSeek-V3): the clamped summed member scores."""
+    module = router_module(layer)
+    hidden = hidden.to(layer.router_weight().dtype)
+    logits = layer.router_logits(hidden)
+    if is_sigmoid_router(module):
+        return member_targets(logits, groups, sigmoid=True)
+    if isinstance(layer, ExpertsLayer):
+        _, weights, index = layer.router(hidden)
+        weights = weights.float()
+        if torch.allclose(weights.sum(-1), torch.ones_like(weights[:, 0]), atol=1e-4):
+            position = torch.empty(layer.num_experts, dtype=torch.long)
+            for i, members in enumerate(groups):
+                position[members] = i
+            target = torch.zeros(hidden.shape[0], len(groups), dtype=torch.float32)
+            return target.scatter_add_(1, position[index.long().cpu()], weights.cpu())
+    return member_targets(logits, groups, sigmoid=False)
 
 
 def fit_rows(hidden: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -109,9 +138,7 @@ def router_state(layer: MoELayer, module: nn.Module, plan: LayerPlan, hidden: to
             continue
         state[key] = t[rows.to(t.device)].clone() if t.dim() >= 1 and t.shape[0] == layer.num_experts else t.clone()
     if hidden is not None and not plan.dropped:
-        with torch.no_grad():
-            logits = layer.router_logits(hidden.to(layer.router_weight().dtype))
-        target = member_targets(logits, plan.groups, is_sigmoid_router(module))
+        target = routing_targets(layer, hidden, plan.groups)
         state["weight"], fitted_bias = fit_rows(hidden, target, state["weight"], state.get("bias"),
                                                 is_sigmoid_router(module))
         if fitted_bias is not None:
