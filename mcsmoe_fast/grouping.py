@@ -19,6 +19,13 @@ Defined behaviours (the contract the tests check):
   `budget` entries are kept and a layer's group count is how many of its entries were kept: exactly the
   budget in total, at least one and at most E per layer. Without ties this is the paper's rule "count
   the experts at or above the budget-th largest frequency".
+- REAM (grouping="ream", Jha et al. 2026): the scores are REAP saliencies (calibrate.py) instead of usage
+  frequencies, an expert never routed to scored as the smallest positive saliency (so it is merged, with a
+  small weight). Centroids are the first G experts in score order; then, centroid by centroid in score
+  order, each takes its most similar not yet assigned non-centroid experts until its group holds
+  max_group_size members (similarity ties: the lower index); it stops once every expert is assigned.
+  G x max_group_size < E is a ValueError (some expert could join no group). max_group_size=None: no cap,
+  every non-centroid joins its most similar centroid (as "dominant").
 - Groups (slots) are numbered in the order of their dominant expert's index; inside a group the
   dominant expert comes first, then the other members by index. With G = E the grouping is the
   identity: expert_map = [0, 1, ..., E-1].
@@ -32,7 +39,9 @@ from dataclasses import dataclass, field
 import torch
 
 SIMILARITY_BASES = ("router-logits", "router-weight", "weight", "feature", "expert-output", "random")
-GROUPING_METHODS = ("dominant", "hierarchical")
+GROUPING_METHODS = ("dominant", "hierarchical")  # ranked by usage frequency
+SALIENCY_GROUPINGS = ("ream",)  # ranked by REAP saliency: needs statistics collected with saliency="reap"
+ALL_GROUPINGS = GROUPING_METHODS + SALIENCY_GROUPINGS
 MERGE_STRATEGIES = ("frequency", "average", "drop")
 
 
@@ -159,6 +168,41 @@ def assign_to_dominant(similarity: torch.Tensor, frequency: torch.Tensor, domina
     return leader
 
 
+def ream_scores(saliency: torch.Tensor) -> torch.Tensor:
+    """REAM's scores: saliency, with experts never routed to (0) raised to the smallest positive saliency."""
+    s = saliency.double().cpu().clone()
+    positive = s[s > 0]
+    if len(positive):
+        s[s <= 0] = positive.min()
+    return s
+
+
+def capped_groups(similarity: torch.Tensor, scores: torch.Tensor, num_groups: int,
+                  max_group_size: int | None) -> list[int]:
+    """REAM's pseudo-grouping: leader [E] of every expert (see the module docstring)."""
+    _check_num_groups(num_groups)
+    centroids = usage_order(scores)[:num_groups]
+    if max_group_size is None:
+        return assign_to_dominant(similarity, scores, centroids)
+    if isinstance(max_group_size, bool) or not isinstance(max_group_size, int) or max_group_size < 1:
+        raise ValueError(f"max_group_size must be a positive int or None, got {max_group_size!r}")
+    e = len(scores)
+    if len(centroids) * max_group_size < e:
+        raise ValueError(f"max_group_size={max_group_size}: {len(centroids)} groups of at most {max_group_size} "
+                         f"experts cannot hold all {e} experts; raise it to >= {-(-e // len(centroids))}")
+    leader = [-1] * e
+    for c in centroids:
+        leader[c] = c
+    for c in centroids:
+        sims = [float(x) for x in similarity[c].double().cpu()]
+        free = sorted((i for i in range(e) if leader[i] == -1), key=lambda i: (-sims[i], i))
+        for i in free[: max_group_size - 1]:
+            leader[i] = c
+        if -1 not in leader:
+            break
+    return leader
+
+
 def hierarchical_clusters(similarity: torch.Tensor, num_groups: int) -> list[int]:
     """Agglomerative clustering (average linkage on similarity, as HC-SMoE) cut at num_groups clusters.
 
@@ -230,11 +274,13 @@ def merge_weights(group: list[int], frequency: torch.Tensor, strategy: str) -> l
 
 
 def group_layer(name: str, frequency: torch.Tensor, similarity: torch.Tensor, num_groups: int,
-                method: str = "dominant", strategy: str = "frequency") -> LayerGrouping:
-    """Group one layer's experts into min(num_groups, E) groups."""
+                method: str = "dominant", strategy: str = "frequency",
+                max_group_size: int | None = None) -> LayerGrouping:
+    """Group one layer's experts into min(num_groups, E) groups. `frequency`: the scores that rank the
+    experts and weigh the merge (REAM: ream_scores(saliency)); max_group_size: REAM's cap."""
     _check_num_groups(num_groups)
-    if method not in GROUPING_METHODS:
-        raise ValueError(f"grouping method must be one of {', '.join(GROUPING_METHODS)}, got {method!r}")
+    if method not in ALL_GROUPINGS:
+        raise ValueError(f"grouping method must be one of {', '.join(ALL_GROUPINGS)}, got {method!r}")
     e = len(frequency)
     if similarity.shape != (e, e):
         raise ValueError(f"{name}: similarity must be [{e}, {e}], got {tuple(similarity.shape)}")
@@ -242,6 +288,8 @@ def group_layer(name: str, frequency: torch.Tensor, similarity: torch.Tensor, nu
         labels = list(range(e))
     elif method == "dominant":
         labels = assign_to_dominant(similarity, frequency, dominant_experts(frequency, num_groups))
+    elif method == "ream":
+        labels = capped_groups(similarity, frequency, num_groups, max_group_size)
     else:
         labels = hierarchical_clusters(similarity, num_groups)
     return build_grouping(name, labels, frequency, strategy)

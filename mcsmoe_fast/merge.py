@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 from .calibrate import LayerStats
 from .drop import check_maskable, install_logit_mask
 from .grouping import (
-    GROUPING_METHODS, MERGE_STRATEGIES, SIMILARITY_BASES, LayerGrouping, group_counts, group_layer, layer_seed,
-    similarity_matrix,
+    ALL_GROUPINGS, MERGE_STRATEGIES, SIMILARITY_BASES, LayerGrouping, group_counts, group_layer, layer_seed,
+    capped_groups, ream_scores, similarity_matrix,
 )
 from .models import MoELayer, expert_weights_per_expert, moe_layers, select_layers
 from .modules import MoEExperts
@@ -60,7 +60,7 @@ def merge_layer_weights(name: str, stats: LayerStats, w_in: torch.Tensor, w_out:
                         similarity: str = "router-logits", permute: bool = True, strategy: str = "frequency",
                         grouping: str = "dominant", seed: int = 0, memory_budget: int = DEFAULT_MEMORY_BUDGET,
                         b_in: torch.Tensor | None = None, b_out: torch.Tensor | None = None,
-                        inplace: bool = False):
+                        inplace: bool = False, max_group_size: int | None = None):
     """One layer of merge_experts on plain tensors (the streaming pipeline calls it with one layer's
     weights read from disk): w_in [E, F, d], w_out [E, d, ff] (and optional biases b_in [E, F],
     b_out [E, d]) per original expert, the layer's routing statistics and its group count. Returns
@@ -72,7 +72,8 @@ def merge_layer_weights(name: str, stats: LayerStats, w_in: torch.Tensor, w_out:
     num_experts, d = w_in.shape[0], w_in.shape[-1]
     sim = similarity_matrix(similarity, stats=stats, router_weight=router_weight, w_in=w_in, w_out=w_out,
                             seed=layer_seed(seed, name), num_experts=num_experts)
-    g = group_layer(name, stats.frequency.cpu(), sim, num_groups, grouping, strategy)
+    scores = ream_scores(stats.saliency) if grouping == "ream" else stats.frequency.cpu()  # REAM ranks by saliency
+    g = group_layer(name, scores, sim, num_groups, grouping, strategy, max_group_size)
     w_in = with_bias_column(w_in, b_in)
     if permute and strategy != "drop" and g.num_groups < num_experts:
         leader = torch.tensor([g.dominant[slot] for slot in g.expert_map], device=w_in.device)
@@ -92,8 +93,21 @@ def check_merge_options(similarity: str, strategy: str, grouping: str) -> None:
         raise ValueError(f"similarity must be one of {', '.join(SIMILARITY_BASES)}, got {similarity!r}")
     if strategy not in MERGE_STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(MERGE_STRATEGIES)}, got {strategy!r}")
-    if grouping not in GROUPING_METHODS:
-        raise ValueError(f"grouping must be one of {', '.join(GROUPING_METHODS)}, got {grouping!r}")
+    if grouping not in ALL_GROUPINGS:
+        raise ValueError(f"grouping must be one of {', '.join(ALL_GROUPINGS)}, got {grouping!r}")
+
+
+def check_saliency_grouping(grouping: str, layer_stats: Mapping[str, LayerStats], counts: Mapping[str, int],
+                            max_group_size: int | None) -> None:
+    """REAM's needs, checked before any layer changes: saliency in every layer's statistics and groups of
+    max_group_size that can hold every expert."""
+    if grouping != "ream":
+        if max_group_size is not None:
+            raise ValueError(f"max_group_size caps REAM's groups (grouping='ream'), not grouping={grouping!r}")
+        return
+    for name, s in layer_stats.items():
+        s.saliency  # ValueError naming the layer when saliency was not collected
+        capped_groups(torch.eye(s.num_experts), torch.ones(s.num_experts), counts[name], max_group_size)
 
 
 def merge_experts(
@@ -108,6 +122,7 @@ def merge_experts(
     grouping: str = "dominant",
     seed: int = 0,
     progress: bool = True,
+    max_group_size: int | None = None,
 ) -> dict[str, LayerGrouping]:
     """Merge the experts of `model` in place; returns {layer name: LayerGrouping} of the merged layers.
 
@@ -120,7 +135,9 @@ def merge_experts(
       dominant experts' weights and mask the others' router logits to -inf: a pruning baseline).
     layers: None (all MoE layers) or layer names / positions to merge; the others stay as they are
       (the paper keeps switch-base-32's first encoder MoE layer: pass every position but 0).
-    grouping: "dominant" (the paper's) or "hierarchical" (average-linkage clustering, HC-SMoE).
+    grouping: "dominant" (the paper's), "hierarchical" (average-linkage clustering, HC-SMoE) or "ream"
+      (REAM: centroids and merge weights by REAP saliency, stats collected with saliency="reap"; groups of
+      at most max_group_size experts; see grouping.py and ream.py).
     """
     check_merge_options(similarity, strategy, grouping)
     chosen = select_layers(moe_layers(model), layers)
@@ -129,6 +146,7 @@ def merge_experts(
             check_maskable(layer)
     layer_stats = {layer.name: _stats_for(stats, layer) for layer in chosen}
     counts = group_counts({n: s.frequency for n, s in layer_stats.items()}, num_groups, globally)
+    check_saliency_grouping(grouping, layer_stats, counts, max_group_size)
 
     result: dict[str, LayerGrouping] = {}
     for layer in tqdm(chosen, desc="merging experts", unit="layer", disable=not progress):
@@ -136,7 +154,7 @@ def merge_experts(
         g, merged_in, merged_out, merged_b_in, merged_b_out = merge_layer_weights(
             layer.name, layer_stats[layer.name], w_in, w_out, counts[layer.name], layer.activation,
             router_weight=layer.router_weight(), similarity=similarity, permute=permute, strategy=strategy,
-            grouping=grouping, seed=seed, b_in=b_in, b_out=b_out)
+            grouping=grouping, seed=seed, b_in=b_in, b_out=b_out, max_group_size=max_group_size)
         emap = torch.tensor(g.expert_map, dtype=torch.int64, device=w_in.device)
         layer.install_experts(MoEExperts(merged_in, merged_out, emap, layer.activation, merged_b_in, merged_b_out,
                                          layer.activation_args))
@@ -148,7 +166,8 @@ def merge_experts(
 
     record_merge(model, result, layer_stats, dict(num_groups=num_groups if isinstance(num_groups, int) else dict(num_groups),
                                                   similarity=similarity, globally=globally, permute=permute,
-                                                  strategy=strategy, grouping=grouping, seed=seed))
+                                                  strategy=strategy, grouping=grouping, seed=seed,
+                                                  **({} if max_group_size is None else {"max_group_size": max_group_size})))
     guard_plain_save(model)
     return result
 

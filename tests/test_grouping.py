@@ -284,7 +284,7 @@ def test_statistics_bases_without_statistics_and_unknown_names_fail_clearly():
     with pytest.raises(ValueError, match=f"unknown basis 'cosine'; choose from {every}$"):
         similarity_matrix("cosine")
     sim, freq = torch.eye(4), torch.ones(4) / 4
-    with pytest.raises(ValueError, match="^grouping method must be one of dominant, hierarchical, got 'kmeans'$"):
+    with pytest.raises(ValueError, match="^grouping method must be one of dominant, hierarchical, ream, got 'kmeans'$"):
         group_layer("l", freq, sim, 2, method="kmeans")
     with pytest.raises(ValueError, match="^strategy must be one of frequency, average, drop, got 'fisher'$"):
         build_grouping("l", [0, 1, 2, 3], freq, "fisher")
