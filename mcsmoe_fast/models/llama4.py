@@ -1,4 +1,4 @@
-"""Llama-4 text MoE (transformers 5.x `llama4_text`, Llama4ForCausalLM; also the text part of `llama4`).
+"""Llama-4 text MoE (transformers 5.x `llama4_text`, Llama4ForCausalLM).
 
 A Llama4TextMoe block holds
   - experts: Llama4TextExperts, gate_up_proj [E, d, 2ff] (gate columns, then up columns) and down_proj
@@ -21,7 +21,7 @@ from ..modules.llama4 import Llama4MoE, mask_router, masked_router_class
 from .base import MoELayer, refuse_compressed, split_name
 
 BLOCK_CLASS = "Llama4TextMoe"
-MODEL_TYPES = ("llama4_text", "llama4")
+MODEL_TYPES = ("llama4_text",)  # the multimodal `llama4` holds the same blocks, but is untested here
 
 
 class Llama4Layer(MoELayer):
