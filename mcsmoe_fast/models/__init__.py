@@ -40,7 +40,9 @@ def moe_layers(model: nn.Module, allow_empty: bool = False) -> list[MoELayer]:
             f"(tested: {', '.join(TESTED_FAMILIES)})"
         )
     if not allow_empty:
-        raise ValueError(f"no MoE layer found in this {model_type} model (are its sparse layers configured?)")
+        raise ValueError(f"no MoE layer found in this {model_type} model: {type(model).__name__} holds no experts "
+                         "module (every layer dense as configured, or a part of a multimodal model without experts: "
+                         "load its text model)")
     return []
 
 

@@ -15,6 +15,8 @@ in transformers 5. What differs between them stays in their own modules and is u
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -36,14 +38,14 @@ class ExpertsLayer(MoELayer):
         return router_of(self.module)
 
     def router_weight(self) -> torch.Tensor:
-        return self.router.weight
+        return scoring_weight(self.router)[1]
 
     def router_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.router(hidden)[0]
 
     def route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, _, index = self.router(hidden)
-        return logits, index.long()
+        out = self.router(hidden)  # (logits, top-k weights, top-k index, ...): some routers return more
+        return out[0], out[2].long()
 
     def _spec(self) -> ExpertsSpec | None:
         experts = self.module.experts
@@ -106,24 +108,95 @@ class ExpertsLayer(MoELayer):
         n, block = self.name, self.module
         spec = ExpertsSpec.of(block.experts)
         router = next(attr for attr, child in block.named_children() if child is router_of(block))
+        weight = scoring_weight(router_of(block))[0]  # "weight", or a nested Linear's ("wg.weight")
         w_in = f"{n}.experts.{'gate_up_proj' if spec.gated else 'up_proj'}"
-        return ExpertTensors((w_in,), (f"{n}.experts.down_proj",), f"{n}.{router}.weight", f"{n}.{router}.keep",
+        return ExpertTensors((w_in,), (f"{n}.experts.down_proj",), f"{n}.{router}.{weight}", f"{n}.{router}.keep",
                              f"{w_in}_bias" if spec.has_bias else None,
                              f"{n}.experts.down_proj_bias" if spec.has_bias else None, spec)
 
 
+def scoring_weight(router: nn.Module) -> tuple[str, torch.Tensor] | tuple[None, None]:
+    """(name, weight [rows, d]) of the one Linear map that scores the block's input: the router's own `weight`,
+    or the weight of the one nn.Linear inside it (HunYuan's gate.wg, AFMoE's router.gate, LongCat's
+    router.classifier, Ergo's gate.linear); (None, None) when there is no such single map (an MLP router)."""
+    weight = getattr(router, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return "weight", weight
+    linears = [(name, m) for name, m in router.named_modules() if isinstance(m, nn.Linear)]
+    if len(linears) == 1:
+        return f"{linears[0][0]}.weight", linears[0][1].weight
+    return None, None
+
+
 def router_of(block: nn.Module) -> nn.Module | None:
+    """The block's router child (`gate` or `router`) that scores the input with one Linear map."""
     for name in ROUTER_NAMES:
         router = getattr(block, name, None)
-        weight = getattr(router, "weight", None)
-        if isinstance(router, nn.Module) and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        if isinstance(router, nn.Module) and scoring_weight(router)[1] is not None:
             return router
     return None
 
 
+def experts_count(experts: nn.Module) -> int:
+    """E, from the experts module itself (a router may score more rows than there are experts)."""
+    if isinstance(experts, (MoEExperts, CompressedMoEExperts)):
+        return int(experts.expert_map.numel())
+    return int((experts.gate_up_proj if experts.has_gate else experts.up_proj).shape[0])
+
+
+def _extra_router_inputs(router: nn.Module) -> list[str]:
+    """Parameters of the router's forward beyond the hidden states (a correction bias, token ids, a state
+    carried across layers): the block passes them, mcsmoe_fast's calls would not."""
+    try:
+        params = list(inspect.signature(router.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def check_router(name: str, block: nn.Module) -> nn.Module:
+    """The block's router, or ValueError naming why mcsmoe_fast cannot route as the block does."""
+    experts = block.experts
+    where = f"{name or type(block).__name__} ({type(block).__name__})"
+    candidates = [(n, getattr(block, n)) for n in ROUTER_NAMES if isinstance(getattr(block, n, None), nn.Module)]
+    if not candidates:
+        raise ValueError(f"{where}: its experts ({type(experts).__name__}) have no router beside them (no child "
+                         f"{' or '.join(repr(n) for n in ROUTER_NAMES)}): the family routes elsewhere (e.g. in the "
+                         "decoder layer, on a tensor the block never receives), which mcsmoe_fast cannot observe")
+    attr, router = candidates[0]
+    cls = type(router).__name__
+    attention = [n for n in ("self_attn", "attention", "attn") if isinstance(getattr(block, n, None), nn.Module)]
+    if attention:
+        raise ValueError(f"{where}: the router {attr} ({cls}) lives in the decoder layer (beside {attention[0]}) and "
+                         "routes a tensor of the layer's own forward (not the layer's input), which mcsmoe_fast's "
+                         "hooks never see")
+    if scoring_weight(router)[1] is None:
+        linears = sum(isinstance(m, nn.Linear) for m in router.modules())
+        raise ValueError(f"{where}: router {attr} ({cls}) is not one Linear map scoring the block's input "
+                         f"({linears} Linear layers inside it: an MLP router), which merging and the router-logit "
+                         "statistics need")
+    linear = scoring_weight(router)[0].rsplit(".", 1)[0] if "." in scoring_weight(router)[0] else ""
+    own = {f"{linear}.weight".lstrip("."), f"{linear}.bias".lstrip(".")}
+    others = [n for n, _ in router.named_parameters() if n not in own]
+    if others:
+        raise ValueError(f"{where}: router {attr} ({cls}) scales or normalises beyond its Linear map (parameters "
+                         f"{', '.join(others)}), which merging and the router-logit statistics do not model")
+    extra = _extra_router_inputs(router)
+    if extra:
+        raise ValueError(f"{where}: router {attr} ({cls}) takes more than the hidden states ({', '.join(extra)}, "
+                         "passed in by the block), so mcsmoe_fast's statistics cannot call it as the block does")
+    rows, e = scoring_weight(router)[1].shape[0], experts_count(experts)
+    if rows != e:
+        raise ValueError(f"{where}: router {attr} ({cls}) scores {rows} rows for {e} experts (extra rows for "
+                         "shared or zero/identity experts), which merging and the statistics cannot map to experts")
+    return router
+
+
 def is_experts_block(module: nn.Module) -> bool:
+    """A block with an experts child on the contract (or our slots that replaced one); its router is checked
+    by check_router."""
     experts = getattr(module, "experts", None)
-    if not isinstance(experts, nn.Module) or router_of(module) is None:
+    if not isinstance(experts, nn.Module):
         return False
     return isinstance(experts, (MoEExperts, CompressedMoEExperts)) or follows_contract(experts)
 
@@ -142,7 +215,7 @@ def experts_layers(model: nn.Module) -> list[ExpertsLayer]:
     for name, module in model.named_modules():
         if not is_experts_block(module):
             continue
-        router, experts = router_of(module), module.experts
+        router, experts = check_router(name, module), module.experts
         if isinstance(experts, (MoEExperts, CompressedMoEExperts)):
             activation, args = experts.activation, dict(getattr(experts, "activation_args", {}))
         else:
@@ -150,6 +223,6 @@ def experts_layers(model: nn.Module) -> list[ExpertsLayer]:
             activation, args = spec.activation, dict(spec.activation_args)
         parent, attr = split_name(model, name)
         layers.append(ExpertsLayer(name=name, module=module, parent=parent, attr=attr,
-                                   num_experts=router.weight.shape[0], top_k=_top_k(module, router),
+                                   num_experts=experts_count(experts), top_k=_top_k(module, router),
                                    activation=activation, activation_args=args))
     return layers

@@ -56,8 +56,40 @@ def _candidates(module: nn.Module, gated: bool) -> list[tuple[str, dict]]:
         names.remove(mine)
         names.insert(0, mine)
     out = [(n, {}) for n in names if n != "clamped_swiglu"]
-    if gated and hasattr(module, "alpha") and hasattr(module, "limit"):
-        out.insert(0, ("clamped_swiglu", {"alpha": float(module.alpha), "limit": float(module.limit)}))
+    alpha, limit = _clamp_args(module)
+    if gated and alpha is not None and limit is not None:
+        out.insert(0, ("clamped_swiglu", {"alpha": alpha, "limit": limit}))
+    return out
+
+
+def _number(module: nn.Module, names: tuple[str, ...]) -> float | None:
+    for name in names:
+        value = getattr(module, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def _clamp_args(module: nn.Module) -> tuple[float | None, float | None]:
+    """GPT-OSS's clamped SwiGLU constants under the names families give them (alpha/limit in GPT-OSS,
+    swiglu_alpha/swiglu_limit in MiniMax-M3)."""
+    return _number(module, ("alpha", "swiglu_alpha")), _number(module, ("limit", "swiglu_limit"))
+
+
+def _unsupported(module: nn.Module, gated: bool) -> list[tuple[str, object]]:
+    """Expert functions real families use that the fused op lacks: (description, reference function) to
+    name the one a module computes in its refusal."""
+    import torch.nn.functional as F
+
+    relu2 = lambda x: F.relu(x).square()  # noqa: E731
+    if not gated:
+        return [("squared ReLU relu(x)^2", relu2)]
+    _, limit = _clamp_args(module)
+    out = [("gated squared ReLU relu(gate)^2 * up", lambda g, u: relu2(g) * u)]
+    if limit is not None:
+        out.append((f"SwiGLU with clamped gate and up and no alpha (silu(min(gate, {limit:g})) * "
+                    f"clamp(up, -{limit:g}, {limit:g}))",
+                    lambda g, u: F.silu(g.clamp(max=limit)) * u.clamp(-limit, limit)))
     return out
 
 
@@ -101,11 +133,23 @@ class ExpertsSpec:
         for name, args in _candidates(module, self.gated):
             if _same(activations.apply(canonical, name, **args), theirs):
                 return name, args
-        what = "gate (_apply_gate)" if self.gated else f"activation ({type(getattr(module, 'act_fn', None)).__name__})"
+        raise ValueError(f"{type(module).__name__}: expert function {self._describe(module, canonical, theirs)} is not "
+                         f"supported by mcsmoe_fast's fused ops (it matches none of {', '.join(activations.ACTIVATIONS)})")
+
+    def _describe(self, module: nn.Module, canonical: torch.Tensor, theirs: torch.Tensor) -> str:
+        """What the module computes, named as precisely as we can: a known function, else its own gate or act_fn
+        (with the config's activation name, which a custom gate may not follow)."""
+        for description, fn in _unsupported(module, self.gated):
+            ours = fn(*canonical.chunk(2, dim=-1)) if self.gated else fn(canonical)
+            if _same(ours, theirs):
+                return description
+        cls = type(module)
+        own_gate = self.gated and "_apply_gate" in vars(cls)
+        act = type(getattr(module, "act_fn", None)).__name__
+        what = (f"{cls.__name__}._apply_gate (its own gate)" if own_gate
+                else f"act_fn(gate) * up with act_fn {act}" if self.gated else f"act_fn {act}")
         hf_name = getattr(getattr(module, "config", None), "hidden_act", None)
-        named = f"activation {hf_name!r}" if isinstance(hf_name, str) else f"{what}"
-        raise ValueError(f"{type(module).__name__}: expert {named} is not supported by mcsmoe_fast's fused ops (its "
-                         f"{what} matches none of {', '.join(activations.ACTIVATIONS)})")
+        return what + (f" (config hidden_act {hf_name!r})" if isinstance(hf_name, str) else "")
 
     # --- layout: the module's tensors <-> the canonical layout -----------------------------------
     def in_rows_to_canonical(self, t: torch.Tensor, dim: int) -> torch.Tensor:
