@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, compress, demo, evaluate, finetune, merge, permute, prune
+from . import bench, compare, compress, demo, evaluate, finetune, merge, permute, prune
 from .common import check_model_options
 from .config_file import apply_config, config_path
 
 SUBCOMMANDS = {
     "demo": demo, "finetune": finetune, "permute": permute, "merge": merge, "compress": compress, "eval": evaluate,
-    "bench": bench, "prune": prune,
+    "bench": bench, "prune": prune, "compare": compare,
 }
 
 
