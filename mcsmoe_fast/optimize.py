@@ -14,11 +14,9 @@ import warnings
 
 from torch import nn
 
-from .modules.compressed import CompressedMoEExperts
-from .modules.experts_interface import NAME as EXPERTS_IMPLEMENTATION
-from .models import ExpertsLayer, moe_layers
-from .modules import MoEExperts
 from .checkpoint.plain_save import guard_plain_save
+from .models import moe_layers
+from .modules.experts_interface import NAME as EXPERTS_IMPLEMENTATION
 
 
 def optimize(model: nn.Module, dropless: bool = False) -> nn.Module:
@@ -39,17 +37,7 @@ def optimize(model: nn.Module, dropless: bool = False) -> nn.Module:
         return model
     ours = False
     for layer in layers:
-        experts = getattr(layer.module, "experts", None)
-        if isinstance(layer, ExpertsLayer):
-            ours |= isinstance(experts, (MoEExperts, CompressedMoEExperts))
-            continue
-        if not isinstance(experts, (MoEExperts, CompressedMoEExperts)):
-            w_in, w_out = layer.expert_weights()
-            experts = MoEExperts(w_in.detach(), w_out.detach(), layer.expert_map(), layer.activation)
-            experts.train(layer.module.training)
-        layer.install_experts(experts)
-        getattr(layer.parent, layer.attr).dropless = dropless
-        ours = True
-    if any(isinstance(layer, ExpertsLayer) for layer in layers):
+        ours |= layer.optimize(dropless)
+    if any(layer.experts_implementation for layer in layers):
         model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
     return guard_plain_save(model) if ours else model

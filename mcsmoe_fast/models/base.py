@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..modules import CompressedMoEExperts, MoEExperts
+
 
 @dataclass
 class MoELayer:
@@ -60,6 +62,20 @@ class MoELayer:
         chooses them (families with their own selection rule override this)."""
         logits = self.router_logits(hidden)
         return logits, logits.topk(self.top_k, dim=-1).indices
+
+    experts_implementation = False  # its experts run through transformers' experts interface (optimize)
+
+    def optimize(self, dropless: bool = False) -> bool:
+        """Run this layer through the fused op (optimize()): its experts as slots in the family's fast block.
+        Returns whether the model now holds modules transformers' own save cannot write (our slots)."""
+        experts = getattr(self.module, "experts", None)
+        if not isinstance(experts, (MoEExperts, CompressedMoEExperts)):
+            w_in, w_out = self.expert_weights()
+            experts = MoEExperts(w_in.detach(), w_out.detach(), self.expert_map(), self.activation)
+            experts.train(self.module.training)
+        self.install_experts(experts)
+        self.module.dropless = dropless
+        return True
 
     def check_maskable(self) -> None:
         """ValueError unless the drop baseline can mask this layer's router logits (families override)."""

@@ -83,6 +83,13 @@ class ExpertsLayer(MoELayer):
         """Replace the block's experts module by the given expert slots (router unchanged)."""
         self.module.experts = experts
 
+    experts_implementation = True
+
+    def optimize(self, dropless: bool = False) -> bool:
+        """Nothing to replace: the model's experts implementation is set to ours (optimize()); merged or
+        compressed slots already run the fused op."""
+        return isinstance(self.module.experts, (MoEExperts, CompressedMoEExperts))
+
 
     # --- the drop baseline: softmax top-k gates only (the others choose experts their own way) -------------
     def check_maskable(self) -> None:

@@ -76,6 +76,13 @@ class Llama4Layer(MoELayer):
             block = Llama4MoE(self.module.router, self.module.experts, self.module.shared_expert, self.activation)
             self.replace(block.train(self.module.training))
 
+    def optimize(self, dropless: bool = False) -> bool:
+        """Unmerged: our block on transformers' own experts (install_fast_block; transformers' names, so its
+        save still works). Merged or compressed: the block already runs our slots."""
+        if isinstance(getattr(self.module, "experts", None), (MoEExperts, CompressedMoEExperts)):
+            return True
+        self.install_fast_block()
+        return False
 
     # --- the drop baseline: the router's logits masked before its top-k --------------------------------------
     def check_maskable(self) -> None:
