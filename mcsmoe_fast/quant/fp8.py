@@ -1,0 +1,101 @@
+"""Block-scaled FP8: e4m3 weights [..., out, in] with one `weight_scale_inv` per block of 128 x 128
+(DeepSeek-V3/V3.2, Kimi-K2, the Qwen3 FP8 releases), the scale grid [..., ceil(out/128), ceil(in/128)]
+(the last block row and column may be ragged). A stored value q in block (i, j) means q * scale_inv[i, j].
+
+Scales are float32 (V3-style: amax / 448, the largest e4m3 value) or ue8m0, powers of two (V3.1/V3.2
+write them as float32 powers of two, DeepSeek-V4-style checkpoints as float8_e8m0fnu): the smallest
+2^k with amax / 2^k <= 448, so that dividing by it is exact. A zero block gets the scale 1 (as
+transformers' own quantizer does). Dequantization multiplies in float32 and rounds once to the working
+dtype, as transformers' `Fp8Dequantize` does.
+"""
+from __future__ import annotations
+
+import torch
+
+from .grid import cdiv, pow2_at_least
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+BLOCK = (128, 128)
+
+
+def scale_grid(shape, block=BLOCK) -> tuple[int, ...]:
+    """The shape of weight_scale_inv for a weight of `shape` [..., out, in]."""
+    *lead, rows, cols = shape
+    return (*lead, cdiv(rows, block[0]), cdiv(cols, block[1]))
+
+
+def _scales_fp32(scale_inv: torch.Tensor) -> torch.Tensor:
+    if scale_inv.dtype == torch.uint8:  # raw e8m0 exponent bytes
+        return torch.ldexp(torch.ones(scale_inv.shape, dtype=torch.float32), scale_inv.to(torch.int32) - 127)
+    return scale_inv.to(torch.float32)
+
+
+def _check(weight: torch.Tensor, scale_inv: torch.Tensor, block) -> None:
+    if weight.dim() < 2:
+        raise ValueError(f"weight: expected [..., out, in], got shape {tuple(weight.shape)}")
+    expected = scale_grid(weight.shape, block)
+    if tuple(scale_inv.shape) != expected:
+        raise ValueError(f"weight_scale_inv: expected shape {expected} for a weight of shape "
+                         f"{tuple(weight.shape)} in blocks of {tuple(block)}, got {tuple(scale_inv.shape)}")
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.float32,
+                   block=BLOCK, out: torch.Tensor | None = None) -> torch.Tensor:
+    """weight (e4m3 [..., out, in]) times its block scales, in `dtype` (into `out` when given: same shape).
+    Works one leading slice (expert) at a time so the float32 temporary stays one matrix."""
+    _check(weight, scale_inv, block)
+    if out is None:
+        out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    elif tuple(out.shape) != tuple(weight.shape):
+        raise ValueError(f"out: expected shape {tuple(weight.shape)}, got {tuple(out.shape)}")
+    rows, cols = weight.shape[-2:]
+    w2, s2, o2 = weight.reshape(-1, rows, cols), scale_inv.reshape(-1, *scale_inv.shape[-2:]), out.view(-1, rows, cols)
+    for k in range(w2.shape[0]):
+        s = _scales_fp32(s2[k]).repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+        o2[k].copy_(torch.mul(w2[k].to(torch.float32), s))
+    return out
+
+
+def block_amax(w: torch.Tensor, block=BLOCK) -> torch.Tensor:
+    """max |w| per block of the last two dims (ragged edge blocks included), float32."""
+    rows, cols = w.shape[-2:]
+    nr, nc = cdiv(rows, block[0]), cdiv(cols, block[1])
+    a = w.abs().to(torch.float32)
+    a = torch.nn.functional.pad(a, (0, nc * block[1] - cols, 0, nr * block[0] - rows))
+    return a.reshape(*w.shape[:-2], nr, block[0], nc, block[1]).amax(dim=(-3, -1))
+
+
+def fp8_scales(amax: torch.Tensor, scale_fmt: str = "float") -> torch.Tensor:
+    """weight_scale_inv (float32) per block from its amax: amax / 448, or the smallest power of two
+    2^k >= amax / 448 (ue8m0); 1 for an all-zero block."""
+    if scale_fmt not in ("float", "ue8m0"):
+        raise ValueError(f"scale_fmt: expected 'float' or 'ue8m0', got {scale_fmt!r}")
+    if scale_fmt == "float":
+        s = amax / E4M3_MAX
+    else:
+        s = pow2_at_least(amax, E4M3_MAX)
+    return torch.where(amax > 0, s, torch.ones_like(s))
+
+
+def quantize_fp8(w: torch.Tensor, block=BLOCK, scale_fmt: str = "float",
+                 scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 weight, weight_scale_inv) of w [..., out, in]: each block divided by its scale (amax / 448,
+    or a power of two for ue8m0), saturated to +-448 and rounded to nearest even. scale_dtype:
+    float32, or float8_e8m0fnu (ue8m0 only) for checkpoints that store the exponent bytes."""
+    if w.dim() < 2:
+        raise ValueError(f"w: expected [..., out, in], got shape {tuple(w.shape)}")
+    if scale_dtype not in (torch.float32, getattr(torch, "float8_e8m0fnu", None)):
+        raise ValueError(f"scale_dtype: expected torch.float32 or torch.float8_e8m0fnu, got {scale_dtype}")
+    if scale_dtype != torch.float32 and scale_fmt != "ue8m0":
+        raise ValueError("scale_dtype float8_e8m0fnu holds powers of two only: use scale_fmt='ue8m0'")
+    rows, cols = w.shape[-2:]
+    q = torch.empty(w.shape, dtype=E4M3, device=w.device)
+    w2, q2 = w.reshape(-1, rows, cols), q.view(-1, rows, cols)
+    scales = torch.empty((w2.shape[0], cdiv(rows, block[0]), cdiv(cols, block[1])), dtype=torch.float32)
+    for k in range(w2.shape[0]):
+        s = fp8_scales(block_amax(w2[k], block), scale_fmt)
+        scales[k] = s
+        full = s.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+        q2[k].copy_(torch.div(w2[k].to(torch.float32), full).clamp_(-E4M3_MAX, E4M3_MAX))
+    return q, scales.reshape(scale_grid(w.shape, block)).to(scale_dtype)

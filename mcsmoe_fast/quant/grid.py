@@ -1,0 +1,25 @@
+"""Small exact helpers shared by the block formats."""
+from __future__ import annotations
+
+import torch
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def pow2_exponent(amax: torch.Tensor, top: float) -> torch.Tensor:
+    """The smallest integer k with amax <= top * 2^k (int32), computed exactly: log2 gives a guess that is
+    then corrected by comparing against the exact power of two (ldexp). 0 where amax is 0."""
+    a = amax.to(torch.float64)
+    k = torch.ceil(torch.log2(torch.where(a > 0, a, torch.ones_like(a)) / top)).to(torch.int32)
+    one = torch.ones_like(a)
+    k = torch.where(a > top * torch.ldexp(one, k), k + 1, k)
+    k = torch.where(a <= top * torch.ldexp(one, k - 1), k - 1, k)
+    return torch.where(a > 0, k, torch.zeros_like(k))
+
+
+def pow2_at_least(amax: torch.Tensor, top: float) -> torch.Tensor:
+    """2^k (float32) for the smallest k with amax / 2^k <= top."""
+    k = pow2_exponent(amax, top)
+    return torch.ldexp(torch.ones_like(k, dtype=torch.float32), k)
