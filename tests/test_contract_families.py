@@ -227,3 +227,60 @@ def test_optimize_matches_eager_experts(case):
     mf.optimize(model)
     assert model.config._experts_implementation == "mcsmoe_fast"
     close(out(model), case.reference, tol=1e-4)
+
+
+# --- the fixes, one by one (each fails on the code before them) -------------------------------------------
+
+def test_a_router_weight_in_a_nested_linear_is_found():
+    """HunYuan's gate.wg: the layers are found, the router weight is the nested Linear's, and streaming's
+    stored name points at it."""
+    model = tiny_from_model_type("hunyuan_v1_moe")
+    layer = moe_layers(model)[0]
+    assert layer.router_weight() is layer.module.gate.wg.weight
+    assert layer.stored_tensors().router.endswith(".gate.wg.weight")
+
+
+def test_clamped_swiglu_under_minimax_m3_names():
+    """swiglu_alpha / swiglu_limit: GPT-OSS's clamped SwiGLU, run exactly by the fused op."""
+    model = tiny_from_model_type("minimax_m3_vl_text")
+    layer = moe_layers(model)[0]
+    assert layer.activation == "clamped_swiglu"
+    assert layer.activation_args == {"alpha": pytest.approx(1.702), "limit": pytest.approx(7.0)}
+
+
+@pytest.mark.parametrize("model_type, message", [
+    ("afmoe", r"takes more than the hidden states \(expert_bias"),
+    ("minimax_m2", r"takes more than the hidden states \(e_score_correction_bias"),
+    ("inkling_text", r"scores 9 rows for 8 experts"),
+    ("longcat_flash", r"scores 10 rows for 8 experts"),
+    ("zaya", r"MLP router"),
+    ("gemma4_text", r"lives in the decoder layer"),
+    ("nemotron_h", r"expert function squared ReLU"),
+    ("glm5_next_text", r"clamped gate and up and no alpha \(silu\(min\(gate, 10\)\)"),
+    ("inkling2_text", r"Inkling2Experts._apply_gate \(its own gate\)"),
+])
+def test_refusals_name_the_real_reason(model_type, message):
+    with pytest.raises(ValueError, match=message) as info:
+        moe_layers(tiny_from_model_type(model_type))
+    assert "are its sparse layers configured" not in str(info.value)
+    assert "activation 'silu' is not supported" not in str(info.value)
+
+
+def test_a_model_class_without_experts_is_named():
+    with torch.device("meta"):
+        vision = model_class_of("qwen3_5_moe_vision")(CONFIG_MAPPING["qwen3_5_moe_vision"]())
+    with pytest.raises(ValueError, match="Qwen3_5MoeVisionModel holds no experts module"):
+        moe_layers(vision)
+
+
+def test_a_family_without_a_causal_lm_class_saves_and_loads_back(tmp_path):
+    """OpenAI's privacy filter has only a base model class: merged, saved, loaded back as itself."""
+    from mcsmoe_fast.models.hub import model_class_for
+
+    model = tiny_from_model_type("openai_privacy_filter")
+    assert model_class_for(model.config) is transformers.AutoModel
+    stats = mf.collect_routing_stats(model, batches(), progress=False)
+    mf.merge_experts(model, stats, num_groups=4, progress=False)
+    loaded = mf.from_pretrained(mf.save_pretrained(model, tmp_path / "merged"))
+    assert type(loaded) is type(model)
+    close(out(loaded), out(model))

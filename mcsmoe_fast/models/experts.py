@@ -182,6 +182,10 @@ def check_router(name: str, block: nn.Module) -> nn.Module:
         raise ValueError(f"{where}: router {attr} ({cls}) is not one Linear map scoring the block's input "
                          f"({linears} Linear layers inside it: an MLP router), which merging and the router-logit "
                          "statistics need")
+    rows, e = scoring_weight(router)[1].shape[0], experts_count(experts)
+    if rows != e:
+        raise ValueError(f"{where}: router {attr} ({cls}) scores {rows} rows for {e} experts (extra rows for "
+                         "shared or zero/identity experts), which merging and the statistics cannot map to experts")
     linear = scoring_weight(router)[0].rsplit(".", 1)[0] if "." in scoring_weight(router)[0] else ""
     own = {f"{linear}.weight".lstrip("."), f"{linear}.bias".lstrip(".")}
     others = [n for n, _ in router.named_parameters() if n not in own]
@@ -192,10 +196,6 @@ def check_router(name: str, block: nn.Module) -> nn.Module:
     if extra:
         raise ValueError(f"{where}: router {attr} ({cls}) takes more than the hidden states ({', '.join(extra)}, "
                          "passed in by the block), so mcsmoe_fast's statistics cannot call it as the block does")
-    rows, e = scoring_weight(router)[1].shape[0], experts_count(experts)
-    if rows != e:
-        raise ValueError(f"{where}: router {attr} ({cls}) scores {rows} rows for {e} experts (extra rows for "
-                         "shared or zero/identity experts), which merging and the statistics cannot map to experts")
     return router
 
 

@@ -11,10 +11,20 @@ from .registry import family_of
 
 
 def model_class_for(config):
-    """The transformers head class of the config's family (registry.py)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    """The transformers head class of the config's family (registry.py): AutoModelForSeq2SeqLM or
+    AutoModelForCausalLM where the model type is registered there; else the class the checkpoint names
+    (config.architectures, written by save_pretrained), else the base model (AutoModel): a family that
+    transformers gives no causal-LM class still saves and loads back as itself."""
+    import transformers
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    return AutoModelForSeq2SeqLM if family_of(config.model_type).seq2seq else AutoModelForCausalLM
+    if family_of(config.model_type).seq2seq:
+        return AutoModelForSeq2SeqLM
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return AutoModelForCausalLM
+    named = [getattr(transformers, a) for a in (getattr(config, "architectures", None) or []) if hasattr(transformers, a)]
+    return named[0] if named else AutoModel
 
 
 def load_model(name_or_path: str, dtype: torch.dtype | None = None):
