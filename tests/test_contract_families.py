@@ -57,7 +57,8 @@ def _uses_contract(model_type: str) -> bool:
 
 @lru_cache(maxsize=None)
 def contract_model_types() -> tuple[str, ...]:
-    return tuple(t for t in CONFIG_MAPPING_NAMES if _uses_contract(t))
+    """Model types with a causal-LM or base model class (what a user loads by type) on the contract."""
+    return tuple(t for t in CONFIG_MAPPING_NAMES if _uses_contract(t) and model_class_of(t) is not None)
 
 
 def _is_composite(model_type: str) -> bool:
@@ -98,9 +99,12 @@ class Case:
 
     def __init__(self, model_type: str):
         self.model_type = model_type
-        with torch.device("meta"):  # the full-size default, no memory: does this class hold experts at all?
-            default = model_class_of(model_type)(CONFIG_MAPPING[model_type]())
-        self.has_experts = any(follows_contract(m) for m in default.modules())
+        try:
+            with torch.device("meta"):  # the full-size default, no memory: does this class hold experts at all?
+                default = model_class_of(model_type)(CONFIG_MAPPING[model_type]())
+            self.has_experts = any(follows_contract(m) for m in default.modules())
+        except Exception:  # a default config that does not build (sizes left unset): the tiny one tells
+            default, self.has_experts = None, True
         self.model = tiny_from_model_type(model_type) if self.has_experts else default
         self.state = {k: v.clone() for k, v in self.model.state_dict().items()}
         try:
