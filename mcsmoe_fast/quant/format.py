@@ -41,7 +41,8 @@ def detect(quantization_config) -> QuantFormat | None:
     if quantization_config is None:
         return None
     raw = quantization_config if isinstance(quantization_config, dict) else quantization_config.to_dict()
-    method = str(raw.get("quant_method", "")).lower()
+    method = raw.get("quant_method", "")
+    method = str(getattr(method, "value", method)).lower()  # transformers' QuantizationMethod enum or a string
     if method not in SUPPORTED:
         raise ValueError(f"quantization_config.quant_method {method!r} is not supported: mcsmoe-fast reads block-FP8 "
                          "('fp8' with weight_block_size) and MXFP4 ('mxfp4') checkpoints; dequantize it with "

@@ -1,0 +1,100 @@
+"""A checkpoint's weight files seen dequantized: the tensors of a block-FP8 or MXFP4 checkpoint under the
+names of the model they load into, read into any working dtype, and their stored parts read as they are.
+
+Wraps anything with WeightFiles' reading interface (checkpoint/weight_files.py): `shapes`, `dtypes`,
+`read_into`, `get`, `release`, `bytes_read`, `file_of`, `nbytes`. A tensor X is quantized when its sibling
+parts are stored (format.py): X plus X_scale_inv (fp8), or X_blocks plus X_scales (mxfp4, which is then
+seen as transformers sees it, transposed to [E, in, out]; `transpose_mxfp4=False` for banks stored
+[E, out, in], as mcsmoe-fast's own merged checkpoints store them). Scale tensors are hidden.
+Dequantization goes one expert (leading slice) at a time, so its float32 temporaries stay one matrix.
+"""
+from __future__ import annotations
+
+import torch
+
+from .format import QuantFormat
+from .fp8 import dequantize_fp8
+from .mxfp4 import BLOCK, dequantize_mxfp4
+
+
+class QuantizedFiles:
+    def __init__(self, files, fmt: QuantFormat, transpose_mxfp4: bool = True):
+        self.files, self.format, self.transpose_mxfp4 = files, fmt, transpose_mxfp4
+        self.parts: dict[str, tuple[str, str]] = {}  # dequantized name -> (stored values, stored scales)
+        for name in files.shapes:
+            stored = fmt.parts(name.removesuffix("_blocks") if fmt.method == "mxfp4" else name)
+            if all(p in files.shapes for p in stored) and (fmt.method == "fp8" or name.endswith("_blocks")):
+                self.parts[stored[0].removesuffix("_blocks") if fmt.method == "mxfp4" else name] = stored
+        hidden = {p for parts in self.parts.values() for p in parts}
+        self.shapes = {n: s for n, s in files.shapes.items() if n not in hidden}
+        self.dtypes = {n: d for n, d in files.dtypes.items() if n not in hidden}
+        for name, (values, _) in self.parts.items():
+            self.shapes[name] = self._shape(files.shapes[values])
+            self.dtypes[name] = torch.bfloat16  # a floating dtype: read into the working dtype
+
+    def _shape(self, stored: tuple[int, ...]) -> tuple[int, ...]:
+        if self.format.method == "fp8":
+            return tuple(stored)
+        *lead, rows, groups, _ = stored
+        if not lead or not self.transpose_mxfp4:
+            return (*lead, rows, groups * BLOCK)
+        return (*lead, groups * BLOCK, rows)
+
+    @property
+    def bytes_read(self) -> int:
+        return self.files.bytes_read
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.shapes
+
+    def is_quantized(self, name: str) -> bool:
+        return name in self.parts
+
+    def file_of(self, name: str) -> str:
+        return self.files.file_of(self.parts[name][0] if name in self.parts else name)
+
+    def nbytes(self, name: str) -> int:
+        return sum(self.files.nbytes(p) for p in self.parts.get(name, (name,)))
+
+    def raw(self, name: str) -> dict[str, torch.Tensor]:
+        """The stored parts of `name` as they are {stored name: tensor} ({name: tensor} when not quantized)."""
+        return {p: self.files.get(p) for p in self.parts.get(name, (name,))}
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Tensor `name` dequantized into `out` (its shape, any floating dtype)."""
+        if name not in self.parts:
+            return self.files.read_into(name, out)
+        if tuple(out.shape) != tuple(self.shapes[name]):
+            raise ValueError(f"{name}: shape {tuple(self.shapes[name])}, expected {tuple(out.shape)}")
+        values, scales = (self.files.get(p) for p in self.parts[name])
+        with torch.no_grad():
+            if self.format.method == "fp8":
+                if out.is_contiguous():
+                    dequantize_fp8(values, scales, out.dtype, self.format.block, out=out)
+                else:
+                    out.copy_(dequantize_fp8(values, scales, out.dtype, self.format.block))
+                return out
+            if values.dim() == 3:  # one matrix
+                out.copy_(dequantize_mxfp4(values, scales, out.dtype))
+                return out
+            flat_v, flat_s = values.reshape(-1, *values.shape[-3:]), scales.reshape(-1, *scales.shape[-2:])
+            flat_o = out.view(-1, *out.shape[-2:])
+            for k in range(flat_v.shape[0]):  # one expert at a time
+                w = dequantize_mxfp4(flat_v[k], flat_s[k], out.dtype)
+                flat_o[k].copy_(w.t() if self.transpose_mxfp4 else w)
+        return out
+
+    def get(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Tensor `name`: as stored when not quantized, else dequantized in `dtype`."""
+        if name not in self.parts:
+            return self.files.get(name)
+        return self.read_into(name, torch.empty(self.shapes[name], dtype=dtype))
+
+    def release(self, files=None) -> None:
+        self.files.release(files)
+
+    @torch.no_grad()
+    def copy_into(self, targets: dict[str, torch.Tensor]) -> None:
+        for name, t in targets.items():
+            self.read_into(name, t)
+        self.release()
