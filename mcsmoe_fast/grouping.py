@@ -29,6 +29,10 @@ Defined behaviours (the contract the tests check):
 - Groups (slots) are numbered in the order of their dominant expert's index; inside a group the
   dominant expert comes first, then the other members by index. With G = E the grouping is the
   identity: expert_map = [0, 1, ..., E-1].
+- Within routing groups (`routing_groups=R > 1`, DeepSeek-V3's group-limited routing, which a standard
+  checkpoint must keep): the R blocks of E / R consecutive experts are grouped one by one, each into G / R
+  groups by the method above on that block's frequencies and similarities alone; E or G not a multiple of R
+  is a ValueError.
 """
 from __future__ import annotations
 
@@ -273,17 +277,49 @@ def merge_weights(group: list[int], frequency: torch.Tensor, strategy: str) -> l
     return [x / total for x in f]
 
 
+def check_routing_groups(name: str, num_experts: int, num_groups: int, routing_groups: int) -> None:
+    """Grouping within routing groups (DeepSeek-V3's n_group blocks of E / n_group consecutive experts) needs
+    E and the group count to split evenly over the routing groups."""
+    if isinstance(routing_groups, bool) or not isinstance(routing_groups, int) or routing_groups < 1:
+        raise ValueError(f"routing_groups must be a positive int, got {routing_groups!r}")
+    if routing_groups > 1 and (num_experts % routing_groups or num_groups % routing_groups):
+        raise ValueError(f"{name}: merging within {routing_groups} routing groups needs the expert count ({num_experts}) "
+                         f"and the group count ({num_groups}) to be multiples of {routing_groups}")
+
+
+def within_routing_groups(frequency: torch.Tensor, similarity: torch.Tensor, num_groups: int, routing_groups: int,
+                          method: str, max_group_size: int | None) -> list[int]:
+    """Cluster labels [E] when every group must stay inside one routing group: each block of E / routing_groups
+    consecutive experts is grouped on its own into num_groups / routing_groups groups (the block's frequencies and
+    similarities only), so every routing group keeps the same count."""
+    e = len(frequency)
+    size, per_block = e // routing_groups, num_groups // routing_groups
+    labels = []
+    for j in range(routing_groups):
+        block = slice(j * size, (j + 1) * size)
+        sub = group_layer("block", frequency[block], similarity[block, block], per_block, method,
+                          max_group_size=max_group_size)
+        labels += [j * e + slot for slot in sub.expert_map]
+    return labels
+
+
 def group_layer(name: str, frequency: torch.Tensor, similarity: torch.Tensor, num_groups: int,
                 method: str = "dominant", strategy: str = "frequency",
-                max_group_size: int | None = None) -> LayerGrouping:
+                max_group_size: int | None = None, routing_groups: int = 1) -> LayerGrouping:
     """Group one layer's experts into min(num_groups, E) groups. `frequency`: the scores that rank the
-    experts and weigh the merge (REAM: ream_scores(saliency)); max_group_size: REAM's cap."""
+    experts and weigh the merge (REAM: ream_scores(saliency)); max_group_size: REAM's cap; routing_groups > 1:
+    every group inside one of that many blocks of consecutive experts, the same count in each
+    (within_routing_groups)."""
     _check_num_groups(num_groups)
     if method not in ALL_GROUPINGS:
         raise ValueError(f"grouping method must be one of {', '.join(ALL_GROUPINGS)}, got {method!r}")
     e = len(frequency)
     if similarity.shape != (e, e):
         raise ValueError(f"{name}: similarity must be [{e}, {e}], got {tuple(similarity.shape)}")
+    if routing_groups != 1 and num_groups < e:
+        check_routing_groups(name, e, num_groups, routing_groups)
+        return build_grouping(name, within_routing_groups(frequency, similarity, num_groups, routing_groups, method,
+                                                          max_group_size), frequency, strategy)
     if num_groups >= e:
         labels = list(range(e))
     elif method == "dominant":

@@ -17,7 +17,7 @@ from .calibrate import LayerStats
 from .drop import check_maskable, install_logit_mask
 from .grouping import (
     ALL_GROUPINGS, MERGE_STRATEGIES, SIMILARITY_BASES, LayerGrouping, group_counts, group_layer, layer_seed,
-    capped_groups, ream_scores, similarity_matrix,
+    capped_groups, check_routing_groups, ream_scores, similarity_matrix,
 )
 from .models import MoELayer, expert_weights_per_expert, moe_layers, select_layers
 from .modules import MoEExperts
@@ -25,6 +25,7 @@ from .permute import (
     DEFAULT_MEMORY_BUDGET, apply_permutation, apply_permutation_, match_permutations, with_bias_column,
 )
 from .checkpoint.plain_save import guard_plain_save
+from .checkpoint.standard_plan import routing_groups
 from .sections import record_merge
 
 def merge_group_weights(w_in: torch.Tensor, w_out: torch.Tensor, grouping: LayerGrouping, *more: torch.Tensor):
@@ -60,7 +61,7 @@ def merge_layer_weights(name: str, stats: LayerStats, w_in: torch.Tensor, w_out:
                         similarity: str = "router-logits", permute: bool = True, strategy: str = "frequency",
                         grouping: str = "dominant", seed: int = 0, memory_budget: int = DEFAULT_MEMORY_BUDGET,
                         b_in: torch.Tensor | None = None, b_out: torch.Tensor | None = None,
-                        inplace: bool = False, max_group_size: int | None = None):
+                        inplace: bool = False, max_group_size: int | None = None, routing_groups: int = 1):
     """One layer of merge_experts on plain tensors (the streaming pipeline calls it with one layer's
     weights read from disk): w_in [E, F, d], w_out [E, d, ff] (and optional biases b_in [E, F],
     b_out [E, d]) per original expert, the layer's routing statistics and its group count. Returns
@@ -68,12 +69,13 @@ def merge_layer_weights(name: str, stats: LayerStats, w_in: torch.Tensor, w_out:
     biases None when not given. router_weight [E, d] is needed only for the router-weight basis;
     memory_budget bounds the bytes of weight-matching cost matrices built at once (match_permutations).
     inplace=True permutes w_in and w_out in place (the streaming pipeline's own buffers: no second copy
-    of the layer); their contents are then the aligned experts."""
+    of the layer); their contents are then the aligned experts. routing_groups > 1: every group inside one
+    block of E / routing_groups consecutive experts (grouping.within_routing_groups)."""
     num_experts, d = w_in.shape[0], w_in.shape[-1]
     sim = similarity_matrix(similarity, stats=stats, router_weight=router_weight, w_in=w_in, w_out=w_out,
                             seed=layer_seed(seed, name), num_experts=num_experts)
     scores = ream_scores(stats.saliency) if grouping == "ream" else stats.frequency.cpu()  # REAM ranks by saliency
-    g = group_layer(name, scores, sim, num_groups, grouping, strategy, max_group_size)
+    g = group_layer(name, scores, sim, num_groups, grouping, strategy, max_group_size, routing_groups)
     w_in = with_bias_column(w_in, b_in)
     if permute and strategy != "drop" and g.num_groups < num_experts:
         leader = torch.tensor([g.dominant[slot] for slot in g.expert_map], device=w_in.device)
@@ -123,6 +125,7 @@ def merge_experts(
     seed: int = 0,
     progress: bool = True,
     max_group_size: int | None = None,
+    within_routing_groups: bool = False,
 ) -> dict[str, LayerGrouping]:
     """Merge the experts of `model` in place; returns {layer name: LayerGrouping} of the merged layers.
 
@@ -138,6 +141,10 @@ def merge_experts(
     grouping: "dominant" (the paper's), "hierarchical" (average-linkage clustering, HC-SMoE) or "ream"
       (REAM: centroids and merge weights by REAP saliency, stats collected with saliency="reap"; groups of
       at most max_group_size experts; see grouping.py and ream.py).
+    within_routing_groups: for group-limited routers (DeepSeek-V3's n_group), merge only experts of the same
+      routing group, the same number of groups in each (what a standard checkpoint needs: format="standard"
+      refuses groups across routing groups); the group counts must be multiples of n_group. No effect on
+      other routers.
     """
     check_merge_options(similarity, strategy, grouping)
     chosen = select_layers(moe_layers(model), layers)
@@ -147,6 +154,10 @@ def merge_experts(
     layer_stats = {layer.name: _stats_for(stats, layer) for layer in chosen}
     counts = group_counts({n: s.frequency for n, s in layer_stats.items()}, num_groups, globally)
     check_saliency_grouping(grouping, layer_stats, counts, max_group_size)
+    n_group = routing_groups(model.config) if within_routing_groups else 1
+    for name, s in layer_stats.items():  # before any layer changes
+        if counts[name] < s.num_experts:
+            check_routing_groups(name, s.num_experts, counts[name], n_group)
 
     result: dict[str, LayerGrouping] = {}
     for layer in tqdm(chosen, desc="merging experts", unit="layer", disable=not progress):
@@ -154,7 +165,8 @@ def merge_experts(
         g, merged_in, merged_out, merged_b_in, merged_b_out = merge_layer_weights(
             layer.name, layer_stats[layer.name], w_in, w_out, counts[layer.name], layer.activation,
             router_weight=layer.router_weight(), similarity=similarity, permute=permute, strategy=strategy,
-            grouping=grouping, seed=seed, b_in=b_in, b_out=b_out, max_group_size=max_group_size)
+            grouping=grouping, seed=seed, b_in=b_in, b_out=b_out, max_group_size=max_group_size,
+            routing_groups=n_group)
         emap = torch.tensor(g.expert_map, dtype=torch.int64, device=w_in.device)
         layer.install_experts(MoEExperts(merged_in, merged_out, emap, layer.activation, merged_b_in, merged_b_out,
                                          layer.activation_args))
@@ -167,7 +179,8 @@ def merge_experts(
     record_merge(model, result, layer_stats, dict(num_groups=num_groups if isinstance(num_groups, int) else dict(num_groups),
                                                   similarity=similarity, globally=globally, permute=permute,
                                                   strategy=strategy, grouping=grouping, seed=seed,
-                                                  **({} if max_group_size is None else {"max_group_size": max_group_size})))
+                                                  **({} if max_group_size is None else {"max_group_size": max_group_size}),
+                                                  **({"within_routing_groups": n_group} if n_group > 1 else {})))
     guard_plain_save(model)
     return result
 

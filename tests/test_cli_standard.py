@@ -46,3 +46,26 @@ def test_format_standard_refusals(workspace, capsys, options, match):
     assert rc == 2 and match in err, err
     assert "groups over" not in stdout  # refused before merging
     assert not (workspace / "refused").exists()
+
+
+def test_format_standard_merges_deepseek_within_its_routing_groups(workspace, capsys):
+    """DeepSeek-V3 (2 routing groups of 4): --format standard merges within routing groups by default, so the
+    export is accepted, 2 merged experts per routing group; --num-groups that does not split is refused first."""
+    from mcsmoe_fast.tiny import tiny_moe, tiny_tokenizer as words_tokenizer
+
+    tiny_moe("deepseek_v3").save_pretrained(workspace / "deepseek")
+    words_tokenizer().save_pretrained(workspace / "deepseek")
+
+    def merge_deepseek(out, groups, *options):
+        return run(["merge", "--model", workspace / "deepseek", "--calib", workspace / "calib.txt", "--num-groups",
+                    groups, "--out", workspace / out, "--format", "standard", "--router", "dominant", *options], capsys)
+
+    rc, stdout, err = merge_deepseek("ds-standard", 4)
+    assert rc == 0, err
+    model = load_model(str(workspace / "ds-standard"))
+    assert model.config.n_routed_experts == 4 and model.config.n_group == 2
+    for entry in model.config.mcsmoe_standard["layers"].values():
+        assert [{e // 4 for e in g} for g in entry["groups"]] == [{0}, {0}, {1}, {1}]
+    rc, stdout, err = merge_deepseek("ds-refused", 3)
+    assert rc == 2 and "group count (3) to be multiples of 2" in err, err
+    assert "groups over" not in stdout and not (workspace / "ds-refused").exists()

@@ -27,6 +27,7 @@ FAMILIES = ("switch",) + FAMILY_NAMES
 # groups inside DeepSeek-V3's two routing groups of 4 (experts 0-3, 4-7), slots interleaved on purpose:
 # the standard order is routing group by routing group, i.e. slots 0, 2, 1, 3
 WITHIN_ROUTING_GROUPS = [[1, 0], [4, 5], [3, 2], [7, 6]]  # dominant first
+EXPORTED = FAMILIES + ("deepseek_v3-within",)  # DeepSeek-V3 merged by merge_experts within its routing groups
 
 
 def merge_by_hand(model, groups, stats):
@@ -46,10 +47,14 @@ def merge_by_hand(model, groups, stats):
 
 
 def merged_model(family, tmp_path, strategy="frequency"):
-    model = build(family, tmp_path)
+    """family "deepseek_v3-within": merged by merge_experts within its routing groups (the others: by hand)."""
+    within = family == "deepseek_v3-within"
+    model = build("deepseek_v3" if within else family, tmp_path)
     batches = calibration(model)
     stats = mf.collect_routing_stats(model, batches, progress=False)
-    if family == "deepseek_v3":
+    if within:
+        mf.merge_experts(model, stats, 4, globally=False, within_routing_groups=True, progress=False)
+    elif family == "deepseek_v3":
         merge_by_hand(model, WITHIN_ROUTING_GROUPS, stats)
     else:
         mf.merge_experts(model, stats, 4, globally=False, strategy=strategy, progress=False)
@@ -82,10 +87,12 @@ def exported(tmp_path_factory):
     loading info there)}."""
     tmp = tmp_path_factory.mktemp("standard")
     jobs, ours = [], {}
-    for family in FAMILIES:
+    for family in EXPORTED:
         model, batches = merged_model(family, tmp)
-        out = mf.save_pretrained(model, tmp / f"{family}-standard", format="standard", router="dominant")
-        standard = to_standard(model, router="dominant")
+        router = "fitted" if family == "deepseek_v3-within" else "dominant"  # fitted rows keep the routing groups
+        out = mf.save_pretrained(model, tmp / f"{family}-standard", format="standard", router=router,
+                                 batches=batches)
+        standard = to_standard(model, router=router, batches=batches)
         inputs = dict(batches[0])
         if family == "switch":
             inputs["decoder_input_ids"] = inputs["input_ids"][:, :7]
@@ -96,7 +103,7 @@ def exported(tmp_path_factory):
     subprocess.run([sys.executable, "-c", LOADER, json.dumps(jobs)], check=True, cwd=tmp)
     from safetensors.torch import load_file
     return {f: (*ours[f], load_file(j["out"])["logits"], json.loads(open(j["out"] + ".json").read()))
-            for f, j in zip(FAMILIES, jobs)}
+            for f, j in zip(EXPORTED, jobs)}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -107,6 +114,57 @@ def test_vanilla_transformers_loads_the_standard_checkpoint_with_our_logits(expo
     config = standard.config
     assert [getattr(config, f) for f in expert_count_fields(config)] == [4] * len(expert_count_fields(config))
     assert not hasattr(config, "mcsmoe_merge")
+
+
+def test_deepseek_merged_within_routing_groups_exports_and_loads_in_vanilla_transformers(exported):
+    """merge_experts(within_routing_groups=True) on DeepSeek-V3 (2 routing groups of 4, merged to 4): every group
+    inside one routing group, 2 per routing group, so the standard export (fitted rows, correction bias sliced)
+    is accepted and vanilla transformers computes our standard model's logits."""
+    merged, standard, ours, theirs, info = exported["deepseek_v3-within"]
+    assert all(not v for v in info.values()), info
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    assert standard.config.n_routed_experts == 4 and standard.config.n_group == 2
+    layers = merged.config.mcsmoe_merge["merges"][-1]["layers"]
+    assert merged.config.mcsmoe_merge["merges"][-1]["method"]["within_routing_groups"] == 2
+    for name, entry in layers.items():
+        blocks = [{e // 4 for e in g} for g in entry["groups"]]
+        assert all(len(b) == 1 for b in blocks), entry["groups"]
+        assert sorted(b.pop() for b in blocks) == [0, 0, 1, 1]
+        # the standard experts: routing group 0's two merged experts, then routing group 1's
+        assert [{e // 4 for e in g} for g in standard.config.mcsmoe_standard["layers"][name]["groups"]] == \
+            [{0}, {0}, {1}, {1}]
+    for old, new in zip(mf.moe_layers(merged), mf.moe_layers(standard), strict=True):
+        rows = standard.config.mcsmoe_standard["layers"][old.name]["router_rows"]
+        torch.testing.assert_close(new.router.e_score_correction_bias, old.router.e_score_correction_bias[rows])
+
+
+def test_merging_within_routing_groups_keeps_each_block_apart():
+    """Hand-computed: experts 0-3 and 4-7 are two routing groups. Without the constraint the dominant experts are
+    0, 1, 2, 5 (the most used), expert 3 joins 5 (its most similar) and 4 joins 0 (a tie, the first): both
+    cross. Within routing groups each block is grouped on its own around its 2 most used experts: 0, 1 and 5, 4."""
+    from mcsmoe_fast.grouping import group_layer
+
+    freq = torch.tensor([9., 8., 7., 1., 2., 3., 0.5, 0.25])
+    sim = torch.eye(8, dtype=torch.float64) * 0.75 + 0.25
+    for a, b in ((3, 5), (6, 5), (7, 5), (2, 0), (3, 1)):
+        sim[a, b] = sim[b, a] = 0.9 if (a, b) == (3, 5) else 0.8
+    free = group_layer("l", freq, sim, 4)
+    assert free.dominant == [0, 1, 2, 5] and free.expert_map[3] == free.expert_map[5] and free.expert_map[4] == 0
+    within = group_layer("l", freq, sim, 4, routing_groups=2)
+    assert within.groups == [[0, 2], [1, 3], [4], [5, 6, 7]]
+    assert within.expert_map == [0, 1, 0, 1, 2, 3, 3, 3]
+    assert group_layer("l", freq, sim, 8, routing_groups=2).expert_map == list(range(8))
+    with pytest.raises(ValueError, match=r"group count \(3\) to be multiples of 2"):
+        group_layer("l", freq, sim, 3, routing_groups=2)
+
+
+def test_merge_within_routing_groups_refuses_counts_that_do_not_split_before_any_work(tmp_path):
+    model = build("deepseek_v3", tmp_path)
+    stats = mf.collect_routing_stats(model, calibration(model), progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"group count \(3\) to be multiples of 2"):
+        mf.merge_experts(model, stats, 3, globally=False, within_routing_groups=True, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -116,7 +116,8 @@ def order_by_routing_group(plan: LayerPlan, num_experts: int, n_group: int, topk
         if len(owners) > 1:
             raise ValueError(f"format='standard': layer {plan.name!r} merges experts {members} across routing groups "
                              f"{owners} (n_group={n_group}, {size} experts each); group-limited routing needs every "
-                             "merged group inside one routing group: merge within routing groups, or save format='exact'")
+                             "merged group inside one routing group: merge within routing groups "
+                             "(merge_experts(..., within_routing_groups=True), --within-routing-groups), or save format='exact'")
         where.append(owners[0])
     per_group = [where.count(j) for j in range(n_group)]
     if len(set(per_group)) > 1 or per_group[0] < 2:

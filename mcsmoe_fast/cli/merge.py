@@ -45,6 +45,10 @@ def add(sub):
     p.add_argument("--router", choices=ROUTERS, default=None,
                    help="with --format standard: each merged expert's router row, fitted on the calibration text to "
                         "its group's summed routing probability (fitted, default) or its dominant expert's (dominant)")
+    p.add_argument("--within-routing-groups", action=argparse.BooleanOptionalAction, default=None,
+                   help="group-limited routers (DeepSeek-V3's n_group): merge only experts of the same routing group, "
+                        "the same count in each (default on with --format standard, which needs it; --num-groups a "
+                        "multiple of n_group)")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="memory budget, e.g. 8GB: a checkpoint that would not fit is merged layer by layer from "
                         "its shards without loading the whole model (Switch, Qwen3-Next and Qwen3.5-MoE need "
@@ -90,6 +94,8 @@ def check_format_options(args) -> None:
                          "has one count for the whole model: drop --globally (every layer gets --num-groups)")
     if args.globally is None:
         args.globally = not standard
+    if args.within_routing_groups is None:
+        args.within_routing_groups = standard
 
 
 def run(args) -> int:
@@ -137,7 +143,8 @@ def run(args) -> int:
     layers = layers_option(args.layers)
     groupings = merge_experts(model, stats, args.num_groups, similarity=args.similarity, globally=args.globally,
                               permute=args.permute, strategy=args.strategy, layers=layers,
-                              grouping=args.grouping, seed=args.seed)
+                              grouping=args.grouping, seed=args.seed,
+                              within_routing_groups=args.within_routing_groups)
     elapsed = time.perf_counter() - start
     after = parameter_bytes(model)
     width = max(len(name) for name in groupings)
