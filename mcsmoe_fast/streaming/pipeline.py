@@ -46,6 +46,7 @@ from .dispatch import check_device_map, dispatched_statistics, split_memory
 from .forward import ACCEPTED_KEYS, SEQ2SEQ_KEYS, prepare_batches
 from .memory import MemoryPlan, human, plan_memory
 from .passes import Merger, Progress, Stream, layer_pass, merge_pass
+from .quantized import dequantized_config, output_writer
 from .skeleton import layer_units, moe_views, open_source
 
 
@@ -136,9 +137,14 @@ def _open_stream(path, out, dtype, calibration_batches, layers, strategy: str, b
     return s, out, chosen, aliases
 
 
-def _merger(s: Stream, tmp: Path, plan: MemoryPlan, compress: dict | None, options: dict) -> Merger:
-    """Open the output shards in `tmp` (s.writer) and the merge step, staging for compression when asked."""
-    s.writer = ShardWriter(tmp, WEIGHTS_NAME, plan.shard_size, WEIGHTS_METADATA)
+def _merger(s: Stream, tmp: Path, plan: MemoryPlan, compress: dict | None, options: dict,
+            keep_quantization: bool = True) -> Merger:
+    """Open the output shards in `tmp` (s.writer) and the merge step, staging for compression when asked.
+    A quantized source is written back in its format (quantized.py) unless keep_quantization is False."""
+    s.writer = output_writer(ShardWriter(tmp, WEIGHTS_NAME, plan.shard_size, WEIGHTS_METADATA), s.source, s.views,
+                             keep_quantization)
+    if not keep_quantization:
+        dequantized_config(s.model.config)
     stage = (CompressionStage(tmp / ".compress-staging", compress["rank"], compress["keep_ratio"], compress["svd"])
              if compress else None)
     return Merger(s.writer, stage, options, plan.matching_bytes)
@@ -241,6 +247,7 @@ def merge_checkpoint(
     bases: Iterable[str] | None = None,
     tokenizer=None,
     device_map=None,
+    keep_quantization: bool = True,
 ) -> StreamingResult:
     """Merge the experts of the checkpoint directory `path` (a family source.py lists) into `out`
     without ever holding the model in memory; returns a StreamingResult.
@@ -264,7 +271,10 @@ def merge_checkpoint(
       pass is the model's own forward on GPUs / CPU / disk as accelerate places it, then one pass over
       the weights merges every layer. Needed for several GPUs, and for Qwen3-Next, Qwen3.5-MoE and Switch
       Transformers, whose layers the cut forward does not run.
-    dtype: compute and output dtype (default float32, as open_model loads).
+    dtype: compute and output dtype (default float32, as open_model loads; bfloat16 for a quantized source).
+    keep_quantization: a block-FP8 or MXFP4 source (read dequantized, layer by layer) is written back in its
+      format, non-expert tensors byte for byte and the merged experts re-quantized, its quantization_config
+      kept (quantized.py); False: every tensor dequantized in `dtype`, without quantization_config.
     max_shard_size: bytes per output shard (default: max_memory / 8 between 1 MB and 2 GB; 2 GB without
       a budget).
     bases: similarity bases to collect (default: what `similarity` needs).
@@ -283,7 +293,7 @@ def merge_checkpoint(
     plan = _plan(s, budget, max_shard_size)
     options, seconds = dict(similarity=similarity, permute=permute, strategy=strategy, grouping=grouping, seed=seed), {}
     with atomic_directory(out) as tmp:
-        merger = _merger(s, tmp, plan, compress, options)
+        merger = _merger(s, tmp, plan, compress, options, keep_quantization)
         if device_map is not None:
             offloaded = _dispatched_passes(s, merger, groups, device_map, device_memory, offload_dir or tmp, seconds)
         else:

@@ -34,7 +34,7 @@ def open_source(path, out, dtype: torch.dtype | None, dispatched: bool = False):
     out = Path(out).expanduser().absolute()
     if out == source.path or source.path in out.parents:
         raise ValueError(f"out ({out}) must not be the input checkpoint directory or inside it")
-    dtype = dtype or torch.float32
+    dtype = dtype or (torch.bfloat16 if source.quant is not None else torch.float32)  # quantized: bf16 work
     model = build_skeleton(source.config, dtype)
     shapes, aliases = tensor_shapes(model)
     source.check(shapes)

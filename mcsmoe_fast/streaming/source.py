@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 
 from ..models import FAMILIES
+from ..quant import detect
+from ..quant.files import QuantizedFiles
 from ..sections import MERGE_SECTION
 from ..checkpoint.weight_files import CheckpointError, WeightFiles, read_index
 
@@ -88,6 +90,10 @@ class SourceCheckpoint:
                              "use the in-memory pipeline for it")
         self.config = AutoConfig.from_pretrained(str(self.path))
         self.files = open_weight_files(self.path)
+        # block-FP8 / MXFP4 (quant/): every tensor is read dequantized, its stored parts stay reachable
+        self.quant = detect(raw.get("quantization_config"))
+        if self.quant is not None:
+            self.files = QuantizedFiles(self.files, self.quant)
 
     @property
     def bytes_read(self) -> int:
