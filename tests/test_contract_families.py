@@ -24,7 +24,7 @@ import mcsmoe_fast as mf
 from mcsmoe_fast.models import moe_layers
 from mcsmoe_fast.modules import MoEExperts
 from mcsmoe_fast.modules.experts_spec import follows_contract
-from mcsmoe_fast.tiny_any import model_class_of, tiny_from_model_type
+from mcsmoe_fast.tiny_any import model_class_of, tiny_config, tiny_from_model_type
 
 # why a family is refused: the words each refusal must carry (a refusal naming none of them fails)
 REASONS = {
@@ -100,8 +100,8 @@ class Case:
     def __init__(self, model_type: str):
         self.model_type = model_type
         try:
-            with torch.device("meta"):  # the full-size default, no memory: does this class hold experts at all?
-                default = model_class_of(model_type)(CONFIG_MAPPING[model_type]())
+            with torch.device("meta"):  # no memory: does this class hold experts at all (MoE switches on)?
+                default = model_class_of(model_type)(tiny_config(model_type))
             self.has_experts = any(follows_contract(m) for m in default.modules())
         except Exception:  # a default config that does not build (sizes left unset): the tiny one tells
             default, self.has_experts = None, True

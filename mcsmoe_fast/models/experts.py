@@ -188,7 +188,8 @@ def check_router(name: str, block: nn.Module) -> nn.Module:
                          "shared or zero/identity experts), which merging and the statistics cannot map to experts")
     linear = scoring_weight(router)[0].rsplit(".", 1)[0] if "." in scoring_weight(router)[0] else ""
     own = {f"{linear}.weight".lstrip("."), f"{linear}.bias".lstrip(".")}
-    others = [n for n, _ in router.named_parameters() if n not in own]
+    # a correction bias only moves the choice, which the router's own forward makes (DeepSeek-V3, ERNIE, Laguna)
+    others = [n for n, _ in router.named_parameters() if n not in own and not n.endswith("correction_bias")]
     if others:
         raise ValueError(f"{where}: router {attr} ({cls}) scales or normalises beyond its Linear map (parameters "
                          f"{', '.join(others)}), which merging and the router-logit statistics do not model")
