@@ -11,6 +11,8 @@ from torch import nn
 from ..drop import install_logit_mask
 from ..models import moe_layers
 from ..modules import BANK_FIELDS, CompressedMoEExperts, MoEExperts, slot_names
+from ..quant import detect
+from ..quant.files import QuantizedFiles
 from ..sections import MERGE_SECTION
 from .format import FORMAT_VERSION, SHARDED_FORMAT_VERSION, WEIGHTS_NAME
 from .plain_save import guard_plain_save
@@ -161,6 +163,10 @@ def from_pretrained(path, verify: bool = True, dtype: torch.dtype | None = None)
         config = AutoConfig.from_pretrained(str(path))
     except (ValueError, OSError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: config.json does not describe a transformers model ({exc})") from exc
+    quantized = detect(getattr(config, "quantization_config", None))
+    if quantized is not None:  # block-FP8 / MXFP4 tensors (a streamed merge of such a source) load dequantized
+        weights = QuantizedFiles(weights, quantized)
+        del config.quantization_config  # the model in memory is not quantized
     saved_dtype = getattr(torch, section.get("dtype", "float32"))
     with no_init_weights():  # parameters stay uninitialised (and their pages untouched) until copied into
         model = model_class_for(config).from_config(config, dtype=saved_dtype)

@@ -3,9 +3,9 @@ names of the model they load into, read into any working dtype, and their stored
 
 Wraps anything with WeightFiles' reading interface (checkpoint/weight_files.py): `shapes`, `dtypes`,
 `read_into`, `get`, `release`, `bytes_read`, `file_of`, `nbytes`. A tensor X is quantized when its sibling
-parts are stored (format.py): X plus X_scale_inv (fp8), or X_blocks plus X_scales (mxfp4, which is then
-seen as transformers sees it, transposed to [E, in, out]; `transpose_mxfp4=False` for banks stored
-[E, out, in], as mcsmoe-fast's own merged checkpoints store them). Scale tensors are hidden.
+parts are stored (format.py): X plus X_scale_inv (fp8), or X_blocks plus X_scales (mxfp4: they hold X's
+transpose, [E, out, in/32, 16] for a bank X [E, in, out], as transformers reads GPT-OSS, and as
+mcsmoe-fast writes every MXFP4 bank). Scale tensors are hidden.
 Dequantization goes one expert (leading slice) at a time, so its float32 temporaries stay one matrix.
 """
 from __future__ import annotations
@@ -36,9 +36,7 @@ class QuantizedFiles:
         if self.format.method == "fp8":
             return tuple(stored)
         *lead, rows, groups, _ = stored
-        if not lead or not self.transpose_mxfp4:
-            return (*lead, rows, groups * BLOCK)
-        return (*lead, groups * BLOCK, rows)
+        return (*lead, groups * BLOCK, rows) if self.transpose_mxfp4 else (*lead, rows, groups * BLOCK)
 
     @property
     def bytes_read(self) -> int:
@@ -73,9 +71,6 @@ class QuantizedFiles:
                     dequantize_fp8(values, scales, out.dtype, self.format.block, out=out)
                 else:
                     out.copy_(dequantize_fp8(values, scales, out.dtype, self.format.block))
-                return out
-            if values.dim() == 3:  # one matrix
-                out.copy_(dequantize_mxfp4(values, scales, out.dtype))
                 return out
             flat_v, flat_s = values.reshape(-1, *values.shape[-3:]), scales.reshape(-1, *scales.shape[-2:])
             flat_o = out.view(-1, *out.shape[-2:])

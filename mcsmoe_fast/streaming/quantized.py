@@ -7,8 +7,9 @@ Writing (`QuantizingWriter`, in front of the output's ShardWriter):
 - a tensor the source stores quantized under the same name (attention, dense and shared-expert
   projections, the experts of a layer left as it is) is copied through byte for byte, with its scales;
 - the expert banks (the merged slots' w_in / w_out, a family's own fused banks) are quantized to the
-  source's format: fp8 blocks with the source's block size, scale_fmt and scale dtype; mxfp4 packed
-  along their last (input) dim, [G, out, in/32, 16], as mcsmoe-fast's merged banks are stored [G, out, in];
+  source's format: fp8 blocks with the source's block size, scale_fmt and scale dtype; mxfp4 as
+  transformers stores GPT-OSS's banks, the transpose of the module's last two dims packed in blocks of 32
+  (the merged slots' w_in [G, F, d] as w_in_blocks [G, d, F/32, 16]), so one rule reads every bank back;
 - everything else (norms, routers, biases, expert_map) as it is.
 The config keeps its quantization_config. `dequantized_config` drops it for a dequantized output.
 
@@ -65,7 +66,7 @@ class QuantizingWriter:
         if self.files.is_quantized(name) and name not in self.banks:  # unchanged: the stored bytes
             parts = self.files.raw(name)
         elif name in self.banks and tensor.is_floating_point():
-            parts = quantize_tensor(name, tensor, self.files.format, self.scale_dtype)
+            parts = quantize_tensor(name, tensor, self.files.format, self.scale_dtype, transpose_mxfp4=True)
         else:
             parts = {name: tensor}
         for n, t in parts.items():
