@@ -141,8 +141,8 @@ class SourceCheckpoint:
         quantized = [n for n in self.files.shapes if n.endswith(("_blocks", "_scales"))]
         if missing and quantized:
             raise CheckpointError(f"{self.path}: quantized expert weights ({quantized[0]}, ...; e.g. GPT-OSS's MXFP4 "
-                                  "release): streaming reads unquantized checkpoints; load it with transformers "
-                                  "(dequantize) and save_pretrained it in bf16 first")
+                                  "release) but config.json has no quantization_config naming their format "
+                                  "(quant_method 'mxfp4' or 'fp8'); add it, or dequantize the checkpoint first")
         if missing or wrong:
             raise CheckpointError(
                 f"{self.path}: the weights do not match the model its config.json builds: "
