@@ -125,6 +125,9 @@ def run(args) -> int:
             what = "--export-dense" if args.export_dense else "--format standard"
             raise ValueError(f"{what} needs the whole model in memory (the streamed merge writes the exact format "
                              "only); drop it (and --device-map) or raise --max-memory")
+        if args.within_routing_groups:
+            raise ValueError("--within-routing-groups is not supported by the streamed merge yet: drop it (and "
+                             "--device-map) or raise --max-memory")
         return run_streaming(args, tokenizer, batches, dtype)
     model = open_model(args.model, dtype)
     if args.format == "standard" and args.layers and len(select_layers(moe_layers(model), layers_option(args.layers))) \
