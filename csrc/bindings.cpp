@@ -1,10 +1,12 @@
 // Op schemas (TORCH_LIBRARY), their CPU and CUDA implementations per dispatch key, and a small
 // pybind11 module with build information. Kernels live in kernels/, ATen glue in ops/.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <torch/library.h>
 
 #include <ATen/Parallel.h>
 
+#include "ops/autotune.h"
 #include "ops/ops.h"
 
 TORCH_LIBRARY(mcsmoe_fast, m) {
@@ -56,4 +58,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("cuda_enabled") = false;
 #endif
   m.def("openmp_threads", [] { return at::get_num_threads(); }, "threads torch's CPU pool uses");
+  // The CPU ops' choices by measurement (ops/autotune.h): the cache, its reset, the decisions and their pins.
+  m.def("autotune_snapshot", &mcsmoe::ops::autotune::snapshot,
+        "[(decision, shape class, winner label or '' while measuring, median ms per candidate or -1)]");
+  m.def("autotune_reset", &mcsmoe::ops::autotune::reset, "forget every measurement");
+  m.def("autotune_decisions", [] {
+    std::vector<std::tuple<std::string, std::string, std::vector<std::string>>> out;
+    for (const auto* d : mcsmoe::ops::autotune::decisions())
+      out.emplace_back(d->name, d->env, std::vector<std::string>(d->labels.begin(), d->labels.end()));
+    return out;
+  }, "[(decision, the environment variable that pins it, candidate labels)]");
 }

@@ -327,3 +327,29 @@ def _grouped_expert_ffn_slr_fake(hidden, w_in, w_out, expert_map, top_k_index, t
 
 
 torch.library.register_autograd("mcsmoe_fast::grouped_expert_ffn_slr", _no_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+# --- choices by measurement (csrc/ops/autotune.h) -------------------------------------------------------
+def autotune_decisions() -> dict[str, tuple[str, list[str]]]:
+    """The choices the CPU ops make by measurement: {decision: (the environment variable that pins it,
+    its candidates' labels)}. A pin takes a label or an index (MCSMOE_SLOT_PARALLEL=1 = "parallel");
+    MCSMOE_AUTOTUNE=0 turns timing off (every decision takes its fixed default)."""
+    return {name: (env, list(labels)) for name, env, labels in _C.autotune_decisions()}
+
+
+def autotune_choices() -> list[dict]:
+    """What the running process has measured: one dict per (decision, shape class) with `decision`,
+    `shape`, `winner` (a candidate's label, or None while still measuring) and `median_ms` ({label: median
+    of its timed runs in ms}, candidates not run or not available on this CPU left out)."""
+    labels = autotune_decisions()
+    rows = []
+    for name, shape, winner, ms in _C.autotune_snapshot():
+        names = labels[name][1]
+        rows.append(dict(decision=name, shape=shape, winner=winner or None,
+                         median_ms={names[i]: t for i, t in enumerate(ms) if t >= 0}))
+    return rows
+
+
+def autotune_reset() -> None:
+    """Forget every measurement: the next calls of each shape class time their candidates again."""
+    _C.autotune_reset()

@@ -656,3 +656,38 @@ def test_compressed_slots_training_gradients_match_reference(activation, biases)
     assert len(ours) == len(expected) == 2 + 6 + 2 * biases
     for got, want in zip(ours, expected):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+# --- bf16: the compressed layer ------------------------------------------------------------------------
+def test_compressed_layer_in_bf16():
+    """CompressedMoEExperts with bf16 banks: the inference op and the training path (sparse_lowrank_linear per
+    slot, with its backward) against the float64 reference on the same rounded weights; bf16 out, bf16
+    gradients. Tolerance: relative to the tensor's norm (bf16 rounds every GEMM output and activation once,
+    accumulation is fp32)."""
+    from mcsmoe_fast.modules import CompressedMoEExperts
+
+    hidden, w_in, w_out, emap, idx, weights, act = ffn_problem(200, 48, 80, 8, 4, 2, 8, "swiglu", torch.bfloat16,
+                                                               0.1, seed=6)
+    layer = CompressedMoEExperts(w_in, w_out, emap, act)
+    to64 = lambda bank: [t.double() if t.is_floating_point() else t for t in bank]  # noqa: E731
+    ref = reference.grouped_expert_ffn_slr(hidden.double(), to64(w_in), to64(w_out), emap, idx, weights.double(), act)
+
+    def close(got, want, rel=2e-2):
+        assert (got.double() - want).norm() <= rel * want.norm() + 1e-6
+
+    with torch.no_grad():
+        out = layer(hidden, idx, weights)
+    assert out.dtype == torch.bfloat16
+    close(out, ref)
+    x = hidden.clone().requires_grad_()
+    out = layer(x, idx, weights)
+    assert out.dtype == torch.bfloat16
+    close(out, ref)
+    out.float().square().sum().backward()
+    x64 = hidden.double().requires_grad_()
+    U64 = w_in[0].double().requires_grad_()
+    ref = reference.grouped_expert_ffn_slr(x64, [U64, *to64(w_in)[1:]], to64(w_out), emap, idx, weights.double(), act)
+    ref.square().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and layer.in_U.grad.dtype == torch.bfloat16
+    close(x.grad, x64.grad, 5e-2)
+    close(layer.in_U.grad, U64.grad, 5e-2)

@@ -90,7 +90,7 @@ at::Tensor combine_token_rows_cpu(const at::Tensor& rows, const at::Tensor& toke
 
 at::Tensor grouped_ffn_cpu_frame(const at::Tensor& hidden, int64_t S, const at::Tensor& expert_map,
                                  const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
-                                 const SlotFfn& ffn) {
+                                 const std::string& shape, const SlotFfn& ffn) {
   TORCH_CHECK(hidden.device().is_cpu(), "grouped_expert_ffn: expected CPU tensors, got ", hidden.device());
   const int64_t d = hidden.size(1);
   const auto acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -102,7 +102,7 @@ at::Tensor grouped_ffn_cpu_frame(const at::Tensor& hidden, int64_t S, const at::
 
   const at::Tensor x = hidden.index_select(0, sorted_tokens.narrow(0, 0, pairs));  // [pairs, d] by slot
   at::Tensor y = at::empty({pairs, d}, hidden.options());
-  for_each_slot(rows_per_slot(off, S), [&](int64_t s) {
+  for_each_slot(rows_per_slot(off, S), shape, [&](int64_t s) {
     for_each_row_block(off[s], off[s + 1], [&](int64_t r, int64_t n) { ffn(s, x.narrow(0, r, n), y.narrow(0, r, n)); });
   });
   return combine_token_rows_cpu(y, rows, weights);
@@ -125,7 +125,9 @@ at::Tensor grouped_expert_ffn_cpu(const at::Tensor& hidden_arg, const at::Tensor
     return b ? std::optional<at::Tensor>(b->select(0, s)) : std::nullopt;
   };
   const SingleThreadIf small(top_k_index.numel() * (w_in.size(1) + w_out.size(2)) * hidden.size(1) < kSmallCallMacs);
-  return grouped_ffn_cpu_frame(hidden, w_in.size(0), expert_map, top_k_index, top_k_weights,
+  const std::string shape = std::string("grouped_expert_ffn ") + c10::toString(hidden.scalar_type()) +
+                            " d=" + std::to_string(hidden.size(1)) + " F=" + std::to_string(w_in.size(1));
+  return grouped_ffn_cpu_frame(hidden, w_in.size(0), expert_map, top_k_index, top_k_weights, shape,
                                [&](int64_t s, const at::Tensor& x, at::Tensor y) {
                                  at::Tensor h = linear_nt(x, w_in.select(0, s), std::nullopt, row(b_in, s));
                                  linear_nt(expert_activation(h, act), w_out.select(0, s), y, row(b_out, s));

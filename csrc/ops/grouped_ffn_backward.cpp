@@ -137,11 +137,7 @@ std::optional<at::Tensor> detached(const std::optional<at::Tensor>& t) {
 
 // out = a b for a slot's first block of rows, out += a b for its later blocks; likewise a v and the row sum.
 void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool first) {
-  if (first) {
-    at::mm_out(out, a, b);
-  } else {
-    out.addmm_(a, b);
-  }
+  gemm_into(out, a, b, !first);
 }
 
 void mv_into(at::Tensor out, const at::Tensor& a, const at::Tensor& v, bool first) {
@@ -202,7 +198,7 @@ void recompute(const Pass& pass, Block& b) {
   const int64_t ff = pass.w_out.size(2);
   const std::optional<at::Tensor> bin_s = pass.b_in ? std::optional(pass.b_in->select(0, b.s)) : std::nullopt;
   b.h = linear_nt(b.x, pass.w_in.select(0, b.s), std::nullopt, bin_s);  // [n, F]
-  if (pass.need.p()) b.p = at::mm(b.g, pass.w_out.select(0, b.s));
+  if (pass.need.p()) b.p = gemm(b.g, pass.w_out.select(0, b.s));
   b.gate = pass.act.gated ? b.h.narrow(1, 0, ff) : b.h;
   if (pass.act.gated) b.up = b.h.narrow(1, ff, ff);
   if (pass.act.clamped()) {
@@ -250,7 +246,7 @@ void input_grads(Pass& pass, const Block& b) {
   if (pass.need.w_in) mm_into(pass.grads.w_in.select(0, b.s), b.h.t(), b.x, b.first);
   if (pass.need.x) {
     at::Tensor dx_b = pass.dx.narrow(0, b.r, b.n);
-    at::mm_out(dx_b, b.h, pass.w_in.select(0, b.s));
+    gemm_into(dx_b, b.h, pass.w_in.select(0, b.s), false);
   }
 }
 
@@ -328,7 +324,9 @@ FfnGrads grouped_expert_ffn_backward_cpu(const at::Tensor& grad_out_arg, const a
   const std::vector<int64_t> slot_rows = rows_per_slot(off, S);
   for (int64_t s = 0; s < S; ++s)  // slots no token reached get zero parameter gradients
     if (slot_rows[s] == 0) pass.grads.zero_slot(s);
-  for_each_slot(slot_rows, [&](int64_t s) {
+  const std::string shape = std::string("grouped_expert_ffn_backward ") + c10::toString(dtype) + " d=" +
+                            std::to_string(d) + " F=" + std::to_string(F);
+  for_each_slot(slot_rows, shape, [&](int64_t s) {
     for_each_row_block(off[s], off[s + 1],
                        [&](int64_t r, int64_t n) { block_backward(pass, s, r, n, /*first=*/r == off[s]); });
   });

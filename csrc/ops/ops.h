@@ -11,6 +11,7 @@
 #include <array>
 #include <functional>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -70,9 +71,14 @@ at::Tensor expert_activation(const at::Tensor& h, Activation act);
 // clamped_swiglu of h [n, 2 ff] (rows contiguous; gate columns, then up columns) in place into the gate
 // half, which it returns (a strided [n, ff] view). CPU.
 at::Tensor clamped_swiglu_cpu_(const at::Tensor& h, double alpha, double limit);
-// x [n, K] w [N, K]^T (+ bias [N]) on the CPU: oneDNN for float32, else at::mm; written into `out` when given.
+// x [n, K] w [N, K]^T (+ bias [N]) on the CPU, written into `out` when given; the backend (at::mm, oneDNN, or
+// float32 for bfloat16/float16) chosen per shape class by measurement (linear_nt.cpp, autotune.h).
 at::Tensor linear_nt(const at::Tensor& x, const at::Tensor& w, std::optional<at::Tensor> out = std::nullopt,
                      const std::optional<at::Tensor>& bias = std::nullopt);
+// out = a b (accumulate: out += a b) for a [M, K], b [K, N] of any strides; bfloat16/float16 choose between
+// at::mm and a float32 product by measurement as linear_nt does. gemm: into a fresh [M, N] tensor.
+void gemm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate);
+at::Tensor gemm(const at::Tensor& a, const at::Tensor& b);
 
 // --- grouped_expert_ffn over merged slots (grouped_ffn.cpp, cuda/grouped_ffn_cuda.cpp) ---
 // Optional expert biases b_in [S, F] and b_out [S, d]: y_s = act(x W_in[s]^T + b_in[s]) W_out[s]^T + b_out[s].
@@ -100,12 +106,13 @@ Activation check_grouped_ffn_args(const at::Tensor& hidden, const at::Tensor& w_
                                   double alpha, double limit);
 // The CPU frame of the grouped expert FFN (shared with grouped_ffn_slr): align the routing, gather each
 // slot's tokens into contiguous rows, call run_slot(s, x_rows [n, d], y_rows [n, d]) for each busy slot (in
-// row blocks; slots in parallel or one after another: slot_parallel.h), then combine each token's rows with
+// row blocks; slots in parallel or one after another: slot_parallel.h, chosen per `shape`, the op and its
+// widths), then combine each token's rows with
 // its summed weights (combine_token_rows_cpu).
 using SlotFfn = std::function<void(int64_t slot, const at::Tensor& x, at::Tensor y)>;
 at::Tensor grouped_ffn_cpu_frame(const at::Tensor& hidden, int64_t num_slots, const at::Tensor& expert_map,
                                  const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
-                                 const SlotFfn& run_slot);
+                                 const std::string& shape, const SlotFfn& run_slot);
 // out [T, d] (rows' dtype): out[t] = the sum of rows[token_rows[t, j]] (until -1), each times weights[row] when
 // weights are given (the alignment's summed weights: float64 for float64 rows, else float32), plain when not
 // (the backward's dX rows). kernels/grouped_ffn.h's combine_token_rows over chunks of tokens in parallel.

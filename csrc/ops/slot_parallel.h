@@ -13,7 +13,10 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <string>
 #include <vector>
+
+#include "ops/autotune.h"
 
 namespace mcsmoe::ops {
 
@@ -28,8 +31,9 @@ namespace mcsmoe::ops {
 // 9-10% above half their single-thread time (gather, activation, combine; T <= 16 is bound by memory
 // bandwidth, which two threads do not double). The time goes to oneDNN's small-M GEMMs (about 8 rows a
 // slot at T = 128: 40 GFLOP/s a thread against 90 at 64 rows), not to the schedule.
+// This rule is the default (MCSMOE_AUTOTUNE=0); otherwise for_each_slot times both schedules per shape class
+// (autotune.h; MCSMOE_SLOT_PARALLEL=0/1 or sequential/parallel pins one).
 inline bool use_slot_parallelism(int64_t max_rows, int64_t active_slots, int64_t threads) {
-  if (const char* env = std::getenv("MCSMOE_SLOT_PARALLEL")) return env[0] == '1';
   return threads > 1 && active_slots >= threads && (max_rows <= 512 || active_slots >= 2 * threads);
 }
 
@@ -48,11 +52,21 @@ inline std::vector<int64_t> slots_largest_first(const std::vector<int64_t>& rows
 // dealt to it. Measured here (2 threads, fp32, one competing CPU-bound process): Qwen3-shaped (E 128, ff
 // 768) 1.02-1.29x faster at G = 128 and 1.01-1.45x at G = 32, Mixtral-shaped G = 8 1.02-1.30x, T = 16..1024;
 // on an idle machine equal within noise (0.99-1.03x), as are the few-slot cases.
+// `shape`: the op and its widths (dtype, d, F, ...); the shape class adds threads, busy slots and the largest
+// slot's rows (powers of two).
 template <typename F>
-void for_each_slot(const std::vector<int64_t>& slot_rows, F&& run_slot) {
+void for_each_slot(const std::vector<int64_t>& slot_rows, const std::string& shape, F&& run_slot) {
+  if (slot_rows.empty()) return;
   const int64_t active = std::count_if(slot_rows.begin(), slot_rows.end(), [](int64_t n) { return n > 0; });
   const int64_t threads = at::get_num_threads();
-  if (!slot_rows.empty() && use_slot_parallelism(*std::max_element(slot_rows.begin(), slot_rows.end()), active, threads)) {
+  const int64_t max_rows = *std::max_element(slot_rows.begin(), slot_rows.end());
+  const std::string key = shape + " threads=" + std::to_string(threads) + " busy<=" +
+                          std::to_string(autotune::bucket(active)) + " rows<=" +
+                          std::to_string(autotune::bucket(max_rows));
+  // Timed only where both schedules differ: two threads or more and two busy slots or more.
+  autotune::Choice choice(autotune::kSlotParallel, key, use_slot_parallelism(max_rows, active, threads) ? 1 : 0, 0b11,
+                          threads > 1 && active > 1);
+  if (choice.index == 1) {
     const bool inference = c10::InferenceMode::is_enabled();  // thread-local: carry it into the workers
     const auto order = slots_largest_first(slot_rows);
     std::atomic<size_t> next{0};

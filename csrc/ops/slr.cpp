@@ -4,7 +4,10 @@
 // (a GEMM over the kept rows only) added into the kept columns of y (kernels/slr.h). Nothing of size
 // [out, in] is built, and the only temporaries are [n, r] and [n, K].
 // Threads: blocks of rows in parallel with single-threaded GEMMs (layers no wider than their input, 64 to
-// 512 rows per thread), one block with threaded GEMMs otherwise (see use_row_parallelism).
+// 512 rows per thread), one block with threaded GEMMs otherwise (see use_row_parallelism): the default;
+// with timing on (autotune.h) both are measured per shape class ("slr_row_parallel"), and so are the two
+// paths of a block ("slr_path"): two GEMMs (x V^T and x S_rows^T) or one over the stacked [V; S_rows]
+// (x read once, one wider GEMM; the stacking copies r + K rows of `in` per call).
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/util/accumulate.h>
@@ -14,6 +17,7 @@
 #include <vector>
 
 #include "kernels/slr.h"
+#include "ops/autotune.h"
 #include "ops/ops.h"
 
 namespace mcsmoe::ops {
@@ -69,17 +73,33 @@ void check_row_idx_cpu(const int64_t* row_idx, int64_t K, int64_t out, const cha
 // Threaded, oneDNN stays (MKL is up to 2x slower there on [T, 32] x [32, 3584]).
 static at::Tensor lowrank_product(const at::Tensor& z, const at::Tensor& U, const std::optional<at::Tensor>& bias,
                                   std::optional<at::Tensor> out) {
-  if (out && at::in_parallel_region())
+  if (out && at::in_parallel_region() && (z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble))
     return bias ? at::addmm_out(*out, *bias, z, U.t()) : at::mm_out(*out, z, U.t());
   return linear_nt(z, U, out, bias);
 }
 
 at::Tensor slr_linear_cpu(const at::Tensor& x, const at::Tensor& U, const at::Tensor& V, const at::Tensor& S_rows,
                           const int64_t* row_idx, const std::optional<at::Tensor>& bias, std::optional<at::Tensor> out) {
-  at::Tensor y = lowrank_product(linear_nt(x, V), U, bias, out);
-  const int64_t K = S_rows.size(0);
-  if (K == 0 || x.size(0) == 0) return y;
-  const at::Tensor zs = linear_nt(x, S_rows);  // [n, K], contiguous
+  const int64_t K = S_rows.size(0), r = V.size(0), n = x.size(0), in = x.size(1);
+  const bool two = K > 0 && r > 0 && n > 0 && in > 0;  // both products exist: stacking them is a choice
+  const std::string shape = two ? std::string(c10::toString(x.scalar_type())) + " n<=" +
+                                      std::to_string(autotune::bucket(n)) + " in=" + std::to_string(in) + " out=" +
+                                      std::to_string(U.size(0)) + " r=" + std::to_string(r) + " K<=" +
+                                      std::to_string(autotune::bucket(K)) +
+                                      (at::in_parallel_region() ? " in_parallel" : "")
+                                : std::string();
+  autotune::Choice path(autotune::kSlrPath, shape, 0, two ? 0b11u : 1u, two);
+  at::Tensor z, zs;  // [n, r] and [n, K]
+  if (path.index == 1) {
+    const at::Tensor zz = linear_nt(x, at::cat({V, S_rows}));  // [n, r + K]
+    z = zz.narrow(1, 0, r);
+    zs = zz.narrow(1, r, K);
+  } else {
+    z = linear_nt(x, V);
+  }
+  at::Tensor y = lowrank_product(z, U, bias, out);
+  if (K == 0 || n == 0) return y;
+  if (!zs.defined()) zs = linear_nt(x, S_rows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "sparse_lowrank_add_kept_rows", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     scalar_t* yp = y.data_ptr<scalar_t>();
@@ -102,7 +122,6 @@ at::Tensor slr_linear_cpu(const at::Tensor& x, const at::Tensor& U, const at::Te
 // (every extra barrier then waits for a descheduled thread).
 // MCSMOE_SLR_ROW_PARALLEL=0/1 forces one or the other (for measurements).
 static bool use_row_parallelism(int64_t T, int64_t in, int64_t out, int64_t threads, int64_t min_rows) {
-  if (const char* env = std::getenv("MCSMOE_SLR_ROW_PARALLEL")) return env[0] == '1';
   return threads > 1 && out <= in && T >= threads * min_rows && T < threads * 512;
 }
 
@@ -131,7 +150,17 @@ at::Tensor sparse_lowrank_linear_cpu(const at::Tensor& x_arg, const at::Tensor& 
   // the temporaries stay [tile, r] and [tile, K].
   constexpr int64_t kMinRows = 64, kTile = 256;
   const int64_t threads = at::get_num_threads();
-  if (T == 0 || !use_row_parallelism(T, in, out, threads, kMinRows) && (threads > 1 || T <= 4 * kTile))
+  // Timed where both schedules split the work: two threads or more with kMinRows rows each.
+  const bool measure = threads > 1 && T >= threads * kMinRows;
+  const std::string shape = measure ? std::string(c10::toString(x.scalar_type())) + " threads=" +
+                                          std::to_string(threads) + " T<=" + std::to_string(autotune::bucket(T)) +
+                                          " in=" + std::to_string(in) + " out=" + std::to_string(out) + " r=" +
+                                          std::to_string(U.size(1)) + " K<=" +
+                                          std::to_string(autotune::bucket(S_rows.size(0)))
+                                    : std::string();
+  autotune::Choice rows(autotune::kSlrRowParallel, shape,
+                        use_row_parallelism(T, in, out, threads, kMinRows) ? 1 : 0, 0b11u, measure);
+  if (T == 0 || rows.index == 0 && (threads > 1 || T <= 4 * kTile))
     return slr_linear_cpu(x, U, V, S_rows, row_idx.data_ptr<int64_t>(), bias, std::nullopt).view(out_shape);
   at::Tensor y = at::empty({T, out}, x.options());
   const bool inference = c10::InferenceMode::is_enabled();  // thread-local: carry it into the workers
