@@ -25,7 +25,7 @@ from .permute import (
     DEFAULT_MEMORY_BUDGET, apply_permutation, apply_permutation_, match_permutations, with_bias_column,
 )
 from .checkpoint.plain_save import guard_plain_save
-from .checkpoint.standard_plan import routing_groups
+from .models.config_fields import routing_groups
 from .sections import record_merge
 
 def merge_group_weights(w_in: torch.Tensor, w_out: torch.Tensor, grouping: LayerGrouping, *more: torch.Tensor):

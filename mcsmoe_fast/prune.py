@@ -28,7 +28,8 @@ from torch import nn
 from .calibrate import LayerStats
 from .checkpoint.format import model_dtype
 from .checkpoint.standard import copy_shared_tensors, standard_config, write_experts
-from .checkpoint.standard_plan import LayerPlan, expert_count_fields, routing_groups, router_module, router_prefix
+from .checkpoint.standard_plan import LayerPlan
+from .models.config_fields import expert_count_fields, routing_groups
 from .checkpoint.standard_router import router_state
 from .models import moe_layers
 from .modules import CompressedMoEExperts
@@ -146,11 +147,11 @@ def kept_model(model: nn.Module, kept: Mapping[str, list[int]], record: dict | N
         pruned = model_class_for(config).from_config(config, dtype=getattr(torch, model_dtype(model)))
     new_layers = {layer.name: layer for layer in moe_layers(pruned)}
     skip = tuple(p for layer in new_layers.values()
-                 for p in (f"{layer.name}.experts.", f"{layer.name}.{router_prefix(layer)}"))
+                 for p in (f"{layer.name}.experts.", f"{layer.name}.{layer.router_rows()[1]}"))
     copy_shared_tensors(model, pruned, skip)
     for layer in moe_layers(model):
         plan, new = plans[layer.name], new_layers[layer.name]
-        router_module(new).load_state_dict(router_state(layer, router_module(layer), plan, None))
+        new.router_rows()[0].load_state_dict(router_state(layer, layer.router_rows()[0], plan, None))
         write_experts(layer, new, plan)
     pruned.tie_weights()
     return pruned.eval()

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from torch import nn
 
 from .calibrate import LayerStats
-from .checkpoint.standard_plan import routing_groups
+from .models.config_fields import routing_groups
 from .grouping import LayerGrouping
 from .merge import merge_experts
 from .models import moe_layers

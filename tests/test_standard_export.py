@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 import mcsmoe_fast as mf
 from mcsmoe_fast.checkpoint import to_standard
-from mcsmoe_fast.checkpoint.standard_plan import expert_count_fields
+from mcsmoe_fast.models.config_fields import expert_count_fields
 from mcsmoe_fast.checkpoint.standard_router import routing_targets
 from mcsmoe_fast.grouping import LayerGrouping
 from mcsmoe_fast.merge import merge_group_weights

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 import mcsmoe_fast as mf
-from mcsmoe_fast.checkpoint.standard_plan import EXPERT_COUNT_FIELDS
+from mcsmoe_fast.models.config_fields import EXPERT_COUNT_FIELDS
 from mcsmoe_fast.tiny import tiny_moe, tiny_switch
 from test_standard_export import FAMILIES, merged_model
 

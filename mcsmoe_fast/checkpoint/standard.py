@@ -19,7 +19,8 @@ from torch import nn
 from ..models import SwitchLayer, moe_layers
 from ..sections import COMPRESS_SECTION, MERGE_SECTION
 from .format import model_dtype
-from .standard_plan import LayerPlan, expert_count_fields, plan_standard, router_module, router_prefix
+from ..models.config_fields import expert_count_fields
+from .standard_plan import LayerPlan, plan_standard
 from .standard_router import check_router, router_inputs, router_state
 
 STANDARD_SECTION = "mcsmoe_standard"  # config.json: the router choice and each standard expert's group
@@ -93,11 +94,11 @@ def to_standard(model: nn.Module, router: str | None = None, batches=None, exper
         raise ValueError(f"format='standard': the standard model's MoE layers {sorted(new_layers)} are not the "
                          f"model's {sorted(plans)}")
     skip = tuple(p for layer in new_layers.values()
-                 for p in (f"{layer.name}.experts.", f"{layer.name}.{router_prefix(layer)}"))
+                 for p in (f"{layer.name}.experts.", f"{layer.name}.{layer.router_rows()[1]}"))
     copy_shared_tensors(model, standard, skip)
     for layer in layers:
         plan, new = plans[layer.name], new_layers[layer.name]
-        router_module(new).load_state_dict(router_state(layer, router_module(layer), plan, hidden.get(layer.name)))
+        new.router_rows()[0].load_state_dict(router_state(layer, layer.router_rows()[0], plan, hidden.get(layer.name)))
         write_experts(layer, new, plan)
     standard.tie_weights()
     return standard.eval()

@@ -7,8 +7,8 @@ original experts whose routing it takes over. What such a checkpoint cannot expr
 with the reason: slot counts that differ per layer (the config has one expert count), top_k > M, a
 model still being pruned, and the family rules below.
 
-Family rules (kept in this one table of functions so each can move into its family's adapter):
-  - Switch Transformers: the router is `router.classifier`, the count `num_experts`;
+Family rules (the router rows each adapter names with `router_rows()`, the config's fields in
+models/config_fields.py):
   - DeepSeek-V3's group-limited routing (`n_group`, `topk_group`): routing group j of the standard
     model is the j-th block of M / n_group experts, so every merged group must lie inside one routing
     group of the original, every routing group must keep the same number of merged experts (at least 2:
@@ -22,11 +22,9 @@ from torch import nn
 
 from ..drop import logit_mask
 from ..models import ExpertsLayer, MoELayer, SwitchLayer, moe_layers
+from ..models.config_fields import expert_count_fields, routing_groups
 from ..modules import CompressedMoEExperts
 from ..sections import MERGE_SECTION
-
-EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")  # the config's expert count
-
 
 @dataclass
 class LayerPlan:
@@ -41,34 +39,6 @@ class LayerPlan:
     @property
     def num_experts(self) -> int:
         return len(self.slots)
-
-
-# --- family rules -----------------------------------------------------------------------------------
-def router_module(layer: MoELayer) -> nn.Module:
-    """The module holding the layer's router rows (weight [E, d], and bias / e_score_correction_bias [E])."""
-    return layer.module.router.classifier if isinstance(layer, SwitchLayer) else layer.router
-
-
-def router_prefix(layer: MoELayer) -> str:
-    """The router's state-dict prefix inside the block ("router.classifier.", "gate." or "router.")."""
-    if isinstance(layer, SwitchLayer):
-        return "router.classifier."
-    name = next(n for n in ("gate", "router") if getattr(layer.module, n, None) is layer.router)
-    return f"{name}."
-
-
-def routing_groups(config) -> int:
-    """Number of routing groups of a group-limited router (DeepSeek-V3's n_group); 1 for the others."""
-    n_group = getattr(config, "n_group", None)
-    return int(n_group) if isinstance(n_group, int) and n_group > 1 else 1
-
-
-def expert_count_fields(config) -> list[str]:
-    fields = [f for f in EXPERT_COUNT_FIELDS if isinstance(getattr(config, f, None), int)]
-    if not fields:
-        raise ValueError(f"format='standard': the {config.model_type} config has none of {', '.join(EXPERT_COUNT_FIELDS)}: "
-                         "cannot write its expert count")
-    return fields
 
 
 # --- the plan -------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..hooks import run_hooked
 from ..models import ExpertsLayer, MoELayer
-from .standard_plan import LayerPlan, router_module
+from .standard_plan import LayerPlan
 
 ROUTERS = ("dominant", "fitted")
 SIGMOID_ROUTERS = ("DeepseekV3TopkRouter",)  # family rule: routers whose scores are per-expert sigmoids
@@ -83,7 +83,7 @@ def routing_targets(layer: MoELayer, hidden: torch.Tensor, groups: list[list[int
     norm_topk_prob=False, where the weights are the probabilities themselves) the summed probability of all
     members, which equals the chosen members' weights plus the rest of the mass; sigmoid routers
     (DeepSeek-V3): the clamped summed member scores."""
-    module = router_module(layer)
+    module = layer.router_rows()[0]
     hidden = hidden.to(layer.router_weight().dtype)
     logits = layer.router_logits(hidden)
     if is_sigmoid_router(module):

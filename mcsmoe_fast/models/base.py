@@ -90,6 +90,11 @@ class MoELayer:
         """The router's keep mask [E], or None when no expert is masked."""
         return None
 
+    def router_rows(self) -> tuple[nn.Module, str]:
+        """(the module holding the router's rows: weight [E, d] and any bias or correction bias [E], its
+        state-dict prefix inside the block): what a standard checkpoint slices to M experts."""
+        raise ValueError(f"{self.name}: {type(self.module).__name__} layers have no standard form yet")
+
     def stored_tensors(self):
         """ExpertTensors: the checkpoint names of this layer's experts and router (streaming reads by them)."""
         raise ValueError(f"{self.name}: {type(self.module).__name__} layers are not streamed; use the in-memory pipeline")

@@ -109,6 +109,10 @@ class ExpertsLayer(MoELayer):
         gate = getattr(self.module, "gate", None)
         return gate.keep if isinstance(gate, MaskedTopKRouter) else None
 
+    def router_rows(self) -> tuple[nn.Module, str]:
+        router = self.router
+        return router, next(f"{n}." for n in ROUTER_NAMES if getattr(self.module, n, None) is router)
+
     def stored_tensors(self) -> ExpertTensors:
         """experts.gate_up_proj (or up_proj) and experts.down_proj, with *_bias where the family has biases, in
         the layout the experts module's flags give; router gate.weight or router.weight."""

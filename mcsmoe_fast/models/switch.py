@@ -73,6 +73,9 @@ class SwitchLayer(MoELayer):
         classifier = self.module.router.classifier
         return classifier.keep if isinstance(classifier, MaskedLinear) else None
 
+    def router_rows(self) -> tuple[nn.Module, str]:
+        return self.module.router.classifier, "router.classifier."
+
     def stored_tensors(self) -> ExpertTensors:
         """One wi [ff, d] and wo [d, ff] per expert (experts.expert_{j}), router router.classifier.weight."""
         n, experts = self.name, range(self.num_experts)
