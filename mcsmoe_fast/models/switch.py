@@ -21,7 +21,10 @@ class SwitchLayer(MoELayer):
         return self._router().classifier.weight
 
     def router_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """As transformers' router computes them: the classifier cast to the router's dtype (float32 by default,
+        as its forward casts it too, for good), then applied (masked logits included)."""
         router = self._router()
+        router.classifier = router.classifier.to(router.dtype)
         return router.classifier(hidden.to(router.dtype))
 
     def _experts(self):
