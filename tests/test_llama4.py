@@ -16,26 +16,9 @@ from mcsmoe_fast.modules import CompressedMoEExperts, MoEExperts
 from mcsmoe_fast.modules.llama4 import Llama4MoE
 from mcsmoe_fast.tiny import tiny_moe
 from merge_helpers import build
+from test_families import batches, close, ids, logits
 
 MOE_NAMES = ["model.layers.1.feed_forward", "model.layers.3.feed_forward"]  # interleave step 2: odd layers
-
-
-def ids(seed=0, batch=2, length=12):
-    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def batches(n=3):
-    return [{"input_ids": ids(seed=s)} for s in range(n)]
-
-
-@torch.no_grad()
-def logits(model, x=None):
-    return model(input_ids=ids() if x is None else x).logits
-
-
-def close(a, b, tol=1e-5):
-    assert a.shape == b.shape
-    assert torch.allclose(a, b, atol=tol, rtol=tol), (a - b).abs().max().item()
 
 
 @pytest.fixture(params=[1, 2], ids=["top1", "top2"])

@@ -52,6 +52,16 @@ class MoELayer:
         """Write weights of the same shape back into the block, in place."""
         raise NotImplementedError
 
+    def slot_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(w_in, w_out) when the block holds our slots (merged; compressed: reconstructed U V + S), None while it
+        holds the family's own experts (each adapter reads those in its own layout)."""
+        experts = getattr(self.module, "experts", None)
+        if isinstance(experts, MoEExperts):
+            return experts.w_in, experts.w_out
+        if isinstance(experts, CompressedMoEExperts):
+            return experts.dense_weights()
+        return None
+
     def expert_biases(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(b_in [S, F], b_out [S, d]), or None for a family without expert biases."""
         experts = getattr(self.module, "experts", None)

@@ -52,12 +52,9 @@ class ExpertsLayer(MoELayer):
         return None if isinstance(experts, (MoEExperts, CompressedMoEExperts)) else ExpertsSpec.of(experts)
 
     def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        experts = self.module.experts
-        if isinstance(experts, MoEExperts):
-            return experts.w_in, experts.w_out
-        if isinstance(experts, CompressedMoEExperts):
-            return experts.dense_weights()
-        return self._spec().weights(experts)
+        if (slots := self.slot_weights()) is not None:
+            return slots
+        return self._spec().weights(self.module.experts)
 
     def expert_biases(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         spec = self._spec()

@@ -42,11 +42,9 @@ class Llama4Layer(MoELayer):
         return logits, torch.topk(logits, self.top_k, dim=1).indices
 
     def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if (slots := self.slot_weights()) is not None:
+            return slots
         experts = self.module.experts
-        if isinstance(experts, MoEExperts):
-            return experts.w_in, experts.w_out
-        if isinstance(experts, CompressedMoEExperts):
-            return experts.dense_weights()
         return experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2)  # views
 
     @torch.no_grad()

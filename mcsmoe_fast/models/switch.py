@@ -31,11 +31,9 @@ class SwitchLayer(MoELayer):
         return self.module.experts
 
     def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if (slots := self.slot_weights()) is not None:
+            return slots
         experts = self._experts()
-        if isinstance(experts, MoEExperts):
-            return experts.w_in, experts.w_out
-        if isinstance(experts, CompressedMoEExperts):
-            return experts.dense_weights()
         w_in = torch.stack([experts[f"expert_{i}"].wi.weight for i in range(self.num_experts)])
         w_out = torch.stack([experts[f"expert_{i}"].wo.weight for i in range(self.num_experts)])
         return w_in.detach(), w_out.detach()
