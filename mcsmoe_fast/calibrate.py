@@ -116,8 +116,10 @@ class _Accumulator:
                  input_norms: bool = False, saliency: str | None = None):
         w_in, _ = layer.expert_weights()
         self.layer, self.decoder, self.chunk_tokens = layer, decoder, chunk_tokens
-        self.keep = logit_mask(layer)
         self.device = compute_device(layer.module, w_in)
+        with onloaded(layer.module):  # a router offloaded with its buffers keeps its mask on meta until then
+            keep = logit_mask(layer)
+            self.keep = None if keep is None else keep.to(self.device)
         acc = torch.float32 if self.device.type == "mps" else torch.float64
         e, d = layer.num_experts, layer.hidden_size
         self.stats = LayerStats(

@@ -1,0 +1,294 @@
+"""calibrate.py behaviours that no other test checked, each seen unnoticed under a one-line mutation
+(benchmarks/MUTATION.md): the JSON summary, where and in which dtype the accumulators live, the message of
+a mismatched mask, one-token batches, float64 sums of squares and Gram matrices, the per-slot input norms
+(every slot, every chunk, only chosen experts), the expert-output basis with expert biases, and offloaded
+blocks. Expected values are computed here independently: integer weights and tokens make every statistic
+of a tiny Switch layer an exact integer, summed by hand in float64."""
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+import mcsmoe_fast.calibrate as calibrate
+from mcsmoe_fast import moe_layers
+from mcsmoe_fast.calibrate import LayerStats, layer_accumulator
+from mcsmoe_fast.drop import install_logit_mask
+from mcsmoe_fast.tiny import tiny_mixtral, tiny_moe, tiny_switch
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+ALL_BASES = ("router-logits", "feature", "expert-output")
+
+# Tokens [T, d=4] of the integer Switch layer below: the router is the identity (logits = x), so each token
+# goes to its largest entry; 6 tokens to expert 0 (more than d and than two chunks of 2), one to each other.
+# 4097^2 = 16785409 needs 25 bits: a sum of squares taken in float32 cannot hold it.
+TOKENS = torch.tensor([
+    [4097, 1, 0, 0], [5, 2, 1, 0], [6, -3, 0, 0], [7, 1, 2, 3], [8, 0, 0, 1], [10, 4, 0, 0],  # expert 0
+    [1, 3, 1, 0],  # expert 1
+    [1, 2, 5, 0],  # expert 2
+    [2, 1, 0, 3],  # expert 3
+], dtype=torch.float32)
+W_OUT = torch.tensor([[[1, 2], [0, -1], [3, 1], [-2, 0]],  # wo of expert e: W_OUT[e] [d, ff], integers
+                      [[2, 0], [1, 1], [0, 3], [1, -1]],
+                      [[-1, 1], [2, 2], [1, 0], [0, 4]],
+                      [[3, -2], [0, 1], [1, 1], [2, 0]]], dtype=torch.float32)
+
+
+def not_float32(value: float) -> bool:
+    return float(torch.tensor(value, dtype=torch.float32)) != value
+
+
+def integer_switch():
+    """The first MoE layer of a tiny Switch model (E = 4, top-1, d = 4, ff = 2, relu) with integer weights:
+    router = identity, every expert's wi picks x[0], x[1] (h = relu(x[:2])), wo = W_OUT[e]."""
+    model = tiny_switch(num_experts=4, d_model=4, d_ff=2, num_layers=2)
+    layer = moe_layers(model)[0]
+    with torch.no_grad():
+        layer.module.router.classifier.weight.copy_(torch.eye(4))
+        for e in range(4):
+            expert = layer.module.experts[f"expert_{e}"]
+            expert.wi.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0]]))
+            expert.wo.weight.copy_(W_OUT[e])
+    return model, layer
+
+
+def by_hand(tokens, keep=None):
+    """Every statistic of the integer Switch layer, in float64 from the definitions (top-1 of the logits
+    x, masked experts never chosen and their logits 0 in the Gram matrix)."""
+    x = tokens.double()
+    logits = x.clone()
+    if keep is not None:
+        logits[:, ~keep] = 0
+        top = x.masked_fill(~keep, float("-inf")).argmax(1)
+    else:
+        top = x.argmax(1)
+    h = x[:, :2].clamp_min(0)
+    want = dict(tokens=x.shape[0], counts=torch.zeros(4, dtype=torch.float64), logit_gram=logits.T @ logits,
+                feature_sum=torch.zeros(4, 4, dtype=torch.float64), slot_input_sq=torch.zeros(4, 4, dtype=torch.float64),
+                slot_hidden_sq=torch.zeros(4, 2, dtype=torch.float64))
+    for t, e in enumerate(top.tolist()):
+        want["counts"][e] += 1
+        want["feature_sum"][e] += x[t]
+        want["slot_input_sq"][e] += x[t] ** 2
+        want["slot_hidden_sq"][e] += h[t] ** 2
+    # expert-output: every expert on every token, f_e(x) = W_OUT[e] relu(x[:2])
+    want["output_sum"] = torch.stack([W_OUT[e].double() @ h.sum(0) for e in range(4)])
+    return want
+
+
+def assert_stats(s, want):
+    assert s.tokens == want["tokens"]
+    for field, value in want.items():
+        if field != "tokens":
+            got = getattr(s, field)
+            assert got.dtype == torch.float64 and torch.equal(got, value), f"{field}: {got} != {value}"
+
+
+# --- LayerStats.summary -------------------------------------------------------------------------------
+def test_summary_is_tokens_selections_and_frequencies_to_six_digits():
+    """The JSON saved with merged checkpoints: its keys, and each frequency rounded to 6 decimals."""
+    s = LayerStats(name="l", num_experts=3, top_k=2, tokens=3, counts=torch.tensor([2.0, 4.0, 0.0], dtype=torch.float64),
+                   logit_gram=torch.zeros(3, 3, dtype=torch.float64), feature_sum=torch.zeros(3, 2, dtype=torch.float64))
+    assert s.summary() == {"tokens": 3, "selections": 6, "usage_frequency": [0.333333, 0.666667, 0.0]}
+
+
+# --- _Accumulator.__init__ ------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["switch", "mixtral"])
+def test_accumulators_are_float64_on_the_layer_device_and_named_after_it(family):
+    """Built under another default device (here meta, as torch.set_default_device would make it): every
+    accumulator stays on the layer's device (the CPU), in float64, with its documented shape, and the stats
+    carry the layer's name (used in their error messages)."""
+    model = tiny_switch(num_experts=4, d_model=8, d_ff=6) if family == "switch" else \
+        tiny_mixtral(num_experts=4, hidden_size=8, intermediate_size=6, num_layers=1)
+    layer = moe_layers(model)[0]
+    E, d, ff = 4, 8, 6
+    S, F_in = layer.expert_weights()[0].shape[:2]
+    assert F_in != S, "design: w_in's rows differ from its slots"
+    with torch.device("meta"):
+        acc = layer_accumulator(layer, bases=ALL_BASES, input_norms=True, saliency="reap")
+    s = acc.stats
+    assert s.name == layer.name
+    shapes = dict(counts=(E,), logit_gram=(E, E), feature_sum=(E, d), slot_input_sq=(S, d), slot_hidden_sq=(S, ff),
+                  saliency_sum=(E,))
+    tensors = {field: getattr(s, field) for field in shapes}
+    tensors["activation_sum"] = acc.activation_sum
+    shapes["activation_sum"] = (S, ff)
+    for field, t in tensors.items():
+        assert (t.device.type, t.dtype, tuple(t.shape)) == ("cpu", torch.float64, shapes[field]), field
+    with pytest.raises(ValueError, match=re.escape(f"{layer.name}: expert outputs were not collected")):
+        layer_accumulator(layer).finish().mean_output
+
+
+class _MpsAsMeta(TorchFunctionMode):
+    """Factory calls asking for an "mps" device get the meta device instead (this machine has no MPS)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "mps":
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+def test_accumulators_on_mps_are_float32(monkeypatch):
+    """MPS has no float64: a layer computing there gets float32 accumulators (the compute device is faked
+    as mps; the tensors are made on meta)."""
+    layer = moe_layers(tiny_mixtral(num_experts=4, hidden_size=8, intermediate_size=6, num_layers=1))[0]
+    monkeypatch.setattr(calibrate, "compute_device", lambda module, weight: torch.device("mps"))
+    with _MpsAsMeta():
+        acc = layer_accumulator(layer, bases=ALL_BASES, input_norms=True, saliency="reap")
+    s = acc.stats
+    for t in (s.counts, s.logit_gram, s.feature_sum, s.slot_input_sq, s.slot_hidden_sq, s.saliency_sum,
+              acc.activation_sum):
+        assert t.dtype == torch.float32 and t.device.type == "meta"
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("offload_buffers", [False, True])
+def test_an_offloaded_block_accumulates_on_its_execution_device(masked, offload_buffers):
+    """accelerate's cpu_offload leaves the block's weights on meta, with hooks that name the execution
+    device: the accumulator finds it through the block's hooks and gets the hand statistics. A drop-masked
+    router offloaded with its buffers (offload_buffers=True) has its keep mask on meta between forwards too:
+    the accumulator reads it onloaded (it used to keep the meta mask and fail at the first batch)."""
+    accelerate = pytest.importorskip("accelerate")
+    model, layer = integer_switch()
+    keep = torch.tensor([True, True, True, False]) if masked else None
+    if masked:
+        install_logit_mask(layer, keep)
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"), offload_buffers=offload_buffers)
+    layer = moe_layers(model)[0]
+    assert layer.expert_weights()[0].device.type == "meta", "design: the block is offloaded"
+    acc = layer_accumulator(layer, bases=ALL_BASES, chunk_tokens=2, input_norms=True)
+    acc(TOKENS[None], None)
+    assert_stats(acc.finish(), by_hand(TOKENS, keep))
+
+
+# --- __call__ ---------------------------------------------------------------------------------------------
+def test_a_mask_of_another_shape_is_refused_with_both_shapes():
+    _, layer = integer_switch()
+    acc = layer_accumulator(layer)
+    hidden = torch.zeros(2, 5, 4)
+    with pytest.raises(ValueError, match="^" + re.escape(
+            f"{layer.name}: attention mask of shape (2, 4) does not match the layer input (2, 5)") + "$"):
+        acc(hidden, torch.ones(2, 4, dtype=torch.long))
+
+
+def test_integer_layer_statistics_are_exact_float64_sums():
+    """Counts, the logit Gram matrix, routed-input sums, per-slot sums of x^2 and h^2 (every slot, 6 tokens
+    of slot 0 in chunks of 2) and the expert-output sums, all equal to the hand sums. Entries holding 4097^2
+    are odd integers above 2^24: float32 logits, inputs or activations would round them."""
+    _, layer = integer_switch()
+    want = by_hand(TOKENS)
+    assert not_float32(want["logit_gram"][0, 0].item()) and not_float32(want["slot_input_sq"][0, 0].item())
+    assert not_float32(want["slot_hidden_sq"][0, 0].item())
+    assert layer.expert_weights()[0].shape[1] < layer.num_experts, "design: w_in has fewer rows than slots"
+    acc = layer_accumulator(layer, bases=ALL_BASES, chunk_tokens=2, input_norms=True)
+    acc(TOKENS[None], torch.ones(1, TOKENS.shape[0], dtype=torch.long))
+    assert_stats(acc.finish(), want)
+
+
+def test_drop_masked_layer_logits_are_float64_too():
+    """The drop baseline's path (a logit mask on expert 3): the Gram matrix of the masked logits (0 for
+    expert 3) is summed in float64 as well; expert 3's token goes to expert 0."""
+    _, layer = integer_switch()
+    keep = torch.tensor([True, True, True, False])
+    install_logit_mask(layer, keep)
+    want = by_hand(TOKENS, keep)
+    assert not_float32(want["logit_gram"][0, 0].item())
+    acc = layer_accumulator(layer, bases=ALL_BASES, chunk_tokens=2, input_norms=True)
+    acc(TOKENS[None], None)
+    assert_stats(acc.finish(), want)
+
+
+def test_a_single_token_counts_and_padding_only_counts_nothing():
+    """A batch whose mask leaves one token counts that token; a batch of padding changes nothing."""
+    _, layer = integer_switch()
+    acc = layer_accumulator(layer, bases=ALL_BASES, input_norms=True)
+    hidden = TOKENS[:3][None]  # [1, 3, 4]
+    acc(hidden, torch.tensor([[0, 1, 0]]))
+    acc(hidden, torch.tensor([[0, 0, 0]]))
+    assert_stats(acc.finish(), by_hand(TOKENS[1:2]))
+
+
+def test_activations_are_computed_in_the_weights_dtype():
+    """Hidden states arriving in another dtype than the experts' (float64 here, a float32 layer) run through
+    the slot as the block runs it, in the weights' dtype: h of x rounded to float32. The inputs' own
+    squares are kept in full (float64)."""
+    _, layer = integer_switch()
+    tiny = 2.0 ** -40  # lost in float32
+    x = torch.tensor([[3 + tiny, 1, 0, 0], [5, 2 + tiny, 1, 0]], dtype=torch.float64)
+    acc = layer_accumulator(layer, input_norms=True)
+    acc(x, None)
+    s = acc.finish()
+    assert torch.equal(s.slot_hidden_sq[0], torch.tensor([9.0 + 25.0, 1.0 + 4.0], dtype=torch.float64))
+    assert torch.equal(s.slot_input_sq[0], (x ** 2).sum(0))
+
+
+@CUDA
+def test_a_mask_on_another_device_than_the_hidden_states():
+    """A dispatched model's batch (mask) can sit on the GPU while a block runs on the CPU: the mask follows
+    the hidden states."""
+    _, layer = integer_switch()
+    acc = layer_accumulator(layer)
+    acc(TOKENS[None], torch.ones(1, TOKENS.shape[0], dtype=torch.long, device="cuda"))
+    assert acc.finish().tokens == TOKENS.shape[0]
+
+
+# --- _accumulate_input_norms ------------------------------------------------------------------------------
+def test_input_norms_leave_out_masked_experts_that_only_fill_the_top_k():
+    """A top-2 Mixtral layer with one expert kept (drop baseline): every token's second choice is a masked
+    filler, no selection: only slot 0 gets input norms."""
+    model = tiny_mixtral(num_experts=4, hidden_size=8, intermediate_size=6, num_layers=1)
+    layer = moe_layers(model)[0]
+    install_logit_mask(layer, [True, False, False, False])
+    x = torch.randn(10, 8, generator=torch.Generator().manual_seed(0))
+    acc = layer_accumulator(layer, input_norms=True)
+    acc(x, None)
+    s = acc.finish()
+    assert s.counts.tolist() == [10.0, 0.0, 0.0, 0.0]
+    torch.testing.assert_close(s.slot_input_sq[0], (x.double() ** 2).sum(0), rtol=1e-12, atol=0)
+    w = layer.module.experts.gate_up_proj[0].double()  # [2 ff, d]: gate rows, then up rows
+    gate, up = (x.double() @ w.T).chunk(2, dim=-1)
+    torch.testing.assert_close(s.slot_hidden_sq[0], ((F.silu(gate) * up) ** 2).sum(0), rtol=1e-5, atol=1e-9)
+    assert not s.slot_input_sq[1:].any() and not s.slot_hidden_sq[1:].any()
+
+
+# --- _finish_output ----------------------------------------------------------------------------------------
+def gpt_oss_layer():
+    model = tiny_moe("gpt_oss", num_experts=4, hidden_size=8, intermediate_size=4, num_layers=1)
+    return model, moe_layers(model)[0]
+
+
+def test_expert_output_includes_the_expert_bias_of_every_token():
+    """GPT-OSS's biased experts: the expert-output basis sums f_e(x) = down(act(gate_up x + b)) + b_down over
+    every token, written here from transformers' module (its own _apply_gate)."""
+    _, layer = gpt_oss_layer()
+    experts = layer.module.experts
+    x = torch.randn(7, 8, generator=torch.Generator().manual_seed(1))
+    acc = layer_accumulator(layer, bases=ALL_BASES)
+    acc(x, None)
+    got = acc.finish().output_sum
+    want = []
+    for e in range(4):
+        h = experts._apply_gate(x.double() @ experts.gate_up_proj[e].double() + experts.gate_up_proj_bias[e].double())
+        want.append((h @ experts.down_proj[e].double() + experts.down_proj_bias[e].double()).sum(0))
+    want = torch.stack(want)
+    assert (experts.down_proj_bias.abs() > 1e-3).all(), "design: the biases matter"
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_expert_bias_times_tokens_is_float64():
+    """With zero down projections every expert's output is its bias: output_sum = tokens * b_down, exact
+    in float64 (3 * (1 + 2^-23) needs 25 bits)."""
+    _, layer = gpt_oss_layer()
+    experts = layer.module.experts
+    with torch.no_grad():
+        experts.down_proj.zero_()
+        experts.down_proj_bias.fill_(1 + 2.0 ** -23)
+    acc = layer_accumulator(layer, bases=ALL_BASES)
+    acc(torch.randn(3, 8, generator=torch.Generator().manual_seed(2)), None)
+    want = 3 * (1 + 2.0 ** -23)
+    assert not_float32(want)
+    assert torch.equal(acc.finish().output_sum, torch.full((4, 8), want, dtype=torch.float64))
