@@ -19,6 +19,9 @@ def with_model_option() -> list[str]:
     return [name for name, p in parsers.items() if any("--model" in a.option_strings for a in p._actions)]
 
 
+COMMANDS = ["permute", "merge", "compress", "eval", "bench", "finetune", "prune", "compare"]
+
+
 def argv(command: str, model: str, tmp_path) -> list[str]:
     """The least a user would type for `command`, with real data files, so only the model is missing."""
     calib, text = tmp_path / "calib.txt", tmp_path / "text.txt"
@@ -31,6 +34,8 @@ def argv(command: str, model: str, tmp_path) -> list[str]:
         "eval": ["--eval-text", text],
         "bench": ["--tokens", 8],
         "finetune": ["--text", text, "--out", tmp_path / "out", "--steps", 1],
+        "prune": ["--calib", calib, "--num-experts", 2, "--out", tmp_path / "out"],
+        "compare": ["--calib", calib, "--eval-text", text, "--out", tmp_path / "out"],
     }[command]
     return [str(a) for a in [command, "--model", model, *extra]]
 
@@ -71,11 +76,11 @@ def run(args, capsys):
 
 
 def test_every_model_subcommand_is_covered():
-    assert sorted(with_model_option()) == sorted(["permute", "merge", "compress", "eval", "bench", "finetune"])
+    assert sorted(with_model_option()) == sorted(COMMANDS)
     assert set(with_model_option()) <= set(SUBCOMMANDS)
 
 
-@pytest.mark.parametrize("command", ["permute", "merge", "compress", "eval", "bench", "finetune"])
+@pytest.mark.parametrize("command", COMMANDS)
 @pytest.mark.parametrize("spec", ["./nonexistent", "absolute", "~/nonexistent-model"])
 def test_missing_model_directory_fails_before_anything_loads(command, spec, tmp_path, capsys, monkeypatch,
                                                               no_loading):
@@ -88,7 +93,7 @@ def test_missing_model_directory_fails_before_anything_loads(command, spec, tmp_
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("command", ["permute", "merge", "compress", "eval", "bench", "finetune"])
+@pytest.mark.parametrize("command", COMMANDS)
 def test_bare_name_offline_is_tried_once_and_fails_in_one_line(command, tmp_path, capsys, monkeypatch, no_loading):
     monkeypatch.chdir(tmp_path)
     rc, _, err = run(argv(command, BARE, tmp_path), capsys)

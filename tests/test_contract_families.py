@@ -42,6 +42,8 @@ BUILDER_LIMITS = {
     "dots3_note_text": "per-layer attention sizes the shrinking does not reach",
     "glm4v_moe_text": "the modeling file's default mrope sections assume the full head size",
     "granitemoehybrid": "its default layer_types hold no attention layer, which transformers' forward needs",
+    "muse_spark_audio": "its per-stage lists (patch_sizes, hidden_sizes, depths) must match the layer count the "
+                        "shrinking changes",
 }
 
 
