@@ -84,32 +84,50 @@ def _install_layers(model: nn.Module, section: dict, weights: WeightFiles, path:
         if "compressed" in entry:
             _install_compressed(layer, entry, weights, path, dtype)
         elif "expert_map" in entry:
-            w_in, w_out = (weights.shapes.get(f"{name}.experts.{k}") for k in ("w_in", "w_out"))
-            if w_in is None or w_out is None or f"{name}.experts.expert_map" not in weights.shapes:
-                raise CheckpointError(f"{path}: no merged expert weights for layer {name!r} in {section['weights']}")
-            saved_map = weights.get(f"{name}.experts.expert_map")
-            if saved_map.tolist() != entry["expert_map"]:
-                raise CheckpointError(f"{path}: expert_map of layer {name!r} differs between config.json and weights")
-            if w_in[0] != entry["num_slots"]:
-                raise CheckpointError(f"{path}: layer {name!r} has {w_in[0]} slots, config.json says {entry['num_slots']}")
-            b_in, b_out = (weights.shapes.get(f"{name}.experts.{k}") for k in ("b_in", "b_out"))
-            try:  # uninitialised slots of the saved shapes; the weights are copied in afterwards
-                experts = MoEExperts(torch.empty(w_in, dtype=dtype), torch.empty(w_out, dtype=dtype), saved_map,
-                                     layer.activation, None if b_in is None else torch.empty(b_in, dtype=dtype),
-                                     None if b_out is None else torch.empty(b_out, dtype=dtype), layer.activation_args)
-            except (ValueError, RuntimeError) as exc:
-                raise CheckpointError(f"{path}: layer {name!r}: {exc}") from exc
-            layer.install_experts(experts)
-            if entry.get("dropless"):
-                layer.module.dropless = True
+            _install_dense(layer, entry, weights, path, dtype, section["weights"])
         if entry.get("dropped"):
             keep = torch.ones(layer.num_experts, dtype=torch.bool)
             keep[entry["dropped"]] = False
             install_logit_mask(layer, keep)
 
 
+def _saved_map(name: str, entry: dict, weights: WeightFiles, path: Path) -> torch.Tensor:
+    saved_map = weights.get(f"{name}.experts.expert_map")
+    if saved_map.tolist() != entry["expert_map"]:
+        raise CheckpointError(f"{path}: expert_map of layer {name!r} differs between config.json and weights")
+    return saved_map
+
+
+def _empty_biases(name: str, weights: WeightFiles, dtype: torch.dtype) -> list[torch.Tensor | None]:
+    shapes = (weights.shapes.get(f"{name}.experts.{k}") for k in ("b_in", "b_out"))
+    return [None if shape is None else torch.empty(shape, dtype=dtype) for shape in shapes]
+
+
+def _install(layer, entry: dict, path: Path, build) -> None:
+    """Install the slots build() makes (empty, of the saved shapes: the weights are copied in afterwards)."""
+    try:
+        experts = build()
+    except (ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: layer {layer.name!r}: {exc}") from exc
+    layer.install_experts(experts)
+    if entry.get("dropless"):
+        layer.module.dropless = True
+
+
+def _install_dense(layer, entry: dict, weights: WeightFiles, path: Path, dtype: torch.dtype, file: str) -> None:
+    name = layer.name
+    w_in, w_out = (weights.shapes.get(f"{name}.experts.{k}") for k in ("w_in", "w_out"))
+    if w_in is None or w_out is None or f"{name}.experts.expert_map" not in weights.shapes:
+        raise CheckpointError(f"{path}: no merged expert weights for layer {name!r} in {file}")
+    saved_map = _saved_map(name, entry, weights, path)
+    if w_in[0] != entry["num_slots"]:
+        raise CheckpointError(f"{path}: layer {name!r} has {w_in[0]} slots, config.json says {entry['num_slots']}")
+    _install(layer, entry, path, lambda: MoEExperts(
+        torch.empty(w_in, dtype=dtype), torch.empty(w_out, dtype=dtype), saved_map, layer.activation,
+        *_empty_biases(name, weights, dtype), layer.activation_args))
+
+
 def _install_compressed(layer, entry: dict, weights: WeightFiles, path: Path, dtype: torch.dtype) -> None:
-    """Empty compressed slots of the saved shapes (the weights are copied in afterwards)."""
     name = layer.name
     banks = []
     for side in ("in", "out"):
@@ -121,19 +139,9 @@ def _install_compressed(layer, entry: dict, weights: WeightFiles, path: Path, dt
             raise CheckpointError(f"{path}: layer {name!r} has {U[0]} slots, config.json says {entry['num_slots']}")
         banks.append([torch.empty(U, dtype=dtype), torch.empty(V, dtype=dtype), torch.empty(S_rows, dtype=dtype),
                       torch.zeros(row_idx, dtype=torch.int64), torch.zeros(offsets, dtype=torch.int64)])
-    saved_map = weights.get(f"{name}.experts.expert_map")
-    if saved_map.tolist() != entry["expert_map"]:
-        raise CheckpointError(f"{path}: expert_map of layer {name!r} differs between config.json and weights")
-    b_in, b_out = (weights.shapes.get(f"{name}.experts.{k}") for k in ("b_in", "b_out"))
-    try:
-        experts = CompressedMoEExperts(banks[0], banks[1], saved_map, layer.activation,
-                                       None if b_in is None else torch.empty(b_in, dtype=dtype),
-                                       None if b_out is None else torch.empty(b_out, dtype=dtype), layer.activation_args)
-    except (ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: layer {name!r}: {exc}") from exc
-    layer.install_experts(experts)
-    if entry.get("dropless"):
-        layer.module.dropless = True
+    saved_map = _saved_map(name, entry, weights, path)
+    _install(layer, entry, path, lambda: CompressedMoEExperts(
+        banks[0], banks[1], saved_map, layer.activation, *_empty_biases(name, weights, dtype), layer.activation_args))
 
 
 def from_pretrained(path, verify: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
