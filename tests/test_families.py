@@ -306,13 +306,10 @@ def test_models_without_moe_layers():
         assert mf.optimize(dense) is dense
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_compression_of_merged_experts(family, tmp_path):
-    """MC-SMoE's "then compress" on every family: at full rank keeping every row it is the merged model
-    (GPT-OSS's biases and clamped SwiGLU included); a real compression saves, reloads exactly, and its
-    fine-tuning gradient reaches the factors (and the biases)."""
-    model = tiny_moe(family)
-    data = batches()
+def merge_then_compress(model, data, tmp_path, check_block=None):
+    """Merge to 4 groups, check that full-rank compression keeping every row is the merged model, compress for
+    real (rank 4, keep 30%, activation importance), check_block(layer) on each compressed layer, save; returns
+    the reloaded model after checking it gives exactly the compressed model's logits."""
     mf.merge_experts(model, mf.collect_routing_stats(model, data, progress=False), num_groups=4, progress=False)
     merged = logits(model)
     full = copy.deepcopy(model)
@@ -322,8 +319,20 @@ def test_compression_of_merged_experts(family, tmp_path):
     mf.compress_experts(model, rank=4, keep_ratio=0.3, importance="activation", stats=stats, progress=False)
     compressed = logits(model)
     assert not torch.allclose(compressed, merged, atol=1e-3)
+    for layer in mf.moe_layers(model) if check_block else ():
+        check_block(layer)
     loaded = mf.from_pretrained(mf.save_pretrained(model, tmp_path / "compressed"))
     torch.testing.assert_close(logits(loaded), compressed, rtol=0, atol=0)
+    return loaded
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compression_of_merged_experts(family, tmp_path):
+    """MC-SMoE's "then compress" on every family: at full rank keeping every row it is the merged model
+    (GPT-OSS's biases and clamped SwiGLU included); a real compression saves, reloads exactly, and its
+    fine-tuning gradient reaches the factors (and the biases)."""
+    data = batches()
+    loaded = merge_then_compress(tiny_moe(family), data, tmp_path)
     experts = mf.moe_layers(loaded)[0].module.experts
     assert (experts.b_in is not None) == (family == "gpt_oss")
     loaded.train()

@@ -16,7 +16,7 @@ from mcsmoe_fast.modules import CompressedMoEExperts, MoEExperts
 from mcsmoe_fast.modules.llama4 import Llama4MoE
 from mcsmoe_fast.tiny import tiny_moe
 from merge_helpers import build
-from test_families import batches, close, ids, logits
+from test_families import batches, close, ids, logits, merge_then_compress
 
 MOE_NAMES = ["model.layers.1.feed_forward", "model.layers.3.feed_forward"]  # interleave step 2: odd layers
 
@@ -134,23 +134,15 @@ def test_compression_runs_and_matches_the_reference(model, tmp_path):
     """MC-SMoE's "then compress": full rank keeping every row is the merged model; a real compression runs
     each block as the plain reference on the reconstructed slots, saves and reloads exactly, and trains."""
     data = batches()
-    mf.merge_experts(model, mf.collect_routing_stats(model, data, progress=False), num_groups=4, progress=False)
-    merged = logits(model)
-    full = copy.deepcopy(model)
-    mf.compress_experts(full, rank=10**6, keep_ratio=1.0, progress=False)
-    close(logits(full), merged)
-    stats = mf.collect_routing_stats(model, data, progress=False, input_norms=True)
-    mf.compress_experts(model, rank=4, keep_ratio=0.3, importance="activation", stats=stats, progress=False)
-    compressed = logits(model)
-    assert not torch.allclose(compressed, merged, atol=1e-3)
-    for layer in mf.moe_layers(model):
+
+    def runs_as_the_reference(layer):
         block = layer.module
         assert isinstance(block.experts, CompressedMoEExperts)
         x = torch.randn(7, 32)
         with torch.no_grad():
             close(block(x)[0], reference_block(block, x))
-    loaded = mf.from_pretrained(mf.save_pretrained(model, tmp_path / "compressed"))
-    torch.testing.assert_close(logits(loaded), compressed, rtol=0, atol=0)
+
+    loaded = merge_then_compress(model, data, tmp_path, runs_as_the_reference)
     loaded.train()
     loaded(**data[0]).logits.pow(2).mean().backward()
     assert mf.moe_layers(loaded)[0].module.experts.in_U.grad.abs().sum() > 0

@@ -9,7 +9,7 @@ from .dense import to_dense
 from .format import (
     FORMAT_VERSION, SHARDED_FORMAT_VERSION, WEIGHTS_METADATA, WEIGHTS_NAME, layer_entry, write_merged_config,
 )
-from .load import from_pretrained, open_weights, read_section
+from .load import from_pretrained, open_weights, read_config_json, read_section
 from .plain_save import PlainSaveRefused, guard_plain_save
 from .save import FORMATS, save_pretrained
 from .standard import to_standard
@@ -17,5 +17,6 @@ from .weight_files import CheckpointError, ShardWriter, WeightFiles, WrittenWeig
 
 __all__ = ["CheckpointError", "FORMAT_VERSION", "OWNER_FILE", "PlainSaveRefused", "SHARDED_FORMAT_VERSION",
            "FORMATS", "ShardWriter", "WEIGHTS_METADATA", "WEIGHTS_NAME", "WeightFiles", "WrittenWeights", "atomic_directory",
-           "from_pretrained", "guard_plain_save", "layer_entry", "open_weights", "parse_size", "read_section",
+           "from_pretrained", "guard_plain_save", "layer_entry", "open_weights", "parse_size", "read_config_json",
+           "read_section",
            "remove_stale_temporaries", "save_pretrained", "scratch_directory", "to_dense", "to_standard", "write_merged_config"]

@@ -19,16 +19,22 @@ from .plain_save import guard_plain_save
 from .weight_files import CheckpointError, WeightFiles, read_index, sha256_file
 
 
-def read_section(path: Path) -> dict | None:
+def read_config_json(path: Path):
+    """The parsed config.json of the checkpoint directory `path` (a CheckpointError naming what is wrong)."""
     config_file = path / "config.json"
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     if not config_file.is_file():
         raise CheckpointError(f"{path}: no config.json; not a checkpoint directory")
     try:
-        raw = json.loads(config_file.read_text())
+        return json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{config_file}: corrupt JSON ({exc})") from exc
+
+
+def read_section(path: Path) -> dict | None:
+    config_file = path / "config.json"
+    raw = read_config_json(path)
     section = raw.get(MERGE_SECTION) if isinstance(raw, dict) else None
     if section is None:
         return None

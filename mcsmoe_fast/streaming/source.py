@@ -23,7 +23,6 @@ transformers' loader does (conversion_mapping.py: MergeModulelist + Concatenate)
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ from ..models import FAMILIES
 from ..quant import detect
 from ..quant.files import QuantizedFiles
 from ..sections import MERGE_SECTION
+from ..checkpoint.load import read_config_json
 from ..checkpoint.weight_files import CheckpointError, WeightFiles, read_index
 
 HF_WEIGHTS = "model.safetensors"
@@ -67,15 +67,7 @@ class SourceCheckpoint:
         from transformers import AutoConfig
 
         self.path = Path(path).expanduser().absolute()
-        config_file = self.path / "config.json"
-        if not self.path.is_dir():
-            raise CheckpointError(f"{self.path}: no such checkpoint directory")
-        if not config_file.is_file():
-            raise CheckpointError(f"{self.path}: no config.json; not a checkpoint directory")
-        try:
-            raw = json.loads(config_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{config_file}: corrupt JSON ({exc})") from exc
+        raw = read_config_json(self.path)
         if isinstance(raw, dict) and MERGE_SECTION in raw:
             raise ValueError(f"{self.path} is already a merged mcsmoe-fast checkpoint; streaming merges plain "
                              "transformers checkpoints (use the in-memory pipeline to merge it again)")
