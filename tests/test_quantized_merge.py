@@ -130,3 +130,59 @@ def test_mxfp4_gpt_oss_merges_without_a_dequantized_copy(tmp_path, batches):
     for x in batches:
         ya, yb = forward(a, x), forward(b, x)
         assert ((ya - yb).norm() / yb.norm()).item() < 0.2
+
+
+# --- the error re-quantizing adds (reported, recorded in config.json) ------------------------------
+def _experts_inputs(model, batches):
+    """{layer: (hidden, top-k index, top-k weights)} at each MoE layer's experts module over the batches, as
+    transformers' own forward of `model` computes them (an independent look at the calibration tokens)."""
+    seen, handles = {}, []
+    for layer in LAYERS:
+        def take(_m, args, kwargs, layer=layer):
+            seen.setdefault(layer, []).append([t.detach().clone() for t in [*args, *kwargs.values()][:3]])
+        handles.append(model.get_submodule(f"{layer}.experts").register_forward_pre_hook(take, with_kwargs=True))
+    with torch.no_grad():
+        for x in batches:
+            model(**x)
+    for h in handles:
+        h.remove()
+    return {k: [torch.cat(p) for p in zip(*v)] for k, v in seen.items()}
+
+
+def _relative(got, ref):
+    return ((got.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def test_fp8_requantization_error_is_reported_against_the_merged_weights(fp8, batches, tmp_path):
+    """The recorded errors equal an independent computation: the re-quantized banks against the same merge
+    written dequantized (the merged weights before quantization), and the merged experts' output on the
+    calibration tokens (the original model's hidden states and routing) with both."""
+    from transformers import AutoModelForCausalLM
+
+    from mcsmoe_fast.modules import MoEExperts
+
+    source, twin = fp8
+    got = _merge(source, tmp_path / "q", batches)
+    _merge(source, tmp_path / "d", batches, keep_quantization=False)
+    q, d = _tensors(tmp_path / "q"), _tensors(tmp_path / "d")
+    recorded = json.loads((tmp_path / "q" / "config.json").read_text())["mcsmoe_quantization"]
+    assert recorded == json.loads(json.dumps(got.quantization_error)) and recorded["format"] == "fp8"
+    assert "mcsmoe_quantization" not in json.loads((tmp_path / "d" / "config.json").read_text())
+    inputs = _experts_inputs(AutoModelForCausalLM.from_pretrained(str(twin), dtype=torch.float32).eval(), batches)
+    for layer in LAYERS:
+        entry, banks = recorded["layers"][layer], {}
+        for bank in ("w_in", "w_out"):
+            name = f"{layer}.experts.{bank}"
+            banks[bank] = dequantize_fp8(q[name], q[name + "_scale_inv"]), d[name]
+            expected = _relative(*banks[bank])
+            assert 0.005 < expected < 2.0 ** -4  # Gaussian weights: ~2.6%; never more than half a step
+            assert entry[bank] == pytest.approx(expected, rel=1e-6), (layer, bank)
+        hidden, index, weights = inputs[layer]
+        assert entry["tokens"] == hidden.shape[0] == sum(x["input_ids"].numel() for x in batches)
+        expert_map = q[f"{layer}.experts.expert_map"]
+        out = [MoEExperts(banks["w_in"][k], banks["w_out"][k], expert_map, "swiglu")(hidden, index, weights)
+               for k in (0, 1)]
+        expected = _relative(out[0], out[1])
+        assert 0.005 < expected < 0.1
+        assert entry["output"] == pytest.approx(expected, rel=1e-3), layer
+    assert recorded["max"]["output"] == max(recorded["layers"][n]["output"] for n in LAYERS)

@@ -94,10 +94,13 @@ def device_map_option(text):
 DTYPE_CHOICES = ("float32", "bfloat16", "float16", "auto")
 
 
-def add_dtype_option(p) -> None:
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
+def add_dtype_option(p, quantized: bool = False) -> None:
+    """--dtype; quantized: its default (None) keeps a block-FP8 / MXFP4 source's precision (run() resolves it)."""
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None if quantized else "float32",
                    help="dtype the model is loaded, merged and saved in: float32 (default), bfloat16, float16, or "
-                        "auto (the checkpoint's own, e.g. bfloat16 for Mixtral: half the memory and output size)")
+                        "auto (the checkpoint's own, e.g. bfloat16 for Mixtral: half the memory and output size)"
+                        + ("; a block-FP8 or MXFP4 checkpoint is written in its own precision (bfloat16 work) unless "
+                           "--dtype is given, which writes it dequantized in that dtype" if quantized else ""))
 
 
 def dtype_option(args):

@@ -34,7 +34,7 @@ def add(sub):
     p.add_argument("--layers", nargs="+", default=None,
                    help="MoE layers to merge: names or positions in module order (default: all)")
     add_calibration_options(p)
-    add_dtype_option(p)
+    add_dtype_option(p, quantized=True)
     p.add_argument("--seed", type=int, default=0, help="seed of the random similarity basis")
     p.add_argument("--export-dense", action="store_true",
                    help="save a plain transformers checkpoint (every expert materialised) instead")
@@ -65,19 +65,24 @@ def add(sub):
     return p
 
 
-def run_streaming(args, tokenizer, batches, dtype) -> int:
-    """The whole merge layer by layer from the checkpoint's shards (streaming/)."""
+def run_streaming(args, tokenizer, batches, dtype, keep_quantization: bool = False) -> int:
+    """The whole merge layer by layer from the checkpoint's shards (streaming/); a block-FP8 / MXFP4 source
+    is written back in its format when keep_quantization (dtype None: bfloat16 work)."""
     from ..streaming import merge_checkpoint
+    from ..streaming.quantized import describe_error
 
     layers = layers_option(args.layers)
     result = merge_checkpoint(args.model, args.out, batches, args.num_groups, similarity=args.similarity,
                               globally=args.globally, max_memory=per_device_sizes(args.max_memory),
                               offload_dir=args.offload_dir, permute=args.permute, strategy=args.strategy,
                               grouping=args.grouping, layers=layers, seed=args.seed, tokenizer=tokenizer,
-                              device_map=device_map_option(args.device_map), dtype=dtype)
+                              device_map=device_map_option(args.device_map), dtype=dtype,
+                              keep_quantization=keep_quantization)
     total = sum(g.num_groups for g in result.groupings.values())
     print(f"streamed {len(result.groupings)} layers layer by layer ({result.passes} pass(es) over the weights, "
           f"{result.bytes_read / 2**20:.1f} MiB read, peak RSS {result.peak_rss / 2**20:.0f} MiB): {total} groups")
+    if keep_quantization:
+        print(describe_error(result.quantization_error))
     print(f"saved checkpoint to {result.path} ({dir_bytes(result.path) / 2**20:.2f} MiB on disk)")
     return 0
 
@@ -114,9 +119,19 @@ def run(args) -> int:
     texts = read_calibration_texts(args.calib, args.num_samples, args.text_field, args.split)
     batches = calibration_batches(texts, tokenizer, args.batch_size, args.max_length)
     from ..streaming import fits_in_memory
+    from ..streaming.quantized import checkpoint_format
 
     budget = per_device_sizes(args.max_memory)
-    dtype = dtype_option(args)
+    # a block-FP8 / MXFP4 checkpoint: written in its own precision unless --dtype is given (then dequantized)
+    quantized = checkpoint_format(args.model) is not None
+    keep_quantization = quantized and args.dtype in (None, "auto")
+    args.dtype = args.dtype or "float32"
+    dtype = None if keep_quantization else dtype_option(args)
+    if quantized and (args.export_dense or args.format == "standard") and keep_quantization:
+        raise ValueError(f"{'--export-dense' if args.export_dense else '--format standard'} of a quantized checkpoint "
+                         "is written dequantized: add --dtype bfloat16 (or float32)")
+    if quantized and not (args.export_dense or args.format == "standard"):  # re-quantized by the streamed merge
+        return run_streaming(args, tokenizer, batches, dtype, keep_quantization)
     if isinstance(budget, dict) and args.device_map is None:
         raise ValueError("--max-memory per device (DEVICE=SIZE,...) needs --device-map")
     if args.device_map is not None or not fits_in_memory(

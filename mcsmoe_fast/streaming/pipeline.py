@@ -46,7 +46,7 @@ from .dispatch import check_device_map, dispatched_statistics, split_memory
 from .forward import ACCEPTED_KEYS, SEQ2SEQ_KEYS, prepare_batches
 from .memory import MemoryPlan, human, plan_memory
 from .passes import Merger, Progress, Stream, layer_pass, merge_pass
-from .quantized import dequantized_config, output_writer
+from .quantized import dequantized_config, output_writer, record_error
 from .skeleton import layer_units, moe_views, open_source
 
 
@@ -63,6 +63,7 @@ class StreamingResult:
     bytes_written: int  # bytes of the written weights files
     peak_rss: int  # highest resident memory seen between layers (bytes)
     seconds: dict[str, float] = field(default_factory=dict)
+    quantization_error: dict | None = None  # a re-quantized output: the error it added (quantized.py)
 
 
 def _check_options(similarity, strategy, grouping, bases) -> tuple[str, ...]:
@@ -142,7 +143,7 @@ def _merger(s: Stream, tmp: Path, plan: MemoryPlan, compress: dict | None, optio
     """Open the output shards in `tmp` (s.writer) and the merge step, staging for compression when asked.
     A quantized source is written back in its format (quantized.py) unless keep_quantization is False."""
     s.writer = output_writer(ShardWriter(tmp, WEIGHTS_NAME, plan.shard_size, WEIGHTS_METADATA), s.source, s.views,
-                             keep_quantization)
+                             keep_quantization, s.chosen)
     if not keep_quantization:
         dequantized_config(s.model.config)
     stage = (CompressionStage(tmp / ".compress-staging", compress["rank"], compress["keep_ratio"], compress["svd"])
@@ -301,9 +302,10 @@ def merge_checkpoint(
             _streamed_passes(s, merger, groups, counts, fused, offloaded, offload_dir or tmp, seconds)
         if merger.stage is not None:
             _compress_pass(s, merger, seconds)
+        quantization_error = record_error(s.model.config, s.writer)
         written = _write_config(s, merger, tmp, groups, options, compress, aliases, tokenizer)
     seconds["total"] = time.perf_counter() - started
     return StreamingResult(path=out, groupings=merger.groupings, stats=s.stats, passes=1 if fused else 2,
                            offloaded=offloaded, bytes_read=s.source.bytes_read,
                            bytes_written=sum(f["bytes"] for f in written.files.values()),
-                           peak_rss=s.progress.peak, seconds=seconds)
+                           peak_rss=s.progress.peak, seconds=seconds, quantization_error=quantization_error)

@@ -13,6 +13,14 @@ Writing (`QuantizingWriter`, in front of the output's ShardWriter):
 - everything else (norms, routers, biases, expert_map) as it is.
 The config keeps its quantization_config. `dequantized_config` drops it for a dequantized output.
 
+The error re-quantizing adds (`QuantizingWriter.report`, recorded in config.json under
+`mcsmoe_quantization` and in StreamingResult.quantization_error): per merged layer, the relative
+(Frobenius) error of each re-quantized bank against the merged bank it was quantized from (the working
+dtype's values), and the relative error of the layer's routed-expert output on calibration tokens: the
+merged experts run on the first PROBE_TOKENS tokens that reached the layer's experts in the statistics
+pass (their hidden states and routing, as the original model routed them: `ErrorProbe`), once with the
+merged weights and once with their re-quantized values, both in float32.
+
 `quantize_checkpoint` writes a plain transformers checkpoint in an official quantized layout (tests and
 benchmarks build their inputs with it; it is also how a model gets FP8 for serving).
 """
@@ -20,13 +28,18 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from ..checkpoint.weight_files import ShardWriter
-from ..quant import QuantFormat, detect, quantize_fp8, quantize_mxfp4
+from ..modules import MoEExperts
+from ..quant import QuantFormat, detect, dequantize_fp8, dequantize_mxfp4, quantize_fp8, quantize_mxfp4
 from ..quant.files import QuantizedFiles
+
+PROBE_TOKENS = 256  # calibration tokens per layer the output error is measured on (kept until the layer is merged)
+ERROR_KEY = "mcsmoe_quantization"  # config.json: the output's format and the error re-quantizing added
 
 # tensors that stay unquantized in the releases: embeddings, norms, the head, routers
 _KEEP = ("embed_tokens", "lm_head", "norm", ".gate.weight", ".router.weight", "e_score_correction_bias", "shared_expert_gate")
@@ -37,6 +50,19 @@ _BANKS = ("experts.gate_up_proj", "experts.down_proj", "experts.up_proj")
 def source_format(config: dict) -> QuantFormat | None:
     """The quantized format of a checkpoint's raw config.json (None: not quantized)."""
     return detect(config.get("quantization_config")) if isinstance(config, dict) else None
+
+
+def checkpoint_format(spec) -> QuantFormat | None:
+    """The quantized format of the plain transformers checkpoint directory `spec` (None: not quantized, a
+    merged checkpoint of ours, which loads dequantized, or not a local directory); ValueError for an
+    unsupported quantization method."""
+    from ..sections import MERGE_SECTION
+
+    config = Path(str(spec)).expanduser() / "config.json"
+    if not config.is_file():
+        return None
+    raw = json.loads(config.read_text())
+    return None if not isinstance(raw, dict) or MERGE_SECTION in raw else source_format(raw)
 
 
 def quantize_tensor(name: str, tensor: torch.Tensor, fmt: QuantFormat, scale_dtype: torch.dtype = torch.float32,
@@ -50,14 +76,68 @@ def quantize_tensor(name: str, tensor: torch.Tensor, fmt: QuantFormat, scale_dty
     return dict(zip(fmt.parts(name), (blocks, scales)))
 
 
-class QuantizingWriter:
-    """A ShardWriter that writes quantized tensors in the source's format (module docstring)."""
+def dequantize_parts(parts: dict[str, torch.Tensor], fmt: QuantFormat, shape) -> torch.Tensor:
+    """The float32 values of a tensor of `shape` from its quantized parts (quantize_tensor's, transpose_mxfp4=True)."""
+    a, b = parts.values()
+    if fmt.method == "fp8":
+        return dequantize_fp8(a, b, torch.float32, fmt.block)
+    return dequantize_mxfp4(a, b, torch.float32, cols=shape[-2]).transpose(-1, -2)
 
-    def __init__(self, writer: ShardWriter, files: QuantizedFiles, banks: set[str]):
-        self.writer, self.files, self.banks = writer, files, banks
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """||got - ref|| / ||ref|| (Frobenius, float64); 0 when both are zero."""
+    ref, got = ref.double(), got.double()
+    norm = ref.norm().item()
+    diff = (got - ref).norm().item()
+    return diff / norm if norm > 0 else (0.0 if diff == 0 else float("inf"))
+
+
+class ErrorProbe:
+    """The first `tokens` calibration tokens that reach each chosen MoE layer's experts module in the
+    statistics pass: (hidden [T, d], top-k experts [T, k], top-k weights [T, k]), the experts' inputs as
+    the original model computes them (a forward pre-hook on `module.experts`, the experts contract's
+    forward(hidden, top_k_index, top_k_weights))."""
+
+    def __init__(self, views: dict, chosen, tokens: int = PROBE_TOKENS):
+        self.tokens, self.samples, self.handles = tokens, {}, []
+        for view in views.values():
+            experts = getattr(view.module, "experts", None)
+            if view.name in chosen and isinstance(experts, torch.nn.Module):
+                self.handles.append(experts.register_forward_pre_hook(partial(self._take, view.name), with_kwargs=True))
+
+    def _take(self, name, _module, args, kwargs) -> None:
+        values = [*args, *kwargs.values()][:3]
+        if len(values) < 3 or not all(isinstance(v, torch.Tensor) for v in values):
+            return
+        hidden, index, weights = values
+        if hidden.dim() != 2 or index.dim() != 2 or tuple(weights.shape) != tuple(index.shape):
+            return
+        have = self.samples.get(name)
+        room = self.tokens - (0 if have is None else have[0].shape[0])
+        if room <= 0:
+            return
+        take = [t[:room].detach().to("cpu", copy=True) for t in (hidden, index, weights)]
+        self.samples[name] = take if have is None else [torch.cat(p) for p in zip(have, take)]
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+class QuantizingWriter:
+    """A ShardWriter that writes quantized tensors in the source's format (module docstring), and measures
+    the error re-quantizing the merged slots adds (`report`)."""
+
+    def __init__(self, writer: ShardWriter, files: QuantizedFiles, banks: set[str], views: dict | None = None,
+                 probe: ErrorProbe | None = None):
+        self.writer, self.files, self.banks, self.probe = writer, files, banks, probe
+        self.views = {v.name: v for v in (views or {}).values()}
         self.names: set[str] = set()
         scales = [files.files.dtypes[p[1]] for p in files.parts.values()]
         self.scale_dtype = scales[0] if scales and files.format.method == "fp8" else torch.float32
+        self.pending: dict[str, dict] = {}  # merged layer -> {field: (merged tensor, its re-quantized values)}
+        self.layers: dict[str, dict] = {}  # merged layer -> its errors
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self.names:
@@ -69,17 +149,62 @@ class QuantizingWriter:
             parts = quantize_tensor(name, tensor, self.files.format, self.scale_dtype, transpose_mxfp4=True)
         else:
             parts = {name: tensor}
+        self._measure(name, tensor, parts)
         for n, t in parts.items():
             self.writer.add(n, t)
+
+    def _measure(self, name: str, tensor: torch.Tensor, parts: dict) -> None:
+        """Keep a merged layer's banks (and biases) until its expert_map, the slots' last tensor, comes."""
+        layer, _, field = name.rpartition(".experts.")
+        if layer not in self.views or field not in ("w_in", "w_out", "b_in", "b_out", "expert_map"):
+            return
+        slot = self.pending.setdefault(layer, {})
+        if field in ("w_in", "w_out") and name in self.banks:
+            slot[field] = (tensor, dequantize_parts(parts, self.files.format, tensor.shape))
+        elif field in ("b_in", "b_out"):
+            slot[field] = (tensor, tensor)
+        elif "w_in" in slot and "w_out" in slot:
+            self.layers[layer] = self._layer_error(layer, self.pending.pop(layer), tensor)
+
+    def _layer_error(self, layer: str, slot: dict, expert_map: torch.Tensor) -> dict:
+        entry = {bank: relative_error(slot[bank][1], slot[bank][0]) for bank in ("w_in", "w_out")}
+        sample = self.probe.samples.pop(layer, None) if self.probe is not None else None
+        if sample is not None:
+            view = self.views[layer]
+            hidden, index, weights = (t.float() if t.is_floating_point() else t for t in sample)
+            out = []
+            for k in (0, 1):  # 0: the merged weights, 1: their re-quantized values
+                f = {n: (v[k].float() if v is not None else None) for n, v in
+                     ((n, slot.get(n)) for n in ("w_in", "w_out", "b_in", "b_out"))}
+                experts = MoEExperts(f["w_in"], f["w_out"], expert_map, view.activation, f["b_in"], f["b_out"],
+                                     view.activation_args)
+                out.append(experts(hidden, index, weights))
+            entry.update(output=relative_error(out[1], out[0]), tokens=int(hidden.shape[0]))
+        return entry
+
+    def report(self) -> dict | None:
+        """{"format", "layers": {layer: {w_in, w_out, output, tokens}}, "max", "mean"} (None: nothing merged)."""
+        if self.probe is not None:
+            self.probe.close()
+        if not self.layers:
+            return None
+        summary = {}
+        for what in ("w_in", "w_out", "output"):
+            values = [e[what] for e in self.layers.values() if what in e]
+            if values:
+                summary[what] = (max(values), sum(values) / len(values))
+        return {"format": self.files.format.method, "layers": self.layers,
+                "max": {k: v[0] for k, v in summary.items()}, "mean": {k: v[1] for k, v in summary.items()}}
 
     def __getattr__(self, attr):  # finish, flush, bytes_written, ... of the ShardWriter
         return getattr(self.writer, attr)
 
 
-def output_writer(writer: ShardWriter, source, views: dict, quantized_output: bool):
+def output_writer(writer: ShardWriter, source, views: dict, quantized_output: bool, chosen=None):
     """The writer a streamed run writes through: QuantizingWriter when the source is quantized and the
     output keeps its precision, else `writer` itself. Banks: each MoE layer's merged slots (w_in, w_out)
-    and, when the source stores them fused and quantized under the model's names, its own banks."""
+    and, when the source stores them fused and quantized under the model's names, its own banks. The
+    layers in `chosen` (default: every MoE layer) get an ErrorProbe for the error report."""
     if not quantized_output or not isinstance(source.files, QuantizedFiles):
         return writer
     banks = set()
@@ -87,7 +212,30 @@ def output_writer(writer: ShardWriter, source, views: dict, quantized_output: bo
         banks.update((f"{view.name}.experts.w_in", f"{view.name}.experts.w_out"))
         layout = view.stored_tensors()
         banks.update(n for n in (*layout.w_in, *layout.w_out) if not source.files.is_quantized(n))
-    return QuantizingWriter(writer, source.files, banks)
+    chosen = chosen if chosen is not None else {v.name for v in views.values()}
+    return QuantizingWriter(writer, source.files, banks, views, ErrorProbe(views, chosen))
+
+
+def record_error(config, writer) -> dict | None:
+    """The error report of a QuantizingWriter (None for any other writer), set on `config` under ERROR_KEY."""
+    if not isinstance(writer, QuantizingWriter):
+        return None
+    report = writer.report()
+    if report is not None:
+        setattr(config, ERROR_KEY, report)
+    return report
+
+
+def describe_error(report: dict | None) -> str:
+    """One line for the CLI."""
+    if not report:
+        return "re-quantized: no merged layer"
+    mx, mean = report["max"], report["mean"]
+    text = (f"re-quantized to {report['format']}: merged weights {100 * max(mx['w_in'], mx['w_out']):.2f}% relative "
+            f"error (max over banks; mean {100 * (mean['w_in'] + mean['w_out']) / 2:.2f}%)")
+    if "output" in mx:
+        text += f", layer outputs on calibration tokens {100 * mx['output']:.2f}% (max; mean {100 * mean['output']:.2f}%)"
+    return text
 
 
 def dequantized_config(config) -> None:
