@@ -9,15 +9,23 @@ experts removed, perplexity on held-out text windows.
   reap       REAP pruning (prune.py); standard form (M experts, M router rows)
   frequency  pruning of the least used experts; standard form
   ream       REAM-style merging (ream.py); standard form, centroid router rows
+  m-smoe-standard, hc-smoe-standard   (not in the default list) the same merge written in the standard
+             form, router rows fitted on the calibration batches: what the portable format costs
 
 The statistics pass collects what all of them need at once (router logits, expert outputs, saliency).
 The original model is never changed: merging methods work on copies.
+
+With `kd` (a TrainConfig) every reduced model is then recovered by knowledge distillation with the same
+budget (kd.steps optimizer steps on `kd_data`, the package's train(), routers frozen unless the config
+says otherwise), the teacher being the input model, and evaluated again: one-shot and after-KD numbers
+side by side. A standard-form method is distilled in its standard form (what would be served).
 """
 from __future__ import annotations
 
 import copy
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,59 +38,120 @@ from .merge import merge_experts
 from .models import moe_layers
 from .prune import prune_experts, resolve_count
 from .ream import ream_experts
-from .train.text import perplexity
+from .train import TrainConfig, train
+from .train.text import lm_batch, perplexity
 
-COMPARE_METHODS = ("m-smoe", "hc-smoe", "reap", "ream", "frequency")
+COMPARE_METHODS = ("m-smoe", "hc-smoe", "reap", "ream", "frequency")  # the default list
+STANDARD_SUFFIX = "-standard"
+KNOWN_METHODS = COMPARE_METHODS + ("m-smoe-standard", "hc-smoe-standard")
 
 
-def check_compare(methods, ratios) -> None:
-    unknown = [m for m in methods if m not in COMPARE_METHODS]
+def check_compare(methods, ratios, kd: TrainConfig | None = None, kd_data=None) -> None:
+    unknown = [m for m in methods if m not in KNOWN_METHODS]
     if unknown or not methods:
-        raise ValueError(f"methods: unknown or none {unknown}; choose from {', '.join(COMPARE_METHODS)}")
+        raise ValueError(f"methods: unknown or none {unknown}; choose from {', '.join(KNOWN_METHODS)}")
     bad = [r for r in ratios if not 0 < r < 1]
     if bad or not ratios:
         raise ValueError(f"ratios (shares of experts removed) must be in (0, 1), got {list(ratios)}")
+    if kd is not None and (kd_data is None or len(kd_data) < kd.batch_size):
+        have = "none" if kd_data is None else f"{len(kd_data)} examples"
+        raise ValueError(f"KD recovery needs kd_data with at least one batch of {kd.batch_size} windows, got {have}")
 
 
-def reduced_model(model: nn.Module, stats, method: str, num_keep: int) -> tuple[nn.Module, str]:
-    """(the model reduced to num_keep experts per layer by `method`, the form it is evaluated in)."""
-    if method in ("reap", "frequency"):
-        return prune_experts(model, stats, num_experts=num_keep, method=method), "standard"
-    reduced = copy.deepcopy(model)
-    if method == "ream":
-        ream_experts(reduced, stats, num_experts=num_keep, progress=False)
-        return to_standard(reduced, router="dominant"), "standard"
+def merged_model(model: nn.Module, stats, method: str, num_keep: int) -> nn.Module:
+    """A copy of the model merged to num_keep experts per layer by m-smoe or hc-smoe (exact form)."""
     options = dict(similarity="router-logits") if method == "m-smoe" else dict(similarity="expert-output",
                                                                               grouping="hierarchical")
+    reduced = copy.deepcopy(model)
     merge_experts(reduced, stats, num_keep, globally=False, progress=False, **options)
-    return reduced, "exact"
+    return reduced
+
+
+def reduced_model(model: nn.Module, stats, method: str, num_keep: int, batches=None,
+                  merged: nn.Module | None = None) -> tuple[nn.Module, str]:
+    """(the model reduced to num_keep experts per layer by `method`, the form it is evaluated in).
+    `merged`: the exact form of the same merge, when already made (a "-standard" method starts from it)."""
+    if method in ("reap", "frequency"):
+        return prune_experts(model, stats, num_experts=num_keep, method=method), "standard"
+    if method == "ream":
+        reduced = copy.deepcopy(model)
+        ream_experts(reduced, stats, num_experts=num_keep, progress=False)
+        return to_standard(reduced, router="dominant"), "standard"
+    if method.endswith(STANDARD_SUFFIX):
+        base = merged if merged is not None else merged_model(model, stats, method[: -len(STANDARD_SUFFIX)], num_keep)
+        return to_standard(base, router="fitted" if batches is not None else "dominant", batches=batches), "standard"
+    return merged_model(model, stats, method, num_keep), "exact"
+
+
+def recover(student: nn.Module, teacher: nn.Module, kd_data, kd: TrainConfig, collate_fn=lm_batch) -> nn.Module:
+    """KD recovery of `student` in place: kd.steps optimizer steps of the package's train() on kd_data,
+    `teacher`'s logits as the soft targets (no evaluation or checkpoints in between). Every parameter of the
+    student is trained but the routers (unless kd.train_routers), whatever a copy inherited; the teacher
+    comes back with its requires_grad flags and mode as they were (train() freezes it)."""
+    flags, was_training = [p.requires_grad for p in teacher.parameters()], teacher.training
+    student.requires_grad_(True)
+    try:
+        train(student, kd_data, replace(kd, eval_every=0), collate_fn=collate_fn, teacher=teacher, progress=False)
+    finally:
+        for p, flag in zip(teacher.parameters(), flags):
+            p.requires_grad_(flag)
+        teacher.train(was_training)
+    return student.eval()
 
 
 def compare_methods(model: nn.Module, batches, windows: torch.Tensor, methods=COMPARE_METHODS,
-                    ratios=(0.25, 0.5), progress: bool = True) -> dict:
-    """{"experts": E, "rows": [...]} with one row for the full model and one per (ratio, method): method,
-    ratio, experts kept, expert share (kept / E), form, perplexity on `windows` [N, L]."""
+                    ratios=(0.25, 0.5), progress: bool = True, kd: TrainConfig | None = None, kd_data=None,
+                    collate_fn=lm_batch) -> dict:
+    """{"experts": E, "kd_steps": N, "rows": [...]} with one row for the full model and one per (ratio,
+    method): method, ratio, experts kept, expert share (kept / E), form, perplexity on `windows` [N, L].
+    With `kd` (a TrainConfig: steps, batch size, learning rate, ...) and `kd_data` (a dataset of training
+    examples for `collate_fn`, by default token windows), each reduced model is also recovered by KD from
+    `model` (recover()) and the row gains perplexity_kd and kd_steps; kd_steps is 0 without KD."""
     methods, ratios = list(methods), [float(r) for r in ratios]
-    check_compare(methods, ratios)
+    check_compare(methods, ratios, kd, kd_data)
     e = moe_layers(model)[0].num_experts
     stats = collect_routing_stats(model, batches, bases=("router-logits", "feature", "expert-output"),
                                   saliency="reap", progress=progress)
     rows = [{"method": "full", "ratio": 0.0, "experts": e, "expert_share": 1.0, "form": "original",
              "perplexity": perplexity(model, windows)}]
     jobs = [(r, m) for r in ratios for m in methods]
+    merges: dict = {}  # (ratio, base method) -> the one-shot exact merge, shared with its "-standard" form
     for ratio, method in tqdm(jobs, desc="comparing methods", disable=not progress):
         num_keep = resolve_count(e, None, ratio)
-        reduced, form = reduced_model(model, stats, method, num_keep)
-        rows.append({"method": method, "ratio": ratio, "experts": num_keep, "expert_share": num_keep / e,
-                     "form": form, "perplexity": perplexity(reduced, windows)})
-    return {"experts": e, "rows": rows}
+        base = method[: -len(STANDARD_SUFFIX)] if method.endswith(STANDARD_SUFFIX) else method
+        if base in ("m-smoe", "hc-smoe") and (ratio, base) not in merges:
+            merges[(ratio, base)] = merged_model(model, stats, base, num_keep)
+        merged = merges.get((ratio, base))
+        if merged is not None and method == base:
+            reduced, form = copy.deepcopy(merged), "exact"
+        else:
+            reduced, form = reduced_model(model, stats, method, num_keep, batches, merged)
+        row = {"method": method, "ratio": ratio, "experts": num_keep, "expert_share": num_keep / e, "form": form,
+               "perplexity": perplexity(reduced, windows)}
+        if kd is not None:
+            recover(reduced, model, kd_data, kd, collate_fn)
+            row.update(kd_steps=kd.steps, perplexity_kd=perplexity(reduced, windows))
+        rows.append(row)
+    return {"experts": e, "kd_steps": kd.steps if kd is not None else 0, "rows": rows}
+
+
+def _ppl(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if math.isfinite(value) else "inf"
 
 
 def markdown_table(result: dict) -> str:
-    lines = ["| method | experts removed | experts kept | form | perplexity |", "|---|---|---|---|---|"]
+    kd = result.get("kd_steps", 0)
+    head = "| method | experts removed | experts kept | form | perplexity |"
+    if kd:
+        head += f" after KD ({kd} steps) |"
+    lines = [head, "|---" * head.count(" |") + "|"]
     for r in result["rows"]:
-        ppl = f"{r['perplexity']:.3f}" if math.isfinite(r["perplexity"]) else "inf"
-        lines.append(f"| {r['method']} | {r['ratio']:.0%} | {r['experts']} | {r['form']} | {ppl} |")
+        line = f"| {r['method']} | {r['ratio']:.0%} | {r['experts']} | {r['form']} | {_ppl(r['perplexity'])} |"
+        if kd:
+            line += f" {_ppl(r.get('perplexity_kd'))} |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
@@ -103,8 +172,14 @@ def write_results(result: dict, out) -> Path:
     full = next(r for r in result["rows"] if r["method"] == "full")
     ax.axhline(full["perplexity"], color="gray", linestyle="--", label="full model")
     for method in dict.fromkeys(r["method"] for r in result["rows"] if r["method"] != "full"):
-        pts = sorted((r["expert_share"], r["perplexity"]) for r in result["rows"] if r["method"] == method)
-        ax.plot(*zip(*pts), marker="o", label=method)
+        rows = [r for r in result["rows"] if r["method"] == method]
+        pts = sorted((r["expert_share"], r["perplexity"]) for r in rows)
+        (line,) = ax.plot(*zip(*pts), marker="o", label=method)
+        if result.get("kd_steps"):
+            pts = sorted((r["expert_share"], r["perplexity_kd"]) for r in rows)
+            ax.plot(*zip(*pts), marker="s", linestyle=":", color=line.get_color(), label=f"{method} + KD")
+    if result.get("kd_steps"):
+        ax.set_title(f"one-shot (solid) and after {result['kd_steps']} KD steps (dotted)", fontsize=9)
     ax.set_xlabel("share of expert parameters kept")
     ax.set_ylabel("perplexity")
     ax.legend()

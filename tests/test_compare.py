@@ -3,6 +3,7 @@ results.json and the table; each row's perplexity is that of the method run on i
 import json
 import math
 
+import pytest
 import torch
 
 from mcsmoe_fast import collect_routing_stats
@@ -47,3 +48,75 @@ def test_rows_are_the_methods_themselves(tmp_path):
         pruned = prune_experts(model, stats, ratio=0.5, method=row["method"])
         assert row["perplexity"] == perplexity(pruned, windows)
     assert result["rows"][0]["perplexity"] == perplexity(model, windows)
+
+
+def kd_setup():
+    from mcsmoe_fast.train import TrainConfig
+    from mcsmoe_fast.train.text import Windows
+
+    g = torch.Generator().manual_seed(1)
+    kd_data = Windows(torch.randint(3, 128, (12 * 16,), generator=g), 16)
+    return TrainConfig(steps=3, batch_size=4, learning_rate=2e-2, warmup_steps=0, eval_every=0), kd_data
+
+
+def test_kd_rows_are_each_method_distilled_from_the_input_model():
+    """After-KD perplexity of each row = the method's one-shot model trained by train() with the input model
+    as the teacher, the same budget for all; a fine-tuned (no teacher) or self-taught student gives other
+    numbers, and the input model comes back unchanged."""
+    import copy
+
+    from mcsmoe_fast.checkpoint import to_standard
+    from mcsmoe_fast.merge import merge_experts
+    from mcsmoe_fast.train import train
+    from mcsmoe_fast.train.text import lm_batch
+
+    model = tiny_mixtral()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(3, 128, (3, 12), generator=g)} for _ in range(2)]
+    windows = torch.randint(3, 128, (4, 16), generator=g)
+    kd, kd_data = kd_setup()
+    result = compare_methods(model, batches, windows, ["reap", "m-smoe", "m-smoe-standard"], [0.5], progress=False,
+                             kd=kd, kd_data=kd_data)
+    assert result["kd_steps"] == 3 and "perplexity_kd" not in result["rows"][0]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+
+    stats = collect_routing_stats(model, batches, bases=("router-logits", "feature", "expert-output"),
+                                  saliency="reap", progress=False)
+    merged = copy.deepcopy(model)
+    merge_experts(merged, stats, 4, globally=False, similarity="router-logits", progress=False)
+    one_shot = {"reap": lambda: prune_experts(model, stats, ratio=0.5, method="reap"),
+                "m-smoe": lambda: copy.deepcopy(merged),
+                "m-smoe-standard": lambda: to_standard(merged, router="fitted", batches=batches)}
+    teacher = copy.deepcopy(model)
+    for row in result["rows"][1:]:
+        assert row["kd_steps"] == 3
+        assert row["perplexity"] == pytest.approx(perplexity(one_shot[row["method"]](), windows), rel=1e-6)
+        student = one_shot[row["method"]]()
+        train(student, kd_data, kd, collate_fn=lm_batch, teacher=teacher, progress=False)
+        assert row["perplexity_kd"] == pytest.approx(perplexity(student, windows), rel=1e-6), row["method"]
+        assert row["perplexity_kd"] != pytest.approx(row["perplexity"], rel=1e-3), "KD changed nothing"
+        for other_teacher in (None, one_shot[row["method"]]()):
+            other = one_shot[row["method"]]()
+            train(other, kd_data, kd, collate_fn=lm_batch, teacher=other_teacher, progress=False)
+            assert perplexity(other, windows) != pytest.approx(row["perplexity_kd"], rel=1e-6)
+
+
+def test_compare_command_with_kd(tmp_path, capsys):
+    tiny_mixtral().save_pretrained(tmp_path / "mixtral")
+    tiny_tokenizer().save_pretrained(tmp_path / "mixtral")
+    (tmp_path / "calib.txt").write_text("\n".join(LINES * 4) + "\n")
+    (tmp_path / "eval.txt").write_text(" ".join(LINES * 6))
+    args = ["compare", "--model", tmp_path / "mixtral", "--calib", tmp_path / "calib.txt", "--eval-text",
+            tmp_path / "eval.txt", "--eval-length", 16, "--methods", "reap,m-smoe-standard", "--ratios", "0.5",
+            "--kd-steps", 2, "--kd-batch-size", 2, "--kd-lr", 1e-2, "--out", tmp_path / "out"]
+    assert main([str(a) for a in args]) == 0
+    out = capsys.readouterr().out
+    assert "| perplexity | after KD (2 steps) |" in out and "| m-smoe-standard | 50% | 4 | standard |" in out
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["full", "reap", "m-smoe-standard"]
+    assert all(math.isfinite(r["perplexity_kd"]) and r["perplexity_kd"] != r["perplexity"] for r in rows[1:])
+    too_few = args[:-2] + ["--kd-batch-size", 10_000, "--out", tmp_path / "bad"]
+    assert main([str(a) for a in too_few]) == 2
+    assert "at least one batch of 10000" in capsys.readouterr().err

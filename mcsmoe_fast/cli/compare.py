@@ -17,6 +17,16 @@ def add(sub):
     p.add_argument("--methods", default="m-smoe,hc-smoe,reap,ream,frequency", help="comma-separated methods")
     p.add_argument("--ratios", default="0.25,0.5", help="comma-separated shares of experts removed")
     p.add_argument("--out", required=True, help="directory for results.json, results.md and perplexity.png")
+    p.add_argument("--kd-steps", type=int, default=0,
+                   help="recover every reduced model by KD from --model for this many optimizer steps (the same "
+                        "budget for each) and report the perplexity after it too (default 0: one-shot only)")
+    p.add_argument("--kd-text", default=None,
+                   help="with --kd-steps: a text file to distil on, cut into --eval-length windows "
+                        "(default: the calibration texts)")
+    p.add_argument("--kd-batch-size", type=int, default=8, help="with --kd-steps: windows per step (default 8)")
+    p.add_argument("--kd-lr", type=float, default=1e-4, help="with --kd-steps: learning rate (default 1e-4)")
+    p.add_argument("--kd-warmup-steps", type=int, default=16,
+                   help="with --kd-steps: linear warm-up steps, at most a quarter of --kd-steps (default 16)")
     add_calibration_options(p)
     add_dtype_option(p)
     p.set_defaults(run=run)
@@ -27,6 +37,7 @@ def run(args) -> int:
     from ..calibration_data import calibration_batches, check_batches, load_tokenizer, read_calibration_texts
     from ..compare import check_compare, compare_methods, markdown_table, write_results
     from ..loading import open_model
+    from ..train import TrainConfig
     from ..train.text import text_windows
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -35,14 +46,33 @@ def run(args) -> int:
     except ValueError as exc:
         raise ValueError(f"--ratios must be comma-separated numbers, got {args.ratios!r}") from exc
     check_compare(methods, ratios)
+    if args.kd_steps < 0:
+        raise ValueError(f"--kd-steps must be >= 0, got {args.kd_steps}")
+    kd = None
+    if args.kd_steps:
+        kd = TrainConfig(steps=args.kd_steps, batch_size=args.kd_batch_size, learning_rate=args.kd_lr,
+                         warmup_steps=min(args.kd_warmup_steps, args.kd_steps // 4), eval_every=0)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     windows = text_windows(args.eval_text, tokenizer, args.eval_length).rows
     model = open_model(args.model, dtype_option(args))
     texts = read_calibration_texts(args.calib, args.num_samples, args.text_field, args.split)
     batches = calibration_batches(texts, tokenizer, args.batch_size, args.max_length)
     check_batches(batches, tokenizer, model.config.vocab_size)
-    result = compare_methods(model, batches, windows, methods, ratios)
+    kd_data = kd_windows(args, texts, tokenizer) if kd is not None else None
+    result = compare_methods(model, batches, windows, methods, ratios, kd=kd, kd_data=kd_data)
     out = write_results(result, args.out)
     print(markdown_table(result), end="")
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
     return 0
+
+
+def kd_windows(args, texts, tokenizer):
+    """What KD trains on: --kd-text, or the calibration texts as one token stream, in --eval-length windows."""
+    import torch
+
+    from ..train.text import Windows, text_windows
+
+    if args.kd_text is not None:
+        return text_windows(args.kd_text, tokenizer, args.eval_length)
+    ids = tokenizer("\n".join(texts), add_special_tokens=False)["input_ids"]
+    return Windows(torch.tensor(ids, dtype=torch.long), args.eval_length)
