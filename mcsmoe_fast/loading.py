@@ -19,6 +19,10 @@ def open_model(spec: str, dtype: torch.dtype | None = None):
     check_model_source(spec)
     path = Path(spec).expanduser()
     if path.is_dir():
+        if quantized_format(path) is not None:  # block-FP8 / MXFP4: dequantized as read (default bfloat16)
+            from .streaming.quantized import load_dequantized
+
+            return load_dequantized(path, dtype)
         return from_pretrained(path, dtype=dtype)
     try:
         return load_cached(spec, dtype)
@@ -27,3 +31,13 @@ def open_model(spec: str, dtype: torch.dtype | None = None):
     check_hub(spec)
     return load_model(spec, dtype=dtype)
 
+
+def quantized_format(path):
+    """The QuantFormat of a plain block-FP8 / MXFP4 checkpoint directory (None for anything else, including
+    quantization methods this package does not read, which transformers' own loader then gets)."""
+    from .streaming.quantized import checkpoint_format
+
+    try:
+        return checkpoint_format(path)
+    except ValueError:
+        return None

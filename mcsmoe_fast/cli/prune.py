@@ -29,7 +29,7 @@ def add(sub):
                         "or the plain softmax probability (reap-softmax); sigmoid routers use their own weights")
     p.add_argument("--out", required=True, help="directory to save the pruned model to")
     add_calibration_options(p)
-    add_dtype_option(p)
+    add_dtype_option(p, quantized=True)
     p.set_defaults(run=run)
     return p
 
@@ -38,12 +38,15 @@ def run(args) -> int:
     from ..calibrate import collect_routing_stats
     from ..calibration_data import calibration_batches, check_batches, load_tokenizer, read_calibration_texts
     from ..checkpoint import save_pretrained
-    from ..loading import open_model
+    from ..loading import open_model, quantized_format
     from ..models import moe_layers
     from ..prune import check_prune, kept_experts, prune_experts, resolve_count
 
     refuse_overwriting_input(args)
-    model = open_model(args.model, dtype_option(args))
+    # a block-FP8 / MXFP4 checkpoint: loaded dequantized, written in its own precision unless --dtype is given
+    keep_quantization = quantized_format(args.model) is not None and args.dtype in (None, "auto")
+    args.dtype = args.dtype or "float32"
+    model = open_model(args.model, None if keep_quantization else dtype_option(args))
     layers = moe_layers(model)
     if not layers:
         raise ValueError(f"--model {args.model}: the model has no MoE layer to prune")
@@ -64,6 +67,11 @@ def run(args) -> int:
     print(f"{len(texts)} calibration samples; {args.method} pruning of {len(layers)} layers in {elapsed:.2f} s")
     before, after = parameter_bytes(model), parameter_bytes(pruned)
     out = save_pretrained(pruned, args.out, tokenizer=tokenizer, format="standard")
+    if keep_quantization:
+        from ..streaming.quantized import requantize_saved
+
+        requantize_saved(out, args.model)
+        print(f"written in the input's precision ({quantized_format(args.model).method}, its quantization_config)")
     print(f"parameters: {before / 2**20:.2f} MiB before, {after / 2**20:.2f} MiB after pruning "
           f"({before / max(after, 1):.2f}x smaller)")
     print(f"saved standard checkpoint to {out} ({dir_bytes(out) / 2**20:.2f} MiB on disk)")

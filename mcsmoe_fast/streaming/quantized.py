@@ -253,15 +253,29 @@ def _quantizable(name: str, tensor: torch.Tensor, fmt: QuantFormat) -> bool:
 
 
 @torch.no_grad()
-def quantize_checkpoint(src, dst, quantization_config: dict, scale_dtype: torch.dtype = torch.float32) -> Path:
+def quantize_checkpoint(src, dst, quantization_config: dict | None = None, scale_dtype: torch.dtype = torch.float32,
+                        like=None) -> Path:
     """Write the plain transformers checkpoint `src` (config.json + safetensors) to `dst` in the layout of
     the official quantized releases: fp8 (DeepSeek-V3 / Qwen3 FP8: every linear weight but the
     embeddings, norms, head and routers, weight_scale_inv per block; ue8m0 scales as float32 powers of
     two or, with scale_dtype=torch.float8_e8m0fnu, exponent bytes) or mxfp4 (GPT-OSS: the expert banks
-    as *_blocks / *_scales of their [E, out, in] transpose). config.json gets `quantization_config`."""
+    as *_blocks / *_scales of their [E, out, in] transpose). config.json gets `quantization_config`.
+
+    like: the quantized checkpoint directory `src` was made from (a model loaded dequantized, then pruned
+    or merged in memory): its format, scale dtype and quantization_config are used, a tensor it stores
+    quantized under the same name is copied byte for byte with its scales when `src` kept its values (equal
+    to its dequantization in src's dtype), else quantized (e.g. the per-expert weights of a pruned Mixtral,
+    renumbered); the fused expert banks are quantized, and every other tensor stays as the source stores it."""
     from .source import open_weight_files
 
     src, dst = Path(src), Path(dst)
+    source = None
+    if like is not None:
+        like = Path(like)
+        source = QuantizedFiles(open_weight_files(like), checkpoint_format(like))
+        quantization_config = source.format.config
+        scales = [source.files.dtypes[p[1]] for p in source.parts.values()]
+        scale_dtype = scales[0] if scales and source.format.method == "fp8" else torch.float32
     fmt = detect(quantization_config)
     if fmt is None:
         raise ValueError("quantization_config: expected a dict with quant_method 'fp8' or 'mxfp4'")
@@ -270,8 +284,15 @@ def quantize_checkpoint(src, dst, quantization_config: dict, scale_dtype: torch.
     writer = ShardWriter(dst, "model.safetensors", None, {"format": "pt"})
     for name in files.shapes:
         t = files.get(name)
-        parts = (quantize_tensor(name, t, fmt, scale_dtype, transpose_mxfp4=True) if _quantizable(name, t, fmt)
-                 else {name: t})
+        if source is not None and source.is_quantized(name) and t.is_floating_point():
+            same = tuple(source.shapes[name]) == tuple(t.shape) and torch.equal(source.get(name, t.dtype), t)
+            parts = source.raw(name) if same else quantize_tensor(name, t, fmt, scale_dtype, transpose_mxfp4=True)
+            source.release()
+        elif source is not None and not name.endswith(_BANKS):
+            parts = {name: t}
+        else:
+            parts = (quantize_tensor(name, t, fmt, scale_dtype, transpose_mxfp4=True) if _quantizable(name, t, fmt)
+                     else {name: t})
         for n, p in parts.items():
             writer.add(n, p)
     files.release()
@@ -279,7 +300,48 @@ def quantize_checkpoint(src, dst, quantization_config: dict, scale_dtype: torch.
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = dict(quantization_config)
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for extra in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    for extra in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                  "chat_template.jinja", "tokenizer.model"):
         if (src / extra).is_file():
             shutil.copy(src / extra, dst / extra)
     return dst
+
+
+def requantize_saved(directory, like) -> Path:
+    """Rewrite the plain transformers checkpoint `directory` (a model loaded dequantized from the quantized
+    checkpoint `like`, pruned or merged to the standard format, then saved) in `like`'s format, in place
+    (quantize_checkpoint(like=...) into a temporary directory that replaces it)."""
+    from ..checkpoint import atomic_directory
+
+    directory = Path(directory)
+    with atomic_directory(directory) as tmp:
+        quantize_checkpoint(directory, tmp, like=like)
+    return directory
+
+
+@torch.no_grad()
+def load_dequantized(path, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The model of the block-FP8 / MXFP4 checkpoint directory `path` in memory (eval mode, not quantized),
+    every tensor read as the streamed path reads it (its stored parts dequantized into `dtype`, default
+    bfloat16, one tensor at a time): the in-memory path of quantized checkpoints (open_model uses it)."""
+    from transformers.initialization import no_init_weights
+
+    from ..models.hub import model_class_for
+    from .skeleton import tensor_shapes
+    from .source import SourceCheckpoint
+
+    source = SourceCheckpoint(path, dispatched=True)
+    dtype = dtype or torch.bfloat16
+    config = source.config
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config  # the model in memory is not quantized
+    with no_init_weights():
+        model = model_class_for(config).from_config(config, dtype=dtype)
+    model.tie_weights()
+    shapes, _ = tensor_shapes(model)
+    source.check(shapes)
+    state = model.state_dict()
+    for name, shape in shapes.items():
+        state[name].copy_(source.read(name, shape, state[name].dtype))
+        source.release()
+    return model.eval()
