@@ -46,7 +46,7 @@ from .dispatch import check_device_map, dispatched_statistics, split_memory
 from .forward import ACCEPTED_KEYS, SEQ2SEQ_KEYS, prepare_batches
 from .memory import MemoryPlan, human, plan_memory
 from .passes import Merger, Progress, Stream, layer_pass, merge_pass
-from .quantized import dequantized_config, output_writer, record_error, record_error
+from .quantized import dequantized_config, output_writer, record_error
 from .skeleton import layer_units, moe_views, open_source
 
 
@@ -63,7 +63,6 @@ class StreamingResult:
     bytes_written: int  # bytes of the written weights files
     peak_rss: int  # highest resident memory seen between layers (bytes)
     seconds: dict[str, float] = field(default_factory=dict)
-    quantization_error: dict | None = None  # a re-quantized output: the error it added (quantized.py)
     quantization_error: dict | None = None  # a re-quantized output: the error it added (quantized.py)
 
 
