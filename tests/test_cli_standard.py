@@ -39,8 +39,9 @@ def test_format_standard_writes_a_plain_checkpoint_with_the_merged_count_and_eac
     (("--format", "standard", "--globally"), "--globally gives the layers different expert counts"),
     (("--format", "standard", "--export-dense"), "--export-dense writes every expert"),
     (("--format", "standard", "--layers", "0"), "--layers leaves some MoE layers"),
-    (("--format", "standard", "--max-memory", "100KB"), "--format standard needs the whole model in memory"),
-    (("--within-routing-groups", "--max-memory", "100KB"), "--within-routing-groups is not supported by the streamed"),
+    (("--format", "standard", "--max-memory", "100KB", "--layers", "0"), "leaves the other MoE layers with all"),
+    (("--format", "standard", "--max-memory", "100KB", "--router", "fitted", "--device-map", "auto"),
+     "with a device_map writes router='dominant' rows only"),
 ])
 def test_format_standard_refusals(workspace, capsys, options, match):
     rc, stdout, err = merge(workspace, capsys, "refused", *options)

@@ -102,6 +102,46 @@ def order_by_routing_group(plan: LayerPlan, num_experts: int, n_group: int, topk
                      [plan.groups[i] for i in order], plan.dropped)
 
 
+def check_expert_counts(config, layers, counts: dict[str, int]) -> None:
+    """What the config's one expert count needs, checked on the counts alone (the streamed merge checks it
+    before any work): the same count M in every MoE layer, top_k <= M, and with group-limited routing
+    (n_group) E and M split evenly into the routing groups. `layers`: MoELayer views (name, num_experts, top_k)."""
+    if len(set(counts.values())) > 1:
+        raise ValueError(f"format='standard': the layers keep different numbers of experts {counts}, but the "
+                         f"{config.model_type} config has one expert count; merge every layer to the same count "
+                         "(merge_experts(..., globally=False), --no-globally) or save format='exact'")
+    n_group = routing_groups(config)
+    for layer in layers:
+        count = counts[layer.name]
+        if layer.top_k > count:
+            raise ValueError(f"format='standard': layer {layer.name!r} routes each token to top_k={layer.top_k} "
+                             f"experts but keeps only {count}; merge to at least {layer.top_k} experts")
+        if n_group > 1 and (layer.num_experts % n_group or count % n_group):
+            raise ValueError(f"format='standard': layer {layer.name!r}: {count} experts do not split "
+                             f"into n_group={n_group} routing groups")
+
+
+def ordered_plan(config, layer, plan: LayerPlan) -> LayerPlan:
+    """The plan in the standard experts' order: routing group by routing group for group-limited routers
+    (refused when a merged group crosses routing groups), as it is otherwise."""
+    n_group = routing_groups(config)
+    if n_group <= 1:
+        return plan
+    return order_by_routing_group(plan, layer.num_experts, n_group, int(getattr(config, "topk_group", n_group)),
+                                  layer.top_k)
+
+
+def plan_from_grouping(config, layer, grouping, dropped: bool) -> LayerPlan:
+    """The standard plan of a layer merged with `grouping` (a LayerGrouping; the streamed merge, which has no
+    merged model to read): slot g is group g, its router row its dominant expert's (with strategy='drop' the one
+    kept expert), as plan_layer reads them from a merged model. Ordered by ordered_plan."""
+    groups = [[e for e, s in enumerate(grouping.expert_map) if s == slot] for slot in range(grouping.num_groups)]
+    if any(not g for g in groups):
+        raise ValueError(f"format='standard': layer {layer.name!r} has slots no expert uses")
+    plan = LayerPlan(layer.name, list(range(grouping.num_groups)), list(grouping.dominant), groups, dropped)
+    return ordered_plan(config, layer, plan)
+
+
 def plan_standard(model: nn.Module) -> dict[str, LayerPlan]:
     """{layer name: LayerPlan} for every MoE layer, or a ValueError naming what the standard format
     cannot express."""
@@ -109,21 +149,5 @@ def plan_standard(model: nn.Module) -> dict[str, LayerPlan]:
     expert_count_fields(config)
     layers = moe_layers(model)
     plans = {layer.name: plan_layer(model, layer) for layer in layers}
-    counts = {name: p.num_experts for name, p in plans.items()}
-    if len(set(counts.values())) > 1:
-        raise ValueError(f"format='standard': the layers keep different numbers of experts {counts}, but the "
-                         f"{config.model_type} config has one expert count; merge every layer to the same count "
-                         "(merge_experts(..., globally=False), --no-globally) or save format='exact'")
-    for layer in layers:
-        plan = plans[layer.name]
-        if layer.top_k > plan.num_experts:
-            raise ValueError(f"format='standard': layer {layer.name!r} routes each token to top_k={layer.top_k} "
-                             f"experts but keeps only {plan.num_experts}; merge to at least {layer.top_k} experts")
-        n_group = routing_groups(config)
-        if n_group > 1:
-            if layer.num_experts % n_group or plan.num_experts % n_group:
-                raise ValueError(f"format='standard': layer {layer.name!r}: {plan.num_experts} experts do not split "
-                                 f"into n_group={n_group} routing groups")
-            plans[layer.name] = order_by_routing_group(plan, layer.num_experts, n_group,
-                                                       int(getattr(config, "topk_group", n_group)), layer.top_k)
-    return plans
+    check_expert_counts(config, layers, {name: p.num_experts for name, p in plans.items()})
+    return {layer.name: ordered_plan(config, layer, plans[layer.name]) for layer in layers}

@@ -56,16 +56,18 @@ def router_inputs(model: nn.Module, layers: list[MoELayer], batches, max_tokens:
     """{layer name: hidden states [N, d]} entering each layer's router on the calibration batches (padding
     left out; the first max_tokens tokens), in float32 on the CPU."""
     seen: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in layers}
-
-    def receive(layer, hidden, mask):
-        if mask is not None and hidden.dim() == 3 and tuple(mask.shape) == tuple(hidden.shape[:2]):
-            hidden = hidden[mask.bool()]
-        kept = sum(h.shape[0] for h in seen[layer.name])
-        if kept < max_tokens:
-            seen[layer.name].append(hidden.reshape(-1, hidden.shape[-1])[: max_tokens - kept].float().cpu())
-
-    run_hooked(model, layers, batches, receive)
+    run_hooked(model, layers, batches, lambda layer, hidden, mask: keep_tokens(seen[layer.name], hidden, mask, max_tokens))
     return {name: torch.cat(hs) for name, hs in seen.items() if hs}
+
+
+def keep_tokens(seen: list[torch.Tensor], hidden: torch.Tensor, mask: torch.Tensor | None, max_tokens: int) -> None:
+    """Append the tokens of `hidden` [B, L, d] (padding left out by `mask` [B, L]) to `seen`, in float32 on the
+    CPU, until it holds max_tokens (router_inputs; the streamed merge's pass over the merged layers)."""
+    if mask is not None and hidden.dim() == 3 and tuple(mask.shape) == tuple(hidden.shape[:2]):
+        hidden = hidden[mask.bool()]
+    kept = sum(h.shape[0] for h in seen)
+    if kept < max_tokens:
+        seen.append(hidden.reshape(-1, hidden.shape[-1])[: max_tokens - kept].float().cpu())
 
 
 def member_targets(logits: torch.Tensor, groups: list[list[int]], sigmoid: bool) -> torch.Tensor:
@@ -127,16 +129,23 @@ def fit_rows(hidden: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, b
     return w.detach().to(weight.dtype), None if b is None else b.detach().to(bias.dtype)
 
 
+def sliced_rows(state: dict[str, torch.Tensor], num_experts: int, rows: list[int]) -> dict[str, torch.Tensor]:
+    """A router's state dict {key: tensor} with every [E]-leading tensor (weight, bias, e_score_correction_bias)
+    sliced at `rows`, the rest copied; the drop strategy's `keep` mask left out (the kept rows need none)."""
+    index = torch.tensor(rows, dtype=torch.long)
+    out = {}
+    for key, t in state.items():
+        if key == "keep" or key.endswith(".keep"):
+            continue
+        out[key] = t[index.to(t.device)].clone() if t.dim() >= 1 and t.shape[0] == num_experts else t.clone()
+    return out
+
+
 def router_state(layer: MoELayer, module: nn.Module, plan: LayerPlan, hidden: torch.Tensor | None) -> dict:
     """The standard router's state dict: every [E]-leading tensor of the layer's router module (weight,
     bias, e_score_correction_bias) sliced at plan.rows; with `hidden` (router="fitted", layers not dropped)
     weight and bias fitted."""
-    rows = torch.tensor(plan.rows, dtype=torch.long)
-    state = {}
-    for key, t in module.state_dict().items():
-        if key == "keep":  # the drop strategy's mask: the kept rows need none
-            continue
-        state[key] = t[rows.to(t.device)].clone() if t.dim() >= 1 and t.shape[0] == layer.num_experts else t.clone()
+    state = sliced_rows(module.state_dict(), layer.num_experts, plan.rows)
     if hidden is not None and not plan.dropped:
         target = routing_targets(layer, hidden, plan.groups)
         state["weight"], fitted_bias = fit_rows(hidden, target, state["weight"], state.get("bias"),

@@ -77,7 +77,8 @@ def run_streaming(args, tokenizer, batches, dtype, keep_quantization: bool = Fal
                               offload_dir=args.offload_dir, permute=args.permute, strategy=args.strategy,
                               grouping=args.grouping, layers=layers, seed=args.seed, tokenizer=tokenizer,
                               device_map=device_map_option(args.device_map), dtype=dtype,
-                              keep_quantization=keep_quantization)
+                              keep_quantization=keep_quantization, format=args.format, router=args.router,
+                              within_routing_groups=bool(args.within_routing_groups))
     total = sum(g.num_groups for g in result.groupings.values())
     print(f"streamed {len(result.groupings)} layers layer by layer ({result.passes} pass(es) over the weights, "
           f"{result.bytes_read / 2**20:.1f} MiB read, peak RSS {result.peak_rss / 2**20:.0f} MiB): {total} groups")
@@ -85,7 +86,8 @@ def run_streaming(args, tokenizer, batches, dtype, keep_quantization: bool = Fal
         print(describe_error(result.quantization_error))
     if keep_quantization:
         print(describe_error(result.quantization_error))
-    print(f"saved checkpoint to {result.path} ({dir_bytes(result.path) / 2**20:.2f} MiB on disk)")
+    kind = "standard " if args.format == "standard" else ""
+    print(f"saved {kind}checkpoint to {result.path} ({dir_bytes(result.path) / 2**20:.2f} MiB on disk)")
     return 0
 
 
@@ -138,13 +140,9 @@ def run(args) -> int:
         raise ValueError("--max-memory per device (DEVICE=SIZE,...) needs --device-map")
     if args.device_map is not None or not fits_in_memory(
             args.model, budget.get("cpu") if isinstance(budget, dict) else budget, dtype):
-        if args.export_dense or args.format == "standard":
-            what = "--export-dense" if args.export_dense else "--format standard"
-            raise ValueError(f"{what} needs the whole model in memory (the streamed merge writes the exact format "
-                             "only); drop it (and --device-map) or raise --max-memory")
-        if args.within_routing_groups:
-            raise ValueError("--within-routing-groups is not supported by the streamed merge yet: drop it (and "
-                             "--device-map) or raise --max-memory")
+        if args.export_dense:
+            raise ValueError("--export-dense needs the whole model in memory (the streamed merge writes the exact or "
+                             "the standard format); drop it (and --device-map) or raise --max-memory")
         return run_streaming(args, tokenizer, batches, dtype)
     model = open_model(args.model, dtype)
     if args.format == "standard" and args.layers and len(select_layers(moe_layers(model), layers_option(args.layers))) \

@@ -35,9 +35,10 @@ import torch
 from ..calibrate import CHEAP_BASES, LayerStats
 from ..checkpoint import WEIGHTS_METADATA, WEIGHTS_NAME, atomic_directory, scratch_directory, write_merged_config
 from ..drop import check_maskable
-from ..grouping import LayerGrouping, group_counts
+from ..grouping import LayerGrouping, check_routing_groups, group_counts
 from ..merge import check_merge_options
 from ..models import select_layers
+from ..models.config_fields import routing_groups
 from ..sections import record_compression, record_merge
 from ..checkpoint.weight_files import ShardWriter
 from .activations import ActivationStore
@@ -48,6 +49,7 @@ from .memory import MemoryPlan, human, plan_memory
 from .passes import Merger, Progress, Stream, layer_pass, merge_pass
 from .quantized import dequantized_config, output_writer, record_error
 from .skeleton import layer_units, moe_views, open_source
+from .standard import StandardOutput, check_standard
 
 
 @dataclass
@@ -139,9 +141,14 @@ def _open_stream(path, out, dtype, calibration_batches, layers, strategy: str, b
 
 
 def _merger(s: Stream, tmp: Path, plan: MemoryPlan, compress: dict | None, options: dict,
-            keep_quantization: bool = True) -> Merger:
+            keep_quantization: bool = True, standard: tuple | None = None) -> Merger:
     """Open the output shards in `tmp` (s.writer) and the merge step, staging for compression when asked.
-    A quantized source is written back in its format (quantized.py) unless keep_quantization is False."""
+    A quantized source is written back in its format (quantized.py) unless keep_quantization is False.
+    standard: (M, router) for the standard format (standard.py)."""
+    if standard is not None:
+        s.writer = StandardOutput(tmp, plan.shard_size, s.model, s.views, s.dtype, *standard)
+        fit = standard[1] == "fitted" and options["strategy"] != "drop"  # dropped layers keep their kept rows
+        return Merger(s.writer, None, options, plan.matching_bytes, s.model.config, fit_router=fit)
     s.writer = output_writer(ShardWriter(tmp, WEIGHTS_NAME, plan.shard_size, WEIGHTS_METADATA), s.source, s.views,
                              keep_quantization, s.chosen)
     if not keep_quantization:
@@ -182,13 +189,16 @@ def _streamed_passes(s: Stream, merger: Merger, groups: _Groups, counts: dict[st
     `offload`): statistics, and the merge too when `fused`; else a second pass merges."""
     t0 = time.perf_counter()
     with (scratch_directory(scratch, ".mcsmoe-activations-") if offload else nullcontext()) as where:
-        store = ActivationStore([(*b.input_ids.shape, s.model.config.hidden_size) for b in s.batches], s.dtype,
-                                where)
+        shapes = [(*b.input_ids.shape, s.model.config.hidden_size) for b in s.batches]
+        store = ActivationStore(shapes, s.dtype, where)
+        s.merged = ActivationStore(shapes, s.dtype, where) if merger.fit_router else None  # the merged model's
         try:
             layer_pass(s, _merge_in_layer_pass(s, merger, counts, merge_all=fused),
-                       "pass 1/1: statistics + merging" if fused else "pass 1/2: routing statistics", store)
+                       "pass 1/1: statistics + merging" if fused else "pass 1/2: routing statistics", store, merger)
         finally:
             store.close()
+            if s.merged is not None:
+                s.merged.close()
     seconds["pass1"] = time.perf_counter() - t0
     if not fused:
         t0 = time.perf_counter()
@@ -210,11 +220,18 @@ def _write_config(s: Stream, merger: Merger, tmp: Path, groups: _Groups, options
     """Close the shards, record the merge (and compression) in the config and write it (and the
     tokenizer); returns the written shards' index."""
     written = s.writer.finish()
+    if isinstance(s.writer, StandardOutput):
+        s.writer.write_config(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        return written
     num_groups = groups.num_groups
+    n_group = options.get("routing_groups", 1)
     record_merge(s.model, merger.groupings, {n: s.stats[n] for n in groups.chosen}, dict(
         num_groups=num_groups if isinstance(num_groups, int) else dict(num_groups), similarity=options["similarity"],
         globally=groups.globally, permute=options["permute"], strategy=options["strategy"],
-        grouping=options["grouping"], seed=options["seed"]))
+        grouping=options["grouping"], seed=options["seed"],
+        **({"within_routing_groups": n_group} if n_group > 1 else {})))
     if compress:
         record_compression(s.model, merger.entries, dict(
             rank=compress["rank"], keep_ratio=compress["keep_ratio"], importance="weight", svd=compress["svd"]))
@@ -225,6 +242,17 @@ def _write_config(s: Stream, merger: Merger, tmp: Path, groups: _Groups, options
     return written
 
 
+def _routing_groups(s: Stream, groups: _Groups, within: bool) -> int:
+    """within_routing_groups: DeepSeek-V3's n_group (1 for other routers), the counts checked when known up front."""
+    n_group = routing_groups(s.model.config) if within else 1
+    if n_group > 1 and not groups.globally:  # before any work, as merge_experts checks
+        experts = {v.name: v.num_experts for v in s.views.values()}
+        for name, count in groups.up_front(s.views).items():
+            if count < experts[name]:
+                check_routing_groups(name, experts[name], count, n_group)
+    return n_group
+
+
 @torch.no_grad()
 def merge_checkpoint(
     path,
@@ -232,7 +260,7 @@ def merge_checkpoint(
     calibration_batches: Iterable[dict],
     num_groups,
     similarity: str = "router-logits",
-    globally: bool = True,
+    globally: bool | None = None,
     compress: dict | None = None,
     max_memory=None,
     offload_dir=None,
@@ -249,13 +277,17 @@ def merge_checkpoint(
     tokenizer=None,
     device_map=None,
     keep_quantization: bool = True,
+    format: str = "exact",
+    router: str | None = None,
+    within_routing_groups: bool = False,
 ) -> StreamingResult:
     """Merge the experts of the checkpoint directory `path` (a family source.py lists) into `out`
     without ever holding the model in memory; returns a StreamingResult.
 
     calibration_batches: dicts with input_ids [B, L] (and attention_mask, position_ids), as for
       collect_routing_stats; kept for the whole run (their hidden states are carried layer to layer).
-    num_groups, similarity, globally, permute, strategy, grouping, layers, seed: as merge_experts.
+    num_groups, similarity, globally, permute, strategy, grouping, layers, seed, within_routing_groups: as
+      merge_experts (globally: default True, False with format="standard").
     compress: None, or dict(rank=..., keep_ratio=..., svd="auto"): one-shot compression of the merged
       experts as compress_experts(importance="weight") would do on the merged model (every MoE layer).
     max_memory: a target for resident memory (bytes or "16GB"): decides whether the carried hidden
@@ -280,10 +312,18 @@ def merge_checkpoint(
       a budget).
     bases: similarity bases to collect (default: what `similarity` needs).
     tokenizer: saved with the checkpoint when given.
+    format: "exact" (the merged format: all E router rows and the expert_map) or "standard" (the family's own
+      checkpoint with M experts and M router rows, equal to save_pretrained(format="standard") of the merged model
+      in memory; standard.py); refused before any work when it cannot be expressed: globally, some `layers` only,
+      top_k > M, compression, a quantized source kept quantized.
+    router: the standard format's router rows: "fitted" (the default; fitted on the merged model's router inputs,
+      from one more forward of every layer as merged over the calibration batches) or "dominant" (the default
+      with a device_map, which supports only it).
     """
     started = time.perf_counter()
     bases = _check_options(similarity, strategy, grouping, bases)
     compress = compress_options(compress)
+    globally = format != "standard" if globally is None else globally
     budget, device_memory = _check_memory(max_memory, device_map)
     s, out, chosen, aliases = _open_stream(path, out, dtype, calibration_batches, layers, strategy, bases, progress,
                                            dispatched=device_map is not None)
@@ -291,10 +331,14 @@ def merge_checkpoint(
     # group counts known up front (not global): each layer is merged as soon as its statistics are in
     fused = not globally and device_map is None
     counts = groups.up_front(s.views) if fused else {}
+    n_group = _routing_groups(s, groups, within_routing_groups)
+    standard = check_standard(format, router, s, chosen, globally, compress, keep_quantization, device_map,
+                              groups.up_front(s.views) if not globally else None)
     plan = _plan(s, budget, max_shard_size)
-    options, seconds = dict(similarity=similarity, permute=permute, strategy=strategy, grouping=grouping, seed=seed), {}
+    options, seconds = dict(similarity=similarity, permute=permute, strategy=strategy, grouping=grouping, seed=seed,
+                            routing_groups=n_group), {}
     with atomic_directory(out) as tmp:
-        merger = _merger(s, tmp, plan, compress, options, keep_quantization)
+        merger = _merger(s, tmp, plan, compress, options, keep_quantization, standard)
         if device_map is not None:
             offloaded = _dispatched_passes(s, merger, groups, device_map, device_memory, offload_dir or tmp, seconds)
         else:

@@ -1,0 +1,149 @@
+"""The standard format written layer by layer: merge_checkpoint(format="standard") (docs/standard_format.md).
+
+What save_pretrained(format="standard") writes for the merged model in memory, without the model: every tensor
+the passes copy or merge arrives here under the original model's names, one unit (decoder layer) at a time, and
+leaves as transformers' own save_pretrained of the standard (M-expert) model writes it:
+
+- each MoE layer's merged slots in the standard plan's order (checkpoint/standard_plan.py, built from the layer's
+  LayerGrouping: plan_from_grouping), split into the M-expert model's stored tensors by its adapter
+  (stored_tensors().split, the reverse of the streamed read);
+- each MoE layer's router tensors (weight, bias, e_score_correction_bias) held until the layer is merged, then
+  sliced at the plan's rows (dominant) or fitted on the merged model's router inputs (fitted; passes.py runs the
+  merged layers over the calibration batches for them), as standard_router.router_state does in memory;
+- the names then reverted to the family's hub layout by transformers' revert_weight_conversion on a meta model
+  of the standard config (Mixtral's per-expert w1/w2/w3, the others' gate/up/down_proj, GPT-OSS fused), one unit
+  at a time (end_unit), as transformers reverts an offloaded model's shards;
+- weights in model.safetensors (or shards and model.safetensors.index.json), config.json from standard_config.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..checkpoint.standard import standard_config
+from ..checkpoint.standard_plan import LayerPlan
+from ..checkpoint.standard_router import sliced_rows
+from ..checkpoint.weight_files import ShardWriter
+from ..models import moe_layers
+from ..models.config_fields import expert_count_fields
+from .skeleton import build_skeleton
+
+HF_WEIGHTS = "model.safetensors"  # transformers' own weights name, which every loader looks for
+HF_METADATA = {"format": "pt"}
+
+
+class StandardOutput:
+    """The output writer of a streamed standard checkpoint: add() / names / finish() as a ShardWriter's, plus
+    end_unit() after each unit, write_layer() and write_router() per MoE layer (module docstring)."""
+
+    def __init__(self, directory: Path, max_shard_size: int | None, model: torch.nn.Module, views: dict,
+                 dtype: torch.dtype, num_experts: int, router: str):
+        config = model.config.__class__.from_dict(model.config.to_dict())
+        for name in expert_count_fields(config):
+            setattr(config, name, num_experts)
+        self.model, self.dtype, self.router = model, dtype, router
+        self.standard = build_skeleton(config, dtype)  # meta: names, layouts and the conversion mapping only
+        self.standard_views = {v.name: v for v in moe_layers(self.standard)}
+        self.prefixes = {v.name: f"{v.name}.{v.router_rows()[1]}" for v in views.values()}
+        self.writer = ShardWriter(directory, HF_WEIGHTS, max_shard_size, HF_METADATA)
+        self.names: set[str] = set()  # the original model's names given to add()
+        self.pending: dict[str, torch.Tensor] = {}  # the current unit's tensors, standard model names
+        self.held: dict[str, torch.Tensor] = {}  # router tensors waiting for their layer's plan
+        self.plans: dict[str, LayerPlan] = {}
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.names:
+            raise ValueError(f"tensor {name!r} written twice")
+        self.names.add(name)
+        routed = any(name.startswith(p) for p in self.prefixes.values())
+        (self.held if routed else self.pending)[name] = tensor
+
+    def write_layer(self, view, plan: LayerPlan, w_in: torch.Tensor, w_out: torch.Tensor,
+                    b_in: torch.Tensor | None, b_out: torch.Tensor | None) -> None:
+        """The merged slots [G, ...] of `view` (canonical layout) as the standard layer's M experts."""
+        if set(plan.slots) != set(range(w_in.shape[0])):
+            raise ValueError(f"{view.name}: the standard plan's slots {plan.slots} are not the {w_in.shape[0]} merged slots")
+        slots = torch.tensor(plan.slots, dtype=torch.long)
+        pick = lambda t: None if t is None else t[slots]  # noqa: E731
+        layout = self.standard_views[view.name].stored_tensors()
+        self.pending.update(layout.split(pick(w_in), pick(w_out), pick(b_in), pick(b_out)))
+        self.plans[view.name] = plan
+
+    def router_tensors(self, view) -> dict[str, torch.Tensor]:
+        """The held router tensors of `view`, {key inside the router module: tensor}."""
+        prefix = self.prefixes[view.name]
+        return {n[len(prefix):]: t for n, t in self.held.items() if n.startswith(prefix)}
+
+    def write_router(self, view, state: dict[str, torch.Tensor] | None = None) -> None:
+        """The standard router of `view`: `state` (fitted, {key: tensor}) or its held tensors sliced at the
+        plan's rows (dominant)."""
+        plan, prefix = self.plans[view.name], self.prefixes[view.name]
+        if state is None:
+            state = sliced_rows(self.router_tensors(view), view.num_experts, plan.rows)
+        for name in [n for n in self.held if n.startswith(prefix)]:
+            del self.held[name]
+        self.pending.update({prefix + k: t for k, t in state.items()})
+
+    def end_unit(self) -> None:
+        """Write the unit's tensors under the family's hub names."""
+        from transformers.core_model_loading import revert_weight_conversion
+
+        if not self.pending:
+            return
+        for name, tensor in revert_weight_conversion(self.standard, self.pending).items():
+            self.writer.add(name, tensor)
+        self.pending = {}
+
+    def finish(self):
+        self.end_unit()
+        if self.held:
+            raise RuntimeError(f"router tensors of unmerged layers were never written: {sorted(self.held)[:3]}")
+        return self.writer.finish()
+
+    def write_config(self, directory: Path) -> None:
+        """config.json (and generation_config.json) as save_pretrained of the standard model writes them."""
+        config = standard_config(self.model, self.plans, self.router, None)
+        config.dtype = str(self.dtype).removeprefix("torch.")
+        config.architectures = [type(self.standard).__name__]
+        config.save_pretrained(str(directory))
+        if self.standard.can_generate():
+            self.standard.generation_config.save_pretrained(str(directory))
+
+
+def check_standard(format: str, router: str | None, s, chosen: list[str], globally: bool, compress, keep_quantization: bool,
+                   device_map, counts: dict[str, int] | None) -> tuple[int, str] | None:
+    """(M, router) of a streamed standard checkpoint, None for format="exact"; what it cannot express is refused
+    here, before the first pass (`s`: the Stream; `counts`: the group counts known up front, None when global)."""
+    from ..checkpoint import FORMATS
+    from ..checkpoint.standard_plan import check_expert_counts
+    from ..checkpoint.standard_router import check_router
+
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if format != "standard":
+        if router is not None:
+            raise ValueError("router chooses the router rows of format='standard' only")
+        return None
+    if globally:
+        raise ValueError("format='standard': globally=True gives the layers different expert counts, but the config "
+                         "has one expert count for the whole model: pass globally=False (every layer gets num_groups)")
+    if compress:
+        raise ValueError("format='standard': the streamed merge writes the standard format of merged (not compressed) "
+                         "experts; drop compress, or save format='exact'")
+    if len(chosen) < len(s.views):
+        raise ValueError(f"format='standard': layers={sorted(chosen)} leaves the other MoE layers with all their "
+                         "experts, but the config has one expert count for every layer: merge every layer (layers=None)")
+    if s.source.quant is not None and keep_quantization:
+        raise ValueError("format='standard' from a quantized checkpoint is written dequantized: pass "
+                         "keep_quantization=False, or save format='exact' to keep the quantized format")
+    router = router or ("dominant" if device_map is not None else "fitted")
+    check_router(router, s.batches)
+    if router == "fitted" and device_map is not None:
+        raise ValueError("format='standard' with a device_map writes router='dominant' rows only: fitting them needs "
+                         "the merged model's own forward over the calibration batches, which the dispatched merge does "
+                         "not run; pass router='dominant' (--router dominant), or stream without device_map")
+    layers = list(s.views.values())
+    expert_count_fields(s.model.config)
+    check_expert_counts(s.model.config, layers, counts)
+    return next(iter(counts.values())), router
