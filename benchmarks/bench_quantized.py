@@ -3,8 +3,10 @@
 1. dequantize / quantize throughput of one DeepSeek-V3-shaped expert bank (block-FP8, [n, 2048, 7168] and
    [n, 7168, 2048]) and one GPT-OSS-shaped MXFP4 bank, plain PyTorch;
 2. a streamed merge of a Mixtral-shaped block-FP8 checkpoint under --max-memory vs the same merge of its
-   dequantized bf16 twin in the same run: seconds, bytes read, peak RSS, and the quantization error the
-   re-quantized merged banks add (relative to the twin's merged banks).
+   dequantized bf16 twin in the same run: seconds, bytes read, peak RSS, the quantization error the
+   re-quantized merged banks add (relative to the twin's merged banks, and as the run itself reports it:
+   weights and layer outputs on calibration tokens), and whether every dequantized merged weight is within
+   one e4m3 step of the bf16 path's.
 
     python benchmarks/bench_quantized.py [--layers 4 --hidden 1024 --ff 1792 --experts 8]
 """
@@ -81,13 +83,20 @@ def streamed(args) -> dict:
                              dtype=torch.bfloat16, max_memory=args.max_memory, globally=False)
         out[name] = dict(seconds=time.perf_counter() - t, bytes_read=r.bytes_read, bytes_written=r.bytes_written,
                          peak_rss=r.peak_rss, source_bytes=sum(p.stat().st_size for p in (root / name).glob("*.safetensors")))
+        if r.quantization_error is not None:
+            out[name]["reported_error"] = dict(max=r.quantization_error["max"], mean=r.quantization_error["mean"])
     q, t = (load_file(str(next((root / f"out-{n}").glob("*.safetensors")))) for n in ("fp8", "twin"))
-    errors = []
+    errors, within = [], True
     for name in t:
         if name.endswith((".experts.w_in", ".experts.w_out")):
             d = dequantize_fp8(q[name], q[name + "_scale_inv"]).float()
-            errors.append(((d - t[name].float()).norm() / t[name].float().norm()).item())
+            exact = t[name].float()
+            scale = q[name + "_scale_inv"].float().repeat_interleave(128, -2)[..., :exact.shape[-2], :]
+            scale = scale.repeat_interleave(128, -1)[..., :exact.shape[-1]]
+            within &= bool(((d - exact).abs() <= exact.abs() * 2.0 ** -4 + scale * 2.0 ** -10).all())
+            errors.append(((d - exact).norm() / exact.norm()).item())
     out["merged_bank_relative_error"] = dict(max=max(errors), mean=sum(errors) / len(errors))
+    out["within_one_e4m3_step_of_bf16_path"] = within
     out["slowdown"] = out["fp8"]["seconds"] / out["twin"]["seconds"]
     return out
 
@@ -99,12 +108,15 @@ def main():
     p.add_argument("--ff", type=int, default=1792)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--max-memory", default="1GB")
-    p.add_argument("--kernel-experts", type=int, default=4)
+    p.add_argument("--kernel-experts", type=int, default=4, help="0: skip the kernel throughputs")
+    p.add_argument("--out", default=None, help="also write the result to this json file")
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    result = dict(threads=torch.get_num_threads(), kernels=kernels(args.kernel_experts), streamed=streamed(args),
-                  shape=vars(args))
+    result = dict(threads=torch.get_num_threads(), kernels=kernels(args.kernel_experts) if args.kernel_experts else None,
+                  streamed=streamed(args), shape=vars(args))
     print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,19 @@ def test_merge_keeps_fp8_by_default_and_dequantizes_with_dtype(workspace, tmp_pa
     assert rel == pytest.approx(report["layers"]["model.layers.0.mlp"]["w_in"], rel=1e-6)
 
 
-def test_merge_refuses_standard_format_of_a_quantized_checkpoint_without_dtype(workspace, tmp_path, capsys):
-    rc, _, err = _run(["merge", "--model", workspace / "fp8", "--calib", workspace / "calib.txt", "--num-groups", 2,
-                       "--format", "standard", "--out", tmp_path / "s"], capsys)
-    assert rc == 2 and "--dtype bfloat16" in err
+def test_merge_standard_format_of_fp8_is_written_in_fp8(workspace, tmp_path, capsys):
+    """--format standard runs in memory (the checkpoint dequantized as read), then the family's checkpoint is
+    re-quantized like the input: unchanged tensors byte for byte, the merged experts quantized afresh."""
+    rc, out, err = _run(["merge", "--model", workspace / "fp8", "--calib", workspace / "calib.txt", "--num-groups", 2,
+                         "--format", "standard", "--out", tmp_path / "s"], capsys)
+    assert rc == 0, err
+    assert "changed tensors to fp8" in out
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert config["quantization_config"] == FP8 and config["num_local_experts"] == 2
+    stored, source = _tensors(tmp_path / "s"), _tensors(workspace / "fp8")
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(stored[q_proj].view(torch.uint8), source[q_proj].view(torch.uint8))
+    expert = "model.layers.1.block_sparse_moe.experts.1.w2.weight"
+    assert stored[expert].dtype == torch.float8_e4m3fn and expert.replace(".1.w2", ".2.w2") not in stored
+    errors = config["mcsmoe_quantization"]["tensors"]
+    assert expert in errors and q_proj not in errors and 0 < max(errors.values()) < 2.0 ** -4

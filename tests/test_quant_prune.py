@@ -97,6 +97,9 @@ def test_fp8_prune_written_back_in_fp8(tmp_path):
     expert = "model.layers.0.block_sparse_moe.experts.{}.w1.weight"  # transformers saves Mixtral per expert
     assert stored[expert.format(1)].dtype == torch.float8_e4m3fn and expert.format(2) not in stored
     assert stored[expert.format(1) + "_scale_inv"].shape == (1, 1)
+    report = json.loads((tmp_path / "q" / "config.json").read_text())["mcsmoe_quantization"]
+    assert expert.format(1) in report["tensors"] and q_proj not in report["tensors"]
+    assert report["max"]["weights"] < 2.0 ** -8  # renumbered experts: their own values, scales rounded again
     got, ref = _dequantized_load(tmp_path / "q", FP8), pruned_twin.state_dict()
     for name in ref:  # float32 work: the kept experts re-quantize to their own values
         assert torch.allclose(got[name], ref[name], rtol=2.0 ** -8, atol=0), name
@@ -113,9 +116,12 @@ def test_cli_prunes_and_merges_mxfp4_without_dequantizing_first(gpt_oss, tmp_pat
     common = ["--model", root / "mx", "--calib", root / "calib.txt"]
     rc, out, err = _cli(["prune", *common, "--num-experts", 2, "--out", tmp_path / "p"], capsys)
     assert rc == 0, err
-    assert "written in the input's precision (mxfp4" in out
+    assert "written in the input's precision (mxfp4" in out and "changed tensors to mxfp4" in out
     config = json.loads((tmp_path / "p" / "config.json").read_text())
     assert config["quantization_config"] == MXFP4 and config["num_local_experts"] == 2
+    # the kept experts' banks, quantized afresh: MXFP4 is a projection, so re-quantizing adds nothing
+    errors = config["mcsmoe_quantization"]["tensors"]
+    assert "model.layers.1.mlp.experts.gate_up_proj" in errors and config["mcsmoe_quantization"]["max"]["weights"] == 0
     assert "model.layers.0.mlp.experts.down_proj_blocks" in load_file(str(tmp_path / "p" / "model.safetensors"))
     _dequantized_load(tmp_path / "p", MXFP4)  # transformers loads it
 
@@ -129,3 +135,19 @@ def test_cli_prunes_and_merges_mxfp4_without_dequantizing_first(gpt_oss, tmp_pat
     assert rc == 0, err
     assert "re-quantized to mxfp4" in out
     assert json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"] == MXFP4
+
+
+def test_in_memory_steps_on_fp8_see_the_dequantized_twin(tmp_path):
+    """open_model of a block-FP8 checkpoint is transformers' dequantize=True load, so permute (and merge,
+    compress) in memory do on it what they do on the twin."""
+    from mcsmoe_fast.permute import align_experts
+
+    tiny_mixtral(num_experts=4, hidden_size=128, intermediate_size=128).save_pretrained(tmp_path / "plain")
+    quantize_checkpoint(tmp_path / "plain", tmp_path / "fp8", dict(FP8, scale_fmt="ue8m0"))
+    got, ref = open_model(str(tmp_path / "fp8"), torch.float32), _dequantized_load(tmp_path / "fp8", FP8)
+    state = got.state_dict()
+    assert sorted(state) == sorted(ref) and all(torch.equal(state[n], ref[n]) for n in ref)
+    twin = _twin(tmp_path / "fp8", tmp_path / "twin", FP8)
+    perms = align_experts(got)
+    ref_perms = align_experts(open_model(str(twin), torch.float32))
+    assert all(torch.equal(perms[n], ref_perms[n]) for n in ref_perms)

@@ -131,9 +131,6 @@ def run(args) -> int:
     keep_quantization = quantized and args.dtype in (None, "auto")
     args.dtype = args.dtype or "float32"
     dtype = None if keep_quantization else dtype_option(args)
-    if quantized and (args.export_dense or args.format == "standard") and keep_quantization:
-        raise ValueError(f"{'--export-dense' if args.export_dense else '--format standard'} of a quantized checkpoint "
-                         "is written dequantized: add --dtype bfloat16 (or float32)")
     if quantized and not (args.export_dense or args.format == "standard"):  # re-quantized by the streamed merge
         return run_streaming(args, tokenizer, batches, dtype, keep_quantization)
     if isinstance(budget, dict) and args.device_map is None:
@@ -173,6 +170,11 @@ def run(args) -> int:
     print(f"{len(texts)} calibration samples; {total} groups over {len(groupings)} layers in {elapsed:.2f} s")
     standard = dict(format="standard", router=args.router, batches=batches) if args.format == "standard" else {}
     out = save_pretrained(model, args.out, export_dense=args.export_dense, tokenizer=tokenizer, **standard)
+    if keep_quantization:  # --format standard / --export-dense of a quantized checkpoint: back in its format
+        from ..streaming.quantized import describe_error, requantize_saved, saved_error
+
+        requantize_saved(out, args.model)
+        print(describe_error(saved_error(out)))
     print(f"parameters: {before / 2**20:.2f} MiB before, {after / 2**20:.2f} MiB after merging "
           f"({before / max(after, 1):.2f}x smaller)")
     kind = "dense " if args.export_dense else ("standard " if args.format == "standard" else "")

@@ -68,10 +68,11 @@ def run(args) -> int:
     before, after = parameter_bytes(model), parameter_bytes(pruned)
     out = save_pretrained(pruned, args.out, tokenizer=tokenizer, format="standard")
     if keep_quantization:
-        from ..streaming.quantized import requantize_saved
+        from ..streaming.quantized import describe_error, requantize_saved, saved_error
 
         requantize_saved(out, args.model)
-        print(f"written in the input's precision ({quantized_format(args.model).method}, its quantization_config)")
+        print(f"written in the input's precision ({quantized_format(args.model).method}, its quantization_config); "
+              + describe_error(saved_error(out)))
     print(f"parameters: {before / 2**20:.2f} MiB before, {after / 2**20:.2f} MiB after pruning "
           f"({before / max(after, 1):.2f}x smaller)")
     print(f"saved standard checkpoint to {out} ({dir_bytes(out) / 2**20:.2f} MiB on disk)")

@@ -230,6 +230,9 @@ def describe_error(report: dict | None) -> str:
     """One line for the CLI."""
     if not report:
         return "re-quantized: no merged layer"
+    if "tensors" in report:  # quantize_checkpoint(like=...): weights only
+        return (f"re-quantized {len(report['tensors'])} changed tensors to {report['format']}: "
+                f"{100 * report['max']['weights']:.2f}% relative error (max; mean {100 * report['mean']['weights']:.2f}%)")
     mx, mean = report["max"], report["mean"]
     text = (f"re-quantized to {report['format']}: merged weights {100 * max(mx['w_in'], mx['w_out']):.2f}% relative "
             f"error (max over banks; mean {100 * (mean['w_in'] + mean['w_out']) / 2:.2f}%)")
@@ -282,23 +285,38 @@ def quantize_checkpoint(src, dst, quantization_config: dict | None = None, scale
     files = open_weight_files(src)
     dst.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(dst, "model.safetensors", None, {"format": "pt"})
+    errors = {}  # with like: the tensors quantized afresh -> the relative error quantizing added
     for name in files.shapes:
         t = files.get(name)
+        copy = False  # the source's stored parts, byte for byte
         if source is not None and source.is_quantized(name) and t.is_floating_point():
-            same = tuple(source.shapes[name]) == tuple(t.shape) and torch.equal(source.get(name, t.dtype), t)
-            parts = source.raw(name) if same else quantize_tensor(name, t, fmt, scale_dtype, transpose_mxfp4=True)
-            source.release()
-        elif source is not None and not name.endswith(_BANKS):
-            parts = {name: t}
+            copy = tuple(source.shapes[name]) == tuple(t.shape) and torch.equal(source.get(name, t.dtype), t)
+            fresh = not copy
+        elif source is not None:
+            fresh = name.endswith(_BANKS) and _quantizable(name, t, fmt)
         else:
-            parts = (quantize_tensor(name, t, fmt, scale_dtype, transpose_mxfp4=True) if _quantizable(name, t, fmt)
-                     else {name: t})
+            fresh = _quantizable(name, t, fmt)
+        if copy:
+            parts = source.raw(name)
+            source.release()
+        elif fresh:
+            parts = quantize_tensor(name, t, fmt, scale_dtype, transpose_mxfp4=True)
+            if source is not None:
+                errors[name] = relative_error(dequantize_parts(parts, fmt, t.shape), t)
+        else:
+            parts = {name: t}
         for n, p in parts.items():
             writer.add(n, p)
     files.release()
     writer.finish()
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = dict(quantization_config)
+    if source is not None:
+        config.pop(ERROR_KEY, None)
+        if errors:
+            values = list(errors.values())
+            config[ERROR_KEY] = {"format": fmt.method, "tensors": errors, "max": {"weights": max(values)},
+                                 "mean": {"weights": sum(values) / len(values)}}
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for extra in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                   "chat_template.jinja", "tokenizer.model"):
@@ -317,6 +335,11 @@ def requantize_saved(directory, like) -> Path:
     with atomic_directory(directory) as tmp:
         quantize_checkpoint(directory, tmp, like=like)
     return directory
+
+
+def saved_error(directory) -> dict | None:
+    """The error report recorded in a checkpoint's config.json (ERROR_KEY), None when there is none."""
+    return json.loads((Path(directory) / "config.json").read_text()).get(ERROR_KEY)
 
 
 @torch.no_grad()
