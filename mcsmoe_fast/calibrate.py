@@ -17,12 +17,15 @@ Per MoE layer, over the calibration tokens that are not padding:
                     (REAP, Lasby et al. 2025, eq. 9: the mean over the tokens routed to j; 0 if none came).
                     g: "reap" (REAP's default) the router's softmax probability renormalised over the token's
                     chosen experts, "reap-softmax" the plain softmax probability over all E experts. Routers
-                    whose scores are not a softmax (DeepSeek-V3's and Llama-4's sigmoids, and any router not in
-                    SOFTMAX_ROUTERS) give g = the router's own top-k weight for both modes. The expert outputs
+                    whose scores are not a softmax (DeepSeek-V3's sigmoid, and any router not in
+                    SOFTMAX_ROUTERS) give g = the router's own top-k weight for both modes; where that weight
+                    scales the expert's input instead (Llama-4), the contribution is f_j(s x) itself (g = 1,
+                    the expert run on s x). The expert outputs
                     are computed once per routed (token, expert) pair by the fused grouped_expert_ffn (one row
                     per pair), never for every expert on every token.
 - slot_input_sq [S, d], slot_hidden_sq [S, ff] (only with input_norms=True) per stored slot, the sums
-                    of squares of the slot's inputs (routed tokens) and of its hidden activations: the
+                    of squares of the slot's inputs (routed tokens; Llama-4's scaled s x, the inputs its
+                    experts really see) and of its hidden activations: the
                     feature norms that one-shot compression (compress.py, importance="activation") weighs
                     each |S_ij| with.
 
@@ -160,7 +163,10 @@ class _Accumulator:
             logits = self.layer.router_logits(x).to(acc).masked_fill(~self.keep, float("-inf"))
             top_logits, top = logits.topk(s.top_k, dim=-1)  # [T, k]
             chosen = torch.isfinite(top_logits)  # a masked expert picked only to fill k is not a selection
-        gates = self._gates(x, logits, top, chosen) if s.saliency_sum is not None else None
+        scale = self.layer.expert_input_scale(logits, top)  # Llama-4: the router's score scales the expert input
+        gates = None
+        if s.saliency_sum is not None:  # with an input scale the expert's contribution is FFN(s x) itself: g = 1
+            gates = chosen.to(acc) if scale is not None else self._gates(x, logits, top, chosen)
         logits = torch.where(torch.isfinite(logits), logits, torch.zeros_like(logits))  # masked logits: 0 in the Gram
         s.tokens += x.shape[0]
         s.counts += torch.bincount(top[chosen], minlength=s.num_experts).to(acc)
@@ -173,10 +179,10 @@ class _Accumulator:
                 if self.activation_sum is not None:
                     self._accumulate_activations(x)
                 if s.slot_input_sq is not None:
-                    self._accumulate_input_norms(x, top, chosen)
+                    self._accumulate_input_norms(x, top, chosen, scale)
         if gates is not None:
             with onloaded(self.layer.module):
-                self._accumulate_saliency(x, top, chosen, gates)
+                self._accumulate_saliency(x, top, chosen, gates, scale)
 
     def _gates(self, x: torch.Tensor, logits: torch.Tensor, top: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """g [T, k]: the routing weight of each chosen expert that REAP's saliency weighs (see the module docstring)."""
@@ -184,10 +190,10 @@ class _Accumulator:
         acc = self.stats.saliency_sum.dtype
         if type(router).__name__ not in SOFTMAX_ROUTERS:  # sigmoid & co: the router's own top-k weights
             out = router(x)
-            if len(out) == 3:  # (logits, top-k weights [T, k], top-k index [T, k])
-                dense = torch.zeros_like(logits, dtype=acc).scatter(1, out[2].long(), out[1].to(acc))
-            else:  # Llama-4: (scores [T, E], logits)
-                dense = out[0].to(acc)
+            if not isinstance(out, tuple) or len(out) != 3:
+                raise ValueError(f"{self.layer.name}: REAP saliency needs the router's top-k weights, but "
+                                 f"{type(router).__name__} does not return (logits, top-k weights, top-k index)")
+            dense = torch.zeros_like(logits, dtype=acc).scatter(1, out[2].long(), out[1].to(acc))
             return torch.where(chosen, dense.gather(1, top), torch.zeros((), dtype=acc, device=dense.device))
         probs = torch.softmax(logits.to(acc), dim=-1)  # masked experts (-inf) get 0
         g = torch.where(chosen, probs.gather(1, top), torch.zeros((), dtype=acc, device=probs.device))
@@ -195,8 +201,10 @@ class _Accumulator:
             g = g / g.sum(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
         return g
 
-    def _accumulate_saliency(self, x: torch.Tensor, top: torch.Tensor, chosen: torch.Tensor, gates: torch.Tensor) -> None:
-        """saliency_sum[j] += g * ||f_j(x)|| over routed pairs: the fused op runs one row per (token, chosen expert)."""
+    def _accumulate_saliency(self, x: torch.Tensor, top: torch.Tensor, chosen: torch.Tensor, gates: torch.Tensor,
+                             scale: torch.Tensor | None) -> None:
+        """saliency_sum[j] += g * ||f_j(x)|| over routed pairs (f_j(s x) with an input scale s): the fused op runs
+        one row per (token, chosen expert)."""
         w_in, w_out = (w.detach() for w in self.layer.expert_weights())
         b_in, b_out = (None if b is None else b.detach() for b in self.layer.expert_biases())
         emap = self.layer.expert_map().to(w_in.device)
@@ -205,6 +213,8 @@ class _Accumulator:
         args = self.layer.activation_args
         step = max(1, self.chunk_tokens) * k
         rows = x.to(w_in.dtype).repeat_interleave(k, dim=0)
+        if scale is not None:
+            rows = rows * scale.reshape(-1, 1).to(rows)
         for start in range(0, rows.shape[0], step):
             idx = pairs[start : start + step]
             out = grouped_expert_ffn(rows[start : start + step], w_in, w_out, emap, idx,
@@ -223,11 +233,15 @@ class _Accumulator:
                 h = self.layer.hidden_activations(xc, slot)
                 self.activation_sum[slot] += h.sum(0).to(self.activation_sum.dtype)
 
-    def _accumulate_input_norms(self, x: torch.Tensor, top: torch.Tensor, chosen: torch.Tensor) -> None:
+    def _accumulate_input_norms(self, x: torch.Tensor, top: torch.Tensor, chosen: torch.Tensor,
+                                scale: torch.Tensor | None) -> None:
         w_in, _ = self.layer.expert_weights()
         slots = torch.where(chosen, self.layer.expert_map().to(top.device)[top], -1)
         for slot in range(w_in.shape[0]):
-            xs = x[(slots == slot).any(-1)]
+            if scale is None:  # the slot sees a token once, whichever of its experts chose it
+                xs = x[(slots == slot).any(-1)]
+            else:  # each chosen expert sees its own scaled copy s x
+                xs = (x.unsqueeze(1) * scale.to(x).unsqueeze(-1))[slots == slot]
             for start in range(0, xs.shape[0], self.chunk_tokens):
                 xc = xs[start : start + self.chunk_tokens]
                 h = self.layer.hidden_activations(xc.to(w_in.dtype), slot)

@@ -1,5 +1,5 @@
 """Llama-4 text MoE (llama4_text) through every step, against transformers' own Llama4ForCausalLM (eager):
-the adapter (models/llama4.py), the fused block (modules/llama4.py) and the pipeline on tiny random models
+the adapter and its fused block (models/llama4.py) and the pipeline on tiny random models
 saved with save_pretrained and loaded back through the real loading code (merge_helpers.build)."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import mcsmoe_fast as mf
 from mcsmoe_fast.activations import apply
 from mcsmoe_fast.models.llama4 import Llama4Layer
 from mcsmoe_fast.modules import CompressedMoEExperts, MoEExperts
-from mcsmoe_fast.modules.llama4 import Llama4MoE
+from mcsmoe_fast.models.llama4 import Llama4MoE
 from mcsmoe_fast.tiny import tiny_moe
 from merge_helpers import build
 from test_families import batches, close, ids, logits, merge_then_compress
@@ -88,6 +88,39 @@ def test_routing_statistics_count_the_experts_llama4_router_picks(model):
         expected = torch.stack(seen[name]).sum(0).double()
         assert expected.sum() == 3 * 24 * k
         assert torch.equal(stats[name].counts.cpu(), expected), name
+
+
+def test_input_statistics_and_saliency_see_the_score_scaled_inputs(model):
+    """Llama-4's experts run on s x (s = the router's sigmoid score): the input and hidden sums of squares that
+    activation importance weighs, and REAP's saliency ||f_e(s x)||, equal what transformers' own experts module
+    receives and returns in its forward (its input holds s x for the chosen experts, 0 for the others)."""
+    layer = mf.moe_layers(model)[0]
+    experts = layer.module.experts
+    seen = []
+    hook = experts.register_forward_hook(lambda m, args, out: seen.append((args[0].detach(), out.detach())))
+    data = batches()
+    with torch.no_grad():
+        for b in data:
+            model(**b)
+    hook.remove()
+    e = layer.num_experts
+    x_sq, h_sq = torch.zeros(e, 32, dtype=torch.float64), torch.zeros(e, 48, dtype=torch.float64)
+    sal, count = torch.zeros(e, dtype=torch.float64), torch.zeros(e, dtype=torch.float64)
+    for rows, out in seen:
+        rows, out = rows.view(e, -1, 32).double(), out.view(e, -1, 32).double()
+        for j in range(e):
+            routed = rows[j].abs().sum(-1) > 0  # unchosen experts get zero rows
+            xs = rows[j][routed]
+            gate, up = (xs @ experts.gate_up_proj[j].double()).chunk(2, dim=-1)
+            x_sq[j] += xs.square().sum(0)
+            h_sq[j] += (torch.nn.functional.silu(gate) * up).square().sum(0)
+            sal[j] += out[j][routed].norm(dim=-1).sum()
+            count[j] += routed.sum()
+    stats = mf.collect_routing_stats(model, data, input_norms=True, saliency="reap", progress=False)[layer.name]
+    assert torch.equal(stats.counts.cpu(), count)
+    torch.testing.assert_close(stats.slot_input_sq.cpu(), x_sq, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(stats.slot_hidden_sq.cpu(), h_sq, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(stats.saliency.cpu(), sal / count.clamp_min(1), rtol=1e-5, atol=1e-7)
 
 
 def test_merge_with_every_group_equals_the_original(model):

@@ -1,5 +1,6 @@
 """Model adapters: a uniform `MoELayer` view of every MoE block, found through the registry of families
-(registry.py). Switch Transformers has its own adapter (switch.py: its experts are a ModuleDict of MLPs); the
+(registry.py: each adapter module declares its own). Switch Transformers has its own adapter (switch.py:
+its experts are a ModuleDict of MLPs), Llama-4 too (llama4.py); the
 families on transformers' `use_experts_implementation` experts contract are found by structure through the
 generic adapter (experts.py).
 """
@@ -9,11 +10,9 @@ from torch import nn
 
 from .base import MoELayer, expert_weights_per_expert, select_layers
 from .experts import ExpertsLayer
-from .registry import FAMILIES, Family, family_of, tested_model_types
+from .registry import Family, families, family_of, tested_model_types
 from .stored_tensors import ExpertTensors
 from .switch import SwitchLayer
-
-TESTED_FAMILIES = tested_model_types()
 
 
 def _is_moe_family(model: nn.Module) -> bool:
@@ -37,7 +36,7 @@ def moe_layers(model: nn.Module, allow_empty: bool = False) -> list[MoELayer]:
         raise ValueError(
             f"no MoE layer mcsmoe_fast can handle in this {model_type!r} model: supported are Switch Transformers "
             "and transformers MoE families whose experts use `use_experts_implementation` "
-            f"(tested: {', '.join(TESTED_FAMILIES)})"
+            f"(tested: {', '.join(tested_model_types())})"
         )
     if not allow_empty:
         raise ValueError(f"no MoE layer found in this {model_type} model: {type(model).__name__} holds no experts "
@@ -47,4 +46,4 @@ def moe_layers(model: nn.Module, allow_empty: bool = False) -> list[MoELayer]:
 
 
 __all__ = ["MoELayer", "select_layers", "expert_weights_per_expert", "SwitchLayer", "ExpertsLayer", "moe_layers",
-           "TESTED_FAMILIES", "FAMILIES", "Family", "family_of", "ExpertTensors"]
+           "Family", "families", "family_of", "ExpertTensors"]

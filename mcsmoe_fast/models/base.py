@@ -73,6 +73,11 @@ class MoELayer:
         logits = self.router_logits(hidden)
         return logits, logits.topk(self.top_k, dim=-1).indices
 
+    def expert_input_scale(self, logits: torch.Tensor, top: torch.Tensor) -> torch.Tensor | None:
+        """[T, k] factors by which the block scales each chosen expert's input (Llama-4's router score), from
+        route()'s logits and choice; None where the experts see the hidden states as they are."""
+        return None
+
     experts_implementation = False  # its experts run through transformers' experts interface (optimize)
 
     def optimize(self, dropless: bool = False) -> bool:

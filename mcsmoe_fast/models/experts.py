@@ -24,6 +24,7 @@ from ..modules.compressed import CompressedMoEExperts
 from ..modules import MoEExperts
 from ..modules.masked_router import SOFTMAX_TOP_K_ROUTERS, MaskedTopKRouter
 from .base import MoELayer, refuse_compressed, split_name
+from .registry import Family
 from .stored_tensors import ExpertTensors
 from ..modules.experts_spec import ExpertsSpec, follows_contract
 
@@ -235,3 +236,12 @@ def experts_layers(model: nn.Module) -> list[ExpertsLayer]:
                                    num_experts=experts_count(experts), top_k=_top_k(module, router),
                                    activation=activation, activation_args=args))
     return layers
+
+
+FAMILIES = (
+    Family("decoder experts contract", ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"),
+           experts_layers, streaming="layers"),
+    Family("hybrid-attention experts contract", ("qwen3_next", "qwen3_5_moe_text"), experts_layers,
+           streaming="dispatch"),
+    Family("experts contract", (), experts_layers),  # any other family on the contract, found by structure
+)

@@ -10,6 +10,7 @@ from ..modules.compressed import CompressedMoEExperts
 from ..modules import MoEExperts, SwitchMoE
 from ..modules.masked_router import MaskedLinear
 from .base import MoELayer, refuse_compressed
+from .registry import Family
 from .stored_tensors import ExpertTensors
 
 
@@ -113,3 +114,6 @@ def switch_layers(model: nn.Module) -> list[SwitchLayer]:
                             num_experts=module.router.num_experts, top_k=1, activation=activation)
             )
     return layers
+
+
+FAMILIES = (Family("switch_transformers", ("switch_transformers",), switch_layers, seq2seq=True, streaming="dispatch"),)

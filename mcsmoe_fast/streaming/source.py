@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..models import FAMILIES
+from ..models import families
 from ..quant import detect
 from ..quant.files import QuantizedFiles
 from ..sections import MERGE_SECTION
@@ -37,9 +37,9 @@ from ..checkpoint.weight_files import CheckpointError, WeightFiles, read_index
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 # the cut forward (forward.py) runs these decoder layers; only their model's own forward runs the others
-# (linear attention, Switch's encoder-decoder): each family's `streaming` in the registry (models/registry.py)
-SUPPORTED_TYPES = tuple(t for f in FAMILIES if f.streaming == "layers" for t in f.model_types)
-DISPATCH_TYPES = tuple(t for f in FAMILIES if f.streaming == "dispatch" for t in f.model_types)
+# (linear attention, Switch's encoder-decoder): each family's `streaming` (its Family, in its adapter module)
+SUPPORTED_TYPES = tuple(t for f in families() if f.streaming == "layers" for t in f.model_types)
+DISPATCH_TYPES = tuple(t for f in families() if f.streaming == "dispatch" for t in f.model_types)
 # names of the per-expert tensors of a fused tensor: (gate, up) and (down,), per naming convention
 PER_EXPERT_NAMES = ((("w1", "w3"), ("w2",)), (("gate_proj", "up_proj"), ("down_proj",)))
 
