@@ -57,6 +57,41 @@ def test_checkpoints_load_back_with_the_reported_perplexity(demo_run):
         assert perplexity(model, windows) == pytest.approx(rows[name]["perplexity"], rel=1e-4)
 
 
+def test_method_comparison_starts_from_the_merge_checkpoint_with_one_kd_budget(demo_run):
+    """Issues 20 and 21 in the demo: every method at each ratio, one-shot and after the same KD budget, from the
+    checkpoint at steps - recover_steps (saved as checkpoints/teacher), M-SMoE's exact and standard forms side
+    by side; the goals are computed from those rows."""
+    from mcsmoe_fast.demo.recipe import DEMO_METHODS
+
+    out, rows, text = demo_run
+    saved = json.loads((out / "results.json").read_text())
+    methods = saved["methods"]
+    assert methods == json.loads((out / "methods" / "results.json").read_text())
+    assert [(r["method"], r["ratio"]) for r in methods["rows"]] == [("full", 0.0)] + [
+        (m, r) for r in TINY.compare_ratios for m in DEMO_METHODS]
+    budget = TINY.method_kd_steps
+    assert methods["kd_steps"] == budget and methods["merged_from_step"] == TINY.merge_step
+    assert TINY.merge_step + budget <= TINY.steps
+    for r in methods["rows"][1:]:
+        assert r["kd_steps"] == budget and r["perplexity_kd"] != r["perplexity"]
+        assert r["form"] == ("exact" if r["method"] in ("m-smoe", "hc-smoe") else "standard")
+        assert r["experts"] == TINY.experts - round(r["ratio"] * TINY.experts)
+    _, held_out = split_corpus(1, TINY.eval_windows * TINY.length)
+    teacher = from_pretrained(out / "checkpoints" / "teacher")
+    teacher_ppl = perplexity(teacher, Windows(held_out, TINY.length).rows)
+    assert methods["rows"][0]["perplexity"] == pytest.approx(teacher_ppl, rel=1e-5)
+    assert teacher_ppl != pytest.approx(rows["full"]["perplexity"], rel=1e-3), "the teacher is not the final model"
+    by = {(r["method"], r["ratio"]): r for r in methods["rows"]}
+    for goal in saved["goals"]:
+        exact, standard = by[("m-smoe", goal["ratio"])], by[("m-smoe-standard", goal["ratio"])]
+        assert goal["standard_gap"] == pytest.approx(standard["perplexity_kd"] / exact["perplexity_kd"] - 1)
+        assert goal["reap_kd"] == by[("reap", goal["ratio"])]["perplexity_kd"]
+        assert goal["best_merging_kd"] == min(by[(m, goal["ratio"])]["perplexity_kd"]
+                                              for m in ("m-smoe", "m-smoe-standard", "hc-smoe", "ream"))
+    assert f"after KD ({budget} steps)" in text and "goal <= +3%" in text and "vs REAP" in text
+    assert (out / "methods" / "results.md").exists()
+
+
 def test_out_dir_with_foreign_files_is_refused(tmp_path):
     (tmp_path / "mine.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="mine.txt"):
@@ -77,7 +112,8 @@ def test_corpus_split_is_disjoint_and_deterministic():
     assert int(a.max()) < 256
 
 
-@pytest.mark.parametrize("bad,match", [({"recover_steps": 24}, "recover_steps"), ({"groups": 8}, "groups")])
+@pytest.mark.parametrize("bad,match", [({"recover_steps": 24}, "recover_steps"), ({"groups": 8}, "groups"),
+                                       ({"compare_kd_steps": 9}, "compare_kd_steps")])
 def test_plan_refuses_bad_values(bad, match):
     from dataclasses import asdict
 

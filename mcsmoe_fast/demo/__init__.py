@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .recipe import QUICK, DemoPlan, run_recipe
 
-OUTPUTS = ("results.json", "plot.png", "checkpoints")
+OUTPUTS = ("results.json", "plot.png", "checkpoints", "methods")
 
 
 def prepare_out_dir(out: Path) -> Path:
@@ -28,9 +28,11 @@ def prepare_out_dir(out: Path) -> Path:
 def run_demo(out_dir="mcsmoe-demo", quick: bool = False, plan: DemoPlan | None = None, progress: bool = True,
              print_fn=print) -> dict:
     """Run the recipe and write checkpoints, results.json and plot.png into out_dir; returns the rows."""
+    from ..checkpoint import save_pretrained
+    from ..compare import markdown_table, write_results
     from ..train.text import perplexity
     from .measure import checkpoint_mb, expert_parameters, throughput
-    from .report import format_table, write_json, write_plot
+    from .report import format_goals, format_table, method_goals, write_json, write_plot
 
     out = prepare_out_dir(out_dir)
     plan = plan or (QUICK if quick else DemoPlan())
@@ -49,12 +51,24 @@ def run_demo(out_dir="mcsmoe-demo", quick: bool = False, plan: DemoPlan | None =
         rows[name] = {"steps": steps, "expert_params": params, "expert_share": params / full_params,
                       "checkpoint_mb": checkpoint_mb(model, out / "checkpoints" / slug), "perplexity": ppl,
                       "vs_full": ppl / full_ppl, "tokens_per_s_transformers": hf, "tokens_per_s_optimized": fast}
+    methods = result["methods"]
+    save_pretrained(result["teacher"], out / "checkpoints" / "teacher")  # what every method started from
+    goals = method_goals(methods)
     seconds = time.perf_counter() - start
     print_fn(format_table(rows))
     print_fn(f"MC-SMoE one-shot (before its KD): perplexity {result['mc_one_shot_perplexity']:.3f}; "
              f"total {seconds:.0f} s. Tokens/s: forward over 16 x {plan.length} held-out bytes.")
+    print_fn(f"\nThe field's methods on the checkpoint at step {plan.merge_step} (the teacher; 'full' below), "
+             f"{methods['experts']} experts per layer; one-shot, then {methods['kd_steps']} KD steps each (the same "
+             f"budget; rows end at step {plan.merge_step + methods['kd_steps']} <= {plan.steps}). exact: aliased "
+             "router (E rows + expert_map); standard: M experts and M router rows (m-smoe-standard: fitted rows):")
+    print_fn(markdown_table(methods).rstrip("\n"))
+    print_fn(format_goals(goals))
+    write_results(methods, out / "methods")
     write_json(out / "results.json", rows, {"plan": result["plan"], "seconds": seconds,
-                                            "mc_one_shot_perplexity": result["mc_one_shot_perplexity"]})
+                                            "mc_one_shot_perplexity": result["mc_one_shot_perplexity"],
+                                            "methods": methods, "goals": goals})
     plotted = write_plot(out / "plot.png", rows)
-    print_fn(f"wrote {out}/results.json, {out}/checkpoints/" + (", plot.png" if plotted else " (no matplotlib: no plot)"))
+    print_fn(f"wrote {out}/results.json, {out}/checkpoints/, {out}/methods/"
+             + (", plot.png" if plotted else " (no matplotlib: no plot)"))
     return rows

@@ -9,6 +9,12 @@ records each row's steps). The teacher is that same merged-from checkpoint: noth
 comes from later training. MC-SMoE follows the paper's order: merge, half the recovery steps of KD,
 compress, the other half; two rows: compressed one-shot (rows kept by weight magnitude) then KD, and the
 paper's own recipe, the rows pruned during KD by |theta * grad| on the cubic schedule.
+
+Then the field's methods on the same checkpoint (compare.py, issues 20 and 21): M-SMoE in the exact
+(aliased) and the standard form (M router rows, fitted), HC-SMoE, REAM-style merging, REAP and frequency
+pruning at `compare_ratios` fewer experts, each one-shot and after the same KD budget (`method_kd_steps`,
+at most recover_steps, so these rows end at or before `steps` too), the teacher again the merged-from
+checkpoint.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import torch
 from torch import nn
 
 from ..calibrate import collect_routing_stats
+from ..compare import compare_methods
 from ..compress import compress_experts
 from ..merge import merge_experts
 from ..train import TrainConfig, train
@@ -48,17 +55,30 @@ class DemoPlan:
     calibration_windows: int = 64
     eval_windows: int = 96
     seed: int = 0
+    compare_ratios: tuple[float, ...] = (0.25, 0.5)  # shares of experts removed in the method comparison
+    compare_kd_steps: int | None = None  # KD steps of each compared method (None: half of recover_steps)
 
     def __post_init__(self):
         if not 0 < self.recover_steps < self.steps:
             raise ValueError(f"recover_steps must be in (0, steps), got {self.recover_steps} of {self.steps}")
         if not 1 <= self.groups < self.experts:
             raise ValueError(f"groups must be in [1, experts), got {self.groups}")
+        if not 0 < self.method_kd_steps <= self.recover_steps:
+            raise ValueError(f"compare_kd_steps must be in (0, recover_steps]: no row may train past steps; "
+                             f"got {self.method_kd_steps} of {self.recover_steps}")
+        object.__setattr__(self, "compare_ratios", tuple(self.compare_ratios))
 
     @property
     def merge_step(self) -> int:
         return self.steps - self.recover_steps
 
+    @property
+    def method_kd_steps(self) -> int:
+        return self.compare_kd_steps if self.compare_kd_steps is not None else max(1, self.recover_steps // 2)
+
+
+# the method comparison's rows: M-SMoE's exact and standard forms side by side (issue 20), then issue 21's
+DEMO_METHODS = ("m-smoe", "m-smoe-standard", "hc-smoe", "ream", "reap", "frequency")
 
 QUICK = DemoPlan(hidden_size=64, intermediate_size=128, steps=240, recover_steps=80, learning_rate=5e-3,
                  kd_learning_rate=2e-3, warmup_steps=20, rank=8, calibration_windows=32, eval_windows=48)
@@ -125,6 +145,10 @@ def run_recipe(plan: DemoPlan, progress: bool = True, print_fn=print) -> dict:
     train(mc, data, rest, collate_fn=lm_batch, eval_fn=eval_fn, teacher=teacher, progress=progress)
     compress_experts(pruned, rank=plan.rank, keep_ratio=plan.keep_ratio, importance="gradient", progress=False)
     train(pruned, data, rest, collate_fn=lm_batch, eval_fn=eval_fn, teacher=teacher, progress=progress)
+    method_kd = replace(kd, steps=plan.method_kd_steps, warmup_steps=min(plan.warmup_steps, plan.method_kd_steps // 4))
+    methods = compare_methods(teacher, calibration, held_out, DEMO_METHODS, plan.compare_ratios, progress=progress,
+                              kd=method_kd, kd_data=data)
+    methods["merged_from_step"] = plan.merge_step
     rows = {
         "full": (full, plan.steps),
         "random groups, uniform average": (baseline, plan.merge_step),
@@ -133,4 +157,5 @@ def run_recipe(plan: DemoPlan, progress: bool = True, print_fn=print) -> dict:
         "MC-SMoE one-shot + KD": (mc, plan.steps),
         "MC-SMoE pruned during KD": (pruned, plan.steps),
     }
-    return {"rows": rows, "held_out": held_out, "mc_one_shot_perplexity": one_shot, "plan": asdict(plan)}
+    return {"rows": rows, "held_out": held_out, "mc_one_shot_perplexity": one_shot, "plan": asdict(plan),
+            "methods": methods, "teacher": teacher}

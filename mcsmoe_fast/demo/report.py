@@ -46,3 +46,42 @@ def write_plot(path: Path, rows: dict[str, dict]) -> bool:
     fig.savefig(path)
     plt.close(fig)
     return True
+
+
+MERGING = ("m-smoe", "m-smoe-standard", "hc-smoe", "ream")  # issue 21's "our merging methods"
+
+
+def method_goals(methods: dict) -> list[dict]:
+    """Per ratio of the method comparison, the two goals measured after KD: the standard form within 3% of
+    the aliased form's perplexity (issue 20), and the best merging method at most REAP's (issue 21)."""
+    by = {(r["method"], r["ratio"]): r for r in methods["rows"]}
+    goals = []
+    for ratio in sorted({r["ratio"] for r in methods["rows"] if r["method"] != "full"}):
+        goal = {"ratio": ratio}
+        exact, standard = by.get(("m-smoe", ratio)), by.get(("m-smoe-standard", ratio))
+        if exact and standard and "perplexity_kd" in exact:
+            gap = standard["perplexity_kd"] / exact["perplexity_kd"] - 1
+            goal.update(experts=exact["experts"], aliased_kd=exact["perplexity_kd"],
+                        standard_kd=standard["perplexity_kd"], standard_gap=gap, standard_within_3pct=gap <= 0.03)
+        merging = [by[(m, ratio)] for m in MERGING if (m, ratio) in by and "perplexity_kd" in by[(m, ratio)]]
+        reap = by.get(("reap", ratio))
+        if merging and reap and "perplexity_kd" in reap:
+            best = min(merging, key=lambda r: r["perplexity_kd"])
+            goal.update(best_merging=best["method"], best_merging_kd=best["perplexity_kd"], reap_kd=reap["perplexity_kd"],
+                        merging_beats_reap=best["perplexity_kd"] <= reap["perplexity_kd"])
+        goals.append(goal)
+    return goals
+
+
+def format_goals(goals: list[dict]) -> str:
+    lines = []
+    for g in goals:
+        head = f"{g['ratio']:.0%} fewer experts"
+        if "standard_gap" in g:
+            lines.append(f"{head} ({g['experts']} kept): M-SMoE standard form after KD {g['standard_kd']:.3f} vs the "
+                         f"aliased form {g['aliased_kd']:.3f}: {g['standard_gap']:+.1%} (goal <= +3%: "
+                         f"{'met' if g['standard_within_3pct'] else 'NOT met'})")
+        if "best_merging" in g:
+            lines.append(f"{head}: best merging method after KD {g['best_merging']} {g['best_merging_kd']:.3f} vs REAP "
+                         f"{g['reap_kd']:.3f} (goal: merging <= REAP: {'met' if g['merging_beats_reap'] else 'NOT met'})")
+    return "\n".join(lines)
