@@ -168,21 +168,21 @@ def write_results(result: dict, out) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         return out
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    kd = result.get("kd_steps", 0)
+    panels = [("perplexity", "one-shot")] + ([("perplexity_kd", f"after {kd} KD steps")] if kd else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1.6, 3.6), squeeze=False)
     full = next(r for r in result["rows"] if r["method"] == "full")
-    ax.axhline(full["perplexity"], color="gray", linestyle="--", label="full model")
-    for method in dict.fromkeys(r["method"] for r in result["rows"] if r["method"] != "full"):
-        rows = [r for r in result["rows"] if r["method"] == method]
-        pts = sorted((r["expert_share"], r["perplexity"]) for r in rows)
-        (line,) = ax.plot(*zip(*pts), marker="o", label=method)
-        if result.get("kd_steps"):
-            pts = sorted((r["expert_share"], r["perplexity_kd"]) for r in rows)
-            ax.plot(*zip(*pts), marker="s", linestyle=":", color=line.get_color(), label=f"{method} + KD")
-    if result.get("kd_steps"):
-        ax.set_title(f"one-shot (solid) and after {result['kd_steps']} KD steps (dotted)", fontsize=9)
-    ax.set_xlabel("share of expert parameters kept")
-    ax.set_ylabel("perplexity")
-    ax.legend()
+    methods = list(dict.fromkeys(r["method"] for r in result["rows"] if r["method"] != "full"))
+    for ax, (key, title) in zip(axes[0], panels):
+        ax.axhline(full["perplexity"], color="gray", linestyle="--", label="full model")
+        for method in methods:
+            pts = sorted((r["expert_share"], r[key]) for r in result["rows"] if r["method"] == method)
+            ax.plot(*zip(*pts), marker="o", label=method)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("share of expert parameters kept")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("perplexity")
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "perplexity.png", dpi=120)
     plt.close(fig)

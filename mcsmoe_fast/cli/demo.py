@@ -10,8 +10,10 @@ def add(sub):
         "mcsmoe-fast demo --quick --out /tmp/mcsmoe-demo",
         description="Train a byte-level Mixtral-style MoE (8 experts, top-2) on the Python standard library's "
                     "source, then M-SMoE 8 -> 4, KD recovery, MC-SMoE compression, KD recovery; print a table "
-                    "(expert parameters, checkpoint MB, held-out perplexity, tokens/s) and write checkpoints, "
-                    "results.json and plot.png into --out. No network; about 3 minutes on two CPU cores.")
+                    "(expert parameters, checkpoint MB, held-out perplexity, tokens/s); then compare M-SMoE (exact and "
+                    "standard form), HC-SMoE, REAM, REAP and frequency pruning at 25%% and 50%% fewer experts, one-shot "
+                    "and after the same KD budget; write checkpoints, results.json, plot.png and methods/ into --out. "
+                    "No network; about 12 minutes on two idle CPU cores.")
     p.add_argument("--out", default="mcsmoe-demo", help="output directory (default ./mcsmoe-demo)")
     p.add_argument("--quick", action="store_true", help="a smaller model and fewer steps: under a minute")
     p.add_argument("--tour", action="store_true",
