@@ -13,7 +13,7 @@ from mcsmoe_fast.demo.recipe import DemoPlan
 
 TINY = DemoPlan(hidden_size=32, intermediate_size=64, heads=2, length=32, batch_size=8, steps=24, recover_steps=8,
                 learning_rate=1e-2, kd_learning_rate=5e-3, warmup_steps=4, rank=4, calibration_windows=16,
-                eval_windows=8)
+                eval_windows=8, compare_kd_steps=None)
 
 
 @pytest.fixture(scope="module")

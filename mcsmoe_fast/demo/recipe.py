@@ -56,7 +56,7 @@ class DemoPlan:
     eval_windows: int = 96
     seed: int = 0
     compare_ratios: tuple[float, ...] = (0.25, 0.5)  # shares of experts removed in the method comparison
-    compare_kd_steps: int | None = None  # KD steps of each compared method (None: half of recover_steps)
+    compare_kd_steps: int | None = 100  # KD steps of each compared method (None: half of recover_steps)
 
     def __post_init__(self):
         if not 0 < self.recover_steps < self.steps:
@@ -81,7 +81,8 @@ class DemoPlan:
 DEMO_METHODS = ("m-smoe", "m-smoe-standard", "hc-smoe", "ream", "reap", "frequency")
 
 QUICK = DemoPlan(hidden_size=64, intermediate_size=128, steps=240, recover_steps=80, learning_rate=5e-3,
-                 kd_learning_rate=2e-3, warmup_steps=20, rank=8, calibration_windows=32, eval_windows=48)
+                 kd_learning_rate=2e-3, warmup_steps=20, rank=8, calibration_windows=32, eval_windows=48,
+                 compare_kd_steps=40)
 
 
 def byte_lm(plan: DemoPlan) -> nn.Module:
