@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-UNGATED = ("relu", "gelu", "gelu_tanh", "silu")
+UNGATED = ("relu", "relu2", "gelu", "gelu_tanh", "silu")  # relu2: squared ReLU relu(x)^2 (Nemotron-H)
 GATED = {"reglu": "relu", "geglu": "gelu", "geglu_tanh": "gelu_tanh", "swiglu": "silu"}  # name -> act(gate)
 CLAMPED_SWIGLU = "clamped_swiglu"  # GPT-OSS: gated, but its own formula (clamped_swiglu below)
 ACTIVATIONS = UNGATED + tuple(GATED) + (CLAMPED_SWIGLU,)
@@ -22,7 +22,7 @@ ALPHA, LIMIT = 1.702, 7.0  # clamped_swiglu's defaults: GPT-OSS's
 HF_NAMES = {
     "relu": "relu", "gelu": "gelu", "gelu_python": "gelu",
     "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_python_tanh": "gelu_tanh",
-    "silu": "silu", "swish": "silu",
+    "silu": "silu", "swish": "silu", "relu2": "relu2",
 }
 
 
@@ -45,12 +45,18 @@ def from_config(hf_name: str, gated: bool, where: str) -> str:
                          f"(supported: {', '.join(sorted(HF_NAMES))})")
     if not gated:
         return fn
-    return next(name for name, base in GATED.items() if base == fn)
+    name = next((name for name, base in GATED.items() if base == fn), None)
+    if name is None:
+        raise ValueError(f"{where}: gated expert activation {hf_name!r} ({hf_name}(gate) * up) is not supported by "
+                         f"mcsmoe_fast's fused ops (gated: {', '.join(sorted(h for h, f in HF_NAMES.items() if f in GATED.values()))})")
+    return name
 
 
 def elementwise(x: torch.Tensor, fn: str) -> torch.Tensor:
     if fn == "relu":
         return F.relu(x)
+    if fn == "relu2":
+        return F.relu(x).square()
     if fn == "gelu":
         return F.gelu(x)
     if fn == "gelu_tanh":

@@ -11,7 +11,7 @@ from mcsmoe_fast.tiny import tiny_mixtral, tiny_switch
 from merge_helpers import calibration, forward
 
 SWITCH_ACTS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-               "silu": "silu"}
+               "silu": "silu", "relu2": "relu2"}
 MIXTRAL_ACTS = {"silu": "swiglu", "gelu": "geglu", "gelu_new": "geglu_tanh", "relu": "reglu"}
 
 
@@ -71,6 +71,9 @@ def test_unsupported_activation_is_refused_by_name(family, act, named, tmp_path)
 def test_from_config_maps_gated_and_plain_names():
     assert from_config("gelu_new", gated=True, where="x") == "geglu_tanh"
     assert from_config("swish", gated=False, where="x") == "silu"
+    assert from_config("relu2", gated=False, where="x") == "relu2"
+    with pytest.raises(ValueError, match="x: gated expert activation 'relu2' .* is not supported"):
+        from_config("relu2", gated=True, where="x")
 
 
 def test_clamped_swiglu_is_gpt_oss_gate():

@@ -261,7 +261,7 @@ def test_clamped_swiglu_under_minimax_m3_names():
     ("longcat_flash", r"scores 10 rows for 8 experts"),
     ("zaya", r"MLP router"),
     ("gemma4_text", r"lives in the decoder layer"),
-    ("nemotron_h", r"expert function squared ReLU"),
+    ("ergo", r"ErgoExperts: experts with a post-expert norm \(post_expert_norm: ErgoExpertNorm\)"),
     ("glm5_next_text", r"clamped gate and up and no alpha \(silu\(min\(gate, 10\)\)"),
     ("inkling2_text", r"Inkling2Experts._apply_gate \(its own gate\)"),
 ])
@@ -270,6 +270,12 @@ def test_refusals_name_the_real_reason(model_type, message):
         moe_layers(tiny_from_model_type(model_type))
     assert "are its sparse layers configured" not in str(info.value)
     assert "activation 'silu' is not supported" not in str(info.value)
+
+
+def test_squared_relu_experts_run_on_the_fused_op():
+    """Nemotron-H's experts compute relu(x)^2 (transformers' relu2), ungated: the fused op runs it (the walk
+    above checks every step against the model's own experts)."""
+    assert {layer.activation for layer in moe_layers(tiny_from_model_type("nemotron_h"))} == {"relu2"}
 
 
 def test_a_model_class_without_experts_is_named():

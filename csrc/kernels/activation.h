@@ -16,12 +16,15 @@ namespace mcsmoe::moe {
 
 // clamped_swiglu is gated only and has no act(x) of one input: act() and act_grad() do not take it;
 // gated_act / gated_act_backward below do.
-enum class ActFn : int { relu = 0, gelu = 1, gelu_tanh = 2, silu = 3, clamped_swiglu = 4 };
+// relu2: squared ReLU, relu(x)^2 (transformers' "relu2": Nemotron-H's experts).
+enum class ActFn : int { relu = 0, gelu = 1, gelu_tanh = 2, silu = 3, clamped_swiglu = 4, relu2 = 5 };
 
 ACT_HD float act(float x, ActFn fn) {
   switch (fn) {
     case ActFn::relu:
       return x > 0.f ? x : 0.f;
+    case ActFn::relu2:
+      return x > 0.f ? x * x : 0.f;
     case ActFn::gelu:  // exact (erf) GELU, torch's default
       return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
     case ActFn::gelu_tanh: {  // torch's approximate="tanh", transformers' gelu_new
@@ -33,11 +36,13 @@ ACT_HD float act(float x, ActFn fn) {
   }
 }
 
-// d act / dx, as torch's backward computes it (relu: 0 at x = 0, like threshold_backward).
+// d act / dx, as torch's backward computes it (relu, relu2: 0 at x = 0, like threshold_backward).
 ACT_HD float act_grad(float x, ActFn fn) {
   switch (fn) {
     case ActFn::relu:
       return x > 0.f ? 1.f : 0.f;
+    case ActFn::relu2:  // 2 relu(x), autograd's through relu then square
+      return x > 0.f ? 2.f * x : 0.f;
     case ActFn::gelu:  // Phi(x) + x phi(x)
       return 0.5f * (1.f + erff(x * 0.70710678118654752f)) + x * 0.39894228040143268f * expf(-0.5f * x * x);
     case ActFn::gelu_tanh: {

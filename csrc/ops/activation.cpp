@@ -19,7 +19,7 @@ Activation parse_activation(c10::string_view name, const char* op, double alpha,
       {"relu", {ActFn::relu, false}},        {"gelu", {ActFn::gelu, false}},  {"gelu_tanh", {ActFn::gelu_tanh, false}},
       {"silu", {ActFn::silu, false}},        {"reglu", {ActFn::relu, true}},  {"geglu", {ActFn::gelu, true}},
       {"geglu_tanh", {ActFn::gelu_tanh, true}}, {"swiglu", {ActFn::silu, true}},
-      {"clamped_swiglu", {ActFn::clamped_swiglu, true}}};
+      {"clamped_swiglu", {ActFn::clamped_swiglu, true}}, {"relu2", {ActFn::relu2, false}}};
   for (auto [n, a] : known) {
     if (name != n) continue;
     if (a.clamped()) {
@@ -33,12 +33,13 @@ Activation parse_activation(c10::string_view name, const char* op, double alpha,
     return a;
   }
   TORCH_CHECK_VALUE(false, op, ": unknown activation '", std::string(name),
-                    "'; expected relu, gelu, gelu_tanh, silu, reglu, geglu, geglu_tanh, swiglu or clamped_swiglu");
+                    "'; expected relu, relu2, gelu, gelu_tanh, silu, reglu, geglu, geglu_tanh, swiglu or clamped_swiglu");
 }
 
 static at::Tensor act_(at::Tensor x, moe::ActFn fn) {  // in place
   switch (fn) {
     case moe::ActFn::relu: return at::relu_(x);
+    case moe::ActFn::relu2: return at::relu_(x).square_();  // rounded after each step, as transformers' relu2
     case moe::ActFn::gelu: return at::gelu_(x, "none");
     case moe::ActFn::gelu_tanh: return at::gelu_(x, "tanh");
     default: return at::silu_(x);

@@ -89,6 +89,7 @@ namespace {
 at::Tensor act_fn(const at::Tensor& x, moe::ActFn fn) {
   switch (fn) {
     case moe::ActFn::relu: return at::relu(x);
+    case moe::ActFn::relu2: return at::relu(x).square_();
     case moe::ActFn::gelu: return at::gelu(x, "none");
     case moe::ActFn::gelu_tanh: return at::gelu(x, "tanh");
     default: return at::silu(x);
@@ -99,6 +100,7 @@ at::Tensor act_fn(const at::Tensor& x, moe::ActFn fn) {
 void act_backward_out(at::Tensor out, const at::Tensor& grad, const at::Tensor& x, moe::ActFn fn) {
   switch (fn) {
     case moe::ActFn::relu: at::threshold_backward_out(out, grad, x, 0); break;
+    case moe::ActFn::relu2: at::mul_out(out, grad, at::relu(x).mul_(2)); break;  // 2 relu(x), 0 at x <= 0
     case moe::ActFn::gelu: at::gelu_backward_out(out, grad, x, "none"); break;
     case moe::ActFn::gelu_tanh: at::gelu_backward_out(out, grad, x, "tanh"); break;
     default: at::silu_backward_out(out, grad, x); break;

@@ -51,7 +51,7 @@ def _candidates(module: nn.Module, gated: bool) -> list[tuple[str, dict]]:
     names = list(activations.GATED) if gated else list(activations.UNGATED)
     hf_name = getattr(getattr(module, "config", None), "hidden_act", None)
     first = activations.HF_NAMES.get(hf_name) if isinstance(hf_name, str) else None
-    if first is not None:
+    if first is not None and (not gated or first in activations.GATED.values()):  # relu2 has no gated form
         mine = activations.from_config(hf_name, gated, "experts")
         names.remove(mine)
         names.insert(0, mine)
@@ -81,11 +81,10 @@ def _unsupported(module: nn.Module, gated: bool) -> list[tuple[str, object]]:
     name the one a module computes in its refusal."""
     import torch.nn.functional as F
 
-    relu2 = lambda x: F.relu(x).square()  # noqa: E731
     if not gated:
-        return [("squared ReLU relu(x)^2", relu2)]
+        return []
     _, limit = _clamp_args(module)
-    out = [("gated squared ReLU relu(gate)^2 * up", lambda g, u: relu2(g) * u)]
+    out = [("gated squared ReLU relu(gate)^2 * up", lambda g, u: F.relu(g).square() * u)]
     if limit is not None:
         out.append((f"SwiGLU with clamped gate and up and no alpha (silu(min(gate, {limit:g})) * "
                     f"clamp(up, -{limit:g}, {limit:g}))",
@@ -110,8 +109,14 @@ class ExpertsSpec:
         if cached is not None:
             return cached
         cls = type(module).__name__
-        if getattr(module, "has_post_expert_norm", False):
-            raise ValueError(f"{cls}: experts with a post-expert norm are not supported by mcsmoe_fast's fused ops")
+        # the contract's experts hold their weight tensors only: a child module with parameters (e.g. Ergo's
+        # per-expert RMSNorm, which no contract flag announces) is computed by a forward the fused op is not
+        extra = [(n, type(m).__name__) for n, m in module.named_children() if next(m.parameters(), None) is not None]
+        if getattr(module, "has_post_expert_norm", False) or extra:
+            kind = "a post-expert norm" if getattr(module, "has_post_expert_norm", False) or \
+                any("norm" in n.lower() for n, _ in extra) else "submodules with their own parameters"
+            held = f" ({', '.join(f'{n}: {t}' for n, t in extra)})" if extra else ""
+            raise ValueError(f"{cls}: experts with {kind}{held} are not supported by mcsmoe_fast's fused ops")
         gated = bool(module.has_gate)
         spec = ExpertsSpec("", gated=gated, transposed=bool(module.is_transposed),
                            concatenated=bool(module.is_concatenated), has_bias=bool(module.has_bias))

@@ -36,6 +36,7 @@ void check_close(double got, double want, const char* what, double x, double tol
 double reference(double x, ActFn fn) {
   switch (fn) {
     case ActFn::relu: return x > 0 ? x : 0;
+    case ActFn::relu2: return x > 0 ? x * x : 0;
     case ActFn::gelu: return 0.5 * x * (1 + std::erf(x / std::sqrt(2.0)));
     case ActFn::gelu_tanh: return 0.5 * x * (1 + std::tanh(std::sqrt(2.0 / M_PI) * (x + 0.044715 * x * x * x)));
     default: return x / (1 + std::exp(-x));
@@ -47,6 +48,7 @@ double reference_grad(double x, ActFn fn) {
   const double pi = M_PI;
   switch (fn) {
     case ActFn::relu: return x > 0 ? 1 : 0;
+    case ActFn::relu2: return x > 0 ? 2 * x : 0;
     case ActFn::gelu: return 0.5 * (1 + std::erf(x / std::sqrt(2.0))) + x * std::exp(-0.5 * x * x) / std::sqrt(2 * pi);
     case ActFn::gelu_tanh: {
       const double c = std::sqrt(2.0 / pi), t = std::tanh(c * (x + 0.044715 * x * x * x));
@@ -140,9 +142,10 @@ void check_clamped_swiglu() {
 }  // namespace
 
 int main() {
-  const ActFn fns[] = {ActFn::relu, ActFn::gelu, ActFn::gelu_tanh, ActFn::silu};
-  const char* names[] = {"relu", "gelu", "gelu_tanh", "silu"};
-  for (int f = 0; f < 4; ++f)
+  const ActFn fns[] = {ActFn::relu, ActFn::gelu, ActFn::gelu_tanh, ActFn::silu, ActFn::relu2};
+  const char* names[] = {"relu", "gelu", "gelu_tanh", "silu", "relu2"};
+  constexpr int kFns = 5;
+  for (int f = 0; f < kFns; ++f)
     for (double x = -12.0; x <= 12.0; x += 0.037)
       check_close(act(static_cast<float>(x), fns[f]), reference(static_cast<float>(x), fns[f]), names[f], x);
   // published values (torch): gelu(1) = 0.8413447, gelu_tanh(1) = 0.8411920, silu(1) = 0.7310586
@@ -151,11 +154,11 @@ int main() {
   check_close(act(1.f, ActFn::silu), 0.7310586, "silu", 1);
   check_close(act(-3.f, ActFn::relu), 0.0, "relu", -3);
   // derivatives: analytic (double) over the sweep, central differences of the reference away from relu's kink
-  for (int f = 0; f < 4; ++f) {
+  for (int f = 0; f < kFns; ++f) {
     for (double x = -12.0; x <= 12.0; x += 0.037) {
       const double xf = static_cast<float>(x);
       check_close(act_grad(static_cast<float>(x), fns[f]), reference_grad(xf, fns[f]), names[f], x);
-      if (fns[f] == ActFn::relu && std::fabs(xf) < 1e-3) continue;
+      if ((fns[f] == ActFn::relu || fns[f] == ActFn::relu2) && std::fabs(xf) < 1e-3) continue;
       const double h = 1e-5;
       const double fd = (reference(xf + h, fns[f]) - reference(xf - h, fns[f])) / (2 * h);
       check_close(act_grad(static_cast<float>(x), fns[f]), fd, names[f], x, 1e-5);
@@ -165,8 +168,12 @@ int main() {
   check_close(act_grad(1.f, ActFn::gelu), 1.0833155, "gelu'", 1);
   check_close(act_grad(1.f, ActFn::silu), 0.9276705, "silu'", 1);
   check_close(act_grad(0.f, ActFn::relu), 0.0, "relu'", 0);
+  check_close(act(3.f, ActFn::relu2), 9.0, "relu2", 3);
+  check_close(act(-3.f, ActFn::relu2), 0.0, "relu2", -3);
+  check_close(act_grad(3.f, ActFn::relu2), 6.0, "relu2'", 3);
+  check_close(act_grad(0.f, ActFn::relu2), 0.0, "relu2'", 0);
   // gated backward: a = act(g) u, dg = dA u act'(g), du = dA act(g)
-  for (int f = 0; f < 4; ++f) {
+  for (int f = 0; f < kFns; ++f) {
     for (double g = -6.0; g <= 6.0; g += 0.31) {
       for (double u = -2.0; u <= 2.0; u += 0.7) {
         const double dA = 0.3 - 0.5 * u;
