@@ -1,0 +1,71 @@
+"""merge.py behaviours the mutation run (benchmarks/mutation.sh merge) found unchecked by the merge tests:
+merge_layer_weights' defaults, its bias handling when d != F, and the wording of the statistics errors.
+Each is checked against an independent computation, not against the code under test."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mcsmoe_fast as mf
+from mcsmoe_fast.calibrate import LayerStats
+from mcsmoe_fast.merge import merge_layer_weights
+from mcsmoe_fast.tiny import tiny_mixtral
+
+E, D, FF = 8, 6, 5  # d != F = 2 ff: a column index mixed up between them shows
+
+
+def layer_stats(seed: int = 0) -> LayerStats:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(40, E, generator=g, dtype=torch.float64)
+    counts = torch.randint(1, 50, (E,), generator=g).double()
+    return LayerStats(name="l", num_experts=E, top_k=2, tokens=40, counts=counts, logit_gram=logits.T @ logits,
+                      feature_sum=torch.randn(E, D, generator=g, dtype=torch.float64))
+
+
+def expert_tensors(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(E, 2 * FF, D, generator=g), torch.randn(E, D, FF, generator=g),
+            torch.randn(E, 2 * FF, generator=g), torch.randn(E, D, generator=g))
+
+
+def test_defaults_are_dominant_grouping_and_seed_zero():
+    stats, (w_in, w_out, _, _) = layer_stats(), expert_tensors()
+    default = merge_layer_weights("l", stats, w_in, w_out, 3, "swiglu")
+    explicit = merge_layer_weights("l", stats, w_in, w_out, 3, "swiglu", similarity="router-logits", permute=True,
+                                   strategy="frequency", grouping="dominant", seed=0)
+    assert default[0].to_dict() == explicit[0].to_dict()
+    assert all(torch.equal(a, b) for a, b in zip(default[1:3], explicit[1:3]))
+    # M-SMoE's dominant experts: the 3 most used lead the groups
+    assert sorted(default[0].dominant) == sorted(stats.counts.argsort(descending=True)[:3].tolist())
+    # the random basis draws from the seed: default 0, and another seed groups differently
+    maps = {s: merge_layer_weights("l", stats, w_in, w_out, 3, "swiglu", similarity="random", seed=s)[0].expert_map
+            for s in (0, 1, 2)}
+    assert merge_layer_weights("l", stats, w_in, w_out, 3, "swiglu", similarity="random")[0].expert_map == maps[0]
+    assert maps[1] != maps[0] or maps[2] != maps[0]
+
+
+def test_biases_are_averaged_with_the_weights_when_d_differs_from_f():
+    """Unpermuted, slot s = the frequency-weighted average of its members, biases included (b_in rides as an
+    extra column of w_in, which must be cut off at d, not at F)."""
+    stats, (w_in, w_out, b_in, b_out) = layer_stats(), expert_tensors()
+    g, m_in, m_out, mb_in, mb_out = merge_layer_weights("l", stats, w_in, w_out, 3, "swiglu", permute=False,
+                                                       b_in=b_in, b_out=b_out)
+    assert m_in.shape == (3, 2 * FF, D) and mb_in.shape == (3, 2 * FF) and mb_out.shape == (3, D)
+    for s in range(3):
+        members = [e for e in range(E) if g.expert_map[e] == s]
+        w = stats.counts[members].float() / stats.counts[members].float().sum()
+        for merged, per_expert in ((m_in, w_in), (m_out, w_out), (mb_in, b_in), (mb_out, b_out)):
+            expected = (w.view(-1, *[1] * (per_expert.dim() - 1)) * per_expert[members]).sum(0)
+            torch.testing.assert_close(merged[s], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_statistics_errors_name_the_layer_and_the_remedy():
+    model = tiny_mixtral(num_experts=4)
+    name = mf.moe_layers(model)[0].name
+    with pytest.raises(ValueError, match=rf"^stats: no routing statistics for layer '{name}' \(collect them with "
+                                         r"collect_routing_stats on this model\)$"):
+        mf.merge_experts(model, {}, num_groups=2, progress=False)
+    wrong = {layer.name: layer_stats() for layer in mf.moe_layers(model)}  # statistics of 8 experts
+    experts = mf.moe_layers(model)[0].num_experts  # 4
+    with pytest.raises(ValueError, match=rf"^stats\['{name}'\] has {E} experts, the layer has {experts}$"):
+        mf.merge_experts(model, wrong, num_groups=2, progress=False)
