@@ -100,7 +100,8 @@ def add_dtype_option(p, quantized: bool = False) -> None:
                    help="dtype the model is loaded, merged and saved in: float32 (default), bfloat16, float16, or "
                         "auto (the checkpoint's own, e.g. bfloat16 for Mixtral: half the memory and output size)"
                         + ("; a block-FP8 or MXFP4 checkpoint is written in its own precision (bfloat16 work) unless "
-                           "--dtype is given, which writes it dequantized in that dtype" if quantized else ""))
+                           "--dtype names a dtype (auto keeps it): then it is written dequantized in that dtype"
+                           if quantized else ""))
 
 
 def dtype_option(args):

@@ -52,6 +52,11 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.d
     rows, cols = weight.shape[-2:]
     w2, s2, o2 = weight.reshape(-1, rows, cols), scale_inv.reshape(-1, *scale_inv.shape[-2:]), out.view(-1, rows, cols)
     for k in range(w2.shape[0]):
+        if rows % block[0] == 0 and cols % block[1] == 0:  # whole blocks: scale a blocked view in place
+            v = torch.empty((rows, cols), dtype=torch.float32, device=out.device).copy_(w2[k]).view(
+                rows // block[0], block[0], cols // block[1], block[1])
+            o2[k].copy_(v.mul_(_scales_fp32(s2[k]).view(rows // block[0], 1, cols // block[1], 1)).view(rows, cols))
+            continue
         s = _scales_fp32(s2[k]).repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
         o2[k].copy_(torch.mul(w2[k].to(torch.float32), s))
     return out
@@ -94,6 +99,13 @@ def quantize_fp8(w: torch.Tensor, block=BLOCK, scale_fmt: str = "float",
     w2, q2 = w.reshape(-1, rows, cols), q.view(-1, rows, cols)
     scales = torch.empty((w2.shape[0], cdiv(rows, block[0]), cdiv(cols, block[1])), dtype=torch.float32)
     for k in range(w2.shape[0]):
+        if rows % block[0] == 0 and cols % block[1] == 0:  # whole blocks: a fresh float32 copy, divided in place
+            nr, nc = rows // block[0], cols // block[1]
+            v = torch.empty((rows, cols), dtype=torch.float32, device=w.device).copy_(w2[k]).view(nr, block[0], nc, block[1])
+            s = fp8_scales(v.abs().amax(dim=(1, 3)), scale_fmt)
+            scales[k] = s
+            q2[k].copy_(v.div_(s.view(nr, 1, nc, 1)).clamp_(-E4M3_MAX, E4M3_MAX).view(rows, cols))
+            continue
         s = fp8_scales(block_amax(w2[k], block), scale_fmt)
         scales[k] = s
         full = s.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]

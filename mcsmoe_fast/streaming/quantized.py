@@ -85,10 +85,16 @@ def dequantize_parts(parts: dict[str, torch.Tensor], fmt: QuantFormat, shape) ->
 
 
 def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """||got - ref|| / ||ref|| (Frobenius, float64); 0 when both are zero."""
-    ref, got = ref.double(), got.double()
-    norm = ref.norm().item()
-    diff = (got - ref).norm().item()
+    """||got - ref|| / ||ref|| (Frobenius, summed in float64 one leading slice at a time, so the temporaries
+    stay one matrix); 0 when both are zero."""
+    diff = norm = 0.0
+    got, ref = got.reshape(-1, *got.shape[-2:]) if got.dim() > 2 else got[None], \
+        ref.reshape(-1, *ref.shape[-2:]) if ref.dim() > 2 else ref[None]
+    for g, r in zip(got, ref):
+        r = r.to(torch.float64)
+        norm += r.square().sum().item()
+        diff += (g.to(torch.float64) - r).square().sum().item()
+    diff, norm = diff ** 0.5, norm ** 0.5
     return diff / norm if norm > 0 else (0.0 if diff == 0 else float("inf"))
 
 
@@ -160,13 +166,16 @@ class QuantizingWriter:
             return
         slot = self.pending.setdefault(layer, {})
         if field in ("w_in", "w_out") and name in self.banks:
-            slot[field] = (tensor, dequantize_parts(parts, self.files.format, tensor.shape))
+            slot[field] = (tensor, parts)  # dequantized when the layer is measured
         elif field in ("b_in", "b_out"):
             slot[field] = (tensor, tensor)
         elif "w_in" in slot and "w_out" in slot:
             self.layers[layer] = self._layer_error(layer, self.pending.pop(layer), tensor)
 
     def _layer_error(self, layer: str, slot: dict, expert_map: torch.Tensor) -> dict:
+        for bank in ("w_in", "w_out"):
+            ref, parts = slot[bank]
+            slot[bank] = (ref, dequantize_parts(parts, self.files.format, ref.shape))
         entry = {bank: relative_error(slot[bank][1], slot[bank][0]) for bank in ("w_in", "w_out")}
         sample = self.probe.samples.pop(layer, None) if self.probe is not None else None
         if sample is not None:
