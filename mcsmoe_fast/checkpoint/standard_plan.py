@@ -53,10 +53,15 @@ def recorded_dominant(model: nn.Module, layer: MoELayer, expert_map: list[int]) 
     return None
 
 
-def plan_layer(model: nn.Module, layer: MoELayer) -> LayerPlan:
+def check_standard_layer(layer: MoELayer) -> None:
+    """The families whose layers a standard checkpoint is written for (their adapters write M experts)."""
     if not isinstance(layer, (SwitchLayer, ExpertsLayer)):
         raise ValueError(f"format='standard': {type(layer).__name__} layers ({layer.name!r}) are not supported yet "
                          "(Switch Transformers and the experts-contract families are); save format='exact'")
+
+
+def plan_layer(model: nn.Module, layer: MoELayer) -> LayerPlan:
+    check_standard_layer(layer)
     experts = getattr(layer.module, "experts", None)
     if isinstance(experts, CompressedMoEExperts) and experts.pruning:
         raise ValueError(f"format='standard': layer {layer.name!r} is still being pruned: call "

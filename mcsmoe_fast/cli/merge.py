@@ -44,7 +44,8 @@ def add(sub):
                         "transformers, vLLM and SGLang")
     p.add_argument("--router", choices=ROUTERS, default=None,
                    help="with --format standard: each merged expert's router row, fitted on the calibration text to "
-                        "its group's summed routing probability (fitted, default) or its dominant expert's (dominant)")
+                        "its group's summed routing probability (fitted, default) or its dominant expert's (dominant, the "
+                        "default with --device-map, which supports only it)")
     p.add_argument("--within-routing-groups", action=argparse.BooleanOptionalAction, default=None,
                    help="group-limited routers (DeepSeek-V3's n_group): merge only experts of the same routing group, "
                         "the same count in each (default on with --format standard, which needs it; --num-groups a "

@@ -82,11 +82,12 @@ def _numel(shape) -> int:
     return n
 
 
-def _plan(s: Stream, max_memory, max_shard_size) -> MemoryPlan:
+def _plan(s: Stream, max_memory, max_shard_size, stores: int = 1) -> MemoryPlan:
+    """stores: sets of carried hidden states (2 with the fitted standard router: the merged model's too)."""
     layer_bytes = max(sum(_numel(shape) for n, shape in s.shapes.items() if n.startswith(f"{u}."))
                       for u, _ in s.units) * s.dtype.itemsize
     ff = max((v.intermediate_size for v in s.views.values()), default=1)
-    activations = sum(b.input_ids.numel() for b in s.batches) * s.model.config.hidden_size * s.dtype.itemsize
+    activations = stores * sum(b.input_ids.numel() for b in s.batches) * s.model.config.hidden_size * s.dtype.itemsize
     plan = plan_memory(max_memory, layer_bytes, ff * ff * 4, activations, max_shard_size)
     if plan.budget is not None and plan.layer_floor > plan.budget:
         warnings.warn(f"max_memory {human(plan.budget)} is below what merging one layer needs (about "
@@ -147,8 +148,8 @@ def _merger(s: Stream, tmp: Path, plan: MemoryPlan, compress: dict | None, optio
     standard: (M, router) for the standard format (standard.py)."""
     if standard is not None:
         s.writer = StandardOutput(tmp, plan.shard_size, s.model, s.views, s.dtype, *standard)
-        fit = standard[1] == "fitted" and options["strategy"] != "drop"  # dropped layers keep their kept rows
-        return Merger(s.writer, None, options, plan.matching_bytes, s.model.config, fit_router=fit)
+        return Merger(s.writer, None, options, plan.matching_bytes, s.model.config,
+                      fit_router=_fits_router(standard, options["strategy"]))
     s.writer = output_writer(ShardWriter(tmp, WEIGHTS_NAME, plan.shard_size, WEIGHTS_METADATA), s.source, s.views,
                              keep_quantization, s.chosen)
     if not keep_quantization:
@@ -156,6 +157,11 @@ def _merger(s: Stream, tmp: Path, plan: MemoryPlan, compress: dict | None, optio
     stage = (CompressionStage(tmp / ".compress-staging", compress["rank"], compress["keep_ratio"], compress["svd"])
              if compress else None)
     return Merger(s.writer, stage, options, plan.matching_bytes)
+
+
+def _fits_router(standard: tuple | None, strategy: str) -> bool:
+    """The standard format's fitted router runs the merged layers too (dropped layers keep their kept rows)."""
+    return standard is not None and standard[1] == "fitted" and strategy != "drop"
 
 
 def _merge_in_layer_pass(s: Stream, merger: Merger, counts: dict[str, int], merge_all: bool):
@@ -279,7 +285,7 @@ def merge_checkpoint(
     keep_quantization: bool = True,
     format: str = "exact",
     router: str | None = None,
-    within_routing_groups: bool = False,
+    within_routing_groups: bool | None = None,
 ) -> StreamingResult:
     """Merge the experts of the checkpoint directory `path` (a family source.py lists) into `out`
     without ever holding the model in memory; returns a StreamingResult.
@@ -287,7 +293,8 @@ def merge_checkpoint(
     calibration_batches: dicts with input_ids [B, L] (and attention_mask, position_ids), as for
       collect_routing_stats; kept for the whole run (their hidden states are carried layer to layer).
     num_groups, similarity, globally, permute, strategy, grouping, layers, seed, within_routing_groups: as
-      merge_experts (globally: default True, False with format="standard").
+      merge_experts (globally: default True, False with format="standard"; within_routing_groups: default
+      False, True with format="standard", which needs it for group-limited routers).
     compress: None, or dict(rank=..., keep_ratio=..., svd="auto"): one-shot compression of the merged
       experts as compress_experts(importance="weight") would do on the merged model (every MoE layer).
     max_memory: a target for resident memory (bytes or "16GB"): decides whether the carried hidden
@@ -324,6 +331,7 @@ def merge_checkpoint(
     bases = _check_options(similarity, strategy, grouping, bases)
     compress = compress_options(compress)
     globally = format != "standard" if globally is None else globally
+    within_routing_groups = format == "standard" if within_routing_groups is None else within_routing_groups
     budget, device_memory = _check_memory(max_memory, device_map)
     s, out, chosen, aliases = _open_stream(path, out, dtype, calibration_batches, layers, strategy, bases, progress,
                                            dispatched=device_map is not None)
@@ -333,8 +341,8 @@ def merge_checkpoint(
     counts = groups.up_front(s.views) if fused else {}
     n_group = _routing_groups(s, groups, within_routing_groups)
     standard = check_standard(format, router, s, chosen, globally, compress, keep_quantization, device_map,
-                              groups.up_front(s.views) if not globally else None)
-    plan = _plan(s, budget, max_shard_size)
+                              groups.up_front(s.views) if not globally else None, n_group)
+    plan = _plan(s, budget, max_shard_size, 2 if _fits_router(standard, strategy) else 1)
     options, seconds = dict(similarity=similarity, permute=permute, strategy=strategy, grouping=grouping, seed=seed,
                             routing_groups=n_group), {}
     with atomic_directory(out) as tmp:

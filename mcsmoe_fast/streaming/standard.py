@@ -26,7 +26,7 @@ from ..checkpoint.standard_plan import LayerPlan
 from ..checkpoint.standard_router import sliced_rows
 from ..checkpoint.weight_files import ShardWriter
 from ..models import moe_layers
-from ..models.config_fields import expert_count_fields
+from ..models.config_fields import expert_count_fields, routing_groups
 from .skeleton import build_skeleton
 
 HF_WEIGHTS = "model.safetensors"  # transformers' own weights name, which every loader looks for
@@ -112,11 +112,12 @@ class StandardOutput:
 
 
 def check_standard(format: str, router: str | None, s, chosen: list[str], globally: bool, compress, keep_quantization: bool,
-                   device_map, counts: dict[str, int] | None) -> tuple[int, str] | None:
+                   device_map, counts: dict[str, int] | None, merged_routing_groups: int = 1) -> tuple[int, str] | None:
     """(M, router) of a streamed standard checkpoint, None for format="exact"; what it cannot express is refused
-    here, before the first pass (`s`: the Stream; `counts`: the group counts known up front, None when global)."""
+    here, before the first pass (`s`: the Stream; `counts`: the group counts known up front, None when global;
+    merged_routing_groups: the routing groups the merge keeps apart, 1 when it does not)."""
     from ..checkpoint import FORMATS
-    from ..checkpoint.standard_plan import check_expert_counts
+    from ..checkpoint.standard_plan import check_expert_counts, check_standard_layer
     from ..checkpoint.standard_router import check_router
 
     if format not in FORMATS:
@@ -144,6 +145,13 @@ def check_standard(format: str, router: str | None, s, chosen: list[str], global
                          "the merged model's own forward over the calibration batches, which the dispatched merge does "
                          "not run; pass router='dominant' (--router dominant), or stream without device_map")
     layers = list(s.views.values())
+    for layer in layers:
+        check_standard_layer(layer)
+    n_group = routing_groups(s.model.config)
+    if n_group > 1 and merged_routing_groups != n_group:
+        raise ValueError(f"format='standard': the router routes within n_group={n_group} routing groups, so every "
+                         "merged group must stay inside one: merge within routing groups (within_routing_groups=True, "
+                         "the default with format='standard'; --within-routing-groups), or save format='exact'")
     expert_count_fields(s.model.config)
     check_expert_counts(s.model.config, layers, counts)
     return next(iter(counts.values())), router
