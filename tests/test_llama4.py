@@ -290,3 +290,25 @@ def test_a_block_of_another_layout_is_refused_by_name():
         mf.moe_layers(model)
     with pytest.raises(ValueError, match="quick_gelu"):
         mf.moe_layers(tiny_moe("llama4_text", hidden_act="quick_gelu"))
+
+
+def test_streamed_merge_and_permute_equal_the_in_memory_pipeline(tmp_path):
+    """Larger than memory: Llama-4 streams through its own forward with a device map (its chunked attention
+    and dense layers run as transformers runs them), reading and writing its transposed banks by name."""
+    from mcsmoe_fast.streaming import permute_checkpoint
+    from merge_helpers import calibration
+    from streaming_helpers import NUM_GROUPS, assert_same_checkpoint, in_memory, quiet_merge
+
+    src = tmp_path / "llama4"
+    tiny_moe("llama4_text", seed=5).save_pretrained(src, max_shard_size="60KB")
+    data = calibration(mf.open_model(str(src)), seed=7, batches=3, batch=2, length=9)
+    expected = in_memory(src, tmp_path / "expected", data)
+    result = quiet_merge(src, tmp_path / "streamed", data, NUM_GROUPS, device_map="auto", max_memory="50KB")
+    assert result.offloaded
+    assert_same_checkpoint(expected, result.path, data)
+
+    perms = permute_checkpoint(src, tmp_path / "permuted", reference=1, progress=False)
+    model = mf.open_model(str(src))
+    assert set(perms) == set(mf.align_experts(model, reference=1, progress=False)) == set(MOE_NAMES)
+    aligned, want = AutoModelForCausalLM.from_pretrained(tmp_path / "permuted").state_dict(), model.state_dict()
+    assert sorted(aligned) == sorted(want) and all(torch.equal(aligned[k], want[k]) for k in want)

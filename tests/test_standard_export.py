@@ -22,7 +22,7 @@ from mcsmoe_fast.sections import record_merge
 from mcsmoe_fast.tiny import FAMILY_NAMES
 from merge_helpers import build, calibration, forward
 
-FAMILIES = ("switch",) + FAMILY_NAMES
+FAMILIES = ("switch",) + FAMILY_NAMES + ("llama4_text",)
 
 # groups inside DeepSeek-V3's two routing groups of 4 (experts 0-3, 4-7), slots interleaved on purpose:
 # the standard order is routing group by routing group, i.e. slots 0, 2, 1, 3

@@ -28,6 +28,7 @@ EXPERT_NAMES = {
                 "block_sparse_moe.experts.{e}.w3.weight"),
     "gpt_oss": ("mlp.experts.gate_up_proj", "mlp.experts.gate_up_proj_bias", "mlp.experts.down_proj",
                 "mlp.experts.down_proj_bias"),
+    "llama4_text": ("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"),  # fused, as on the hub
 }
 PROJ_NAMES = ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight", "mlp.experts.{e}.down_proj.weight")
 ROUTER_NAMES = ("gate.weight", "gate.e_score_correction_bias", "router.weight", "router.bias",

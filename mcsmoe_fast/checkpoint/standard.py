@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models import SwitchLayer, moe_layers
+from ..models import moe_layers
 from ..sections import COMPRESS_SECTION, MERGE_SECTION
 from .format import model_dtype
 from ..models.config_fields import expert_count_fields
@@ -109,7 +109,5 @@ def write_experts(layer, new, plan: LayerPlan) -> None:
     slots = torch.tensor(plan.slots, dtype=torch.long)
     w_in, w_out = (w.detach()[slots.to(w.device)] for w in layer.expert_weights())
     b_in, b_out = (None if b is None else b.detach()[slots.to(b.device)] for b in layer.expert_biases())
-    if isinstance(new, SwitchLayer):
-        new.set_expert_weights(w_in, w_out)
-    else:
-        new.set_expert_weights(w_in, w_out, b_in=b_in, b_out=b_out)
+    biases = {} if b_in is None and b_out is None else dict(b_in=b_in, b_out=b_out)  # families with expert biases
+    new.set_expert_weights(w_in, w_out, **biases)

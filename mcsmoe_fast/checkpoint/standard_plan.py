@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..drop import logit_mask
-from ..models import ExpertsLayer, MoELayer, SwitchLayer, moe_layers
+from ..models import MoELayer, moe_layers
 from ..models.config_fields import expert_count_fields, routing_groups
 from ..modules import CompressedMoEExperts
 from ..sections import MERGE_SECTION
@@ -54,10 +54,14 @@ def recorded_dominant(model: nn.Module, layer: MoELayer, expert_map: list[int]) 
 
 
 def check_standard_layer(layer: MoELayer) -> None:
-    """The families whose layers a standard checkpoint is written for (their adapters write M experts)."""
-    if not isinstance(layer, (SwitchLayer, ExpertsLayer)):
+    """The families whose layers a standard checkpoint is written for: their adapters name the router rows to
+    slice (router_rows) and write M experts."""
+    try:
+        layer.router_rows()
+    except ValueError:
         raise ValueError(f"format='standard': {type(layer).__name__} layers ({layer.name!r}) are not supported yet "
-                         "(Switch Transformers and the experts-contract families are); save format='exact'")
+                         "(Switch Transformers, Llama-4 and the experts-contract families are); save "
+                         "format='exact'") from None
 
 
 def plan_layer(model: nn.Module, layer: MoELayer) -> LayerPlan:

@@ -36,8 +36,10 @@ from torch import nn
 
 from .. import ops
 from ..modules import CompressedMoEExperts, MoEExperts
+from ..modules.experts_spec import ExpertsSpec
 from .base import MoELayer, refuse_compressed, split_name
 from .registry import Family
+from .stored_tensors import ExpertTensors
 
 BLOCK_CLASS = "Llama4TextMoe"
 MODEL_TYPES = ("llama4_text",)  # the multimodal `llama4` holds the same blocks, but is untested here
@@ -124,10 +126,9 @@ class Llama4Layer(MoELayer):
         return self.module.router.weight
 
     def router_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Llama4Router's logits (an unbiased nn.Linear), dropped experts' at -inf."""
-        weight, keep = self.router_weight(), self.logit_mask()
-        logits = F.linear(hidden.to(weight.dtype), weight)
-        return logits if keep is None else logits.masked_fill(~keep, float("-inf"))
+        """Llama4Router's logits (an unbiased nn.Linear; MaskedLlama4Router: dropped experts' at -inf), from the
+        router module itself, so that its hooks run (accelerate's onload it when the model is dispatched)."""
+        return self.module.router(hidden.to(self.router_weight().dtype))[1]
 
     def route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Llama4Router's choice: torch.topk of the logits along the experts."""
@@ -178,6 +179,16 @@ class Llama4Layer(MoELayer):
             return True
         self.install_fast_block()
         return False
+
+    def stored_tensors(self) -> ExpertTensors:
+        """experts.gate_up_proj [E, d, 2ff] (gate columns, then up columns) and experts.down_proj [E, ff, d]: the
+        canonical banks transposed; router router.weight."""
+        n = self.name
+        return ExpertTensors((f"{n}.experts.gate_up_proj",), (f"{n}.experts.down_proj",), f"{n}.router.weight",
+                             f"{n}.router.keep", spec=ExpertsSpec(self.activation, transposed=True))
+
+    def router_rows(self) -> tuple[nn.Module, str]:
+        return self.module.router, "router."
 
     # --- the drop baseline: the router's logits masked before its top-k --------------------------------------
     def check_maskable(self) -> None:
@@ -243,4 +254,4 @@ def llama4_layers(model: nn.Module) -> list[Llama4Layer]:
     return layers
 
 
-FAMILIES = (Family("llama4", MODEL_TYPES, llama4_layers),)  # not streamed: in-memory pipeline only
+FAMILIES = (Family("llama4", MODEL_TYPES, llama4_layers, streaming="dispatch"),)  # streamed through its own forward

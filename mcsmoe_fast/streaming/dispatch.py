@@ -86,6 +86,7 @@ def dispatched_statistics(source, dtype: torch.dtype, batches: list[Batch], base
                    disable=not progress.enabled)
 
         embeddings = model.get_input_embeddings()
+        encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         device = compute_device(embeddings, embeddings.weight)  # where the first layer runs (a GPU, the CPU)
 
         def inputs():
@@ -93,7 +94,8 @@ def dispatched_statistics(source, dtype: torch.dtype, batches: list[Batch], base
                 now = rss_bytes()
                 progress.peak = max(progress.peak, now)
                 bar.set_postfix_str(f"{b.tokens} tokens | rss {human(now)}", refresh=False)
-                yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.inputs.items()}
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.inputs.items()}
+                yield embedded(encoder_decoder, embeddings, batch)
 
         stats = collect_routing_stats(model, inputs(), bases=bases, progress=False)
         progress.peak = max(progress.peak, rss_bytes())
@@ -101,3 +103,16 @@ def dispatched_statistics(source, dtype: torch.dtype, batches: list[Batch], base
         del model
         gc.collect()
     return {name: st.to("cpu") for name, st in stats.items() if name in chosen}, placed
+
+
+def embedded(encoder_decoder: bool, embeddings, batch: dict) -> dict:
+    """The batch with inputs_embeds in place of input_ids when the input embedding is offloaded (its weight on
+    the meta device) in a decoder-only model: some forwards (Llama-4's) move input_ids to the embedding
+    weight's device first, which would be the meta device; the hooked embedding module computes the same
+    embeddings on its execution device."""
+    if encoder_decoder or embeddings.weight.device.type != "meta" \
+            or "input_ids" not in batch:
+        return batch
+    batch = dict(batch)
+    batch["inputs_embeds"] = embeddings(batch.pop("input_ids"))
+    return batch

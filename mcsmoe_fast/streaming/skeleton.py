@@ -57,6 +57,8 @@ def tensor_shapes(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], dict[st
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """(dotted prefix, the decoder layers) of a decoder-only transformers model."""
     inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    if not hasattr(inner, "layers"):  # get_decoder() giving the model itself (Llama4ForCausalLM)
+        inner = model.model
     prefix = next(name for name, module in model.named_modules() if module is inner.layers)
     return prefix, inner.layers
 
