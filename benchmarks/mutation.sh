@@ -53,7 +53,7 @@ tests_for() {  # the test files that exercise each algorithm file
   case "$1" in
     drop) echo "tests/test_drop.py tests/test_merge.py tests/test_calibrate.py tests/test_checkpoint.py" ;;
     grouping) echo "tests/test_grouping.py tests/test_merge.py" ;;
-    merge) echo "tests/test_merge.py tests/test_cli_options.py tests/test_checkpoint.py" ;;
+    merge) echo "tests/test_merge.py tests/test_cli_options.py tests/test_checkpoint.py tests/test_ream.py" ;;
     calibrate) echo "tests/test_calibrate.py tests/test_merge.py tests/test_compress.py tests/test_compress_importance.py tests/test_reap.py" ;;
     permute) echo "tests/test_permute.py tests/test_merge.py" ;;
     compress) echo "tests/test_compress.py tests/test_compress_importance.py tests/test_slr.py" ;;
