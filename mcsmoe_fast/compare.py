@@ -119,6 +119,8 @@ def compare_methods(model: nn.Module, batches, windows: torch.Tensor, methods=CO
     for ratio, method in tqdm(jobs, desc="comparing methods", disable=not progress):
         num_keep = resolve_count(e, None, ratio)
         base = method[: -len(STANDARD_SUFFIX)] if method.endswith(STANDARD_SUFFIX) else method
+        for key in [k for k in merges if k[0] != ratio]:  # jobs go ratio by ratio: free the last ratio's merges
+            del merges[key]
         if base in ("m-smoe", "hc-smoe") and (ratio, base) not in merges:
             merges[(ratio, base)] = merged_model(model, stats, base, num_keep)
         merged = merges.get((ratio, base))
