@@ -85,8 +85,6 @@ def run_streaming(args, tokenizer, batches, dtype, keep_quantization: bool = Fal
           f"{result.bytes_read / 2**20:.1f} MiB read, peak RSS {result.peak_rss / 2**20:.0f} MiB): {total} groups")
     if keep_quantization:
         print(describe_error(result.quantization_error))
-    if keep_quantization:
-        print(describe_error(result.quantization_error))
     kind = "standard " if args.format == "standard" else ""
     print(f"saved {kind}checkpoint to {result.path} ({dir_bytes(result.path) / 2**20:.2f} MiB on disk)")
     return 0
