@@ -189,7 +189,7 @@ class _Accumulator:
         router = getattr(self.layer, "router", None) or getattr(self.layer.module, "router")
         acc = self.stats.saliency_sum.dtype
         if type(router).__name__ not in SOFTMAX_ROUTERS:  # sigmoid & co: the router's own top-k weights
-            out = router(x)
+            out = getattr(self.layer, "router_outputs", router)(x)  # as the block calls it
             if not isinstance(out, tuple) or len(out) != 3:
                 raise ValueError(f"{self.layer.name}: REAP saliency needs the router's top-k weights, but "
                                  f"{type(router).__name__} does not return (logits, top-k weights, top-k index)")

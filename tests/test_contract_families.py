@@ -255,8 +255,7 @@ def test_clamped_swiglu_under_minimax_m3_names():
 
 
 @pytest.mark.parametrize("model_type, message", [
-    ("afmoe", r"takes more than the hidden states \(expert_bias"),
-    ("minimax_m2", r"takes more than the hidden states \(e_score_correction_bias"),
+    ("deepseek_v4", r"takes more than the hidden states \(input_ids"),
     ("inkling_text", r"scores 9 rows for 8 experts"),
     ("longcat_flash", r"scores 10 rows for 8 experts"),
     ("zaya", r"MLP router"),
@@ -270,6 +269,28 @@ def test_refusals_name_the_real_reason(model_type, message):
         moe_layers(tiny_from_model_type(model_type))
     assert "are its sparse layers configured" not in str(info.value)
     assert "activation 'silu' is not supported" not in str(info.value)
+
+
+@pytest.mark.parametrize("model_type", ["minimax_m2", "hy_v3", "afmoe"])
+def test_a_router_taking_the_blocks_bias_routes_as_the_block_does(model_type):
+    """MiniMax-M2, HY-V3 (e_score_correction_bias) and AFMoE (expert_bias) keep the bias in the block and pass it
+    to the router: the statistics call the router the same way (a bias that moves the choice, so the chosen
+    experts differ from the plain logits' top-k)."""
+    model = tiny_from_model_type(model_type)
+    layer = moe_layers(model)[0]
+    bias = next(getattr(layer.module, n) for n in ("e_score_correction_bias", "expert_bias") if hasattr(layer.module, n))
+    with torch.no_grad():
+        bias.copy_(torch.linspace(-0.5, 0.5, bias.numel()))  # large enough to move choices
+    seen = []
+    hook = layer.router.register_forward_hook(lambda m, args, out: seen.append(out[2]))
+    x = torch.randn(1, 12, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        layer.module(x)
+    hook.remove()
+    logits, chosen = layer.route(x.reshape(-1, x.shape[-1]))
+    assert torch.equal(chosen.sort(-1).values, seen[0].reshape(chosen.shape).long().sort(-1).values)
+    plain = logits.topk(layer.top_k, dim=-1).indices.sort(-1).values
+    assert not torch.equal(plain, chosen.sort(-1).values)  # the bias mattered
 
 
 def test_squared_relu_experts_run_on_the_fused_op():

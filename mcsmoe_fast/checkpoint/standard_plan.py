@@ -58,10 +58,8 @@ def check_standard_layer(layer: MoELayer) -> None:
     slice (router_rows) and write M experts."""
     try:
         layer.router_rows()
-    except ValueError:
-        raise ValueError(f"format='standard': {type(layer).__name__} layers ({layer.name!r}) are not supported yet "
-                         "(Switch Transformers, Llama-4 and the experts-contract families are); save "
-                         "format='exact'") from None
+    except ValueError as e:
+        raise ValueError(f"format='standard': {e}; save format='exact'") from None
 
 
 def plan_layer(model: nn.Module, layer: MoELayer) -> LayerPlan:

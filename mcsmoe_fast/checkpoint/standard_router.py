@@ -91,7 +91,7 @@ def routing_targets(layer: MoELayer, hidden: torch.Tensor, groups: list[list[int
     if is_sigmoid_router(module):
         return member_targets(logits, groups, sigmoid=True)
     if isinstance(layer, ExpertsLayer):
-        _, weights, index = layer.router(hidden)
+        _, weights, index = layer.router_outputs(hidden)
         weights = weights.float()
         if torch.allclose(weights.sum(-1), torch.ones_like(weights[:, 0]), atol=1e-4):
             position = torch.empty(layer.num_experts, dtype=torch.long)

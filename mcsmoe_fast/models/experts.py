@@ -41,11 +41,22 @@ class ExpertsLayer(MoELayer):
     def router_weight(self) -> torch.Tensor:
         return scoring_weight(self.router)[1]
 
+    def router_outputs(self, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The router's (logits, top-k weights, top-k index, ...) for hidden [T, d], called as its block calls it:
+        a router that takes more from the block (MiniMax-M2's and HY-V3's e_score_correction_bias, AFMoE's
+        expert_bias) gets the block's tensors of those names, and the tokens as one [1, T, d] sequence (AFMoE's
+        router reads three dimensions)."""
+        router = self.router
+        extra = _extra_router_inputs(router)
+        if not extra:
+            return router(hidden)
+        return router(hidden.unsqueeze(0), *(getattr(self.module, n) for n in extra))
+
     def router_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.router(hidden)[0]
+        return self.router_outputs(hidden)[0]
 
     def route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.router(hidden)  # (logits, top-k weights, top-k index, ...): some routers return more
+        out = self.router_outputs(hidden)  # (logits, top-k weights, top-k index, ...): some routers return more
         return out[0], out[2].long()
 
     def _spec(self) -> ExpertsSpec | None:
@@ -109,6 +120,9 @@ class ExpertsLayer(MoELayer):
 
     def router_rows(self) -> tuple[nn.Module, str]:
         router = self.router
+        if extra := _extra_router_inputs(router):
+            raise ValueError(f"{self.name}: its router takes the block's {', '.join(extra)}, which the standard "
+                             "format would have to slice with the router rows (not written yet)")
         return router, next(f"{n}." for n in ROUTER_NAMES if getattr(self.module, n, None) is router)
 
     def stored_tensors(self) -> ExpertTensors:
@@ -195,7 +209,9 @@ def check_router(name: str, block: nn.Module) -> nn.Module:
     if others:
         raise ValueError(f"{where}: router {attr} ({cls}) scales or normalises beyond its Linear map (parameters "
                          f"{', '.join(others)}), which merging and the router-logit statistics do not model")
-    extra = _extra_router_inputs(router)
+    # inputs the block passes besides the hidden states: its own tensors of those names are passed the same way
+    # (ExpertsLayer.router_outputs); anything else (DeepSeek-V4's token ids) cannot be
+    extra = [n for n in _extra_router_inputs(router) if not isinstance(getattr(block, n, None), torch.Tensor)]
     if extra:
         raise ValueError(f"{where}: router {attr} ({cls}) takes more than the hidden states ({', '.join(extra)}, "
                          "passed in by the block), so mcsmoe_fast's statistics cannot call it as the block does")
