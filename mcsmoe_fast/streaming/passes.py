@@ -75,6 +75,7 @@ class Stream:
     stats: dict[str, LayerStats] = field(default_factory=dict)
     merged: ActivationStore | None = None  # the merged model's hidden states (the fitted standard router)
     max_tokens: int = 65536  # router inputs kept per layer for the fitted rows (to_standard's max_tokens)
+    saliency: str | None = None  # REAP saliency in the statistics (calibrate.layer_accumulator; the streamed prune)
 
     def read(self, name: str) -> torch.Tensor:
         return self.source.read(name, self.shapes[name], self.dtype)
@@ -142,10 +143,10 @@ class Merger:
             self.writer.write_router(view)
 
 
-def _attach(view, bases, current: dict):
+def _attach(view, bases, current: dict, saliency: str | None = None):
     """(accumulator, hook handle): calibrate's accumulator fed by a pre-hook on the MoE block, with the
     padding mask of the batch being run (current["mask"])."""
-    acc = layer_accumulator(view, bases=bases)
+    acc = layer_accumulator(view, bases=bases, saliency=saliency)
     return acc, hook_block_input(view.module, lambda hidden: acc(hidden, current.get("mask")))
 
 
@@ -244,7 +245,7 @@ def _run_with_statistics(s: Stream, store: ActivationStore, i: int, name: str, l
     view = s.views.get(name)
     materialise(layer, name, tensors)
     current: dict = {}
-    acc = _attach(view, s.bases, current) if view is not None and view.name in s.chosen else None
+    acc = _attach(view, s.bases, current, s.saliency) if view is not None and view.name in s.chosen else None
     try:
         run_layer(s.model, layer, i, s.batches, store.get, store.put,
                   lambda batch: current.update(mask=batch.attention_mask))

@@ -62,8 +62,9 @@ class StandardOutput:
     def write_layer(self, view, plan: LayerPlan, w_in: torch.Tensor, w_out: torch.Tensor,
                     b_in: torch.Tensor | None, b_out: torch.Tensor | None) -> None:
         """The merged slots [G, ...] of `view` (canonical layout) as the standard layer's M experts."""
-        if set(plan.slots) != set(range(w_in.shape[0])):
-            raise ValueError(f"{view.name}: the standard plan's slots {plan.slots} are not the {w_in.shape[0]} merged slots")
+        if len(set(plan.slots)) != len(plan.slots) or not set(plan.slots) <= set(range(w_in.shape[0])):
+            raise ValueError(f"{view.name}: the standard plan's slots {plan.slots} are not distinct slots of the "
+                             f"{w_in.shape[0]} given")
         slots = torch.tensor(plan.slots, dtype=torch.long)
         pick = lambda t: None if t is None else t[slots]  # noqa: E731
         layout = self.standard_views[view.name].stored_tensors()
@@ -101,9 +102,12 @@ class StandardOutput:
             raise RuntimeError(f"router tensors of unmerged layers were never written: {sorted(self.held)[:3]}")
         return self.writer.finish()
 
-    def write_config(self, directory: Path) -> None:
-        """config.json (and generation_config.json) as save_pretrained of the standard model writes them."""
+    def write_config(self, directory: Path, sections: dict | None = None) -> None:
+        """config.json (and generation_config.json) as save_pretrained of the standard model writes them, with
+        `sections` {name: value} added (the prune's record)."""
         config = standard_config(self.model, self.plans, self.router, None)
+        for name, value in (sections or {}).items():
+            setattr(config, name, value)
         config.dtype = str(self.dtype).removeprefix("torch.")
         config.architectures = [type(self.standard).__name__]
         config.save_pretrained(str(directory))
