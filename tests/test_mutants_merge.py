@@ -69,3 +69,22 @@ def test_statistics_errors_name_the_layer_and_the_remedy():
     experts = mf.moe_layers(model)[0].num_experts  # 4
     with pytest.raises(ValueError, match=rf"^stats\['{name}'\] has {E} experts, the layer has {experts}$"):
         mf.merge_experts(model, wrong, num_groups=2, progress=False)
+
+
+def swiglu_expert(w_in, w_out, e, x):
+    gate, up = (x @ w_in[e].T).chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up) @ w_out[e].T
+
+
+def test_inplace_permutes_the_given_buffers_and_the_default_leaves_them_alone():
+    """inplace=True (the streaming pipeline's own buffers): w_in and w_out hold the aligned experts afterwards,
+    each expert still the same function; the default copies and leaves the caller's tensors as they were."""
+    stats, (w_in, w_out, _, _) = layer_stats(), expert_tensors()
+    before = w_in.clone(), w_out.clone()
+    merge_layer_weights("l", stats, w_in, w_out, 3, "swiglu")
+    assert torch.equal(w_in, before[0]) and torch.equal(w_out, before[1])
+    merge_layer_weights("l", stats, w_in, w_out, 3, "swiglu", inplace=True)
+    assert not torch.equal(w_in, before[0])  # some member was permuted towards its dominant expert
+    x = torch.randn(7, D, generator=torch.Generator().manual_seed(2))
+    for e in range(E):
+        torch.testing.assert_close(swiglu_expert(w_in, w_out, e, x), swiglu_expert(*before, e, x), rtol=1e-5, atol=1e-5)
