@@ -9,18 +9,16 @@ top-1 the routed experts cost about E = 16 times less; the shared expert costs t
 
 Candidates (one benchmark group per T; transformers is the anchor):
   transformers   Llama4TextMoe, eager (its only implementation)
-  fast_block     Llama4MoE on transformers' own Llama4TextExperts (Llama4Layer.install_fast_block: the
-                 transposed parameters read as strided views, transformers' state-dict names)
+  fast_block     Llama4MoE on transformers' own Llama4TextExperts (Llama4Layer.install_fast_block, what
+                 optimize() installs: the same Parameters laid out canonically in place, transformers' names)
   slots          Llama4MoE on MoEExperts, a contiguous canonical copy (what merging at G = E gives)
   merged_G4      Llama4MoE on 4 merged slots (expert_map [16] -> 4), the merged model
   floor          not an implementation: the shared expert on the tokens plus one read of every routed
-                 expert's weights (a sum over them), the least any exact fp32 layer that touches each
-                 weight once can take. Once T * k >= E every expert is chosen by some token, and the routed
-                 part of the fast block reads all E experts' weights (16 x 20 MB here) for a few rows each:
-                 memory-bound, while transformers' dense bmm is compute-bound (2 T flops per weight). The
-                 best possible ratio to transformers is then about (T / 2) x bandwidth (bytes/s) / fp32 flop
-                 rate: with ~12 GB/s and ~220 GFLOP/s (a 2-core AVX2 EPYC), 3.5x at T = 128, growing with
-                 T. fast_block / floor near 1 means no schedule can do better on the machine at hand.
+                 expert's weights (a sum over them), the least any exact fp32 layer that reads each weight
+                 once can take. Once T * k >= E every expert is chosen by some token and the routed part
+                 reads all E experts' weights (16 x 20 MB here) for a few rows each: memory-bound, while
+                 transformers' dense bmm is compute-bound (2 T flops per weight). fast_block / floor says
+                 how far the small-M GEMMs are from streaming the weights once.
 Each output is checked against transformers' before timing.
 
 Run:  python -m pytest benchmarks/bench_llama4.py --benchmark-only   (about 2 min on 2 cores; measure on an

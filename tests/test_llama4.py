@@ -212,6 +212,25 @@ def test_optimize_gives_transformers_logits_and_keeps_its_names(model, tmp_path)
     close(logits(AutoModelForCausalLM.from_pretrained(tmp_path).eval()), before)
 
 
+def test_fast_block_lays_the_parameters_out_canonically_in_place_and_sees_later_edits(model, tmp_path):
+    """The fast block's experts are transformers' own Parameters (same objects, shapes, values), re-laid out so that
+    each expert's canonical rows are contiguous; nothing is cached, so an in-place edit through .data (how many
+    tools patch weights) changes the output as it changes transformers' eager block."""
+    eager = copy.deepcopy(model)
+    experts = mf.moe_layers(model)[0].module.experts
+    params = experts.gate_up_proj, experts.down_proj
+    values = [p.detach().clone() for p in params]
+    mf.optimize(model)
+    assert (experts.gate_up_proj, experts.down_proj) == params  # the same Parameter objects
+    for p, v in zip(params, values):
+        assert p.shape == v.shape and torch.equal(p, v) and p.transpose(1, 2).is_contiguous()
+    for m in (model, eager):
+        mf.moe_layers(m)[0].module.experts.gate_up_proj.data.mul_(3.0)
+    close(logits(model), logits(eager))
+    model.save_pretrained(tmp_path)  # transformers' own save of the re-laid-out parameters
+    close(logits(AutoModelForCausalLM.from_pretrained(tmp_path).eval()), logits(eager))
+
+
 def test_fast_block_keeps_transformers_names_and_runs_the_fused_op(model, tmp_path, monkeypatch):
     before, names = logits(model), sorted(model.state_dict())
     for layer in mf.moe_layers(model):
