@@ -296,3 +296,34 @@ def test_cli_prune(tmp_path, capsys):
     assert config["mcsmoe_prune"]["method"] == "frequency"
     assert main([str(a) for a in args[:-2] + ["--num-experts", 1, "--out", tmp_path / "bad"]]) == 2
     assert "fewer than the top_k=2" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_cli_prune_larger_than_memory_writes_the_in_memory_checkpoint(tmp_path, capsys):
+    """--max-memory below the model's size: pruned layer by layer from the shards (streaming.prune), the same
+    tensors and config as the in-memory command."""
+    from safetensors.torch import load_file
+    from test_cli_merge import LINES, tiny_tokenizer
+    from mcsmoe_fast.tiny import tiny_mixtral
+
+    tiny_mixtral().save_pretrained(tmp_path / "mixtral", max_shard_size="60KB")
+    tiny_tokenizer().save_pretrained(tmp_path / "mixtral")
+    (tmp_path / "calib.txt").write_text("\n".join(LINES * 4) + "\n")
+    args = ["prune", "--model", tmp_path / "mixtral", "--calib", tmp_path / "calib.txt", "--ratio", 0.5]
+    assert main([str(a) for a in args + ["--out", tmp_path / "memory"]]) == 0
+    assert "pruning of 2 layers in" in capsys.readouterr().out
+    assert main([str(a) for a in args + ["--max-memory", "1KB", "--offload-dir", tmp_path / "acts",
+                                         "--out", tmp_path / "streamed"]]) == 0
+    assert "pruning layer by layer from the checkpoint's shards" in capsys.readouterr().out
+
+    def tensors(d):
+        out = {}
+        for p in sorted(d.glob("*.safetensors")):
+            out.update(load_file(str(p)))
+        return out
+
+    a, b = tensors(tmp_path / "memory"), tensors(tmp_path / "streamed")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ca, cb = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("memory", "streamed"))
+    assert ca["mcsmoe_prune"]["layers"].keys() == cb["mcsmoe_prune"]["layers"].keys()
+    assert all(ca["mcsmoe_prune"]["layers"][k]["kept"] == cb["mcsmoe_prune"]["layers"][k]["kept"]
+               for k in ca["mcsmoe_prune"]["layers"])

@@ -30,6 +30,11 @@ def add(sub):
     p.add_argument("--out", required=True, help="directory to save the pruned model to")
     add_calibration_options(p)
     add_dtype_option(p, quantized=True)
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory budget, e.g. 8GB: a checkpoint that would not fit is pruned one decoder layer at a "
+                        "time from its shards (the same standard checkpoint)")
+    p.add_argument("--offload-dir", default=None,
+                   help="where the carried activations go when they exceed --max-memory (default: inside --out)")
     p.set_defaults(run=run)
     return p
 
@@ -46,6 +51,10 @@ def run(args) -> int:
     # a block-FP8 / MXFP4 checkpoint: loaded dequantized, written in its own precision unless --dtype is given
     keep_quantization = quantized_format(args.model) is not None and args.dtype in (None, "auto")
     args.dtype = args.dtype or "float32"
+    from ..streaming import fits_in_memory
+
+    if not fits_in_memory(args.model, args.max_memory, None if keep_quantization else dtype_option(args)):
+        return run_streaming(args, keep_quantization)
     model = open_model(args.model, None if keep_quantization else dtype_option(args))
     layers = moe_layers(model)
     if not layers:
@@ -75,5 +84,26 @@ def run(args) -> int:
               + describe_error(saved_error(out)))
     print(f"parameters: {before / 2**20:.2f} MiB before, {after / 2**20:.2f} MiB after pruning "
           f"({before / max(after, 1):.2f}x smaller)")
+    print(f"saved standard checkpoint to {out} ({dir_bytes(out) / 2**20:.2f} MiB on disk)")
+    return 0
+
+
+def run_streaming(args, keep_quantization: bool) -> int:
+    """Larger than --max-memory: the checkpoint pruned one decoder layer at a time (streaming.prune)."""
+    from ..calibration_data import calibration_batches, load_tokenizer, read_calibration_texts
+    from ..streaming.prune import prune_checkpoint
+
+    if keep_quantization:
+        raise ValueError("--max-memory: a quantized checkpoint is pruned in memory to keep its precision; add "
+                         "--dtype bfloat16 to prune it layer by layer into a dequantized checkpoint")
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    texts = read_calibration_texts(args.calib, args.num_samples, args.text_field, args.split)
+    batches = calibration_batches(texts, tokenizer, args.batch_size, args.max_length)
+    start = time.perf_counter()
+    out = prune_checkpoint(args.model, args.out, batches, args.num_experts, args.ratio, args.method, args.saliency,
+                           max_memory=args.max_memory, offload_dir=args.offload_dir, dtype=dtype_option(args),
+                           tokenizer=tokenizer)
+    print(f"{len(texts)} calibration samples; {args.method} pruning layer by layer from the checkpoint's shards in "
+          f"{time.perf_counter() - start:.2f} s")
     print(f"saved standard checkpoint to {out} ({dir_bytes(out) / 2**20:.2f} MiB on disk)")
     return 0
