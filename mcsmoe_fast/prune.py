@@ -82,12 +82,7 @@ def check_prune(model: nn.Module, num_keep: int) -> int:
     if not layers:
         raise ValueError("the model has no MoE layer to prune")
     expert_count_fields(model.config)
-    counts = {layer.num_experts for layer in layers}
-    if len(counts) > 1:
-        raise ValueError(f"the MoE layers have different expert counts {sorted(counts)}; a pruned checkpoint has one")
-    e = counts.pop()
-    if num_keep > e:
-        raise ValueError(f"num_experts={num_keep} exceeds the {e} experts per layer")
+    check_expert_count(layers, num_keep)
     for layer in layers:
         if layer.top_k > num_keep:
             raise ValueError(f"num_experts={num_keep} is fewer than the top_k={layer.top_k} experts each token of "
@@ -97,11 +92,28 @@ def check_prune(model: nn.Module, num_keep: int) -> int:
         if compressed or slots != layer.num_experts or not torch.equal(layer.expert_map().cpu(),
                                                                        torch.arange(layer.num_experts)):
             raise ValueError(f"layer {layer.name!r} is merged or compressed; prune the original model")
-    n_group = routing_groups(model.config)
+    return check_routing_group_counts(model.config, layers, num_keep)
+
+
+def check_expert_count(layers: list, num_keep: int) -> int:
+    """E, the one expert count of the MoE layers; ValueError when they differ or num_keep exceeds it."""
+    counts = {layer.num_experts for layer in layers}
+    if len(counts) > 1:
+        raise ValueError(f"the MoE layers have different expert counts {sorted(counts)}; a pruned checkpoint has one")
+    e = counts.pop()
+    if num_keep > e:
+        raise ValueError(f"num_experts={num_keep} exceeds the {e} experts per layer")
+    return e
+
+
+def check_routing_group_counts(config, layers: list, num_keep: int) -> int:
+    """The routing-group count n_group (1 without group-limited routing); ValueError unless num_keep keeps the same
+    number of experts, at least 2, in every routing group and the layers' top_k still fits in topk_group groups."""
+    n_group = routing_groups(config)
     if n_group > 1:
         per = num_keep // n_group
-        topk_group = int(getattr(model.config, "topk_group", n_group))
-        if e % n_group or num_keep % n_group or per < 2:
+        topk_group = int(getattr(config, "topk_group", n_group))
+        if layers[0].num_experts % n_group or num_keep % n_group or per < 2:
             raise ValueError(f"num_experts={num_keep}: group-limited routing (n_group={n_group}) keeps the same number "
                              f"of experts in every routing group, at least 2 each: choose a multiple of {n_group} "
                              f"that is >= {2 * n_group}")

@@ -16,7 +16,8 @@ import torch
 
 from ..checkpoint import atomic_directory, scratch_directory
 from ..checkpoint.standard_plan import LayerPlan, check_expert_counts, check_standard_layer
-from ..models.config_fields import expert_count_fields, routing_groups
+from ..models.config_fields import expert_count_fields
+from ..prune import check_expert_count, check_routing_group_counts
 from .activations import ActivationStore
 from .forward import ACCEPTED_KEYS, prepare_batches
 from .memory import plan_memory
@@ -30,25 +31,11 @@ def _check(s: Stream, num_keep: int) -> int:
     layers = list(s.views.values())
     if not layers:
         raise ValueError("the model has no MoE layer to prune")
-    counts = {layer.num_experts for layer in layers}
-    if len(counts) > 1:
-        raise ValueError(f"the MoE layers have different expert counts {sorted(counts)}; a pruned checkpoint has one")
-    if num_keep > counts.pop():
-        raise ValueError(f"num_experts={num_keep} exceeds the {layers[0].num_experts} experts per layer")
+    check_expert_count(layers, num_keep)
     for layer in layers:
         check_standard_layer(layer)
     expert_count_fields(s.model.config)
-    n_group = routing_groups(s.model.config)
-    if n_group > 1:
-        per, topk_group = num_keep // n_group, int(getattr(s.model.config, "topk_group", n_group))
-        if num_keep % n_group or per < 2:
-            raise ValueError(f"num_experts={num_keep}: group-limited routing (n_group={n_group}) keeps the same number "
-                             f"of experts in every routing group, at least 2 each: choose a multiple of {n_group} "
-                             f"that is >= {2 * n_group}")
-        top_k = max(layer.top_k for layer in layers)
-        if top_k > topk_group * per:
-            raise ValueError(f"num_experts={num_keep}: top_k={top_k} exceeds topk_group={topk_group} x {per} experts "
-                             "per routing group")
+    n_group = check_routing_group_counts(s.model.config, layers, num_keep)
     check_expert_counts(s.model.config, layers, {layer.name: num_keep for layer in layers})
     return n_group
 
