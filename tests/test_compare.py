@@ -16,11 +16,16 @@ from mcsmoe_fast.train.text import perplexity
 from test_cli_merge import LINES, tiny_tokenizer
 
 
-def test_compare_command(tmp_path, capsys):
+def saved_model_and_texts(tmp_path):
+    """A tiny Mixtral with its tokenizer in tmp_path/mixtral, calibration and evaluation texts beside it."""
     tiny_mixtral().save_pretrained(tmp_path / "mixtral")
     tiny_tokenizer().save_pretrained(tmp_path / "mixtral")
     (tmp_path / "calib.txt").write_text("\n".join(LINES * 4) + "\n")
     (tmp_path / "eval.txt").write_text(" ".join(LINES * 6))
+
+
+def test_compare_command(tmp_path, capsys):
+    saved_model_and_texts(tmp_path)
     args = ["compare", "--model", tmp_path / "mixtral", "--calib", tmp_path / "calib.txt", "--eval-text",
             tmp_path / "eval.txt", "--eval-length", 16, "--ratios", "0.25,0.5", "--out", tmp_path / "out"]
     assert main([str(a) for a in args]) == 0
@@ -104,10 +109,7 @@ def test_kd_rows_are_each_method_distilled_from_the_input_model():
 
 
 def test_compare_command_with_kd(tmp_path, capsys):
-    tiny_mixtral().save_pretrained(tmp_path / "mixtral")
-    tiny_tokenizer().save_pretrained(tmp_path / "mixtral")
-    (tmp_path / "calib.txt").write_text("\n".join(LINES * 4) + "\n")
-    (tmp_path / "eval.txt").write_text(" ".join(LINES * 6))
+    saved_model_and_texts(tmp_path)
     args = ["compare", "--model", tmp_path / "mixtral", "--calib", tmp_path / "calib.txt", "--eval-text",
             tmp_path / "eval.txt", "--eval-length", 16, "--methods", "reap,m-smoe-standard", "--ratios", "0.5",
             "--kd-steps", 2, "--kd-batch-size", 2, "--kd-lr", 1e-2, "--out", tmp_path / "out"]
