@@ -260,33 +260,13 @@ def _routing_groups(s: Stream, groups: _Groups, within: bool) -> int:
 
 
 @torch.no_grad()
-def merge_checkpoint(
-    path,
-    out,
-    calibration_batches: Iterable[dict],
-    num_groups,
-    similarity: str = "router-logits",
-    globally: bool | None = None,
-    compress: dict | None = None,
-    max_memory=None,
-    offload_dir=None,
-    progress: bool = True,
-    *,
-    permute: bool = True,
-    strategy: str = "frequency",
-    grouping: str = "dominant",
-    layers=None,
-    seed: int = 0,
-    dtype: torch.dtype | None = None,
-    max_shard_size=None,
-    bases: Iterable[str] | None = None,
-    tokenizer=None,
-    device_map=None,
-    keep_quantization: bool = True,
-    format: str = "exact",
-    router: str | None = None,
-    within_routing_groups: bool | None = None,
-) -> StreamingResult:
+def merge_checkpoint(path, out, calibration_batches: Iterable[dict], num_groups, similarity: str = "router-logits",
+                     globally: bool | None = None, compress: dict | None = None, max_memory=None, offload_dir=None,
+                     progress: bool = True, *, permute: bool = True, strategy: str = "frequency",
+                     grouping: str = "dominant", layers=None, seed: int = 0, dtype: torch.dtype | None = None,
+                     max_shard_size=None, bases: Iterable[str] | None = None, tokenizer=None, device_map=None,
+                     keep_quantization: bool = True, format: str = "exact", router: str | None = None,
+                     within_routing_groups: bool | None = None) -> StreamingResult:
     """Merge the experts of the checkpoint directory `path` (a family source.py lists) into `out`
     without ever holding the model in memory; returns a StreamingResult.
 
@@ -317,8 +297,7 @@ def merge_checkpoint(
       kept (quantized.py); False: every tensor dequantized in `dtype`, without quantization_config.
     max_shard_size: bytes per output shard (default: max_memory / 8 between 1 MB and 2 GB; 2 GB without
       a budget).
-    bases: similarity bases to collect (default: what `similarity` needs).
-    tokenizer: saved with the checkpoint when given.
+    bases: similarity bases to collect (default: what `similarity` needs); tokenizer: saved with it when given.
     format: "exact" (the merged format: all E router rows and the expert_map) or "standard" (the family's own
       checkpoint with M experts and M router rows, equal to save_pretrained(format="standard") of the merged model
       in memory; standard.py); refused before any work when it cannot be expressed: globally, some `layers` only,
