@@ -88,3 +88,17 @@ def test_inplace_permutes_the_given_buffers_and_the_default_leaves_them_alone():
     x = torch.randn(7, D, generator=torch.Generator().manual_seed(2))
     for e in range(E):
         torch.testing.assert_close(swiglu_expert(w_in, w_out, e, x), swiglu_expert(*before, e, x), rtol=1e-5, atol=1e-5)
+
+
+def test_option_errors_list_every_choice():
+    from mcsmoe_fast.grouping import ALL_GROUPINGS, MERGE_STRATEGIES, SIMILARITY_BASES
+    from mcsmoe_fast.merge import check_merge_options
+
+    ok = dict(similarity="router-logits", strategy="frequency", grouping="dominant")
+    check_merge_options(**ok)
+    for option, choices in (("similarity", SIMILARITY_BASES), ("strategy", MERGE_STRATEGIES),
+                            ("grouping", ALL_GROUPINGS)):
+        expected = f"{option} must be one of {', '.join(choices)}, got 'x'"
+        with pytest.raises(ValueError) as info:
+            check_merge_options(**{**ok, option: "x"})
+        assert str(info.value) == expected
