@@ -139,7 +139,7 @@ def run(args) -> int:
         if args.export_dense:
             raise ValueError("--export-dense needs the whole model in memory (the streamed merge writes the exact or "
                              "the standard format); drop it (and --device-map) or raise --max-memory")
-        return run_streaming(args, tokenizer, batches, dtype)
+        return run_streaming(args, tokenizer, batches, dtype, keep_quantization)
     model = open_model(args.model, dtype)
     if args.format == "standard" and args.layers and len(select_layers(moe_layers(model), layers_option(args.layers))) \
             < len(moe_layers(model)):

@@ -47,7 +47,7 @@ from .dispatch import check_device_map, dispatched_statistics, split_memory
 from .forward import ACCEPTED_KEYS, SEQ2SEQ_KEYS, prepare_batches
 from .memory import MemoryPlan, human, plan_memory
 from .passes import Merger, Progress, Stream, layer_pass, merge_pass
-from .quantized import dequantized_config, output_writer, record_error
+from .quantized import ErrorProbe, dequantized_config, output_writer, record_error
 from .skeleton import layer_units, moe_views, open_source
 from .standard import StandardOutput, check_standard
 
@@ -146,14 +146,17 @@ def _merger(s: Stream, tmp: Path, plan: MemoryPlan, compress: dict | None, optio
     """Open the output shards in `tmp` (s.writer) and the merge step, staging for compression when asked.
     A quantized source is written back in its format (quantized.py) unless keep_quantization is False.
     standard: (M, router) for the standard format (standard.py)."""
+    if not keep_quantization:
+        dequantized_config(s.model.config)
     if standard is not None:
-        s.writer = StandardOutput(tmp, plan.shard_size, s.model, s.views, s.dtype, *standard)
+        quantized = keep_quantization and s.source.quant is not None
+        s.writer = StandardOutput(tmp, plan.shard_size, s.model, s.views, s.dtype, *standard,
+                                  requantize=s.source.files if quantized else None,
+                                  probe=ErrorProbe(s.views, s.chosen) if quantized else None)
         return Merger(s.writer, None, options, plan.matching_bytes, s.model.config,
                       fit_router=_fits_router(standard, options["strategy"]))
     s.writer = output_writer(ShardWriter(tmp, WEIGHTS_NAME, plan.shard_size, WEIGHTS_METADATA), s.source, s.views,
                              keep_quantization, s.chosen)
-    if not keep_quantization:
-        dequantized_config(s.model.config)
     stage = (CompressionStage(tmp / ".compress-staging", compress["rank"], compress["keep_ratio"], compress["svd"])
              if compress else None)
     return Merger(s.writer, stage, options, plan.matching_bytes)
@@ -301,7 +304,7 @@ def merge_checkpoint(path, out, calibration_batches: Iterable[dict], num_groups,
     format: "exact" (the merged format: all E router rows and the expert_map) or "standard" (the family's own
       checkpoint with M experts and M router rows, equal to save_pretrained(format="standard") of the merged model
       in memory; standard.py); refused before any work when it cannot be expressed: globally, some `layers` only,
-      top_k > M, compression, a quantized source kept quantized.
+      top_k > M, compression (a quantized source is kept quantized as for "exact").
     router: the standard format's router rows: "fitted" (the default; fitted on the merged model's router inputs,
       from one more forward of every layer as merged over the calibration batches) or "dominant" (the default
       with a device_map, which supports only it).
@@ -319,7 +322,7 @@ def merge_checkpoint(path, out, calibration_batches: Iterable[dict], num_groups,
     fused = not globally and device_map is None
     counts = groups.up_front(s.views) if fused else {}
     n_group = _routing_groups(s, groups, within_routing_groups)
-    standard = check_standard(format, router, s, chosen, globally, compress, keep_quantization, device_map,
+    standard = check_standard(format, router, s, chosen, globally, compress, device_map,
                               groups.up_front(s.views) if not globally else None, n_group)
     plan = _plan(s, budget, max_shard_size, 2 if _fits_router(standard, strategy) else 1)
     options, seconds = dict(similarity=similarity, permute=permute, strategy=strategy, grouping=grouping, seed=seed,

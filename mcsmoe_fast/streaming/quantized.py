@@ -34,17 +34,17 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.weight_files import ShardWriter
-from ..modules import MoEExperts
-from ..quant import QuantFormat, detect, dequantize_fp8, dequantize_mxfp4, quantize_fp8, quantize_mxfp4
+from ..quant import QuantFormat, detect
 from ..quant.files import QuantizedFiles
+from ..quant.report import describe_error, layer_error, summarize
+from ..quant.requantize import (LikeSource, dequantize_parts, quantizable, quantize_tensor, relative_error,
+                                stored_scale_dtype)
+
+__all__ = ["describe_error", "dequantize_parts", "quantize_tensor", "relative_error", "quantize_checkpoint",
+           "requantize_saved", "load_dequantized", "output_writer", "record_error", "ErrorProbe", "QuantizingWriter"]
 
 PROBE_TOKENS = 256  # calibration tokens per layer the output error is measured on (kept until the layer is merged)
 ERROR_KEY = "mcsmoe_quantization"  # config.json: the output's format and the error re-quantizing added
-
-# tensors that stay unquantized in the releases: embeddings, norms, the head, routers
-_KEEP = ("embed_tokens", "lm_head", "norm", ".gate.weight", ".router.weight", "e_score_correction_bias", "shared_expert_gate")
-# fused expert banks (transformers 5 names)
-_BANKS = ("experts.gate_up_proj", "experts.down_proj", "experts.up_proj")
 
 
 def source_format(config: dict) -> QuantFormat | None:
@@ -63,39 +63,6 @@ def checkpoint_format(spec) -> QuantFormat | None:
         return None
     raw = json.loads(config.read_text())
     return None if not isinstance(raw, dict) or MERGE_SECTION in raw else source_format(raw)
-
-
-def quantize_tensor(name: str, tensor: torch.Tensor, fmt: QuantFormat, scale_dtype: torch.dtype = torch.float32,
-                    transpose_mxfp4: bool = False) -> dict[str, torch.Tensor]:
-    """{stored name: part} of `tensor` in format `fmt` (fp8: [..., out, in] blocks; mxfp4: packed along
-    the last dim, after transposing the last two when transpose_mxfp4, GPT-OSS's [E, in, out] banks)."""
-    if fmt.method == "fp8":
-        q, s = quantize_fp8(tensor, fmt.block, fmt.scale_fmt, scale_dtype)
-        return dict(zip(fmt.parts(name), (q, s)))
-    blocks, scales = quantize_mxfp4(tensor.transpose(-1, -2) if transpose_mxfp4 else tensor)
-    return dict(zip(fmt.parts(name), (blocks, scales)))
-
-
-def dequantize_parts(parts: dict[str, torch.Tensor], fmt: QuantFormat, shape) -> torch.Tensor:
-    """The float32 values of a tensor of `shape` from its quantized parts (quantize_tensor's, transpose_mxfp4=True)."""
-    a, b = parts.values()
-    if fmt.method == "fp8":
-        return dequantize_fp8(a, b, torch.float32, fmt.block)
-    return dequantize_mxfp4(a, b, torch.float32, cols=shape[-2]).transpose(-1, -2)
-
-
-def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """||got - ref|| / ||ref|| (Frobenius; float32 squares summed by torch.sum's cascade, one leading slice at a
-    time so the temporaries stay one matrix, the slices added in float64); 0 when both are zero."""
-    diff = norm = 0.0
-    got, ref = got.reshape(-1, *got.shape[-2:]) if got.dim() > 2 else got[None], \
-        ref.reshape(-1, *ref.shape[-2:]) if ref.dim() > 2 else ref[None]
-    for g, r in zip(got, ref):
-        r = r.float()
-        norm += r.square().sum().item()
-        diff += torch.sub(g.float(), r).square_().sum().item()
-    diff, norm = diff ** 0.5, norm ** 0.5
-    return diff / norm if norm > 0 else (0.0 if diff == 0 else float("inf"))
 
 
 class ErrorProbe:
@@ -140,8 +107,7 @@ class QuantizingWriter:
         self.writer, self.files, self.banks, self.probe = writer, files, banks, probe
         self.views = {v.name: v for v in (views or {}).values()}
         self.names: set[str] = set()
-        scales = [files.files.dtypes[p[1]] for p in files.parts.values()]
-        self.scale_dtype = scales[0] if scales and files.format.method == "fp8" else torch.float32
+        self.scale_dtype = stored_scale_dtype(files)
         self.pending: dict[str, dict] = {}  # merged layer -> {field: (merged tensor, its re-quantized values)}
         self.layers: dict[str, dict] = {}  # merged layer -> its errors
 
@@ -173,37 +139,17 @@ class QuantizingWriter:
             self.layers[layer] = self._layer_error(layer, self.pending.pop(layer), tensor)
 
     def _layer_error(self, layer: str, slot: dict, expert_map: torch.Tensor) -> dict:
-        for bank in ("w_in", "w_out"):
-            ref, parts = slot[bank]
-            slot[bank] = (ref, dequantize_parts(parts, self.files.format, ref.shape))
-        entry = {bank: relative_error(slot[bank][1], slot[bank][0]) for bank in ("w_in", "w_out")}
+        view = self.views[layer]
+        merged = tuple(slot[f][0] if f in slot else None for f in ("w_in", "w_out", "b_in", "b_out"))
+        requantized = tuple(dequantize_parts(slot[f][1], self.files.format, slot[f][0].shape) for f in ("w_in", "w_out"))
         sample = self.probe.samples.pop(layer, None) if self.probe is not None else None
-        if sample is not None:
-            view = self.views[layer]
-            hidden, index, weights = (t.float() if t.is_floating_point() else t for t in sample)
-            out = []
-            for k in (0, 1):  # 0: the merged weights, 1: their re-quantized values
-                f = {n: (v[k].float() if v is not None else None) for n, v in
-                     ((n, slot.get(n)) for n in ("w_in", "w_out", "b_in", "b_out"))}
-                experts = MoEExperts(f["w_in"], f["w_out"], expert_map, view.activation, f["b_in"], f["b_out"],
-                                     view.activation_args)
-                out.append(experts(hidden, index, weights))
-            entry.update(output=relative_error(out[1], out[0]), tokens=int(hidden.shape[0]))
-        return entry
+        return layer_error(merged, requantized, expert_map, view.activation, view.activation_args, sample)
 
     def report(self) -> dict | None:
         """{"format", "layers": {layer: {w_in, w_out, output, tokens}}, "max", "mean"} (None: nothing merged)."""
         if self.probe is not None:
             self.probe.close()
-        if not self.layers:
-            return None
-        summary = {}
-        for what in ("w_in", "w_out", "output"):
-            values = [e[what] for e in self.layers.values() if what in e]
-            if values:
-                summary[what] = (max(values), sum(values) / len(values))
-        return {"format": self.files.format.method, "layers": self.layers,
-                "max": {k: v[0] for k, v in summary.items()}, "mean": {k: v[1] for k, v in summary.items()}}
+        return summarize(self.files.format.method, self.layers)
 
     def __getattr__(self, attr):  # finish, flush, bytes_written, ... of the ShardWriter
         return getattr(self.writer, attr)
@@ -226,42 +172,21 @@ def output_writer(writer: ShardWriter, source, views: dict, quantized_output: bo
 
 
 def record_error(config, writer) -> dict | None:
-    """The error report of a QuantizingWriter (None for any other writer), set on `config` under ERROR_KEY."""
-    if not isinstance(writer, QuantizingWriter):
+    """The error report of a re-quantizing writer (QuantizingWriter, a re-quantizing StandardOutput; None for
+    any other writer), set on `config` under ERROR_KEY."""
+    report_of = writer.report if isinstance(writer, QuantizingWriter) else getattr(writer, "quantization_report", None)
+    if report_of is None:
         return None
-    report = writer.report()
+    report = report_of()
     if report is not None:
         setattr(config, ERROR_KEY, report)
     return report
-
-
-def describe_error(report: dict | None) -> str:
-    """One line for the CLI."""
-    if not report:
-        return "re-quantized: no merged layer"
-    if "tensors" in report:  # quantize_checkpoint(like=...): weights only
-        return (f"re-quantized {len(report['tensors'])} changed tensors to {report['format']}: "
-                f"{100 * report['max']['weights']:.2f}% relative error (max; mean {100 * report['mean']['weights']:.2f}%)")
-    mx, mean = report["max"], report["mean"]
-    text = (f"re-quantized to {report['format']}: merged weights {100 * max(mx['w_in'], mx['w_out']):.2f}% relative "
-            f"error (max over banks; mean {100 * (mean['w_in'] + mean['w_out']) / 2:.2f}%)")
-    if "output" in mx:
-        text += f", layer outputs on calibration tokens {100 * mx['output']:.2f}% (max; mean {100 * mean['output']:.2f}%)"
-    return text
 
 
 def dequantized_config(config) -> None:
     """A config for a dequantized output: without quantization_config."""
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config
-
-
-def _quantizable(name: str, tensor: torch.Tensor, fmt: QuantFormat) -> bool:
-    if not tensor.is_floating_point() or any(k in name for k in _KEEP):
-        return False
-    if fmt.method == "mxfp4":
-        return tensor.dim() == 3 and name.endswith(_BANKS)
-    return (tensor.dim() == 2 and name.endswith(".weight")) or (tensor.dim() == 3 and name.endswith(_BANKS))
 
 
 @torch.no_grad()
@@ -281,13 +206,9 @@ def quantize_checkpoint(src, dst, quantization_config: dict | None = None, scale
     from .source import open_weight_files
 
     src, dst = Path(src), Path(dst)
-    source = None
+    like = LikeSource(QuantizedFiles(open_weight_files(Path(like)), checkpoint_format(like))) if like is not None else None
     if like is not None:
-        like = Path(like)
-        source = QuantizedFiles(open_weight_files(like), checkpoint_format(like))
-        quantization_config = source.format.config
-        scales = [source.files.dtypes[p[1]] for p in source.parts.values()]
-        scale_dtype = scales[0] if scales and source.format.method == "fp8" else torch.float32
+        quantization_config, scale_dtype = like.format.config, like.scale_dtype
     fmt = detect(quantization_config)
     if fmt is None:
         raise ValueError("quantization_config: expected a dict with quant_method 'fp8' or 'mxfp4'")
@@ -297,35 +218,23 @@ def quantize_checkpoint(src, dst, quantization_config: dict | None = None, scale
     errors = {}  # with like: the tensors quantized afresh -> the relative error quantizing added
     for name in files.shapes:
         t = files.get(name)
-        copy = False  # the source's stored parts, byte for byte
-        if source is not None and source.is_quantized(name) and t.is_floating_point():
-            copy = tuple(source.shapes[name]) == tuple(t.shape) and torch.equal(source.get(name, t.dtype), t)
-            fresh = not copy
-        elif source is not None:
-            fresh = name.endswith(_BANKS) and _quantizable(name, t, fmt)
-        else:
-            fresh = _quantizable(name, t, fmt)
-        if copy:
-            parts = source.raw(name)
-            source.release()
-        elif fresh:
-            parts = quantize_tensor(name, t, fmt, scale_dtype, transpose_mxfp4=True)
-            if source is not None:
+        if like is not None:
+            parts, fresh = like.parts(name, t)
+            if fresh:
                 errors[name] = relative_error(dequantize_parts(parts, fmt, t.shape), t)
         else:
-            parts = {name: t}
-        for n, p in parts.items():
-            writer.add(n, p)
+            parts = quantize_tensor(name, t, fmt, scale_dtype, transpose_mxfp4=True) if quantizable(name, t, fmt) \
+                else {name: t}
+        for n, part in parts.items():
+            writer.add(n, part)
     files.release()
     writer.finish()
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = dict(quantization_config)
-    if source is not None:
+    if like is not None:
         config.pop(ERROR_KEY, None)
         if errors:
-            values = list(errors.values())
-            config[ERROR_KEY] = {"format": fmt.method, "tensors": errors, "max": {"weights": max(values)},
-                                 "mean": {"weights": sum(values) / len(values)}}
+            config[ERROR_KEY] = summarize(fmt.method, None, errors)
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for extra in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                   "chat_template.jinja", "tokenizer.model"):

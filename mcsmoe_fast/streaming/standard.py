@@ -27,6 +27,7 @@ from ..checkpoint.standard_router import sliced_rows
 from ..checkpoint.weight_files import ShardWriter
 from ..models import moe_layers
 from ..models.config_fields import expert_count_fields, routing_groups
+from .quantized_standard import StandardRequantizer
 from .skeleton import build_skeleton
 
 HF_WEIGHTS = "model.safetensors"  # transformers' own weights name, which every loader looks for
@@ -38,7 +39,9 @@ class StandardOutput:
     end_unit() after each unit, write_layer() and write_router() per MoE layer (module docstring)."""
 
     def __init__(self, directory: Path, max_shard_size: int | None, model: torch.nn.Module, views: dict,
-                 dtype: torch.dtype, num_experts: int, router: str):
+                 dtype: torch.dtype, num_experts: int, router: str, requantize=None, probe=None):
+        """requantize: the source's QuantizedFiles, to write in its format (quantized_standard.py; probe: its
+        ErrorProbe); None: every tensor as it comes."""
         config = model.config.__class__.from_dict(model.config.to_dict())
         for name in expert_count_fields(config):
             setattr(config, name, num_experts)
@@ -47,6 +50,9 @@ class StandardOutput:
         self.standard_views = {v.name: v for v in moe_layers(self.standard)}
         self.prefixes = {v.name: f"{v.name}.{v.router_rows()[1]}" for v in views.values()}
         self.writer = ShardWriter(directory, HF_WEIGHTS, max_shard_size, HF_METADATA)
+        if requantize is not None:
+            self.writer = StandardRequantizer(self.writer, requantize, probe)
+        self.unit_layers: dict[str, tuple] = {}  # re-quantizing: the unit's merged layers, measured at end_unit
         self.names: set[str] = set()  # the original model's names given to add()
         self.pending: dict[str, torch.Tensor] = {}  # the current unit's tensors, standard model names
         self.held: dict[str, torch.Tensor] = {}  # router tensors waiting for their layer's plan
@@ -68,8 +74,11 @@ class StandardOutput:
         slots = torch.tensor(plan.slots, dtype=torch.long)
         pick = lambda t: None if t is None else t[slots]  # noqa: E731
         layout = self.standard_views[view.name].stored_tensors()
-        self.pending.update(layout.split(pick(w_in), pick(w_out), pick(b_in), pick(b_out)))
+        picked = (pick(w_in), pick(w_out), pick(b_in), pick(b_out))
+        self.pending.update(layout.split(*picked))
         self.plans[view.name] = plan
+        if isinstance(self.writer, StandardRequantizer):
+            self.unit_layers[view.name] = (self.standard_views[view.name], plan, view.num_experts, picked)
 
     def router_tensors(self, view) -> dict[str, torch.Tensor]:
         """The held router tensors of `view`, {key inside the router module: tensor}."""
@@ -92,9 +101,16 @@ class StandardOutput:
 
         if not self.pending:
             return
-        for name, tensor in revert_weight_conversion(self.standard, self.pending).items():
-            self.writer.add(name, tensor)
-        self.pending = {}
+        if isinstance(self.writer, StandardRequantizer):
+            self.writer.write_unit(self.standard, self.pending, self.unit_layers)
+        else:
+            for name, tensor in revert_weight_conversion(self.standard, self.pending).items():
+                self.writer.add(name, tensor)
+        self.pending, self.unit_layers = {}, {}
+
+    def quantization_report(self) -> dict | None:
+        """The error re-quantizing added (None when the output is not re-quantized)."""
+        return self.writer.report() if isinstance(self.writer, StandardRequantizer) else None
 
     def finish(self):
         self.end_unit()
@@ -115,8 +131,8 @@ class StandardOutput:
             self.standard.generation_config.save_pretrained(str(directory))
 
 
-def check_standard(format: str, router: str | None, s, chosen: list[str], globally: bool, compress, keep_quantization: bool,
-                   device_map, counts: dict[str, int] | None, merged_routing_groups: int = 1) -> tuple[int, str] | None:
+def check_standard(format: str, router: str | None, s, chosen: list[str], globally: bool, compress, device_map,
+                   counts: dict[str, int] | None, merged_routing_groups: int = 1) -> tuple[int, str] | None:
     """(M, router) of a streamed standard checkpoint, None for format="exact"; what it cannot express is refused
     here, before the first pass (`s`: the Stream; `counts`: the group counts known up front, None when global;
     merged_routing_groups: the routing groups the merge keeps apart, 1 when it does not)."""
@@ -139,9 +155,6 @@ def check_standard(format: str, router: str | None, s, chosen: list[str], global
     if len(chosen) < len(s.views):
         raise ValueError(f"format='standard': layers={sorted(chosen)} leaves the other MoE layers with all their "
                          "experts, but the config has one expert count for every layer: merge every layer (layers=None)")
-    if s.source.quant is not None and keep_quantization:
-        raise ValueError("format='standard' from a quantized checkpoint is written dequantized: pass "
-                         "keep_quantization=False, or save format='exact' to keep the quantized format")
     router = router or ("dominant" if device_map is not None else "fitted")
     check_router(router, s.batches)
     if router == "fitted" and device_map is not None:

@@ -1,0 +1,70 @@
+"""The error re-quantizing adds, as every output in the input's precision reports it (config.json's
+`mcsmoe_quantization`, the CLI's line):
+
+{"format": "fp8" | "mxfp4",
+ "layers": {layer: {"w_in", "w_out": relative error of the re-quantized bank against the merged bank it was
+                    quantized from; "output": relative error of the layer's routed-expert output on calibration
+                    tokens, merged weights against their re-quantized values (float32); "tokens"}},
+ "tensors": {stored name: relative error} of every tensor quantized afresh (the in-memory outputs, the streamed
+            standard checkpoint),
+ "max": {...}, "mean": {...} over the layers (w_in, w_out, output) and the tensors (weights)}
+"""
+from __future__ import annotations
+
+import torch
+
+from .requantize import relative_error
+
+
+def summarize(method: str, layers: dict[str, dict] | None = None, tensors: dict[str, float] | None = None) -> dict | None:
+    """The report of `layers` and `tensors` (None when both are empty)."""
+    if not layers and not tensors:
+        return None
+    values = {what: [e[what] for e in (layers or {}).values() if what in e] for what in ("w_in", "w_out", "output")}
+    values["weights"] = list((tensors or {}).values())
+    report = {"format": method}
+    if layers:
+        report["layers"] = layers
+    if tensors:
+        report["tensors"] = tensors
+    report["max"] = {k: max(v) for k, v in values.items() if v}
+    report["mean"] = {k: sum(v) / len(v) for k, v in values.items() if v}
+    return report
+
+
+@torch.no_grad()
+def layer_error(merged: tuple, requantized: tuple, expert_map: torch.Tensor, activation: str, activation_args=None,
+                sample=None) -> dict:
+    """{w_in, w_out[, output, tokens]} of one layer: merged = (w_in, w_out, b_in, b_out) canonical slots,
+    requantized = (w_in, w_out) their re-quantized values; sample = (hidden [T, d], top-k index [T, k], top-k
+    weights [T, k]) the layer's experts saw in the original model (None: no output error)."""
+    from ..modules import MoEExperts
+
+    entry = {bank: relative_error(q, ref) for bank, q, ref in zip(("w_in", "w_out"), requantized, merged[:2])}
+    if sample is None:
+        return entry
+    hidden, index, weights = (t.float() if t.is_floating_point() else t for t in sample)
+    b_in, b_out = (None if b is None else b.float() for b in merged[2:])
+    out = [MoEExperts(w_in.float(), w_out.float(), expert_map, activation, b_in, b_out, activation_args)(hidden, index, weights)
+           for w_in, w_out in (merged[:2], requantized)]
+    entry.update(output=relative_error(out[1], out[0]), tokens=int(hidden.shape[0]))
+    return entry
+
+
+def describe_error(report: dict | None) -> str:
+    """One line for the CLI."""
+    if not report:
+        return "re-quantized: no merged layer"
+    mx, mean, method = report["max"], report["mean"], report["format"]
+    parts = []
+    if "w_in" in mx:
+        text = (f"re-quantized to {method}: merged weights {100 * max(mx['w_in'], mx['w_out']):.2f}% relative error "
+                f"(max over banks; mean {100 * (mean['w_in'] + mean['w_out']) / 2:.2f}%)")
+        if "output" in mx:
+            text += (f", layer outputs on calibration tokens {100 * mx['output']:.2f}% (max; mean "
+                     f"{100 * mean['output']:.2f}%)")
+        parts.append(text)
+    if "weights" in mx:
+        parts.append(f"re-quantized {len(report['tensors'])} changed tensors to {method}: {100 * mx['weights']:.2f}% "
+                     f"relative error (max; mean {100 * mean['weights']:.2f}%)")
+    return "; ".join(parts)

@@ -1,0 +1,98 @@
+"""Writing tensors back in a quantized checkpoint's format: one tensor quantized to a format (and read back),
+the relative error that adds, and the rule every output "in the input's precision" follows (`LikeSource`).
+
+The rule (the in-memory outputs' requantize_saved and the streamed standard checkpoint both use it, so the two
+write the same bytes): a tensor the source stores quantized under the same name is copied byte for byte with its
+scales when its values are the source's (equal to the source's dequantization in the tensor's dtype), else
+quantized afresh (renumbered or merged experts); a fused expert bank (transformers 5 names) is quantized afresh;
+every other tensor (norms, routers, biases, embeddings) stays as it is.
+"""
+from __future__ import annotations
+
+import torch
+
+from .files import QuantizedFiles
+from .format import QuantFormat
+from .fp8 import dequantize_fp8, quantize_fp8
+from .mxfp4 import dequantize_mxfp4, quantize_mxfp4
+
+# tensors that stay unquantized in the releases: embeddings, norms, the head, routers
+KEEP = ("embed_tokens", "lm_head", "norm", ".gate.weight", ".router.weight", "e_score_correction_bias", "shared_expert_gate")
+# fused expert banks (transformers 5 names)
+BANKS = ("experts.gate_up_proj", "experts.down_proj", "experts.up_proj")
+
+
+def quantize_tensor(name: str, tensor: torch.Tensor, fmt: QuantFormat, scale_dtype: torch.dtype = torch.float32,
+                    transpose_mxfp4: bool = False) -> dict[str, torch.Tensor]:
+    """{stored name: part} of `tensor` in format `fmt` (fp8: [..., out, in] blocks; mxfp4: packed along
+    the last dim, after transposing the last two when transpose_mxfp4, GPT-OSS's [E, in, out] banks)."""
+    if fmt.method == "fp8":
+        q, s = quantize_fp8(tensor, fmt.block, fmt.scale_fmt, scale_dtype)
+        return dict(zip(fmt.parts(name), (q, s)))
+    blocks, scales = quantize_mxfp4(tensor.transpose(-1, -2) if transpose_mxfp4 else tensor)
+    return dict(zip(fmt.parts(name), (blocks, scales)))
+
+
+def dequantize_parts(parts: dict[str, torch.Tensor], fmt: QuantFormat, shape) -> torch.Tensor:
+    """The float32 values of a tensor of `shape` from its quantized parts (quantize_tensor's, transpose_mxfp4=True)."""
+    a, b = parts.values()
+    if fmt.method == "fp8":
+        return dequantize_fp8(a, b, torch.float32, fmt.block)
+    return dequantize_mxfp4(a, b, torch.float32, cols=shape[-2]).transpose(-1, -2)
+
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """||got - ref|| / ||ref|| (Frobenius; float32 squares summed by torch.sum's cascade, one leading slice at a
+    time so the temporaries stay one matrix, the slices added in float64); 0 when both are zero."""
+    diff, norm = squared_error(got, ref)
+    diff, norm = diff ** 0.5, norm ** 0.5
+    return diff / norm if norm > 0 else (0.0 if diff == 0 else float("inf"))
+
+
+def squared_error(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(||got - ref||^2, ||ref||^2), summed as relative_error sums them (several tensors add up to one bank)."""
+    diff = norm = 0.0
+    got, ref = got.reshape(-1, *got.shape[-2:]) if got.dim() > 2 else got[None], \
+        ref.reshape(-1, *ref.shape[-2:]) if ref.dim() > 2 else ref[None]
+    for g, r in zip(got, ref):
+        r = r.float()
+        norm += r.square().sum().item()
+        diff += torch.sub(g.float(), r).square_().sum().item()
+    return diff, norm
+
+
+def quantizable(name: str, tensor: torch.Tensor, fmt: QuantFormat) -> bool:
+    """Whether the official releases store `name` quantized (fp8: every linear weight but KEEP, and the fused
+    banks; mxfp4: the fused expert banks)."""
+    if not tensor.is_floating_point() or any(k in name for k in KEEP):
+        return False
+    if fmt.method == "mxfp4":
+        return tensor.dim() == 3 and name.endswith(BANKS)
+    return (tensor.dim() == 2 and name.endswith(".weight")) or (tensor.dim() == 3 and name.endswith(BANKS))
+
+
+def stored_scale_dtype(files: QuantizedFiles) -> torch.dtype:
+    """The dtype the source stores its fp8 scales in (float32, or float8_e8m0fnu exponent bytes)."""
+    scales = [files.files.dtypes[p[1]] for p in files.parts.values()]
+    return scales[0] if scales and files.format.method == "fp8" else torch.float32
+
+
+class LikeSource:
+    """Tensors written as the quantized checkpoint `files` (QuantizedFiles) stores them (module docstring)."""
+
+    def __init__(self, files: QuantizedFiles):
+        self.files, self.format, self.scale_dtype = files, files.format, stored_scale_dtype(files)
+
+    @torch.no_grad()
+    def parts(self, name: str, tensor: torch.Tensor) -> tuple[dict[str, torch.Tensor], bool]:
+        """({stored name: part}, whether `tensor` was quantized afresh)."""
+        source = self.files
+        if source.is_quantized(name) and tensor.is_floating_point():
+            if tuple(source.shapes[name]) == tuple(tensor.shape) and torch.equal(source.get(name, tensor.dtype), tensor):
+                parts = source.raw(name)
+                source.release()
+                return parts, False
+            return quantize_tensor(name, tensor, self.format, self.scale_dtype, transpose_mxfp4=True), True
+        if name.endswith(BANKS) and quantizable(name, tensor, self.format):
+            return quantize_tensor(name, tensor, self.format, self.scale_dtype, transpose_mxfp4=True), True
+        return {name: tensor}, False
