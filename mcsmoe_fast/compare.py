@@ -11,6 +11,8 @@ experts removed, perplexity on held-out text windows.
   ream       REAM-style merging (ream.py); standard form, centroid router rows
   m-smoe-standard, hc-smoe-standard   (not in the default list) the same merge written in the standard
              form, router rows fitted on the calibration batches: what the portable format costs
+  m-smoe+c, hc-smoe+c, ream+c   (not in the default list) the merge, then compressed (MC-SMoE's second
+             step: low rank plus the kept rows of the sparse part, compress.py, with `compress`'s settings)
 
 The statistics pass collects what all of them need at once (router logits, expert outputs, saliency).
 The original model is never changed: merging methods work on copies.
@@ -19,6 +21,11 @@ With `kd` (a TrainConfig) every reduced model is then recovered by knowledge dis
 budget (kd.steps optimizer steps on `kd_data`, the package's train(), routers frozen unless the config
 says otherwise), the teacher being the input model, and evaluated again: one-shot and after-KD numbers
 side by side. A standard-form method is distilled in its standard form (what would be served).
+
+Every row's size is its expert parameters (footprint.py) as a share of the input model's, so a compressed
+merge sits left of the plain merge it came from. With `harness` (a function of a model returning
+{"task/metric": value}, e.g. lm-eval tasks through tasks/harness.py) every model is scored by it too,
+one-shot and after KD.
 """
 from __future__ import annotations
 
@@ -34,6 +41,8 @@ from tqdm.auto import tqdm
 
 from .calibrate import collect_routing_stats
 from .checkpoint import to_standard
+from .compress import CompressOptions, compress_experts
+from .footprint import expert_parameters
 from .merge import merge_experts
 from .models import moe_layers
 from .prune import prune_experts, resolve_count
@@ -43,13 +52,19 @@ from .train.text import lm_batch, perplexity
 
 COMPARE_METHODS = ("m-smoe", "hc-smoe", "reap", "ream", "frequency")  # the default list
 STANDARD_SUFFIX = "-standard"
-KNOWN_METHODS = COMPARE_METHODS + ("m-smoe-standard", "hc-smoe-standard")
+COMPRESSED_SUFFIX = "+c"  # a merge, then compressed
+KNOWN_METHODS = COMPARE_METHODS + ("m-smoe-standard", "hc-smoe-standard", "m-smoe+c", "hc-smoe+c", "ream+c")
 
 
-def check_compare(methods, ratios, kd: TrainConfig | None = None, kd_data=None) -> None:
+def check_compare(methods, ratios, kd: TrainConfig | None = None, kd_data=None, compress=None) -> None:
     unknown = [m for m in methods if m not in KNOWN_METHODS]
     if unknown or not methods:
         raise ValueError(f"methods: unknown or none {unknown}; choose from {', '.join(KNOWN_METHODS)}")
+    if compress is not None and not isinstance(compress, CompressOptions):
+        raise ValueError(f"compress must be a CompressOptions (rank, keep_ratio, importance, svd), got {compress!r}")
+    if compress is not None and compress.importance == "gradient":
+        raise ValueError("compress.importance='gradient' prunes during fine-tuning; a comparison compresses one-shot: "
+                         "choose weight or activation")
     bad = [r for r in ratios if not 0 < r < 1]
     if bad or not ratios:
         raise ValueError(f"ratios (shares of experts removed) must be in (0, 1), got {list(ratios)}")
@@ -67,10 +82,27 @@ def merged_model(model: nn.Module, stats, method: str, num_keep: int) -> nn.Modu
     return reduced
 
 
+def compressed_model(reduced: nn.Module, compress: CompressOptions, batches=None) -> nn.Module:
+    """`reduced` compressed in place with `compress`'s settings; activation importance measures the input norms
+    of the reduced model's own slots on the calibration batches."""
+    stats = None
+    if compress.importance == "activation":
+        stats = collect_routing_stats(reduced, batches, input_norms=True, progress=False)
+    compress_experts(reduced, rank=compress.rank, keep_ratio=compress.keep_ratio, importance=compress.importance,
+                     stats=stats, svd=compress.svd, progress=False)
+    return reduced
+
+
 def reduced_model(model: nn.Module, stats, method: str, num_keep: int, batches=None,
-                  merged: nn.Module | None = None) -> tuple[nn.Module, str]:
+                  merged: nn.Module | None = None, compress: CompressOptions | None = None) -> tuple[nn.Module, str]:
     """(the model reduced to num_keep experts per layer by `method`, the form it is evaluated in).
-    `merged`: the exact form of the same merge, when already made (a "-standard" method starts from it)."""
+    `merged`: the exact form of the same merge, when already made (a "-standard" or "+c" method starts from
+    it); `compress`: the settings of the "+c" methods (default CompressOptions())."""
+    if method.endswith(COMPRESSED_SUFFIX):
+        base = method[: -len(COMPRESSED_SUFFIX)]
+        reduced, form = ((copy.deepcopy(merged), "exact") if merged is not None
+                         else reduced_model(model, stats, base, num_keep, batches))
+        return compressed_model(reduced, compress or CompressOptions(), batches), f"{form}, compressed"
     if method in ("reap", "frequency"):
         return prune_experts(model, stats, num_experts=num_keep, method=method), "standard"
     if method == "ream":
@@ -99,26 +131,44 @@ def recover(student: nn.Module, teacher: nn.Module, kd_data, kd: TrainConfig, co
     return student.eval()
 
 
+def _base(method: str) -> str:
+    """The merge a "-standard" or "+c" method starts from (the method itself otherwise)."""
+    for suffix in (STANDARD_SUFFIX, COMPRESSED_SUFFIX):
+        if method.endswith(suffix):
+            return method[: -len(suffix)]
+    return method
+
+
+def _scores(model: nn.Module, windows, harness, suffix: str = "") -> dict:
+    scores = {f"perplexity{suffix}": perplexity(model, windows)}
+    if harness is not None:
+        scores[f"lm_eval{suffix}"] = harness(model)
+    return scores
+
+
 def compare_methods(model: nn.Module, batches, windows: torch.Tensor, methods=COMPARE_METHODS,
                     ratios=(0.25, 0.5), progress: bool = True, kd: TrainConfig | None = None, kd_data=None,
-                    collate_fn=lm_batch) -> dict:
+                    collate_fn=lm_batch, compress: CompressOptions | None = None, harness=None) -> dict:
     """{"experts": E, "kd_steps": N, "rows": [...]} with one row for the full model and one per (ratio,
-    method): method, ratio, experts kept, expert share (kept / E), form, perplexity on `windows` [N, L].
+    method): method, ratio, experts kept, expert_params and expert_share (the share of the input model's
+    expert parameters), form, perplexity on `windows` [N, L].
     With `kd` (a TrainConfig: steps, batch size, learning rate, ...) and `kd_data` (a dataset of training
     examples for `collate_fn`, by default token windows), each reduced model is also recovered by KD from
-    `model` (recover()) and the row gains perplexity_kd and kd_steps; kd_steps is 0 without KD."""
+    `model` (recover()) and the row gains perplexity_kd and kd_steps; kd_steps is 0 without KD.
+    `compress`: the settings of the "+c" methods (CompressOptions; default rank 32, keep 10%, weight importance).
+    `harness`: model -> {"task/metric": value}; every row then has lm_eval (and lm_eval_kd after KD)."""
     methods, ratios = list(methods), [float(r) for r in ratios]
-    check_compare(methods, ratios, kd, kd_data)
+    check_compare(methods, ratios, kd, kd_data, compress)
     e = moe_layers(model)[0].num_experts
+    full_params = expert_parameters(model)
     stats = collect_routing_stats(model, batches, bases=("router-logits", "feature", "expert-output"),
                                   saliency="reap", progress=progress)
-    rows = [{"method": "full", "ratio": 0.0, "experts": e, "expert_share": 1.0, "form": "original",
-             "perplexity": perplexity(model, windows)}]
+    rows = [{"method": "full", "ratio": 0.0, "experts": e, "expert_params": full_params, "expert_share": 1.0,
+             "form": "original", **_scores(model, windows, harness)}]
     jobs = [(r, m) for r in ratios for m in methods]
-    merges: dict = {}  # (ratio, base method) -> the one-shot exact merge, shared with its "-standard" form
+    merges: dict = {}  # (ratio, base method) -> the one-shot exact merge, shared with its other forms
     for ratio, method in tqdm(jobs, desc="comparing methods", disable=not progress):
-        num_keep = resolve_count(e, None, ratio)
-        base = method[: -len(STANDARD_SUFFIX)] if method.endswith(STANDARD_SUFFIX) else method
+        num_keep, base = resolve_count(e, None, ratio), _base(method)
         for key in [k for k in merges if k[0] != ratio]:  # jobs go ratio by ratio: free the last ratio's merges
             del merges[key]
         if base in ("m-smoe", "hc-smoe") and (ratio, base) not in merges:
@@ -127,12 +177,13 @@ def compare_methods(model: nn.Module, batches, windows: torch.Tensor, methods=CO
         if merged is not None and method == base:
             reduced, form = copy.deepcopy(merged), "exact"
         else:
-            reduced, form = reduced_model(model, stats, method, num_keep, batches, merged)
-        row = {"method": method, "ratio": ratio, "experts": num_keep, "expert_share": num_keep / e, "form": form,
-               "perplexity": perplexity(reduced, windows)}
+            reduced, form = reduced_model(model, stats, method, num_keep, batches, merged, compress)
+        params = expert_parameters(reduced)
+        row = {"method": method, "ratio": ratio, "experts": num_keep, "expert_params": params,
+               "expert_share": params / full_params, "form": form, **_scores(reduced, windows, harness)}
         if kd is not None:
             recover(reduced, model, kd_data, kd, collate_fn)
-            row.update(kd_steps=kd.steps, perplexity_kd=perplexity(reduced, windows))
+            row.update(kd_steps=kd.steps, **_scores(reduced, windows, harness, "_kd"))
         rows.append(row)
     return {"experts": e, "kd_steps": kd.steps if kd is not None else 0, "rows": rows}
 
@@ -145,16 +196,27 @@ def _ppl(value) -> str:
 
 def markdown_table(result: dict) -> str:
     kd = result.get("kd_steps", 0)
-    head = "| method | experts removed | experts kept | form | perplexity |"
+    tasks = list(result["rows"][0].get("lm_eval", {}))
+    head = "| method | experts removed | experts kept | expert params | form | perplexity |"
     if kd:
         head += f" after KD ({kd} steps) |"
+    for task in tasks:
+        head += f" {task} |" + (" after KD |" if kd else "")
     lines = [head, "|---" * head.count(" |") + "|"]
     for r in result["rows"]:
-        line = f"| {r['method']} | {r['ratio']:.0%} | {r['experts']} | {r['form']} | {_ppl(r['perplexity'])} |"
+        line = f"| {r['method']} | {r['ratio']:.0%} | {r['experts']} | {r['expert_share']:.1%} | {r['form']} | {_ppl(r['perplexity'])} |"
         if kd:
             line += f" {_ppl(r.get('perplexity_kd'))} |"
+        for task in tasks:
+            line += f" {_score(r['lm_eval'].get(task))} |"
+            if kd:
+                line += f" {_score(r.get('lm_eval_kd', {}).get(task))} |"
         lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+def _score(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def write_results(result: dict, out) -> Path:

@@ -14,7 +14,9 @@ def add(sub):
                    help="calibration text: a .txt file (one sample per line), a .jsonl file, or a dataset name")
     p.add_argument("--eval-text", required=True, help="a text file whose perplexity is measured")
     p.add_argument("--eval-length", type=int, default=128, help="tokens per evaluation window")
-    p.add_argument("--methods", default="m-smoe,hc-smoe,reap,ream,frequency", help="comma-separated methods")
+    p.add_argument("--methods", default="m-smoe,hc-smoe,reap,ream,frequency",
+                   help="comma-separated methods (default m-smoe,hc-smoe,reap,ream,frequency; also m-smoe-standard, "
+                        "hc-smoe-standard, and the merges then compressed: m-smoe+c, hc-smoe+c, ream+c)")
     p.add_argument("--ratios", default="0.25,0.5", help="comma-separated shares of experts removed")
     p.add_argument("--out", required=True, help="directory for results.json, results.md and perplexity.png")
     p.add_argument("--kd-steps", type=int, default=0,
@@ -27,10 +29,55 @@ def add(sub):
     p.add_argument("--kd-lr", type=float, default=1e-4, help="with --kd-steps: learning rate (default 1e-4)")
     p.add_argument("--kd-warmup-steps", type=int, default=16,
                    help="with --kd-steps: linear warm-up steps, at most a quarter of --kd-steps (default 16)")
+    p.add_argument("--compress-rank", type=int, default=None,
+                   help="for the '+c' methods (m-smoe+c, hc-smoe+c, ream+c): rank of the low-rank factors (default 32)")
+    p.add_argument("--compress-keep-ratio", type=float, default=None,
+                   help="for the '+c' methods: share of the sparse part's entries kept (default 0.1)")
+    p.add_argument("--compress-importance", choices=("weight", "activation"), default=None,
+                   help="for the '+c' methods: how rows of the sparse part are scored (default weight)")
+    p.add_argument("--lm-eval", nargs="+", default=None, metavar="TASK",
+                   help="lm-evaluation-harness tasks (space- or comma-separated) scored on every model too, one-shot "
+                        "and after KD (causal LMs; needs `pip install lm-eval`)")
+    p.add_argument("--lm-eval-include", default=None, metavar="DIR",
+                   help="with --lm-eval: a directory of your own task YAML files (lm-eval's include_path)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="with --lm-eval: few-shot examples per task")
+    p.add_argument("--lm-eval-limit", type=int, default=None, help="with --lm-eval: examples per task")
+    p.add_argument("--lm-eval-batch-size", type=int, default=8, help="with --lm-eval: batch size (default 8)")
     add_calibration_options(p)
     add_dtype_option(p)
     p.set_defaults(run=run)
     return p
+
+
+def compress_options(args, methods):
+    """CompressOptions for the '+c' methods from the --compress-* flags; flags without such a method are refused."""
+    from ..compress import CompressOptions
+    from ..compare import COMPRESSED_SUFFIX
+
+    given = {k: v for k, v in (("rank", args.compress_rank), ("keep_ratio", args.compress_keep_ratio),
+                               ("importance", args.compress_importance)) if v is not None}
+    if given and not any(m.endswith(COMPRESSED_SUFFIX) for m in methods):
+        flags = ", ".join("--compress-" + k.replace("_", "-") for k in given)
+        raise ValueError(f"{flags} set the compressed methods' settings, but --methods names none "
+                         "(add m-smoe+c, hc-smoe+c or ream+c)")
+    return CompressOptions(**given)
+
+
+def harness_option(args, tokenizer):
+    """The scorer behind --lm-eval (None without it): the harness' tasks on a model, as tasks/harness.py runs them."""
+    from functools import partial
+
+    from ..tasks.harness import check_tasks, harness_evaluate
+
+    lm_flags = [f for f, v in (("--lm-eval-include", args.lm_eval_include), ("--num-fewshot", args.num_fewshot),
+                               ("--lm-eval-limit", args.lm_eval_limit)) if v is not None]
+    if args.lm_eval is None:
+        if lm_flags:
+            raise ValueError(f"{', '.join(lm_flags)} need --lm-eval TASKS")
+        return None
+    tasks = check_tasks([t.strip() for arg in args.lm_eval for t in arg.split(",") if t.strip()], args.lm_eval_include)
+    return partial(harness_evaluate, tokenizer=tokenizer, tasks=tasks, num_fewshot=args.num_fewshot,
+                   limit=args.lm_eval_limit, batch_size=args.lm_eval_batch_size, include_path=args.lm_eval_include)
 
 
 def run(args) -> int:
@@ -45,7 +92,8 @@ def run(args) -> int:
         ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
     except ValueError as exc:
         raise ValueError(f"--ratios must be comma-separated numbers, got {args.ratios!r}") from exc
-    check_compare(methods, ratios)
+    compress = compress_options(args, methods)
+    check_compare(methods, ratios, compress=compress)
     if args.kd_steps < 0:
         raise ValueError(f"--kd-steps must be >= 0, got {args.kd_steps}")
     kd = None
@@ -53,13 +101,17 @@ def run(args) -> int:
         kd = TrainConfig(steps=args.kd_steps, batch_size=args.kd_batch_size, learning_rate=args.kd_lr,
                          warmup_steps=min(args.kd_warmup_steps, args.kd_steps // 4), eval_every=0)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
+    harness = harness_option(args, tokenizer)
     windows = text_windows(args.eval_text, tokenizer, args.eval_length).rows
     model = open_model(args.model, dtype_option(args))
     texts = read_calibration_texts(args.calib, args.num_samples, args.text_field, args.split)
     batches = calibration_batches(texts, tokenizer, args.batch_size, args.max_length)
     check_batches(batches, tokenizer, model.config.vocab_size)
+    if harness is not None and getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError("--lm-eval tasks run on causal LMs; this model is an encoder-decoder")
     kd_data = kd_windows(args, texts, tokenizer) if kd is not None else None
-    result = compare_methods(model, batches, windows, methods, ratios, kd=kd, kd_data=kd_data)
+    result = compare_methods(model, batches, windows, methods, ratios, kd=kd, kd_data=kd_data, compress=compress,
+                             harness=harness)
     out = write_results(result, args.out)
     print(markdown_table(result), end="")
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")

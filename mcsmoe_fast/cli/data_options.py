@@ -23,6 +23,8 @@ def add_data_options(p, training: bool) -> None:
         p.add_argument("--lm-eval", nargs="+", default=None, metavar="TASK",
                        help="causal LM: lm-evaluation-harness tasks (needs the optional package lm-eval)")
         p.add_argument("--num-fewshot", type=int, default=None, help="--lm-eval: few-shot examples per task")
+        p.add_argument("--lm-eval-include", default=None, metavar="DIR",
+                       help="--lm-eval: a directory of your own task YAML files (lm-eval's include_path)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
 
 
@@ -86,4 +88,4 @@ def _harness_data(args, tokenizer) -> Data:
 
     return Data(train=None, collate=None, metric="", greater_is_better=True, batch_size=None, learning_rate=None,
                 evaluate=lambda model: harness_evaluate(model, tokenizer, args.lm_eval, args.num_fewshot,
-                                                        args.eval_limit))
+                                                        args.eval_limit, include_path=args.lm_eval_include))

@@ -10,24 +10,11 @@ import torch
 from torch import nn
 
 from ..checkpoint import save_pretrained, to_dense
+from ..footprint import expert_parameters  # noqa: F401  (re-exported: the demo's and python/ scripts' import)
 from ..modules.compressed import CompressedMoEExperts
 from ..models import moe_layers
 from ..modules import MoEExperts
 from ..optimize import optimize
-
-
-def expert_parameters(model: nn.Module) -> int:
-    """Stored expert weights (values, not indices) over every MoE layer."""
-    total = 0
-    for layer in moe_layers(model):
-        experts = layer.module.experts
-        if isinstance(experts, CompressedMoEExperts):
-            total += sum(getattr(experts, f"{side}_{f}").numel() for side in ("in", "out") for f in ("U", "V", "S_rows"))
-        elif isinstance(experts, MoEExperts):
-            total += experts.w_in.numel() + experts.w_out.numel()
-        else:
-            total += sum(t.numel() for t in layer.expert_weights())
-    return total
 
 
 def checkpoint_mb(model: nn.Module, directory: Path) -> float:

@@ -1,23 +1,45 @@
 """lm-evaluation-harness tasks for causal LMs, when the user has `lm-eval` installed (an optional
 extra: `pip install lm-eval`; never a hard dependency). The model is evaluated as it is in memory
-(merged, compressed or optimized) through the harness' Hugging Face wrapper."""
+(merged, compressed or optimized) through the harness' Hugging Face wrapper. `include_path` is a
+directory of the user's own task YAML files (the harness' include_path), e.g. a task over local data."""
 from __future__ import annotations
 
 
-def harness_evaluate(model, tokenizer, tasks: list[str], num_fewshot: int | None = None, limit: int | None = None,
-                     batch_size: int = 8) -> dict[str, float]:
-    """{"task/metric": value} for every numeric metric the harness reports on `tasks`."""
+def _task_manager(include_path=None):
     try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
     except ImportError as exc:
         raise ValueError("lm-evaluation-harness tasks need the optional package lm-eval: pip install lm-eval") from exc
+    return TaskManager(include_path=None if include_path is None else str(include_path))
+
+
+def check_tasks(tasks: list[str], include_path=None) -> list[str]:
+    """`tasks` if lm-eval is installed and knows every one of them (with the YAML files in include_path);
+    ValueError naming the unknown ones otherwise. Checked before any work, so a typo costs no calibration."""
+    if not tasks:
+        raise ValueError("name at least one lm-eval task (e.g. hellaswag, arc_easy)")
+    known = set(_task_manager(include_path).all_tasks)
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        where = f" (nor in {include_path})" if include_path is not None else ""
+        raise ValueError(f"lm-eval does not know the task(s) {unknown}{where}; `lm_eval ls tasks` lists them")
+    return list(tasks)
+
+
+def harness_evaluate(model, tokenizer, tasks: list[str], num_fewshot: int | None = None, limit: int | None = None,
+                     batch_size: int = 8, include_path=None) -> dict[str, float]:
+    """{"task/metric": value} for every numeric metric the harness reports on `tasks`."""
+    manager = _task_manager(include_path)
     if not tasks:
         raise ValueError("name at least one lm-eval task (e.g. hellaswag, arc_easy)")
     if getattr(model.config, "is_encoder_decoder", False):
         raise ValueError("lm-eval tasks run on causal LMs; for text-to-text models use --task")
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    output = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit)
+    output = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                                     task_manager=manager)
     flat = {}
     for task, metrics in output["results"].items():
         for name, value in metrics.items():
