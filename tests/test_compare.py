@@ -30,7 +30,7 @@ def test_compare_command(tmp_path, capsys):
             tmp_path / "eval.txt", "--eval-length", 16, "--ratios", "0.25,0.5", "--out", tmp_path / "out"]
     assert main([str(a) for a in args]) == 0
     out = capsys.readouterr().out
-    assert "| reap | 50% | 4 | standard |" in out and "| m-smoe | 25% | 6 | exact |" in out
+    assert "| reap | 50% | 4 | 50.0% | standard |" in out and "| m-smoe | 25% | 6 | 75.0% | exact |" in out
     result = json.loads((tmp_path / "out" / "results.json").read_text())
     rows = result["rows"]
     assert [r["method"] for r in rows] == ["full"] + ["m-smoe", "hc-smoe", "reap", "ream", "frequency"] * 2
@@ -115,7 +115,7 @@ def test_compare_command_with_kd(tmp_path, capsys):
             "--kd-steps", 2, "--kd-batch-size", 2, "--kd-lr", 1e-2, "--out", tmp_path / "out"]
     assert main([str(a) for a in args]) == 0
     out = capsys.readouterr().out
-    assert "| perplexity | after KD (2 steps) |" in out and "| m-smoe-standard | 50% | 4 | standard |" in out
+    assert "| perplexity | after KD (2 steps) |" in out and "| m-smoe-standard | 50% | 4 | 50.0% | standard |" in out
     rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["full", "reap", "m-smoe-standard"]
     assert all(math.isfinite(r["perplexity_kd"]) and r["perplexity_kd"] != r["perplexity"] for r in rows[1:])

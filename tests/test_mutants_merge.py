@@ -9,6 +9,7 @@ import torch
 import mcsmoe_fast as mf
 from mcsmoe_fast.calibrate import LayerStats
 from mcsmoe_fast.merge import merge_layer_weights
+from mcsmoe_fast.modules import MoEExperts
 from mcsmoe_fast.tiny import tiny_mixtral
 
 E, D, FF = 8, 6, 5  # d != F = 2 ff: a column index mixed up between them shows
@@ -102,3 +103,44 @@ def test_option_errors_list_every_choice():
         with pytest.raises(ValueError) as info:
             check_merge_options(**{**ok, option: "x"})
         assert str(info.value) == expected
+
+
+def test_merge_spreads_the_budget_over_layers_by_default():
+    """globally=True is the default: the same per-layer counts as asked explicitly, which here differ from the
+    per-layer count of globally=False (one layer's routing is made far more concentrated than the other's)."""
+    from dataclasses import replace
+
+    from merge_helpers import calibration
+
+    model = tiny_mixtral()
+    stats = mf.collect_routing_stats(model, calibration(model), progress=False)
+    first = mf.moe_layers(model)[0].name
+    stats[first] = replace(stats[first], counts=torch.tensor([500.0, 1, 1, 1, 1, 1, 1, 1], dtype=torch.float64))
+    counts = {}
+    for how, kwargs in (("default", {}), ("global", dict(globally=True)), ("per-layer", dict(globally=False))):
+        groupings = mf.merge_experts(tiny_mixtral(), stats, 4, progress=False, **kwargs)
+        counts[how] = {name: len(g.dominant) for name, g in groupings.items()}
+    assert counts["default"] == counts["global"] != counts["per-layer"]
+    assert sum(counts["default"].values()) == 4 * len(counts["default"])
+
+
+def test_ream_cap_too_small_for_a_later_layer_is_refused_before_any_layer_changes():
+    """max_group_size is checked for every layer's count first: a cap that holds the first layer's groups but not
+    the second's must leave the first layer unmerged too."""
+    from merge_helpers import calibration
+
+    model = tiny_mixtral()
+    stats = mf.collect_routing_stats(model, calibration(model), bases=("expert-output",), saliency="reap",
+                                     progress=False)
+    names = [layer.name for layer in mf.moe_layers(model)]
+    before = [t.clone() for t in mf.moe_layers(model)[0].expert_weights()]
+    with pytest.raises(ValueError, match=r"^max_group_size=3: 2 groups of at most 3 experts cannot hold all 8 "
+                                         r"experts; raise it to >= 4$"):
+        mf.merge_experts(model, stats, {names[0]: 4, names[1]: 2}, globally=False, grouping="ream",
+                         similarity="expert-output", max_group_size=3, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(mf.moe_layers(model)[0].expert_weights(), before))
+    assert not isinstance(mf.moe_layers(model)[0].module.experts, MoEExperts)
+    groupings = mf.merge_experts(model, stats, {names[0]: 4, names[1]: 3}, globally=False, grouping="ream",
+                                 similarity="expert-output", max_group_size=3, progress=False)
+    assert [len(groupings[n].dominant) for n in names] == [4, 3]
+    assert max(len(m) for m in groupings[names[1]].groups) <= 3
