@@ -70,12 +70,14 @@ class MemoryPlan:
     offload: bool  # hidden states go to a file
     shard_size: int  # bytes per output shard
     matching_bytes: int  # weight-matching cost matrices built at once (match_permutations memory_budget)
+    quantized_bytes: int = 0  # a quantized source: dequantization and error-report copies (requantization_bytes)
 
     @property
     def layer_floor(self) -> int:
         """What one layer needs while it is merged: its weights (permuted in place), merged slots of at
-        most the same size and the cost matrices (a rough floor; below it the budget cannot be kept)."""
-        return 2 * self.layer_bytes + self.matching_bytes
+        most the same size, the cost matrices and, for a quantized source, what reading and re-quantizing it
+        add (a rough floor; below it the budget cannot be kept)."""
+        return 2 * self.layer_bytes + self.matching_bytes + self.quantized_bytes
 
 
 def shard_size_for(max_memory, max_shard_size=None) -> int:
@@ -89,19 +91,61 @@ def shard_size_for(max_memory, max_shard_size=None) -> int:
 
 
 def plan_memory(budget, layer_bytes: int, expert_matrix_bytes: int, activation_bytes: int,
-                shard_size=None) -> MemoryPlan:
+                shard_size=None, quantized_bytes: int = 0) -> MemoryPlan:
     """Split `budget` (bytes, "1GB", or None) between one layer, the output buffer and the hidden
-    states; expert_matrix_bytes is one ff x ff cost matrix (float32)."""
+    states; expert_matrix_bytes is one ff x ff cost matrix (float32); quantized_bytes what a quantized
+    source adds to the layer (requantization_bytes)."""
     from ..permute import DEFAULT_MEMORY_BUDGET
 
     shard_size = shard_size_for(budget, shard_size)
     budget = parse_size(budget, "max_memory")
     if budget is None:
-        return MemoryPlan(None, layer_bytes, activation_bytes, False, shard_size, DEFAULT_MEMORY_BUDGET)
+        return MemoryPlan(None, layer_bytes, activation_bytes, False, shard_size, DEFAULT_MEMORY_BUDGET, quantized_bytes)
     matching = max(expert_matrix_bytes, min(DEFAULT_MEMORY_BUDGET, budget // 8))
-    plan = MemoryPlan(budget, layer_bytes, activation_bytes, False, shard_size, matching)
+    plan = MemoryPlan(budget, layer_bytes, activation_bytes, False, shard_size, matching, quantized_bytes)
     plan.offload = activation_bytes > budget - plan.layer_floor - shard_size
     return plan
+
+
+def requantization_bytes(slot_numel: int, bank_numel: int, matrix_numel: int, sample_bytes: int,
+                         report: str | None) -> int:
+    """What a quantized source adds to one layer's floor. Reading: the float32 temporary of one dequantized
+    matrix (quant/files.py dequantizes one expert at a time). Re-quantizing with the error report
+    (report "exact" or "standard"; None: written dequantized, no report): the calibration samples the
+    ErrorProbe keeps (`sample_bytes`) and the report's float32 copies: one merged slot and its re-quantized
+    values at a time for the exact format (quant/report.layer_error), the whole re-quantized banks twice
+    for the standard format (the written hub tensors' values and the banks read back from them). Numel:
+    one slot's w_in + w_out, the layer's banks, the largest matrix."""
+    if report not in (None, "exact", "standard"):
+        raise ValueError(f"report: expected None, 'exact' or 'standard', got {report!r}")
+    reading = 4 * matrix_numel
+    if report is None:
+        return reading
+    return reading + sample_bytes + 2 * 4 * (bank_numel if report == "standard" else slot_numel)
+
+
+def stream_requantization_bytes(s, report: str | None, fused: bool) -> int:
+    """requantization_bytes of a streamed run (`s`: the Stream of a quantized source) from its largest MoE layer;
+    the probe's samples are held for one layer at a time when `fused` (merged in the statistics pass), else for
+    every chosen layer until the merge pass."""
+    from .quantized import PROBE_TOKENS
+
+    slot = bank = matrix = 0
+    for view in s.views.values():
+        shapes = [s.shapes[n] for n in (*view.stored_tensors().w_in, *view.stored_tensors().w_out)]
+        numel = sum(_numel(shape) for shape in shapes)
+        bank, slot = max(bank, numel), max(slot, numel // max(view.num_experts, 1))
+        matrix = max(matrix, max((_numel(shape[-2:]) for shape in shapes), default=0))
+    top_k = getattr(s.model.config, "num_experts_per_tok", None) or 8
+    sample = PROBE_TOKENS * (s.model.config.hidden_size * s.dtype.itemsize + 16 * top_k)
+    return requantization_bytes(slot, bank, matrix, sample * (1 if fused else len(s.chosen)), report)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def checkpoint_bytes(path, dtype: torch.dtype | None = torch.float32) -> tuple[int, int]:

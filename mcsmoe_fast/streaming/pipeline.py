@@ -45,7 +45,7 @@ from .activations import ActivationStore
 from .compress_stage import CompressionStage, compress_options
 from .dispatch import check_device_map, dispatched_statistics, split_memory
 from .forward import ACCEPTED_KEYS, SEQ2SEQ_KEYS, prepare_batches
-from .memory import MemoryPlan, human, plan_memory
+from .memory import MemoryPlan, human, plan_memory, stream_requantization_bytes
 from .passes import Merger, Progress, Stream, layer_pass, merge_pass
 from .quantized import ErrorProbe, dequantized_config, output_writer, record_error
 from .skeleton import layer_units, moe_views, open_source
@@ -82,13 +82,18 @@ def _numel(shape) -> int:
     return n
 
 
-def _plan(s: Stream, max_memory, max_shard_size, stores: int = 1) -> MemoryPlan:
-    """stores: sets of carried hidden states (2 with the fitted standard router: the merged model's too)."""
+def _plan(s: Stream, max_memory, max_shard_size, standard: tuple | None, strategy: str, keep_quantization: bool,
+          fused: bool) -> MemoryPlan:
+    """The memory plan: one layer, the carried hidden states (twice with the fitted standard router: the merged
+    model's too) and, for a quantized source, what reading and re-quantizing it add (memory.requantization_bytes)."""
+    stores = 2 if _fits_router(standard, strategy) else 1
+    report = ("standard" if standard else "exact") if keep_quantization else None
+    quantized_bytes = stream_requantization_bytes(s, report, fused) if s.source.quant is not None else 0
     layer_bytes = max(sum(_numel(shape) for n, shape in s.shapes.items() if n.startswith(f"{u}."))
                       for u, _ in s.units) * s.dtype.itemsize
     ff = max((v.intermediate_size for v in s.views.values()), default=1)
     activations = stores * sum(b.input_ids.numel() for b in s.batches) * s.model.config.hidden_size * s.dtype.itemsize
-    plan = plan_memory(max_memory, layer_bytes, ff * ff * 4, activations, max_shard_size)
+    plan = plan_memory(max_memory, layer_bytes, ff * ff * 4, activations, max_shard_size, quantized_bytes)
     if plan.budget is not None and plan.layer_floor > plan.budget:
         warnings.warn(f"max_memory {human(plan.budget)} is below what merging one layer needs (about "
                       f"{human(plan.layer_floor)}); the run continues above the budget", stacklevel=3)
@@ -324,7 +329,7 @@ def merge_checkpoint(path, out, calibration_batches: Iterable[dict], num_groups,
     n_group = _routing_groups(s, groups, within_routing_groups)
     standard = check_standard(format, router, s, chosen, globally, compress, device_map,
                               groups.up_front(s.views) if not globally else None, n_group)
-    plan = _plan(s, budget, max_shard_size, 2 if _fits_router(standard, strategy) else 1)
+    plan = _plan(s, budget, max_shard_size, standard, strategy, keep_quantization, fused)
     options, seconds = dict(similarity=similarity, permute=permute, strategy=strategy, grouping=grouping, seed=seed,
                             routing_groups=n_group), {}
     with atomic_directory(out) as tmp:

@@ -141,7 +141,11 @@ class QuantizingWriter:
     def _layer_error(self, layer: str, slot: dict, expert_map: torch.Tensor) -> dict:
         view = self.views[layer]
         merged = tuple(slot[f][0] if f in slot else None for f in ("w_in", "w_out", "b_in", "b_out"))
-        requantized = tuple(dequantize_parts(slot[f][1], self.files.format, slot[f][0].shape) for f in ("w_in", "w_out"))
+
+        def requantized(j: int) -> tuple[torch.Tensor, torch.Tensor]:  # slot j's re-quantized values, float32
+            return tuple(dequantize_parts({n: p[j] for n, p in slot[f][1].items()}, self.files.format, slot[f][0].shape[1:])
+                         for f in ("w_in", "w_out"))
+
         sample = self.probe.samples.pop(layer, None) if self.probe is not None else None
         return layer_error(merged, requantized, expert_map, view.activation, view.activation_args, sample)
 
