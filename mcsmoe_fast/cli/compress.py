@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import time
 
-from .common import (add_calibration_options, dir_bytes, layers_option, parameter_bytes, refuse_overwriting_input,
-                     subcommand)
+from .common import (add_calibration_options, add_dtype_option, dir_bytes, dtype_option, layers_option, parameter_bytes,
+                     refuse_overwriting_input, subcommand)
 
 
 def add(sub):
@@ -27,6 +27,7 @@ def add(sub):
                    help="MoE layers to compress: names or positions in module order (default: all)")
     p.add_argument("--calib", default=None, help="calibration text for --importance activation (as for merge)")
     add_calibration_options(p)
+    add_dtype_option(p, quantized=True)
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="memory budget, e.g. 8GB: a merged checkpoint that would not fit is compressed layer by "
                         "layer from its shards (importance weight, every layer)")
@@ -54,9 +55,18 @@ def run(args) -> int:
     except (OSError, ValueError):
         if args.calib is not None:
             raise
+    from ..checkpoint.requantize import stored_format
     from ..streaming import compress_checkpoint, fits_in_memory
 
-    if not fits_in_memory(args.model, args.max_memory):
+    # a block-FP8 / MXFP4 input (a release or our merge of one): the non-expert tensors stay quantized, the factors
+    # in the working dtype (checkpoint/requantize.py), unless --dtype is given (then all dequantized)
+    keep_quantization = stored_format(args.model) is not None and args.dtype in (None, "auto")
+    args.dtype = args.dtype or "float32"
+    dtype = None if keep_quantization else dtype_option(args)
+    if not fits_in_memory(args.model, args.max_memory, dtype):
+        if keep_quantization:
+            raise ValueError("--max-memory: a quantized checkpoint is compressed in memory to keep its precision; add "
+                             "--dtype bfloat16 to compress it layer by layer into a dequantized checkpoint")
         if args.importance != "weight" or args.layers:
             raise ValueError("streaming compression (--max-memory) compresses every layer with --importance weight")
         start = time.perf_counter()
@@ -66,7 +76,7 @@ def run(args) -> int:
               f"{time.perf_counter() - start:.2f} s")
         print(f"saved checkpoint to {args.out} ({dir_bytes(args.out) / 2**20:.2f} MiB on disk)")
         return 0
-    model = open_model(args.model)
+    model = open_model(args.model, dtype)
     stats = None
     start = time.perf_counter()
     if args.importance == "activation":
@@ -87,6 +97,13 @@ def run(args) -> int:
     after = parameter_bytes(model)
     print(f"compressed {len(modules)} layers in {elapsed:.2f} s")
     out = save_pretrained(model, args.out, tokenizer=tokenizer)
+    if keep_quantization:
+        from ..checkpoint.requantize import requantize_merged
+        from ..streaming.quantized import describe_error
+
+        report = requantize_merged(out, args.model)
+        print(f"non-expert tensors kept in the input's precision ({stored_format(args.model).method}), the compressed "
+              "experts' factors in the working dtype; " + describe_error(report))
     print(f"parameters: {before / 2**20:.2f} MiB before, {after / 2**20:.2f} MiB after compressing "
           f"({before / max(after, 1):.2f}x smaller)")
     print(f"saved checkpoint to {out} ({dir_bytes(out) / 2**20:.2f} MiB on disk)")

@@ -15,7 +15,7 @@ def add(sub):
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="memory budget, e.g. 8GB: a checkpoint that would not fit is aligned layer by layer from "
                         "its shards without loading the whole model (every tested family, Switch included)")
-    add_dtype_option(p)
+    add_dtype_option(p, quantized=True)
     p.set_defaults(run=run)
     return p
 
@@ -24,14 +24,20 @@ def run(args) -> int:
     import torch
 
     from ..calibration_data import load_tokenizer
-    from ..loading import open_model
+    from ..loading import open_model, quantized_format
     from ..permute import align_experts
 
     from ..streaming import fits_in_memory, permute_checkpoint
 
     refuse_overwriting_input(args)
-    dtype = dtype_option(args)
+    # a block-FP8 / MXFP4 checkpoint: loaded dequantized, written in its own precision unless --dtype is given
+    keep_quantization = quantized_format(args.model) is not None and args.dtype in (None, "auto")
+    args.dtype = args.dtype or "float32"
+    dtype = None if keep_quantization else dtype_option(args)
     if not fits_in_memory(args.model, args.max_memory, dtype):
+        if keep_quantization:
+            raise ValueError("--max-memory: a quantized checkpoint is permuted in memory to keep its precision; add "
+                             "--dtype bfloat16 to align it layer by layer into a dequantized checkpoint")
         try:
             tokenizer = load_tokenizer(args.model)
         except ValueError:
@@ -51,6 +57,12 @@ def run(args) -> int:
         print(f"{name}: {moved} of {perm.numel()} neurons moved")
     print(f"aligned {len(perms)} layers in {elapsed:.2f} s")
     model.save_pretrained(args.out)
+    if keep_quantization:  # the aligned experts quantized afresh, every other tensor the input's bytes
+        from ..streaming.quantized import describe_error, requantize_saved, saved_error
+
+        requantize_saved(args.out, args.model)
+        print(f"written in the input's precision ({quantized_format(args.model).method}, its quantization_config); "
+              + describe_error(saved_error(args.out)))
     try:  # the aligned model is usable on its own (merge reads the tokenizer beside the model)
         load_tokenizer(args.model).save_pretrained(args.out)
     except ValueError:

@@ -4,7 +4,8 @@ the relative error that adds, and the rule every output "in the input's precisio
 The rule (the in-memory outputs' requantize_saved and the streamed standard checkpoint both use it, so the two
 write the same bytes): a tensor the source stores quantized under the same name is copied byte for byte with its
 scales when its values are the source's (equal to the source's dequantization in the tensor's dtype), else
-quantized afresh (renumbered or merged experts); a fused expert bank (transformers 5 names) is quantized afresh;
+quantized afresh (renumbered or merged experts); a fused expert bank (transformers 5 names, our merged slots) is
+quantized afresh;
 every other tensor (norms, routers, biases, embeddings) stays as it is.
 """
 from __future__ import annotations
@@ -18,8 +19,8 @@ from .mxfp4 import dequantize_mxfp4, quantize_mxfp4
 
 # tensors that stay unquantized in the releases: embeddings, norms, the head, routers
 KEEP = ("embed_tokens", "lm_head", "norm", ".gate.weight", ".router.weight", "e_score_correction_bias", "shared_expert_gate")
-# fused expert banks (transformers 5 names)
-BANKS = ("experts.gate_up_proj", "experts.down_proj", "experts.up_proj")
+# fused expert banks (transformers 5 names; experts.w_in / w_out: the merged slots of our exact format)
+BANKS = ("experts.gate_up_proj", "experts.down_proj", "experts.up_proj", "experts.w_in", "experts.w_out")
 
 
 def quantize_tensor(name: str, tensor: torch.Tensor, fmt: QuantFormat, scale_dtype: torch.dtype = torch.float32,
