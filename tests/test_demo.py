@@ -72,10 +72,16 @@ def test_method_comparison_starts_from_the_merge_checkpoint_with_one_kd_budget(d
     budget = TINY.method_kd_steps
     assert methods["kd_steps"] == budget and methods["merged_from_step"] == TINY.merge_step
     assert TINY.merge_step + budget <= TINY.steps
+    by_method = {(r["method"], r["ratio"]): r for r in methods["rows"]}
     for r in methods["rows"][1:]:
         assert r["kd_steps"] == budget and r["perplexity_kd"] != r["perplexity"]
-        assert r["form"] == ("exact" if r["method"] in ("m-smoe", "hc-smoe") else "standard")
+        form = "exact" if r["method"] in ("m-smoe", "hc-smoe", "m-smoe+c") else "standard"
+        assert r["form"] == (form + ", compressed" if r["method"].endswith("+c") else form)
         assert r["experts"] == TINY.experts - round(r["ratio"] * TINY.experts)
+        if r["method"].endswith("+c"):  # the MC-SMoE rows' settings: smaller than the same merge uncompressed
+            plain = by_method[(r["method"][:-2], r["ratio"])]
+            low_rank = TINY.rank * (3 * TINY.intermediate_size + 2 * TINY.hidden_size) * r["experts"] * TINY.layers
+            assert low_rank < r["expert_params"] <= low_rank + TINY.keep_ratio * plain["expert_params"]
     _, held_out = split_corpus(1, TINY.eval_windows * TINY.length)
     teacher = from_pretrained(out / "checkpoints" / "teacher")
     teacher_ppl = perplexity(teacher, Windows(held_out, TINY.length).rows)
@@ -87,7 +93,8 @@ def test_method_comparison_starts_from_the_merge_checkpoint_with_one_kd_budget(d
         assert goal["standard_gap"] == pytest.approx(standard["perplexity_kd"] / exact["perplexity_kd"] - 1)
         assert goal["reap_kd"] == by[("reap", goal["ratio"])]["perplexity_kd"]
         assert goal["best_merging_kd"] == min(by[(m, goal["ratio"])]["perplexity_kd"]
-                                              for m in ("m-smoe", "m-smoe-standard", "hc-smoe", "ream"))
+                                              for m in ("m-smoe", "m-smoe-standard", "hc-smoe", "ream", "m-smoe+c",
+                                                        "ream+c"))
     assert f"after KD ({budget} steps)" in text and "goal <= +3%" in text and "vs REAP" in text
     assert (out / "methods" / "results.md").exists()
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..calibrate import collect_routing_stats
 from ..compare import compare_methods
-from ..compress import compress_experts
+from ..compress import CompressOptions, compress_experts
 from ..merge import merge_experts
 from ..train import TrainConfig, train
 from ..train.text import Windows, lm_batch, perplexity
@@ -57,6 +57,7 @@ class DemoPlan:
     seed: int = 0
     compare_ratios: tuple[float, ...] = (0.25, 0.5)  # shares of experts removed in the method comparison
     compare_kd_steps: int | None = 100  # KD steps of each compared method (None: half of recover_steps)
+    compare_methods: tuple[str, ...] = ()  # the compared methods (empty: DEMO_METHODS)
 
     def __post_init__(self):
         if not 0 < self.recover_steps < self.steps:
@@ -67,6 +68,7 @@ class DemoPlan:
             raise ValueError(f"compare_kd_steps must be in (0, recover_steps]: no row may train past steps; "
                              f"got {self.method_kd_steps} of {self.recover_steps}")
         object.__setattr__(self, "compare_ratios", tuple(self.compare_ratios))
+        object.__setattr__(self, "compare_methods", tuple(self.compare_methods))
 
     @property
     def merge_step(self) -> int:
@@ -77,12 +79,14 @@ class DemoPlan:
         return self.compare_kd_steps if self.compare_kd_steps is not None else max(1, self.recover_steps // 2)
 
 
-# the method comparison's rows: M-SMoE's exact and standard forms side by side (issue 20), then issue 21's
-DEMO_METHODS = ("m-smoe", "m-smoe-standard", "hc-smoe", "ream", "reap", "frequency")
+# the method comparison's rows: M-SMoE's exact and standard forms side by side (issue 20), then issue 21's,
+# with M-SMoE and REAM-style merges also compressed (rank and keep ratio of the MC-SMoE rows)
+DEMO_METHODS = ("m-smoe", "m-smoe-standard", "hc-smoe", "ream", "reap", "frequency", "m-smoe+c", "ream+c")
 
+# --quick leaves the compressed merges out (minutes matter there; the full plan and the tests run them)
 QUICK = DemoPlan(hidden_size=64, intermediate_size=128, steps=240, recover_steps=80, learning_rate=5e-3,
                  kd_learning_rate=2e-3, warmup_steps=20, rank=8, calibration_windows=32, eval_windows=48,
-                 compare_kd_steps=40)
+                 compare_kd_steps=40, compare_methods=DEMO_METHODS[:6])
 
 
 def byte_lm(plan: DemoPlan) -> nn.Module:
@@ -147,8 +151,9 @@ def run_recipe(plan: DemoPlan, progress: bool = True, print_fn=print) -> dict:
     compress_experts(pruned, rank=plan.rank, keep_ratio=plan.keep_ratio, importance="gradient", progress=False)
     train(pruned, data, rest, collate_fn=lm_batch, eval_fn=eval_fn, teacher=teacher, progress=progress)
     method_kd = replace(kd, steps=plan.method_kd_steps, warmup_steps=min(plan.warmup_steps, plan.method_kd_steps // 4))
-    methods = compare_methods(teacher, calibration, held_out, DEMO_METHODS, plan.compare_ratios, progress=progress,
-                              kd=method_kd, kd_data=data)
+    methods = compare_methods(teacher, calibration, held_out, plan.compare_methods or DEMO_METHODS, plan.compare_ratios,
+                              progress=progress, kd=method_kd, kd_data=data,
+                              compress=CompressOptions(rank=plan.rank, keep_ratio=plan.keep_ratio))
     methods["merged_from_step"] = plan.merge_step
     rows = {
         "full": (full, plan.steps),

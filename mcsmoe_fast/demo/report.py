@@ -48,7 +48,7 @@ def write_plot(path: Path, rows: dict[str, dict]) -> bool:
     return True
 
 
-MERGING = ("m-smoe", "m-smoe-standard", "hc-smoe", "ream")  # issue 21's "our merging methods"
+MERGING = ("m-smoe", "m-smoe-standard", "hc-smoe", "ream", "m-smoe+c", "hc-smoe+c", "ream+c")  # issue 21's "our merging methods, each optionally compressed"
 
 
 def method_goals(methods: dict) -> list[dict]:
