@@ -144,3 +144,41 @@ def test_ream_cap_too_small_for_a_later_layer_is_refused_before_any_layer_change
                                  similarity="expert-output", max_group_size=3, progress=False)
     assert [len(groupings[n].dominant) for n in names] == [4, 3]
     assert max(len(m) for m in groupings[names[1]].groups) <= 3
+
+
+def test_merge_experts_defaults(capsys):
+    """merge_experts' documented defaults: permute=True, seed=0, a progress bar, within_routing_groups=False; each
+    compared with the option given explicitly, and with its other value (which must change something)."""
+    from merge_helpers import calibration
+
+    from mcsmoe_fast.tiny import tiny_moe
+
+    model = tiny_mixtral()
+    stats = mf.collect_routing_stats(model, calibration(model), progress=False)
+
+    def merged(**kwargs):
+        m = tiny_mixtral()
+        groupings = mf.merge_experts(m, stats, 4, globally=False, **kwargs)
+        return {n: g.expert_map for n, g in groupings.items()}, [t.clone() for t in mf.moe_layers(m)[0].expert_weights()]
+
+    def same(a, b):
+        return a[0] == b[0] and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
+
+    default = merged(progress=False)
+    assert same(default, merged(progress=False, permute=True)) and not same(default, merged(progress=False, permute=False))
+    rand = {s: merged(progress=False, similarity="random", seed=s) for s in (0, 1, 2)}
+    assert same(merged(progress=False, similarity="random"), rand[0])
+    assert not (same(rand[1], rand[0]) and same(rand[2], rand[0]))
+    capsys.readouterr()
+    merged()
+    assert "merging experts" in capsys.readouterr().err
+    merged(progress=False)
+    assert "merging experts" not in capsys.readouterr().err
+
+    deepseek = tiny_moe("deepseek_v3")  # group-limited routing: across routing groups unless asked otherwise
+    ds_stats = mf.collect_routing_stats(deepseek, calibration(deepseek), progress=False)
+    groupings = mf.merge_experts(tiny_moe("deepseek_v3"), ds_stats, 3, globally=False, progress=False)
+    assert all(len(g.dominant) == 3 for g in groupings.values())
+    with pytest.raises(ValueError, match="routing group"):
+        mf.merge_experts(tiny_moe("deepseek_v3"), ds_stats, 3, globally=False, progress=False,
+                         within_routing_groups=True)
