@@ -106,6 +106,22 @@ def check_format_options(args) -> None:
         args.within_routing_groups = standard
 
 
+def _layer_errors(model):
+    """The layer errors of a re-quantized standard checkpoint (checkpoint/requantize_layers.py), probed from here."""
+    from ..checkpoint.requantize_layers import LayerErrors
+
+    return LayerErrors(model)
+
+
+def _print_groupings(groupings, samples: int, elapsed: float) -> None:
+    width = max(len(name) for name in groupings)
+    print(f"{'layer':<{width}}  experts  groups  dominant experts")
+    for name, g in groupings.items():
+        print(f"{name:<{width}}  {g.num_experts:>7}  {g.num_groups:>6}  {g.dominant}")
+    total = sum(g.num_groups for g in groupings.values())
+    print(f"{samples} calibration samples; {total} groups over {len(groupings)} layers in {elapsed:.2f} s")
+
+
 def run(args) -> int:
     from ..calibrate import collect_routing_stats
     from ..calibration_data import calibration_batches, check_batches, load_tokenizer, read_calibration_texts
@@ -153,27 +169,27 @@ def run(args) -> int:
     before = parameter_bytes(model)
     similarity_bases = (args.similarity,) if args.similarity == "expert-output" else ("router-logits", "feature")
     start = time.perf_counter()
+    errors = _layer_errors(model) if keep_quantization and args.format == "standard" else None
     stats = collect_routing_stats(model, batches, bases=similarity_bases)
+    if errors is not None:
+        errors.close()
     layers = layers_option(args.layers)
     groupings = merge_experts(model, stats, args.num_groups, similarity=args.similarity, globally=args.globally,
                               permute=args.permute, strategy=args.strategy, layers=layers,
                               grouping=args.grouping, seed=args.seed,
                               within_routing_groups=args.within_routing_groups)
     elapsed = time.perf_counter() - start
+    if errors is not None:
+        errors.keep_merged(model)
     after = parameter_bytes(model)
-    width = max(len(name) for name in groupings)
-    print(f"{'layer':<{width}}  experts  groups  dominant experts")
-    for name, g in groupings.items():
-        print(f"{name:<{width}}  {g.num_experts:>7}  {g.num_groups:>6}  {g.dominant}")
-    total = sum(g.num_groups for g in groupings.values())
-    print(f"{len(texts)} calibration samples; {total} groups over {len(groupings)} layers in {elapsed:.2f} s")
+    _print_groupings(groupings, len(texts), elapsed)
     standard = dict(format="standard", router=args.router, batches=batches) if args.format == "standard" else {}
     out = save_pretrained(model, args.out, export_dense=args.export_dense, tokenizer=tokenizer, **standard)
     if keep_quantization:  # --format standard / --export-dense of a quantized checkpoint: back in its format
         from ..streaming.quantized import describe_error, requantize_saved, saved_error
 
         requantize_saved(out, args.model)
-        print(describe_error(saved_error(out)))
+        print(describe_error(errors.record(out) if errors is not None else saved_error(out)))
     print(f"parameters: {before / 2**20:.2f} MiB before, {after / 2**20:.2f} MiB after merging "
           f"({before / max(after, 1):.2f}x smaller)")
     kind = "dense " if args.export_dense else ("standard " if args.format == "standard" else "")

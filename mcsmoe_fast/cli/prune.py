@@ -43,6 +43,7 @@ def run(args) -> int:
     from ..calibrate import collect_routing_stats
     from ..calibration_data import calibration_batches, check_batches, load_tokenizer, read_calibration_texts
     from ..checkpoint import save_pretrained
+    from ..checkpoint.requantize_layers import LayerErrors
     from ..loading import open_model, quantized_format
     from ..models import moe_layers
     from ..prune import check_prune, kept_experts, prune_experts, resolve_count
@@ -65,9 +66,13 @@ def run(args) -> int:
     batches = calibration_batches(texts, tokenizer, args.batch_size, args.max_length)
     check_batches(batches, tokenizer, model.config.vocab_size)
     start = time.perf_counter()
+    errors = LayerErrors(model) if keep_quantization else None  # the layer errors of the re-quantized output
     stats = collect_routing_stats(model, batches, saliency=args.saliency if args.method == "reap" else None)
     kept = kept_experts(model, stats, args.num_experts, args.ratio, args.method)
     pruned = prune_experts(model, stats, args.num_experts, args.ratio, args.method)
+    if errors is not None:
+        errors.close()
+        errors.keep_pruned(pruned, kept, {layer.name: layer.num_experts for layer in layers})
     elapsed = time.perf_counter() - start
     width = max(len(name) for name in kept)
     print(f"{'layer':<{width}}  experts  kept  kept experts")
@@ -77,11 +82,11 @@ def run(args) -> int:
     before, after = parameter_bytes(model), parameter_bytes(pruned)
     out = save_pretrained(pruned, args.out, tokenizer=tokenizer, format="standard")
     if keep_quantization:
-        from ..streaming.quantized import describe_error, requantize_saved, saved_error
+        from ..streaming.quantized import describe_error, requantize_saved
 
         requantize_saved(out, args.model)
         print(f"written in the input's precision ({quantized_format(args.model).method}, its quantization_config); "
-              + describe_error(saved_error(out)))
+              + describe_error(errors.record(out)))
     print(f"parameters: {before / 2**20:.2f} MiB before, {after / 2**20:.2f} MiB after pruning "
           f"({before / max(after, 1):.2f}x smaller)")
     print(f"saved standard checkpoint to {out} ({dir_bytes(out) / 2**20:.2f} MiB on disk)")

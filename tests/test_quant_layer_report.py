@@ -1,0 +1,90 @@
+"""The in-memory outputs in the input's precision (merge --format standard, prune) report the layer errors the
+streamed report has (w_in, w_out, output on calibration tokens, tokens) besides the per-tensor errors, equal to an
+independent recomputation (test_quant_standard.check_layer_errors: the written experts dequantized against the
+same merge written dequantized, on the expert inputs of the twin's own forward); the CLI prints and records them."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import mcsmoe_fast as mf
+from mcsmoe_fast.checkpoint.requantize_layers import LayerErrors
+from mcsmoe_fast.cli import main
+from mcsmoe_fast.streaming.quantized import quantize_checkpoint, requantize_saved
+from mcsmoe_fast.tiny import tiny_mixtral
+from merge_helpers import calibration
+from test_cli_merge import LINES, tiny_tokenizer
+from test_quant_standard import LAYERS, check_layer_errors
+from test_quantized_merge import FP8, _experts_inputs, _twin
+
+
+@pytest.fixture(scope="module")
+def fp8(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant-layer-report")
+    tiny_mixtral(num_experts=4, hidden_size=256, intermediate_size=128, seed=2).save_pretrained(root / "plain")
+    tiny_tokenizer().save_pretrained(root / "plain")
+    quantize_checkpoint(root / "plain", root / "fp8", FP8)
+    (root / "calib.txt").write_text("\n".join(LINES * 2) + "\n")
+    return root
+
+
+def test_in_memory_standard_merge_reports_layer_errors(fp8, tmp_path):
+    batches = calibration(tiny_mixtral(num_layers=1), seed=3, batches=3, batch=2, length=9)
+    model = mf.open_model(str(fp8 / "fp8"), torch.float32)  # float32 work, as the twin runs
+    errors = LayerErrors(model)
+    stats = mf.collect_routing_stats(model, batches, bases=("router-logits", "feature"), progress=False)
+    errors.close()
+    mf.merge_experts(model, stats, 2, globally=False, within_routing_groups=True, progress=False)
+    errors.keep_merged(model)
+    mf.save_pretrained(model, tmp_path / "q", format="standard", router="fitted", batches=batches)
+    shutil.copytree(tmp_path / "q", tmp_path / "d")  # the same merge, dequantized
+    requantize_saved(tmp_path / "q", fp8 / "fp8")
+    report = errors.record(tmp_path / "q")
+    assert report == json.loads((tmp_path / "q" / "config.json").read_text())["mcsmoe_quantization"]
+    assert set(report["layers"]) == set(LAYERS) and set(report["max"]) == {"w_in", "w_out", "output", "weights"}
+    assert report["tensors"]  # requantize_saved's per-tensor errors are kept
+    inputs = _experts_inputs(mf.open_model(str(_twin(fp8 / "fp8", tmp_path / "twin", FP8)), torch.float32), batches)
+    check_layer_errors(report, tmp_path / "q", tmp_path / "d", inputs)
+
+
+def test_in_memory_prune_reports_layer_errors(fp8, tmp_path):
+    """A pruned expert's tokens count with weight zero: the layer output is the kept experts' part of it. bf16 work
+    (the CLI's): float32 values of the kept experts would re-quantize to themselves, an error of 0."""
+    from mcsmoe_fast.prune import kept_experts, prune_experts
+
+    batches = calibration(tiny_mixtral(num_layers=1), seed=4, batches=3, batch=2, length=9)
+    model = mf.open_model(str(fp8 / "fp8"), torch.bfloat16)
+    errors = LayerErrors(model)
+    stats = mf.collect_routing_stats(model, batches, saliency="reap", progress=False)
+    errors.close()
+    kept = kept_experts(model, stats, 2)
+    pruned = prune_experts(model, stats, 2)
+    errors.keep_pruned(pruned, kept, {name: 4 for name in LAYERS})
+    mf.save_pretrained(pruned, tmp_path / "q", format="standard")
+    shutil.copytree(tmp_path / "q", tmp_path / "d")
+    requantize_saved(tmp_path / "q", fp8 / "fp8")
+    report = errors.record(tmp_path / "q")
+    inputs = _experts_inputs(mf.open_model(str(_twin(fp8 / "fp8", tmp_path / "twin", FP8)), torch.bfloat16), batches)
+    check_layer_errors(report, tmp_path / "q", tmp_path / "d", inputs, {n: [[e] for e in kept[n]] for n in LAYERS},
+                       floor=2.0 ** -12)
+
+
+def _cli(args, capsys):
+    rc = main([str(a) for a in args])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    return out.out
+
+
+@pytest.mark.parametrize("command", [["merge", "--num-groups", 2, "--format", "standard"], ["prune", "--num-experts", 2]])
+def test_cli_prints_and_records_layer_errors(fp8, tmp_path, capsys, command):
+    out = _cli([command[0], "--model", fp8 / "fp8", "--calib", fp8 / "calib.txt", *command[1:], "--out", tmp_path / "o"],
+               capsys)
+    assert "layer outputs on calibration tokens" in out and "changed tensors to fp8" in out
+    report = json.loads((tmp_path / "o" / "config.json").read_text())["mcsmoe_quantization"]
+    assert set(report["layers"]) == set(LAYERS)
+    for entry in report["layers"].values():
+        assert entry["tokens"] > 0 and 0 < entry["output"] < 0.1 and 0 < entry["w_in"] < 2.0 ** -4
