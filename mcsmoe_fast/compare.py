@@ -238,7 +238,7 @@ def write_results(result: dict, out) -> Path:
     full = next(r for r in result["rows"] if r["method"] == "full")
     methods = list(dict.fromkeys(r["method"] for r in result["rows"] if r["method"] != "full"))
     for ax, (key, title) in zip(axes[0], panels):
-        ax.axhline(full["perplexity"], color="gray", linestyle="--", label="full model")
+        ax.axhline(full["perplexity"], color="black", linestyle="--", label="full model")
         for method in methods:
             pts = sorted((r["expert_share"], r[key]) for r in result["rows"] if r["method"] == method)
             ax.plot(*zip(*pts), marker="o", label=method)
