@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from .common import (add_calibration_options, add_dtype_option, dir_bytes, dtype_option, layers_option, parameter_bytes,
+from .common import (DTYPE_CHOICES, add_calibration_options, dir_bytes, dtype_option, layers_option, parameter_bytes,
                      refuse_overwriting_input, subcommand)
 
 
@@ -27,7 +27,10 @@ def add(sub):
                    help="MoE layers to compress: names or positions in module order (default: all)")
     p.add_argument("--calib", default=None, help="calibration text for --importance activation (as for merge)")
     add_calibration_options(p)
-    add_dtype_option(p, quantized=True)
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                   help="dtype the model is loaded, compressed and saved in (default: as the checkpoint loads; auto: the "
+                        "checkpoint's own); a block-FP8 or MXFP4 input keeps its non-expert tensors quantized (bfloat16 "
+                        "work) unless --dtype names a dtype: then everything is written dequantized in that dtype")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="memory budget, e.g. 8GB: a merged checkpoint that would not fit is compressed layer by "
                         "layer from its shards (importance weight, every layer)")
@@ -36,6 +39,8 @@ def add(sub):
 
 
 def run(args) -> int:
+    import torch
+
     from ..calibrate import collect_routing_stats
     from ..calibration_data import calibration_batches, check_batches, load_tokenizer, read_calibration_texts
     from ..checkpoint import save_pretrained
@@ -61,9 +66,8 @@ def run(args) -> int:
     # a block-FP8 / MXFP4 input (a release or our merge of one): the non-expert tensors stay quantized, the factors
     # in the working dtype (checkpoint/requantize.py), unless --dtype is given (then all dequantized)
     keep_quantization = stored_format(args.model) is not None and args.dtype in (None, "auto")
-    args.dtype = args.dtype or "float32"
-    dtype = None if keep_quantization else dtype_option(args)
-    if not fits_in_memory(args.model, args.max_memory, dtype):
+    dtype = None if keep_quantization or args.dtype is None else dtype_option(args)
+    if not fits_in_memory(args.model, args.max_memory, None if keep_quantization else dtype or torch.float32):
         if keep_quantization:
             raise ValueError("--max-memory: a quantized checkpoint is compressed in memory to keep its precision; add "
                              "--dtype bfloat16 to compress it layer by layer into a dequantized checkpoint")
