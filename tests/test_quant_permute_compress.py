@@ -147,3 +147,18 @@ def test_requantize_merged_names_what_is_wrong(fp8, tmp_path):
         requantize_merged(fp8 / "fp8", fp8 / "plain")
     with pytest.raises(ValueError, match="not an mcsmoe-fast checkpoint"):
         requantize_merged(fp8 / "plain", fp8 / "fp8")
+
+
+def test_streamed_permute_of_fp8_is_refused_unless_dtype(fp8, tmp_path, capsys):
+    """permute --max-memory (layer by layer) cannot keep the precision: refused, naming --dtype; with --dtype the
+    aligned checkpoint is written dequantized, without quantization_config (before, the config kept it over bf16
+    tensors), and transformers loads it plainly."""
+    from transformers import AutoModelForCausalLM
+
+    assert main([str(a) for a in ["permute", "--model", fp8 / "fp8", "--out", tmp_path / "q", "--max-memory", "1KB"]]) != 0
+    assert "add --dtype bfloat16 to align it layer by layer" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+    _cli(["permute", "--model", fp8 / "fp8", "--out", tmp_path / "d", "--max-memory", "1KB", "--dtype", "bfloat16"],
+         capsys)
+    assert "quantization_config" not in json.loads((tmp_path / "d" / "config.json").read_text())
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "d"))

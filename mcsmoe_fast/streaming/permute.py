@@ -17,6 +17,7 @@ from ..permute import apply_permutation_, match_permutations, with_bias_column
 from ..checkpoint.weight_files import ShardWriter
 from .memory import shard_size_for
 from .skeleton import layer_units, moe_views, open_source
+from .quantized import dequantized_config
 
 
 @torch.no_grad()
@@ -57,6 +58,7 @@ def permute_checkpoint(path, out, reference: int = 0, max_memory=None, max_shard
         source.release()
         writer.finish()
         config = source.config
+        dequantized_config(config)  # a quantized source is written dequantized here
         config.dtype = str(dtype).removeprefix("torch.")
         config.save_pretrained(str(tmp))
         if tokenizer is not None:
