@@ -57,23 +57,12 @@ def kernels(n: int) -> dict:
 
 
 def streamed(args) -> dict:
-    from transformers import AutoModelForCausalLM, FineGrainedFP8Config, MixtralConfig, MixtralForCausalLM
-    from merge_helpers import calibration
-
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-quantized-"))
     if not ((root / "fp8" / "config.json").is_file() and (root / "twin" / "config.json").is_file()):
-        torch.manual_seed(0)
-        config = MixtralConfig(vocab_size=1024, hidden_size=args.hidden, intermediate_size=args.ff,
-                               num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=2,
-                               num_local_experts=args.experts, num_experts_per_tok=2, max_position_embeddings=512)
-        MixtralForCausalLM(config).to(torch.bfloat16).save_pretrained(root / "plain")
-        quantize_checkpoint(root / "plain", root / "fp8", FP8)
-        twin = AutoModelForCausalLM.from_pretrained(str(root / "fp8"), dtype=torch.bfloat16,
-                                                    quantization_config=FineGrainedFP8Config(dequantize=True))
-        if hasattr(twin.config, "quantization_config"):
-            del twin.config.quantization_config
-        twin.save_pretrained(root / "twin")
-        del twin
+        # built in a child too: Linux keeps a process's ru_maxrss across fork and exec, so merges started from a
+        # parent that had held the model would all report the parent's peak (1.3 GB here for the 4-layer model)
+        subprocess.run([sys.executable, __file__, "--build", "--workdir", str(root), "--layers", str(args.layers),
+                        "--hidden", str(args.hidden), "--ff", str(args.ff), "--experts", str(args.experts)], check=True)
     # each merge in a fresh process (peak RSS its own, not the setup's), in the order twin, fp8, fp8, twin so
     # that a drift in the shared machine's load falls on both alike; the best of each pair is reported
     runs = {"twin": [], "fp8": []}
@@ -101,6 +90,25 @@ def streamed(args) -> dict:
     out["slowdown"] = out["fp8"]["seconds"] / out["twin"]["seconds"]
     out["workdir"] = str(root)
     return out
+
+
+def build(args) -> None:
+    """The Mixtral-shaped checkpoint in bf16, written as block-FP8 and as its dequantized twin (transformers'
+    dequantize=True load saved in bf16), in workdir/fp8 and workdir/twin."""
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config, MixtralConfig, MixtralForCausalLM
+
+    root = Path(args.workdir)
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=1024, hidden_size=args.hidden, intermediate_size=args.ff,
+                           num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=2,
+                           num_local_experts=args.experts, num_experts_per_tok=2, max_position_embeddings=512)
+    MixtralForCausalLM(config).to(torch.bfloat16).save_pretrained(root / "plain")
+    quantize_checkpoint(root / "plain", root / "fp8", FP8)
+    twin = AutoModelForCausalLM.from_pretrained(str(root / "fp8"), dtype=torch.bfloat16,
+                                                quantization_config=FineGrainedFP8Config(dequantize=True))
+    if hasattr(twin.config, "quantization_config"):
+        del twin.config.quantization_config
+    twin.save_pretrained(root / "twin")
 
 
 def merge_one(args) -> dict:
@@ -139,7 +147,11 @@ def main():
     p.add_argument("--workdir", default=None, help="keep the checkpoints here (reused when already built)")
     p.add_argument("--repeat", type=int, default=2, choices=(1, 2), help="merges per checkpoint (2: twin, fp8, fp8, twin)")
     p.add_argument("--merge-one", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.build:
+        build(args)
+        return
     if args.merge_one:
         print(json.dumps(merge_one(args)))
         return
