@@ -19,8 +19,7 @@ import torch
 
 from ..models import moe_layers
 from ..quant.report import layer_error, summarize
-
-ERROR_KEY = "mcsmoe_quantization"
+from .requantize import ERROR_KEY
 
 
 def read_standard_banks(directory, names) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
