@@ -65,3 +65,24 @@ def test_merge_checkpoint_plans_with_them(fp8, tmp_path, monkeypatch, options, e
     merge_checkpoint(root / "plain", tmp_path / "plain-out", batches, 2, progress=False, max_memory="1GB", **options)
     assert seen == [0]  # a plain source adds nothing
 
+
+
+def test_a_budget_fixes_glibcs_mmap_threshold(monkeypatch):
+    """Keeping a budget sets glibc's mmap threshold to 1 MiB (freed large temporaries unmapped at once, not carved
+    from the heap after glibc's dynamic threshold has grown past them); no budget leaves malloc alone."""
+    import mcsmoe_fast.streaming.memory as memory
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(memory, "_libc", FakeLibc())
+    plan_memory(None, 10**6, 10**3, 10**3)
+    assert calls == []
+    plan_memory("1GB", 10**6, 10**3, 10**3)
+    assert calls == [(-3, 1 << 20)]  # M_MMAP_THRESHOLD
+    monkeypatch.setattr(memory, "_libc", False)  # not glibc: nothing to set
+    assert memory.fix_mmap_threshold() is False
