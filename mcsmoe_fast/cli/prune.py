@@ -1,6 +1,7 @@
 """mcsmoe-fast prune: REAP (or usage-frequency) expert pruning, saved as the family's own checkpoint."""
 from __future__ import annotations
 
+import json
 import time
 
 from .common import (add_calibration_options, add_dtype_option, dir_bytes, dtype_option, parameter_bytes,
@@ -98,17 +99,22 @@ def run_streaming(args, keep_quantization: bool) -> int:
     from ..calibration_data import calibration_batches, load_tokenizer, read_calibration_texts
     from ..streaming.prune import prune_checkpoint
 
-    if keep_quantization:
-        raise ValueError("--max-memory: a quantized checkpoint is pruned in memory to keep its precision; add "
-                         "--dtype bfloat16 to prune it layer by layer into a dequantized checkpoint")
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     texts = read_calibration_texts(args.calib, args.num_samples, args.text_field, args.split)
     batches = calibration_batches(texts, tokenizer, args.batch_size, args.max_length)
     start = time.perf_counter()
     out = prune_checkpoint(args.model, args.out, batches, args.num_experts, args.ratio, args.method, args.saliency,
-                           max_memory=args.max_memory, offload_dir=args.offload_dir, dtype=dtype_option(args),
-                           tokenizer=tokenizer)
+                           max_memory=args.max_memory, offload_dir=args.offload_dir,
+                           dtype=None if keep_quantization else dtype_option(args), tokenizer=tokenizer,
+                           keep_quantization=keep_quantization)
     print(f"{len(texts)} calibration samples; {args.method} pruning layer by layer from the checkpoint's shards in "
           f"{time.perf_counter() - start:.2f} s")
+    if keep_quantization:
+        from ..loading import quantized_format
+        from ..streaming.quantized import ERROR_KEY, describe_error
+
+        report = json.loads((out / "config.json").read_text()).get(ERROR_KEY)
+        print(f"written in the input's precision ({quantized_format(args.model).method}, its quantization_config); "
+              + describe_error(report))
     print(f"saved standard checkpoint to {out} ({dir_bytes(out) / 2**20:.2f} MiB on disk)")
     return 0

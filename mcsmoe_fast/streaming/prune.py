@@ -5,6 +5,11 @@ collect_routing_stats(saliency=...) -> prune_experts -> save_pretrained in memor
 One pass: each decoder layer runs over the carried hidden states of the ORIGINAL model (as collect_routing_stats
 sees them), its MoE block's statistics (with REAP saliency) decide its kept experts (prune.top_experts), and the
 kept experts and their router rows are written at once (a layer's choice does not depend on the others').
+
+A block-FP8 / MXFP4 source is read dequantized and, with keep_quantization (the default), written back in its
+format by the streamed standard writer's re-quantizing rule (quantized_standard.py): what the in-memory
+`prune` writes, with the same error report (the kept experts' banks and the layer outputs, each token's
+pruned experts weighted 0); keep_quantization=False writes dequantized tensors without quantization_config.
 """
 from __future__ import annotations
 
@@ -20,8 +25,9 @@ from ..models.config_fields import expert_count_fields
 from ..prune import check_expert_count, check_routing_group_counts
 from .activations import ActivationStore
 from .forward import ACCEPTED_KEYS, prepare_batches
-from .memory import plan_memory
+from .memory import plan_memory, stream_requantization_bytes
 from .passes import Progress, Stream, layer_pass
+from .quantized import ErrorProbe, dequantized_config, record_error
 from .skeleton import layer_units, moe_views, open_source
 from .standard import StandardOutput
 
@@ -44,11 +50,12 @@ def _check(s: Stream, num_keep: int) -> int:
 def prune_checkpoint(path, out, calibration_batches: Iterable[dict], num_experts: int | None = None,
                      ratio: float | None = None, method: str = "reap", saliency: str = "reap", max_memory=None,
                      offload_dir=None, progress: bool = True, *, dtype: torch.dtype | None = None,
-                     max_shard_size=None, tokenizer=None) -> Path:
+                     max_shard_size=None, tokenizer=None, keep_quantization: bool = True) -> Path:
     """Prune every MoE layer of the checkpoint directory `path` to its num_experts (or E - round(ratio E)) highest
     scoring experts (prune.prune_experts' method and saliency) and write the standard checkpoint to `out`, one
     decoder layer in memory at a time; returns out's path. max_memory, offload_dir, dtype, max_shard_size,
-    tokenizer: as merge_checkpoint. Families the layer-by-layer forward runs (not through a device map)."""
+    tokenizer, keep_quantization: as merge_checkpoint. Families the layer-by-layer forward runs (not through a
+    device map)."""
     from ..prune import PRUNE_METHODS, PRUNE_SECTION, expert_scores, resolve_count, top_experts
 
     if method not in PRUNE_METHODS:
@@ -63,8 +70,12 @@ def prune_checkpoint(path, out, calibration_batches: Iterable[dict], num_experts
                saliency=saliency if method == "reap" else None)
     num_keep = resolve_count(next(iter(views.values())).num_experts if views else 0, num_experts, ratio)
     n_group = _check(s, num_keep)
+    quantized = source.quant is not None and keep_quantization
+    if source.quant is not None and not keep_quantization:
+        dequantized_config(model.config)
     activations = sum(b.input_ids.numel() for b in batches) * model.config.hidden_size * dtype.itemsize
-    plan = plan_memory(max_memory, 0, 0, activations, max_shard_size)
+    plan = plan_memory(max_memory, 0, 0, activations, max_shard_size,
+                       stream_requantization_bytes(s, "standard", True) if quantized else 0)
     record = {"method": method, "layers": {}}
 
     def prune_now(view, tensors):
@@ -77,7 +88,9 @@ def prune_checkpoint(path, out, calibration_batches: Iterable[dict], num_experts
         record["layers"][view.name] = {"kept": kept, "scores": [round(float(x), 6) for x in scores]}
 
     with atomic_directory(out) as tmp:
-        s.writer = StandardOutput(tmp, plan.shard_size, model, views, dtype, num_keep, "dominant")
+        probe = ErrorProbe(views, s.chosen) if quantized else None
+        s.writer = StandardOutput(tmp, plan.shard_size, model, views, dtype, num_keep, "dominant",
+                                  requantize=source.files if quantized else None, probe=probe)
         scratch = offload_dir or tmp
         with (scratch_directory(scratch, ".mcsmoe-activations-") if plan.offload else nullcontext()) as where:
             store = ActivationStore([(*b.input_ids.shape, model.config.hidden_size) for b in batches], dtype, where)
@@ -85,7 +98,10 @@ def prune_checkpoint(path, out, calibration_batches: Iterable[dict], num_experts
                 layer_pass(s, prune_now, "pruning: statistics + kept experts", store)
             finally:
                 store.close()
+                if probe is not None:
+                    probe.close()
         s.writer.finish()
+        record_error(model.config, s.writer)  # the error re-quantizing added, into config.json
         # mcsmoe_standard as save_pretrained(format="standard") of the pruned model records it: its own experts, one
         # row each (the kept original experts are in mcsmoe_prune)
         s.writer.plans = {name: LayerPlan(name, list(range(num_keep)), list(range(num_keep)),
