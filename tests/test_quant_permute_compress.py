@@ -149,15 +149,27 @@ def test_requantize_merged_names_what_is_wrong(fp8, tmp_path):
         requantize_merged(fp8 / "plain", fp8 / "fp8")
 
 
-def test_streamed_permute_of_fp8_is_refused_unless_dtype(fp8, tmp_path, capsys):
-    """permute --max-memory (layer by layer) cannot keep the precision: refused, naming --dtype; with --dtype the
-    aligned checkpoint is written dequantized, without quantization_config (before, the config kept it over bf16
-    tensors), and transformers loads it plainly."""
+def test_streamed_permute_of_fp8_keeps_the_precision_as_the_in_memory_permute(fp8, tmp_path, capsys):
+    """permute --max-memory (layer by layer) writes the aligned checkpoint in the input's format, byte for byte what
+    the in-memory permute writes (the aligned experts quantized afresh, the rest the input's bytes), with the same
+    quantization_config and error report; with --dtype it is written dequantized, without quantization_config
+    (before, the config kept it over bf16 tensors), and transformers loads it plainly."""
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    assert main([str(a) for a in ["permute", "--model", fp8 / "fp8", "--out", tmp_path / "q", "--max-memory", "1KB"]]) != 0
-    assert "add --dtype bfloat16 to align it layer by layer" in capsys.readouterr().err
-    assert not (tmp_path / "q").exists()
+    def tensors(d):
+        return {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+    _cli(["permute", "--model", fp8 / "fp8", "--out", tmp_path / "mem"], capsys)
+    out = _cli(["permute", "--model", fp8 / "fp8", "--out", tmp_path / "q", "--max-memory", "1KB"], capsys)
+    assert "layer by layer" in out and "written in the input's precision (fp8" in out
+    mem, streamed = tensors(tmp_path / "mem"), tensors(tmp_path / "q")
+    assert sorted(mem) == sorted(streamed) and not (tmp_path / "q" / ".dequantized").exists()
+    for name in mem:
+        assert torch.equal(mem[name].view(torch.uint8), streamed[name].view(torch.uint8)), name
+    configs = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("mem", "q")]
+    assert configs[0]["quantization_config"] == configs[1]["quantization_config"] == FP8
+    assert configs[0]["mcsmoe_quantization"] == configs[1]["mcsmoe_quantization"]
     _cli(["permute", "--model", fp8 / "fp8", "--out", tmp_path / "d", "--max-memory", "1KB", "--dtype", "bfloat16"],
          capsys)
     assert "quantization_config" not in json.loads((tmp_path / "d" / "config.json").read_text())

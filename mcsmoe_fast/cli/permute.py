@@ -35,18 +35,20 @@ def run(args) -> int:
     args.dtype = args.dtype or "float32"
     dtype = None if keep_quantization else dtype_option(args)
     if not fits_in_memory(args.model, args.max_memory, dtype):
-        if keep_quantization:
-            raise ValueError("--max-memory: a quantized checkpoint is permuted in memory to keep its precision; add "
-                             "--dtype bfloat16 to align it layer by layer into a dequantized checkpoint")
         try:
             tokenizer = load_tokenizer(args.model)
         except ValueError:
             tokenizer = None
         start = time.perf_counter()
         perms = permute_checkpoint(args.model, args.out, args.reference, max_memory=args.max_memory, dtype=dtype,
-                                   tokenizer=tokenizer)
+                                   tokenizer=tokenizer, keep_quantization=keep_quantization)
         print(f"aligned {len(perms)} layers layer by layer from the checkpoint's shards in "
               f"{time.perf_counter() - start:.2f} s; saved to {args.out}")
+        if keep_quantization:
+            from ..streaming.quantized import describe_error, saved_error
+
+            print(f"written in the input's precision ({quantized_format(args.model).method}, its quantization_config); "
+                  + describe_error(saved_error(args.out)))
         return 0
     model = open_model(args.model, dtype)
     start = time.perf_counter()

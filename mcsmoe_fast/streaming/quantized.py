@@ -195,7 +195,7 @@ def dequantized_config(config) -> None:
 
 @torch.no_grad()
 def quantize_checkpoint(src, dst, quantization_config: dict | None = None, scale_dtype: torch.dtype = torch.float32,
-                        like=None) -> Path:
+                        like=None, max_shard_size: int | None = None) -> Path:
     """Write the plain transformers checkpoint `src` (config.json + safetensors) to `dst` in the layout of
     the official quantized releases: fp8 (DeepSeek-V3 / Qwen3 FP8: every linear weight but the
     embeddings, norms, head and routers, weight_scale_inv per block; ue8m0 scales as float32 powers of
@@ -206,7 +206,9 @@ def quantize_checkpoint(src, dst, quantization_config: dict | None = None, scale
     or merged in memory): its format, scale dtype and quantization_config are used, a tensor it stores
     quantized under the same name is copied byte for byte with its scales when `src` kept its values (equal
     to its dequantization in src's dtype), else quantized (e.g. the per-expert weights of a pruned Mixtral,
-    renumbered); the fused expert banks are quantized, and every other tensor stays as the source stores it."""
+    renumbered); the fused expert banks are quantized, and every other tensor stays as the source stores it.
+    max_shard_size: bytes per output shard (None: one file); tensors are read and written one at a time, so a
+    shard is what is held in memory."""
     from .source import open_weight_files
 
     src, dst = Path(src), Path(dst)
@@ -218,7 +220,7 @@ def quantize_checkpoint(src, dst, quantization_config: dict | None = None, scale
         raise ValueError("quantization_config: expected a dict with quant_method 'fp8' or 'mxfp4'")
     files = open_weight_files(src)
     dst.mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(dst, "model.safetensors", None, {"format": "pt"})
+    writer = ShardWriter(dst, "model.safetensors", max_shard_size, {"format": "pt"})
     errors = {}  # with like: the tensors quantized afresh -> the relative error quantizing added
     for name in files.shapes:
         t = files.get(name)
