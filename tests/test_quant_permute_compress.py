@@ -11,7 +11,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from mcsmoe_fast import from_pretrained
 from mcsmoe_fast.checkpoint.requantize import requantize_merged
@@ -24,20 +23,10 @@ from mcsmoe_fast.streaming.quantized import quantize_checkpoint
 from mcsmoe_fast.tiny import tiny_mixtral, tiny_moe
 from merge_helpers import calibration
 from test_cli_merge import LINES, tiny_tokenizer
+from test_quant_standard import _bytes, _tensors
 from test_quantized_merge import FP8, MXFP4, _relative, _twin
 
 Q_PROJ = "model.layers.1.self_attn.q_proj.weight"
-
-
-def _tensors(directory):
-    out = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        out.update(load_file(str(path)))
-    return out
-
-
-def _bytes(t):
-    return t.view(torch.uint8) if t.dtype.itemsize == 1 else t
 
 
 def _cli(args, capsys):
@@ -154,16 +143,12 @@ def test_streamed_permute_of_fp8_keeps_the_precision_as_the_in_memory_permute(fp
     the in-memory permute writes (the aligned experts quantized afresh, the rest the input's bytes), with the same
     quantization_config and error report; with --dtype it is written dequantized, without quantization_config
     (before, the config kept it over bf16 tensors), and transformers loads it plainly."""
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
-
-    def tensors(d):
-        return {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
 
     _cli(["permute", "--model", fp8 / "fp8", "--out", tmp_path / "mem"], capsys)
     out = _cli(["permute", "--model", fp8 / "fp8", "--out", tmp_path / "q", "--max-memory", "1KB"], capsys)
     assert "layer by layer" in out and "written in the input's precision (fp8" in out
-    mem, streamed = tensors(tmp_path / "mem"), tensors(tmp_path / "q")
+    mem, streamed = _tensors(tmp_path / "mem"), _tensors(tmp_path / "q")
     assert sorted(mem) == sorted(streamed) and not (tmp_path / "q" / ".dequantized").exists()
     for name in mem:
         assert torch.equal(mem[name].view(torch.uint8), streamed[name].view(torch.uint8)), name

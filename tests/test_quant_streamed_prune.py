@@ -8,20 +8,13 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from mcsmoe_fast.cli import main
 from mcsmoe_fast.streaming.quantized import quantize_checkpoint
 from mcsmoe_fast.tiny import tiny_mixtral, tiny_moe
 from test_cli_merge import LINES, tiny_tokenizer
+from test_quant_standard import _tensors as tensors
 from test_quantized_merge import FP8, MXFP4
-
-
-def tensors(directory):
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
 
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
