@@ -171,7 +171,8 @@ def test_merge_experts_defaults(capsys):
     assert not (same(rand[1], rand[0]) and same(rand[2], rand[0]))
     capsys.readouterr()
     merged()
-    assert "merging experts" in capsys.readouterr().err
+    bar = capsys.readouterr().err
+    assert "merging experts" in bar and ("layer/s" in bar or "s/layer" in bar)
     merged(progress=False)
     assert "merging experts" not in capsys.readouterr().err
 
@@ -182,3 +183,25 @@ def test_merge_experts_defaults(capsys):
     with pytest.raises(ValueError, match="routing group"):
         mf.merge_experts(tiny_moe("deepseek_v3"), ds_stats, 3, globally=False, progress=False,
                          within_routing_groups=True)
+
+
+def test_merge_experts_averages_the_expert_biases_with_the_weights():
+    """GPT-OSS's expert biases reach the merge: each slot's b_in and b_out are its group's weighted average of the
+    members' biases (permute=False, so no neuron moves), computed here from the original biases."""
+    from merge_helpers import calibration
+
+    from mcsmoe_fast.models import expert_weights_per_expert
+    from mcsmoe_fast.tiny import tiny_moe
+
+    model = tiny_moe("gpt_oss")
+    stats = mf.collect_routing_stats(model, calibration(model), progress=False)
+    original = {layer.name: expert_weights_per_expert(layer, biases=True) for layer in mf.moe_layers(model)}
+    groupings = mf.merge_experts(model, stats, 3, globally=False, permute=False, progress=False)
+    for layer in mf.moe_layers(model):
+        _, _, b_in, b_out = original[layer.name]
+        g, experts = groupings[layer.name], layer.module.experts
+        for bias, merged in ((b_in, experts.b_in), (b_out, experts.b_out)):
+            want = torch.stack([sum(w * bias[e].double() for e, w in zip(members, weights))
+                                for members, weights in zip(g.groups, g.weights)])
+            torch.testing.assert_close(merged.double(), want.to(merged.device), rtol=1e-5, atol=1e-6)
+        assert any(len(m) > 1 for m in g.groups)
