@@ -29,17 +29,18 @@ def check_tasks(tasks: list[str], include_path=None) -> list[str]:
 def harness_evaluate(model, tokenizer, tasks: list[str], num_fewshot: int | None = None, limit: int | None = None,
                      batch_size: int = 8, include_path=None) -> dict[str, float]:
     """{"task/metric": value} for every numeric metric the harness reports on `tasks`."""
-    manager = _task_manager(include_path)
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as exc:
+        raise ValueError("lm-evaluation-harness tasks need the optional package lm-eval: pip install lm-eval") from exc
     if not tasks:
         raise ValueError("name at least one lm-eval task (e.g. hellaswag, arc_easy)")
     if getattr(model.config, "is_encoder_decoder", False):
         raise ValueError("lm-eval tasks run on causal LMs; for text-to-text models use --task")
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-
+    extra = {} if include_path is None else {"task_manager": _task_manager(include_path)}
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    output = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                                     task_manager=manager)
+    output = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, **extra)
     flat = {}
     for task, metrics in output["results"].items():
         for name, value in metrics.items():
