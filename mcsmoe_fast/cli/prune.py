@@ -1,7 +1,6 @@
 """mcsmoe-fast prune: REAP (or usage-frequency) expert pruning, saved as the family's own checkpoint."""
 from __future__ import annotations
 
-import json
 import time
 
 from .common import (add_calibration_options, add_dtype_option, dir_bytes, dtype_option, parameter_bytes,
@@ -111,10 +110,9 @@ def run_streaming(args, keep_quantization: bool) -> int:
           f"{time.perf_counter() - start:.2f} s")
     if keep_quantization:
         from ..loading import quantized_format
-        from ..streaming.quantized import ERROR_KEY, describe_error
+        from ..streaming.quantized import describe_error, saved_error
 
-        report = json.loads((out / "config.json").read_text()).get(ERROR_KEY)
         print(f"written in the input's precision ({quantized_format(args.model).method}, its quantization_config); "
-              + describe_error(report))
+              + describe_error(saved_error(out)))
     print(f"saved standard checkpoint to {out} ({dir_bytes(out) / 2**20:.2f} MiB on disk)")
     return 0
