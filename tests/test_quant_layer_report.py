@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mcsmoe_fast as mf
-from mcsmoe_fast.checkpoint.requantize_layers import LayerErrors
+from mcsmoe_fast.streaming.layer_errors import LayerErrors
 from mcsmoe_fast.cli import main
 from mcsmoe_fast.streaming.quantized import quantize_checkpoint, requantize_saved
 from mcsmoe_fast.tiny import tiny_mixtral

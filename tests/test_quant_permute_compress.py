@@ -3,7 +3,7 @@ given. permute: the aligned experts quantized afresh (a permutation of rows is n
 else the input's bytes, the error reported; transformers loads it (dequantize=True) and it still computes the
 input's function within the format's rounding. compress: the non-expert tensors (and the slots of layers left
 uncompressed) stay quantized byte for byte, the low-rank factors and sparse rows, which have no quantized layout,
-stay in the working dtype (checkpoint/requantize.py); from_pretrained reads the mix as the --dtype bfloat16
+stay in the working dtype (streaming/requantize_merged.py); from_pretrained reads the mix as the --dtype bfloat16
 output of the same run."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mcsmoe_fast import from_pretrained
-from mcsmoe_fast.checkpoint.requantize import requantize_merged
+from mcsmoe_fast.streaming.requantize_merged import requantize_merged
 from mcsmoe_fast.cli import main
 from mcsmoe_fast.loading import open_model
 from mcsmoe_fast.permute import align_experts

@@ -60,11 +60,11 @@ def run(args) -> int:
     except (OSError, ValueError):
         if args.calib is not None:
             raise
-    from ..checkpoint.requantize import stored_format
+    from ..streaming.requantize_merged import stored_format
     from ..streaming import compress_checkpoint, fits_in_memory
 
     # a block-FP8 / MXFP4 input (a release or our merge of one): the non-expert tensors stay quantized, the factors
-    # in the working dtype (checkpoint/requantize.py), unless --dtype is given (then all dequantized)
+    # in the working dtype (streaming/requantize_merged.py), unless --dtype is given (then all dequantized)
     keep_quantization = stored_format(args.model) is not None and args.dtype in (None, "auto")
     dtype = None if keep_quantization or args.dtype is None else dtype_option(args)
     if not fits_in_memory(args.model, args.max_memory, None if keep_quantization else dtype or torch.float32):
@@ -102,7 +102,7 @@ def run(args) -> int:
     print(f"compressed {len(modules)} layers in {elapsed:.2f} s")
     out = save_pretrained(model, args.out, tokenizer=tokenizer)
     if keep_quantization:
-        from ..checkpoint.requantize import requantize_merged
+        from ..streaming.requantize_merged import requantize_merged
         from ..streaming.quantized import describe_error
 
         report = requantize_merged(out, args.model)

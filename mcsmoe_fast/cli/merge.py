@@ -107,8 +107,8 @@ def check_format_options(args) -> None:
 
 
 def _layer_errors(model):
-    """The layer errors of a re-quantized standard checkpoint (checkpoint/requantize_layers.py), probed from here."""
-    from ..checkpoint.requantize_layers import LayerErrors
+    """The layer errors of a re-quantized standard checkpoint (streaming/layer_errors.py), probed from here."""
+    from ..streaming.layer_errors import LayerErrors
 
     return LayerErrors(model)
 

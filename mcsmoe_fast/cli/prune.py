@@ -43,7 +43,7 @@ def run(args) -> int:
     from ..calibrate import collect_routing_stats
     from ..calibration_data import calibration_batches, check_batches, load_tokenizer, read_calibration_texts
     from ..checkpoint import save_pretrained
-    from ..checkpoint.requantize_layers import LayerErrors
+    from ..streaming.layer_errors import LayerErrors
     from ..loading import open_model, quantized_format
     from ..models import moe_layers
     from ..prune import check_prune, kept_experts, prune_experts, resolve_count

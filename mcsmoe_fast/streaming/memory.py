@@ -133,7 +133,7 @@ def requantization_bytes(slot_numel: int, bank_numel: int, matrix_numel: int, sa
     matrix (quant/files.py dequantizes one expert at a time). Re-quantizing with the error report
     (report "exact" or "standard"; None: written dequantized, no report): the calibration samples the
     ErrorProbe keeps (`sample_bytes`) and the report's float32 copies: one merged slot and its re-quantized
-    values at a time for the exact format (quant/report.layer_error), the whole re-quantized banks twice
+    values at a time for the exact format (streaming/layer_error.py), the whole re-quantized banks twice
     for the standard format (the written hub tensors' values and the banks read back from them). Numel:
     one slot's w_in + w_out, the layer's banks, the largest matrix."""
     if report not in (None, "exact", "standard"):

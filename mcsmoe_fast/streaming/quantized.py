@@ -36,9 +36,10 @@ import torch
 from ..checkpoint.weight_files import ShardWriter
 from ..quant import QuantFormat, detect
 from ..quant.files import QuantizedFiles
-from ..quant.report import describe_error, layer_error, summarize
+from ..quant.report import describe_error, summarize
 from ..quant.requantize import (LikeSource, dequantize_parts, quantizable, quantize_tensor, relative_error,
                                 stored_scale_dtype)
+from .layer_error import layer_error
 
 __all__ = ["describe_error", "dequantize_parts", "quantize_tensor", "relative_error", "quantize_checkpoint",
            "requantize_saved", "load_dequantized", "output_writer", "record_error", "ErrorProbe", "QuantizingWriter"]

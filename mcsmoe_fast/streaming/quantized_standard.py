@@ -20,8 +20,9 @@ import torch
 
 from ..checkpoint.weight_files import ShardWriter
 from ..quant.files import QuantizedFiles
-from ..quant.report import layer_error, summarize
+from ..quant.report import summarize
 from ..quant.requantize import LikeSource, dequantize_parts, relative_error
+from .layer_error import layer_error
 
 
 class TensorFiles:

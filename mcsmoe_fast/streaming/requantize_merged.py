@@ -22,9 +22,9 @@ from ..quant.files import QuantizedFiles
 from ..quant.report import summarize
 from ..quant.requantize import LikeSource, dequantize_parts, relative_error
 from ..sections import MERGE_SECTION
-from .atomic import atomic_directory
-from .format import FORMAT_VERSION, WEIGHTS_METADATA, WEIGHTS_NAME
-from .weight_files import ShardWriter
+from ..checkpoint.atomic import atomic_directory
+from ..checkpoint.format import FORMAT_VERSION, WEIGHTS_METADATA, WEIGHTS_NAME
+from ..checkpoint.weight_files import ShardWriter
 
 ERROR_KEY = "mcsmoe_quantization"
 
@@ -42,7 +42,7 @@ def stored_format(spec):
 def requantize_merged(directory, like) -> dict | None:
     """Rewrite our checkpoint `directory` in place in the format of the quantized checkpoint `like` (module
     docstring); returns the error report (None when nothing was quantized afresh)."""
-    from ..streaming.source import open_weight_files
+    from .source import open_weight_files
 
     directory, like = Path(directory), Path(like)
     fmt = stored_format(like)

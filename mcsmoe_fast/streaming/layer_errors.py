@@ -18,15 +18,16 @@ from pathlib import Path
 import torch
 
 from ..models import moe_layers
-from ..quant.report import layer_error, summarize
-from .requantize import ERROR_KEY
+from ..quant.report import summarize
+from .layer_error import layer_error
+from .requantize_merged import ERROR_KEY
 
 
 def read_standard_banks(directory, names) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{layer: (w_in, w_out)} canonical float32 of the MoE layers `names` of the (quantized) standard checkpoint
     `directory`, read as the streamed reader reads a checkpoint."""
-    from ..streaming.skeleton import build_skeleton, tensor_shapes
-    from ..streaming.source import SourceCheckpoint
+    from .skeleton import build_skeleton, tensor_shapes
+    from .source import SourceCheckpoint
 
     source = SourceCheckpoint(directory, dispatched=True)
     config = source.config
@@ -48,7 +49,7 @@ class LayerErrors:
     kept weights, and record() once the output is re-quantized."""
 
     def __init__(self, model: torch.nn.Module):
-        from ..streaming.quantized import ErrorProbe
+        from .quantized import ErrorProbe
 
         views = {v.name: v for v in moe_layers(model)}
         self.probe = ErrorProbe(views, set(views))
@@ -59,7 +60,7 @@ class LayerErrors:
 
     def keep_merged(self, model: torch.nn.Module) -> None:
         """The merged model's slots in its standard plan's order (checkpoint/standard_plan.py)."""
-        from .standard_plan import plan_standard
+        from ..checkpoint.standard_plan import plan_standard
 
         plans = plan_standard(model)
         for layer in moe_layers(model):
@@ -79,7 +80,7 @@ class LayerErrors:
     def record(self, directory) -> dict | None:
         """Measure every kept layer against the re-quantized checkpoint `directory` and add the layers to the
         report in its config.json; returns the report."""
-        from ..streaming.quantized_standard import standard_routing
+        from .quantized_standard import standard_routing
 
         path = Path(directory) / "config.json"
         raw = json.loads(path.read_text())
