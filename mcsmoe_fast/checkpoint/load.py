@@ -182,6 +182,8 @@ def from_pretrained(path, verify: bool = True, dtype: torch.dtype | None = None)
         weights = QuantizedFiles(weights, quantized)
         del config.quantization_config  # the model in memory is not quantized
     saved_dtype = getattr(torch, section.get("dtype", "float32"))
+    if quantized is not None and dtype is not None:
+        saved_dtype = dtype  # dequantized straight into the dtype asked for, not rounded to the working dtype first
     with no_init_weights():  # parameters stay uninitialised (and their pages untouched) until copied into
         model = model_class_for(config).from_config(config, dtype=saved_dtype)
     _install_layers(model, section, weights, path, saved_dtype)

@@ -68,16 +68,16 @@ def run(args) -> int:
     keep_quantization = stored_format(args.model) is not None and args.dtype in (None, "auto")
     dtype = None if keep_quantization or args.dtype is None else dtype_option(args)
     if not fits_in_memory(args.model, args.max_memory, None if keep_quantization else dtype or torch.float32):
-        if keep_quantization:
-            raise ValueError("--max-memory: a quantized checkpoint is compressed in memory to keep its precision; add "
-                             "--dtype bfloat16 to compress it layer by layer into a dequantized checkpoint")
         if args.importance != "weight" or args.layers:
             raise ValueError("streaming compression (--max-memory) compresses every layer with --importance weight")
         start = time.perf_counter()
         entries = compress_checkpoint(args.model, args.out, args.rank, args.keep_ratio, args.svd,
-                                      max_memory=args.max_memory, tokenizer=tokenizer)
+                                      max_memory=args.max_memory, tokenizer=tokenizer, dtype=dtype)
         print(f"compressed {len(entries)} layers layer by layer from the checkpoint's shards in "
               f"{time.perf_counter() - start:.2f} s")
+        if keep_quantization:
+            print(f"non-expert tensors kept in the input's precision ({stored_format(args.model).method}), the "
+                  "compressed experts' factors in the working dtype")
         print(f"saved checkpoint to {args.out} ({dir_bytes(args.out) / 2**20:.2f} MiB on disk)")
         return 0
     model = open_model(args.model, dtype)

@@ -6,6 +6,11 @@ and decomposed into a staged full bank (compress_stage.py, the streamed merge's 
 tensor is copied through one at a time, and once all layers are in, the staged banks are pruned with
 the global threshold and written. The result equals from_pretrained -> compress_experts(importance=
 "weight") -> save_pretrained on the same checkpoint, written atomically in the project's sharded format.
+
+A merged checkpoint of a block-FP8 / MXFP4 source (its slots and other tensors stored quantized with their
+scales): the slots are dequantized as they are read; by default every other tensor is copied as stored (still
+quantized, with its scales: what the in-memory `compress` writes through streaming/requantize_merged.py), and
+with dtype= everything is written dequantized in that dtype.
 """
 from __future__ import annotations
 
@@ -18,6 +23,9 @@ from ..checkpoint import WEIGHTS_METADATA, WEIGHTS_NAME, atomic_directory, open_
 from ..checkpoint import write_merged_config
 from ..sections import record_compression
 from ..checkpoint.weight_files import CheckpointError, ShardWriter
+from ..quant import detect
+from ..quant.files import QuantizedFiles
+from .quantized import ERROR_KEY
 from .compress_stage import CompressionStage, compress_options
 from .memory import shard_size_for
 from .skeleton import build_skeleton
@@ -28,12 +36,14 @@ BIASES = ("b_in", "b_out")  # expert biases (GPT-OSS), kept dense next to the co
 
 @torch.no_grad()
 def compress_checkpoint(path, out, rank: int = 32, keep_ratio: float = 0.1, svd: str = "auto", max_memory=None,
-                        max_shard_size=None, verify: bool = True, progress: bool = True, tokenizer=None) -> dict:
+                        max_shard_size=None, verify: bool = True, progress: bool = True, tokenizer=None,
+                        dtype: torch.dtype | None = None) -> dict:
     """Compress every MoE layer of the merged checkpoint directory `path` (written by save_pretrained or
     merge_checkpoint; every MoE layer stored as slots) into `out`; returns {layer name: config entry}.
     rank, keep_ratio, svd: as compress_experts (importance="weight"); max_memory sets the output shard
     size (max_memory / 8 between 1 MB and 2 GB) unless max_shard_size is given; verify: check every
-    input shard's sha256 first (reads the files once more)."""
+    input shard's sha256 first (reads the files once more); dtype: None keeps the checkpoint's dtype (and its
+    quantized tensors as stored), a dtype writes everything in it (dequantized)."""
     from transformers import AutoConfig
 
     from ..models import moe_layers
@@ -48,7 +58,15 @@ def compress_checkpoint(path, out, rank: int = 32, keep_ratio: float = 0.1, svd:
         raise ValueError(f"out ({out}) must not be the input checkpoint directory or inside it")
     weights = open_weights(path, section, verify)
     config = AutoConfig.from_pretrained(str(path))
-    dtype = getattr(torch, section.get("dtype", "float32"))
+    quantized = detect(getattr(config, "quantization_config", None))
+    if quantized is not None:
+        weights = QuantizedFiles(weights, quantized)  # the slots read dequantized, the rest as stored
+        if hasattr(config, ERROR_KEY):
+            delattr(config, ERROR_KEY)  # the merge's re-quantization report: its slots are replaced by the factors
+        if dtype is not None:
+            del config.quantization_config  # written dequantized
+    keep_stored = dtype is None
+    dtype = dtype or getattr(torch, section.get("dtype", "float32"))
     model = build_skeleton(config, dtype)
     layers = moe_layers(model)
     entries = section["layers"]
@@ -64,7 +82,7 @@ def compress_checkpoint(path, out, rank: int = 32, keep_ratio: float = 0.1, svd:
         writer = ShardWriter(tmp, WEIGHTS_NAME, shard_size_for(max_memory, max_shard_size), WEIGHTS_METADATA)
         stage = CompressionStage(tmp / ".compress-staging", opts["rank"], opts["keep_ratio"], opts["svd"])
         for layer in tqdm(layers, desc="compressing: decomposing", unit="layer", disable=not progress):
-            w_in, w_out, emap = (weights.get(f"{layer.name}.experts.{k}") for k in SLOTS)
+            w_in, w_out, emap = (weights.get(f"{layer.name}.experts.{k}") for k in SLOTS)  # quantized: in float32
             b_in, b_out = (weights.get(f"{layer.name}.experts.{k}").to(dtype) if f"{layer.name}.experts.{k}" in
                            weights.shapes else None for k in BIASES)
             weights.release()
@@ -77,7 +95,8 @@ def compress_checkpoint(path, out, rank: int = 32, keep_ratio: float = 0.1, svd:
             del w_in, w_out
         for name in weights.shapes:  # everything else, one tensor at a time
             if name not in slot_names:
-                writer.add(name, weights.get(name))
+                for part, tensor in _stored_or_cast(weights, name, None if keep_stored else dtype).items():
+                    writer.add(part, tensor)
         weights.release()
         bar = tqdm(total=len(layers), desc="compressing: global threshold", unit="layer", disable=not progress)
         new_entries = stage.finish(writer, progress=lambda name: bar.update())
@@ -93,3 +112,15 @@ def compress_checkpoint(path, out, rank: int = 32, keep_ratio: float = 0.1, svd:
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return ordered
+
+
+def _stored_or_cast(weights, name: str, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """{stored name: tensor} of a tensor copied through: as stored (dtype None; a quantized one as its parts,
+    values and scales), or dequantized and cast to dtype (floating tensors)."""
+    if isinstance(weights, QuantizedFiles):
+        if dtype is None:
+            return weights.raw(name)
+        tensor = weights.get(name, dtype)
+    else:
+        tensor = weights.get(name)
+    return {name: tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor}
