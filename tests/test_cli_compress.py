@@ -68,3 +68,22 @@ def test_compress_refuses_bad_input_and_writing_over_its_input(workspace, capsys
     rc, _, _ = run(["compress", "--model", src, "--out", workspace / "c"], capsys)
     rc, _, err = run(["compress", "--model", workspace / "c", "--out", workspace / "c4"], capsys)
     assert rc == 2 and "already compressed" in err
+
+
+def test_streamed_compress_writes_the_dtype_asked_for(workspace, capsys):
+    """compress --max-memory --dtype: the layer-by-layer path honours --dtype (it used to write the checkpoint's own),
+    equal to the in-memory compression of the model loaded in that dtype."""
+    from mcsmoe_fast import compress_experts
+
+    src = merged(workspace, capsys)
+    assert from_pretrained(src).dtype == torch.float32
+    rc, out, err = run(["compress", "--model", src, "--out", workspace / "cb", "--rank", 4, "--keep-ratio", 0.2,
+                        "--max-memory", "1KB", "--dtype", "bfloat16"], capsys)
+    assert rc == 0, err
+    assert "layer by layer" in out
+    got = from_pretrained(workspace / "cb").state_dict()
+    want = from_pretrained(src, dtype=torch.bfloat16)
+    compress_experts(want, rank=4, keep_ratio=0.2, importance="weight", progress=False)
+    want = want.state_dict()
+    assert sorted(got) == sorted(want) and got["model.layers.0.mlp.experts.in_U"].dtype == torch.bfloat16
+    assert all(torch.equal(got[n], want[n]) for n in want)
