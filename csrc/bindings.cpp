@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/library.h>
+#include <torch/python.h>  // at::Tensor arguments of the module functions
 
 #include <ATen/Parallel.h>
 
@@ -50,6 +51,8 @@ TORCH_LIBRARY_IMPL(mcsmoe_fast, CUDA, m) {
 }
 #endif
 
+namespace py = pybind11;
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mcsmoe-fast native extension: build information (ops are under torch.ops.mcsmoe_fast)";
 #ifdef MCSMOE_WITH_CUDA
@@ -58,6 +61,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("cuda_enabled") = false;
 #endif
   m.def("openmp_threads", [] { return at::get_num_threads(); }, "threads torch's CPU pool uses");
+  m.def("dequantize_fp8_into", &mcsmoe::ops::dequantize_fp8_into, "block-FP8 e4m3 bytes [N, rows, cols] times their "
+        "float32 block scales into out (float32 / bfloat16 / float16), CPU", py::arg("weight"), py::arg("scale"),
+        py::arg("block_rows"), py::arg("block_cols"), py::arg("out"));
+  m.def("dequantize_mxfp4_into", &mcsmoe::ops::dequantize_mxfp4_into, "MXFP4 blocks [N, rows, G, 16] and e8m0 scales "
+        "[N, rows, G] into out [N, rows, cols] (or [N, cols, rows] with transpose), CPU", py::arg("blocks"),
+        py::arg("scales"), py::arg("transpose"), py::arg("out"));
   // The CPU ops' choices by measurement (ops/autotune.h): the cache, its reset, the decisions and their pins.
   m.def("autotune_snapshot", &mcsmoe::ops::autotune::snapshot,
         "[(decision, shape class, winner label or '' while measuring, median ms per candidate or -1)]");

@@ -5,6 +5,7 @@
 //   moe_align         -> moe_align           grouped_expert_ffn_backward -> grouped_ffn_backward
 //   sparse_lowrank_linear -> slr             grouped_expert_ffn_slr      -> grouped_ffn_slr
 // Shared pieces: the expert activations (activation.cpp), linear_nt.cpp, slot_parallel.h.
+// Not ops: the CPU dequantization of checkpoint formats (dequant.cpp), plain functions of the module.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -231,5 +232,11 @@ Activation check_grouped_ffn_slr_args(const at::Tensor& hidden, at::TensorList w
 // The host copy of a bank's row_offsets after checking them and every slot's row indices.
 std::vector<int64_t> checked_offsets(const at::TensorList& bank, int64_t S, int64_t out, const char* op,
                                      const char* name);
+
+// --- dequantization of block-FP8 and MXFP4 weights on the CPU (dequant.cpp): functions of the extension
+// module (_C.dequantize_fp8_into, _C.dequantize_mxfp4_into), not dispatcher ops; they write into and return out ---
+at::Tensor dequantize_fp8_into(const at::Tensor& weight, const at::Tensor& scale, int64_t block_rows,
+                               int64_t block_cols, at::Tensor out);
+at::Tensor dequantize_mxfp4_into(const at::Tensor& blocks, const at::Tensor& scales, bool transpose, at::Tensor out);
 
 }  // namespace mcsmoe::ops

@@ -14,7 +14,7 @@ import torch
 
 from .format import QuantFormat
 from .fp8 import dequantize_fp8
-from .mxfp4 import BLOCK, dequantize_mxfp4
+from .mxfp4 import BLOCK, dequantize_mxfp4_into
 
 
 class QuantizedFiles:
@@ -67,16 +67,11 @@ class QuantizedFiles:
         values, scales = (self.files.get(p) for p in self.parts[name])
         with torch.no_grad():
             if self.format.method == "fp8":
-                if out.is_contiguous():
-                    dequantize_fp8(values, scales, out.dtype, self.format.block, out=out)
-                else:
-                    out.copy_(dequantize_fp8(values, scales, out.dtype, self.format.block))
-                return out
+                return dequantize_fp8(values, scales, out.dtype, self.format.block, out=out)
             flat_v, flat_s = values.reshape(-1, *values.shape[-3:]), scales.reshape(-1, *scales.shape[-2:])
             flat_o = out.view(-1, *out.shape[-2:])
             for k in range(flat_v.shape[0]):  # one expert at a time
-                w = dequantize_mxfp4(flat_v[k], flat_s[k], out.dtype)
-                flat_o[k].copy_(w.t() if self.transpose_mxfp4 else w)
+                dequantize_mxfp4_into(flat_v[k], flat_s[k], flat_o[k], transpose=self.transpose_mxfp4)
         return out
 
     def get(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:

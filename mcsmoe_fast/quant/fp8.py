@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .grid import cdiv, pow2_at_least
+from .._ext import _C
+from .grid import cdiv, native_applies, pow2_at_least
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -41,15 +42,25 @@ def _check(weight: torch.Tensor, scale_inv: torch.Tensor, block) -> None:
 
 
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.float32,
-                   block=BLOCK, out: torch.Tensor | None = None) -> torch.Tensor:
+                   block=BLOCK, out: torch.Tensor | None = None, native: bool = True) -> torch.Tensor:
     """weight (e4m3 [..., out, in]) times its block scales, in `dtype` (into `out` when given: same shape).
-    Works one leading slice (expert) at a time so the float32 temporary stays one matrix."""
+    native: on the CPU into float32 / bfloat16 / float16, the extension's one-pass kernel (_C.dequantize_fp8_into,
+    csrc/ops/dequant.cpp; the same values bit for bit); False, or any other case: plain PyTorch, one leading slice
+    (expert) at a time so the float32 temporary stays one matrix."""
     _check(weight, scale_inv, block)
     if out is None:
         out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
     elif tuple(out.shape) != tuple(weight.shape):
         raise ValueError(f"out: expected shape {tuple(weight.shape)}, got {tuple(out.shape)}")
     rows, cols = weight.shape[-2:]
+    if out.numel() == 0:
+        return out
+    if native and native_applies(out, weight, scale_inv):
+        target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype)
+        _C.dequantize_fp8_into(weight.contiguous().view(torch.uint8).reshape(-1, rows, cols),
+                               _scales_fp32(scale_inv).contiguous().reshape(-1, *scale_inv.shape[-2:]),
+                               block[0], block[1], target.view(-1, rows, cols))
+        return out if target is out else out.copy_(target)
     w2, s2, o2 = weight.reshape(-1, rows, cols), scale_inv.reshape(-1, *scale_inv.shape[-2:]), out.view(-1, rows, cols)
     for k in range(w2.shape[0]):
         if rows % block[0] == 0 and cols % block[1] == 0:  # whole blocks: scale a blocked view in place

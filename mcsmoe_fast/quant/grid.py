@@ -23,3 +23,11 @@ def pow2_at_least(amax: torch.Tensor, top: float) -> torch.Tensor:
     """2^k (float32) for the smallest k with amax / 2^k <= top."""
     k = pow2_exponent(amax, top)
     return torch.ldexp(torch.ones_like(k, dtype=torch.float32), k)
+
+
+NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what csrc/ops/dequant.cpp writes
+
+
+def native_applies(out: torch.Tensor, *stored: torch.Tensor) -> bool:
+    """Whether the extension's CPU dequantization kernels can write `out` from the `stored` tensors."""
+    return out.dtype in NATIVE_DTYPES and all(t.device.type == "cpu" for t in (out, *stored))

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from .grid import cdiv, pow2_exponent
+from .._ext import _C
+from .grid import cdiv, native_applies, pow2_exponent
 
 BLOCK = 32
 E2M1_MAX = 6.0
@@ -27,22 +28,56 @@ _MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 
 
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32,
-                     cols: int | None = None) -> torch.Tensor:
+                     cols: int | None = None, native: bool = True) -> torch.Tensor:
     """[..., rows, G, 16] uint8 nibbles and [..., rows, G] uint8 exponents -> [..., rows, G*32] in
     `dtype` (first `cols` columns when given). No transpose: that is the caller's layout."""
+    _check(blocks, scales)
+    cols = blocks.shape[-2] * BLOCK if cols is None else cols
+    out = torch.empty((*blocks.shape[:-2], cols), dtype=dtype, device=blocks.device)
+    return dequantize_mxfp4_into(blocks, scales, out, native=native)
+
+
+def dequantize_mxfp4_into(blocks: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, transpose: bool = False,
+                          native: bool = True) -> torch.Tensor:
+    """blocks [..., rows, G, 16] and scales [..., rows, G] dequantized into out [..., rows, cols] (transpose: out is
+    [..., cols, rows], the layout GPT-OSS's banks are read in), (G - 1) * 32 < cols <= G * 32; returns out.
+    native: on the CPU into float32 / bfloat16 / float16, the extension's one-pass kernel (_C.dequantize_mxfp4_into,
+    csrc/ops/dequant.cpp; the same values bit for bit); False, or any other case: plain PyTorch."""
+    _check(blocks, scales)
+    *lead, groups, _ = blocks.shape
+    rows = lead[-1] if lead else 1
+    if transpose:
+        cols = out.shape[-2] if out.dim() >= 2 else -1
+        fits = blocks.dim() >= 3 and out.dim() == len(lead) + 1 and tuple(out.shape[:-2]) == tuple(lead[:-1]) \
+            and out.shape[-1] == rows
+    else:
+        cols = out.shape[-1] if out.dim() else -1
+        fits = out.dim() == len(lead) + 1 and tuple(out.shape[:-1]) == tuple(lead)
+    if not fits or not (groups - 1) * BLOCK < cols <= groups * BLOCK:
+        layout = "[..., cols, rows]" if transpose else "[..., rows, cols]"
+        raise ValueError(f"out: expected {layout} with {(groups - 1) * BLOCK} < cols <= {groups * BLOCK} for blocks "
+                         f"{tuple(blocks.shape)}, got {tuple(out.shape)}")
+    if out.numel() == 0:
+        return out
+    if native and native_applies(out, blocks, scales):
+        target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype)
+        _C.dequantize_mxfp4_into(blocks.contiguous().reshape(-1, rows, groups, BLOCK // 2),
+                                 scales.contiguous().reshape(-1, rows, groups), transpose,
+                                 target.view(-1, *target.shape[-2:]) if target.dim() >= 2 else target.view(1, 1, -1))
+        return out if target is out else out.copy_(target)
+    lut = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=blocks.device)
+    values = torch.stack([lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]], dim=-1)  # [..., G, 16, 2]
+    values = torch.ldexp(values.reshape(*lead, groups, BLOCK), (scales.to(torch.int32) - 127).unsqueeze(-1))
+    values = values.reshape(*lead, groups * BLOCK)[..., :cols]
+    return out.copy_(values.transpose(-1, -2) if transpose else values)
+
+
+def _check(blocks: torch.Tensor, scales: torch.Tensor) -> None:
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
         raise ValueError(f"blocks and scales: expected uint8, got {blocks.dtype} and {scales.dtype}")
     if blocks.dim() < 2 or blocks.shape[-1] != BLOCK // 2 or tuple(blocks.shape[:-1]) != tuple(scales.shape):
         raise ValueError(f"blocks [..., G, 16] and scales [..., G] do not match: {tuple(blocks.shape)} and "
                          f"{tuple(scales.shape)}")
-    lut = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=blocks.device)
-    *lead, groups, half = blocks.shape
-    values = torch.stack([lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]], dim=-1)  # [..., G, 16, 2]
-    values = torch.ldexp(values.reshape(*lead, groups, BLOCK), (scales.to(torch.int32) - 127).unsqueeze(-1))
-    out = values.reshape(*lead, groups * BLOCK)
-    if cols is not None:
-        out = out[..., :cols]
-    return out.to(dtype)
 
 
 def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
