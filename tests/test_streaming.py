@@ -58,6 +58,16 @@ def test_streamed_merge_equals_in_memory_pipeline(source, batches, tmp_path, glo
         assert merged[name]["expert_map"] == g.expert_map
 
 
+@pytest.mark.parametrize("grouping", ["dominant", "hierarchical"])
+def test_streamed_merge_on_expert_outputs_equals_in_memory(source, batches, tmp_path, grouping):
+    """The expert-output basis reads the layer's w_out when its statistics are finished: that has to happen before
+    the layer is emptied again (after, it raised "Cannot copy out of meta tensor")."""
+    kwargs = dict(similarity="expert-output", grouping=grouping, globally=False)
+    expected = in_memory(source, tmp_path / "expected", batches, **kwargs)
+    result = quiet_merge(source, tmp_path / "streamed", batches, NUM_GROUPS, **kwargs)
+    assert_same_checkpoint(expected, result.path, batches)
+
+
 def test_streamed_merge_and_compress_equals_in_memory_pipeline(source, batches, tmp_path):
     expected = in_memory(source, tmp_path / "expected", batches, compress=COMPRESS)
     result = quiet_merge(source, tmp_path / "streamed", batches, NUM_GROUPS, compress=COMPRESS,

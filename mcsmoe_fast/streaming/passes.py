@@ -113,7 +113,8 @@ class Merger:
                 name, stats, w_in, w_out, count, view.activation, router_weight=tensors[layout.router],
                 similarity=opts["similarity"], permute=opts["permute"], strategy=opts["strategy"],
                 grouping=opts["grouping"], seed=opts["seed"], memory_budget=self.matching_bytes, b_in=b_in,
-                b_out=b_out, inplace=True, routing_groups=opts.get("routing_groups", 1))
+                b_out=b_out, inplace=True, routing_groups=opts.get("routing_groups", 1),
+                max_group_size=opts.get("max_group_size"))
             self.groupings[name] = g
             expert_map = torch.tensor(g.expert_map, dtype=torch.int64)
             if isinstance(self.writer, StandardOutput):
@@ -249,12 +250,12 @@ def _run_with_statistics(s: Stream, store: ActivationStore, i: int, name: str, l
     try:
         run_layer(s.model, layer, i, s.batches, store.get, store.put,
                   lambda batch: current.update(mask=batch.attention_mask))
+        if acc is not None:  # while the layer still holds its weights: the expert-output basis reads w_out
+            s.stats[view.name] = acc[0].finish()
     finally:
         if acc is not None:
             acc[1].remove()
         empty(layer)
-    if acc is not None:
-        s.stats[view.name] = acc[0].finish()
 
 
 @torch.no_grad()

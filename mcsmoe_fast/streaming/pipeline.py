@@ -245,6 +245,7 @@ def _write_config(s: Stream, merger: Merger, tmp: Path, groups: _Groups, options
         num_groups=num_groups if isinstance(num_groups, int) else dict(num_groups), similarity=options["similarity"],
         globally=groups.globally, permute=options["permute"], strategy=options["strategy"],
         grouping=options["grouping"], seed=options["seed"],
+        **({} if options.get("max_group_size") is None else {"max_group_size": options["max_group_size"]}),
         **({"within_routing_groups": n_group} if n_group > 1 else {})))
     if compress:
         record_compression(s.model, merger.entries, dict(
@@ -274,7 +275,7 @@ def merge_checkpoint(path, out, calibration_batches: Iterable[dict], num_groups,
                      grouping: str = "dominant", layers=None, seed: int = 0, dtype: torch.dtype | None = None,
                      max_shard_size=None, bases: Iterable[str] | None = None, tokenizer=None, device_map=None,
                      keep_quantization: bool = True, format: str = "exact", router: str | None = None,
-                     within_routing_groups: bool | None = None) -> StreamingResult:
+                     within_routing_groups: bool | None = None, max_group_size: int | None = None) -> StreamingResult:
     """Merge the experts of the checkpoint directory `path` (a family source.py lists) into `out`
     without ever holding the model in memory; returns a StreamingResult.
 
@@ -310,18 +311,28 @@ def merge_checkpoint(path, out, calibration_batches: Iterable[dict], num_groups,
       checkpoint with M experts and M router rows, equal to save_pretrained(format="standard") of the merged model
       in memory; standard.py); refused before any work when it cannot be expressed: globally, some `layers` only,
       top_k > M, compression (a quantized source is kept quantized as for "exact").
+    grouping="ream" (REAM-style merging, ream.py): the statistics pass also collects REAP saliency, the centroids
+      and merge weights; max_group_size caps its groups (ream_experts' default is REAM_GROUP_SIZE). The
+      layer-by-layer statistics pass only (no device_map).
     router: the standard format's router rows: "fitted" (the default; fitted on the merged model's router inputs,
       from one more forward of every layer as merged over the calibration batches) or "dominant" (the default
       with a device_map, which supports only it).
     """
     started = time.perf_counter()
     bases = _check_options(similarity, strategy, grouping, bases)
+    if max_group_size is not None and grouping != "ream":
+        raise ValueError(f"max_group_size caps REAM's groups (grouping='ream'), not grouping={grouping!r}")
+    if grouping == "ream" and device_map is not None:
+        raise ValueError("grouping='ream' needs REAP saliency from the layer-by-layer statistics pass; it does not run "
+                         "with a device_map")
     compress = compress_options(compress)
     globally = format != "standard" if globally is None else globally
     within_routing_groups = format == "standard" if within_routing_groups is None else within_routing_groups
     budget, device_memory = _check_memory(max_memory, device_map)
     s, out, chosen, aliases = _open_stream(path, out, dtype, calibration_batches, layers, strategy, bases, progress,
                                            dispatched=device_map is not None)
+    if grouping == "ream":
+        s.saliency = "reap"
     groups = _Groups(chosen, num_groups, globally)
     # group counts known up front (not global): each layer is merged as soon as its statistics are in
     fused = not globally and device_map is None
@@ -331,7 +342,7 @@ def merge_checkpoint(path, out, calibration_batches: Iterable[dict], num_groups,
                               groups.up_front(s.views) if not globally else None, n_group)
     plan = _plan(s, budget, max_shard_size, standard, strategy, keep_quantization, fused)
     options, seconds = dict(similarity=similarity, permute=permute, strategy=strategy, grouping=grouping, seed=seed,
-                            routing_groups=n_group), {}
+                            routing_groups=n_group, max_group_size=max_group_size), {}
     with atomic_directory(out) as tmp:
         merger = _merger(s, tmp, plan, compress, options, keep_quantization, standard)
         if device_map is not None:

@@ -1,0 +1,106 @@
+"""Perplexity of a checkpoint larger than memory: the embeddings, then each decoder layer read from the checkpoint's
+files, run over every evaluation window (the cut forward of forward.py) and emptied again, then the final norm and
+the head over the last hidden states in chunks of tokens. The same number as train.text.perplexity on the model in
+memory (exp of the mean next-token cross-entropy over every window), one layer resident at a time.
+
+Reads what the layer-by-layer forward runs (source.py): plain transformers checkpoints of the decoder-only families,
+which includes the standard-form checkpoints `merge --format standard`, `prune` and REAM write; block-FP8 / MXFP4
+ones are read dequantized. The hidden states of all windows are carried from layer to layer, in memory or, past the
+budget, in a file (activations.py), as the streamed merge carries its calibration tokens.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..checkpoint.atomic import scratch_directory
+from .activations import ActivationStore
+from .forward import ACCEPTED_KEYS, prepare_batches, run_layer
+from .memory import plan_memory
+from .skeleton import build_skeleton, decoder_layers, empty, layer_units, materialise, tensor_shapes
+from .source import SourceCheckpoint
+
+HEAD_CHUNK_ELEMENTS = 1 << 24  # logits computed at a time (64 MB in float32)
+
+
+def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+@torch.no_grad()
+def streamed_perplexity(path, windows: torch.Tensor, max_memory=None, offload_dir=None,
+                        dtype: torch.dtype | None = None, batch_size: int = 32, progress: bool = True) -> float:
+    """exp(mean next-token cross-entropy) of the checkpoint directory `path` over `windows` [N, L] of token ids,
+    one decoder layer in memory at a time. max_memory: the resident budget (bytes or "8GB"; None: no limit) that
+    decides whether the windows' hidden states stay in memory or go to a file under offload_dir (default: the
+    system's temporary directory; removed at the end). dtype: the working dtype (default float32, bfloat16 for a
+    quantized checkpoint, as the streamed merge). batch_size: windows per forward."""
+    if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise ValueError(f"perplexity needs windows [N >= 1, L >= 2], got {tuple(windows.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    source = SourceCheckpoint(path)
+    dtype = dtype or (torch.bfloat16 if source.quant is not None else torch.float32)
+    model = build_skeleton(source.config, dtype)
+    shapes, aliases = tensor_shapes(model)
+    source.check(shapes)
+    windows = windows.long()
+    batches = prepare_batches([{"input_ids": windows[i: i + batch_size]} for i in range(0, len(windows), batch_size)],
+                              source.config.vocab_size, ACCEPTED_KEYS)
+
+    def read(module: torch.nn.Module, prefix: str) -> None:  # the module's tensors (tied ones by their stored name)
+        names = [f"{prefix}.{k}" for k in module.state_dict()]
+        materialise(module, prefix, {n: source.read(aliases.get(n, n), shapes[aliases.get(n, n)], dtype)
+                                     for n in names})
+        source.release()
+
+    hidden_size = model.config.hidden_size
+    plan = plan_memory(max_memory, 0, 0, windows.numel() * hidden_size * dtype.itemsize)
+    scratch = offload_dir or tempfile.gettempdir()
+    units = layer_units(model)
+    with scratch_directory(scratch, ".mcsmoe-activations-") if plan.offload else nullcontext() as where:
+        store = ActivationStore([(*b.input_ids.shape, hidden_size) for b in batches], dtype, where)
+        try:
+            embeddings = model.get_input_embeddings()
+            read(embeddings, _module_name(model, embeddings))
+            for b, batch in enumerate(batches):
+                store.put(b, embeddings(batch.input_ids))
+            empty(embeddings)
+            for i, (name, unit) in enumerate(tqdm(units, desc="perplexity: layers", unit="layer",
+                                                  disable=not progress)):
+                read(unit, name)
+                try:
+                    run_layer(model, unit, i, batches, store.get, store.put)
+                finally:
+                    empty(unit)
+            return math.exp(_head_loss(model, batches, store, read))
+        finally:
+            store.close()
+
+
+def _head_loss(model: torch.nn.Module, batches, store: ActivationStore, read) -> float:
+    """The mean next-token cross-entropy from the last hidden states: final norm, head, float32 loss (as the
+    transformers causal-LM loss upcasts), chunk by chunk of tokens."""
+    prefix, _ = decoder_layers(model)
+    inner_name = prefix.rsplit(".", 1)[0]
+    norm, head = model.get_submodule(inner_name).norm, model.get_output_embeddings()
+    read(norm, f"{inner_name}.norm")
+    read(head, _module_name(model, head))
+    chunk = max(1, HEAD_CHUNK_ELEMENTS // head.out_features)
+    total, count = 0.0, 0
+    for b, batch in enumerate(batches):
+        hidden = store.get(b)[:, :-1]
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        labels = batch.input_ids[:, 1:].reshape(-1)
+        for s in range(0, labels.numel(), chunk):
+            logits = head(norm(hidden[s: s + chunk])).float()
+            total += F.cross_entropy(logits, labels[s: s + chunk], reduction="sum").item()
+        count += labels.numel()
+    empty(norm)
+    empty(head)
+    return total / count
