@@ -43,6 +43,13 @@ def add(sub):
     p.add_argument("--num-fewshot", type=int, default=None, help="with --lm-eval: few-shot examples per task")
     p.add_argument("--lm-eval-limit", type=int, default=None, help="with --lm-eval: examples per task")
     p.add_argument("--lm-eval-batch-size", type=int, default=8, help="with --lm-eval: batch size (default 8)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory budget, e.g. 64GB: a model that would not fit is compared layer by layer (each method "
+                        "written as a standard checkpoint into a scratch directory and evaluated one decoder layer at "
+                        "a time; reap, frequency, ream, m-smoe-standard, hc-smoe-standard; no KD or lm-eval)")
+    p.add_argument("--offload-dir", default=None,
+                   help="with --max-memory: where the reduced checkpoints and the carried activations are written "
+                        "and removed (default: inside --out)")
     add_calibration_options(p)
     add_dtype_option(p)
     p.set_defaults(run=run)
@@ -81,6 +88,8 @@ def harness_option(args, tokenizer):
 
 
 def run(args) -> int:
+    import torch
+
     from ..calibration_data import calibration_batches, check_batches, load_tokenizer, read_calibration_texts
     from ..compare import check_compare, compare_methods, markdown_table, write_results
     from ..loading import open_model
@@ -100,6 +109,10 @@ def run(args) -> int:
     if args.kd_steps:
         kd = TrainConfig(steps=args.kd_steps, batch_size=args.kd_batch_size, learning_rate=args.kd_lr,
                          warmup_steps=min(args.kd_warmup_steps, args.kd_steps // 4), eval_every=0)
+    from ..streaming import fits_in_memory
+
+    if not fits_in_memory(args.model, args.max_memory, dtype_option(args) or torch.float32):
+        return run_streamed(args, methods, ratios)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     harness = harness_option(args, tokenizer)
     windows = text_windows(args.eval_text, tokenizer, args.eval_length).rows
@@ -112,6 +125,36 @@ def run(args) -> int:
     kd_data = kd_windows(args, texts, tokenizer) if kd is not None else None
     result = compare_methods(model, batches, windows, methods, ratios, kd=kd, kd_data=kd_data, compress=compress,
                              harness=harness)
+    out = write_results(result, args.out)
+    print(markdown_table(result), end="")
+    print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    return 0
+
+
+def run_streamed(args, methods, ratios) -> int:
+    """Larger than --max-memory: every method written and evaluated layer by layer (streaming/compare.py)."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from ..calibration_data import calibration_batches, check_batches, load_tokenizer, read_calibration_texts
+    from ..compare import markdown_table, write_results
+    from ..streaming.compare import check_streamed_methods, compare_checkpoint
+    from ..train.text import text_windows
+
+    check_streamed_methods(methods)
+    for flag, given in (("--kd-steps", args.kd_steps), ("--lm-eval", args.lm_eval)):
+        if given:
+            raise ValueError(f"{flag} needs the model in memory; the model does not fit --max-memory "
+                             f"{args.max_memory} (leave {flag} out to compare one-shot, layer by layer)")
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    windows = text_windows(args.eval_text, tokenizer, args.eval_length).rows
+    texts = read_calibration_texts(args.calib, args.num_samples, args.text_field, args.split)
+    batches = calibration_batches(texts, tokenizer, args.batch_size, args.max_length)
+    check_batches(batches, tokenizer, AutoConfig.from_pretrained(args.model).vocab_size)
+    print(f"the model does not fit --max-memory {args.max_memory}: comparing layer by layer")
+    result = compare_checkpoint(args.model, batches, windows, methods, ratios, scratch=Path(args.offload_dir or args.out),
+                                max_memory=args.max_memory, dtype=dtype_option(args))
     out = write_results(result, args.out)
     print(markdown_table(result), end="")
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
