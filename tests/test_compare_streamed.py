@@ -1,4 +1,4 @@
-"""`compare` larger than memory (streaming/compare.py, `mcsmoe-fast compare --max-memory`): every standard-form
+"""`compare` larger than memory (compare_streamed.py, `mcsmoe-fast compare --max-memory`): every standard-form
 method run layer by layer and evaluated layer by layer gives the rows the in-memory comparison gives (the same
 experts, expert parameters, form and perplexity); what it cannot run larger than memory is refused up front."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from mcsmoe_fast.cli import main
 from mcsmoe_fast.compare import compare_methods
 from mcsmoe_fast.loading import open_model
-from mcsmoe_fast.streaming.compare import STREAMED_METHODS, compare_checkpoint
+from mcsmoe_fast.compare_streamed import STREAMED_METHODS, compare_checkpoint
 from mcsmoe_fast.tiny import tiny_mixtral
 from merge_helpers import calibration
 from test_cli_merge import LINES, tiny_tokenizer

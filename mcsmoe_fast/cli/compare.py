@@ -132,14 +132,14 @@ def run(args) -> int:
 
 
 def run_streamed(args, methods, ratios) -> int:
-    """Larger than --max-memory: every method written and evaluated layer by layer (streaming/compare.py)."""
+    """Larger than --max-memory: every method written and evaluated layer by layer (compare_streamed.py)."""
     from pathlib import Path
 
     from transformers import AutoConfig
 
     from ..calibration_data import calibration_batches, check_batches, load_tokenizer, read_calibration_texts
     from ..compare import markdown_table, write_results
-    from ..streaming.compare import check_streamed_methods, compare_checkpoint
+    from ..compare_streamed import check_streamed_methods, compare_checkpoint
     from ..train.text import text_windows
 
     check_streamed_methods(methods)

@@ -68,8 +68,13 @@ class StreamingResult:
     quantization_error: dict | None = None  # a re-quantized output: the error it added (quantized.py)
 
 
-def _check_options(similarity, strategy, grouping, bases) -> tuple[str, ...]:
+def _check_options(similarity, strategy, grouping, bases, max_group_size=None, device_map=None) -> tuple[str, ...]:
     check_merge_options(similarity, strategy, grouping)
+    if max_group_size is not None and grouping != "ream":
+        raise ValueError(f"max_group_size caps REAM's groups (grouping='ream'), not grouping={grouping!r}")
+    if grouping == "ream" and device_map is not None:
+        raise ValueError("grouping='ream' needs REAP saliency from the layer-by-layer statistics pass; it does not run "
+                         "with a device_map")
     if bases is not None:
         return tuple(bases)
     return ("expert-output",) if similarity == "expert-output" else CHEAP_BASES
@@ -127,7 +132,7 @@ class _Groups:
 
 
 def _open_stream(path, out, dtype, calibration_batches, layers, strategy: str, bases, progress: bool,
-                 dispatched: bool) -> tuple[Stream, Path, list[str], dict]:
+                 dispatched: bool, grouping: str = "dominant") -> tuple[Stream, Path, list[str], dict]:
     """Open the checkpoint as a skeleton and prepare the calibration batches; returns the Stream (no
     writer yet), the output path, the names of the layers to merge (module order) and the tied aliases."""
     source, out, dtype, model, shapes, aliases = open_source(path, out, dtype, dispatched)
@@ -142,7 +147,8 @@ def _open_stream(path, out, dtype, calibration_batches, layers, strategy: str, b
     chosen = [v.name for v in chosen_views]
     s = Stream(model=model, source=source, shapes=shapes, units=units, views=views,
                chosen=set(chosen), batches=batches, dtype=dtype, bases=bases, writer=None,
-               progress=Progress(progress, sum(b.tokens for b in batches)))
+               progress=Progress(progress, sum(b.tokens for b in batches)),
+               saliency="reap" if grouping == "ream" else None)  # REAM's centroids and merge weights
     return s, out, chosen, aliases
 
 
@@ -281,9 +287,10 @@ def merge_checkpoint(path, out, calibration_batches: Iterable[dict], num_groups,
 
     calibration_batches: dicts with input_ids [B, L] (and attention_mask, position_ids), as for
       collect_routing_stats; kept for the whole run (their hidden states are carried layer to layer).
-    num_groups, similarity, globally, permute, strategy, grouping, layers, seed, within_routing_groups: as
-      merge_experts (globally: default True, False with format="standard"; within_routing_groups: default
-      False, True with format="standard", which needs it for group-limited routers).
+    num_groups, similarity, globally, permute, strategy, grouping, layers, seed, within_routing_groups, max_group_size:
+      as merge_experts (globally: default True, False with format="standard"; within_routing_groups: default
+      False, True with format="standard", which needs it for group-limited routers; grouping="ream" collects REAP
+      saliency in the statistics pass, without a device_map only).
     compress: None, or dict(rank=..., keep_ratio=..., svd="auto"): one-shot compression of the merged
       experts as compress_experts(importance="weight") would do on the merged model (every MoE layer).
     max_memory: a target for resident memory (bytes or "16GB"): decides whether the carried hidden
@@ -304,35 +311,24 @@ def merge_checkpoint(path, out, calibration_batches: Iterable[dict], num_groups,
     keep_quantization: a block-FP8 or MXFP4 source (read dequantized, layer by layer) is written back in its
       format, non-expert tensors byte for byte and the merged experts re-quantized, its quantization_config
       kept (quantized.py); False: every tensor dequantized in `dtype`, without quantization_config.
-    max_shard_size: bytes per output shard (default: max_memory / 8 between 1 MB and 2 GB; 2 GB without
-      a budget).
+    max_shard_size: bytes per output shard (default: max_memory / 8 within 1 MB-2 GB; 2 GB without a budget).
     bases: similarity bases to collect (default: what `similarity` needs); tokenizer: saved with it when given.
     format: "exact" (the merged format: all E router rows and the expert_map) or "standard" (the family's own
       checkpoint with M experts and M router rows, equal to save_pretrained(format="standard") of the merged model
       in memory; standard.py); refused before any work when it cannot be expressed: globally, some `layers` only,
       top_k > M, compression (a quantized source is kept quantized as for "exact").
-    grouping="ream" (REAM-style merging, ream.py): the statistics pass also collects REAP saliency, the centroids
-      and merge weights; max_group_size caps its groups (ream_experts' default is REAM_GROUP_SIZE). The
-      layer-by-layer statistics pass only (no device_map).
     router: the standard format's router rows: "fitted" (the default; fitted on the merged model's router inputs,
       from one more forward of every layer as merged over the calibration batches) or "dominant" (the default
       with a device_map, which supports only it).
     """
     started = time.perf_counter()
-    bases = _check_options(similarity, strategy, grouping, bases)
-    if max_group_size is not None and grouping != "ream":
-        raise ValueError(f"max_group_size caps REAM's groups (grouping='ream'), not grouping={grouping!r}")
-    if grouping == "ream" and device_map is not None:
-        raise ValueError("grouping='ream' needs REAP saliency from the layer-by-layer statistics pass; it does not run "
-                         "with a device_map")
+    bases = _check_options(similarity, strategy, grouping, bases, max_group_size, device_map)
     compress = compress_options(compress)
     globally = format != "standard" if globally is None else globally
     within_routing_groups = format == "standard" if within_routing_groups is None else within_routing_groups
     budget, device_memory = _check_memory(max_memory, device_map)
     s, out, chosen, aliases = _open_stream(path, out, dtype, calibration_batches, layers, strategy, bases, progress,
-                                           dispatched=device_map is not None)
-    if grouping == "ream":
-        s.saliency = "reap"
+                                           dispatched=device_map is not None, grouping=grouping)
     groups = _Groups(chosen, num_groups, globally)
     # group counts known up front (not global): each layer is merged as soon as its statistics are in
     fused = not globally and device_map is None

@@ -19,16 +19,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint.atomic import scratch_directory
-from ..footprint import expert_parameters
-from ..models import moe_layers
-from ..prune import resolve_count
-from ..ream import REAM_GROUP_SIZE
-from .perplexity import streamed_perplexity
-from .pipeline import merge_checkpoint
-from .prune import prune_checkpoint
-from .skeleton import build_skeleton
-from .source import SourceCheckpoint
+from .checkpoint.atomic import scratch_directory
+from .compare import check_compare
+from .footprint import expert_parameters
+from .models import moe_layers
+from .prune import resolve_count
+from .ream import REAM_GROUP_SIZE
+from .streaming.perplexity import streamed_perplexity
+from .streaming.pipeline import merge_checkpoint
+from .streaming.prune import prune_checkpoint
+from .streaming.skeleton import build_skeleton
+from .streaming.source import SourceCheckpoint
 
 STREAMED_METHODS = ("reap", "frequency", "ream", "m-smoe-standard", "hc-smoe-standard")
 _MERGES = {"m-smoe-standard": dict(similarity="router-logits"),
@@ -67,8 +68,6 @@ def compare_checkpoint(path, batches, windows: torch.Tensor, methods=STREAMED_ME
     "kd_steps": 0, "streamed": True, "rows": [...]}, a row for the full model and one per (ratio, method) with the
     same fields. scratch: where each reduced checkpoint and the offloaded hidden states are written and removed
     (default: the system's temporary directory); max_memory, dtype: as merge_checkpoint."""
-    from ..compare import check_compare
-
     methods, ratios = list(methods), [float(r) for r in ratios]
     check_compare(methods, ratios)
     check_streamed_methods(methods)
