@@ -205,3 +205,61 @@ def test_merge_experts_averages_the_expert_biases_with_the_weights():
                                 for members, weights in zip(g.groups, g.weights)])
             torch.testing.assert_close(merged.double(), want.to(merged.device), rtol=1e-5, atol=1e-6)
         assert any(len(m) > 1 for m in g.groups)
+
+
+def test_merge_records_every_setting_it_was_given(tmp_path):
+    """The merge section saved in config.json records each option as given (the whole method dict compared): a
+    setting recorded under another name, as None or not at all would make a merged checkpoint lie about itself."""
+    from types import MappingProxyType
+
+    from merge_helpers import calibration
+
+    from mcsmoe_fast.checkpoint.plain_save import PlainSaveRefused
+    from mcsmoe_fast.tiny import tiny_moe
+
+    model = tiny_mixtral()
+    stats = mf.collect_routing_stats(model, calibration(model), bases=("expert-output",), saliency="reap",
+                                     progress=False)
+    names = [layer.name for layer in mf.moe_layers(model)]
+    counts = {names[0]: 4, names[1]: 3}
+    mf.merge_experts(model, stats, MappingProxyType(counts), similarity="expert-output", globally=False, permute=False,
+                     strategy="average", grouping="ream", seed=5, max_group_size=3, progress=False)
+    assert model.config.mcsmoe_merge["merges"][-1]["method"] == dict(
+        num_groups=counts, similarity="expert-output", globally=False, permute=False, strategy="average",
+        grouping="ream", seed=5, max_group_size=3)
+    assert type(model.config.mcsmoe_merge["merges"][-1]["method"]["num_groups"]) is dict  # JSON-ready
+    with pytest.raises(PlainSaveRefused):  # and the merged model refuses transformers' plain save
+        model.save_pretrained(str(tmp_path))
+    assert not any(tmp_path.iterdir())
+
+    model = tiny_mixtral()  # the defaults, recorded as such; no cap key without a cap
+    mf.merge_experts(model, stats, 4, progress=False)
+    assert model.config.mcsmoe_merge["merges"][-1]["method"] == dict(
+        num_groups=4, similarity="router-logits", globally=True, permute=True, strategy="frequency",
+        grouping="dominant", seed=0)
+
+    deepseek = tiny_moe("deepseek_v3")  # merged within its routing groups: their number recorded
+    ds_stats = mf.collect_routing_stats(deepseek, calibration(deepseek), progress=False)
+    n_group = deepseek.config.n_group
+    mf.merge_experts(deepseek, ds_stats, 2 * n_group, globally=False, within_routing_groups=True, progress=False)
+    assert deepseek.config.mcsmoe_merge["merges"][-1]["method"]["within_routing_groups"] == n_group > 1
+
+
+def test_merged_experts_keep_the_clamped_swiglu_limit():
+    """GPT-OSS's clamped SwiGLU reads its limit from the config: the merged experts must keep it. With one expert
+    per group (nothing averaged, nothing permuted) the merged model is the original function; a limit of 0.3 clamps
+    most pre-activations here, so experts that fell back to the default limit (7.0) would differ."""
+    from merge_helpers import calibration
+
+    from mcsmoe_fast.tiny import tiny_moe
+
+    model = tiny_moe("gpt_oss", swiglu_limit=0.3)
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+    stats = mf.collect_routing_stats(model, calibration(model), progress=False)
+    mf.merge_experts(model, stats, 8, globally=False, permute=False, progress=False)
+    assert all(isinstance(layer.module.experts, MoEExperts) for layer in mf.moe_layers(model))
+    assert [layer.module.experts.activation_args["limit"] for layer in mf.moe_layers(model)] == [0.3, 0.3]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
