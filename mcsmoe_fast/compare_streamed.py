@@ -1,14 +1,13 @@
 """`compare` larger than memory: each method at each ratio run by the streamed commands into a scratch checkpoint
-(prune_checkpoint for REAP and frequency pruning, merge_checkpoint(format="standard") for the merges), its
-perplexity measured by streamed_perplexity, the checkpoint removed; one decoder layer in memory at a time
-throughout. The rows are those of compare.compare_methods for the same methods: the same checkpoints as the
-in-memory comparison writes in the standard form, the same perplexity.
+(prune_checkpoint for REAP and frequency pruning, merge_checkpoint for the merges: the exact form, the standard form,
+or merged then compressed), its perplexity measured by streamed_perplexity, the checkpoint removed; one decoder
+layer in memory at a time throughout. The rows are those of compare.compare_methods for the same methods: the same
+models, the same expert parameters, the same perplexity.
 
-The methods are those whose output is a plain transformers checkpoint, which the layer-by-layer forward reads:
-reap, frequency, ream, m-smoe-standard and hc-smoe-standard. The exact and compressed forms (m-smoe, hc-smoe, +c)
-live in this package's own format, which the streamed evaluation does not read; KD recovery and lm-eval tasks
-need the model in memory. Each method collects its own statistics in its own pass (in memory, one pass serves
-all of them).
+Every method but ream+c (REAM's output is a standard checkpoint, which the streamed compression does not read);
+the compressed merges with weight importance only (activation importance needs the merged model's forward).
+KD recovery and lm-eval tasks need the model in memory. Each method collects its own statistics in its own pass
+(in memory, one pass serves all of them).
 """
 from __future__ import annotations
 
@@ -20,60 +19,69 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint.atomic import scratch_directory
-from .compare import check_compare
-from .footprint import expert_parameters
-from .models import moe_layers
+from .compare import COMPRESSED_SUFFIX, STANDARD_SUFFIX, check_compare
+from .compress import CompressOptions
 from .prune import resolve_count
 from .ream import REAM_GROUP_SIZE
-from .streaming.perplexity import streamed_perplexity
+from .streaming.perplexity import open_reader, streamed_perplexity
 from .streaming.pipeline import merge_checkpoint
 from .streaming.prune import prune_checkpoint
-from .streaming.skeleton import build_skeleton
-from .streaming.source import SourceCheckpoint
 
-STREAMED_METHODS = ("reap", "frequency", "ream", "m-smoe-standard", "hc-smoe-standard")
-_MERGES = {"m-smoe-standard": dict(similarity="router-logits"),
-           "hc-smoe-standard": dict(similarity="expert-output", grouping="hierarchical"),
-           "ream": dict(similarity="expert-output", grouping="ream", max_group_size=REAM_GROUP_SIZE, router="dominant")}
+STREAMED_METHODS = ("m-smoe", "hc-smoe", "reap", "ream", "frequency", "m-smoe-standard", "hc-smoe-standard",
+                    "m-smoe+c", "hc-smoe+c")
+_SIMILARITY = {"m-smoe": dict(similarity="router-logits"),
+               "hc-smoe": dict(similarity="expert-output", grouping="hierarchical")}
 
 
-def check_streamed_methods(methods) -> None:
+def check_streamed_methods(methods, compress: CompressOptions | None = None) -> None:
     other = [m for m in methods if m not in STREAMED_METHODS]
     if other:
-        raise ValueError(f"larger than memory, compare evaluates plain (standard-form) checkpoints one layer at a time: "
-                         f"{', '.join(other)} cannot be run so; choose from {', '.join(STREAMED_METHODS)} (m-smoe-standard "
-                         "and hc-smoe-standard are the merges in the standard form)")
+        raise ValueError(f"larger than memory, {', '.join(other)} cannot be compared (REAM's standard output is not "
+                         f"compressed layer by layer); choose from {', '.join(STREAMED_METHODS)}")
+    if compress is not None and compress.importance != "weight":
+        raise ValueError(f"larger than memory, the compressed merges use weight importance (compress_checkpoint); "
+                         f"got importance={compress.importance!r}")
 
 
-def reduce_checkpoint(path, out, batches, method: str, num_keep: int, max_memory=None, dtype=None,
-                      offload_dir=None) -> Path:
+def reduce_checkpoint(path, out, batches, method: str, num_keep: int, max_memory=None, dtype=None, offload_dir=None,
+                      compress: CompressOptions | None = None) -> Path:
     """The checkpoint `path` reduced to num_keep experts per layer by `method` (STREAMED_METHODS), written to `out`
-    in the standard form, layer by layer."""
+    layer by layer, in the form compare.reduced_model gives it."""
     common = dict(max_memory=max_memory, offload_dir=offload_dir, dtype=dtype, progress=False)
     if method in ("reap", "frequency"):
         return prune_checkpoint(path, out, batches, num_experts=num_keep, method=method, **common)
-    return merge_checkpoint(path, out, batches, num_keep, globally=False, format="standard", **_MERGES[method],
-                            **common).path
+    if method == "ream":
+        return merge_checkpoint(path, out, batches, num_keep, similarity="expert-output", grouping="ream",
+                                max_group_size=REAM_GROUP_SIZE, globally=False, format="standard", router="dominant",
+                                **common).path
+    base = method.removesuffix(STANDARD_SUFFIX).removesuffix(COMPRESSED_SUFFIX)
+    form = dict(format="standard") if method.endswith(STANDARD_SUFFIX) else {}
+    if method.endswith(COMPRESSED_SUFFIX):
+        c = compress or CompressOptions()
+        form = dict(compress=dict(rank=c.rank, keep_ratio=c.keep_ratio, svd=c.svd))
+    return merge_checkpoint(path, out, batches, num_keep, globally=False, **_SIMILARITY[base], **form, **common).path
 
 
-def _expert_parameters(path, dtype) -> int:
-    """Expert parameters of the checkpoint `path`, from its config (a skeleton on the meta device)."""
-    source = SourceCheckpoint(path)
-    return expert_parameters(build_skeleton(source.config, dtype or torch.float32))
+def form_of(method: str) -> str:
+    """The form compare.reduced_model evaluates `method` in."""
+    if method.endswith(COMPRESSED_SUFFIX):
+        return "exact, compressed"
+    return "exact" if method in _SIMILARITY else "standard"
 
 
 def compare_checkpoint(path, batches, windows: torch.Tensor, methods=STREAMED_METHODS, ratios=(0.25, 0.5),
-                       scratch=None, max_memory=None, dtype: torch.dtype | None = None, progress: bool = True) -> dict:
+                       scratch=None, max_memory=None, dtype: torch.dtype | None = None, progress: bool = True,
+                       compress: CompressOptions | None = None) -> dict:
     """compare.compare_methods for a checkpoint directory larger than memory (module docstring): {"experts": E,
     "kd_steps": 0, "streamed": True, "rows": [...]}, a row for the full model and one per (ratio, method) with the
     same fields. scratch: where each reduced checkpoint and the offloaded hidden states are written and removed
-    (default: the system's temporary directory); max_memory, dtype: as merge_checkpoint."""
+    (default: the system's temporary directory); max_memory, dtype: as merge_checkpoint; compress: the "+c"
+    methods' settings (weight importance)."""
     methods, ratios = list(methods), [float(r) for r in ratios]
-    check_compare(methods, ratios)
-    check_streamed_methods(methods)
-    source = SourceCheckpoint(path)
-    e = moe_layers(build_skeleton(source.config, torch.float32))[0].num_experts
-    full_params = _expert_parameters(path, dtype)
+    check_compare(methods, ratios, compress=compress)
+    check_streamed_methods(methods, compress)
+    source = open_reader(path, dtype)
+    e, full_params = source.num_experts(), source.expert_parameters()
 
     def evaluate(checkpoint, where) -> float:
         return streamed_perplexity(checkpoint, windows, max_memory=max_memory, offload_dir=where, dtype=dtype,
@@ -85,11 +93,11 @@ def compare_checkpoint(path, batches, windows: torch.Tensor, methods=STREAMED_ME
         jobs = [(r, m) for r in ratios for m in methods]
         for ratio, method in tqdm(jobs, desc="comparing methods layer by layer", disable=not progress):
             num_keep = resolve_count(e, None, ratio)
-            reduced = reduce_checkpoint(path, where / "reduced", batches, method, num_keep, max_memory, dtype, where)
-            params = _expert_parameters(reduced, dtype)
+            reduced = reduce_checkpoint(path, where / "reduced", batches, method, num_keep, max_memory, dtype, where,
+                                        compress)
+            params = open_reader(reduced, dtype).expert_parameters()
             rows.append({"method": method, "ratio": ratio, "experts": num_keep, "expert_params": params,
-                         "expert_share": params / full_params, "form": "standard",
+                         "expert_share": params / full_params, "form": form_of(method),
                          "perplexity": evaluate(reduced, where)})
             shutil.rmtree(reduced)
     return {"experts": e, "kd_steps": 0, "streamed": True, "rows": rows}
-

@@ -8,6 +8,9 @@ from .modules import MoEExperts
 from .modules.compressed import CompressedMoEExperts
 
 
+COMPRESSED_FIELDS = tuple(f"{side}_{f}" for side in ("in", "out") for f in ("U", "V", "S_rows"))  # values, not indices
+
+
 def expert_parameters(model: nn.Module) -> int:
     """Stored expert weights (values, not indices) over every MoE layer: a merged layer counts its slots, a
     compressed one its low-rank factors and kept sparse rows, a pruned or plain one its experts."""
@@ -15,7 +18,7 @@ def expert_parameters(model: nn.Module) -> int:
     for layer in moe_layers(model):
         experts = layer.module.experts
         if isinstance(experts, CompressedMoEExperts):
-            total += sum(getattr(experts, f"{side}_{f}").numel() for side in ("in", "out") for f in ("U", "V", "S_rows"))
+            total += sum(getattr(experts, f).numel() for f in COMPRESSED_FIELDS)
         elif isinstance(experts, MoEExperts):
             total += experts.w_in.numel() + experts.w_out.numel()
         else:

@@ -1,6 +1,6 @@
-"""`compare` larger than memory (compare_streamed.py, `mcsmoe-fast compare --max-memory`): every standard-form
-method run layer by layer and evaluated layer by layer gives the rows the in-memory comparison gives (the same
-experts, expert parameters, form and perplexity); what it cannot run larger than memory is refused up front."""
+"""`compare` larger than memory (compare_streamed.py, `mcsmoe-fast compare --max-memory`): every method run layer by
+layer and evaluated layer by layer gives the rows the in-memory comparison gives (the same experts, expert
+parameters, form and perplexity); what it cannot run larger than memory is refused up front."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,7 @@ import pytest
 
 from mcsmoe_fast.cli import main
 from mcsmoe_fast.compare import compare_methods
+from mcsmoe_fast.compress import CompressOptions
 from mcsmoe_fast.loading import open_model
 from mcsmoe_fast.compare_streamed import STREAMED_METHODS, compare_checkpoint
 from mcsmoe_fast.tiny import tiny_mixtral
@@ -37,10 +38,11 @@ def test_streamed_compare_gives_the_in_memory_rows(source, tmp_path):
     model = open_model(str(source / "model"))
     batches = calibration(model, seed=5, batches=2, batch=2, length=7)
     windows = calibration(model, seed=6, batches=1, batch=6, length=10)[0]["input_ids"]
-    want = compare_methods(model, batches, windows, STREAMED_METHODS, (0.25, 0.5), progress=False)
+    compress = CompressOptions(rank=4, keep_ratio=0.3)
+    want = compare_methods(model, batches, windows, STREAMED_METHODS, (0.25, 0.5), progress=False, compress=compress)
     scratch = tmp_path / "scratch"
     got = compare_checkpoint(source / "model", batches, windows, STREAMED_METHODS, (0.25, 0.5), scratch=scratch,
-                             max_memory="1KB", progress=False)
+                             max_memory="1KB", progress=False, compress=compress)
     assert got["streamed"] is True and got["experts"] == want["experts"]
     _same_rows(got["rows"], want["rows"])
     assert list(scratch.iterdir()) == []  # every reduced checkpoint and activation file removed
@@ -49,7 +51,8 @@ def test_streamed_compare_gives_the_in_memory_rows(source, tmp_path):
 
 def test_cli_compare_larger_than_memory(source, tmp_path, capsys):
     args = ["compare", "--model", source / "model", "--calib", source / "calib.txt", "--eval-text",
-            source / "calib.txt", "--eval-length", 16, "--methods", "reap,m-smoe-standard", "--ratios", 0.5,
+            source / "calib.txt", "--eval-length", 16, "--methods", "reap,m-smoe,m-smoe+c", "--ratios", 0.5,
+            "--compress-rank", 4,
             "--out", tmp_path / "out"]
     assert main([str(a) for a in args + ["--max-memory", "1KB"]]) == 0
     out = capsys.readouterr().out
@@ -65,7 +68,8 @@ def test_cli_compare_larger_than_memory(source, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--methods", "m-smoe,reap"], "m-smoe cannot be run so; choose from reap, frequency"),
+    (["--methods", "ream+c,reap"], "ream+c cannot be compared"),
+    (["--methods", "m-smoe+c", "--compress-importance", "activation"], "use weight importance"),
     (["--methods", "reap", "--kd-steps", "2"], "--kd-steps needs the model in memory"),
     (["--methods", "reap", "--lm-eval", "lambada"], "--lm-eval needs the model in memory"),
 ])

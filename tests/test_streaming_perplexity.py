@@ -69,3 +69,45 @@ def test_what_it_cannot_read_is_refused(tmp_path):
     tiny_mixtral().save_pretrained(tmp_path / "m")
     with pytest.raises(ValueError, match="token id"):
         streamed_perplexity(tmp_path / "m", torch.full((2, 4), 500), progress=False)
+
+
+@pytest.mark.parametrize("family,strategy", [("mixtral", "drop"), ("gpt_oss", "frequency"),
+                                             ("deepseek_v3", "frequency")])
+def test_this_packages_merged_and_compressed_checkpoints(family, strategy, tmp_path):
+    """Our own format: each merged (or compressed) layer's slots installed before its unit is read; the drop
+    baseline's logit mask and GPT-OSS's biases included. Against from_pretrained -> perplexity."""
+    import mcsmoe_fast as mf
+    from merge_helpers import calibration
+
+    model = tiny_moe(family)
+    stats = mf.collect_routing_stats(model, calibration(model, seed=5, batches=2, batch=2, length=7), progress=False)
+    mf.merge_experts(model, stats, 4, strategy=strategy, progress=False)
+    mf.save_pretrained(model, tmp_path / "merged")
+    mf.compress_experts(model, rank=4, keep_ratio=0.3, layers=[0], progress=False)
+    mf.save_pretrained(model, tmp_path / "compressed")
+    windows = _windows()
+    for name in ("merged", "compressed"):
+        want = perplexity(mf.from_pretrained(tmp_path / name), windows)
+        got = streamed_perplexity(tmp_path / name, windows, max_memory="1KB", offload_dir=tmp_path / "acts",
+                                  progress=False)
+        assert got == pytest.approx(want, rel=1e-5), name
+
+
+def test_a_streamed_merge_of_an_fp8_checkpoint(tmp_path):
+    """A merged checkpoint that keeps block-FP8 tensors (the streamed merge of an FP8 source): read dequantized."""
+    import mcsmoe_fast as mf
+    from merge_helpers import calibration
+    from test_quantized_merge import FP8
+
+    from mcsmoe_fast.streaming import merge_checkpoint
+    from mcsmoe_fast.streaming.quantized import quantize_checkpoint
+
+    tiny_mixtral(num_experts=4, hidden_size=128, intermediate_size=128, seed=6).save_pretrained(tmp_path / "plain")
+    quantize_checkpoint(tmp_path / "plain", tmp_path / "fp8", FP8)
+    batches = calibration(tiny_mixtral(num_layers=1), seed=5, batches=2, batch=2, length=7)
+    merge_checkpoint(tmp_path / "fp8", tmp_path / "merged", batches, 2, progress=False)
+    windows = _windows()
+    want = perplexity(mf.from_pretrained(tmp_path / "merged"), windows)
+    assert streamed_perplexity(tmp_path / "merged", windows, progress=False) == pytest.approx(want, rel=1e-5)
+    assert streamed_perplexity(tmp_path / "fp8", windows, progress=False) == pytest.approx(
+        perplexity(mf.open_model(str(tmp_path / "fp8")), windows), rel=1e-4)

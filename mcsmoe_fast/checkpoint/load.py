@@ -84,17 +84,23 @@ def _install_layers(model: nn.Module, section: dict, weights: WeightFiles, path:
         layer = layers.get(name)
         if layer is None:
             raise CheckpointError(f"{path}: merged layer {name!r} is not an MoE layer of the model its config builds")
-        if entry.get("num_experts") != layer.num_experts or entry.get("activation") != layer.activation:
-            raise CheckpointError(f"{path}: layer {name!r} is recorded with {entry.get('num_experts')} "
-                                  f"{entry.get('activation')} experts, the config builds {layer.num_experts} {layer.activation}")
-        if "compressed" in entry:
-            _install_compressed(layer, entry, weights, path, dtype)
-        elif "expert_map" in entry:
-            _install_dense(layer, entry, weights, path, dtype, section["weights"])
-        if entry.get("dropped"):
-            keep = torch.ones(layer.num_experts, dtype=torch.bool)
-            keep[entry["dropped"]] = False
-            install_logit_mask(layer, keep)
+        install_saved_layer(layer, entry, weights, path, dtype, section["weights"])
+
+
+def install_saved_layer(layer, entry: dict, weights, path: Path, dtype: torch.dtype, file: str = WEIGHTS_NAME) -> None:
+    """Give the MoE layer view `layer` the slots its config.json `entry` records (merged or compressed, empty, of
+    the saved shapes in `weights`; the values are copied in afterwards) and its logit mask (the drop baseline)."""
+    if entry.get("num_experts") != layer.num_experts or entry.get("activation") != layer.activation:
+        raise CheckpointError(f"{path}: layer {layer.name!r} is recorded with {entry.get('num_experts')} "
+                              f"{entry.get('activation')} experts, the config builds {layer.num_experts} {layer.activation}")
+    if "compressed" in entry:
+        _install_compressed(layer, entry, weights, path, dtype)
+    elif "expert_map" in entry:
+        _install_dense(layer, entry, weights, path, dtype, file)
+    if entry.get("dropped"):
+        keep = torch.ones(layer.num_experts, dtype=torch.bool)
+        keep[entry["dropped"]] = False
+        install_logit_mask(layer, keep)
 
 
 def _saved_map(name: str, entry: dict, weights: WeightFiles, path: Path) -> torch.Tensor:

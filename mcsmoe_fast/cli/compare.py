@@ -45,8 +45,8 @@ def add(sub):
     p.add_argument("--lm-eval-batch-size", type=int, default=8, help="with --lm-eval: batch size (default 8)")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="memory budget, e.g. 64GB: a model that would not fit is compared layer by layer (each method "
-                        "written as a standard checkpoint into a scratch directory and evaluated one decoder layer at "
-                        "a time; reap, frequency, ream, m-smoe-standard, hc-smoe-standard; no KD or lm-eval)")
+                        "written into a scratch directory and evaluated one decoder layer at a time; every method but "
+                        "ream+c, compressed merges by weight importance; no KD or lm-eval)")
     p.add_argument("--offload-dir", default=None,
                    help="with --max-memory: where the reduced checkpoints and the carried activations are written "
                         "and removed (default: inside --out)")
@@ -112,7 +112,7 @@ def run(args) -> int:
     from ..streaming import fits_in_memory
 
     if not fits_in_memory(args.model, args.max_memory, dtype_option(args) or torch.float32):
-        return run_streamed(args, methods, ratios)
+        return run_streamed(args, methods, ratios, compress)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     harness = harness_option(args, tokenizer)
     windows = text_windows(args.eval_text, tokenizer, args.eval_length).rows
@@ -131,7 +131,7 @@ def run(args) -> int:
     return 0
 
 
-def run_streamed(args, methods, ratios) -> int:
+def run_streamed(args, methods, ratios, compress) -> int:
     """Larger than --max-memory: every method written and evaluated layer by layer (compare_streamed.py)."""
     from pathlib import Path
 
@@ -142,7 +142,7 @@ def run_streamed(args, methods, ratios) -> int:
     from ..compare_streamed import check_streamed_methods, compare_checkpoint
     from ..train.text import text_windows
 
-    check_streamed_methods(methods)
+    check_streamed_methods(methods, compress)
     for flag, given in (("--kd-steps", args.kd_steps), ("--lm-eval", args.lm_eval)):
         if given:
             raise ValueError(f"{flag} needs the model in memory; the model does not fit --max-memory "
@@ -154,7 +154,7 @@ def run_streamed(args, methods, ratios) -> int:
     check_batches(batches, tokenizer, AutoConfig.from_pretrained(args.model).vocab_size)
     print(f"the model does not fit --max-memory {args.max_memory}: comparing layer by layer")
     result = compare_checkpoint(args.model, batches, windows, methods, ratios, scratch=Path(args.offload_dir or args.out),
-                                max_memory=args.max_memory, dtype=dtype_option(args))
+                                max_memory=args.max_memory, dtype=dtype_option(args), compress=compress)
     out = write_results(result, args.out)
     print(markdown_table(result), end="")
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
