@@ -23,7 +23,8 @@ from .compare import COMPRESSED_SUFFIX, STANDARD_SUFFIX, check_compare
 from .compress import CompressOptions
 from .prune import resolve_count
 from .ream import REAM_GROUP_SIZE
-from .streaming.perplexity import open_reader, streamed_perplexity
+from .streaming.perplexity import streamed_perplexity
+from .streaming.readers import open_reader
 from .streaming.pipeline import merge_checkpoint
 from .streaming.prune import prune_checkpoint
 

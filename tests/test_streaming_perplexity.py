@@ -53,8 +53,9 @@ def test_one_layer_at_a_time(tmp_path, monkeypatch):
         empty(module)
 
     import mcsmoe_fast.streaming.perplexity as streamed
+    import mcsmoe_fast.streaming.readers as readers
 
-    monkeypatch.setattr(streamed, "materialise", counting_materialise)
+    monkeypatch.setattr(readers, "materialise", counting_materialise)
     monkeypatch.setattr(streamed, "empty", counting_empty)
     streamed_perplexity(tmp_path / "m", _windows(), progress=False)
     assert max(seen) == 1 and live == []
