@@ -67,6 +67,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_mxfp4_into", &mcsmoe::ops::dequantize_mxfp4_into, "MXFP4 blocks [N, rows, G, 16] and e8m0 scales "
         "[N, rows, G] into out [N, rows, cols] (or [N, cols, rows] with transpose), CPU", py::arg("blocks"),
         py::arg("scales"), py::arg("transpose"), py::arg("out"));
+  m.def("fp8_block_amax_into", &mcsmoe::ops::fp8_block_amax_into, "max |w| per block of w [N, rows, cols] into out "
+        "(float32 [N, ceil(rows/br), ceil(cols/bc)]), CPU", py::arg("w"), py::arg("block_rows"), py::arg("block_cols"),
+        py::arg("out"));
+  m.def("quantize_fp8_into", &mcsmoe::ops::quantize_fp8_into, "e4m3fn bytes of clamp(w / block scale, -448, 448) into "
+        "out (uint8 [N, rows, cols]), CPU", py::arg("w"), py::arg("scale"), py::arg("block_rows"),
+        py::arg("block_cols"), py::arg("out"));
   // The CPU ops' choices by measurement (ops/autotune.h): the cache, its reset, the decisions and their pins.
   m.def("autotune_snapshot", &mcsmoe::ops::autotune::snapshot,
         "[(decision, shape class, winner label or '' while measuring, median ms per candidate or -1)]");

@@ -5,7 +5,7 @@
 //   moe_align         -> moe_align           grouped_expert_ffn_backward -> grouped_ffn_backward
 //   sparse_lowrank_linear -> slr             grouped_expert_ffn_slr      -> grouped_ffn_slr
 // Shared pieces: the expert activations (activation.cpp), linear_nt.cpp, slot_parallel.h.
-// Not ops: the CPU dequantization of checkpoint formats (dequant.cpp), plain functions of the module.
+// Not ops: the CPU (de)quantization of checkpoint formats (dequant.cpp, quantize.cpp), plain functions of the module.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -238,5 +238,9 @@ std::vector<int64_t> checked_offsets(const at::TensorList& bank, int64_t S, int6
 at::Tensor dequantize_fp8_into(const at::Tensor& weight, const at::Tensor& scale, int64_t block_rows,
                                int64_t block_cols, at::Tensor out);
 at::Tensor dequantize_mxfp4_into(const at::Tensor& blocks, const at::Tensor& scales, bool transpose, at::Tensor out);
+// ... and block-FP8 quantization (quantize.cpp): _C.fp8_block_amax_into, _C.quantize_fp8_into
+at::Tensor fp8_block_amax_into(const at::Tensor& w, int64_t block_rows, int64_t block_cols, at::Tensor out);
+at::Tensor quantize_fp8_into(const at::Tensor& w, const at::Tensor& scale, int64_t block_rows, int64_t block_cols,
+                             at::Tensor out);
 
 }  // namespace mcsmoe::ops

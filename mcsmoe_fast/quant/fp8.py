@@ -95,10 +95,12 @@ def fp8_scales(amax: torch.Tensor, scale_fmt: str = "float") -> torch.Tensor:
 
 
 def quantize_fp8(w: torch.Tensor, block=BLOCK, scale_fmt: str = "float",
-                 scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+                 scale_dtype: torch.dtype = torch.float32, native: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 weight, weight_scale_inv) of w [..., out, in]: each block divided by its scale (amax / 448,
     or a power of two for ue8m0), saturated to +-448 and rounded to nearest even. scale_dtype:
-    float32, or float8_e8m0fnu (ue8m0 only) for checkpoints that store the exponent bytes."""
+    float32, or float8_e8m0fnu (ue8m0 only) for checkpoints that store the exponent bytes.
+    native: a float32 / bfloat16 / float16 w on the CPU goes through the extension (_C.fp8_block_amax_into,
+    _C.quantize_fp8_into, csrc/ops/quantize.cpp; the same bytes); False, or any other case: plain PyTorch."""
     if w.dim() < 2:
         raise ValueError(f"w: expected [..., out, in], got shape {tuple(w.shape)}")
     if scale_dtype not in (torch.float32, getattr(torch, "float8_e8m0fnu", None)):
@@ -107,6 +109,12 @@ def quantize_fp8(w: torch.Tensor, block=BLOCK, scale_fmt: str = "float",
         raise ValueError("scale_dtype float8_e8m0fnu holds powers of two only: use scale_fmt='ue8m0'")
     rows, cols = w.shape[-2:]
     q = torch.empty(w.shape, dtype=E4M3, device=w.device)
+    if native and w.numel() and native_applies(w):
+        w3 = w.contiguous().reshape(-1, rows, cols)
+        amax = torch.empty((w3.shape[0], cdiv(rows, block[0]), cdiv(cols, block[1])), dtype=torch.float32)
+        scales = fp8_scales(_C.fp8_block_amax_into(w3, block[0], block[1], amax), scale_fmt)
+        _C.quantize_fp8_into(w3, scales, block[0], block[1], q.view(torch.uint8).view(-1, rows, cols))
+        return q, scales.reshape(scale_grid(w.shape, block)).to(scale_dtype)
     w2, q2 = w.reshape(-1, rows, cols), q.view(-1, rows, cols)
     scales = torch.empty((w2.shape[0], cdiv(rows, block[0]), cdiv(cols, block[1])), dtype=torch.float32)
     for k in range(w2.shape[0]):

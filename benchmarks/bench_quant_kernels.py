@@ -1,12 +1,13 @@
-"""Reading quantized checkpoints: the extension's one-pass CPU dequantization (csrc/ops/dequant.cpp) against the
-plain-PyTorch path (native=False, the anchor: widen, multiply by the block scales, cast; the MXFP4 codes looked up,
-ldexp'd, then transposed), in the same run, bit-for-bit equal outputs checked before timing.
+"""Reading and writing quantized checkpoints: the extension's one-pass CPU dequantization (csrc/ops/dequant.cpp) and
+block-FP8 quantization (csrc/ops/quantize.cpp) against the plain-PyTorch path (native=False, the anchor: widen,
+multiply by the block scales, cast; the MXFP4 codes looked up, ldexp'd, then transposed; block amax, divide, clamp,
+cast), in the same run, bit-for-bit equal outputs checked before timing.
 
 Shapes: DeepSeek-V3's routed experts (block-FP8, 4 experts of [2048, 7168] e4m3 with 128 x 128 scales) and GPT-OSS's
 (MXFP4, 4 experts of [5760, 2880] read transposed into the module's [2880, 5760]: `gate_up_proj`), into bfloat16 (the
-working dtype) and float32.
+working dtype) and float32; the FP8 quantization of the same DeepSeek-V3 bank from bfloat16.
 
-Run:  python -m pytest benchmarks/bench_dequant.py --benchmark-only   (about a minute on 2 cores, idle machine)
+Run:  python -m pytest benchmarks/bench_quant_kernels.py --benchmark-only   (about a minute on 2 cores, idle machine)
 extra_info: params_per_s (dequantized values a second).
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mcsmoe_fast.quant import dequantize_fp8
+from mcsmoe_fast.quant import dequantize_fp8, quantize_fp8
 from mcsmoe_fast.quant.mxfp4 import dequantize_mxfp4_into
 
 EXPERTS = 4
@@ -75,3 +76,16 @@ def test_mxfp4_dequantize_transposed(benchmark, name, native, dtype):
     benchmark.pedantic(read, rounds=5, warmup_rounds=1)
     benchmark.extra_info["anchor"] = not native
     benchmark.extra_info["params_per_s"] = f"{e * rows * cols / benchmark.stats.stats.median / 1e6:.0f}M"
+
+
+@pytest.mark.parametrize("name,native", CANDIDATES, ids=[c[0] for c in CANDIDATES])
+def test_fp8_block_quantize(benchmark, name, native):
+    weight, scale = _fp8()
+    w = dequantize_fp8(weight, scale, torch.bfloat16)  # a bf16 bank with FP8-like block structure
+    q, s = quantize_fp8(w, native=native)
+    reference = quantize_fp8(w, native=False)
+    assert torch.equal(q.view(torch.uint8), reference[0].view(torch.uint8)) and torch.equal(s, reference[1])
+    benchmark.group = f"fp8 quantize {'x'.join(map(str, FP8_SHAPE))} bfloat16 -> e4m3"
+    benchmark.pedantic(quantize_fp8, args=(w,), kwargs=dict(native=native), rounds=5, warmup_rounds=1)
+    benchmark.extra_info["anchor"] = not native
+    benchmark.extra_info["params_per_s"] = f"{w.numel() / benchmark.stats.stats.median / 1e6:.0f}M"
