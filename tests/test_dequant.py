@@ -11,6 +11,7 @@ import torch
 from mcsmoe_fast._ext import _C
 from mcsmoe_fast.quant import dequantize_fp8, dequantize_mxfp4
 from mcsmoe_fast.quant.mxfp4 import dequantize_mxfp4_into
+from native_helpers import record_calls
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -119,17 +120,7 @@ def test_native_chooses_the_kernel(monkeypatch):
     import mcsmoe_fast.quant.mxfp4 as mxfp4
     from mcsmoe_fast.quant.grid import native_applies
 
-    calls = []
-
-    class Recording:
-        def __getattr__(self, name):
-            def call(*args):
-                calls.append(name)
-                return getattr(_C, name)(*args)
-            return call
-
-    monkeypatch.setattr(fp8, "_C", Recording())
-    monkeypatch.setattr(mxfp4, "_C", Recording())
+    calls = record_calls(monkeypatch, fp8, mxfp4)
     w, s = _bytes((2, 4, 4), 9).view(torch.float8_e4m3fn), torch.rand(2, 1, 1)
     b, e = _bytes((2, 3, 1, 16), 10), _bytes((2, 3, 1), 11)
     for native in (False, True):

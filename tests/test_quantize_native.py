@@ -10,6 +10,7 @@ import torch
 
 from mcsmoe_fast._ext import _C
 from mcsmoe_fast.quant import dequantize_fp8, quantize_fp8
+from native_helpers import record_calls
 
 
 def _weights(shape, dtype, seed):
@@ -62,16 +63,7 @@ def test_nan_inf_and_values_past_the_range():
 def test_native_chooses_the_kernel(monkeypatch):
     import mcsmoe_fast.quant.fp8 as fp8
 
-    calls = []
-
-    class Recording:
-        def __getattr__(self, name):
-            def call(*args):
-                calls.append(name)
-                return getattr(_C, name)(*args)
-            return call
-
-    monkeypatch.setattr(fp8, "_C", Recording())
+    calls = record_calls(monkeypatch, fp8)
     w = torch.randn(2, 8, 8)
     quantize_fp8(w, (4, 4), native=False)
     quantize_fp8(w.double(), (4, 4))  # float64: the PyTorch path

@@ -11,8 +11,6 @@
 //   with (G - 1) * 32 < cols <= G * 32 (the padding of a ragged last block dropped).
 // One pass over the bytes, no float32 temporary of the whole matrix; rows split over torch's thread pool.
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <array>
@@ -20,6 +18,7 @@
 #include <limits>
 #include <vector>
 
+#include "float_dispatch.h"
 #include "ops.h"
 
 namespace mcsmoe::ops {
@@ -122,16 +121,6 @@ void mxfp4_rows(const uint8_t* blocks, const uint8_t* scales, O* out, int64_t n,
   });
 }
 
-template <typename F>
-void dispatch_out(const at::Tensor& out, const char* what, F&& f) {
-  switch (out.scalar_type()) {
-    case at::kFloat: return f(out.data_ptr<float>());
-    case at::kBFloat16: return f(out.data_ptr<c10::BFloat16>());
-    case at::kHalf: return f(out.data_ptr<c10::Half>());
-    default: TORCH_CHECK_VALUE(false, what, ": out must be float32, bfloat16 or float16, got ", out.scalar_type());
-  }
-}
-
 void check_cpu_contiguous(const at::Tensor& t, const char* what, const char* name) {
   TORCH_CHECK_VALUE(t.device().is_cpu() && t.is_contiguous(), what, ": ", name,
                     " must be a contiguous CPU tensor");
@@ -155,7 +144,7 @@ at::Tensor dequantize_fp8_into(const at::Tensor& weight, const at::Tensor& scale
                     ": scale must be float32 ", at::IntArrayRef(grid), ", got ", scale.scalar_type(), " ",
                     scale.sizes());
   TORCH_CHECK_VALUE(out.sizes() == weight.sizes(), what, ": out must be ", weight.sizes(), ", got ", out.sizes());
-  dispatch_out(out, what, [&](auto* o) {
+  dispatch_float(out, what, "out", [&](auto* o) {
     fp8_rows(weight.data_ptr<uint8_t>(), scale.data_ptr<float>(), o, n, rows, cols, block_rows, block_cols);
   });
   return out;
@@ -178,7 +167,7 @@ at::Tensor dequantize_mxfp4_into(const at::Tensor& blocks, const at::Tensor& sca
   const int64_t cols = out.size(transpose ? 1 : 2);
   TORCH_CHECK_VALUE(cols <= groups * 32 && cols > (groups - 1) * 32, what, ": ", groups, " groups of 32 hold ",
                     (groups - 1) * 32 + 1, "..", groups * 32, " columns, out has ", cols);
-  dispatch_out(out, what, [&](auto* o) {
+  dispatch_float(out, what, "out", [&](auto* o) {
     mxfp4_rows(blocks.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(), o, n, rows, groups, cols, transpose);
   });
   return out;

@@ -8,15 +8,14 @@
 //   even by c10's conversion (the one torch's cast to float8_e4m3fn uses; NaN stays NaN).
 // One pass over w each, rows split over torch's thread pool; no float32 copy of the matrix.
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
 #include <c10/util/Float8_e4m3fn.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
+#include "float_dispatch.h"
 #include "ops.h"
 
 namespace mcsmoe::ops {
@@ -26,16 +25,6 @@ constexpr int64_t kElementsPerTask = 1 << 15;  // parallel_for grain, in element
 constexpr float kE4M3Max = 448.0f;
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-template <typename F>
-void dispatch_in(const at::Tensor& w, const char* what, F&& f) {
-  switch (w.scalar_type()) {
-    case at::kFloat: return f(w.data_ptr<float>());
-    case at::kBFloat16: return f(w.data_ptr<c10::BFloat16>());
-    case at::kHalf: return f(w.data_ptr<c10::Half>());
-    default: TORCH_CHECK_VALUE(false, what, ": w must be float32, bfloat16 or float16, got ", w.scalar_type());
-  }
-}
 
 void check_w(const at::Tensor& w, const char* what) {
   TORCH_CHECK_VALUE(w.device().is_cpu() && w.is_contiguous() && w.dim() == 3, what,
@@ -85,7 +74,7 @@ at::Tensor fp8_block_amax_into(const at::Tensor& w, int64_t block_rows, int64_t 
   check_grid(out, w, block_rows, block_cols, what, "out");
   const int64_t n = w.size(0), rows = w.size(1), cols = w.size(2), nr = cdiv(rows, block_rows);
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(block_rows * cols, 1));
-  dispatch_in(w, what, [&](const auto* src) {
+  dispatch_float(w, what, "w", [&](const auto* src) {
     at::parallel_for(0, n * nr, grain, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t)
         amax_rows(src, out.data_ptr<float>(), rows, cols, block_rows, block_cols, t / nr, t % nr);
@@ -108,7 +97,7 @@ at::Tensor quantize_fp8_into(const at::Tensor& w, const at::Tensor& scale, int64
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(cols, 1));
   const float* s = scale.data_ptr<float>();
   uint8_t* q = out.data_ptr<uint8_t>();
-  dispatch_in(w, what, [&](const auto* src) {
+  dispatch_float(w, what, "w", [&](const auto* src) {
     at::parallel_for(0, n * rows, grain, [&](int64_t begin, int64_t end) {
       std::vector<float> quotient(block_cols);
       for (int64_t i = begin; i < end; ++i) {
