@@ -79,3 +79,24 @@ def test_what_compare_cannot_do_larger_than_memory_is_refused(source, tmp_path, 
     assert main([str(a) for a in args]) != 0
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_offload_dir_is_where_the_scratch_goes(source, tmp_path, capsys, monkeypatch):
+    """--offload-dir: the reduced checkpoints and activations are written (and removed) there, not inside --out."""
+    import mcsmoe_fast.compare_streamed as streamed
+
+    parents = []
+    real = streamed.scratch_directory
+
+    def recording(parent, prefix):
+        parents.append(str(parent))
+        return real(parent, prefix)
+
+    monkeypatch.setattr(streamed, "scratch_directory", recording)
+    base = ["compare", "--model", source / "model", "--calib", source / "calib.txt", "--eval-text", source / "calib.txt",
+            "--eval-length", 16, "--methods", "reap", "--ratios", 0.5, "--max-memory", "1KB"]
+    assert main([str(a) for a in base + ["--out", tmp_path / "a", "--offload-dir", tmp_path / "scratch"]]) == 0
+    assert main([str(a) for a in base + ["--out", tmp_path / "b"]]) == 0
+    capsys.readouterr()
+    assert parents == [str(tmp_path / "scratch"), str(tmp_path / "b")]
+    assert list((tmp_path / "scratch").iterdir()) == []

@@ -112,3 +112,14 @@ def test_a_streamed_merge_of_an_fp8_checkpoint(tmp_path):
     assert streamed_perplexity(tmp_path / "merged", windows, progress=False) == pytest.approx(want, rel=1e-5)
     assert streamed_perplexity(tmp_path / "fp8", windows, progress=False) == pytest.approx(
         perplexity(mf.open_model(str(tmp_path / "fp8")), windows), rel=1e-4)
+
+
+def test_the_working_dtype(tmp_path):
+    """dtype=: the layers run in it (bfloat16 here, as the model in memory converted to bfloat16 computes it)."""
+    model = tiny_mixtral()
+    model.save_pretrained(tmp_path / "m")
+    windows = _windows()
+    fp32 = streamed_perplexity(tmp_path / "m", windows, progress=False)
+    bf16 = streamed_perplexity(tmp_path / "m", windows, dtype=torch.bfloat16, progress=False)
+    assert bf16 == pytest.approx(perplexity(model.to(torch.bfloat16), windows), rel=1e-4)
+    assert bf16 != fp32
