@@ -25,9 +25,10 @@ def pow2_at_least(amax: torch.Tensor, top: float) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(k, dtype=torch.float32), k)
 
 
-NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what csrc/ops/dequant.cpp writes
+NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what csrc/ops/dequant.cpp writes and quantize.cpp reads
 
 
-def native_applies(out: torch.Tensor, *stored: torch.Tensor) -> bool:
-    """Whether the extension's CPU dequantization kernels can write `out` from the `stored` tensors."""
-    return out.dtype in NATIVE_DTYPES and all(t.device.type == "cpu" for t in (out, *stored))
+def native_applies(t: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether the extension's CPU (de)quantization kernels take `t` (the float side: a dequantized output or a weight
+    to quantize) with the `others` (the stored side)."""
+    return t.dtype in NATIVE_DTYPES and all(x.device.type == "cpu" for x in (t, *others))
