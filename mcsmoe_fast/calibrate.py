@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from .drop import logit_mask
-from .hooks import is_decoder_layer, run_hooked
+from .hooks import run_hooked
 from .models import MoELayer, moe_layers
 from .models.dispatched import compute_device, onloaded
 from .modules.masked_router import SOFTMAX_TOP_K_ROUTERS
@@ -115,10 +115,10 @@ class LayerStats:
 class _Accumulator:
     """The hook that feeds one layer's LayerStats."""
 
-    def __init__(self, layer: MoELayer, decoder: bool, want_output: bool, chunk_tokens: int,
-                 input_norms: bool = False, saliency: str | None = None):
+    def __init__(self, layer: MoELayer, want_output: bool, chunk_tokens: int, input_norms: bool = False,
+                 saliency: str | None = None):
         w_in, _ = layer.expert_weights()
-        self.layer, self.decoder, self.chunk_tokens = layer, decoder, chunk_tokens
+        self.layer, self.chunk_tokens = layer, chunk_tokens
         self.device = compute_device(layer.module, w_in)
         with onloaded(layer.module):  # a router offloaded with its buffers keeps its mask on meta until then
             keep = logit_mask(layer)
@@ -280,7 +280,7 @@ def check_saliency(saliency: str | None) -> None:
 
 
 def layer_accumulator(layer: MoELayer, bases: Iterable[str] = CHEAP_BASES, chunk_tokens: int = 1024,
-                      input_norms: bool = False, decoder: bool = False, saliency: str | None = None):
+                      input_norms: bool = False, saliency: str | None = None):
     """The accumulator collect_routing_stats hooks onto one MoE layer, for callers that run the layers
     themselves (streaming/ runs a checkpoint one decoder layer at a time). Call it as acc(hidden [..., d],
     mask [...] or None) with every input of the layer's block (a forward pre-hook), then acc.finish()
@@ -289,7 +289,7 @@ def layer_accumulator(layer: MoELayer, bases: Iterable[str] = CHEAP_BASES, chunk
     check_saliency(saliency)
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    return _Accumulator(layer, decoder, want_output, chunk_tokens, input_norms, saliency)
+    return _Accumulator(layer, want_output, chunk_tokens, input_norms, saliency)
 
 
 @torch.no_grad()
@@ -318,8 +318,7 @@ def collect_routing_stats(
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     layers = moe_layers(model)
     accumulators = {
-        layer.name: _Accumulator(layer, is_decoder_layer(model, layer.name), want_output, chunk_tokens, input_norms,
-                                 saliency)
+        layer.name: _Accumulator(layer, want_output, chunk_tokens, input_norms, saliency)
         for layer in layers
     }
     seen = run_hooked(model, layers, batches, lambda layer, hidden, mask: accumulators[layer.name](hidden, mask),

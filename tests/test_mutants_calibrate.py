@@ -292,3 +292,23 @@ def test_expert_bias_times_tokens_is_float64():
     want = 3 * (1 + 2.0 ** -23)
     assert not_float32(want)
     assert torch.equal(acc.finish().output_sum, torch.full((4, 8), want, dtype=torch.float64))
+
+
+def test_layer_accumulator_defaults_and_checks():
+    """layer_accumulator (the streamed passes' entry): no input norms and no saliency unless asked, chunks of any
+    size from 1 token, and its arguments checked with messages that name them (calibrate mutants of
+    layer_accumulator 2, 6-9)."""
+    _, layer = integer_switch()
+    mask = torch.ones(1, TOKENS.shape[0], dtype=torch.long)
+    plain = layer_accumulator(layer)
+    plain(TOKENS[None], mask)
+    stats = plain.finish()
+    assert stats.slot_input_sq is None and stats.saliency_sum is None and stats.output_sum is None
+    one = layer_accumulator(layer, bases=ALL_BASES, chunk_tokens=1, input_norms=True)
+    one(TOKENS[None], mask)
+    assert_stats(one.finish(), by_hand(TOKENS))
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match=rf"^chunk_tokens must be >= 1, got {bad}$"):
+            layer_accumulator(layer, chunk_tokens=bad)
+    with pytest.raises(ValueError, match="saliency"):
+        layer_accumulator(layer, saliency="reap-typo")
