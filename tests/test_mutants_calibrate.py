@@ -312,3 +312,26 @@ def test_layer_accumulator_defaults_and_checks():
             layer_accumulator(layer, chunk_tokens=bad)
     with pytest.raises(ValueError, match="saliency"):
         layer_accumulator(layer, saliency="reap-typo")
+
+
+def test_llama4_input_norms_sum_each_chosen_experts_scaled_copy():
+    """Llama-4's router scales the expert input by the chosen expert's sigmoid score: each chosen expert's slot sums
+    (s x)^2 over its tokens, a token chosen by two experts counted in both, with its own s (computed here from the
+    router weights; `_accumulate_input_norms` mutants 20-28 of the fresh run)."""
+    model = tiny_moe("llama4_text")
+    layer = moe_layers(model)[0]
+    router = layer.module.router
+    x = torch.randn(1, 9, layer.hidden_size, generator=torch.Generator().manual_seed(3))
+    acc = layer_accumulator(layer, input_norms=True)
+    acc(x, torch.ones(1, 9, dtype=torch.long))
+    got = acc.finish().slot_input_sq
+    flat = x[0].double()
+    logits = flat @ router.weight.double().T + (router.bias.double() if router.bias is not None else 0)
+    top_v, top_i = logits.topk(layer.top_k, dim=1)
+    scores = torch.sigmoid(top_v)
+    want = torch.zeros(layer.num_experts, layer.hidden_size, dtype=torch.float64)
+    for t in range(flat.shape[0]):
+        for j in range(layer.top_k):
+            want[top_i[t, j]] += (scores[t, j] * flat[t]) ** 2
+    assert layer.top_k == 2 and (want > 0).sum(1).gt(0).sum() >= 2
+    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-9)
