@@ -59,7 +59,6 @@ def test_one_layer_at_a_time(tmp_path, monkeypatch):
     monkeypatch.setattr(streamed, "empty", counting_empty)
     streamed_perplexity(tmp_path / "m", _windows(), progress=False)
     assert max(seen) == 1 and live == []
-    assert sum(1 for _ in model.model.layers) == 3
 
 
 def test_what_it_cannot_read_is_refused(tmp_path):
