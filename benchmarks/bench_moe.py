@@ -1,5 +1,7 @@
-"""One MoE layer on the CPU, fp32 (and bf16 for the Mixtral-shaped layers, every impl in bf16): transformers' modules against our fused grouped expert FFN
-(ops.grouped_expert_ffn), original and merged, at T = 1, 16, 128, 1024 tokens.
+"""One MoE layer on the CPU, fp32 and bf16 (every impl in the same dtype): transformers' modules against our fused
+grouped expert FFN (ops.grouped_expert_ffn), original and merged, at T = 1, 16, 128, 1024 tokens. bf16 cells past
+BF16_MAX_T_SLOW tokens run only on CPUs with native bf16 (avx512_bf16 or amx_bf16; skipped with the reason
+elsewhere: transformers' bf16 GEMMs take minutes per cell there).
 
 Layers (E experts, top-k; merged to G slots):
   mixtral   d 1024, ff 3584, E 8, top-2; G = 8, 4, 2          MixtralSparseMoeBlock
@@ -50,6 +52,7 @@ import gc
 import pytest
 import torch
 
+from cpu_info import native_bf16
 from mcsmoe_fast.modules import MoEExperts, SwitchMoE
 
 TOKENS = [1, 16, 128, 1024]
@@ -112,7 +115,7 @@ def mixtral_layer(G: int, dtype: torch.dtype = torch.float32, d: int = MIXTRAL["
     return hf.to(dtype), ours.to(dtype)
 
 
-def switch_layer(G: int):
+def switch_layer(G: int, dtype: torch.dtype = torch.float32):
     from transformers import SwitchTransformersConfig
     from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
 
@@ -130,7 +133,7 @@ def switch_layer(G: int):
             hf.experts[f"expert_{e}"].wi.weight.copy_(slots_in[emap[e]])
             hf.experts[f"expert_{e}"].wo.weight.copy_(slots_out[emap[e]])
     ours = SwitchMoE(hf.router, MoEExperts(slots_in, slots_out, emap, "relu")).eval().requires_grad_(False)
-    return hf, ours
+    return hf.to(dtype), ours.to(dtype)
 
 
 def inputs(T: int, d: int, seq: int | None = None) -> torch.Tensor:
@@ -208,12 +211,20 @@ def run(benchmark, group: str, impl: str, fn, module, anchor: bool, rounds: int,
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# bf16 (every impl in bf16, transformers included): fewer cells, since on CPUs without native bf16 (AVX2,
-# AVX-512 without BF16) ATen's bf16 GEMMs are several times slower than fp32 and transformers' cells take long
-MIXTRAL_CASES = [("fp32", G, T, impl) for G in (8, 4, 2) for T in TOKENS
+TOLERANCE = {"fp32": dict(rtol=1e-4, atol=1e-4), "bf16": dict(rtol=3e-2, atol=3e-2)}  # ours against transformers
+# bf16: every impl in bf16, transformers included, every family at every T. On CPUs without native bf16 (AVX2,
+# AVX-512 without BF16) ATen's bf16 GEMMs, which transformers runs, are 10-100x slower than fp32 (a GPT-OSS
+# eager call at T = 128 takes 100 s on 2 AVX2 cores), so there only the cells up to BF16_MAX_T_SLOW run.
+BF16_MAX_T_SLOW = {"mixtral": 128, "switch": 16, "qwen3": 1, "gpt-oss": 1}
+MIXTRAL_CASES = [(dt, G, T, impl) for dt in DTYPES for G in (8, 4, 2) for T in TOKENS
                  for impl in ("eager", "grouped_mm", "mcsmoe_fast") + (("dense_gemm_floor",) if T >= 128 else ())]
-MIXTRAL_CASES += [("bf16", G, T, impl) for G in (8, 4) for T in (1, 16, 128)
-                  for impl in ("eager", "grouped_mm", "mcsmoe_fast")]
+
+
+def skip_slow_bf16(family: str, dt: str, T: int):
+    """Skip, with the reason, a bf16 cell past BF16_MAX_T_SLOW[family] tokens on a CPU without native bf16."""
+    if dt == "bf16" and T > BF16_MAX_T_SLOW[family] and not native_bf16():
+        pytest.skip(f"bf16 {family} at T = {T} on a CPU without native bf16 (no avx512_bf16, no amx_bf16): "
+                    f"transformers' bf16 cells run ATen's slow bf16 GEMMs (minutes per cell); run on a bf16 CPU")
 
 
 def dense_gemm_floor(ours, x):
@@ -240,12 +251,12 @@ def dense_gemm_floor(ours, x):
 
 @pytest.mark.parametrize("dt,G,T,impl", MIXTRAL_CASES, ids=[f"{dt}-G{G}-T{T}-{i}" for dt, G, T, i in MIXTRAL_CASES])
 def test_mixtral_layer(benchmark, dt, G, T, impl):
+    skip_slow_bf16("mixtral", dt, T)
     dtype = DTYPES[dt]
     hf, ours = layer(mixtral_layer, G, dtype)
     x = inputs(T, MIXTRAL["d"]).to(dtype)
     rounds = 5 if T >= 1024 else 10
     group = f"mixtral {dt} d1024 ff3584 E8 top2 G={G} T={T}"
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
     if impl == "dense_gemm_floor":
         with torch.inference_mode():
             fn, pairs = dense_gemm_floor(ours, x)
@@ -255,7 +266,7 @@ def test_mixtral_layer(benchmark, dt, G, T, impl):
         out = run(benchmark, group, impl, lambda: ours(x), ours, False, rounds)
         hf.experts.config._experts_implementation = "grouped_mm"
         with torch.inference_mode():
-            torch.testing.assert_close(out, hf(x), **tol)
+            torch.testing.assert_close(out, hf(x), **TOLERANCE[dt])
     else:
         hf.experts.config._experts_implementation = impl
         run(benchmark, group, impl, lambda: hf(x), hf, impl == "eager", rounds)
@@ -283,9 +294,8 @@ def test_mixtral_small_block(benchmark, dt, T, impl):
     if impl == "mcsmoe_fast":
         out = run(benchmark, group, impl, lambda: ours(x), ours, False, 10)
         hf.experts.config._experts_implementation = "grouped_mm"
-        tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
         with torch.inference_mode():
-            torch.testing.assert_close(out, hf(x), **tol)
+            torch.testing.assert_close(out, hf(x), **TOLERANCE[dt])
     else:
         hf.experts.config._experts_implementation = impl
         run(benchmark, group, impl, lambda: hf(x), hf, impl == "eager", 10)
@@ -301,19 +311,20 @@ def decode_bytes(ours, x, per_slot: bool) -> int:
     return int(ids.unique().numel()) * per_expert
 
 
-SWITCH_CASES = [(G, T, impl) for G in (32, 8) for T in TOKENS for impl in ("eager", "mcsmoe_fast")]
+SWITCH_CASES = [(dt, G, T, impl) for dt in DTYPES for G in (32, 8) for T in TOKENS for impl in ("eager", "mcsmoe_fast")]
 
 
-@pytest.mark.parametrize("G,T,impl", SWITCH_CASES, ids=[f"G{G}-T{T}-{i}" for G, T, i in SWITCH_CASES])
-def test_switch_layer(benchmark, G, T, impl):
-    hf, ours = layer(switch_layer, G)
-    x = inputs(T, SWITCH["d"], min(T, SEQ))
+@pytest.mark.parametrize("dt,G,T,impl", SWITCH_CASES, ids=[f"{dt}-G{G}-T{T}-{i}" for dt, G, T, i in SWITCH_CASES])
+def test_switch_layer(benchmark, dt, G, T, impl):
+    skip_slow_bf16("switch", dt, T)
+    hf, ours = layer(switch_layer, G, DTYPES[dt])
+    x = inputs(T, SWITCH["d"], min(T, SEQ)).to(DTYPES[dt])
     rounds = 5 if T >= 1024 else 10
-    group = f"switch d768 ff3072 E32 top1 G={G} T={T}"
+    group = f"switch {dt} d768 ff3072 E32 top1 G={G} T={T}"
     if impl == "mcsmoe_fast":
         out = run(benchmark, group, impl, lambda: ours(x), ours, False, rounds)
         with torch.inference_mode():
-            torch.testing.assert_close(out, hf(x), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(out, hf(x), **TOLERANCE[dt])
     else:
         run(benchmark, group, impl, lambda: hf(x), hf, True, rounds)
 
@@ -326,7 +337,7 @@ GPT_OSS = dict(d=2880, ff=2880, E=32, k=4, alpha=1.702, limit=7.0)  # gpt-oss-20
 BATCHED_MM_MAX_BYTES = 4 * 2**30
 
 
-def qwen3_layer(G: int):
+def qwen3_layer(G: int, dtype: torch.dtype = torch.float32):
     """(HF Qwen3MoeSparseMoeBlock whose E experts hold their group's weights, our block with G slots);
     G = E: (the HF block, None): ours is then the HF block under the "mcsmoe_fast" experts implementation."""
     from transformers import Qwen3MoeConfig
@@ -346,14 +357,14 @@ def qwen3_layer(G: int):
             hf.experts.gate_up_proj[e].copy_(slots_in[emap[e]])
             hf.experts.down_proj[e].copy_(slots_out[emap[e]])
     if G == E:
-        return hf, None
+        return hf.to(dtype), None
     ours = Qwen3MoeSparseMoeBlock(cfg).eval().requires_grad_(False)
     ours.gate = hf.gate
     ours.experts = MoEExperts(slots_in, slots_out, emap, "swiglu").requires_grad_(False)
-    return hf, ours
+    return hf.to(dtype), ours.to(dtype)
 
 
-def gpt_oss_layer(G: int):
+def gpt_oss_layer(G: int, dtype: torch.dtype = torch.float32):
     """As qwen3_layer, for a GPT-OSS-shaped GptOssMLP: GptOssExperts store gate_up_proj [E, d, 2 ff]
     (transposed, gate and up columns interleaved), down_proj [E, ff, d] and biases; ours holds G slots
     in the canonical layout (w_in [G, 2 ff, d] gate rows then up rows, w_out [G, d, ff], b_in, b_out)."""
@@ -383,33 +394,34 @@ def gpt_oss_layer(G: int):
             experts.down_proj[e].copy_(w_out[g].t())
             experts.down_proj_bias[e].copy_(b_out[g])
     if G == E:
-        return hf, None
+        return hf.to(dtype), None
     ours = GptOssMLP(cfg).eval().requires_grad_(False)
     ours.router = hf.router
     ours.experts = MoEExperts(w_in, w_out, emap, "clamped_swiglu", b_in, b_out,
                               dict(alpha=GPT_OSS["alpha"], limit=GPT_OSS["limit"])).requires_grad_(False)
-    return hf, ours
+    return hf.to(dtype), ours.to(dtype)
 
 
-def batched_mm_bytes(shape: dict, T: int) -> int:
+def batched_mm_bytes(shape: dict, T: int, dtype: torch.dtype = torch.float32) -> int:
     F = 2 * shape["ff"]
-    return T * shape["k"] * (F * shape["d"] + shape["d"] * shape["ff"]) * 4
+    return T * shape["k"] * (F * shape["d"] + shape["d"] * shape["ff"]) * dtype.itemsize
 
 
 def first(out):  # GptOssMLP returns (hidden, router_scores)
     return out[0] if isinstance(out, tuple) else out
 
 
-def family_case(benchmark, build, shape: dict, name: str, G: int, T: int, impl: str):
-    E = shape["E"]
-    if impl == "batched_mm" and batched_mm_bytes(shape, T) > BATCHED_MM_MAX_BYTES:
-        pytest.skip(f"batched_mm at large T: it would gather {batched_mm_bytes(shape, T) / 2**30:.1f} GiB of expert "
+def family_case(benchmark, build, shape: dict, name: str, dt: str, G: int, T: int, impl: str):
+    E, dtype = shape["E"], DTYPES[dt]
+    skip_slow_bf16(name, dt, T)
+    if impl == "batched_mm" and batched_mm_bytes(shape, T, dtype) > BATCHED_MM_MAX_BYTES:
+        pytest.skip(f"batched_mm at large T: it would gather {batched_mm_bytes(shape, T, dtype) / 2**30:.1f} GiB of expert "
                     f"weights ([T*k, F, d] + [T*k, d, ff], T*k = {T * shape['k']}) per call, over the "
                     f"{BATCHED_MM_MAX_BYTES / 2**30:.0f} GiB this benchmark allows")
-    hf, ours = layer(build, G)
-    x = inputs(T, shape["d"])
+    hf, ours = layer(build, G, dtype)
+    x = inputs(T, shape["d"]).to(dtype)
     rounds = 5 if T >= 1024 else 10
-    group = f"{name} d{shape['d']} ff{shape['ff']} E{E} top{shape['k']} G={G} T={T}"
+    group = f"{name} {dt} d{shape['d']} ff{shape['ff']} E{E} top{shape['k']} G={G} T={T}"
     experts_config = hf.experts.config
     if impl == "mcsmoe_fast":
         if ours is None:  # the original layer: the HF block itself, under our experts implementation
@@ -419,22 +431,25 @@ def family_case(benchmark, build, shape: dict, name: str, G: int, T: int, impl: 
             out = run(benchmark, group, impl, lambda: ours(x), ours, False, rounds, rss=True)
         experts_config._experts_implementation = "grouped_mm"
         with torch.inference_mode():
-            torch.testing.assert_close(first(out), first(hf(x)), rtol=1e-4, atol=2e-4)
+            torch.testing.assert_close(first(out), first(hf(x)), **FAMILY_TOLERANCE[dt])
     else:
         experts_config._experts_implementation = impl
         run(benchmark, group, impl, lambda: hf(x), hf, impl == "eager", rounds, rss=True)
 
 
 FAMILY_IMPLS = HF_IMPLS + ("mcsmoe_fast",)
-QWEN3_CASES = [(G, T, impl) for G in (QWEN3["E"], QWEN3["E"] // 4) for T in TOKENS for impl in FAMILY_IMPLS]
-GPT_OSS_CASES = [(G, T, impl) for G in (GPT_OSS["E"], GPT_OSS["E"] // 4) for T in TOKENS for impl in FAMILY_IMPLS]
+FAMILY_TOLERANCE = {"fp32": dict(rtol=1e-4, atol=2e-4), "bf16": TOLERANCE["bf16"]}
+QWEN3_CASES = [(dt, G, T, impl) for dt in DTYPES for G in (QWEN3["E"], QWEN3["E"] // 4) for T in TOKENS
+               for impl in FAMILY_IMPLS]
+GPT_OSS_CASES = [(dt, G, T, impl) for dt in DTYPES for G in (GPT_OSS["E"], GPT_OSS["E"] // 4) for T in TOKENS
+                 for impl in FAMILY_IMPLS]
 
 
-@pytest.mark.parametrize("G,T,impl", QWEN3_CASES, ids=[f"G{G}-T{T}-{i}" for G, T, i in QWEN3_CASES])
-def test_qwen3_layer(benchmark, G, T, impl):
-    family_case(benchmark, qwen3_layer, QWEN3, "qwen3", G, T, impl)
+@pytest.mark.parametrize("dt,G,T,impl", QWEN3_CASES, ids=[f"{dt}-G{G}-T{T}-{i}" for dt, G, T, i in QWEN3_CASES])
+def test_qwen3_layer(benchmark, dt, G, T, impl):
+    family_case(benchmark, qwen3_layer, QWEN3, "qwen3", dt, G, T, impl)
 
 
-@pytest.mark.parametrize("G,T,impl", GPT_OSS_CASES, ids=[f"G{G}-T{T}-{i}" for G, T, i in GPT_OSS_CASES])
-def test_gpt_oss_layer(benchmark, G, T, impl):
-    family_case(benchmark, gpt_oss_layer, GPT_OSS, "gpt-oss", G, T, impl)
+@pytest.mark.parametrize("dt,G,T,impl", GPT_OSS_CASES, ids=[f"{dt}-G{G}-T{T}-{i}" for dt, G, T, i in GPT_OSS_CASES])
+def test_gpt_oss_layer(benchmark, dt, G, T, impl):
+    family_case(benchmark, gpt_oss_layer, GPT_OSS, "gpt-oss", dt, G, T, impl)

@@ -94,6 +94,30 @@ def test_summary_is_tokens_selections_and_frequencies_to_six_digits():
     assert s.summary() == {"tokens": 3, "selections": 6, "usage_frequency": [0.333333, 0.666667, 0.0]}
 
 
+@pytest.mark.parametrize("collected", [False, True])
+def test_to_moves_every_tensor_and_keeps_everything_else(collected):
+    """`LayerStats.to` (how the --device-map statistics come back to the CPU): every tensor field on the new
+    device with its values, optional fields left None when not collected, and the scalars kept."""
+    gen = torch.Generator().manual_seed(3)
+    f64 = dict(dtype=torch.float64)
+    optional = dict(output_sum=torch.randn(3, 2, generator=gen, **f64), slot_input_sq=torch.rand(2, 2, generator=gen, **f64),
+                    slot_hidden_sq=torch.rand(2, 5, generator=gen, **f64), saliency_sum=torch.rand(3, generator=gen, **f64),
+                    saliency_mode="reap") if collected else {}
+    s = LayerStats(name="block.7", num_experts=3, top_k=2, tokens=11, counts=torch.tensor([5.0, 6.0, 11.0], **f64),
+                   logit_gram=torch.randn(3, 3, generator=gen, **f64), feature_sum=torch.randn(3, 2, generator=gen, **f64),
+                   **optional)
+    moved = s.to("meta")
+    assert (moved.name, moved.num_experts, moved.top_k, moved.tokens) == ("block.7", 3, 2, 11)
+    assert moved.saliency_mode == s.saliency_mode
+    for field in ("counts", "logit_gram", "feature_sum", "output_sum", "slot_input_sq", "slot_hidden_sq", "saliency_sum"):
+        before, after = getattr(s, field), getattr(moved, field)
+        if before is None:
+            assert after is None, field
+            continue
+        assert after.device.type == "meta" and after.shape == before.shape and after.dtype == before.dtype, field
+        assert before.device.type == "cpu", f"{field}: the original was moved too"
+
+
 # --- _Accumulator.__init__ ------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["switch", "mixtral"])
 def test_accumulators_are_float64_on_the_layer_device_and_named_after_it(family):
