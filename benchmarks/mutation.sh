@@ -7,7 +7,9 @@
 #     pip install mutmut                                # once
 #     bash benchmarks/mutation.sh                       # all of them
 #     bash benchmarks/mutation.sh drop grouping         # some: drop grouping merge calibrate permute compress pruner train
-# A name is a file mcsmoe_fast/<name>.py or a directory mcsmoe_fast/<name>/ (every .py in it, e.g. train).
+# A name is a file mcsmoe_fast/<name>.py or a directory mcsmoe_fast/<name>/ (every .py in it, e.g. train); one file
+# of a directory runs alone as <dir>/<file> (train/loop: mcsmoe_fast/train/loop.py against train's tests), so a
+# large directory can be run, and finished, a file at a time.
 # Tested with mutmut 3.8.1 (libcst 1.9.0). On a shared machine: JOBS=1 nice -n 19 bash benchmarks/mutation.sh ...
 # Settings (environment): PYTHON (default: python), JOBS (parallel test workers, default 2),
 #     WORK (work directory, default a fresh one under /tmp; kept, so `cd $WORK/<file> && python -m mutmut browse`,
@@ -49,8 +51,8 @@ sources_for() {  # mutmut's only_mutate patterns: the file mcsmoe_fast/<name>.py
   else echo "no mcsmoe_fast/$1.py or mcsmoe_fast/$1/" >&2; exit 2; fi
 }
 
-tests_for() {  # the test files that exercise each algorithm file
-  case "$1" in
+tests_for() {  # the test files that exercise each algorithm file (a file of a directory: the directory's)
+  case "${1%%/*}" in
     drop) echo "tests/test_drop.py tests/test_merge.py tests/test_calibrate.py tests/test_checkpoint.py" ;;
     grouping) echo "tests/test_grouping.py tests/test_merge.py" ;;
     merge) echo "tests/test_merge.py tests/test_cli_options.py tests/test_checkpoint.py tests/test_ream.py" ;;
@@ -70,8 +72,9 @@ echo "work directory: $WORK"
 
 for name in "${FILES[@]}"; do
   tests=$(tests_for "$name")
-  [ ! -f "$ROOT/tests/test_mutants_$name.py" ] || tests="$tests tests/test_mutants_$name.py"  # tests written to kill survivors
-  dir="$WORK/$name"
+  [ ! -f "$ROOT/tests/test_mutants_${name%%/*}.py" ] || tests="$tests tests/test_mutants_${name%%/*}.py"  # tests written to kill survivors
+  label=${name//\//-}  # train/loop -> train-loop
+  dir="$WORK/$label"
   rm -rf "$dir" && mkdir -p "$dir"
   (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard -- mcsmoe_fast tests pyproject.toml \
      | xargs -0 -I{} sh -c 'test -f "{}" && cp --parents "{}" "$0"' "$dir")
@@ -116,7 +119,7 @@ PY
   echo "$name: $total mutants, $survived survived, $((SECONDS - start)) s"
   grep -v ": killed" "$dir/results.txt" | sed 's/^/  /' || true
   grep ": survived\|: no tests" "$dir/results.txt" > "$dir/survivors.lst" || true
-  "$PYTHON" - "$dir" > "$WORK/survivors-$name.txt" <<'PY'
+  "$PYTHON" - "$dir" > "$WORK/survivors-$label.txt" <<'PY'
 import ast, difflib, pathlib, re, sys  # each listed mutant's diff against its original function (mutmut show, fast)
 root, sources = pathlib.Path(sys.argv[1]), {}
 for line in open(root / "survivors.lst"):

@@ -359,3 +359,81 @@ def test_llama4_input_norms_sum_each_chosen_experts_scaled_copy():
             want[top_i[t, j]] += (scores[t, j] * flat[t]) ** 2
     assert layer.top_k == 2 and (want > 0).sum(1).gt(0).sum() >= 2
     torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-9)
+
+
+# --- _Accumulator._gates: REAP saliency's routing weights ------------------------------------------------------
+@pytest.mark.parametrize("mode", ["reap", "reap-softmax"])
+def test_switch_saliency_is_each_tokens_expert_output_norm_by_hand(mode):
+    """Switch keeps its router in the block, not on the layer: saliency_sum[e] sums g * ||W_OUT[e] relu(x[:2])||
+    over the tokens routed to e, g = 1 under "reap" (top-1 renormalised) and softmax(x)[e] under "reap-softmax"
+    (the integer layer: logits = x; `_gates` mutants 7, 10-15 of the fresh run)."""
+    _, layer = integer_switch()
+    acc = layer_accumulator(layer, saliency=mode)
+    acc(TOKENS[None], torch.ones(1, TOKENS.shape[0], dtype=torch.long))
+    got = acc.finish().saliency_sum
+    x = TOKENS.double()
+    probs = torch.softmax(x, dim=-1)
+    want = torch.zeros(4, dtype=torch.float64)
+    for t, e in enumerate(x.argmax(1).tolist()):
+        g = 1.0 if mode == "reap" else probs[t, e]
+        want[e] += g * (W_OUT[e].double() @ x[t, :2].clamp_min(0)).norm()
+    assert (want > 0).all()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+def test_saliency_calls_a_router_taking_the_blocks_bias_as_the_block_does():
+    """MiniMax-M2's sigmoid router takes the block's e_score_correction_bias: g is the router's own top-k weight
+    with that bias in the choice, f_j the expert itself (transformers' experts module, one expert at a time;
+    `_gates` mutants 21, 27, 28 of the fresh run called the router without it)."""
+    from mcsmoe_fast.tiny_any import tiny_from_model_type
+
+    model = tiny_from_model_type("minimax_m2")
+    layer = moe_layers(model)[0]
+    block = layer.module
+    with torch.no_grad():
+        block.e_score_correction_bias.copy_(torch.linspace(-0.5, 0.5, block.e_score_correction_bias.numel()))
+    x = torch.randn(1, 10, model.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    acc = layer_accumulator(layer, saliency="reap")
+    acc(x, None)
+    got = acc.finish().saliency_sum
+    flat = x[0]
+    with torch.no_grad():
+        _, weights, index = layer.router(flat, block.e_score_correction_bias)
+        want = torch.zeros(layer.num_experts, dtype=torch.float64)
+        for t in range(flat.shape[0]):
+            for j, e in enumerate(index[t].tolist()):
+                f = block.experts(flat[t : t + 1], torch.tensor([[e]]), torch.ones(1, 1))
+                want[e] += float(weights[t, j]) * f.double().norm()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_saliency_refuses_a_router_without_top_k_weights():
+    """A router that does not return (logits, top-k weights, top-k index) cannot give REAP its g: refused, naming the
+    layer and the router (`_gates` mutants 29, 33, 34 of the fresh run)."""
+    model = tiny_moe("deepseek_v3")
+    layer = moe_layers(model)[0]
+    x = torch.randn(5, layer.hidden_size, generator=torch.Generator().manual_seed(5))
+    acc = layer_accumulator(layer, saliency="reap")
+    routed = layer.route(x)
+    logits, weights, _ = layer.router_outputs(x)
+    layer.route = lambda hidden: routed  # the choice as before; only the outputs REAP reads lose the index
+    layer.router_outputs = lambda hidden: (logits, weights)
+    message = (rf"^{re.escape(layer.name)}: REAP saliency needs the router's top-k weights, but DeepseekV3TopkRouter "
+               r"does not return \(logits, top-k weights, top-k index\)$")
+    with pytest.raises(ValueError, match=message):
+        acc(x[None], None)
+
+
+# --- _Accumulator._accumulate_activations --------------------------------------------------------------------------
+def test_expert_output_activations_are_computed_in_the_weights_dtype():
+    """The expert-output basis runs every token through every slot as the block runs it, in the weights' dtype:
+    float64 hidden states on a float32 layer give h of x rounded to float32 (`_accumulate_activations` mutant 11
+    of the fresh run kept them in float64)."""
+    _, layer = integer_switch()
+    tiny = 2.0 ** -40  # lost in float32
+    x = torch.tensor([[3 + tiny, 1, 0, 0], [5, 2 + tiny, 1, 0]], dtype=torch.float64)
+    acc = layer_accumulator(layer, bases=ALL_BASES)
+    acc(x, None)
+    got = acc.finish().output_sum
+    h = torch.tensor([8.0, 3.0], dtype=torch.float64)  # relu(x[:2]) summed over both tokens, in float32
+    assert torch.equal(got, torch.stack([W_OUT[e].double() @ h for e in range(4)]))
