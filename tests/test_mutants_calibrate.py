@@ -437,3 +437,67 @@ def test_expert_output_activations_are_computed_in_the_weights_dtype():
     got = acc.finish().output_sum
     h = torch.tensor([8.0, 3.0], dtype=torch.float64)  # relu(x[:2]) summed over both tokens, in float32
     assert torch.equal(got, torch.stack([W_OUT[e].double() @ h for e in range(4)]))
+
+
+# --- _Accumulator._accumulate_saliency ------------------------------------------------------------------------------
+def test_saliency_of_float64_states_runs_the_experts_in_their_dtype():
+    """Hidden states in float64 on a float32 layer: the experts run on the states rounded to float32, as the block
+    runs them, so the saliency equals that of the rounded states (`_accumulate_saliency` mutant 40 of the fresh run
+    ran them in float64)."""
+    _, layer = integer_switch()
+    tiny = 2.0 ** -40  # lost in float32
+    x = TOKENS.double().clone()
+    x[:, 0] += tiny
+    assert not torch.equal(x.float().double(), x)
+    runs = []
+    for states in (x, x.float()):
+        acc = layer_accumulator(layer, saliency="reap")
+        acc(states, None)
+        runs.append(acc.finish().saliency_sum)
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_gpt_oss_saliency_includes_the_expert_biases():
+    """GPT-OSS's experts carry biases: ||f_j(x)|| is the norm of the biased output, written here from transformers'
+    experts module one expert at a time, g the router's own top-k weight (`_accumulate_saliency` mutant 4 of the
+    fresh run dropped the biases)."""
+    _, layer = gpt_oss_layer()
+    block = layer.module
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(6))
+    acc = layer_accumulator(layer, saliency="reap")
+    acc(x, None)
+    got = acc.finish().saliency_sum
+    want = torch.zeros(4, dtype=torch.float64)
+    with torch.no_grad():
+        _, weights, index = block.router(x)
+        for t in range(x.shape[0]):
+            for j, e in enumerate(index[t].tolist()):
+                f = block.experts(x[t : t + 1], torch.tensor([[e]]), torch.ones(1, 1))
+                want[e] += float(weights[t, j]) * f.double().norm()
+    assert (block.experts.down_proj_bias.abs() > 1e-3).all(), "design: the biases matter"
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_llama4_saliency_runs_each_chosen_expert_on_its_scaled_input():
+    """Llama-4's router scales the expert input by the chosen expert's sigmoid score s: the contribution is
+    ||f_j(s x)|| with g = 1, f_j from transformers' experts module, s from the router weights
+    (`_accumulate_saliency` mutants 43-52 of the fresh run)."""
+    model = tiny_moe("llama4_text")
+    layer = moe_layers(model)[0]
+    router, experts = layer.module.router, layer.module.experts
+    x = torch.randn(1, 7, layer.hidden_size, generator=torch.Generator().manual_seed(7))
+    acc = layer_accumulator(layer, saliency="reap")
+    acc(x, None)
+    got = acc.finish().saliency_sum
+    flat = x[0]
+    with torch.no_grad():
+        logits = flat @ router.weight.T + (router.bias if router.bias is not None else 0)
+        top_v, top_i = logits.topk(layer.top_k, dim=1)
+        want = torch.zeros(layer.num_experts, dtype=torch.float64)
+        for t in range(flat.shape[0]):
+            for j, e in enumerate(top_i[t].tolist()):
+                rows = torch.zeros(layer.num_experts, layer.hidden_size)
+                rows[e] = torch.sigmoid(top_v[t, j]) * flat[t]  # [E, 1, d] as the module views it: expert e's row
+                want[e] += experts(rows)[e].double().norm()
+    assert layer.top_k == 2
+    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-7)
