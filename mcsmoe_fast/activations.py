@@ -16,6 +16,10 @@ UNGATED = ("relu", "relu2", "gelu", "gelu_tanh", "silu")  # relu2: squared ReLU 
 GATED = {"reglu": "relu", "geglu": "gelu", "geglu_tanh": "gelu_tanh", "swiglu": "silu"}  # name -> act(gate)
 CLAMPED_SWIGLU = "clamped_swiglu"  # GPT-OSS: gated, but its own formula (clamped_swiglu below)
 ACTIVATIONS = UNGATED + tuple(GATED) + (CLAMPED_SWIGLU,)
+# clamped_swiglu on GPT-OSS's stored order, gate and up interleaved (gate0, up0, gate1, ...): what the experts
+# implementation runs on GPT-OSS's own banks for inference; ops.grouped_expert_ffn's CPU forward only (no
+# backward, no CUDA, no compressed op: those refuse it), so it is not one of ACTIVATIONS
+CLAMPED_SWIGLU_INTERLEAVED = "clamped_swiglu_interleaved"
 ALPHA, LIMIT = 1.702, 7.0  # clamped_swiglu's defaults: GPT-OSS's
 
 # transformers' ACT2FN names -> our element-wise function (same function: exact or to rounding)
@@ -74,7 +78,10 @@ def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float = ALPHA, l
 
 def apply(h: torch.Tensor, activation: str, alpha: float = ALPHA, limit: float = LIMIT) -> torch.Tensor:
     """The expert activation on h [..., F]: act(h), or act(gate) * up for gated activations (gate columns,
-    then up columns), or clamped_swiglu(gate, up, alpha, limit)."""
+    then up columns), or clamped_swiglu(gate, up, alpha, limit) (CLAMPED_SWIGLU_INTERLEAVED: gate and up
+    columns interleaved)."""
+    if activation == CLAMPED_SWIGLU_INTERLEAVED:
+        return clamped_swiglu(h[..., 0::2], h[..., 1::2], alpha, limit)
     check(activation)
     if activation == CLAMPED_SWIGLU:
         gate, up = h.chunk(2, dim=-1)

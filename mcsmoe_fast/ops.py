@@ -70,7 +70,7 @@ def _rows_and_cols(cols: torch.Tensor, shape) -> tuple[torch.Tensor, torch.Tenso
 
 
 # --- grouped expert FFN over merged slots ---------------------------------------------------------
-from .activations import ACTIVATIONS, ALPHA, CLAMPED_SWIGLU, LIMIT  # noqa: E402
+from .activations import ACTIVATIONS, ALPHA, CLAMPED_SWIGLU, CLAMPED_SWIGLU_INTERLEAVED, LIMIT  # noqa: E402
 
 
 def moe_align(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, expert_map: torch.Tensor, num_slots: int):
@@ -123,7 +123,9 @@ def grouped_expert_ffn(
     "gelu", "gelu_tanh", "silu" (F = ff), or gated "reglu", "geglu", "geglu_tanh", "swiglu" (F = 2*ff, gate
     rows then up rows, act(gate) * up), or GPT-OSS's "clamped_swiglu" (F = 2*ff, same layout;
     (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit); alpha and limit are
-    ignored by the other activations). Optional expert biases b_in [S, F] and b_out [S, d] (the weights'
+    ignored by the other activations), or "clamped_swiglu_interleaved": the same on gate and up rows interleaved
+    (gate0, up0, gate1, ...: GPT-OSS's stored order), CPU forward only (its backward, CUDA and the compressed op
+    refuse it). Optional expert biases b_in [S, F] and b_out [S, d] (the weights'
     dtype and device; either may be given alone). out[t] = sum over the distinct slots s of token t of
     (t's summed weight on s) * FFN_s(hidden[t]), FFN_s(x) = act(w_in[s] @ x + b_in[s]) @ w_out[s]^T + b_out[s].
     Equals reference.grouped_expert_ffn.
@@ -132,9 +134,9 @@ def grouped_expert_ffn(
                                    b_in, b_out, alpha, limit)
 
 
-def _check_activation(activation, alpha, limit, op):
-    torch._check_value(activation in ACTIVATIONS, lambda: f"{op}: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-    if activation == CLAMPED_SWIGLU:
+def _check_activation(activation, alpha, limit, op, known=ACTIVATIONS):
+    torch._check_value(activation in known, lambda: f"{op}: unknown activation {activation!r}; expected one of {known}")
+    if activation in (CLAMPED_SWIGLU, CLAMPED_SWIGLU_INTERLEAVED):
         torch._check_value(math.isfinite(limit) and limit >= 0, lambda: f"{op}: clamped_swiglu needs a finite limit >= 0, got {limit}")
         torch._check_value(math.isfinite(alpha), lambda: f"{op}: clamped_swiglu needs a finite alpha, got {alpha}")
 
@@ -143,7 +145,7 @@ def _check_activation(activation, alpha, limit, op):
 def _grouped_expert_ffn_fake(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation, b_in=None,
                              b_out=None, alpha=ALPHA, limit=LIMIT):
     op = "grouped_expert_ffn"
-    _check_activation(activation, alpha, limit, op)
+    _check_activation(activation, alpha, limit, op, ACTIVATIONS + (CLAMPED_SWIGLU_INTERLEAVED,))
     torch._check(hidden.dim() == 2 and w_in.dim() == 3 and w_out.dim() == 3, lambda: "hidden [T, d], w_in [S, F, d], w_out [S, d, ff]")
     torch._check(w_in.dtype == hidden.dtype and w_out.dtype == hidden.dtype, lambda: "hidden, w_in, w_out: one dtype")
     torch._check(top_k_index.shape[0] == hidden.shape[0], lambda: "top_k_index must have one row per token")

@@ -63,7 +63,8 @@ Activation check_grouped_ffn_args(const at::Tensor& hidden, const at::Tensor& w_
   TORCH_CHECK(w_in.size(2) == d && w_out.size(1) == d, op, ": hidden size ", d, " must match w_in [S, F, d] ",
               w_in.sizes(), " and w_out [S, d, ff] ", w_out.sizes());
   TORCH_CHECK(F == (gated ? 2 * ff : ff), op, ": w_in has F = ", F, " rows but ", std::string(activation),
-              " with w_out's ff = ", ff, " needs F = ", gated ? 2 * ff : ff, gated ? " (gate rows, then up rows)" : "");
+              " with w_out's ff = ", ff, " needs F = ", gated ? 2 * ff : ff,
+              gated ? (act.interleaved ? " (gate and up rows interleaved)" : " (gate rows, then up rows)") : "");
   check_moe_routing(top_k_index, top_k_weights, expert_map, S, op);
   TORCH_CHECK(top_k_index.size(0) == hidden.size(0), op, ": top_k_index has ", top_k_index.size(0),
               " tokens but hidden has ", hidden.size(0));

@@ -36,6 +36,7 @@ Activation check_grouped_ffn_backward_args(const at::Tensor& grad_out, const at:
   const Activation act = check_grouped_ffn_args(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights,
                                                 activation, b_in, b_out, alpha, limit);
   const char* op = "grouped_expert_ffn_backward";
+  refuse_interleaved(act, op);
   TORCH_CHECK(grad_out.sizes() == hidden.sizes(), op, ": grad_out must have hidden's shape ", hidden.sizes(),
               ", got ", grad_out.sizes());
   TORCH_CHECK(grad_out.scalar_type() == hidden.scalar_type(), op, ": grad_out must have hidden's dtype ",

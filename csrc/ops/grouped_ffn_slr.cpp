@@ -59,6 +59,7 @@ Activation check_grouped_ffn_slr_args(const at::Tensor& hidden, at::TensorList w
                                       double alpha, double limit) {
   const char* op = "grouped_expert_ffn_slr";
   const Activation act = parse_activation(activation, op, alpha, limit);
+  refuse_interleaved(act, op);
   const bool gated = act.gated;
   TORCH_CHECK(hidden.dim() == 2, op, ": hidden must be [T, d], got shape ", hidden.sizes());
   TORCH_CHECK(at::isFloatingType(hidden.scalar_type()), op, ": hidden must be floating point, got ",

@@ -60,18 +60,23 @@ struct Activation {
   moe::ActFn fn;
   bool gated;
   double alpha = 1.702, limit = 7.0;
+  bool interleaved = false;  // gate and up columns interleaved (gate0, up0, gate1, ...): GPT-OSS's stored order
   bool clamped() const { return fn == moe::ActFn::clamped_swiglu; }
 };
-// "relu", "gelu", "gelu_tanh", "silu", "reglu", "geglu", "geglu_tanh", "swiglu", "clamped_swiglu"; a ValueError
-// otherwise (and for clamped_swiglu with a limit that is not a number >= 0 or an alpha that is not finite).
+// "relu", "gelu", "gelu_tanh", "silu", "reglu", "geglu", "geglu_tanh", "swiglu", "clamped_swiglu", and
+// "clamped_swiglu_interleaved" (GPT-OSS's stored gate/up order; the CPU forward only: refuse_interleaved in the
+// other ops); a ValueError otherwise (and for clamped_swiglu with a limit that is not a number >= 0 or an alpha
+// that is not finite).
 Activation parse_activation(c10::string_view name, const char* op, double alpha = 1.702, double limit = 7.0);
 // act(h) in place, or act(gate) * up in place into the gate half (a strided [n, ff] view of h). ATen's
 // ops: works on any device (the CUDA ops use their fused gated kernel instead), but clamped_swiglu, a
 // loop over the rows of h on the CPU only (clamped_swiglu_cpu_).
 at::Tensor expert_activation(const at::Tensor& h, Activation act);
-// clamped_swiglu of h [n, 2 ff] (rows contiguous; gate columns, then up columns) in place into the gate
-// half, which it returns (a strided [n, ff] view). CPU.
-at::Tensor clamped_swiglu_cpu_(const at::Tensor& h, double alpha, double limit);
+// A ValueError naming `op` for the interleaved activation, which only the CPU forward runs.
+void refuse_interleaved(const Activation& act, const char* op);
+// clamped_swiglu of h [n, 2 ff] (rows contiguous; gate columns, then up columns, or interleaved gate0, up0, ...)
+// in place into the first ff columns, which it returns (a strided [n, ff] view). CPU.
+at::Tensor clamped_swiglu_cpu_(const at::Tensor& h, double alpha, double limit, bool interleaved = false);
 // x [n, K] w [N, K]^T (+ bias [N]) on the CPU, written into `out` when given; the backend (at::mm, oneDNN, or
 // float32 for bfloat16/float16) chosen per shape class by measurement (linear_nt.cpp, autotune.h).
 at::Tensor linear_nt(const at::Tensor& x, const at::Tensor& w, std::optional<at::Tensor> out = std::nullopt,

@@ -55,6 +55,7 @@ at::Tensor grouped_expert_ffn_cuda(const at::Tensor& hidden_arg, const at::Tenso
   const Activation act = check_grouped_ffn_args(hidden_arg, w_in_arg, w_out_arg, expert_map, top_k_index,
                                                 top_k_weights, activation, b_in_arg, b_out_arg, alpha, limit);
   TORCH_CHECK(hidden_arg.is_cuda(), op, ": expected CUDA tensors, got ", hidden_arg.device());
+  refuse_interleaved(act, "grouped_expert_ffn on CUDA");
   const c10::cuda::CUDAGuard guard(hidden_arg.device());
   const at::Tensor hidden = hidden_arg.detach(), w_in = w_in_arg.detach(), w_out = w_out_arg.detach();
   const at::Tensor b_in = b_in_arg ? b_in_arg->detach() : at::Tensor(),
