@@ -501,3 +501,34 @@ def test_llama4_saliency_runs_each_chosen_expert_on_its_scaled_input():
                 want[e] += experts(rows)[e].double().norm()
     assert layer.top_k == 2
     torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-7)
+
+
+# --- collect_routing_stats -------------------------------------------------------------------------------------------
+def mixtral_batches():
+    ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(8))
+    return [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+
+
+def test_collect_routing_stats_shows_a_titled_bar_unless_told_not_to(capsys):
+    """A progress bar titled "routing statistics" by default, none with progress=False (collect_routing_stats
+    mutants 2, 28, 33, 39-42 of the fresh run)."""
+    model = tiny_mixtral(num_experts=4, hidden_size=8, intermediate_size=8, num_layers=1)  # 16-byte strides
+    calibrate.collect_routing_stats(model, mixtral_batches())
+    assert re.search(r"routing statistics: .*1/1", capsys.readouterr().err)
+    calibrate.collect_routing_stats(model, mixtral_batches(), progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_collect_routing_stats_checks_its_chunks_and_batches():
+    """Chunks from 1 token give the same statistics as the default; 0 and an empty batch list are refused with
+    messages that name them (collect_routing_stats mutants 7-9, 46 of the fresh run)."""
+    model = tiny_mixtral(num_experts=4, hidden_size=8, intermediate_size=8, num_layers=1)
+    bases = ALL_BASES
+    one = calibrate.collect_routing_stats(model, mixtral_batches(), bases=bases, chunk_tokens=1, progress=False)
+    default = calibrate.collect_routing_stats(model, mixtral_batches(), bases=bases, progress=False)
+    for name, s in default.items():
+        torch.testing.assert_close(one[name].output_sum, s.output_sum, rtol=1e-5, atol=1e-7)  # float32 chunk sums
+    with pytest.raises(ValueError, match=r"^chunk_tokens must be >= 1, got 0$"):
+        calibrate.collect_routing_stats(model, mixtral_batches(), chunk_tokens=0, progress=False)
+    with pytest.raises(ValueError, match=r"^batches: no calibration batch was given$"):
+        calibrate.collect_routing_stats(model, [], progress=False)
