@@ -186,3 +186,29 @@ def test_one_thread_has_no_schedule_to_choose():
     ops.sparse_lowrank_linear(x, U, V, S_rows, row_idx, b)
     decided = {row["decision"] for row in ops.autotune_choices()}
     assert "slot_parallel" not in decided and "slr_row_parallel" not in decided
+
+
+def test_a_weight_stored_transposed_is_its_own_gemm_class_with_at_mm_by_default(monkeypatch):
+    """GPT-OSS and Llama-4 store their banks transposed (w [N, K] a view of [K, N]): oneDNN reorders such a
+    weight on every call, so it is timed as its own class ("wT") and runs at::mm without timing; a contiguous
+    weight of the same shape keeps oneDNN as its default (fp32, over 2^21 multiply-adds)."""
+    args = problem(300, 64, 96, 8, 4, 2, "swiglu", torch.float32, seed=5)
+    stored = [args[1].transpose(1, 2).contiguous().transpose(1, 2), args[2].transpose(1, 2).contiguous().transpose(1, 2)]
+    transposed = (args[0], *stored, *args[3:])
+    ops.grouped_expert_ffn(*transposed)
+    ops.grouped_expert_ffn(*args)
+    shapes = [row["shape"] for row in ops.autotune_choices() if row["decision"] == "gemm"]
+    assert any(" wT" in s for s in shapes) and any(" wT" not in s for s in shapes), shapes
+    monkeypatch.setenv("MCSMOE_AUTOTUNE", "0")
+    big = problem(600, 256, 512, 4, 1, 1, "relu", torch.float32, seed=6)  # one slot: 600 x 512 x 256 > 2^21
+    big_t = (big[0], big[1].transpose(1, 2).contiguous().transpose(1, 2), big[2].transpose(1, 2).contiguous().transpose(1, 2),
+             *big[3:])
+    ran = {}
+    for name, a in (("contiguous", big), ("transposed", big_t)):
+        with torch.profiler.profile() as prof:
+            out = ops.grouped_expert_ffn(*a)
+        ran[name] = {e.key for e in prof.key_averages()}
+        torch.testing.assert_close(out, reference.grouped_expert_ffn(*a), rtol=1e-4, atol=1e-4)
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        assert "mkldnn::_linear_pointwise" in ran["contiguous"]
+        assert "mkldnn::_linear_pointwise" not in ran["transposed"] and "aten::mm" in ran["transposed"]
