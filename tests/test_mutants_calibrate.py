@@ -362,14 +362,16 @@ def test_llama4_input_norms_sum_each_chosen_experts_scaled_copy():
 
 
 # --- _Accumulator._gates: REAP saliency's routing weights ------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("mode", ["reap", "reap-softmax"])
-def test_switch_saliency_is_each_tokens_expert_output_norm_by_hand(mode):
+def test_switch_saliency_is_each_tokens_expert_output_norm_by_hand(mode, dtype):
     """Switch keeps its router in the block, not on the layer: saliency_sum[e] sums g * ||W_OUT[e] relu(x[:2])||
     over the tokens routed to e, g = 1 under "reap" (top-1 renormalised) and softmax(x)[e] under "reap-softmax"
     (the integer layer: logits = x; `_gates` mutants 7, 10-15 of the fresh run)."""
-    _, layer = integer_switch()
+    model, layer = integer_switch()
+    model.to(dtype)  # float64: the expert outputs' norms of 25 bits and more are not rounded to float32
     acc = layer_accumulator(layer, saliency=mode)
-    acc(TOKENS[None], torch.ones(1, TOKENS.shape[0], dtype=torch.long))
+    acc(TOKENS[None].to(dtype), torch.ones(1, TOKENS.shape[0], dtype=torch.long))
     got = acc.finish().saliency_sum
     x = TOKENS.double()
     probs = torch.softmax(x, dim=-1)
@@ -460,9 +462,12 @@ def test_saliency_of_float64_states_runs_the_experts_in_their_dtype():
 def test_gpt_oss_saliency_includes_the_expert_biases():
     """GPT-OSS's experts carry biases: ||f_j(x)|| is the norm of the biased output, written here from transformers'
     experts module one expert at a time, g the router's own top-k weight (`_accumulate_saliency` mutant 4 of the
-    fresh run dropped the biases)."""
-    _, layer = gpt_oss_layer()
+    fresh run dropped the biases; 82 dropped alpha and limit: this layer's are not transformers' defaults)."""
+    model = tiny_moe("gpt_oss", num_experts=4, hidden_size=8, intermediate_size=4, num_layers=1, swiglu_alpha=1.1,
+                     swiglu_limit=0.6)
+    layer = moe_layers(model)[0]
     block = layer.module
+    assert layer.activation_args == {"alpha": 1.1, "limit": 0.6}
     x = torch.randn(6, 8, generator=torch.Generator().manual_seed(6))
     acc = layer_accumulator(layer, saliency="reap")
     acc(x, None)
@@ -532,3 +537,9 @@ def test_collect_routing_stats_checks_its_chunks_and_batches():
         calibrate.collect_routing_stats(model, mixtral_batches(), chunk_tokens=0, progress=False)
     with pytest.raises(ValueError, match=r"^batches: no calibration batch was given$"):
         calibrate.collect_routing_stats(model, [], progress=False)
+
+
+def test_an_unknown_basis_is_named_with_the_choices():
+    with pytest.raises(ValueError, match=r"^bases: unknown similarity basis \['logits'\]; choose from router-logits, "
+                                         r"router-weight, weight, feature, expert-output, random$"):
+        layer_accumulator(integer_switch()[1], bases=("logits",))
