@@ -17,8 +17,8 @@ GATED = {"reglu": "relu", "geglu": "gelu", "geglu_tanh": "gelu_tanh", "swiglu": 
 CLAMPED_SWIGLU = "clamped_swiglu"  # GPT-OSS: gated, but its own formula (clamped_swiglu below)
 ACTIVATIONS = UNGATED + tuple(GATED) + (CLAMPED_SWIGLU,)
 # clamped_swiglu on GPT-OSS's stored order, gate and up interleaved (gate0, up0, gate1, ...): what the experts
-# implementation runs on GPT-OSS's own banks for inference; ops.grouped_expert_ffn's CPU forward only (no
-# backward, no CUDA, no compressed op: those refuse it), so it is not one of ACTIVATIONS
+# implementation runs on GPT-OSS's own banks; ops.grouped_expert_ffn on the CPU only (forward and backward; its
+# CUDA kernels and the compressed op refuse it), so it is not one of ACTIVATIONS
 CLAMPED_SWIGLU_INTERLEAVED = "clamped_swiglu_interleaved"
 ALPHA, LIMIT = 1.702, 7.0  # clamped_swiglu's defaults: GPT-OSS's
 

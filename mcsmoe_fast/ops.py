@@ -124,8 +124,8 @@ def grouped_expert_ffn(
     rows then up rows, act(gate) * up), or GPT-OSS's "clamped_swiglu" (F = 2*ff, same layout;
     (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit); alpha and limit are
     ignored by the other activations), or "clamped_swiglu_interleaved": the same on gate and up rows interleaved
-    (gate0, up0, gate1, ...: GPT-OSS's stored order), CPU forward only (its backward, CUDA and the compressed op
-    refuse it). Optional expert biases b_in [S, F] and b_out [S, d] (the weights'
+    (gate0, up0, gate1, ...: GPT-OSS's stored order), on the CPU only (forward and backward; CUDA and the
+    compressed op refuse it). Optional expert biases b_in [S, F] and b_out [S, d] (the weights'
     dtype and device; either may be given alone). out[t] = sum over the distinct slots s of token t of
     (t's summed weight on s) * FFN_s(hidden[t]), FFN_s(x) = act(w_in[s] @ x + b_in[s]) @ w_out[s]^T + b_out[s].
     Equals reference.grouped_expert_ffn.

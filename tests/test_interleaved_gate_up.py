@@ -1,7 +1,7 @@
 """GPT-OSS's experts on their stored banks: ops.grouped_expert_ffn with "clamped_swiglu_interleaved" (gate and up
-rows interleaved, gate0, up0, gate1, ...) against the plain-PyTorch reference and against "clamped_swiglu" on a
-gate-first copy; the ops that refuse it; and the "mcsmoe_fast" experts implementation on GPT-OSS, which runs it
-for inference on the CPU and the composed path where gradients are wanted."""
+rows interleaved, gate0, up0, gate1, ...), forward and fused backward, against the plain-PyTorch reference and
+against "clamped_swiglu" on a gate-first copy; the ops that refuse it; and the "mcsmoe_fast" experts
+implementation on GPT-OSS, which runs it on the CPU for inference and training."""
 import pytest
 import torch
 
@@ -66,13 +66,29 @@ def test_alpha_and_limit_reach_the_interleaved_activation():
         assert not torch.allclose(out, ops.grouped_expert_ffn(*fast, **fast_kw))
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", SHAPES[:5])
+@pytest.mark.parametrize("schedule", ["sequential", "parallel"])
+def test_interleaved_gradients_equal_the_references(shape, dtype, transposed, schedule, monkeypatch):
+    """The fused backward on interleaved rows: dH written in h's own column order, so grad_w_in and grad_b_in come
+    back interleaved like w_in and b_in; every gradient against autograd through the plain-PyTorch reference."""
+    monkeypatch.setenv("MCSMOE_SLOT_PARALLEL", schedule)
+    _, _, fast, fast_kw = interleaved_problem(shape, dtype, transposed, seed=sum(shape[:3]) + 7)
+    grads = []
+    for fn in (ops.grouped_expert_ffn, reference.grouped_expert_ffn):
+        leaves = [t.detach().clone().requires_grad_() for t in (fast[0], fast[1], fast[2], fast[5], *fast_kw.values())]
+        out = fn(*leaves[:3], fast[3], fast[4], leaves[3], fast[6], **dict(zip(fast_kw, leaves[4:])))
+        probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        (out * probe.to(out.dtype)).sum().backward()
+        grads.append([t.grad for t in leaves])
+    tol = TOL[dtype] if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for name, got, want in zip(("hidden", "w_in", "w_out", "weights", "b_in", "b_out"), *grads):
+        torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{name}: {m}")
+
+
 def test_the_ops_without_it_refuse_it():
     args, kw, fast, fast_kw = interleaved_problem((6, 8, 6, 4, 2, 2, 0.0), torch.float32, False, seed=4)
-    leaves = [t.clone().requires_grad_() for t in fast[:3]]
-    out = ops.grouped_expert_ffn(*leaves, *fast[3:], **fast_kw)
-    with pytest.raises(ValueError, match=r"grouped_expert_ffn_backward: clamped_swiglu_interleaved \(GPT-OSS's stored "
-                                         r"gate/up order\) runs in grouped_expert_ffn's CPU forward only"):
-        out.sum().backward()
     compressed = ffn_problem(6, 8, 6, 4, 2, 2, 3, "clamped_swiglu")
     with pytest.raises(ValueError, match=r"^grouped_expert_ffn_slr: clamped_swiglu_interleaved .* use clamped_swiglu "
                                          r"with gate rows, then up rows"):
@@ -109,8 +125,8 @@ def activations_seen(monkeypatch):
 
 
 def test_inference_runs_the_fused_op_on_the_stored_banks(activations_seen):
-    """No gradient wanted: the fused op with the interleaved activation, equal to transformers' eager experts,
-    and following an in-place edit of the stored banks (nothing is kept between calls)."""
+    """The fused op with the interleaved activation, equal to transformers' eager experts, and following an
+    in-place edit of the stored banks (nothing is kept between calls)."""
     block = gpt_oss_block()
     x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -124,20 +140,17 @@ def test_inference_runs_the_fused_op_on_the_stored_banks(activations_seen):
     assert activations_seen == [CLAMPED_SWIGLU_INTERLEAVED] * 3
 
 
-def test_training_runs_the_composed_path_and_its_gradients_reach_the_banks(activations_seen):
+def test_training_runs_the_fused_op_and_its_gradients_reach_the_banks(activations_seen):
+    """Gradients through the fused backward reach GPT-OSS's own parameters (through the views of its banks),
+    equal to those of transformers' eager experts."""
     block = gpt_oss_block()
     x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
     grads = []
     for impl in ("mcsmoe_fast", "eager"):
         block.zero_grad()
         run(block, impl, x).square().sum().backward()
-        grads.append([p.grad.clone() for p in block.experts.parameters()])
-    assert activations_seen == []  # gradients wanted: not the inference-only activation
-    for got, want in zip(*grads):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    with torch.no_grad():  # parameters that want no gradient under grad mode: the fused op again
-        block.requires_grad_(False)
-        torch.testing.assert_close(run(block, "mcsmoe_fast", x), run(block, "eager", x), rtol=1e-5, atol=1e-5)
-    block.requires_grad_(False)
-    run(block, "mcsmoe_fast", x)
-    assert activations_seen == [CLAMPED_SWIGLU_INTERLEAVED] * 2
+        grads.append({n: p.grad.clone() for n, p in block.named_parameters()})
+    assert activations_seen == [CLAMPED_SWIGLU_INTERLEAVED]
+    assert set(grads[0]) >= {"experts.gate_up_proj", "experts.gate_up_proj_bias", "experts.down_proj", "experts.down_proj_bias"}
+    for name, want in grads[1].items():
+        torch.testing.assert_close(grads[0][name], want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")

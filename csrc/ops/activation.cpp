@@ -40,7 +40,8 @@ Activation parse_activation(c10::string_view name, const char* op, double alpha,
 
 void refuse_interleaved(const Activation& act, const char* op) {
   TORCH_CHECK_VALUE(!act.interleaved, op, ": clamped_swiglu_interleaved (GPT-OSS's stored gate/up order) runs in "
-                    "grouped_expert_ffn's CPU forward only; use clamped_swiglu with gate rows, then up rows");
+                    "grouped_expert_ffn on the CPU only (forward and backward); use clamped_swiglu with gate rows, "
+                    "then up rows");
 }
 
 static at::Tensor act_(at::Tensor x, moe::ActFn fn) {  // in place

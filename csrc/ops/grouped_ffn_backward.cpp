@@ -36,7 +36,6 @@ Activation check_grouped_ffn_backward_args(const at::Tensor& grad_out, const at:
   const Activation act = check_grouped_ffn_args(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights,
                                                 activation, b_in, b_out, alpha, limit);
   const char* op = "grouped_expert_ffn_backward";
-  refuse_interleaved(act, op);
   TORCH_CHECK(grad_out.sizes() == hidden.sizes(), op, ": grad_out must have hidden's shape ", hidden.sizes(),
               ", got ", grad_out.sizes());
   TORCH_CHECK(grad_out.scalar_type() == hidden.scalar_type(), op, ": grad_out must have hidden's dtype ",
@@ -108,26 +107,29 @@ void act_backward_out(at::Tensor out, const at::Tensor& grad, const at::Tensor& 
   }
 }
 
-// clamped_swiglu's backward over n rows of h [n, 2 ff] (rows contiguous, stride ldh; gate then up columns):
-// with dA[r, j] = w[r] p[r, j], writes a[r, j] = clamped_swiglu(h) into a (when not null; [n, ff] contiguous)
-// and, when write_dh, dH (d gate, d up) in place of h. p may be null when write_dh is false.
+// clamped_swiglu's backward over n rows of h [n, 2 ff] (rows contiguous, stride ldh; gate j at column j * step,
+// up j at j * step + up_at: (1, ff) gate then up columns, (2, 1) interleaved): with dA[r, j] = w[r] p[r, j],
+// writes a[r, j] = clamped_swiglu(h) into a (when not null; [n, ff] contiguous) and, when write_dh, dH (d gate,
+// d up) in place of h, in h's own column order. p may be null when write_dh is false.
 template <typename scalar_t>
 void clamped_swiglu_backward_rows(scalar_t* h, int64_t ldh, const scalar_t* p, const scalar_t* w, scalar_t* a,
-                                  bool write_dh, int64_t n, int64_t ff, double alpha, double limit) {
+                                  bool write_dh, int64_t n, int64_t ff, int64_t step, int64_t up_at, double alpha,
+                                  double limit) {
   using opmath_t = at::opmath_type<scalar_t>;
   const auto al = static_cast<opmath_t>(alpha), l = static_cast<opmath_t>(limit);
   at::parallel_for(0, n, std::max<int64_t>(1, 4096 / std::max<int64_t>(ff, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      scalar_t* gate = h + r * ldh;
-      scalar_t* up = gate + ff;
+      scalar_t* row = h + r * ldh;
       const opmath_t wr = static_cast<opmath_t>(w[r]);
       for (int64_t j = 0; j < ff; ++j) {
+        scalar_t* gate = row + j * step;
+        scalar_t* up = gate + up_at;
         const opmath_t dA = p != nullptr ? wr * static_cast<opmath_t>(p[r * ff + j]) : opmath_t(0);
-        const auto g = moe::clamped_swiglu_backward<opmath_t>(gate[j], up[j], dA, al, l);
+        const auto g = moe::clamped_swiglu_backward<opmath_t>(*gate, *up, dA, al, l);
         if (a != nullptr) a[r * ff + j] = static_cast<scalar_t>(g.a);
         if (write_dh) {
-          gate[j] = static_cast<scalar_t>(g.dg);
-          up[j] = static_cast<scalar_t>(g.du);
+          *gate = static_cast<scalar_t>(g.dg);
+          *up = static_cast<scalar_t>(g.du);
         }
       }
     }
@@ -191,7 +193,8 @@ void clamped_swiglu_block(const Pass& pass, Block& b) {
     clamped_swiglu_backward_rows<scalar_t>(b.h.data_ptr<scalar_t>(), b.h.stride(0),
                                            b.p.defined() ? b.p.data_ptr<scalar_t>() : nullptr,
                                            w_c.data_ptr<scalar_t>(), need_a ? b.a.data_ptr<scalar_t>() : nullptr,
-                                           need_dh, b.n, ff, pass.act.alpha, pass.act.limit);
+                                           need_dh, b.n, ff, pass.act.interleaved ? 2 : 1,
+                                           pass.act.interleaved ? 1 : ff, pass.act.alpha, pass.act.limit);
   });
 }
 

@@ -64,15 +64,15 @@ struct Activation {
   bool clamped() const { return fn == moe::ActFn::clamped_swiglu; }
 };
 // "relu", "gelu", "gelu_tanh", "silu", "reglu", "geglu", "geglu_tanh", "swiglu", "clamped_swiglu", and
-// "clamped_swiglu_interleaved" (GPT-OSS's stored gate/up order; the CPU forward only: refuse_interleaved in the
-// other ops); a ValueError otherwise (and for clamped_swiglu with a limit that is not a number >= 0 or an alpha
-// that is not finite).
+// "clamped_swiglu_interleaved" (GPT-OSS's stored gate/up order; grouped_expert_ffn on the CPU only, forward and
+// backward: refuse_interleaved in the other ops); a ValueError otherwise (and for clamped_swiglu with a limit
+// that is not a number >= 0 or an alpha that is not finite).
 Activation parse_activation(c10::string_view name, const char* op, double alpha = 1.702, double limit = 7.0);
 // act(h) in place, or act(gate) * up in place into the gate half (a strided [n, ff] view of h). ATen's
 // ops: works on any device (the CUDA ops use their fused gated kernel instead), but clamped_swiglu, a
 // loop over the rows of h on the CPU only (clamped_swiglu_cpu_).
 at::Tensor expert_activation(const at::Tensor& h, Activation act);
-// A ValueError naming `op` for the interleaved activation, which only the CPU forward runs.
+// A ValueError naming `op` for the interleaved activation, which only grouped_expert_ffn on the CPU runs.
 void refuse_interleaved(const Activation& act, const char* op);
 // clamped_swiglu of h [n, 2 ff] (rows contiguous; gate columns, then up columns, or interleaved gate0, up0, ...)
 // in place into the first ff columns, which it returns (a strided [n, ff] view). CPU.

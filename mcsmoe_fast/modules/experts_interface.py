@@ -13,8 +13,8 @@ an `expert_map` buffer [E] (slots shared by several experts) is honoured.
 
 The op reads the family's parameters on every call: views of them for families stored gate rows then up
 rows (transposed or not: strides to the GEMMs). Interleaved gate/up (GPT-OSS) runs the fused op on the stored
-banks too where no gradient is wanted on the CPU (its activation reads gate and up where they are stored:
-"clamped_swiglu_interleaved"), and a composed path on them otherwise (interleaved_forward). No re-laid-out
+banks too on the CPU (its activation reads gate and up where they are stored: "clamped_swiglu_interleaved",
+forward and backward), and a composed path on them on other devices (interleaved_forward). No re-laid-out
 copy is kept between calls: nothing could tell when it went stale (an in-place write through `.data`, as
 weight loaders and patching tools do, leaves the version counter as it was, and inference tensors have none).
 """
@@ -80,7 +80,7 @@ def mcsmoe_fast_experts_forward(self: nn.Module, hidden_states: torch.Tensor, to
                                   "expert-parallel shards; use grouped_mm for expert parallelism")
     spec = ExpertsSpec.of(self)
     top_k_index = top_k_index.long()
-    if spec.copies_weights and _fused_on_stored_banks(self, spec, hidden_states, top_k_weights):
+    if spec.copies_weights and _fused_on_stored_banks(spec, hidden_states):
         return stored_interleaved_forward(self, spec, hidden_states, top_k_index, top_k_weights)
     if spec.copies_weights and not torch.compiler.is_compiling():  # compiled: the fused op on a traced copy
         return interleaved_forward(self, spec, hidden_states, top_k_index, top_k_weights)
@@ -90,20 +90,17 @@ def mcsmoe_fast_experts_forward(self: nn.Module, hidden_states: torch.Tensor, to
                                   spec.activation, b_in, b_out, **spec.activation_args)
 
 
-def _fused_on_stored_banks(module: nn.Module, spec: ExpertsSpec, hidden: torch.Tensor, weights: torch.Tensor) -> bool:
-    """Whether the fused op can run on interleaved banks as stored: clamped SwiGLU (the interleaved activation
-    the CPU forward knows), on the CPU, eager, with no gradient wanted (it has no backward)."""
-    if spec.activation != CLAMPED_SWIGLU or not hidden.device.type == "cpu" or torch.compiler.is_compiling():
-        return False
-    tensors = (hidden, weights, module.gate_up_proj, module.down_proj) + (
-        (module.gate_up_proj_bias, module.down_proj_bias) if spec.has_bias else ())
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+def _fused_on_stored_banks(spec: ExpertsSpec, hidden: torch.Tensor) -> bool:
+    """Whether the fused op runs on interleaved banks as stored: clamped SwiGLU (the interleaved activation it
+    knows), on the CPU (its CUDA kernels read gate-first rows), eager (compiled: the traced copy below)."""
+    return spec.activation == CLAMPED_SWIGLU and hidden.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def stored_interleaved_forward(module: nn.Module, spec: ExpertsSpec, hidden: torch.Tensor, top_k_index: torch.Tensor,
                                top_k_weights: torch.Tensor) -> torch.Tensor:
     """The fused op on GPT-OSS's banks where they are stored (views: transposed banks are strides to its GEMMs),
-    its activation reading the interleaved gate and up columns: no copy of any weight."""
+    its activation reading the interleaved gate and up columns: no copy of any weight. Differentiable: the
+    gradients reach the module's own parameters through the views."""
     w_in, w_out = module.gate_up_proj, module.down_proj
     if spec.transposed:
         w_in, w_out = w_in.transpose(1, 2), w_out.transpose(1, 2)

@@ -127,6 +127,7 @@ FfnGrads grouped_expert_ffn_backward_cuda(const at::Tensor& grad_out_arg, const 
       check_grouped_ffn_backward_args(grad_out_arg, hidden_arg, w_in_arg, w_out_arg, expert_map, top_k_index,
                                       top_k_weights_arg, activation, b_in_arg, b_out_arg, alpha, limit);
   TORCH_CHECK(hidden_arg.is_cuda(), op, ": expected CUDA tensors, got ", hidden_arg.device());
+  refuse_interleaved(act, "grouped_expert_ffn_backward on CUDA");
   const c10::cuda::CUDAGuard guard(hidden_arg.device());
   const at::Tensor grad_out = grad_out_arg.detach(), hidden = hidden_arg.detach(), w_in = w_in_arg.detach(),
                    w_out = w_out_arg.detach(), top_k_weights = top_k_weights_arg.detach();
