@@ -276,6 +276,20 @@ def test_a_missing_or_nan_metric_is_never_the_best_and_ties_keep_the_first(tmp_p
     assert (result.best_step, result.best_metric) == (3, 3.0)
 
 
+def test_best_and_latest_hold_their_progress_records(tmp_path):
+    """best/ records the step, the metric's name and its value (nothing a resume needs); latest/ the run's
+    progress, its history and its whole config (loop.py `_evaluate` mutants 44-47, 66, 67 of session 29)."""
+    scored_run(tmp_path, [2.0, 1.0, 1.5, 3.0])
+    best = read_progress(tmp_path / "best")
+    assert best == {"step": 6, "metric": "score", "value": 1.0}
+    latest = read_progress(tmp_path / "latest")
+    assert (latest["step"], latest["best_metric"], latest["best_step"]) == (12, 1.0, 6)
+    assert [r["score"] for r in latest["history"]] == [2.0, 1.0, 1.5, 3.0]
+    want = TrainConfig(steps=12, batch_size=8, eval_every=3, metric="score").to_dict()
+    assert latest["config"] == json.loads(json.dumps(want))  # as JSON keeps it: tuples become lists
+    assert "optimizer" in latest and "optimizer" not in best
+
+
 def test_a_plain_run_keeps_no_second_copy_of_the_weights_in_its_training_state(tmp_path):
     from safetensors import safe_open
 
