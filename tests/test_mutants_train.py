@@ -282,7 +282,8 @@ def test_a_missing_or_nan_metric_is_never_the_best_and_ties_keep_the_first(tmp_p
 def test_best_and_latest_hold_their_progress_records(tmp_path):
     """best/ records the step, the metric's name and its value (nothing a resume needs); latest/ the run's
     progress, its history and its whole config (loop.py `_evaluate` mutants 44-47, 66, 67 of session 29)."""
-    scored_run(tmp_path, [2.0, 1.0, 1.5, 3.0])
+    result = scored_run(tmp_path, [2.0, 1.0, 1.5, 3.0])
+    assert result.output_dir == tmp_path  # where the run wrote (`train` mutants 116, 121)
     best = read_progress(tmp_path / "best")
     assert best == {"step": 6, "metric": "score", "value": 1.0}
     latest = read_progress(tmp_path / "latest")
