@@ -41,9 +41,10 @@ def interleaved_forward(module: nn.Module, spec: ExpertsSpec, hidden: torch.Tens
                         top_k_weights: torch.Tensor) -> torch.Tensor:
     """Interleaved gate/up (GPT-OSS), read where it is stored: per used slot one GEMM on its stored bank,
     the activation on the output's gate and up columns (the [n, 2F] activations are reordered, never the
-    weights), one GEMM out, the routing weight, and a sum per token. The fused op would need a gate-first
-    copy of the weights on every call, which costs more than it saves below T ~ 1024 (measured in the
-    commit that made this path); plain torch ops, so gradients reach the module's own parameters."""
+    weights), one GEMM out, the routing weight, and a sum per token: for devices other than the CPU, whose
+    fused kernels read gate-first rows and would need a copy of the banks on every call (the CPU's fused op
+    reads them as stored: stored_interleaved_forward). Plain torch ops, so gradients reach the module's own
+    parameters."""
     w1, w2 = (module.gate_up_proj, module.down_proj)
     emap = _expert_map(module, w1.shape[0], w1.device)
     flat = top_k_index.reshape(-1)
