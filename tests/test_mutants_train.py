@@ -294,6 +294,23 @@ def test_best_and_latest_hold_their_progress_records(tmp_path):
     assert "optimizer" in latest and "optimizer" not in best
 
 
+def test_the_optimizer_takes_the_configs_betas_and_weight_decay(tmp_path):
+    """AdamW's betas and the decay group's weight decay come from the config (not AdamW's defaults, 0.999 and
+    0.01), the no-decay group gets 0: read back from latest/'s optimizer state (loop.py `_optimizer` mutants 13,
+    14, 31 of session 29)."""
+    config = TrainConfig(steps=2, batch_size=8, eval_every=2, metric="score", adam_betas=(0.8, 0.9), weight_decay=0.3)
+    train(tiny_job_model(), tiny_job_data(), config, collate_fn=collate, eval_fn=lambda m: {"score": 1.0},
+          output_dir=tmp_path, progress=False)
+    groups = read_progress(tmp_path / "latest")["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], g["betas"]) for g in groups] == [(0.3, [0.8, 0.9]), (0.0, [0.8, 0.9])]
+
+
+def test_a_model_with_nothing_to_train_is_refused_by_name():
+    with pytest.raises(ValueError, match=exact("train: the model has no parameter that requires grad")):
+        train(tiny_job_model().requires_grad_(False), tiny_job_data(), TrainConfig(steps=1, batch_size=8, eval_every=0),
+              collate_fn=collate, progress=False)
+
+
 def test_a_plain_run_keeps_no_second_copy_of_the_weights_in_its_training_state(tmp_path):
     from safetensors import safe_open
 
