@@ -249,7 +249,7 @@ def test_a_run_stopped_mid_epoch_resumes_with_the_same_data_order(tmp_path):
 
 def test_a_progress_bar_by_default(capsys):
     train(tiny_job_model(1), same_rows(), TrainConfig(steps=1, batch_size=8, eval_every=0), collate_fn=collate)
-    assert re.search(r"(^|\r)training: .*1/1 \[[^\]]*(step/s|s/step)\]", capsys.readouterr().err)  # unit: step
+    assert re.search(r"(^|\r)training: .*1/1 \[[^\]]*(step/s|s/step)[,\]]", capsys.readouterr().err)  # unit: step
     train(tiny_job_model(1), same_rows(), TrainConfig(steps=1, batch_size=8, eval_every=0), collate_fn=collate,
           progress=False)
     assert capsys.readouterr().err == ""  # no bar (loop.py `train` mutants 55, 66 of session 29)
