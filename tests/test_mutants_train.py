@@ -2,6 +2,7 @@
 (benchmarks/MUTATION.md). Expected values are computed here independently, on tiny models and tensors."""
 import json
 import re
+import types
 import warnings
 
 import pytest
@@ -256,6 +257,83 @@ def test_a_progress_bar_by_default(capsys):
     train(tiny_job_model(1), same_rows(), TrainConfig(steps=1, batch_size=8, eval_every=0), collate_fn=collate,
           teacher=tiny_job_model(0))
     assert re.search(r"(^|\r)KD recovery: .*1/1", capsys.readouterr().err)
+
+
+class OwnLoss(torch.nn.Module):
+    """A model wrapper whose output carries no loss (`loss=None`) or a loss of its own making (`make_loss(out,
+    step)`, step counting forwards from 1), for what the loop records and optimizes."""
+
+    def __init__(self, inner, make_loss=None, bare=False):
+        super().__init__()
+        self.inner, self.config, self.make_loss, self.bare, self.calls = inner, inner.config, make_loss, bare, 0
+
+    def forward(self, labels, **batch):
+        self.calls += 1
+        out = self.inner(labels=labels, **batch)
+        if self.bare:  # an output with logits only, no `loss` attribute at all
+            return types.SimpleNamespace(logits=out.logits)
+        out.loss = None if self.make_loss is None else self.make_loss(out, self.calls)
+        return out
+
+
+@pytest.mark.parametrize("family, bare", [("mixtral", False), ("mixtral", True), ("switch", False)])
+def test_a_model_output_without_a_loss_is_trained_on_the_cross_entropy_of_its_logits(family, bare):
+    """The first recorded loss is the cross-entropy of the initial model's logits, written out here: shifted by
+    one for a causal model (Mixtral), not for an encoder-decoder (Switch); the output's loss is None or it has
+    no loss attribute (loop.py `_optimizer_step` 37, 42, 45-51 of session 29)."""
+    model = tiny_job_model(1) if family == "mixtral" else tiny_switch(num_experts=4, d_model=16, d_ff=24, num_layers=2)
+    for module in model.modules():  # Switch trains with dropout (modules, and a rate in its attention) and router
+        if isinstance(module, torch.nn.Dropout):  # jitter: all off, so one forward says what the loop's first gives
+            module.p = 0.0
+        for name in ("jitter_noise", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    data = same_rows()
+    batch = collate(data)
+    with torch.no_grad():
+        logits = model.train()(**batch).logits
+    if family == "mixtral":
+        logits, labels = logits[:, :-1], batch["labels"][:, 1:]
+    else:
+        labels = batch["labels"]
+    want = -torch.log_softmax(logits.double(), -1).gather(-1, labels[..., None]).mean()
+    result = run(OwnLoss(model, bare=bare), data)
+    assert result.history[0]["loss"] == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_a_model_output_with_its_own_loss_is_trained_on_that_loss():
+    """A loss the model computes itself (here twice its cross-entropy plus 1) is the one optimized and recorded
+    (loop.py `_optimizer_step` 36, 38, 42-44 of session 29: the fallback taken anyway)."""
+    model, data = tiny_job_model(1), same_rows()
+    with torch.no_grad():
+        want = 2 * model.train()(**collate(data)).loss + 1
+    result = run(OwnLoss(model, lambda out, step: 2 * out.loss + 1), data)
+    assert result.history[0]["loss"] == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_each_record_holds_the_mean_loss_of_the_steps_since_the_last_one():
+    """Losses 1, 2, ..., 7 (one per step, made by the model): evaluations every 3 steps and at the end record the
+    means 2, 5 and 7 (loop.py `train` 84, 98-100, 108 of session 29: the last loss, a product, the wrong step
+    count, a running sum not reset to 0)."""
+    model = OwnLoss(tiny_job_model(1), lambda out, step: out.logits.sum() * 0 + step)
+    result = train(model, same_rows(), TrainConfig(steps=7, batch_size=8, eval_every=3), collate_fn=collate,
+                   eval_fn=lambda m: {"perplexity": 1.0}, progress=False)
+    assert [(r["step"], r["loss"]) for r in result.history] == [(3, 2.0), (6, 5.0), (7, 7.0)]
+
+
+def test_the_bar_shows_the_loss_and_metrics_and_a_resumed_run_starts_where_it_stopped(tmp_path, capsys):
+    """The bar's postfix holds the record's floats, the step left out; a resumed run's bar counts on from the
+    step it resumed at (loop.py `_evaluate` 69, 71 and `train` 52 of session 29)."""
+    config = TrainConfig(steps=3, batch_size=8, eval_every=3, metric="score")
+    train(tiny_job_model(), same_rows(), config, collate_fn=collate, eval_fn=lambda m: {"score": 0.123456},
+          output_dir=tmp_path)
+    err = capsys.readouterr().err
+    assert re.search(r"loss=[0-9.]+, score=0\.1235\]?\s*$", err) and "step=" not in err
+    longer = TrainConfig(steps=5, batch_size=8, eval_every=5, metric="score")
+    train(tiny_job_model(), same_rows(), longer, collate_fn=collate, eval_fn=lambda m: {"score": 1.0},
+          output_dir=tmp_path, resume=True)
+    err = capsys.readouterr().err
+    assert re.search(r" 3/5 ", err) and re.search(r" 5/5 ", err) and not re.search(r" [12]/5 ", err)
 
 
 # --- loop.py: evaluation, checkpoints and resuming ----------------------------------------------------------
