@@ -90,11 +90,13 @@ def test_task_loss_is_the_cross_entropy_over_the_target_tokens(causal):
     torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=1e-3)
 
 
-def test_kd_divergence_takes_the_softmax_over_the_vocabulary_without_warnings():
-    """Rows [N, V]: the tempered distributions are over V. An implicit softmax dimension (deprecated in
-    torch) would warn at every step."""
+@pytest.mark.parametrize("shape", [(6, 9), (2, 3, 9)])
+def test_kd_divergence_takes_the_softmax_over_the_vocabulary_without_warnings(shape):
+    """Rows [..., V] ([N, V], or [B, L, V] logits as they are): the tempered distributions are over V, the last
+    dimension (losses.py `kd_divergence` 7, 15 of session 30: dim 1 is V only for 2-D rows). An implicit softmax
+    dimension (deprecated in torch) would warn at every step."""
     g = torch.Generator().manual_seed(4)
-    s, t = torch.randn(6, 9, generator=g), torch.randn(6, 9, generator=g)
+    s, t = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = kd_divergence(s, t, 2.0, batch_size=3)

@@ -54,8 +54,8 @@ static at::Tensor act_(at::Tensor x, moe::ActFn fn) {  // in place
   }
 }
 
-// Row r's gate j at h[r, j * step] and up j at h[r, j * step + up_at]: (step 1, up_at ff) gate columns then up
-// columns, (step 2, up_at 1) interleaved. The result goes to h[r, j], read before written (j <= j * step).
+// Row r's gate j at h[r, j * step] and up j at h[r, j * step + up_at] (gate_up_layout). The result goes to h[r, j],
+// read before written (j <= j * step).
 template <typename scalar_t>
 static void clamped_swiglu_rows(scalar_t* h, int64_t ldh, int64_t n, int64_t ff, int64_t step, int64_t up_at,
                                 double alpha, double limit) {
@@ -75,8 +75,8 @@ at::Tensor clamped_swiglu_cpu_(const at::Tensor& h, double alpha, double limit, 
               "clamped_swiglu_cpu_: expected a CPU [n, 2 ff] tensor with contiguous rows, got ", h.sizes());
   const int64_t n = h.size(0), ff = h.size(1) / 2;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "clamped_swiglu", [&] {
-    clamped_swiglu_rows<scalar_t>(h.data_ptr<scalar_t>(), h.stride(0), n, ff, interleaved ? 2 : 1,
-                                  interleaved ? 1 : ff, alpha, limit);
+    const GateUpLayout layout = gate_up_layout(interleaved, ff);
+    clamped_swiglu_rows<scalar_t>(h.data_ptr<scalar_t>(), h.stride(0), n, ff, layout.step, layout.up_at, alpha, limit);
   });
   return h.narrow(1, 0, ff);
 }

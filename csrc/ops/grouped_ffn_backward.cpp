@@ -190,11 +190,11 @@ void clamped_swiglu_block(const Pass& pass, Block& b) {
   b.a = need_a ? at::empty({b.n, ff}, b.h.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.h.scalar_type(), "clamped_swiglu_backward", [&] {
     const at::Tensor w_c = b.w.contiguous();
+    const GateUpLayout layout = gate_up_layout(pass.act.interleaved, ff);
     clamped_swiglu_backward_rows<scalar_t>(b.h.data_ptr<scalar_t>(), b.h.stride(0),
                                            b.p.defined() ? b.p.data_ptr<scalar_t>() : nullptr,
                                            w_c.data_ptr<scalar_t>(), need_a ? b.a.data_ptr<scalar_t>() : nullptr,
-                                           need_dh, b.n, ff, pass.act.interleaved ? 2 : 1,
-                                           pass.act.interleaved ? 1 : ff, pass.act.alpha, pass.act.limit);
+                                           need_dh, b.n, ff, layout.step, layout.up_at, pass.act.alpha, pass.act.limit);
   });
 }
 

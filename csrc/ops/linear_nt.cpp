@@ -86,9 +86,13 @@ at::Tensor aten_nt(const at::Tensor& x, const at::Tensor& w, std::optional<at::T
   return out ? at::mm_out(*out, x, w.t()) : at::mm(x, w.t());
 }
 
-// The float32 default path (no timing): oneDNN above kOneDnnMinMacs, at::mm below.
+// w [N, K] a transposed view of a [K, N] bank: oneDNN would reorder it on every call (see the top of this file).
+bool stored_transposed(const at::Tensor& w) { return w.size(1) > 1 && w.stride(1) != 1; }
+
+// The float32 default path (no timing): oneDNN above kOneDnnMinMacs for a weight not stored transposed, at::mm
+// otherwise.
 at::Tensor fp32_nt(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
-  if (onednn_linear() && x.size(0) * w.size(0) * w.size(1) >= kOneDnnMinMacs && (w.size(1) <= 1 || w.stride(1) == 1))
+  if (onednn_linear() && x.size(0) * w.size(0) * w.size(1) >= kOneDnnMinMacs && !stored_transposed(w))
     return onednn_nt(x, w, bias);
   return aten_nt(x, w, std::nullopt, bias);
 }
@@ -109,7 +113,7 @@ at::Tensor linear_nt(const at::Tensor& x, const at::Tensor& w, std::optional<at:
   const int64_t macs = x.size(0) * w.size(0) * w.size(1);
   const bool onednn = onednn_takes(dt);
   const uint32_t available = 1u | (onednn ? 2u : 0u) | (half_type(dt) ? 4u : 0u);
-  const bool w_transposed = w.size(1) > 1 && w.stride(1) != 1;
+  const bool w_transposed = stored_transposed(w);
   const int fallback = dt == at::kFloat && onednn && macs >= kOneDnnMinMacs && !w_transposed ? 1 : 0;
   const bool measure = macs >= kTuneMinMacs;
   autotune::Choice choice(

@@ -63,6 +63,14 @@ struct Activation {
   bool interleaved = false;  // gate and up columns interleaved (gate0, up0, gate1, ...): GPT-OSS's stored order
   bool clamped() const { return fn == moe::ActFn::clamped_swiglu; }
 };
+// Where a gated row of h [n, 2 ff] holds gate j and up j: at j * step and j * step + up_at. Gate columns then up
+// columns are (1, ff); GPT-OSS's interleaved order (gate0, up0, gate1, ...) is (2, 1).
+struct GateUpLayout {
+  int64_t step, up_at;
+};
+inline GateUpLayout gate_up_layout(bool interleaved, int64_t ff) {
+  return interleaved ? GateUpLayout{2, 1} : GateUpLayout{1, ff};
+}
 // "relu", "gelu", "gelu_tanh", "silu", "reglu", "geglu", "geglu_tanh", "swiglu", "clamped_swiglu", and
 // "clamped_swiglu_interleaved" (GPT-OSS's stored gate/up order; grouped_expert_ffn on the CPU only, forward and
 // backward: refuse_interleaved in the other ops); a ValueError otherwise (and for clamped_swiglu with a limit

@@ -61,7 +61,7 @@ def freeze_routers(model: nn.Module) -> int:
 
 def decays(name: str, param: torch.Tensor) -> bool:
     """Weight decay on matrices only: not on norms and biases (stacked [E, F] expert biases included)."""
-    return param.dim() >= 2 and not name.rpartition(".")[2].endswith("bias")
+    return param.dim() >= 2 and not name.endswith("bias")
 
 
 def _optimizer(model: nn.Module, config: TrainConfig, distilling: bool) -> torch.optim.Optimizer:

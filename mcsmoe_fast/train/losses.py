@@ -31,8 +31,9 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, causal: bool) -> torch
 
 
 def kd_divergence(student: torch.Tensor, teacher: torch.Tensor, temperature: float, batch_size: int) -> torch.Tensor:
-    """KL(teacher || student) of the tempered distributions, summed over the rows [N, V] and divided by
-    the batch size (the rows are the target tokens of `batch_size` sequences)."""
+    """KL(teacher || student) of the tempered distributions over the last dimension V, summed over the rows
+    ([N, V], or any [..., V]) and divided by the batch size (the rows are the target tokens of `batch_size`
+    sequences)."""
     s = F.log_softmax(student.float() / temperature, dim=-1)
     t = F.log_softmax(teacher.float() / temperature, dim=-1)
     return F.kl_div(s, t, log_target=True, reduction="sum") / batch_size
