@@ -191,9 +191,11 @@ def _grouped_expert_ffn_backward_fake(grad_out, hidden, w_in, w_out, expert_map,
                  lambda: "grouped_expert_ffn_backward: grad_out must have hidden's shape, dtype and device")
     torch._check(len(output_mask) == 6, lambda: "grouped_expert_ffn_backward: output_mask must hold six bools")
 
-    def grad(need, like):
-        return torch.empty_like(like, memory_format=torch.contiguous_format) if need else hidden.new_empty((0,)) if like is None else like.new_empty((0,))
-    return (grad(output_mask[0], hidden), grad(output_mask[1], w_in), grad(output_mask[2], w_out),
+    def grad(need, like, layout=torch.contiguous_format):
+        return torch.empty_like(like, memory_format=layout) if need else hidden.new_empty((0,)) if like is None else like.new_empty((0,))
+    # on the CPU the weights' gradients come in the weights' own layouts (a transposed bank's: see SlotGrads)
+    weights = torch.preserve_format if hidden.device.type == "cpu" else torch.contiguous_format
+    return (grad(output_mask[0], hidden), grad(output_mask[1], w_in, weights), grad(output_mask[2], w_out, weights),
             grad(output_mask[3], top_k_weights), grad(output_mask[4] and b_in is not None, b_in),
             grad(output_mask[5] and b_out is not None, b_out))
 

@@ -593,3 +593,26 @@ def test_cuda_bias_edge_cases_and_mask():
     torch.library.opcheck(torch.ops.mcsmoe_fast.grouped_expert_ffn_backward.default,
                           (grad_out, *args[:7], [True] * 6, *args[7:]))
     torch.library.opcheck(torch.ops.mcsmoe_fast.grouped_expert_ffn.default, tuple(leaves(args, WITH_BIASES)))
+
+
+@pytest.mark.parametrize("drop", [0.0, 1.0])  # 1.0: nothing routed, the zero gradients of masked_ffn_grads
+@pytest.mark.parametrize("activation", ["swiglu", "clamped_swiglu_interleaved", "relu"])
+def test_weights_stored_transposed_get_their_gradients_in_their_own_layout(activation, drop):
+    """Weights that are transposed views of [S, d, F] and [S, ff, d] banks (GPT-OSS and Llama-4 store theirs so)
+    get gradients with the views' strides, so autograd hands each bank a contiguous gradient without a
+    transposing copy (which took most of a GPT-OSS training step); the values equal those of contiguous
+    weights, and the fake (torch.compile) promises the same layout (opcheck)."""
+    hidden, w_in, w_out, emap, idx, weights, _ = problem(11, 6, 5, 8, 3, 2, "swiglu", drop=drop, seed=3)
+    if activation == "relu":
+        w_in = w_in[:, :5].contiguous()
+    banks = [w_in.transpose(1, 2).contiguous().transpose(1, 2), w_out.transpose(1, 2).contiguous().transpose(1, 2)]
+    g = torch.randn(11, 6, generator=torch.Generator().manual_seed(5))
+    mask = [True] * 4
+    got = ops.grouped_expert_ffn_backward(g, hidden, *banks, emap, idx, weights, activation, mask)
+    want = ops.grouped_expert_ffn_backward(g, hidden, w_in, w_out, emap, idx, weights, activation, mask)
+    assert (got[1].stride(), got[2].stride()) == (banks[0].stride(), banks[1].stride())
+    assert (want[1].stride(), want[2].stride()) == (w_in.stride(), w_out.stride())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    torch.library.opcheck(torch.ops.mcsmoe_fast.grouped_expert_ffn_backward.default,
+                          (g, hidden, *banks, emap, idx, weights, activation, [True] * 6))

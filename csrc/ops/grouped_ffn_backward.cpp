@@ -54,12 +54,14 @@ std::array<bool, 6> effective_mask(std::array<bool, 6> mask, const std::optional
 
 FfnGrads masked_ffn_grads(const at::Tensor& hidden, const at::Tensor& w_in, const at::Tensor& w_out,
                           const at::Tensor& top_k_weights, const std::optional<at::Tensor>& b_in,
-                          const std::optional<at::Tensor>& b_out, std::array<bool, 6> mask) {
-  auto grad = [](bool need, const at::Tensor& like) {
-    return need ? at::zeros_like(like, at::MemoryFormat::Contiguous) : at::empty({0}, like.options());
+                          const std::optional<at::Tensor>& b_out, std::array<bool, 6> mask, bool weights_layout) {
+  auto grad = [](bool need, const at::Tensor& like, bool keep_layout = false) {
+    const auto format = keep_layout ? at::MemoryFormat::Preserve : at::MemoryFormat::Contiguous;
+    return need ? at::zeros_like(like, format) : at::empty({0}, like.options());
   };
   mask = effective_mask(mask, b_in, b_out);
-  return {grad(mask[0], hidden), grad(mask[1], w_in),  grad(mask[2], w_out), grad(mask[3], top_k_weights),
+  return {grad(mask[0], hidden), grad(mask[1], w_in, weights_layout), grad(mask[2], w_out, weights_layout),
+          grad(mask[3], top_k_weights),
           grad(mask[4], b_in ? *b_in : w_in), grad(mask[5], b_out ? *b_out : w_out)};
 }
 
@@ -69,10 +71,17 @@ FfnNeeds::FfnNeeds(std::array<bool, 6> mask, const std::optional<at::Tensor>& b_
   x = mask[0], w_in = mask[1], w_out = mask[2], weights = mask[3], b_in = mask[4], b_out = mask[5];
 }
 
-SlotGrads::SlotGrads(const FfnNeeds& need, int64_t S, int64_t F, int64_t d, int64_t ff, const at::TensorOptions& opts)
+SlotGrads::SlotGrads(const FfnNeeds& need, const at::Tensor& w_in_like, const at::Tensor& w_out_like,
+                     bool weights_layout)
     : need_(need) {
-  w_in = need.w_in ? at::empty({S, F, d}, opts) : at::empty({0}, opts);
-  w_out = need.w_out ? at::empty({S, d, ff}, opts) : at::empty({0}, opts);
+  const int64_t S = w_in_like.size(0), F = w_in_like.size(1), d = w_in_like.size(2);
+  const auto opts = w_in_like.options();
+  auto like = [&](bool needed, const at::Tensor& w) {
+    if (!needed) return at::empty({0}, opts);
+    return weights_layout ? at::empty_like(w, at::MemoryFormat::Preserve) : at::empty(w.sizes(), opts);
+  };
+  w_in = like(need.w_in, w_in_like);
+  w_out = like(need.w_out, w_out_like);
   b_in = need.b_in ? at::empty({S, F}, opts) : at::empty({0}, opts);
   b_out = need.b_out ? at::empty({S, d}, opts) : at::empty({0}, opts);
 }
@@ -315,7 +324,7 @@ FfnGrads grouped_expert_ffn_backward_cpu(const at::Tensor& grad_out_arg, const a
   const int64_t* off = offsets.data_ptr<int64_t>();
   const int64_t pairs = off[S];
   if (pairs == 0 || d == 0 || !need.any())
-    return masked_ffn_grads(hidden, w_in, w_out, top_k_weights, b_in, b_out, mask_arg);
+    return masked_ffn_grads(hidden, w_in, w_out, top_k_weights, b_in, b_out, mask_arg, /*weights_layout=*/true);
   // The backward's GEMMs: pairs * (3 F + 2 ff) * d multiply-adds; below kSmallCallMacs one thread does it all.
   const SingleThreadIf small(pairs * (3 * F + 2 * ff) * d < kSmallCallMacs);
 
@@ -326,7 +335,7 @@ FfnGrads grouped_expert_ffn_backward_cpu(const at::Tensor& grad_out_arg, const a
             weights.narrow(0, 0, pairs).to(dtype).unsqueeze(1),             // [pairs, 1]
             need.x ? at::empty({pairs, d}, opts) : at::Tensor(),
             need.weights ? at::empty({pairs}, weights.options()) : at::Tensor(),
-            SlotGrads(need, S, F, d, ff, opts)};
+            SlotGrads(need, w_in, w_out, /*weights_layout=*/true)};
   const std::vector<int64_t> slot_rows = rows_per_slot(off, S);
   for (int64_t s = 0; s < S; ++s)  // slots no token reached get zero parameter gradients
     if (slot_rows[s] == 0) pass.grads.zero_slot(s);

@@ -174,10 +174,12 @@ struct FfnNeeds {
   bool a() const { return weights || w_out; }    // A = act(H)
 };
 // The slots' parameter gradients: w_in [S, F, d], w_out [S, d, ff], b_in [S, F], b_out [S, d] where asked
-// for, empty tensors [0] elsewhere (uninitialised: every slot writes its own, or zero_slot).
+// for, empty tensors [0] elsewhere (uninitialised: every slot writes its own, or zero_slot). Contiguous, or with
+// weights_layout in the weights' own layouts: a weight that is a transposed view of a stored bank (GPT-OSS,
+// Llama-4) then hands the bank a contiguous gradient, which autograd keeps without a transposing copy.
 struct SlotGrads {
   at::Tensor w_in, w_out, b_in, b_out;
-  SlotGrads(const FfnNeeds& need, int64_t S, int64_t F, int64_t d, int64_t ff, const at::TensorOptions& opts);
+  SlotGrads(const FfnNeeds& need, const at::Tensor& w_in_like, const at::Tensor& w_out_like, bool weights_layout);
   void zero_slot(int64_t s);  // the zero gradients of a slot no token reached
 
  private:
@@ -185,10 +187,11 @@ struct SlotGrads {
 };
 // Zero gradients where output_mask (effective) asks for them, empty tensors [0] elsewhere (nothing routed,
 // d = 0). The bias gradients are zero-filled like the weights' (b_out's included: with nothing routed no
-// output row holds b_out; with d = 0 it has no entries).
+// output row holds b_out; with d = 0 it has no entries). The weights' as SlotGrads lays them out.
 FfnGrads masked_ffn_grads(const at::Tensor& hidden, const at::Tensor& w_in, const at::Tensor& w_out,
                           const at::Tensor& top_k_weights, const std::optional<at::Tensor>& b_in,
-                          const std::optional<at::Tensor>& b_out, std::array<bool, 6> output_mask);
+                          const std::optional<at::Tensor>& b_out, std::array<bool, 6> output_mask,
+                          bool weights_layout);
 // out [T, k] (row_grads' dtype) = row_grads[row of (t, slot of top_k_index[t, j])], 0 where the index is -1:
 // every entry of a token that maps to one slot gets that slot's row gradient. Host tensors, from moe_align.
 void routing_weight_grads_cpu(const at::Tensor& top_k_index, const at::Tensor& expert_map, const at::Tensor& offsets,

@@ -140,7 +140,7 @@ FfnGrads grouped_expert_ffn_backward_cuda(const at::Tensor& grad_out_arg, const 
   const int64_t* off = r.host.data_ptr<int64_t>();
   const int64_t pairs = off[S];
   if (pairs == 0 || d == 0 || !need.any())
-    return masked_ffn_grads(hidden, w_in, w_out, top_k_weights, b_in, b_out, mask_arg);
+    return masked_ffn_grads(hidden, w_in, w_out, top_k_weights, b_in, b_out, mask_arg, /*weights_layout=*/false);
 
   const at::Tensor rows = r.sorted_tokens.narrow(0, 0, pairs);
   int64_t max_rows = 0;
@@ -156,7 +156,7 @@ FfnGrads grouped_expert_ffn_backward_cuda(const at::Tensor& grad_out_arg, const 
                 need.w_out ? at::empty({max_rows, ff}, opts) : at::Tensor(),
                 need.x ? at::empty({pairs, d}, opts) : at::Tensor(),
                 need.weights ? at::empty({pairs}, opts.dtype(at::kFloat)) : at::Tensor(),
-                SlotGrads(need, S, F, d, ff, opts), dtype, current_stream(hidden.device())};
+                SlotGrads(need, w_in, w_out, /*weights_layout=*/false), dtype, current_stream(hidden.device())};
   for (int64_t s = 0; s < S; ++s) {
     const int64_t n = off[s + 1] - off[s];
     if (n == 0) {
