@@ -18,11 +18,15 @@ TORCH_LIBRARY(mcsmoe_fast, m) {
   m.def("grouped_expert_ffn(Tensor hidden, Tensor w_in, Tensor w_out, Tensor expert_map, Tensor top_k_index, "
         "Tensor top_k_weights, str activation, Tensor? b_in=None, Tensor? b_out=None, float alpha=1.702, "
         "float limit=7.0) -> Tensor");
+  // The same, and the routed rows' pre-activations H [T k, F] (in the alignment's order) for the backward.
+  m.def("grouped_expert_ffn_keep_h(Tensor hidden, Tensor w_in, Tensor w_out, Tensor expert_map, "
+        "Tensor top_k_index, Tensor top_k_weights, str activation, Tensor? b_in=None, Tensor? b_out=None, "
+        "float alpha=1.702, float limit=7.0) -> (Tensor out, Tensor h_rows)");
   // Gradients of grouped_expert_ffn (hidden, w_in, w_out, top_k_weights, b_in, b_out) for grad_out;
   // output_mask picks which are computed, the others are empty tensors [0] (so are those of absent biases).
   m.def("grouped_expert_ffn_backward(Tensor grad_out, Tensor hidden, Tensor w_in, Tensor w_out, Tensor expert_map, "
         "Tensor top_k_index, Tensor top_k_weights, str activation, bool[6] output_mask, Tensor? b_in=None, "
-        "Tensor? b_out=None, float alpha=1.702, float limit=7.0) -> (Tensor grad_hidden, Tensor grad_w_in, "
+        "Tensor? b_out=None, float alpha=1.702, float limit=7.0, Tensor? h_rows=None) -> (Tensor grad_hidden, Tensor grad_w_in, "
         "Tensor grad_w_out, Tensor grad_top_k_weights, Tensor grad_b_in, Tensor grad_b_out)");
   m.def("sparse_lowrank_linear(Tensor x, Tensor U, Tensor V, Tensor S_rows, Tensor row_idx, Tensor? bias=None) -> "
         "Tensor");
@@ -35,6 +39,7 @@ TORCH_LIBRARY_IMPL(mcsmoe_fast, CPU, m) {
   m.impl("linear_assignment", &mcsmoe::ops::linear_assignment_cpu);
   m.impl("moe_align", &mcsmoe::ops::moe_align_cpu);
   m.impl("grouped_expert_ffn", &mcsmoe::ops::grouped_expert_ffn_cpu);
+  m.impl("grouped_expert_ffn_keep_h", &mcsmoe::ops::grouped_expert_ffn_keep_h_cpu);
   m.impl("grouped_expert_ffn_backward", &mcsmoe::ops::grouped_expert_ffn_backward_cpu);
   m.impl("sparse_lowrank_linear", &mcsmoe::ops::sparse_lowrank_linear_cpu);
   m.impl("grouped_expert_ffn_slr", &mcsmoe::ops::grouped_expert_ffn_slr_cpu);

@@ -129,9 +129,16 @@ def grouped_expert_ffn(
     dtype and device; either may be given alone). out[t] = sum over the distinct slots s of token t of
     (t's summed weight on s) * FFN_s(hidden[t]), FFN_s(x) = act(w_in[s] @ x + b_in[s]) @ w_out[s]^T + b_out[s].
     Equals reference.grouped_expert_ffn.
+
+    When autograd records it on the CPU, the forward keeps the routed rows' pre-activations (T k rows of F, as
+    autograd keeps eager's intermediates) and the backward reads them instead of recomputing them (one GEMM
+    of the backward's four saved); elsewhere, and when nothing needs a gradient, nothing is kept.
     """
-    return _lib.grouped_expert_ffn(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation,
-                                   b_in, b_out, alpha, limit)
+    args = (hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation, b_in, b_out, alpha, limit)
+    if hidden.device.type == "cpu" and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (hidden, w_in, w_out, top_k_weights, b_in, b_out)):
+        return _lib.grouped_expert_ffn_keep_h(*args)[0]
+    return _lib.grouped_expert_ffn(*args)
 
 
 def _check_activation(activation, alpha, limit, op, known=ACTIVATIONS):
@@ -164,27 +171,38 @@ def _grouped_expert_ffn_fake(hidden, w_in, w_out, expert_map, top_k_index, top_k
     return torch.empty_like(hidden, memory_format=torch.contiguous_format)
 
 
+@torch.library.register_fake("mcsmoe_fast::grouped_expert_ffn_keep_h")
+def _grouped_expert_ffn_keep_h_fake(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation,
+                                    b_in=None, b_out=None, alpha=ALPHA, limit=LIMIT):
+    out = _grouped_expert_ffn_fake(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation, b_in,
+                                   b_out, alpha, limit)
+    return out, hidden.new_empty((top_k_index.numel(), w_in.shape[1]))
+
+
 def grouped_expert_ffn_backward(grad_out, hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation,
-                                output_mask=(True,) * 6, b_in=None, b_out=None, alpha=ALPHA, limit=LIMIT):
+                                output_mask=(True,) * 6, b_in=None, b_out=None, alpha=ALPHA, limit=LIMIT, h_rows=None):
     """Gradients of grouped_expert_ffn for grad_out [T, d]: (grad_hidden [T, d], grad_w_in [S, F, d],
     grad_w_out [S, d, ff], grad_top_k_weights [T, k] in top_k_weights' dtype, grad_b_in [S, F], grad_b_out
     [S, d]). output_mask (six bools, in that order) says which to compute; the others come back as empty
     tensors [0], and so do the gradients of biases not given. A mask of four bools (the op before biases)
-    computes no bias gradients and returns the first four. Recomputes the expert hidden layer (the forward
-    saves nothing but its inputs). Entry (t, j) of the weights' gradient is <grad_out[t], FFN_s(hidden[t])>
+    computes no bias gradients and returns the first four. Recomputes the expert hidden layer's pre-activations,
+    or on the CPU reads them from h_rows, the second output of grouped_expert_ffn_keep_h on the same inputs
+    (torch.ops.mcsmoe_fast; [T k, F]). Entry (t, j) of the weights' gradient is <grad_out[t], FFN_s(hidden[t])>
     (b_out[s] included) for the slot s of expert top_k_index[t, j], 0 where it is -1: every entry of a token
     mapping to one slot gets the same value, as the forward sums their weights."""
     mask = list(output_mask)
     if len(mask) not in (4, 6):
         raise ValueError(f"grouped_expert_ffn_backward: output_mask must hold four or six bools, got {len(mask)}")
     grads = _lib.grouped_expert_ffn_backward(grad_out, hidden, w_in, w_out, expert_map, top_k_index, top_k_weights,
-                                             activation, mask + [False] * (6 - len(mask)), b_in, b_out, alpha, limit)
+                                             activation, mask + [False] * (6 - len(mask)), b_in, b_out, alpha, limit,
+                                             h_rows)
     return grads[:len(mask)]
 
 
 @torch.library.register_fake("mcsmoe_fast::grouped_expert_ffn_backward")
 def _grouped_expert_ffn_backward_fake(grad_out, hidden, w_in, w_out, expert_map, top_k_index, top_k_weights,
-                                      activation, output_mask, b_in=None, b_out=None, alpha=ALPHA, limit=LIMIT):
+                                      activation, output_mask, b_in=None, b_out=None, alpha=ALPHA, limit=LIMIT,
+                                      h_rows=None):
     _grouped_expert_ffn_fake(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation, b_in, b_out,
                              alpha, limit)
     torch._check(grad_out.shape == hidden.shape and grad_out.dtype == hidden.dtype and grad_out.device == hidden.device,
@@ -203,12 +221,15 @@ def _grouped_expert_ffn_backward_fake(grad_out, hidden, w_in, w_out, expert_map,
 def _ffn_setup_context(ctx, inputs, output):
     # torch fills in the arguments the dispatcher dropped at their defaults: inputs always has all eleven
     hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation, b_in, b_out, alpha, limit = inputs
-    ctx.save_for_backward(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, b_in, b_out)
+    h_rows = output[1] if isinstance(output, tuple) else None  # grouped_expert_ffn_keep_h's pre-activations
+    if h_rows is not None:
+        ctx.mark_non_differentiable(h_rows)
+    ctx.save_for_backward(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, b_in, b_out, h_rows)
     ctx.activation, ctx.alpha, ctx.limit = activation, alpha, limit
 
 
-def _ffn_backward(ctx, grad):
-    hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, b_in, b_out = ctx.saved_tensors
+def _ffn_backward(ctx, grad, grad_h_rows=None):
+    hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, b_in, b_out, h_rows = ctx.saved_tensors
     # needs_input_grad covers only the arguments passed: trailing ones left at their defaults are dropped
     n = len(ctx.needs_input_grad)
     need = tuple(ctx.needs_input_grad) + (False,) * (11 - n)
@@ -216,12 +237,15 @@ def _ffn_backward(ctx, grad):
     if not any(mask):
         return (None,) * n
     grads = _lib.grouped_expert_ffn_backward(grad.to(hidden.dtype), hidden, w_in, w_out, expert_map, top_k_index,
-                                             top_k_weights, ctx.activation, mask, b_in, b_out, ctx.alpha, ctx.limit)
+                                             top_k_weights, ctx.activation, mask, b_in, b_out, ctx.alpha, ctx.limit,
+                                             h_rows)
     g = [t if m else None for t, m in zip(grads, mask)]
     return (g[0], g[1], g[2], None, None, g[3], None, g[4], g[5], None, None)[:n]
 
 
 torch.library.register_autograd("mcsmoe_fast::grouped_expert_ffn", _ffn_backward, setup_context=_ffn_setup_context)
+torch.library.register_autograd("mcsmoe_fast::grouped_expert_ffn_keep_h", _ffn_backward,
+                                setup_context=_ffn_setup_context)
 
 
 def _no_backward(ctx, grad):

@@ -104,16 +104,21 @@ at::Tensor grouped_ffn_cpu_frame(const at::Tensor& hidden, int64_t S, const at::
   const at::Tensor x = hidden.index_select(0, sorted_tokens.narrow(0, 0, pairs));  // [pairs, d] by slot
   at::Tensor y = at::empty({pairs, d}, hidden.options());
   for_each_slot(rows_per_slot(off, S), shape, [&](int64_t s) {
-    for_each_row_block(off[s], off[s + 1], [&](int64_t r, int64_t n) { ffn(s, x.narrow(0, r, n), y.narrow(0, r, n)); });
+    for_each_row_block(off[s], off[s + 1], [&](int64_t r, int64_t n) { ffn(s, r, x.narrow(0, r, n), y.narrow(0, r, n)); });
   });
   return combine_token_rows_cpu(y, rows, weights);
 }
 
-at::Tensor grouped_expert_ffn_cpu(const at::Tensor& hidden_arg, const at::Tensor& w_in_arg,
-                                  const at::Tensor& w_out_arg, const at::Tensor& expert_map,
-                                  const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
-                                  c10::string_view activation, const std::optional<at::Tensor>& b_in_arg,
-                                  const std::optional<at::Tensor>& b_out_arg, double alpha, double limit) {
+namespace {
+
+// The forward; with keep_h also H (see grouped_expert_ffn_keep_h_cpu): each block's GEMM writes its rows of H, the
+// activation (in place) then runs on a copy.
+std::tuple<at::Tensor, at::Tensor> grouped_ffn(const at::Tensor& hidden_arg, const at::Tensor& w_in_arg,
+                                               const at::Tensor& w_out_arg, const at::Tensor& expert_map,
+                                               const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
+                                               c10::string_view activation, const std::optional<at::Tensor>& b_in_arg,
+                                               const std::optional<at::Tensor>& b_out_arg, double alpha, double limit,
+                                               bool keep_h) {
   // Detached: the inner GEMMs neither record nor refuse autograd (the op's backward is its own op,
   // grouped_expert_ffn_backward, registered as its autograd in ops.py).
   const at::Tensor hidden = hidden_arg.detach(), w_in = w_in_arg.detach(), w_out = w_out_arg.detach();
@@ -128,11 +133,34 @@ at::Tensor grouped_expert_ffn_cpu(const at::Tensor& hidden_arg, const at::Tensor
   const SingleThreadIf small(top_k_index.numel() * (w_in.size(1) + w_out.size(2)) * hidden.size(1) < kSmallCallMacs);
   const std::string shape = std::string("grouped_expert_ffn ") + c10::toString(hidden.scalar_type()) +
                             " d=" + std::to_string(hidden.size(1)) + " F=" + std::to_string(w_in.size(1));
-  return grouped_ffn_cpu_frame(hidden, w_in.size(0), expert_map, top_k_index, top_k_weights, shape,
-                               [&](int64_t s, const at::Tensor& x, at::Tensor y) {
-                                 at::Tensor h = linear_nt(x, w_in.select(0, s), std::nullopt, row(b_in, s));
-                                 linear_nt(expert_activation(h, act), w_out.select(0, s), y, row(b_out, s));
-                               });
+  const at::Tensor h_rows = keep_h ? at::zeros({top_k_index.numel(), w_in.size(1)}, hidden.options()) : at::Tensor();
+  at::Tensor out = grouped_ffn_cpu_frame(
+      hidden, w_in.size(0), expert_map, top_k_index, top_k_weights, shape,
+      [&](int64_t s, int64_t r, const at::Tensor& x, at::Tensor y) {
+        const auto h_out = keep_h ? std::optional(h_rows.narrow(0, r, x.size(0))) : std::nullopt;
+        at::Tensor h = linear_nt(x, w_in.select(0, s), h_out, row(b_in, s));
+        linear_nt(expert_activation(keep_h ? h.clone() : h, act), w_out.select(0, s), y, row(b_out, s));
+      });
+  return {out, h_rows};
+}
+
+}  // namespace
+
+at::Tensor grouped_expert_ffn_cpu(const at::Tensor& hidden, const at::Tensor& w_in, const at::Tensor& w_out,
+                                  const at::Tensor& expert_map, const at::Tensor& top_k_index,
+                                  const at::Tensor& top_k_weights, c10::string_view activation,
+                                  const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
+                                  double alpha, double limit) {
+  return std::get<0>(grouped_ffn(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation, b_in,
+                                 b_out, alpha, limit, /*keep_h=*/false));
+}
+
+std::tuple<at::Tensor, at::Tensor> grouped_expert_ffn_keep_h_cpu(
+    const at::Tensor& hidden, const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& expert_map,
+    const at::Tensor& top_k_index, const at::Tensor& top_k_weights, c10::string_view activation,
+    const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out, double alpha, double limit) {
+  return grouped_ffn(hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation, b_in, b_out, alpha,
+                     limit, /*keep_h=*/true);
 }
 
 }  // namespace mcsmoe::ops

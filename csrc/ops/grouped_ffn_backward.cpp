@@ -181,6 +181,7 @@ struct Pass {
   at::Tensor x, g, w_rows;  // routed rows by slot: hidden [pairs, d], grad_out [pairs, d], summed weights [pairs, 1]
   at::Tensor dx, gw_rows;   // per routed row: dX [pairs, d] and the routing weight's gradient [pairs] (acc)
   SlotGrads grads;
+  std::optional<at::Tensor> h_rows;  // the forward's H, when it kept them
 };
 
 // n rows of slot s from row r (`first`: the slot's first block), and the forward recomputed on them.
@@ -207,12 +208,13 @@ void clamped_swiglu_block(const Pass& pass, Block& b) {
   });
 }
 
-// Step 1. H = X W_in[s]^T + b_in[s] and P = G W_out[s] (the forward keeps nothing; grad_W_out alone needs
-// no P), then A and act(gate) as the later steps need them.
+// Step 1. H = X W_in[s]^T + b_in[s] (a copy of the forward's when it kept them: the later steps write over it)
+// and P = G W_out[s] (grad_W_out alone needs no P), then A and act(gate) as the later steps need them.
 void recompute(const Pass& pass, Block& b) {
   const int64_t ff = pass.w_out.size(2);
   const std::optional<at::Tensor> bin_s = pass.b_in ? std::optional(pass.b_in->select(0, b.s)) : std::nullopt;
-  b.h = linear_nt(b.x, pass.w_in.select(0, b.s), std::nullopt, bin_s);  // [n, F]
+  b.h = pass.h_rows ? pass.h_rows->narrow(0, b.r, b.n).clone(at::MemoryFormat::Contiguous)
+                    : linear_nt(b.x, pass.w_in.select(0, b.s), std::nullopt, bin_s);  // [n, F]
   if (pass.need.p()) b.p = gemm(b.g, pass.w_out.select(0, b.s));
   b.gate = pass.act.gated ? b.h.narrow(1, 0, ff) : b.h;
   if (pass.act.gated) b.up = b.h.narrow(1, ff, ff);
@@ -307,7 +309,8 @@ FfnGrads grouped_expert_ffn_backward_cpu(const at::Tensor& grad_out_arg, const a
                                          const at::Tensor& expert_map, const at::Tensor& top_k_index,
                                          const at::Tensor& top_k_weights_arg, c10::string_view activation,
                                          std::array<bool, 6> mask_arg, const std::optional<at::Tensor>& b_in_arg,
-                                         const std::optional<at::Tensor>& b_out_arg, double alpha, double limit) {
+                                         const std::optional<at::Tensor>& b_out_arg, double alpha, double limit,
+                                         const std::optional<at::Tensor>& h_rows) {
   const at::Tensor grad_out = grad_out_arg.detach(), hidden = hidden_arg.detach(), w_in = w_in_arg.detach(),
                    w_out = w_out_arg.detach(), top_k_weights = top_k_weights_arg.detach();
   const Activation act = check_grouped_ffn_backward_args(grad_out, hidden, w_in, w_out, expert_map, top_k_index,
@@ -318,6 +321,11 @@ FfnGrads grouped_expert_ffn_backward_cpu(const at::Tensor& grad_out_arg, const a
   const int64_t T = hidden.size(0), d = hidden.size(1), k = top_k_index.size(1), S = w_in.size(0),
                 F = w_in.size(1), ff = w_out.size(2);
   const auto dtype = hidden.scalar_type();
+  TORCH_CHECK(!h_rows || (h_rows->dim() == 2 && h_rows->size(0) == T * k && h_rows->size(1) == F &&
+                          h_rows->scalar_type() == dtype && h_rows->device().is_cpu()),
+              "grouped_expert_ffn_backward: h_rows must be grouped_expert_ffn_keep_h's [T k, F] = [", T * k, ", ", F,
+              "] ", dtype, " CPU tensor, got ", h_rows ? h_rows->sizes() : at::IntArrayRef{}, " ",
+              h_rows ? h_rows->scalar_type() : dtype);
   const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
   auto aligned = moe_align_cpu_impl(top_k_index, top_k_weights, expert_map, S, acc);
   const at::Tensor &sorted_tokens = aligned[0], &offsets = aligned[1], &weights = aligned[2], &token_rows = aligned[3];
@@ -335,7 +343,7 @@ FfnGrads grouped_expert_ffn_backward_cpu(const at::Tensor& grad_out_arg, const a
             weights.narrow(0, 0, pairs).to(dtype).unsqueeze(1),             // [pairs, 1]
             need.x ? at::empty({pairs, d}, opts) : at::Tensor(),
             need.weights ? at::empty({pairs}, weights.options()) : at::Tensor(),
-            SlotGrads(need, w_in, w_out, /*weights_layout=*/true)};
+            SlotGrads(need, w_in, w_out, /*weights_layout=*/true), detached(h_rows)};
   const std::vector<int64_t> slot_rows = rows_per_slot(off, S);
   for (int64_t s = 0; s < S; ++s)  // slots no token reached get zero parameter gradients
     if (slot_rows[s] == 0) pass.grads.zero_slot(s);

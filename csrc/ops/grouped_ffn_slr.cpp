@@ -118,7 +118,7 @@ at::Tensor grouped_expert_ffn_slr_cpu(const at::Tensor& hidden_arg, at::TensorLi
                             " d=" + std::to_string(hidden.size(1)) + " F=" + std::to_string(w_in[0].size(1)) +
                             " r=" + std::to_string(w_in[0].size(2));
   return grouped_ffn_cpu_frame(
-      hidden, S, expert_map, top_k_index, top_k_weights, shape, [&](int64_t s, const at::Tensor& x, at::Tensor y) {
+      hidden, S, expert_map, top_k_index, top_k_weights, shape, [&](int64_t s, int64_t, const at::Tensor& x, at::Tensor y) {
         const int64_t kin = off_in[s + 1] - off_in[s], kout = off_out[s + 1] - off_out[s];
         at::Tensor h = slr_linear_cpu(x, bi[0][s], bi[1][s], bi[2].narrow(0, off_in[s], kin),
                                       bi[3].data_ptr<int64_t>() + off_in[s], row(bias_in, s), std::nullopt);

@@ -118,12 +118,20 @@ Activation check_grouped_ffn_args(const at::Tensor& hidden, const at::Tensor& w_
                                   const at::Tensor& top_k_weights, c10::string_view activation,
                                   const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
                                   double alpha, double limit);
+// The same, and H: the pre-activations x W_in[s]^T + b_in[s] of the routed rows in the alignment's order (rows
+// [0, pairs) of [T k, F]; the rest zero), kept for the backward (grouped_expert_ffn_backward_cpu's h_rows)
+// so that it need not recompute them.
+std::tuple<at::Tensor, at::Tensor> grouped_expert_ffn_keep_h_cpu(
+    const at::Tensor& hidden, const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& expert_map,
+    const at::Tensor& top_k_index, const at::Tensor& top_k_weights, c10::string_view activation,
+    const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out, double alpha, double limit);
 // The CPU frame of the grouped expert FFN (shared with grouped_ffn_slr): align the routing, gather each
-// slot's tokens into contiguous rows, call run_slot(s, x_rows [n, d], y_rows [n, d]) for each busy slot (in
+// slot's tokens into contiguous rows, call run_slot(s, r, x_rows [n, d], y_rows [n, d]) (r: the block's first
+// routed row) for each busy slot (in
 // row blocks; slots in parallel or one after another: slot_parallel.h, chosen per `shape`, the op and its
 // widths), then combine each token's rows with
 // its summed weights (combine_token_rows_cpu).
-using SlotFfn = std::function<void(int64_t slot, const at::Tensor& x, at::Tensor y)>;
+using SlotFfn = std::function<void(int64_t slot, int64_t row, const at::Tensor& x, at::Tensor y)>;
 at::Tensor grouped_ffn_cpu_frame(const at::Tensor& hidden, int64_t num_slots, const at::Tensor& expert_map,
                                  const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
                                  const std::string& shape, const SlotFfn& run_slot);
@@ -137,21 +145,23 @@ at::Tensor combine_token_rows_cpu(const at::Tensor& rows, const at::Tensor& toke
 // (grad_hidden, grad_w_in, grad_w_out, grad_top_k_weights, grad_b_in, grad_b_out) of grouped_expert_ffn for
 // grad_out [T, d]; output_mask says which to compute, the others come back as empty tensors [0] (so do the
 // gradients of biases not given). The weights' gradient entry (t, j) is <grad_out[t], FFN_s(hidden[t])>
-// (b_out[s] included) for the slot s of expert top_k_index[t, j] (0 for -1).
+// (b_out[s] included) for the slot s of expert top_k_index[t, j] (0 for -1). h_rows: the forward's H
+// (grouped_expert_ffn_keep_h_cpu) when it kept them, else recomputed (always on CUDA).
 using FfnGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 FfnGrads grouped_expert_ffn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& w_in,
                                          const at::Tensor& w_out, const at::Tensor& expert_map,
                                          const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
                                          c10::string_view activation, std::array<bool, 6> output_mask,
                                          const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
-                                         double alpha, double limit);
+                                         double alpha, double limit, const std::optional<at::Tensor>& h_rows);
 #ifdef MCSMOE_WITH_CUDA
 FfnGrads grouped_expert_ffn_backward_cuda(const at::Tensor& grad_out, const at::Tensor& hidden,
                                           const at::Tensor& w_in, const at::Tensor& w_out,
                                           const at::Tensor& expert_map, const at::Tensor& top_k_index,
                                           const at::Tensor& top_k_weights, c10::string_view activation,
                                           std::array<bool, 6> output_mask, const std::optional<at::Tensor>& b_in,
-                                          const std::optional<at::Tensor>& b_out, double alpha, double limit);
+                                          const std::optional<at::Tensor>& b_out, double alpha, double limit,
+                                          const std::optional<at::Tensor>& h_rows);
 #endif
 // The forward's checks plus grad_out's shape, dtype and device; returns the activation.
 Activation check_grouped_ffn_backward_args(const at::Tensor& grad_out, const at::Tensor& hidden,

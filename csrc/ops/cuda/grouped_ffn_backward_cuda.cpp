@@ -121,7 +121,8 @@ FfnGrads grouped_expert_ffn_backward_cuda(const at::Tensor& grad_out_arg, const 
                                           const at::Tensor& expert_map, const at::Tensor& top_k_index,
                                           const at::Tensor& top_k_weights_arg, c10::string_view activation,
                                           std::array<bool, 6> mask_arg, const std::optional<at::Tensor>& b_in_arg,
-                                          const std::optional<at::Tensor>& b_out_arg, double alpha, double limit) {
+                                          const std::optional<at::Tensor>& b_out_arg, double alpha, double limit,
+                                          const std::optional<at::Tensor>& /*h_rows: recomputed here*/) {
   const char* op = "grouped_expert_ffn_backward";
   const Activation act =
       check_grouped_ffn_backward_args(grad_out_arg, hidden_arg, w_in_arg, w_out_arg, expert_map, top_k_index,
