@@ -338,6 +338,31 @@ def test_the_bar_shows_the_loss_and_metrics_and_a_resumed_run_starts_where_it_st
     assert re.search(r" 3/5 ", err) and re.search(r" 5/5 ", err) and not re.search(r" [12]/5 ", err)
 
 
+# --- config.py --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("settings, message", [
+    (dict(batch_size=0), "batch_size must be >= 1, got 0"),
+    (dict(learning_rate=0.0), "learning_rate must be > 0, got 0.0"),
+    (dict(warmup_steps=-1), "warmup_steps and eval_every must be >= 0"),
+    (dict(eval_every=-1), "warmup_steps and eval_every must be >= 0"),
+    (dict(task_lambda=-0.1), "kd_lambda, task_lambda and hd_lambda must be >= 0"),
+    (dict(hd_lambda=-0.1), "kd_lambda, task_lambda and hd_lambda must be >= 0"),
+    (dict(adam_eps=0.0), "adam_eps must be > 0, got 0.0"),
+    (dict(prune_final_warmup=-1), "prune_initial_warmup and prune_final_warmup must be >= 0"),
+    (dict(steps=0, batch_size=0), "steps must be >= 1, got 0; batch_size must be >= 1, got 0"),
+])
+def test_each_bad_setting_is_refused_by_name_and_all_at_once(settings, message):
+    """One message for all the problems, each named (config.py `__post_init__` survivors of session 30)."""
+    with pytest.raises(ValueError, match=exact("TrainConfig: " + message)):
+        TrainConfig(**settings)
+
+
+def test_the_smallest_good_settings_are_taken():
+    config = TrainConfig(steps=1, batch_size=1, learning_rate=1e-12, warmup_steps=0, eval_every=0, kd_lambda=0.0,
+                         task_lambda=0.0, hd_lambda=0.0, adam_eps=1e-30, prune_initial_warmup=0, prune_final_warmup=0,
+                         mixed_precision="fp16", adam_betas=[0.8, 0.9])
+    assert (config.batch_size, config.mixed_precision, config.adam_betas) == (1, "fp16", (0.8, 0.9))
+
+
 # --- loop.py: evaluation, checkpoints and resuming ----------------------------------------------------------
 def scored_run(tmp_path, scores, greater=False):
     scores = iter(scores)
