@@ -98,15 +98,21 @@ def test_autograd_on_the_cpu_keeps_h_and_its_backward_reads_them():
     assert any(not torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(gradients(0.5), want))
 
 
-def test_nothing_is_kept_without_autograd():
+def ops_run(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("mcsmoe_fast::grouped_expert_ffn")}
+
+
+def test_h_are_kept_only_when_autograd_records_the_op():
+    """The keeping forward runs when autograd records the op; under no_grad, or when nothing needs a gradient,
+    the plain forward runs (no [T k, F] buffer, no copy)."""
     args = args_of(CASES[0])
     leaves = [a.detach().clone().requires_grad_() if i == 1 else a for i, a in enumerate(args)]
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
-        with torch.no_grad():
-            ops.grouped_expert_ffn(*leaves)
-        ops.grouped_expert_ffn(*args)  # nothing requires grad
-    assert saved == []
+    assert ops_run(lambda: ops.grouped_expert_ffn(*leaves)) == {"mcsmoe_fast::grouped_expert_ffn_keep_h"}
+    with torch.no_grad():
+        assert ops_run(lambda: ops.grouped_expert_ffn(*leaves)) == {"mcsmoe_fast::grouped_expert_ffn"}
+    assert ops_run(lambda: ops.grouped_expert_ffn(*args)) == {"mcsmoe_fast::grouped_expert_ffn"}
 
 
 def test_kept_h_of_the_wrong_shape_or_dtype_is_refused_by_name():
