@@ -146,6 +146,30 @@ def test_only_the_defaulted_warm_up_is_scaled_and_stays_a_whole_step_count():
     assert warmups == (1, 10) and all(type(w) is int for w in warmups)  # 4 * 12 // 28
 
 
+@pytest.mark.parametrize("settings, message", [
+    (dict(batch_size=0), "batch_size must be >= 1, got 0"),
+    (dict(learning_rate=0.0), "learning_rate must be > 0, got 0.0"),
+    (dict(warmup_steps=-1), "warmup_steps and eval_every must be >= 0"),
+    (dict(eval_every=-1), "warmup_steps and eval_every must be >= 0"),
+    (dict(task_lambda=-0.1), "kd_lambda, task_lambda and hd_lambda must be >= 0"),
+    (dict(hd_lambda=-0.1), "kd_lambda, task_lambda and hd_lambda must be >= 0"),
+    (dict(adam_eps=0.0), "adam_eps must be > 0, got 0.0"),
+    (dict(prune_final_warmup=-1), "prune_initial_warmup and prune_final_warmup must be >= 0"),
+    (dict(steps=0, batch_size=0), "steps must be >= 1, got 0; batch_size must be >= 1, got 0"),
+])
+def test_each_bad_setting_is_refused_by_name_and_all_at_once(settings, message):
+    """One message for all the problems, each named (config.py `__post_init__` survivors of session 30)."""
+    with pytest.raises(ValueError, match=exact("TrainConfig: " + message)):
+        TrainConfig(**settings)
+
+
+def test_the_smallest_good_settings_are_taken():
+    config = TrainConfig(steps=1, batch_size=1, learning_rate=1e-12, warmup_steps=0, eval_every=0, kd_lambda=0.0,
+                         task_lambda=0.0, hd_lambda=0.0, adam_eps=1e-30, prune_initial_warmup=0, prune_final_warmup=0,
+                         mixed_precision="fp16", adam_betas=[0.8, 0.9])
+    assert (config.batch_size, config.mixed_precision, config.adam_betas) == (1, "fp16", (0.8, 0.9))
+
+
 # --- loop.py: a tiny job whose batches are all the same -------------------------------------------------
 def same_rows(n=8, length=10, seed=7):
     row = torch.randint(3, 40, (length,), generator=torch.Generator().manual_seed(seed))
@@ -338,31 +362,6 @@ def test_the_bar_shows_the_loss_and_metrics_and_a_resumed_run_starts_where_it_st
     assert re.search(r" 3/5 ", err) and re.search(r" 5/5 ", err) and not re.search(r" [12]/5 ", err)
 
 
-# --- config.py --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("settings, message", [
-    (dict(batch_size=0), "batch_size must be >= 1, got 0"),
-    (dict(learning_rate=0.0), "learning_rate must be > 0, got 0.0"),
-    (dict(warmup_steps=-1), "warmup_steps and eval_every must be >= 0"),
-    (dict(eval_every=-1), "warmup_steps and eval_every must be >= 0"),
-    (dict(task_lambda=-0.1), "kd_lambda, task_lambda and hd_lambda must be >= 0"),
-    (dict(hd_lambda=-0.1), "kd_lambda, task_lambda and hd_lambda must be >= 0"),
-    (dict(adam_eps=0.0), "adam_eps must be > 0, got 0.0"),
-    (dict(prune_final_warmup=-1), "prune_initial_warmup and prune_final_warmup must be >= 0"),
-    (dict(steps=0, batch_size=0), "steps must be >= 1, got 0; batch_size must be >= 1, got 0"),
-])
-def test_each_bad_setting_is_refused_by_name_and_all_at_once(settings, message):
-    """One message for all the problems, each named (config.py `__post_init__` survivors of session 30)."""
-    with pytest.raises(ValueError, match=exact("TrainConfig: " + message)):
-        TrainConfig(**settings)
-
-
-def test_the_smallest_good_settings_are_taken():
-    config = TrainConfig(steps=1, batch_size=1, learning_rate=1e-12, warmup_steps=0, eval_every=0, kd_lambda=0.0,
-                         task_lambda=0.0, hd_lambda=0.0, adam_eps=1e-30, prune_initial_warmup=0, prune_final_warmup=0,
-                         mixed_precision="fp16", adam_betas=[0.8, 0.9])
-    assert (config.batch_size, config.mixed_precision, config.adam_betas) == (1, "fp16", (0.8, 0.9))
-
-
 # --- loop.py: evaluation, checkpoints and resuming ----------------------------------------------------------
 def scored_run(tmp_path, scores, greater=False):
     scores = iter(scores)
@@ -477,6 +476,27 @@ def test_clear_messages_for_a_missing_output_dir_or_eval_fn(tmp_path):
 
 
 # --- state.py -----------------------------------------------------------------------------------------------
+def test_optimizer_state_round_trips_through_plain_json_and_named_tensors():
+    """Tensors go to the safetensors file as optimizer.<index>.<key>; everything else (numbers, lists, a dict that
+    is not a tensor reference) stays in the JSON as it was (state.py `_flatten_optimizer` 1, 2, 24 and
+    `_unflatten_optimizer` 7, 10 of session 30)."""
+    from mcsmoe_fast.train.state import _flatten_optimizer, _unflatten_optimizer
+
+    moment = torch.arange(3.0)
+    state = {"state": {0: {"exp_avg": moment, "step": 7, "window": [1, 2], "extra": {"note": "kept"}}},
+             "param_groups": [{"lr": 0.1, "params": [0]}]}
+    tensors = {}
+    plain = _flatten_optimizer(state, tensors)
+    assert list(tensors) == ["optimizer.0.exp_avg"] and torch.equal(tensors["optimizer.0.exp_avg"], moment)
+    assert plain["state"]["0"] == {"exp_avg": {"tensor": "optimizer.0.exp_avg"}, "step": 7, "window": [1, 2],
+                                   "extra": {"note": "kept"}}
+    back = _unflatten_optimizer(json.loads(json.dumps(plain)), tensors)
+    assert back["param_groups"] == state["param_groups"] and list(back["state"]) == [0]
+    assert {k: v for k, v in back["state"][0].items() if k != "exp_avg"} == \
+        {"step": 7, "window": [1, 2], "extra": {"note": "kept"}}
+    assert torch.equal(back["state"][0]["exp_avg"], moment)
+
+
 def test_an_unreadable_training_state_names_the_file(tmp_path):
     (tmp_path / "trainer_state.json").write_text("{not json")
     with pytest.raises(ValueError, match="^" + re.escape(f"{tmp_path / 'trainer_state.json'}: no readable training state (")):
