@@ -2,9 +2,9 @@
 its experts under "eager" (the anchor), "grouped_mm" and our registered "mcsmoe_fast" experts implementation, which
 runs the fused op and its backward on GPT-OSS's stored banks (transposed, gate and up interleaved: activation
 "clamped_swiglu_interleaved"). Every candidate trains the same block (router included) on the same tokens; ours is
-checked against eager's loss and gradients. Measured (2026-12-06, AMD EPYC AVX2, 2 threads): ours 4.39x eager but
-0.44x grouped_mm (9.93x eager): our fused backward on these transposed, interleaved banks is the slow part (the
-forward alone is 1.5x grouped_mm at T = 128 in bench_moe.py).
+checked against eager's loss and gradients. Measured (2026-12-06, AMD EPYC AVX2, 2 threads): ours 12.99x eager,
+1.06x grouped_mm (12.29x eager); before session 30 0.44x grouped_mm, when autograd copied our gradients transposed
+into the banks' layout and the backward recomputed the pre-activations (docs/performance.md).
 
 Shapes: d 1024, ff 1024 (GPT-OSS's ff = d at about a third of its width), E 32, top-4, biases, clamped SwiGLU, T = 256
 tokens (about 8 rows per expert). Run:  python -m pytest benchmarks/bench_gpt_oss_train.py --benchmark-only
