@@ -1,7 +1,8 @@
 // grouped_expert_ffn_backward on the CPU: the gradients of the grouped expert FFN (grouped_ffn.cpp) with the
 // same routing frame: align (counting sort by slot), gather each slot's tokens and output gradients into
 // contiguous rows, then per slot s with routed rows X [n, d], summed weights w [n] and gradients G [n, d]:
-//   H = X W_in[s]^T + b_in[s] (recomputed; the forward keeps nothing), A = act(H), P = G W_out[s]   [n, ff]
+//   H = X W_in[s]^T + b_in[s] (the forward's, h_rows, when grouped_expert_ffn_keep_h kept them; else recomputed),
+//   A = act(H), P = G W_out[s]   [n, ff]
 //   grad of each routing weight = <G_t, y_t> = <P_t, A_t> + <G_t, b_out[s]>   (y is never formed)
 //   grad_W_out[s] = G^T (w A)      grad_b_out[s] = G^T w      dA = w P      dH = act'(H) applied to dA
 //   grad_W_in[s] = dH^T X          grad_b_in[s] = sum of dH's rows
