@@ -132,7 +132,7 @@ def grouped_expert_ffn(
 
     When autograd records it on the CPU, the forward keeps the routed rows' pre-activations (T k rows of F, as
     autograd keeps eager's intermediates) and the backward reads them instead of recomputing them (one GEMM
-    of the backward's four saved); elsewhere, and when nothing needs a gradient, nothing is kept.
+    of the backward's five saved); elsewhere, and when nothing needs a gradient, nothing is kept.
     """
     args = (hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation, b_in, b_out, alpha, limit)
     if hidden.device.type == "cpu" and torch.is_grad_enabled() and any(

@@ -126,11 +126,10 @@ std::tuple<at::Tensor, at::Tensor> grouped_expert_ffn_keep_h_cpu(
     const at::Tensor& top_k_index, const at::Tensor& top_k_weights, c10::string_view activation,
     const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out, double alpha, double limit);
 // The CPU frame of the grouped expert FFN (shared with grouped_ffn_slr): align the routing, gather each
-// slot's tokens into contiguous rows, call run_slot(s, r, x_rows [n, d], y_rows [n, d]) (r: the block's first
-// routed row) for each busy slot (in
-// row blocks; slots in parallel or one after another: slot_parallel.h, chosen per `shape`, the op and its
-// widths), then combine each token's rows with
-// its summed weights (combine_token_rows_cpu).
+// slot's tokens into contiguous rows, call run_slot(s, r, x_rows [n, d], y_rows [n, d]) for each busy slot, in
+// row blocks (r: the block's first routed row; slots in parallel or one after another: slot_parallel.h, chosen
+// per `shape`, the op and its widths), then combine each token's rows with its summed weights
+// (combine_token_rows_cpu).
 using SlotFfn = std::function<void(int64_t slot, int64_t row, const at::Tensor& x, at::Tensor y)>;
 at::Tensor grouped_ffn_cpu_frame(const at::Tensor& hidden, int64_t num_slots, const at::Tensor& expert_map,
                                  const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
