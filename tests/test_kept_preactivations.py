@@ -7,6 +7,8 @@ import torch
 
 from mcsmoe_fast import ops, reference
 from test_grouped_ffn import biases, problem
+from test_grouped_ffn_backward import WITH_BIASES
+from test_grouped_ffn_backward import leaves as leaves_of
 
 keep_h = torch.ops.mcsmoe_fast.grouped_expert_ffn_keep_h
 
@@ -75,10 +77,10 @@ def test_autograd_on_the_cpu_keeps_h_and_its_backward_reads_them():
     unpacking changes them; unchanged, they equal autograd through the reference. Twice over one graph
     (retain_graph) gives the same gradients: the backward works on a copy of H."""
     args = args_of(CASES[0])
-    leaves = [a.detach().clone().requires_grad_() if i in (0, 1, 2, 5, 7, 8) else a for i, a in enumerate(args)]
+    leaves = leaves_of(args, WITH_BIASES)
     T, k, F = args[4].shape[0], args[4].shape[1], args[1].shape[1]
     g = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(4))
-    inputs = [leaves[i] for i in (0, 1, 2, 5, 7, 8)]
+    inputs = [leaves[i] for i in WITH_BIASES]
 
     def gradients(shift):
         saved = []
@@ -110,7 +112,7 @@ def test_h_are_kept_only_when_autograd_records_the_op():
     """The keeping forward runs when autograd records the op; under no_grad, or when nothing needs a gradient,
     the plain forward runs (no [T k, F] buffer, no copy)."""
     args = args_of(CASES[0])
-    leaves = [a.detach().clone().requires_grad_() if i == 1 else a for i, a in enumerate(args)]
+    leaves = leaves_of(args, (1,))
     assert ops_run(lambda: ops.grouped_expert_ffn(*leaves)) == {"mcsmoe_fast::grouped_expert_ffn_keep_h"}
     with torch.no_grad():
         assert ops_run(lambda: ops.grouped_expert_ffn(*leaves)) == {"mcsmoe_fast::grouped_expert_ffn"}
@@ -129,7 +131,7 @@ def test_kept_h_of_the_wrong_shape_or_dtype_is_refused_by_name():
 
 def test_opcheck_of_the_keeping_forward_and_the_reading_backward():
     args = args_of(CASES[2])
-    leaves = [a.detach().clone().requires_grad_() if i in (0, 1, 2, 5, 7, 8) else a for i, a in enumerate(args)]
+    leaves = leaves_of(args, WITH_BIASES)
     torch.library.opcheck(keep_h.default, tuple(leaves))
     _, h_rows = keep_h(*args)
     torch.library.opcheck(torch.ops.mcsmoe_fast.grouped_expert_ffn_backward.default,
@@ -143,8 +145,8 @@ def test_activation_checkpointing_gives_the_same_gradients(use_reentrant):
     from torch.utils.checkpoint import checkpoint
 
     args = args_of(CASES[3])
-    leaves = [a.detach().clone().requires_grad_() if i in (0, 1, 2, 5, 7, 8) else a for i, a in enumerate(args)]
-    inputs = [leaves[i] for i in (0, 1, 2, 5, 7, 8)]
+    leaves = leaves_of(args, WITH_BIASES)
+    inputs = [leaves[i] for i in WITH_BIASES]
     g = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(6))
     want = torch.autograd.grad(ops.grouped_expert_ffn(*leaves), inputs, g)
     out = checkpoint(lambda *a: ops.grouped_expert_ffn(*a), *leaves, use_reentrant=use_reentrant)
