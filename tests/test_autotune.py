@@ -40,7 +40,7 @@ def fresh_cache(monkeypatch):
 
 def test_the_decisions_and_their_pins():
     assert DECISIONS == {
-        "slot_parallel": ("MCSMOE_SLOT_PARALLEL", ["sequential", "parallel"]),
+        "slot_parallel": ("MCSMOE_SLOT_PARALLEL", ["sequential", "parallel", "balanced"]),
         "slr_row_parallel": ("MCSMOE_SLR_ROW_PARALLEL", ["one_block", "row_blocks"]),
         "slr_path": ("MCSMOE_SLR_PATH", ["two_gemms", "stacked"]),
         "gemm": ("MCSMOE_GEMM", ["aten", "onednn", "fp32"]),

@@ -88,8 +88,8 @@ def test_half_precision_on_cpu(dtype):
     check(problem(23, 16, 24, 8, 4, 2, "swiglu", dtype, 0.1))
 
 
-@pytest.mark.parametrize("mode", ["0", "1"])
-def test_both_thread_strategies(mode, monkeypatch):
+@pytest.mark.parametrize("mode", ["0", "1", "balanced"])
+def test_every_thread_schedule(mode, monkeypatch):
     monkeypatch.setenv("MCSMOE_SLOT_PARALLEL", mode)
     for T in (1, 3, 70):
         check(problem(T, 24, 40, 8, 4, 2, "swiglu", seed=T))
@@ -97,7 +97,7 @@ def test_both_thread_strategies(mode, monkeypatch):
             check(problem(T, 24, 40, 8, 4, 2, "relu", seed=T))
 
 
-@pytest.mark.parametrize("mode", ["0", "1"])
+@pytest.mark.parametrize("mode", ["0", "1", "balanced"])
 def test_many_small_slots_on_two_threads(mode, monkeypatch):
     """Many small slots (Qwen3-like: E = S = 96, top-8), large enough to run on every thread (above
     kSmallCallMacs): in parallel the threads take slots from a shared counter. Equal to the reference,
@@ -279,8 +279,8 @@ def test_biases_and_clamped_swiglu_half_precision_on_cpu(dtype):
     check(args, biases(args) | dict(limit=0.6))
 
 
-@pytest.mark.parametrize("mode", ["0", "1"])
-def test_biases_and_clamped_swiglu_both_thread_strategies(mode, monkeypatch):
+@pytest.mark.parametrize("mode", ["0", "1", "balanced"])
+def test_biases_and_clamped_swiglu_every_thread_schedule(mode, monkeypatch):
     monkeypatch.setenv("MCSMOE_SLOT_PARALLEL", mode)
     for T in (1, 3, 70, 1300):  # 1300: a slot with more than 1024 rows runs in row blocks
         args = problem(T, 24, 40, 8, 4, 2, "clamped_swiglu", seed=T)

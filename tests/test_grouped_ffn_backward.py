@@ -146,8 +146,8 @@ def test_autograd_asks_only_for_needed_grads(which):
     check_grads(problem(31, 12, 9, 8, 3, 2, "gelu_tanh", torch.float64, 0.1, seed=4), which=which)
 
 
-@pytest.mark.parametrize("mode", ["0", "1"])
-def test_both_thread_strategies_and_row_blocks(mode, monkeypatch):
+@pytest.mark.parametrize("mode", ["0", "1", "balanced"])
+def test_every_thread_schedule_and_row_blocks(mode, monkeypatch):
     monkeypatch.setenv("MCSMOE_SLOT_PARALLEL", mode)
     for T in (1, 3, 70):
         check_grads(problem(T, 24, 40, 8, 4, 2, "swiglu", seed=T))
@@ -158,7 +158,7 @@ def test_both_thread_strategies_and_row_blocks(mode, monkeypatch):
         check_grads(problem(200, 24, 40, 8, 4, 2, "relu", seed=9))
 
 
-@pytest.mark.parametrize("mode", ["0", "1"])
+@pytest.mark.parametrize("mode", ["0", "1", "balanced"])
 def test_many_small_slots_on_two_threads(mode, monkeypatch):
     """Many small slots (E = S = 64, top-6) above kSmallCallMacs, so every thread takes slots from the
     shared counter: every gradient equals the reference's."""
@@ -418,8 +418,8 @@ def test_raw_op_with_one_bias_passed_short():
             torch.testing.assert_close(x, y, **TOL[torch.float64])
 
 
-@pytest.mark.parametrize("mode", ["0", "1"])
-def test_biases_both_thread_strategies_and_row_blocks(mode, monkeypatch):
+@pytest.mark.parametrize("mode", ["0", "1", "balanced"])
+def test_biases_every_thread_schedule_and_row_blocks(mode, monkeypatch):
     monkeypatch.setenv("MCSMOE_SLOT_PARALLEL", mode)
     for T in (1, 3, 70):
         check_grads(with_biases(problem(T, 24, 40, 8, 4, 2, "clamped_swiglu", seed=T), limit=0.7), which=WITH_BIASES)

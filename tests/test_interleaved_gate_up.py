@@ -38,7 +38,7 @@ def interleaved_problem(shape, dtype, transposed, seed):
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("schedule", ["sequential", "parallel"])
+@pytest.mark.parametrize("schedule", ["sequential", "parallel", "balanced"])
 def test_interleaved_equals_the_reference_and_the_gate_first_op(shape, dtype, transposed, schedule, monkeypatch):
     monkeypatch.setenv("MCSMOE_SLOT_PARALLEL", schedule)
     args, kw, fast, fast_kw = interleaved_problem(shape, dtype, transposed, seed=sum(shape[:3]))
@@ -69,7 +69,7 @@ def test_alpha_and_limit_reach_the_interleaved_activation():
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("shape", SHAPES[:5])
-@pytest.mark.parametrize("schedule", ["sequential", "parallel"])
+@pytest.mark.parametrize("schedule", ["sequential", "parallel", "balanced"])
 def test_interleaved_gradients_equal_the_references(shape, dtype, transposed, schedule, monkeypatch):
     """The fused backward on interleaved rows: dH written in h's own column order, so grad_w_in and grad_b_in come
     back interleaved like w_in and b_in; every gradient against autograd through the plain-PyTorch reference."""

@@ -350,8 +350,8 @@ def test_ffn_inference_mode():
         assert out.is_inference()
 
 
-@pytest.mark.parametrize("mode", ["0", "1"])
-def test_ffn_both_thread_strategies(mode, monkeypatch):
+@pytest.mark.parametrize("mode", ["0", "1", "balanced"])
+def test_ffn_every_thread_schedule(mode, monkeypatch):
     monkeypatch.setenv("MCSMOE_SLOT_PARALLEL", mode)
     for T in (1, 3, 70):
         check_ffn(ffn_problem(T, 24, 40, 8, 4, 2, 4, "swiglu", seed=T))
@@ -417,7 +417,7 @@ def test_ffn_clamped_swiglu_straddles_the_limit(alpha, limit, scale, dtype):
         assert not torch.allclose(out, ops.grouped_expert_ffn_slr(*args))
 
 
-@pytest.mark.parametrize("mode", ["0", "1"])
+@pytest.mark.parametrize("mode", ["0", "1", "balanced"])
 def test_ffn_clamped_swiglu_thread_strategies_and_half_precision(mode, monkeypatch):
     monkeypatch.setenv("MCSMOE_SLOT_PARALLEL", mode)
     for T in (1, 70, 1100):

@@ -187,7 +187,7 @@ class Choice {
 };
 
 // The decisions the CPU ops make (labels in candidate order; index 0 of the first two is today's "0").
-inline const Decision kSlotParallel{"slot_parallel", "MCSMOE_SLOT_PARALLEL", {"sequential", "parallel"}};
+inline const Decision kSlotParallel{"slot_parallel", "MCSMOE_SLOT_PARALLEL", {"sequential", "parallel", "balanced"}};
 inline const Decision kSlrRowParallel{"slr_row_parallel", "MCSMOE_SLR_ROW_PARALLEL", {"one_block", "row_blocks"}};
 inline const Decision kSlrPath{"slr_path", "MCSMOE_SLR_PATH", {"two_gemms", "stacked"}};
 inline const Decision kGemm{"gemm", "MCSMOE_GEMM", {"aten", "onednn", "fp32"}};

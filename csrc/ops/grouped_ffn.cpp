@@ -3,9 +3,9 @@
 // contiguous slices (linear_nt -> oneDNN/MKL) around the activation, then each token sums its slots' rows
 // times the summed routing weights (kernels/grouped_ffn.h's combine, which the backward shares).
 //
-// Threads: either the slots run in parallel (one GEMM per thread, single-threaded) or the slots run one
-// after another and each GEMM uses every thread; see use_slot_parallelism (slot_parallel.h).
-// MCSMOE_SLOT_PARALLEL=0/1 forces one or the other (for measurements).
+// Threads: the slots one after another with threaded GEMMs, whole slots in parallel, or every thread the
+// same number of rows (a slot's rows may be cut between threads); single-threaded GEMMs in the last two. See
+// schedule_slots (slot_parallel.h); MCSMOE_SLOT_PARALLEL=sequential/parallel/balanced pins one.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -103,8 +103,9 @@ at::Tensor grouped_ffn_cpu_frame(const at::Tensor& hidden, int64_t S, const at::
 
   const at::Tensor x = hidden.index_select(0, sorted_tokens.narrow(0, 0, pairs));  // [pairs, d] by slot
   at::Tensor y = at::empty({pairs, d}, hidden.options());
-  for_each_slot(rows_per_slot(off, S), shape, [&](int64_t s) {
-    for_each_row_block(off[s], off[s + 1], [&](int64_t r, int64_t n) { ffn(s, r, x.narrow(0, r, n), y.narrow(0, r, n)); });
+  schedule_slots(rows_per_slot(off, S), shape, /*splittable=*/true, [&](int64_t s, int64_t begin, int64_t end) {
+    for_each_row_block(off[s] + begin, off[s] + end,
+                       [&](int64_t r, int64_t n) { ffn(s, r, x.narrow(0, r, n), y.narrow(0, r, n)); });
   });
   return combine_token_rows_cpu(y, rows, weights);
 }

@@ -1,6 +1,6 @@
 // How the CPU grouped-FFN ops (forward and backward) spread their work over threads: slots in parallel or
 // one after another (for_each_slot), each slot's rows in blocks (for_each_row_block), small calls on the
-// calling thread alone (SingleThreadIf).
+// calling thread alone (SingleThreadIf); the forward may also cut a slot's rows between threads (balanced).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -13,6 +13,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -46,16 +47,51 @@ inline std::vector<int64_t> slots_largest_first(const std::vector<int64_t>& rows
   return order;
 }
 
-// run_slot(s) for every slot with rows, spread over threads by the rule above. In parallel, each thread
-// takes the next slot, largest first, from a shared counter (longest-processing-time order), rather than
-// a list dealt in advance: a thread the OS deschedules on a busy machine no longer holds back the slots
-// dealt to it. Measured here (2 threads, fp32, one competing CPU-bound process): Qwen3-shaped (E 128, ff
-// 768) 1.02-1.29x faster at G = 128 and 1.01-1.45x at G = 32, Mixtral-shaped G = 8 1.02-1.30x, T = 16..1024;
-// on an idle machine equal within noise (0.99-1.03x), as are the few-slot cases.
-// `shape`: the op and its widths (dtype, d, F, ...); the shape class adds threads, busy slots and the largest
-// slot's rows (powers of two).
+// Where thread t's share of the "balanced" schedule starts: t R / P of all R rows (slots in order), moved to
+// the slot boundary before or after it when the cut would leave a piece of fewer than kMinPiece rows (each
+// piece streams its slot's weights once: measured here, a 9-row piece cost as much as the balance gained).
+constexpr int64_t kMinPiece = 32;
+inline int64_t balanced_cut(const std::vector<int64_t>& slot_rows, int64_t total, int64_t t, int64_t threads) {
+  const int64_t cut = total * t / threads;
+  int64_t start = 0;
+  for (const int64_t n : slot_rows) {
+    if (cut < start + n) {
+      if (cut - start < kMinPiece) return start;
+      return start + n - cut < kMinPiece ? start + n : cut;
+    }
+    start += n;
+  }
+  return total;
+}
+
+// Thread t's share: rows [cut(t), cut(t + 1)) as run(s, begin, end), rows [begin, end) counted from slot s's
+// first row (at most two slots cut).
 template <typename F>
-void for_each_slot(const std::vector<int64_t>& slot_rows, const std::string& shape, F&& run_slot) {
+void balanced_share(const std::vector<int64_t>& slot_rows, int64_t total, int64_t t, int64_t threads, F&& run) {
+  const int64_t lo = balanced_cut(slot_rows, total, t, threads), hi = balanced_cut(slot_rows, total, t + 1, threads);
+  int64_t start = 0;
+  for (int64_t s = 0; s < static_cast<int64_t>(slot_rows.size()) && start < hi; start += slot_rows[s++]) {
+    const int64_t begin = std::max(lo, start), end = std::min(hi, start + slot_rows[s]);
+    if (begin < end) run(s, begin - start, end - start);
+  }
+}
+
+// The slots' rows spread over threads, as run(s, begin, end) (rows [begin, end) of slot s, counted from its
+// first row). Three schedules (decision slot_parallel):
+// - sequential: slots in turn, each whole, threaded GEMMs;
+// - parallel: each thread takes the next whole slot, largest first, from a shared counter (longest-processing-
+//   time order), single-threaded GEMMs; not a list dealt in advance: a thread the OS deschedules on a busy
+//   machine no longer holds back the slots dealt to it. Measured here (2 threads, fp32, one competing CPU-bound
+//   process): Qwen3-shaped (E 128, ff 768) 1.02-1.29x faster at G = 128 and 1.01-1.45x at G = 32, Mixtral-
+//   shaped G = 8 1.02-1.30x, T = 16..1024; on an idle machine equal within noise (0.99-1.03x);
+// - balanced (only where a slot's rows may be cut, `splittable`: the forward, not the backward, whose weight
+//   gradients sum over a slot's rows): every thread about the same number of rows (balanced_share), single-
+//   threaded GEMMs. Few merged slots on many threads, or slots of uneven sizes, leave no thread idle.
+// The default is the rule above (use_slot_parallelism: sequential or parallel); with timing on, the three are
+// timed per shape class. `shape`: the op and its widths (dtype, d, F, ...); the shape class adds threads, busy
+// slots and the largest slot's rows (powers of two).
+template <typename F>
+void schedule_slots(const std::vector<int64_t>& slot_rows, const std::string& shape, bool splittable, F&& run) {
   if (slot_rows.empty()) return;
   const int64_t active = std::count_if(slot_rows.begin(), slot_rows.end(), [](int64_t n) { return n > 0; });
   const int64_t threads = at::get_num_threads();
@@ -63,21 +99,34 @@ void for_each_slot(const std::vector<int64_t>& slot_rows, const std::string& sha
   const std::string key = shape + " threads=" + std::to_string(threads) + " busy<=" +
                           std::to_string(autotune::bucket(active)) + " rows<=" +
                           std::to_string(autotune::bucket(max_rows));
-  // Timed only where both schedules differ: two threads or more and two busy slots or more.
-  autotune::Choice choice(autotune::kSlotParallel, key, use_slot_parallelism(max_rows, active, threads) ? 1 : 0, 0b11,
-                          threads > 1 && active > 1);
-  if (choice.index == 1) {
-    const bool inference = c10::InferenceMode::is_enabled();  // thread-local: carry it into the workers
-    const auto order = slots_largest_first(slot_rows);
-    std::atomic<size_t> next{0};
-    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-      c10::InferenceMode guard(inference);
-      for (size_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < order.size();) run_slot(order[i]);
-    });
-  } else {
+  const bool balance = splittable && threads > 1;
+  // Timed only where the schedules differ: two threads or more, and two busy slots or more (or a slot to cut).
+  autotune::Choice choice(autotune::kSlotParallel, key, use_slot_parallelism(max_rows, active, threads) ? 1 : 0,
+                          balance ? 0b111 : 0b11, threads > 1 && (active > 1 || balance));
+  if (choice.index == 0) {
     for (int64_t s = 0; s < static_cast<int64_t>(slot_rows.size()); ++s)
-      if (slot_rows[s] > 0) run_slot(s);
+      if (slot_rows[s] > 0) run(s, int64_t{0}, slot_rows[s]);
+    return;
   }
+  const bool inference = c10::InferenceMode::is_enabled();  // thread-local: carry it into the workers
+  const auto order = slots_largest_first(slot_rows);
+  const int64_t total = std::accumulate(slot_rows.begin(), slot_rows.end(), int64_t{0});
+  std::atomic<size_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    c10::InferenceMode guard(inference);
+    if (choice.index == 2) {
+      for (int64_t t = begin; t < end; ++t) balanced_share(slot_rows, total, t, threads, run);
+      return;
+    }
+    for (size_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < order.size();)
+      run(order[i], int64_t{0}, slot_rows[order[i]]);
+  });
+}
+
+// run_slot(s) for every slot with rows, each slot whole on one thread (sequential or parallel).
+template <typename F>
+void for_each_slot(const std::vector<int64_t>& slot_rows, const std::string& shape, F&& run_slot) {
+  schedule_slots(slot_rows, shape, /*splittable=*/false, [&](int64_t s, int64_t, int64_t) { run_slot(s); });
 }
 
 // Rows of every slot: rows[s] = offsets[s + 1] - offsets[s] (offsets [S + 1] from the alignment).
