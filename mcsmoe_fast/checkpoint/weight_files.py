@@ -218,6 +218,10 @@ def _readinto(f, out: torch.Tensor, offset: int, nbytes: int, path: Path) -> Non
         done += n
 
 
+# Stored dtypes whose values mean nothing without a scale (quant/ reads them with theirs): never converted raw.
+SCALED = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e8m0fnu)
+
+
 class WeightFiles:
     """Tensors stored in safetensors files of one directory, named by `weight_map` {tensor: file}
     (None: every tensor of the single file `single`). `aliases` {name: stored name} add tied names.
@@ -287,6 +291,11 @@ class WeightFiles:
                                   f"expected {tuple(out.shape)}")
         if out.dtype == t.dtype and out.is_contiguous() and out.device.type == "cpu":
             _readinto(self._handle(t.file), out, t.offset, t.nbytes, self.directory / t.file)
+        elif t.dtype in SCALED:
+            raise CheckpointError(
+                f"{self.directory / t.file}: tensor {name!r} is stored as {t.dtype} with no scales read with it: its "
+                f"values alone are off by their block scale. A block-FP8 checkpoint needs {name}_scale_inv next to it "
+                "and config.json's quantization_config (quant_method 'fp8', weight_block_size)")
         else:
             with torch.no_grad():
                 out.copy_(self.get(name))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .._ext import _C
-from .grid import cdiv, native_applies, pow2_at_least
+from .grid import cdiv, native_applies, pow2_exponent
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -27,12 +27,14 @@ def scale_grid(shape, block=BLOCK) -> tuple[int, ...]:
 
 
 def _scales_fp32(scale_inv: torch.Tensor) -> torch.Tensor:
-    if scale_inv.dtype == torch.uint8:  # raw e8m0 exponent bytes
-        return torch.ldexp(torch.ones(scale_inv.shape, dtype=torch.float32), scale_inv.to(torch.int32) - 127)
+    if scale_inv.dtype == torch.uint8:  # raw e8m0 exponent bytes: 2^(byte - 127), and 255 = NaN as the format says
+        return scale_inv.view(torch.float8_e8m0fnu).to(torch.float32)
     return scale_inv.to(torch.float32)
 
 
 def _check(weight: torch.Tensor, scale_inv: torch.Tensor, block) -> None:
+    if weight.dtype != E4M3:
+        raise ValueError(f"weight: expected float8_e4m3fn values (block FP8), got {weight.dtype}")
     if weight.dim() < 2:
         raise ValueError(f"weight: expected [..., out, in], got shape {tuple(weight.shape)}")
     expected = scale_grid(weight.shape, block)
@@ -84,13 +86,15 @@ def block_amax(w: torch.Tensor, block=BLOCK) -> torch.Tensor:
 
 def fp8_scales(amax: torch.Tensor, scale_fmt: str = "float") -> torch.Tensor:
     """weight_scale_inv (float32) per block from its amax: amax / 448, or the smallest power of two
-    2^k >= amax / 448 (ue8m0); 1 for an all-zero block."""
+    2^k >= amax / 448 (ue8m0); 1 for an all-zero block. Never 0 for a block that is not (a float32 amax under
+    448 * 2^-149 would give 0, and its zeros would read back as 0 / 0 = NaN): float scales are at least 2^-149, and
+    ue8m0 exponents stay within e8m0's range [-127, 127] (below 2^-127 the values round on 2^-127's grid)."""
     if scale_fmt not in ("float", "ue8m0"):
         raise ValueError(f"scale_fmt: expected 'float' or 'ue8m0', got {scale_fmt!r}")
     if scale_fmt == "float":
-        s = amax / E4M3_MAX
+        s = (amax / E4M3_MAX).clamp_min(2.0**-149)
     else:
-        s = pow2_at_least(amax, E4M3_MAX)
+        s = torch.ldexp(torch.ones(amax.shape, dtype=torch.float32), pow2_exponent(amax, E4M3_MAX).clamp_(-127, 127))
     return torch.where(amax > 0, s, torch.ones_like(s))
 
 
@@ -109,6 +113,8 @@ def quantize_fp8(w: torch.Tensor, block=BLOCK, scale_fmt: str = "float",
         raise ValueError("scale_dtype float8_e8m0fnu holds powers of two only: use scale_fmt='ue8m0'")
     rows, cols = w.shape[-2:]
     q = torch.empty(w.shape, dtype=E4M3, device=w.device)
+    if w.numel() == 0:  # nothing to scale: a grid of ones (reshape(-1, rows, cols) is ambiguous when empty)
+        return q, torch.ones(scale_grid(w.shape, block), dtype=torch.float32, device=w.device).to(scale_dtype)
     if native and w.numel() and native_applies(w):
         w3 = w.contiguous().reshape(-1, rows, cols)
         amax = torch.empty((w3.shape[0], cdiv(rows, block[0]), cdiv(cols, block[1])), dtype=torch.float32)

@@ -19,12 +19,6 @@ def pow2_exponent(amax: torch.Tensor, top: float) -> torch.Tensor:
     return torch.where(a > 0, k, torch.zeros_like(k))
 
 
-def pow2_at_least(amax: torch.Tensor, top: float) -> torch.Tensor:
-    """2^k (float32) for the smallest k with amax / 2^k <= top."""
-    k = pow2_exponent(amax, top)
-    return torch.ldexp(torch.ones_like(k, dtype=torch.float32), k)
-
-
 NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what csrc/ops/dequant.cpp writes and quantize.cpp reads
 
 

@@ -95,6 +95,9 @@ def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(blocks [..., rows, G, 16] uint8, scales [..., rows, G] uint8) of w [..., rows, cols], G = ceil(cols/32)."""
     if w.dim() < 1:
         raise ValueError("w: expected at least one dim (the one packed in blocks of 32)")
+    if w.numel() and not torch.isfinite(w).all():
+        at = tuple(torch.nonzero(~torch.isfinite(w))[0].tolist())
+        raise ValueError(f"w: NaN or inf at {at}, which MXFP4 cannot store (e2m1 has neither)")
     cols = w.shape[-1]
     groups = cdiv(cols, BLOCK)
     x = torch.nn.functional.pad(w.to(torch.float32), (0, groups * BLOCK - cols)).reshape(*w.shape[:-1], groups, BLOCK)

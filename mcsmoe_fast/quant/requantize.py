@@ -15,7 +15,7 @@ import torch
 from .files import QuantizedFiles
 from .format import QuantFormat
 from .fp8 import dequantize_fp8, quantize_fp8
-from .mxfp4 import dequantize_mxfp4, quantize_mxfp4
+from .mxfp4 import BLOCK, dequantize_mxfp4, quantize_mxfp4
 
 # tensors that stay unquantized in the releases: embeddings, norms, the head, routers
 KEEP = ("embed_tokens", "lm_head", "norm", ".gate.weight", ".router.weight", "e_score_correction_bias", "shared_expert_gate")
@@ -30,7 +30,11 @@ def quantize_tensor(name: str, tensor: torch.Tensor, fmt: QuantFormat, scale_dty
     if fmt.method == "fp8":
         q, s = quantize_fp8(tensor, fmt.block, fmt.scale_fmt, scale_dtype)
         return dict(zip(fmt.parts(name), (q, s)))
-    blocks, scales = quantize_mxfp4(tensor.transpose(-1, -2) if transpose_mxfp4 else tensor)
+    packed = tensor.transpose(-1, -2) if transpose_mxfp4 else tensor
+    if packed.shape[-1] % BLOCK:  # the format stores no column count: readers take blocks * 32
+        raise ValueError(f"{name}: MXFP4 packs its dim of {packed.shape[-1]} in blocks of {BLOCK}; a checkpoint cannot "
+                         f"store a ragged last block (transformers and vLLM read {BLOCK} columns a block)")
+    blocks, scales = quantize_mxfp4(packed)
     return dict(zip(fmt.parts(name), (blocks, scales)))
 
 

@@ -9,7 +9,7 @@ open_model -> align_experts(model, reference) -> model.save_pretrained on the sa
 
 A block-FP8 / MXFP4 source is read dequantized and, with keep_quantization (the default), the aligned
 checkpoint is written under the family's hub names (as the source stores them) and then rewritten in its
-format one tensor at a time (quantize_checkpoint(like=source), as the
+format one tensor at a time (write_quantized(like=source), as the
 in-memory `permute` does with requantize_saved): the permuted experts quantized afresh, every other tensor
 the source's bytes, its quantization_config and the error report in config.json. keep_quantization=False:
 dequantized tensors in `dtype`, without quantization_config.
@@ -26,7 +26,7 @@ from ..permute import apply_permutation_, match_permutations, with_bias_column
 from ..checkpoint.weight_files import ShardWriter
 from .memory import shard_size_for
 from .skeleton import layer_units, moe_views, open_source
-from .quantized import dequantized_config, quantize_checkpoint
+from .quantized import dequantized_config, write_quantized
 
 
 @torch.no_grad()
@@ -83,6 +83,6 @@ def permute_checkpoint(path, out, reference: int = 0, max_memory=None, max_shard
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if requantize:  # in the source's format, one tensor at a time
-            quantize_checkpoint(tmp, final, like=path, max_shard_size=shard_size)
+            write_quantized(tmp, final, like=path, max_shard_size=shard_size)
             shutil.rmtree(tmp)
     return perms

@@ -21,7 +21,7 @@ merged experts run on the first PROBE_TOKENS tokens that reached the layer's exp
 pass (their hidden states and routing, as the original model routed them: `ErrorProbe`), once with the
 merged weights and once with their re-quantized values, both in float32.
 
-`quantize_checkpoint` writes a plain transformers checkpoint in an official quantized layout (tests and
+`quantize_checkpoint` writes a plain transformers checkpoint in an official quantized layout, atomically (tests and
 benchmarks build their inputs with it; it is also how a model gets FP8 for serving).
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ from ..quant.requantize import (LikeSource, dequantize_parts, quantizable, quant
 from .layer_error import layer_error
 
 __all__ = ["describe_error", "dequantize_parts", "quantize_tensor", "relative_error", "quantize_checkpoint",
-           "requantize_saved", "load_dequantized", "output_writer", "record_error", "ErrorProbe", "QuantizingWriter"]
+           "write_quantized", "requantize_saved", "load_dequantized", "output_writer", "record_error", "ErrorProbe", "QuantizingWriter"]
 
 PROBE_TOKENS = 256  # calibration tokens per layer the output error is measured on (kept until the layer is merged)
 ERROR_KEY = "mcsmoe_quantization"  # config.json: the output's format and the error re-quantizing added
@@ -197,6 +197,17 @@ def dequantized_config(config) -> None:
 @torch.no_grad()
 def quantize_checkpoint(src, dst, quantization_config: dict | None = None, scale_dtype: torch.dtype = torch.float32,
                         like=None, max_shard_size: int | None = None) -> Path:
+    """write_quantized(src, dst, ...) atomically: into a temporary directory that replaces `dst` once complete,
+    so a refused tensor or a crash leaves whatever `dst` held as it was (`dst` may be `src`)."""
+    from ..checkpoint import atomic_directory
+
+    with atomic_directory(dst) as tmp:
+        write_quantized(src, tmp, quantization_config, scale_dtype, like, max_shard_size)
+    return Path(dst)
+
+
+def write_quantized(src, dst, quantization_config: dict | None = None, scale_dtype: torch.dtype = torch.float32,
+                    like=None, max_shard_size: int | None = None) -> Path:
     """Write the plain transformers checkpoint `src` (config.json + safetensors) to `dst` in the layout of
     the official quantized releases: fp8 (DeepSeek-V3 / Qwen3 FP8: every linear weight but the
     embeddings, norms, head and routers, weight_scale_inv per block; ue8m0 scales as float32 powers of
@@ -253,12 +264,9 @@ def quantize_checkpoint(src, dst, quantization_config: dict | None = None, scale
 def requantize_saved(directory, like) -> Path:
     """Rewrite the plain transformers checkpoint `directory` (a model loaded dequantized from the quantized
     checkpoint `like`, pruned or merged to the standard format, then saved) in `like`'s format, in place
-    (quantize_checkpoint(like=...) into a temporary directory that replaces it)."""
-    from ..checkpoint import atomic_directory
-
+    (quantize_checkpoint(like=...))."""
     directory = Path(directory)
-    with atomic_directory(directory) as tmp:
-        quantize_checkpoint(directory, tmp, like=like)
+    quantize_checkpoint(directory, directory, like=like)
     return directory
 
 
