@@ -27,7 +27,7 @@ from torch import nn
 
 from .calibrate import LayerStats
 from .checkpoint.format import model_dtype
-from .checkpoint.standard import copy_shared_tensors, standard_config, write_experts
+from .checkpoint.standard import carry_generation_config, copy_shared_tensors, standard_config, write_experts
 from .checkpoint.standard_plan import LayerPlan
 from .models.config_fields import expert_count_fields, routing_groups
 from .checkpoint.standard_router import router_state
@@ -166,6 +166,7 @@ def kept_model(model: nn.Module, kept: Mapping[str, list[int]], record: dict | N
         new.router_rows()[0].load_state_dict(router_state(layer, layer.router_rows()[0], plan, None))
         write_experts(layer, new, plan)
     pruned.tie_weights()
+    carry_generation_config(model, pruned)
     return pruned.eval()
 
 

@@ -50,7 +50,7 @@ def test_round_trip_restores_exact_outputs(family, strategy, tmp_path):
         assert b.module.experts.num_slots == 2
     assert parameter_count(loaded) == parameter_count(model)
     assert loaded.config.mcsmoe_merge["merges"][0]["method"]["strategy"] == strategy
-    assert sorted(os.listdir(path)) == ["config.json", WEIGHTS_NAME]  # JSON + safetensors, nothing pickled
+    assert sorted(os.listdir(path)) == ["config.json", "generation_config.json", WEIGHTS_NAME]  # JSON + safetensors, nothing pickled
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -1,8 +1,10 @@
 """Atomic directories: a checkpoint is written into a temporary directory next to its target, then renamed
 into place, so an interrupted save leaves the previous checkpoint as it was; temporaries of dead writers
-are removed."""
+are removed. A target is replaced only when it holds nothing but a checkpoint's files (what this package,
+transformers and tokenizers write): anything else in it is the user's, and the save is refused."""
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
 import tempfile
@@ -12,22 +14,56 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Move the finished temporary directory to `target`, replacing a previous checkpoint there."""
-    if target.exists():
-        if not target.is_dir():
-            raise FileExistsError(f"{target} exists and is not a directory")
-        if any(target.iterdir()) and not (target / "config.json").exists():
-            raise FileExistsError(f"{target} is a non-empty directory that is not a checkpoint; refusing to replace it")
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(target, old)
-        os.rename(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, target)
-
-
 OWNER_FILE = ".mcsmoe-owner"  # the pid that writes a temporary directory
+# What a checkpoint directory holds: weights, configs, a tokenizer's files, the trainer's state.
+CHECKPOINT_FILES = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+                    "pytorch_model*.bin", "pytorch_model.bin.index.json", "tokenizer*", "special_tokens_map.json",
+                    "added_tokens.json", "vocab.*", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
+                    "chat_template.*", "preprocessor_config.json", "trainer_state.*", OWNER_FILE)
+
+
+def check_replaceable(target: Path) -> None:
+    """Raise FileExistsError unless `target` is absent, an empty directory, or a checkpoint directory holding
+    only CHECKPOINT_FILES (then a save may replace it as a whole)."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a directory")
+    entries = list(target.iterdir())
+    if entries and not (target / "config.json").is_file():
+        raise FileExistsError(f"{target} is a non-empty directory that is not a checkpoint; refusing to replace it")
+    foreign = sorted(p.name for p in entries
+                     if p.is_dir() or not any(fnmatch.fnmatch(p.name, pattern) for pattern in CHECKPOINT_FILES))
+    if foreign:
+        raise FileExistsError(f"{target} holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, which a "
+                              "checkpoint does not: saving there would delete them; save elsewhere or move them first")
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Move the finished temporary directory to `target`, replacing a previous checkpoint there; when the
+    second rename fails, the previous checkpoint is put back (a kill between the two: see restore_previous)."""
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    check_replaceable(target)
+    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_previous(target: Path) -> None:
+    """A writer killed between _replace_dir's two renames left no `target` and the previous checkpoint under
+    `.<name>.old-*`: put it back. Once `target` is there, such leftovers are removed."""
+    for old in sorted(target.parent.glob(f".{target.name}.old-*")):
+        if not target.exists():
+            os.rename(old, target)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -80,11 +116,15 @@ def scratch_directory(parent, prefix: str) -> Iterator[Path]:
 @contextmanager
 def atomic_directory(target) -> Iterator[Path]:
     """Yield a fresh temporary directory next to `target`; when the block ends normally it replaces
-    `target` (a previous checkpoint there, or nothing), when it raises it is removed and `target` is left
-    as it was. Temporary directories left by a killed earlier run are removed first."""
-    target = Path(target).absolute()
+    `target` (a previous checkpoint there, or nothing; a symlink's target), when it raises it is removed and
+    `target` is left as it was. Temporary directories left by a killed earlier run are removed first, and a
+    previous checkpoint it left aside is put back. Refused up front when `target` holds more than a checkpoint
+    (check_replaceable)."""
+    target = Path(os.path.realpath(target))  # through symlinks and "..": replace what the path names
     target.parent.mkdir(parents=True, exist_ok=True)
+    restore_previous(target)
     remove_stale_temporaries(target)
+    check_replaceable(target)  # before any work: a refused target costs nothing
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:

@@ -7,6 +7,7 @@ from torch import nn
 from ..models import expert_weights_per_expert, moe_layers
 from ..sections import MERGE_SECTION
 from .format import merged_layers, model_dtype
+from .standard import NO_CAPACITY, carry_generation_config, dropless
 
 
 @torch.no_grad()
@@ -24,6 +25,8 @@ def to_dense(model: nn.Module) -> nn.Module:
     config = model.config.__class__.from_dict(model.config.to_dict())
     if hasattr(config, MERGE_SECTION):
         delattr(config, MERGE_SECTION)
+    if config.model_type == "switch_transformers" and dropless(model):
+        config.expert_capacity = NO_CAPACITY  # every token reaches its expert, as in the model
     with no_init_weights():
         dense = model_class_for(config).from_config(config, dtype=getattr(torch, model_dtype(model)))
     ours, theirs = model.state_dict(), dense.state_dict()
@@ -41,4 +44,5 @@ def to_dense(model: nn.Module) -> nn.Module:
             else:
                 layer.set_expert_weights(w_in, w_out, b_in=b_in, b_out=b_out)
     dense.tie_weights()
+    carry_generation_config(model, dense)
     return dense.eval()

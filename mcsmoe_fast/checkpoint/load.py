@@ -208,6 +208,10 @@ def from_pretrained(path, verify: bool = True, dtype: torch.dtype | None = None)
     weights.copy_into(expected)  # one tensor at a time, one file open at a time: no second copy of the model
     weights.release()
     model.tie_weights()
+    if (path / "generation_config.json").is_file() and getattr(model, "generation_config", None) is not None:
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
     if dtype is not None:
         model = model.to(dtype)
     return guard_plain_save(model.eval()) if section["layers"] else model.eval()

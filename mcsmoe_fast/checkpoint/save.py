@@ -30,6 +30,8 @@ def _write_merged(model: nn.Module, tmp: Path, max_shard_size: int | None = None
         writer.add(name, tensor)
     config = model.config.__class__.from_dict(model.config.to_dict())
     write_merged_config(config, tmp, writer.finish(), aliases, layers, model_dtype(model))
+    if getattr(model, "generation_config", None) is not None:  # eos ids, sampling defaults: as the model generates
+        model.generation_config.save_pretrained(str(tmp))
 
 
 def _write_dense(model: nn.Module, tmp: Path, max_shard_size: int | None = None) -> None:

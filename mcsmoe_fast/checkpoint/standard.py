@@ -13,6 +13,8 @@ out densely (U V + S), so a compressed model's standard checkpoint is as large a
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -36,21 +38,41 @@ def standard_config(model: nn.Module, plans: dict[str, LayerPlan], router: str, 
     for field in expert_count_fields(config):
         setattr(config, field, num_experts)
     if config.model_type == "switch_transformers":
-        config.expert_capacity = switch_capacity(config.expert_capacity, plans, expert_capacity)
+        config.expert_capacity = switch_capacity(config.expert_capacity, plans, expert_capacity, dropless(model))
     setattr(config, STANDARD_SECTION, {"router": router, "layers": {
         name: {"groups": p.groups, "router_rows": p.rows} for name, p in plans.items()}})
     return config
 
 
-def switch_capacity(capacity: int, plans: dict[str, LayerPlan], override: int | None) -> int:
+# A Switch expert capacity that never binds: transformers' router keeps a token while its priority <= capacity.
+NO_CAPACITY = 2**31 - 1
+
+
+def dropless(model: nn.Module) -> bool:
+    """Whether the model routes every token to its expert whatever the capacity (optimize(dropless=True))."""
+    return any(getattr(layer.module, "dropless", False) for layer in moe_layers(model))
+
+
+def switch_capacity(capacity: int, plans: dict[str, LayerPlan], override: int | None, no_drops: bool = False) -> int:
     """Family rule (Switch): expert capacity counts tokens per expert and sequence. A merged expert takes
     the tokens of all its group's members, each of which had `capacity` in the aliased form, so its
-    capacity is scaled by the largest group (`override` sets it instead)."""
+    capacity is scaled by the largest group; a dropped layer's kept expert takes only its own tokens (the
+    others' logits are masked), so it keeps `capacity`; a dropless model drops nothing, so neither may its
+    standard form (NO_CAPACITY). `override` sets it instead."""
     if override is not None:
         if not isinstance(override, int) or override < 1:
             raise ValueError(f"expert_capacity must be a positive int, got {override!r}")
         return override
-    return capacity * max(len(g) for p in plans.values() for g in p.groups)
+    if no_drops:
+        return NO_CAPACITY
+    return capacity * max(1 if p.dropped else len(g) for p in plans.values() for g in p.groups)
+
+
+def carry_generation_config(model: nn.Module, new: nn.Module) -> None:
+    """`new` generates as `model` does: its generation config (eos ids, sampling defaults, max_new_tokens), not
+    the one from_config derives from config.json."""
+    if getattr(model, "generation_config", None) is not None and hasattr(new, "generation_config"):
+        new.generation_config = copy.deepcopy(model.generation_config)
 
 
 def copy_shared_tensors(model: nn.Module, standard: nn.Module, skip: tuple[str, ...]) -> None:
@@ -73,8 +95,9 @@ def to_standard(model: nn.Module, router: str | None = None, batches=None, exper
       "dominant" (the row of each group's dominant expert; the default without batches).
     batches: calibration input dicts (as for collect_routing_stats), needed by router="fitted";
       max_tokens per layer are used.
-    expert_capacity: Switch only: the standard model's expert capacity (default: the original capacity
-      times the largest group, since one merged expert now takes all its members' tokens).
+    expert_capacity: Switch only: the standard model's expert capacity (default: switch_capacity: the original
+      capacity times the largest group, since one merged expert now takes all its members' tokens; a dropless
+      model's: one that never binds).
     Raises ValueError, before any work, for what a standard checkpoint cannot express (standard_plan.py).
     """
     from transformers.initialization import no_init_weights
@@ -101,6 +124,7 @@ def to_standard(model: nn.Module, router: str | None = None, batches=None, exper
         new.router_rows()[0].load_state_dict(router_state(layer, layer.router_rows()[0], plan, hidden.get(layer.name)))
         write_experts(layer, new, plan)
     standard.tie_weights()
+    carry_generation_config(model, standard)
     return standard.eval()
 
 

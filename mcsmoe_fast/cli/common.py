@@ -12,6 +12,9 @@ def refuse_overwriting_input(args) -> None:
     if out == model or (model.is_dir() and model in out.parents):
         raise ValueError(f"--out {args.out} would write into the input model's directory {args.model}; "
                          "choose another output directory")
+    if out in model.parents:
+        raise ValueError(f"--out {args.out} holds the input model {args.model}: replacing it would delete the input; "
+                         "choose another output directory")
 
 
 MODEL_OPTIONS = ("model", "teacher")  # the options that name a model to read (directory or hub id)

@@ -258,6 +258,8 @@ def _write_config(s: Stream, merger: Merger, tmp: Path, groups: _Groups, options
             rank=compress["rank"], keep_ratio=compress["keep_ratio"], importance="weight", svd=compress["svd"]))
     entries = {v.name: merger.entries[v.name] for v in s.views.values() if v.name in merger.entries}
     write_merged_config(s.model.config, tmp, written, aliases, entries, str(s.dtype).removeprefix("torch."))
+    if s.model.can_generate():
+        s.model.generation_config.save_pretrained(str(tmp))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
     return written

@@ -36,6 +36,10 @@ def open_source(path, out, dtype: torch.dtype | None, dispatched: bool = False):
         raise ValueError(f"out ({out}) must not be the input checkpoint directory or inside it")
     dtype = dtype or (torch.bfloat16 if source.quant is not None else torch.float32)  # quantized: bf16 work
     model = build_skeleton(source.config, dtype)
+    if (source.path / "generation_config.json").is_file() and model.can_generate():  # written with the output
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(source.path))
     shapes, aliases = tensor_shapes(model)
     source.check(shapes)
     return source, out, dtype, model, shapes, aliases

@@ -127,8 +127,8 @@ class StandardOutput:
         config.dtype = str(self.dtype).removeprefix("torch.")
         config.architectures = [type(self.standard).__name__]
         config.save_pretrained(str(directory))
-        if self.standard.can_generate():
-            self.standard.generation_config.save_pretrained(str(directory))
+        if self.standard.can_generate():  # the source's (open_source reads its generation_config.json)
+            self.model.generation_config.save_pretrained(str(directory))
 
 
 def check_standard(format: str, router: str | None, s, chosen: list[str], globally: bool, compress, device_map,
