@@ -20,14 +20,10 @@ from safetensors.torch import load_file, save_file
 
 import mcsmoe_fast as mf
 from mcsmoe_fast.checkpoint import to_standard
-from mcsmoe_fast.grouping import LayerGrouping
-from mcsmoe_fast.merge import merge_group_weights
-from mcsmoe_fast.models import expert_weights_per_expert
 from mcsmoe_fast.models.hub import load_model
-from mcsmoe_fast.modules import MoEExperts
-from mcsmoe_fast.sections import record_merge
 from mcsmoe_fast.tiny import FAMILY_NAMES, tiny_moe, tiny_switch
 from merge_helpers import build, calibration, forward
+from test_standard_export import merge_by_hand
 
 FAMILIES = ("switch",) + FAMILY_NAMES + ("llama4_text",)
 
@@ -55,23 +51,6 @@ LOADER = textwrap.dedent("""
                    "tied": emb.data_ptr() == head.data_ptr()}, open(job["out"] + ".json", "w"))
     assert not any(m.startswith("mcsmoe_fast") for m in sys.modules), "the loader imported mcsmoe_fast"
 """)
-
-
-def merge_by_hand(model, groups, stats):
-    """Merge every layer with the given groups (dominant first, uniform weights; slot s = groups[s]), recorded
-    like merge_experts (so the standard export reads the dominant experts from config.mcsmoe_merge)."""
-    groupings = {}
-    for layer in mf.moe_layers(model):
-        expert_map = [next(s for s, g in enumerate(groups) if e in g) for e in range(layer.num_experts)]
-        g = LayerGrouping(layer.name, expert_map, [m[0] for m in groups], groups,
-                          [[1 / len(m)] * len(m) for m in groups])
-        w_in, w_out, b_in, b_out = expert_weights_per_expert(layer, biases=True)
-        merged = merge_group_weights(w_in, w_out, g, *(t for t in (b_in, b_out) if t is not None))
-        biases = merged[2:] if b_in is not None else (None, None)
-        layer.install_experts(MoEExperts(merged[0], merged[1], torch.tensor(expert_map), layer.activation, *biases,
-                                         layer.activation_args))
-        groupings[layer.name] = g
-    record_merge(model, groupings, stats, {"by_hand": True})
 
 
 def routing_on_dominants(model, groups):
