@@ -13,6 +13,8 @@ from mcsmoe_fast.checkpoint.standard import NO_CAPACITY
 from mcsmoe_fast.models.hub import load_model
 from mcsmoe_fast.prune import prune_experts
 from mcsmoe_fast.tiny import tiny_mixtral, tiny_switch
+from mcsmoe_fast.streaming.compress import compress_checkpoint
+from mcsmoe_fast.streaming.permute import permute_checkpoint
 from streaming_helpers import quiet_merge
 
 
@@ -91,8 +93,13 @@ def test_every_format_writes_the_models_generation_config(source, tmp_path):
 
 
 @pytest.mark.parametrize("format", ["exact", "standard"])
-def test_the_streamed_merge_writes_the_sources_generation_config(source, tmp_path, format):
+def test_the_streamed_steps_write_the_sources_generation_config(source, tmp_path, format):
     ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(1))
     out = quiet_merge(source, tmp_path / format, [{"input_ids": ids}], 2, globally=False, format=format,
                       **({"router": "dominant"} if format == "standard" else {}))
     assert written_generation(out.path) == GENERATION
+    if format == "exact":  # compressing the merged checkpoint, and permuting the source
+        compress_checkpoint(out.path, tmp_path / "compressed", rank=2, keep_ratio=0.1, progress=False)
+        assert written_generation(tmp_path / "compressed") == GENERATION
+        permute_checkpoint(source, tmp_path / "permuted", progress=False)
+        assert written_generation(tmp_path / "permuted") == GENERATION

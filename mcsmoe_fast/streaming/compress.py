@@ -14,6 +14,7 @@ with dtype= everything is written dequantized in that dtype.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -109,6 +110,8 @@ def compress_checkpoint(path, out, rank: int = 32, keep_ratio: float = 0.1, svd:
         ordered = {layer.name: new_entries[layer.name] for layer in layers}
         write_merged_config(model.config, tmp, written, section["aliases"], ordered,
                             str(dtype).removeprefix("torch."))
+        if (Path(path) / "generation_config.json").is_file():  # as the merged checkpoint generates
+            shutil.copy(Path(path) / "generation_config.json", tmp / "generation_config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return ordered

@@ -80,6 +80,8 @@ def permute_checkpoint(path, out, reference: int = 0, max_memory=None, max_shard
         dequantized_config(config)  # dequantized here (re-quantized below when keep_quantization)
         config.dtype = str(dtype).removeprefix("torch.")
         config.save_pretrained(str(tmp))
+        if model.can_generate():  # the source's (open_source reads its generation_config.json)
+            model.generation_config.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if requantize:  # in the source's format, one tensor at a time
