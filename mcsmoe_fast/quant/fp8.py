@@ -115,7 +115,7 @@ def quantize_fp8(w: torch.Tensor, block=BLOCK, scale_fmt: str = "float",
     q = torch.empty(w.shape, dtype=E4M3, device=w.device)
     if w.numel() == 0:  # nothing to scale: a grid of ones (reshape(-1, rows, cols) is ambiguous when empty)
         return q, torch.ones(scale_grid(w.shape, block), dtype=torch.float32, device=w.device).to(scale_dtype)
-    if native and w.numel() and native_applies(w):
+    if native and native_applies(w):
         w3 = w.contiguous().reshape(-1, rows, cols)
         amax = torch.empty((w3.shape[0], cdiv(rows, block[0]), cdiv(cols, block[1])), dtype=torch.float32)
         scales = fp8_scales(_C.fp8_block_amax_into(w3, block[0], block[1], amax), scale_fmt)

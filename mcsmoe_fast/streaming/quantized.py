@@ -42,7 +42,8 @@ from ..quant.requantize import (LikeSource, dequantize_parts, quantizable, quant
 from .layer_error import layer_error
 
 __all__ = ["describe_error", "dequantize_parts", "quantize_tensor", "relative_error", "quantize_checkpoint",
-           "write_quantized", "requantize_saved", "load_dequantized", "output_writer", "record_error", "ErrorProbe", "QuantizingWriter"]
+           "write_quantized", "requantize_saved", "load_dequantized", "output_writer", "record_error", "ErrorProbe",
+           "QuantizingWriter"]
 
 PROBE_TOKENS = 256  # calibration tokens per layer the output error is measured on (kept until the layer is merged)
 ERROR_KEY = "mcsmoe_quantization"  # config.json: the output's format and the error re-quantizing added
