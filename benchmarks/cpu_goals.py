@@ -1,6 +1,6 @@
 """Issue 22's CPU goals measured in one run, on whichever CPU this is, printed as a table with the CPU line.
 
-Run:  python benchmarks/cpu_goals.py        (about 6 minutes on 2 idle cores; more where bf16 is slow)
+Run:  python benchmarks/cpu_goals.py        (minutes; on a quiet machine: the medians are only worth that)
 
 Runs the pytest-benchmark cases the goals name (bench_slr.py, bench_moe.py, bench_train_step.py) in one pytest
 session, reads their medians from its JSON report and prints each goal as a ratio of medians from this run
