@@ -15,8 +15,9 @@ Per MoE layer, over the calibration tokens that are not padding:
                     tokens whose top-k contains expert j of g_j(x) * ||f_j(x)||_2, where f_j(x) is expert j's
                     output (its bias included) and g_j(x) its routing weight; `saliency` = saliency_sum / counts
                     (REAP, Lasby et al. 2025, eq. 9: the mean over the tokens routed to j; 0 if none came).
-                    g: "reap" (REAP's default) the router's softmax probability renormalised over the token's
-                    chosen experts, "reap-softmax" the plain softmax probability over all E experts. Routers
+                    g: "reap" the router's softmax probability renormalised over the token's chosen experts
+                    (every softmax router, renormalising or not), "reap-softmax" the plain softmax probability
+                    over all E experts (REAP's code default; docs/methods.md). Routers
                     whose scores are not a softmax (DeepSeek-V3's sigmoid, and any router not in
                     SOFTMAX_ROUTERS) give g = the router's own top-k weight for both modes; where that weight
                     scales the expert's input instead (Llama-4), the contribution is f_j(s x) itself (g = 1,

@@ -45,8 +45,8 @@ from .compress import CompressOptions, compress_experts
 from .footprint import expert_parameters
 from .merge import merge_experts
 from .models import moe_layers
-from .prune import prune_experts, resolve_count
-from .ream import ream_experts
+from .prune import check_prune, prune_experts, resolve_count
+from .ream import REAM_GROUP_SIZE, check_ream, ream_experts
 from .train import TrainConfig, train
 from .train.text import lm_batch, perplexity
 
@@ -131,6 +131,24 @@ def recover(student: nn.Module, teacher: nn.Module, kd_data, kd: TrainConfig, co
     return student.eval()
 
 
+def check_feasible(model: nn.Module, methods: list[str], ratios: list[float]) -> None:
+    """Every (ratio, method) can run on `model`: refused before the statistics pass and the first row, not after
+    hours of rows that would then be lost."""
+    e = moe_layers(model)[0].num_experts
+    bases = {_base(m) for m in methods}
+    for ratio in ratios:
+        num_keep = resolve_count(e, None, ratio)
+        if num_keep < 1:
+            raise ValueError(f"ratios: {ratio} removes all {e} experts of a layer")
+        if "ream" in bases:
+            check_ream(model, num_keep)
+            if num_keep * REAM_GROUP_SIZE < e:
+                raise ValueError(f"ratios: {ratio} leaves {num_keep} REAM groups of at most {REAM_GROUP_SIZE} experts, "
+                                 f"fewer than the {e} experts of a layer")
+        elif bases & {"reap", "frequency"}:
+            check_prune(model, num_keep)
+
+
 def _base(method: str) -> str:
     """The merge a "-standard" or "+c" method starts from (the method itself otherwise)."""
     for suffix in (STANDARD_SUFFIX, COMPRESSED_SUFFIX):
@@ -159,6 +177,7 @@ def compare_methods(model: nn.Module, batches, windows: torch.Tensor, methods=CO
     `harness`: model -> {"task/metric": value}; every row then has lm_eval (and lm_eval_kd after KD)."""
     methods, ratios = list(methods), [float(r) for r in ratios]
     check_compare(methods, ratios, kd, kd_data, compress)
+    check_feasible(model, methods, ratios)
     e = moe_layers(model)[0].num_experts
     full_params = expert_parameters(model)
     stats = collect_routing_stats(model, batches, bases=("router-logits", "feature", "expert-output"),

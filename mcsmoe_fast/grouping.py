@@ -173,11 +173,15 @@ def assign_to_dominant(similarity: torch.Tensor, frequency: torch.Tensor, domina
 
 
 def ream_scores(saliency: torch.Tensor) -> torch.Tensor:
-    """REAM's scores: saliency, with experts never routed to (0) raised to the smallest positive saliency."""
+    """REAM's scores: saliency, with experts never routed to (0) raised to just below the smallest positive
+    saliency (weighed as the least salient when merged, ranked after every routed expert). NaN is refused."""
     s = saliency.double().cpu().clone()
+    if torch.isnan(s).any():
+        raise ValueError(f"the saliency of experts {torch.isnan(s).nonzero().flatten().tolist()} is NaN (their outputs "
+                         "on routed tokens are not finite); check the model's weights")
     positive = s[s > 0]
     if len(positive):
-        s[s <= 0] = positive.min()
+        s[s <= 0] = torch.nextafter(positive.min(), torch.zeros((), dtype=s.dtype))
     return s
 
 

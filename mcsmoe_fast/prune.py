@@ -46,7 +46,12 @@ def expert_scores(stats: LayerStats, method: str) -> torch.Tensor:
         if stats.saliency_sum is None:
             raise ValueError(f"method='reap' needs expert saliency for layer {stats.name!r}: collect the statistics "
                              "with collect_routing_stats(..., saliency='reap')")
-        return stats.saliency.double().cpu()
+        scores = stats.saliency.double().cpu()
+        nan = torch.isnan(scores).nonzero().flatten().tolist()
+        if nan:  # NaN has no order: sorting on it would misrank the finite experts too
+            raise ValueError(f"layer {stats.name!r}: the REAP saliency of experts {nan} is NaN (their outputs on routed "
+                             "tokens are not finite); check the model's weights")
+        return scores
     return stats.counts.double().cpu()
 
 
@@ -84,6 +89,9 @@ def check_prune(model: nn.Module, num_keep: int) -> int:
     expert_count_fields(model.config)
     check_expert_count(layers, num_keep)
     for layer in layers:
+        if layer.logit_mask() is not None:
+            raise ValueError(f"layer {layer.name!r} has a router logit mask (merged with strategy='drop', or the drop "
+                             "baseline): its masked experts would be kept unmasked; prune the original model")
         if layer.top_k > num_keep:
             raise ValueError(f"num_experts={num_keep} is fewer than the top_k={layer.top_k} experts each token of "
                              f"layer {layer.name!r} uses; keep at least {layer.top_k}")

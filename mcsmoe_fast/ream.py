@@ -31,6 +31,14 @@ from .prune import check_prune, resolve_count
 REAM_GROUP_SIZE = 16  # REAM's default cap C
 
 
+def check_ream(model: nn.Module, num_keep: int) -> None:
+    """ValueError unless REAM can merge every MoE layer of `model` to num_keep experts."""
+    if routing_groups(model.config) > 1:
+        raise ValueError(f"REAM merges experts across routing groups, which group-limited routing "
+                         f"(n_group={routing_groups(model.config)}) cannot express; prune instead (prune_experts)")
+    check_prune(model, num_keep)
+
+
 def ream_experts(model: nn.Module, stats: Mapping[str, LayerStats], num_experts: int | None = None,
                  ratio: float | None = None, max_group_size: int | None = REAM_GROUP_SIZE, permute: bool = True,
                  progress: bool = True) -> dict[str, LayerGrouping]:
@@ -39,9 +47,6 @@ def ream_experts(model: nn.Module, stats: Mapping[str, LayerStats], num_experts:
     collect_routing_stats(model, batches, bases=("expert-output",), saliency="reap")."""
     layers = moe_layers(model)
     num_keep = resolve_count(layers[0].num_experts if layers else 0, num_experts, ratio)
-    if routing_groups(model.config) > 1:
-        raise ValueError(f"REAM merges experts across routing groups, which group-limited routing "
-                         f"(n_group={routing_groups(model.config)}) cannot express; prune instead (prune_experts)")
-    check_prune(model, num_keep)
+    check_ream(model, num_keep)
     return merge_experts(model, stats, num_keep, similarity="expert-output", globally=False, permute=permute,
                          strategy="frequency", grouping="ream", max_group_size=max_group_size, progress=progress)

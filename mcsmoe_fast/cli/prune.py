@@ -26,7 +26,8 @@ def add(sub):
                         "keep the most used experts")
     p.add_argument("--saliency", choices=SALIENCY_MODES, default="reap",
                    help="REAP's routing weight: the softmax probability renormalised over the top-k (reap, default) "
-                        "or the plain softmax probability (reap-softmax); sigmoid routers use their own weights")
+                        "or the plain softmax probability (reap-softmax, REAP's own code default); sigmoid routers use "
+                        "their own weights")
     p.add_argument("--out", required=True, help="directory to save the pruned model to")
     add_calibration_options(p)
     add_dtype_option(p, quantized=True)

@@ -1,6 +1,7 @@
 """Causal language modelling on plain text: token windows to train on, and perplexity to evaluate."""
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 
@@ -45,16 +46,19 @@ def text_windows(path, tokenizer, length: int) -> Windows:
 
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 32) -> float:
-    """exp(mean next-token cross-entropy) over the windows [N, L]."""
+    """exp(mean next-token cross-entropy) over the windows [N, L]: the language-modelling loss alone (with
+    output_router_logits=True in its config, a MoE model adds its router's load-balancing loss to `.loss`)."""
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise ValueError(f"perplexity needs windows [N >= 1, L >= 2], got {tuple(windows.shape)}")
     was_training = model.training
     model.eval()
+    no_aux = {"output_router_logits": False} if "output_router_logits" in inspect.signature(model.forward).parameters \
+        else {}
     total, count = 0.0, 0
     for i in range(0, windows.shape[0], batch_size):
         batch = lm_batch(windows[i: i + batch_size])
         n = batch["labels"][:, 1:].numel()
-        total += model(**batch).loss.item() * n
+        total += model(**batch, **no_aux).loss.item() * n
         count += n
     model.train(was_training)
     return math.exp(total / count)
