@@ -19,14 +19,17 @@ from .models import moe_layers
 from .modules.experts_interface import NAME as EXPERTS_IMPLEMENTATION
 
 
-def optimize(model: nn.Module, dropless: bool = False) -> nn.Module:
+def optimize(model: nn.Module, dropless: bool | None = None) -> nn.Module:
     """Run every MoE layer of `model` through `ops.grouped_expert_ffn`; returns the same model.
 
     Unmerged layers of the experts-contract families (Mixtral, Qwen-MoE, DeepSeek-V3, GPT-OSS, ...) use the
     "mcsmoe_fast" experts implementation on their own parameters; merged layers keep their slots and
     compressed layers (compress_experts) their low-rank-plus-rows slots (ops.grouped_expert_ffn_slr).
     Switch blocks become SwitchMoE (unmerged: MoEExperts over the E experts) with HF's expert capacity
-    unless `dropless=True`; their state dict has transformers' keys, so transformers loads it as this model.
+    unless `dropless=True`; `dropless=None` (the default) keeps each block's own setting (a dropless checkpoint
+    loaded by from_pretrained stays dropless); their state dict has transformers' keys, so transformers loads it
+    as this model. Frozen experts stay frozen. Experts offloaded by accelerate are refused by name (Switch), or
+    brought in per call (Llama-4).
     Outputs equal the original model's (up to floating-point rounding of the GEMMs), in training mode too
     (Switch's expert dropout draws transformers' masks).
     """

@@ -80,16 +80,27 @@ class MoELayer:
 
     experts_implementation = False  # its experts run through transformers' experts interface (optimize)
 
-    def optimize(self, dropless: bool = False) -> bool:
-        """Run this layer through the fused op (optimize()): its experts as slots in the family's fast block.
-        Returns whether the model now holds modules transformers' own save cannot write (our slots)."""
+    def optimize(self, dropless: bool | None = None) -> bool:
+        """Run this layer through the fused op (optimize()): its experts as slots in the family's fast block
+        (frozen experts stay frozen; never inference tensors made from normal weights). dropless: None keeps the
+        block's own setting (a dropless checkpoint loaded by from_pretrained stays dropless). Returns whether the
+        model now holds modules transformers' own save cannot write (our slots)."""
         experts = getattr(self.module, "experts", None)
         if not isinstance(experts, (MoEExperts, CompressedMoEExperts)):
-            w_in, w_out = self.expert_weights()
-            experts = MoEExperts(w_in.detach(), w_out.detach(), self.expert_map(), self.activation)
+            params = list(experts.parameters()) if experts is not None else []
+            if any(p.is_meta for p in params) and any(getattr(m, "_hf_hook", None) is not None
+                                                      for m in self.module.modules()):
+                raise ValueError(f"{self.name}: its experts are offloaded by accelerate (weights on the meta device); "
+                                 "optimize() needs them in memory: load the model without offloading these layers")
+            trainable = any(p.requires_grad for p in params)
+            with torch.inference_mode(False):
+                w_in, w_out = self.expert_weights()
+                experts = MoEExperts(w_in.detach(), w_out.detach(), self.expert_map(), self.activation)
+            experts.requires_grad_(trainable)
             experts.train(self.module.training)
+        keep = bool(getattr(self.module, "dropless", False))
         self.install_experts(experts)
-        self.module.dropless = dropless
+        self.module.dropless = keep if dropless is None else dropless
         return True
 
     def check_maskable(self) -> None:

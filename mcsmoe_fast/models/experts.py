@@ -94,7 +94,7 @@ class ExpertsLayer(MoELayer):
 
     experts_implementation = True
 
-    def optimize(self, dropless: bool = False) -> bool:
+    def optimize(self, dropless: bool | None = None) -> bool:
         """Nothing to replace: the model's experts implementation is set to ours (optimize()); merged or
         compressed slots already run the fused op."""
         return isinstance(self.module.experts, (MoEExperts, CompressedMoEExperts))

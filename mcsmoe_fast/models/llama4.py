@@ -38,6 +38,7 @@ from .. import ops
 from ..modules import CompressedMoEExperts, MoEExperts
 from ..modules.experts_spec import ExpertsSpec
 from .base import MoELayer, refuse_compressed, split_name
+from .dispatched import onloaded
 from .registry import Family
 from .stored_tensors import ExpertTensors
 
@@ -85,10 +86,11 @@ class Llama4MoE(nn.Module):
             return experts(rows, index, weights)
         # transformers' Llama4TextExperts: gate_up_proj [E, d, 2ff] and down_proj [E, ff, d] are the
         # canonical w_in [E, 2ff, d] and w_out [E, d, ff] transposed: strides to the GEMMs, no copy
-        w_in, w_out = experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2)
-        emap = torch.arange(w_in.shape[0], device=w_in.device)
-        return ops.grouped_expert_ffn(rows.to(w_in.dtype), w_in, w_out, emap, index, weights.to(w_in.dtype),
-                                      self.activation)
+        with onloaded(experts):  # accelerate-offloaded experts: in for this call, as their own forward does
+            w_in, w_out = experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2)
+            emap = torch.arange(w_in.shape[0], device=w_in.device)
+            return ops.grouped_expert_ffn(rows.to(w_in.dtype), w_in, w_out, emap, index, weights.to(w_in.dtype),
+                                          self.activation)
 
 
 @functools.cache
@@ -174,7 +176,7 @@ class Llama4Layer(MoELayer):
             block = Llama4MoE(self.module.router, self.module.experts, self.module.shared_expert, self.activation)
             self.replace(block.train(self.module.training))
 
-    def optimize(self, dropless: bool = False) -> bool:
+    def optimize(self, dropless: bool | None = None) -> bool:
         """Unmerged: our block on transformers' own experts (install_fast_block; transformers' names, so its
         save still works). Merged or compressed: the block already runs our slots."""
         if isinstance(getattr(self.module, "experts", None), (MoEExperts, CompressedMoEExperts)):
@@ -214,7 +216,8 @@ def canonical_strides(experts: nn.Module) -> None:
     for name in ("gate_up_proj", "down_proj"):
         p = getattr(experts, name, None)
         if isinstance(p, torch.Tensor) and not p.is_meta and not p.transpose(1, 2).is_contiguous():
-            p.data = p.data.transpose(1, 2).contiguous().transpose(1, 2)
+            with torch.inference_mode(p.is_inference()):  # new data of the parameter's own kind, whatever the mode
+                p.data = p.data.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def is_llama4_block(module: nn.Module) -> bool:
