@@ -159,17 +159,21 @@ def test_switch_block_equals_transformers_with_capacity_that_binds(capacity, mer
     assert_slot_grads(fast_layer, ref_layer)
 
 
+def fast_switch(model, merged: bool):
+    """(the optimized model, its transformers reference): merged, experts 0 and 3 into one slot and 1 and 2 into
+    another, against the model whose experts each hold their slot's weights; else optimize() of a copy."""
+    if merged:
+        fast, model = merge_expand(model, [0, 1, 1, 0])
+        return optimize(fast), model
+    return optimize(copy.deepcopy(model)), model
+
+
 @pytest.mark.parametrize("dropout, jitter", [(0.0, 0.05), (0.3, 0.05)], ids=["fused-jitter", "dropout-jitter"])
 @pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
 def test_switch_training_step_equals_transformers(dropout, jitter, merged):
     """A training step (labels, router z-loss and aux loss) with padding and a capacity that binds: same loss and
     every gradient, the fused op (no expert dropout) and transformers' expert loop (with it) alike."""
-    model = switch_model(capacity=2, dropout=dropout, jitter=jitter)
-    if merged:
-        fast, model = merge_expand(model, [0, 1, 1, 0])
-        optimize(fast)
-    else:
-        fast = optimize(copy.deepcopy(model))
+    fast, model = fast_switch(switch_model(capacity=2, dropout=dropout, jitter=jitter), merged)
     x = switch_inputs()
     labels = torch.randint(2, 128, (3, 6), generator=torch.Generator().manual_seed(1))
     losses = []
@@ -280,12 +284,7 @@ def test_generate_with_left_padding_equals_transformers(family):
 
 @pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
 def test_switch_generate_with_binding_capacity_and_beams(merged):
-    model = switch_model(capacity=2)
-    if merged:
-        fast, model = merge_expand(model, [0, 1, 1, 0])
-        optimize(fast)
-    else:
-        fast = optimize(copy.deepcopy(model))
+    fast, model = fast_switch(switch_model(capacity=2), merged)
     x = switch_inputs()
     for beams in (1, 3):
         with torch.no_grad():
