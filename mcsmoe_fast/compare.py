@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -166,7 +167,8 @@ def _scores(model: nn.Module, windows, harness, suffix: str = "") -> dict:
 
 def compare_methods(model: nn.Module, batches, windows: torch.Tensor, methods=COMPARE_METHODS,
                     ratios=(0.25, 0.5), progress: bool = True, kd: TrainConfig | None = None, kd_data=None,
-                    collate_fn=lm_batch, compress: CompressOptions | None = None, harness=None) -> dict:
+                    collate_fn=lm_batch, compress: CompressOptions | None = None, harness=None,
+                    on_row: Callable[[dict], None] | None = None) -> dict:
     """{"experts": E, "kd_steps": N, "rows": [...]} with one row for the full model and one per (ratio,
     method): method, ratio, experts kept, expert_params and expert_share (the share of the input model's
     expert parameters), form, perplexity on `windows` [N, L].
@@ -174,7 +176,8 @@ def compare_methods(model: nn.Module, batches, windows: torch.Tensor, methods=CO
     examples for `collate_fn`, by default token windows), each reduced model is also recovered by KD from
     `model` (recover()) and the row gains perplexity_kd and kd_steps; kd_steps is 0 without KD.
     `compress`: the settings of the "+c" methods (CompressOptions; default rank 32, keep 10%, weight importance).
-    `harness`: model -> {"task/metric": value}; every row then has lm_eval (and lm_eval_kd after KD)."""
+    `harness`: model -> {"task/metric": value}; every row then has lm_eval (and lm_eval_kd after KD).
+    `on_row(result so far)` after each row (the CLI writes the tables then, so a late failure loses no finished row)."""
     methods, ratios = list(methods), [float(r) for r in ratios]
     check_compare(methods, ratios, kd, kd_data, compress)
     check_feasible(model, methods, ratios)
@@ -184,6 +187,9 @@ def compare_methods(model: nn.Module, batches, windows: torch.Tensor, methods=CO
                                   saliency="reap", progress=progress)
     rows = [{"method": "full", "ratio": 0.0, "experts": e, "expert_params": full_params, "expert_share": 1.0,
              "form": "original", **_scores(model, windows, harness)}]
+    result = {"experts": e, "kd_steps": kd.steps if kd is not None else 0, "rows": rows}
+    if on_row is not None:
+        on_row(result)
     jobs = [(r, m) for r in ratios for m in methods]
     merges: dict = {}  # (ratio, base method) -> the one-shot exact merge, shared with its other forms
     for ratio, method in tqdm(jobs, desc="comparing methods", disable=not progress):
@@ -204,7 +210,9 @@ def compare_methods(model: nn.Module, batches, windows: torch.Tensor, methods=CO
             recover(reduced, model, kd_data, kd, collate_fn)
             row.update(kd_steps=kd.steps, **_scores(reduced, windows, harness, "_kd"))
         rows.append(row)
-    return {"experts": e, "kd_steps": kd.steps if kd is not None else 0, "rows": rows}
+        if on_row is not None:
+            on_row(result)
+    return result
 
 
 def _ppl(value) -> str:
@@ -238,12 +246,18 @@ def _score(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def write_results(result: dict, out) -> Path:
-    """results.json, results.md (the table) and, where matplotlib is installed, perplexity.png."""
+def write_tables(result: dict, out) -> Path:
+    """results.json and results.md (the table)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "results.md").write_text(markdown_table(result))
+    return out
+
+
+def write_results(result: dict, out) -> Path:
+    """write_tables and, where matplotlib is installed, perplexity.png."""
+    out = write_tables(result, out)
     try:
         import matplotlib
 

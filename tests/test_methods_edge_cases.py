@@ -80,3 +80,31 @@ def test_ream_centroids_are_the_routed_experts_before_any_never_routed_one():
     scores = ream_scores(torch.tensor([0.0, 2.0, 0.5, 0.0]))
     assert scores[1] == 2 and scores[2] == 0.5 and 0 < scores[0] == scores[3] < 0.5
     assert scores[0] == pytest.approx(0.5, rel=1e-12)  # weighed as the least salient when merged
+
+
+def test_compare_command_keeps_the_finished_rows_when_a_later_one_fails(tmp_path, monkeypatch):
+    """results.json and results.md are written after every row: a failure in the third row (hours into a real
+    comparison) leaves the full model's row and the first method's on disk."""
+    import json
+
+    from mcsmoe_fast.cli import main
+    from test_compare import saved_model_and_texts
+
+    saved_model_and_texts(tmp_path)
+    calls = []
+
+    def failing_on_the_third(model, windows):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory in the third row")
+        return 7.0
+
+    monkeypatch.setattr(compare, "perplexity", failing_on_the_third)
+    args = ["compare", "--model", tmp_path / "mixtral", "--calib", tmp_path / "calib.txt", "--eval-text",
+            tmp_path / "eval.txt", "--eval-length", 16, "--ratios", "0.5", "--methods", "reap,frequency",
+            "--out", tmp_path / "out"]
+    with pytest.raises(RuntimeError, match="third row"):
+        main([str(a) for a in args])
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["full", "reap"] and rows[1]["perplexity"] == 7.0
+    assert (tmp_path / "out" / "results.md").read_text().count("\n") == 2 + len(rows)

@@ -91,7 +91,7 @@ def run(args) -> int:
     import torch
 
     from ..calibration_data import calibration_batches, check_batches, load_tokenizer, read_calibration_texts
-    from ..compare import check_compare, compare_methods, markdown_table, write_results
+    from ..compare import check_compare, compare_methods, markdown_table, write_results, write_tables
     from ..loading import open_model
     from ..train import TrainConfig
     from ..train.text import text_windows
@@ -124,7 +124,7 @@ def run(args) -> int:
         raise ValueError("--lm-eval tasks run on causal LMs; this model is an encoder-decoder")
     kd_data = kd_windows(args, texts, tokenizer) if kd is not None else None
     result = compare_methods(model, batches, windows, methods, ratios, kd=kd, kd_data=kd_data, compress=compress,
-                             harness=harness)
+                             harness=harness, on_row=lambda partial: write_tables(partial, args.out))
     out = write_results(result, args.out)
     print(markdown_table(result), end="")
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
