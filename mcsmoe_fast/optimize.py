@@ -31,7 +31,8 @@ def optimize(model: nn.Module, dropless: bool | None = None) -> nn.Module:
     as this model. Frozen experts stay frozen. Experts offloaded by accelerate are refused by name (Switch), or
     brought in per call (Llama-4).
     Outputs equal the original model's (up to floating-point rounding of the GEMMs), in training mode too
-    (Switch's expert dropout draws transformers' masks).
+    (Switch's expert dropout draws transformers' masks). A replaced Switch block is a new module: hooks registered
+    on it or its experts, and an optimizer built before, hold the old ones (call optimize() first).
     """
     layers = moe_layers(model, allow_empty=True)
     if not layers:
