@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -72,12 +73,12 @@ def form_of(method: str) -> str:
 
 def compare_checkpoint(path, batches, windows: torch.Tensor, methods=STREAMED_METHODS, ratios=(0.25, 0.5),
                        scratch=None, max_memory=None, dtype: torch.dtype | None = None, progress: bool = True,
-                       compress: CompressOptions | None = None) -> dict:
+                       compress: CompressOptions | None = None, on_row: Callable[[dict], None] | None = None) -> dict:
     """compare.compare_methods for a checkpoint directory larger than memory (module docstring): {"experts": E,
     "kd_steps": 0, "streamed": True, "rows": [...]}, a row for the full model and one per (ratio, method) with the
     same fields. scratch: where each reduced checkpoint and the offloaded hidden states are written and removed
     (default: the system's temporary directory); max_memory, dtype: as merge_checkpoint; compress: the "+c"
-    methods' settings (weight importance)."""
+    methods' settings (weight importance); on_row(result so far) after each row, as in compare_methods."""
     methods, ratios = list(methods), [float(r) for r in ratios]
     check_compare(methods, ratios, compress=compress)
     check_streamed_methods(methods, compress)
@@ -91,6 +92,9 @@ def compare_checkpoint(path, batches, windows: torch.Tensor, methods=STREAMED_ME
     with scratch_directory(scratch or tempfile.gettempdir(), ".mcsmoe-compare-") as where:
         rows = [{"method": "full", "ratio": 0.0, "experts": e, "expert_params": full_params, "expert_share": 1.0,
                  "form": "original", "perplexity": evaluate(path, where)}]
+        result = {"experts": e, "kd_steps": 0, "streamed": True, "rows": rows}
+        if on_row is not None:
+            on_row(result)
         jobs = [(r, m) for r in ratios for m in methods]
         for ratio, method in tqdm(jobs, desc="comparing methods layer by layer", disable=not progress):
             num_keep = resolve_count(e, None, ratio)
@@ -101,4 +105,6 @@ def compare_checkpoint(path, batches, windows: torch.Tensor, methods=STREAMED_ME
                          "expert_share": params / full_params, "form": form_of(method),
                          "perplexity": evaluate(reduced, where)})
             shutil.rmtree(reduced)
-    return {"experts": e, "kd_steps": 0, "streamed": True, "rows": rows}
+            if on_row is not None:
+                on_row(result)
+    return result

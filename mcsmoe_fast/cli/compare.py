@@ -138,7 +138,7 @@ def run_streamed(args, methods, ratios, compress) -> int:
     from transformers import AutoConfig
 
     from ..calibration_data import calibration_batches, check_batches, load_tokenizer, read_calibration_texts
-    from ..compare import markdown_table, write_results
+    from ..compare import markdown_table, write_results, write_tables
     from ..compare_streamed import check_streamed_methods, compare_checkpoint
     from ..train.text import text_windows
 
@@ -153,8 +153,10 @@ def run_streamed(args, methods, ratios, compress) -> int:
     batches = calibration_batches(texts, tokenizer, args.batch_size, args.max_length)
     check_batches(batches, tokenizer, AutoConfig.from_pretrained(args.model).vocab_size)
     print(f"the model does not fit --max-memory {args.max_memory}: comparing layer by layer")
-    result = compare_checkpoint(args.model, batches, windows, methods, ratios, scratch=Path(args.offload_dir or args.out),
-                                max_memory=args.max_memory, dtype=dtype_option(args), compress=compress)
+    result = compare_checkpoint(args.model, batches, windows, methods, ratios,
+                                scratch=Path(args.offload_dir or args.out), max_memory=args.max_memory,
+                                dtype=dtype_option(args), compress=compress,
+                                on_row=lambda partial: write_tables(partial, args.out))
     out = write_results(result, args.out)
     print(markdown_table(result), end="")
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
