@@ -104,16 +104,9 @@ def test_offload_dir_is_where_the_scratch_goes(source, tmp_path, capsys, monkeyp
 
 def test_cli_compare_larger_than_memory_keeps_the_finished_rows_when_a_later_one_fails(source, tmp_path, monkeypatch):
     import mcsmoe_fast.compare_streamed as streamed
+    from test_methods_edge_cases import failing_on_the_third_call
 
-    calls = []
-
-    def failing_on_the_third(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("out of memory in the third row")
-        return 7.0
-
-    monkeypatch.setattr(streamed, "streamed_perplexity", failing_on_the_third)
+    monkeypatch.setattr(streamed, "streamed_perplexity", failing_on_the_third_call())
     args = ["compare", "--model", source / "model", "--calib", source / "calib.txt", "--eval-text",
             source / "calib.txt", "--eval-length", 16, "--methods", "reap,frequency", "--ratios", 0.5,
             "--out", tmp_path / "out", "--max-memory", "1KB"]

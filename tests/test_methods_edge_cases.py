@@ -82,6 +82,19 @@ def test_ream_centroids_are_the_routed_experts_before_any_never_routed_one():
     assert scores[0] == pytest.approx(0.5, rel=1e-12)  # weighed as the least salient when merged
 
 
+def failing_on_the_third_call():
+    """A perplexity that gives 7.0 twice, then fails (out of memory in the third row of a comparison)."""
+    calls = []
+
+    def perplexity(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory in the third row")
+        return 7.0
+
+    return perplexity
+
+
 def test_compare_command_keeps_the_finished_rows_when_a_later_one_fails(tmp_path, monkeypatch):
     """results.json and results.md are written after every row: a failure in the third row (hours into a real
     comparison) leaves the full model's row and the first method's on disk."""
@@ -91,15 +104,7 @@ def test_compare_command_keeps_the_finished_rows_when_a_later_one_fails(tmp_path
     from test_compare import saved_model_and_texts
 
     saved_model_and_texts(tmp_path)
-    calls = []
-
-    def failing_on_the_third(model, windows):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("out of memory in the third row")
-        return 7.0
-
-    monkeypatch.setattr(compare, "perplexity", failing_on_the_third)
+    monkeypatch.setattr(compare, "perplexity", failing_on_the_third_call())
     args = ["compare", "--model", tmp_path / "mixtral", "--calib", tmp_path / "calib.txt", "--eval-text",
             tmp_path / "eval.txt", "--eval-length", 16, "--ratios", "0.5", "--methods", "reap,frequency",
             "--out", tmp_path / "out"]
