@@ -156,6 +156,15 @@ def _install_compressed(layer, entry: dict, weights: WeightFiles, path: Path, dt
         banks[0], banks[1], saved_map, layer.activation, *_empty_biases(name, weights, dtype), layer.activation_args))
 
 
+def read_generation_config(model: nn.Module, directory: Path) -> None:
+    """The generation settings `directory` holds (generation_config.json: eos ids, sampling defaults) onto `model`,
+    in place of those from_config derives from config.json; nothing when it holds none or the model cannot generate."""
+    if (directory / "generation_config.json").is_file() and getattr(model, "generation_config", None) is not None:
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(directory))
+
+
 def from_pretrained(path, verify: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
     """Load a checkpoint written by save_pretrained (merged format) in eval mode, with exactly the saved
     weights. A directory without an mcsmoe_merge section is loaded as a plain transformers checkpoint.
@@ -208,10 +217,7 @@ def from_pretrained(path, verify: bool = True, dtype: torch.dtype | None = None)
     weights.copy_into(expected)  # one tensor at a time, one file open at a time: no second copy of the model
     weights.release()
     model.tie_weights()
-    if (path / "generation_config.json").is_file() and getattr(model, "generation_config", None) is not None:
-        from transformers import GenerationConfig
-
-        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    read_generation_config(model, path)
     if dtype is not None:
         model = model.to(dtype)
     return guard_plain_save(model.eval()) if section["layers"] else model.eval()

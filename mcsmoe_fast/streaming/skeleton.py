@@ -28,6 +28,7 @@ def open_source(path, out, dtype: torch.dtype | None, dispatched: bool = False):
     skeleton needs is checked to be in the checkpoint with its shape. dispatched: see SourceCheckpoint."""
     from pathlib import Path
 
+    from ..checkpoint.load import read_generation_config
     from .source import SourceCheckpoint
 
     source = SourceCheckpoint(path, dispatched)
@@ -36,10 +37,7 @@ def open_source(path, out, dtype: torch.dtype | None, dispatched: bool = False):
         raise ValueError(f"out ({out}) must not be the input checkpoint directory or inside it")
     dtype = dtype or (torch.bfloat16 if source.quant is not None else torch.float32)  # quantized: bf16 work
     model = build_skeleton(source.config, dtype)
-    if (source.path / "generation_config.json").is_file() and model.can_generate():  # written with the output
-        from transformers import GenerationConfig
-
-        model.generation_config = GenerationConfig.from_pretrained(str(source.path))
+    read_generation_config(model, source.path)  # written with the output
     shapes, aliases = tensor_shapes(model)
     source.check(shapes)
     return source, out, dtype, model, shapes, aliases
