@@ -103,8 +103,8 @@ def calibration_batches(texts: list[str], tokenizer, batch_size: int = 8, max_le
     ensure_pad_token(tokenizer)
     batches = []
     for start in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt", return_token_type_ids=False)
+        enc = tokenizer(texts[start : start + batch_size], padding=True, padding_side="right", truncation=True,
+                        max_length=max_length, return_tensors="pt", return_token_type_ids=False)
         batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
     return batches
 

@@ -42,6 +42,8 @@ class Data:
 def resolve_data(args, tokenizer, training: bool) -> Data:
     text = getattr(args, "text", None)
     harness = getattr(args, "lm_eval", None)
+    if args.eval_limit is not None and args.eval_limit < 1:
+        raise ValueError(f"--eval-limit must be >= 1, got {args.eval_limit}")
     if [args.task is not None, text is not None or args.eval_text is not None, harness is not None].count(True) != 1:
         raise ValueError("give either --task (a text-to-text task) or --text/--eval-text (causal LM perplexity)"
                          + ("" if training else " or --lm-eval TASK..."))
@@ -74,7 +76,7 @@ def _text_data(args, tokenizer, training: bool) -> Data:
         raise ValueError("--text (the training text) is needed with --eval-text")
     eval_path = args.eval_text or getattr(args, "text", None)
     held_out = text_windows(eval_path, tokenizer, args.length).rows
-    if args.eval_limit:
+    if args.eval_limit is not None:
         held_out = held_out[: args.eval_limit]
     return Data(
         train=text_windows(args.text, tokenizer, args.length) if training else None,

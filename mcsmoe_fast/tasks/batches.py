@@ -66,8 +66,8 @@ def encode_pairs(tokenizer, pairs: Iterable[tuple[str, str]], max_source_length:
         raise ValueError("no (source, target) pairs to encode")
     ensure_pad_token(tokenizer)
     sources, targets = zip(*pairs)
-    enc = tokenizer(list(sources), padding=True, truncation=True, max_length=max_source_length,
-                    return_tensors="pt", return_token_type_ids=False)
+    enc = tokenizer(list(sources), padding=True, padding_side="right", truncation=True,
+                    max_length=max_source_length, return_tensors="pt", return_token_type_ids=False)
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
             "labels": pad_labels(target_token_ids(tokenizer, targets, max_target_length))}
 
@@ -96,7 +96,7 @@ def training_batches(task: Task | str, tokenizer, examples: Sequence[Mapping], b
     if shuffle:
         random.Random(seed).shuffle(pairs)
     return [encode_pairs(tokenizer, chunk, max_source_length, max_target_length)
-            for chunk in _chunks(pairs, batch_size or task.batch_size)]
+            for chunk in _chunks(pairs, task.batch_size if batch_size is None else batch_size)]
 
 
 def original_subset(size: int, n: int, seed: int = CALIBRATION_SEED) -> list[int]:

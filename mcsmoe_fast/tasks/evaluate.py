@@ -45,8 +45,8 @@ def _special_id(model, tokenizer, name: str) -> int:
 def _score_choices(model, tokenizer, sources: list[str], choices: list[tuple[str, ...]], max_source_length: int,
                    max_target_length: int) -> list[str]:
     device = _device(model)
-    enc = tokenizer(sources, padding=True, truncation=True, max_length=max_source_length, return_tensors="pt",
-                    return_token_type_ids=False).to(device)
+    enc = tokenizer(sources, padding=True, padding_side="right", truncation=True, max_length=max_source_length,
+                    return_tensors="pt", return_token_type_ids=False).to(device)
     encoder_out = model.get_encoder()(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                                       return_dict=True)
     rows = torch.tensor([i for i, options in enumerate(choices) for _ in options], device=device)
@@ -71,8 +71,8 @@ def _score_choices(model, tokenizer, sources: list[str], choices: list[tuple[str
 
 @torch.no_grad()
 def _generate(model, tokenizer, sources: list[str], max_source_length: int, max_new_tokens: int) -> list[str]:
-    enc = tokenizer(sources, padding=True, truncation=True, max_length=max_source_length, return_tensors="pt",
-                    return_token_type_ids=False).to(_device(model))
+    enc = tokenizer(sources, padding=True, padding_side="right", truncation=True, max_length=max_source_length,
+                    return_tensors="pt", return_token_type_ids=False).to(_device(model))
     out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], do_sample=False,
                          num_beams=1, max_new_tokens=max_new_tokens)
     return [text.strip() for text in tokenizer.batch_decode(out, skip_special_tokens=True)]
@@ -86,6 +86,10 @@ def predict_task(model, tokenizer, task: Task | str, examples: Sequence[Mapping]
     from tqdm.auto import tqdm
 
     task = get_task(task)
+    if not getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(f"the {task.name} task evaluates an encoder-decoder model (Switch Transformers, T5); "
+                         f"{type(model).__name__} is not one (a causal LM's generate would return the prompt "
+                         "with its answer): use perplexity (--eval-text) or lm-eval (--lm-eval) for causal LMs")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_new_tokens is not None and max_new_tokens < 1:

@@ -34,6 +34,8 @@ def harness_evaluate(model, tokenizer, tasks: list[str], num_fewshot: int | None
         from lm_eval.models.huggingface import HFLM
     except ImportError as exc:
         raise ValueError("lm-evaluation-harness tasks need the optional package lm-eval: pip install lm-eval") from exc
+    if limit is not None and limit <= 0:
+        raise ValueError(f"limit must be > 0 (examples per task, or a fraction of them below 1), got {limit}")
     if not tasks:
         raise ValueError("name at least one lm-eval task (e.g. hellaswag, arc_easy)")
     if getattr(model.config, "is_encoder_decoder", False):
@@ -45,5 +47,6 @@ def harness_evaluate(model, tokenizer, tasks: list[str], num_fewshot: int | None
     for task, metrics in output["results"].items():
         for name, value in metrics.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in name:
-                flat[f"{task}/{name.split(',')[0]}"] = float(value)
+                metric, _, kept_by = name.partition(",")  # lm-eval's "metric,filter"
+                flat[f"{task}/{metric}" if kept_by in ("", "none") else f"{task}/{name}"] = float(value)
     return flat
