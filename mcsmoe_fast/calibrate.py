@@ -162,8 +162,8 @@ class _Accumulator:
             chosen = torch.ones_like(top, dtype=torch.bool)
         else:  # a layer pruned by the drop baseline: its masked experts are never chosen
             logits = self.layer.router_logits(x).to(acc).masked_fill(~self.keep, float("-inf"))
-            top_logits, top = logits.topk(s.top_k, dim=-1)  # [T, k]
-            chosen = torch.isfinite(top_logits)  # a masked expert picked only to fill k is not a selection
+            top = self.layer.choose(logits, x.dtype)  # [T, k]
+            chosen = torch.isfinite(logits.gather(-1, top))  # a masked expert picked only to fill k is not a selection
         scale = self.layer.expert_input_scale(logits, top)  # Llama-4: the router's score scales the expert input
         gates = None
         if s.saliency_sum is not None:  # with an input scale the expert's contribution is FFN(s x) itself: g = 1

@@ -30,16 +30,17 @@ from .sections import record_merge
 
 def merge_group_weights(w_in: torch.Tensor, w_out: torch.Tensor, grouping: LayerGrouping, *more: torch.Tensor):
     """Merged slots (w_in [G, F, d], w_out [G, d, ff], then any more per-expert tensors such as biases):
-    slot g = sum_i weight_i * expert_i over group g, accumulated in float32 (a single-member group is
-    copied exactly)."""
+    slot g = sum_i weight_i * expert_i over group g, accumulated in float32 (float64 for float64 weights; a
+    single-member group is copied exactly)."""
     merged = []
     for t in (w_in, w_out, *more):
         slots = []
+        acc_dtype = torch.promote_types(t.dtype, torch.float32)
         for members, weights in zip(grouping.groups, grouping.weights):
-            acc = torch.zeros(t.shape[1:], dtype=torch.float32, device=t.device)
+            acc = torch.zeros(t.shape[1:], dtype=acc_dtype, device=t.device)
             for e, w in zip(members, weights):
                 if w != 0.0:
-                    acc.add_(t[e].float(), alpha=w)
+                    acc.add_(t[e].to(acc_dtype), alpha=w)
             slots.append(acc.to(t.dtype))
         merged.append(torch.stack(slots))
     return tuple(merged)

@@ -22,6 +22,17 @@ CHECKPOINT_FILES = ("config.json", "generation_config.json", "*.safetensors", "*
                     "chat_template.*", "preprocessor_config.json", "trainer_state.*", OWNER_FILE)
 
 
+def refuse_out_at_source(source, out) -> None:
+    """ValueError when writing checkpoint `out` would replace or land inside the input checkpoint `source`, or
+    replace a directory that holds it. Paths are compared resolved ('..', symlinks): the atomic replace resolves
+    them too, so an out that only looks different could otherwise replace the input."""
+    out_real, source_real = Path(os.path.realpath(out)), Path(os.path.realpath(source))
+    if out_real == source_real or source_real in out_real.parents:
+        raise ValueError(f"out ({out}) must not be the input checkpoint directory ({source}) or inside it")
+    if out_real in source_real.parents:
+        raise ValueError(f"out ({out}) holds the input checkpoint {source}: replacing it would delete the input")
+
+
 def check_replaceable(target: Path) -> None:
     """Raise FileExistsError unless `target` is absent, an empty directory, or a checkpoint directory holding
     only CHECKPOINT_FILES (then a save may replace it as a whole)."""

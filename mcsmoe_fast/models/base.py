@@ -71,7 +71,12 @@ class MoELayer:
         """(router logits [T, E], chosen experts [T, k]) for hidden states [T, d], chosen as the block
         chooses them (families with their own selection rule override this)."""
         logits = self.router_logits(hidden)
-        return logits, logits.topk(self.top_k, dim=-1).indices
+        return logits, self.choose(logits, hidden.dtype)
+
+    def choose(self, logits: torch.Tensor, input_dtype: torch.dtype) -> torch.Tensor:
+        """The chosen experts [T, k] from router logits [T, E] (masked ones -inf) for a block whose input has
+        `input_dtype`: the top-k logits (Switch: the argmax of its probabilities rounded to input_dtype)."""
+        return logits.topk(self.top_k, dim=-1).indices
 
     def expert_input_scale(self, logits: torch.Tensor, top: torch.Tensor) -> torch.Tensor | None:
         """[T, k] factors by which the block scales each chosen expert's input (Llama-4's router score), from

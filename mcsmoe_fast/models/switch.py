@@ -28,6 +28,12 @@ class SwitchLayer(MoELayer):
         router.classifier = router.classifier.to(router.dtype)
         return router.classifier(hidden.to(router.dtype))
 
+    def choose(self, logits: torch.Tensor, input_dtype: torch.dtype) -> torch.Tensor:
+        """As transformers' router chooses: the argmax of the probabilities rounded to the input's dtype (ties in
+        bfloat16 / float16 go to the lower index, where the float32 logits could say otherwise)."""
+        probs = torch.softmax(logits, dim=-1, dtype=self._router().dtype).to(input_dtype)
+        return probs.argmax(dim=-1, keepdim=True)
+
     def _experts(self):
         return self.module.experts
 

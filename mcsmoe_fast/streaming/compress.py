@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import WEIGHTS_METADATA, WEIGHTS_NAME, atomic_directory, open_weights, read_section
 from ..checkpoint import write_merged_config
 from ..sections import record_compression
+from ..checkpoint.atomic import refuse_out_at_source
 from ..checkpoint.weight_files import CheckpointError, ShardWriter
 from ..quant import detect
 from ..quant.files import QuantizedFiles
@@ -55,8 +56,7 @@ def compress_checkpoint(path, out, rank: int = 32, keep_ratio: float = 0.1, svd:
     if section is None:
         raise ValueError(f"{path} is a plain transformers checkpoint: streaming compression reads merged "
                          "checkpoints (merge it first, e.g. with mcsmoe-fast merge --max-memory)")
-    if out == path or path in out.parents:
-        raise ValueError(f"out ({out}) must not be the input checkpoint directory or inside it")
+    refuse_out_at_source(path, out)
     weights = open_weights(path, section, verify)
     config = AutoConfig.from_pretrained(str(path))
     quantized = detect(getattr(config, "quantization_config", None))
@@ -94,9 +94,11 @@ def compress_checkpoint(path, out, rank: int = 32, keep_ratio: float = 0.1, svd:
             stage.add(layer.name, w_in.to(dtype), w_out.to(dtype), emap, layer.activation, keep, b_in, b_out,
                       layer.activation_args)
             del w_in, w_out
-        for name in weights.shapes:  # everything else, one tensor at a time
-            if name not in slot_names:
-                for part, tensor in _stored_or_cast(weights, name, None if keep_stored else dtype).items():
+        skeleton_dtypes = {n: t.dtype for n, t in model.state_dict().items()}  # float32 where transformers keeps it
+        for name in weights.shapes:  # everything else, one tensor at a time; a tied name stays an alias
+            if name not in slot_names and name not in section["aliases"]:
+                cast = None if keep_stored else skeleton_dtypes.get(name, dtype)
+                for part, tensor in _stored_or_cast(weights, name, cast).items():
                     writer.add(part, tensor)
         weights.release()
         bar = tqdm(total=len(layers), desc="compressing: global threshold", unit="layer", disable=not progress)

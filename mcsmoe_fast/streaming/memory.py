@@ -8,6 +8,7 @@ how many bytes of weight-matching cost matrices are built at once.
 from __future__ import annotations
 
 import os
+import re
 import resource
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,6 +169,9 @@ def _numel(shape) -> int:
     return n
 
 
+_EXPERT_LAYER = re.compile(r"(.*?\.(?:layers|block)\.\d+)\.")
+
+
 def checkpoint_bytes(path, dtype: torch.dtype | None = torch.float32) -> tuple[int, int]:
     """(bytes of every tensor of the safetensors checkpoint at `path` in `dtype` (None: as stored),
     bytes of its largest layer's expert tensors), from the file headers alone."""
@@ -182,9 +186,9 @@ def checkpoint_bytes(path, dtype: torch.dtype | None = torch.float32) -> tuple[i
         size = numel * ((dtype.itemsize if dtype is not None and files.dtypes[name].is_floating_point
                          else files.dtypes[name].itemsize))
         total += size
-        if ".experts." in name and ".layers." in name:
-            layer = name.split(".layers.", 1)[1].split(".", 1)[0]
-            per_layer[layer] = per_layer.get(layer, 0) + size
+        layer = _EXPERT_LAYER.match(name) if ".experts." in name else None
+        if layer is not None:  # "model.layers.3", Switch's "encoder.block.1" / "decoder.block.1"
+            per_layer[layer[1]] = per_layer.get(layer[1], 0) + size
     return total, max(per_layer.values(), default=0)
 
 

@@ -284,7 +284,7 @@ def load_dequantized(path, dtype: torch.dtype | None = None) -> torch.nn.Module:
     from transformers.initialization import no_init_weights
 
     from ..models.hub import model_class_for
-    from .skeleton import tensor_shapes
+    from .skeleton import keep_float32_, tensor_shapes
     from .source import SourceCheckpoint
 
     source = SourceCheckpoint(path, dispatched=True)
@@ -294,6 +294,7 @@ def load_dequantized(path, dtype: torch.dtype | None = None) -> torch.nn.Module:
         del config.quantization_config  # the model in memory is not quantized
     with no_init_weights():
         model = model_class_for(config).from_config(config, dtype=dtype)
+    keep_float32_(model, dtype)  # as from_pretrained keeps them
     model.tie_weights()
     shapes, _ = tensor_shapes(model)
     source.check(shapes)

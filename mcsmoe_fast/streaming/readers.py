@@ -16,7 +16,7 @@ from ..footprint import COMPRESSED_FIELDS, expert_parameters
 from ..models import moe_layers
 from ..quant import detect
 from ..quant.files import QuantizedFiles
-from .skeleton import build_skeleton, materialise, tensor_shapes
+from .skeleton import build_skeleton, materialise, read_float32_as_skeleton, tensor_shapes
 from .source import SUPPORTED_TYPES, SourceCheckpoint
 
 
@@ -37,6 +37,7 @@ class PlainReader:
         self.model = build_skeleton(self.source.config, self.dtype)
         self.shapes, self.aliases = tensor_shapes(self.model)
         self.source.check(self.shapes)
+        read_float32_as_skeleton(self.source, self.model)
 
     def install(self, unit: str) -> None:
         pass

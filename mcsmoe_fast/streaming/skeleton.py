@@ -18,8 +18,29 @@ def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
 
     with init_empty_weights():
         model = model_class_for(config).from_config(config, dtype=dtype)
+    keep_float32_(model, dtype)
     model.tie_weights()  # as from_pretrained does: tied names become aliases of one stored tensor
     return model.eval()
+
+
+def keep_float32_(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast to float32 the tensors transformers' from_pretrained keeps in float32 when it loads `model` in `dtype`
+    (_keep_in_fp32_modules for float16, _keep_in_fp32_modules_strict for float16 and bfloat16, e.g. DeepSeek-V3's
+    router gate and score-correction bias), matched as transformers matches them; meta tensors stay meta."""
+    import re
+
+    plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
+    if not plan:
+        return
+    pattern = re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in plan))
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if pattern.search(name) and t.is_floating_point():
+            t.data = t.data.float()
+
+
+def read_float32_as_skeleton(source, model: nn.Module) -> None:
+    """The source reads in float32 the tensors the skeleton holds in float32, whatever the working dtype."""
+    source.float32_names = {n for n, t in model.state_dict().items() if t.dtype == torch.float32}
 
 
 def open_source(path, out, dtype: torch.dtype | None, dispatched: bool = False):
@@ -28,18 +49,19 @@ def open_source(path, out, dtype: torch.dtype | None, dispatched: bool = False):
     skeleton needs is checked to be in the checkpoint with its shape. dispatched: see SourceCheckpoint."""
     from pathlib import Path
 
+    from ..checkpoint.atomic import refuse_out_at_source
     from ..checkpoint.load import read_generation_config
     from .source import SourceCheckpoint
 
     source = SourceCheckpoint(path, dispatched)
     out = Path(out).expanduser().absolute()
-    if out == source.path or source.path in out.parents:
-        raise ValueError(f"out ({out}) must not be the input checkpoint directory or inside it")
+    refuse_out_at_source(source.path, out)
     dtype = dtype or (torch.bfloat16 if source.quant is not None else torch.float32)  # quantized: bf16 work
     model = build_skeleton(source.config, dtype)
     read_generation_config(model, source.path)  # written with the output
     shapes, aliases = tensor_shapes(model)
     source.check(shapes)
+    read_float32_as_skeleton(source, model)
     return source, out, dtype, model, shapes, aliases
 
 

@@ -82,6 +82,7 @@ class SourceCheckpoint:
                              "use the in-memory pipeline for it")
         self.config = AutoConfig.from_pretrained(str(self.path))
         self.files = open_weight_files(self.path)
+        self.float32_names: set[str] = set()  # read in float32 whatever the working dtype (skeleton.open_source)
         # block-FP8 / MXFP4 (quant/): every tensor is read dequantized, its stored parts stay reachable
         self.quant = detect(raw.get("quantization_config"))
         if self.quant is not None:
@@ -144,7 +145,9 @@ class SourceCheckpoint:
 
     # --- reading -----------------------------------------------------------------------------------
     def read(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """Tensor `name` of the model (shape as the model expects), in `dtype`."""
+        """Tensor `name` of the model (shape as the model expects), in `dtype` (float32 for float32_names)."""
+        if name in self.float32_names:
+            dtype = torch.float32
         plain = self._plain(name)
         if plain is not None:
             stored = self.files.dtypes[plain]
