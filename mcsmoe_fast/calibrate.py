@@ -46,14 +46,14 @@ from .drop import logit_mask
 from .hooks import run_hooked
 from .models import MoELayer, moe_layers
 from .models.dispatched import compute_device, onloaded
-from .modules.masked_router import SOFTMAX_TOP_K_ROUTERS
+from .modules.masked_router import SOFTMAX_TOP_K_ROUTERS, MaskedTopKRouter
 from .ops import grouped_expert_ffn
 
 CHEAP_BASES = ("router-logits", "feature")
 SALIENCY_MODES = ("reap", "reap-softmax")
 # routers whose routing weights are a softmax of the logits they return (over all experts, or over the top-k
 # logits: GPT-OSS, which equals the renormalised softmax); any other router gives its own top-k weights
-SOFTMAX_ROUTERS = (*SOFTMAX_TOP_K_ROUTERS, "MaskedTopKRouter", "GptOssTopKRouter", "Qwen3NextTopKRouter",
+SOFTMAX_ROUTERS = (*SOFTMAX_TOP_K_ROUTERS, "GptOssTopKRouter", "Qwen3NextTopKRouter",
                    "Qwen3_5MoeTopKRouter", "SwitchTransformersTop1Router", "MaskedLinear")
 
 
@@ -189,7 +189,8 @@ class _Accumulator:
         """g [T, k]: the routing weight of each chosen expert that REAP's saliency weighs (see the module docstring)."""
         router = getattr(self.layer, "router", None) or getattr(self.layer.module, "router")
         acc = self.stats.saliency_sum.dtype
-        if type(router).__name__ not in SOFTMAX_ROUTERS:  # sigmoid & co: the router's own top-k weights
+        softmax = type(router).__name__ in SOFTMAX_ROUTERS or isinstance(router, MaskedTopKRouter)
+        if not softmax:  # sigmoid & co: the router's own top-k weights
             out = getattr(self.layer, "router_outputs", router)(x)  # as the block calls it
             if not isinstance(out, tuple) or len(out) != 3:
                 raise ValueError(f"{self.layer.name}: REAP saliency needs the router's top-k weights, but "

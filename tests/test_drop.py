@@ -7,7 +7,7 @@ from torch import nn
 
 from mcsmoe_fast import collect_routing_stats, from_pretrained, merge_experts, moe_layers, optimize, save_pretrained
 from mcsmoe_fast.drop import install_logit_mask, logit_mask
-from mcsmoe_fast.modules.masked_router import SOFTMAX_TOP_K_ROUTERS, MaskedLinear, MaskedTopKRouter
+from mcsmoe_fast.modules.masked_router import SOFTMAX_TOP_K_ROUTERS, MaskedLinear, MaskedTopKRouter, mask_top_k_router
 from mcsmoe_fast.models.hub import load_model
 from merge_helpers import build, calibration, forward
 
@@ -117,8 +117,8 @@ def test_masked_topk_router_by_hand():
     gate = nn.Module()
     gate.weight = nn.Parameter(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]]))
     gate.top_k = 2
-    router = MaskedTopKRouter(gate, torch.tensor([True, False, True, True]))
-    assert router.weight is gate.weight and router.num_experts == 4 and router.hidden_dim == 2
+    router = mask_top_k_router(gate, torch.tensor([True, False, True, True]))
+    assert router is gate and isinstance(router, MaskedTopKRouter)
     x = torch.tensor([[[2.0, 1.0]]])  # logits 2, 1, 3, -2; expert 1 masked
     logits, weights, index = router(x)
     assert logits.shape == (1, 4) and logits[0, 1] == float("-inf")
@@ -126,7 +126,7 @@ def test_masked_topk_router_by_hand():
     assert index.tolist() == [[2, 0]]
     e = torch.tensor([3.0, 2.0]).exp()
     torch.testing.assert_close(weights, (e / e.sum()).unsqueeze(0))  # renormalised over the kept top-2
-    only = MaskedTopKRouter(gate, torch.tensor([False, False, False, True]))  # fewer kept than top_k
+    only = mask_top_k_router(gate, torch.tensor([False, False, False, True]))  # fewer kept than top_k
     _, weights, index = only(x)
     assert index[0, 0] == 3 and weights.tolist() == [[1.0, 0.0]]
 
@@ -180,7 +180,7 @@ def test_masks_are_bool_buffers_on_the_router_device():
     gate = nn.Module()
     gate.weight = nn.Parameter(torch.randn(4, 3))
     gate.top_k = 2
-    router = MaskedTopKRouter(gate, torch.tensor([1, 0, 1, 1], dtype=torch.uint8))
+    router = mask_top_k_router(gate, torch.tensor([1, 0, 1, 1], dtype=torch.uint8))
     assert router.keep.dtype == torch.bool
     logits, _, index = router(torch.randn(5, 3))
     assert torch.isneginf(logits[:, 1]).all() and not (index == 1).any()
@@ -189,4 +189,4 @@ def test_masks_are_bool_buffers_on_the_router_device():
     meta_gate = nn.Module()
     meta_gate.weight = nn.Parameter(torch.empty(4, 3, device="meta"))
     meta_gate.top_k = 2
-    assert MaskedTopKRouter(meta_gate, torch.ones(4, dtype=torch.bool)).keep.device.type == "meta"
+    assert mask_top_k_router(meta_gate, torch.ones(4, dtype=torch.bool)).keep.device.type == "meta"

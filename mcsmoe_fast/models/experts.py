@@ -22,7 +22,7 @@ from torch import nn
 
 from ..modules.compressed import CompressedMoEExperts
 from ..modules import MoEExperts
-from ..modules.masked_router import SOFTMAX_TOP_K_ROUTERS, MaskedTopKRouter
+from ..modules.masked_router import SOFTMAX_TOP_K_ROUTERS, MaskedTopKRouter, mask_top_k_router
 from .base import MoELayer, refuse_compressed, split_name
 from .registry import Family
 from .stored_tensors import ExpertTensors
@@ -110,9 +110,7 @@ class ExpertsLayer(MoELayer):
 
     def mask_router(self, keep: torch.Tensor) -> None:
         self.check_maskable()
-        if not isinstance(self.module.gate, MaskedTopKRouter):
-            self.module.gate = MaskedTopKRouter(self.module.gate, keep)
-        self.module.gate.keep.copy_(keep)
+        mask_top_k_router(self.module.gate, keep)
 
     def logit_mask(self) -> torch.Tensor | None:
         gate = getattr(self.module, "gate", None)

@@ -4,6 +4,8 @@ state dict (`...classifier.weight` for Switch, `...gate.weight` for the others);
 `keep` [E] (bool) next to it."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,25 +38,38 @@ class MaskedTopKRouter(nn.Module):
     renormalised when the gate renormalises (Mixtral always, the others per norm_topk_prob), the top-k
     weights cast back to the logits' dtype where the gate does (all but Mixtral).
 
-    When fewer than top_k experts are kept, the extra picks get weight 0 and so contribute nothing."""
+    Mixed into the gate in place (mask_top_k_router): the gate stays the same module, with its weight, its hooks
+    and its own class among its bases, so transformers' output recorders still record its router logits (the
+    aux loss of output_router_logits=True counts every layer). When fewer than top_k experts are kept, the extra
+    picks get weight 0 and so contribute nothing."""
 
-    def __init__(self, gate: nn.Module, keep: torch.Tensor):
-        super().__init__()
-        self.weight = gate.weight
-        self.top_k = gate.top_k
-        self.num_experts = gate.weight.shape[0]
-        self.hidden_dim = gate.weight.shape[1]
-        self.norm_topk_prob = bool(getattr(gate, "norm_topk_prob", True))
-        self.cast_scores = type(gate).__name__ != "MixtralTopKRouter"
-        self.register_buffer("keep", torch.as_tensor(keep, dtype=torch.bool, device=gate.weight.device))
+    keep: torch.Tensor
+    cast_scores: bool = True
 
     def forward(self, hidden_states: torch.Tensor):
-        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        hidden_states = hidden_states.reshape(-1, self.weight.shape[1])
         router_logits = _mask(F.linear(hidden_states, self.weight), self.keep)
         probs = torch.softmax(router_logits.float(), dim=-1)
         top_value, top_index = torch.topk(probs, self.top_k, dim=-1)
-        if self.norm_topk_prob:
+        if getattr(self, "norm_topk_prob", True):
             top_value = top_value / top_value.sum(dim=-1, keepdim=True)
         if self.cast_scores:
             top_value = top_value.to(router_logits.dtype)
         return router_logits, top_value, top_index
+
+
+@functools.cache
+def _masked_class(gate_class: type) -> type:
+    return type(f"Masked{gate_class.__name__}", (MaskedTopKRouter, gate_class),
+                {"cast_scores": gate_class.__name__ != "MixtralTopKRouter"})
+
+
+def mask_top_k_router(gate: nn.Module, keep) -> nn.Module:
+    """Mask the softmax top-k `gate` in place (a second call replaces the mask): its class becomes a subclass of
+    MaskedTopKRouter and of its own class, and a bool buffer `keep` [E] joins its weight (saved as gate.keep)."""
+    keep = torch.as_tensor(keep, device=gate.weight.device).to(torch.bool)
+    if not isinstance(gate, MaskedTopKRouter):
+        gate.__class__ = _masked_class(type(gate))
+        gate.register_buffer("keep", keep.clone())
+    gate.keep.copy_(keep)
+    return gate

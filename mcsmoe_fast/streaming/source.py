@@ -61,6 +61,8 @@ def open_weight_files(path: Path) -> WeightFiles:
 class SourceCheckpoint:
     """A transformers checkpoint directory of a supported family, its config and its tensors."""
 
+    float32_names: frozenset[str] | set[str] = frozenset()  # read in float32 whatever the dtype asked for (skeleton.py)
+
     def __init__(self, path, dispatched: bool = False):
         """dispatched: the caller runs the model's own forward (accelerate device map) or none at all,
         so DISPATCH_TYPES are accepted too."""
@@ -82,7 +84,6 @@ class SourceCheckpoint:
                              "use the in-memory pipeline for it")
         self.config = AutoConfig.from_pretrained(str(self.path))
         self.files = open_weight_files(self.path)
-        self.float32_names: set[str] = set()  # read in float32 whatever the working dtype (skeleton.open_source)
         # block-FP8 / MXFP4 (quant/): every tensor is read dequantized, its stored parts stay reachable
         self.quant = detect(raw.get("quantization_config"))
         if self.quant is not None:
