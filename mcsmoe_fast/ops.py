@@ -229,6 +229,9 @@ def _ffn_setup_context(ctx, inputs, output):
 
 
 def _ffn_backward(ctx, grad, grad_h_rows=None):
+    if torch.is_grad_enabled():  # backward(create_graph=True): the fused backward has no derivative of its own
+        raise NotImplementedError("grouped_expert_ffn: double backward (create_graph=True, e.g. a gradient penalty) "
+                                  "is not supported by the fused op; use mcsmoe_fast.reference.grouped_expert_ffn")
     hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, b_in, b_out, h_rows = ctx.saved_tensors
     # needs_input_grad covers only the arguments passed: trailing ones left at their defaults are dropped
     n = len(ctx.needs_input_grad)

@@ -75,7 +75,7 @@ def grouped_over_slots(hidden, num_slots, expert_map, top_k_index, top_k_weights
         tokens = hit.any(-1).nonzero().squeeze(-1)
         if tokens.numel() == 0:
             continue
-        weight = (top_k_weights * hit).sum(-1)[tokens]
+        weight = torch.where(hit, top_k_weights, 0).sum(-1)[tokens]  # a dropped entry's weight is never read
         out.index_add_(0, tokens, slot_ffn(s, hidden[tokens]) * weight[:, None].to(hidden.dtype))
     return out
 
@@ -91,7 +91,7 @@ def moe_align(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, expert_map
         hit = slots == s
         t_s = hit.any(-1).nonzero().squeeze(-1)
         tokens.append(t_s)
-        weights.append((top_k_weights.to(wdtype) * hit).sum(-1)[t_s])
+        weights.append(torch.where(hit, top_k_weights.to(wdtype), 0).sum(-1)[t_s])
         counts.append(t_s.numel())
     pairs = sum(counts)
     sorted_tokens = torch.full((T * k,), -1, dtype=torch.int64, device=top_k_index.device)

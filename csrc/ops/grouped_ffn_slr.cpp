@@ -43,10 +43,11 @@ std::vector<int64_t> checked_offsets(const at::TensorList& bank, int64_t S, int6
   std::vector<int64_t> off(offsets.data_ptr<int64_t>(), offsets.data_ptr<int64_t>() + S + 1);
   TORCH_CHECK(off[0] == 0 && off[S] == row_idx.size(0), op, ": ", name, " row_offsets must start at 0 and end at ",
               row_idx.size(0), ", got ", off[0], " and ", off[S]);
-  std::vector<unsigned char> seen;  // scratch reused by every slot's check
-  for (int64_t s = 0; s < S; ++s) {
+  for (int64_t s = 0; s < S; ++s)  // every offset first: then each slot's rows lie inside row_idx
     TORCH_CHECK(off[s] <= off[s + 1], op, ": ", name, " row_offsets must not decrease, got ", off[s], " then ",
                 off[s + 1]);
+  std::vector<unsigned char> seen;  // scratch reused by every slot's check
+  for (int64_t s = 0; s < S; ++s) {
     check_row_idx_cpu(row_idx.data_ptr<int64_t>() + off[s], off[s + 1] - off[s], out, op, name, s, seen);
   }
   return off;

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..models import expert_weights_per_expert, moe_layers
-from ..sections import MERGE_SECTION
+from ..sections import COMPRESS_SECTION, MERGE_SECTION
 from .format import merged_layers, model_dtype
 from .standard import NO_CAPACITY, carry_generation_config, dropless
 
@@ -23,8 +23,9 @@ def to_dense(model: nn.Module) -> nn.Module:
         raise ValueError(f"export_dense: layers {dropped} have dropped experts (strategy='drop'); a plain "
                          "transformers checkpoint cannot mask router logits, save the merged format instead")
     config = model.config.__class__.from_dict(model.config.to_dict())
-    if hasattr(config, MERGE_SECTION):
-        delattr(config, MERGE_SECTION)
+    for section in (MERGE_SECTION, COMPRESS_SECTION):  # every expert dense again: nothing merged or compressed
+        if hasattr(config, section):
+            delattr(config, section)
     if config.model_type == "switch_transformers" and dropless(model):
         config.expert_capacity = NO_CAPACITY  # every token reaches its expert, as in the model
     with no_init_weights():

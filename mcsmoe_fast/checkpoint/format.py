@@ -111,4 +111,5 @@ def write_merged_config(config, directory: Path, written: WrittenWeights, aliase
                        weights_sha256=info["sha256"])
     section.update(dtype=dtype, aliases=aliases, layers=layers)
     setattr(config, MERGE_SECTION, section)
+    config.dtype = dtype  # the weights' dtype, also where the model was cast after loading
     config.save_pretrained(str(directory))

@@ -14,6 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from ..modules import slot_names
+from ..sections import COMPRESS_SECTION
 from .atomic import atomic_directory
 from .dense import to_dense
 from .standard import to_standard
@@ -29,6 +30,12 @@ def _write_merged(model: nn.Module, tmp: Path, max_shard_size: int | None = None
     for name, tensor in tensors.items():
         writer.add(name, tensor)
     config = model.config.__class__.from_dict(model.config.to_dict())
+    compressed = sorted(n for n, entry in layers.items() if "compressed" in entry)
+    if getattr(config, COMPRESS_SECTION, None) is not None:  # merged again since: only what is still compressed
+        if compressed:
+            setattr(config, COMPRESS_SECTION, {**getattr(config, COMPRESS_SECTION), "layers": compressed})
+        else:
+            delattr(config, COMPRESS_SECTION)
     write_merged_config(config, tmp, writer.finish(), aliases, layers, model_dtype(model))
     if getattr(model, "generation_config", None) is not None:  # eos ids, sampling defaults: as the model generates
         model.generation_config.save_pretrained(str(tmp))

@@ -33,6 +33,10 @@ def run(args) -> int:
 
     if min(args.tokens) < 1 or args.length < 1 or args.repeats < 1:
         raise ValueError("--tokens, --length and --repeats must be >= 1")
+    uneven = [t for t in args.tokens if t > args.length and t % args.length]
+    if uneven:
+        raise ValueError(f"--tokens {uneven} not a multiple of --length {args.length}: a pass is whole sequences of "
+                         "--length tokens (or one shorter sequence)")
     model = open_model(args.model)
     print(f"{'tokens':>7}  {'tok/s transformers':>18}  {'tok/s optimize':>14}  speed-up")
     for tokens in args.tokens:

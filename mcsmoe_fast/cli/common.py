@@ -17,6 +17,12 @@ def refuse_overwriting_input(args) -> None:
                          "choose another output directory")
 
 
+def first_given(*values):
+    """The first value that is not None: an option's 0 is a value (refused by name where it is out of range),
+    not "use the default"."""
+    return next(v for v in values if v is not None)
+
+
 MODEL_OPTIONS = ("model", "teacher")  # the options that name a model to read (directory or hub id)
 
 
@@ -92,6 +98,15 @@ def device_map_option(text):
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"--device-map: not a JSON object ({exc})") from None
+
+
+def saved_dtype(model: str) -> str | None:
+    """The dtype a merged or compressed checkpoint directory was saved in; None for anything else."""
+    from ..checkpoint import read_section
+
+    path = Path(model).expanduser()
+    section = read_section(path) if path.is_dir() else None
+    return None if section is None else section.get("dtype", "float32")
 
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16", "auto")

@@ -1,7 +1,7 @@
 """mcsmoe-fast compare: M-SMoE, HC-SMoE, REAP, REAM-style merging and frequency pruning on one model."""
 from __future__ import annotations
 
-from .common import add_calibration_options, add_dtype_option, dtype_option, subcommand
+from .common import add_calibration_options, add_dtype_option, dtype_option, first_given, subcommand
 
 
 def add(sub):
@@ -25,9 +25,9 @@ def add(sub):
     p.add_argument("--kd-text", default=None,
                    help="with --kd-steps: a text file to distil on, cut into --eval-length windows "
                         "(default: the calibration texts)")
-    p.add_argument("--kd-batch-size", type=int, default=8, help="with --kd-steps: windows per step (default 8)")
-    p.add_argument("--kd-lr", type=float, default=1e-4, help="with --kd-steps: learning rate (default 1e-4)")
-    p.add_argument("--kd-warmup-steps", type=int, default=16,
+    p.add_argument("--kd-batch-size", type=int, default=None, help="with --kd-steps: windows per step (default 8)")
+    p.add_argument("--kd-lr", type=float, default=None, help="with --kd-steps: learning rate (default 1e-4)")
+    p.add_argument("--kd-warmup-steps", type=int, default=None,
                    help="with --kd-steps: linear warm-up steps, at most a quarter of --kd-steps (default 16)")
     p.add_argument("--compress-rank", type=int, default=None,
                    help="for the '+c' methods (m-smoe+c, hc-smoe+c, ream+c): rank of the low-rank factors (default 32)")
@@ -89,6 +89,16 @@ def harness_option(args, tokenizer):
                    limit=args.lm_eval_limit, batch_size=args.lm_eval_batch_size, include_path=args.lm_eval_include)
 
 
+def refuse_results_in_model(args) -> None:
+    """The results go beside the model, never into its directory (the CLI leaves the input model as it is)."""
+    from pathlib import Path
+
+    out, model = Path(args.out).expanduser().resolve(), Path(args.model).expanduser().resolve()
+    if model.is_dir() and (out == model or model in out.parents):
+        raise ValueError(f"--out {args.out} is inside the input model's directory {args.model}; choose another "
+                         "directory for the results")
+
+
 def run(args) -> int:
     import torch
 
@@ -98,6 +108,7 @@ def run(args) -> int:
     from ..train import TrainConfig
     from ..train.text import text_windows
 
+    refuse_results_in_model(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     try:
         ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
@@ -108,9 +119,14 @@ def run(args) -> int:
     if args.kd_steps < 0:
         raise ValueError(f"--kd-steps must be >= 0, got {args.kd_steps}")
     kd = None
+    kd_flags = {"--kd-text": args.kd_text, "--kd-batch-size": args.kd_batch_size, "--kd-lr": args.kd_lr,
+                "--kd-warmup-steps": args.kd_warmup_steps}
+    if not args.kd_steps and any(v is not None for v in kd_flags.values()):
+        raise ValueError(f"{', '.join(f for f, v in kd_flags.items() if v is not None)} need --kd-steps")
     if args.kd_steps:
-        kd = TrainConfig(steps=args.kd_steps, batch_size=args.kd_batch_size, learning_rate=args.kd_lr,
-                         warmup_steps=min(args.kd_warmup_steps, args.kd_steps // 4), eval_every=0)
+        kd = TrainConfig(steps=args.kd_steps, batch_size=first_given(args.kd_batch_size, 8),
+                         learning_rate=first_given(args.kd_lr, 1e-4),
+                         warmup_steps=min(first_given(args.kd_warmup_steps, 16), args.kd_steps // 4), eval_every=0)
     from ..streaming import fits_in_memory
 
     if not fits_in_memory(args.model, args.max_memory, dtype_option(args) or torch.float32):

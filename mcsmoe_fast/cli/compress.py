@@ -54,6 +54,9 @@ def run(args) -> int:
         raise ValueError("--" + str(exc).replace("keep_ratio", "keep-ratio")) from None
     if args.importance == "activation" and args.calib is None:
         raise ValueError("--importance activation needs --calib (calibration text)")
+    if args.importance != "activation" and args.calib is not None:
+        raise ValueError(f"--calib is read for --importance activation only (--importance {args.importance} scores "
+                         "rows by the weights alone): add --importance activation or drop --calib")
     tokenizer = None
     try:
         tokenizer = load_tokenizer(args.tokenizer or args.model)

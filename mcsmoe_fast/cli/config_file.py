@@ -29,7 +29,9 @@ def read_config(path: str) -> dict:
 
 
 def apply_config(parser: argparse.ArgumentParser, path: str) -> None:
-    """Make the file's values the parser's defaults (and no longer required on the command line)."""
+    """Make the file's values the parser's defaults (and no longer required on the command line), each converted
+    as the command line converts it: a number or a list item as the text it would be typed as, an on/off option
+    from true/false (yes/no, on/off, 1/0), one value for a multi-value option as a list of one."""
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     values = {str(k).replace("-", "_"): v for k, v in read_config(path).items()}
     unknown = sorted(set(values) - set(actions))
@@ -38,15 +40,48 @@ def apply_config(parser: argparse.ArgumentParser, path: str) -> None:
                          f"{sorted(k.replace('_', '-') for k in actions)}")
     for dest, value in values.items():
         action = actions[dest]
-        if action.choices is not None and value not in action.choices:
-            raise ValueError(f"--config {path}: {dest} must be one of {list(action.choices)}, got {value!r}")
-        if action.type is not None and value is not None and not isinstance(value, list):
-            try:
-                values[dest] = action.type(value)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"--config {path}: {dest}: {exc}") from exc
+        values[dest] = _converted(action, value, f"--config {path}: {dest}")
         action.required = False
+    for group in parser._mutually_exclusive_groups:  # e.g. prune's --num-experts | --ratio, given by the file
+        if any(a.dest in values for a in group._group_actions):
+            group.required = False
     parser.set_defaults(**values)
+
+
+TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _converted(action: argparse.Action, value, where: str):
+    if value is None:
+        return None
+    if action.nargs == 0:  # an on/off option: the file gives its value
+        text = str(value).lower()
+        if isinstance(value, bool) or text in TRUE + FALSE:
+            return value if isinstance(value, bool) else text in TRUE
+        raise ValueError(f"{where}: expected true or false, got {value!r}")
+    if action.nargs in ("+", "*") or isinstance(action.nargs, int):
+        items = value if isinstance(value, list) else [value]
+        if not items and action.nargs == "+":
+            raise ValueError(f"{where}: expected at least one value")
+        return [_scalar(action, item, where) for item in items]
+    if isinstance(value, (list, dict)):
+        raise ValueError(f"{where}: expected one value, got {value!r}")
+    return _scalar(action, value, where)
+
+
+def _scalar(action: argparse.Action, value, where: str):
+    if isinstance(value, bool) and action.type is not None:
+        raise ValueError(f"{where}: expected a number, got {value!r}")
+    if isinstance(value, (list, dict)):
+        raise ValueError(f"{where}: expected a value, got {value!r}")
+    text = value if isinstance(value, str) else str(value)  # as it would be typed on the command line
+    try:
+        converted = action.type(text) if action.type is not None else text
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}") from exc
+    if action.choices is not None and converted not in action.choices:
+        raise ValueError(f"{where} must be one of {list(action.choices)}, got {value!r}")
+    return converted
 
 
 def config_path(argv: list[str]) -> str | None:

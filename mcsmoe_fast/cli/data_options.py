@@ -47,11 +47,24 @@ def resolve_data(args, tokenizer, training: bool) -> Data:
     if [args.task is not None, text is not None or args.eval_text is not None, harness is not None].count(True) != 1:
         raise ValueError("give either --task (a text-to-text task) or --text/--eval-text (causal LM perplexity)"
                          + ("" if training else " or --lm-eval TASK..."))
+    _refuse_stray_options(args, harness is not None)
     if harness is not None:
         return _harness_data(args, tokenizer)
     if args.task is not None:
         return _task_data(args, tokenizer, training)
     return _text_data(args, tokenizer, training)
+
+
+def _refuse_stray_options(args, harness: bool) -> None:
+    """Options of another kind of evaluation than the one chosen would be ignored: refused by name instead."""
+    harness_only = (("--num-fewshot", "num_fewshot"), ("--lm-eval-include", "lm_eval_include"))
+    stray = [] if harness else [f for f, k in harness_only if getattr(args, k, None) is not None]
+    if stray:
+        raise ValueError(f"{', '.join(stray)} need --lm-eval TASKS")
+    stray = [] if args.task is not None else [f for f, k in (("--data", "data"), ("--eval-data", "eval_data"))
+                                              if getattr(args, k, None) is not None]
+    if stray:
+        raise ValueError(f"{', '.join(stray)} are files of a --task; the evaluation chosen reads none")
 
 
 def _task_data(args, tokenizer, training: bool) -> Data:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import refuse_overwriting_input, subcommand
+from .common import first_given, refuse_overwriting_input, subcommand
 from .data_options import add_data_options, resolve_data
 
 
@@ -24,9 +24,10 @@ def add(sub):
     p.add_argument("--lr", type=float, default=None, help="learning rate; default: the task's (paper), else 1e-4")
     p.add_argument("--warmup-steps", type=int, default=16, help="linear warm-up steps (default 16)")
     p.add_argument("--eval-every", type=int, default=100, help="steps between evaluations and checkpoints")
-    p.add_argument("--kd-lambda", type=float, default=0.2, help="weight of the KL term (default 0.2)")
-    p.add_argument("--temperature", type=float, default=2.0, help="KD temperature (default 2)")
-    p.add_argument("--hd-lambda", type=float, default=0.0, help="weight of the hidden-state log-MSE term (default 0)")
+    p.add_argument("--kd-lambda", type=float, default=None, help="with --teacher: weight of the KL term (default 0.2)")
+    p.add_argument("--temperature", type=float, default=None, help="with --teacher: KD temperature (default 2)")
+    p.add_argument("--hd-lambda", type=float, default=None,
+                   help="with --teacher: weight of the hidden-state log-MSE term (default 0)")
     p.add_argument("--rank", type=int, default=None,
                    help="MC-SMoE: decompose the experts at this rank first and prune their sparse rows during "
                         "training (the paper's recipe; without it the model is trained as it is)")
@@ -54,13 +55,17 @@ def run(args) -> int:
     refuse_overwriting_input(args)
     if args.teacher is not None:
         refuse_overwriting_input(argparse.Namespace(model=args.teacher, out=args.out))
+    kd = {"kd_lambda": args.kd_lambda, "temperature": args.temperature, "hd_lambda": args.hd_lambda}
+    if args.teacher is None and any(v is not None for v in kd.values()):
+        given = ", ".join("--" + k.replace("_", "-") for k, v in kd.items() if v is not None)
+        raise ValueError(f"{given} weigh the distillation from --teacher: give --teacher or drop them")
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     data = resolve_data(args, tokenizer, training=True)
     config = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size or data.batch_size or 16,
-        learning_rate=args.lr or data.learning_rate or 1e-4, warmup_steps=args.warmup_steps,
-        eval_every=args.eval_every, kd_lambda=args.kd_lambda, temperature=args.temperature,
-        hd_lambda=args.hd_lambda, metric=data.metric, greater_is_better=data.greater_is_better,
+        steps=args.steps, batch_size=first_given(args.batch_size, data.batch_size, 16),
+        learning_rate=first_given(args.lr, data.learning_rate, 1e-4), warmup_steps=args.warmup_steps,
+        eval_every=args.eval_every, **{k: v for k, v in kd.items() if v is not None},
+        metric=data.metric, greater_is_better=data.greater_is_better,
         keep_ratio=CompressOptions.keep_ratio if args.keep_ratio is None else args.keep_ratio,
         prune_initial_warmup=args.prune_initial_warmup,
         prune_final_warmup=args.prune_final_warmup, train_routers=args.train_routers,

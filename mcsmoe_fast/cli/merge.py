@@ -5,7 +5,7 @@ import argparse
 import time
 
 from .common import (add_calibration_options, add_dtype_option, device_map_option, dir_bytes, dtype_option,
-                     layers_option, parameter_bytes, per_device_sizes, refuse_overwriting_input, subcommand)
+                     layers_option, parameter_bytes, per_device_sizes, refuse_overwriting_input, saved_dtype, subcommand)
 
 
 def add(sub):
@@ -144,7 +144,7 @@ def run(args) -> int:
     # a block-FP8 / MXFP4 checkpoint: written in its own precision unless --dtype is given (then dequantized)
     quantized = checkpoint_format(args.model) is not None
     keep_quantization = quantized and args.dtype in (None, "auto")
-    args.dtype = args.dtype or "float32"
+    args.dtype = args.dtype or saved_dtype(args.model) or "float32"  # a merged input keeps the dtype it was saved in
     dtype = None if keep_quantization else dtype_option(args)
     if quantized and not (args.export_dense or args.format == "standard"):  # re-quantized by the streamed merge
         return run_streaming(args, tokenizer, batches, dtype, keep_quantization)
@@ -161,10 +161,10 @@ def run(args) -> int:
             < len(moe_layers(model)):
         raise ValueError("--layers leaves some MoE layers with all their experts, but a --format standard checkpoint "
                          "has one expert count for every layer: drop --layers")
-    experts = {layer.num_experts for layer in moe_layers(model)}
-    if args.num_groups >= max(experts):
+    slots = max(int(layer.expert_map().max()) + 1 for layer in moe_layers(model))  # a merged input: its slots
+    if args.num_groups >= slots:
         raise ValueError(f"nothing would be merged: --num-groups {args.num_groups} is not below the number of "
-                         f"experts per layer ({max(experts)})")
+                         f"experts (or merged slots) per layer ({slots})")
     check_batches(batches, tokenizer, model.config.vocab_size)
     before = parameter_bytes(model)
     similarity_bases = (args.similarity,) if args.similarity == "expert-output" else ("router-logits", "feature")

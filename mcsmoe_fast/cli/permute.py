@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from .common import add_dtype_option, dtype_option, refuse_overwriting_input, subcommand
+from .common import add_dtype_option, dtype_option, refuse_overwriting_input, saved_dtype, subcommand
 
 
 def add(sub):
@@ -24,12 +24,16 @@ def run(args) -> int:
     import torch
 
     from ..calibration_data import load_tokenizer
+    from ..checkpoint import atomic_directory
     from ..loading import open_model, quantized_format
     from ..permute import align_experts
 
     from ..streaming import fits_in_memory, permute_checkpoint
 
     refuse_overwriting_input(args)
+    if saved_dtype(args.model) is not None:
+        raise ValueError(f"{args.model} is a merged (or compressed) checkpoint: permute aligns the experts of a plain "
+                         "checkpoint, before merging (merge aligns each group itself)")
     # a block-FP8 / MXFP4 checkpoint: loaded dequantized, written in its own precision unless --dtype is given
     keep_quantization = quantized_format(args.model) is not None and args.dtype in (None, "auto")
     args.dtype = args.dtype or "float32"
@@ -58,16 +62,20 @@ def run(args) -> int:
         moved = (perm != torch.arange(perm.shape[1])).sum().item()
         print(f"{name}: {moved} of {perm.numel()} neurons moved")
     print(f"aligned {len(perms)} layers in {elapsed:.2f} s")
-    model.save_pretrained(args.out)
-    if keep_quantization:  # the aligned experts quantized afresh, every other tensor the input's bytes
-        from ..streaming.quantized import describe_error, requantize_saved, saved_error
+    with atomic_directory(args.out) as tmp:  # a directory of the user's files is refused, a crash leaves it as it was
+        model.save_pretrained(tmp)
+        if keep_quantization:  # the aligned experts quantized afresh, every other tensor the input's bytes
+            from ..streaming.quantized import requantize_saved
 
-        requantize_saved(args.out, args.model)
+            requantize_saved(tmp, args.model)
+        try:  # the aligned model is usable on its own (merge reads the tokenizer beside the model)
+            load_tokenizer(args.model).save_pretrained(tmp)
+        except ValueError:
+            print("no tokenizer beside the input model: none saved with the aligned model")
+    if keep_quantization:
+        from ..streaming.quantized import describe_error, saved_error
+
         print(f"written in the input's precision ({quantized_format(args.model).method}, its quantization_config); "
               + describe_error(saved_error(args.out)))
-    try:  # the aligned model is usable on its own (merge reads the tokenizer beside the model)
-        load_tokenizer(args.model).save_pretrained(args.out)
-    except ValueError:
-        print("no tokenizer beside the input model: none saved with the aligned model")
     print(f"saved to {args.out}")
     return 0

@@ -24,7 +24,7 @@ def add(sub):
     p.add_argument("--method", choices=PRUNE_METHODS, default="reap",
                    help="reap: keep the highest REAP saliency (routing weight x expert output norm); frequency: "
                         "keep the most used experts")
-    p.add_argument("--saliency", choices=SALIENCY_MODES, default="reap",
+    p.add_argument("--saliency", choices=SALIENCY_MODES, default=None,
                    help="REAP's routing weight: the softmax probability renormalised over the top-k (reap, default) "
                         "or the plain softmax probability (reap-softmax, REAP's own code default); sigmoid routers use "
                         "their own weights")
@@ -50,6 +50,9 @@ def run(args) -> int:
     from ..prune import check_prune, kept_experts, prune_experts, resolve_count
 
     refuse_overwriting_input(args)
+    if args.saliency is not None and args.method != "reap":
+        raise ValueError(f"--saliency chooses REAP's routing weight: it needs --method reap, not {args.method}")
+    args.saliency = args.saliency or "reap"
     # a block-FP8 / MXFP4 checkpoint: loaded dequantized, written in its own precision unless --dtype is given
     keep_quantization = quantized_format(args.model) is not None and args.dtype in (None, "auto")
     args.dtype = args.dtype or "float32"

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .registry import family_of
 
@@ -25,6 +26,21 @@ def model_class_for(config):
         return AutoModelForCausalLM
     named = [getattr(transformers, a) for a in (getattr(config, "architectures", None) or []) if hasattr(transformers, a)]
     return named[0] if named else AutoModel
+
+
+def keep_float32_(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast to float32 the tensors transformers' from_pretrained keeps in float32 when it loads `model` in `dtype`
+    (_keep_in_fp32_modules for float16, _keep_in_fp32_modules_strict for float16 and bfloat16, e.g. DeepSeek-V3's
+    router gate and score-correction bias), matched as transformers matches them; meta tensors stay meta."""
+    import re
+
+    plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
+    if not plan:
+        return
+    pattern = re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in plan))
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if pattern.search(name) and t.is_floating_point():
+            t.data = t.data.float()
 
 
 def load_model(name_or_path: str, dtype: torch.dtype | None = None):

@@ -284,7 +284,8 @@ def load_dequantized(path, dtype: torch.dtype | None = None) -> torch.nn.Module:
     from transformers.initialization import no_init_weights
 
     from ..models.hub import model_class_for
-    from .skeleton import keep_float32_, tensor_shapes
+    from ..models.hub import keep_float32_
+    from .skeleton import tensor_shapes
     from .source import SourceCheckpoint
 
     source = SourceCheckpoint(path, dispatched=True)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..models import moe_layers
-from ..models.hub import model_class_for
+from ..models.hub import keep_float32_, model_class_for
 
 
 def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
@@ -21,21 +21,6 @@ def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
     keep_float32_(model, dtype)
     model.tie_weights()  # as from_pretrained does: tied names become aliases of one stored tensor
     return model.eval()
-
-
-def keep_float32_(model: nn.Module, dtype: torch.dtype) -> None:
-    """Cast to float32 the tensors transformers' from_pretrained keeps in float32 when it loads `model` in `dtype`
-    (_keep_in_fp32_modules for float16, _keep_in_fp32_modules_strict for float16 and bfloat16, e.g. DeepSeek-V3's
-    router gate and score-correction bias), matched as transformers matches them; meta tensors stay meta."""
-    import re
-
-    plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
-    if not plan:
-        return
-    pattern = re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in plan))
-    for name, t in (*model.named_parameters(), *model.named_buffers()):
-        if pattern.search(name) and t.is_floating_point():
-            t.data = t.data.float()
 
 
 def read_float32_as_skeleton(source, model: nn.Module) -> None:
