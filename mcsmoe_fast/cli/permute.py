@@ -64,17 +64,14 @@ def run(args) -> int:
     print(f"aligned {len(perms)} layers in {elapsed:.2f} s")
     with atomic_directory(args.out) as tmp:  # a directory of the user's files is refused, a crash leaves it as it was
         model.save_pretrained(tmp)
-        if keep_quantization:  # the aligned experts quantized afresh, every other tensor the input's bytes
-            from ..streaming.quantized import requantize_saved
-
-            requantize_saved(tmp, args.model)
         try:  # the aligned model is usable on its own (merge reads the tokenizer beside the model)
             load_tokenizer(args.model).save_pretrained(tmp)
         except ValueError:
             print("no tokenizer beside the input model: none saved with the aligned model")
-    if keep_quantization:
-        from ..streaming.quantized import describe_error, saved_error
+    if keep_quantization:  # the aligned experts quantized afresh, every other tensor the input's bytes (atomic too)
+        from ..streaming.quantized import describe_error, requantize_saved, saved_error
 
+        requantize_saved(args.out, args.model)
         print(f"written in the input's precision ({quantized_format(args.model).method}, its quantization_config); "
               + describe_error(saved_error(args.out)))
     print(f"saved to {args.out}")
