@@ -104,7 +104,8 @@ def full_bank(W: torch.Tensor, rank: int, svd: str) -> list[torch.Tensor]:
     """The bank of slots W [S, out, in] with every row of S = W - U V stored (nothing pruned yet)."""
     S, out, inp = W.shape
     U, V = lowrank_factors(W, rank, svd)
-    residual = (W - U @ V).reshape(S * out, inp)
+    work = torch.promote_types(W.dtype, torch.float32)  # S = W - U V in float32 at least, rounded once
+    residual = (W.to(work) - U.to(work) @ V.to(work)).to(W.dtype).reshape(S * out, inp)
     row_idx = torch.arange(out, device=W.device).repeat(S)
     offsets = torch.arange(S + 1, device=W.device) * out
     return [U.contiguous(), V.contiguous(), residual, row_idx, offsets]

@@ -51,6 +51,7 @@ def run(args) -> int:
     from ..loading import open_model
     from ..compress import CompressOptions
     from ..train import TrainConfig, train
+    from ..train.text import refuse_encoder_decoder
 
     refuse_overwriting_input(args)
     if args.teacher is not None:
@@ -71,6 +72,8 @@ def run(args) -> int:
         prune_final_warmup=args.prune_final_warmup, train_routers=args.train_routers,
         mixed_precision=args.mixed_precision, seed=args.seed)
     model = open_model(args.model)
+    if data.metric == "perplexity":  # --text trains a causal LM: refused for an encoder-decoder before any step
+        refuse_encoder_decoder(model)
     decompose_for_pruning(model, args, config)
     teacher = open_model(args.teacher) if args.teacher else None
     result = train(model, data.train, config, collate_fn=data.collate, eval_fn=data.evaluate, teacher=teacher,

@@ -50,6 +50,8 @@ class TrainConfig:
             problems.append(f"temperature must be > 0, got {self.temperature}")
         if min(self.kd_lambda, self.task_lambda, self.hd_lambda) < 0:
             problems.append("kd_lambda, task_lambda and hd_lambda must be >= 0")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:  # negative: clipping would flip gradients
+            problems.append(f"max_grad_norm must be > 0 (None: no clipping), got {self.max_grad_norm}")
         if self.adam_eps is not None and not self.adam_eps > 0:
             problems.append(f"adam_eps must be > 0, got {self.adam_eps}")
         if any(w is not None and w < 0 for w in (self.prune_initial_warmup, self.prune_final_warmup)):

@@ -60,8 +60,9 @@ def freeze_routers(model: nn.Module) -> int:
 
 
 def decays(name: str, param: torch.Tensor) -> bool:
-    """Weight decay on matrices only: not on norms and biases (stacked [E, F] expert biases included)."""
-    return param.dim() >= 2 and not name.endswith("bias")
+    """Weight decay on matrices only: not on norms and biases (stacked [E, F] expert biases included, and the
+    merged / compressed slots' b_in [S, F] and b_out [S, d])."""
+    return param.dim() >= 2 and not name.endswith("bias") and name.rsplit(".", 1)[-1] not in ("b_in", "b_out")
 
 
 def _optimizer(model: nn.Module, config: TrainConfig, distilling: bool) -> torch.optim.Optimizer:
@@ -153,6 +154,7 @@ def _setup(model: nn.Module, train_data, config: TrainConfig, collate_fn, teache
     from accelerate.utils import set_seed
 
     causal = not getattr(model.config, "is_encoder_decoder", False)
+    _release_accelerator_state(config.mixed_precision)
     accelerator = Accelerator(mixed_precision=config.mixed_precision,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     set_seed(config.seed)
@@ -161,11 +163,33 @@ def _setup(model: nn.Module, train_data, config: TrainConfig, collate_fn, teache
     if teacher is not None:
         teacher.eval().requires_grad_(False)
     pruner = _pruner(model, config)
+    # its own generator: starting an epoch's iterator draws a seed, which must not move the global RNG (a resumed run
+    # restores that RNG before its first iterator: dropout and router jitter would be shifted from then on)
     loader = torch.utils.data.DataLoader(train_data, batch_size=config.batch_size, shuffle=True, drop_last=True,
-                                         collate_fn=collate_fn)
+                                         collate_fn=collate_fn, generator=torch.Generator().manual_seed(config.seed))
     optimizer = _optimizer(model, config, distilling=teacher is not None)
     return _Run(config, accelerator, model, teacher, pruner, loader, optimizer, _scheduler(optimizer, config),
                 output_dir, eval_fn, callback, tokenizer, causal)
+
+
+def _release_accelerator_state(mixed_precision: str) -> None:
+    """accelerate keeps one state per process: a run in another mixed precision than the last one resets it
+    (accelerate would refuse the new Accelerator)."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
+        AcceleratorState._reset_state()
+
+
+def _hand_back(*models) -> None:
+    """The models as they came: accelerate's mixed-precision forward wrappers removed (the caller's later forwards
+    would otherwise still run under its autocast)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    for model in models:
+        if model is not None and "_original_forward" in vars(model):
+            extract_model_from_parallel(model, keep_fp32_wrapper=False)
+            vars(model).pop("forward", None)
 
 
 def _resume(run: _Run) -> None:
@@ -248,7 +272,7 @@ def _optimizer_step(run: _Run, batch: dict, params: list[torch.Tensor]) -> torch
     else:
         loss = out.loss if getattr(out, "loss", None) is not None else task_loss(out.logits, labels, run.causal)
     run.accelerator.backward(loss)
-    if config.max_grad_norm:
+    if config.max_grad_norm is not None:
         run.accelerator.clip_grad_norm_(params, config.max_grad_norm)
     run.optimizer.step()
     run.scheduler.step()
@@ -289,6 +313,19 @@ def train(
     if resume and (output_dir / LATEST / "config.json").exists():
         _resume(run)
     _prepare(run)
+    try:
+        _train_steps(run, progress)
+    finally:
+        _hand_back(model, teacher)
+    if run.pruner is not None:
+        run.pruner.finalize()
+    run.accelerator.wait_for_everyone()
+    return TrainResult(run.step, run.best_step, run.best_metric, run.history, output_dir)
+
+
+def _train_steps(run: _Run, progress: bool) -> None:
+    """The optimizer steps from run.step to config.steps, evaluating and checkpointing on the way."""
+    config, teacher = run.config, run.teacher
     params = [p for p in run.model.parameters() if p.requires_grad]
     run.bar = tqdm(total=config.steps, initial=run.step, desc="training" if teacher is None else "KD recovery",
                    unit="step", disable=not progress or not run.accelerator.is_main_process)
@@ -306,10 +343,6 @@ def train(
             if run.step >= config.steps:
                 break
     run.bar.close()
-    if run.pruner is not None:
-        run.pruner.finalize()
-    run.accelerator.wait_for_everyone()
-    return TrainResult(run.step, run.best_step, run.best_metric, run.history, output_dir)
 
 
 def resumable_step(output_dir) -> int | None:

@@ -45,11 +45,20 @@ def text_windows(path, tokenizer, length: int) -> Windows:
 
 
 @torch.no_grad()
+def refuse_encoder_decoder(model: nn.Module) -> None:
+    """Text windows are a causal LM's: an encoder-decoder model would read in its encoder the very tokens its
+    decoder must predict (a copy task, not language modelling)."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise ValueError(f"perplexity on text windows is for causal LMs; {type(model).__name__} is an encoder-decoder "
+                         "model (its encoder would see the tokens to predict): use a --task for it")
+
+
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 32) -> float:
     """exp(mean next-token cross-entropy) over the windows [N, L]: the language-modelling loss alone (with
     output_router_logits=True in its config, a MoE model adds its router's load-balancing loss to `.loss`)."""
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise ValueError(f"perplexity needs windows [N >= 1, L >= 2], got {tuple(windows.shape)}")
+    refuse_encoder_decoder(model)
     was_training = model.training
     model.eval()
     no_aux = {"output_router_logits": False} if "output_router_logits" in inspect.signature(model.forward).parameters \
