@@ -33,9 +33,6 @@ class CompressionPruner:
         if total_steps < 1 or initial_warmup < 0 or final_warmup < 0 or initial_warmup + final_warmup > total_steps:
             raise ValueError(f"need total_steps >= 1 and 0 <= initial_warmup + final_warmup <= total_steps, got "
                              f"total_steps={total_steps}, initial_warmup={initial_warmup}, final_warmup={final_warmup}")
-        if keep_ratio < 1 and initial_warmup >= total_steps:
-            raise ValueError(f"initial_warmup ({initial_warmup}) must be below total_steps ({total_steps}): pruning to "
-                             f"keep_ratio {keep_ratio} starts after the initial warm-up, which would end with the run")
         self.modules = [m for m in model.modules() if isinstance(m, CompressedMoEExperts)]
         if not self.modules:
             raise ValueError("the model has no compressed experts: run compress_experts(model, importance='gradient')")

@@ -39,11 +39,11 @@ def test_finetune_a_task_and_eval_agrees_with_the_best_checkpoint(space, capsys)
     assert rc == 0, err
     before = metric(out, "accuracy")
     rc, out, err = run(["finetune", "--model", space / "switch", *base, "--data", space / "sst2.jsonl",
-                        "--batch-size", 6, "--steps", 30, "--lr", 3e-3, "--warmup-steps", 2, "--eval-every", 10,
+                        "--batch-size", 6, "--steps", 40, "--lr", 3e-3, "--warmup-steps", 2, "--eval-every", 10,
                         "--out", space / "run"], capsys)
     assert rc == 0, err
     best = float(re.search(r"best (\S+) at step", out).group(1))
-    assert best == 1.0 > before, (before, out)  # six training sentences, memorised
+    assert best == 1.0 > before, (before, out)  # six training sentences, memorised (seeds 0-3 all do by step 40)
     rc, out, err = run(["eval", "--model", space / "run" / "best", *base, "--json", space / "r.json"], capsys)
     assert rc == 0, err
     assert metric(out, "accuracy") == best == json.loads((space / "r.json").read_text())["accuracy"]

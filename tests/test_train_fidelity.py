@@ -8,10 +8,9 @@ import torch
 
 from mcsmoe_fast import collect_routing_stats, compress_experts, merge_experts
 from mcsmoe_fast.compress import full_bank
-from mcsmoe_fast.pruner import CompressionPruner
 from mcsmoe_fast.tiny import tiny_mixtral, tiny_moe, tiny_switch
 from mcsmoe_fast.train import TrainConfig, train
-from mcsmoe_fast.train.loop import _optimizer
+from mcsmoe_fast.train.loop import _optimizer, _pruner
 from mcsmoe_fast.train.text import perplexity
 
 
@@ -77,10 +76,12 @@ def test_clipping_norms_that_are_not_positive_are_refused(norm):
 def test_a_schedule_that_would_never_prune_is_refused():
     model = tiny_mixtral(num_experts=4)
     compress_experts(model, rank=2, keep_ratio=1.0, importance="gradient", progress=False)
-    with pytest.raises(ValueError, match=r"initial_warmup \(3\) must be below total_steps \(3\)"):
-        CompressionPruner(model, keep_ratio=0.1, total_steps=3, initial_warmup=3)
-    CompressionPruner(model, keep_ratio=1.0, total_steps=3, initial_warmup=3)  # keeping everything needs no pruning
-    CompressionPruner(model, keep_ratio=0.1, total_steps=3, initial_warmup=2)
+    config = lambda keep, initial: TrainConfig(steps=3, keep_ratio=keep, prune_initial_warmup=initial,  # noqa: E731
+                                               prune_final_warmup=0)
+    with pytest.raises(ValueError, match=r"prune_initial_warmup \(3\) must be below steps \(3\)"):
+        _pruner(model, config(0.1, 3))
+    assert _pruner(model, config(1.0, 3)) is not None  # keeping everything needs no pruning
+    assert _pruner(model, config(0.1, 2)).initial_warmup == 2
 
 
 def test_text_perplexity_refuses_an_encoder_decoder_model():

@@ -64,6 +64,8 @@ def _converted(action: argparse.Action, value, where: str):
         if not items and action.nargs == "+":
             raise ValueError(f"{where}: expected at least one value")
         return [_scalar(action, item, where) for item in items]
+    if isinstance(value, dict) and action.type is None:  # a mapping (--device-map, --max-memory per device)
+        return value
     if isinstance(value, (list, dict)):
         raise ValueError(f"{where}: expected one value, got {value!r}")
     return _scalar(action, value, where)

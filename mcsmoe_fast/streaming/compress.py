@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import WEIGHTS_METADATA, WEIGHTS_NAME, atomic_directory, open_weights, read_section
 from ..checkpoint import write_merged_config
-from ..sections import record_compression
 from ..checkpoint.atomic import refuse_out_at_source
 from ..checkpoint.weight_files import CheckpointError, ShardWriter
+from ..sections import record_compression
 from ..quant import detect
 from ..quant.files import QuantizedFiles
 from .quantized import ERROR_KEY

@@ -283,8 +283,7 @@ def load_dequantized(path, dtype: torch.dtype | None = None) -> torch.nn.Module:
     bfloat16, one tensor at a time): the in-memory path of quantized checkpoints (open_model uses it)."""
     from transformers.initialization import no_init_weights
 
-    from ..models.hub import model_class_for
-    from ..models.hub import keep_float32_
+    from ..models.hub import keep_float32_, model_class_for
     from .skeleton import tensor_shapes
     from .source import SourceCheckpoint
 

@@ -91,7 +91,11 @@ def _pruner(model: nn.Module, config: TrainConfig) -> CompressionPruner | None:
     pruning = [m for m in model.modules() if isinstance(m, CompressedMoEExperts) and m.pruning]
     if not pruning:
         return None
-    return CompressionPruner(model, config.keep_ratio, config.steps, *config.pruning_warmups())
+    initial, final = config.pruning_warmups()
+    if config.keep_ratio < 1 and initial >= config.steps:  # the student would come back unpruned
+        raise ValueError(f"prune_initial_warmup ({initial}) must be below steps ({config.steps}): pruning to keep_ratio "
+                         f"{config.keep_ratio} starts after the initial warm-up, which would end with the run")
+    return CompressionPruner(model, config.keep_ratio, config.steps, initial, final)
 
 
 def _improved(value: float, best: float | None, greater: bool) -> bool:
