@@ -81,7 +81,7 @@ def moe_align(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, expert_map
       sorted_token_ids [T*k] int64  token of each pair, grouped by slot, tokens ascending in a slot; -1 past the end
       slot_offsets [S+1] int64      slot s owns rows slot_offsets[s] .. slot_offsets[s+1]
       sorted_weights [T*k]          the token's summed routing weight on that slot (float64 if the weights
-                                    are float64, else float32); 0 past the end
+                                    are float64, else float32; on CUDA always summed in float32); 0 past the end
       token_rows [T, k] int64       rows of token t's pairs in ascending slot order, then -1
     A token whose top-k experts share one slot gets one pair carrying the summed weight.
     """

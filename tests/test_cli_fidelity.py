@@ -170,3 +170,29 @@ def test_options_that_would_be_ignored_or_misread_are_refused_by_name(space, tmp
 def test_python_dash_m_runs_the_command_line():
     done = subprocess.run([sys.executable, "-m", "mcsmoe_fast", "--version"], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.startswith("mcsmoe-fast ")
+
+
+@pytest.mark.parametrize("command", ["merge", "compress", "prune", "permute"])
+def test_an_out_holding_the_users_files_is_refused_before_any_work(space, tmp_path, capsys, monkeypatch, command):
+    import mcsmoe_fast.loading
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(mcsmoe_fast.loading, "open_model", loaded)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    model = space / ("merged" if command == "compress" else "mixtral")
+    extra = {"merge": ["--calib", space / "calib.txt", "--num-groups", 2], "compress": [],
+             "prune": ["--calib", space / "calib.txt", "--num-experts", 4], "permute": []}[command]
+    rc, _, err = run([command, "--model", model, *extra, "--out", out], capsys)
+    assert rc == 2 and "is a non-empty directory that is not a checkpoint; refusing to replace it" in err, err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_help_texts_print_percent_signs_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = capsys.readouterr().out
+    assert "25% and 50%" in text and "%%" not in text

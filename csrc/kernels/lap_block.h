@@ -15,7 +15,9 @@
 // (j = t, t + NT, ...) of d, pred, scanned and v; row_of_col and v[j0] are read by all threads but
 // change only after the search (v by the owner of each column, row_of_col by thread 0 in
 // augment_path), and a sync() follows. The owner of the column j0 just scanned marks it, so the
-// only reader of scanned[j0] (that same thread, in relax_slice) needs no barrier.
+// only reader of scanned[j0] (that same thread, in relax_slice) needs no barrier. Whether the search
+// ends (j0 free) is decided from the argmin's `assigned`, read before its barrier: a warp reading
+// row_of_col[j0] after it could already see thread 0's augment_path write and search on alone.
 #pragma once
 #include <cstdint>
 
@@ -79,8 +81,10 @@ LAP_HD void solve_block(Block& blk, const T* cost, int64_t n, int64_t m, double 
         [&](int t) { return start_row_slice(t, nt, cost, m, sign, f, s.v, s.row_of_col, s.d, s.pred, s.scanned); });
     for (;;) {
       const int64_t j0 = best.index;  // closest unscanned column; always exists (a free one does)
-      const int32_t i = s.row_of_col[j0];
-      if (i < 0) break;  // j0 is free: the path ends here
+      // best.assigned was read from row_of_col before the argmin's barrier. Reading row_of_col[j0] here instead
+      // races with thread 0's augment_path (which writes row_of_col[j0]) once the other warps have broken out.
+      if (!best.assigned) break;  // j0 is free: the path ends here
+      const int32_t i = s.row_of_col[j0];  // j0 assigned: nobody writes row_of_col until every thread breaks
       blk.before_row_scan(cost, m, i);
       const double h = cost_at(cost, m, i, j0, sign) - s.v[j0] - best.value;
       blk.each([&](int t) {

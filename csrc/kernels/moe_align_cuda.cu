@@ -68,6 +68,16 @@ __global__ void pair_slots_kernel(const int64_t* __restrict__ top_k_index, const
   for (int j = distinct; j < k; ++j) token_rows[base + j] = -1;
 }
 
+// Every expert_map entry, as align_cpu checks them (also those no token routes to, and when T = 0). Runs
+// before pair_slots_kernel on the stream, so a bad map entry is reported first, as on the CPU.
+__global__ void check_map_kernel(const int64_t* __restrict__ expert_map, int64_t E, int64_t S, int64_t* status) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < E;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t s = expert_map[e];
+    if (s < 0 || s >= S) report(status, 2, e, s);
+  }
+}
+
 __global__ void slot_offsets_kernel(const int* __restrict__ counts, int64_t S, int64_t* __restrict__ offsets) {
   if (blockIdx.x != 0 || threadIdx.x != 0) return;
   int64_t acc = 0;
@@ -141,6 +151,10 @@ void align_cuda(const int64_t* top_k_index, const IW* top_k_weights, const int64
   int* counts = carve<int>(p, S);
   cuda_check(cudaMemsetAsync(counts, 0, S * sizeof(int), stream), kOp, "memset");
   cuda_check(cudaMemsetAsync(status_out, 0, 3 * sizeof(int64_t), stream), kOp, "memset");
+  if (E > 0) {
+    check_map_kernel<<<grid_for(E, 256), 256, 0, stream>>>(expert_map, E, S, status_out);
+    cuda_check(cudaGetLastError(), kOp, "expert_map check kernel");
+  }
   if (T > 0) {
     const int threads = 256;
     pair_slots_kernel<IW><<<static_cast<unsigned>((T + threads - 1) / threads), threads, 0, stream>>>(

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def refuse_overwriting_input(args) -> None:
+def refuse_overwriting_input(args, checkpoint: bool = True) -> None:
     """Every subcommand that writes a model refuses to write it over the model it reads: a save replaces
-    the target directory, which would delete the user's original weights."""
+    the target directory, which would delete the user's original weights. checkpoint: --out is the checkpoint
+    itself, so a directory a save could not replace (the user's other files in it) is refused now, before any
+    work, rather than when the save starts."""
     out, model = Path(args.out).absolute().resolve(), Path(args.model).absolute().resolve()
     if out == model or (model.is_dir() and model in out.parents):
         raise ValueError(f"--out {args.out} would write into the input model's directory {args.model}; "
@@ -15,6 +17,10 @@ def refuse_overwriting_input(args) -> None:
     if out in model.parents:
         raise ValueError(f"--out {args.out} holds the input model {args.model}: replacing it would delete the input; "
                          "choose another output directory")
+    if checkpoint:
+        from ..checkpoint.atomic import check_replaceable
+
+        check_replaceable(out)
 
 
 def first_given(*values):

@@ -11,7 +11,7 @@ def add(sub):
         description="Train a byte-level Mixtral-style MoE (8 experts, top-2) on the Python standard library's "
                     "source, then M-SMoE 8 -> 4, KD recovery, MC-SMoE compression, KD recovery; print a table "
                     "(expert parameters, checkpoint MB, held-out perplexity, tokens/s); then compare M-SMoE (exact and "
-                    "standard form), HC-SMoE, REAM, REAP and frequency pruning at 25%% and 50%% fewer experts, one-shot "
+                    "standard form), HC-SMoE, REAM, REAP and frequency pruning at 25% and 50% fewer experts, one-shot "
                     "and after the same KD budget; write checkpoints, results.json, plot.png and methods/ into --out. "
                     "No network; about 12 minutes on two idle CPU cores.")
     p.add_argument("--out", default="mcsmoe-demo", help="output directory (default ./mcsmoe-demo)")

@@ -53,9 +53,9 @@ def run(args) -> int:
     from ..train import TrainConfig, train
     from ..train.text import refuse_encoder_decoder
 
-    refuse_overwriting_input(args)
+    refuse_overwriting_input(args, checkpoint=False)  # --out holds the run's best/ and latest/
     if args.teacher is not None:
-        refuse_overwriting_input(argparse.Namespace(model=args.teacher, out=args.out))
+        refuse_overwriting_input(argparse.Namespace(model=args.teacher, out=args.out), checkpoint=False)
     kd = {"kd_lambda": args.kd_lambda, "temperature": args.temperature, "hd_lambda": args.hd_lambda}
     if args.teacher is None and any(v is not None for v in kd.values()):
         given = ", ".join("--" + k.replace("_", "-") for k, v in kd.items() if v is not None)
