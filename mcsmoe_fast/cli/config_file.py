@@ -1,6 +1,7 @@
 """Settings from a YAML or JSON file: `mcsmoe-fast merge --config merge.yaml` reads the file's keys as the
-subcommand's options (spelled as on the command line, without the dashes: num-groups or num_groups);
-options given on the command line win over the file."""
+subcommand's options (spelled as on the command line, without the dashes: num-groups or num_groups; an on/off
+option by its positive name: permute: false for --no-permute, globally: false for --no-globally); options given
+on the command line win over the file."""
 from __future__ import annotations
 
 import argparse
