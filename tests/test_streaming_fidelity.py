@@ -117,3 +117,20 @@ def test_the_memory_estimate_sees_the_expert_layers_of_switch(tmp_path):
             sizes[block] = sizes.get(block, 0) + t.numel() * 4
     assert len(sizes) >= 2 and largest == max(sizes.values())
     assert total == sum(t.numel() * 4 for t in stored(tmp_path / "switch").values())
+
+
+def test_a_merged_checkpoint_loaded_in_bf16_keeps_the_float32_modules_values(tmp_path, batches):
+    from mcsmoe_fast import from_pretrained
+
+    model = tiny_moe("deepseek_v3", num_layers=2, seed=1)
+    merge_experts(model, collect_routing_stats(model, batches, progress=False), NUM_GROUPS, globally=False,
+                  progress=False)
+    saved = stored(save_pretrained(model, tmp_path / "merged"))
+    loaded = from_pretrained(tmp_path / "merged", dtype=torch.bfloat16).state_dict()
+    kept = [n for n in saved if ".mlp.gate." in n]
+    assert kept
+    for name, t in saved.items():
+        if name in kept:  # float32 and exactly the saved values (never rounded through bf16)
+            assert loaded[name].dtype == torch.float32 and torch.equal(loaded[name], t), name
+        elif t.is_floating_point():
+            assert loaded[name].dtype == torch.bfloat16 and torch.equal(loaded[name], t.to(torch.bfloat16)), name

@@ -177,7 +177,7 @@ def from_pretrained(path, verify: bool = True, dtype: torch.dtype | None = None)
     from transformers import AutoConfig
     from transformers.initialization import no_init_weights
 
-    from ..models.hub import keep_float32_, load_model, model_class_for
+    from ..models.hub import cast_as_loaded_, load_model, model_class_for
 
     path = Path(path)
     section = read_section(path)
@@ -219,7 +219,6 @@ def from_pretrained(path, verify: bool = True, dtype: torch.dtype | None = None)
     model.tie_weights()
     read_generation_config(model, path)
     if dtype is not None:
-        model = model.to(dtype)
-        keep_float32_(model, dtype)  # as transformers' from_pretrained in that dtype keeps them
+        cast_as_loaded_(model, dtype)  # as transformers' from_pretrained in that dtype (some tensors float32)
         model.config.dtype = dtype
     return guard_plain_save(model.eval()) if section["layers"] else model.eval()

@@ -28,19 +28,34 @@ def model_class_for(config):
     return named[0] if named else AutoModel
 
 
-def keep_float32_(model: nn.Module, dtype: torch.dtype) -> None:
-    """Cast to float32 the tensors transformers' from_pretrained keeps in float32 when it loads `model` in `dtype`
+def float32_kept(model: nn.Module, dtype: torch.dtype) -> set[str]:
+    """The names of the tensors transformers' from_pretrained keeps in float32 when it loads `model` in `dtype`
     (_keep_in_fp32_modules for float16, _keep_in_fp32_modules_strict for float16 and bfloat16, e.g. DeepSeek-V3's
-    router gate and score-correction bias), matched as transformers matches them; meta tensors stay meta."""
+    router gate and score-correction bias), matched as transformers matches them."""
     import re
 
     plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
     if not plan:
-        return
+        return set()
     pattern = re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in plan))
+    return {name for name, _ in (*model.named_parameters(), *model.named_buffers()) if pattern.search(name)}
+
+
+def keep_float32_(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast float32_kept(model, dtype) to float32 (meta tensors stay meta)."""
+    kept = float32_kept(model, dtype)
     for name, t in (*model.named_parameters(), *model.named_buffers()):
-        if pattern.search(name) and t.is_floating_point():
+        if name in kept and t.is_floating_point():
             t.data = t.data.float()
+
+
+def cast_as_loaded_(model: nn.Module, dtype: torch.dtype) -> None:
+    """model.to(dtype) as from_pretrained(dtype=dtype) would load it: float32_kept tensors go to float32 from
+    their current values (never through `dtype`)."""
+    kept = float32_kept(model, dtype)
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if t.is_floating_point():
+            t.data = t.data.to(torch.float32 if name in kept else dtype)
 
 
 def load_model(name_or_path: str, dtype: torch.dtype | None = None):
