@@ -115,3 +115,28 @@ def test_the_sparse_residual_of_half_precision_weights_is_rounded_once(dtype):
     U, V, S_rows, _, _ = full_bank(W, 8, "exact")
     UV = U.float() @ V.float()
     assert torch.equal(S_rows.reshape(W.shape), (W.float() - UV).to(dtype))  # W - U V in float32, rounded once
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_a_checkpoint_carries_every_gpus_generator_state(tmp_path, monkeypatch, gpus):
+    """On a GPU, dropout and router jitter draw from the GPU's generator: a resume restores it too. No GPU here, so
+    torch.cuda's state functions are stood in for (their plumbing is what is checked)."""
+    from mcsmoe_fast.train.state import restore_state, write_state
+
+    states = [torch.randint(0, 255, (16,), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+              for i in range(gpus)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in states])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda new: restored.extend(new))
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    write_state(tmp_path, {"step": 3}, optimizer, scheduler)
+    assert restore_state(tmp_path, optimizer, scheduler)["step"] == 3
+    assert len(restored) == gpus and all(torch.equal(a, b) for a, b in zip(restored, states))
+    restored.clear()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus + 1)  # another machine: left as it is
+    restore_state(tmp_path, optimizer, scheduler)
+    assert restored == []

@@ -44,6 +44,8 @@ def write_state(directory: Path, progress: dict, optimizer=None, scheduler=None,
         (directory / STATE_JSON).write_text(json.dumps(progress, indent=1))
         return
     tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():  # dropout and router jitter on a GPU draw from its own generator
+        tensors.update({f"rng.cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
     record = dict(progress)
     record["optimizer"] = _flatten_optimizer(optimizer.state_dict(), tensors)
     record["scheduler"] = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
@@ -89,4 +91,7 @@ def restore_state(directory: Path, optimizer, scheduler, pruner=None, model=None
                                 "ema": [tensors[f"pruner.ema.{i}"] for i in range(n)],
                                 "keep": [tensors[f"pruner.keep.{i}"] for i in range(n)]})
     torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[f"rng.cuda.{i}"] for i in range(len(tensors)) if f"rng.cuda.{i}" in tensors]
+    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all(cuda)
     return record
