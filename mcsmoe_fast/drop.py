@@ -1,8 +1,8 @@
 """The `drop` baseline of merging: prune the non-dominant experts by masking their router logits to
 -inf before top-k, so the router never picks them (the pruning baselines of the MC-SMoE paper).
 
-Routers it can mask: Switch's classifier, and the softmax top-k gates of Mixtral, Qwen2-MoE, Qwen3-MoE and
-OLMoE (the other families choose experts their own way: sigmoid groups, biased logits); each family's
+Routers it can mask: Switch's classifier, Llama-4's sigmoid top-k router, and the softmax top-k gates of
+Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE (the other families choose experts their own way: sigmoid groups, biased logits); each family's
 adapter masks its own router (modules/masked_router.py), so masked checkpoints save and load like any
 other (checkpoint/load.py reinstalls the masks from its JSON section).
 """

@@ -336,11 +336,14 @@ def group_layer(name: str, frequency: torch.Tensor, similarity: torch.Tensor, nu
 
 
 # --- how many groups per layer -------------------------------------------------------------------
-def group_counts(frequencies: Mapping[str, torch.Tensor], num_groups, globally: bool = True) -> dict[str, int]:
+def group_counts(frequencies: Mapping[str, torch.Tensor], num_groups, globally: bool = True,
+                 unit: int = 1) -> dict[str, int]:
     """Group count per layer (layers in the mapping's order).
 
     num_groups: an int (the average per layer when globally=True, else the count of every layer) or,
     with globally=False, a mapping {layer name: count}. Counts above a layer's E are capped at E.
+    unit: with globally=True, every count is a multiple of it (merging within `unit` routing groups: each
+    unit gives every routing group of a layer one more group); num_groups and each E must be multiples.
     """
     names = list(frequencies)
     if not names:
@@ -361,15 +364,25 @@ def group_counts(frequencies: Mapping[str, torch.Tensor], num_groups, globally: 
     budget = num_groups * len(names)
     if budget >= sum(sizes.values()):
         return dict(sizes)
+    for n in names:
+        check_routing_groups(n, sizes[n], num_groups, unit)
     entries = []  # (-frequency, layer position, rank in the layer's usage order, layer name)
     for li, n in enumerate(names):
-        f = frequencies[n].double().cpu()
-        total = f.sum()
-        f = f / total if total > 0 else torch.zeros_like(f)
-        for r, e in enumerate(usage_order(f)):
-            entries.append((-1.0 if r == 0 else -float(f[e]), li, r, n))
+        for r, value in enumerate(_unit_frequencies(frequencies[n], unit)):
+            entries.append((-1.0 if r == 0 else -value, li, r, n))
     entries.sort()
     counts = dict.fromkeys(names, 0)
-    for *_, n in entries[:budget]:
-        counts[n] += 1
+    for *_, n in entries[: budget // unit]:
+        counts[n] += unit
     return counts
+
+
+def _unit_frequencies(frequency: torch.Tensor, unit: int) -> list[float]:
+    """A layer's normalized usage, one value per allocation unit in the order units are given: with unit 1
+    the frequencies in usage order; else the sum over the `unit` blocks of consecutive experts of each
+    block's r-th largest frequency (unit r gives every block its (r+1)-th group)."""
+    f = frequency.double().cpu()
+    total = f.sum()
+    f = f / total if total > 0 else torch.zeros_like(f)
+    blocks = f.reshape(unit, -1).sort(dim=1, descending=True).values
+    return blocks.sum(dim=0).tolist()

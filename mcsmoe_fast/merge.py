@@ -69,8 +69,9 @@ def merge_layer_weights(name: str, stats: LayerStats, w_in: torch.Tensor, w_out:
     (LayerGrouping, merged w_in [G, F, d], merged w_out [G, d, ff], merged b_in, merged b_out), the
     biases None when not given. router_weight [E, d] is needed only for the router-weight basis;
     memory_budget bounds the bytes of weight-matching cost matrices built at once (match_permutations).
-    inplace=True permutes w_in and w_out in place (the streaming pipeline's own buffers: no second copy
-    of the layer); their contents are then the aligned experts. routing_groups > 1: every group inside one
+    inplace=True permutes w_out in place, and w_in too when there is no b_in (the streaming pipeline's own
+    buffers: no second copy of the layer); with b_in, w_in is copied with its bias column and the caller's
+    w_in keeps the unaligned order, so read the aligned experts from the return values, never the buffers. routing_groups > 1: every group inside one
     block of E / routing_groups consecutive experts (grouping.within_routing_groups)."""
     num_experts, d = w_in.shape[0], w_in.shape[-1]
     sim = similarity_matrix(similarity, stats=stats, router_weight=router_weight, w_in=w_in, w_out=w_out,
@@ -80,7 +81,7 @@ def merge_layer_weights(name: str, stats: LayerStats, w_in: torch.Tensor, w_out:
     w_in = with_bias_column(w_in, b_in)
     if permute and strategy != "drop" and g.num_groups < num_experts:
         leader = torch.tensor([g.dominant[slot] for slot in g.expert_map], device=w_in.device)
-        perm = match_permutations(w_in, w_out, leader, activation, memory_budget=memory_budget)
+        perm = match_permutations(w_in, w_out, leader, activation, memory_budget=memory_budget, name=name)
         permute_fn = apply_permutation_ if inplace else apply_permutation
         w_in, w_out = permute_fn(w_in, w_out, perm, activation)
     merged = merge_group_weights(w_in, w_out, g, *(() if b_out is None else (b_out,)))
@@ -144,8 +145,8 @@ def merge_experts(
       at most max_group_size experts; see grouping.py and ream.py).
     within_routing_groups: for group-limited routers (DeepSeek-V3's n_group), merge only experts of the same
       routing group, the same number of groups in each (what a standard checkpoint needs: format="standard"
-      refuses groups across routing groups); the group counts must be multiples of n_group. No effect on
-      other routers.
+      refuses groups across routing groups); num_groups must be a multiple of n_group (globally=True gives
+      each layer a multiple of it). No effect on other routers.
     """
     check_merge_options(similarity, strategy, grouping)
     chosen = select_layers(moe_layers(model), layers)
@@ -153,9 +154,9 @@ def merge_experts(
         for layer in chosen:
             check_maskable(layer)
     layer_stats = {layer.name: _stats_for(stats, layer) for layer in chosen}
-    counts = group_counts({n: s.frequency for n, s in layer_stats.items()}, num_groups, globally)
-    check_saliency_grouping(grouping, layer_stats, counts, max_group_size)
     n_group = routing_groups(model.config) if within_routing_groups else 1
+    counts = group_counts({n: s.frequency for n, s in layer_stats.items()}, num_groups, globally, n_group)
+    check_saliency_grouping(grouping, layer_stats, counts, max_group_size)
     for name, s in layer_stats.items():  # before any layer changes
         if counts[name] < s.num_experts:
             check_routing_groups(name, s.num_experts, counts[name], n_group)

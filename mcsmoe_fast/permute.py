@@ -106,15 +106,17 @@ def match_permutations(
     activation: str,
     cost_fn=None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    name: str = "match_permutations",
 ) -> torch.Tensor:
     """Permutation [S, ff] aligning every expert s to expert refs[s] (identity for references).
 
     cost_fn(targets, refs) -> [t, ff, ff] scores (higher = more alike); weight matching by default.
-    Cost matrices are built and solved in chunks of at most `memory_budget` bytes.
+    Cost matrices are built and solved in chunks of at most `memory_budget` bytes. name (the layer's)
+    prefixes the errors.
     """
     num_slots, ff = w_in.shape[0], w_out.shape[-1]
     refs = torch.as_tensor(refs, dtype=torch.int64, device=w_in.device)
-    _check_references(refs, num_slots, "match_permutations")
+    _check_references(refs, num_slots, name)
     perm = torch.arange(ff, device=w_in.device).repeat(num_slots, 1)
     targets = (refs != torch.arange(num_slots, device=refs.device)).nonzero().squeeze(-1)
     per_chunk = max(1, memory_budget // max(1, ff * ff * 4))
@@ -133,8 +135,17 @@ def match_permutations(
             cost = weight_matching_cost(w_in, w_out, t, refs[t], activation, out=buffer[: len(t)])
         else:
             cost = cost_fn(t, refs[t])
+        _check_finite_cost(cost, t, refs, name)
         perm[t] = ops.linear_assignment(cost, maximize=True).to(perm.device)
     return perm
+
+
+def _check_finite_cost(cost: torch.Tensor, targets: torch.Tensor, refs: torch.Tensor, name: str) -> None:
+    finite = torch.isfinite(cost).flatten(1).all(1)
+    if not bool(finite.all()):
+        e = int(targets[~finite][0])
+        raise ValueError(f"{name}: aligning expert {e} to expert {int(refs[e])} needs finite weights (and finite "
+                         f"calibration activations when matching by activations): NaN or inf found")
 
 
 def _resolve_references(reference, layers: list[MoELayer]) -> list[torch.Tensor]:
@@ -234,7 +245,7 @@ def align_experts(
             if x is None or x.shape[0] < 2:
                 raise ValueError(f"{layer.name}: no calibration tokens reached this layer")
             cost_fn = activation_matching_cost(x.to(w_in.device), w_in, layer.activation, layer.activation_args)
-        perm = match_permutations(w_in, w_out, ref, layer.activation, cost_fn, memory_budget)
+        perm = match_permutations(w_in, w_out, ref, layer.activation, cost_fn, memory_budget, layer.name)
         new_in, new_out = apply_permutation(w_in, w_out, perm, layer.activation)
         if b_in is None:
             layer.set_expert_weights(new_in, new_out)

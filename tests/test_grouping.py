@@ -332,3 +332,37 @@ def test_group_layer_runs_the_method_it_is_asked_for():
     for method, labels in (("dominant", dominant), ("hierarchical", hierarchical)):
         grouping = group_layer("l", freq, sim, k, method)
         assert {frozenset(group) for group in grouping.groups} == partition(labels), method
+
+
+def plain_unit_counts(freqs: dict, num_groups: int, unit: int) -> dict:
+    """Global counts in units of `unit` routing groups, by brute force: among the allocations that give every
+    layer a multiple of `unit` (>= unit) summing to the budget, the one keeping the most usage, where a layer
+    with c groups keeps, in each of its `unit` blocks of consecutive experts, its c / unit most used experts."""
+    import itertools
+
+    names = list(freqs)
+
+    def kept(f, c):
+        f = f.double() / f.sum()
+        return float(f.reshape(unit, -1).sort(dim=1, descending=True).values[:, : c // unit].sum())
+
+    options = [range(unit, len(freqs[n]) + 1, unit) for n in names]
+    best = max((c for c in itertools.product(*options) if sum(c) == num_groups * len(names)),
+               key=lambda c: sum(kept(freqs[n], k) for n, k in zip(names, c)))
+    return dict(zip(names, best))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_global_counts_in_units_of_routing_groups(seed):
+    """globally with unit=n_group (merging within DeepSeek-V3's routing groups): every count a multiple of the unit,
+    the budget kept, and the most usage kept, against a brute-force search (generic frequencies: no ties)."""
+    g = rng(seed)
+    freqs = {f"layer{i}": torch.rand(8, generator=g).double() ** 3 for i in range(3)}
+    for num_groups in (2, 4, 6):
+        counts = group_counts(freqs, num_groups, globally=True, unit=2)
+        assert all(c % 2 == 0 and 2 <= c <= 8 for c in counts.values()), counts
+        assert sum(counts.values()) == num_groups * 3
+        assert counts == plain_unit_counts(freqs, num_groups, 2)
+    assert group_counts(freqs, 3, unit=1) == plain_threshold_counts(freqs, 3)
+    with pytest.raises(ValueError, match=r"group count \(3\) to be multiples of 2"):
+        group_counts(freqs, 3, globally=True, unit=2)

@@ -192,3 +192,20 @@ def test_activation_strategy_on_switch_with_ordinary_calibration_batches(tmp_pat
         counts = {name: x.shape[0] for name, x in _layer_inputs(model, layers, [b], 4096).items()}
         for name, n in counts.items():
             assert n == expected["decoder" if name.startswith("decoder.") else "encoder"], (name, counts)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_named_by_layer_and_expert(value, tmp_path):
+    """A NaN / inf expert weight: the error names the layer and the expert (it said "problem 0", the position in
+    the solver's chunk, and no layer), for align_experts and merge_experts alike."""
+    import mcsmoe_fast as mf
+
+    model = tiny_mixtral(seed=0)
+    stats = mf.collect_routing_stats(model, [dict(model_inputs(model))], progress=False)
+    layer = moe_layers(model)[1]
+    with torch.no_grad():
+        layer.module.experts.gate_up_proj[3, 0, 0] = value
+    with pytest.raises(ValueError, match=rf"{layer.name}: aligning expert 3 to expert 0 needs finite weights"):
+        align_experts(model, reference=0, progress=False)
+    with pytest.raises(ValueError, match=rf"{layer.name}: aligning expert \d to expert \d needs finite weights"):
+        mf.merge_experts(model, stats, 1, globally=False, layers=[1], progress=False)

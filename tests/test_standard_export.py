@@ -19,7 +19,7 @@ from mcsmoe_fast.merge import merge_group_weights
 from mcsmoe_fast.models import expert_weights_per_expert
 from mcsmoe_fast.modules import MoEExperts
 from mcsmoe_fast.sections import record_merge
-from mcsmoe_fast.tiny import FAMILY_NAMES
+from mcsmoe_fast.tiny import FAMILY_NAMES, tiny_moe
 from merge_helpers import build, calibration, forward
 
 FAMILIES = ("switch",) + FAMILY_NAMES + ("llama4_text",)
@@ -306,3 +306,19 @@ def test_refuses_what_it_cannot_slice_yet(tmp_path):
 
     refused(tiny_from_model_type("minimax_m2"), tmp_path, r"format='standard': model.layers.0.mlp: its router takes "
             r"the block's e_score_correction_bias, .* save format='exact'", router="dominant")
+
+
+def test_merge_within_routing_groups_with_the_global_allocation(tmp_path):
+    """globally=True (the default) with within_routing_groups: each layer's count is given out in units of n_group,
+    so a --num-groups that is a multiple of n_group merges (the global allocation once gave a layer 7 groups and the
+    merge failed on a count the user never gave). 3 layers at 4 groups on average: 12 groups, multiples of 2."""
+    model = tiny_moe("deepseek_v3", num_layers=3)
+    stats = mf.collect_routing_stats(model, calibration(model), progress=False)
+    result = mf.merge_experts(model, stats, 4, within_routing_groups=True, progress=False)
+    counts = [g.num_groups for g in result.values()]
+    assert all(c % 2 == 0 for c in counts) and sum(counts) == 4 * len(counts)
+    for g in result.values():
+        assert all(len({e // 4 for e in members}) == 1 for members in g.groups), g.groups
+    with pytest.raises(ValueError, match=r"group count \(3\) to be multiples of 2"):
+        mf.merge_experts(tiny_moe("deepseek_v3", num_layers=3), stats, 3, within_routing_groups=True,
+                         progress=False)

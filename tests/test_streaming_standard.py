@@ -263,3 +263,20 @@ def test_cli_streams_format_standard_as_it_merges_in_memory(tmp_path, capsys):
         config = json.loads((tmp_path / f"streamed-{name}" / "config.json").read_text())
         assert config["num_local_experts"] == 3 and config["mcsmoe_standard"]["router"] == name
         assert (tmp_path / f"streamed-{name}" / "tokenizer.json").is_file()
+
+
+def test_streamed_global_merge_within_routing_groups_is_the_in_memory_one(tmp_path, monkeypatch):
+    """The exact format's global allocation with within_routing_groups: counts in units of n_group, streamed as in
+    memory (the same groups in every layer)."""
+    model = tiny_moe("deepseek_v3", num_layers=3)
+    model.save_pretrained(tmp_path / "src")
+    batches = calibration(model, batches=1)
+    stats = mf.collect_routing_stats(model, batches, progress=False)
+    in_memory = mf.merge_experts(model, stats, 4, within_routing_groups=True, progress=False)
+    merge_checkpoint(tmp_path / "src", tmp_path / "out", batches, 4, within_routing_groups=True, progress=False)
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())["mcsmoe_merge"]["merges"][-1]["layers"]
+    assert {n: s["expert_map"] for n, s in saved.items()} == {n: g.expert_map for n, g in in_memory.items()}
+    monkeypatch.setattr(passes, "run_layer", lambda *a, **k: pytest.fail("a layer ran before the refusal"))
+    with pytest.raises(ValueError, match="multiples of 2"):  # refused before the statistics pass
+        merge_checkpoint(tmp_path / "src", tmp_path / "out2", batches, 3, within_routing_groups=True, progress=False)
+    assert not (tmp_path / "out2").exists()

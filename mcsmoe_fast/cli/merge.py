@@ -49,7 +49,7 @@ def add(sub):
     p.add_argument("--within-routing-groups", action=argparse.BooleanOptionalAction, default=None,
                    help="group-limited routers (DeepSeek-V3's n_group): merge only experts of the same routing group, "
                         "the same count in each (default on with --format standard, which needs it; --num-groups a "
-                        "multiple of n_group)")
+                        "multiple of n_group; with --globally each layer's count is a multiple too)")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="memory budget, e.g. 8GB: a checkpoint that would not fit is merged layer by layer from "
                         "its shards without loading the whole model (Switch, Qwen3-Next and Qwen3.5-MoE need "

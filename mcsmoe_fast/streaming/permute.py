@@ -64,7 +64,7 @@ def permute_checkpoint(path, out, reference: int = 0, max_memory=None, max_shard
             d = w_in.shape[-1]
             w_in = with_bias_column(w_in, b_in)  # an input bias moves with its neuron
             refs = torch.full((view.num_experts,), reference, dtype=torch.int64)
-            perm = match_permutations(w_in, w_out, refs, view.activation)
+            perm = match_permutations(w_in, w_out, refs, view.activation, name=view.name)
             apply_permutation_(w_in, w_out, perm, view.activation)
             aligned = layout.split(w_in[..., :d], w_out, None if b_in is None else w_in[..., d], b_out)
             for n, t in aligned.items():

@@ -121,14 +121,15 @@ class _Groups:
     chosen: list[str]
     num_groups: object
     globally: bool
+    unit: int  # every count a multiple of it (merging within DeepSeek-V3's n_group routing groups)
 
     def up_front(self, views) -> dict[str, int]:
         """The counts before any statistics (valid when they do not depend on other layers' usage)."""
         num_experts = {v.name: v.num_experts for v in views.values()}
-        return group_counts({n: torch.zeros(num_experts[n]) for n in self.chosen}, self.num_groups, self.globally)
+        return group_counts({n: torch.zeros(num_experts[n]) for n in self.chosen}, self.num_groups, self.globally, self.unit)
 
     def from_stats(self, stats: dict[str, LayerStats]) -> dict[str, int]:
-        return group_counts({n: stats[n].frequency for n in self.chosen}, self.num_groups, self.globally)
+        return group_counts({n: stats[n].frequency for n in self.chosen}, self.num_groups, self.globally, self.unit)
 
 
 def _open_stream(path, out, dtype, calibration_batches, layers, strategy: str, bases, progress: bool,
@@ -265,15 +266,13 @@ def _write_config(s: Stream, merger: Merger, tmp: Path, groups: _Groups, options
     return written
 
 
-def _routing_groups(s: Stream, groups: _Groups, within: bool) -> int:
-    """within_routing_groups: DeepSeek-V3's n_group (1 for other routers), the counts checked when known up front."""
-    n_group = routing_groups(s.model.config) if within else 1
-    if n_group > 1 and not groups.globally:  # before any work, as merge_experts checks
+def _check_routing_groups(s: Stream, groups: _Groups) -> None:
+    """Merging within routing groups: the counts checked before any work, as merge_experts checks."""
+    if groups.unit > 1:
         experts = {v.name: v.num_experts for v in s.views.values()}
         for name, count in groups.up_front(s.views).items():
             if count < experts[name]:
-                check_routing_groups(name, experts[name], count, n_group)
-    return n_group
+                check_routing_groups(name, experts[name], count, groups.unit)
 
 
 @torch.no_grad()
@@ -331,11 +330,12 @@ def merge_checkpoint(path, out, calibration_batches: Iterable[dict], num_groups,
     budget, device_memory = _check_memory(max_memory, device_map)
     s, out, chosen, aliases = _open_stream(path, out, dtype, calibration_batches, layers, strategy, bases, progress,
                                            dispatched=device_map is not None, grouping=grouping)
-    groups = _Groups(chosen, num_groups, globally)
+    n_group = routing_groups(s.model.config) if within_routing_groups else 1
+    groups = _Groups(chosen, num_groups, globally, n_group)
+    _check_routing_groups(s, groups)
     # group counts known up front (not global): each layer is merged as soon as its statistics are in
     fused = not globally and device_map is None
     counts = groups.up_front(s.views) if fused else {}
-    n_group = _routing_groups(s, groups, within_routing_groups)
     standard = check_standard(format, router, s, chosen, globally, compress, device_map,
                               groups.up_front(s.views) if not globally else None, n_group)
     plan = _plan(s, budget, max_shard_size, standard, strategy, keep_quantization, fused)
