@@ -120,7 +120,7 @@ def grouped_expert_ffn(
 
     hidden [T, d]; w_in [S, F, d]; w_out [S, d, ff]; expert_map [E] int64; top_k_index [T, k] int64
     (-1 = no expert); top_k_weights [T, k]; activation one of activations.ACTIVATIONS: ungated "relu",
-    "gelu", "gelu_tanh", "silu" (F = ff), or gated "reglu", "geglu", "geglu_tanh", "swiglu" (F = 2*ff, gate
+    "relu2" (squared ReLU), "gelu", "gelu_tanh", "silu" (F = ff), or gated "reglu", "geglu", "geglu_tanh", "swiglu" (F = 2*ff, gate
     rows then up rows, act(gate) * up), or GPT-OSS's "clamped_swiglu" (F = 2*ff, same layout;
     (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit); alpha and limit are
     ignored by the other activations), or "clamped_swiglu_interleaved": the same on gate and up rows interleaved

@@ -52,3 +52,38 @@ def test_the_reference_ignores_the_weight_of_a_dropped_entry_as_the_op_does(bad)
     assert torch.isfinite(ref).all()
     torch.testing.assert_close(op, ref)
     torch.testing.assert_close(ops.moe_align(index, weights, emap, 2)[2], reference.moe_align(index, weights, emap, 2)[2])
+
+
+def _compressed_bank(rows: int, cols: int) -> list[torch.Tensor]:
+    """Two compressed slots of rank 1 with no kept rows (the op's list form)."""
+    return [torch.randn(2, rows, 1), torch.randn(2, 1, cols), torch.randn(0, cols), torch.empty(0, dtype=torch.long),
+            torch.zeros(3, dtype=torch.long)]
+
+
+@pytest.mark.parametrize("bad", ["expert id", "expert_map"])
+def test_routing_errors_name_the_op_called(bad):
+    """A bad expert id or expert_map entry names the op the user called (it said `moe_align:` for all three)."""
+    h, w = torch.randn(3, 4), torch.rand(3, 2)
+    w_in, w_out = torch.randn(2, 5, 4), torch.randn(2, 4, 5)
+    idx, emap = torch.tensor([[0, 1]] * 3), torch.tensor([0, 1])
+    if bad == "expert id":
+        idx = torch.tensor([[0, 5]] * 3)
+    else:
+        emap = torch.tensor([0, 7])
+    calls = {
+        "grouped_expert_ffn": lambda: ops.grouped_expert_ffn(h, w_in, w_out, emap, idx, w, "relu"),
+        "grouped_expert_ffn_backward": lambda: ops.grouped_expert_ffn_backward(torch.randn(3, 4), h, w_in, w_out,
+                                                                               emap, idx, w, "relu"),
+        "grouped_expert_ffn_slr": lambda: ops.grouped_expert_ffn_slr(h, _compressed_bank(5, 4), _compressed_bank(4, 5),
+                                                                     emap, idx, w, "relu"),
+    }
+    for op, call in calls.items():
+        with pytest.raises(RuntimeError, match=rf"^{op}: (top_k_index|expert_map)\["):
+            call()
+
+
+def test_grouped_expert_ffn_docstring_lists_every_activation_it_takes():
+    from mcsmoe_fast.activations import ACTIVATIONS
+
+    for name in ACTIVATIONS:
+        assert f'"{name}"' in ops.grouped_expert_ffn.__doc__, name

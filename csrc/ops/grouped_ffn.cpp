@@ -91,11 +91,11 @@ at::Tensor combine_token_rows_cpu(const at::Tensor& rows, const at::Tensor& toke
 
 at::Tensor grouped_ffn_cpu_frame(const at::Tensor& hidden, int64_t S, const at::Tensor& expert_map,
                                  const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
-                                 const std::string& shape, const SlotFfn& ffn) {
-  TORCH_CHECK(hidden.device().is_cpu(), "grouped_expert_ffn: expected CPU tensors, got ", hidden.device());
+                                 const std::string& shape, const SlotFfn& ffn, const char* op) {
+  TORCH_CHECK(hidden.device().is_cpu(), op, ": expected CPU tensors, got ", hidden.device());
   const int64_t d = hidden.size(1);
   const auto acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto aligned = moe_align_cpu_impl(top_k_index, top_k_weights, expert_map, S, acc);
+  auto aligned = moe_align_cpu_impl(top_k_index, top_k_weights, expert_map, S, acc, op);
   const at::Tensor &sorted_tokens = aligned[0], &offsets = aligned[1], &weights = aligned[2], &rows = aligned[3];
   const int64_t* off = offsets.data_ptr<int64_t>();
   const int64_t pairs = off[S];
@@ -141,7 +141,8 @@ std::tuple<at::Tensor, at::Tensor> grouped_ffn(const at::Tensor& hidden_arg, con
         const auto h_out = keep_h ? std::optional(h_rows.narrow(0, r, x.size(0))) : std::nullopt;
         at::Tensor h = linear_nt(x, w_in.select(0, s), h_out, row(b_in, s));
         linear_nt(expert_activation(keep_h ? h.clone() : h, act), w_out.select(0, s), y, row(b_out, s));
-      });
+      },
+      "grouped_expert_ffn");
   return {out, h_rows};
 }
 

@@ -328,7 +328,7 @@ FfnGrads grouped_expert_ffn_backward_cpu(const at::Tensor& grad_out_arg, const a
               "] ", dtype, " CPU tensor, got ", h_rows ? h_rows->sizes() : at::IntArrayRef{}, " ",
               h_rows ? h_rows->scalar_type() : dtype);
   const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  auto aligned = moe_align_cpu_impl(top_k_index, top_k_weights, expert_map, S, acc);
+  auto aligned = moe_align_cpu_impl(top_k_index, top_k_weights, expert_map, S, acc, "grouped_expert_ffn_backward");
   const at::Tensor &sorted_tokens = aligned[0], &offsets = aligned[1], &weights = aligned[2], &token_rows = aligned[3];
   const int64_t* off = offsets.data_ptr<int64_t>();
   const int64_t pairs = off[S];

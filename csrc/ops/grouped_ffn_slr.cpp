@@ -126,7 +126,8 @@ at::Tensor grouped_expert_ffn_slr_cpu(const at::Tensor& hidden_arg, at::TensorLi
         at::Tensor a = slot_activation(h, act);
         slr_linear_cpu(a, bo[0][s], bo[1][s], bo[2].narrow(0, off_out[s], kout),
                        bo[3].data_ptr<int64_t>() + off_out[s], row(bias_out, s), y);
-      });
+      },
+      op);
 }
 
 }  // namespace mcsmoe::ops

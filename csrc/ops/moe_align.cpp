@@ -29,8 +29,8 @@ void check_align_status(const moe::AlignStatus& st, int64_t k, int64_t E, int64_
 }
 
 std::vector<at::Tensor> moe_align_cpu_impl(const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
-                                           const at::Tensor& expert_map, int64_t num_slots, at::ScalarType acc) {
-  const char* op = "moe_align";
+                                           const at::Tensor& expert_map, int64_t num_slots, at::ScalarType acc,
+                                           const char* op) {
   TORCH_CHECK(top_k_index.device().is_cpu(), op, ": expected CPU tensors, got ", top_k_index.device());
   const int64_t T = top_k_index.size(0), k = top_k_index.size(1), E = expert_map.size(0), S = num_slots;
   at::Tensor idx = top_k_index.contiguous(), map = expert_map.contiguous();
@@ -59,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align_cpu(const a
                                                                          int64_t num_slots) {
   check_moe_routing(top_k_index, top_k_weights, expert_map, num_slots, "moe_align");
   auto acc = top_k_weights.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto r = moe_align_cpu_impl(top_k_index, top_k_weights, expert_map, num_slots, acc);
+  auto r = moe_align_cpu_impl(top_k_index, top_k_weights, expert_map, num_slots, acc, "moe_align");
   return {r[0], r[1], r[2], r[3]};
 }
 

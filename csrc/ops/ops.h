@@ -49,9 +49,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align_cuda(const 
 void check_moe_routing(const at::Tensor& top_k_index, const at::Tensor& top_k_weights, const at::Tensor& expert_map,
                        int64_t num_slots, const char* op);
 void check_align_status(const moe::AlignStatus& st, int64_t k, int64_t E, int64_t S, const char* op);
-// CPU alignment with weights summed in `acc` (kFloat or kDouble): sorted_tokens, offsets, weights, token_rows.
+// CPU alignment with weights summed in `acc` (kFloat or kDouble): sorted_tokens, offsets, weights, token_rows;
+// `op` (the calling op's name) prefixes its errors.
 std::vector<at::Tensor> moe_align_cpu_impl(const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
-                                           const at::Tensor& expert_map, int64_t num_slots, at::ScalarType acc);
+                                           const at::Tensor& expert_map, int64_t num_slots, at::ScalarType acc,
+                                           const char* op);
 
 // --- shared: the expert activations (activation.cpp) and the CPU GEMM (linear_nt.cpp) ---
 // An expert activation (mcsmoe_fast/activations.py): act(h), or act(gate) * up when gated, or GPT-OSS's
@@ -71,7 +73,7 @@ struct GateUpLayout {
 inline GateUpLayout gate_up_layout(bool interleaved, int64_t ff) {
   return interleaved ? GateUpLayout{2, 1} : GateUpLayout{1, ff};
 }
-// "relu", "gelu", "gelu_tanh", "silu", "reglu", "geglu", "geglu_tanh", "swiglu", "clamped_swiglu", and
+// "relu", "relu2", "gelu", "gelu_tanh", "silu", "reglu", "geglu", "geglu_tanh", "swiglu", "clamped_swiglu", and
 // "clamped_swiglu_interleaved" (GPT-OSS's stored gate/up order; grouped_expert_ffn on the CPU only, forward and
 // backward: refuse_interleaved in the other ops); a ValueError otherwise (and for clamped_swiglu with a limit
 // that is not a number >= 0 or an alpha that is not finite).
@@ -133,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_expert_ffn_keep_h_cpu(
 using SlotFfn = std::function<void(int64_t slot, int64_t row, const at::Tensor& x, at::Tensor y)>;
 at::Tensor grouped_ffn_cpu_frame(const at::Tensor& hidden, int64_t num_slots, const at::Tensor& expert_map,
                                  const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
-                                 const std::string& shape, const SlotFfn& run_slot);
+                                 const std::string& shape, const SlotFfn& run_slot, const char* op);
 // out [T, d] (rows' dtype): out[t] = the sum of rows[token_rows[t, j]] (until -1), each times weights[row] when
 // weights are given (the alignment's summed weights: float64 for float64 rows, else float32), plain when not
 // (the backward's dX rows). kernels/grouped_ffn.h's combine_token_rows over chunks of tokens in parallel.
