@@ -330,17 +330,16 @@ def merge_checkpoint(path, out, calibration_batches: Iterable[dict], num_groups,
     budget, device_memory = _check_memory(max_memory, device_map)
     s, out, chosen, aliases = _open_stream(path, out, dtype, calibration_batches, layers, strategy, bases, progress,
                                            dispatched=device_map is not None, grouping=grouping)
-    n_group = routing_groups(s.model.config) if within_routing_groups else 1
-    groups = _Groups(chosen, num_groups, globally, n_group)
+    groups = _Groups(chosen, num_groups, globally, routing_groups(s.model.config) if within_routing_groups else 1)
     _check_routing_groups(s, groups)
     # group counts known up front (not global): each layer is merged as soon as its statistics are in
     fused = not globally and device_map is None
     counts = groups.up_front(s.views) if fused else {}
     standard = check_standard(format, router, s, chosen, globally, compress, device_map,
-                              groups.up_front(s.views) if not globally else None, n_group)
+                              groups.up_front(s.views) if not globally else None, groups.unit)
     plan = _plan(s, budget, max_shard_size, standard, strategy, keep_quantization, fused)
     options, seconds = dict(similarity=similarity, permute=permute, strategy=strategy, grouping=grouping, seed=seed,
-                            routing_groups=n_group, max_group_size=max_group_size), {}
+                            routing_groups=groups.unit, max_group_size=max_group_size), {}
     with atomic_directory(out) as tmp:
         merger = _merger(s, tmp, plan, compress, options, keep_quantization, standard)
         if device_map is not None:
