@@ -27,13 +27,17 @@ def write_new(target):
         (tmp / "model.safetensors").write_bytes(b"new weights")
 
 
-def test_a_previous_checkpoint_with_its_tokenizer_and_trainer_state_is_replaced(tmp_path):
+def test_a_previous_checkpoint_is_replaced_keeping_its_tokenizer(tmp_path):
+    """The weights, index and trainer state of the previous checkpoint go; the tokenizer and generation files the new
+    save does not write stay, as transformers' save_pretrained leaves them."""
     target = checkpoint(tmp_path / "ckpt")
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                  "model-00001-of-00002.safetensors", "model.safetensors.index.json", "trainer_state.json"):
         (target / name).write_text("x")
     write_new(target)
-    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in target.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json", "tokenizer.json",
+        "tokenizer_config.json"]
 
 
 @pytest.mark.parametrize("foreign", ["notes.txt", "README.md", ".git", "data"])

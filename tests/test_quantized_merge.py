@@ -189,3 +189,37 @@ def test_fp8_requantization_error_is_reported_against_the_merged_weights(fp8, ba
         assert 0.005 < expected < 0.1
         assert entry["output"] == pytest.approx(expected, rel=1e-3), layer
     assert recorded["max"]["output"] == max(recorded["layers"][n]["output"] for n in LAYERS)
+
+
+def test_a_sharded_quantized_merge_loads_holding_few_files_open(fp8, batches, tmp_path, monkeypatch):
+    """Loading a quantized merged checkpoint reads shard after shard: at most a tensor's values file and its scales
+    file are open at once (it held every shard open until the end: more shards than the open-file limit could not
+    load), and every file is closed when a read fails."""
+    from mcsmoe_fast.quant.files import QuantizedFiles
+
+    _merge(fp8[0], tmp_path / "q", batches, max_shard_size="64KB")
+    assert len(list((tmp_path / "q").glob("*.safetensors"))) > 4
+    open_counts, read_into = [], QuantizedFiles.read_into
+
+    def counting(self, name, out):
+        result = read_into(self, name, out)
+        open_counts.append(len(self.files.handles))
+        return result
+
+    monkeypatch.setattr(QuantizedFiles, "read_into", counting)
+    model = from_pretrained(tmp_path / "q")
+    assert open_counts and max(open_counts) <= 2
+    one_shard = from_pretrained(_merge(fp8[0], tmp_path / "one", batches).path).state_dict()  # the same merge
+    assert all(torch.equal(t, one_shard[n]) for n, t in model.state_dict().items())
+    seen = []
+
+    def failing(self, name, out):
+        seen.append(self)
+        if len(seen) == 6:
+            raise RuntimeError("read failed")
+        return read_into(self, name, out)
+
+    monkeypatch.setattr(QuantizedFiles, "read_into", failing)
+    with pytest.raises(RuntimeError, match="read failed"):
+        from_pretrained(tmp_path / "q")
+    assert seen[-1].files.handles == {}

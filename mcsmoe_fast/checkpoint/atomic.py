@@ -1,7 +1,9 @@
 """Atomic directories: a checkpoint is written into a temporary directory next to its target, then renamed
 into place, so an interrupted save leaves the previous checkpoint as it was; temporaries of dead writers
 are removed. A target is replaced only when it holds nothing but a checkpoint's files (what this package,
-transformers and tokenizers write): anything else in it is the user's, and the save is refused."""
+transformers and tokenizers write): anything else in it is the user's, and the save is refused. The tokenizer, chat
+template and generation files of the replaced checkpoint that the new save does not write are kept (KEPT_FILES),
+as transformers' save_pretrained leaves them; its weights, index and config files are not."""
 from __future__ import annotations
 
 import fnmatch
@@ -20,6 +22,19 @@ CHECKPOINT_FILES = ("config.json", "generation_config.json", "*.safetensors", "*
                     "pytorch_model*.bin", "pytorch_model.bin.index.json", "tokenizer*", "special_tokens_map.json",
                     "added_tokens.json", "vocab.*", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
                     "chat_template.*", "preprocessor_config.json", "trainer_state.*", OWNER_FILE)
+# What a save into a checkpoint directory keeps of the previous checkpoint there when it does not write it itself.
+KEPT_FILES = ("generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*",
+              "merges.txt", "spiece.model", "sentencepiece.bpe.model", "chat_template.*", "preprocessor_config.json")
+
+
+def keep_files(previous: Path, tmp: Path) -> None:
+    """Copy into `tmp` the KEPT_FILES of the checkpoint directory `previous` that `tmp` does not hold."""
+    if not previous.is_dir():
+        return
+    for file in previous.iterdir():
+        if (file.is_file() and not (tmp / file.name).exists()
+                and any(fnmatch.fnmatch(file.name, pattern) for pattern in KEPT_FILES)):
+            shutil.copy2(file, tmp / file.name)
 
 
 def refuse_out_at_source(source, out) -> None:
@@ -130,7 +145,8 @@ def atomic_directory(target) -> Iterator[Path]:
     `target` (a previous checkpoint there, or nothing; a symlink's target), when it raises it is removed and
     `target` is left as it was. Temporary directories left by a killed earlier run are removed first, and a
     previous checkpoint it left aside is put back. Refused up front when `target` holds more than a checkpoint
-    (check_replaceable)."""
+    (check_replaceable). The previous checkpoint's tokenizer, chat template and generation files that the block
+    did not write are copied in before the replacement (keep_files)."""
     target = Path(os.path.realpath(target))  # through symlinks and "..": replace what the path names
     target.parent.mkdir(parents=True, exist_ok=True)
     restore_previous(target)
@@ -142,6 +158,7 @@ def atomic_directory(target) -> Iterator[Path]:
         (tmp / OWNER_FILE).write_text(str(os.getpid()))
         yield tmp
         (tmp / OWNER_FILE).unlink()
+        keep_files(target, tmp)
         _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -14,8 +14,10 @@ or, for a model larger than a shard (save_pretrained(..., max_shard_size=...), a
 pipeline of streaming/), the same tensors split over mcsmoe_model-00001-of-0000N.safetensors ...
 plus mcsmoe_model.safetensors.index.json (weight_map {tensor: shard}); the section then has format
 version 2 and a "shards" entry {file: {bytes, sha256}}, and "weights" names the index (its size and
-sha256 are recorded like a single file's). Loading copies one tensor at a time and closes each shard
-once its tensors are in, and `verify` checks every shard's sha256.
+sha256 are recorded like a single file's). Loading copies one tensor at a time, holding one shard file
+open at a time (so any number of shards loads under the open-file limit), and `verify` checks every
+shard's sha256. Each tensor is stored in its own dtype and loaded back in it; the section's "dtype" is
+the one the model is built in before that.
 """
 from __future__ import annotations
 
@@ -89,6 +91,8 @@ def unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
 
 
 def model_dtype(model: nn.Module) -> str:
+    """The section's dtype: the first floating parameter's (tensors kept in another dtype, such as a float32
+    router of a bfloat16 model, are stored and loaded in theirs)."""
     for p in model.parameters():
         if p.is_floating_point():
             return str(p.dtype).removeprefix("torch.")

@@ -16,7 +16,7 @@ from ..quant.files import QuantizedFiles
 from ..sections import MERGE_SECTION
 from .format import FORMAT_VERSION, SHARDED_FORMAT_VERSION, WEIGHTS_NAME
 from .plain_save import guard_plain_save
-from .weight_files import CheckpointError, WeightFiles, read_index, sha256_file
+from .weight_files import SCALED, CheckpointError, WeightFiles, read_index, sha256_file
 
 
 def read_config_json(path: Path):
@@ -46,7 +46,33 @@ def read_section(path: Path) -> dict | None:
     for key in required:
         if key not in section:
             raise CheckpointError(f"{config_file}: {MERGE_SECTION} section lacks {key!r}")
+    check_section(section, config_file)
     return section
+
+
+def _is_name_map(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+
+def check_section(section: dict, config_file: Path) -> None:
+    """The types of the section's entries and its file names (names inside the checkpoint directory, never
+    paths): a CheckpointError naming config.json and the key."""
+    def refuse(what: str):
+        raise CheckpointError(f"{config_file}: {MERGE_SECTION} {what}")
+
+    dtype = section.get("dtype", "float32")
+    if not (isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype)
+            and getattr(torch, dtype).is_floating_point):
+        refuse(f"dtype {dtype!r} is not a floating-point torch dtype (float32, bfloat16, float16, ...)")
+    if not isinstance(section["layers"], dict) or not all(isinstance(e, dict) for e in section["layers"].values()):
+        refuse(f"layers must be a mapping {{layer name: entry}}, got {type(section['layers']).__name__}")
+    if not _is_name_map(section["aliases"]):
+        refuse("aliases must be a mapping {tied name: stored name}")
+    if "shards" in section and not isinstance(section["shards"], dict):
+        refuse("shards must be a mapping {file name: {bytes, sha256}}")
+    for key, name in [("weights", section["weights"]), *(("shards", f) for f in section.get("shards", {}))]:
+        if not isinstance(name, str) or Path(name).name != name:
+            refuse(f"{key} {name!r} must be a file name inside the checkpoint directory, not a path")
 
 
 def _check_file(path: Path, file: str, size: int, sha256: str | None, verify: bool, what: str) -> Path:
@@ -97,9 +123,15 @@ def install_saved_layer(layer, entry: dict, weights, path: Path, dtype: torch.dt
         _install_compressed(layer, entry, weights, path, dtype)
     elif "expert_map" in entry:
         _install_dense(layer, entry, weights, path, dtype, file)
-    if entry.get("dropped"):
+    dropped = entry.get("dropped") or []
+    wrong = ([e for e in dropped if not isinstance(e, int) or not 0 <= e < layer.num_experts]
+             if isinstance(dropped, list) else [dropped])
+    if wrong:
+        raise CheckpointError(f"{path / 'config.json'}: layer {layer.name!r}: dropped expert {wrong[0]!r} out of "
+                              f"range for {layer.num_experts} experts")
+    if dropped:
         keep = torch.ones(layer.num_experts, dtype=torch.bool)
-        keep[entry["dropped"]] = False
+        keep[dropped] = False
         install_logit_mask(layer, keep)
 
 
@@ -165,45 +197,23 @@ def read_generation_config(model: nn.Module, directory: Path) -> None:
         model.generation_config = GenerationConfig.from_pretrained(str(directory))
 
 
-def from_pretrained(path, verify: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
-    """Load a checkpoint written by save_pretrained (merged format) in eval mode, with exactly the saved
-    weights. A directory without an mcsmoe_merge section is loaded as a plain transformers checkpoint.
+def load_plain(path: Path, dtype) -> nn.Module:
+    """A directory without an mcsmoe_merge section: a plain transformers checkpoint (load_model), every
+    failure a CheckpointError naming the directory (weights lacking tensors of the model included)."""
+    from ..models.hub import IncompleteCheckpoint, load_model
 
-    verify: check the weights file's (every shard's) sha256 against config.json (reads the files once more).
-    The model is built from its config without initialising weights; merged layers get MoEExperts of
-    the saved slot count; then the names and shapes must match the file exactly (strict), and the
-    tensors are copied in one at a time (peak memory: the merged model plus one tensor).
-    """
-    from transformers import AutoConfig
-    from transformers.initialization import no_init_weights
-
-    from ..models.hub import cast_as_loaded_, load_model, model_class_for
-
-    path = Path(path)
-    section = read_section(path)
-    if section is None:
-        try:
-            return load_model(str(path), dtype=dtype)
-        except Exception as exc:  # safetensors, OSError, ValueError...: a plain checkpoint that does not load
-            raise CheckpointError(f"{path}: the transformers checkpoint does not load "
-                                  f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from exc
-    weights = open_weights(path, section, verify)
     try:
-        config = AutoConfig.from_pretrained(str(path))
-    except (ValueError, OSError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: config.json does not describe a transformers model ({exc})") from exc
-    quantized = detect(getattr(config, "quantization_config", None))
-    if quantized is not None:  # block-FP8 / MXFP4 tensors (a streamed merge of such a source) load dequantized
-        weights = QuantizedFiles(weights, quantized)
-        del config.quantization_config  # the model in memory is not quantized
-    saved_dtype = getattr(torch, section.get("dtype", "float32"))
-    if quantized is not None and dtype is not None:
-        saved_dtype = dtype  # dequantized straight into the dtype asked for, not rounded to the working dtype first
-    with no_init_weights():  # parameters stay uninitialised (and their pages untouched) until copied into
-        model = model_class_for(config).from_config(config, dtype=saved_dtype)
-    _install_layers(model, section, weights, path, saved_dtype)
-    with slot_names():  # the tensors in the file's names, aliasing the model's parameters
-        expected = model.state_dict()
+        return load_model(str(path), dtype=dtype)
+    except IncompleteCheckpoint as exc:
+        raise CheckpointError(str(exc)) from exc
+    except Exception as exc:  # safetensors, OSError, ValueError...: a plain checkpoint that does not load
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(f"{path}: the transformers checkpoint does not load "
+                              f"({type(exc).__name__}: {reason})") from exc
+
+
+def check_names(expected: dict[str, torch.Tensor], weights, path: Path) -> None:
+    """The weights hold exactly the tensors of the model built from config.json, in its shapes."""
     missing = sorted(set(expected) - set(weights.shapes))
     unexpected = sorted(set(weights.shapes) - set(expected))
     wrong = sorted(k for k in set(expected) & set(weights.shapes) if tuple(expected[k].shape) != weights.shapes[k])
@@ -214,8 +224,86 @@ def from_pretrained(path, verify: bool = True, dtype: torch.dtype | None = None)
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
             f"wrong shape {[(k, weights.shapes[k], tuple(expected[k].shape)) for k in wrong[:5]]}"
         )
+
+
+def check_ties(expected: dict[str, torch.Tensor], files: WeightFiles, path: Path) -> None:
+    """Names that are one tensor in the model built from config.json (tied weights) must be one stored tensor
+    (an alias) too: copied in one after the other, the last would silently win."""
+    groups: dict[tuple, list[str]] = {}
+    for name, t in expected.items():
+        if t.numel():
+            groups.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride()),
+                              []).append(name)
+    for names in groups.values():
+        places = {(files.stored[n].file, files.stored[n].offset) if n in files.stored else n for n in names}
+        if len(places) > 1:
+            stored_in = sorted({files.stored[n].file for n in names if n in files.stored})
+            raise CheckpointError(f"{path}: config.json ties {', '.join(map(repr, names))} (one tensor in the model "
+                                  f"it builds), but {', '.join(stored_in)} stores them as different tensors: "
+                                  "config.json and the weights come from different saves")
+
+
+def stored_dtypes_(model: nn.Module, expected: dict[str, torch.Tensor], files: WeightFiles) -> None:
+    """Give each floating tensor stored in another floating dtype than the model was built in that dtype (a
+    float32 router of a bfloat16 model), so that copying the values in does not round them. Block-scaled
+    (FP8) and dequantized tensors keep the working dtype."""
+    stored = {(t.data_ptr(), tuple(t.shape)): files.dtypes.get(n) for n, t in expected.items() if t.numel()}
+    for t in (*model.parameters(), *model.buffers()):
+        dtype = stored.get((t.data_ptr(), tuple(t.shape)))
+        if (t.is_floating_point() and dtype is not None and dtype.is_floating_point and dtype not in SCALED
+                and dtype != t.dtype):
+            t.data = torch.empty_like(t, dtype=dtype)
+
+
+def from_pretrained(path, verify: bool = True, dtype: torch.dtype | str | None = None) -> nn.Module:
+    """Load a checkpoint written by save_pretrained (merged format) in eval mode, with exactly the saved
+    weights. A directory without an mcsmoe_merge section is loaded as a plain transformers checkpoint.
+
+    verify: check the weights file's (every shard's) sha256 against config.json (reads the files once more).
+    dtype: None (default) loads a merged checkpoint's tensors each in the dtype it was stored in (the
+    section's dtype; a float32 router of a bfloat16 model stays float32), and a plain checkpoint in float32;
+    "auto" loads either in the dtype it was saved in; a floating-point torch dtype or its name ("bfloat16")
+    loads every floating tensor in that dtype, except those transformers keeps in float32 for it.
+    The model is built from its config without initialising weights; merged layers get MoEExperts of
+    the saved slot count; then the names and shapes must match the file exactly (strict), tied weights must
+    be stored once, and the tensors are copied in one at a time, one file open at a time (peak memory: the
+    merged model plus one tensor).
+    """
+    from transformers import AutoConfig
+    from transformers.initialization import no_init_weights
+
+    from ..models.hub import cast_as_loaded_, checked_dtype, model_class_for
+
+    path, dtype = Path(path), checked_dtype(dtype)
+    section = read_section(path)
+    if section is None:
+        return load_plain(path, dtype)
+    dtype = None if dtype == "auto" else dtype  # the saved dtypes
+    files = weights = open_weights(path, section, verify)
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (ValueError, OSError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: config.json does not describe a transformers model ({exc})") from exc
+    quantized = detect(getattr(config, "quantization_config", None))
+    if quantized is not None:  # block-FP8 / MXFP4 tensors (a streamed merge of such a source) load dequantized
+        weights = QuantizedFiles(files, quantized)
+        del config.quantization_config  # the model in memory is not quantized
+    saved_dtype = getattr(torch, section.get("dtype", "float32"))
+    if quantized is not None and dtype is not None:
+        saved_dtype = dtype  # dequantized straight into the dtype asked for, not rounded to the working dtype first
+    with no_init_weights():  # parameters stay uninitialised (and their pages untouched) until copied into
+        model = model_class_for(config).from_config(config, dtype=saved_dtype)
+    _install_layers(model, section, weights, path, saved_dtype)
+    weights.release()  # the files read while installing (expert maps): copy_into opens one at a time
+    model.tie_weights()  # what config.json ties is one tensor: check_ties compares that with the weights
+    with slot_names():  # the tensors in the file's names, aliasing the model's parameters
+        expected = model.state_dict()
+    check_names(expected, weights, path)
+    check_ties(expected, files, path)
+    stored_dtypes_(model, expected, files)
+    with slot_names():  # again: tensors given their stored dtype are new
+        expected = model.state_dict()
     weights.copy_into(expected)  # one tensor at a time, one file open at a time: no second copy of the model
-    weights.release()
     model.tie_weights()
     read_generation_config(model, path)
     if dtype is not None:

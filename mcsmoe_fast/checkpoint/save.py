@@ -49,6 +49,15 @@ def _write_dense(model: nn.Module, tmp: Path, max_shard_size: int | None = None)
 FORMATS = ("exact", "standard")
 
 
+def refuse_offloaded(model: nn.Module) -> None:
+    """ValueError naming the tensors of the state dict on the meta device (offloaded to disk by accelerate's
+    device_map, or never loaded): they hold no values to write."""
+    meta = [n for n, t in model.state_dict().items() if t.is_meta]
+    if meta:
+        raise ValueError(f"parameters {', '.join(meta[:5])}{' ...' if len(meta) > 5 else ''} are offloaded (on the "
+                         "meta device, no values in memory): load the model without disk offload to save it")
+
+
 def save_pretrained(model: nn.Module, save_directory, export_dense: bool = False, tokenizer=None,
                     extra: Callable[[Path], None] | None = None, max_shard_size=None, format: str = "exact",
                     router: str | None = None, batches=None) -> Path:
@@ -56,8 +65,11 @@ def save_pretrained(model: nn.Module, save_directory, export_dense: bool = False
 
     Default: the merged format above (unique weights only). export_dense=True: a plain transformers
     checkpoint with every expert materialised (not possible for models with dropped experts: plain
-    transformers cannot mask router logits). `tokenizer`, when given, is saved alongside. `extra(dir)`
-    writes more files into the checkpoint before it is moved into place (the trainer's state).
+    transformers cannot mask router logits). `tokenizer`, when given, is saved alongside; saved over a previous
+    checkpoint, the tokenizer, chat template and generation files there are kept unless this save writes its
+    own (its weights, index and config are replaced). `extra(dir)` writes more files into the checkpoint
+    before it is moved into place (the trainer's state). A model with tensors on the meta device (offloaded
+    to disk) is refused before anything is written.
     max_shard_size: None (one weights file) or bytes (an int or "500MB", "2GiB"...) per shard of the
     merged format (the dense export uses transformers' own sharding, at this size when given).
     format: "exact" (default: the merged format above, all E router rows and the expert_map) or "standard"
@@ -74,6 +86,7 @@ def save_pretrained(model: nn.Module, save_directory, export_dense: bool = False
     if format != "standard" and (router is not None or batches is not None):
         raise ValueError("router and batches choose the router rows of format='standard' only")
     shard = parse_size(max_shard_size, "max_shard_size")
+    refuse_offloaded(model)
     standard = to_standard(model, router=router, batches=batches) if format == "standard" else None
     target = Path(save_directory).absolute()
     with atomic_directory(target) as tmp:

@@ -12,7 +12,7 @@ layer) go through these two classes:
 - `WeightFiles` checks at once that every file exists and has a complete safetensors header listing
   the tensors the index puts there, then reads one tensor at a time. safetensors maps a file into
   memory and its pages count as resident while the file is open, so each file is opened on demand and
-  closed again by `release` (or file by file in `copy_into`).
+  closed again by `release` (or file by file in `copy_into`, which holds one file open at a time).
 """
 from __future__ import annotations
 
@@ -261,6 +261,10 @@ class WeightFiles:
             if name not in stored:
                 raise CheckpointError(f"{self.directory}: tied weight {alias!r} refers to {name!r}, which the "
                                       "weights files lack")
+            if alias in stored:
+                raise CheckpointError(f"{self.directory / 'config.json'}: alias {alias!r} (tied to {name!r}) names a "
+                                      f"tensor the weights file {stored[alias].file} stores itself: config.json and "
+                                      "the weights come from different saves")
         self.stored = {k: stored[v] for k, v in ({k: k for k in stored} | dict(aliases or {})).items()}
         self.shapes = {k: t.shape for k, t in self.stored.items()}
         self.dtypes = {k: t.dtype for k, t in self.stored.items()}
@@ -321,8 +325,14 @@ class WeightFiles:
     @torch.no_grad()
     def copy_into(self, targets: dict[str, torch.Tensor]) -> None:
         """targets[name] <- stored tensor for every name, file after file in offset order (sequential
-        reads), straight into the targets' memory (peak memory: the targets plus one tensor at most)."""
+        reads), straight into the targets' memory (peak memory: the targets plus one tensor at most). One
+        file is open at a time (any number of shards loads under the open-file limit); all are closed at
+        the end, also when a read fails."""
         order = sorted(targets, key=lambda n: (self.stored[n].file, self.stored[n].offset))
-        for name in order:
-            self.read_into(name, targets[name])
-        self.release()
+        try:
+            for name in order:
+                file = self.stored[name].file
+                self.release([f for f in self.handles if f != file])
+                self.read_into(name, targets[name])
+        finally:
+            self.release()

@@ -58,13 +58,44 @@ def cast_as_loaded_(model: nn.Module, dtype: torch.dtype) -> None:
             t.data = t.data.to(torch.float32 if name in kept else dtype)
 
 
-def load_model(name_or_path: str, dtype: torch.dtype | None = None):
-    """The model in eval mode; a plain transformers checkpoint (see checkpoint/ for merged ones)."""
+def checked_dtype(dtype):
+    """`dtype` as the loaders take it: None, "auto" (the dtype the weights were saved in), a floating-point
+    torch dtype or its name ("bfloat16"); anything else is a ValueError naming it."""
+    if dtype is None or dtype == "auto":
+        return dtype
+    parsed = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not (isinstance(parsed, torch.dtype) and parsed.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch dtype, its name (e.g. 'bfloat16') or 'auto', "
+                         f"got {dtype!r}")
+    return parsed
+
+
+class IncompleteCheckpoint(ValueError):
+    """A transformers checkpoint whose weights lack tensors of the model its config builds."""
+
+
+def complete(name_or_path: str, loaded):
+    """The model of transformers' from_pretrained(..., output_loading_info=True), refused when the weights lacked
+    tensors or held them in another shape: transformers would initialise those at random and only log it. The
+    tensors a class declares ignorable (tied, recomputed) are not among its missing keys."""
+    model, info = loaded
+    missing = sorted(info["missing_keys"] | {k[0] for k in info["mismatched_keys"]})
+    if missing:
+        raise IncompleteCheckpoint(f"{name_or_path}: the weights lack {missing[:5]}{'...' if len(missing) > 5 else ''}"
+                                   " (missing or of another shape; transformers would initialise them at random): "
+                                   "a truncated or mismatched checkpoint, save or download it again")
+    return model
+
+
+def load_model(name_or_path: str, dtype: torch.dtype | str | None = None):
+    """The model in eval mode; a plain transformers checkpoint (see checkpoint/ for merged ones), in float32
+    unless `dtype` (checked_dtype) is given. IncompleteCheckpoint when its weights lack tensors."""
     from transformers import AutoConfig
 
+    dtype = checked_dtype(dtype)
     config = AutoConfig.from_pretrained(name_or_path)
-    model = model_class_for(config).from_pretrained(name_or_path, dtype=dtype or torch.float32)
-    return model.eval()
+    return complete(name_or_path, model_class_for(config).from_pretrained(
+        name_or_path, dtype=dtype or torch.float32, output_loading_info=True)).eval()
 
 
 def looks_like_path(spec: str) -> bool:
@@ -116,12 +147,13 @@ def load_config(spec: str):
 
 
 def load_cached(repo_id: str, dtype):
-    """The model of a hub id from the local cache only (OSError when it is not cached)."""
+    """The model of a hub id from the local cache only (OSError when it is not cached), as load_model."""
     from transformers import AutoConfig
 
+    dtype = checked_dtype(dtype)
     config = AutoConfig.from_pretrained(repo_id, local_files_only=True)
-    model = model_class_for(config).from_pretrained(repo_id, dtype=dtype or torch.float32, local_files_only=True)
-    return model.eval()
+    return complete(repo_id, model_class_for(config).from_pretrained(
+        repo_id, dtype=dtype or torch.float32, local_files_only=True, output_loading_info=True)).eval()
 
 
 _SERVED: set[str] = set()  # repo ids the Hub answered for in this process: asked about once

@@ -85,6 +85,12 @@ class QuantizedFiles:
 
     @torch.no_grad()
     def copy_into(self, targets: dict[str, torch.Tensor]) -> None:
-        for name, t in targets.items():
-            self.read_into(name, t)
-        self.release()
+        """targets[name] <- tensor `name` for every name, file after file, with at most one file open besides
+        the one a tensor's scales are in (any number of shards loads under the open-file limit); all files are
+        closed at the end, also when a read fails."""
+        try:
+            for name in sorted(targets, key=self.file_of):
+                self.release([f for f in self.files.handles if f != self.file_of(name)])
+                self.read_into(name, targets[name])
+        finally:
+            self.release()
