@@ -32,11 +32,14 @@ Per MoE layer, over the calibration tokens that are not padding:
 
 Every accumulator has a fixed size, so memory does not grow with the number of tokens.
 Which tokens count: `attention_mask` excludes padding; the decoder layers of an encoder-decoder model
-use `decoder_attention_mask` when the batch has one, else every decoder token.
+use `decoder_attention_mask` when the batch has one; otherwise `labels != -100` when it has labels, the
+`attention_mask` when the decoder reads the input text itself (hooks.complete_inputs), and every decoder
+token when it gives `decoder_input_ids` without a mask.
+Which experts count: those the block's own router chooses (never a drop-baseline router's masked experts).
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -145,6 +148,7 @@ class _Accumulator:
             self.stats.saliency_sum = torch.zeros(e, dtype=acc, device=self.device)
             self.stats.saliency_mode = saliency
 
+    @torch.no_grad()  # also when a caller's own forward runs with grad enabled (layer_accumulator)
     def __call__(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> None:
         if mask is not None:
             if mask.shape != hidden.shape[:-1]:
@@ -156,14 +160,13 @@ class _Accumulator:
             return
         s = self.stats
         acc = s.counts.dtype
-        if self.keep is None:  # the experts the block itself chooses (its family's routing rule)
-            logits, top = self.layer.route(x)
-            logits = logits.to(acc)
+        logits, top = self.layer.route(x)  # [T, E], [T, k]: the block's own choice (masked routers included)
+        logits = logits.to(acc)
+        if self.keep is None:
             chosen = torch.ones_like(top, dtype=torch.bool)
-        else:  # a layer pruned by the drop baseline: its masked experts are never chosen
-            logits = self.layer.router_logits(x).to(acc).masked_fill(~self.keep, float("-inf"))
-            top = self.layer.choose(logits, x.dtype)  # [T, k]
-            chosen = torch.isfinite(logits.gather(-1, top))  # a masked expert picked only to fill k is not a selection
+        else:  # a layer pruned by the drop baseline: a masked expert picked only to fill k is not a selection
+            logits = logits.masked_fill(~self.keep, float("-inf"))
+            chosen = torch.isfinite(logits.gather(-1, top))
         scale = self.layer.expert_input_scale(logits, top)  # Llama-4: the router's score scales the expert input
         gates = None
         if s.saliency_sum is not None:  # with an input scale the expert's contribution is FFN(s x) itself: g = 1
@@ -250,6 +253,7 @@ class _Accumulator:
                 self.stats.slot_input_sq[slot] += xc.to(self.stats.slot_input_sq.dtype).square().sum(0)
                 self.stats.slot_hidden_sq[slot] += h.to(self.stats.slot_hidden_sq.dtype).square().sum(0)
 
+    @torch.no_grad()
     def finish(self) -> LayerStats:
         if self.activation_sum is not None:
             with onloaded(self.layer.module):
@@ -286,7 +290,8 @@ def layer_accumulator(layer: MoELayer, bases: Iterable[str] = CHEAP_BASES, chunk
     """The accumulator collect_routing_stats hooks onto one MoE layer, for callers that run the layers
     themselves (streaming/ runs a checkpoint one decoder layer at a time). Call it as acc(hidden [..., d],
     mask [...] or None) with every input of the layer's block (a forward pre-hook), then acc.finish()
-    returns the layer's LayerStats. The layer's weights must be materialised when this is built."""
+    returns the layer's LayerStats. The layer's weights must be materialised when this is built. It sums under
+    torch.no_grad whatever the caller's grad mode, so its accumulators never hold an autograd graph."""
     want_output, _ = _check_bases(bases)
     check_saliency(saliency)
     if chunk_tokens < 1:
@@ -297,15 +302,15 @@ def layer_accumulator(layer: MoELayer, bases: Iterable[str] = CHEAP_BASES, chunk
 @torch.no_grad()
 def collect_routing_stats(
     model: nn.Module,
-    batches: Iterable[dict],
+    batches: Iterable[Mapping],
     bases: Iterable[str] = CHEAP_BASES,
     chunk_tokens: int = 1024,
     progress: bool = True,
     input_norms: bool = False,
     saliency: str | None = None,
 ) -> dict[str, LayerStats]:
-    """Run calibration `batches` (an iterable of model input dicts: input_ids, attention_mask, ...)
-    through `model` and return {MoE layer name: LayerStats}, in module order.
+    """Run calibration `batches` (an iterable of model input mappings: input_ids, attention_mask, ...; dicts
+    or a tokenizer's BatchEncoding) through `model` and return {MoE layer name: LayerStats}, in module order.
 
     Usage counts, router-logit Gram matrices and routed-input sums are always collected (cheap);
     `bases` containing "expert-output" also runs every expert on every token (chunk_tokens at a time).

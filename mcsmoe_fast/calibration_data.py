@@ -5,6 +5,7 @@ Text-to-text tasks (SST-2, COPA, SQuAD, ...) calibrate on prompts and targets in
 mcsmoe_fast.tasks.calibration_batches."""
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -15,32 +16,40 @@ DEFAULT_NUM_SAMPLES = 256  # the paper's calibration size
 
 def read_calibration_texts(source: str, num_samples: int = DEFAULT_NUM_SAMPLES, text_field: str = "text",
                            split: str = "train") -> list[str]:
-    """Up to num_samples non-empty texts from `source`.
+    """Up to num_samples non-empty texts from `source`, stripped, in order.
 
     source: a .txt file (one sample per line), a .jsonl file (one JSON object per line, text in
     `text_field`), or a local dataset directory or a dataset name for `datasets.load_dataset` ("name"
-    or "name:config")."""
+    or "name:config"), read from its `split`. A dataset name is streamed: only its first records are
+    downloaded, never the whole split. Files are UTF-8, with or without a byte-order mark; a file has no
+    split (and a .txt file no text field), so giving one is refused."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     path = Path(source)
     if path.is_dir():  # a local dataset directory (data files per split): datasets reads it like a hub name
-        texts = _read_dataset(source, num_samples, text_field, split)
+        texts = _read_dataset(source, num_samples, text_field, split, streaming=False)
     elif path.suffix in (".txt", ".jsonl") or path.exists():
-        texts = _read_file(path, num_samples, text_field)
+        texts = _read_file(path, num_samples, text_field, split)
     else:
-        texts = _read_dataset(source, num_samples, text_field, split)
+        texts = _read_dataset(source, num_samples, text_field, split, streaming=True)
     if not texts:
         raise ValueError(f"calibration source {source!r} holds no non-empty text")
     return texts
 
 
-def _read_file(path: Path, num_samples: int, text_field: str) -> list[str]:
+def _read_file(path: Path, num_samples: int, text_field: str, split: str) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"calibration file {path} not found")
     if path.suffix not in (".txt", ".jsonl"):
         raise ValueError(f"calibration file {path}: expected a .txt (one sample per line) or .jsonl file")
+    if split != "train":
+        raise ValueError(f"split {split!r} is read for a dataset name or directory only; {path} is a file "
+                         "(leave split / --split out)")
+    if path.suffix == ".txt" and text_field != "text":
+        raise ValueError(f"text_field {text_field!r} is read for .jsonl files and datasets only; {path} is a .txt "
+                         "file, one sample per line (leave text_field / --text-field out)")
     texts = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a leading byte-order mark is no part of the first sample
         for lineno, line in enumerate(f, 1):
             if len(texts) >= num_samples:
                 break
@@ -61,7 +70,9 @@ def _read_file(path: Path, num_samples: int, text_field: str) -> list[str]:
     return texts
 
 
-def _read_dataset(name: str, num_samples: int, text_field: str, split: str) -> list[str]:
+def _read_dataset(name: str, num_samples: int, text_field: str, split: str, streaming: bool) -> list[str]:
+    """The first num_samples non-empty texts of a dataset; streaming: records are fetched as they are read
+    (a hub corpus such as allenai/c4 is hundreds of GB), so only those before the last text kept are."""
     try:
         import datasets
     except ImportError as exc:
@@ -69,13 +80,14 @@ def _read_dataset(name: str, num_samples: int, text_field: str, split: str) -> l
                          "the `datasets` package is not installed (pip install datasets)") from exc
     dataset_name, _, config = name.partition(":")
     try:
-        data = datasets.load_dataset(dataset_name, config or None, split=split)
+        records = iter(datasets.load_dataset(dataset_name, config or None, split=split, streaming=streaming))
+        first = next(records, None)  # a stream may only fail once it is read
     except Exception as exc:  # offline, unknown name, missing split: all surface as one clear error
         raise ValueError(f"could not load calibration dataset {name!r} (split {split!r}): {exc}") from exc
-    if text_field not in data.column_names:
-        raise ValueError(f"calibration dataset {name!r} has no column {text_field!r}; columns: {data.column_names}")
+    if first is not None and text_field not in first:
+        raise ValueError(f"calibration dataset {name!r} has no column {text_field!r}; columns: {sorted(first)}")
     texts = []
-    for record in data:
+    for record in itertools.chain([first] if first is not None else [], records):
         text = record[text_field]
         if isinstance(text, str) and text.strip():
             texts.append(text.strip())

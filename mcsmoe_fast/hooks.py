@@ -3,7 +3,8 @@ routing statistics (calibrate.py) and activation matching (permute.py) share, an
 streamed passes (streaming/passes.py) put on the one block they run at a time."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -52,13 +53,27 @@ def token_masks(batch: dict) -> dict[str, torch.Tensor | None]:
     return {"encoder": batch.get("attention_mask"), "decoder": batch.get("decoder_attention_mask")}
 
 
-def run_hooked(model: nn.Module, layers: list[MoELayer], batches: Iterable[dict],
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode for the time of the block, then every submodule's own training flag as it was
+    (model.train(flag) would give each submodule the top module's flag: a part kept in eval while the rest
+    trains, a frozen embedding for instance, would come back in training mode)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def run_hooked(model: nn.Module, layers: list[MoELayer], batches: Iterable[Mapping],
                receive: Callable[[MoELayer, torch.Tensor, torch.Tensor | None], None], *, desc: str | None = None,
                stop: Callable[[], bool] | None = None) -> int:
-    """Run `batches` (model input dicts) through `model` in eval mode, with receive(layer, hidden, mask)
-    called for the input of every layer's block (mask: the batch's padding mask for that side, None =
-    every token). desc: a progress bar's title (None: no bar); stop() is asked after each batch.
-    Restores the training mode; returns the number of batches run."""
+    """Run `batches` (mappings of model inputs: dicts, a tokenizer's BatchEncoding) through `model` in eval
+    mode, with receive(layer, hidden, mask) called for the input of every layer's block (mask: the batch's
+    padding mask for that side, None = every token). desc: a progress bar's title (None: no bar); stop() is
+    asked after each batch. Restores every module's training flag; returns the number of batches run."""
     masks: dict[str, torch.Tensor | None] = {}
 
     def receiver(layer: MoELayer):
@@ -66,22 +81,21 @@ def run_hooked(model: nn.Module, layers: list[MoELayer], batches: Iterable[dict]
         return lambda hidden: receive(layer, hidden, masks.get(side))
 
     handles = [hook_block_input(layer.module, receiver(layer)) for layer in layers]
-    was_training = model.training
-    model.eval()
     seen = 0
     try:
-        total = len(batches) if hasattr(batches, "__len__") else None
-        for batch in tqdm(batches, desc=desc, unit="batch", total=total, disable=desc is None):
-            if not isinstance(batch, dict):
-                raise ValueError(f"batches must yield dicts of model inputs, got {type(batch).__name__}")
-            batch = complete_inputs(model, batch)
-            masks.update(token_masks(batch))
-            model(**batch)
-            seen += 1
-            if stop is not None and stop():
-                break
+        with eval_mode(model):
+            total = len(batches) if hasattr(batches, "__len__") else None
+            for batch in tqdm(batches, desc=desc, unit="batch", total=total, disable=desc is None):
+                if not isinstance(batch, Mapping):
+                    raise ValueError("batches must yield mappings of model inputs (dicts), "
+                                     f"got {type(batch).__name__}")
+                batch = complete_inputs(model, dict(batch))
+                masks.update(token_masks(batch))
+                model(**batch)
+                seen += 1
+                if stop is not None and stop():
+                    break
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     return seen

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ..hooks import eval_mode
 from .base import Task
 from .registry import get_task
 from .batches import IGNORE_INDEX, pad_labels, shift_right, target_token_ids
@@ -97,24 +98,19 @@ def predict_task(model, tokenizer, task: Task | str, examples: Sequence[Mapping]
     sources = [task.source(ex) for ex in examples]
     order = sorted(range(len(sources)), key=lambda i: -len(sources[i]))
     predictions: list[str | None] = [None] * len(sources)
-    was_training = model.training
-    model.eval()
-    try:
-        with tqdm(total=len(sources), desc=f"evaluate {task.name}", disable=not progress) as bar:
-            for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
-                texts = [sources[i] for i in chunk]
-                if task.is_classification and label_scoring:
-                    answers = _score_choices(model, tokenizer, texts, [task.choices(examples[i]) for i in chunk],
-                                             max_source_length, max_target_length)
-                else:
-                    answers = _generate(model, tokenizer, texts, max_source_length,
-                                        max_new_tokens or task.max_new_tokens)
-                for i, answer in zip(chunk, answers):
-                    predictions[i] = answer
-                bar.update(len(chunk))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), tqdm(total=len(sources), desc=f"evaluate {task.name}", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            texts = [sources[i] for i in chunk]
+            if task.is_classification and label_scoring:
+                answers = _score_choices(model, tokenizer, texts, [task.choices(examples[i]) for i in chunk],
+                                         max_source_length, max_target_length)
+            else:
+                answers = _generate(model, tokenizer, texts, max_source_length,
+                                    max_new_tokens or task.max_new_tokens)
+            for i, answer in zip(chunk, answers):
+                predictions[i] = answer
+            bar.update(len(chunk))
     return predictions
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..hooks import eval_mode
+
 
 class Windows(torch.utils.data.Dataset):
     """Non-overlapping windows of `length` tokens; each is one causal-LM example (labels = inputs)."""
@@ -44,7 +46,6 @@ def text_windows(path, tokenizer, length: int) -> Windows:
     return Windows(torch.tensor(ids, dtype=torch.long), length)
 
 
-@torch.no_grad()
 def refuse_encoder_decoder(model: nn.Module) -> None:
     """Text windows are a causal LM's: an encoder-decoder model would read in its encoder the very tokens its
     decoder must predict (a copy task, not language modelling)."""
@@ -53,21 +54,21 @@ def refuse_encoder_decoder(model: nn.Module) -> None:
                          "model (its encoder would see the tokens to predict): use a --task for it")
 
 
+@torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 32) -> float:
     """exp(mean next-token cross-entropy) over the windows [N, L]: the language-modelling loss alone (with
-    output_router_logits=True in its config, a MoE model adds its router's load-balancing loss to `.loss`)."""
+    output_router_logits=True in its config, a MoE model adds its router's load-balancing loss to `.loss`).
+    Runs in eval mode; every module's training flag comes back as it was."""
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise ValueError(f"perplexity needs windows [N >= 1, L >= 2], got {tuple(windows.shape)}")
     refuse_encoder_decoder(model)
-    was_training = model.training
-    model.eval()
     no_aux = {"output_router_logits": False} if "output_router_logits" in inspect.signature(model.forward).parameters \
         else {}
     total, count = 0.0, 0
-    for i in range(0, windows.shape[0], batch_size):
-        batch = lm_batch(windows[i: i + batch_size])
-        n = batch["labels"][:, 1:].numel()
-        total += model(**batch, **no_aux).loss.item() * n
-        count += n
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(0, windows.shape[0], batch_size):
+            batch = lm_batch(windows[i: i + batch_size])
+            n = batch["labels"][:, 1:].numel()
+            total += model(**batch, **no_aux).loss.item() * n
+            count += n
     return math.exp(total / count)
