@@ -53,7 +53,8 @@ def test_fp8_block_dequantize(benchmark, name, native, dtype):
     benchmark.pedantic(dequantize_fp8, args=(weight, scale, dtype), kwargs=dict(out=out, native=native),
                        rounds=5, warmup_rounds=1)
     benchmark.extra_info["anchor"] = not native
-    benchmark.extra_info["params_per_s"] = f"{weight.numel() / benchmark.stats.stats.median / 1e6:.0f}M"
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        benchmark.extra_info["params_per_s"] = f"{weight.numel() / benchmark.stats.stats.median / 1e6:.0f}M"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
@@ -75,7 +76,8 @@ def test_mxfp4_dequantize_transposed(benchmark, name, native, dtype):
     benchmark.group = f"mxfp4 dequantize {'x'.join(map(str, MXFP4_SHAPE))}^T -> {str(dtype).removeprefix('torch.')}"
     benchmark.pedantic(read, rounds=5, warmup_rounds=1)
     benchmark.extra_info["anchor"] = not native
-    benchmark.extra_info["params_per_s"] = f"{e * rows * cols / benchmark.stats.stats.median / 1e6:.0f}M"
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        benchmark.extra_info["params_per_s"] = f"{e * rows * cols / benchmark.stats.stats.median / 1e6:.0f}M"
 
 
 @pytest.mark.parametrize("name,native", CANDIDATES, ids=[c[0] for c in CANDIDATES])
@@ -88,4 +90,5 @@ def test_fp8_block_quantize(benchmark, name, native):
     benchmark.group = f"fp8 quantize {'x'.join(map(str, FP8_SHAPE))} bfloat16 -> e4m3"
     benchmark.pedantic(quantize_fp8, args=(w,), kwargs=dict(native=native), rounds=5, warmup_rounds=1)
     benchmark.extra_info["anchor"] = not native
-    benchmark.extra_info["params_per_s"] = f"{w.numel() / benchmark.stats.stats.median / 1e6:.0f}M"
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        benchmark.extra_info["params_per_s"] = f"{w.numel() / benchmark.stats.stats.median / 1e6:.0f}M"

@@ -2,7 +2,7 @@
 original vs merged to 8 slots per layer vs merged and compressed (rank 32, keep 10%), on disk and
 resident after loading.
 
-Run:  python benchmarks/report_compressed_size.py     (about a minute, ~4 GB of memory, ~1 GB of disk)
+Run:  python benchmarks/report_compressed_size.py     (about a minute, ~5 GB of memory, ~1 GB of disk)
 
 The original's expert bytes are the bytes of its expert tensors (what its checkpoint and memory hold:
 E x (wi + wo) per layer); building and saving that 7 GB model adds nothing but time. The merged model
@@ -45,9 +45,11 @@ def merged_model():
 
     with no_init_weights():  # untouched torch.empty pages: the original experts cost no memory
         model = SwitchTransformersForConditionalGeneration(switch_base_32_config()).eval()
+    model.tie_weights()  # built under no_init_weights, the embeddings the config ties are not tied yet
     gen = torch.Generator().manual_seed(0)
-    for p in model.parameters():
-        p.data.normal_(0, 0.02, generator=gen) if p.dim() > 1 else p.data.fill_(1.0)
+    for name, p in model.named_parameters():
+        if ".experts." not in name:  # the experts are replaced below: their pages are never written
+            p.data.normal_(0, 0.02, generator=gen) if p.dim() > 1 else p.data.fill_(1.0)
     layers = moe_layers(model)
     assert len(layers) == LAYERS
     for layer in layers:
@@ -76,8 +78,10 @@ before = rss()
 model = mcsmoe_fast.from_pretrained(sys.argv[1])
 gc.collect()
 after = rss()
-experts = sum(t.nbytes for n, t in model.state_dict().items() if ".experts." in n)
-total = sum(t.nbytes for t in {id(t): t for t in model.state_dict().values()}.values())
+def held_bytes(keep):  # the storages the model holds (its state_dict would present E experts per merged layer)
+    held = list(model.named_parameters()) + list(model.named_buffers())
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for n, t in held if keep(n)}.values())
+experts, total = held_bytes(lambda n: ".experts." in n), held_bytes(lambda n: True)
 print(json.dumps({"rss_delta": after - before, "expert_tensor_bytes": experts, "model_tensor_bytes": total}))
 """
 

@@ -223,3 +223,23 @@ def test_resave_keeps_the_tokenizer_and_replaces_the_weights(tmp_path):
     other.save_pretrained(tmp_path / "other")
     save_pretrained(model, target, tokenizer=other)
     assert (target / "tokenizer.json").read_bytes() == (tmp_path / "other" / "tokenizer.json").read_bytes()
+
+
+def test_saving_tensors_the_config_ties_but_the_model_holds_apart_is_refused(tmp_path):
+    """A model built under no_init_weights (transformers 5) holds its embeddings and lm_head apart although its config
+    ties them: the save wrote a checkpoint its own from_pretrained refused. Refused at the save, before writing."""
+    from transformers import SwitchTransformersForConditionalGeneration
+    from transformers.initialization import no_init_weights
+
+    config = tiny_switch().config
+    with no_init_weights():
+        model = SwitchTransformersForConditionalGeneration(config)
+    assert config.tie_word_embeddings and model.shared.weight is not model.lm_head.weight
+    with pytest.raises(ValueError, match=r"ties '.*' to 'shared.weight' but the model holds them as different"):
+        save_pretrained(model, tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()
+    model.tie_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    assert_same_tensors(from_pretrained(save_pretrained(model, tmp_path / "ck")), model)

@@ -58,6 +58,18 @@ def refuse_offloaded(model: nn.Module) -> None:
                          "meta device, no values in memory): load the model without disk offload to save it")
 
 
+def refuse_untied(model: nn.Module) -> None:
+    """ValueError when config.json would tie tensors (transformers' all_tied_weights_keys: {tied name: source})
+    that the model holds as different tensors: the checkpoint would load as another model (from_pretrained
+    refuses it; transformers would tie them back, dropping one's values)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        if target in params and source in params and params[target] is not params[source]:
+            raise ValueError(f"the config ties {target!r} to {source!r} but the model holds them as different tensors: "
+                             "call model.tie_weights() to tie them, or set config.tie_word_embeddings = False to "
+                             "keep both")
+
+
 def save_pretrained(model: nn.Module, save_directory, export_dense: bool = False, tokenizer=None,
                     extra: Callable[[Path], None] | None = None, max_shard_size=None, format: str = "exact",
                     router: str | None = None, batches=None) -> Path:
@@ -69,7 +81,7 @@ def save_pretrained(model: nn.Module, save_directory, export_dense: bool = False
     checkpoint, the tokenizer, chat template and generation files there are kept unless this save writes its
     own (its weights, index and config are replaced). `extra(dir)` writes more files into the checkpoint
     before it is moved into place (the trainer's state). A model with tensors on the meta device (offloaded
-    to disk) is refused before anything is written.
+    to disk), or holding tensors its config ties as different ones, is refused before anything is written.
     max_shard_size: None (one weights file) or bytes (an int or "500MB", "2GiB"...) per shard of the
     merged format (the dense export uses transformers' own sharding, at this size when given).
     format: "exact" (default: the merged format above, all E router rows and the expert_map) or "standard"
@@ -87,6 +99,7 @@ def save_pretrained(model: nn.Module, save_directory, export_dense: bool = False
         raise ValueError("router and batches choose the router rows of format='standard' only")
     shard = parse_size(max_shard_size, "max_shard_size")
     refuse_offloaded(model)
+    refuse_untied(model)
     standard = to_standard(model, router=router, batches=batches) if format == "standard" else None
     target = Path(save_directory).absolute()
     with atomic_directory(target) as tmp:

@@ -15,7 +15,7 @@ def add(sub):
                     "and after the same KD budget; write checkpoints, results.json, plot.png and methods/ into --out. "
                     "No network; about 12 minutes on two idle CPU cores.")
     p.add_argument("--out", default="mcsmoe-demo", help="output directory (default ./mcsmoe-demo)")
-    p.add_argument("--quick", action="store_true", help="a smaller model and fewer steps: under a minute")
+    p.add_argument("--quick", action="store_true", help="a smaller model and fewer steps: about 7 minutes on two CPU cores")
     p.add_argument("--tour", action="store_true",
                    help="instead: the pipeline's mechanics on random Switch and Mixtral models, in seconds")
     p.set_defaults(run=run)

@@ -117,7 +117,7 @@ def run_recipe(plan: DemoPlan, progress: bool = True, print_fn=print) -> dict:
     held_out = Windows(eval_tokens, plan.length).rows
     eval_fn = lambda m: {"perplexity": perplexity(m, held_out)}  # noqa: E731
     print_fn(f"corpus: {train_tokens.numel() / 1e6:.1f} MB of standard-library source to train on, "
-             f"{eval_tokens.numel() / 1e3:.0f} kB of held-out files to evaluate on")
+             f"{eval_tokens.numel() / 1e3:.0f} kB of held-out files to evaluate on (their first bytes in path order)")
 
     full = byte_lm(plan)
     snap: dict = {}
