@@ -14,6 +14,9 @@ experts removed, perplexity on held-out text windows.
   m-smoe+c, hc-smoe+c, ream+c   (not in the default list) the merge, then compressed (MC-SMoE's second
              step: low rank plus the kept rows of the sparse part, compress.py, with `compress`'s settings)
 
+On a group-limited router (DeepSeek-V3's n_group) ream and the "-standard" forms merge within routing groups,
+which the standard form needs (as the streamed comparison does).
+
 The statistics pass collects what all of them need at once (router logits, expert outputs, saliency).
 The original model is never changed: merging methods work on copies.
 
@@ -44,16 +47,19 @@ from .calibrate import collect_routing_stats
 from .checkpoint import to_standard
 from .compress import CompressOptions, compress_experts
 from .footprint import expert_parameters
+from .hooks import eval_mode
 from .merge import merge_experts
 from .models import moe_layers
-from .prune import check_prune, prune_experts, resolve_count
-from .ream import REAM_GROUP_SIZE, check_ream, ream_experts
+from .models.config_fields import expert_count_fields, routing_groups
+from .prune import check_expert_count, check_prune, check_routing_group_counts, prune_experts, resolve_count
+from .ream import REAM_GROUP_SIZE
 from .train import TrainConfig, train
 from .train.text import lm_batch, perplexity
 
 COMPARE_METHODS = ("m-smoe", "hc-smoe", "reap", "ream", "frequency")  # the default list
 STANDARD_SUFFIX = "-standard"
 COMPRESSED_SUFFIX = "+c"  # a merge, then compressed
+MERGE_BASES = ("m-smoe", "hc-smoe")  # the merges with an exact form, shared by their other forms
 KNOWN_METHODS = COMPARE_METHODS + ("m-smoe-standard", "hc-smoe-standard", "m-smoe+c", "hc-smoe+c", "ream+c")
 
 
@@ -74,13 +80,35 @@ def check_compare(methods, ratios, kd: TrainConfig | None = None, kd_data=None, 
         raise ValueError(f"KD recovery needs kd_data with at least one batch of {kd.batch_size} windows, got {have}")
 
 
-def merged_model(model: nn.Module, stats, method: str, num_keep: int) -> nn.Module:
-    """A copy of the model merged to num_keep experts per layer by m-smoe or hc-smoe (exact form)."""
+def merged_model(model: nn.Module, stats, method: str, num_keep: int, within_routing_groups: bool = False) -> nn.Module:
+    """A copy of the model merged to num_keep experts per layer by m-smoe or hc-smoe (exact form);
+    within_routing_groups: every group inside one routing group of a group-limited router (merge_experts)."""
     options = dict(similarity="router-logits") if method == "m-smoe" else dict(similarity="expert-output",
                                                                               grouping="hierarchical")
     reduced = copy.deepcopy(model)
-    merge_experts(reduced, stats, num_keep, globally=False, progress=False, **options)
+    merge_experts(reduced, stats, num_keep, globally=False, progress=False, within_routing_groups=within_routing_groups,
+                  **options)
     return reduced
+
+
+def ream_model(model: nn.Module, stats, num_keep: int) -> nn.Module:
+    """A copy of the model merged to num_keep experts per layer REAM's way (ream.ream_experts' settings), on a
+    group-limited router within its routing groups, each merged on its own: what the standard form needs, and what
+    the streamed standard merge does (ream_experts itself refuses such routers)."""
+    reduced = copy.deepcopy(model)
+    merge_experts(reduced, stats, num_keep, similarity="expert-output", globally=False, grouping="ream",
+                  max_group_size=REAM_GROUP_SIZE, within_routing_groups=True, progress=False)
+    return reduced
+
+
+def merge_key(model: nn.Module, method: str) -> tuple[str, bool] | None:
+    """The exact merge `method` starts from, (m-smoe or hc-smoe, within routing groups); None for pruning and REAM.
+    A "-standard" form on a group-limited router (DeepSeek-V3's n_group) starts from a merge within routing groups,
+    which the standard checkpoint needs (as the streamed standard merge does); every other form from the plain one."""
+    base = _base(method)
+    if base not in MERGE_BASES:
+        return None
+    return base, method.endswith(STANDARD_SUFFIX) and routing_groups(model.config) > 1
 
 
 def compressed_model(reduced: nn.Module, compress: CompressOptions, batches=None) -> nn.Module:
@@ -95,59 +123,95 @@ def compressed_model(reduced: nn.Module, compress: CompressOptions, batches=None
 
 
 def reduced_model(model: nn.Module, stats, method: str, num_keep: int, batches=None,
-                  merged: nn.Module | None = None, compress: CompressOptions | None = None) -> tuple[nn.Module, str]:
+                  merged: nn.Module | None = None, compress: CompressOptions | None = None,
+                  reuse: bool = False) -> tuple[nn.Module, str]:
     """(the model reduced to num_keep experts per layer by `method`, the form it is evaluated in).
-    `merged`: the exact form of the same merge, when already made (a "-standard" or "+c" method starts from
-    it); `compress`: the settings of the "+c" methods (default CompressOptions())."""
+    `merged`: the exact merge the method starts from (merge_key), when already made; reuse: no later form needs
+    `merged`, so it is changed or returned itself instead of copied. `compress`: the settings of the "+c" methods
+    (default CompressOptions())."""
+    key = merge_key(model, method)
+    if merged is None and key is not None:
+        merged, reuse = merged_model(model, stats, key[0], num_keep, key[1]), True
     if method.endswith(COMPRESSED_SUFFIX):
-        base = method[: -len(COMPRESSED_SUFFIX)]
-        reduced, form = ((copy.deepcopy(merged), "exact") if merged is not None
-                         else reduced_model(model, stats, base, num_keep, batches))
+        if merged is not None:
+            reduced, form = (merged if reuse else copy.deepcopy(merged)), "exact"
+        else:
+            reduced, form = reduced_model(model, stats, _base(method), num_keep, batches)
         return compressed_model(reduced, compress or CompressOptions(), batches), f"{form}, compressed"
     if method in ("reap", "frequency"):
         return prune_experts(model, stats, num_experts=num_keep, method=method), "standard"
     if method == "ream":
-        reduced = copy.deepcopy(model)
-        ream_experts(reduced, stats, num_experts=num_keep, progress=False)
-        return to_standard(reduced, router="dominant"), "standard"
+        return to_standard(ream_model(model, stats, num_keep), router="dominant"), "standard"
     if method.endswith(STANDARD_SUFFIX):
-        base = merged if merged is not None else merged_model(model, stats, method[: -len(STANDARD_SUFFIX)], num_keep)
-        return to_standard(base, router="fitted" if batches is not None else "dominant", batches=batches), "standard"
-    return merged_model(model, stats, method, num_keep), "exact"
+        return to_standard(merged, router="fitted" if batches is not None else "dominant", batches=batches), "standard"
+    return (merged if reuse else copy.deepcopy(merged)), "exact"
+
+
+def model_copies(methods, kd: bool = False) -> int:
+    """The most models of the input model's size that compare_methods holds at once besides it: the evaluated
+    copy and the exact merge (or REAM's merge) it is made from, one more exact merge kept for its other forms when a
+    "-standard" or "+c" method is listed, and with KD the student's gradients and AdamW's two moments."""
+    kept = any(m.endswith((STANDARD_SUFFIX, COMPRESSED_SUFFIX)) for m in methods)
+    return 2 + kept + (3 if kd else 0)
 
 
 def recover(student: nn.Module, teacher: nn.Module, kd_data, kd: TrainConfig, collate_fn=lm_batch) -> nn.Module:
     """KD recovery of `student` in place: kd.steps optimizer steps of the package's train() on kd_data,
     `teacher`'s logits as the soft targets (no evaluation or checkpoints in between). Every parameter of the
     student is trained but the routers (unless kd.train_routers), whatever a copy inherited; the teacher
-    comes back with its requires_grad flags and mode as they were (train() freezes it)."""
-    flags, was_training = [p.requires_grad for p in teacher.parameters()], teacher.training
+    comes back with its requires_grad flags and every module's mode as they were (train() freezes it)."""
+    flags = [p.requires_grad for p in teacher.parameters()]
     student.requires_grad_(True)
     try:
-        train(student, kd_data, replace(kd, eval_every=0), collate_fn=collate_fn, teacher=teacher, progress=False)
+        with eval_mode(teacher):
+            train(student, kd_data, replace(kd, eval_every=0), collate_fn=collate_fn, teacher=teacher, progress=False)
     finally:
         for p, flag in zip(teacher.parameters(), flags):
             p.requires_grad_(flag)
-        teacher.train(was_training)
     return student.eval()
 
 
-def check_feasible(model: nn.Module, methods: list[str], ratios: list[float]) -> None:
-    """Every (ratio, method) can run on `model`: refused before the statistics pass and the first row, not after
-    hours of rows that would then be lost."""
-    e = moe_layers(model)[0].num_experts
-    bases = {_base(m) for m in methods}
+def check_counts(config, layers, methods, ratios) -> None:
+    """The expert count of every (ratio, method), from the config and the MoE layers' views alone (no weights: the
+    streamed comparison checks a checkpoint's skeleton with it): at least one expert kept; for the methods
+    evaluated in the standard form (reap, frequency, ream, "-standard") what it needs (prune.check_prune's counts:
+    at most E, at least top_k, on a group-limited router the same number in every routing group, at least 2); for
+    REAM groups of at most REAM_GROUP_SIZE experts that hold every expert."""
+    if not layers:
+        raise ValueError("the model has no MoE layer: there are no experts to compare methods on")
+    e, standard = layers[0].num_experts, _standard_forms(methods)
+    if standard:
+        expert_count_fields(config)
     for ratio in ratios:
         num_keep = resolve_count(e, None, ratio)
         if num_keep < 1:
             raise ValueError(f"ratios: {ratio} removes all {e} experts of a layer")
-        if "ream" in bases:
-            check_ream(model, num_keep)
-            if num_keep * REAM_GROUP_SIZE < e:
-                raise ValueError(f"ratios: {ratio} leaves {num_keep} REAM groups of at most {REAM_GROUP_SIZE} experts, "
-                                 f"fewer than the {e} experts of a layer")
-        elif bases & {"reap", "frequency"}:
-            check_prune(model, num_keep)
+        if standard:
+            check_expert_count(layers, num_keep)
+            top_k = max(layer.top_k for layer in layers)
+            if top_k > num_keep:
+                raise ValueError(f"ratios: {ratio} keeps {num_keep} of {e} experts, fewer than the top_k={top_k} "
+                                 f"experts each token uses, which the standard form needs; keep at least {top_k}")
+            check_routing_group_counts(config, layers, num_keep)
+        if "ream" in {_base(m) for m in methods} and num_keep * REAM_GROUP_SIZE < e:
+            raise ValueError(f"ratios: {ratio} leaves {num_keep} REAM groups of at most {REAM_GROUP_SIZE} experts, "
+                             f"fewer than the {e} experts of a layer")
+
+
+def check_feasible(model: nn.Module, methods: list[str], ratios: list[float]) -> None:
+    """Every (ratio, method) can run on `model`: refused before the statistics pass and the first row, not after
+    hours of rows that would then be lost. check_counts, and for the standard forms prune.check_prune's refusal
+    of merged, compressed or masked layers."""
+    layers = moe_layers(model)
+    check_counts(model.config, layers, methods, ratios)
+    if _standard_forms(methods):
+        for ratio in ratios:
+            check_prune(model, resolve_count(layers[0].num_experts, None, ratio))
+
+
+def _standard_forms(methods) -> bool:
+    """Whether a method is evaluated in the standard form (M experts, M router rows)."""
+    return any(_base(m) in ("reap", "frequency", "ream") or m.endswith(STANDARD_SUFFIX) for m in methods)
 
 
 def _base(method: str) -> str:
@@ -191,18 +255,15 @@ def compare_methods(model: nn.Module, batches, windows: torch.Tensor, methods=CO
     if on_row is not None:
         on_row(result)
     jobs = [(r, m) for r in ratios for m in methods]
-    merges: dict = {}  # (ratio, base method) -> the one-shot exact merge, shared with its other forms
-    for ratio, method in tqdm(jobs, desc="comparing methods", disable=not progress):
-        num_keep, base = resolve_count(e, None, ratio), _base(method)
-        for key in [k for k in merges if k[0] != ratio]:  # jobs go ratio by ratio: free the last ratio's merges
-            del merges[key]
-        if base in ("m-smoe", "hc-smoe") and (ratio, base) not in merges:
-            merges[(ratio, base)] = merged_model(model, stats, base, num_keep)
-        merged = merges.get((ratio, base))
-        if merged is not None and method == base:
-            reduced, form = copy.deepcopy(merged), "exact"
-        else:
-            reduced, form = reduced_model(model, stats, method, num_keep, batches, merged, compress)
+    merges: dict = {}  # (ratio, merge_key) -> the one-shot exact merge, shared with its other forms
+    for i, (ratio, method) in enumerate(tqdm(jobs, desc="comparing methods", disable=not progress)):
+        num_keep, source = resolve_count(e, None, ratio), merge_key(model, method)
+        key = (ratio, source)
+        if source is not None and key not in merges:
+            merges[key] = merged_model(model, stats, source[0], num_keep, source[1])
+        last = all((r, merge_key(model, m)) != key for r, m in jobs[i + 1:])  # no later form starts from it
+        merged = merges.pop(key, None) if last else merges.get(key)
+        reduced, form = reduced_model(model, stats, method, num_keep, batches, merged, compress, reuse=last)
         params = expert_parameters(reduced)
         row = {"method": method, "ratio": ratio, "experts": num_keep, "expert_params": params,
                "expert_share": params / full_params, "form": form, **_scores(reduced, windows, harness)}
@@ -210,6 +271,7 @@ def compare_methods(model: nn.Module, batches, windows: torch.Tensor, methods=CO
             recover(reduced, model, kd_data, kd, collate_fn)
             row.update(kd_steps=kd.steps, **_scores(reduced, windows, harness, "_kd"))
         rows.append(row)
+        del reduced, merged  # before the next row's models are made
         if on_row is not None:
             on_row(result)
     return result
@@ -218,7 +280,7 @@ def compare_methods(model: nn.Module, batches, windows: torch.Tensor, methods=CO
 def _ppl(value) -> str:
     if value is None:
         return "-"
-    return f"{value:.3f}" if math.isfinite(value) else "inf"
+    return "nan" if math.isnan(value) else f"{value:.3f}" if math.isfinite(value) else "inf"
 
 
 def markdown_table(result: dict) -> str:
@@ -231,7 +293,9 @@ def markdown_table(result: dict) -> str:
         head += f" {task} |" + (" after KD |" if kd else "")
     lines = [head, "|---" * head.count(" |") + "|"]
     for r in result["rows"]:
-        line = f"| {r['method']} | {r['ratio']:.0%} | {r['experts']} | {r['expert_share']:.1%} | {r['form']} | {_ppl(r['perplexity'])} |"
+        removed = 1 - r["experts"] / result["experts"]  # what was removed: E - round(ratio E) experts are kept
+        line = (f"| {r['method']} | {removed:.0%} | {r['experts']} | {r['expert_share']:.1%} | {r['form']} "
+                f"| {_ppl(r['perplexity'])} |")
         if kd:
             line += f" {_ppl(r.get('perplexity_kd'))} |"
         for task in tasks:

@@ -2,7 +2,8 @@
 (prune_checkpoint for REAP and frequency pruning, merge_checkpoint for the merges: the exact form, the standard form,
 or merged then compressed), its perplexity measured by streamed_perplexity, the checkpoint removed; one decoder
 layer in memory at a time throughout. The rows are those of compare.compare_methods for the same methods: the same
-models, the same expert parameters, the same perplexity.
+models, the same expert parameters, the same perplexity (on group-limited routers both merge the standard forms
+within routing groups); what either refuses, both refuse before any work.
 
 Every method but ream+c (REAM's output is a standard checkpoint, which the streamed compression does not read);
 the compressed merges with weight importance only (activation importance needs the merged model's forward).
@@ -19,15 +20,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoint import read_section
 from .checkpoint.atomic import scratch_directory
-from .compare import COMPRESSED_SUFFIX, STANDARD_SUFFIX, check_compare
+from .checkpoint.load import read_config_json
+from .compare import COMPRESSED_SUFFIX, STANDARD_SUFFIX, check_compare, check_counts
 from .compress import CompressOptions
+from .models import moe_layers
 from .prune import resolve_count
 from .ream import REAM_GROUP_SIZE
 from .streaming.perplexity import streamed_perplexity
 from .streaming.readers import open_reader
 from .streaming.pipeline import merge_checkpoint
 from .streaming.prune import prune_checkpoint
+from .streaming.source import SUPPORTED_TYPES
 
 STREAMED_METHODS = ("m-smoe", "hc-smoe", "reap", "ream", "frequency", "m-smoe-standard", "hc-smoe-standard",
                     "m-smoe+c", "hc-smoe+c")
@@ -43,6 +48,25 @@ def check_streamed_methods(methods, compress: CompressOptions | None = None) -> 
     if compress is not None and compress.importance != "weight":
         raise ValueError(f"larger than memory, the compressed merges use weight importance (compress_checkpoint); "
                          f"got importance={compress.importance!r}")
+
+
+def check_checkpoint(path, methods, ratios, dtype: torch.dtype | None = None) -> None:
+    """What compare_checkpoint cannot do on the checkpoint directory `path`, refused before any work: a model type
+    the layer-by-layer forward does not run, this package's merged or compressed checkpoint (the streamed merges and
+    pruning read plain transformers checkpoints), and every (ratio, method) whose expert count compare.check_counts
+    refuses in memory, checked on the checkpoint's skeleton (no weights read)."""
+    path = Path(path).expanduser()
+    raw = read_config_json(path)
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type not in SUPPORTED_TYPES:
+        raise ValueError(f"{path}: compare larger than memory runs the families the layer-by-layer forward runs "
+                         f"({', '.join(SUPPORTED_TYPES)}); a {model_type!r} model is compared in memory only "
+                         "(leave out --max-memory or raise it)")
+    if read_section(path) is not None:
+        raise ValueError(f"{path} is a merged or compressed mcsmoe-fast checkpoint; compare the original model it was "
+                         "made from (the streamed merges and pruning read plain transformers checkpoints)")
+    model = open_reader(path, dtype).model
+    check_counts(model.config, moe_layers(model), methods, ratios)
 
 
 def reduce_checkpoint(path, out, batches, method: str, num_keep: int, max_memory=None, dtype=None, offload_dir=None,
@@ -78,10 +102,12 @@ def compare_checkpoint(path, batches, windows: torch.Tensor, methods=STREAMED_ME
     "kd_steps": 0, "streamed": True, "rows": [...]}, a row for the full model and one per (ratio, method) with the
     same fields. scratch: where each reduced checkpoint and the offloaded hidden states are written and removed
     (default: the system's temporary directory); max_memory, dtype: as merge_checkpoint; compress: the "+c"
-    methods' settings (weight importance); on_row(result so far) after each row, as in compare_methods."""
+    methods' settings (weight importance); on_row(result so far) after each row, as in compare_methods. What it cannot
+    do is refused before the first pass (check_streamed_methods, check_checkpoint)."""
     methods, ratios = list(methods), [float(r) for r in ratios]
     check_compare(methods, ratios, compress=compress)
     check_streamed_methods(methods, compress)
+    check_checkpoint(path, methods, ratios, dtype)
     source = open_reader(path, dtype)
     e, full_params = source.num_experts(), source.expert_parameters()
 

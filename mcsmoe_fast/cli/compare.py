@@ -44,7 +44,8 @@ def add(sub):
     p.add_argument("--lm-eval-limit", type=int, default=None, help="with --lm-eval: examples per task")
     p.add_argument("--lm-eval-batch-size", type=int, default=8, help="with --lm-eval: batch size (default 8)")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
-                   help="memory budget, e.g. 64GB: a model that would not fit is compared layer by layer (each method "
+                   help="memory budget, e.g. 64GB: a model whose comparison would not fit (the model and up to three "
+                        "reduced copies at once, more with KD) is compared layer by layer (each method "
                         "written into a scratch directory and evaluated one decoder layer at a time; every method but "
                         "ream+c, compressed merges by weight importance; no KD or lm-eval)")
     p.add_argument("--offload-dir", default=None,
@@ -90,13 +91,17 @@ def harness_option(args, tokenizer):
 
 
 def refuse_results_in_model(args) -> None:
-    """The results go beside the model, never into its directory (the CLI leaves the input model as it is)."""
+    """The results go into a directory beside the model, never into the model's directory (the CLI leaves the input
+    model as it is) nor over a file."""
     from pathlib import Path
 
     out, model = Path(args.out).expanduser().resolve(), Path(args.model).expanduser().resolve()
     if model.is_dir() and (out == model or model in out.parents):
         raise ValueError(f"--out {args.out} is inside the input model's directory {args.model}; choose another "
                          "directory for the results")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {args.out} is a file; give a directory for results.json, results.md and "
+                         "perplexity.png")
 
 
 def run(args) -> int:
@@ -109,6 +114,9 @@ def run(args) -> int:
     from ..train.text import text_windows
 
     refuse_results_in_model(args)
+    if args.offload_dir is not None and args.max_memory is None:
+        raise ValueError("--offload-dir needs --max-memory: it is where the comparison larger than memory writes its "
+                         "reduced checkpoints and activations (without a budget the model is compared in memory)")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     try:
         ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
@@ -127,10 +135,14 @@ def run(args) -> int:
         kd = TrainConfig(steps=args.kd_steps, batch_size=first_given(args.kd_batch_size, 8),
                          learning_rate=first_given(args.kd_lr, 1e-4),
                          warmup_steps=min(first_given(args.kd_warmup_steps, 16), args.kd_steps // 4), eval_every=0)
+    from ..compare import model_copies
     from ..streaming import fits_in_memory
 
-    if not fits_in_memory(args.model, args.max_memory, dtype_option(args) or torch.float32):
+    if not fits_in_memory(args.model, args.max_memory, dtype_option(args) or torch.float32,
+                          copies=model_copies(methods, kd is not None)):
         return run_streamed(args, methods, ratios, compress)
+    if args.offload_dir is not None:
+        print(f"the comparison fits --max-memory {args.max_memory}: compared in memory; --offload-dir is not used")
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     harness = harness_option(args, tokenizer)
     windows = text_windows(args.eval_text, tokenizer, args.eval_length).rows
@@ -157,7 +169,7 @@ def run_streamed(args, methods, ratios, compress) -> int:
 
     from ..calibration_data import calibration_batches, check_batches, load_tokenizer, read_calibration_texts
     from ..compare import markdown_table, write_results, write_tables
-    from ..compare_streamed import check_streamed_methods, compare_checkpoint
+    from ..compare_streamed import check_checkpoint, check_streamed_methods, compare_checkpoint
     from ..train.text import text_windows
 
     check_streamed_methods(methods, compress)
@@ -165,6 +177,7 @@ def run_streamed(args, methods, ratios, compress) -> int:
         if given:
             raise ValueError(f"{flag} needs the model in memory; the model does not fit --max-memory "
                              f"{args.max_memory} (leave {flag} out to compare one-shot, layer by layer)")
+    check_checkpoint(args.model, methods, ratios, dtype_option(args))
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     windows = text_windows(args.eval_text, tokenizer, args.eval_length).rows
     texts = read_calibration_texts(args.calib, args.num_samples, args.text_field, args.split)

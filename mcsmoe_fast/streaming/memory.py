@@ -111,13 +111,14 @@ def shard_size_for(max_memory, max_shard_size=None) -> int:
 
 
 def plan_memory(budget, layer_bytes: int, expert_matrix_bytes: int, activation_bytes: int,
-                shard_size=None, quantized_bytes: int = 0) -> MemoryPlan:
-    """Split `budget` (bytes, "1GB", or None) between one layer, the output buffer and the hidden
-    states; expert_matrix_bytes is one ff x ff cost matrix (float32); quantized_bytes what a quantized
-    source adds to the layer (requantization_bytes)."""
+                shard_size=None, quantized_bytes: int = 0, writes: bool = True) -> MemoryPlan:
+    """Split `budget` (bytes, "1GB", or None) between one layer (layer_bytes: the largest decoder layer's
+    tensors in the compute dtype), the output buffer and the hidden states; expert_matrix_bytes is one
+    ff x ff cost matrix (float32); quantized_bytes what a quantized source adds to the layer
+    (requantization_bytes); writes=False: nothing is written (a perplexity), no output shard (size 0)."""
     from ..permute import DEFAULT_MEMORY_BUDGET
 
-    shard_size = shard_size_for(budget, shard_size)
+    shard_size = shard_size_for(budget, shard_size) if writes else 0
     budget = parse_size(budget, "max_memory")
     if budget is None:
         return MemoryPlan(None, layer_bytes, activation_bytes, False, shard_size, DEFAULT_MEMORY_BUDGET, quantized_bytes)
@@ -162,6 +163,13 @@ def stream_requantization_bytes(s, report: str | None, fused: bool) -> int:
     return requantization_bytes(slot, bank, matrix, sample * (1 if fused else len(s.chosen)), report)
 
 
+def largest_unit_bytes(shapes: dict, units, dtype: torch.dtype) -> int:
+    """Bytes of the largest decoder layer in `dtype`: units (name, module) as skeleton.layer_units gives them, shapes
+    {tensor name: shape} as skeleton.tensor_shapes gives them."""
+    return max((sum(_numel(shape) for n, shape in shapes.items() if n.startswith(f"{u}.")) for u, _ in units),
+               default=0) * dtype.itemsize
+
+
 def _numel(shape) -> int:
     n = 1
     for d in shape:
@@ -174,17 +182,24 @@ _EXPERT_LAYER = re.compile(r"(.*?\.(?:layers|block)\.\d+)\.")
 
 def checkpoint_bytes(path, dtype: torch.dtype | None = torch.float32) -> tuple[int, int]:
     """(bytes of every tensor of the safetensors checkpoint at `path` in `dtype` (None: as stored),
-    bytes of its largest layer's expert tensors), from the file headers alone."""
+    bytes of its largest layer's expert tensors), from the file headers alone. In a `dtype`, an MXFP4 tensor
+    (GPT-OSS's X_blocks, two 4-bit values a byte, and X_scales) counts as its dequantized values, as open_model
+    holds it: two values of `dtype` per stored byte of the blocks, nothing for the scales."""
     from .source import open_weight_files
 
     files = open_weight_files(Path(path))
     total, per_layer = 0, {}
     for name, shape in files.shapes.items():
-        numel = 1
-        for n in shape:
-            numel *= n
-        size = numel * ((dtype.itemsize if dtype is not None and files.dtypes[name].is_floating_point
-                         else files.dtypes[name].itemsize))
+        numel = _numel(shape)
+        stored = files.dtypes[name]
+        if dtype is None:
+            size = numel * stored.itemsize
+        elif name.endswith("_blocks") and name.removesuffix("_blocks") + "_scales" in files.shapes:
+            size = 2 * numel * dtype.itemsize
+        elif name.endswith("_scales") and name.removesuffix("_scales") + "_blocks" in files.shapes:
+            size = 0
+        else:
+            size = numel * (dtype.itemsize if stored.is_floating_point else stored.itemsize)
         total += size
         layer = _EXPERT_LAYER.match(name) if ".experts." in name else None
         if layer is not None:  # "model.layers.3", Switch's "encoder.block.1" / "decoder.block.1"
@@ -192,27 +207,34 @@ def checkpoint_bytes(path, dtype: torch.dtype | None = torch.float32) -> tuple[i
     return total, max(per_layer.values(), default=0)
 
 
-def in_memory_bytes(path, dtype: torch.dtype | None = torch.float32) -> int:
+def in_memory_bytes(path, dtype: torch.dtype | None = torch.float32, copies: int = 0) -> int:
     """Estimated peak memory of the in-memory pipeline (open_model -> collect_routing_stats ->
     merge_experts -> save_pretrained) on the checkpoint directory `path`: transformers' loader holds
     the checkpoint's mapped file pages next to the parameters in `dtype` (open_model loads float32),
     and merging the largest layer adds about 2.5x its expert tensors (per-expert weights, permuted
     copies, merged slots). Calibration activations are not counted. Measured on a 3 GB fp32 Mixtral
-    (benchmarks/bench_streaming.py): estimate 6.9 GB, peak RSS 6.7 GB."""
+    (benchmarks/bench_streaming.py): estimate 6.9 GB, peak RSS 6.7 GB. copies: further models of the
+    same size held at once (compare: its reduced copies, compare.model_copies). dtype None keeps each tensor's
+    stored dtype, but a block-FP8 / MXFP4 checkpoint counts in bfloat16, as open_model dequantizes it by default."""
+    from .quantized import checkpoint_format
+
     path = Path(path).expanduser()
+    if dtype is None and checkpoint_format(path) is not None:
+        dtype = torch.bfloat16
     stored, _ = checkpoint_bytes(path, None)
     total, layer = checkpoint_bytes(path, dtype)
-    return stored + total + int(2.5 * layer)
+    return stored + (1 + copies) * total + int(2.5 * layer)
 
 
-def fits_in_memory(path, budget, dtype: torch.dtype | None = torch.float32) -> bool:
+def fits_in_memory(path, budget, dtype: torch.dtype | None = torch.float32, copies: int = 0) -> bool:
     """Whether the in-memory pipeline should fit in `budget` (bytes or "24GB") for the checkpoint
-    directory `path` (see in_memory_bytes). None: no limit, fits. A path that is not a local directory
-    (a hub id) counts as fitting: its size cannot be known without downloading it."""
+    directory `path` (see in_memory_bytes; copies: the further models it holds). None: no limit, fits.
+    A path that is not a local directory (a hub id) counts as fitting: its size cannot be known without
+    downloading it."""
     limit = parse_size(budget, "budget")
     if limit is None:
         return True
     path = Path(path).expanduser()
     if not path.is_dir():
         return True
-    return in_memory_bytes(path, dtype) <= limit
+    return in_memory_bytes(path, dtype, copies) <= limit

@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 from ..checkpoint.atomic import scratch_directory
 from .activations import ActivationStore
 from .forward import ACCEPTED_KEYS, prepare_batches, run_layer
-from .memory import plan_memory
+from .memory import largest_unit_bytes, plan_memory
 from .readers import open_reader
-from .skeleton import decoder_layers, empty, layer_units
+from .skeleton import decoder_layers, empty, layer_units, tensor_shapes
 
 HEAD_CHUNK_ELEMENTS = 1 << 24  # logits computed at a time (64 MB in float32)
 
@@ -39,9 +39,9 @@ def streamed_perplexity(path, windows: torch.Tensor, max_memory=None, offload_di
                         dtype: torch.dtype | None = None, batch_size: int = 32, progress: bool = True) -> float:
     """exp(mean next-token cross-entropy) of the checkpoint directory `path` over `windows` [N, L] of token ids,
     one decoder layer in memory at a time. max_memory: the resident budget (bytes or "8GB"; None: no limit) that
-    decides whether the windows' hidden states stay in memory or go to a file under offload_dir (default: the
-    system's temporary directory; removed at the end). dtype: the working dtype (default float32, bfloat16 for a
-    quantized checkpoint, as the streamed merge). batch_size: windows per forward."""
+    decides, next to the largest decoder layer, whether the windows' hidden states stay in memory or go to a file
+    under offload_dir (default: the system's temporary directory; removed at the end). dtype: the working dtype
+    (default float32, bfloat16 for a quantized checkpoint, as the streamed merge). batch_size: windows per forward."""
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise ValueError(f"perplexity needs windows [N >= 1, L >= 2], got {tuple(windows.shape)}")
     if batch_size < 1:
@@ -52,9 +52,10 @@ def streamed_perplexity(path, windows: torch.Tensor, max_memory=None, offload_di
     batches = prepare_batches([{"input_ids": windows[i: i + batch_size]} for i in range(0, len(windows), batch_size)],
                               model.config.vocab_size, ACCEPTED_KEYS)
     hidden_size = model.config.hidden_size
-    plan = plan_memory(max_memory, 0, 0, windows.numel() * hidden_size * dtype.itemsize)
-    scratch = offload_dir or tempfile.gettempdir()
     units = layer_units(model)
+    plan = plan_memory(max_memory, largest_unit_bytes(tensor_shapes(model)[0], units, dtype), 0,
+                       windows.numel() * hidden_size * dtype.itemsize, writes=False)
+    scratch = offload_dir or tempfile.gettempdir()
     with scratch_directory(scratch, ".mcsmoe-activations-") if plan.offload else nullcontext() as where:
         store = ActivationStore([(*b.input_ids.shape, hidden_size) for b in batches], dtype, where)
         try:

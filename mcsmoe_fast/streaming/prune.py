@@ -25,7 +25,7 @@ from ..models.config_fields import expert_count_fields
 from ..prune import check_expert_count, check_routing_group_counts
 from .activations import ActivationStore
 from .forward import ACCEPTED_KEYS, prepare_batches
-from .memory import plan_memory, stream_requantization_bytes
+from .memory import largest_unit_bytes, plan_memory, stream_requantization_bytes
 from .passes import Progress, Stream, layer_pass
 from .quantized import ErrorProbe, dequantized_config, record_error
 from .skeleton import layer_units, moe_views, open_source
@@ -74,7 +74,7 @@ def prune_checkpoint(path, out, calibration_batches: Iterable[dict], num_experts
     if source.quant is not None and not keep_quantization:
         dequantized_config(model.config)
     activations = sum(b.input_ids.numel() for b in batches) * model.config.hidden_size * dtype.itemsize
-    plan = plan_memory(max_memory, 0, 0, activations, max_shard_size,
+    plan = plan_memory(max_memory, largest_unit_bytes(shapes, units, dtype), 0, activations, max_shard_size,
                        stream_requantization_bytes(s, "standard", True) if quantized else 0)
     record = {"method": method, "layers": {}}
 
