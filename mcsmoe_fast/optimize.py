@@ -28,17 +28,23 @@ def optimize(model: nn.Module, dropless: bool | None = None) -> nn.Module:
     Switch blocks become SwitchMoE (unmerged: MoEExperts over the E experts) with HF's expert capacity
     unless `dropless=True`; `dropless=None` (the default) keeps each block's own setting (a dropless checkpoint
     loaded by from_pretrained stays dropless); their state dict has transformers' keys, so transformers loads it
-    as this model. Frozen experts stay frozen. Experts offloaded by accelerate are refused by name (Switch), or
-    brought in per call (Llama-4).
+    as this model. Frozen experts stay frozen, matrix by matrix (Switch's wi and wo each become one parameter: a
+    layer whose experts are frozen differently within one of them is refused by name before any layer changes).
+    Experts offloaded by accelerate are refused by name (Switch), or brought in per call (Llama-4).
     Outputs equal the original model's (up to floating-point rounding of the GEMMs), in training mode too
-    (Switch's expert dropout draws transformers' masks). A replaced Switch block is a new module: hooks registered
-    on it or its experts, and an optimizer built before, hold the old ones (call optimize() first).
+    (Switch's expert dropout draws transformers' masks). Switch and Llama-4 blocks are replaced by new modules that
+    keep transformers' router module (its hooks and its output) and take over the old block's hooks (their handles
+    still remove them). Llama-4's experts module runs as in transformers (every expert on every token, no fused op)
+    while it has hooks of its own, so that they see its input and output. A Switch block's experts become new
+    slots: hooks registered on them, and an optimizer built before, hold the old ones (call optimize() first).
     """
     layers = moe_layers(model, allow_empty=True)
     if not layers:
         warnings.warn(f"optimize: this {model.config.model_type} model has no MoE layer; returned unchanged",
                       stacklevel=2)
         return model
+    for layer in layers:  # its refusals (experts of one bank frozen differently) before any layer changes
+        layer.stacked_requires_grad()
     ours = False
     for layer in layers:
         ours |= layer.optimize(dropless)

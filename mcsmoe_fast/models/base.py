@@ -83,6 +83,27 @@ class MoELayer:
         route()'s logits and choice; None where the experts see the hidden states as they are."""
         return None
 
+    def expert_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        """The family's own tensors that optimize() stacks into MoEExperts' w_in and w_out (Switch: each expert's
+        wi and wo weight); None where it stacks nothing (our slots already, or the family's experts module stays)."""
+        return None
+
+    def stacked_requires_grad(self) -> tuple[bool, bool] | None:
+        """requires_grad of the w_in and w_out that optimize() stacks: each the flag of the tensors it stacks (frozen
+        experts stay frozen, matrix by matrix); None where it stacks nothing. ValueError naming the layer when the
+        experts of one bank disagree, which one stacked parameter cannot hold; optimize() asks every layer first."""
+        tensors = self.expert_tensors()
+        if tensors is None:
+            return None
+        flags = []
+        for side, bank in zip(("w_in", "w_out"), tensors):
+            frozen = [e for e, t in enumerate(bank) if not t.requires_grad]
+            if 0 < len(frozen) < len(bank):
+                raise ValueError(f"{self.name}: the {side} matrices of experts {frozen} are frozen and the others' "
+                                 "not, but optimize() stacks them into one parameter: freeze all or none, then optimize")
+            flags.append(bool(bank) and not frozen)
+        return flags[0], flags[1]
+
     experts_implementation = False  # its experts run through transformers' experts interface (optimize)
 
     def optimize(self, dropless: bool | None = None) -> bool:
@@ -97,11 +118,15 @@ class MoELayer:
                                                       for m in self.module.modules()):
                 raise ValueError(f"{self.name}: its experts are offloaded by accelerate (weights on the meta device); "
                                  "optimize() needs them in memory: load the model without offloading these layers")
-            trainable = any(p.requires_grad for p in params)
+            flags = self.stacked_requires_grad()
+            if flags is None:
+                raise NotImplementedError(f"{type(self).__name__}: optimize() stacks its experts: name the tensors "
+                                          "it stacks (expert_tensors)")
             with torch.inference_mode(False):
                 w_in, w_out = self.expert_weights()
                 experts = MoEExperts(w_in.detach(), w_out.detach(), self.expert_map(), self.activation)
-            experts.requires_grad_(trainable)
+            experts.w_in.requires_grad_(flags[0])
+            experts.w_out.requires_grad_(flags[1])
             experts.train(self.module.training)
         keep = bool(getattr(self.module, "dropless", False))
         self.install_experts(experts)
@@ -160,9 +185,16 @@ class MoELayer:
         return self.router_weight().shape[-1]
 
     def replace(self, new_module: nn.Module) -> None:
-        """Swap the block for `new_module` in its parent."""
+        """Swap the block for `new_module` in its parent; the new block takes the old one's forward and backward
+        hooks (the same dicts, so the handles their owners hold still remove them)."""
+        for name in BLOCK_HOOKS:
+            setattr(new_module, name, getattr(self.module, name))
         setattr(self.parent, self.attr, new_module)
         self.module = new_module
+
+
+BLOCK_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_is_full_backward_hook")
 
 
 def refuse_compressed(layer: MoELayer, experts) -> None:

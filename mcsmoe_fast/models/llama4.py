@@ -23,8 +23,11 @@ which stays right when two experts of a token share a merged slot (s1 x and s2 x
 The experts are transformers' own Llama4TextExperts (unmerged: read as transposed views, so the state
 dict keeps transformers' names), or our slots (MoEExperts, CompressedMoEExperts) after merging or
 compressing. Router and shared expert are transformers' modules, kept as they are (their hooks and
-output recorders too). The drop baseline masks the router in place (mask_router): dropped experts' logits
-are -inf before its top-k, so it never picks them (one that only pads the top-k gets sigmoid(-inf) = 0).
+output recorders too); the replaced block's hooks move to Llama4MoE (MoELayer.replace), and transformers'
+experts module, while it has hooks of its own, runs as transformers runs it (every expert on every token),
+so that its hooks see its input and output. The drop baseline masks the router in place (mask_router):
+dropped experts' logits are -inf before its top-k, so it never picks them (one that only pads the top-k
+gets sigmoid(-inf) = 0).
 """
 from __future__ import annotations
 
@@ -65,8 +68,12 @@ class Llama4MoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = hidden_states.reshape(-1, self.hidden_dim)
         scores, router_logits = self.router(hidden)  # scores [T, E]: sigmoid on the top-k, 0 elsewhere
-        index = router_logits.topk(self.top_k, dim=1).indices  # the router's own choice (same call, same ties)
-        routed = self.routed_experts(hidden, index, scores.gather(1, index))
+        if hooked(self.experts):  # transformers' computation, so that the hooks see its experts' input and output
+            routed_in = hidden.repeat(scores.shape[1], 1) * scores.transpose(0, 1).reshape(-1, 1)
+            routed = self.experts(routed_in).reshape(scores.shape[1], -1, self.hidden_dim).sum(dim=0)
+        else:
+            index = router_logits.topk(self.top_k, dim=1).indices  # the router's own choice (same call, same ties)
+            routed = self.routed_experts(hidden, index, scores.gather(1, index))
         out = self.shared_expert(hidden)
         out.add_(routed)
         return out, router_logits
@@ -91,6 +98,14 @@ class Llama4MoE(nn.Module):
             emap = torch.arange(w_in.shape[0], device=w_in.device)
             return ops.grouped_expert_ffn(rows.to(w_in.dtype), w_in, w_out, emap, index, weights.to(w_in.dtype),
                                           self.activation)
+
+
+def hooked(experts: nn.Module) -> bool:
+    """Whether `experts` is transformers' Llama4TextExperts with hooks of its own: their owner expects them to run
+    on its forward (every expert on every token, the unchosen ones on zero rows; our slots run their own forward)."""
+    return not isinstance(experts, (MoEExperts, CompressedMoEExperts)) and any(
+        getattr(experts, name) for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                                            "_backward_pre_hooks"))
 
 
 @functools.cache

@@ -37,13 +37,19 @@ class SwitchLayer(MoELayer):
     def _experts(self):
         return self.module.experts
 
+    def expert_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        """Each expert's wi and wo weight (None once the block holds our slots)."""
+        experts = self._experts()
+        if isinstance(experts, (MoEExperts, CompressedMoEExperts)):
+            return None
+        return ([experts[f"expert_{i}"].wi.weight for i in range(self.num_experts)],
+                [experts[f"expert_{i}"].wo.weight for i in range(self.num_experts)])
+
     def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         if (slots := self.slot_weights()) is not None:
             return slots
-        experts = self._experts()
-        w_in = torch.stack([experts[f"expert_{i}"].wi.weight for i in range(self.num_experts)])
-        w_out = torch.stack([experts[f"expert_{i}"].wo.weight for i in range(self.num_experts)])
-        return w_in.detach(), w_out.detach()
+        w_in, w_out = self.expert_tensors()
+        return torch.stack(w_in).detach(), torch.stack(w_out).detach()
 
     @torch.no_grad()
     def set_expert_weights(self, w_in: torch.Tensor, w_out: torch.Tensor) -> None:

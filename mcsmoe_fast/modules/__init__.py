@@ -3,6 +3,6 @@
 contract dispatches to (experts_interface.py, reading the contract's layout flags through experts_spec.py)."""
 from .compressed import BANK_FIELDS, CompressedMoEExperts
 from .slots import MoEExperts
-from .switch import SwitchMoE, capacity_drop, slot_names
+from .switch import SwitchMoE, slot_names
 
-__all__ = ["BANK_FIELDS", "CompressedMoEExperts", "MoEExperts", "SwitchMoE", "capacity_drop", "slot_names"]
+__all__ = ["BANK_FIELDS", "CompressedMoEExperts", "MoEExperts", "SwitchMoE", "slot_names"]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..activations import apply as apply_activation, check as check_activation
+from ..activations import apply as apply_activation, check as check_activation, is_gated
 
 BANK_FIELDS = ("U", "V", "S_rows", "row_idx", "row_offsets")
 
@@ -25,13 +25,16 @@ BANK_FIELDS = ("U", "V", "S_rows", "row_idx", "row_offsets")
 class CompressedMoEExperts(nn.Module):
     """Drop-in for MoEExperts whose slots are compressed: forward(hidden [T, d], top_k_index [T, k],
     top_k_weights [T, k]) runs ops.grouped_expert_ffn_slr (one fused call); with gradients required it
-    runs ops.sparse_lowrank_linear per slot instead (same function, differentiable in U, V, S_rows)."""
+    runs ops.sparse_lowrank_linear per slot instead (same function, differentiable in U, V, S_rows). Under
+    torch.autocast both run in the slots' dtype and return the caller's (autocasting). The banks' shapes are
+    checked at construction."""
 
     def __init__(self, w_in: list[torch.Tensor], w_out: list[torch.Tensor], expert_map: torch.Tensor, activation: str,
                  b_in: torch.Tensor | None = None, b_out: torch.Tensor | None = None,
                  activation_args: dict | None = None):
         super().__init__()
         check_activation(activation)
+        _check_banks(w_in, w_out, activation)
         for side, bank in (("in", w_in), ("out", w_out)):
             U, V, S_rows, row_idx, offsets = bank
             self.register_parameter(f"{side}_U", nn.Parameter(U))
@@ -117,6 +120,10 @@ class CompressedMoEExperts(nn.Module):
 
     # --- forward -----------------------------------------------------------------------------------
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if autocasting(hidden):  # in the slots' dtype, autocast off (autocasting); the caller's dtype back
+            with torch.autocast(hidden.device.type, enabled=False):
+                dtype = self.in_U.dtype
+                return self.forward(hidden.to(dtype), top_k_index, top_k_weights.to(dtype)).to(hidden.dtype)
         w_in, w_out = self.bank("in"), self.bank("out")
         params = (self.in_U, self.in_V, self.in_S_rows, self.out_U, self.out_V, self.out_S_rows,
                   *(b for b in (self.b_in, self.b_out) if b is not None))
@@ -128,6 +135,48 @@ class CompressedMoEExperts(nn.Module):
                                          self.activation, self.b_in, self.b_out, self.activation_args)
         return ops.grouped_expert_ffn_slr(hidden, w_in, w_out, self.expert_map, top_k_index, top_k_weights,
                                           self.activation, self.b_in, self.b_out, **self.activation_args)
+
+
+def _check_banks(w_in, w_out, activation: str) -> None:
+    """ValueError unless the shapes of w_in and w_out make banks of one layer's S slots (module docstring): w_in's
+    rows F = 2 ff (gated) or ff, w_out's rows d = w_in's inputs, w_out's inputs ff. Values are not read (a
+    checkpoint's loader builds the module from placeholders first)."""
+    dims = {}
+    for name, bank in (("w_in", w_in), ("w_out", w_out)):
+        if len(bank) != len(BANK_FIELDS):
+            raise ValueError(f"{name} must be the bank [{', '.join(BANK_FIELDS)}], got {len(bank)} tensors")
+        U, V, S_rows, row_idx, offsets = (torch.as_tensor(t) for t in bank)
+        if not (U.dim() == 3 and V.dim() == 3 and tuple(V.shape[:2]) == (U.shape[0], U.shape[2]) and S_rows.dim() == 2
+                and S_rows.shape[1] == V.shape[2] and tuple(row_idx.shape) == (S_rows.shape[0],)
+                and tuple(offsets.shape) == (U.shape[0] + 1,)):
+            got = ", ".join(f"{f} {list(torch.as_tensor(t).shape)}" for f, t in zip(BANK_FIELDS, bank))
+            raise ValueError(f"{name}: U [S, out, r], V [S, r, in], S_rows [K, in], row_idx [K] and row_offsets "
+                             f"[S + 1] expected, got {got}")
+        dims[name] = (U.shape[0], U.shape[1], V.shape[2])  # S, out, in
+    (s_in, f, d), (s_out, d_out, ff) = dims["w_in"], dims["w_out"]
+    if s_in != s_out:
+        raise ValueError(f"w_in has {s_in} slots but w_out has {s_out}: both banks hold the same slots")
+    want = (2 * ff, "2 ff") if is_gated(activation) else (ff, "ff")
+    if f != want[0] or d_out != d:
+        raise ValueError(f"w_in [S, F, d] = {list(dims['w_in'])} does not match w_out [S, d, ff] = "
+                         f"{list(dims['w_out'])} for {activation}: F must be {want[0]} ({want[1]}) and both banks' d "
+                         "the same")
+
+
+def autocasting(x: torch.Tensor) -> bool:
+    """Whether torch.autocast is on for x's device. The compressed ops have no autocast rule (their inner GEMMs
+    would be autocast while their operands stay in the slots' dtype), so under autocast the compressed slots run
+    with it turned off, in the slots' own dtype (forward and backward), and hand back the caller's dtype."""
+    return torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+
+
+def slr_linear(x, U, V, S_rows, row_idx, bias=None) -> torch.Tensor:
+    """ops.sparse_lowrank_linear, also under torch.autocast: then in U's dtype with autocast off, the result in
+    x's dtype (autocasting)."""
+    if not autocasting(x):
+        return ops.sparse_lowrank_linear(x, U, V, S_rows, row_idx, bias)
+    with torch.autocast(x.device.type, enabled=False):
+        return ops.sparse_lowrank_linear(x.to(U.dtype), U, V, S_rows, row_idx, bias).to(x.dtype)
 
 
 def _dense(bank) -> torch.Tensor:

@@ -11,80 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 
 import torch
 from torch import nn
 
-from .. import ops
 from ..activations import apply as apply_activation
+from .compressed import slr_linear
 from .slots import MoEExperts
 
 
-def capacity_drop(expert_index: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
-    """Top-1 choices [B, L] -> the same with -1 where a token is past its expert's capacity.
-
-    Exactly transformers' rule: within each sequence, a token keeps its expert if it is among the
-    first `capacity` tokens (in sequence order) that chose that expert. Skipped when no sequence is
-    longer than the capacity (decode, short inputs), so the common case costs nothing.
-    """
-    if expert_index.shape[-1] <= capacity:
-        return expert_index
-    one_hot = nn.functional.one_hot(expert_index, num_experts).to(torch.int32)
-    priority = one_hot.cumsum(dim=-2).gather(-1, expert_index.unsqueeze(-1)).squeeze(-1)
-    return torch.where(priority <= capacity, expert_index, -1)
-
-
-@functools.cache
-def _fast_router_class():
-    # Subclassing keeps transformers' output recorders (router_logits) attached; imported lazily
-    # because loading transformers' Switch module takes seconds.
-    from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersTop1Router
-
-    class FastSwitchRouter(SwitchTransformersTop1Router):
-        """transformers' top-1 router returning the chosen expert ids [B, L] (before capacity), the
-        chosen probabilities [B, L, 1] and the logits; no one-hot dispatch mask. Same arithmetic."""
-
-        def forward(self, hidden_states: torch.Tensor):
-            self.input_dtype = hidden_states.dtype
-            hidden_states = hidden_states.to(self.dtype)
-            if self.training and self.jitter_noise > 0:
-                hidden_states *= torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-            self.classifier = self.classifier.to(self.dtype)
-            router_logits = self.classifier(hidden_states)
-            router_probs = nn.functional.softmax(router_logits, dim=-1, dtype=self.dtype).to(self.input_dtype)
-            expert_index = torch.argmax(router_probs, dim=-1)
-            chosen_probs = router_probs.gather(-1, expert_index.unsqueeze(-1))
-            return expert_index, chosen_probs, router_logits
-
-    return FastSwitchRouter
-
-
-_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
-
-
-def fast_switch_router(router: nn.Module) -> nn.Module:
-    """A FastSwitchRouter sharing `router`'s classifier, settings and hooks (no copy of weights)."""
-    cls = _fast_router_class()
-    if isinstance(router, cls):
-        return router
-    fast = cls.__new__(cls)
-    nn.Module.__init__(fast)
-    fast.num_experts = router.num_experts
-    fast.expert_capacity = router.expert_capacity
-    fast.classifier = router.classifier
-    fast.jitter_noise = router.jitter_noise
-    fast.ignore_padding_tokens = router.ignore_padding_tokens
-    fast.dtype = router.dtype
-    fast.train(router.training)
-    for name in _HOOK_DICTS:
-        getattr(fast, name).update(getattr(router, name))
-    return fast
-
-
 class SwitchMoE(nn.Module):
-    """Replacement for transformers' SwitchTransformersSparseMLP: its own router, MoEExperts slots.
+    """Replacement for transformers' SwitchTransformersSparseMLP: transformers' router module itself (the same
+    object: its hooks, and its output, the dispatch mask with capacity applied, stay transformers'), MoEExperts slots.
 
     Expert capacity behaves exactly as in transformers (tokens past an expert's capacity within a
     sequence get no expert and pass through the residual only). `dropless=True` routes every token
@@ -97,7 +35,7 @@ class SwitchMoE(nn.Module):
 
     def __init__(self, router: nn.Module, experts: MoEExperts, dropless: bool = False, expert_dropout: float = 0.0):
         super().__init__()
-        self.router = fast_switch_router(router)
+        self.router = router
         self.experts = experts
         self.expert_dropout = nn.Dropout(expert_dropout)
         self.dropless = dropless
@@ -109,9 +47,12 @@ class SwitchMoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch, seq, d = hidden_states.shape
-        index, probs, _ = self.router(hidden_states)  # [B, L] top-1 expert, [B, L, 1] its probability
-        if not self.dropless:
-            index = capacity_drop(index, self.router.num_experts, self.router.expert_capacity)
+        mask, probs, logits = self.router(hidden_states)  # one-hot [B, L, E] (capacity applied), [B, L, 1], logits
+        if self.dropless:  # every token to its choice: the router's argmax, before capacity
+            index = nn.functional.softmax(logits, dim=-1, dtype=self.router.dtype).to(hidden_states.dtype).argmax(-1)
+        else:  # the mask's one expert; -1 where it has none (past its expert's capacity)
+            chosen, index = mask.max(dim=-1)
+            index = index.masked_fill(chosen == 0, -1)
         hidden, index, probs = hidden_states.reshape(-1, d), index.reshape(-1, 1), probs.reshape(-1, 1)
         if self.training and self.expert_dropout.p > 0:
             out = self._experts_with_dropout(hidden, index.squeeze(-1), probs)
@@ -150,7 +91,7 @@ def slot_linears(experts: nn.Module):
         def linear(s: int, x: torch.Tensor) -> torch.Tensor:
             rows = slice(starts[s], starts[s + 1])
             b = None if bias is None else bias[s]
-            return ops.sparse_lowrank_linear(x, U[s], V[s], S_rows[rows], row_idx[rows], b)
+            return slr_linear(x, U[s], V[s], S_rows[rows], row_idx[rows], b)
         return linear
 
     return compressed("in", b_in), compressed("out", b_out)
