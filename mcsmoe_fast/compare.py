@@ -52,7 +52,7 @@ from .merge import merge_experts
 from .models import moe_layers
 from .models.config_fields import expert_count_fields, routing_groups
 from .prune import check_expert_count, check_prune, check_routing_group_counts, prune_experts, resolve_count
-from .ream import REAM_GROUP_SIZE
+from .ream import REAM_GROUP_SIZE, ream_experts
 from .train import TrainConfig, train
 from .train.text import lm_batch, perplexity
 
@@ -92,12 +92,10 @@ def merged_model(model: nn.Module, stats, method: str, num_keep: int, within_rou
 
 
 def ream_model(model: nn.Module, stats, num_keep: int) -> nn.Module:
-    """A copy of the model merged to num_keep experts per layer REAM's way (ream.ream_experts' settings), on a
-    group-limited router within its routing groups, each merged on its own: what the standard form needs, and what
-    the streamed standard merge does (ream_experts itself refuses such routers)."""
+    """A copy of the model merged to num_keep experts per layer REAM's way, on a group-limited router within its
+    routing groups, each merged on its own: what the standard form needs, and what the streamed standard merge does."""
     reduced = copy.deepcopy(model)
-    merge_experts(reduced, stats, num_keep, similarity="expert-output", globally=False, grouping="ream",
-                  max_group_size=REAM_GROUP_SIZE, within_routing_groups=True, progress=False)
+    ream_experts(reduced, stats, num_experts=num_keep, within_routing_groups=True, progress=False)
     return reduced
 
 

@@ -1,6 +1,8 @@
 """REAM-style merging (grouping.capped_groups, ream.py): the groups against a transcription of REAM's
 pseudo-grouping, the centroids, saliency merge weights, the centroid's router row in the standard
 checkpoint (loaded by vanilla transformers), every option's effect, and refusals."""
+import copy
+
 import pytest
 import torch
 
@@ -145,3 +147,21 @@ def test_refusals(calibrated, tmp_path):
     deepseek = build("deepseek_v3", tmp_path)
     with pytest.raises(ValueError, match="across routing groups"):
         ream_experts(deepseek, {}, num_experts=4)
+
+
+def test_ream_within_routing_groups_merges_each_routing_group_on_its_own(tmp_path):
+    """within_routing_groups=True on DeepSeek-V3 (2 routing groups of 4): every REAM group inside one routing group,
+    the same count in each; equal to merge_experts' REAM grouping within routing groups (what compare runs)."""
+    deepseek = build("deepseek_v3", tmp_path)
+    stats = collect_routing_stats(deepseek, calibration(deepseek), bases=("expert-output",), saliency="reap",
+                                  progress=False)
+    twin, fresh = copy.deepcopy(deepseek), copy.deepcopy(deepseek)
+    groups = ream_experts(deepseek, stats, num_experts=4, within_routing_groups=True, progress=False)
+    for g in groups.values():
+        assert all(len({e // 4 for e in members}) == 1 for members in g.groups), g.groups
+        assert sum(1 for members in g.groups if members[0] < 4) == 2  # 2 of the 4 groups in each routing group
+    reference = merge_experts(twin, stats, 4, similarity="expert-output", globally=False, grouping="ream",
+                              max_group_size=16, within_routing_groups=True, progress=False)
+    assert {n: g.expert_map for n, g in groups.items()} == {n: g.expert_map for n, g in reference.items()}
+    with pytest.raises(ValueError, match=r"choose a multiple of 2"):
+        ream_experts(fresh, stats, num_experts=3, within_routing_groups=True, progress=False)
