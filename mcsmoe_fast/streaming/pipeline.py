@@ -45,7 +45,7 @@ from .activations import ActivationStore
 from .compress_stage import CompressionStage, compress_options
 from .dispatch import check_device_map, dispatched_statistics, split_memory
 from .forward import ACCEPTED_KEYS, SEQ2SEQ_KEYS, prepare_batches
-from .memory import MemoryPlan, human, plan_memory, stream_requantization_bytes
+from .memory import MemoryPlan, human, largest_unit_bytes, plan_memory, stream_requantization_bytes
 from .passes import Merger, Progress, Stream, layer_pass, merge_pass
 from .quantized import ErrorProbe, dequantized_config, output_writer, record_error
 from .skeleton import layer_units, moe_views, open_source
@@ -80,13 +80,6 @@ def _check_options(similarity, strategy, grouping, bases, max_group_size=None, d
     return ("expert-output",) if similarity == "expert-output" else CHEAP_BASES
 
 
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def _plan(s: Stream, max_memory, max_shard_size, standard: tuple | None, strategy: str, keep_quantization: bool,
           fused: bool) -> MemoryPlan:
     """The memory plan: one layer, the carried hidden states (twice with the fitted standard router: the merged
@@ -94,8 +87,7 @@ def _plan(s: Stream, max_memory, max_shard_size, standard: tuple | None, strateg
     stores = 2 if _fits_router(standard, strategy) else 1
     report = ("standard" if standard else "exact") if keep_quantization else None
     quantized_bytes = stream_requantization_bytes(s, report, fused) if s.source.quant is not None else 0
-    layer_bytes = max(sum(_numel(shape) for n, shape in s.shapes.items() if n.startswith(f"{u}."))
-                      for u, _ in s.units) * s.dtype.itemsize
+    layer_bytes = largest_unit_bytes(s.shapes, s.units, s.dtype)
     ff = max((v.intermediate_size for v in s.views.values()), default=1)
     activations = stores * sum(b.input_ids.numel() for b in s.batches) * s.model.config.hidden_size * s.dtype.itemsize
     plan = plan_memory(max_memory, layer_bytes, ff * ff * 4, activations, max_shard_size, quantized_bytes)
