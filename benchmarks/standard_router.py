@@ -66,10 +66,9 @@ def main() -> None:
     args = parser.parse_args()
     plan: DemoPlan = DemoPlan() if args.full else QUICK
     start = time.perf_counter()
-    train_tokens, eval_tokens = split_corpus(int(plan.steps * plan.batch_size * plan.length * 1.05),
-                                             plan.eval_windows * plan.length)
+    train_tokens, held_out = split_corpus(int(plan.steps * plan.batch_size * plan.length * 1.05),
+                                          plan.eval_windows, plan.length)
     data = Windows(train_tokens, plan.length)
-    held_out = Windows(eval_tokens, plan.length).rows
     full = trained(plan, data, args.cache)
     calibration = [{"input_ids": data.rows[i: i + 16]} for i in range(0, plan.calibration_windows, 16)]
     stats = collect_routing_stats(full, calibration, progress=False)

@@ -49,8 +49,7 @@ def test_rows_are_fair_and_complete(demo_run):
 
 def test_checkpoints_load_back_with_the_reported_perplexity(demo_run):
     out, rows, _ = demo_run
-    _, held_out = split_corpus(1, TINY.eval_windows * TINY.length)
-    windows = Windows(held_out, TINY.length).rows
+    _, windows = split_corpus(1, TINY.eval_windows, TINY.length)
     for name, slug in (("M-SMoE + KD", "m-smoe-kd"), ("MC-SMoE one-shot + KD", "mc-smoe-one-shot-kd"),
                        ("MC-SMoE pruned during KD", "mc-smoe-pruned-during-kd")):
         model = from_pretrained(out / "checkpoints" / slug)
@@ -82,9 +81,9 @@ def test_method_comparison_starts_from_the_merge_checkpoint_with_one_kd_budget(d
             plain = by_method[(r["method"][:-2], r["ratio"])]
             low_rank = TINY.rank * (3 * TINY.intermediate_size + 2 * TINY.hidden_size) * r["experts"] * TINY.layers
             assert low_rank < r["expert_params"] <= low_rank + TINY.keep_ratio * plain["expert_params"]
-    _, held_out = split_corpus(1, TINY.eval_windows * TINY.length)
+    _, held_out = split_corpus(1, TINY.eval_windows, TINY.length)
     teacher = from_pretrained(out / "checkpoints" / "teacher")
-    teacher_ppl = perplexity(teacher, Windows(held_out, TINY.length).rows)
+    teacher_ppl = perplexity(teacher, held_out)
     assert methods["rows"][0]["perplexity"] == pytest.approx(teacher_ppl, rel=1e-5)
     assert teacher_ppl != pytest.approx(rows["full"]["perplexity"], rel=1e-3), "the teacher is not the final model"
     by = {(r["method"], r["ratio"]): r for r in methods["rows"]}
@@ -114,9 +113,44 @@ def test_corpus_split_is_disjoint_and_deterministic():
     files = stdlib_files()
     held = [p for p in files if is_held_out(p, root)]
     assert 0 < len(held) < len(files) / 4
-    a, b = split_corpus(5000, 3000)
-    assert torch.equal(a, split_corpus(5000, 3000)[0]) and a.numel() == 5000 and b.numel() == 3000
+    a, b = split_corpus(5000, 3, 1000)
+    assert torch.equal(a, split_corpus(5000, 3, 1000)[0]) and a.numel() == 5000 and b.shape == (3, 1000)
     assert int(a.max()) < 256
+    train_text = b"".join(p.read_bytes() for p in files if not is_held_out(p, root))
+    assert bytes(a.to(torch.uint8).tolist()) == train_text[:5000]
+
+
+def test_held_out_windows_are_drawn_from_every_part_of_the_held_out_files():
+    """The evaluation windows are spread over all held-out files (not their first bytes): they start with the
+    first held-out file's first bytes, end with the last file's last whole window, and come from most files."""
+    import sysconfig
+    from pathlib import Path
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    held = [p for p in stdlib_files() if is_held_out(p, root)]
+    stream = b"".join(p.read_bytes() for p in held)
+    ends = torch.tensor([p.stat().st_size for p in held]).cumsum(0)
+    length, count = 64, 2 * len(held)
+    _, windows = split_corpus(1, count, length)
+    assert windows.shape == (count, length) and windows.dtype == torch.long
+    starts = [-1]
+    for row in windows:  # the first whole window of the stream after the previous one holding these bytes
+        text = bytes(row.to(torch.uint8).tolist())
+        start = next((i for i in range((starts[-1] // length + 1) * length, len(stream) - length + 1, length)
+                      if stream[i: i + length] == text), None)
+        assert start is not None, "every window is a whole window of the held-out stream, in order"
+        starts.append(start)
+    starts = starts[1:]
+    assert starts[0] == 0 and starts[-1] == (len(stream) // length - 1) * length
+    assert len(set(starts)) == count
+    files_hit = set(torch.searchsorted(ends, torch.tensor(starts), right=True).tolist())
+    assert len(files_hit) >= len(held) // 2, f"windows from {len(files_hit)} of {len(held)} held-out files"
+
+
+@pytest.mark.parametrize("count", [0, 10**9])
+def test_held_out_window_count_out_of_range_is_refused(count):
+    with pytest.raises(ValueError, match="windows"):
+        split_corpus(1, count, 128)
 
 
 @pytest.mark.parametrize("bad,match", [({"recover_steps": 24}, "recover_steps"), ({"groups": 8}, "groups"),

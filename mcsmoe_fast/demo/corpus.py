@@ -33,9 +33,22 @@ def read_bytes(files: list[Path], limit: int) -> torch.Tensor:
     return torch.frombuffer(bytearray(out[:limit]), dtype=torch.uint8).long()  # a writable copy
 
 
-def split_corpus(train_bytes: int, eval_bytes: int, root: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def spread_windows(tokens: torch.Tensor, length: int, count: int) -> torch.Tensor:
+    """`count` windows [count, length] spread evenly over the whole stream: every part of it is sampled, not
+    just its first bytes."""
+    rows = tokens[: tokens.numel() // length * length].view(-1, length)
+    if not 1 <= count <= rows.shape[0]:
+        raise ValueError(f"{count} windows of {length} tokens asked from a stream of {rows.shape[0]} windows")
+    return rows[torch.linspace(0, rows.shape[0] - 1, count).round().long()]
+
+
+def split_corpus(train_bytes: int, eval_windows: int, length: int,
+                 root: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the training files' first `train_bytes` bytes, `eval_windows` windows of `length` bytes spread evenly
+    over all the held-out files)."""
     root = Path(root or sysconfig.get_paths()["stdlib"])
     files = stdlib_files(root)
     held = [p for p in files if is_held_out(p, root)]
     train = [p for p in files if not is_held_out(p, root)]
-    return read_bytes(train, train_bytes), read_bytes(held, eval_bytes)
+    return read_bytes(train, train_bytes), spread_windows(read_bytes(held, sum(p.stat().st_size for p in held)),
+                                                          length, eval_windows)

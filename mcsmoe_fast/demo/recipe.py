@@ -53,7 +53,7 @@ class DemoPlan:
     rank: int = 16
     keep_ratio: float = 0.1
     calibration_windows: int = 64
-    eval_windows: int = 96
+    eval_windows: int = 256  # spread over all held-out files (corpus.split_corpus)
     seed: int = 0
     compare_ratios: tuple[float, ...] = (0.25, 0.5)  # shares of experts removed in the method comparison
     compare_kd_steps: int | None = 100  # KD steps of each compared method (None: half of recover_steps)
@@ -85,7 +85,7 @@ DEMO_METHODS = ("m-smoe", "m-smoe-standard", "hc-smoe", "ream", "reap", "frequen
 
 # --quick leaves the compressed merges out (minutes matter there; the full plan and the tests run them)
 QUICK = DemoPlan(hidden_size=64, intermediate_size=128, steps=240, recover_steps=80, learning_rate=5e-3,
-                 kd_learning_rate=2e-3, warmup_steps=20, rank=8, calibration_windows=32, eval_windows=48,
+                 kd_learning_rate=2e-3, warmup_steps=20, rank=8, calibration_windows=32, eval_windows=128,
                  compare_kd_steps=40, compare_methods=DEMO_METHODS[:6])
 
 
@@ -111,13 +111,12 @@ def _snapshot_at(step: int, into: dict):
 
 def run_recipe(plan: DemoPlan, progress: bool = True, print_fn=print) -> dict:
     """Train, merge, recover, compress, recover. Returns {row name: (model, steps)} and the data."""
-    train_tokens, eval_tokens = split_corpus(int(plan.steps * plan.batch_size * plan.length * 1.05),
-                                             plan.eval_windows * plan.length)
+    train_tokens, held_out = split_corpus(int(plan.steps * plan.batch_size * plan.length * 1.05),
+                                          plan.eval_windows, plan.length)
     data = Windows(train_tokens, plan.length)
-    held_out = Windows(eval_tokens, plan.length).rows
     eval_fn = lambda m: {"perplexity": perplexity(m, held_out)}  # noqa: E731
-    print_fn(f"corpus: {train_tokens.numel() / 1e6:.1f} MB of standard-library source to train on, "
-             f"{eval_tokens.numel() / 1e3:.0f} kB of held-out files to evaluate on (their first bytes in path order)")
+    print_fn(f"corpus: {train_tokens.numel() / 1e6:.1f} MB of standard-library source to train on; evaluated on "
+             f"{plan.eval_windows} windows of {plan.length} bytes spread evenly over the held-out files")
 
     full = byte_lm(plan)
     snap: dict = {}
