@@ -165,11 +165,10 @@ def run_streamed(args, methods, ratios, compress) -> int:
     """Larger than --max-memory: every method written and evaluated layer by layer (compare_streamed.py)."""
     from pathlib import Path
 
-    from transformers import AutoConfig
-
     from ..calibration_data import calibration_batches, check_batches, load_tokenizer, read_calibration_texts
     from ..compare import markdown_table, write_results, write_tables
     from ..compare_streamed import check_checkpoint, check_streamed_methods, compare_checkpoint
+    from ..models.hub import load_config
     from ..train.text import text_windows
 
     check_streamed_methods(methods, compress)
@@ -182,7 +181,7 @@ def run_streamed(args, methods, ratios, compress) -> int:
     windows = text_windows(args.eval_text, tokenizer, args.eval_length).rows
     texts = read_calibration_texts(args.calib, args.num_samples, args.text_field, args.split)
     batches = calibration_batches(texts, tokenizer, args.batch_size, args.max_length)
-    check_batches(batches, tokenizer, AutoConfig.from_pretrained(args.model).vocab_size)
+    check_batches(batches, tokenizer, load_config(args.model).vocab_size)
     print(f"the model does not fit --max-memory {args.max_memory}: comparing layer by layer")
     result = compare_checkpoint(args.model, batches, windows, methods, ratios,
                                 scratch=Path(args.offload_dir or args.out), max_memory=args.max_memory,

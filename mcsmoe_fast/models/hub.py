@@ -51,10 +51,13 @@ def keep_float32_(model: nn.Module, dtype: torch.dtype) -> None:
 
 def cast_as_loaded_(model: nn.Module, dtype: torch.dtype) -> None:
     """model.to(dtype) as from_pretrained(dtype=dtype) would load it: float32_kept tensors go to float32 from
-    their current values (never through `dtype`)."""
+    their current values (never through `dtype`), and buffers no checkpoint holds (non-persistent, such as the
+    rotary embedding's inv_freq) keep the dtype the model built them in, as transformers leaves them."""
     kept = float32_kept(model, dtype)
+    transient = {f"{prefix}.{b}" if prefix else b for prefix, module in model.named_modules()
+                 for b in module._non_persistent_buffers_set}
     for name, t in (*model.named_parameters(), *model.named_buffers()):
-        if t.is_floating_point():
+        if t.is_floating_point() and name not in transient:
             t.data = t.data.to(torch.float32 if name in kept else dtype)
 
 
@@ -93,9 +96,16 @@ def load_model(name_or_path: str, dtype: torch.dtype | str | None = None):
     from transformers import AutoConfig
 
     dtype = checked_dtype(dtype)
+    name_or_path = local_or_hub(name_or_path)
     config = AutoConfig.from_pretrained(name_or_path)
     return complete(name_or_path, model_class_for(config).from_pretrained(
         name_or_path, dtype=dtype or torch.float32, output_loading_info=True)).eval()
+
+
+def local_or_hub(spec) -> str:
+    """A local directory with `~` expanded (transformers would read "~/model" as a malformed hub id), else spec."""
+    local = Path(spec).expanduser()
+    return str(local) if local.is_dir() else str(spec)
 
 
 def looks_like_path(spec: str) -> bool:
@@ -138,7 +148,8 @@ def load_config(spec: str):
     meets none of huggingface_hub's retries offline)."""
     from transformers import AutoConfig
 
-    if not Path(spec).expanduser().is_dir():
+    spec = local_or_hub(spec)
+    if not Path(spec).is_dir():
         try:
             return AutoConfig.from_pretrained(spec, local_files_only=True)
         except (OSError, ValueError):  # not cached, or not a repo id: the check says which, in one line
