@@ -364,7 +364,8 @@ torch.library.register_autograd("mcsmoe_fast::grouped_expert_ffn_slr", _no_backw
 def autotune_decisions() -> dict[str, tuple[str, list[str]]]:
     """The choices the CPU ops make by measurement: {decision: (the environment variable that pins it,
     its candidates' labels)}. A pin takes a label or an index (MCSMOE_SLOT_PARALLEL=1 = "parallel");
-    MCSMOE_AUTOTUNE=0 turns timing off (every decision takes its fixed default)."""
+    MCSMOE_AUTOTUNE=0 or torch.use_deterministic_algorithms(True) turns timing off (every decision takes its
+    fixed default, so reruns and resumed runs are bit-identical)."""
     return {name: (env, list(labels)) for name, env, labels in _C.autotune_decisions()}
 
 

@@ -178,6 +178,27 @@ def test_timing_off_and_pins_record_nothing(monkeypatch):
     assert {row["decision"] for row in ops.autotune_choices()} == {"gemm"}
 
 
+def test_deterministic_algorithms_turn_timing_off(monkeypatch):
+    """torch.use_deterministic_algorithms(True) times nothing and runs the defaults MCSMOE_AUTOTUNE=0 runs; turned
+    off again, the same calls are timed."""
+    ffn = problem(300, 64, 96, 8, 4, 2, "swiglu", seed=5)
+    x, U, V, S_rows, row_idx, b = linear_problem((300,), 160, 96, 8, 20, True, seed=6)
+    calls = lambda: (ops.grouped_expert_ffn(*ffn), ops.sparse_lowrank_linear(x, U, V, S_rows, row_idx, b))  # noqa
+    monkeypatch.setenv("MCSMOE_AUTOTUNE", "0")
+    defaults = calls()
+    monkeypatch.delenv("MCSMOE_AUTOTUNE")
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in range(3):
+            assert all(torch.equal(a, b) for a, b in zip(calls(), defaults))
+        assert ops.autotune_choices() == []
+    finally:
+        torch.use_deterministic_algorithms(before)
+    calls()
+    assert ops.autotune_choices() != []
+
+
 def test_one_thread_has_no_schedule_to_choose():
     torch.set_num_threads(1)
     args = problem(300, 64, 96, 8, 4, 2, "swiglu", seed=4)

@@ -95,3 +95,31 @@ def test_resumed_pruned_run_continues_the_schedule_and_ends_at_the_keep_ratio(tm
                 "the resumed run keeps other rows than the uninterrupted one"
     for (name, a), b in zip(resumed.state_dict().items(), straight.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.fixture
+def deterministic(monkeypatch):
+    monkeypatch.delenv("MCSMOE_AUTOTUNE", raising=False)  # timing on, as outside the tests (conftest turns it off)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+def test_resume_is_bit_exact_under_deterministic_algorithms(tmp_path, deterministic):
+    """The compressed op's choices by measurement round differently per candidate, so the winner (and the trial
+    calls before it) would make a resumed process end a little elsewhere; under torch.use_deterministic_algorithms
+    no decision is timed and the resumed run ends bit for bit where the uninterrupted one does. Each run starts
+    from an empty choice cache, as a new process does."""
+    from mcsmoe_fast import ops
+
+    ops.autotune_reset()
+    with pytest.raises(Stopped):
+        run(tmp_path / "run", stop_at=6)
+    ops.autotune_reset()
+    resumed, _, _ = run(tmp_path / "run", resume=True)
+    ops.autotune_reset()
+    straight, _, _ = run(tmp_path / "straight")
+    assert ops.autotune_choices() == []
+    for (name, a), b in zip(resumed.state_dict().items(), straight.state_dict().values()):
+        assert torch.equal(a, b), name

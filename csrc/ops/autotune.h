@@ -16,12 +16,13 @@
 // (summation order, one rounding of an fp32 GEMM to bf16 instead of the GEMM's own). The tests force each
 // candidate and compare it with the reference, so each stays correct on any machine.
 //
-// Switches: MCSMOE_AUTOTUNE=0 turns timing off (each decision takes its deterministic default, the rule
-// measured on one machine); a decision's own variable pins one candidate by label or index (e.g.
+// Switches: MCSMOE_AUTOTUNE=0 or torch.use_deterministic_algorithms(True) turns timing off (each decision
+// takes its deterministic default, the rule measured on one machine); a decision's own variable pins one candidate by label or index (e.g.
 // MCSMOE_SLOT_PARALLEL=1, MCSMOE_GEMM=fp32); a pinned candidate a call cannot run falls back to the default.
 // The cache is readable (snapshot, mcsmoe_fast.ops.autotune_choices()) and can be cleared (reset).
 #pragma once
 
+#include <ATen/Context.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -66,9 +67,12 @@ inline State& state() {
   return s;
 }
 
+// Timing is off under MCSMOE_AUTOTUNE=0 and under torch.use_deterministic_algorithms(True): a winner chosen by
+// timing can differ between runs, and so would the rounding of everything computed after it (a rerun or a
+// resumed training run would not end bit for bit where the first one did).
 inline bool enabled() {
   const char* env = std::getenv("MCSMOE_AUTOTUNE");
-  return !(env && env[0] == '0' && env[1] == '\0');
+  return !(env && env[0] == '0' && env[1] == '\0') && !at::globalContext().deterministicAlgorithms();
 }
 
 inline int reps() {
