@@ -187,9 +187,13 @@ def run(model, data, teacher=None, **settings):
 def test_the_first_kd_loss_is_kd_loss_of_the_batch(family, hd_lambda):
     """Every batch is the same, so the loss recorded after step 1 is kd_loss of that batch with the initial
     student (in eval mode) and the teacher: causal for Mixtral (position t predicts label t + 1), not for
-    Switch (an encoder-decoder); with hd_lambda the hidden states of both are asked for."""
-    make = (lambda seed: tiny_job_model(seed)) if family == "mixtral" else \
-        (lambda seed: (torch.manual_seed(seed), tiny_switch(num_experts=4, d_model=16, d_ff=24, num_layers=2))[1])
+    Switch (an encoder-decoder); with hd_lambda the hidden states of both are asked for (student and teacher
+    differ: were they equal, log(MSE) would be -inf and stop the run)."""
+    def make(seed):
+        if family == "mixtral":
+            return tiny_mixtral(num_experts=4, hidden_size=32, intermediate_size=48, num_layers=2, seed=seed)
+        return tiny_switch(num_experts=4, d_model=16, d_ff=24, num_layers=2, seed=seed)
+
     student, teacher, data = make(1), make(0), same_rows()
     batch = collate(data)
     with torch.no_grad():
@@ -202,7 +206,8 @@ def test_the_first_kd_loss_is_kd_loss_of_the_batch(family, hd_lambda):
 
 @pytest.mark.parametrize("with_teacher, hd_lambda, wanted", [(True, 0.0, False), (False, 0.5, False), (True, 0.5, True)])
 def test_hidden_states_are_asked_for_only_when_the_hidden_loss_uses_them(with_teacher, hd_lambda, wanted):
-    student, teacher = tiny_job_model(1), tiny_job_model(0)
+    student = tiny_mixtral(num_experts=4, hidden_size=32, intermediate_size=48, num_layers=2, seed=1)
+    teacher = tiny_job_model()  # seed 0: another model (a student equal to its teacher makes log(MSE) -inf)
     asked = []
     for m in (student, teacher):
         m.register_forward_pre_hook(lambda module, args, kwargs: asked.append(kwargs.get("output_hidden_states")),
@@ -511,9 +516,9 @@ def pruned_job(tmp_path, steps=2):
 
 def test_resuming_a_pruned_student_needs_its_saved_state(tmp_path):
     data = tiny_job_data()
-    train(tiny_job_model(), data, TrainConfig(steps=2, batch_size=8, eval_every=2), collate_fn=collate,
-          eval_fn=lambda m: {"perplexity": 1.0}, output_dir=tmp_path / "plain", progress=False)
-    student, config = pruned_job(tmp_path)
+    student, config = pruned_job(tmp_path)  # the same settings: only the student differs
+    train(tiny_job_model(), data, config, collate_fn=collate, eval_fn=lambda m: {"perplexity": 1.0},
+          output_dir=tmp_path / "plain", progress=False)
     with pytest.raises(ValueError, match=exact(
             f"{tmp_path / 'plain' / 'latest'}: the saved run holds no student state to resume a pruned student from")):
         train(student, data, config, collate_fn=collate, eval_fn=lambda m: {"perplexity": 1.0},

@@ -8,8 +8,7 @@ from mcsmoe_fast.train import TrainConfig, train
 
 
 def tiny_job_model(seed: int = 0):
-    torch.manual_seed(seed)
-    return tiny_mixtral(num_experts=4, hidden_size=32, intermediate_size=48, num_layers=2)
+    return tiny_mixtral(num_experts=4, hidden_size=32, intermediate_size=48, num_layers=2, seed=seed)
 
 
 def tiny_job_data(n: int = 48, length: int = 12, seed: int = 1):

@@ -41,7 +41,9 @@ def add(sub):
                    help="train the routers too (default: frozen, as the paper does for fine-tuning and KD)")
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="accelerate's")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest checkpoint, with its settings (--steps and "
+                        "--eval-every may change); without it, an --out that holds a run is refused")
     p.set_defaults(run=run)
     return p
 
@@ -51,6 +53,7 @@ def run(args) -> int:
     from ..loading import open_model
     from ..compress import CompressOptions
     from ..train import TrainConfig, train
+    from ..train.loop import check_output_dir
     from ..train.text import refuse_encoder_decoder
 
     refuse_overwriting_input(args, checkpoint=False)  # --out holds the run's best/ and latest/
@@ -71,13 +74,17 @@ def run(args) -> int:
         prune_initial_warmup=args.prune_initial_warmup,
         prune_final_warmup=args.prune_final_warmup, train_routers=args.train_routers,
         mixed_precision=args.mixed_precision, seed=args.seed)
+    check_output_dir(args.out, config, args.resume, names=("--out", "--resume"))  # before the model is loaded
     model = open_model(args.model)
     if data.metric == "perplexity":  # --text trains a causal LM: refused for an encoder-decoder before any step
         refuse_encoder_decoder(model)
     decompose_for_pruning(model, args, config)
     teacher = open_model(args.teacher) if args.teacher else None
-    result = train(model, data.train, config, collate_fn=data.collate, eval_fn=data.evaluate, teacher=teacher,
-                   output_dir=args.out, resume=args.resume, tokenizer=tokenizer)
+    try:
+        result = train(model, data.train, config, collate_fn=data.collate, eval_fn=data.evaluate, teacher=teacher,
+                       output_dir=args.out, resume=args.resume, tokenizer=tokenizer)
+    except FloatingPointError as exc:  # a non-finite loss: one line, as the other refusals
+        raise ValueError(str(exc)) from None
     last = result.history[-1] if result.history else {}
     print(f"trained to step {result.step}; last {data.metric} {last.get(data.metric, float('nan')):.4f}; "
           f"best {result.best_metric} at step {result.best_step}")

@@ -62,6 +62,8 @@ class TrainConfig:
             problems.append(str(exc))
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             problems.append(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        if not problems:  # the warm-ups are derived from the settings above
+            problems += self._warmup_problems()
         if problems:
             raise ValueError("TrainConfig: " + "; ".join(problems))
         self.adam_betas = tuple(self.adam_betas)
@@ -74,7 +76,8 @@ class TrainConfig:
     def pruning_warmups(self) -> tuple[int, int]:
         """(initial, final) warm-ups of the compression pruner. The defaults, 1x and 4x the learning-rate
         warm-up (the original's 50 and 200 steps), are scaled by steps / (2 * their sum) when the two
-        would leave no pruning stretch; explicit values are taken as they are (the pruner checks they fit)."""
+        would leave no pruning stretch; given values are taken as they are (warm-ups that do not fit are
+        refused when the config is made)."""
         given = (self.prune_initial_warmup, self.prune_final_warmup)
         initial, final = (self.warmup_steps if given[0] is None else given[0],
                           4 * self.warmup_steps if given[1] is None else given[1])
@@ -83,6 +86,26 @@ class TrainConfig:
             initial = initial * self.steps // (2 * total) if given[0] is None else initial
             final = final * self.steps // (2 * total) if given[1] is None else final
         return initial, final
+
+    def _warmup_problems(self) -> list[str]:
+        """The pruning warm-ups must fit in the run, and pruning to keep_ratio < 1 must start before it ends;
+        a warm-up left to its default is named with the default it was derived from."""
+        names, defaults = ("prune_initial_warmup", "prune_final_warmup"), ("warmup_steps", "4 x warmup_steps")
+        given, warmups = (self.prune_initial_warmup, self.prune_final_warmup), self.pruning_warmups()
+        if sum(warmups) > self.steps:
+            terms = " + ".join(f"{names[i]} {warmups[i]} (given)" if given[i] is not None else
+                               f"{names[i]} {warmups[i]} (not given: {defaults[i]} = "
+                               f"{(1, 4)[i] * self.warmup_steps}, scaled down)" for i in (0, 1))
+            remedy = "pass smaller ones"
+            if None in given:  # exactly one side was derived (two defaults always fit)
+                i = given.index(None)
+                remedy = (f"pass {names[i]} (at most {max(0, self.steps - warmups[1 - i])}) or a smaller "
+                          f"{names[1 - i]}")
+            return [f"the pruning warm-ups do not fit in steps={self.steps}: {terms} = {sum(warmups)}; {remedy}"]
+        if self.keep_ratio < 1 and warmups[0] >= self.steps:  # the student would come back unpruned
+            return [f"prune_initial_warmup ({warmups[0]}) must be below steps ({self.steps}): pruning to keep_ratio "
+                    f"{self.keep_ratio} starts after the initial warm-up, which would end with the run"]
+        return []
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -11,12 +11,16 @@ compressed experts still in pruning state gets a CompressionPruner, called after
 (without a score update when mixed precision skipped the step). Every `eval_every` steps (and at the end) the
 model is evaluated, `output_dir/latest` is replaced by a checkpoint with everything needed to resume,
 and `output_dir/best` when the metric improved (for a pruned student: only once the pruning schedule
-reached its final keep ratio, saved finalized). `resume=True` continues from `latest`: same data order,
-optimizer and schedule, so the resumed run ends where an uninterrupted one would.
+reached its final keep ratio, saved finalized). `resume=True` continues from `latest` with the saved run's
+settings (only `steps` and `eval_every` may change): same data order, optimizer and schedule, so the resumed run
+ends where an uninterrupted one would. Without `resume`, an output_dir that holds a run is refused, as is one that
+overlaps the directory the model or the teacher was loaded from. A non-finite loss stops the run before its update
+(fp16 mixed precision aside, where the loss scaler skips such steps).
 """
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +36,7 @@ from ..models import moe_layers
 from ..pruner import CompressionPruner
 from .config import TrainConfig
 from .losses import kd_loss, task_loss
-from .state import read_progress, restore_state, write_state
+from .state import STATE_JSON, read_progress, restore_state, write_state
 
 BEST, LATEST = "best", "latest"
 
@@ -60,9 +64,10 @@ def freeze_routers(model: nn.Module) -> int:
 
 
 def decays(name: str, param: torch.Tensor) -> bool:
-    """Weight decay on matrices only: not on norms and biases (stacked [E, F] expert biases included, and the
-    merged / compressed slots' b_in [S, F] and b_out [S, d])."""
-    return param.dim() >= 2 and not name.endswith("bias") and name.rsplit(".", 1)[-1] not in ("b_in", "b_out")
+    """Weight decay on matrices only: not on norms, nor on any parameter whose name holds "bias" (the original's
+    rule: stacked [E, F] expert biases, and Switch's relative_attention_bias tables), nor on the merged /
+    compressed slots' b_in [S, F] and b_out [S, d]."""
+    return param.dim() >= 2 and "bias" not in name and name.rsplit(".", 1)[-1] not in ("b_in", "b_out")
 
 
 def _optimizer(model: nn.Module, config: TrainConfig, distilling: bool) -> torch.optim.Optimizer:
@@ -91,10 +96,7 @@ def _pruner(model: nn.Module, config: TrainConfig) -> CompressionPruner | None:
     pruning = [m for m in model.modules() if isinstance(m, CompressedMoEExperts) and m.pruning]
     if not pruning:
         return None
-    initial, final = config.pruning_warmups()
-    if config.keep_ratio < 1 and initial >= config.steps:  # the student would come back unpruned
-        raise ValueError(f"prune_initial_warmup ({initial}) must be below steps ({config.steps}): pruning to keep_ratio "
-                         f"{config.keep_ratio} starts after the initial warm-up, which would end with the run")
+    initial, final = config.pruning_warmups()  # TrainConfig refused warm-ups that do not fit
     return CompressionPruner(model, config.keep_ratio, config.steps, initial, final)
 
 
@@ -141,13 +143,62 @@ class _Run:
         return self.teacher is None  # KD runs the student in eval mode, as the original
 
 
-def _check_arguments(train_data, config: TrainConfig, eval_fn, output_dir: Path | None, resume: bool) -> None:
+def _check_arguments(models: dict, train_data, config: TrainConfig, eval_fn, output_dir: Path | None,
+                     resume: bool) -> None:
     if resume and output_dir is None:
         raise ValueError("resume=True needs the output_dir of the run to resume")
     if eval_fn is None and config.eval_every:
         raise ValueError("eval_every > 0 needs an eval_fn (or set eval_every=0)")
     if len(train_data) < config.batch_size:
         raise ValueError(f"train_data has {len(train_data)} examples, fewer than one batch of {config.batch_size}")
+    if output_dir is not None:
+        _refuse_writing_over_sources(output_dir, models)
+        check_output_dir(output_dir, config, resume)
+
+
+def _refuse_writing_over_sources(output_dir: Path, models: dict) -> None:
+    """output_dir's best/ and latest/ must neither go into nor replace the directory a model was loaded from (its
+    name_or_path), as the CLI refuses for --model and --teacher."""
+    out = output_dir.absolute().resolve()
+    for role, model in models.items():
+        source = getattr(model, "name_or_path", None)
+        if not isinstance(source, (str, Path)) or not str(source) or not Path(source).is_dir():
+            continue  # built in memory, or a hub id
+        path = Path(source).absolute().resolve()
+        if out == path or path in out.parents:
+            raise ValueError(f"output_dir {output_dir} would write into the {role}'s own directory {source} (its "
+                             "name_or_path): choose another output_dir")
+        if out in path.parents:
+            raise ValueError(f"output_dir {output_dir} holds the {role}'s own directory {source} (its name_or_path): "
+                             "the run's best/ and latest/ could replace it; choose another output_dir")
+
+
+RESUMABLE_CHANGES = ("steps", "eval_every")  # the settings a resume may change (docs/training.md says why)
+
+
+def check_output_dir(output_dir, config: TrainConfig, resume: bool, names=("output_dir", "resume=True")) -> None:
+    """Refuse, before any work, a run that would lose or misread the run already in output_dir: without resume,
+    one that would replace its best/ and latest/; with resume, one whose settings differ from the saved run's in
+    anything but RESUMABLE_CHANGES (the saved optimizer, data order and schedule are that run's). `names`: what
+    the caller calls the directory and the resume option (the CLI: --out, --resume)."""
+    output_dir = Path(output_dir)
+    if not resume:
+        for name in (LATEST, BEST):
+            if (output_dir / name / STATE_JSON).exists():
+                step = read_progress(output_dir / name)["step"]
+                raise ValueError(f"{names[0]} {output_dir} holds a training run ({name}/ at step {step}): {names[1]} "
+                                 f"continues it; choose another {names[0]} to start a new run")
+        return
+    if not (output_dir / LATEST / "config.json").exists():
+        return  # nothing to resume: the run starts
+    saved = read_progress(output_dir / LATEST).get("config", {})
+    now = json.loads(json.dumps(config.to_dict()))  # as the record keeps it: tuples become lists
+    differ = [f"{key} {saved[key]!r} there, {now[key]!r} now" for key in sorted(now)
+              if key in saved and key not in RESUMABLE_CHANGES and saved[key] != now[key]]
+    if differ:
+        raise ValueError(f"resume: {output_dir / LATEST} holds a run with other settings: {'; '.join(differ)}; resume "
+                         f"with the saved settings (only {' and '.join(RESUMABLE_CHANGES)} may change) or start a new "
+                         f"run in another {names[0]}")
 
 
 def _setup(model: nn.Module, train_data, config: TrainConfig, collate_fn, teacher: nn.Module | None,
@@ -207,6 +258,11 @@ def _resume(run: _Run) -> None:
                                                              record["best_step"], record["history"])
     if run.step > run.config.steps:
         raise ValueError(f"resume: the saved run is at step {run.step}, past steps={run.config.steps}")
+    # the next step's learning rate from this run's schedule (the saved one's to the bit when steps is unchanged;
+    # a resume with other steps follows its own decay from the first resumed step)
+    scheduler = run.scheduler
+    for group, base, factor in zip(run.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
 
 
 def _prepare(run: _Run) -> None:
@@ -268,13 +324,16 @@ def _optimizer_step(run: _Run, batch: dict, params: list[torch.Tensor]) -> torch
     config, labels = run.config, batch["labels"]
     want_hidden = run.teacher is not None and config.hd_lambda > 0
     out = run.model(**batch, output_hidden_states=want_hidden)
+    parts = None
     if run.teacher is not None:
         with torch.no_grad():
             teacher_out = run.teacher(**batch, output_hidden_states=want_hidden)
-        loss, _ = kd_loss(out, teacher_out, labels, run.causal, config.kd_lambda, config.temperature,
-                          config.task_lambda, config.hd_lambda)
+        loss, parts = kd_loss(out, teacher_out, labels, run.causal, config.kd_lambda, config.temperature,
+                              config.task_lambda, config.hd_lambda)
     else:
         loss = out.loss if getattr(out, "loss", None) is not None else task_loss(out.logits, labels, run.causal)
+    if config.mixed_precision != "fp16" and not torch.isfinite(loss):  # fp16: the scaler skips such a step itself
+        raise FloatingPointError(_non_finite(run.step + 1, loss, parts))
     run.accelerator.backward(loss)
     if config.max_grad_norm is not None:
         run.accelerator.clip_grad_norm_(params, config.max_grad_norm)
@@ -284,6 +343,17 @@ def _optimizer_step(run: _Run, batch: dict, params: list[torch.Tensor]) -> torch
         run.pruner.step(update_scores=not run.accelerator.optimizer_step_was_skipped)
     run.optimizer.zero_grad(set_to_none=True)
     return loss
+
+
+def _non_finite(step: int, loss: torch.Tensor, parts: dict | None) -> str:
+    """What a non-finite loss at `step` is made of, and that nothing of the step was applied."""
+    terms = ", ".join(f"{name} {value:.4g}" for name, value in parts.items()) if parts else "the fine-tuning loss"
+    message = (f"step {step}: the loss is {loss.item()} ({terms}); training stopped before this step's update: the "
+               f"model is as after step {step - 1} and the checkpoints are as they were")
+    if parts and parts.get("hd") == float("-inf"):
+        message += ("; the hidden-state term log(MSE) is -inf: the student's hidden states equal the teacher's "
+                    "(use hd_lambda=0 until they differ)")
+    return message
 
 
 def _batches(run: _Run):
@@ -312,7 +382,7 @@ def train(
     `callback(model, record)` runs after every evaluation (record: step, loss, metrics); `tokenizer`
     is saved into every checkpoint."""
     output_dir = Path(output_dir) if output_dir is not None else None
-    _check_arguments(train_data, config, eval_fn, output_dir, resume)
+    _check_arguments({"model": model, "teacher": teacher}, train_data, config, eval_fn, output_dir, resume)
     run = _setup(model, train_data, config, collate_fn, teacher, output_dir, eval_fn, callback, tokenizer)
     if resume and (output_dir / LATEST / "config.json").exists():
         _resume(run)
@@ -335,18 +405,20 @@ def _train_steps(run: _Run, progress: bool) -> None:
                    unit="step", disable=not progress or not run.accelerator.is_main_process)
     run.model.train(run.training_mode)
     running = 0.0
-    while run.step < config.steps:
-        for batch in _batches(run):
-            loss = _optimizer_step(run, batch, params)
-            run.step += 1
-            running += loss.item()
-            run.bar.update(1)
-            if (config.eval_every and run.step % config.eval_every == 0) or run.step == config.steps:
-                _evaluate(run, running / (run.step - (run.history[-1]["step"] if run.history else 0)))
-                running = 0.0
-            if run.step >= config.steps:
-                break
-    run.bar.close()
+    try:
+        while run.step < config.steps:
+            for batch in _batches(run):
+                loss = _optimizer_step(run, batch, params)
+                run.step += 1
+                running += loss.item()
+                run.bar.update(1)
+                if (config.eval_every and run.step % config.eval_every == 0) or run.step == config.steps:
+                    _evaluate(run, running / (run.step - (run.history[-1]["step"] if run.history else 0)))
+                    running = 0.0
+                if run.step >= config.steps:
+                    break
+    finally:
+        run.bar.close()  # before an error is printed
 
 
 def resumable_step(output_dir) -> int | None:
