@@ -6,17 +6,13 @@ from torch import nn
 
 from ..models import expert_weights_per_expert, moe_layers
 from ..sections import COMPRESS_SECTION, MERGE_SECTION
-from .format import merged_layers, model_dtype
-from .standard import NO_CAPACITY, carry_generation_config, dropless
+from .format import merged_layers
+from .standard import NO_CAPACITY, build_export, carry_generation_config, dropless
 
 
 @torch.no_grad()
 def to_dense(model: nn.Module) -> nn.Module:
     """A plain transformers model computing what `model` computes, each expert given its group's weights."""
-    from transformers.initialization import no_init_weights
-
-    from ..models.hub import model_class_for
-
     merged = merged_layers(model)
     dropped = [n for n, e in merged.items() if e.get("dropped")]
     if dropped:
@@ -28,8 +24,7 @@ def to_dense(model: nn.Module) -> nn.Module:
             delattr(config, section)
     if config.model_type == "switch_transformers" and dropless(model):
         config.expert_capacity = NO_CAPACITY  # every token reaches its expert, as in the model
-    with no_init_weights():
-        dense = model_class_for(config).from_config(config, dtype=getattr(torch, model_dtype(model)))
+    dense = build_export(model, config)
     ours, theirs = model.state_dict(), dense.state_dict()
     dense.load_state_dict({k: v for k, v in ours.items() if k in theirs}, strict=False)  # all but merged experts
     prefixes = tuple(f"{name}." for name in merged)

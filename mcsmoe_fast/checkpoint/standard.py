@@ -2,7 +2,8 @@
 
 The exact (aliased) format keeps all E router rows and an `expert_map`; only this package loads it.
 The standard format is the family's own checkpoint with M experts per MoE layer and M router rows,
-the config's expert count updated (num_local_experts / num_experts / n_routed_experts), every other
+the config's expert count updated (num_local_experts / num_experts / n_routed_experts; a multimodal
+model's in its text config, the model's own class built), every other
 tensor as it is (attention, norms, dense layers, shared experts), the experts written through the
 family's adapter in its own layout: vanilla transformers, vLLM and SGLang load it unmodified.
 
@@ -22,7 +23,7 @@ from ..models import moe_layers
 from ..sections import COMPRESS_SECTION, MERGE_SECTION
 from .format import model_dtype
 from ..models.config_fields import expert_count_fields
-from .standard_plan import LayerPlan, plan_standard
+from .standard_plan import LayerPlan, experts_config, plan_standard
 from .standard_router import check_router, router_inputs, router_state
 
 STANDARD_SECTION = "mcsmoe_standard"  # config.json: the router choice and each standard expert's group
@@ -35,8 +36,9 @@ def standard_config(model: nn.Module, plans: dict[str, LayerPlan], router: str, 
         if hasattr(config, section):
             delattr(config, section)
     num_experts = next(iter(plans.values())).num_experts
-    for field in expert_count_fields(config):
-        setattr(config, field, num_experts)
+    counted = experts_config(config)  # a multimodal model's text config
+    for field in expert_count_fields(counted):
+        setattr(counted, field, num_experts)
     if config.model_type == "switch_transformers":
         config.expert_capacity = switch_capacity(config.expert_capacity, plans, expert_capacity, dropless(model))
     setattr(config, STANDARD_SECTION, {"router": router, "layers": {
@@ -66,6 +68,27 @@ def switch_capacity(capacity: int, plans: dict[str, LayerPlan], override: int | 
     if no_drops:
         return NO_CAPACITY
     return capacity * max(1 if p.dropped else len(g) for p in plans.values() for g in p.groups)
+
+
+def export_class(model: nn.Module, config):
+    """The class an export builds from `config`: a multimodal model's own (its config's text part holds the
+    experts; the family's head class would be its text model alone, under other tensor names), else the
+    family's head class (models/hub.py: model_class_for)."""
+    from ..models.hub import model_class_for
+
+    if experts_config(config) is not config:
+        return type(model)
+    return model_class_for(config)
+
+
+def build_export(model: nn.Module, config) -> nn.Module:
+    """An uninitialised model of export_class(model, config), in the model's dtype."""
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        cls = export_class(model, config)
+        build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
+        return build(config, dtype=getattr(torch, model_dtype(model)))
 
 
 def carry_generation_config(model: nn.Module, new: nn.Module) -> None:
@@ -100,18 +123,13 @@ def to_standard(model: nn.Module, router: str | None = None, batches=None, exper
       model's: one that never binds).
     Raises ValueError, before any work, for what a standard checkpoint cannot express (standard_plan.py).
     """
-    from transformers.initialization import no_init_weights
-
-    from ..models.hub import model_class_for
-
     router = router or ("fitted" if batches is not None else "dominant")
     check_router(router, batches)
     plans = plan_standard(model)
     config = standard_config(model, plans, router, expert_capacity)
     layers = moe_layers(model)
     hidden = router_inputs(model, layers, batches, max_tokens) if router == "fitted" else {}
-    with no_init_weights():
-        standard = model_class_for(config).from_config(config, dtype=getattr(torch, model_dtype(model)))
+    standard = build_export(model, config)
     new_layers = {layer.name: layer for layer in moe_layers(standard)}
     if set(new_layers) != set(plans):
         raise ValueError(f"format='standard': the standard model's MoE layers {sorted(new_layers)} are not the "

@@ -5,7 +5,8 @@ router rows: standard expert i is merged slot `slots[i]`, its router row is that
 original expert: its group's dominant expert, or the start of a fitted row), and `groups[i]` are the
 original experts whose routing it takes over. What such a checkpoint cannot express is refused here,
 with the reason: slot counts that differ per layer (the config has one expert count), top_k > M, a
-model still being pruned, and the family rules below.
+model still being pruned, a router tensor whose experts run along a dimension it cannot slice, and the
+family rules below. A multimodal model's expert count and routing are its text config's (experts_config).
 
 Family rules (the router rows each adapter names with `router_rows()`, the config's fields in
 models/config_fields.py):
@@ -55,11 +56,29 @@ def recorded_dominant(model: nn.Module, layer: MoELayer, expert_map: list[int]) 
 
 def check_standard_layer(layer: MoELayer) -> None:
     """The families whose layers a standard checkpoint is written for: their adapters name the router rows to
-    slice (router_rows) and write M experts."""
+    slice (router_rows) and write M experts, and every router tensor has its experts along a dimension
+    expert_dim knows."""
     try:
-        layer.router_rows()
+        module, prefix = layer.router_rows()
     except ValueError as e:
         raise ValueError(f"format='standard': {e}; save format='exact'") from None
+    for key, t in module.state_dict().items():
+        expert_dim(f"{layer.name}.{prefix}{key} ({type(module).__name__})", t, layer.num_experts)
+
+
+def expert_dim(key: str, t, num_experts: int) -> int | None:
+    """The dimension of router tensor `t` that runs over the E experts, sliced with the router rows: the first
+    ([E, ...]: weight, bias, DeepSeek-V3's e_score_correction_bias), or the second of a [1, E] tensor (ERNIE-4.5's
+    moe_statics.e_score_correction_bias); None for a tensor without one, copied as it is. E entries along any
+    other dimension are refused, with a ValueError naming `key`."""
+    if t.dim() >= 1 and t.shape[0] == num_experts:
+        return 0
+    if t.dim() == 2 and t.shape[0] == 1 and t.shape[1] == num_experts:
+        return 1
+    if num_experts in t.shape:
+        raise ValueError(f"format='standard': router tensor {key} {tuple(t.shape)} has its {num_experts} experts "
+                         "along a dimension the standard format cannot slice; save format='exact'")
+    return None
 
 
 def plan_layer(model: nn.Module, layer: MoELayer) -> LayerPlan:
@@ -96,23 +115,31 @@ def order_by_routing_group(plan: LayerPlan, num_experts: int, n_group: int, topk
                              "merged group inside one routing group: merge within routing groups "
                              "(merge_experts(..., within_routing_groups=True), --within-routing-groups), or save format='exact'")
         where.append(owners[0])
-    per_group = [where.count(j) for j in range(n_group)]
-    if len(set(per_group)) > 1 or per_group[0] < 2:
-        raise ValueError(f"format='standard': layer {plan.name!r} keeps {per_group} merged experts in its {n_group} "
-                         "routing groups; group-limited routing needs the same number in every routing group, at "
-                         "least 2 (a group is scored by its top-2 experts)")
-    if top_k > topk_group * per_group[0]:
-        raise ValueError(f"format='standard': layer {plan.name!r}: top_k={top_k} exceeds topk_group={topk_group} x "
-                         f"{per_group[0]} experts per routing group")
+    check_routing_group_counts(plan.name, [where.count(j) for j in range(n_group)], topk_group, top_k)
     order = sorted(range(plan.num_experts), key=lambda i: (where[i], i))
     return LayerPlan(plan.name, [plan.slots[i] for i in order], [plan.rows[i] for i in order],
                      [plan.groups[i] for i in order], plan.dropped)
 
 
+def check_routing_group_counts(name: str, per_group: list[int], topk_group: int, top_k: int) -> None:
+    """DeepSeek-V3's group-limited routing over the standard experts: the same number of merged experts in every
+    routing group (`per_group`), at least 2 (a group is scored by its top-2), and top_k of them within topk_group
+    routing groups."""
+    if len(set(per_group)) > 1 or per_group[0] < 2:
+        raise ValueError(f"format='standard': layer {name!r} keeps {per_group} merged experts in its {len(per_group)} "
+                         "routing groups; group-limited routing needs the same number in every routing group, at "
+                         f"least 2 (a group is scored by its top-2 experts): merge to a multiple of {len(per_group)} "
+                         f"experts, at least {2 * len(per_group)}, or save format='exact'")
+    if top_k > topk_group * per_group[0]:
+        raise ValueError(f"format='standard': layer {name!r}: top_k={top_k} exceeds topk_group={topk_group} x "
+                         f"{per_group[0]} experts per routing group: merge to more experts, or save format='exact'")
+
+
 def check_expert_counts(config, layers, counts: dict[str, int]) -> None:
     """What the config's one expert count needs, checked on the counts alone (the streamed merge checks it
     before any work): the same count M in every MoE layer, top_k <= M, and with group-limited routing
-    (n_group) E and M split evenly into the routing groups. `layers`: MoELayer views (name, num_experts, top_k)."""
+    (n_group) E and M split evenly into the routing groups, with as many merged experts in each as
+    check_routing_group_counts needs. `layers`: MoELayer views (name, num_experts, top_k)."""
     if len(set(counts.values())) > 1:
         raise ValueError(f"format='standard': the layers keep different numbers of experts {counts}, but the "
                          f"{config.model_type} config has one expert count; merge every layer to the same count "
@@ -126,6 +153,14 @@ def check_expert_counts(config, layers, counts: dict[str, int]) -> None:
         if n_group > 1 and (layer.num_experts % n_group or count % n_group):
             raise ValueError(f"format='standard': layer {layer.name!r}: {count} experts do not split "
                              f"into n_group={n_group} routing groups")
+        if n_group > 1:
+            check_routing_group_counts(layer.name, [count // n_group] * n_group, picked_routing_groups(config),
+                                       layer.top_k)
+
+
+def picked_routing_groups(config) -> int:
+    """How many routing groups a group-limited router picks per token (DeepSeek-V3's topk_group; all by default)."""
+    return int(getattr(config, "topk_group", None) or routing_groups(config))
 
 
 def ordered_plan(config, layer, plan: LayerPlan) -> LayerPlan:
@@ -134,8 +169,7 @@ def ordered_plan(config, layer, plan: LayerPlan) -> LayerPlan:
     n_group = routing_groups(config)
     if n_group <= 1:
         return plan
-    return order_by_routing_group(plan, layer.num_experts, n_group, int(getattr(config, "topk_group", n_group)),
-                                  layer.top_k)
+    return order_by_routing_group(plan, layer.num_experts, n_group, picked_routing_groups(config), layer.top_k)
 
 
 def plan_from_grouping(config, layer, grouping, dropped: bool) -> LayerPlan:
@@ -149,10 +183,19 @@ def plan_from_grouping(config, layer, grouping, dropped: bool) -> LayerPlan:
     return ordered_plan(config, layer, plan)
 
 
+def experts_config(config):
+    """The config that holds the experts' count and routing: a multimodal model's text config
+    (config.get_text_config(): Qwen3.5-MoE's, Qwen3-VL-MoE's, Llama-4's text_config), else the config itself."""
+    from transformers import PretrainedConfig
+
+    text = config.get_text_config()
+    return text if isinstance(text, PretrainedConfig) else config
+
+
 def plan_standard(model: nn.Module) -> dict[str, LayerPlan]:
     """{layer name: LayerPlan} for every MoE layer, or a ValueError naming what the standard format
     cannot express."""
-    config = model.config
+    config = experts_config(model.config)
     expert_count_fields(config)
     layers = moe_layers(model)
     plans = {layer.name: plan_layer(model, layer) for layer in layers}

@@ -12,15 +12,17 @@ members. Two ways to give the merged expert one row:
             (routing_targets: the summed routing weights of the members the token chose, for gates whose
             top-k weights sum to 1; the summed probability of all members otherwise): softmax routers
             minimise the cross-entropy (= KL up to a constant) between that target and
-            softmax(W h_t + b) over the M merged experts; sigmoid routers (DeepSeek-V3) the binary
-            cross-entropy between sigmoid(W h_t + b)_g and the clamped sum of member scores. Full-batch
-            L-BFGS from the dominant rows, with a small ridge pull towards them (well posed with fewer
-            tokens than d). DeepSeek-V3's e_score_correction_bias is sliced at the dominant experts.
+            softmax(W h_t + b) over the M merged experts; sigmoid routers (DeepSeek-V3's design, under
+            whatever class name: GLM-4.5-MoE, dots1, Kimi-Linear, Nemotron-H, ...; is_sigmoid_router tells
+            them by what they compute) the binary cross-entropy between sigmoid(W h_t + b)_g and the clamped
+            sum of member scores. Full-batch L-BFGS from the dominant rows, with a small ridge pull towards
+            them (well posed with fewer tokens than d). A correction bias (DeepSeek-V3's
+            e_score_correction_bias, ERNIE-4.5's [1, E] one) is sliced at the dominant experts.
 
 Measured on the demo's trained byte-level MoE (docs/standard_format.md, benchmarks/standard_router.py):
-fitted rows give the merged model's own perplexity (7.268 vs 7.271 aliased), dominant rows 7.475; fitting
-to the summed probability of all members (7.736) was worse than the dominant rows for a renormalising
-gate, hence the chosen-members target. `to_standard` defaults to "fitted" whenever calibration batches
+fitted rows come within 0.2% of the merged model's own perplexity (11.392 vs 11.374 aliased), dominant rows
+4.7% above it (11.912); fitting to the summed probability of all members was worse than the dominant rows for a
+renormalising gate, hence the chosen-members target. `to_standard` defaults to "fitted" whenever calibration batches
 are given.
 Layers merged with strategy='drop' keep their dominant rows whatever the choice: routing over the kept
 experts' rows is exactly what their masked router computes.
@@ -33,10 +35,9 @@ import torch.nn.functional as F
 
 from ..hooks import run_hooked
 from ..models import ExpertsLayer, MoELayer
-from .standard_plan import LayerPlan
+from .standard_plan import LayerPlan, expert_dim
 
 ROUTERS = ("dominant", "fitted")
-SIGMOID_ROUTERS = ("DeepseekV3TopkRouter",)  # family rule: routers whose scores are per-expert sigmoids
 
 
 def check_router(router: str, batches) -> None:
@@ -47,8 +48,29 @@ def check_router(router: str, batches) -> None:
                          "router rows on; pass them, or router='dominant'")
 
 
-def is_sigmoid_router(module: nn.Module) -> bool:
-    return type(module).__name__ in SIGMOID_ROUTERS
+@torch.no_grad()
+def is_sigmoid_router(layer: MoELayer, hidden: torch.Tensor, probe_tokens: int = 4096) -> bool:
+    """Whether the layer's router weighs the experts it chose by their sigmoid scores (DeepSeek-V3's design,
+    shared by GLM-4.5-MoE, dots1, Kimi-Linear, Nemotron-H and others under their own class names) rather than by
+    a softmax, told by what it computes on the tokens `hidden` [N, d] (the first probe_tokens): its top-k weights
+    are sigmoid(logit) of the chosen experts up to one factor per token (the renormalisation,
+    routed_scaling_factor), where a softmax's are exp(logit); with top_k = 1, up to one factor for all tokens.
+    Only the experts contract's routers return their top-k weights; Switch's and Llama-4's are fitted as
+    softmax routers."""
+    if not isinstance(layer, ExpertsLayer) or hidden.shape[0] == 0:
+        return False
+    logits, weights, index = layer.router_outputs(hidden[:probe_tokens].to(layer.router_weight().dtype))[:3]
+    chosen, weights = logits.float().gather(1, index.long()), weights.float()
+    return spread(weights, chosen.sigmoid()) < min(1e-2, spread(weights, chosen.softmax(-1)))
+
+
+def spread(weights: torch.Tensor, scores: torch.Tensor) -> float:
+    """How far weights / scores [N, k] are from one factor per token (k > 1) or for all tokens (k = 1): the mean
+    over tokens of the largest relative deviation from that factor."""
+    ratio = weights / scores.clamp_min(1e-30)
+    ratio = ratio if ratio.shape[1] > 1 else ratio.T
+    mean = ratio.mean(-1, keepdim=True)
+    return float(((ratio - mean).abs().amax(-1) / mean.squeeze(-1).abs().clamp_min(1e-30)).mean())
 
 
 @torch.no_grad()
@@ -78,17 +100,20 @@ def member_targets(logits: torch.Tensor, groups: list[list[int]], sigmoid: bool)
 
 
 @torch.no_grad()
-def routing_targets(layer: MoELayer, hidden: torch.Tensor, groups: list[list[int]]) -> torch.Tensor:
+def routing_targets(layer: MoELayer, hidden: torch.Tensor, groups: list[list[int]],
+                    sigmoid: bool | None = None) -> torch.Tensor:
     """[N, M] what the fitted rows are fitted to: the routing weight the merged (aliased) model gives each
     merged expert, i.e. the summed weights of the members a token chose, where the router's top-k weights
     sum to 1 (renormalising gates: Mixtral, Qwen3-MoE, OLMoE, GPT-OSS); otherwise (Switch, Qwen2-MoE with
     norm_topk_prob=False, where the weights are the probabilities themselves) the summed probability of all
     members, which equals the chosen members' weights plus the rest of the mass; sigmoid routers
-    (DeepSeek-V3): the clamped summed member scores."""
-    module = layer.router_rows()[0]
+    (is_sigmoid_router, computed when `sigmoid` is None: DeepSeek-V3, GLM-4.5-MoE, ...): the clamped summed
+    member scores."""
+    if sigmoid is None:
+        sigmoid = is_sigmoid_router(layer, hidden)
     hidden = hidden.to(layer.router_weight().dtype)
     logits = layer.router_logits(hidden)
-    if is_sigmoid_router(module):
+    if sigmoid:
         return member_targets(logits, groups, sigmoid=True)
     if isinstance(layer, ExpertsLayer):
         _, weights, index = layer.router_outputs(hidden)
@@ -130,14 +155,16 @@ def fit_rows(hidden: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, b
 
 
 def sliced_rows(state: dict[str, torch.Tensor], num_experts: int, rows: list[int]) -> dict[str, torch.Tensor]:
-    """A router's state dict {key: tensor} with every [E]-leading tensor (weight, bias, e_score_correction_bias)
-    sliced at `rows`, the rest copied; the drop strategy's `keep` mask left out (the kept rows need none)."""
+    """A router's state dict {key: tensor} with every tensor that runs over the experts (weight, bias,
+    e_score_correction_bias: standard_plan.expert_dim) sliced at `rows` along that dimension, the rest copied;
+    the drop strategy's `keep` mask left out (the kept rows need none)."""
     index = torch.tensor(rows, dtype=torch.long)
     out = {}
     for key, t in state.items():
         if key == "keep" or key.endswith(".keep"):
             continue
-        out[key] = t[index.to(t.device)].clone() if t.dim() >= 1 and t.shape[0] == num_experts else t.clone()
+        dim = expert_dim(key, t, num_experts)
+        out[key] = t.clone() if dim is None else t.index_select(dim, index.to(t.device))
     return out
 
 
@@ -147,9 +174,9 @@ def router_state(layer: MoELayer, module: nn.Module, plan: LayerPlan, hidden: to
     weight and bias fitted."""
     state = sliced_rows(module.state_dict(), layer.num_experts, plan.rows)
     if hidden is not None and not plan.dropped:
-        target = routing_targets(layer, hidden, plan.groups)
-        state["weight"], fitted_bias = fit_rows(hidden, target, state["weight"], state.get("bias"),
-                                                is_sigmoid_router(module))
+        sigmoid = is_sigmoid_router(layer, hidden)
+        target = routing_targets(layer, hidden, plan.groups, sigmoid)
+        state["weight"], fitted_bias = fit_rows(hidden, target, state["weight"], state.get("bias"), sigmoid)
         if fitted_bias is not None:
             state["bias"] = fitted_bias
     return state
