@@ -163,7 +163,10 @@ def test_lm_eval_is_optional_and_wired_through(space, capsys, monkeypatch):
     models = types.ModuleType("lm_eval.models")
     hf = types.ModuleType("lm_eval.models.huggingface")
     hf.HFLM = FakeHFLM
-    for name, module in (("lm_eval", fake), ("lm_eval.models", models), ("lm_eval.models.huggingface", hf)):
+    registry = types.ModuleType("lm_eval.tasks")  # the task names eval checks before loading the model
+    registry.TaskManager = lambda include_path=None: types.SimpleNamespace(all_tasks=["arc_easy"])
+    for name, module in (("lm_eval", fake), ("lm_eval.models", models), ("lm_eval.models.huggingface", hf),
+                         ("lm_eval.tasks", registry)):
         monkeypatch.setitem(sys.modules, name, module)
     rc, out, err = run(["eval", "--model", space / "mixtral", "--lm-eval", "arc_easy", "--num-fewshot", 3,
                         "--eval-limit", 5], capsys)

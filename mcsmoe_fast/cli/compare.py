@@ -85,7 +85,7 @@ def harness_option(args, tokenizer):
         return None
     if args.lm_eval_limit is not None and args.lm_eval_limit < 1:
         raise ValueError(f"--lm-eval-limit must be >= 1, got {args.lm_eval_limit}")
-    tasks = check_tasks([t.strip() for arg in args.lm_eval for t in arg.split(",") if t.strip()], args.lm_eval_include)
+    tasks = check_tasks(args.lm_eval, args.lm_eval_include)
     return partial(harness_evaluate, tokenizer=tokenizer, tasks=tasks, num_fewshot=args.num_fewshot,
                    limit=args.lm_eval_limit, batch_size=args.lm_eval_batch_size, include_path=args.lm_eval_include)
 

@@ -18,10 +18,11 @@ def add_data_options(p, training: bool) -> None:
     if training:
         p.add_argument("--text", default=None, help="causal LM: a UTF-8 text file to train on")
     p.add_argument("--eval-text", default=None, help="causal LM: a UTF-8 text file to measure perplexity on")
-    p.add_argument("--length", type=int, default=256, help="causal LM: tokens per window (default 256)")
+    p.add_argument("--length", type=int, default=None, help="causal LM: tokens per window (default 256)")
     if not training:
         p.add_argument("--lm-eval", nargs="+", default=None, metavar="TASK",
-                       help="causal LM: lm-evaluation-harness tasks (needs the optional package lm-eval)")
+                       help="causal LM: lm-evaluation-harness tasks, space- or comma-separated (needs the optional "
+                            "package lm-eval)")
         p.add_argument("--num-fewshot", type=int, default=None, help="--lm-eval: few-shot examples per task")
         p.add_argument("--lm-eval-include", default=None, metavar="DIR",
                        help="--lm-eval: a directory of your own task YAML files (lm-eval's include_path)")
@@ -65,6 +66,10 @@ def _refuse_stray_options(args, harness: bool) -> None:
                                               if getattr(args, k, None) is not None]
     if stray:
         raise ValueError(f"{', '.join(stray)} are files of a --task; the evaluation chosen reads none")
+    text = getattr(args, "text", None) is not None or args.eval_text is not None
+    if args.length is not None and not text:
+        raise ValueError("--length is the window of --text or --eval-text (causal LM perplexity); the evaluation "
+                         "chosen reads no text windows: drop it")
 
 
 def _task_data(args, tokenizer, training: bool) -> Data:
@@ -73,6 +78,12 @@ def _task_data(args, tokenizer, training: bool) -> Data:
     task = get_task(args.task)
     examples = load_task_data(task, task.eval_split, args.eval_data, args.eval_limit)
     train = load_task_data(task, task.train_split, args.data) if training else None
+    for i, example in enumerate(train or ()):  # every example labelled: fail before training, as evaluation does
+        try:
+            task.to_text(example)
+        except ValueError as exc:
+            where = args.data or f"the hub's {task.train_split} split"
+            raise ValueError(f"{where}: training example {i}: {exc}") from None
     return Data(
         train=train,
         collate=lambda rows: encode_pairs(tokenizer, [task.to_text(r) for r in rows]),
@@ -88,19 +99,21 @@ def _text_data(args, tokenizer, training: bool) -> Data:
     if training and args.text is None:
         raise ValueError("--text (the training text) is needed with --eval-text")
     eval_path = args.eval_text or getattr(args, "text", None)
-    held_out = text_windows(eval_path, tokenizer, args.length).rows
+    length = 256 if args.length is None else args.length
+    held_out = text_windows(eval_path, tokenizer, length).rows
     if args.eval_limit is not None:
         held_out = held_out[: args.eval_limit]
     return Data(
-        train=text_windows(args.text, tokenizer, args.length) if training else None,
+        train=text_windows(args.text, tokenizer, length) if training else None,
         collate=lm_batch, evaluate=lambda model: {"perplexity": perplexity(model, held_out)},
         metric="perplexity", greater_is_better=False, batch_size=None, learning_rate=None,
     )
 
 
 def _harness_data(args, tokenizer) -> Data:
-    from ..tasks.harness import harness_evaluate
+    from ..tasks import harness
 
+    tasks = harness.check_tasks(args.lm_eval, args.lm_eval_include)  # before the model is loaded
     return Data(train=None, collate=None, metric="", greater_is_better=True, batch_size=None, learning_rate=None,
-                evaluate=lambda model: harness_evaluate(model, tokenizer, args.lm_eval, args.num_fewshot,
-                                                        args.eval_limit, include_path=args.lm_eval_include))
+                evaluate=lambda model: harness.harness_evaluate(model, tokenizer, tasks, args.num_fewshot,
+                                                                args.eval_limit, include_path=args.lm_eval_include))

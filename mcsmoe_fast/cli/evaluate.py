@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 from .common import subcommand
 from .data_options import add_data_options, resolve_data
@@ -13,7 +15,7 @@ def add(sub):
     p.add_argument("--model", required=True, help="model directory (plain, merged or compressed) or hub id")
     add_data_options(p, training=False)
     p.add_argument("--optimize", action="store_true", help="run the fused inference modules (same results, faster)")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file (checked before any work)")
     p.set_defaults(run=run)
     return p
 
@@ -23,6 +25,8 @@ def run(args) -> int:
     from ..loading import open_model
     from ..optimize import optimize
 
+    if args.json:
+        check_json_path(args.json)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     data = resolve_data(args, tokenizer, training=False)
     model = open_model(args.model)
@@ -35,3 +39,15 @@ def run(args) -> int:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     return 0
+
+
+def check_json_path(path) -> None:
+    """--json can be written: refused now, before the model is loaded, rather than after the evaluation."""
+    file = Path(path)
+    folder = file.parent
+    if file.is_dir():
+        raise ValueError(f"--json {path} is a directory; give a file name for the results")
+    if not folder.is_dir():
+        raise ValueError(f"--json {path}: its directory {folder} does not exist; create it or choose another path")
+    if not os.access(folder, os.W_OK) or (file.exists() and not os.access(file, os.W_OK)):
+        raise ValueError(f"--json {path} cannot be written (no permission); choose another path")

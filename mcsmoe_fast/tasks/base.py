@@ -9,21 +9,54 @@ CLASSIFICATION = "classification"  # the target is one of a few answer choices (
 GENERATIVE = "generative"  # the target is free text (SQuAD, HotpotQA): exact match and token F1
 
 
+_KINDS = {"text": ("a string", "strings"), "int": ("an integer", "integers"), "dict": ("an object", "objects")}
+
+
 @dataclass(frozen=True)
 class Column:
-    """A raw column of a task's data, as the hub dataset has it.
+    """A raw column of a task's data, as the hub dataset has it, or a key of a "dict" column.
 
-    kind: "text" (a string), "int" (an integer; a CSV cell holds its digits) or "dict" (a JSON object with
-    at least `keys`; a CSV cell holds it as JSON text)."""
+    kind: "text" (a string), "int" (an integer; a CSV cell holds its digits), "dict" (a JSON object with at
+    least the `keys`, each a Column of its own; a CSV cell holds it as JSON text), or "list[...]" of one of
+    these ("list[list[text]]": a list of lists of strings). aligned: the keys of a "dict" column are lists
+    with one entry per item (HotpotQA's titles and their sentences)."""
 
     name: str
     kind: str
-    keys: tuple[str, ...] = ()
+    keys: tuple[Column, ...] = ()
+    aligned: bool = False
     doc: str = ""
 
     def __post_init__(self):
-        if self.kind not in ("text", "int", "dict"):
-            raise ValueError(f"column {self.name!r}: kind must be 'text', 'int' or 'dict', got {self.kind!r}")
+        inner = self.kind
+        while inner.startswith("list[") and inner.endswith("]"):
+            inner = inner[5:-1]
+        if inner not in _KINDS:
+            raise ValueError(f"column {self.name!r}: kind must be 'text', 'int', 'dict' or 'list[...]' of one, "
+                             f"got {self.kind!r}")
+
+    @property
+    def expected(self) -> str:
+        """What a value of this column must be, in words ("a list of strings")."""
+        return _describe(self.kind)
+
+    def accepts(self, value) -> bool:
+        """Whether `value` has this column's kind, all the way down (a dict's own keys are not looked into)."""
+        return _has_kind(value, self.kind)
+
+
+def _describe(kind: str, plural: bool = False) -> str:
+    if kind.startswith("list["):
+        return ("lists of " if plural else "a list of ") + _describe(kind[5:-1], plural=True)
+    return _KINDS[kind][plural]
+
+
+def _has_kind(value, kind: str) -> bool:
+    if kind.startswith("list["):
+        return isinstance(value, list) and all(_has_kind(v, kind[5:-1]) for v in value)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, {"text": str, "dict": dict}[kind])
 
 
 @dataclass(frozen=True)

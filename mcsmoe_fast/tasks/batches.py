@@ -21,7 +21,8 @@ DEFAULT_CALIBRATION_SAMPLES = 256  # the original calibrated on 256 training exa
 CALIBRATION_SEED = 2333  # the seed the original shuffled the training set with before taking them
 
 
-def _check_lengths(max_source_length: int, max_target_length: int) -> None:
+def check_lengths(max_source_length: int, max_target_length: int) -> None:
+    """Prompts and targets are cut to at least one token: 0 or below is refused by name."""
     if max_source_length < 1 or max_target_length < 1:
         raise ValueError(f"max_source_length and max_target_length must be >= 1, got {max_source_length} "
                          f"and {max_target_length}")
@@ -60,7 +61,7 @@ def encode_pairs(tokenizer, pairs: Iterable[tuple[str, str]], max_source_length:
                  max_target_length: int = 128) -> dict[str, torch.Tensor]:
     """One batch from (source, target) pairs: input_ids, attention_mask, labels (IGNORE_INDEX on padding).
     Usable as a DataLoader collate_fn over task.to_text pairs (functools.partial for the lengths)."""
-    _check_lengths(max_source_length, max_target_length)
+    check_lengths(max_source_length, max_target_length)
     pairs = list(pairs)
     if not pairs:
         raise ValueError("no (source, target) pairs to encode")

@@ -9,6 +9,8 @@ columns are kept and ignored:
 - .csv: a header row naming the columns, one example per row; "int" columns hold digits, "dict" columns
   (SQuAD's answers, HotpotQA's context and supporting_facts, MultiRC's idx) hold JSON text.
 
+Files are read as UTF-8; a leading byte-order mark (Excel's "CSV UTF-8") is skipped. The values are checked
+against the columns' kinds, inside object columns too (SQuAD's answers.text must be a list of strings).
 Examples come back as plain dicts, in file order.
 """
 from __future__ import annotations
@@ -79,7 +81,7 @@ def read_task_file(task: Task | str, path: str | Path, limit: int | None = None)
 
 
 def _jsonl_records(path: Path, task: Task) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -92,7 +94,7 @@ def _jsonl_records(path: Path, task: Task) -> Iterator[tuple[str, dict]]:
 
 def _json_records(path: Path, task: Task) -> Iterator[tuple[str, dict]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -105,7 +107,7 @@ def _json_records(path: Path, task: Task) -> Iterator[tuple[str, dict]]:
 
 def _csv_records(path: Path, task: Task) -> Iterator[tuple[str, dict]]:
     columns = {c.name: c for c in (*task.columns, *task.optional_columns)}
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
         missing = [name for name in task.column_names if name not in header]
@@ -149,14 +151,19 @@ def _check_record(task: Task, record, where: str) -> dict:
     return record
 
 
-def _check_value(value, column: Column, where: str) -> None:
-    if column.kind == "text":
-        ok, expected = isinstance(value, str), "a string"
-    elif column.kind == "int":
-        ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
-    else:
-        ok, expected = isinstance(value, dict), "an object"
-        if ok and (absent := [k for k in column.keys if k not in value]):
-            raise ValueError(f"{where}: column {column.name!r} has no key(s) {', '.join(absent)}")
-    if not ok:
-        raise ValueError(f"{where}: column {column.name!r} must be {expected}, got {value!r}")
+def _check_value(value, column: Column, where: str, name: str | None = None) -> None:
+    """`value` has the column's kind; a "dict" column's keys are there and have theirs (named "column.key")."""
+    name = name or column.name
+    if not column.accepts(value):
+        raise ValueError(f"{where}: column {name!r} must be {column.expected}, got {value!r}")
+    if column.kind != "dict":
+        return
+    absent = [key.name for key in column.keys if key.name not in value]
+    if absent:
+        raise ValueError(f"{where}: column {name!r} has no key(s) {', '.join(absent)}")
+    for key in column.keys:
+        _check_value(value[key.name], key, where, f"{name}.{key.name}")
+    lengths = [len(value[key.name]) for key in column.keys] if column.aligned else []
+    if len(set(lengths)) > 1:
+        raise ValueError(f"{where}: column {name!r}: {' and '.join(key.name for key in column.keys)} must have one "
+                         f"entry each, got {' and '.join(map(str, lengths))}")

@@ -37,7 +37,7 @@ MULTIRC = Task(
     columns=(Column("paragraph", "text"), Column("question", "text"),
              Column("answer", "text", doc="one candidate answer to the question"),
              Column("label", "int", doc="0 wrong, 1 correct, -1 unlabelled")),
-    optional_columns=(Column("idx", "dict", keys=("paragraph", "question"),
+    optional_columns=(Column("idx", "dict", keys=(Column("paragraph", "int"), Column("question", "int")),
                              doc="{paragraph, question, answer} ids; f1_m and exact_match group answers by "
                                  "(paragraph, question); without idx, by the paragraph and question text"),),
     render=prompts.multirc, prompt_name="found_this_answer", kind=CLASSIFICATION,
@@ -70,7 +70,7 @@ WINOGRANDE = Task(
 SQUAD = Task(
     name="squad", hub_id="rajpurkar/squad", hub_config=None,
     columns=(Column("context", "text"), Column("question", "text"),
-             Column("answers", "dict", keys=("text",),
+             Column("answers", "dict", keys=(Column("text", "list[text]"),),
                     doc='{"text": [answer, ...], "answer_start": [int, ...]}; the target is the first text, '
                         "the metrics take the best match over all")),
     optional_columns=(Column("id", "text"), Column("title", "text")),
@@ -93,9 +93,10 @@ WIKIQA = Task(
 HOTPOTQA = Task(
     name="hotpotqa", hub_id="hotpotqa/hotpot_qa", hub_config="distractor",
     columns=(Column("question", "text"), Column("answer", "text"),
-             Column("supporting_facts", "dict", keys=("title", "sent_id"),
-                    doc='{"title": [str, ...], "sent_id": [int, ...]}'),
-             Column("context", "dict", keys=("title", "sentences"),
+             Column("supporting_facts", "dict", keys=(Column("title", "list[text]"), Column("sent_id", "list[int]")),
+                    aligned=True, doc='{"title": [str, ...], "sent_id": [int, ...]}'),
+             Column("context", "dict", keys=(Column("title", "list[text]"), Column("sentences", "list[list[text]]")),
+                    aligned=True,
                     doc='{"title": [str, ...], "sentences": [[str, ...], ...]}; only the supporting '
                         "sentences reach the prompt")),
     optional_columns=(Column("id", "text"),),

@@ -3,8 +3,10 @@
 Classification tasks are scored by likelihood by default: every answer choice of an example (its label
 words, or COPA's two alternatives) is scored as the sum of its tokens' log-probabilities (EOS included)
 given the prompt, and the most likely choice is the prediction, so a model always answers with a valid
-label. The encoder runs once per example; only the short decoder runs once per choice. With
-label_scoring=False they are generated instead, like the generative tasks.
+label. The encoder runs once per example; only the short decoder runs once per choice. Choices whose token
+ids are the same (cut to max_target_length, or words the tokenizer does not know) are refused before the
+model runs: a score cannot tell them apart. With label_scoring=False they are generated instead, like the
+generative tasks.
 
 Generative tasks (SQuAD, HotpotQA) and label_scoring=False: greedy decoding (model.generate, one beam, no
 sampling, max_new_tokens), decoded without special tokens and stripped.
@@ -22,7 +24,7 @@ import torch
 from ..hooks import eval_mode
 from .base import Task
 from .registry import get_task
-from .batches import IGNORE_INDEX, pad_labels, shift_right, target_token_ids
+from .batches import IGNORE_INDEX, check_lengths, pad_labels, shift_right, target_token_ids
 from .metrics import accuracy, binary_f1, multirc_scores, squad_scores
 
 
@@ -70,6 +72,23 @@ def _score_choices(model, tokenizer, sources: list[str], choices: list[tuple[str
     return predictions
 
 
+def _check_choices_differ(tokenizer, task: Task, examples: Sequence[Mapping], max_target_length: int) -> None:
+    """Every example's choices have different token ids, or the label scoring could only answer the first."""
+    first: dict[tuple[str, ...], int] = {}  # each distinct set of choices, at the first example that has it
+    for i, example in enumerate(examples):
+        first.setdefault(task.choices(example), i)
+    rows = iter(target_token_ids(tokenizer, [c for options in first for c in options], max_target_length))
+    for options, i in first.items():
+        ids = [next(rows) for _ in options]
+        same = next(((j, k) for k in range(len(ids)) for j in range(k) if ids[j] == ids[k]), None)
+        if same is not None:
+            j, k = same
+            raise ValueError(f"{task.name} example {i}: the choices {options[j]!r}, {options[k]!r} have the same token "
+                             f"ids {ids[j]} (cut to max_target_length={max_target_length}), so label scoring cannot "
+                             "tell them apart: raise max_target_length, use a tokenizer that knows these words, or "
+                             "generate the answers (label_scoring=False)")
+
+
 @torch.no_grad()
 def _generate(model, tokenizer, sources: list[str], max_source_length: int, max_new_tokens: int) -> list[str]:
     enc = tokenizer(sources, padding=True, padding_side="right", truncation=True, max_length=max_source_length,
@@ -95,6 +114,9 @@ def predict_task(model, tokenizer, task: Task | str, examples: Sequence[Mapping]
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_lengths(max_source_length, max_target_length)
+    if task.is_classification and label_scoring:
+        _check_choices_differ(tokenizer, task, examples, max_target_length)
     sources = [task.source(ex) for ex in examples]
     order = sorted(range(len(sources)), key=lambda i: -len(sources[i]))
     predictions: list[str | None] = [None] * len(sources)

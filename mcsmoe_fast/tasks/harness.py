@@ -14,8 +14,10 @@ def _task_manager(include_path=None):
 
 
 def check_tasks(tasks: list[str], include_path=None) -> list[str]:
-    """`tasks` if lm-eval is installed and knows every one of them (with the YAML files in include_path);
-    ValueError naming the unknown ones otherwise. Checked before any work, so a typo costs no calibration."""
+    """The task names in `tasks` (an entry may hold several, comma-separated: "arc_easy,hellaswag") if
+    lm-eval is installed and knows every one of them (with the YAML files in include_path); ValueError naming
+    the unknown ones otherwise. Checked before any work, so a typo costs no calibration."""
+    tasks = [name.strip() for entry in tasks for name in entry.split(",") if name.strip()]
     if not tasks:
         raise ValueError("name at least one lm-eval task (e.g. hellaswag, arc_easy)")
     known = set(_task_manager(include_path).all_tasks)

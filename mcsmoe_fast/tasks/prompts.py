@@ -76,7 +76,10 @@ def copa_choices(example: Mapping) -> tuple[str, str]:
 
 def copa(example: Mapping) -> tuple[str, str | None]:
     """super_glue/copa, template "best_option"; the target is the text of the right alternative."""
-    wanted = " a cause " if example["question"] == "cause" else " an effect "
+    question = example["question"]
+    if question not in ("cause", "effect"):
+        raise ValueError(f"question {question!r}: expected \"cause\" or \"effect\"")
+    wanted = " a cause " if question == "cause" else " an effect "
     source = (f"{truncate(example['premise'])} \n\nWhat's the best option?\n- {truncate(example['choice1'])}\n"
               f"- {truncate(example['choice2'])}\n\nWe are looking for {wanted}")
     label = example["label"]
