@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
+from pathlib import Path
 
 from .common import (add_calibration_options, add_dtype_option, device_map_option, dir_bytes, dtype_option,
                      layers_option, parameter_bytes, per_device_sizes, refuse_overwriting_input, saved_dtype, subcommand)
@@ -184,12 +186,14 @@ def run(args) -> int:
     after = parameter_bytes(model)
     _print_groupings(groupings, len(texts), elapsed)
     standard = dict(format="standard", router=args.router, batches=batches) if args.format == "standard" else {}
-    out = save_pretrained(model, args.out, export_dense=args.export_dense, tokenizer=tokenizer, **standard)
-    if keep_quantization:  # --format standard / --export-dense of a quantized checkpoint: back in its format
-        from ..streaming.quantized import describe_error, requantize_saved, saved_error
+    save = partial(save_pretrained, model, export_dense=args.export_dense, tokenizer=tokenizer, **standard)
+    if not keep_quantization:
+        out = save(args.out)
+    else:  # --format standard / --export-dense of a quantized checkpoint: back in its format beside --out, then moved
+        from ..streaming.quantized import describe_error, save_requantized
 
-        requantize_saved(out, args.model)
-        print(describe_error(errors.record(out) if errors is not None else saved_error(out)))
+        out = Path(args.out)
+        print(describe_error(save_requantized(out, args.model, save, errors.record if errors is not None else None)))
     print(f"parameters: {before / 2**20:.2f} MiB before, {after / 2**20:.2f} MiB after merging "
           f"({before / max(after, 1):.2f}x smaller)")
     kind = "dense " if args.export_dense else ("standard " if args.format == "standard" else "")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 
 from .common import add_dtype_option, dtype_option, refuse_overwriting_input, saved_dtype, subcommand
 
@@ -62,17 +63,25 @@ def run(args) -> int:
         moved = (perm != torch.arange(perm.shape[1])).sum().item()
         print(f"{name}: {moved} of {perm.numel()} neurons moved")
     print(f"aligned {len(perms)} layers in {elapsed:.2f} s")
-    with atomic_directory(args.out) as tmp:  # a directory of the user's files is refused, a crash leaves it as it was
-        model.save_pretrained(tmp)
-        try:  # the aligned model is usable on its own (merge reads the tokenizer beside the model)
-            load_tokenizer(args.model).save_pretrained(tmp)
-        except ValueError:
-            print("no tokenizer beside the input model: none saved with the aligned model")
-    if keep_quantization:  # the aligned experts quantized afresh, every other tensor the input's bytes (atomic too)
-        from ..streaming.quantized import describe_error, requantize_saved, saved_error
+    if not keep_quantization:
+        with atomic_directory(args.out) as tmp:  # a directory of the user's files is refused, a crash leaves it as is
+            save_aligned(model, args.model, tmp)
+    else:  # the aligned experts quantized afresh, every other tensor the input's bytes; --out replaced only then
+        from ..streaming.quantized import describe_error, save_requantized
 
-        requantize_saved(args.out, args.model)
+        report = save_requantized(args.out, args.model, partial(save_aligned, model, args.model))
         print(f"written in the input's precision ({quantized_format(args.model).method}, its quantization_config); "
-              + describe_error(saved_error(args.out)))
+              + describe_error(report))
     print(f"saved to {args.out}")
     return 0
+
+
+def save_aligned(model, source, directory) -> None:
+    """The aligned model, and the tokenizer beside `source`, saved to `directory`."""
+    from ..calibration_data import load_tokenizer
+
+    model.save_pretrained(directory)
+    try:  # the aligned model is usable on its own (merge reads the tokenizer beside the model)
+        load_tokenizer(source).save_pretrained(directory)
+    except ValueError:
+        print("no tokenizer beside the input model: none saved with the aligned model")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import time
+from functools import partial
+from pathlib import Path
 
 from .common import (add_calibration_options, add_dtype_option, dir_bytes, dtype_option, parameter_bytes,
                      refuse_overwriting_input, subcommand)
@@ -84,13 +86,15 @@ def run(args) -> int:
         print(f"{layer.name:<{width}}  {layer.num_experts:>7}  {len(kept[layer.name]):>4}  {kept[layer.name]}")
     print(f"{len(texts)} calibration samples; {args.method} pruning of {len(layers)} layers in {elapsed:.2f} s")
     before, after = parameter_bytes(model), parameter_bytes(pruned)
-    out = save_pretrained(pruned, args.out, tokenizer=tokenizer, format="standard")
-    if keep_quantization:
-        from ..streaming.quantized import describe_error, requantize_saved
+    save = partial(save_pretrained, pruned, tokenizer=tokenizer, format="standard")
+    if not keep_quantization:
+        out = save(args.out)
+    else:  # saved and re-quantized beside --out, which is replaced only once both are done
+        from ..streaming.quantized import describe_error, save_requantized
 
-        requantize_saved(out, args.model)
+        out, report = Path(args.out), save_requantized(args.out, args.model, save, errors.record)
         print(f"written in the input's precision ({quantized_format(args.model).method}, its quantization_config); "
-              + describe_error(errors.record(out)))
+              + describe_error(report))
     print(f"parameters: {before / 2**20:.2f} MiB before, {after / 2**20:.2f} MiB after pruning "
           f"({before / max(after, 1):.2f}x smaller)")
     print(f"saved standard checkpoint to {out} ({dir_bytes(out) / 2**20:.2f} MiB on disk)")

@@ -19,17 +19,23 @@ from .mxfp4 import BLOCK, dequantize_mxfp4, quantize_mxfp4
 
 # tensors that stay unquantized in the releases: embeddings, norms, the head, routers
 KEEP = ("embed_tokens", "lm_head", "norm", ".gate.weight", ".router.weight", "e_score_correction_bias", "shared_expert_gate")
-# fused expert banks (transformers 5 names; experts.w_in / w_out: the merged slots of our exact format)
-BANKS = ("experts.gate_up_proj", "experts.down_proj", "experts.up_proj", "experts.w_in", "experts.w_out")
+# fused expert banks: the hub's (GPT-OSS, Llama-4, transformers 5 names) and the merged slots of our exact format
+HUB_BANKS = ("experts.gate_up_proj", "experts.down_proj", "experts.up_proj")
+BANKS = (*HUB_BANKS, "experts.w_in", "experts.w_out")
+# kept tensors of modules transformers' FP8 loader turns into FP8Linear unless modules_to_not_convert lists them (its
+# routers are not nn.Linear; its default skips, the head, are replaced by any list given)
+KEPT_LINEAR = ("shared_expert_gate",)
 
 
 def quantize_tensor(name: str, tensor: torch.Tensor, fmt: QuantFormat, scale_dtype: torch.dtype = torch.float32,
                     transpose_mxfp4: bool = False) -> dict[str, torch.Tensor]:
-    """{stored name: part} of `tensor` in format `fmt` (fp8: [..., out, in] blocks; mxfp4: packed along
-    the last dim, after transposing the last two when transpose_mxfp4, GPT-OSS's [E, in, out] banks)."""
+    """{stored name: part} of `tensor` in format `fmt` (fp8: [..., out, in] blocks, scales in scale_dtype: float32,
+    float8_e8m0fnu, or uint8 for the e8m0 bytes stored raw; mxfp4: packed along the last dim, after transposing the
+    last two when transpose_mxfp4, GPT-OSS's [E, in, out] banks)."""
     if fmt.method == "fp8":
-        q, s = quantize_fp8(tensor, fmt.block, fmt.scale_fmt, scale_dtype)
-        return dict(zip(fmt.parts(name), (q, s)))
+        as_bytes = scale_dtype == torch.uint8  # e8m0 exponents stored as raw uint8 bytes (read as float8_e8m0fnu)
+        q, s = quantize_fp8(tensor, fmt.block, fmt.scale_fmt, torch.float8_e8m0fnu if as_bytes else scale_dtype)
+        return dict(zip(fmt.parts(name), (q, s.view(torch.uint8) if as_bytes else s)))
     packed = tensor.transpose(-1, -2) if transpose_mxfp4 else tensor
     if packed.shape[-1] % BLOCK:  # the format stores no column count: readers take blocks * 32
         raise ValueError(f"{name}: MXFP4 packs its dim of {packed.shape[-1]} in blocks of {BLOCK}; a checkpoint cannot "
@@ -68,7 +74,8 @@ def squared_error(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 def quantizable(name: str, tensor: torch.Tensor, fmt: QuantFormat) -> bool:
     """Whether the official releases store `name` quantized (fp8: every linear weight but KEEP, and the fused
-    banks; mxfp4: the fused expert banks)."""
+    banks, which only our own checkpoints hold in fp8: check_layout refuses the hub's in a transformers checkpoint;
+    mxfp4: the fused expert banks)."""
     if not tensor.is_floating_point() or any(k in name for k in KEEP):
         return False
     if fmt.method == "mxfp4":
@@ -76,8 +83,37 @@ def quantizable(name: str, tensor: torch.Tensor, fmt: QuantFormat) -> bool:
     return (tensor.dim() == 2 and name.endswith(".weight")) or (tensor.dim() == 3 and name.endswith(BANKS))
 
 
+def check_layout(tensors: dict[str, torch.Tensor], fmt: QuantFormat, model_type: str) -> None:
+    """ValueError, before anything is written, when `fmt` has no layout a reader loads for a checkpoint of these
+    tensors (meta tensors will do): block-FP8 of the hub's fused expert banks (transformers' dequantizing load would
+    take the e4m3 codes as the weights, 10^3 off), MXFP4 of experts stored per expert (nothing would be quantized)."""
+    if fmt.method == "fp8":
+        fused = [n for n, t in tensors.items() if t.dim() == 3 and t.is_floating_point() and n.endswith(HUB_BANKS)]
+        if fused:
+            raise ValueError(f"block-FP8 of {model_type}'s fused expert banks (experts.gate_up_proj / down_proj, e.g. "
+                             f"{fused[0]}): transformers' dequantizing load reads block-FP8 scales only as "
+                             "<module>.weight_scale_inv and its FP8 experts take neither GPT-OSS's biased banks nor "
+                             "Llama-4's [E, in, out] ones, so no reader but mcsmoe-fast would load them right; write "
+                             "this model as MXFP4 ({'quant_method': 'mxfp4'}), which transformers reads")
+    elif not any(quantizable(n, t, fmt) for n, t in tensors.items()):
+        raise ValueError("MXFP4 is written for fused expert banks (GPT-OSS, Llama-4: experts.gate_up_proj / "
+                         f"down_proj), but {model_type} stores its experts per expert, so nothing would be quantized; "
+                         "write it as block-FP8 ({'quant_method': 'fp8', 'weight_block_size': [128, 128]})")
+
+
+def not_converted(kept: list[str], given: list[str] | None) -> list[str] | None:
+    """quantization_config's modules_to_not_convert for an fp8 checkpoint that stores the modules `kept` (the
+    linear weights left in float) unquantized: None (transformers' default skips, the head, suffice) unless the
+    caller gave a list or a kept module is KEPT_LINEAR, which transformers' FP8 loader would cast to e4m3 with a
+    scale it never reads; then the caller's list, every kept module and the head (a list replaces the defaults)."""
+    if not given and not any(n.endswith(KEPT_LINEAR) for n in kept):
+        return None
+    return sorted(set(given or ()) | set(kept) | {"lm_head"})
+
+
 def stored_scale_dtype(files: QuantizedFiles) -> torch.dtype:
-    """The dtype the source stores its fp8 scales in (float32, or float8_e8m0fnu exponent bytes)."""
+    """The dtype the source stores its fp8 scales in (float32, float8_e8m0fnu exponent bytes, or the same bytes as
+    uint8), the one quantize_tensor writes them in."""
     scales = [files.files.dtypes[p[1]] for p in files.parts.values()]
     return scales[0] if scales and files.format.method == "fp8" else torch.float32
 

@@ -27,6 +27,7 @@ benchmarks build their inputs with it; it is also how a model gets FP8 for servi
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from functools import partial
 from pathlib import Path
@@ -37,13 +38,13 @@ from ..checkpoint.weight_files import ShardWriter
 from ..quant import QuantFormat, detect
 from ..quant.files import QuantizedFiles
 from ..quant.report import describe_error, summarize
-from ..quant.requantize import (LikeSource, dequantize_parts, quantizable, quantize_tensor, relative_error,
-                                stored_scale_dtype)
+from ..quant.requantize import (LikeSource, check_layout, dequantize_parts, not_converted, quantizable, quantize_tensor,
+                                relative_error, stored_scale_dtype)
 from .layer_error import layer_error
 
 __all__ = ["describe_error", "dequantize_parts", "quantize_tensor", "relative_error", "quantize_checkpoint",
-           "write_quantized", "requantize_saved", "load_dequantized", "output_writer", "record_error", "ErrorProbe",
-           "QuantizingWriter"]
+           "write_quantized", "requantize_saved", "save_requantized", "load_dequantized", "output_writer",
+           "record_error", "ErrorProbe", "QuantizingWriter"]
 
 PROBE_TOKENS = 256  # calibration tokens per layer the output error is measured on (kept until the layer is merged)
 ERROR_KEY = "mcsmoe_quantization"  # config.json: the output's format and the error re-quantizing added
@@ -211,9 +212,15 @@ def write_quantized(src, dst, quantization_config: dict | None = None, scale_dty
                     like=None, max_shard_size: int | None = None) -> Path:
     """Write the plain transformers checkpoint `src` (config.json + safetensors) to `dst` in the layout of
     the official quantized releases: fp8 (DeepSeek-V3 / Qwen3 FP8: every linear weight but the
-    embeddings, norms, head and routers, weight_scale_inv per block; ue8m0 scales as float32 powers of
-    two or, with scale_dtype=torch.float8_e8m0fnu, exponent bytes) or mxfp4 (GPT-OSS: the expert banks
-    as *_blocks / *_scales of their [E, out, in] transpose). config.json gets `quantization_config`.
+    embeddings, norms, head, routers and shared-expert gates, and those of the modules the given
+    modules_to_not_convert lists, weight_scale_inv per block; ue8m0 scales as float32 powers of two or, with
+    scale_dtype=torch.float8_e8m0fnu (or torch.uint8, the same bytes), exponent bytes) or mxfp4 (GPT-OSS: the
+    expert banks as *_blocks / *_scales of their [E, out, in] transpose). config.json gets `quantization_config`;
+    for fp8 with a kept shared-expert gate (Qwen2-MoE, Qwen3-Next) or a given list, its modules_to_not_convert
+    lists every linear weight left in float and the head, as the Qwen3-Next FP8 release does, so that transformers'
+    FP8 loader leaves them nn.Linear. Refused before anything is written: fp8 of the hub's fused expert banks
+    (GPT-OSS, Llama-4: transformers loads no block-FP8 of theirs right; write them as mxfp4) and mxfp4 of a model
+    that stores its experts per expert (nothing would be quantized).
 
     like: the quantized checkpoint directory `src` was made from (a model loaded dequantized, then pruned
     or merged in memory): its format, scale dtype and quantization_config are used, a tensor it stores
@@ -231,35 +238,71 @@ def write_quantized(src, dst, quantization_config: dict | None = None, scale_dty
     fmt = detect(quantization_config)
     if fmt is None:
         raise ValueError("quantization_config: expected a dict with quant_method 'fp8' or 'mxfp4'")
+    config = json.loads((src / "config.json").read_text())
     files = open_weight_files(src)
+    if like is None:
+        check_layout({n: torch.empty(s, dtype=files.dtypes[n], device="meta") for n, s in files.shapes.items()}, fmt,
+                     config.get("model_type"))
     dst.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(dst, "model.safetensors", max_shard_size, {"format": "pt"})
-    errors = {}  # with like: the tensors quantized afresh -> the relative error quantizing added
+    written = LikeWriter(like, fmt) if like is not None else PlainWriter(fmt, scale_dtype, quantization_config)
     for name in files.shapes:
-        t = files.get(name)
-        if like is not None:
-            parts, fresh = like.parts(name, t)
-            if fresh:
-                errors[name] = relative_error(dequantize_parts(parts, fmt, t.shape), t)
-        else:
-            parts = quantize_tensor(name, t, fmt, scale_dtype, transpose_mxfp4=True) if quantizable(name, t, fmt) \
-                else {name: t}
-        for n, part in parts.items():
+        for n, part in written.parts(name, files.get(name)).items():
             writer.add(n, part)
     files.release()
     writer.finish()
-    config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = dict(quantization_config)
+    config["quantization_config"] = written.quantization_config()
     if like is not None:
         config.pop(ERROR_KEY, None)
-        if errors:
-            config[ERROR_KEY] = summarize(fmt.method, None, errors)
+        if written.errors:
+            config[ERROR_KEY] = summarize(fmt.method, None, written.errors)
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for extra in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                   "chat_template.jinja", "tokenizer.model"):
         if (src / extra).is_file():
             shutil.copy(src / extra, dst / extra)
     return dst
+
+
+class PlainWriter:
+    """write_quantized's rule without `like`: the tensors `quantizable` names quantized, but those of the modules the
+    caller's modules_to_not_convert lists; the kept linear weights go to modules_to_not_convert (`not_converted`)."""
+
+    def __init__(self, fmt: QuantFormat, scale_dtype: torch.dtype, quantization_config: dict):
+        self.fmt, self.scale_dtype, self.config = fmt, scale_dtype, dict(quantization_config)
+        self.given = self.config.get("modules_to_not_convert")
+        self.kept: list[str] = []  # the modules whose linear weight stays in float
+
+    def parts(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        from transformers.quantizers.quantizers_utils import should_convert_module
+
+        module = name.removesuffix(".weight")
+        if quantizable(name, tensor, self.fmt) and should_convert_module(module, self.given):
+            return quantize_tensor(name, tensor, self.fmt, self.scale_dtype, transpose_mxfp4=True)
+        if tensor.is_floating_point() and tensor.dim() == 2 and name.endswith(".weight"):
+            self.kept.append(module)
+        return {name: tensor}
+
+    def quantization_config(self) -> dict:
+        listed = not_converted(self.kept, self.given) if self.fmt.method == "fp8" else self.given
+        return self.config if listed is None else {**self.config, "modules_to_not_convert": listed}
+
+
+class LikeWriter:
+    """write_quantized's rule with `like` (LikeSource), keeping the error of every tensor quantized afresh."""
+
+    def __init__(self, like: LikeSource, fmt: QuantFormat):
+        self.like, self.fmt = like, fmt
+        self.errors: dict[str, float] = {}
+
+    def parts(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        parts, fresh = self.like.parts(name, tensor)
+        if fresh:
+            self.errors[name] = relative_error(dequantize_parts(parts, self.fmt, tensor.shape), tensor)
+        return parts
+
+    def quantization_config(self) -> dict:
+        return dict(self.fmt.config)
 
 
 def requantize_saved(directory, like) -> Path:
@@ -269,6 +312,23 @@ def requantize_saved(directory, like) -> Path:
     directory = Path(directory)
     quantize_checkpoint(directory, directory, like=like)
     return directory
+
+
+def save_requantized(out, like, save, measure=None) -> dict | None:
+    """Save a model loaded dequantized from the quantized checkpoint `like` to `out` in `like`'s format, replacing
+    `out` only once all is done, so a failure anywhere leaves what `out` held as it was: `save(directory)` writes the
+    dequantized checkpoint into a scratch directory next to `out` (removed at the end), which write_quantized(like=...)
+    rewrites into a temporary directory; `measure(directory)` (the layer errors) runs on that before it replaces
+    `out`. Returns the error report (measure's, else the one write_quantized recorded)."""
+    from ..checkpoint import atomic_directory, scratch_directory
+    from ..checkpoint.atomic import keep_files
+
+    real = Path(os.path.realpath(out))
+    with atomic_directory(real) as tmp, scratch_directory(real.parent, f".{real.name}.dequantized-") as scratch:
+        save(scratch / "model")
+        write_quantized(scratch / "model", tmp, like=like)
+        keep_files(scratch / "model", tmp)  # the tokenizer files write_quantized does not copy
+        return measure(tmp) if measure is not None else saved_error(tmp)
 
 
 def saved_error(directory) -> dict | None:

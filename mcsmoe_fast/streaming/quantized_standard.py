@@ -76,14 +76,16 @@ class StandardRequantizer:
         self.layers: dict[str, dict] = {}  # merged layer -> its errors
 
     def add(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """Write `tensor` as the source would store it; returns the values written (float32 when quantized afresh)."""
+        """Write `tensor` as the source would store it; returns the values written: float32 when stored quantized
+        (afresh, or the source's parts copied byte for byte), as the in-memory report reads them back, else `tensor`."""
         parts, fresh = self.like.parts(name, tensor)
         for n, part in parts.items():
             self.writer.add(n, part)
-        if not fresh:
+        if set(parts) == {name}:
             return tensor
         values = dequantize_parts(parts, self.like.format, tensor.shape)
-        self.tensors[name] = relative_error(values, tensor)
+        if fresh:
+            self.tensors[name] = relative_error(values, tensor)
         return values
 
     def write_unit(self, standard: torch.nn.Module, pending: dict[str, torch.Tensor], layers: dict) -> None:
