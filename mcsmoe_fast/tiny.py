@@ -108,7 +108,8 @@ def tiny_moe(family: str, num_experts: int = 8, hidden_size: int = 32, intermedi
 
 
 TINY_WORDS = ("the quick brown fox jumps over a lazy dog experts share merged weights routers still score every "
-              "original expert mixture of models are sparse and large calibration text decides which dominate")
+              "original expert mixture of models are sparse and large calibration text decides which dominate "
+              "positive negative")  # SST-2's label words: label scoring needs choices the tokenizer tells apart
 
 
 def tiny_tokenizer(words: str = TINY_WORDS):
