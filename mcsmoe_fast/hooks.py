@@ -30,16 +30,17 @@ def is_decoder_layer(model: nn.Module, name: str) -> bool:
 
 def complete_inputs(model: nn.Module, batch: dict) -> dict:
     """An encoder-decoder model needs decoder inputs. With `labels` (a task's targets, -100 on padding)
-    the model feeds the decoder the shifted targets itself, and the decoder mask is the targets' mask.
-    With neither labels nor decoder_input_ids, the decoder reads the input text itself (teacher
-    forcing) with the same padding mask."""
-    if not getattr(model.config, "is_encoder_decoder", False) or "decoder_input_ids" in batch:
+    the model feeds the decoder the shifted targets itself (or reads the batch's decoder_input_ids, as
+    transformers' DataCollatorForSeq2Seq gives them), and the decoder mask, unless the batch has one, is the
+    targets' mask. With neither labels nor decoder_input_ids, the decoder reads the input text itself
+    (teacher forcing) with the same padding mask."""
+    if not getattr(model.config, "is_encoder_decoder", False):
         return batch
     if "labels" in batch:
         if "decoder_attention_mask" in batch:
             return batch
         return {**batch, "decoder_attention_mask": (batch["labels"] != -100).long()}
-    if "input_ids" not in batch:
+    if "input_ids" not in batch or "decoder_input_ids" in batch:
         return batch
     batch = dict(batch)
     batch["decoder_input_ids"] = model._shift_right(batch["input_ids"])

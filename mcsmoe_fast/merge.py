@@ -135,6 +135,9 @@ def merge_experts(
       frequency, exactly num_groups x layers in total, >= 1 per layer), else the count of every layer
       (an int, or a {layer name: count} mapping). See grouping.py for ties and edge cases.
     similarity: the similarity basis (router-logits, router-weight, weight, feature, expert-output, random).
+        'weight' compares the expert weights as they are (the alignment comes after grouping): align the
+        model first (align_experts, `mcsmoe-fast permute`), as the original's pipeline did, for a comparison
+        that does not depend on the order of each expert's neurons.
     permute: align each member's neurons to its group's dominant expert before averaging.
     strategy: "frequency" (usage-frequency weights), "average" (uniform), or "drop" (keep only the
       dominant experts' weights and mask the others' router logits to -inf: a pruning baseline).

@@ -12,6 +12,8 @@ call of ops.linear_assignment.
 """
 from __future__ import annotations
 
+import operator
+
 from collections.abc import Iterable
 
 import torch
@@ -148,16 +150,30 @@ def _check_finite_cost(cost: torch.Tensor, targets: torch.Tensor, refs: torch.Te
                          f"calibration activations when matching by activations): NaN or inf found")
 
 
+def _as_index(value):
+    """An integer given as a Python, NumPy or 0-d torch integer, as an int; anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        integral = value.dim() == 0 and not value.is_floating_point() and not value.is_complex()
+        return int(value) if integral and value.dtype != torch.bool else value
+    return operator.index(value) if hasattr(value, "__index__") and not isinstance(value, bool) else value
+
+
 def _resolve_references(reference, layers: list[MoELayer]) -> list[torch.Tensor]:
-    if reference is None:
-        reference = 0
+    reference = 0 if reference is None else _as_index(reference)
     if isinstance(reference, int):
         reference = [reference] * len(layers)
-    if len(reference) != len(layers):
+    try:
+        count = None if isinstance(reference, str) else len(reference)
+    except TypeError:  # a float, a 0-d float tensor
+        count = None
+    if count is None:
+        raise ValueError(f"reference: expected an expert index or one entry per MoE layer, got {reference!r}")
+    if count != len(layers):
         raise ValueError(f"reference: expected one entry per MoE layer ({len(layers)}), got {len(reference)}")
     out = []
     for layer, ref in zip(layers, reference):
         slots = layer.expert_weights()[0].shape[0]
+        ref = _as_index(ref)
         if isinstance(ref, int):
             if not 0 <= ref < slots:
                 raise ValueError(f"{layer.name}: reference expert {ref} out of range [0, {slots})")

@@ -23,7 +23,8 @@ def add(sub):
     p.add_argument("--num-groups", type=int, required=True,
                    help="groups per merged layer (the average per layer with --globally)")
     p.add_argument("--out", required=True, help="directory to save the merged model to")
-    p.add_argument("--similarity", choices=SIMILARITY_BASES, default="router-logits", help="similarity basis")
+    p.add_argument("--similarity", choices=SIMILARITY_BASES, default="router-logits", help="similarity basis ('weight' compares the weights as they are: run `permute` first to compare "
+                        "aligned experts, as the original did)")
     p.add_argument("--grouping", choices=GROUPING_METHODS, default="dominant",
                    help="dominant experts (paper) or hierarchical clustering (HC-SMoE)")
     p.add_argument("--globally", action=argparse.BooleanOptionalAction, default=None,
