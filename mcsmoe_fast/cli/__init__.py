@@ -3,6 +3,7 @@ parser (with a worked example in its --help) and a `run(args)`; the work itself 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import bench, compare, compress, demo, evaluate, finetune, merge, permute, prune
@@ -13,19 +14,24 @@ SUBCOMMANDS = {
     "demo": demo, "finetune": finetune, "permute": permute, "merge": merge, "compress": compress, "eval": evaluate,
     "bench": bench, "prune": prune, "compare": compare,
 }
+# the options that name a file or directory (a model, data, an output): `~` in them is the home directory
+PATH_OPTIONS = ("model", "teacher", "tokenizer", "out", "calib", "data", "eval_data", "text", "eval_text", "kd_text",
+                "json", "offload_dir", "lm_eval_include", "config")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(prog="mcsmoe-fast", description="Merge, then compress Mixture-of-Experts models.")
+    parser = argparse.ArgumentParser(prog="mcsmoe-fast", description="Merge, then compress Mixture-of-Experts models.",
+                                     allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"mcsmoe-fast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     parsers = {}
     for name, module in SUBCOMMANDS.items():
         p = module.add(sub)
+        p.allow_abbrev = False  # every option spelled out: --conf would be taken for --config, the file never read
         p.add_argument("--config", default=None, metavar="FILE",
-                       help="read settings from a YAML or JSON file (options given here win)")
+                       help="read settings from a YAML or JSON file, given once (options given here win)")
         parsers[name] = p
     return parser, parsers
 
@@ -37,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = config_path(argv)
         if path is not None and command is not None:
-            apply_config(parsers[command], path)
+            apply_config(parsers[command], path, argv)
     except (ValueError, FileNotFoundError) as exc:
         print(f"mcsmoe-fast {command}: error: {exc}", file=sys.stderr)
         return 2
@@ -46,8 +52,18 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # one progress bar per step of ours, not transformers' loading/writing bars
     try:
-        check_model_options(args)  # before the subcommand reads any tokenizer or data
+        check_model_options(args)  # before the subcommand reads any tokenizer or data (names --model as typed)
+        expand_home(args)
         return args.run(args)
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"mcsmoe-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def expand_home(args) -> None:
+    """`~` in a path option is the home directory, wherever the path comes from (the shell expands it on the command
+    line, not in quotes nor in a --config file) and whichever step reads or writes it."""
+    for dest in PATH_OPTIONS:
+        value = getattr(args, dest, None)
+        if isinstance(value, str):
+            setattr(args, dest, os.path.expanduser(value))

@@ -14,21 +14,26 @@ def add(sub):
                     "standard form), HC-SMoE, REAM, REAP and frequency pruning at 25% and 50% fewer experts, one-shot "
                     "and after the same KD budget; write checkpoints, results.json, plot.png and methods/ into --out. "
                     "No network; about 12 minutes on two idle CPU cores.")
-    p.add_argument("--out", default="mcsmoe-demo", help="output directory (default ./mcsmoe-demo)")
+    p.add_argument("--out", default=None, help="output directory (default ./mcsmoe-demo)")
     p.add_argument("--quick", action="store_true", help="a smaller model and fewer steps: about 7 minutes on two CPU cores")
     p.add_argument("--tour", action="store_true",
-                   help="instead: the pipeline's mechanics on random Switch and Mixtral models, in seconds")
+                   help="instead: the pipeline's mechanics on random Switch and Mixtral models, in seconds (no "
+                        "--quick or --out: it keeps no files)")
     p.set_defaults(run=run)
     return p
 
 
 def run(args) -> int:
     if args.tour:
+        ignored = [flag for flag, given in (("--quick", args.quick), ("--out", args.out is not None)) if given]
+        if ignored:
+            raise ValueError(f"{' and '.join(ignored)} would be ignored: --tour runs the mechanics on random models "
+                             f"in seconds and keeps no files; drop {'it' if len(ignored) == 1 else 'them'} or --tour")
         from ..demo.tour import run_demo as tour
 
         tour()
         return 0
     from ..demo import run_demo as demo
 
-    demo(args.out, quick=args.quick)
+    demo(args.out or "mcsmoe-demo", quick=args.quick)
     return 0

@@ -63,8 +63,8 @@ def add(sub):
                         "first, then the CPU up to --max-memory, the rest offloaded to --offload-dir (for several "
                         "GPUs, and Switch, Qwen3-Next and Qwen3.5-MoE)")
     p.add_argument("--offload-dir", default=None,
-                   help="with streaming: where carried calibration activations (or, with --device-map, the "
-                        "offloaded layers) go when they exceed the budget")
+                   help="with --max-memory or --device-map: where carried calibration activations (or, with "
+                        "--device-map, the offloaded layers) go when they exceed the budget")
     p.set_defaults(run=run)
     return p
 
@@ -135,6 +135,9 @@ def run(args) -> int:
 
     refuse_overwriting_input(args)
     check_format_options(args)
+    if args.offload_dir is not None and args.max_memory is None and args.device_map is None:
+        raise ValueError("--offload-dir needs --max-memory (or --device-map): it is where the streamed merge spills "
+                         "what exceeds the budget; without one the model is merged in memory")
     if args.num_groups < 1:
         raise ValueError(f"--num-groups must be >= 1, got {args.num_groups}")
     tokenizer = load_tokenizer(args.tokenizer or args.model)
@@ -159,6 +162,8 @@ def run(args) -> int:
             raise ValueError("--export-dense needs the whole model in memory (the streamed merge writes the exact or "
                              "the standard format); drop it (and --device-map) or raise --max-memory")
         return run_streaming(args, tokenizer, batches, dtype, keep_quantization)
+    if args.offload_dir is not None:
+        print(f"the model fits --max-memory {args.max_memory}: merged in memory; --offload-dir is not used")
     model = open_model(args.model, dtype)
     if args.format == "standard" and args.layers and len(select_layers(moe_layers(model), layers_option(args.layers))) \
             < len(moe_layers(model)):

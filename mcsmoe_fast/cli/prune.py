@@ -37,7 +37,8 @@ def add(sub):
                    help="memory budget, e.g. 8GB: a checkpoint that would not fit is pruned one decoder layer at a "
                         "time from its shards (the same standard checkpoint)")
     p.add_argument("--offload-dir", default=None,
-                   help="where the carried activations go when they exceed --max-memory (default: inside --out)")
+                   help="with --max-memory: where the carried activations go when they exceed it (default: inside "
+                        "--out)")
     p.set_defaults(run=run)
     return p
 
@@ -52,6 +53,9 @@ def run(args) -> int:
     from ..prune import check_prune, kept_experts, prune_experts, resolve_count
 
     refuse_overwriting_input(args)
+    if args.offload_dir is not None and args.max_memory is None:
+        raise ValueError("--offload-dir needs --max-memory: it is where the streamed prune spills what exceeds the "
+                         "budget; without one the model is pruned in memory")
     if args.saliency is not None and args.method != "reap":
         raise ValueError(f"--saliency chooses REAP's routing weight: it needs --method reap, not {args.method}")
     args.saliency = args.saliency or "reap"
@@ -62,6 +66,8 @@ def run(args) -> int:
 
     if not fits_in_memory(args.model, args.max_memory, None if keep_quantization else dtype_option(args)):
         return run_streaming(args, keep_quantization)
+    if args.offload_dir is not None:
+        print(f"the model fits --max-memory {args.max_memory}: pruned in memory; --offload-dir is not used")
     model = open_model(args.model, None if keep_quantization else dtype_option(args))
     layers = moe_layers(model)
     if not layers:
