@@ -1,9 +1,10 @@
 """Atomic directories: a checkpoint is written into a temporary directory next to its target, then renamed
 into place, so an interrupted save leaves the previous checkpoint as it was; temporaries of dead writers
-are removed. A target is replaced only when it holds nothing but a checkpoint's files (what this package,
-transformers and tokenizers write): anything else in it is the user's, and the save is refused. The tokenizer, chat
-template and generation files of the replaced checkpoint that the new save does not write are kept (KEPT_FILES),
-as transformers' save_pretrained leaves them; its weights, index and config files are not."""
+are removed. A target is replaced only when it holds nothing but a checkpoint's files (the exact names this
+package, transformers and tokenizers write: CHECKPOINT_FILES): anything else in it is the user's, and the save is
+refused by the file's name. A mount point is refused too (it cannot be renamed). The tokenizer, chat template and
+generation files of the replaced checkpoint that the new save does not write are kept (KEPT_FILES), as
+transformers' save_pretrained leaves them; its weights, index and config files are not."""
 from __future__ import annotations
 
 import fnmatch
@@ -17,11 +18,17 @@ from pathlib import Path
 
 
 OWNER_FILE = ".mcsmoe-owner"  # the pid that writes a temporary directory
-# What a checkpoint directory holds: weights, configs, a tokenizer's files, the trainer's state.
-CHECKPOINT_FILES = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
-                    "pytorch_model*.bin", "pytorch_model.bin.index.json", "tokenizer*", "special_tokens_map.json",
+_SHARD = "-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9]"  # ShardWriter's and transformers' shard numbers
+# The weights files the writers produce: ours (format.WEIGHTS_NAME), transformers' (safetensors, older .bin), each
+# in one file or as shards plus their index.
+WEIGHTS_FILES = ("mcsmoe_model.safetensors", f"mcsmoe_model{_SHARD}.safetensors", "mcsmoe_model.safetensors.index.json",
+                 "model.safetensors", f"model{_SHARD}.safetensors", "model.safetensors.index.json",
+                 "pytorch_model.bin", f"pytorch_model{_SHARD}.bin", "pytorch_model.bin.index.json")
+# What a checkpoint directory holds: weights, configs, a tokenizer's files, the trainer's state (train/state.py).
+CHECKPOINT_FILES = ("config.json", "generation_config.json", *WEIGHTS_FILES, "tokenizer*", "special_tokens_map.json",
                     "added_tokens.json", "vocab.*", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
-                    "chat_template.*", "preprocessor_config.json", "trainer_state.*", OWNER_FILE)
+                    "chat_template.*", "preprocessor_config.json", "trainer_state.json", "trainer_state.safetensors",
+                    OWNER_FILE)
 # What a save into a checkpoint directory keeps of the previous checkpoint there when it does not write it itself.
 KEPT_FILES = ("generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*",
               "merges.txt", "spiece.model", "sentencepiece.bpe.model", "chat_template.*", "preprocessor_config.json")
@@ -41,7 +48,7 @@ def refuse_out_at_source(source, out) -> None:
     """ValueError when writing checkpoint `out` would replace or land inside the input checkpoint `source`, or
     replace a directory that holds it. Paths are compared resolved ('..', symlinks): the atomic replace resolves
     them too, so an out that only looks different could otherwise replace the input."""
-    out_real, source_real = Path(os.path.realpath(out)), Path(os.path.realpath(source))
+    out_real, source_real = (Path(os.path.realpath(os.path.expanduser(p))) for p in (out, source))
     if out_real == source_real or source_real in out_real.parents:
         raise ValueError(f"out ({out}) must not be the input checkpoint directory ({source}) or inside it")
     if out_real in source_real.parents:
@@ -50,11 +57,14 @@ def refuse_out_at_source(source, out) -> None:
 
 def check_replaceable(target: Path) -> None:
     """Raise FileExistsError unless `target` is absent, an empty directory, or a checkpoint directory holding
-    only CHECKPOINT_FILES (then a save may replace it as a whole)."""
+    only CHECKPOINT_FILES (then a save may replace it as a whole); a mount point is refused (renaming it fails)."""
     if not target.exists():
         return
     if not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a directory")
+    if os.path.ismount(target):  # a volume or mounted disk: the replace would fail only after all the work
+        raise FileExistsError(f"{target} is a mount point, which a save cannot replace (it renames the directory): "
+                              "save into a subdirectory of it")
     entries = list(target.iterdir())
     if entries and not (target / "config.json").is_file():
         raise FileExistsError(f"{target} is a non-empty directory that is not a checkpoint; refusing to replace it")
@@ -67,7 +77,8 @@ def check_replaceable(target: Path) -> None:
 
 def _replace_dir(tmp: Path, target: Path) -> None:
     """Move the finished temporary directory to `target`, replacing a previous checkpoint there; when the
-    second rename fails, the previous checkpoint is put back (a kill between the two: see restore_previous)."""
+    second rename fails, the previous checkpoint is put back (a kill between the two: see restore_previous). Once
+    the new checkpoint is in place the previous one is renamed to `.<name>.trash-*`, never put back, and removed."""
     if not target.exists():
         os.rename(tmp, target)
         return
@@ -79,12 +90,20 @@ def _replace_dir(tmp: Path, target: Path) -> None:
     except BaseException:
         os.rename(old, target)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    trash = target.with_name(f".{target.name}.trash-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(old, trash)  # replaced: an interrupted removal must not leave it for restore_previous
+    except OSError:  # removed already by another save to `target`, or not renamed: the save is done all the same
+        trash = old
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def restore_previous(target: Path) -> None:
     """A writer killed between _replace_dir's two renames left no `target` and the previous checkpoint under
-    `.<name>.old-*`: put it back. Once `target` is there, such leftovers are removed."""
+    `.<name>.old-*`: put it back. Once `target` is there, such leftovers are removed, as are replaced checkpoints
+    whose removal was interrupted (`.<name>.trash-*`)."""
+    for trash in target.parent.glob(f".{target.name}.trash-*"):
+        shutil.rmtree(trash, ignore_errors=True)
     for old in sorted(target.parent.glob(f".{target.name}.old-*")):
         if not target.exists():
             os.rename(old, target)
@@ -145,9 +164,10 @@ def atomic_directory(target) -> Iterator[Path]:
     `target` (a previous checkpoint there, or nothing; a symlink's target), when it raises it is removed and
     `target` is left as it was. Temporary directories left by a killed earlier run are removed first, and a
     previous checkpoint it left aside is put back. Refused up front when `target` holds more than a checkpoint
-    (check_replaceable). The previous checkpoint's tokenizer, chat template and generation files that the block
-    did not write are copied in before the replacement (keep_files)."""
-    target = Path(os.path.realpath(target))  # through symlinks and "..": replace what the path names
+    or is a mount point (check_replaceable). The previous checkpoint's tokenizer, chat template and generation
+    files that the block did not write are copied in before the replacement (keep_files). "~" is the home
+    directory, as the loader reads it."""
+    target = Path(os.path.realpath(os.path.expanduser(target)))  # "~", symlinks and "..": replace what it names
     target.parent.mkdir(parents=True, exist_ok=True)
     restore_previous(target)
     remove_stale_temporaries(target)

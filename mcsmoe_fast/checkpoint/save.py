@@ -73,7 +73,7 @@ def refuse_untied(model: nn.Module) -> None:
 def save_pretrained(model: nn.Module, save_directory, export_dense: bool = False, tokenizer=None,
                     extra: Callable[[Path], None] | None = None, max_shard_size=None, format: str = "exact",
                     router: str | None = None, batches=None) -> Path:
-    """Save `model` (merged or not) to `save_directory`; returns its path.
+    """Save `model` (merged or not) to `save_directory` ("~" is the home directory); returns its path.
 
     Default: the merged format above (unique weights only). export_dense=True: a plain transformers
     checkpoint with every expert materialised (not possible for models with dropped experts: plain
@@ -101,7 +101,7 @@ def save_pretrained(model: nn.Module, save_directory, export_dense: bool = False
     refuse_offloaded(model)
     refuse_untied(model)
     standard = to_standard(model, router=router, batches=batches) if format == "standard" else None
-    target = Path(save_directory).absolute()
+    target = Path(save_directory).expanduser().absolute()
     with atomic_directory(target) as tmp:
         if standard is not None:
             standard.save_pretrained(str(tmp), **({} if shard is None else {"max_shard_size": shard}))

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 
 import torch
@@ -44,25 +46,29 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 
 def parse_size(size, name: str = "size") -> int | None:
     """Bytes from an int or a string such as "500MB", "1.5GB", "2GiB" (KB/MB/GB are powers of 10 as in
-    transformers' max_shard_size, KiB/MiB/GiB powers of 2); None stays None."""
+    transformers' max_shard_size, KiB/MiB/GiB powers of 2); None stays None. A size that is not a whole, finite
+    number of bytes (inf, nan, 1.5) is refused by `name`."""
     if size is None:
         return None
+    expected = f"{name}: expected a whole number of bytes or a string like '2GB' or '512MiB', got {size!r}"
     if isinstance(size, bool):
-        raise ValueError(f"{name}: expected a number of bytes or a string like '2GB', got {size!r}")
-    if isinstance(size, (int, float)):
-        value = int(size)
-    else:
-        text = str(size).strip().upper().replace(" ", "")
-        number = text.rstrip("KMGTIB")
-        unit = text[len(number):]
-        try:
-            value = int(float(number) * _UNITS[unit])
-        except (KeyError, ValueError):
-            raise ValueError(f"{name}: expected a number of bytes or a string like '2GB' or '512MiB', "
-                             f"got {size!r}") from None
+        raise ValueError(expected)
+    try:
+        if isinstance(size, (int, float)):
+            value = Decimal(size)
+        else:
+            text = str(size).strip().upper().replace(" ", "")
+            number = text.rstrip("KMGTIB")
+            value = Decimal(number) * _UNITS[text[len(number):]]  # exact: "1.1KB" is 1100 bytes
+    except (KeyError, ArithmeticError):
+        raise ValueError(expected) from None
+    if not math.isfinite(value):  # 1e400 too: no float holds it
+        raise ValueError(f"{expected} (None for no limit)")
+    if value != value.to_integral_value():
+        raise ValueError(f"{name}: {size!r} is not a whole number of bytes")
     if value < 1:
         raise ValueError(f"{name} must be at least 1 byte, got {size!r}")
-    return value
+    return int(value)
 
 
 def index_name(base_name: str) -> str:

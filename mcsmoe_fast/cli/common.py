@@ -9,8 +9,8 @@ def refuse_overwriting_input(args, checkpoint: bool = True) -> None:
     """Every subcommand that writes a model refuses to write it over the model it reads: a save replaces
     the target directory, which would delete the user's original weights. checkpoint: --out is the checkpoint
     itself, so a directory a save could not replace (the user's other files in it) is refused now, before any
-    work, rather than when the save starts."""
-    out, model = Path(args.out).absolute().resolve(), Path(args.model).absolute().resolve()
+    work, rather than when the save starts. "~" is expanded in both, as the loader and the save expand it."""
+    out, model = (Path(p).expanduser().absolute().resolve() for p in (args.out, args.model))
     if out == model or (model.is_dir() and model in out.parents):
         raise ValueError(f"--out {args.out} would write into the input model's directory {args.model}; "
                          "choose another output directory")
