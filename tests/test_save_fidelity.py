@@ -14,19 +14,7 @@ import mcsmoe_fast.checkpoint.atomic as atomic
 from mcsmoe_fast.checkpoint import atomic_directory, parse_size
 from mcsmoe_fast.cli.common import refuse_overwriting_input
 from mcsmoe_fast.tiny import tiny_mixtral
-
-
-def checkpoint(directory, weights=b"old weights"):
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text("{}")
-    (directory / "model.safetensors").write_bytes(weights)
-    return directory
-
-
-def write_new(target):
-    with atomic_directory(target) as tmp:
-        (tmp / "config.json").write_text('{"new": 1}')
-        (tmp / "model.safetensors").write_bytes(b"new weights")
+from test_atomic_replace_safety import checkpoint, write_new
 
 
 def hidden(directory):
