@@ -11,7 +11,7 @@ import pytest
 
 import mcsmoe_fast as mf
 import mcsmoe_fast.checkpoint.atomic as atomic
-from mcsmoe_fast.checkpoint import atomic_directory, parse_size
+from mcsmoe_fast.checkpoint import parse_size
 from mcsmoe_fast.cli.common import refuse_overwriting_input
 from mcsmoe_fast.tiny import tiny_mixtral
 from test_atomic_replace_safety import checkpoint, write_new
