@@ -14,6 +14,13 @@ from pathlib import Path
 import torch
 
 
+def check_offload_dir(offload_dir) -> None:
+    """Refuse an offload_dir that is an existing file, before a run does any work (a missing one is created)."""
+    if offload_dir is not None and Path(offload_dir).exists() and not Path(offload_dir).is_dir():
+        raise ValueError(f"offload_dir {offload_dir} is a file, not a directory: give a directory for the offloaded "
+                         "hidden states (created if missing)")
+
+
 class ActivationStore:
     """Hidden states of every calibration batch; `shapes` [(B, L, d), ...]. With `directory` they live
     in a temporary file there (removed by close()), else in memory."""

@@ -1,9 +1,10 @@
 """Memory: what the process holds now, what a model needs, and how a budget is split.
 
-A streaming run holds one decoder layer (plus the temporaries of merging it), the carried hidden states
-of the calibration tokens, and at most one output shard being assembled. `plan_memory` decides from
-`max_memory` whether the hidden states stay in memory or go to a file, how large output shards are, and
-how many bytes of weight-matching cost matrices are built at once.
+A streaming run holds one decoder layer (plus the temporaries of merging it, and with REAP saliency the
+expert outputs of one batch's routed tokens), the carried hidden states of the calibration tokens, and at
+most one output shard being assembled. `plan_memory` decides from `max_memory` whether the hidden states
+stay in memory or go to a file, how large output shards are, and how many bytes of weight-matching cost
+matrices are built at once.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from ..checkpoint.weight_files import parse_size
 
 DEFAULT_SHARD_SIZE = 2 * 10**9  # bytes per output shard without a budget (transformers uses 5 GB)
 MIN_SHARD_SIZE = 10**6
+ACCUMULATOR_CHUNK_TOKENS = 1024  # tokens the statistics pass's accumulator runs through the experts at once
 
 
 def rss_bytes() -> int:
@@ -91,13 +93,14 @@ class MemoryPlan:
     shard_size: int  # bytes per output shard
     matching_bytes: int  # weight-matching cost matrices built at once (match_permutations memory_budget)
     quantized_bytes: int = 0  # a quantized source: dequantization and error-report copies (requantization_bytes)
+    saliency_bytes: int = 0  # REAP saliency in the statistics pass: one batch's routed rows (saliency_bytes)
 
     @property
     def layer_floor(self) -> int:
         """What one layer needs while it is merged: its weights (permuted in place), merged slots of at
-        most the same size, the cost matrices and, for a quantized source, what reading and re-quantizing it
-        add (a rough floor; below it the budget cannot be kept)."""
-        return 2 * self.layer_bytes + self.matching_bytes + self.quantized_bytes
+        most the same size, the cost matrices, for a quantized source what reading and re-quantizing it
+        add, and what REAP's saliency holds (a rough floor; below it the budget cannot be kept)."""
+        return 2 * self.layer_bytes + self.matching_bytes + self.quantized_bytes + self.saliency_bytes
 
 
 def shard_size_for(max_memory, max_shard_size=None) -> int:
@@ -111,20 +114,23 @@ def shard_size_for(max_memory, max_shard_size=None) -> int:
 
 
 def plan_memory(budget, layer_bytes: int, expert_matrix_bytes: int, activation_bytes: int,
-                shard_size=None, quantized_bytes: int = 0, writes: bool = True) -> MemoryPlan:
+                shard_size=None, quantized_bytes: int = 0, writes: bool = True, saliency_bytes: int = 0) -> MemoryPlan:
     """Split `budget` (bytes, "1GB", or None) between one layer (layer_bytes: the largest decoder layer's
     tensors in the compute dtype), the output buffer and the hidden states; expert_matrix_bytes is one
     ff x ff cost matrix (float32); quantized_bytes what a quantized source adds to the layer
-    (requantization_bytes); writes=False: nothing is written (a perplexity), no output shard (size 0)."""
+    (requantization_bytes); writes=False: nothing is written (a perplexity), no output shard (size 0);
+    saliency_bytes what REAP's saliency adds to the layer (saliency_bytes)."""
     from ..permute import DEFAULT_MEMORY_BUDGET
 
     shard_size = shard_size_for(budget, shard_size) if writes else 0
     budget = parse_size(budget, "max_memory")
     if budget is None:
-        return MemoryPlan(None, layer_bytes, activation_bytes, False, shard_size, DEFAULT_MEMORY_BUDGET, quantized_bytes)
+        return MemoryPlan(None, layer_bytes, activation_bytes, False, shard_size, DEFAULT_MEMORY_BUDGET,
+                          quantized_bytes, saliency_bytes)
     fix_mmap_threshold()  # keeping a budget: freed temporaries go back to the system
     matching = max(expert_matrix_bytes, min(DEFAULT_MEMORY_BUDGET, budget // 8))
-    plan = MemoryPlan(budget, layer_bytes, activation_bytes, False, shard_size, matching, quantized_bytes)
+    plan = MemoryPlan(budget, layer_bytes, activation_bytes, False, shard_size, matching, quantized_bytes,
+                      saliency_bytes)
     plan.offload = activation_bytes > budget - plan.layer_floor - shard_size
     return plan
 
@@ -161,6 +167,23 @@ def stream_requantization_bytes(s, report: str | None, fused: bool) -> int:
     top_k = getattr(s.model.config, "num_experts_per_tok", None) or 8
     sample = PROBE_TOKENS * (s.model.config.hidden_size * s.dtype.itemsize + 16 * top_k)
     return requantization_bytes(slot, bank, matrix, sample * (1 if fused else len(s.chosen)), report)
+
+
+def saliency_bytes(s) -> int:
+    """What REAP's saliency (`s`: a Stream whose statistics pass collects it: s.saliency set) holds besides the layer
+    while the largest calibration batch passes a chosen MoE layer (calibrate's accumulator): every routed
+    (token, expert) pair of the batch as a row of d values, and ACCUMULATOR_CHUNK_TOKENS x top_k of those rows at a
+    time through the fused expert FFN: its gathered input, output and combined rows (3 d), intermediates (at most
+    3 ff: gate, up, activation) and the output's float64 copy for the norms (8 d bytes a row). 0 without saliency."""
+    if s.saliency is None:
+        return 0
+    tokens = max((b.input_ids.numel() for b in s.batches), default=0)
+    most = 0
+    for view in (v for v in s.views.values() if v.name in s.chosen):
+        k, d, ff = view.top_k, view.hidden_size, view.intermediate_size
+        rows = min(tokens, ACCUMULATOR_CHUNK_TOKENS) * k
+        most = max(most, (tokens * k * d + rows * (3 * d + 3 * ff)) * s.dtype.itemsize + rows * d * 8)
+    return most
 
 
 def largest_unit_bytes(shapes: dict, units, dtype: torch.dtype) -> int:

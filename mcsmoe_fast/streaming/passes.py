@@ -32,7 +32,7 @@ from ..checkpoint.weight_files import ShardWriter
 from .activations import ActivationStore
 from .compress_stage import CompressionStage
 from .forward import Batch, run_layer
-from .memory import human, rss_bytes, trim_heap
+from .memory import ACCUMULATOR_CHUNK_TOKENS, human, rss_bytes, trim_heap
 from .skeleton import empty, materialise
 from .source import SourceCheckpoint
 from .standard import StandardOutput
@@ -147,7 +147,7 @@ class Merger:
 def _attach(view, bases, current: dict, saliency: str | None = None):
     """(accumulator, hook handle): calibrate's accumulator fed by a pre-hook on the MoE block, with the
     padding mask of the batch being run (current["mask"])."""
-    acc = layer_accumulator(view, bases=bases, saliency=saliency)
+    acc = layer_accumulator(view, bases=bases, chunk_tokens=ACCUMULATOR_CHUNK_TOKENS, saliency=saliency)
     return acc, hook_block_input(view.module, lambda hidden: acc(hidden, current.get("mask")))
 
 

@@ -3,14 +3,14 @@
 Weight matching needs no calibration data and each MoE layer only its own experts, so one pass does it:
 for every MoE layer its experts are read, every expert is aligned to the reference expert and permuted
 in place, and the layer is written out; every other tensor is copied through one at a time. The output
-is a plain transformers checkpoint (sharded safetensors with an index, the experts under the model's own
-fused names), written into a temporary directory renamed into place, equal to
-open_model -> align_experts(model, reference) -> model.save_pretrained on the same checkpoint.
+is a plain transformers checkpoint (sharded safetensors with an index, every tensor under the family's hub names
+as the source stores them, transformers' weight conversion reverted one tensor at a time), written into a
+temporary directory renamed into place, equal to open_model -> align_experts(model, reference) ->
+model.save_pretrained on the same checkpoint: the same tensors under the same names.
 
 A block-FP8 / MXFP4 source is read dequantized and, with keep_quantization (the default), the aligned
-checkpoint is written under the family's hub names (as the source stores them) and then rewritten in its
-format one tensor at a time (write_quantized(like=source), as the
-in-memory `permute` does with requantize_saved): the permuted experts quantized afresh, every other tensor
+checkpoint is written as above and then rewritten in its format one tensor at a time (write_quantized(like=source),
+as the in-memory `permute` does with requantize_saved): the permuted experts quantized afresh, every other tensor
 the source's bytes, its quantization_config and the error report in config.json. keep_quantization=False:
 dequantized tensors in `dtype`, without quantization_config.
 """
@@ -54,8 +54,8 @@ def permute_checkpoint(path, out, reference: int = 0, max_memory=None, max_shard
         tmp.mkdir(exist_ok=True)
         writer = ShardWriter(tmp, "model.safetensors", shard_size, {"format": "pt"})
 
-        def add(name: str, tensor: torch.Tensor) -> None:  # re-quantized: under the hub names the source stores
-            for n, t in (revert_weight_conversion(model, {name: tensor}) if requantize else {name: tensor}).items():
+        def add(name: str, tensor: torch.Tensor) -> None:  # under the hub names, as model.save_pretrained writes
+            for n, t in revert_weight_conversion(model, {name: tensor}).items():
                 writer.add(n, t.contiguous())
         for view in tqdm(views, desc="aligning experts", unit="layer", disable=not progress):
             layout = view.stored_tensors()

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..checkpoint.atomic import scratch_directory
-from .activations import ActivationStore
+from .activations import ActivationStore, check_offload_dir
 from .forward import ACCEPTED_KEYS, prepare_batches, run_layer
 from .memory import largest_unit_bytes, plan_memory
 from .readers import open_reader
@@ -46,6 +46,7 @@ def streamed_perplexity(path, windows: torch.Tensor, max_memory=None, offload_di
         raise ValueError(f"perplexity needs windows [N >= 1, L >= 2], got {tuple(windows.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_offload_dir(offload_dir)
     reader = open_reader(path, dtype)
     model, dtype, read = reader.model, reader.dtype, reader.read
     windows = windows.long()

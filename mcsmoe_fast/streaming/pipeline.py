@@ -41,11 +41,11 @@ from ..models import select_layers
 from ..models.config_fields import routing_groups
 from ..sections import record_compression, record_merge
 from ..checkpoint.weight_files import ShardWriter
-from .activations import ActivationStore
+from .activations import ActivationStore, check_offload_dir
 from .compress_stage import CompressionStage, compress_options
 from .dispatch import check_device_map, dispatched_statistics, split_memory
 from .forward import ACCEPTED_KEYS, SEQ2SEQ_KEYS, prepare_batches
-from .memory import MemoryPlan, human, largest_unit_bytes, plan_memory, stream_requantization_bytes
+from .memory import MemoryPlan, human, largest_unit_bytes, plan_memory, saliency_bytes, stream_requantization_bytes
 from .passes import Merger, Progress, Stream, layer_pass, merge_pass
 from .quantized import ErrorProbe, dequantized_config, output_writer, record_error
 from .skeleton import layer_units, moe_views, open_source
@@ -83,23 +83,26 @@ def _check_options(similarity, strategy, grouping, bases, max_group_size=None, d
 def _plan(s: Stream, max_memory, max_shard_size, standard: tuple | None, strategy: str, keep_quantization: bool,
           fused: bool) -> MemoryPlan:
     """The memory plan: one layer, the carried hidden states (twice with the fitted standard router: the merged
-    model's too) and, for a quantized source, what reading and re-quantizing it add (memory.requantization_bytes)."""
+    model's too), for a quantized source what reading and re-quantizing it add (memory.requantization_bytes) and
+    with REAM grouping what its REAP saliency holds (memory.saliency_bytes)."""
     stores = 2 if _fits_router(standard, strategy) else 1
     report = ("standard" if standard else "exact") if keep_quantization else None
     quantized_bytes = stream_requantization_bytes(s, report, fused) if s.source.quant is not None else 0
     layer_bytes = largest_unit_bytes(s.shapes, s.units, s.dtype)
     ff = max((v.intermediate_size for v in s.views.values()), default=1)
     activations = stores * sum(b.input_ids.numel() for b in s.batches) * s.model.config.hidden_size * s.dtype.itemsize
-    plan = plan_memory(max_memory, layer_bytes, ff * ff * 4, activations, max_shard_size, quantized_bytes)
+    plan = plan_memory(max_memory, layer_bytes, ff * ff * 4, activations, max_shard_size, quantized_bytes,
+                       saliency_bytes=saliency_bytes(s))
     if plan.budget is not None and plan.layer_floor > plan.budget:
         warnings.warn(f"max_memory {human(plan.budget)} is below what merging one layer needs (about "
                       f"{human(plan.layer_floor)}); the run continues above the budget", stacklevel=3)
     return plan
 
 
-def _check_memory(max_memory, device_map) -> tuple:
-    """Check device_map and max_memory; returns (resident budget, per-device memory or None)."""
+def _check_memory(max_memory, device_map, offload_dir) -> tuple:
+    """Check device_map, max_memory and offload_dir; returns (resident budget, per-device memory or None)."""
     check_device_map(device_map)
+    check_offload_dir(offload_dir)
     if isinstance(max_memory, dict) and device_map is None:
         raise ValueError("max_memory per device (a dict) is for accelerate's device map; pass device_map too, "
                          "or one size for the resident memory")
@@ -319,7 +322,7 @@ def merge_checkpoint(path, out, calibration_batches: Iterable[dict], num_groups,
     compress = compress_options(compress)
     globally = format != "standard" if globally is None else globally
     within_routing_groups = format == "standard" if within_routing_groups is None else within_routing_groups
-    budget, device_memory = _check_memory(max_memory, device_map)
+    budget, device_memory = _check_memory(max_memory, device_map, offload_dir)
     s, out, chosen, aliases = _open_stream(path, out, dtype, calibration_batches, layers, strategy, bases, progress,
                                            dispatched=device_map is not None, grouping=grouping)
     groups = _Groups(chosen, num_groups, globally, routing_groups(s.model.config) if within_routing_groups else 1)

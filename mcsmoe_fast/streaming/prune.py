@@ -23,9 +23,9 @@ from ..checkpoint import atomic_directory, scratch_directory
 from ..checkpoint.standard_plan import LayerPlan, check_expert_counts, check_standard_layer
 from ..models.config_fields import expert_count_fields
 from ..prune import check_expert_count, check_routing_group_counts
-from .activations import ActivationStore
+from .activations import ActivationStore, check_offload_dir
 from .forward import ACCEPTED_KEYS, prepare_batches
-from .memory import largest_unit_bytes, plan_memory, stream_requantization_bytes
+from .memory import largest_unit_bytes, plan_memory, saliency_bytes, stream_requantization_bytes
 from .passes import Progress, Stream, layer_pass
 from .quantized import ErrorProbe, dequantized_config, record_error
 from .skeleton import layer_units, moe_views, open_source
@@ -60,6 +60,7 @@ def prune_checkpoint(path, out, calibration_batches: Iterable[dict], num_experts
 
     if method not in PRUNE_METHODS:
         raise ValueError(f"method must be one of {', '.join(PRUNE_METHODS)}, got {method!r}")
+    check_offload_dir(offload_dir)
     source, out, dtype, model, shapes, _ = open_source(path, out, dtype)
     batches = prepare_batches(calibration_batches, source.config.vocab_size, ACCEPTED_KEYS)
     units = layer_units(model)
@@ -75,7 +76,8 @@ def prune_checkpoint(path, out, calibration_batches: Iterable[dict], num_experts
         dequantized_config(model.config)
     activations = sum(b.input_ids.numel() for b in batches) * model.config.hidden_size * dtype.itemsize
     plan = plan_memory(max_memory, largest_unit_bytes(shapes, units, dtype), 0, activations, max_shard_size,
-                       stream_requantization_bytes(s, "standard", True) if quantized else 0)
+                       stream_requantization_bytes(s, "standard", True) if quantized else 0,
+                       saliency_bytes=saliency_bytes(s))
     record = {"method": method, "layers": {}}
 
     def prune_now(view, tensors):
