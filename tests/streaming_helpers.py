@@ -6,6 +6,7 @@ import json
 import warnings
 
 import torch
+from safetensors import safe_open
 
 from mcsmoe_fast import (
     collect_routing_stats, compress_experts, from_pretrained, merge_experts, moe_layers, open_model, save_pretrained,
@@ -14,6 +15,15 @@ from mcsmoe_fast.streaming import merge_checkpoint
 from merge_helpers import forward
 
 NUM_GROUPS = 3
+
+
+def stored(directory) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory's safetensors files, by name."""
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            out |= {k: h.get_tensor(k) for k in h.keys()}
+    return out
 
 
 def in_memory(src, out, batches, compress=None, **kwargs):

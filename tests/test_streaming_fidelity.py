@@ -5,21 +5,12 @@ and score-correction bias in bf16, GPT-OSS's norms in fp16) read and written in 
 memory estimate that saw no expert layer in a Switch checkpoint."""
 import pytest
 import torch
-from safetensors import safe_open
 
 from mcsmoe_fast import collect_routing_stats, compress_experts, merge_experts, open_model, save_pretrained
 from mcsmoe_fast.streaming import checkpoint_bytes, compress_checkpoint, merge_checkpoint, permute_checkpoint
 from mcsmoe_fast.tiny import tiny_mixtral, tiny_moe, tiny_switch
 from merge_helpers import calibration
-from streaming_helpers import NUM_GROUPS, assert_same_checkpoint
-
-
-def stored(directory) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            out |= {k: h.get_tensor(k) for k in h.keys()}
-    return out
+from streaming_helpers import NUM_GROUPS, assert_same_checkpoint, stored
 
 
 @pytest.fixture(scope="module")

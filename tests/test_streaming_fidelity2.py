@@ -8,18 +8,10 @@ import re
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from mcsmoe_fast.cli import main
 from mcsmoe_fast.tiny import tiny_moe
-
-
-def stored(directory) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            out |= {k: h.get_tensor(k) for k in h.keys()}
-    return out
+from streaming_helpers import stored
 
 
 def quiet_main(argv) -> int:
