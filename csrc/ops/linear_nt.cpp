@@ -9,22 +9,34 @@
 //   onednn  torch's oneDNN linear (mkldnn::_linear_pointwise), for the dtypes it takes on this CPU (probed
 //           once: bf16 needs AVX-512 BF16 or AMX): measured (Zen 4, fp32) 1.1-1.7x faster than at::mm on every
 //           expert GEMM shape of the benchmarks, most at small row counts;
-//   fp32    bfloat16/float16 only: both operands converted to float32, the float32 GEMM (oneDNN above
-//           kOneDnnMinMacs), the result rounded once (4x faster than aten on that AVX2 EPYC).
+//   fp32    bfloat16/float16 only: both operands converted to float32, the float32 GEMM (oneDNN from
+//           kOneDnnMinMacs multiply-adds, below which its ~10-20 us call overhead dominates: a 1 x 768 by 768 x 32
+//           product takes 19 us through oneDNN and 4 us through at::mm), the result rounded once (4x faster than
+//           aten on that AVX2 EPYC).
 // All accumulate in float32 (float64 for float64); they differ only in rounding. The default without
-// timing (MCSMOE_AUTOTUNE=0): oneDNN for float32 products of at least kOneDnnMinMacs multiply-adds (below
-// that oneDNN's ~10-20 us call overhead dominates: a 1 x 768 by 768 x 32 product takes 19 us through oneDNN
-// and 4 us through at::mm), at::mm otherwise. Products below kTuneMinMacs are not timed (the default).
+// timing (MCSMOE_AUTOTUNE=0, torch.use_deterministic_algorithms(True)) is at::mm: oneDNN may run only the first
+// shapes a process sees (memory, below), and a default that depended on what a process ran before would make a
+// resumed run round otherwise than the uninterrupted one. Products below kTuneMinMacs are not timed (at::mm).
 // A weight stored transposed (w [N, K] a view of a [K, N] bank, as GPT-OSS and Llama-4 store their experts) is
-// its own shape class ("wT"), with at::mm as its default: oneDNN reorders such a weight on every call (measured,
+// its own shape class ("wT"): oneDNN reorders such a weight on every call (measured,
 // GPT-OSS's 2880 x 5760 banks at 16-1024 tokens on a 2-core AVX2 EPYC: 1.2-1.5x slower than at::mm, which
 // reads the transposed bank as it is).
+// Memory: oneDNN keeps what it built for every distinct product shape (a primitive and its JIT kernels: ~0.55 MB
+// each, measured for float32 on a 2-core AVX2 EPYC) in its primitive cache, up to 1024 of them. Routed experts see
+// another row count on almost every call, so a process grew by ~750 MB (float32, 1792 x 512 weight, row counts
+// 1..1000) and a streamed prune under a 100 MB budget peaked 100-150 MiB higher than with at::mm. So at most
+// kOneDnnShapes distinct shapes per process (MCSMOE_ONEDNN_SHAPES sets it; 0: never) run through oneDNN, the first
+// ones seen; a new shape past that runs at::mm (the same product, MKL's rounding).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/stack.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <mutex>
+#include <set>
 #include <string>
+#include <tuple>
 
 #include "ops/autotune.h"
 #include "ops/ops.h"
@@ -34,6 +46,32 @@ namespace {
 
 constexpr int64_t kOneDnnMinMacs = int64_t{1} << 21;
 constexpr int64_t kTuneMinMacs = int64_t{1} << 18;
+constexpr int64_t kOneDnnShapes = 32;
+
+// Whether oneDNN may run this product: its shape was run through oneDNN before (its primitive is cached), or fewer
+// than MCSMOE_ONEDNN_SHAPES (default kOneDnnShapes) shapes were (see the top of this file). record: it will run
+// now, so a new shape takes a place.
+bool onednn_admits(const at::Tensor& x, const at::Tensor& w, bool bias, bool record) {
+  using Shape = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, bool>;
+  static std::mutex mutex;
+  static std::set<Shape> seen;
+  static const int64_t cap = [] {
+    const char* env = std::getenv("MCSMOE_ONEDNN_SHAPES");
+    if (env == nullptr || env[0] == '\0') return kOneDnnShapes;
+    char* end = nullptr;
+    const long long n = std::strtoll(env, &end, 10);
+    TORCH_CHECK_VALUE(*end == '\0' && n >= 0, "MCSMOE_ONEDNN_SHAPES=", env,
+                      " is not a count; expected a whole number >= 0 (the distinct product shapes oneDNN may run)");
+    return static_cast<int64_t>(n);
+  }();
+  const Shape shape{x.size(0), x.size(1), x.stride(0), w.size(0), w.stride(0), w.stride(1),
+                    static_cast<int>(x.scalar_type()), bias};
+  std::lock_guard<std::mutex> lock(mutex);
+  if (seen.count(shape)) return true;
+  if (static_cast<int64_t>(seen.size()) >= cap) return false;
+  if (record) seen.insert(shape);
+  return true;
+}
 
 const std::optional<c10::OperatorHandle>& onednn_linear() {
   static const std::optional<c10::OperatorHandle> op =
@@ -89,10 +127,11 @@ at::Tensor aten_nt(const at::Tensor& x, const at::Tensor& w, std::optional<at::T
 // w [N, K] a transposed view of a [K, N] bank: oneDNN would reorder it on every call (see the top of this file).
 bool stored_transposed(const at::Tensor& w) { return w.size(1) > 1 && w.stride(1) != 1; }
 
-// The float32 default path (no timing): oneDNN above kOneDnnMinMacs for a weight not stored transposed, at::mm
-// otherwise.
+// The float32 GEMM of the fp32 candidate: oneDNN from kOneDnnMinMacs for a weight not stored transposed (and a shape
+// it may run), at::mm otherwise.
 at::Tensor fp32_nt(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
-  if (onednn_linear() && x.size(0) * w.size(0) * w.size(1) >= kOneDnnMinMacs && !stored_transposed(w))
+  if (onednn_linear() && x.size(0) * w.size(0) * w.size(1) >= kOneDnnMinMacs && !stored_transposed(w) &&
+      onednn_admits(x, w, bias.has_value(), true))
     return onednn_nt(x, w, bias);
   return aten_nt(x, w, std::nullopt, bias);
 }
@@ -111,18 +150,18 @@ at::Tensor linear_nt(const at::Tensor& x, const at::Tensor& w, std::optional<at:
   const auto dt = x.scalar_type();
   if (!x.device().is_cpu() || x.numel() == 0 || w.numel() == 0) return aten_nt(x, w, out, bias);
   const int64_t macs = x.size(0) * w.size(0) * w.size(1);
-  const bool onednn = onednn_takes(dt);
+  const bool onednn = onednn_takes(dt) && onednn_admits(x, w, bias.has_value(), false);
   const uint32_t available = 1u | (onednn ? 2u : 0u) | (half_type(dt) ? 4u : 0u);
   const bool w_transposed = stored_transposed(w);
-  const int fallback = dt == at::kFloat && onednn && macs >= kOneDnnMinMacs && !w_transposed ? 1 : 0;
   const bool measure = macs >= kTuneMinMacs;
   autotune::Choice choice(
       autotune::kGemm,
-      measure ? gemm_shape("nt", dt, x.size(0), w.size(0), w.size(1), bias.has_value(), w_transposed) : "", fallback,
+      measure ? gemm_shape("nt", dt, x.size(0), w.size(0), w.size(1), bias.has_value(), w_transposed) : "", 0,
       available, measure);
   switch (choice.index) {
     case 1: {
       at::Tensor result;
+      onednn_admits(x, w, bias.has_value(), true);
       try {
         result = onednn_nt(x, w, bias);
       } catch (const std::exception&) {  // oneDNN refused this dtype after all: never again, at::mm now
