@@ -104,4 +104,4 @@ def test_the_plan_counts_what_the_reap_saliency_pass_holds(run, monkeypatch, tmp
     rows = tokens * k  # fewer than 1024 tokens: one chunk
     expected = (tokens * k * d + rows * (3 * d + 3 * ff)) * 4 + rows * d * 8
     assert plans[0].layer_floor - plans[1].layer_floor == expected
-    assert plans[1].layer_floor == 2 * plans[1].layer_bytes + plans[1].matching_bytes
+    assert plans[1].layer_floor == 2 * plans[1].layer_bytes + plans[1].matching_bytes + plans[1].forward_bytes

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import resource
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,13 +95,23 @@ class MemoryPlan:
     matching_bytes: int  # weight-matching cost matrices built at once (match_permutations memory_budget)
     quantized_bytes: int = 0  # a quantized source: dequantization and error-report copies (requantization_bytes)
     saliency_bytes: int = 0  # REAP saliency in the statistics pass: one batch's routed rows (saliency_bytes)
+    forward_bytes: int = 0  # the temporaries of one batch's forward through a layer (forward_bytes)
 
     @property
     def layer_floor(self) -> int:
         """What one layer needs while it is merged: its weights (permuted in place), merged slots of at
         most the same size, the cost matrices, for a quantized source what reading and re-quantizing it
-        add, and what REAP's saliency holds (a rough floor; below it the budget cannot be kept)."""
-        return 2 * self.layer_bytes + self.matching_bytes + self.quantized_bytes + self.saliency_bytes
+        add, what REAP's saliency holds and one batch's forward temporaries (a rough floor; below it the budget
+        cannot be kept)."""
+        return (2 * self.layer_bytes + self.matching_bytes + self.quantized_bytes + self.saliency_bytes
+                + self.forward_bytes)
+
+
+def warn_below_floor(plan: MemoryPlan, doing: str, stacklevel: int = 4) -> None:
+    """Warn (once the plan is made) when the budget is below what `doing` one layer needs: the run goes on above it."""
+    if plan.budget is not None and plan.layer_floor > plan.budget:
+        warnings.warn(f"max_memory {human(plan.budget)} is below what {doing} one layer needs (about "
+                      f"{human(plan.layer_floor)}); the run continues above the budget", stacklevel=stacklevel)
 
 
 def shard_size_for(max_memory, max_shard_size=None) -> int:
@@ -114,23 +125,25 @@ def shard_size_for(max_memory, max_shard_size=None) -> int:
 
 
 def plan_memory(budget, layer_bytes: int, expert_matrix_bytes: int, activation_bytes: int,
-                shard_size=None, quantized_bytes: int = 0, writes: bool = True, saliency_bytes: int = 0) -> MemoryPlan:
+                shard_size=None, quantized_bytes: int = 0, writes: bool = True, saliency_bytes: int = 0,
+                forward_bytes: int = 0) -> MemoryPlan:
     """Split `budget` (bytes, "1GB", or None) between one layer (layer_bytes: the largest decoder layer's
     tensors in the compute dtype), the output buffer and the hidden states; expert_matrix_bytes is one
     ff x ff cost matrix (float32); quantized_bytes what a quantized source adds to the layer
     (requantization_bytes); writes=False: nothing is written (a perplexity), no output shard (size 0);
-    saliency_bytes what REAP's saliency adds to the layer (saliency_bytes)."""
+    saliency_bytes what REAP's saliency adds to the layer (saliency_bytes); forward_bytes one batch's forward
+    temporaries (forward_bytes)."""
     from ..permute import DEFAULT_MEMORY_BUDGET
 
     shard_size = shard_size_for(budget, shard_size) if writes else 0
     budget = parse_size(budget, "max_memory")
     if budget is None:
         return MemoryPlan(None, layer_bytes, activation_bytes, False, shard_size, DEFAULT_MEMORY_BUDGET,
-                          quantized_bytes, saliency_bytes)
+                          quantized_bytes, saliency_bytes, forward_bytes)
     fix_mmap_threshold()  # keeping a budget: freed temporaries go back to the system
     matching = max(expert_matrix_bytes, min(DEFAULT_MEMORY_BUDGET, budget // 8))
     plan = MemoryPlan(budget, layer_bytes, activation_bytes, False, shard_size, matching, quantized_bytes,
-                      saliency_bytes)
+                      saliency_bytes, forward_bytes)
     plan.offload = activation_bytes > budget - plan.layer_floor - shard_size
     return plan
 
@@ -184,6 +197,35 @@ def saliency_bytes(s) -> int:
         rows = min(tokens, ACCUMULATOR_CHUNK_TOKENS) * k
         most = max(most, (tokens * k * d + rows * (3 * d + 3 * ff)) * s.dtype.itemsize + rows * d * 8)
     return most
+
+
+def stream_forward_bytes(s) -> int:
+    """forward_bytes of a streamed run's largest calibration batch (`s`: a Stream)."""
+    return forward_bytes(s.model.config, [tuple(b.input_ids.shape) for b in s.batches], s.dtype)
+
+
+def token_forward_bytes(config, length: int, dtype: torch.dtype) -> int:
+    """Bytes one token of a window of `length` tokens holds in a decoder layer's forward, at most (an estimate
+    from the config): the attention's projections, norms and residuals (8 x hidden), its scores and
+    probabilities in float32 (2 x heads x length), the routed rows in and out of the fused expert FFN
+    (2 x top_k x hidden) and the FFN's intermediates, gate, up and activation (3 x the larger of the dense
+    width and top_k x the expert width + the shared experts'). Measured on a Mixtral (hidden 256, expert
+    width 1024, top-2, 4 heads, windows of 256, float32): 35 KB a token; this gives 45 KB."""
+    hidden = config.hidden_size
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "num_heads", None) or 1
+    top_k = getattr(config, "num_experts_per_tok", None) or 1
+    dense = getattr(config, "intermediate_size", None) or getattr(config, "d_ff", None) or 4 * hidden
+    expert = getattr(config, "moe_intermediate_size", None) or dense
+    shared = (getattr(config, "shared_expert_intermediate_size", None)
+              or (getattr(config, "n_shared_experts", None) or 0) * expert)
+    width = max(dense, top_k * expert + shared)
+    return (8 * hidden + 2 * top_k * hidden + 3 * width) * dtype.itemsize + 4 * 2 * heads * length
+
+
+def forward_bytes(config, batch_shapes, dtype: torch.dtype) -> int:
+    """The temporaries of the largest batch's forward through one decoder layer (batch_shapes: (windows, length)
+    of each batch; token_forward_bytes a token)."""
+    return max((n * length * token_forward_bytes(config, length, dtype) for n, length in batch_shapes), default=0)
 
 
 def largest_unit_bytes(shapes: dict, units, dtype: torch.dtype) -> int:

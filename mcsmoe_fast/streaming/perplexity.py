@@ -23,11 +23,11 @@ from tqdm.auto import tqdm
 from ..checkpoint.atomic import scratch_directory
 from .activations import ActivationStore, check_offload_dir
 from .forward import ACCEPTED_KEYS, prepare_batches, run_layer
-from .memory import largest_unit_bytes, plan_memory
+from .memory import forward_bytes, largest_unit_bytes, plan_memory, token_forward_bytes, warn_below_floor
 from .readers import open_reader
 from .skeleton import decoder_layers, empty, layer_units, tensor_shapes
 
-HEAD_CHUNK_ELEMENTS = 1 << 24  # logits computed at a time (64 MB in float32)
+HEAD_CHUNK_ELEMENTS = 1 << 24  # logits computed at a time without a budget (64 MB in float32)
 
 
 def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
@@ -41,7 +41,8 @@ def streamed_perplexity(path, windows: torch.Tensor, max_memory=None, offload_di
     one decoder layer in memory at a time. max_memory: the resident budget (bytes or "8GB"; None: no limit) that
     decides, next to the largest decoder layer, whether the windows' hidden states stay in memory or go to a file
     under offload_dir (default: the system's temporary directory; removed at the end). dtype: the working dtype
-    (default float32, bfloat16 for a quantized checkpoint, as the streamed merge). batch_size: windows per forward."""
+    (default float32, bfloat16 for a quantized checkpoint, as the streamed merge). batch_size: windows per forward
+    (under a budget fewer where one forward's temporaries would not fit: memory.forward_bytes)."""
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise ValueError(f"perplexity needs windows [N >= 1, L >= 2], got {tuple(windows.shape)}")
     if batch_size < 1:
@@ -50,12 +51,16 @@ def streamed_perplexity(path, windows: torch.Tensor, max_memory=None, offload_di
     reader = open_reader(path, dtype)
     model, dtype, read = reader.model, reader.dtype, reader.read
     windows = windows.long()
-    batches = prepare_batches([{"input_ids": windows[i: i + batch_size]} for i in range(0, len(windows), batch_size)],
-                              model.config.vocab_size, ACCEPTED_KEYS)
     hidden_size = model.config.hidden_size
     units = layer_units(model)
-    plan = plan_memory(max_memory, largest_unit_bytes(tensor_shapes(model)[0], units, dtype), 0,
-                       windows.numel() * hidden_size * dtype.itemsize, writes=False)
+    length, layer_bytes = windows.shape[1], largest_unit_bytes(tensor_shapes(model)[0], units, dtype)
+    activations = windows.numel() * hidden_size * dtype.itemsize
+    batch_size = _batch_size(max_memory, batch_size, layer_bytes, activations, model.config, length, dtype)
+    plan = plan_memory(max_memory, layer_bytes, 0, activations, writes=False,
+                       forward_bytes=forward_bytes(model.config, [(batch_size, length)], dtype))
+    warn_below_floor(plan, "a forward through", stacklevel=3)
+    batches = prepare_batches([{"input_ids": windows[i: i + batch_size]} for i in range(0, len(windows), batch_size)],
+                              model.config.vocab_size, ACCEPTED_KEYS)
     scratch = offload_dir or tempfile.gettempdir()
     with scratch_directory(scratch, ".mcsmoe-activations-") if plan.offload else nullcontext() as where:
         store = ActivationStore([(*b.input_ids.shape, hidden_size) for b in batches], dtype, where)
@@ -73,20 +78,34 @@ def streamed_perplexity(path, windows: torch.Tensor, max_memory=None, offload_di
                     run_layer(model, unit, i, batches, store.get, store.put)
                 finally:
                     empty(unit)
-            return math.exp(_head_loss(model, batches, store, read))
+            elements = HEAD_CHUNK_ELEMENTS if plan.budget is None else min(HEAD_CHUNK_ELEMENTS, plan.forward_bytes // 12)
+            return math.exp(_head_loss(model, batches, store, read, elements))
         finally:
             store.close()
 
 
-def _head_loss(model: torch.nn.Module, batches, store: ActivationStore, read) -> float:
+def _batch_size(max_memory, batch_size: int, layer_bytes: int, activations: int, config, length: int, dtype) -> int:
+    """Windows per forward: batch_size, or under a budget fewer, so that one forward's temporaries (memory.forward_bytes)
+    take at most half of what the budget leaves beside the layer (the other half for the hidden states); at least 1.
+    The perplexity is the same whatever the batch size."""
+    plan = plan_memory(max_memory, layer_bytes, 0, activations, writes=False)
+    if plan.budget is None:
+        return batch_size
+    window = length * token_forward_bytes(config, length, dtype)
+    return max(1, min(batch_size, (plan.budget - plan.layer_floor) // 2 // window))
+
+
+def _head_loss(model: torch.nn.Module, batches, store: ActivationStore, read, elements: int) -> float:
     """The mean next-token cross-entropy from the last hidden states: final norm, head, float32 loss (as the
-    transformers causal-LM loss upcasts), chunk by chunk of tokens."""
+    transformers causal-LM loss upcasts), chunk by chunk of tokens, about `elements` logits at a time (at least one
+    token's; under a budget they take the room of the layers' forward: the logits, their float32 copy and the
+    loss's log-softmax, 12 bytes each)."""
     prefix, _ = decoder_layers(model)
     inner_name = prefix.rsplit(".", 1)[0]
     norm, head = model.get_submodule(inner_name).norm, model.get_output_embeddings()
     read(norm, f"{inner_name}.norm")
     read(head, _module_name(model, head))
-    chunk = max(1, HEAD_CHUNK_ELEMENTS // head.out_features)
+    chunk = max(1, elements // head.out_features)
     total, count = 0.0, 0
     for b, batch in enumerate(batches):
         hidden = store.get(b)[:, :-1]

@@ -24,7 +24,6 @@ temporary directory renamed into place at the end; an interrupted run leaves no 
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -45,7 +44,8 @@ from .activations import ActivationStore, check_offload_dir
 from .compress_stage import CompressionStage, compress_options
 from .dispatch import check_device_map, dispatched_statistics, split_memory
 from .forward import ACCEPTED_KEYS, SEQ2SEQ_KEYS, prepare_batches
-from .memory import MemoryPlan, human, largest_unit_bytes, plan_memory, saliency_bytes, stream_requantization_bytes
+from .memory import (MemoryPlan, largest_unit_bytes, plan_memory, saliency_bytes, stream_forward_bytes,
+                     stream_requantization_bytes, warn_below_floor)
 from .passes import Merger, Progress, Stream, layer_pass, merge_pass
 from .quantized import ErrorProbe, dequantized_config, output_writer, record_error
 from .skeleton import layer_units, moe_views, open_source
@@ -92,10 +92,8 @@ def _plan(s: Stream, max_memory, max_shard_size, standard: tuple | None, strateg
     ff = max((v.intermediate_size for v in s.views.values()), default=1)
     activations = stores * sum(b.input_ids.numel() for b in s.batches) * s.model.config.hidden_size * s.dtype.itemsize
     plan = plan_memory(max_memory, layer_bytes, ff * ff * 4, activations, max_shard_size, quantized_bytes,
-                       saliency_bytes=saliency_bytes(s))
-    if plan.budget is not None and plan.layer_floor > plan.budget:
-        warnings.warn(f"max_memory {human(plan.budget)} is below what merging one layer needs (about "
-                      f"{human(plan.layer_floor)}); the run continues above the budget", stacklevel=3)
+                       saliency_bytes=saliency_bytes(s), forward_bytes=stream_forward_bytes(s))
+    warn_below_floor(plan, "merging")
     return plan
 
 

@@ -25,7 +25,8 @@ from ..models.config_fields import expert_count_fields
 from ..prune import check_expert_count, check_routing_group_counts
 from .activations import ActivationStore, check_offload_dir
 from .forward import ACCEPTED_KEYS, prepare_batches
-from .memory import largest_unit_bytes, plan_memory, saliency_bytes, stream_requantization_bytes
+from .memory import (largest_unit_bytes, plan_memory, saliency_bytes, stream_forward_bytes,
+                     stream_requantization_bytes, warn_below_floor)
 from .passes import Progress, Stream, layer_pass
 from .quantized import ErrorProbe, dequantized_config, record_error
 from .skeleton import layer_units, moe_views, open_source
@@ -77,7 +78,8 @@ def prune_checkpoint(path, out, calibration_batches: Iterable[dict], num_experts
     activations = sum(b.input_ids.numel() for b in batches) * model.config.hidden_size * dtype.itemsize
     plan = plan_memory(max_memory, largest_unit_bytes(shapes, units, dtype), 0, activations, max_shard_size,
                        stream_requantization_bytes(s, "standard", True) if quantized else 0,
-                       saliency_bytes=saliency_bytes(s))
+                       saliency_bytes=saliency_bytes(s), forward_bytes=stream_forward_bytes(s))
+    warn_below_floor(plan, "pruning", stacklevel=3)
     record = {"method": method, "layers": {}}
 
     def prune_now(view, tensors):
