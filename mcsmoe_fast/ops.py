@@ -133,7 +133,16 @@ def grouped_expert_ffn(
     When autograd records it on the CPU, the forward keeps the routed rows' pre-activations (T k rows of F, as
     autograd keeps eager's intermediates) and the backward reads them instead of recomputing them (one GEMM
     of the backward's five saved); elsewhere, and when nothing needs a gradient, nothing is kept.
+
+    The op has no autocast rule (its inner GEMMs would be autocast while its operands stay in the weights'
+    dtype): under torch.autocast it runs with autocast off, hidden and top_k_weights in the weights' dtype, and
+    returns hidden's dtype, with or without gradients (as the compressed slots do, modules/compressed.py).
     """
+    if torch.amp.is_autocast_available(hidden.device.type) and torch.is_autocast_enabled(hidden.device.type):
+        with torch.autocast(hidden.device.type, enabled=False):
+            dtype = w_in.dtype
+            return grouped_expert_ffn(hidden.to(dtype), w_in, w_out, expert_map, top_k_index, top_k_weights.to(dtype),
+                                      activation, b_in, b_out, alpha, limit).to(hidden.dtype)
     args = (hidden, w_in, w_out, expert_map, top_k_index, top_k_weights, activation, b_in, b_out, alpha, limit)
     if hidden.device.type == "cpu" and torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (hidden, w_in, w_out, top_k_weights, b_in, b_out)):

@@ -37,7 +37,13 @@ def optimize(model: nn.Module, dropless: bool | None = None) -> nn.Module:
     still remove them). Llama-4's experts module runs as in transformers (every expert on every token, no fused op)
     while it has hooks of its own, so that they see its input and output. A Switch block's experts become new
     slots: hooks registered on them, and an optimizer built before, hold the old ones (call optimize() first).
+    `model` is the transformers model (or a part of it with the model's config, such as its base model
+    `model.model` or a Switch stack); a part without one (a decoder layer, an MoE block) is refused by name.
     """
+    if getattr(getattr(model, "config", None), "model_type", None) is None:
+        raise ValueError(f"optimize() takes the transformers model (a PreTrainedModel: the ...ForCausalLM, or its "
+                         f"base model model.model), got {type(model).__name__}, which has no model config: pass the "
+                         "model that holds it (its family and experts implementation are the model's)")
     layers = moe_layers(model, allow_empty=True)
     if not layers:
         warnings.warn(f"optimize: this {model.config.model_type} model has no MoE layer; returned unchanged",

@@ -58,9 +58,14 @@ class Llama4MoE(nn.Module):
         self.experts = experts
         self.shared_expert = shared_expert
         self.activation = activation  # of transformers' experts (slots carry their own)
-        self.top_k = router.top_k
         self.hidden_dim = router.weight.shape[1]
         self.num_experts = router.weight.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        """The router's top_k, read on every call (a later change of router.top_k is followed, as transformers'
+        block follows it)."""
+        return self.router.top_k
 
     def extra_repr(self) -> str:
         return f"top_k={self.top_k}, activation={self.activation}"
@@ -123,12 +128,23 @@ def masked_router_class() -> type:
             scores = torch.full_like(router_logits, float("-inf")).scatter_(1, top_index, top_value)
             return torch.sigmoid(scores.float()).to(scores.dtype), router_logits
 
+        def __reduce_ex__(self, protocol):
+            # a class made at run time, which pickle cannot find by name: rebuilt by new_masked_router
+            return new_masked_router, (), self.__getstate__()
+
     return MaskedLlama4Router
+
+
+def new_masked_router() -> nn.Module:
+    """An empty MaskedLlama4Router for pickle to fill in (torch.save / pickle of a drop-baseline model)."""
+    cls = masked_router_class()
+    return cls.__new__(cls)
 
 
 def mask_router(router: nn.Module, keep: torch.Tensor) -> None:
     """Mask `router` (a Llama4Router) in place: its class becomes MaskedLlama4Router and a buffer `keep` [E]
-    joins its weight (saved next to it as router.keep); the same module, so its hooks stay."""
+    joins its weight (saved next to it as router.keep); the same module, so its hooks stay. It pickles through
+    new_masked_router (the class is made at run time)."""
     keep = torch.as_tensor(keep, dtype=torch.bool, device=router.weight.device)
     if not isinstance(router, masked_router_class()):
         router.__class__ = masked_router_class()

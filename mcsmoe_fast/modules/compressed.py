@@ -120,6 +120,7 @@ class CompressedMoEExperts(nn.Module):
 
     # --- forward -----------------------------------------------------------------------------------
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        top_k_index = top_k_index.long()  # any integer index, as MoEExperts takes it
         if autocasting(hidden):  # in the slots' dtype, autocast off (autocasting); the caller's dtype back
             with torch.autocast(hidden.device.type, enabled=False):
                 dtype = self.in_U.dtype

@@ -1,7 +1,8 @@
 """Routers with dropped experts: the router logits of masked experts set to -inf before the choice, so the
 router never picks them (the `drop` baseline of merging, drop.py). The router's weight keeps its name in the
 state dict (`...classifier.weight` for Switch, `...gate.weight` for the others); the mask is one more buffer
-`keep` [E] (bool) next to it."""
+`keep` [E] (bool) next to it. The masked gates' classes are made at run time; they pickle (torch.save of the
+model) through new_masked_router, which makes the class again from the gate's own."""
 from __future__ import annotations
 
 import functools
@@ -45,6 +46,11 @@ class MaskedTopKRouter(nn.Module):
 
     keep: torch.Tensor
     cast_scores: bool = True
+    gate_class: type  # the gate's own class (set on each masked class)
+
+    def __reduce_ex__(self, protocol):
+        # the masked class is made at run time, so pickle cannot find it by name: rebuild it from the gate's class
+        return new_masked_router, (self.gate_class,), self.__getstate__()
 
     def forward(self, hidden_states: torch.Tensor):
         hidden_states = hidden_states.reshape(-1, self.weight.shape[1])
@@ -61,7 +67,13 @@ class MaskedTopKRouter(nn.Module):
 @functools.cache
 def _masked_class(gate_class: type) -> type:
     return type(f"Masked{gate_class.__name__}", (MaskedTopKRouter, gate_class),
-                {"cast_scores": gate_class.__name__ != "MixtralTopKRouter"})
+                {"cast_scores": gate_class.__name__ != "MixtralTopKRouter", "gate_class": gate_class})
+
+
+def new_masked_router(gate_class: type) -> MaskedTopKRouter:
+    """An empty masked `gate_class` gate for pickle to fill in (torch.save / pickle of a drop-baseline model)."""
+    cls = _masked_class(gate_class)
+    return cls.__new__(cls)
 
 
 def mask_top_k_router(gate: nn.Module, keep) -> nn.Module:
