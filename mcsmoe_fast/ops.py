@@ -91,6 +91,7 @@ def moe_align(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, expert_map
 @torch.library.register_fake("mcsmoe_fast::moe_align")
 def _moe_align_fake(top_k_index, top_k_weights, expert_map, num_slots):
     torch._check(top_k_index.dim() == 2, lambda: "top_k_index must be [T, k]")
+    _check_one_device("moe_align", top_k_index=top_k_index, top_k_weights=top_k_weights, expert_map=expert_map)
     torch._check(top_k_weights.shape == top_k_index.shape, lambda: "top_k_weights must have top_k_index's shape")
     n = top_k_index.shape[0] * top_k_index.shape[1]
     wdtype = torch.float64 if top_k_weights.dtype == torch.float64 else torch.float32
@@ -150,6 +151,18 @@ def grouped_expert_ffn(
     return _lib.grouped_expert_ffn(*args)
 
 
+def _check_one_device(op, **tensors):
+    """Every tensor given (by its argument name) on one device, else an error naming one that is elsewhere: a meta
+    tensor when real ones are given too. Fake kernels run for any meta tensor among the arguments, so a mix of meta
+    and real tensors is caught here, not in the kernels."""
+    first, where = next(((n, t.device) for n, t in tensors.items() if t.device.type != "meta"), (None, None))
+    if first is None:
+        return
+    name, device = next(((n, t.device) for n, t in tensors.items() if t.device != where), (None, None))
+    torch._check(name is None, lambda: f"{op}: all tensors must be on one device, got {name} on {device} and {first} "
+                                       f"on {where}; move {name} to {where}")
+
+
 def _check_activation(activation, alpha, limit, op, known=ACTIVATIONS):
     torch._check_value(activation in known, lambda: f"{op}: unknown activation {activation!r}; expected one of {known}")
     if activation in (CLAMPED_SWIGLU, CLAMPED_SWIGLU_INTERLEAVED):
@@ -165,7 +178,8 @@ def _grouped_expert_ffn_fake(hidden, w_in, w_out, expert_map, top_k_index, top_k
     torch._check(hidden.dim() == 2 and w_in.dim() == 3 and w_out.dim() == 3, lambda: "hidden [T, d], w_in [S, F, d], w_out [S, d, ff]")
     torch._check(w_in.dtype == hidden.dtype and w_out.dtype == hidden.dtype, lambda: "hidden, w_in, w_out: one dtype")
     torch._check(top_k_index.shape[0] == hidden.shape[0], lambda: "top_k_index must have one row per token")
-    tensors = [hidden, w_in, w_out, expert_map, top_k_index, top_k_weights]
+    tensors = dict(hidden=hidden, w_in=w_in, w_out=w_out, expert_map=expert_map, top_k_index=top_k_index,
+                   top_k_weights=top_k_weights)
     for name, bias, cols in (("b_in", b_in, w_in.shape[1]), ("b_out", b_out, w_out.shape[1])):
         if bias is None:
             continue
@@ -174,9 +188,8 @@ def _grouped_expert_ffn_fake(hidden, w_in, w_out, expert_map, top_k_index, top_k
                      lambda: f"{op}: {name} must be {'[S, F]' if name == 'b_in' else '[S, d]'} = [{want[0]}, {want[1]}] "
                              f"(one row per slot), got shape {list(bias.shape)}")
         torch._check(bias.dtype == w_in.dtype, lambda: f"{op}: {name} must have the weights' dtype {w_in.dtype}, got {bias.dtype}")
-        tensors.append(bias)
-    devices = {t.device for t in tensors}
-    torch._check(len(devices) == 1, lambda: f"{op}: all tensors must be on one device, got {devices}")
+        tensors[name] = bias
+    _check_one_device(op, **tensors)
     return torch.empty_like(hidden, memory_format=torch.contiguous_format)
 
 
@@ -217,6 +230,8 @@ def _grouped_expert_ffn_backward_fake(grad_out, hidden, w_in, w_out, expert_map,
     torch._check(grad_out.shape == hidden.shape and grad_out.dtype == hidden.dtype and grad_out.device == hidden.device,
                  lambda: "grouped_expert_ffn_backward: grad_out must have hidden's shape, dtype and device")
     torch._check(len(output_mask) == 6, lambda: "grouped_expert_ffn_backward: output_mask must hold six bools")
+    if h_rows is not None:
+        _check_one_device("grouped_expert_ffn_backward", hidden=hidden, h_rows=h_rows)
 
     def grad(need, like, layout=torch.contiguous_format):
         return torch.empty_like(like, memory_format=layout) if need else hidden.new_empty((0,)) if like is None else like.new_empty((0,))
@@ -292,9 +307,8 @@ def _sparse_lowrank_linear_fake(x, U, V, S_rows, row_idx, bias=None):
                  lambda: "sparse_lowrank_linear: row_idx must be an int64 tensor [K]")
     torch._check(x.dtype.is_floating_point and U.dtype == x.dtype and V.dtype == x.dtype and S_rows.dtype == x.dtype,
                  lambda: "sparse_lowrank_linear: x, U, V and S_rows must have one floating dtype")
-    tensors = (x, U, V, S_rows, row_idx) + (() if bias is None else (bias,))
-    devices = {t.device for t in tensors}
-    torch._check(len(devices) == 1, lambda: f"sparse_lowrank_linear: all tensors must be on one device, got {devices}")
+    tensors = dict(x=x, U=U, V=V, S_rows=S_rows, row_idx=row_idx) | ({} if bias is None else dict(bias=bias))
+    _check_one_device("sparse_lowrank_linear", **tensors)
     if bias is not None:
         torch._check(bias.dim() == 1 and bias.shape[0] == U.shape[0] and bias.dtype == x.dtype,
                      lambda: f"sparse_lowrank_linear: bias must be [out] = [{U.shape[0]}] of x's dtype")
@@ -360,9 +374,11 @@ def _grouped_expert_ffn_slr_fake(hidden, w_in, w_out, expert_map, top_k_index, t
         if bias is not None:
             torch._check(bias.dim() == 2 and bias.shape[0] == S and bias.shape[1] == cols and bias.dtype == hidden.dtype,
                          lambda: f"{op}: {name} must be [S, {'F' if name == 'b_in' else 'd'}] of hidden's dtype")
-    biases = tuple(b for b in (b_in, b_out) if b is not None)
-    devices = {t.device for t in (hidden, *w_in, *w_out, top_k_index, *biases)}
-    torch._check(len(devices) == 1, lambda: f"{op}: all tensors must be on one device, got {devices}")
+    parts = ("U", "V", "S_rows", "row_idx", "row_offsets")
+    banks = {f"{bank} {part}": t for bank, ts in (("w_in", w_in), ("w_out", w_out)) for part, t in zip(parts, ts)}
+    biases = {name: b for name, b in (("b_in", b_in), ("b_out", b_out)) if b is not None}
+    _check_one_device(op, hidden=hidden, **banks, expert_map=expert_map, top_k_index=top_k_index,
+                      top_k_weights=top_k_weights, **biases)
     return torch.empty_like(hidden, memory_format=torch.contiguous_format)
 
 

@@ -232,3 +232,19 @@ def test_a_weight_stored_transposed_is_its_own_gemm_class_and_at_mm_is_the_defau
         torch.testing.assert_close(out, reference.grouped_expert_ffn(*a), rtol=1e-4, atol=1e-4)
     for name in ran:
         assert "mkldnn::_linear_pointwise" not in ran[name] and "aten::mm" in ran[name], name
+
+
+@pytest.mark.parametrize("var,value,message", [
+    ("MCSMOE_AUTOTUNE", "off", "MCSMOE_AUTOTUNE=off is not 0 or 1"),
+    ("MCSMOE_AUTOTUNE", "0 ", "MCSMOE_AUTOTUNE=0  is not 0 or 1"),
+    ("MCSMOE_AUTOTUNE_REPS", "abc", "MCSMOE_AUTOTUNE_REPS=abc is not a whole number from 1 to 50"),
+    ("MCSMOE_AUTOTUNE_REPS", "1000", "MCSMOE_AUTOTUNE_REPS=1000 is not a whole number from 1 to 50"),
+])
+def test_a_switch_that_means_nothing_is_refused(var, value, message, monkeypatch):
+    """MCSMOE_AUTOTUNE=off used to leave timing on without a word (the user asked for the fixed defaults)."""
+    monkeypatch.setenv(var, value)
+    args = problem(300, 64, 96, 8, 4, 2, "swiglu", seed=7)
+    with pytest.raises(ValueError, match=message):
+        ops.grouped_expert_ffn(*args)
+    monkeypatch.setenv(var, "1" if var == "MCSMOE_AUTOTUNE" else "2")
+    torch.testing.assert_close(ops.grouped_expert_ffn(*args), reference.grouped_expert_ffn(*args), rtol=1e-4, atol=1e-4)

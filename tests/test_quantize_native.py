@@ -49,7 +49,11 @@ def test_nan_inf_and_values_past_the_range():
     w = torch.randn(2, 16, 16)
     w[0, 0, 0], w[0, 5, 9], w[1, 3, 3], w[1, 8, 8] = float("nan"), float("inf"), -float("inf"), 1e30
     for scale in ("float", "ue8m0"):
-        _same(quantize_fp8(w, (8, 8), scale), quantize_fp8(w, (8, 8), scale, native=False))
+        for native in (True, False):  # a block holding NaN or inf is refused (tests/test_ops_quant_fidelity2.py)
+            with pytest.raises(ValueError, match=r"NaN or inf at \(0, 0, 0\)"):
+                quantize_fp8(w, (8, 8), scale, native=native)
+        finite = torch.where(w.isfinite(), w, torch.tensor(1e30))
+        _same(quantize_fp8(finite, (8, 8), scale), quantize_fp8(finite, (8, 8), scale, native=False))
     scale = torch.full((2, 2, 2), 1e-3)  # the quotient saturates at +-448, NaN stays NaN
     q = torch.empty(2, 16, 16, dtype=torch.uint8)
     _C.quantize_fp8_into(w.contiguous(), scale, 8, 8, q)

@@ -16,7 +16,8 @@
 // (summation order, one rounding of an fp32 GEMM to bf16 instead of the GEMM's own). The tests force each
 // candidate and compare it with the reference, so each stays correct on any machine.
 //
-// Switches: MCSMOE_AUTOTUNE=0 or torch.use_deterministic_algorithms(True) turns timing off (each decision
+// Switches (a value that means nothing raises, naming the variable): MCSMOE_AUTOTUNE=0 (1, the default, is on) or
+// torch.use_deterministic_algorithms(True) turns timing off (each decision
 // takes its deterministic default, the rule measured on one machine); a decision's own variable pins one candidate by label or index (e.g.
 // MCSMOE_SLOT_PARALLEL=1, MCSMOE_GEMM=fp32); a pinned candidate a call cannot run falls back to the default.
 // The cache is readable (snapshot, mcsmoe_fast.ops.autotune_choices()) and can be cleared (reset).
@@ -72,13 +73,28 @@ inline State& state() {
 // resumed training run would not end bit for bit where the first one did).
 inline bool enabled() {
   const char* env = std::getenv("MCSMOE_AUTOTUNE");
-  return !(env && env[0] == '0' && env[1] == '\0') && !at::globalContext().deterministicAlgorithms();
+  return !(env && std::strcmp(env, "0") == 0) && !at::globalContext().deterministicAlgorithms();
 }
 
-inline int reps() {
+// MCSMOE_AUTOTUNE_REPS: timed runs per candidate, a whole number from 1 to 50 (3 when unset); -1 for anything else.
+inline int parse_reps() {
   const char* env = std::getenv("MCSMOE_AUTOTUNE_REPS");
-  const int n = env ? std::atoi(env) : 3;
-  return std::max(1, std::min(n, 50));
+  if (env == nullptr || env[0] == '\0') return 3;
+  char* end = nullptr;
+  const long n = std::strtol(env, &end, 10);
+  return *end == '\0' && n >= 1 && n <= 50 ? static_cast<int>(n) : -1;
+}
+
+inline int reps() { return std::max(1, parse_reps()); }
+
+// Refuses a value of MCSMOE_AUTOTUNE or MCSMOE_AUTOTUNE_REPS that means nothing (e.g. MCSMOE_AUTOTUNE=off would leave
+// timing on). Called where a choice starts, never from a destructor.
+inline void check_switches() {
+  const char* on = std::getenv("MCSMOE_AUTOTUNE");
+  TORCH_CHECK_VALUE(on == nullptr || on[0] == '\0' || std::strcmp(on, "0") == 0 || std::strcmp(on, "1") == 0,
+                    "MCSMOE_AUTOTUNE=", on, " is not 0 or 1 (0 turns the timing of the CPU ops' choices off)");
+  TORCH_CHECK_VALUE(parse_reps() > 0, "MCSMOE_AUTOTUNE_REPS=", std::getenv("MCSMOE_AUTOTUNE_REPS"),
+                    " is not a whole number from 1 to 50 (the timed runs per candidate)");
 }
 
 // The candidate a decision's variable pins, or -1 when it is unset. A label or an index; anything else raises.
@@ -120,6 +136,7 @@ class Choice {
   // measure = false: no timing for this call (nothing to choose here), though a pin still applies.
   Choice(const Decision& d, const std::string& shape, int fallback, uint32_t available, bool measure = true)
       : index(fallback) {
+    check_switches();
     available &= (d.labels.size() >= 32 ? ~uint32_t{0} : (uint32_t{1} << d.labels.size()) - 1);
     if (!(available >> fallback & 1u)) available |= uint32_t{1} << fallback;  // the default always runs
     const int pin = pinned(d);

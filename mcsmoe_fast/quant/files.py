@@ -71,7 +71,10 @@ class QuantizedFiles:
             flat_v, flat_s = values.reshape(-1, *values.shape[-3:]), scales.reshape(-1, *scales.shape[-2:])
             flat_o = out.view(-1, *out.shape[-2:])
             for k in range(flat_v.shape[0]):  # one expert at a time
-                dequantize_mxfp4_into(flat_v[k], flat_s[k], flat_o[k], transpose=self.transpose_mxfp4)
+                try:
+                    dequantize_mxfp4_into(flat_v[k], flat_s[k], flat_o[k], transpose=self.transpose_mxfp4)
+                except ValueError as exc:  # e.g. a scale byte 255 (NaN): name the checkpoint's tensor
+                    raise ValueError(f"{self.parts[name][1]} (expert {k}): {exc}") from exc
         return out
 
     def get(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -20,8 +20,16 @@ E4M3_MAX = 448.0
 BLOCK = (128, 128)
 
 
+def _check_block(block) -> None:
+    """Raise ValueError unless block is two integers >= 1 (rows, cols)."""
+    if not (isinstance(block, (tuple, list)) and len(block) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block)):
+        raise ValueError(f"block: expected two integers >= 1 (rows, cols), got {block!r}")
+
+
 def scale_grid(shape, block=BLOCK) -> tuple[int, ...]:
     """The shape of weight_scale_inv for a weight of `shape` [..., out, in]."""
+    _check_block(block)
     *lead, rows, cols = shape
     return (*lead, cdiv(rows, block[0]), cdiv(cols, block[1]))
 
@@ -49,6 +57,7 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.d
     native: on the CPU into float32 / bfloat16 / float16, the extension's one-pass kernel (_C.dequantize_fp8_into,
     csrc/ops/dequant.cpp; the same values bit for bit); False, or any other case: plain PyTorch, one leading slice
     (expert) at a time so the float32 temporary stays one matrix."""
+    _check_block(block)
     _check(weight, scale_inv, block)
     if out is None:
         out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
@@ -98,13 +107,27 @@ def fp8_scales(amax: torch.Tensor, scale_fmt: str = "float") -> torch.Tensor:
     return torch.where(amax > 0, s, torch.ones_like(s))
 
 
+def _scales(amax: torch.Tensor, scale_fmt: str, w: torch.Tensor, block) -> torch.Tensor:
+    """fp8_scales of a block amax grid of w, refusing a block whose amax is NaN or inf (found in w by position)."""
+    if not torch.isfinite(amax).all():
+        at = tuple(torch.nonzero(~torch.isfinite(w.to(torch.float32)))[0].tolist())
+        where = (*at[:-2], at[-2] // block[0], at[-1] // block[1])
+        raise ValueError(f"w: NaN or inf{'' if w.dtype.itemsize <= 4 else ' (as float32)'} at {at} (block {where}), "
+                         "which block FP8 cannot store (e4m3fn has no inf, and a NaN would set its block's scale): "
+                         "replace it before quantizing")
+    return fp8_scales(amax, scale_fmt)
+
+
 def quantize_fp8(w: torch.Tensor, block=BLOCK, scale_fmt: str = "float",
                  scale_dtype: torch.dtype = torch.float32, native: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 weight, weight_scale_inv) of w [..., out, in]: each block divided by its scale (amax / 448,
     or a power of two for ue8m0), saturated to +-448 and rounded to nearest even. scale_dtype:
-    float32, or float8_e8m0fnu (ue8m0 only) for checkpoints that store the exponent bytes.
+    float32, or float8_e8m0fnu (ue8m0 only) for checkpoints that store the exponent bytes. A NaN or inf in w
+    (in float32, where the scales are computed) is refused with its position (ValueError), as block (two integers
+    >= 1) is when it is not one.
     native: a float32 / bfloat16 / float16 w on the CPU goes through the extension (_C.fp8_block_amax_into,
     _C.quantize_fp8_into, csrc/ops/quantize.cpp; the same bytes); False, or any other case: plain PyTorch."""
+    _check_block(block)
     if w.dim() < 2:
         raise ValueError(f"w: expected [..., out, in], got shape {tuple(w.shape)}")
     if scale_dtype not in (torch.float32, getattr(torch, "float8_e8m0fnu", None)):
@@ -118,7 +141,7 @@ def quantize_fp8(w: torch.Tensor, block=BLOCK, scale_fmt: str = "float",
     if native and native_applies(w):
         w3 = w.contiguous().reshape(-1, rows, cols)
         amax = torch.empty((w3.shape[0], cdiv(rows, block[0]), cdiv(cols, block[1])), dtype=torch.float32)
-        scales = fp8_scales(_C.fp8_block_amax_into(w3, block[0], block[1], amax), scale_fmt)
+        scales = _scales(_C.fp8_block_amax_into(w3, block[0], block[1], amax), scale_fmt, w, block)
         _C.quantize_fp8_into(w3, scales, block[0], block[1], q.view(torch.uint8).view(-1, rows, cols))
         return q, scales.reshape(scale_grid(w.shape, block)).to(scale_dtype)
     w2, q2 = w.reshape(-1, rows, cols), q.view(-1, rows, cols)
@@ -127,11 +150,11 @@ def quantize_fp8(w: torch.Tensor, block=BLOCK, scale_fmt: str = "float",
         if rows % block[0] == 0 and cols % block[1] == 0:  # whole blocks: a fresh float32 copy, divided in place
             nr, nc = rows // block[0], cols // block[1]
             v = torch.empty((rows, cols), dtype=torch.float32, device=w.device).copy_(w2[k]).view(nr, block[0], nc, block[1])
-            s = fp8_scales(v.abs().amax(dim=(1, 3)), scale_fmt)
+            s = _scales(v.abs().amax(dim=(1, 3)), scale_fmt, w, block)
             scales[k] = s
             q2[k].copy_(v.div_(s.view(nr, 1, nc, 1)).clamp_(-E4M3_MAX, E4M3_MAX).view(rows, cols))
             continue
-        s = fp8_scales(block_amax(w2[k], block), scale_fmt)
+        s = _scales(block_amax(w2[k], block), scale_fmt, w, block)
         scales[k] = s
         full = s.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
         q2[k].copy_(torch.div(w2[k].to(torch.float32), full).clamp_(-E4M3_MAX, E4M3_MAX))

@@ -1,5 +1,6 @@
 """MXFP4 (OCP microscaling, GPT-OSS's MoE experts): e2m1 values in blocks of 32 along the input dim,
-each block sharing one e8m0 scale 2^(byte - 127).
+each block sharing one e8m0 scale 2^(byte - 127). The byte 255 is NaN in the format (no scale: no quantizer
+writes it), so reading one is refused as corrupt data.
 
 GPT-OSS stores a bank W [E, out, in] as `<name>_blocks` [E, out, in/32, 16] uint8 (two e2m1 nibbles a
 byte, the low nibble first) and `<name>_scales` [E, out, in/32] uint8; transformers dequantizes it
@@ -42,8 +43,13 @@ def dequantize_mxfp4_into(blocks: torch.Tensor, scales: torch.Tensor, out: torch
     """blocks [..., rows, G, 16] and scales [..., rows, G] dequantized into out [..., rows, cols] (transpose: out is
     [..., cols, rows], the layout GPT-OSS's banks are read in), (G - 1) * 32 < cols <= G * 32; returns out.
     native: on the CPU into float32 / bfloat16 / float16, the extension's one-pass kernel (_C.dequantize_mxfp4_into,
-    csrc/ops/dequant.cpp; the same values bit for bit); False, or any other case: plain PyTorch."""
+    csrc/ops/dequant.cpp; the same values bit for bit); False, or any other case: plain PyTorch. A scale byte 255
+    (NaN in the format) is refused with its position (ValueError)."""
     _check(blocks, scales)
+    if scales.numel() and scales.max() == 255:
+        at = tuple(torch.nonzero(scales == 255)[0].tolist())
+        raise ValueError(f"scales: e8m0 byte 255 at {at}, NaN in the MXFP4 format (no quantizer writes it): the "
+                         "checkpoint's data is corrupt; re-download or re-export it")
     *lead, groups, _ = blocks.shape
     rows = lead[-1] if lead else 1
     if transpose:
