@@ -17,16 +17,18 @@ $PY -c 'import torch, transformers; print("torch", torch.__version__, "cuda", to
 step "build with CUDA (sm_90)"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MCSMOE_FAST_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
 $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; echo "CUDA BUILD FAILED"; exit 1; }
-# every op the extension registers (TORCH_LIBRARY in csrc/bindings.cpp) must have a CUDA kernel
+# every op the extension registers (TORCH_LIBRARY in csrc/bindings.cpp) must have a CUDA kernel, but those made for
+# the CPU alone (the same set as .ci/run's: grouped_expert_ffn_keep_h keeps the CPU backward's pre-activations)
 $PY - <<'PY' || exit 1
 import torch
 import mcsmoe_fast._C as c
 assert c.cuda_enabled, "the CUDA build reports cuda_enabled = False"
+CPU_ONLY = {"mcsmoe_fast::grouped_expert_ffn_keep_h"}
 ops = sorted(name for name in torch._C._dispatch_get_all_op_names() if name.startswith("mcsmoe_fast::"))
 assert ops, "the extension registers no mcsmoe_fast ops"
-missing = [name for name in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")]
+missing = [name for name in ops if name not in CPU_ONLY and not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")]
 assert not missing, f"no CUDA kernel for {missing}"
-print("cuda_enabled", c.cuda_enabled, "; CUDA kernels for", ", ".join(ops))
+print("cuda_enabled", c.cuda_enabled, "; CUDA kernels for", ", ".join(o for o in ops if o not in CPU_ONLY))
 PY
 
 step "CUDA tests"

@@ -108,7 +108,8 @@ void run_slots(const at::Tensor& x, const int64_t* off, const Banks& banks, cons
                Dtype dtype, void* stream) {
   const std::vector<at::Tensor> &bi = banks.in, &bo = banks.out;
   const std::vector<int64_t> &off_in = banks.off_in, &off_out = banks.off_out;
-  const int64_t S = bi[0].size(0), F = bi[0].size(1), ff = bo[0].size(2);
+  // a bank is [U [S, out, r], V [S, r, in], ...]: w_out's ff is its V's input width, not its rank
+  const int64_t S = bi[0].size(0), F = bi[0].size(1), ff = bo[1].size(2);
   auto row = [](const std::optional<at::Tensor>& b, int64_t s) {
     return b ? std::optional<at::Tensor>(b->select(0, s)) : std::nullopt;
   };
