@@ -17,9 +17,11 @@ Per MoE layer, over the calibration tokens that are not padding:
                     (REAP, Lasby et al. 2025, eq. 9: the mean over the tokens routed to j; 0 if none came).
                     g: "reap" the router's softmax probability renormalised over the token's chosen experts
                     (every softmax router, renormalising or not), "reap-softmax" the plain softmax probability
-                    over all E experts (REAP's code default; docs/methods.md). Routers
-                    whose scores are not a softmax (DeepSeek-V3's sigmoid, and any router not in
-                    SOFTMAX_ROUTERS) give g = the router's own top-k weight for both modes; where that weight
+                    over all E experts (REAP's code default; docs/methods.md). A softmax router is told by
+                    what it computes, whatever its class is called (softmax_weights: its top-k weights are the
+                    softmax of its logits, plain or renormalised; Switch's top-1 router is one). Routers
+                    whose weights are not a softmax (DeepSeek-V3's sigmoid, PhiMoE's sparsemixer, ...) give
+                    g = the router's own top-k weight for both modes; where that weight
                     scales the expert's input instead (Llama-4), the contribution is f_j(s x) itself (g = 1,
                     the expert run on s x). The expert outputs
                     are computed once per routed (token, expert) pair by the fused grouped_expert_ffn (one row
@@ -47,17 +49,24 @@ from torch import nn
 
 from .drop import logit_mask
 from .hooks import run_hooked
-from .models import MoELayer, moe_layers
+from .models import ExpertsLayer, MoELayer, moe_layers
 from .models.dispatched import compute_device, onloaded
-from .modules.masked_router import SOFTMAX_TOP_K_ROUTERS, MaskedTopKRouter
 from .ops import grouped_expert_ffn
 
 CHEAP_BASES = ("router-logits", "feature")
 SALIENCY_MODES = ("reap", "reap-softmax")
-# routers whose routing weights are a softmax of the logits they return (over all experts, or over the top-k
-# logits: GPT-OSS, which equals the renormalised softmax); any other router gives its own top-k weights
-SOFTMAX_ROUTERS = (*SOFTMAX_TOP_K_ROUTERS, "GptOssTopKRouter", "Qwen3NextTopKRouter",
-                   "Qwen3_5MoeTopKRouter", "SwitchTransformersTop1Router", "MaskedLinear")
+
+
+def softmax_weights(weights: torch.Tensor, index: torch.Tensor, probs: torch.Tensor) -> bool:
+    """Whether a router's top-k weights [T, k] of the experts `index` [T, k] are the softmax `probs` [T, E] of its
+    logits, plain or renormalised over the chosen experts (a softmax over the top-k logits, GPT-OSS's, is the
+    latter), to float32 rounding or the weights' own where coarser: told by what the router computes, whatever its
+    class is called. A correction bias that changes only the choice (ERNIE-4.5's) passes; sigmoid scores do not."""
+    chosen = probs.gather(1, index.long().to(probs.device))
+    tol = max(1e-5, 2 * torch.finfo(weights.dtype).eps)
+    weights = weights.to(chosen)
+    return any(torch.allclose(weights, p, rtol=tol, atol=tol)
+               for p in (chosen, chosen / chosen.sum(-1, keepdim=True).clamp_min(torch.finfo(chosen.dtype).tiny)))
 
 
 @dataclass
@@ -190,18 +199,19 @@ class _Accumulator:
 
     def _gates(self, x: torch.Tensor, logits: torch.Tensor, top: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """g [T, k]: the routing weight of each chosen expert that REAP's saliency weighs (see the module docstring)."""
-        router = getattr(self.layer, "router", None) or getattr(self.layer.module, "router")
         acc = self.stats.saliency_sum.dtype
-        softmax = type(router).__name__ in SOFTMAX_ROUTERS or isinstance(router, MaskedTopKRouter)
-        if not softmax:  # sigmoid & co: the router's own top-k weights
-            out = getattr(self.layer, "router_outputs", router)(x)  # as the block calls it
+        zero = torch.zeros((), dtype=acc, device=logits.device)
+        probs = torch.softmax(logits.to(acc), dim=-1)  # masked experts (-inf) get 0
+        if isinstance(self.layer, ExpertsLayer):  # the contract's routers return their top-k weights: which are they?
+            out = self.layer.router_outputs(x)  # as the block calls it
             if not isinstance(out, tuple) or len(out) != 3:
                 raise ValueError(f"{self.layer.name}: REAP saliency needs the router's top-k weights, but "
-                                 f"{type(router).__name__} does not return (logits, top-k weights, top-k index)")
-            dense = torch.zeros_like(logits, dtype=acc).scatter(1, out[2].long(), out[1].to(acc))
-            return torch.where(chosen, dense.gather(1, top), torch.zeros((), dtype=acc, device=dense.device))
-        probs = torch.softmax(logits.to(acc), dim=-1)  # masked experts (-inf) get 0
-        g = torch.where(chosen, probs.gather(1, top), torch.zeros((), dtype=acc, device=probs.device))
+                                 f"{type(self.layer.router).__name__} does not return (logits, top-k weights, "
+                                 "top-k index)")
+            if not softmax_weights(out[1], out[2], probs):  # sigmoid & co: the router's own top-k weights
+                dense = torch.zeros_like(probs).scatter(1, out[2].long().to(probs.device), out[1].to(probs))
+                return torch.where(chosen, dense.gather(1, top), zero)
+        g = torch.where(chosen, probs.gather(1, top), zero)
         if self.stats.saliency_mode == "reap":
             g = g / g.sum(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
         return g

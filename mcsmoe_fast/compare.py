@@ -196,10 +196,20 @@ def check_counts(config, layers, methods, ratios) -> None:
                              f"fewer than the {e} experts of a layer")
 
 
+def refuse_encoder_decoder(is_encoder_decoder: bool, what: str) -> None:
+    """compare measures perplexity on text windows, a causal LM's (train.text.perplexity): an encoder-decoder model
+    (Switch) is refused before any work; `what` names the model."""
+    if is_encoder_decoder:
+        raise ValueError(f"compare measures perplexity on text windows (causal LMs); {what} is an encoder-decoder "
+                         "model: merge it with `mcsmoe-fast merge` and evaluate the merges with "
+                         "`mcsmoe-fast eval --task ...`")
+
+
 def check_feasible(model: nn.Module, methods: list[str], ratios: list[float]) -> None:
     """Every (ratio, method) can run on `model`: refused before the statistics pass and the first row, not after
-    hours of rows that would then be lost. check_counts, and for the standard forms prune.check_prune's refusal
-    of merged, compressed or masked layers."""
+    hours of rows that would then be lost. An encoder-decoder model (refuse_encoder_decoder), check_counts, and for
+    the standard forms prune.check_prune's refusal of merged, compressed or masked layers."""
+    refuse_encoder_decoder(getattr(model.config, "is_encoder_decoder", False), type(model).__name__)
     layers = moe_layers(model)
     check_counts(model.config, layers, methods, ratios)
     if _standard_forms(methods):
@@ -233,7 +243,9 @@ def compare_methods(model: nn.Module, batches, windows: torch.Tensor, methods=CO
                     on_row: Callable[[dict], None] | None = None) -> dict:
     """{"experts": E, "kd_steps": N, "rows": [...]} with one row for the full model and one per (ratio,
     method): method, ratio, experts kept, expert_params and expert_share (the share of the input model's
-    expert parameters), form, perplexity on `windows` [N, L].
+    expert parameters), form, perplexity on `windows` [N, L]. `batches`: the calibration input dicts (any iterable, as
+    for collect_routing_stats; taken as a list once, since the statistics pass, the fitted router rows and activation
+    importance each read them).
     With `kd` (a TrainConfig: steps, batch size, learning rate, ...) and `kd_data` (a dataset of training
     examples for `collate_fn`, by default token windows), each reduced model is also recovered by KD from
     `model` (recover()) and the row gains perplexity_kd and kd_steps; kd_steps is 0 without KD.
@@ -243,6 +255,7 @@ def compare_methods(model: nn.Module, batches, windows: torch.Tensor, methods=CO
     methods, ratios = list(methods), [float(r) for r in ratios]
     check_compare(methods, ratios, kd, kd_data, compress)
     check_feasible(model, methods, ratios)
+    batches = list(batches)  # read by the statistics pass, the fitted rows and activation importance: never used up
     e = moe_layers(model)[0].num_experts
     full_params = expert_parameters(model)
     stats = collect_routing_stats(model, batches, bases=("router-logits", "feature", "expert-output"),

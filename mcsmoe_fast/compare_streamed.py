@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .checkpoint import read_section
 from .checkpoint.atomic import scratch_directory
 from .checkpoint.load import read_config_json
-from .compare import COMPRESSED_SUFFIX, STANDARD_SUFFIX, check_compare, check_counts
+from .compare import COMPRESSED_SUFFIX, STANDARD_SUFFIX, check_compare, check_counts, refuse_encoder_decoder
 from .compress import CompressOptions
 from .models import moe_layers
 from .prune import resolve_count
@@ -51,13 +51,16 @@ def check_streamed_methods(methods, compress: CompressOptions | None = None) -> 
 
 
 def check_checkpoint(path, methods, ratios, dtype: torch.dtype | None = None) -> None:
-    """What compare_checkpoint cannot do on the checkpoint directory `path`, refused before any work: a model type
-    the layer-by-layer forward does not run, this package's merged or compressed checkpoint (the streamed merges and
+    """What compare_checkpoint cannot do on the checkpoint directory `path`, refused before any work: an
+    encoder-decoder model (compare.refuse_encoder_decoder: no comparison runs it), a model type the layer-by-layer
+    forward does not run, this package's merged or compressed checkpoint (the streamed merges and
     pruning read plain transformers checkpoints), and every (ratio, method) whose expert count compare.check_counts
     refuses in memory, checked on the checkpoint's skeleton (no weights read)."""
     path = Path(path).expanduser()
     raw = read_config_json(path)
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    refuse_encoder_decoder(isinstance(raw, dict) and bool(raw.get("is_encoder_decoder")),
+                           f"the {model_type!r} model at {path}")
     if model_type not in SUPPORTED_TYPES:
         raise ValueError(f"{path}: compare larger than memory runs the families the layer-by-layer forward runs "
                          f"({', '.join(SUPPORTED_TYPES)}); a {model_type!r} model is compared in memory only "
@@ -100,14 +103,16 @@ def compare_checkpoint(path, batches, windows: torch.Tensor, methods=STREAMED_ME
                        compress: CompressOptions | None = None, on_row: Callable[[dict], None] | None = None) -> dict:
     """compare.compare_methods for a checkpoint directory larger than memory (module docstring): {"experts": E,
     "kd_steps": 0, "streamed": True, "rows": [...]}, a row for the full model and one per (ratio, method) with the
-    same fields. scratch: where each reduced checkpoint and the offloaded hidden states are written and removed
-    (default: the system's temporary directory); max_memory, dtype: as merge_checkpoint; compress: the "+c"
-    methods' settings (weight importance); on_row(result so far) after each row, as in compare_methods. What it cannot
-    do is refused before the first pass (check_streamed_methods, check_checkpoint)."""
+    same fields. batches: as in compare_methods (any iterable, taken as a list once: each method's pass reads them).
+    scratch: where each reduced checkpoint and the offloaded hidden states are written and removed (default: the
+    system's temporary directory); max_memory, dtype: as merge_checkpoint; compress: the "+c" methods' settings
+    (weight importance); on_row(result so far) after each row, as in compare_methods. What it cannot do is refused
+    before the first pass (check_streamed_methods, check_checkpoint)."""
     methods, ratios = list(methods), [float(r) for r in ratios]
     check_compare(methods, ratios, compress=compress)
     check_streamed_methods(methods, compress)
     check_checkpoint(path, methods, ratios, dtype)
+    batches = list(batches)  # each method's own statistics pass reads them: an iterator would serve the first only
     source = open_reader(path, dtype)
     e, full_params = source.num_experts(), source.expert_parameters()
 

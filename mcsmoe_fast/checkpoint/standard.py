@@ -117,7 +117,7 @@ def to_standard(model: nn.Module, router: str | None = None, batches=None, exper
       group's summed probability; the default when batches are given, the better one measured) or
       "dominant" (the row of each group's dominant expert; the default without batches).
     batches: calibration input dicts (as for collect_routing_stats), needed by router="fitted";
-      max_tokens per layer are used.
+      max_tokens per layer are used. A merged layer no token reaches is refused (refuse_unreached).
     expert_capacity: Switch only: the standard model's expert capacity (default: switch_capacity: the original
       capacity times the largest group, since one merged expert now takes all its members' tokens; a dropless
       model's: one that never binds).
@@ -129,6 +129,8 @@ def to_standard(model: nn.Module, router: str | None = None, batches=None, exper
     config = standard_config(model, plans, router, expert_capacity)
     layers = moe_layers(model)
     hidden = router_inputs(model, layers, batches, max_tokens) if router == "fitted" else {}
+    if router == "fitted":
+        refuse_unreached(layers, plans, hidden)
     standard = build_export(model, config)
     new_layers = {layer.name: layer for layer in moe_layers(standard)}
     if set(new_layers) != set(plans):
@@ -144,6 +146,17 @@ def to_standard(model: nn.Module, router: str | None = None, batches=None, exper
     standard.tie_weights()
     carry_generation_config(model, standard)
     return standard.eval()
+
+
+def refuse_unreached(layers, plans: dict[str, LayerPlan], hidden: dict[str, torch.Tensor]) -> None:
+    """router="fitted" fits each merged layer's rows on the tokens that reached it: a layer without any (empty
+    batches, or an iterator another pass used up) is refused rather than given its dominant rows under the name of
+    fitted ones. Layers merged with strategy='drop' keep their dominant rows anyway."""
+    for layer in layers:
+        if layer.name not in hidden and not plans[layer.name].dropped:
+            raise ValueError(f"router='fitted': no calibration token reached layer {layer.name} (empty or used-up "
+                             "batches: an iterator serves one pass only); pass the calibration batches as a list, "
+                             "or router='dominant'")
 
 
 def write_experts(layer, new, plan: LayerPlan) -> None:
