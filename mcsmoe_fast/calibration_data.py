@@ -5,6 +5,8 @@ Text-to-text tasks (SST-2, COPA, SQuAD, ...) calibrate on prompts and targets in
 mcsmoe_fast.tasks.calibration_batches."""
 from __future__ import annotations
 
+import copy
+from contextlib import contextmanager
 import itertools
 import json
 from pathlib import Path
@@ -105,13 +107,41 @@ def ensure_pad_token(tokenizer) -> None:
         tokenizer.pad_token = fallback
 
 
+@contextmanager
+def backend_settings_kept(tokenizer):
+    """A fast tokenizer's backend keeps the truncation and padding of its last call, and its save_pretrained writes
+    them into tokenizer.json: the settings the tokenizer had are put back when the block ends (a copy per call would
+    cost a training step's collate function far more)."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not hasattr(backend, "truncation"):
+        yield tokenizer
+        return
+    truncation, padding = backend.truncation, backend.padding
+    try:
+        yield tokenizer
+    finally:
+        if truncation is None:
+            backend.no_truncation()
+        else:
+            backend.enable_truncation(**truncation)
+        if padding is None:
+            backend.no_padding()
+        else:
+            backend.enable_padding(**padding)
+
+
 def calibration_batches(texts: list[str], tokenizer, batch_size: int = 8, max_length: int = 256) -> list[dict]:
     """Padded, truncated input dicts (input_ids, attention_mask) of batch_size texts each.
+
+    The text is tokenised by a copy of `tokenizer` (padded with its eos token when it has no pad token): a fast
+    tokenizer called with truncation and padding keeps them, and the caller's is the one a save writes beside the
+    model, which must encode as the input model's does.
 
     These feed an encoder-decoder model's decoder its own input text; for a text-to-text task's calibration
     (the decoder reads the task's targets, as the original did) use mcsmoe_fast.tasks.calibration_batches."""
     if batch_size < 1 or max_length < 1:
         raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size} and {max_length}")
+    tokenizer = copy.deepcopy(tokenizer)
     ensure_pad_token(tokenizer)
     batches = []
     for start in range(0, len(texts), batch_size):

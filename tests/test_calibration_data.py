@@ -55,14 +55,15 @@ def test_pad_token_falls_back_to_eos_then_unk():
     tok = tiny_tokenizer()
     tok.pad_token = None
     batches = calibration_batches(TEXTS[:2], tok, batch_size=2)
-    assert tok.pad_token == "[EOS]"
+    assert tok.pad_token is None  # the caller's tokenizer is left as it was (tests/test_loading_fidelity2.py)
     pad = batches[0]["input_ids"][1][~batches[0]["attention_mask"][1].bool()]
     assert pad.tolist() == [tok.convert_tokens_to_ids("[EOS]")] * 6
     tok = tiny_tokenizer()
     tok.pad_token = None
     tok.eos_token = None
-    calibration_batches(TEXTS[:2], tok, batch_size=2)
-    assert tok.pad_token == "[UNK]"
+    batches = calibration_batches(TEXTS[:2], tok, batch_size=2)
+    pad = batches[0]["input_ids"][1][~batches[0]["attention_mask"][1].bool()]
+    assert pad.tolist() == [tok.convert_tokens_to_ids("[UNK]")] * 6
     tok = tiny_tokenizer()
     tok.pad_token = tok.eos_token = tok.unk_token = None
     with pytest.raises(ValueError, match="no pad, eos or unk token"):

@@ -2,9 +2,10 @@
 into place, so an interrupted save leaves the previous checkpoint as it was; temporaries of dead writers
 are removed. A target is replaced only when it holds nothing but a checkpoint's files (the exact names this
 package, transformers and tokenizers write: CHECKPOINT_FILES): anything else in it is the user's, and the save is
-refused by the file's name. A mount point is refused too (it cannot be renamed). The tokenizer, chat template and
-generation files of the replaced checkpoint that the new save does not write are kept (KEPT_FILES), as
-transformers' save_pretrained leaves them; its weights, index and config files are not."""
+refused by the file's name. A mount point is refused too (it cannot be renamed), and so is a write-protected
+directory (the user protected it). The tokenizer, chat template and generation files of the replaced checkpoint
+that the new save does not write are kept (KEPT_FILES), as transformers' save_pretrained leaves them; its weights,
+index and config files are not."""
 from __future__ import annotations
 
 import fnmatch
@@ -12,6 +13,7 @@ import os
 import shutil
 import tempfile
 import uuid
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,7 +59,9 @@ def refuse_out_at_source(source, out) -> None:
 
 def check_replaceable(target: Path) -> None:
     """Raise FileExistsError unless `target` is absent, an empty directory, or a checkpoint directory holding
-    only CHECKPOINT_FILES (then a save may replace it as a whole); a mount point is refused (renaming it fails)."""
+    only CHECKPOINT_FILES (then a save may replace it as a whole); a mount point is refused (renaming it fails),
+    and a write-protected directory with PermissionError (renaming it needs only its parent writable, but the
+    user protected it, and its files could not be removed afterwards)."""
     if not target.exists():
         return
     if not target.is_dir():
@@ -65,6 +69,9 @@ def check_replaceable(target: Path) -> None:
     if os.path.ismount(target):  # a volume or mounted disk: the replace would fail only after all the work
         raise FileExistsError(f"{target} is a mount point, which a save cannot replace (it renames the directory): "
                               "save into a subdirectory of it")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise PermissionError(f"{target} is write-protected: a save cannot replace it; make it writable "
+                              f"(chmod u+w {target}) or save elsewhere")
     entries = list(target.iterdir())
     if entries and not (target / "config.json").is_file():
         raise FileExistsError(f"{target} is a non-empty directory that is not a checkpoint; refusing to replace it")
@@ -95,7 +102,19 @@ def _replace_dir(tmp: Path, target: Path) -> None:
         os.rename(old, trash)  # replaced: an interrupted removal must not leave it for restore_previous
     except OSError:  # removed already by another save to `target`, or not renamed: the save is done all the same
         trash = old
-    shutil.rmtree(trash, ignore_errors=True)
+    remove_replaced(trash)
+
+
+def remove_replaced(trash: Path) -> None:
+    """Remove a replaced checkpoint; one that cannot be removed (permissions changed since the save started) is
+    named in a warning rather than left hidden: the save itself is done."""
+    try:
+        shutil.rmtree(trash)
+    except FileNotFoundError:  # removed already by another save to the same target
+        pass
+    except OSError as exc:
+        warnings.warn(f"the replaced checkpoint {trash} could not be removed ({exc}); delete it by hand",
+                      stacklevel=3)
 
 
 def restore_previous(target: Path) -> None:
@@ -163,10 +182,10 @@ def atomic_directory(target) -> Iterator[Path]:
     """Yield a fresh temporary directory next to `target`; when the block ends normally it replaces
     `target` (a previous checkpoint there, or nothing; a symlink's target), when it raises it is removed and
     `target` is left as it was. Temporary directories left by a killed earlier run are removed first, and a
-    previous checkpoint it left aside is put back. Refused up front when `target` holds more than a checkpoint
-    or is a mount point (check_replaceable). The previous checkpoint's tokenizer, chat template and generation
-    files that the block did not write are copied in before the replacement (keep_files). "~" is the home
-    directory, as the loader reads it."""
+    previous checkpoint it left aside is put back. Refused up front when `target` holds more than a checkpoint,
+    is a mount point or is write-protected (check_replaceable). The previous checkpoint's tokenizer, chat
+    template and generation files that the block did not write are copied in before the replacement
+    (keep_files). "~" is the home directory, as the loader reads it."""
     target = Path(os.path.realpath(os.path.expanduser(target)))  # "~", symlinks and "..": replace what it names
     target.parent.mkdir(parents=True, exist_ok=True)
     restore_previous(target)

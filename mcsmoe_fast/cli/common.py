@@ -129,7 +129,8 @@ def add_dtype_option(p, quantized: bool = False) -> None:
 
 
 def dtype_option(args):
-    """The torch dtype of --dtype; auto reads the checkpoint's config (float32 when it names none)."""
+    """The torch dtype of --dtype; auto reads the checkpoint's config, and when it names none the dtype of the
+    weights (weights_dtype, as transformers' dtype="auto" reads them); float32 when neither says."""
     import torch
 
     if args.dtype != "auto":
@@ -138,4 +139,28 @@ def dtype_option(args):
 
     stored = getattr(load_config(args.model), "dtype", None)
     stored = getattr(torch, stored, None) if isinstance(stored, str) else stored
+    stored = stored or weights_dtype(args.model)
     return stored if stored in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+
+
+def weights_dtype(model: str):
+    """The dtype transformers' dtype="auto" takes when config.json names none: the first floating-point tensor's
+    in the first weights file (the first shard of a sharded checkpoint) of the model directory or the cached hub
+    id; None when no weights file is there."""
+    import json
+
+    from transformers.modeling_utils import get_state_dict_dtype, load_state_dict
+
+    from ..checkpoint import WEIGHTS_NAME
+    from ..models.hub import local_directory
+
+    directory = local_directory(model)
+    if directory is None:
+        return None
+    for name in ("model.safetensors", "pytorch_model.bin", WEIGHTS_NAME):
+        first, index = directory / name, directory / f"{name}.index.json"
+        if index.is_file():
+            first = directory / min(json.loads(index.read_text())["weight_map"].values())
+        if first.is_file():
+            return get_state_dict_dtype(load_state_dict(str(first), map_location="meta"))
+    return None

@@ -143,6 +143,41 @@ def in_hub_cache(repo_id: str) -> bool:
         return False
 
 
+def local_directory(spec) -> Path | None:
+    """The directory holding a model's files: a local directory ("~" expanded), or the snapshot of a hub id in
+    the Hugging Face cache (None when its config.json is not cached; the snapshot may lack other files)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    local = Path(spec).expanduser()
+    if local.is_dir():
+        return local
+    try:
+        cached = try_to_load_from_cache(str(spec), "config.json")
+    except ValueError:  # not a valid repo id
+        return None
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+SNAPSHOT_SKIPPED = ("*/*", "*.bin", "*.pt", "*.pth", "*.gguf", "*.h5", "*.msgpack", "*.onnx")  # not downloaded
+
+
+def snapshot_directory(repo_id: str, complete) -> Path:
+    """The snapshot directory of a hub id in the Hugging Face cache: the cached one when `complete(directory)`
+    says it holds every file needed (no request), else the repo's files downloaded into it once the Hub has
+    answered (check_hub; offline: its one-line error). Files the cache holds are not fetched again; subfolders
+    and other frameworks' weights (SNAPSHOT_SKIPPED) are left out."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        cached = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # LocalEntryNotFoundError: no snapshot of the repo is cached
+        cached = None
+    if cached is not None and complete(cached):
+        return cached
+    check_hub(repo_id)
+    return Path(snapshot_download(repo_id, ignore_patterns=list(SNAPSHOT_SKIPPED)))
+
+
 def load_config(spec: str):
     """AutoConfig of a directory or hub id, from the cache first: a cached hub id needs no request (and so
     meets none of huggingface_hub's retries offline)."""

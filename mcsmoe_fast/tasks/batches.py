@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from ..calibration_data import ensure_pad_token
+from ..calibration_data import backend_settings_kept, ensure_pad_token
 from .base import Task
 from .registry import get_task
 
@@ -31,7 +31,8 @@ def check_lengths(max_source_length: int, max_target_length: int) -> None:
 def target_token_ids(tokenizer, targets: Sequence[str], max_length: int = 128) -> list[list[int]]:
     """Token ids of each target, ending in the tokenizer's EOS (T5 tokenizers add it; it is appended for
     tokenizers that do not), at most max_length ids."""
-    rows = tokenizer(list(targets), truncation=True, max_length=max_length)["input_ids"]
+    with backend_settings_kept(tokenizer):
+        rows = tokenizer(list(targets), truncation=True, max_length=max_length)["input_ids"]
     eos = tokenizer.eos_token_id
     if eos is None:
         return [list(r) for r in rows]
@@ -67,8 +68,9 @@ def encode_pairs(tokenizer, pairs: Iterable[tuple[str, str]], max_source_length:
         raise ValueError("no (source, target) pairs to encode")
     ensure_pad_token(tokenizer)
     sources, targets = zip(*pairs)
-    enc = tokenizer(list(sources), padding=True, padding_side="right", truncation=True,
-                    max_length=max_source_length, return_tensors="pt", return_token_type_ids=False)
+    with backend_settings_kept(tokenizer):
+        enc = tokenizer(list(sources), padding=True, padding_side="right", truncation=True,
+                        max_length=max_source_length, return_tensors="pt", return_token_type_ids=False)
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
             "labels": pad_labels(target_token_ids(tokenizer, targets, max_target_length))}
 
