@@ -61,7 +61,10 @@ def softmax_weights(weights: torch.Tensor, index: torch.Tensor, probs: torch.Ten
     """Whether a router's top-k weights [T, k] of the experts `index` [T, k] are the softmax `probs` [T, E] of its
     logits, plain or renormalised over the chosen experts (a softmax over the top-k logits, GPT-OSS's, is the
     latter), to float32 rounding or the weights' own where coarser: told by what the router computes, whatever its
-    class is called. A correction bias that changes only the choice (ERNIE-4.5's) passes; sigmoid scores do not."""
+    class is called. A correction bias that changes only the choice (ERNIE-4.5's) passes; sigmoid scores do not.
+    With top_k = 1 a renormalising router's weights are all 1 whatever its scores: it is taken for a softmax router
+    (HunYuan's is one), so a sigmoid router built with top_k = 1 and renormalisation (no family ships one) would get
+    the softmax probability under saliency="reap-softmax"."""
     chosen = probs.gather(1, index.long().to(probs.device))
     tol = max(1e-5, 2 * torch.finfo(weights.dtype).eps)
     weights = weights.to(chosen)

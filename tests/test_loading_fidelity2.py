@@ -260,3 +260,21 @@ def test_task_batches_leave_the_tokenizers_truncation_and_padding_as_they_were()
     tok._tokenizer.enable_truncation(max_length=7)  # settings the caller made are put back too
     encode_pairs(tok, [("a b c", "positive")], max_source_length=2, max_target_length=2)
     assert tok._tokenizer.truncation["max_length"] == 7
+
+
+def test_a_write_protected_checkpoint_is_refused_for_root_too(tmp_path):
+    """os.access grants root everything: the directory's own mode bits tell that the user protected it."""
+    import mcsmoe_fast as mf
+    from mcsmoe_fast.tiny import tiny_moe
+
+    ck = tmp_path / "ck"
+    model = tiny_moe("mixtral")
+    mf.save_pretrained(model, ck)
+    before = {p.name: p.read_bytes() for p in ck.iterdir()}
+    os.chmod(ck, 0o555)
+    try:
+        with pytest.raises(PermissionError, match="is write-protected"):
+            mf.save_pretrained(model, ck)
+        assert {p.name: p.read_bytes() for p in ck.iterdir()} == before and ck.stat().st_mode & 0o777 == 0o555
+    finally:
+        os.chmod(ck, 0o755)

@@ -188,3 +188,13 @@ def test_fitted_standard_router_refuses_a_layer_no_token_reached():
                r"iterator serves one pass only\); pass the calibration batches as a list, or router='dominant'$")
     with pytest.raises(ValueError, match=message):
         to_standard(merged, router="fitted", batches=[])
+
+
+def test_fitted_standard_router_refuses_batches_that_are_all_padding():
+    """All-padding batches reach every layer with no token ([0, d]): the fitted rows would be the dominant ones."""
+    model = tiny_moe("mixtral", num_experts=8, top_k=2, seed=0)
+    stats = collect_routing_stats(model, _batches(), progress=False)
+    merged = compare.merged_model(model, stats, "m-smoe", 4)
+    padding = [{"input_ids": torch.full((2, 5), 3), "attention_mask": torch.zeros(2, 5, dtype=torch.long)}]
+    with pytest.raises(ValueError, match="router='fitted': no calibration token reached layer"):
+        to_standard(merged, router="fitted", batches=padding)

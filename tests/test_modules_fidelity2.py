@@ -103,7 +103,7 @@ def test_optimized_llama4_follows_a_later_change_of_the_router_top_k():
     ids = inputs_of("llama4_text")["input_ids"]
     with torch.no_grad():
         assert rel(model(ids).logits, base(ids).logits) < 1e-5
-    assert all(layer.module.top_k == 3 for layer in moe_layers(model))
+    assert all(layer.module.router.top_k == 3 for layer in moe_layers(model))
 
 
 # --- 5. optimize() on a part of a model --------------------------------------------------------------------------
@@ -145,3 +145,17 @@ def test_transformers_save_of_optimized_models_is_refused_only_where_readme_says
     readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
     claim = re.search(r"transformers' own `model\.save_pretrained` is refused[^.]*\.[^.]*\.", readme).group(0)
     assert "optimized Switch" in claim and "optimized models" not in claim and "unmerged" in claim, claim
+
+
+def test_the_optimized_llama4_blocks_top_k_is_an_attribute_as_on_transformers_block():
+    """transformers' Llama4TextMoe.top_k is an attribute its forward does not read (the router's top_k routes); the
+    optimized block's can be set the same way, with the same (no) effect."""
+    base = tiny_moe("llama4_text", top_k=1)
+    model = optimize(copy.deepcopy(base))
+    for m in (base, model):
+        for layer in moe_layers(m):
+            layer.module.top_k = 2
+    assert all(layer.module.top_k == 2 and layer.module.router.top_k == 1 for layer in moe_layers(model))
+    ids = inputs_of("llama4_text")["input_ids"]
+    with torch.no_grad():
+        assert rel(model(ids).logits, base(ids).logits) < 1e-5

@@ -80,11 +80,12 @@ _ORDER = r"""
 import sys, torch
 from mcsmoe_fast import ops
 torch.use_deterministic_algorithms(sys.argv[1] == "deterministic")  # turns timing off as MCSMOE_AUTOTUNE=0 does
+dtype = torch.bfloat16 if sys.argv[1] == "fp32_pin" else torch.float32
 torch.manual_seed(0)
 d, ff = 512, 1792
-w_in, w_out = torch.randn(1, ff, d) / d**0.5, torch.randn(1, d, ff) / ff**0.5
+w_in, w_out = (torch.randn(1, ff, d) / d**0.5).to(dtype), (torch.randn(1, d, ff) / ff**0.5).to(dtype)
 def run(t):
-    x = torch.randn(t, d, generator=torch.Generator().manual_seed(t))
+    x = torch.randn(t, d, generator=torch.Generator().manual_seed(t)).to(dtype)
     return ops.grouped_expert_ffn(x, w_in, w_out, torch.zeros(1, dtype=torch.long), torch.zeros(t, 1, dtype=torch.long),
                                   torch.ones(t, 1), "relu")
 outs = [run(int(t)) for t in sys.argv[2:-1]]
@@ -92,13 +93,16 @@ torch.save(outs[-1], sys.argv[-1])
 """
 
 
-@pytest.mark.parametrize("mode", ["autotune_off", "deterministic"])
+@pytest.mark.parametrize("mode", ["autotune_off", "deterministic", "fp32_pin"])
 def test_without_timing_a_product_rounds_alike_whatever_ran_before(mode, tmp_path):
-    """A resumed run is a new process that has seen other shapes first; without timing, the backend of a product
-    must not depend on them (cap 1: the first shape would take oneDNN's only place)."""
+    """A resumed run is a new process that has seen other shapes first; without timing (or with a pin other than
+    onednn: here bf16 pinned to the fp32 GEMM), the backend of a product must not depend on them (cap 1: the first
+    shape would take oneDNN's only place)."""
     env = dict(os.environ, MCSMOE_ONEDNN_SHAPES="1", OMP_NUM_THREADS="1")
     env.pop("MCSMOE_GEMM", None)
-    env["MCSMOE_AUTOTUNE"] = "0" if mode == "autotune_off" else "1"
+    env["MCSMOE_AUTOTUNE"] = "1" if mode == "deterministic" else "0"
+    if mode == "fp32_pin":
+        env["MCSMOE_GEMM"] = "fp32"
     outs = []
     for order in (["300", "257"], ["257"]):
         path = str(tmp_path / ("-".join(order) + ".pt"))

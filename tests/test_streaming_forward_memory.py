@@ -44,8 +44,9 @@ def test_the_estimate_grows_with_the_window_and_the_experts_width():
 def test_a_prune_below_its_floor_says_so(tmp_path):
     tiny_mixtral(num_layers=2).save_pretrained(tmp_path / "m")
     batches = [{"input_ids": _windows(2, 7)}]
-    with pytest.warns(UserWarning, match="max_memory 1000B is below what pruning one layer needs"):
+    with pytest.warns(UserWarning, match="max_memory 1000B is below what pruning one layer needs") as caught:
         prune_checkpoint(tmp_path / "m", tmp_path / "out", batches, num_experts=2, max_memory="1KB", progress=False)
+    assert {w.filename for w in caught if "below what" in str(w.message)} == {__file__}  # the caller's line
 
 
 _MEASURE = r"""

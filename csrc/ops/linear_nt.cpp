@@ -9,10 +9,9 @@
 //   onednn  torch's oneDNN linear (mkldnn::_linear_pointwise), for the dtypes it takes on this CPU (probed
 //           once: bf16 needs AVX-512 BF16 or AMX): measured (Zen 4, fp32) 1.1-1.7x faster than at::mm on every
 //           expert GEMM shape of the benchmarks, most at small row counts;
-//   fp32    bfloat16/float16 only: both operands converted to float32, the float32 GEMM (oneDNN from
-//           kOneDnnMinMacs multiply-adds, below which its ~10-20 us call overhead dominates: a 1 x 768 by 768 x 32
-//           product takes 19 us through oneDNN and 4 us through at::mm), the result rounded once (4x faster than
-//           aten on that AVX2 EPYC).
+//   fp32    bfloat16/float16 only: both operands converted to float32, at::mm's float32 GEMM (MKL; not oneDNN,
+//           whose shape cap below would make the rounding depend on what the process ran first), the result
+//           rounded once (4x faster than aten on that AVX2 EPYC).
 // All accumulate in float32 (float64 for float64); they differ only in rounding. The default without
 // timing (MCSMOE_AUTOTUNE=0, torch.use_deterministic_algorithms(True)) is at::mm: oneDNN may run only the first
 // shapes a process sees (memory, below), and a default that depended on what a process ran before would make a
@@ -44,7 +43,6 @@
 namespace mcsmoe::ops {
 namespace {
 
-constexpr int64_t kOneDnnMinMacs = int64_t{1} << 21;
 constexpr int64_t kTuneMinMacs = int64_t{1} << 18;
 constexpr int64_t kOneDnnShapes = 32;
 
@@ -127,15 +125,6 @@ at::Tensor aten_nt(const at::Tensor& x, const at::Tensor& w, std::optional<at::T
 // w [N, K] a transposed view of a [K, N] bank: oneDNN would reorder it on every call (see the top of this file).
 bool stored_transposed(const at::Tensor& w) { return w.size(1) > 1 && w.stride(1) != 1; }
 
-// The float32 GEMM of the fp32 candidate: oneDNN from kOneDnnMinMacs for a weight not stored transposed (and a shape
-// it may run), at::mm otherwise.
-at::Tensor fp32_nt(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
-  if (onednn_linear() && x.size(0) * w.size(0) * w.size(1) >= kOneDnnMinMacs && !stored_transposed(w) &&
-      onednn_admits(x, w, bias.has_value(), true))
-    return onednn_nt(x, w, bias);
-  return aten_nt(x, w, std::nullopt, bias);
-}
-
 std::string gemm_shape(const char* form, at::ScalarType dt, int64_t M, int64_t N, int64_t K, bool bias,
                        bool w_transposed = false) {
   return std::string(form) + " " + c10::toString(dt) + " M<=" + std::to_string(autotune::bucket(M)) +
@@ -172,7 +161,7 @@ at::Tensor linear_nt(const at::Tensor& x, const at::Tensor& w, std::optional<at:
       return out ? out->copy_(result) : result;
     }
     case 2: {
-      const at::Tensor result = fp32_nt(x.to(at::kFloat), w.to(at::kFloat),
+      const at::Tensor result = aten_nt(x.to(at::kFloat), w.to(at::kFloat), std::nullopt,
                                         bias ? std::optional(bias->to(at::kFloat)) : std::nullopt);
       return out ? out->copy_(result) : result.to(dt);
     }

@@ -69,7 +69,7 @@ def check_replaceable(target: Path) -> None:
     if os.path.ismount(target):  # a volume or mounted disk: the replace would fail only after all the work
         raise FileExistsError(f"{target} is a mount point, which a save cannot replace (it renames the directory): "
                               "save into a subdirectory of it")
-    if not os.access(target, os.W_OK | os.X_OK):
+    if not os.access(target, os.W_OK | os.X_OK) or not target.stat().st_mode & 0o222:  # root passes os.access
         raise PermissionError(f"{target} is write-protected: a save cannot replace it; make it writable "
                               f"(chmod u+w {target}) or save elsewhere")
     entries = list(target.iterdir())

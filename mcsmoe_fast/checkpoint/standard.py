@@ -151,9 +151,9 @@ def to_standard(model: nn.Module, router: str | None = None, batches=None, exper
 def refuse_unreached(layers, plans: dict[str, LayerPlan], hidden: dict[str, torch.Tensor]) -> None:
     """router="fitted" fits each merged layer's rows on the tokens that reached it: a layer without any (empty
     batches, or an iterator another pass used up) is refused rather than given its dominant rows under the name of
-    fitted ones. Layers merged with strategy='drop' keep their dominant rows anyway."""
+    fitted ones (all-padding batches too). Layers merged with strategy='drop' keep their dominant rows anyway."""
     for layer in layers:
-        if layer.name not in hidden and not plans[layer.name].dropped:
+        if (layer.name not in hidden or hidden[layer.name].shape[0] == 0) and not plans[layer.name].dropped:
             raise ValueError(f"router='fitted': no calibration token reached layer {layer.name} (empty or used-up "
                              "batches: an iterator serves one pass only); pass the calibration batches as a list, "
                              "or router='dominant'")

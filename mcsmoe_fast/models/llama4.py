@@ -60,12 +60,8 @@ class Llama4MoE(nn.Module):
         self.activation = activation  # of transformers' experts (slots carry their own)
         self.hidden_dim = router.weight.shape[1]
         self.num_experts = router.weight.shape[0]
-
-    @property
-    def top_k(self) -> int:
-        """The router's top_k, read on every call (a later change of router.top_k is followed, as transformers'
-        block follows it)."""
-        return self.router.top_k
+        # as on transformers' block: an attribute its forward does not read; the routing follows router.top_k
+        self.top_k = router.top_k
 
     def extra_repr(self) -> str:
         return f"top_k={self.top_k}, activation={self.activation}"
@@ -77,7 +73,7 @@ class Llama4MoE(nn.Module):
             routed_in = hidden.repeat(scores.shape[1], 1) * scores.transpose(0, 1).reshape(-1, 1)
             routed = self.experts(routed_in).reshape(scores.shape[1], -1, self.hidden_dim).sum(dim=0)
         else:
-            index = router_logits.topk(self.top_k, dim=1).indices  # the router's own choice (same call, same ties)
+            index = router_logits.topk(self.router.top_k, dim=1).indices  # the router's own choice (same call, same ties)
             routed = self.routed_experts(hidden, index, scores.gather(1, index))
         out = self.shared_expert(hidden)
         out.add_(routed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import resource
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,11 +108,22 @@ class MemoryPlan:
                 + self.forward_bytes)
 
 
-def warn_below_floor(plan: MemoryPlan, doing: str, stacklevel: int = 4) -> None:
-    """Warn (once the plan is made) when the budget is below what `doing` one layer needs: the run goes on above it."""
+def warn_below_floor(plan: MemoryPlan, doing: str) -> None:
+    """Warn (once the plan is made) when the budget is below what `doing` one layer needs: the run goes on above it.
+    The warning names the caller's line: the first frame outside this package and torch (torch.no_grad wraps the
+    streamed entry points)."""
     if plan.budget is not None and plan.layer_floor > plan.budget:
         warnings.warn(f"max_memory {human(plan.budget)} is below what {doing} one layer needs (about "
-                      f"{human(plan.layer_floor)}); the run continues above the budget", stacklevel=stacklevel)
+                      f"{human(plan.layer_floor)}); the run continues above the budget", stacklevel=_outside_level())
+
+
+def _outside_level() -> int:
+    """warnings.warn's stacklevel, called from a function called here, of the first frame outside mcsmoe_fast / torch."""
+    inside = tuple(str(Path(m.__file__).resolve().parent) for m in (torch, __import__("mcsmoe_fast")))
+    frame, level = sys._getframe(2), 2
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def shard_size_for(max_memory, max_shard_size=None) -> int:

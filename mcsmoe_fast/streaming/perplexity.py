@@ -58,7 +58,7 @@ def streamed_perplexity(path, windows: torch.Tensor, max_memory=None, offload_di
     batch_size = _batch_size(max_memory, batch_size, layer_bytes, activations, model.config, length, dtype)
     plan = plan_memory(max_memory, layer_bytes, 0, activations, writes=False,
                        forward_bytes=forward_bytes(model.config, [(batch_size, length)], dtype))
-    warn_below_floor(plan, "a forward through", stacklevel=3)
+    warn_below_floor(plan, "a forward through")
     batches = prepare_batches([{"input_ids": windows[i: i + batch_size]} for i in range(0, len(windows), batch_size)],
                               model.config.vocab_size, ACCEPTED_KEYS)
     scratch = offload_dir or tempfile.gettempdir()

@@ -79,7 +79,7 @@ def prune_checkpoint(path, out, calibration_batches: Iterable[dict], num_experts
     plan = plan_memory(max_memory, largest_unit_bytes(shapes, units, dtype), 0, activations, max_shard_size,
                        stream_requantization_bytes(s, "standard", True) if quantized else 0,
                        saliency_bytes=saliency_bytes(s), forward_bytes=stream_forward_bytes(s))
-    warn_below_floor(plan, "pruning", stacklevel=3)
+    warn_below_floor(plan, "pruning")
     record = {"method": method, "layers": {}}
 
     def prune_now(view, tensors):
