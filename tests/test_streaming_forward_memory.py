@@ -77,3 +77,19 @@ def test_a_streamed_perplexity_keeps_its_budget(tmp_path):
     assert result.returncode == 0, result.stderr
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     assert measured["growth"] <= 1.25 * 100e6, (measured, result.stderr[-3000:])
+
+
+def test_the_estimate_reads_what_it_can_of_other_configs():
+    """Fields the families name otherwise (Switch's num_heads / d_ff, per-layer lists, a top-k under another name)
+    are read; a field it cannot read falls back instead of stopping the run."""
+    from types import SimpleNamespace
+
+    base = dict(hidden_size=16, num_attention_heads=2, intermediate_size=64, num_experts_per_tok=2)
+    plain = token_forward_bytes(SimpleNamespace(**base), 4, torch.float32)
+    assert token_forward_bytes(SimpleNamespace(hidden_size=16, num_heads=2, d_ff=64, num_experts_per_tok=2), 4,
+                               torch.float32) == plain
+    assert token_forward_bytes(SimpleNamespace(**{**base, "num_attention_heads": [1, 2]}), 4, torch.float32) == plain
+    assert token_forward_bytes(SimpleNamespace(**{**base, "num_experts_per_tok": None, "moe_topk": 2}), 4,
+                               torch.float32) == plain
+    odd = SimpleNamespace(**{**base, "intermediate_size": [[64, 32]], "num_attention_heads": "many"})
+    assert token_forward_bytes(odd, 4, torch.float32) > 0

@@ -224,14 +224,25 @@ def token_forward_bytes(config, length: int, dtype: torch.dtype) -> int:
     width and top_k x the expert width + the shared experts'). Measured on a Mixtral (hidden 256, expert
     width 1024, top-2, 4 heads, windows of 256, float32): 35 KB a token; this gives 45 KB."""
     hidden = config.hidden_size
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "num_heads", None) or 1
-    top_k = getattr(config, "num_experts_per_tok", None) or 1
-    dense = getattr(config, "intermediate_size", None) or getattr(config, "d_ff", None) or 4 * hidden
-    expert = getattr(config, "moe_intermediate_size", None) or dense
-    shared = (getattr(config, "shared_expert_intermediate_size", None)
-              or (getattr(config, "n_shared_experts", None) or 0) * expert)
+    heads = _count(config, ("num_attention_heads", "num_heads"), 1)
+    top_k = _count(config, ("num_experts_per_tok", "moe_topk", "top_k"), 1)
+    dense = _count(config, ("intermediate_size", "d_ff", "intermediate_size_mlp"), 4 * hidden)
+    expert = _count(config, ("moe_intermediate_size",), dense)
+    shared = _count(config, ("shared_expert_intermediate_size",), _count(config, ("n_shared_experts",), 0) * expert)
     width = max(dense, top_k * expert + shared)
     return (8 * hidden + 2 * top_k * hidden + 3 * width) * dtype.itemsize + 4 * 2 * heads * length
+
+
+def _count(config, names: tuple[str, ...], default: int) -> int:
+    """The first of the config's fields `names` that is a whole number > 0 (per-layer lists count their largest),
+    else `default`: an estimate must not stop a run over a field it cannot read."""
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) for v in value):
+            value = max(value)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return default
 
 
 def forward_bytes(config, batch_shapes, dtype: torch.dtype) -> int:
