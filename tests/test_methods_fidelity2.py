@@ -198,3 +198,28 @@ def test_fitted_standard_router_refuses_batches_that_are_all_padding():
     padding = [{"input_ids": torch.full((2, 5), 3), "attention_mask": torch.zeros(2, 5, dtype=torch.long)}]
     with pytest.raises(ValueError, match="router='fitted': no calibration token reached layer"):
         to_standard(merged, router="fitted", batches=padding)
+
+
+def test_cli_compare_refuses_an_encoder_decoder_before_reading_anything_else(tmp_path, capsys):
+    """The CLI refuses a Switch checkpoint before its tokenizer, the evaluation text or the model are read: this
+    directory has no tokenizer and the evaluation text does not exist, and the refusal is still the reason."""
+    from mcsmoe_fast.cli import main
+
+    tiny_switch(num_experts=8, num_layers=2).save_pretrained(tmp_path / "switch")
+    (tmp_path / "calib.txt").write_text("some text\n" * 4)
+    rc = main(["compare", "--model", str(tmp_path / "switch"), "--calib", str(tmp_path / "calib.txt"),
+               "--eval-text", str(tmp_path / "missing.txt"), "--methods", "reap", "--ratios", "0.5",
+               "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "is an encoder-decoder model" in err, err
+
+
+def test_empty_tensors_are_not_recorded_as_ties():
+    """Every empty tensor's storage is at address 0: a compressed layer keeping no sparse rows listed each of its
+    empty tensors as an alias of the first one (config.json claimed ties that do not exist)."""
+    from mcsmoe_fast.checkpoint.format import unique_tensors
+
+    shared = torch.randn(3, 4)
+    state = {"a": torch.empty(0, 4), "b": torch.empty(0, 4), "c": shared, "d": shared}
+    kept, aliases = unique_tensors(state)
+    assert aliases == {"d": "c"} and set(kept) == {"a", "b", "c"}

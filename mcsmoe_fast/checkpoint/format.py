@@ -73,10 +73,13 @@ def layer_entry(num_experts: int, activation: str, experts=None, keep: torch.Ten
 
 
 def unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Each distinct tensor once; aliases {duplicate name: stored name} for tied weights."""
+    """Each distinct tensor once; aliases {duplicate name: stored name} for tied weights (an empty tensor is never
+    taken for another's alias)."""
     kept, aliases, seen, storages = {}, {}, {}, {}
     for name, t in state.items():
         key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() == 0:  # every empty tensor's storage is at address 0: no tie to record
+            key = (name,)
         if key in seen:
             aliases[name] = seen[key]
             continue

@@ -135,9 +135,12 @@ def run(args) -> int:
         kd = TrainConfig(steps=args.kd_steps, batch_size=first_given(args.kd_batch_size, 8),
                          learning_rate=first_given(args.kd_lr, 1e-4),
                          warmup_steps=min(first_given(args.kd_warmup_steps, 16), args.kd_steps // 4), eval_every=0)
-    from ..compare import model_copies
+    from ..compare import model_copies, refuse_encoder_decoder
+    from ..models.hub import load_config
     from ..streaming import fits_in_memory
 
+    # before the tokenizer, the evaluation text and the model are read
+    refuse_encoder_decoder(getattr(load_config(args.model), "is_encoder_decoder", False), args.model)
     if not fits_in_memory(args.model, args.max_memory, dtype_option(args) or torch.float32,
                           copies=model_copies(methods, kd is not None)):
         return run_streamed(args, methods, ratios, compress)
