@@ -231,6 +231,9 @@ def _run_merged(s: Stream, merger: Merger, i: int, name: str, unit: torch.nn.Mod
         if experts is not None:
             plan = merger.writer.plans[view.name]
             hidden = torch.cat(seen) if seen else None
+            if (hidden is None or hidden.shape[0] == 0) and not plan.dropped:  # as to_standard refuses it
+                raise ValueError(f"router='fitted': no calibration token reached layer {view.name} (every token "
+                                 "is padding); give batches with tokens, or router='dominant'")
             merger.writer.write_router(view, router_state(view, view.router_rows()[0], plan, hidden))
     finally:
         if handle is not None:
