@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from .calibrate import collect_routing_stats
 from .checkpoint import to_standard
+from .checkpoint.atomic import write_text_atomic
 from .compress import CompressOptions, compress_experts
 from .footprint import expert_parameters
 from .hooks import eval_mode
@@ -325,8 +326,8 @@ def write_tables(result: dict, out) -> Path:
     """results.json and results.md (the table)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "results.md").write_text(markdown_table(result))
+    write_text_atomic(out / "results.json", json.dumps(result, indent=2) + "\n")
+    write_text_atomic(out / "results.md", markdown_table(result))
     return out
 
 

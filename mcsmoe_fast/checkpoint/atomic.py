@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -44,6 +45,19 @@ def keep_files(previous: Path, tmp: Path) -> None:
         if (file.is_file() and not (tmp / file.name).exists()
                 and any(fnmatch.fnmatch(file.name, pattern) for pattern in KEPT_FILES)):
             shutil.copy2(file, tmp / file.name)
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Write `text` to the file `path` through a temporary file beside it and one rename: a kill or a full disk
+    leaves the previous file whole (a results table rewritten after every row must not lose the earlier rows)."""
+    path = Path(os.path.realpath(path))  # a symlink's target is rewritten, not the link replaced
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def refuse_out_at_source(source, out) -> None:
@@ -117,13 +131,20 @@ def remove_replaced(trash: Path) -> None:
                       stacklevel=3)
 
 
+def _set_aside(target: Path, kind: str) -> list[Path]:
+    """The directories _replace_dir names `.<name>.<kind>-<8 hex digits>` next to `target`; a user's own
+    `.<name>.old-notes` does not match and is never touched."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.{kind}-[0-9a-f]{{8}}")
+    return sorted(p for p in target.parent.glob(f".{target.name}.{kind}-*") if pattern.fullmatch(p.name))
+
+
 def restore_previous(target: Path) -> None:
     """A writer killed between _replace_dir's two renames left no `target` and the previous checkpoint under
     `.<name>.old-*`: put it back. Once `target` is there, such leftovers are removed, as are replaced checkpoints
-    whose removal was interrupted (`.<name>.trash-*`)."""
-    for trash in target.parent.glob(f".{target.name}.trash-*"):
+    whose removal was interrupted (`.<name>.trash-*`). Only the names _replace_dir gives are read (_set_aside)."""
+    for trash in _set_aside(target, "trash"):
         shutil.rmtree(trash, ignore_errors=True)
-    for old in sorted(target.parent.glob(f".{target.name}.old-*")):
+    for old in _set_aside(target, "old"):
         if not target.exists():
             os.rename(old, target)
         else:
@@ -196,9 +217,9 @@ def atomic_directory(target) -> Iterator[Path]:
     try:
         (tmp / OWNER_FILE).write_text(str(os.getpid()))
         yield tmp
-        (tmp / OWNER_FILE).unlink()
         keep_files(target, tmp)
-        _replace_dir(tmp, target)
+        _replace_dir(tmp, target)  # the owner file goes last: a temporary killed before its rename stays removable
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    (target / OWNER_FILE).unlink(missing_ok=True)

@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from safetensors import SafetensorError
+
 from . import bench, compare, compress, demo, evaluate, finetune, merge, permute, prune
 from .common import check_model_options
 from .config_file import apply_config, config_path
@@ -57,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"mcsmoe-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except SafetensorError as exc:  # a failed write (a full disk) in safetensors, which raises no OSError
+        print(f"mcsmoe-fast {args.command}: error: writing a weights file failed (disk full?): {exc}", file=sys.stderr)
         return 2
 
 

@@ -36,8 +36,9 @@ def run(args) -> int:
     for name, value in results.items():
         print(f"{name}: {value:.4f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        from ..checkpoint.atomic import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps(results, indent=1))
     return 0
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..checkpoint.atomic import write_text_atomic
+
 COLUMNS = ("steps", "expert_params", "expert_share", "checkpoint_mb", "perplexity", "vs_full",
            "tokens_per_s_transformers", "tokens_per_s_optimized")
 
@@ -21,7 +23,7 @@ def format_table(rows: dict[str, dict]) -> str:
 
 
 def write_json(path: Path, rows: dict[str, dict], extra: dict) -> None:
-    path.write_text(json.dumps({"rows": rows, **extra}, indent=1))
+    write_text_atomic(path, json.dumps({"rows": rows, **extra}, indent=1))
 
 
 def write_plot(path: Path, rows: dict[str, dict]) -> bool:

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checkpoint import from_pretrained, save_pretrained
+from ..checkpoint.atomic import restore_previous
 from ..modules.compressed import CompressedMoEExperts
 from ..models import moe_layers
 from ..pruner import CompressionPruner
@@ -182,6 +183,7 @@ def check_output_dir(output_dir, config: TrainConfig, resume: bool, names=("outp
     anything but RESUMABLE_CHANGES (the saved optimizer, data order and schedule are that run's). `names`: what
     the caller calls the directory and the resume option (the CLI: --out, --resume)."""
     output_dir = Path(output_dir)
+    _put_back(output_dir)
     if not resume:
         for name in (LATEST, BEST):
             if (output_dir / name / STATE_JSON).exists():
@@ -421,7 +423,15 @@ def _train_steps(run: _Run, progress: bool) -> None:
         run.bar.close()  # before an error is printed
 
 
+def _put_back(output_dir: Path) -> None:
+    """A run killed while a checkpoint replaced best/ or latest/ left the previous one aside (atomic.py's
+    restore_previous): put it back before reading what the directory holds, so a resume starts from it."""
+    for name in (LATEST, BEST):
+        restore_previous(output_dir / name)
+
+
 def resumable_step(output_dir) -> int | None:
     """The step a run in output_dir would resume from (None: nothing to resume)."""
+    _put_back(Path(output_dir))
     path = Path(output_dir) / LATEST
     return read_progress(path)["step"] if (path / "config.json").exists() else None
