@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ..calibration_data import backend_settings_kept
 from ..hooks import eval_mode
 from .base import Task
 from .registry import get_task
@@ -44,12 +45,20 @@ def _special_id(model, tokenizer, name: str) -> int:
     return int(value)
 
 
+def _encode(tokenizer, sources: list[str], max_source_length: int):
+    """The prompts padded on the right and cut to max_source_length; the tokenizer keeps the padding and
+    truncation it had (a fast tokenizer would keep these, and a tokenizer saved after an evaluation cut every
+    input)."""
+    with backend_settings_kept(tokenizer):
+        return tokenizer(sources, padding=True, padding_side="right", truncation=True, max_length=max_source_length,
+                         return_tensors="pt", return_token_type_ids=False)
+
+
 @torch.no_grad()
 def _score_choices(model, tokenizer, sources: list[str], choices: list[tuple[str, ...]], max_source_length: int,
                    max_target_length: int) -> list[str]:
     device = _device(model)
-    enc = tokenizer(sources, padding=True, padding_side="right", truncation=True, max_length=max_source_length,
-                    return_tensors="pt", return_token_type_ids=False).to(device)
+    enc = _encode(tokenizer, sources, max_source_length).to(device)
     encoder_out = model.get_encoder()(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                                       return_dict=True)
     rows = torch.tensor([i for i, options in enumerate(choices) for _ in options], device=device)
@@ -91,8 +100,7 @@ def _check_choices_differ(tokenizer, task: Task, examples: Sequence[Mapping], ma
 
 @torch.no_grad()
 def _generate(model, tokenizer, sources: list[str], max_source_length: int, max_new_tokens: int) -> list[str]:
-    enc = tokenizer(sources, padding=True, padding_side="right", truncation=True, max_length=max_source_length,
-                    return_tensors="pt", return_token_type_ids=False).to(_device(model))
+    enc = _encode(tokenizer, sources, max_source_length).to(_device(model))
     out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], do_sample=False,
                          num_beams=1, max_new_tokens=max_new_tokens)
     return [text.strip() for text in tokenizer.batch_decode(out, skip_special_tokens=True)]

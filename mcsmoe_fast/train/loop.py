@@ -203,6 +203,13 @@ def check_output_dir(output_dir, config: TrainConfig, resume: bool, names=("outp
                          f"run in another {names[0]}")
 
 
+def data_seed(seed: int) -> int:
+    """The data order's seed for config.seed: accelerate's sampler shuffles epoch e with data_seed + e, so with the
+    seed itself seed s's second epoch was seed s+1's first. A multiplicative (Fibonacci) hash sets different seeds'
+    epochs ~2^61 apart."""
+    return (seed * 0x9E3779B97F4A7C15) % 2**62
+
+
 def _setup(model: nn.Module, train_data, config: TrainConfig, collate_fn, teacher: nn.Module | None,
            output_dir: Path | None, eval_fn, callback, tokenizer) -> _Run:
     """The accelerator (seeded), frozen routers and teacher, the pruner, the data loader, the optimizer and
@@ -213,7 +220,8 @@ def _setup(model: nn.Module, train_data, config: TrainConfig, collate_fn, teache
     causal = not getattr(model.config, "is_encoder_decoder", False)
     _release_accelerator_state(config.mixed_precision)
     accelerator = Accelerator(mixed_precision=config.mixed_precision,
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
+                                                                        data_seed=data_seed(config.seed)))
     set_seed(config.seed)
     if not config.train_routers:
         freeze_routers(model)
@@ -258,6 +266,8 @@ def _resume(run: _Run) -> None:
     record = restore_state(latest, run.optimizer, run.scheduler, run.pruner, run.model if run.pruner else None)
     run.step, run.best_metric, run.best_step, run.history = (record["step"], record["best_metric"],
                                                              record["best_step"], record["history"])
+    # the saved run's data order: runs saved before data_seed existed shuffled with the seed itself
+    run.accelerator.dataloader_config.data_seed = record.get("data_seed", run.config.seed)
     if run.step > run.config.steps:
         raise ValueError(f"resume: the saved run is at step {run.step}, past steps={run.config.steps}")
     # the next step's learning rate from this run's schedule (the saved one's to the bit when steps is unchanged;
@@ -315,7 +325,8 @@ def _evaluate(run: _Run, loss: float) -> None:
             _checkpoint(run, BEST, {"step": run.step, "metric": config.metric, "value": value}, with_state=False)
     if run.output_dir is not None:
         _checkpoint(run, LATEST, {"step": run.step, "best_metric": run.best_metric, "best_step": run.best_step,
-                                  "history": run.history, "config": config.to_dict()}, with_state=True)
+                                  "history": run.history, "config": config.to_dict(),
+                                  "data_seed": run.accelerator.dataloader_config.data_seed}, with_state=True)
     run.bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "step" and isinstance(v, float)})
     if run.callback is not None:
         run.callback(run.accelerator.unwrap_model(run.model), record)
