@@ -55,13 +55,13 @@ def add(sub):
                         "multiple of n_group; with --globally each layer's count is a multiple too)")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="memory budget, e.g. 8GB: a checkpoint that would not fit is merged layer by layer from "
-                        "its shards without loading the whole model (Switch, Qwen3-Next and Qwen3.5-MoE need "
+                        "its shards without loading the whole model (Switch, Qwen3-Next, Qwen3.5-MoE and Llama-4 need "
                         "--device-map); with --device-map also per device, e.g. cpu=8GB,0=70GB,1=70GB")
     p.add_argument("--device-map", default=None, metavar="MAP",
                    help="stream the merge and run the calibration forward with accelerate's device map: auto, "
                         "balanced, balanced_low_0, sequential, cpu, cuda:N or a JSON object {module: device}; GPUs "
                         "first, then the CPU up to --max-memory, the rest offloaded to --offload-dir (for several "
-                        "GPUs, and Switch, Qwen3-Next and Qwen3.5-MoE)")
+                        "GPUs, and Switch, Qwen3-Next, Qwen3.5-MoE and Llama-4)")
     p.add_argument("--offload-dir", default=None,
                    help="with --max-memory or --device-map: where carried calibration activations (or, with "
                         "--device-map, the offloaded layers) go when they exceed the budget")

@@ -30,6 +30,7 @@ from .memory import (largest_unit_bytes, plan_memory, saliency_bytes, stream_for
 from .passes import Progress, Stream, layer_pass
 from .quantized import ErrorProbe, dequantized_config, record_error
 from .skeleton import layer_units, moe_views, open_source
+from .source import IN_MEMORY_HINT
 from .standard import StandardOutput
 
 
@@ -62,7 +63,7 @@ def prune_checkpoint(path, out, calibration_batches: Iterable[dict], num_experts
     if method not in PRUNE_METHODS:
         raise ValueError(f"method must be one of {', '.join(PRUNE_METHODS)}, got {method!r}")
     check_offload_dir(offload_dir)
-    source, out, dtype, model, shapes, _ = open_source(path, out, dtype)
+    source, out, dtype, model, shapes, _ = open_source(path, out, dtype, hint=IN_MEMORY_HINT)
     batches = prepare_batches(calibration_batches, source.config.vocab_size, ACCEPTED_KEYS)
     units = layer_units(model)
     views = moe_views(model, units)

@@ -17,7 +17,7 @@ from ..models import moe_layers
 from ..quant import detect
 from ..quant.files import QuantizedFiles
 from .skeleton import build_skeleton, materialise, read_float32_as_skeleton, tensor_shapes
-from .source import SUPPORTED_TYPES, SourceCheckpoint
+from .source import IN_MEMORY_HINT, SUPPORTED_TYPES, SourceCheckpoint
 
 
 def open_reader(path, dtype: torch.dtype | None = None):
@@ -32,7 +32,7 @@ class PlainReader:
     """A plain transformers checkpoint (source.py reads it, quantized ones dequantized)."""
 
     def __init__(self, path, dtype):
-        self.source = SourceCheckpoint(path)
+        self.source = SourceCheckpoint(path, hint=IN_MEMORY_HINT)
         self.dtype = dtype or (torch.bfloat16 if self.source.quant is not None else torch.float32)
         self.model = build_skeleton(self.source.config, self.dtype)
         self.shapes, self.aliases = tensor_shapes(self.model)

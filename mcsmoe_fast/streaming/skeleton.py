@@ -28,17 +28,17 @@ def read_float32_as_skeleton(source, model: nn.Module) -> None:
     source.float32_names = {n for n, t in model.state_dict().items() if t.dtype == torch.float32}
 
 
-def open_source(path, out, dtype: torch.dtype | None, dispatched: bool = False):
+def open_source(path, out, dtype: torch.dtype | None, dispatched: bool = False, hint: str | None = None):
     """(SourceCheckpoint, absolute out path, dtype, skeleton, {name: shape}, aliases) for a streamed run
     reading checkpoint `path` into `out` (never the input directory or inside it); every tensor the
-    skeleton needs is checked to be in the checkpoint with its shape. dispatched: see SourceCheckpoint."""
+    skeleton needs is checked to be in the checkpoint with its shape. dispatched, hint: see SourceCheckpoint."""
     from pathlib import Path
 
     from ..checkpoint.atomic import refuse_out_at_source
     from ..checkpoint.load import read_generation_config
     from .source import SourceCheckpoint
 
-    source = SourceCheckpoint(path, dispatched)
+    source = SourceCheckpoint(path, dispatched) if hint is None else SourceCheckpoint(path, dispatched, hint)
     out = Path(out).expanduser().absolute()
     refuse_out_at_source(source.path, out)
     dtype = dtype or (torch.bfloat16 if source.quant is not None else torch.float32)  # quantized: bf16 work

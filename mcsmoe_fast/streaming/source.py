@@ -40,6 +40,9 @@ HF_INDEX = "model.safetensors.index.json"
 # (linear attention, Switch's encoder-decoder): each family's `streaming` (its Family, in its adapter module)
 SUPPORTED_TYPES = tuple(t for f in families() if f.streaming == "layers" for t in f.model_types)
 DISPATCH_TYPES = tuple(t for f in families() if f.streaming == "dispatch" for t in f.model_types)
+DEVICE_MAP_HINT = "pass device_map (merge's --device-map auto) to run their own forward with accelerate"
+IN_MEMORY_HINT = ("this step has no device map: run it in memory (without max_memory / --max-memory); only the merge "
+                  "streams them, with a device map")
 # names of the per-expert tensors of a fused tensor: (gate, up) and (down,), per naming convention
 PER_EXPERT_NAMES = ((("w1", "w3"), ("w2",)), (("gate_proj", "up_proj"), ("down_proj",)))
 
@@ -63,9 +66,10 @@ class SourceCheckpoint:
 
     float32_names: frozenset[str] | set[str] = frozenset()  # read in float32 whatever the dtype asked for (skeleton.py)
 
-    def __init__(self, path, dispatched: bool = False):
+    def __init__(self, path, dispatched: bool = False, hint: str = DEVICE_MAP_HINT):
         """dispatched: the caller runs the model's own forward (accelerate device map) or none at all,
-        so DISPATCH_TYPES are accepted too."""
+        so DISPATCH_TYPES are accepted too; `hint`: what to do instead when they are refused (a step without a
+        device map: IN_MEMORY_HINT)."""
         from transformers import AutoConfig
 
         self.path = Path(path).expanduser().absolute()
@@ -76,8 +80,8 @@ class SourceCheckpoint:
         model_type = raw.get("model_type") if isinstance(raw, dict) else None
         if model_type in DISPATCH_TYPES and not dispatched:
             raise ValueError(f"{self.path}: the layer-by-layer forward does not run {model_type!r} layers "
-                             "(Qwen3-Next's and Qwen3.5-MoE's linear attention, Switch's encoder-decoder); "
-                             "pass device_map (--device-map auto) to run their own forward with accelerate")
+                             "(Qwen3-Next's and Qwen3.5-MoE's linear attention, Llama-4's own decoder layers, "
+                             f"Switch's encoder-decoder); {hint}")
         if model_type not in SUPPORTED_TYPES + DISPATCH_TYPES:
             raise ValueError(f"{self.path}: streaming supports checkpoints of model_type "
                              f"{', '.join(SUPPORTED_TYPES + DISPATCH_TYPES)}, got {model_type!r}; "
