@@ -39,7 +39,8 @@ def add(sub):
                    help="with --rank: last steps held at --keep-ratio (default: 4 x --warmup-steps)")
     p.add_argument("--train-routers", action="store_true",
                    help="train the routers too (default: frozen, as the paper does for fine-tuning and KD)")
-    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="accelerate's")
+    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",
+                   help="accelerate's (fp16 needs a GPU: accelerate has no fp16 autocast or loss scaler on a CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint, with its settings (--steps and "

@@ -15,7 +15,8 @@ reached its final keep ratio, saved finalized). `resume=True` continues from `la
 settings (only `steps` and `eval_every` may change): same data order, optimizer and schedule, so the resumed run
 ends where an uninterrupted one would. Without `resume`, an output_dir that holds a run is refused, as is one that
 overlaps the directory the model or the teacher was loaded from. A non-finite loss stops the run before its update
-(fp16 mixed precision aside, where the loss scaler skips such steps).
+(fp16 mixed precision aside, where the loss scaler skips such steps; fp16 is refused where accelerate has no
+scaler, on a CPU).
 """
 from __future__ import annotations
 
@@ -222,6 +223,10 @@ def _setup(model: nn.Module, train_data, config: TrainConfig, collate_fn, teache
     accelerator = Accelerator(mixed_precision=config.mixed_precision,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
                                                                         data_seed=data_seed(config.seed)))
+    if config.mixed_precision == "fp16" and accelerator.scaler is None:
+        raise ValueError(f"mixed_precision='fp16': accelerate runs no fp16 autocast and no loss scaler on "
+                         f"{accelerator.device} (the run would train in the model's dtype, and a non-finite loss "
+                         "would update the weights); use 'bf16' or 'no'")
     set_seed(config.seed)
     if not config.train_routers:
         freeze_routers(model)
@@ -345,7 +350,7 @@ def _optimizer_step(run: _Run, batch: dict, params: list[torch.Tensor]) -> torch
                               config.task_lambda, config.hd_lambda)
     else:
         loss = out.loss if getattr(out, "loss", None) is not None else task_loss(out.logits, labels, run.causal)
-    if config.mixed_precision != "fp16" and not torch.isfinite(loss):  # fp16: the scaler skips such a step itself
+    if run.accelerator.scaler is None and not torch.isfinite(loss):  # fp16: the loss scaler skips such a step itself
         raise FloatingPointError(_non_finite(run.step + 1, loss, parts))
     run.accelerator.backward(loss)
     if config.max_grad_norm is not None:
