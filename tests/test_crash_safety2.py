@@ -192,3 +192,23 @@ def test_a_full_disk_is_the_clis_one_line_error_and_writes_nothing(tmp_path):
     assert "Traceback" not in child.stderr and "mcsmoe-fast merge: error:" in child.stderr
     assert not list(work.iterdir())
     assert {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()} == before
+
+
+@pytest.mark.parametrize("name", ["best", "latest"])
+def test_a_users_own_best_or_latest_folder_is_refused_before_any_step(tmp_path, name):
+    """They were refused only when the first checkpoint replaced them, after the training up to it."""
+    (tmp_path / "run" / name).mkdir(parents=True)
+    (tmp_path / "run" / name / "notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="not a checkpoint"):
+        check_output_dir(tmp_path / "run", None, resume=False)
+    import mcsmoe_fast.train.loop as loop
+
+    steps = []
+    real = loop._optimizer_step
+    loop._optimizer_step = lambda run, *a: steps.append(run.step) or real(run, *a)
+    try:
+        with pytest.raises(FileExistsError, match="not a checkpoint"):
+            run_tiny_job(tmp_path / "run", steps=6)
+    finally:
+        loop._optimizer_step = real
+    assert steps == [] and (tmp_path / "run" / name / "notes.txt").read_text() == "precious"

@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checkpoint import from_pretrained, save_pretrained
-from ..checkpoint.atomic import restore_previous
+from ..checkpoint.atomic import check_replaceable, restore_previous
 from ..modules.compressed import CompressedMoEExperts
 from ..models import moe_layers
 from ..pruner import CompressionPruner
@@ -185,6 +185,8 @@ def check_output_dir(output_dir, config: TrainConfig, resume: bool, names=("outp
     the caller calls the directory and the resume option (the CLI: --out, --resume)."""
     output_dir = Path(output_dir)
     _put_back(output_dir)
+    for name in (LATEST, BEST):  # a folder of the user's there: refused now, not at the first checkpoint
+        check_replaceable(output_dir / name)
     if not resume:
         for name in (LATEST, BEST):
             if (output_dir / name / STATE_JSON).exists():
