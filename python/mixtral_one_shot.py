@@ -39,6 +39,10 @@ import sys
 from pathlib import Path
 
 
+LEAST = {"num_samples": 1, "max_length": 1, "calib_batch_size": 1, "length": 2, "eval_windows": 1,
+         "eval_batch_size": 1, "lm_eval_fewshot": 0, "lm_eval_limit": 1, "lm_eval_batch_size": 1}  # per count option
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,6 +95,15 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def check_counts(args) -> None:
+    """Refuse a count option below its least value (LEAST) before anything is loaded: a negative --eval-windows
+    would slice windows off the end, and zero would fail only once the model is loaded."""
+    for name, least in LEAST.items():
+        value = getattr(args, name)
+        if value is not None and value < least:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -101,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
+    check_counts(args)
     import torch
 
     from mcsmoe_fast import (collect_routing_stats, compress_experts, load_tokenizer, merge_experts, moe_layers,

@@ -23,7 +23,8 @@ Every stage is evaluated on the task's validation split (training stages: their 
 that split, as the original selected) and OUT/summary.json puts each stage's metrics, expert
 parameters and checkpoint size next to the fine-tuned model's. Checkpoints: OUT/finetune/{best,latest},
 OUT/merged, OUT/msmoe/{best,latest}, OUT/mcsmoe/{best,latest} (latest/ holds the optimizer state for
---resume; delete it once a run is done).
+--resume; delete it once a run is done). Without --resume, an OUT whose stage directories hold a run is
+refused before anything is written (summary.json and merged/ stay that run's).
 
 Figures to compare with (fine-tuned switch-base-32, validation, percent, as the paper reports them):
 SST-2 95.75, MRPC 90.20, MultiRC F1 76.19, COPA 68.0, WinoGrande 61.8, WikiQA 96.45,
@@ -194,6 +195,7 @@ def run(args) -> int:
                              merge_experts, open_model, save_pretrained)
     from mcsmoe_fast.tasks import calibration_batches, encode_pairs, evaluate_task, get_task, load_task_data
     from mcsmoe_fast.train import TrainConfig, train
+    from mcsmoe_fast.train.loop import check_output_dir
 
     state = PartialState()
     say = print if state.is_main_process else (lambda *a, **k: None)
@@ -214,13 +216,20 @@ def run(args) -> int:
         return evaluate_task(model, tokenizer, task, eval_examples, batch_size=args.eval_batch_size,
                              progress=progress)
 
-    def fit(model, stage: str, teacher=None, **settings):
-        config = TrainConfig(steps=steps[stage], batch_size=batch_size, learning_rate=lr,
-                             warmup_steps=WARMUP[stage], eval_every=args.eval_every, metric=task.primary_metric,
-                             greater_is_better=True, mixed_precision=args.mixed_precision, seed=args.seed,
-                             **settings)
+    initial, final = prune_warmups(steps["compress"])
+    settings = {"finetune": {}, "merge": {}, "compress": {"keep_ratio": args.keep_ratio,
+                                                          "prune_initial_warmup": initial, "prune_final_warmup": final}}
+    configs = {stage: TrainConfig(steps=steps[stage], batch_size=batch_size, learning_rate=lr,
+                                  warmup_steps=WARMUP[stage], eval_every=args.eval_every, metric=task.primary_metric,
+                                  greater_is_better=True, mixed_precision=args.mixed_precision, seed=args.seed,
+                                  **settings[stage])
+               for stage in (RUN_DIRS if steps["finetune"] > 0 else ("merge", "compress"))}
+    for stage, config in configs.items():  # before anything is written (summary.json, merged/ come before msmoe/)
+        check_output_dir(out / RUN_DIRS[stage], config, args.resume, names=("--out", "--resume"))
+
+    def fit(model, stage: str, teacher=None):
         run_dir = out / RUN_DIRS[stage]
-        train(model, train_examples, config, teacher=teacher, output_dir=run_dir, resume=args.resume,
+        train(model, train_examples, configs[stage], teacher=teacher, output_dir=run_dir, resume=args.resume,
               collate_fn=lambda rows: encode_pairs(tokenizer, [task.to_text(r) for r in rows]),
               eval_fn=evaluate, progress=not args.quiet, tokenizer=tokenizer)
         return stage_checkpoint(run_dir)
@@ -281,9 +290,7 @@ def run(args) -> int:
     say(f"== compressing: rank {args.rank}, keeping {args.keep_ratio:.0%} of the sparse rows")
     compress_experts(student, rank=args.rank, keep_ratio=args.keep_ratio, layers=layers, importance="gradient",
                      progress=not args.quiet)
-    initial, final = prune_warmups(steps["compress"])
-    mcsmoe = fit(student, "compress", teacher=teacher, keep_ratio=args.keep_ratio, prune_initial_warmup=initial,
-                 prune_final_warmup=final)
+    mcsmoe = fit(student, "compress", teacher=teacher)
     del student
     student = from_pretrained(mcsmoe).to(state.device)
     record("mcsmoe", student, mcsmoe, steps["compress"])

@@ -9,12 +9,16 @@ def add(sub):
         sub, "demo", "train a small MoE language model here, merge and compress it, and show the quality",
         "mcsmoe-fast demo --quick --out /tmp/mcsmoe-demo",
         description="Train a byte-level Mixtral-style MoE (8 experts, top-2) on the Python standard library's "
-                    "source, then M-SMoE 8 -> 4, KD recovery, MC-SMoE compression, KD recovery; print a table "
-                    "(expert parameters, checkpoint MB, held-out perplexity, tokens/s); then compare M-SMoE (exact and "
-                    "standard form), HC-SMoE, REAM, REAP and frequency pruning at 25% and 50% fewer experts, one-shot "
-                    "and after the same KD budget; write checkpoints, results.json, plot.png and methods/ into --out. "
-                    "No network; about 12 minutes on two idle CPU cores.")
-    p.add_argument("--out", default=None, help="output directory (default ./mcsmoe-demo)")
+                    "source, then M-SMoE 8 -> 4 on average (adaptive per-layer counts, as in the paper; the method "
+                    "comparison keeps the same count in every layer), KD recovery, MC-SMoE compression, KD "
+                    "recovery; print a table (expert parameters, checkpoint MB, held-out perplexity, tokens/s); then "
+                    "compare M-SMoE (exact and standard form), HC-SMoE, REAM, REAP and frequency pruning at 25% and "
+                    "50% fewer experts, one-shot and after the same KD budget; write checkpoints, results.json, "
+                    "plot.png and methods/ into --out. No network; about 20-40 minutes on two CPU cores (README: "
+                    "Quick start).")
+    p.add_argument("--out", default=None,
+                   help="output directory (default ./mcsmoe-demo): new, empty, or one the demo wrote before (it "
+                        "writes a .mcsmoe-demo file there first); any other non-empty directory is refused")
     p.add_argument("--quick", action="store_true", help="a smaller model and fewer steps: about 7 minutes on two CPU cores")
     p.add_argument("--tour", action="store_true",
                    help="instead: the pipeline's mechanics on random Switch and Mixtral models, in seconds (no "

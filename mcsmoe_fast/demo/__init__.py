@@ -8,26 +8,36 @@ from pathlib import Path
 
 from .recipe import QUICK, DemoPlan, run_recipe
 
-OUTPUTS = ("results.json", "plot.png", "checkpoints", "methods")
+MARK = ".mcsmoe-demo"  # written first into every --out the demo writes: its outputs, not a user's look-alikes
+OUTPUTS = ("results.json", "plot.png", "checkpoints", "methods", MARK)
 
 
 def prepare_out_dir(out: Path) -> Path:
-    """The demo writes only its own files; it refuses a directory that holds anything else."""
+    """The demo writes into a new or empty directory, or into one it wrote before (the one holding its MARK file),
+    and there only its own files: it refuses any other non-empty directory, whatever its files are named (a
+    user's results.json or checkpoints/ would be replaced), and one of its own where other files were added.
+    Outputs of a demo run before MARK existed are refused too: delete them or choose another directory."""
     out = Path(out)
     if out.exists():
         if not out.is_dir():
             raise FileExistsError(f"--out {out} exists and is not a directory")
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS)
+        entries = sorted(p.name for p in out.iterdir())
+        if entries and not (out / MARK).is_file():
+            raise FileExistsError(f"--out {out} is not empty and was not written by the demo (no {MARK} file; it "
+                                  f"holds {', '.join(entries[:5])}): choose an empty or new directory")
+        foreign = [name for name in entries if name not in OUTPUTS]
         if foreign:
             raise FileExistsError(f"--out {out} holds files the demo did not write ({', '.join(foreign[:5])}); "
                                   "choose an empty or new directory")
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARK).write_text("written by mcsmoe-fast demo: it may write into this directory again\n")
     return out
 
 
 def run_demo(out_dir="mcsmoe-demo", quick: bool = False, plan: DemoPlan | None = None, progress: bool = True,
              print_fn=print) -> dict:
-    """Run the recipe and write checkpoints, results.json and plot.png into out_dir; returns the rows."""
+    """Run the recipe and write checkpoints, results.json and plot.png into out_dir (new, empty, or written by the
+    demo before: prepare_out_dir); returns the rows."""
     from ..checkpoint import save_pretrained
     from ..compare import markdown_table, write_results
     from ..train.text import perplexity

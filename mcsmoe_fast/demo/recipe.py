@@ -1,7 +1,7 @@
 """The demo's recipe on a model it trains itself: a byte-level Mixtral-style MoE language model learns
-the Python standard library's source; then align + merge 8 -> 4 experts per layer (M-SMoE), recover
-with knowledge distillation, compress the merged experts (MC-SMoE), recover again, and measure every
-model on held-out source files.
+the Python standard library's source; then align + merge 8 -> 4 experts per layer on average (M-SMoE,
+adaptive per-layer counts from one budget, as in the paper), recover with knowledge distillation,
+compress the merged experts (MC-SMoE), recover again, and measure every model on held-out source files.
 
 Fair by construction: the full model trains for `steps`; the model that is merged is its checkpoint at
 `steps - recover_steps`, so every recovered row ends at exactly `steps` optimizer steps (the JSON
@@ -45,14 +45,14 @@ class DemoPlan:
     length: int = 128  # bytes per training window
     batch_size: int = 16
     steps: int = 1000  # the full model's optimizer steps: every row ends at or before this
-    recover_steps: int = 300  # KD steps after merging (the merged checkpoint is at steps - recover_steps)
+    recover_steps: int = 300  # KD steps after merging, >= 2 (the merged checkpoint is at steps - recover_steps)
     learning_rate: float = 3e-3
     kd_learning_rate: float = 1e-3
     warmup_steps: int = 50
     groups: int = 4  # merged experts per layer (on average: adaptive per-layer counts)
     rank: int = 16
     keep_ratio: float = 0.1
-    calibration_windows: int = 64
+    calibration_windows: int = 64  # training windows for the routing statistics, in batches of 16
     eval_windows: int = 256  # spread over all held-out files (corpus.split_corpus)
     seed: int = 0
     compare_ratios: tuple[float, ...] = (0.25, 0.5)  # shares of experts removed in the method comparison
@@ -60,8 +60,9 @@ class DemoPlan:
     compare_methods: tuple[str, ...] = ()  # the compared methods (empty: DEMO_METHODS)
 
     def __post_init__(self):
-        if not 0 < self.recover_steps < self.steps:
-            raise ValueError(f"recover_steps must be in (0, steps), got {self.recover_steps} of {self.steps}")
+        if not 2 <= self.recover_steps < self.steps:
+            raise ValueError(f"recover_steps must be in [2, steps): MC-SMoE compresses after the first half of the "
+                             f"KD steps and recovers in the second; got {self.recover_steps} of {self.steps}")
         if not 1 <= self.groups < self.experts:
             raise ValueError(f"groups must be in [1, experts), got {self.groups}")
         if not 0 < self.method_kd_steps <= self.recover_steps:
@@ -127,7 +128,8 @@ def run_recipe(plan: DemoPlan, progress: bool = True, print_fn=print) -> dict:
           progress=progress)
     teacher = snap["model"]
 
-    calibration = [{"input_ids": data.rows[i: i + 16]} for i in range(0, plan.calibration_windows, 16)]
+    calibration = [{"input_ids": data.rows[i: min(i + 16, plan.calibration_windows)]}
+                   for i in range(0, plan.calibration_windows, 16)]
     stats = collect_routing_stats(teacher, calibration, progress=False)
     baseline = copy.deepcopy(teacher)
     merge_experts(baseline, stats, plan.groups, similarity="random", strategy="average", permute=False,
