@@ -44,6 +44,8 @@ def optimize(model: nn.Module, dropless: bool | None = None) -> nn.Module:
         raise ValueError(f"optimize() takes the transformers model (a PreTrainedModel: the ...ForCausalLM, or its "
                          f"base model model.model), got {type(model).__name__}, which has no model config: pass the "
                          "model that holds it (its family and experts implementation are the model's)")
+    if dropless is not None and not isinstance(dropless, bool):  # a string such as "no" would read as True
+        raise ValueError(f"optimize: dropless must be True, False or None, got {dropless!r}")
     layers = moe_layers(model, allow_empty=True)
     if not layers:
         warnings.warn(f"optimize: this {model.config.model_type} model has no MoE layer; returned unchanged",

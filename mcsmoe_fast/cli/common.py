@@ -44,14 +44,33 @@ def check_model_options(args) -> None:
             check_model_source(str(spec))
 
 
-def add_calibration_options(p) -> None:
-    """How calibration text becomes batches (merge, compress)."""
-    p.add_argument("--num-samples", type=int, default=256, help="calibration samples (default 256)")
-    p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
-    p.add_argument("--max-length", type=int, default=256, help="tokens per calibration sample (default 256)")
+CALIBRATION_DEFAULTS = {"num_samples": 256, "batch_size": 8, "max_length": 256, "text_field": "text", "split": "train"}
+
+
+def add_calibration_options(p, optional: bool = False) -> None:
+    """How calibration text becomes batches (merge, prune, compare, compress). optional: the subcommand reads them
+    only with --calib (compress): their defaults are None until calibration_defaults fills them in."""
+    d = {k: None if optional else v for k, v in CALIBRATION_DEFAULTS.items()}
+    p.add_argument("--num-samples", type=int, default=d["num_samples"], help="calibration samples (default 256)")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="calibration batch size (default 8)")
+    p.add_argument("--max-length", type=int, default=d["max_length"], help="tokens per calibration sample (default 256)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
-    p.add_argument("--text-field", default="text", help="text field of .jsonl records and datasets (default text)")
-    p.add_argument("--split", default="train", help="dataset split for a dataset name (default train)")
+    p.add_argument("--text-field", default=d["text_field"],
+                   help="text field of .jsonl records and datasets (default text)")
+    p.add_argument("--split", default=d["split"], help="dataset split for a dataset name (default train)")
+
+
+def calibration_defaults(args, reading: bool) -> None:
+    """For add_calibration_options(optional=True): refuse the options given when the calibration text is not read
+    (`reading` False: they would be ignored), else fill in the defaults of those not given."""
+    given = [k for k in CALIBRATION_DEFAULTS if getattr(args, k) is not None]
+    if given and not reading:
+        names = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ValueError(f"{names} shape(s) the calibration text of --calib, which is read for --importance activation "
+                         "only: drop them")
+    for key, value in CALIBRATION_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 def layers_option(values):

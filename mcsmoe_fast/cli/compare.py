@@ -42,7 +42,7 @@ def add(sub):
                    help="with --lm-eval: a directory of your own task YAML files (lm-eval's include_path)")
     p.add_argument("--num-fewshot", type=int, default=None, help="with --lm-eval: few-shot examples per task")
     p.add_argument("--lm-eval-limit", type=int, default=None, help="with --lm-eval: examples per task")
-    p.add_argument("--lm-eval-batch-size", type=int, default=8, help="with --lm-eval: batch size (default 8)")
+    p.add_argument("--lm-eval-batch-size", type=int, default=None, help="with --lm-eval: batch size (default 8)")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="memory budget, e.g. 64GB: a model whose comparison would not fit (the model and up to three "
                         "reduced copies at once, more with KD) is compared layer by layer (each method "
@@ -78,16 +78,19 @@ def harness_option(args, tokenizer):
     from ..tasks.harness import check_tasks, harness_evaluate
 
     lm_flags = [f for f, v in (("--lm-eval-include", args.lm_eval_include), ("--num-fewshot", args.num_fewshot),
-                               ("--lm-eval-limit", args.lm_eval_limit)) if v is not None]
+                               ("--lm-eval-limit", args.lm_eval_limit),
+                               ("--lm-eval-batch-size", args.lm_eval_batch_size)) if v is not None]
     if args.lm_eval is None:
         if lm_flags:
             raise ValueError(f"{', '.join(lm_flags)} need --lm-eval TASKS")
         return None
-    if args.lm_eval_limit is not None and args.lm_eval_limit < 1:
-        raise ValueError(f"--lm-eval-limit must be >= 1, got {args.lm_eval_limit}")
+    for flag, value in (("--lm-eval-limit", args.lm_eval_limit), ("--lm-eval-batch-size", args.lm_eval_batch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     tasks = check_tasks(args.lm_eval, args.lm_eval_include)
     return partial(harness_evaluate, tokenizer=tokenizer, tasks=tasks, num_fewshot=args.num_fewshot,
-                   limit=args.lm_eval_limit, batch_size=args.lm_eval_batch_size, include_path=args.lm_eval_include)
+                   limit=args.lm_eval_limit, batch_size=first_given(args.lm_eval_batch_size, 8),
+                   include_path=args.lm_eval_include)
 
 
 def refuse_results_in_model(args) -> None:

@@ -5,8 +5,8 @@ import os
 import time
 from pathlib import Path
 
-from .common import (DTYPE_CHOICES, add_calibration_options, dir_bytes, dtype_option, layers_option, parameter_bytes,
-                     refuse_overwriting_input, subcommand)
+from .common import (DTYPE_CHOICES, add_calibration_options, calibration_defaults, dir_bytes, dtype_option,
+                     layers_option, parameter_bytes, refuse_overwriting_input, subcommand)
 
 
 def add(sub):
@@ -28,7 +28,7 @@ def add(sub):
     p.add_argument("--layers", nargs="+", default=None,
                    help="MoE layers to compress: names or positions in module order (default: all)")
     p.add_argument("--calib", default=None, help="calibration text for --importance activation (as for merge)")
-    add_calibration_options(p)
+    add_calibration_options(p, optional=True)
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                    help="dtype the model is loaded, compressed and saved in (default: as the checkpoint loads; auto: the "
                         "checkpoint's own); a block-FP8 or MXFP4 input keeps its non-expert tensors quantized (bfloat16 "
@@ -59,6 +59,7 @@ def run(args) -> int:
     if args.importance != "activation" and args.calib is not None:
         raise ValueError(f"--calib is read for --importance activation only (--importance {args.importance} scores "
                          "rows by the weights alone): add --importance activation or drop --calib")
+    calibration_defaults(args, reading=args.calib is not None)
     tokenizer = None
     try:
         tokenizer = load_tokenizer(args.tokenizer or args.model)

@@ -75,6 +75,7 @@ def run_streaming(args, tokenizer, batches, dtype, keep_quantization: bool = Fal
     from ..streaming import merge_checkpoint
     from ..streaming.quantized import describe_error
 
+    check_groups_below_experts(args.num_groups, expert_count(args.model))
     layers = layers_option(args.layers)
     result = merge_checkpoint(args.model, args.out, batches, args.num_groups, similarity=args.similarity,
                               globally=args.globally, max_memory=per_device_sizes(args.max_memory),
@@ -91,6 +92,23 @@ def run_streaming(args, tokenizer, batches, dtype, keep_quantization: bool = Fal
     kind = "standard " if args.format == "standard" else ""
     print(f"saved {kind}checkpoint to {result.path} ({dir_bytes(result.path) / 2**20:.2f} MiB on disk)")
     return 0
+
+
+def expert_count(model) -> int:
+    """The expert count of the checkpoint `model` (a directory or hub id) from its config alone."""
+    from ..models.config_fields import expert_count_fields
+    from ..models.hub import load_config
+
+    config = load_config(model)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, expert_count_fields(config)[0])
+
+
+def check_groups_below_experts(num_groups: int, experts: int) -> None:
+    """The merge must merge something, in memory or streamed alike."""
+    if num_groups >= experts:
+        raise ValueError(f"nothing would be merged: --num-groups {num_groups} is not below the number of "
+                         f"experts (or merged slots) per layer ({experts})")
 
 
 def check_format_options(args) -> None:
@@ -169,10 +187,8 @@ def run(args) -> int:
             < len(moe_layers(model)):
         raise ValueError("--layers leaves some MoE layers with all their experts, but a --format standard checkpoint "
                          "has one expert count for every layer: drop --layers")
-    slots = max(int(layer.expert_map().max()) + 1 for layer in moe_layers(model))  # a merged input: its slots
-    if args.num_groups >= slots:
-        raise ValueError(f"nothing would be merged: --num-groups {args.num_groups} is not below the number of "
-                         f"experts (or merged slots) per layer ({slots})")
+    check_groups_below_experts(args.num_groups,  # a merged input: its slots
+                               max(int(layer.expert_map().max()) + 1 for layer in moe_layers(model)))
     check_batches(batches, tokenizer, model.config.vocab_size)
     before = parameter_bytes(model)
     similarity_bases = (args.similarity,) if args.similarity == "expert-output" else ("router-logits", "feature")
