@@ -46,6 +46,15 @@ def merge_group_weights(w_in: torch.Tensor, w_out: torch.Tensor, grouping: Layer
     return tuple(merged)
 
 
+def check_finite_slots(name: str, grouping: LayerGrouping, merged: tuple[torch.Tensor, ...]) -> None:
+    """Refuse merged experts holding inf or NaN (their members' weights held them: nothing merged from them runs)."""
+    bad = [g for g in range(grouping.num_groups) if not all(torch.isfinite(t[g]).all() for t in merged)]
+    if bad:
+        raise ValueError(f"layer {name!r}: merged experts {bad} (of experts {[grouping.groups[g] for g in bad]}) are "
+                         "not finite: their members' weights hold inf or NaN (a cast to float16 makes weights beyond "
+                         "its range inf); check the model's weights, or load it in bfloat16 or float32")
+
+
 def _stats_for(stats: Mapping[str, LayerStats], layer: MoELayer) -> LayerStats:
     if layer.name not in stats:
         raise ValueError(f"stats: no routing statistics for layer {layer.name!r} "
@@ -85,6 +94,7 @@ def merge_layer_weights(name: str, stats: LayerStats, w_in: torch.Tensor, w_out:
         permute_fn = apply_permutation_ if inplace else apply_permutation
         w_in, w_out = permute_fn(w_in, w_out, perm, activation)
     merged = merge_group_weights(w_in, w_out, g, *(() if b_out is None else (b_out,)))
+    check_finite_slots(name, g, merged)
     merged_in, merged_out = merged[0], merged[1]
     merged_b_out = merged[2] if b_out is not None else None
     merged_b_in = merged_in[..., d].clone() if b_in is not None else None

@@ -157,14 +157,16 @@ def kept_model(model: nn.Module, kept: Mapping[str, list[int]], record: dict | N
     copied. The same count in every layer; `record` goes into config.mcsmoe_prune."""
     from transformers.initialization import no_init_weights
 
-    from .models.hub import model_class_for
+    from .models.hub import keep_float32_, model_class_for
 
     plans = {name: LayerPlan(name, list(k), list(k), [[e] for e in k], dropped=True) for name, k in kept.items()}
     config = standard_config(model, plans, "dominant", None)
     if record is not None:
         setattr(config, PRUNE_SECTION, record)
+    dtype = getattr(torch, model_dtype(model))
     with no_init_weights():
-        pruned = model_class_for(config).from_config(config, dtype=getattr(torch, model_dtype(model)))
+        pruned = model_class_for(config).from_config(config, dtype=dtype)
+    keep_float32_(pruned, dtype)  # as transformers loads it (e.g. GPT-OSS's norms in float16): not rounded on copy
     new_layers = {layer.name: layer for layer in moe_layers(pruned)}
     skip = tuple(p for layer in new_layers.values()
                  for p in (f"{layer.name}.experts.", f"{layer.name}.{layer.router_rows()[1]}"))

@@ -200,11 +200,11 @@ def read_generation_config(model: nn.Module, directory: Path) -> None:
 def load_plain(path: Path, dtype) -> nn.Module:
     """A directory without an mcsmoe_merge section: a plain transformers checkpoint (load_model), every
     failure a CheckpointError naming the directory (weights lacking tensors of the model included)."""
-    from ..models.hub import IncompleteCheckpoint, load_model
+    from ..models.hub import Float16Overflow, IncompleteCheckpoint, load_model
 
     try:
         return load_model(str(path), dtype=dtype)
-    except IncompleteCheckpoint as exc:
+    except (IncompleteCheckpoint, Float16Overflow) as exc:
         raise CheckpointError(str(exc)) from exc
     except Exception as exc:  # safetensors, OSError, ValueError...: a plain checkpoint that does not load
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

@@ -82,13 +82,20 @@ def export_class(model: nn.Module, config):
 
 
 def build_export(model: nn.Module, config) -> nn.Module:
-    """An uninitialised model of export_class(model, config), in the model's dtype."""
+    """An uninitialised model of export_class(model, config), in the model's dtype, the tensors transformers keeps
+    in float32 for that dtype (models/hub.py: float32_kept, e.g. GPT-OSS's norms in float16) in float32, as the
+    loaded model and the streamed writers hold them."""
     from transformers.initialization import no_init_weights
 
+    from ..models.hub import keep_float32_
+
+    dtype = getattr(torch, model_dtype(model))
     with no_init_weights():
         cls = export_class(model, config)
         build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
-        return build(config, dtype=getattr(torch, model_dtype(model)))
+        export = build(config, dtype=dtype)
+    keep_float32_(export, dtype)
+    return export
 
 
 def carry_generation_config(model: nn.Module, new: nn.Module) -> None:

@@ -104,11 +104,11 @@ def routing_targets(layer: MoELayer, hidden: torch.Tensor, groups: list[list[int
                     sigmoid: bool | None = None) -> torch.Tensor:
     """[N, M] what the fitted rows are fitted to: the routing weight the merged (aliased) model gives each
     merged expert, i.e. the summed weights of the members a token chose, where the router's top-k weights
-    sum to 1 (renormalising gates: Mixtral, Qwen3-MoE, OLMoE, GPT-OSS); otherwise (Switch, Qwen2-MoE with
-    norm_topk_prob=False, where the weights are the probabilities themselves) the summed probability of all
-    members, which equals the chosen members' weights plus the rest of the mass; sigmoid routers
-    (is_sigmoid_router, computed when `sigmoid` is None: DeepSeek-V3, GLM-4.5-MoE, ...): the clamped summed
-    member scores."""
+    sum to 1, to the rounding of their own dtype (renormalising gates: Mixtral, Qwen3-MoE, OLMoE, GPT-OSS, whose
+    weights come in the model's dtype); otherwise (Switch, Qwen2-MoE with norm_topk_prob=False, where the weights
+    are the probabilities themselves) the summed probability of all members, which equals the chosen members'
+    weights plus the rest of the mass; sigmoid routers (is_sigmoid_router, computed when `sigmoid` is None:
+    DeepSeek-V3, GLM-4.5-MoE, ...): the clamped summed member scores."""
     if sigmoid is None:
         sigmoid = is_sigmoid_router(layer, hidden)
     hidden = hidden.to(layer.router_weight().dtype)
@@ -117,8 +117,9 @@ def routing_targets(layer: MoELayer, hidden: torch.Tensor, groups: list[list[int
         return member_targets(logits, groups, sigmoid=True)
     if isinstance(layer, ExpertsLayer):
         _, weights, index = layer.router_outputs(hidden)
+        tol = max(1e-4, 2 * torch.finfo(weights.dtype).eps)  # GPT-OSS's come in the model's dtype, rounded there
         weights = weights.float()
-        if torch.allclose(weights.sum(-1), torch.ones_like(weights[:, 0]), atol=1e-4):
+        if torch.allclose(weights.sum(-1), torch.ones_like(weights[:, 0]), atol=tol):
             position = torch.empty(layer.num_experts, dtype=torch.long)
             for i, members in enumerate(groups):
                 position[members] = i

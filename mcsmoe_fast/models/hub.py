@@ -52,13 +52,40 @@ def keep_float32_(model: nn.Module, dtype: torch.dtype) -> None:
 def cast_as_loaded_(model: nn.Module, dtype: torch.dtype) -> None:
     """model.to(dtype) as from_pretrained(dtype=dtype) would load it: float32_kept tensors go to float32 from
     their current values (never through `dtype`), and buffers no checkpoint holds (non-persistent, such as the
-    rotary embedding's inv_freq) keep the dtype the model built them in, as transformers leaves them."""
+    rotary embedding's inv_freq) keep the dtype the model built them in, as transformers leaves them. A cast to
+    float16 that would make weights inf is refused (check_float16_range)."""
     kept = float32_kept(model, dtype)
     transient = {f"{prefix}.{b}" if prefix else b for prefix, module in model.named_modules()
                  for b in module._non_persistent_buffers_set}
     for name, t in (*model.named_parameters(), *model.named_buffers()):
         if t.is_floating_point() and name not in transient:
-            t.data = t.data.to(torch.float32 if name in kept else dtype)
+            cast = t.data.to(torch.float32 if name in kept else dtype)
+            if t.dtype != cast.dtype:
+                check_float16_range(name, cast, t.data)
+            t.data = cast
+
+
+FLOAT16_MAX = torch.finfo(torch.float16).max  # 65504
+
+
+class Float16Overflow(ValueError):
+    """Weights a cast to float16 would make inf (check_float16_range)."""
+
+
+def check_float16_range(name: str, cast: torch.Tensor, original: torch.Tensor | None = None) -> None:
+    """Refuse tensor `name` cast to float16 from a wider dtype (bfloat16, float32) when the cast made values inf:
+    weights beyond float16's range (|w| > 65504) would run on as inf through every step. One pass over `cast`
+    (its min and max); `original`, the tensor before the cast where it is at hand, gives the largest |w| (infs it
+    held itself pass)."""
+    if cast.dtype != torch.float16 or cast.numel() == 0 or all(m.isfinite() for m in torch.aminmax(cast)):
+        return
+    overflow = torch.isinf(cast) if original is None else torch.isinf(cast) & torch.isfinite(original)
+    count = int(overflow.sum())
+    if count:
+        bound = "|w|" if original is None else f"max |w| {original[overflow].abs().max().item():.4g}"
+        raise Float16Overflow(f"{name}: {count} value{'s' if count > 1 else ''} beyond float16's range "
+                              f"({bound} > {FLOAT16_MAX:.0f}), inf in float16; use --dtype bfloat16 or float32 "
+                              "(dtype=torch.bfloat16 or torch.float32)")
 
 
 def checked_dtype(dtype):
@@ -92,14 +119,26 @@ def complete(name_or_path: str, loaded):
 
 def load_model(name_or_path: str, dtype: torch.dtype | str | None = None):
     """The model in eval mode; a plain transformers checkpoint (see checkpoint/ for merged ones), in float32
-    unless `dtype` (checked_dtype) is given. IncompleteCheckpoint when its weights lack tensors."""
+    unless `dtype` (checked_dtype) is given. IncompleteCheckpoint when its weights lack tensors; Float16Overflow
+    naming the tensor when float16 makes weights of a wider checkpoint inf (check_float16_range)."""
     from transformers import AutoConfig
 
     dtype = checked_dtype(dtype)
     name_or_path = local_or_hub(name_or_path)
     config = AutoConfig.from_pretrained(name_or_path)
-    return complete(name_or_path, model_class_for(config).from_pretrained(
-        name_or_path, dtype=dtype or torch.float32, output_loading_info=True)).eval()
+    return loaded(name_or_path, config, dtype)
+
+
+def loaded(name_or_path: str, config, dtype, **kwargs):
+    """from_pretrained of load_model and load_cached, checked (complete); loaded in float16 from a checkpoint
+    stored in another dtype, every float16 tensor checked for weights the cast made inf."""
+    stored = str(getattr(config, "dtype", None)).removeprefix("torch.")
+    model = complete(name_or_path, model_class_for(config).from_pretrained(
+        name_or_path, dtype=dtype or torch.float32, output_loading_info=True, **kwargs)).eval()
+    if dtype == torch.float16 and stored != "float16":
+        for name, t in model.state_dict().items():
+            check_float16_range(name, t)
+    return model
 
 
 def local_or_hub(spec) -> str:
@@ -198,8 +237,7 @@ def load_cached(repo_id: str, dtype):
 
     dtype = checked_dtype(dtype)
     config = AutoConfig.from_pretrained(repo_id, local_files_only=True)
-    return complete(repo_id, model_class_for(config).from_pretrained(
-        repo_id, dtype=dtype or torch.float32, local_files_only=True, output_loading_info=True)).eval()
+    return loaded(repo_id, config, dtype, local_files_only=True)
 
 
 _SERVED: set[str] = set()  # repo ids the Hub answered for in this process: asked about once

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ..models import families
+from ..models.hub import check_float16_range
 from ..quant import detect
 from ..quant.files import QuantizedFiles
 from ..sections import MERGE_SECTION
@@ -150,23 +151,29 @@ class SourceCheckpoint:
 
     # --- reading -----------------------------------------------------------------------------------
     def read(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """Tensor `name` of the model (shape as the model expects), in `dtype` (float32 for float32_names)."""
+        """Tensor `name` of the model (shape as the model expects), in `dtype` (float32 for float32_names); read
+        into float16 from a wider stored dtype, weights the cast made inf are refused (check_float16_range)."""
         if name in self.float32_names:
             dtype = torch.float32
         plain = self._plain(name)
         if plain is not None:
             stored = self.files.dtypes[plain]
             out = torch.empty(shape, dtype=dtype if stored.is_floating_point else stored)
-            return self.files.read_into(plain, out)
-        parts = self._per_expert(name, shape)
-        out = torch.empty(shape, dtype=dtype)
-        rows = shape[1] // (2 if name.endswith("gate_up_proj") else 1)
-        for k, (stored, _) in enumerate(parts):
-            if name.endswith("gate_up_proj"):
-                j, half = divmod(k, 2)
-                self.files.read_into(stored, out[j, half * rows : (half + 1) * rows])
-            else:
-                self.files.read_into(stored, out[k])
+            out = self.files.read_into(plain, out)
+            stored = (stored,)
+        else:
+            parts = self._per_expert(name, shape)
+            out = torch.empty(shape, dtype=dtype)
+            rows = shape[1] // (2 if name.endswith("gate_up_proj") else 1)
+            for k, (part, _) in enumerate(parts):
+                if name.endswith("gate_up_proj"):
+                    j, half = divmod(k, 2)
+                    self.files.read_into(part, out[j, half * rows : (half + 1) * rows])
+                else:
+                    self.files.read_into(part, out[k])
+            stored = tuple(self.files.dtypes[part] for part, _ in parts)
+        if out.dtype == torch.float16 and any(s != torch.float16 for s in stored):
+            check_float16_range(name, out)
         return out
 
     def release(self) -> None:
