@@ -79,3 +79,31 @@ def test_compare_lm_eval_batch_size_needs_lm_eval_and_defaults_to_8(monkeypatch)
 def test_optimize_refuses_a_dropless_that_is_not_a_bool(value):
     with pytest.raises(ValueError, match="dropless must be True, False or None"):
         mf.optimize(tiny_mixtral(), dropless=value)
+
+
+def merged_mixtral():
+    from merge_helpers import calibration
+
+    model = tiny_mixtral()
+    batches = calibration(model)
+    stats = mf.collect_routing_stats(model, batches, progress=False)
+    mf.merge_experts(model, stats, 4, globally=False, progress=False)
+    return model, batches
+
+
+@pytest.mark.parametrize("max_tokens", [0, -5, 2.5, True])
+def test_to_standard_refuses_max_tokens_below_one_naming_it(max_tokens):
+    from mcsmoe_fast.checkpoint.standard import to_standard
+
+    model, batches = merged_mixtral()
+    with pytest.raises(ValueError, match=f"max_tokens must be an int >= 1.*got {max_tokens!r}"):
+        to_standard(model, "fitted", batches, max_tokens=max_tokens)
+    to_standard(model, "fitted", batches, max_tokens=3)
+
+
+def test_to_standard_refuses_an_expert_capacity_outside_switch():
+    from mcsmoe_fast.checkpoint.standard import to_standard
+
+    model, _ = merged_mixtral()
+    with pytest.raises(ValueError, match="expert_capacity is Switch's setting; a mixtral model has none|no expert"):
+        to_standard(model, "dominant", expert_capacity=4)

@@ -41,6 +41,9 @@ def standard_config(model: nn.Module, plans: dict[str, LayerPlan], router: str, 
         setattr(counted, field, num_experts)
     if config.model_type == "switch_transformers":
         config.expert_capacity = switch_capacity(config.expert_capacity, plans, expert_capacity, dropless(model))
+    elif expert_capacity is not None:
+        raise ValueError(f"expert_capacity is Switch's setting; a {config.model_type} model has no expert capacity: "
+                         "drop it")
     setattr(config, STANDARD_SECTION, {"router": router, "layers": {
         name: {"groups": p.groups, "router_rows": p.rows} for name, p in plans.items()}})
     return config
@@ -132,6 +135,8 @@ def to_standard(model: nn.Module, router: str | None = None, batches=None, exper
     """
     router = router or ("fitted" if batches is not None else "dominant")
     check_router(router, batches)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be an int >= 1 (calibration tokens per layer), got {max_tokens!r}")
     plans = plan_standard(model)
     config = standard_config(model, plans, router, expert_capacity)
     layers = moe_layers(model)
