@@ -120,6 +120,28 @@ def task_files(data_dir) -> dict[str, Path | None]:
     return found
 
 
+def check_options(args) -> None:
+    """--batch-size and --lr, when given, are used as given: values out of range are refused by name (the
+    step counts are derived from the batch size before TrainConfig sees it)."""
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size} (leave it out for the task's)")
+    if args.lr is not None and not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr} (leave it out for the task's)")
+
+
+def load_examples(args, task, files: dict, tokenizer) -> tuple[list[dict], list[dict]]:
+    """The training and validation examples (--data-dir's files, else the hub's splits), every one checked
+    before any training: the first unlabelled one would otherwise stop a stage when a batch or the first
+    evaluation reaches it, up to hours in."""
+    from mcsmoe_fast.tasks import check_examples, check_labelled, load_task_data
+
+    train = load_task_data(task, task.train_split, files["train"], args.train_limit)
+    evaluation = load_task_data(task, task.eval_split, files["validation"], args.eval_limit)
+    check_labelled(task, train, str(files["train"] or f"the hub's {task.train_split} split"), "training example")
+    check_examples(task, tokenizer, evaluation, str(files["validation"] or f"the hub's {task.eval_split} split"))
+    return train, evaluation
+
+
 def default_steps(given: int | None, stage: str, num_train: int, batch_size: int, processes: int) -> int:
     if given is not None:
         return given
@@ -193,19 +215,20 @@ def run(args) -> int:
 
     from mcsmoe_fast import (collect_routing_stats, compress_experts, from_pretrained, load_tokenizer,
                              merge_experts, open_model, save_pretrained)
-    from mcsmoe_fast.tasks import calibration_batches, encode_pairs, evaluate_task, get_task, load_task_data
+    from mcsmoe_fast.tasks import calibration_batches, encode_pairs, evaluate_task, get_task
     from mcsmoe_fast.train import TrainConfig, train
     from mcsmoe_fast.train.loop import check_output_dir
 
+    check_options(args)
     state = PartialState()
     say = print if state.is_main_process else (lambda *a, **k: None)
     task = get_task(args.task)
     out = Path(args.out)
     files = task_files(args.data_dir)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    train_examples = load_task_data(task, task.train_split, files["train"], args.train_limit)
-    eval_examples = load_task_data(task, task.eval_split, files["validation"], args.eval_limit)
-    batch_size, lr = args.batch_size or task.batch_size, args.lr or task.learning_rate
+    train_examples, eval_examples = load_examples(args, task, files, tokenizer)
+    batch_size = task.batch_size if args.batch_size is None else args.batch_size
+    lr = task.learning_rate if args.lr is None else args.lr
     steps = {stage: default_steps(given, stage, len(train_examples), batch_size, state.num_processes)
              for stage, given in (("finetune", args.finetune_steps), ("merge", args.merge_steps),
                                   ("compress", args.compress_steps))}

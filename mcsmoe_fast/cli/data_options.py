@@ -73,17 +73,14 @@ def _refuse_stray_options(args, harness: bool) -> None:
 
 
 def _task_data(args, tokenizer, training: bool) -> Data:
-    from ..tasks import encode_pairs, evaluate_task, get_task, load_task_data
+    from ..tasks import check_examples, check_labelled, encode_pairs, evaluate_task, get_task, load_task_data
 
     task = get_task(args.task)
     examples = load_task_data(task, task.eval_split, args.eval_data, args.eval_limit)
     train = load_task_data(task, task.train_split, args.data) if training else None
-    for i, example in enumerate(train or ()):  # every example labelled: fail before training, as evaluation does
-        try:
-            task.to_text(example)
-        except ValueError as exc:
-            where = args.data or f"the hub's {task.train_split} split"
-            raise ValueError(f"{where}: training example {i}: {exc}") from None
+    if training:  # every example usable: fail before the model is loaded and trained, not when a run reaches it
+        check_labelled(task, train, args.data or f"the hub's {task.train_split} split", "training example")
+    check_examples(task, tokenizer, examples, args.eval_data or f"the hub's {task.eval_split} split")
     return Data(
         train=train,
         collate=lambda rows: encode_pairs(tokenizer, [task.to_text(r) for r in rows]),

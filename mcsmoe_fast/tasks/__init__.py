@@ -12,13 +12,13 @@ from __future__ import annotations
 from .base import CLASSIFICATION, GENERATIVE, Column, Task
 from .batches import (IGNORE_INDEX, add_decoder_inputs, calibration_batches, encode_pairs, shift_right,
                       training_batches)
-from .data import load_task_data, read_task_file
-from .evaluate import evaluate_task, predict_task, score_predictions
+from .data import check_labelled, load_task_data, read_task_file
+from .evaluate import check_examples, evaluate_task, predict_task, score_predictions
 from .registry import TASKS, get_task
 
 __all__ = [
     "CLASSIFICATION", "GENERATIVE", "Column", "Task", "TASKS", "get_task",
-    "load_task_data", "read_task_file",
+    "load_task_data", "read_task_file", "check_labelled",
     "IGNORE_INDEX", "encode_pairs", "add_decoder_inputs", "shift_right", "training_batches", "calibration_batches",
-    "predict_task", "score_predictions", "evaluate_task",
+    "predict_task", "score_predictions", "evaluate_task", "check_examples",
 ]

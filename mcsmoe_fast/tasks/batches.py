@@ -120,7 +120,8 @@ def calibration_batches(task: Task | str, tokenizer, n: int = DEFAULT_CALIBRATIO
     decoder (decoder_input_ids = labels shifted right), not the prompt shifted right.
 
     examples: the examples to draw from; when None they are loaded with
-    load_task_data(task, split (default: the task's training split), path). decoder_start_token_id defaults
+    load_task_data(task, split (default: the task's training split), path). examples= with path= or split=
+    is refused (the examples would be used as given and the others ignored). decoder_start_token_id defaults
     to the tokenizer's pad token id (T5 and Switch start decoding with pad); pass
     model.config.decoder_start_token_id for other models. Every batch holds input_ids, attention_mask,
     labels, decoder_input_ids and decoder_attention_mask; fewer than n examples are all used."""
@@ -129,6 +130,10 @@ def calibration_batches(task: Task | str, tokenizer, n: int = DEFAULT_CALIBRATIO
     task = get_task(task)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    if examples is not None and (path is not None or split is not None):
+        given = " and ".join(name for name, value in (("path=", path), ("split=", split)) if value is not None)
+        raise ValueError(f"calibration_batches: give examples= or {given}, not both (the examples are used as "
+                         "given, so the other would be ignored)")
     if examples is None:
         examples = load_task_data(task, split or task.train_split, path)
     if not examples:

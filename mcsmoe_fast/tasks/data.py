@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from .base import Column, Task
@@ -38,6 +39,18 @@ def load_task_data(task: Task | str, split: str = "validation", path: str | Path
     if path is not None:
         return read_task_file(task, path, limit)
     return _load_hub(task, split, limit)
+
+
+def check_labelled(task: Task | str, examples: Sequence[Mapping], where: str = "", role: str = "example") -> None:
+    """Every example labelled, its label in range and its prompt renderable (COPA: a question "cause" or
+    "effect"), as training and scoring need them: a ValueError naming `where` (the file or split), the
+    example's index and the problem, before a run that would only reach the example after hours."""
+    task = get_task(task)
+    for i, example in enumerate(examples):
+        try:
+            task.to_text(example)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {role} {i}: {exc}" if where else f"{role} {i}: {exc}") from None
 
 
 def _load_hub(task: Task, split: str, limit: int | None) -> list[dict]:
@@ -125,11 +138,10 @@ def _csv_records(path: Path, task: Task) -> Iterator[tuple[str, dict]]:
 
 
 def _from_csv_cell(cell: str, column: Column, where: str):
-    if column.kind == "int":
-        try:
-            return int(cell)
-        except ValueError:
-            raise ValueError(f"{where}: column {column.name!r} must be an integer, got {cell!r}") from None
+    if column.kind == "int":  # ASCII digits only: int() would also read "1_0" as 10 and other scripts' digits
+        if not re.fullmatch(r"\s*[-+]?[0-9]+\s*", cell):
+            raise ValueError(f"{where}: column {column.name!r} must be an integer, got {cell!r}")
+        return int(cell)
     if column.kind == "dict":
         try:
             return json.loads(cell)

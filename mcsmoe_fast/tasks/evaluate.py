@@ -26,6 +26,7 @@ from ..hooks import eval_mode
 from .base import Task
 from .registry import get_task
 from .batches import IGNORE_INDEX, check_lengths, pad_labels, shift_right, target_token_ids
+from .data import check_labelled
 from .metrics import accuracy, binary_f1, multirc_scores, squad_scores
 
 
@@ -81,8 +82,10 @@ def _score_choices(model, tokenizer, sources: list[str], choices: list[tuple[str
     return predictions
 
 
-def _check_choices_differ(tokenizer, task: Task, examples: Sequence[Mapping], max_target_length: int) -> None:
-    """Every example's choices have different token ids, or the label scoring could only answer the first."""
+def _check_choices_differ(tokenizer, task: Task, examples: Sequence[Mapping], max_target_length: int,
+                          where: str = "") -> None:
+    """Every example's choices have different token ids, or the label scoring could only answer the first.
+    `where` (a file, ending in ": ") starts the message."""
     first: dict[tuple[str, ...], int] = {}  # each distinct set of choices, at the first example that has it
     for i, example in enumerate(examples):
         first.setdefault(task.choices(example), i)
@@ -92,10 +95,10 @@ def _check_choices_differ(tokenizer, task: Task, examples: Sequence[Mapping], ma
         same = next(((j, k) for k in range(len(ids)) for j in range(k) if ids[j] == ids[k]), None)
         if same is not None:
             j, k = same
-            raise ValueError(f"{task.name} example {i}: the choices {options[j]!r}, {options[k]!r} have the same token "
-                             f"ids {ids[j]} (cut to max_target_length={max_target_length}), so label scoring cannot "
-                             "tell them apart: raise max_target_length, use a tokenizer that knows these words, or "
-                             "generate the answers (label_scoring=False)")
+            raise ValueError(f"{where}{task.name} example {i}: the choices {options[j]!r}, {options[k]!r} have the "
+                             f"same token ids {ids[j]} (cut to max_target_length={max_target_length}), so label "
+                             "scoring cannot tell them apart: raise max_target_length, use a tokenizer that knows "
+                             "these words, or generate the answers (label_scoring=False)")
 
 
 @torch.no_grad()
@@ -109,8 +112,9 @@ def _generate(model, tokenizer, sources: list[str], max_source_length: int, max_
 def predict_task(model, tokenizer, task: Task | str, examples: Sequence[Mapping], batch_size: int = 32,
                  max_new_tokens: int | None = None, max_source_length: int = 512, max_target_length: int = 128,
                  label_scoring: bool = True, progress: bool = True) -> list[str]:
-    """The model's answer to every example, in order (see the module docstring for how). Examples are run
-    longest prompt first so batches pad little; max_new_tokens defaults to task.max_new_tokens."""
+    """The model's answer to every example, in order (see the module docstring for how; no examples: no
+    answers). Examples are run longest prompt first so batches pad little; max_new_tokens defaults to
+    task.max_new_tokens."""
     from tqdm.auto import tqdm
 
     task = get_task(task)
@@ -123,6 +127,8 @@ def predict_task(model, tokenizer, task: Task | str, examples: Sequence[Mapping]
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     check_lengths(max_source_length, max_target_length)
+    if not examples:
+        return []
     if task.is_classification and label_scoring:
         _check_choices_differ(tokenizer, task, examples, max_target_length)
     sources = [task.source(ex) for ex in examples]
@@ -176,16 +182,32 @@ def score_predictions(task: Task | str, predictions: Sequence[str], examples: Se
     return {name: float(results[name]) for name in task.metrics}
 
 
+def check_examples(task: Task | str, tokenizer, examples: Sequence[Mapping], where: str = "",
+                   max_target_length: int = 128, label_scoring: bool = True) -> None:
+    """What evaluate_task refuses before the model runs, checked without a model: no examples, an unlabelled
+    example, a label out of range or a prompt that cannot be rendered (check_labelled), and with label scoring
+    choices whose token ids are the same. `where` (the file or split) starts the message. finetune / eval
+    --task and the recipes call it before loading the model and training, so a bad evaluation file fails
+    then, not at the first evaluation."""
+    task = get_task(task)
+    if max_target_length < 1:
+        raise ValueError(f"max_target_length must be >= 1, got {max_target_length}")
+    at = f"{where}: " if where else ""
+    if not examples:
+        raise ValueError(f"{at}no {task.name} examples to evaluate on")
+    check_labelled(task, examples, where, "evaluation example")
+    if task.is_classification and label_scoring:
+        _check_choices_differ(tokenizer, task, examples, max_target_length, at)
+
+
 def evaluate_task(model, tokenizer, task: Task | str, examples: Sequence[Mapping], batch_size: int = 32,
                   max_new_tokens: int | None = None, max_source_length: int = 512, max_target_length: int = 128,
                   label_scoring: bool = True, progress: bool = True) -> dict[str, float]:
     """{metric: value in [0, 1]} of `model` on `examples` (labelled raw examples of `task`, e.g. from
     load_task_data(task, "validation")): predict_task, then score_predictions."""
     task = get_task(task)
-    if not examples:
-        raise ValueError(f"no {task.name} examples to evaluate on")
-    for example in examples:  # every example labelled: fail before running the model
-        task.references(example)
+    check_lengths(max_source_length, max_target_length)
+    check_examples(task, tokenizer, examples, max_target_length=max_target_length, label_scoring=label_scoring)
     predictions = predict_task(model, tokenizer, task, examples, batch_size=batch_size,
                                max_new_tokens=max_new_tokens, max_source_length=max_source_length,
                                max_target_length=max_target_length, label_scoring=label_scoring,

@@ -4,6 +4,10 @@ extra: `pip install lm-eval`; never a hard dependency). The model is evaluated a
 directory of the user's own task YAML files (the harness' include_path), e.g. a task over local data."""
 from __future__ import annotations
 
+import copy
+
+from ..hooks import eval_mode
+
 
 def _task_manager(include_path=None):
     try:
@@ -30,12 +34,16 @@ def check_tasks(tasks: list[str], include_path=None) -> list[str]:
 
 def harness_evaluate(model, tokenizer, tasks: list[str], num_fewshot: int | None = None, limit: int | None = None,
                      batch_size: int = 8, include_path=None) -> dict[str, float]:
-    """{"task/metric": value} for every numeric metric the harness reports on `tasks`."""
+    """{"task/metric": value} for every numeric metric the harness reports on `tasks`. The model runs in eval
+    mode and comes back with every module's training flag as it was; the harness reads a copy of the
+    tokenizer (it gives a tokenizer without a pad token one), so the caller's is left as it was."""
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
     except ImportError as exc:
         raise ValueError("lm-evaluation-harness tasks need the optional package lm-eval: pip install lm-eval") from exc
+    if isinstance(batch_size, int) and batch_size < 1:  # lm-eval would run every request as one batch
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if limit is not None and limit <= 0:
         raise ValueError(f"limit must be > 0 (examples per task, or a fraction of them below 1), got {limit}")
     if not tasks:
@@ -43,8 +51,9 @@ def harness_evaluate(model, tokenizer, tasks: list[str], num_fewshot: int | None
     if getattr(model.config, "is_encoder_decoder", False):
         raise ValueError("lm-eval tasks run on causal LMs; for text-to-text models use --task")
     extra = {} if include_path is None else {"task_manager": _task_manager(include_path)}
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    output = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, **extra)
+    with eval_mode(model):  # HFLM calls model.eval() and never puts the flags back
+        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+        output = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, **extra)
     flat = {}
     for task, metrics in output["results"].items():
         for name, value in metrics.items():
