@@ -101,11 +101,15 @@ def lowrank_factors(W: torch.Tensor, rank: int, svd: str = "auto") -> tuple[torc
 
 
 def full_bank(W: torch.Tensor, rank: int, svd: str) -> list[torch.Tensor]:
-    """The bank of slots W [S, out, in] with every row of S = W - U V stored (nothing pruned yet)."""
+    """The bank of slots W [S, out, in] with every row of S = W - U V stored (nothing pruned yet).
+    The residual is computed one slot at a time, so its float32 temporaries are a slot's, not the bank's."""
     S, out, inp = W.shape
     U, V = lowrank_factors(W, rank, svd)
     work = torch.promote_types(W.dtype, torch.float32)  # S = W - U V in float32 at least, rounded once
-    residual = (W.to(work) - U.to(work) @ V.to(work)).to(W.dtype).reshape(S * out, inp)
+    residual = torch.empty_like(W)
+    for s in range(S):
+        residual[s] = W[s].to(work) - U[s].to(work) @ V[s].to(work)
+    residual = residual.reshape(S * out, inp)
     row_idx = torch.arange(out, device=W.device).repeat(S)
     offsets = torch.arange(S + 1, device=W.device) * out
     return [U.contiguous(), V.contiguous(), residual, row_idx, offsets]

@@ -47,6 +47,7 @@ GROUPING_METHODS = ("dominant", "hierarchical")  # ranked by usage frequency
 SALIENCY_GROUPINGS = ("ream",)  # ranked by REAP saliency: needs statistics collected with saliency="reap"
 ALL_GROUPINGS = GROUPING_METHODS + SALIENCY_GROUPINGS
 MERGE_STRATEGIES = ("frequency", "average", "drop")
+WEIGHT_GRAM_CHUNK_BYTES = 64 << 20  # float64 columns of the expert weights converted at once (weight similarity)
 
 
 @dataclass
@@ -94,6 +95,20 @@ def gram_similarity(gram: torch.Tensor) -> torch.Tensor:
     return (cos + 1) / 2
 
 
+def weight_gram(w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
+    """Float64 Gram matrix [E, E] of the experts' flattened weights (w_in's entries, then w_out's),
+    summed over column chunks of WEIGHT_GRAM_CHUNK_BYTES in float64: the layer is never joined or
+    converted as a whole."""
+    e = w_in.shape[0]
+    gram = torch.zeros(e, e, dtype=torch.float64, device=w_in.device)
+    step = max(1, WEIGHT_GRAM_CHUNK_BYTES // (8 * e))
+    for w in (w_in.reshape(e, -1), w_out.reshape(e, -1)):
+        for c in range(0, w.shape[1], step):
+            chunk = w[:, c : c + step].double()
+            gram += chunk @ chunk.T
+    return gram
+
+
 def layer_seed(seed: int, layer_name: str) -> int:
     """One seed per layer from the user's seed and the layer's name: the random baseline draws a
     different similarity in every layer, and the same one for a layer whichever layers are merged."""
@@ -130,8 +145,7 @@ def similarity_matrix(basis: str, *, stats=None, router_weight=None, w_in=None, 
     if basis == "router-weight":
         return cosine_similarity_matrix(router_weight.detach()).cpu()
     if basis == "weight":
-        e = w_in.shape[0]
-        return cosine_similarity_matrix(torch.cat([w_in.reshape(e, -1), w_out.reshape(e, -1)], 1).detach()).cpu()
+        return gram_similarity(weight_gram(w_in.detach(), w_out.detach())).cpu()
     n = num_experts if num_experts is not None else (stats.num_experts if stats is not None else None)
     if n is None:
         raise ValueError("similarity 'random' needs num_experts")

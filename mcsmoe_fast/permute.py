@@ -25,7 +25,7 @@ from .activations import apply, is_gated
 from .hooks import run_hooked
 from .models import MoELayer, moe_layers
 
-DEFAULT_MEMORY_BUDGET = 2 << 30  # bytes of cost matrices built at once
+DEFAULT_MEMORY_BUDGET = 2 << 30  # bytes of cost matrices (and a cost_fn's declared temporaries) built at once
 CPU_PROBLEMS_PER_THREAD = 4  # cost matrices per solver thread and chunk on the CPU
 
 
@@ -38,6 +38,14 @@ def _select(w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     if len(idx) > 0 and bool((idx.diff() == 1).all()):
         return w[int(idx[0]) : int(idx[0]) + len(idx)]
     return w[idx]
+
+
+def _select_float(w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """_select(w, idx) in float32, converting only the selected experts (one matrix for a repeated
+    index): a chunk needs a few experts of the layer, not a float32 copy of all of them."""
+    if len(idx) > 0 and bool((idx == idx[0]).all()):
+        return w[idx[0]].float().expand(len(idx), *w.shape[1:])
+    return _select(w, idx).float()
 
 
 def _neuron_blocks(w_in: torch.Tensor, w_out: torch.Tensor, activation: str) -> list[tuple[torch.Tensor, bool]]:
@@ -55,8 +63,7 @@ def weight_matching_cost(w_in, w_out, targets: torch.Tensor, refs: torch.Tensor,
     into `out` when given (a float32 tensor of that shape)."""
     first = True
     for block, transposed in _neuron_blocks(w_in, w_out, activation):
-        block = block.float()
-        ref, target = _select(block, refs), _select(block, targets)
+        ref, target = _select_float(block, refs), _select_float(block, targets)
         ref, target = (ref.transpose(1, 2), target) if transposed else (ref, target.transpose(1, 2))
         out = torch.bmm(ref, target, out=out) if first else out.baddbmm_(ref, target)
         first = False
@@ -113,15 +120,16 @@ def match_permutations(
     """Permutation [S, ff] aligning every expert s to expert refs[s] (identity for references).
 
     cost_fn(targets, refs) -> [t, ff, ff] scores (higher = more alike); weight matching by default.
-    Cost matrices are built and solved in chunks of at most `memory_budget` bytes. name (the layer's)
-    prefixes the errors.
+    Cost matrices are built and solved in chunks of at most `memory_budget` bytes, counting with each
+    cost matrix the bytes of temporaries cost_fn declares per problem (its `bytes_per_problem`
+    attribute, if any). name (the layer's) prefixes the errors.
     """
     num_slots, ff = w_in.shape[0], w_out.shape[-1]
     refs = torch.as_tensor(refs, dtype=torch.int64, device=w_in.device)
     _check_references(refs, num_slots, name)
     perm = torch.arange(ff, device=w_in.device).repeat(num_slots, 1)
     targets = (refs != torch.arange(num_slots, device=refs.device)).nonzero().squeeze(-1)
-    per_chunk = max(1, memory_budget // max(1, ff * ff * 4))
+    per_chunk = max(1, memory_budget // max(1, ff * ff * 4 + getattr(cost_fn, "bytes_per_problem", 0)))
     if w_in.device.type == "cpu":
         # a few problems per solver thread: the cost buffer is reused (a fresh 1.2 GB one cost 0.27 s of
         # page faults for a 32-expert layer) and the threads still share the work evenly
@@ -207,7 +215,9 @@ def activation_matching_cost(x: torch.Tensor, w_in, activation: str, activation_
 
     Every calibration token that reaches the layer counts for every expert pair (the original code
     used only the tokens routed to either expert of the pair; all tokens give every pair the same,
-    larger sample and one batched computation)."""
+    larger sample and one batched computation). Each distinct reference expert's activations are
+    computed once per chunk; cost_fn.bytes_per_problem bounds the float32 weights and activations a
+    target and its reference hold, for match_permutations to size its chunks."""
     if w_in.shape[-1] == x.shape[-1] + 1:
         x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=-1)
 
@@ -216,7 +226,11 @@ def activation_matching_cost(x: torch.Tensor, w_in, activation: str, activation_
             h = apply(torch.einsum("nd,sfd->snf", x, w_in[idx].float()), activation, **(activation_args or {}))
             h = h - h.mean(1, keepdim=True)
             return h / h.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        return torch.bmm(standardized(refs).transpose(1, 2), standardized(targets))
+        unique, inverse = refs.unique(return_inverse=True)
+        return torch.bmm(_select(standardized(unique), inverse).transpose(1, 2), standardized(targets))
+    # per expert: its weights [F, d] and pre-activations [N, F] in float32, and as much again for the
+    # activations and their standardized copies; for the target and for its reference
+    cost_fn.bytes_per_problem = 2 * 4 * (w_in.shape[1] * w_in.shape[2] + 2 * x.shape[0] * w_in.shape[1])
     return cost_fn
 
 
