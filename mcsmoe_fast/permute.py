@@ -121,15 +121,17 @@ def match_permutations(
 
     cost_fn(targets, refs) -> [t, ff, ff] scores (higher = more alike); weight matching by default.
     Cost matrices are built and solved in chunks of at most `memory_budget` bytes, counting with each
-    cost matrix the bytes of temporaries cost_fn declares per problem (its `bytes_per_problem`
-    attribute, if any). name (the layer's) prefixes the errors.
+    cost matrix the float32 weights weight matching holds, or the bytes of temporaries cost_fn declares
+    per problem (its `bytes_per_problem` attribute, if any). name (the layer's) prefixes the errors.
     """
     num_slots, ff = w_in.shape[0], w_out.shape[-1]
     refs = torch.as_tensor(refs, dtype=torch.int64, device=w_in.device)
     _check_references(refs, num_slots, name)
     perm = torch.arange(ff, device=w_in.device).repeat(num_slots, 1)
     targets = (refs != torch.arange(num_slots, device=refs.device)).nonzero().squeeze(-1)
-    per_chunk = max(1, memory_budget // max(1, ff * ff * 4 + getattr(cost_fn, "bytes_per_problem", 0)))
+    # weight matching holds a target's and its reference's weights in float32 (_select_float) per problem
+    held = 8 * (w_in[0].numel() + w_out[0].numel()) if cost_fn is None else getattr(cost_fn, "bytes_per_problem", 0)
+    per_chunk = max(1, memory_budget // (ff * ff * 4 + held))
     if w_in.device.type == "cpu":
         # a few problems per solver thread: the cost buffer is reused (a fresh 1.2 GB one cost 0.27 s of
         # page faults for a 32-expert layer) and the threads still share the work evenly

@@ -88,6 +88,23 @@ def test_weight_matching_converts_only_the_chunks_experts(refs):
     assert torch.equal(permute.weight_matching_cost(w_in, w_out, targets, refs[targets], "swiglu"), cost)
 
 
+def test_weight_matching_keeps_its_memory_budget_with_the_weights_it_holds(monkeypatch):
+    """The budget counts each problem's float32 target and reference weights with its cost matrix (a DeepSeek-V3
+    layer's are 22x its cost matrix): chunks sized by the cost matrices alone held several times the budget."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)  # the CPU cap of a 16-core machine, not this one's
+    E, ff, d = 32, 32, 64
+    w_in, w_out = layer(E, ff, d)
+    refs = torch.zeros(E, dtype=torch.int64)
+    per_problem = ff * ff * 4 + 8 * (w_in[0].numel() + w_out[0].numel())
+    budget = 4 * per_problem
+    perm, peak = peak_bytes(permute.match_permutations, w_in, w_out, refs, "swiglu", memory_budget=budget)
+    assert peak <= 1.25 * budget, peak / budget
+    targets = torch.arange(1, E)
+    expected = torch.arange(ff).repeat(E, 1)
+    expected[targets] = ops.linear_assignment(whole_block_costs(w_in, w_out, targets, refs[targets]), maximize=True)
+    assert torch.equal(perm, expected)
+
+
 # --- 3. the compression bank computes its residual one slot at a time --------------------------------
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_full_bank_holds_a_bounded_multiple_of_the_bank(dtype):
