@@ -106,7 +106,6 @@ def test_a_run_killed_while_latest_is_replaced_resumes_from_the_state_left_aside
     run_tiny_job(out, steps=6)
     os.rename(out / "latest", out / ".latest.old-0123abcd")  # the kill's state
     assert resumable_step(out) == 6
-    os.rename(out / "latest", out / ".latest.old-0123abcd")
     with pytest.raises(ValueError, match="holds a training run"):
         check_output_dir(out, None, resume=False)
     os.rename(out / "latest", out / ".latest.old-0123abcd")
@@ -212,3 +211,46 @@ def test_a_users_own_best_or_latest_folder_is_refused_before_any_step(tmp_path, 
     finally:
         loop._optimizer_step = real
     assert steps == [] and (tmp_path / "run" / name / "notes.txt").read_text() == "precious"
+
+
+def test_write_text_atomic_writes_a_pipe_directly_and_keeps_a_files_mode(tmp_path):
+    """/dev/stdout (a pipe here) has no directory to hold a temporary: it is written as it is; a file keeps the
+    permissions the user gave it."""
+    child = run_child("""
+        import sys
+        from mcsmoe_fast.checkpoint.atomic import write_text_atomic
+        write_text_atomic("/dev/stdout", '{"acc": 1.0}')
+    """)
+    assert child.returncode == 0 and child.stdout == '{"acc": 1.0}', child.stderr
+    path = tmp_path / "results.json"
+    path.write_text("old")
+    path.chmod(0o640)
+    write_text_atomic(path, "new")
+    assert path.read_text() == "new" and path.stat().st_mode & 0o777 == 0o640
+
+
+def test_ranks_putting_back_the_same_previous_checkpoint_do_not_fail(tmp_path, monkeypatch):
+    """Every rank of a resumed multi-process run puts latest/ back: the ranks that lose the race go on."""
+    import mcsmoe_fast.checkpoint.atomic as atomic
+
+    target = tmp_path / "latest"
+    (tmp_path / ".latest.old-0123abcd").mkdir()
+    (tmp_path / ".latest.old-0123abcd" / "config.json").write_text("{}")
+    real = os.rename
+
+    def another_rank_was_first(a, b):  # the other rank's rename lands between this one's check and its rename
+        real(a, b)
+        raise FileNotFoundError(2, "No such file or directory", str(a))
+
+    monkeypatch.setattr(atomic.os, "rename", another_rank_was_first)
+    restore_previous(target)
+    assert (target / "config.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]
+
+
+def test_resumable_step_reads_a_latest_left_aside_without_moving_it(tmp_path):
+    out = tmp_path / "run"
+    run_tiny_job(out, steps=3)
+    os.rename(out / "latest", out / ".latest.old-0123abcd")
+    assert resumable_step(out) == 3
+    assert not (out / "latest").exists() and (out / ".latest.old-0123abcd").is_dir()  # read-only

@@ -179,3 +179,16 @@ def test_demo_calibrates_on_exactly_the_plans_windows(monkeypatch, windows):
 def test_plan_refuses_one_recovery_step():
     with pytest.raises(ValueError, match=r"recover_steps must be in \[2, steps\).*MC-SMoE.*got 1 of 24"):
         DemoPlan(**{**asdict(TINY), "recover_steps": 1})
+
+
+def test_demo_reruns_into_its_own_out_after_a_kill_while_writing_results(tmp_path):
+    """A kill inside results.json's rewrite leaves write_text_atomic's temporary: it is the demo's, removed."""
+
+    out = prepare_out_dir(tmp_path / "demo")
+    (out / "results.json").write_text("{}")
+    (out / ".results.json.tmp-1a2b3c4d").write_text('{"rows"')
+    prepare_out_dir(out)
+    assert sorted(p.name for p in out.iterdir()) == [".mcsmoe-demo", "results.json"]
+    (out / ".results.json.tmp-notes").write_text("a user's")  # not the temporary's name: refused as before
+    with pytest.raises(FileExistsError, match="did not write"):
+        prepare_out_dir(out)

@@ -134,3 +134,26 @@ def test_the_cli_names_the_tensor_beyond_float16s_range(tmp_path, capsys):
                  str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "down_proj: 1 value beyond float16's range" in err and "does not load" not in err
+
+
+def test_a_block_fp8_merged_checkpoint_loaded_in_float16_refuses_weights_beyond_its_range(tmp_path):
+    """A merged checkpoint kept in block FP8 is dequantized straight into float16 (no cast to check): FP8 holds no
+    inf, so any inf there is the cast's."""
+    from mcsmoe_fast.streaming.quantized import quantize_checkpoint
+    from mcsmoe_fast.streaming.requantize_merged import requantize_merged
+
+    fp8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    model = tiny_mixtral(num_experts=4, hidden_size=160, intermediate_size=96, num_layers=2, seed=5)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[0, 0] = 1e5
+    model.save_pretrained(tmp_path / "m")
+    quantize_checkpoint(tmp_path / "m", tmp_path / "fp8", fp8)
+    model = open_model(str(tmp_path / "fp8"))
+    mf.merge_experts(model, mf.collect_routing_stats(model, calibration(model), progress=False), 2, globally=False,
+                     progress=False)
+    mf.save_pretrained(model, tmp_path / "merged")
+    requantize_merged(tmp_path / "merged", tmp_path / "fp8")
+    with pytest.raises(ValueError, match=r"self_attn\.q_proj\.weight: 1 value beyond float16's range"):
+        mf.from_pretrained(tmp_path / "merged", dtype=torch.float16)
+    assert torch.isfinite(mf.from_pretrained(tmp_path / "merged", dtype=torch.bfloat16)
+                          .model.layers[0].self_attn.q_proj.weight).all()

@@ -19,3 +19,18 @@ def test_bf16_mixed_precision_trains_differently_from_fp32(tmp_path):
     _, fp32 = run_tiny_job(tmp_path / "no", steps=3)
     _, bf16 = run_tiny_job(tmp_path / "bf16", steps=3, mixed_precision="bf16")
     assert [h["loss"] for h in fp32.history] != [h["loss"] for h in bf16.history]
+
+
+def test_fp16_under_deepspeed_or_megatron_counts_as_loss_scaled():
+    """accelerate builds no GradScaler for DeepSpeed and Megatron-LM, whose engines scale the loss themselves:
+    fp16 is theirs to run, not refused."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from mcsmoe_fast.train.loop import _scales_loss
+
+    for kind, scaled in ((DistributedType.DEEPSPEED, True), (DistributedType.MEGATRON_LM, True),
+                         (DistributedType.NO, False), (DistributedType.MULTI_GPU, False)):
+        assert _scales_loss(SimpleNamespace(scaler=None, distributed_type=kind)) is scaled
+    assert _scales_loss(SimpleNamespace(scaler=object(), distributed_type=DistributedType.NO))

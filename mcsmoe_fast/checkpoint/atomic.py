@@ -49,11 +49,17 @@ def keep_files(previous: Path, tmp: Path) -> None:
 
 def write_text_atomic(path, text: str) -> None:
     """Write `text` to the file `path` through a temporary file beside it and one rename: a kill or a full disk
-    leaves the previous file whole (a results table rewritten after every row must not lose the earlier rows)."""
+    leaves the previous file whole (a results table rewritten after every row must not lose the earlier rows).
+    A path that is not a regular file (/dev/stdout, a pipe) is written directly."""
+    if Path(path).exists() and not Path(path).is_file():  # /dev/stdout, a pipe: written as they are
+        Path(path).write_text(text)
+        return
     path = Path(os.path.realpath(path))  # a symlink's target is rewritten, not the link replaced
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         tmp.write_text(text)
+        if path.exists():
+            shutil.copymode(path, tmp)  # the file's permissions stay the user's
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -146,9 +152,21 @@ def restore_previous(target: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     for old in _set_aside(target, "old"):
         if not target.exists():
-            os.rename(old, target)
-        else:
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.rename(old, target)
+                continue
+            except OSError:  # another process (a rank of the same run) put it back first
+                if not target.exists():
+                    raise
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def previous_aside(target: Path) -> Path | None:
+    """The previous checkpoint a writer killed between _replace_dir's renames left aside, which restore_previous
+    would put back (None when `target` is in place or nothing is aside); read-only."""
+    target = Path(target)
+    aside = _set_aside(target, "old")
+    return aside[0] if aside and not target.exists() else None
 
 
 def _pid_alive(pid: int) -> bool:

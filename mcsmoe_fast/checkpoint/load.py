@@ -272,7 +272,7 @@ def from_pretrained(path, verify: bool = True, dtype: torch.dtype | str | None =
     from transformers import AutoConfig
     from transformers.initialization import no_init_weights
 
-    from ..models.hub import cast_as_loaded_, checked_dtype, model_class_for
+    from ..models.hub import cast_as_loaded_, check_float16_range, checked_dtype, model_class_for
 
     path, dtype = Path(path), checked_dtype(dtype)
     section = read_section(path)
@@ -304,6 +304,9 @@ def from_pretrained(path, verify: bool = True, dtype: torch.dtype | str | None =
     with slot_names():  # again: tensors given their stored dtype are new
         expected = model.state_dict()
     weights.copy_into(expected)  # one tensor at a time, one file open at a time: no second copy of the model
+    if quantized is not None and saved_dtype == torch.float16:  # FP8 / MXFP4 hold no inf: any is the cast's
+        for name, t in expected.items():
+            check_float16_range(name, t)
     model.tie_weights()
     read_generation_config(model, path)
     if dtype is not None:

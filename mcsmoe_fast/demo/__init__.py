@@ -3,6 +3,7 @@ and written out (measure.py, report.py). `--tour` runs tour.py instead: the pipe
 random Switch and Mixtral models, in seconds."""
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -25,6 +26,10 @@ def prepare_out_dir(out: Path) -> Path:
         if entries and not (out / MARK).is_file():
             raise FileExistsError(f"--out {out} is not empty and was not written by the demo (no {MARK} file; it "
                                   f"holds {', '.join(entries[:5])}): choose an empty or new directory")
+        for name in entries:  # a results file whose rewrite a kill interrupted (write_text_atomic's temporary)
+            if re.fullmatch(r"\.results\.json\.tmp-[0-9a-f]{8}", name):
+                (out / name).unlink()
+        entries = sorted(p.name for p in out.iterdir())
         foreign = [name for name in entries if name not in OUTPUTS]
         if foreign:
             raise FileExistsError(f"--out {out} holds files the demo did not write ({', '.join(foreign[:5])}); "

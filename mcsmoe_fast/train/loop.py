@@ -15,8 +15,8 @@ reached its final keep ratio, saved finalized). `resume=True` continues from `la
 settings (only `steps` and `eval_every` may change): same data order, optimizer and schedule, so the resumed run
 ends where an uninterrupted one would. Without `resume`, an output_dir that holds a run is refused, as is one that
 overlaps the directory the model or the teacher was loaded from. A non-finite loss stops the run before its update
-(fp16 mixed precision aside, where the loss scaler skips such steps; fp16 is refused where accelerate has no
-scaler, on a CPU).
+(fp16 mixed precision aside, where the loss scaler skips such steps; fp16 is refused where nothing scales the
+loss, on a CPU).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checkpoint import from_pretrained, save_pretrained
-from ..checkpoint.atomic import check_replaceable, restore_previous
+from ..checkpoint.atomic import check_replaceable, previous_aside, restore_previous
 from ..modules.compressed import CompressedMoEExperts
 from ..models import moe_layers
 from ..pruner import CompressionPruner
@@ -206,6 +206,15 @@ def check_output_dir(output_dir, config: TrainConfig, resume: bool, names=("outp
                          f"run in another {names[0]}")
 
 
+def _scales_loss(accelerator) -> bool:
+    """Whether fp16 steps are loss-scaled, so that an overflowing step is skipped: accelerate's GradScaler (none on a
+    CPU), or DeepSpeed's and Megatron-LM's own scalers (accelerate builds none for them)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.scaler is not None or accelerator.distributed_type in (DistributedType.DEEPSPEED,
+                                                                             DistributedType.MEGATRON_LM)
+
+
 def data_seed(seed: int) -> int:
     """The data order's seed for config.seed: accelerate's sampler shuffles epoch e with data_seed + e, so with the
     seed itself seed s's second epoch was seed s+1's first. A multiplicative (Fibonacci) hash sets different seeds'
@@ -225,7 +234,7 @@ def _setup(model: nn.Module, train_data, config: TrainConfig, collate_fn, teache
     accelerator = Accelerator(mixed_precision=config.mixed_precision,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
                                                                         data_seed=data_seed(config.seed)))
-    if config.mixed_precision == "fp16" and accelerator.scaler is None:
+    if config.mixed_precision == "fp16" and not _scales_loss(accelerator):
         raise ValueError(f"mixed_precision='fp16': accelerate runs no fp16 autocast and no loss scaler on "
                          f"{accelerator.device} (the run would train in the model's dtype, and a non-finite loss "
                          "would update the weights); use 'bf16' or 'no'")
@@ -352,7 +361,7 @@ def _optimizer_step(run: _Run, batch: dict, params: list[torch.Tensor]) -> torch
                               config.task_lambda, config.hd_lambda)
     else:
         loss = out.loss if getattr(out, "loss", None) is not None else task_loss(out.logits, labels, run.causal)
-    if run.accelerator.scaler is None and not torch.isfinite(loss):  # fp16: the loss scaler skips such a step itself
+    if config.mixed_precision != "fp16" and not torch.isfinite(loss):  # fp16 (loss-scaled: _setup) skips such a step
         raise FloatingPointError(_non_finite(run.step + 1, loss, parts))
     run.accelerator.backward(loss)
     if config.max_grad_norm is not None:
@@ -449,7 +458,8 @@ def _put_back(output_dir: Path) -> None:
 
 
 def resumable_step(output_dir) -> int | None:
-    """The step a run in output_dir would resume from (None: nothing to resume)."""
-    _put_back(Path(output_dir))
+    """The step a run in output_dir would resume from (None: nothing to resume); read-only (a latest/ left aside
+    by a kill is read where it is: the resume puts it back)."""
     path = Path(output_dir) / LATEST
+    path = previous_aside(path) or path
     return read_progress(path)["step"] if (path / "config.json").exists() else None
