@@ -19,9 +19,10 @@ Candidates (one benchmark group per layer, G and T; all in the same run):
                 experts implementation "mcsmoe_fast" (GPT-OSS: the fused op on its stored interleaved,
                 transposed banks, no copy); merged layers (and mixtral/switch) run MoEExperts with G
                 slots. Its output is checked against transformers' (grouped_mm; switch: eager).
-  dense_gemm_floor   (mixtral, T >= 128) two plain GEMMs (the GEMM our op calls: oneDNN for fp32 where
-                torch has it) with the FLOPs of our merged layer (same rows, one weight matrix): the speed
-                limit of this machine.
+  dense_gemm_floor   (mixtral, T >= 128) two plain GEMMs through oneDNN's linear for fp32 where torch has
+                it (one of the two GEMMs our op chooses between per shape by timing; at::mm is the other) with
+                the FLOPs of our merged layer (same rows, one weight matrix): about the speed limit of this
+                machine.
 batched_mm gathers every (token, expert) pair's weights ([T*k, F, d] + [T*k, d, ff]); cells where that is over
 4 GiB are skipped with a reason (qwen3 T >= 128: 18 GiB at T = 128; gpt-oss T >= 16: 5.9 GiB at T = 16).
 
@@ -239,7 +240,7 @@ def dense_gemm_floor(ours, x):
     rows = hidden.repeat(2, 1)[:pairs].contiguous()
     w_in, w_out = ours.experts.w_in[0], ours.experts.w_out[0]
 
-    def linear(a, w):  # the GEMM our op uses: torch's oneDNN linear where present (fp32), else MKL
+    def linear(a, w):  # oneDNN's linear where present (fp32; our op times it against at::mm per shape), else MKL
         if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
             return torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [None], "")
         return torch.mm(a, w.t())
