@@ -63,7 +63,8 @@ class MoELayer:
         return None
 
     def expert_biases(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(b_in [S, F], b_out [S, d]), or None for a family without expert biases."""
+        """(b_in [S, F], b_out [S, d]); each is None where the layer has no such bias (a family without expert
+        biases gives (None, None))."""
         experts = getattr(self.module, "experts", None)
         return getattr(experts, "b_in", None), getattr(experts, "b_out", None)
 
