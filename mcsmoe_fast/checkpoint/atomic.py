@@ -52,12 +52,12 @@ def write_text_atomic(path, text: str) -> None:
     leaves the previous file whole (a results table rewritten after every row must not lose the earlier rows).
     A path that is not a regular file (/dev/stdout, a pipe) is written directly."""
     if Path(path).exists() and not Path(path).is_file():  # /dev/stdout, a pipe: written as they are
-        Path(path).write_text(text)
+        Path(path).write_text(text, encoding="utf-8")
         return
     path = Path(os.path.realpath(path))  # a symlink's target is rewritten, not the link replaced
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
         if path.exists():
             shutil.copymode(path, tmp)  # the file's permissions stay the user's
         os.replace(tmp, path)

@@ -35,7 +35,7 @@ from .weight_files import WrittenWeights, sha256_file
 FORMAT_VERSION = 1  # one weights file
 SHARDED_FORMAT_VERSION = 2  # shards plus an index (readers of version 1 refuse it with a clear message)
 WEIGHTS_NAME = "mcsmoe_model.safetensors"
-WEIGHTS_METADATA = {"format": "pt", "producer": "mcsmoe-fast"}
+WEIGHTS_METADATA = {"format": "pt"}  # one key: safetensors writes several in a random order (bytes would differ run to run)
 
 
 def merged_layers(model: nn.Module) -> dict:

@@ -27,7 +27,7 @@ def read_config_json(path: Path):
     if not config_file.is_file():
         raise CheckpointError(f"{path}: no config.json; not a checkpoint directory")
     try:
-        return json.loads(config_file.read_text())
+        return json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{config_file}: corrupt JSON ({exc})") from exc
 
@@ -274,7 +274,7 @@ def from_pretrained(path, verify: bool = True, dtype: torch.dtype | str | None =
 
     from ..models.hub import cast_as_loaded_, check_float16_range, checked_dtype, model_class_for
 
-    path, dtype = Path(path), checked_dtype(dtype)
+    path, dtype = Path(path).expanduser(), checked_dtype(dtype)  # "~" as save_pretrained reads it
     section = read_section(path)
     if section is None:
         return load_plain(path, dtype)

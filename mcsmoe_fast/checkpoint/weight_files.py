@@ -166,7 +166,7 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), (
 def read_index(index: Path) -> dict[str, str]:
     """The weight_map {tensor name: file name} of a safetensors index file."""
     try:
-        raw = json.loads(index.read_text())
+        raw = json.loads(index.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{index}: index file is missing") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:

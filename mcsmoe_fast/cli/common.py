@@ -179,7 +179,7 @@ def weights_dtype(model: str):
     for name in ("model.safetensors", "pytorch_model.bin", WEIGHTS_NAME):
         first, index = directory / name, directory / f"{name}.index.json"
         if index.is_file():
-            first = directory / min(json.loads(index.read_text())["weight_map"].values())
+            first = directory / min(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
         if first.is_file():
             return get_state_dict_dtype(load_state_dict(str(first), map_location="meta"))
     return None

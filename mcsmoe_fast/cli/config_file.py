@@ -15,7 +15,7 @@ def read_config(path: str) -> dict:
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"--config {path}: no such file")
-    text = file.read_text()
+    text = file.read_text(encoding="utf-8")
     try:
         if file.suffix in (".yaml", ".yml"):
             import yaml

@@ -247,10 +247,11 @@ def check_hub(repo_id: str, what: str = "model") -> None:
     """One short request for the repo; a clear one-line error instead of huggingface_hub's retries (five, with
     backoff, about 50 s offline)."""
     from huggingface_hub import HfApi
+    from huggingface_hub.constants import ENV_VARS_TRUE_VALUES
 
     if repo_id in _SERVED:
         return
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ENV_VARS_TRUE_VALUES:  # read as huggingface_hub reads it
         raise ValueError(f"{what} {repo_id!r} is not a local directory nor in the Hugging Face cache, "
                          "and HF_HUB_OFFLINE is set")
     try:

@@ -83,7 +83,7 @@ class LayerErrors:
         from .quantized_standard import standard_routing
 
         path = Path(directory) / "config.json"
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
         previous = raw.get(ERROR_KEY) or {}
         method = previous.get("format") or raw["quantization_config"]["quant_method"]
         errors = {}

@@ -64,7 +64,7 @@ def checkpoint_format(spec) -> QuantFormat | None:
     config = Path(str(spec)).expanduser() / "config.json"
     if not config.is_file():
         return None
-    raw = json.loads(config.read_text())
+    raw = json.loads(config.read_text(encoding="utf-8"))
     return None if not isinstance(raw, dict) or MERGE_SECTION in raw else source_format(raw)
 
 
@@ -238,7 +238,7 @@ def write_quantized(src, dst, quantization_config: dict | None = None, scale_dty
     fmt = detect(quantization_config)
     if fmt is None:
         raise ValueError("quantization_config: expected a dict with quant_method 'fp8' or 'mxfp4'")
-    config = json.loads((src / "config.json").read_text())
+    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
     files = open_weight_files(src)
     if like is None:
         check_layout({n: torch.empty(s, dtype=files.dtypes[n], device="meta") for n, s in files.shapes.items()}, fmt,
@@ -333,7 +333,7 @@ def save_requantized(out, like, save, measure=None) -> dict | None:
 
 def saved_error(directory) -> dict | None:
     """The error report recorded in a checkpoint's config.json (ERROR_KEY), None when there is none."""
-    return json.loads((Path(directory) / "config.json").read_text()).get(ERROR_KEY)
+    return json.loads((Path(directory) / "config.json").read_text(encoding="utf-8")).get(ERROR_KEY)
 
 
 @torch.no_grad()

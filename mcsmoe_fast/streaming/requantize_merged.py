@@ -35,7 +35,7 @@ def stored_format(spec):
     config = Path(str(spec)).expanduser() / "config.json"
     if not config.is_file():
         return None
-    raw = json.loads(config.read_text())
+    raw = json.loads(config.read_text(encoding="utf-8"))
     return detect(raw.get("quantization_config")) if isinstance(raw, dict) else None
 
 
@@ -48,7 +48,7 @@ def requantize_merged(directory, like) -> dict | None:
     fmt = stored_format(like)
     if fmt is None:
         raise ValueError(f"{like}: not a block-FP8 or MXFP4 checkpoint (no quantization_config naming one)")
-    raw = json.loads((directory / "config.json").read_text())
+    raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     if MERGE_SECTION not in raw:
         raise ValueError(f"{directory}: not an mcsmoe-fast checkpoint (no {MERGE_SECTION} section in config.json)")
     source = LikeSource(QuantizedFiles(open_weight_files(like), fmt))

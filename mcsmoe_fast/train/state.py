@@ -65,7 +65,7 @@ def write_state(directory: Path, progress: dict, optimizer=None, scheduler=None,
 def read_progress(directory: Path) -> dict:
     path = Path(directory) / STATE_JSON
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: no readable training state ({exc})") from exc
 

@@ -39,7 +39,7 @@ def text_windows(path, tokenizer, length: int) -> Windows:
     if not file.is_file():
         raise FileNotFoundError(f"{path}: no such text file")
     try:
-        text = file.read_text()
+        text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path}: not UTF-8 text ({exc})") from exc
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
