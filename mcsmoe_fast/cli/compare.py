@@ -13,7 +13,7 @@ def add(sub):
     p.add_argument("--calib", required=True,
                    help="calibration text: a .txt file (one sample per line), a .jsonl file, or a dataset name")
     p.add_argument("--eval-text", required=True, help="a text file whose perplexity is measured")
-    p.add_argument("--eval-length", type=int, default=128, help="tokens per evaluation window")
+    p.add_argument("--eval-length", type=int, default=128, help="tokens per evaluation window (default 128)")
     p.add_argument("--methods", default="m-smoe,hc-smoe,reap,ream,frequency",
                    help="comma-separated methods (default m-smoe,hc-smoe,reap,ream,frequency; also m-smoe-standard, "
                         "hc-smoe-standard, and the merges then compressed: m-smoe+c, hc-smoe+c, ream+c)")

@@ -23,7 +23,7 @@ def add(sub):
     p.add_argument("--batch-size", type=int, default=None, help="default: the task's (paper) batch size, else 16")
     p.add_argument("--lr", type=float, default=None, help="learning rate; default: the task's (paper), else 1e-4")
     p.add_argument("--warmup-steps", type=int, default=16, help="linear warm-up steps (default 16)")
-    p.add_argument("--eval-every", type=int, default=100, help="steps between evaluations and checkpoints")
+    p.add_argument("--eval-every", type=int, default=100, help="steps between evaluations and checkpoints (default 100)")
     p.add_argument("--kd-lambda", type=float, default=None, help="with --teacher: weight of the KL term (default 0.2)")
     p.add_argument("--temperature", type=float, default=None, help="with --teacher: KD temperature (default 2)")
     p.add_argument("--hd-lambda", type=float, default=None,
