@@ -38,7 +38,7 @@ def open_source(path, out, dtype: torch.dtype | None, dispatched: bool = False, 
     from ..checkpoint.load import read_generation_config
     from .source import SourceCheckpoint
 
-    source = SourceCheckpoint(path, dispatched) if hint is None else SourceCheckpoint(path, dispatched, hint)
+    source = SourceCheckpoint(path, dispatched, hint)
     out = Path(out).expanduser().absolute()
     refuse_out_at_source(source.path, out)
     dtype = dtype or (torch.bfloat16 if source.quant is not None else torch.float32)  # quantized: bf16 work

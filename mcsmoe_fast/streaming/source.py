@@ -67,10 +67,10 @@ class SourceCheckpoint:
 
     float32_names: frozenset[str] | set[str] = frozenset()  # read in float32 whatever the dtype asked for (skeleton.py)
 
-    def __init__(self, path, dispatched: bool = False, hint: str = DEVICE_MAP_HINT):
+    def __init__(self, path, dispatched: bool = False, hint: str | None = None):
         """dispatched: the caller runs the model's own forward (accelerate device map) or none at all,
         so DISPATCH_TYPES are accepted too; `hint`: what to do instead when they are refused (a step without a
-        device map: IN_MEMORY_HINT)."""
+        device map: IN_MEMORY_HINT; None: DEVICE_MAP_HINT)."""
         from transformers import AutoConfig
 
         self.path = Path(path).expanduser().absolute()
@@ -82,7 +82,7 @@ class SourceCheckpoint:
         if model_type in DISPATCH_TYPES and not dispatched:
             raise ValueError(f"{self.path}: the layer-by-layer forward does not run {model_type!r} layers "
                              "(Qwen3-Next's and Qwen3.5-MoE's linear attention, Llama-4's own decoder layers, "
-                             f"Switch's encoder-decoder); {hint}")
+                             f"Switch's encoder-decoder); {hint or DEVICE_MAP_HINT}")
         if model_type not in SUPPORTED_TYPES + DISPATCH_TYPES:
             raise ValueError(f"{self.path}: streaming supports checkpoints of model_type "
                              f"{', '.join(SUPPORTED_TYPES + DISPATCH_TYPES)}, got {model_type!r}; "

@@ -207,7 +207,7 @@ def evaluate_task(model, tokenizer, task: Task | str, examples: Sequence[Mapping
     load_task_data(task, "validation")): predict_task, then score_predictions."""
     task = get_task(task)
     check_lengths(max_source_length, max_target_length)
-    check_examples(task, tokenizer, examples, max_target_length=max_target_length, label_scoring=label_scoring)
+    check_examples(task, tokenizer, examples, label_scoring=False)  # labels; predict_task checks the choices
     predictions = predict_task(model, tokenizer, task, examples, batch_size=batch_size,
                                max_new_tokens=max_new_tokens, max_source_length=max_source_length,
                                max_target_length=max_target_length, label_scoring=label_scoring,
