@@ -189,6 +189,9 @@ def compress_experts(
         raise ValueError(f"layers {again} are already compressed; compress a model once (from its merged form)")
     if importance == "activation" and stats is None:
         raise ValueError("importance='activation' needs stats=collect_routing_stats(model, batches, input_norms=True)")
+    if importance != "activation" and stats is not None:
+        raise ValueError(f"stats= is read only by importance='activation'; importance={importance!r} ranks the rows "
+                         "without it (drop stats=, or pass importance='activation')")
     # every layer's statistics are checked before the first layer is replaced: a refusal leaves the model as it was
     norms = {layer.name: _input_norms(stats, layer, layer.expert_weights()[0].shape[0])
              for layer in chosen} if importance == "activation" else {}

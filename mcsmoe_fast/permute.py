@@ -124,6 +124,8 @@ def match_permutations(
     cost matrix the float32 weights weight matching holds, or the bytes of temporaries cost_fn declares
     per problem (its `bytes_per_problem` attribute, if any). name (the layer's) prefixes the errors.
     """
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1:
+        raise ValueError(f"{name}: memory_budget must be a whole number of bytes >= 1, got {memory_budget!r}")
     num_slots, ff = w_in.shape[0], w_out.shape[-1]
     refs = torch.as_tensor(refs, dtype=torch.int64, device=w_in.device)
     _check_references(refs, num_slots, name)
@@ -257,6 +259,10 @@ def align_experts(
     """
     if strategy not in ("weight", "activation"):
         raise ValueError(f"strategy must be 'weight' or 'activation', got {strategy!r}")
+    if strategy == "activation" and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                     or max_tokens < 2):
+        raise ValueError("max_tokens must be a whole number >= 2 (activation matching correlates tokens), "
+                         f"got {max_tokens!r}")
     layers = moe_layers(model)
     refs = _resolve_references(reference, layers)
     inputs = None

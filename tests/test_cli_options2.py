@@ -107,3 +107,14 @@ def test_to_standard_refuses_an_expert_capacity_outside_switch():
     model, _ = merged_mixtral()
     with pytest.raises(ValueError, match="expert_capacity is Switch's setting; a mixtral model has none|no expert"):
         to_standard(model, "dominant", expert_capacity=4)
+
+
+def test_dtype_help_says_saved_only_where_the_command_saves():
+    """compare evaluates and writes no checkpoint: its --dtype help must not promise a saved dtype."""
+    from mcsmoe_fast.cli import build_parser
+
+    subparsers = next(a for a in build_parser()[0]._actions if a.choices and "compare" in a.choices).choices
+    helps = {name: next(a.help for a in subparsers[name]._actions if "--dtype" in a.option_strings)
+             for name in ("compare", "merge", "prune", "permute")}
+    assert "saved" not in helps["compare"] and "output size" not in helps["compare"]
+    assert all("loaded, worked on and saved in" in helps[name] for name in ("merge", "prune", "permute"))

@@ -41,3 +41,14 @@ def test_defaults_are_written_once():
     assert TrainConfig().keep_ratio == defaults.keep_ratio
     assert compress_options({}) == defaults.to_dict()
     assert CompressOptions(keep_ratio=1).keep_ratio == 1.0 and isinstance(CompressOptions(keep_ratio=1).keep_ratio, float)
+
+
+@pytest.mark.parametrize("importance", ["weight", "gradient"])
+def test_stats_without_activation_importance_are_refused_not_ignored(importance):
+    """stats= only feeds importance='activation': with another importance they were silently unused."""
+    from mcsmoe_fast.modules.compressed import CompressedMoEExperts
+
+    model = tiny_mixtral(num_experts=4)
+    with pytest.raises(ValueError, match=f"stats= is read only by importance='activation'; importance='{importance}'"):
+        compress_experts(model, importance=importance, stats={"model.layers.0.mlp": object()}, progress=False)
+    assert not any(isinstance(m, CompressedMoEExperts) for m in model.modules()), "refused before any layer changed"

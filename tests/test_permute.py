@@ -209,3 +209,17 @@ def test_non_finite_weights_are_named_by_layer_and_expert(value, tmp_path):
         align_experts(model, reference=0, progress=False)
     with pytest.raises(ValueError, match=rf"{layer.name}: aligning expert \d to expert \d needs finite weights"):
         mf.merge_experts(model, stats, 1, globally=False, layers=[1], progress=False)
+
+
+@pytest.mark.parametrize("budget", [0, -5, 2.5, True, "1GB"])
+def test_a_memory_budget_below_one_byte_or_not_a_number_is_refused(budget):
+    model = tiny_switch(num_experts=4)
+    with pytest.raises(ValueError, match=f"memory_budget must be a whole number of bytes >= 1, got {budget!r}"):
+        align_experts(model, memory_budget=budget, progress=False)
+
+
+@pytest.mark.parametrize("max_tokens", [0, 1, 2.0, None])
+def test_activation_matching_refuses_fewer_than_two_tokens_up_front(max_tokens):
+    model = tiny_switch(num_experts=4)
+    with pytest.raises(ValueError, match=f"max_tokens must be a whole number >= 2.*got {max_tokens!r}"):
+        align_experts(model, strategy="activation", batches=[], max_tokens=max_tokens, progress=False)

@@ -52,7 +52,7 @@ def add(sub):
                    help="with --max-memory: where the reduced checkpoints and the carried activations are written "
                         "and removed (default: inside --out)")
     add_calibration_options(p)
-    add_dtype_option(p)
+    add_dtype_option(p, saves=False)
     p.set_defaults(run=run)
     return p
 
