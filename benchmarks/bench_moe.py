@@ -19,10 +19,10 @@ Candidates (one benchmark group per layer, G and T; all in the same run):
                 experts implementation "mcsmoe_fast" (GPT-OSS: the fused op on its stored interleaved,
                 transposed banks, no copy); merged layers (and mixtral/switch) run MoEExperts with G
                 slots. Its output is checked against transformers' (grouped_mm; switch: eager).
-  dense_gemm_floor   (mixtral, T >= 128) two plain GEMMs through oneDNN's linear for fp32 where torch has
-                it (one of the two GEMMs our op chooses between per shape by timing; at::mm is the other) with
-                the FLOPs of our merged layer (same rows, one weight matrix): about the speed limit of this
-                machine.
+  dense_gemm_floor   (mixtral, T >= 128; the small block in fp32) two plain GEMMs through oneDNN's linear
+                for fp32 where torch has it (one of the two GEMMs our op chooses between per shape by timing;
+                at::mm is the other) with the FLOPs of our merged layer (same rows, one weight matrix): about
+                the speed limit of this machine.
 batched_mm gathers every (token, expert) pair's weights ([T*k, F, d] + [T*k, d, ff]); cells where that is over
 4 GiB are skipped with a reason (qwen3 T >= 128: 18 GiB at T = 128; gpt-oss T >= 16: 5.9 GiB at T = 16).
 
@@ -281,7 +281,8 @@ def test_mixtral_layer(benchmark, dt, G, T, impl):
 
 # The issue's merged block: Mixtral-shaped at an eighth of its width (d 512, ff 1792), merged 8 -> 4, against
 # transformers' grouped_mm and eager on the original 8 experts, T = 128 and 512, fp32 and bf16.
-SMALL_CASES = [(dt, T, impl) for dt in DTYPES for T in (128, 512) for impl in ("eager", "grouped_mm", "mcsmoe_fast")]
+SMALL_CASES = [(dt, T, impl) for dt in DTYPES for T in (128, 512)
+               for impl in ("eager", "grouped_mm", "mcsmoe_fast") + (("dense_gemm_floor",) if dt == "fp32" else ())]
 
 
 def mixtral_small_layer(dtype):
@@ -294,7 +295,11 @@ def test_mixtral_small_block(benchmark, dt, T, impl):
     hf, ours = layer(mixtral_small_layer, dtype)
     x = inputs(T, 512).to(dtype)
     group = f"mixtral {dt} d512 ff1792 E8 top2 8->4 T={T}"
-    if impl == "mcsmoe_fast":
+    if impl == "dense_gemm_floor":
+        with torch.inference_mode():
+            fn, benchmark.extra_info["rows"] = dense_gemm_floor(ours, x)
+        run(benchmark, group, impl, fn, ours, False, 10)
+    elif impl == "mcsmoe_fast":
         out = run(benchmark, group, impl, lambda: ours(x), ours, False, 10)
         hf.experts.config._experts_implementation = "grouped_mm"
         with torch.inference_mode():

@@ -18,8 +18,11 @@ Goals (T >= 128):
     Anchor `dense`: F.linear(x, W) with W reconstructed. Candidates: `ours` (ops.sparse_lowrank_linear);
     `three_dense` (the original's three dense products: F.linear(F.linear(x, V), U) + F.linear(x, S_dense)
     with S a full [out, in] matrix, zero outside the kept rows); `plain` ((x V^T) U^T, then
-    y.index_add_(1, row_idx, x S_rows^T)). extra_info: `weight_MB` (the bytes of weights the candidate
-    reads: W, the factors, or the factors and S_dense) and at T = 1 `GB_per_s` (those bytes over the median).
+    y.index_add_(1, row_idx, x S_rows^T)); `gemm_floor` (ours's GEMMs alone, one over the stacked [V; S_rows],
+    then the low-rank product, no kept-row add: the FLOPs of ours at this CPU's library GEMM speed, about the
+    fastest any implementation of the op can be here; timed only). extra_info: `weight_MB` (the bytes of
+    weights the candidate reads: W, the factors, or the factors and S_dense) and at T = 1 `GB_per_s` (those
+    bytes over the median).
 (b) test_mixtral_layer: a Mixtral-shaped layer (d 1024, ff 3584, E 8, top-2) merged to 4 slots
     (expert_map = arange(8) // 2), each slot compressed (w_in and w_out both rank 32 / keep 10%).
     Only the experts are timed, for every candidate alike: the router's top-k (T x 8 logits, the same for
@@ -78,7 +81,7 @@ def linear_layer(inn: int, out: int):
     return U, V, S_rows, row_idx, W, S_dense
 
 
-LINEAR_IMPLS = ["dense", "three_dense", "plain", "ours"]
+LINEAR_IMPLS = ["dense", "three_dense", "plain", "ours", "gemm_floor"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # bf16: every candidate in bf16; fewer cells (on CPUs without native bf16 ATen's bf16 GEMMs are several times
 # slower than fp32, and the anchors take long)
@@ -97,30 +100,46 @@ def record(benchmark, group: str, impl: str, versus: str):
         benchmark.extra_info[f"vs_{versus}"] = f"{seen[versus].stats.stats.median / benchmark.stats.stats.median:.2f}x"
 
 
+def gemm_floor(x, U, VS):
+    """ours's GEMMs with nothing around them: x [V; S_rows]^T (stacked once, outside the timed call), then the
+    first r columns times U^T; no kept-row add. The FLOPs of ours at this CPU's library GEMM speed."""
+    zz = F.linear(x, VS)
+    return torch.mm(zz[:, :U.shape[1]], U.t())
+
+
+def rounds_for(T: int, dtype: torch.dtype) -> int:
+    rounds = 200 if T == 1 else 40 if T <= 128 else 15
+    return rounds if dtype == torch.float32 else min(rounds, 10)
+
+
 @pytest.mark.parametrize("dt,inn,out,T,impl", LINEAR_CASES,
                          ids=[f"{dt}-{i}to{o}-T{T}-{m}" for dt, i, o, T, m in LINEAR_CASES])
 def test_linear(benchmark, dt, inn, out, T, impl):
     dtype = DTYPES[dt]
     U, V, S_rows, row_idx, W, S_dense = (t.to(dtype) if t.is_floating_point() else t for t in linear_layer(inn, out))
     x = torch.randn(T, inn, generator=torch.Generator().manual_seed(T)).to(dtype)
+    VS = torch.cat([V, S_rows])
     fns = {
         "dense": (lambda: F.linear(x, W), (W,)),
         "ours": (lambda: ops.sparse_lowrank_linear(x, U, V, S_rows, row_idx), (U, V, S_rows, row_idx)),
         "three_dense": (lambda: F.linear(F.linear(x, V), U) + F.linear(x, S_dense), (U, V, S_dense)),
         "plain": (lambda: F.linear(F.linear(x, V), U).index_add_(1, row_idx, F.linear(x, S_rows)), (U, V, S_rows, row_idx)),
+        "gemm_floor": (lambda: gemm_floor(x, U, VS), (U, VS)),
     }
     fn, weights = fns[impl]
     group = f"linear {dt} {inn}->{out} T={T}"
+    if impl == "gemm_floor":  # not the layer's output: timed only
+        benchmark.group = group
+        with torch.inference_mode():
+            benchmark.pedantic(fn, rounds=rounds_for(T, dtype), iterations=1, warmup_rounds=2)
+        return
     benchmark.group = group
     if impl == "dense":
         benchmark.extra_info["anchor"] = True
-    rounds = 200 if T == 1 else 40 if T <= 128 else 15
-    if dtype != torch.float32:
-        rounds = min(rounds, 10)
     with torch.inference_mode():
         if impl == "ours":
             settle(fn)
-        y = benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=2)
+        y = benchmark.pedantic(fn, rounds=rounds_for(T, dtype), iterations=1, warmup_rounds=2)
         tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
         torch.testing.assert_close(y.float(), F.linear(x.float(), W.float()), **tol)
     benchmark.extra_info["weight_MB"] = round(nbytes(*weights) / 2**20, 2)
