@@ -345,4 +345,16 @@ def collect_routing_stats(
                       desc="routing statistics" if progress else None)
     if seen == 0:
         raise ValueError("batches: no calibration batch was given")
-    return {name: acc.finish() for name, acc in accumulators.items()}
+    stats = {name: acc.finish() for name, acc in accumulators.items()}
+    refuse_unreached(stats.values())
+    return stats
+
+
+def refuse_unreached(stats: Iterable[LayerStats]) -> None:
+    """Refuse statistics of MoE layers no calibration token reached: every choice made from them (groups, merge
+    weights, kept experts, kept rows) would come from tie order alone."""
+    empty = [s.name for s in stats if s.tokens == 0]
+    if empty:
+        raise ValueError(f"no calibration token reached MoE layers {empty}: every token of the batches was padding "
+                         "(attention_mask 0; for an encoder-decoder's decoder layers, labels all -100 or a "
+                         "decoder_attention_mask of 0); give batches with real tokens")

@@ -226,12 +226,13 @@ def test_empty_tensors_are_not_recorded_as_ties():
 
 
 def test_streamed_fitted_router_refuses_batches_that_are_all_padding(tmp_path):
-    """The streamed merge's fitted rows, as to_standard's: all-padding batches reach no layer with a token."""
+    """The streamed merge's fitted rows, as to_standard's: all-padding batches reach no layer with a token (refused
+    by the statistics pass already, before any fitting)."""
     from mcsmoe_fast.streaming import merge_checkpoint
 
     tiny_moe("mixtral", num_layers=2).save_pretrained(tmp_path / "m")
     padding = [{"input_ids": torch.full((2, 5), 3), "attention_mask": torch.zeros(2, 5, dtype=torch.long)}]
-    with pytest.raises(ValueError, match="router='fitted': no calibration token reached layer model.layers.0.mlp"):
+    with pytest.raises(ValueError, match=r"no calibration token reached MoE layers \['model.layers.0.mlp'\]"):
         merge_checkpoint(tmp_path / "m", tmp_path / "out", padding, 4, format="standard", router="fitted",
                          progress=False)
     assert not (tmp_path / "out").exists()
