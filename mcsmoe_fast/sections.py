@@ -22,7 +22,28 @@ def record_merge(model: nn.Module, groupings: dict, stats: dict, method: dict) -
 
 
 def record_compression(model: nn.Module, layer_names, method: dict) -> None:
-    """The compression settings and the compressed layers, on model.config."""
+    """The compression settings and the compressed layers, on model.config: {"method", "layers"} while every
+    compressed layer shares one method, else {"methods": {layer: method}, "layers"} (layers compressed in calls
+    with different settings)."""
     config = getattr(model, "config", None)
-    if config is not None:
-        setattr(config, COMPRESS_SECTION, {"method": method, "layers": sorted(layer_names)})
+    if config is None:
+        return
+    methods = compression_methods(getattr(config, COMPRESS_SECTION, None) or {})
+    methods.update(dict.fromkeys(layer_names, method))
+    setattr(config, COMPRESS_SECTION, compression_section(methods))
+
+
+def compression_methods(section: dict) -> dict[str, dict]:
+    """{layer: its compression method} from a compression section."""
+    if "methods" in section:
+        return dict(section["methods"])
+    return dict.fromkeys(section.get("layers", []), section.get("method"))
+
+
+def compression_section(methods: dict[str, dict]) -> dict:
+    """The compression section of {layer: method} (see record_compression)."""
+    layers = sorted(methods)
+    first = methods[layers[0]] if layers else None
+    if all(m == first for m in methods.values()):
+        return {"method": first, "layers": layers}
+    return {"methods": {n: methods[n] for n in layers}, "layers": layers}

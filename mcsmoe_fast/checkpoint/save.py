@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from ..modules import slot_names
-from ..sections import COMPRESS_SECTION
+from ..sections import COMPRESS_SECTION, compression_methods, compression_section
 from .atomic import atomic_directory
 from .dense import to_dense
 from .standard import to_standard
@@ -32,8 +32,9 @@ def _write_merged(model: nn.Module, tmp: Path, max_shard_size: int | None = None
     config = model.config.__class__.from_dict(model.config.to_dict())
     compressed = sorted(n for n, entry in layers.items() if "compressed" in entry)
     if getattr(config, COMPRESS_SECTION, None) is not None:  # merged again since: only what is still compressed
+        methods = compression_methods(getattr(config, COMPRESS_SECTION))
         if compressed:
-            setattr(config, COMPRESS_SECTION, {**getattr(config, COMPRESS_SECTION), "layers": compressed})
+            setattr(config, COMPRESS_SECTION, compression_section({n: methods.get(n) for n in compressed}))
         else:
             delattr(config, COMPRESS_SECTION)
     write_merged_config(config, tmp, writer.finish(), aliases, layers, model_dtype(model))

@@ -137,16 +137,16 @@ def saved_dtype(model: str) -> str | None:
 DTYPE_CHOICES = ("float32", "bfloat16", "float16", "auto")
 
 
-def add_dtype_option(p, quantized: bool = False, saves: bool = True) -> None:
+def add_dtype_option(p, quantized: bool = False, saves: bool = True, extra: str = "") -> None:
     """--dtype; quantized: its default (None) keeps a block-FP8 / MXFP4 source's precision (run() resolves it);
-    saves: whether the command writes a checkpoint (compare evaluates only)."""
+    saves: whether the command writes a checkpoint (compare evaluates only); extra: appended to the help."""
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None if quantized else "float32",
                    help=f"dtype the model is {'loaded, worked on and saved' if saves else 'loaded and worked on'} in: "
                         "float32 (default), bfloat16, float16, or auto (the checkpoint's own, e.g. bfloat16 for "
                         f"Mixtral: half the memory{' and output size' if saves else ''})"
                         + ("; a block-FP8 or MXFP4 checkpoint is written in its own precision (bfloat16 work) unless "
                            "--dtype names a dtype (auto keeps it): then it is written dequantized in that dtype"
-                           if quantized else ""))
+                           if quantized else "") + extra)
 
 
 def dtype_option(args):

@@ -37,7 +37,8 @@ def add(sub):
     p.add_argument("--layers", nargs="+", default=None,
                    help="MoE layers to merge: names or positions in module order (default: all)")
     add_calibration_options(p)
-    add_dtype_option(p, quantized=True)
+    add_dtype_option(p, quantized=True, extra="; a merged or compressed input keeps the dtype it was saved in "
+                                             "unless --dtype names one")
     p.add_argument("--seed", type=int, default=0, help="seed of the random similarity basis")
     p.add_argument("--export-dense", action="store_true",
                    help="save a plain transformers checkpoint (every expert materialised) instead")

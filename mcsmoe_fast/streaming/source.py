@@ -76,8 +76,9 @@ class SourceCheckpoint:
         self.path = Path(path).expanduser().absolute()
         raw = read_config_json(self.path)
         if isinstance(raw, dict) and MERGE_SECTION in raw:
-            raise ValueError(f"{self.path} is already a merged mcsmoe-fast checkpoint; streaming merges plain "
-                             "transformers checkpoints (use the in-memory pipeline to merge it again)")
+            raise ValueError(f"{self.path} is already a merged mcsmoe-fast checkpoint, and the streamed steps read "
+                             "plain transformers checkpoints: merge it again in memory (without --max-memory); "
+                             "prune and permute work on the original model")
         model_type = raw.get("model_type") if isinstance(raw, dict) else None
         if model_type in DISPATCH_TYPES and not dispatched:
             raise ValueError(f"{self.path}: the layer-by-layer forward does not run {model_type!r} layers "
