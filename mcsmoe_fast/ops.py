@@ -11,6 +11,25 @@ from ._ext import _C  # noqa: F401  (loading it registers the ops)
 _lib = torch.ops.mcsmoe_fast
 
 
+def _refuse_derivative_transforms(op: str, *tensors) -> None:
+    """The fused ops have a backward for ordinary autograd only. Forward-mode AD (torch.func.jvp / jacfwd,
+    torch.autograd.forward_ad) would drop the tangent silently (a zero derivative), and torch.func's grad
+    transforms (grad, jacrev, vmap(grad)) fail naming an autograd.Function the user never wrote: both are
+    refused by name. torch.vmap of the forward and torch.compile are unaffected."""
+    if torch._C._functorch.maybe_current_level() is not None:
+        from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
+
+        kind = retrieve_current_functorch_interpreter().key()
+        if kind in (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp):
+            raise NotImplementedError(f"{op}: torch.func's grad / jvp transforms (grad, jacrev, jacfwd, jvp, "
+                                      "hessian) are not supported by the fused op; use ordinary autograd "
+                                      f"(.backward / torch.autograd.grad) or mcsmoe_fast.reference.{op}")
+    if torch.autograd.forward_ad._current_level >= 0 and any(
+            t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(f"{op}: forward-mode AD (a dual tensor) is not supported by the fused op; use "
+                                  f"ordinary autograd or mcsmoe_fast.reference.{op}")
+
+
 # --- linear assignment ---------------------------------------------------------------------------
 def linear_assignment(cost: torch.Tensor, maximize: bool = False) -> torch.Tensor:
     """Optimal assignment of rows to columns for cost [n, m] or a batch [B, n, m].
@@ -139,6 +158,7 @@ def grouped_expert_ffn(
     dtype): under torch.autocast it runs with autocast off, hidden and top_k_weights in the weights' dtype, and
     returns hidden's dtype, with or without gradients (as the compressed slots do, modules/compressed.py).
     """
+    _refuse_derivative_transforms("grouped_expert_ffn", hidden, w_in, w_out, top_k_weights, b_in, b_out)
     if torch.amp.is_autocast_available(hidden.device.type) and torch.is_autocast_enabled(hidden.device.type):
         with torch.autocast(hidden.device.type, enabled=False):
             dtype = w_in.dtype
@@ -292,6 +312,7 @@ def sparse_lowrank_linear(x, U, V, S_rows, row_idx, bias=None):
     float64, bfloat16, float16) and CUDA (float32, float16, bfloat16). Differentiable in x, U, V,
     S_rows and bias. Equals reference.sparse_lowrank_linear.
     """
+    _refuse_derivative_transforms("sparse_lowrank_linear", x, U, V, S_rows, bias)
     return _lib.sparse_lowrank_linear(x, U, V, S_rows, row_idx, bias)
 
 
@@ -350,6 +371,7 @@ def grouped_expert_ffn_slr(hidden, w_in, w_out, expert_map, top_k_index, top_k_w
     distinct within a slot). Shapes otherwise as in grouped_expert_ffn (w_in: out = F, in = d; w_out:
     out = d, in = ff); b_in [S, F], b_out [S, d] (optional expert biases), alpha and limit as there
     (GPT-OSS's). Equals reference.grouped_expert_ffn_slr (the dense reconstruction)."""
+    _refuse_derivative_transforms("grouped_expert_ffn_slr", hidden, *w_in, *w_out, top_k_weights, b_in, b_out)
     return _lib.grouped_expert_ffn_slr(hidden, list(w_in), list(w_out), expert_map, top_k_index, top_k_weights,
                                        activation, b_in, b_out, alpha, limit)
 
