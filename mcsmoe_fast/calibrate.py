@@ -346,11 +346,11 @@ def collect_routing_stats(
     if seen == 0:
         raise ValueError("batches: no calibration batch was given")
     stats = {name: acc.finish() for name, acc in accumulators.items()}
-    refuse_unreached(stats.values())
+    refuse_unmeasured(stats.values())
     return stats
 
 
-def refuse_unreached(stats: Iterable[LayerStats]) -> None:
+def refuse_unmeasured(stats: Iterable[LayerStats]) -> None:
     """Refuse statistics of MoE layers no calibration token reached: every choice made from them (groups, merge
     weights, kept experts, kept rows) would come from tie order alone."""
     empty = [s.name for s in stats if s.tokens == 0]

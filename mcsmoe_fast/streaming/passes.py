@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import merge as merge_module
-from ..calibrate import LayerStats, layer_accumulator, refuse_unreached
+from ..calibrate import LayerStats, layer_accumulator, refuse_unmeasured
 from ..checkpoint import layer_entry
 from ..checkpoint.standard_plan import plan_from_grouping
 from ..checkpoint.standard_router import keep_tokens, router_state
@@ -255,7 +255,7 @@ def _run_with_statistics(s: Stream, store: ActivationStore, i: int, name: str, l
                   lambda batch: current.update(mask=batch.attention_mask))
         if acc is not None:  # while the layer still holds its weights: the expert-output basis reads w_out
             s.stats[view.name] = acc[0].finish()
-            refuse_unreached([s.stats[view.name]])
+            refuse_unmeasured([s.stats[view.name]])
     finally:
         if acc is not None:
             acc[1].remove()
