@@ -36,7 +36,8 @@ Every accumulator has a fixed size, so memory does not grow with the number of t
 Which tokens count: `attention_mask` excludes padding; the decoder layers of an encoder-decoder model
 use `decoder_attention_mask` when the batch has one; otherwise `labels != -100` when it has labels, the
 `attention_mask` when the decoder reads the input text itself (hooks.complete_inputs), and every decoder
-token when it gives `decoder_input_ids` without a mask.
+token when it gives `decoder_input_ids` without a mask. Batches of padding alone are refused, and a step that
+changes a layer no calibration token reached (merge, prune, activation compression) refuses it by name.
 Which experts count: those the block's own router chooses (never a drop-baseline router's masked experts).
 """
 from __future__ import annotations
@@ -346,13 +347,16 @@ def collect_routing_stats(
     if seen == 0:
         raise ValueError("batches: no calibration batch was given")
     stats = {name: acc.finish() for name, acc in accumulators.items()}
-    refuse_unmeasured(stats.values())
+    if all(s.tokens == 0 for s in stats.values()):  # never useful; a layer left unreached is refused where used
+        refuse_unmeasured(stats.values())
     return stats
 
 
 def refuse_unmeasured(stats: Iterable[LayerStats]) -> None:
-    """Refuse statistics of MoE layers no calibration token reached: every choice made from them (groups, merge
-    weights, kept experts, kept rows) would come from tie order alone."""
+    """Refuse statistics of MoE layers no calibration token reached, where a step uses them: every choice made
+    from them (groups, merge weights, kept experts, kept rows) would come from tie order alone. Called by the
+    steps on the layers they change (merge_experts, prune's kept_experts, activation compression, the streamed
+    statistics passes), so merging only a Switch encoder on batches without decoder labels still works."""
     empty = [s.name for s in stats if s.tokens == 0]
     if empty:
         raise ValueError(f"no calibration token reached MoE layers {empty}: every token of the batches was padding "

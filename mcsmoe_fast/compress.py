@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrate import LayerStats
+from .calibrate import LayerStats, refuse_unmeasured
 from .modules.compressed import CompressedMoEExperts
 from .models import MoELayer, moe_layers, select_layers
 from .checkpoint.plain_save import guard_plain_save
@@ -153,6 +153,7 @@ def _input_norms(stats: Mapping[str, LayerStats] | None, layer: MoELayer, num_sl
         raise ValueError(f"importance='activation' needs routing statistics of layer {layer.name!r}: "
                          "stats=collect_routing_stats(model, batches, input_norms=True) on this model")
     s = stats[layer.name]
+    refuse_unmeasured([s])
     if s.slot_input_sq is None or s.slot_hidden_sq is None:
         raise ValueError(f"stats[{layer.name!r}] has no input norms: collect them with input_norms=True")
     if s.slot_input_sq.shape[0] != num_slots:

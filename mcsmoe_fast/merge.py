@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrate import LayerStats
+from .calibrate import LayerStats, refuse_unmeasured
 from .drop import check_maskable, install_logit_mask
 from .grouping import (
     ALL_GROUPINGS, MERGE_STRATEGIES, SIMILARITY_BASES, LayerGrouping, group_counts, group_layer, layer_seed,
@@ -167,6 +167,7 @@ def merge_experts(
         for layer in chosen:
             check_maskable(layer)
     layer_stats = {layer.name: _stats_for(stats, layer) for layer in chosen}
+    refuse_unmeasured(layer_stats.values())
     n_group = routing_groups(model.config) if within_routing_groups else 1
     counts = group_counts({n: s.frequency for n, s in layer_stats.items()}, num_groups, globally, n_group)
     check_saliency_grouping(grouping, layer_stats, counts, max_group_size)

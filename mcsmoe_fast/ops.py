@@ -16,14 +16,15 @@ def _refuse_derivative_transforms(op: str, *tensors) -> None:
     torch.autograd.forward_ad) would drop the tangent silently (a zero derivative), and torch.func's grad
     transforms (grad, jacrev, vmap(grad)) fail naming an autograd.Function the user never wrote: both are
     refused by name. torch.vmap of the forward and torch.compile are unaffected."""
-    if torch._C._functorch.maybe_current_level() is not None:
-        from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
+    if torch._C._functorch.maybe_current_level() is not None:  # inside torch.func transforms: any of them a derivative?
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
-        kind = retrieve_current_functorch_interpreter().key()
-        if kind in (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp):
+        derivative = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
+        if any(level.key() in derivative for level in retrieve_all_functorch_interpreters()):
             raise NotImplementedError(f"{op}: torch.func's grad / jvp transforms (grad, jacrev, jacfwd, jvp, "
                                       "hessian) are not supported by the fused op; use ordinary autograd "
                                       f"(.backward / torch.autograd.grad) or mcsmoe_fast.reference.{op}")
+        return  # vmap alone: its tensors are batched (unpack_dual has no batching rule), and no tangent is there
     if torch.autograd.forward_ad._current_level >= 0 and any(
             t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors):
         raise NotImplementedError(f"{op}: forward-mode AD (a dual tensor) is not supported by the fused op; use "

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .calibrate import LayerStats
+from .calibrate import LayerStats, refuse_unmeasured
 from .checkpoint.format import model_dtype
 from .checkpoint.standard import carry_generation_config, copy_shared_tensors, standard_config, write_experts
 from .checkpoint.standard_plan import LayerPlan
@@ -146,6 +146,7 @@ def kept_experts(model: nn.Module, stats: Mapping[str, LayerStats], num_experts:
         if s is None or s.num_experts != layer.num_experts:
             raise ValueError(f"stats: no routing statistics of layer {layer.name!r} with {layer.num_experts} experts "
                              "(collect them with collect_routing_stats on this model)")
+        refuse_unmeasured([s])
         kept[layer.name] = top_experts(expert_scores(s, method), num_keep, n_group)
     return kept
 

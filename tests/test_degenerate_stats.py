@@ -1,6 +1,7 @@
 """Degenerate calibration that real runs produce: statistics of MoE layers no token reached are refused (every
 choice made from them came from tie order), and a per-layer num_groups mapping may name only merged layers."""
 import copy
+import json
 import re
 
 import pytest
@@ -36,13 +37,37 @@ def test_one_real_token_is_enough():
     assert [s.tokens for s in stats.values()] == [1, 1]
 
 
-def test_switch_decoder_layers_without_a_label_are_named():
+def switch_without_decoder_labels():
     model = tiny_switch(num_experts=4)
     x = ids((2, 8))
     batch = dict(input_ids=x, attention_mask=torch.ones_like(x), labels=torch.full((2, 4), -100))
-    with pytest.raises(ValueError, match=r"reached MoE layers \['decoder\.block\.1\.layer\.2\.mlp', "
-                                         r"'decoder\.block\.3\.layer\.2\.mlp'\]"):
-        collect_routing_stats(model, [batch], progress=False)
+    return model, collect_routing_stats(model, [batch], progress=False, input_norms=True)
+
+
+DECODER = r"\['decoder\.block\.1\.layer\.2\.mlp', 'decoder\.block\.3\.layer\.2\.mlp'\]"
+
+
+def test_the_unreached_layers_a_step_uses_are_named():
+    """A Switch decoder whose labels are all -100 sees no token: merging it would collapse each decoder layer by
+    tie order. Merging, pruning and activation compression name its layers."""
+    from mcsmoe_fast import compress_experts
+    from mcsmoe_fast.prune import prune_experts
+
+    model, stats = switch_without_decoder_labels()
+    assert [s.tokens for s in stats.values()] == [16, 16, 0, 0]
+    with pytest.raises(ValueError, match=f"no calibration token reached MoE layers {DECODER}"):
+        merge_experts(model, stats, 2, globally=False, progress=False)
+    with pytest.raises(ValueError, match=r"no calibration token reached MoE layers \['decoder\.block\.1"):
+        prune_experts(model, stats, num_experts=2, method="frequency")
+    with pytest.raises(ValueError, match=r"no calibration token reached MoE layers \['decoder\.block\.1"):
+        compress_experts(model, importance="activation", stats=stats, progress=False)
+
+
+def test_merging_only_the_layers_the_batches_reached_still_works():
+    model, stats = switch_without_decoder_labels()
+    encoder = [name for name in stats if name.startswith("encoder")]
+    groupings = merge_experts(model, stats, 2, globally=False, layers=encoder, progress=False)
+    assert sorted(groupings) == encoder and all(g.num_groups == 2 for g in groupings.values())
 
 
 def test_the_streamed_merge_refuses_padding_alone_and_writes_nothing(tmp_path):
@@ -65,3 +90,21 @@ def test_a_count_for_a_layer_that_is_not_merged_is_refused(num_groups, layers, e
         merge_experts(model, stats, num_groups, globally=False, layers=layers, progress=False)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "refused before any layer changed"
+
+
+@pytest.mark.parametrize("layers,refused", [(None, True), ([0, 1], False)])
+def test_the_device_map_merge_refuses_only_the_unreached_layers_it_merges(tmp_path, layers, refused):
+    """Switch streams through accelerate's device map; its statistics pass checks the chosen layers alone."""
+    tiny_switch(num_experts=4).save_pretrained(tmp_path / "src")
+    x = ids((2, 8))
+    batches = [dict(input_ids=x, attention_mask=torch.ones_like(x), labels=torch.full((2, 4), -100))]
+    run = lambda: merge_checkpoint(tmp_path / "src", tmp_path / "out", batches, 2, globally=False,  # noqa: E731
+                                   layers=layers, device_map="cpu", progress=False)
+    if refused:
+        with pytest.raises(ValueError, match=f"no calibration token reached MoE layers {DECODER}"):
+            run()
+        assert not (tmp_path / "out").exists()
+    else:
+        run()
+        config = json.loads((tmp_path / "out" / "config.json").read_text())
+        assert sorted(config["mcsmoe_merge"]["layers"]) == ["encoder.block.1.layer.1.mlp", "encoder.block.3.layer.1.mlp"]

@@ -96,3 +96,29 @@ def test_a_jvp_through_an_optimized_model_is_refused_where_the_plain_model_gives
     fast = mcsmoe_fast.optimize(copy.deepcopy(base))
     with pytest.raises(NotImplementedError, match="grouped_expert_ffn: torch.func's grad / jvp transforms"):
         torch.func.jvp(lambda e: fast(inputs_embeds=e).logits, (emb,), (torch.ones_like(emb),))
+
+
+@pytest.mark.parametrize("op", ["grouped_expert_ffn", "sparse_lowrank_linear"])
+@pytest.mark.parametrize("outer", ["jacfwd", "grad"])
+def test_a_derivative_around_a_vmapped_forward_is_refused_by_name(op, outer):
+    """The derivative transform is outside, vmap the innermost: every level is looked at, not the innermost."""
+    fn, case, name = CASES[op]
+    c = case()
+    batch = torch.stack([c[name], 2 * c[name]])
+    vmapped = lambda xx: torch.vmap(lambda t: fn(t, c))(xx)  # noqa: E731
+    with pytest.raises(NotImplementedError, match=f"^{op}: torch.func's grad / jvp transforms"):
+        if outer == "grad":
+            torch.func.grad(lambda xx: vmapped(xx).sum())(batch)
+        else:
+            torch.func.jacfwd(vmapped)(batch)
+
+
+@pytest.mark.parametrize("op", ["grouped_expert_ffn", "sparse_lowrank_linear"])
+def test_vmap_of_the_forward_runs_inside_a_dual_level(op):
+    """No dual tensor, only an open forward-AD level: vmap's batched tensors are not inspected for tangents."""
+    fn, case, name = CASES[op]
+    c = case()
+    batch = torch.stack([c[name], -c[name]])
+    with fwAD.dual_level():
+        got = torch.vmap(lambda t: fn(t, c))(batch)
+    torch.testing.assert_close(got, torch.stack([fn(t, c) for t in batch]))

@@ -19,7 +19,7 @@ import gc
 
 import torch
 
-from ..calibrate import LayerStats, collect_routing_stats
+from ..calibrate import LayerStats, collect_routing_stats, refuse_unmeasured
 from ..models.dispatched import compute_device
 from ..checkpoint.weight_files import parse_size
 from .forward import Batch
@@ -102,7 +102,9 @@ def dispatched_statistics(source, dtype: torch.dtype, batches: list[Batch], base
     finally:
         del model
         gc.collect()
-    return {name: st.to("cpu") for name, st in stats.items() if name in chosen}, placed
+    chosen_stats = {name: st.to("cpu") for name, st in stats.items() if name in chosen}
+    refuse_unmeasured(chosen_stats.values())
+    return chosen_stats, placed
 
 
 def embedded(encoder_decoder: bool, embeddings, batch: dict) -> dict:
