@@ -176,14 +176,26 @@ def load_tokenizer(path: str):
         except FileNotFoundError as exc:  # this function's one error type
             raise ValueError(str(exc)) from None
         try:
-            return AutoTokenizer.from_pretrained(path, local_files_only=True)
+            return _without_loading_settings(AutoTokenizer.from_pretrained(path, local_files_only=True))
         except Exception:  # not cached (or only partly): transformers fetches it below
             pass
     try:
-        return AutoTokenizer.from_pretrained(local if local.is_dir() else path)
+        return _without_loading_settings(AutoTokenizer.from_pretrained(local if local.is_dir() else path))
     except Exception as exc:  # transformers raises OSError, ValueError or others depending on what is missing
         raise ValueError(f"no tokenizer could be loaded from {path!r} ({type(exc).__name__}: {exc}); "
                          "pass --tokenizer DIR with a tokenizer for this model") from exc
+
+
+LOADING_SETTINGS = ("is_local", "local_files_only")  # how transformers found the files, not the tokenizer
+
+
+def _without_loading_settings(tokenizer):
+    """The tokenizer without the loading settings transformers keeps in init_kwargs, which save_pretrained would
+    write into every output's tokenizer_config.json (local_files_only: true under HF_HUB_OFFLINE=1 or from the
+    cache, false otherwise: two identical runs wrote different files)."""
+    for key in LOADING_SETTINGS:
+        tokenizer.init_kwargs.pop(key, None)
+    return tokenizer
 
 
 def check_batches(batches: list[dict], tokenizer, vocab_size: int) -> None:

@@ -12,6 +12,7 @@ from ..drop import install_logit_mask
 from ..models import moe_layers
 from ..modules import BANK_FIELDS, CompressedMoEExperts, MoEExperts, slot_names
 from ..quant import detect
+from ..quant.report import drop_quantization
 from ..quant.files import QuantizedFiles
 from ..sections import MERGE_SECTION
 from .format import FORMAT_VERSION, SHARDED_FORMAT_VERSION, WEIGHTS_NAME
@@ -287,7 +288,7 @@ def from_pretrained(path, verify: bool = True, dtype: torch.dtype | str | None =
     quantized = detect(getattr(config, "quantization_config", None))
     if quantized is not None:  # block-FP8 / MXFP4 tensors (a streamed merge of such a source) load dequantized
         weights = QuantizedFiles(files, quantized)
-        del config.quantization_config  # the model in memory is not quantized
+        drop_quantization(config)  # the model in memory is not quantized
     saved_dtype = getattr(torch, section.get("dtype", "float32"))
     if quantized is not None and dtype is not None:
         saved_dtype = dtype  # dequantized straight into the dtype asked for, not rounded to the working dtype first

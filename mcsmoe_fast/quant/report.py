@@ -11,6 +11,17 @@
 """
 from __future__ import annotations
 
+ERROR_KEY = "mcsmoe_quantization"  # config.json: the output's format and the error re-quantizing added
+
+
+def drop_quantization(config) -> None:
+    """`config` for a model or an output that is no longer quantized (dequantized on loading, or written in a
+    float dtype): without quantization_config, and without the re-quantization report of the checkpoint it came
+    from, which describes tensors that are no longer there."""
+    for key in ("quantization_config", ERROR_KEY):
+        if getattr(config, key, None) is not None:
+            delattr(config, key)
+
 
 def summarize(method: str, layers: dict[str, dict] | None = None, tensors: dict[str, float] | None = None) -> dict | None:
     """The report of `layers` and `tensors` (None when both are empty)."""

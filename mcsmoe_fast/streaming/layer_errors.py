@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 
 from ..models import moe_layers
-from ..quant.report import summarize
+from ..quant.report import ERROR_KEY, summarize
 from .layer_error import layer_error
-from .requantize_merged import ERROR_KEY
 
 
 def read_standard_banks(directory, names) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

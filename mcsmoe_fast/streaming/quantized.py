@@ -37,7 +37,7 @@ import torch
 from ..checkpoint.weight_files import ShardWriter
 from ..quant import QuantFormat, detect
 from ..quant.files import QuantizedFiles
-from ..quant.report import describe_error, summarize
+from ..quant.report import ERROR_KEY, describe_error, drop_quantization, summarize
 from ..quant.requantize import (LikeSource, check_layout, dequantize_parts, not_converted, quantizable, quantize_tensor,
                                 relative_error, stored_scale_dtype)
 from .layer_error import layer_error
@@ -47,7 +47,6 @@ __all__ = ["describe_error", "dequantize_parts", "quantize_tensor", "relative_er
            "record_error", "ErrorProbe", "QuantizingWriter"]
 
 PROBE_TOKENS = 256  # calibration tokens per layer the output error is measured on (kept until the layer is merged)
-ERROR_KEY = "mcsmoe_quantization"  # config.json: the output's format and the error re-quantizing added
 
 
 def source_format(config: dict) -> QuantFormat | None:
@@ -191,9 +190,8 @@ def record_error(config, writer) -> dict | None:
 
 
 def dequantized_config(config) -> None:
-    """A config for a dequantized output: without quantization_config."""
-    if getattr(config, "quantization_config", None) is not None:
-        del config.quantization_config
+    """A config for a dequantized output: without quantization_config (nor a re-quantization report)."""
+    drop_quantization(config)
 
 
 @torch.no_grad()
@@ -350,8 +348,7 @@ def load_dequantized(path, dtype: torch.dtype | None = None) -> torch.nn.Module:
     source = SourceCheckpoint(path, dispatched=True)
     dtype = dtype or torch.bfloat16
     config = source.config
-    if getattr(config, "quantization_config", None) is not None:
-        del config.quantization_config  # the model in memory is not quantized
+    drop_quantization(config)  # the model in memory is not quantized
     with no_init_weights():
         model = model_class_for(config).from_config(config, dtype=dtype)
     keep_float32_(model, dtype)  # as from_pretrained keeps them

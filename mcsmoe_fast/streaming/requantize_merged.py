@@ -19,14 +19,13 @@ from pathlib import Path
 
 from ..quant import detect
 from ..quant.files import QuantizedFiles
-from ..quant.report import summarize
+from ..quant.report import ERROR_KEY, summarize
 from ..quant.requantize import LikeSource, dequantize_parts, relative_error
 from ..sections import MERGE_SECTION
 from ..checkpoint.atomic import atomic_directory
 from ..checkpoint.format import FORMAT_VERSION, WEIGHTS_METADATA, WEIGHTS_NAME
 from ..checkpoint.weight_files import ShardWriter
 
-ERROR_KEY = "mcsmoe_quantization"
 
 
 def stored_format(spec):
