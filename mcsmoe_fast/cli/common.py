@@ -2,6 +2,7 @@
 writing over the input model, calibration options, sizes."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -185,3 +186,22 @@ def weights_dtype(model: str):
         if first.is_file():
             return get_state_dict_dtype(load_state_dict(str(first), map_location="meta"))
     return None
+
+
+def save_requantized_merged(model, out, like, tokenizer) -> tuple[Path, str]:
+    """Save the compressed or merged model of the block-FP8 / MXFP4 checkpoint `like` to `out` in `like`'s precision
+    (streaming/requantize_merged.py), replacing `out` once all is done: the dequantized save and its
+    re-quantization happen in a scratch directory next to `out`, so a failure or Ctrl-C leaves what `out` held.
+    Returns (out, the error re-quantizing added, in words)."""
+    from ..checkpoint import atomic_directory, save_pretrained, scratch_directory
+    from ..streaming.quantized import describe_error
+    from ..streaming.requantize_merged import requantize_merged
+
+    target = Path(out).expanduser().absolute()
+    real = Path(os.path.realpath(target))
+    with atomic_directory(target) as tmp, scratch_directory(real.parent, f".{real.name}.dequantized-") as scratch:
+        save_pretrained(model, scratch / "model", tokenizer=tokenizer)
+        report = requantize_merged(scratch / "model", like)
+        for file in (scratch / "model").iterdir():
+            os.replace(file, tmp / file.name)
+    return target, describe_error(report)

@@ -1,12 +1,10 @@
 """mcsmoe-fast compress: MC-SMoE one-shot (low-rank factors plus kept rows) and save."""
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 
 from .common import (DTYPE_CHOICES, add_calibration_options, calibration_defaults, dir_bytes, dtype_option,
-                     layers_option, parameter_bytes, refuse_overwriting_input, subcommand)
+                     layers_option, parameter_bytes, refuse_overwriting_input, save_requantized_merged, subcommand)
 
 
 def add(sub):
@@ -107,30 +105,12 @@ def run(args) -> int:
     after = parameter_bytes(model)
     print(f"compressed {len(modules)} layers in {elapsed:.2f} s")
     if keep_quantization:
-        out = save_requantized_merged(model, args.out, args.model, tokenizer)
+        out, error = save_requantized_merged(model, args.out, args.model, tokenizer)
+        print(f"non-expert tensors kept in the input's precision ({stored_format(args.model).method}), the compressed "
+              "experts' factors in the working dtype; " + error)
     else:
         out = save_pretrained(model, args.out, tokenizer=tokenizer)
     print(f"parameters: {before / 2**20:.2f} MiB before, {after / 2**20:.2f} MiB after compressing "
           f"({before / max(after, 1):.2f}x smaller)")
     print(f"saved checkpoint to {out} ({dir_bytes(out) / 2**20:.2f} MiB on disk)")
     return 0
-
-
-def save_requantized_merged(model, out, like, tokenizer) -> Path:
-    """Save the compressed model of the block-FP8 / MXFP4 checkpoint `like` to `out` in `like`'s precision
-    (streaming/requantize_merged.py), replacing `out` once all is done: the dequantized save and its
-    re-quantization happen in a scratch directory next to `out`, so a failure or Ctrl-C leaves what `out` held."""
-    from ..checkpoint import atomic_directory, save_pretrained, scratch_directory
-    from ..streaming.quantized import describe_error
-    from ..streaming.requantize_merged import requantize_merged, stored_format
-
-    target = Path(out).expanduser().absolute()
-    real = Path(os.path.realpath(target))
-    with atomic_directory(target) as tmp, scratch_directory(real.parent, f".{real.name}.dequantized-") as scratch:
-        save_pretrained(model, scratch / "model", tokenizer=tokenizer)
-        report = requantize_merged(scratch / "model", like)
-        for file in (scratch / "model").iterdir():
-            os.replace(file, tmp / file.name)
-    print(f"non-expert tensors kept in the input's precision ({stored_format(like).method}), the compressed "
-          "experts' factors in the working dtype; " + describe_error(report))
-    return target

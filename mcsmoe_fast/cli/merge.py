@@ -7,7 +7,8 @@ from functools import partial
 from pathlib import Path
 
 from .common import (add_calibration_options, add_dtype_option, device_map_option, dir_bytes, dtype_option,
-                     layers_option, parameter_bytes, per_device_sizes, refuse_overwriting_input, saved_dtype, subcommand)
+                     layers_option, parameter_bytes, per_device_sizes, refuse_overwriting_input, save_requantized_merged,
+                     saved_dtype, subcommand)
 
 
 def add(sub):
@@ -38,7 +39,9 @@ def add(sub):
                    help="MoE layers to merge: names or positions in module order (default: all)")
     add_calibration_options(p)
     add_dtype_option(p, quantized=True, extra="; a merged or compressed input keeps the dtype it was saved in "
-                                             "unless --dtype names one")
+                                             "unless --dtype names one, and our merge of a block-FP8 / MXFP4 "
+                                             "checkpoint merged again keeps that precision in the exact format "
+                                             "(--format standard and --export-dense write it dequantized)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random similarity basis")
     p.add_argument("--export-dense", action="store_true",
                    help="save a plain transformers checkpoint (every expert materialised) instead")
@@ -164,11 +167,16 @@ def run(args) -> int:
     batches = calibration_batches(texts, tokenizer, args.batch_size, args.max_length)
     from ..streaming import fits_in_memory
     from ..streaming.quantized import checkpoint_format
+    from ..streaming.requantize_merged import stored_format
 
     budget = per_device_sizes(args.max_memory)
     # a block-FP8 / MXFP4 checkpoint: written in its own precision unless --dtype is given (then dequantized)
     quantized = checkpoint_format(args.model) is not None
     keep_quantization = quantized and args.dtype in (None, "auto")
+    # our merge of one, merged again (in memory): the exact format is re-quantized like it, as compress does
+    merged_format = None if quantized else stored_format(args.model)
+    requantize = merged_format is not None and args.dtype in (None, "auto") and args.format == "exact" \
+        and not args.export_dense
     args.dtype = args.dtype or saved_dtype(args.model) or "float32"  # a merged input keeps the dtype it was saved in
     dtype = None if keep_quantization else dtype_option(args)
     if quantized and not (args.export_dense or args.format == "standard"):  # re-quantized by the streamed merge
@@ -210,8 +218,14 @@ def run(args) -> int:
     _print_groupings(groupings, len(texts), elapsed)
     standard = dict(format="standard", router=args.router, batches=batches) if args.format == "standard" else {}
     save = partial(save_pretrained, model, export_dense=args.export_dense, tokenizer=tokenizer, **standard)
-    if not keep_quantization:
+    if requantize:
+        out, error = save_requantized_merged(model, args.out, args.model, tokenizer)
+        print(f"written in the input's precision ({merged_format.method}), the new slots quantized afresh; {error}")
+    elif not keep_quantization:
         out = save(args.out)
+        if merged_format is not None:
+            print(f"the input's {merged_format.method} tensors written dequantized in {args.dtype} (the exact format "
+                  "without --dtype keeps its precision)")
     else:  # --format standard / --export-dense of a quantized checkpoint: back in its format beside --out, then moved
         from ..streaming.quantized import describe_error, save_requantized
 
