@@ -7,8 +7,8 @@ from functools import partial
 from pathlib import Path
 
 from .common import (add_calibration_options, add_dtype_option, device_map_option, dir_bytes, dtype_option,
-                     layers_option, parameter_bytes, per_device_sizes, refuse_overwriting_input, save_requantized_merged,
-                     saved_dtype, subcommand)
+                     layers_option, parameter_bytes, per_device_sizes, refuse_overwriting_input,
+                     save_requantized_merged, saved_dtype, subcommand)
 
 
 def add(sub):
