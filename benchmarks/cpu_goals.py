@@ -11,8 +11,9 @@ printed and marked as such. Anything extra goes to pytest (e.g. `-x`).
 
 The fp32 goals also print a ceiling: the anchor's median over a floor's, where the floor runs the FLOPs our op
 runs as bare library GEMMs (bench_slr's gemm_floor: no kept-row add; bench_moe's dense_gemm_floor: as many
-rows through one slot's weights, no routing, gather or combine). An op that does its arithmetic at this CPU's GEMM speed reaches about the ceiling
-and no more; a bar above it cannot be met on this CPU by any schedule of the same arithmetic.
+rows through one slot's weights, no routing, gather or combine). An op that does its arithmetic at this CPU's
+GEMM speed reaches about the ceiling and no more; a bar above it cannot be met on this CPU by any schedule of
+the same arithmetic.
 """
 from __future__ import annotations
 

@@ -371,7 +371,8 @@ def group_counts(frequencies: Mapping[str, torch.Tensor], num_groups, globally: 
             raise ValueError(f"num_groups: no count for layers {missing}")
         extra = [n for n in num_groups if n not in sizes]
         if extra:
-            raise ValueError(f"num_groups: counts for layers that are not merged {extra}; the merged layers are {names}")
+            raise ValueError(f"num_groups: counts for layers that are not merged {extra}; the merged layers are "
+                             f"{names}")
         for n in names:
             _check_num_groups(num_groups[n], f"num_groups[{n!r}]")
         return {n: min(num_groups[n], sizes[n]) for n in names}

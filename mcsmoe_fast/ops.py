@@ -16,7 +16,7 @@ def _refuse_derivative_transforms(op: str, *tensors) -> None:
     torch.autograd.forward_ad) would drop the tangent silently (a zero derivative), and torch.func's grad
     transforms (grad, jacrev, vmap(grad)) fail naming an autograd.Function the user never wrote: both are
     refused by name. torch.vmap of the forward and torch.compile are unaffected."""
-    if torch._C._functorch.maybe_current_level() is not None:  # inside torch.func transforms: any of them a derivative?
+    if torch._C._functorch.maybe_current_level() is not None:  # inside torch.func: is any level a derivative?
         from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
         derivative = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)

@@ -107,4 +107,5 @@ def test_the_device_map_merge_refuses_only_the_unreached_layers_it_merges(tmp_pa
     else:
         run()
         config = json.loads((tmp_path / "out" / "config.json").read_text())
-        assert sorted(config["mcsmoe_merge"]["layers"]) == ["encoder.block.1.layer.1.mlp", "encoder.block.3.layer.1.mlp"]
+        merged = sorted(config["mcsmoe_merge"]["layers"])
+        assert merged == ["encoder.block.1.layer.1.mlp", "encoder.block.3.layer.1.mlp"]

@@ -19,7 +19,8 @@ def ffn_case():
     T, d, ff, S, E, k = 6, 5, 4, 3, 6, 2
     return dict(hidden=torch.randn(T, d, dtype=DT, generator=g), w_in=torch.randn(S, 2 * ff, d, dtype=DT, generator=g),
                 w_out=torch.randn(S, d, ff, dtype=DT, generator=g), expert_map=torch.tensor([0, 2, 1, 1, 0, 2]),
-                top_k_index=torch.randint(0, E, (T, k), generator=g), top_k_weights=torch.rand(T, k, dtype=DT, generator=g))
+                top_k_index=torch.randint(0, E, (T, k), generator=g),
+                top_k_weights=torch.rand(T, k, dtype=DT, generator=g))
 
 
 def slr_case():
