@@ -147,10 +147,34 @@ def _print_groupings(groupings, samples: int, elapsed: float) -> None:
     print(f"{samples} calibration samples; {total} groups over {len(groupings)} layers in {elapsed:.2f} s")
 
 
+def _save(args, model, tokenizer, batches, errors, keep_quantization: bool, merged_format, requantize: bool) -> Path:
+    """The merged model written to --out: in its input's block-FP8 / MXFP4 precision where kept (a quantized
+    source's standard / dense export beside --out, then moved; our merged checkpoint of one re-quantized like it),
+    else in the working dtype."""
+    from ..checkpoint import save_pretrained
+
+    standard = dict(format="standard", router=args.router, batches=batches) if args.format == "standard" else {}
+    save = partial(save_pretrained, model, export_dense=args.export_dense, tokenizer=tokenizer, **standard)
+    if requantize:
+        out, error = save_requantized_merged(model, args.out, args.model, tokenizer)
+        print(f"written in the input's precision ({merged_format.method}), the new slots quantized afresh; {error}")
+        return out
+    if not keep_quantization:
+        out = save(args.out)
+        if merged_format is not None:
+            print(f"the input's {merged_format.method} tensors written dequantized in {args.dtype} (the exact format "
+                  "without --dtype keeps its precision)")
+        return out
+    from ..streaming.quantized import describe_error, save_requantized
+
+    out = Path(args.out)
+    print(describe_error(save_requantized(out, args.model, save, errors.record if errors is not None else None)))
+    return out
+
+
 def run(args) -> int:
     from ..calibrate import collect_routing_stats
     from ..calibration_data import calibration_batches, check_batches, load_tokenizer, read_calibration_texts
-    from ..checkpoint import save_pretrained
     from ..merge import merge_experts
     from ..models import moe_layers, select_layers
     from ..loading import open_model
@@ -216,21 +240,7 @@ def run(args) -> int:
         errors.keep_merged(model)
     after = parameter_bytes(model)
     _print_groupings(groupings, len(texts), elapsed)
-    standard = dict(format="standard", router=args.router, batches=batches) if args.format == "standard" else {}
-    save = partial(save_pretrained, model, export_dense=args.export_dense, tokenizer=tokenizer, **standard)
-    if requantize:
-        out, error = save_requantized_merged(model, args.out, args.model, tokenizer)
-        print(f"written in the input's precision ({merged_format.method}), the new slots quantized afresh; {error}")
-    elif not keep_quantization:
-        out = save(args.out)
-        if merged_format is not None:
-            print(f"the input's {merged_format.method} tensors written dequantized in {args.dtype} (the exact format "
-                  "without --dtype keeps its precision)")
-    else:  # --format standard / --export-dense of a quantized checkpoint: back in its format beside --out, then moved
-        from ..streaming.quantized import describe_error, save_requantized
-
-        out = Path(args.out)
-        print(describe_error(save_requantized(out, args.model, save, errors.record if errors is not None else None)))
+    out = _save(args, model, tokenizer, batches, errors, keep_quantization, merged_format, requantize)
     print(f"parameters: {before / 2**20:.2f} MiB before, {after / 2**20:.2f} MiB after merging "
           f"({before / max(after, 1):.2f}x smaller)")
     kind = "dense " if args.export_dense else ("standard " if args.format == "standard" else "")
