@@ -26,7 +26,8 @@ from ..permute import apply_permutation_, match_permutations, with_bias_column
 from ..checkpoint.weight_files import ShardWriter
 from .memory import shard_size_for
 from .skeleton import layer_units, moe_views, open_source
-from .quantized import dequantized_config, write_quantized
+from ..quant.report import drop_quantization
+from .quantized import write_quantized
 
 
 @torch.no_grad()
@@ -77,7 +78,7 @@ def permute_checkpoint(path, out, reference: int = 0, max_memory=None, max_shard
         source.release()
         writer.finish()
         config = source.config
-        dequantized_config(config)  # dequantized here (re-quantized below when keep_quantization)
+        drop_quantization(config)  # dequantized here (re-quantized below when keep_quantization)
         config.dtype = str(dtype).removeprefix("torch.")
         config.save_pretrained(str(tmp))
         if model.can_generate():  # the source's (open_source reads its generation_config.json)

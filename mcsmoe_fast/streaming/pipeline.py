@@ -47,7 +47,8 @@ from .forward import ACCEPTED_KEYS, SEQ2SEQ_KEYS, prepare_batches
 from .memory import (MemoryPlan, largest_unit_bytes, plan_memory, saliency_bytes, stream_forward_bytes,
                      stream_requantization_bytes, warn_below_floor)
 from .passes import Merger, Progress, Stream, layer_pass, merge_pass
-from .quantized import ErrorProbe, dequantized_config, output_writer, record_error
+from ..quant.report import drop_quantization
+from .quantized import ErrorProbe, output_writer, record_error
 from .skeleton import layer_units, moe_views, open_source
 from .standard import StandardOutput, check_standard
 
@@ -152,7 +153,7 @@ def _merger(s: Stream, tmp: Path, plan: MemoryPlan, compress: dict | None, optio
     A quantized source is written back in its format (quantized.py) unless keep_quantization is False.
     standard: (M, router) for the standard format (standard.py)."""
     if not keep_quantization:
-        dequantized_config(s.model.config)
+        drop_quantization(s.model.config)
     if standard is not None:
         quantized = keep_quantization and s.source.quant is not None
         s.writer = StandardOutput(tmp, plan.shard_size, s.model, s.views, s.dtype, *standard,

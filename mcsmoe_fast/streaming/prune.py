@@ -28,7 +28,8 @@ from .forward import ACCEPTED_KEYS, prepare_batches
 from .memory import (largest_unit_bytes, plan_memory, saliency_bytes, stream_forward_bytes,
                      stream_requantization_bytes, warn_below_floor)
 from .passes import Progress, Stream, layer_pass
-from .quantized import ErrorProbe, dequantized_config, record_error
+from ..quant.report import drop_quantization
+from .quantized import ErrorProbe, record_error
 from .skeleton import layer_units, moe_views, open_source
 from .source import IN_MEMORY_HINT
 from .standard import StandardOutput
@@ -75,7 +76,7 @@ def prune_checkpoint(path, out, calibration_batches: Iterable[dict], num_experts
     n_group = _check(s, num_keep)
     quantized = source.quant is not None and keep_quantization
     if source.quant is not None and not keep_quantization:
-        dequantized_config(model.config)
+        drop_quantization(model.config)
     activations = sum(b.input_ids.numel() for b in batches) * model.config.hidden_size * dtype.itemsize
     plan = plan_memory(max_memory, largest_unit_bytes(shapes, units, dtype), 0, activations, max_shard_size,
                        stream_requantization_bytes(s, "standard", True) if quantized else 0,

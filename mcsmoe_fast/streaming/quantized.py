@@ -11,7 +11,8 @@ Writing (`QuantizingWriter`, in front of the output's ShardWriter):
   transformers stores GPT-OSS's banks, the transpose of the module's last two dims packed in blocks of 32
   (the merged slots' w_in [G, F, d] as w_in_blocks [G, d, F/32, 16]), so one rule reads every bank back;
 - everything else (norms, routers, biases, expert_map) as it is.
-The config keeps its quantization_config. `dequantized_config` drops it for a dequantized output.
+The config keeps its quantization_config. `quant.report.drop_quantization` drops it (and the error report)
+for a dequantized output.
 
 The error re-quantizing adds (`QuantizingWriter.report`, recorded in config.json under
 `mcsmoe_quantization` and in StreamingResult.quantization_error): per merged layer, the relative
@@ -187,11 +188,6 @@ def record_error(config, writer) -> dict | None:
     if report is not None:
         setattr(config, ERROR_KEY, report)
     return report
-
-
-def dequantized_config(config) -> None:
-    """A config for a dequantized output: without quantization_config (nor a re-quantization report)."""
-    drop_quantization(config)
 
 
 @torch.no_grad()
