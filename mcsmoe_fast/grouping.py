@@ -109,6 +109,14 @@ def weight_gram(w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
     return gram
 
 
+def weight_gram_bytes(num_experts: int, columns: int) -> int:
+    """The float64 bytes weight_gram holds at once for experts of at most `columns` entries per matrix: a
+    converted chunk and the one before it is freed, the Gram matrix and a chunk's product (memory plans count
+    them in a layer's floor)."""
+    step = max(1, WEIGHT_GRAM_CHUNK_BYTES // (8 * num_experts))
+    return 8 * num_experts * (2 * min(step, columns) + 2 * num_experts)
+
+
 def layer_seed(seed: int, layer_name: str) -> int:
     """One seed per layer from the user's seed and the layer's name: the random baseline draws a
     different similarity in every layer, and the same one for a layer whichever layers are merged."""

@@ -135,6 +135,7 @@ def test_weight_similarity_holds_no_copy_of_the_layer(monkeypatch):
     sim, peak = peak_bytes(grouping.similarity_matrix, "weight", w_in=w_in, w_out=w_out)
     size = (w_in.numel() + w_out.numel()) * 2
     assert peak <= 3 * chunk <= size / 8, peak  # two float64 chunks at once, not copies of the layer
+    assert peak <= grouping.weight_gram_bytes(E, 2 * ff * d), peak  # what memory plans count for it
     joined = torch.cat([w_in.reshape(E, -1), w_out.reshape(E, -1)], 1)
     before = grouping.cosine_similarity_matrix(joined)  # the whole-layer computation
     torch.testing.assert_close(sim, before, rtol=0, atol=1e-14)

@@ -105,3 +105,45 @@ def test_the_plan_counts_what_the_reap_saliency_pass_holds(run, monkeypatch, tmp
     expected = (tokens * k * d + rows * (3 * d + 3 * ff)) * 4 + rows * d * 8
     assert plans[0].layer_floor - plans[1].layer_floor == expected
     assert plans[1].layer_floor == 2 * plans[1].layer_bytes + plans[1].matching_bytes + plans[1].forward_bytes
+
+
+def test_the_plan_counts_the_weight_similaritys_chunks(monkeypatch, tmp_path):
+    """The weight similarity converts the layer's weights to float64 a column chunk at a time: a merge with
+    similarity='weight' plans two such chunks more in its layer floor than one on the router logits, and a budget
+    between the two floors warns only for the weight similarity."""
+    import mcsmoe_fast.streaming.pipeline as pipeline
+    from mcsmoe_fast import grouping
+
+    src = tmp_path / "src"
+    model = tiny_moe("mixtral", num_layers=2)
+    model.save_pretrained(src)
+    batches = [{"input_ids": torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))}]
+    monkeypatch.setattr(grouping, "WEIGHT_GRAM_CHUNK_BYTES", 1 << 12)
+    plans = planned(monkeypatch, pipeline)
+    for similarity in ("weight", "router-logits"):
+        pipeline.merge_checkpoint(src, tmp_path / similarity, batches, 4, similarity=similarity, max_memory="1GB",
+                                  progress=False)
+    e = model.config.num_local_experts
+    step = (1 << 12) // (8 * e)
+    assert plans[0].similarity_bytes == 8 * e * (2 * step + 2 * e) > 0
+    assert plans[0].layer_floor - plans[1].layer_floor == plans[0].similarity_bytes
+    # under a small budget the matching share is budget / 8: the floors are base + B / 8 (+ the chunks); B between
+    # 8/7 base and 8/7 (base + chunks) is above the router-logits floor and below the weight similarity's
+    base = plans[1].layer_floor - plans[1].matching_bytes
+    between = 8 * (base + plans[0].similarity_bytes // 2) // 7
+    with pytest.warns(UserWarning, match="below what merging one layer needs"):
+        pipeline.merge_checkpoint(src, tmp_path / "w2", batches, 4, similarity="weight", max_memory=between,
+                                  progress=False)
+    with warnings_as_errors():
+        pipeline.merge_checkpoint(src, tmp_path / "r2", batches, 4, similarity="router-logits", max_memory=between,
+                                  progress=False)
+    assert plans[-2].layer_floor > between >= plans[-1].layer_floor
+
+
+@contextlib.contextmanager
+def warnings_as_errors():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield

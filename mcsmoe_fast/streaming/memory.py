@@ -97,15 +97,16 @@ class MemoryPlan:
     quantized_bytes: int = 0  # a quantized source: dequantization and error-report copies (requantization_bytes)
     saliency_bytes: int = 0  # REAP saliency in the statistics pass: one batch's routed rows (saliency_bytes)
     forward_bytes: int = 0  # the temporaries of one batch's forward through a layer (forward_bytes)
+    similarity_bytes: int = 0  # the weight similarity's float64 chunks (grouping.weight_gram_bytes)
 
     @property
     def layer_floor(self) -> int:
         """What one layer needs while it is merged: its weights (permuted in place), merged slots of at
         most the same size, the cost matrices, for a quantized source what reading and re-quantizing it
-        add, what REAP's saliency holds and one batch's forward temporaries (a rough floor; below it the budget
-        cannot be kept)."""
+        add, what REAP's saliency holds, one batch's forward temporaries and the weight similarity's chunks (a rough
+        floor; below it the budget cannot be kept)."""
         return (2 * self.layer_bytes + self.matching_bytes + self.quantized_bytes + self.saliency_bytes
-                + self.forward_bytes)
+                + self.forward_bytes + self.similarity_bytes)
 
 
 def warn_below_floor(plan: MemoryPlan, doing: str) -> None:
@@ -138,24 +139,24 @@ def shard_size_for(max_memory, max_shard_size=None) -> int:
 
 def plan_memory(budget, layer_bytes: int, expert_matrix_bytes: int, activation_bytes: int,
                 shard_size=None, quantized_bytes: int = 0, writes: bool = True, saliency_bytes: int = 0,
-                forward_bytes: int = 0) -> MemoryPlan:
+                forward_bytes: int = 0, similarity_bytes: int = 0) -> MemoryPlan:
     """Split `budget` (bytes, "1GB", or None) between one layer (layer_bytes: the largest decoder layer's
     tensors in the compute dtype), the output buffer and the hidden states; expert_matrix_bytes is one
     ff x ff cost matrix (float32); quantized_bytes what a quantized source adds to the layer
     (requantization_bytes); writes=False: nothing is written (a perplexity), no output shard (size 0);
     saliency_bytes what REAP's saliency adds to the layer (saliency_bytes); forward_bytes one batch's forward
-    temporaries (forward_bytes)."""
+    temporaries (forward_bytes); similarity_bytes the weight similarity's chunks (grouping.weight_gram_bytes)."""
     from ..permute import DEFAULT_MEMORY_BUDGET
 
     shard_size = shard_size_for(budget, shard_size) if writes else 0
     budget = parse_size(budget, "max_memory")
     if budget is None:
         return MemoryPlan(None, layer_bytes, activation_bytes, False, shard_size, DEFAULT_MEMORY_BUDGET,
-                          quantized_bytes, saliency_bytes, forward_bytes)
+                          quantized_bytes, saliency_bytes, forward_bytes, similarity_bytes)
     fix_mmap_threshold()  # keeping a budget: freed temporaries go back to the system
     matching = max(expert_matrix_bytes, min(DEFAULT_MEMORY_BUDGET, budget // 8))
     plan = MemoryPlan(budget, layer_bytes, activation_bytes, False, shard_size, matching, quantized_bytes,
-                      saliency_bytes, forward_bytes)
+                      saliency_bytes, forward_bytes, similarity_bytes)
     plan.offload = activation_bytes > budget - plan.layer_floor - shard_size
     return plan
 

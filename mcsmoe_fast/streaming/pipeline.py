@@ -34,7 +34,7 @@ import torch
 from ..calibrate import CHEAP_BASES, LayerStats
 from ..checkpoint import WEIGHTS_METADATA, WEIGHTS_NAME, atomic_directory, scratch_directory, write_merged_config
 from ..drop import check_maskable
-from ..grouping import LayerGrouping, check_routing_groups, group_counts
+from ..grouping import LayerGrouping, check_routing_groups, group_counts, weight_gram_bytes
 from ..merge import check_merge_options
 from ..models import select_layers
 from ..models.config_fields import routing_groups
@@ -82,18 +82,23 @@ def _check_options(similarity, strategy, grouping, bases, max_group_size=None, d
 
 
 def _plan(s: Stream, max_memory, max_shard_size, standard: tuple | None, strategy: str, keep_quantization: bool,
-          fused: bool) -> MemoryPlan:
+          fused: bool, similarity: str) -> MemoryPlan:
     """The memory plan: one layer, the carried hidden states (twice with the fitted standard router: the merged
-    model's too), for a quantized source what reading and re-quantizing it add (memory.requantization_bytes) and
-    with REAM grouping what its REAP saliency holds (memory.saliency_bytes)."""
+    model's too), for a quantized source what reading and re-quantizing it add (memory.requantization_bytes),
+    with REAM grouping what its REAP saliency holds (memory.saliency_bytes) and with the weight similarity its
+    float64 chunks (grouping.weight_gram_bytes, for gated experts of at most 2 ff x d entries a matrix)."""
     stores = 2 if _fits_router(standard, strategy) else 1
     report = ("standard" if standard else "exact") if keep_quantization else None
     quantized_bytes = stream_requantization_bytes(s, report, fused) if s.source.quant is not None else 0
     layer_bytes = largest_unit_bytes(s.shapes, s.units, s.dtype)
     ff = max((v.intermediate_size for v in s.views.values()), default=1)
     activations = stores * sum(b.input_ids.numel() for b in s.batches) * s.model.config.hidden_size * s.dtype.itemsize
+    chosen = [v for v in s.views.values() if v.name in s.chosen]
+    similarity_bytes = 0 if similarity != "weight" else max(
+        (weight_gram_bytes(v.num_experts, 2 * v.intermediate_size * v.hidden_size) for v in chosen), default=0)
     plan = plan_memory(max_memory, layer_bytes, ff * ff * 4, activations, max_shard_size, quantized_bytes,
-                       saliency_bytes=saliency_bytes(s), forward_bytes=stream_forward_bytes(s))
+                       saliency_bytes=saliency_bytes(s), forward_bytes=stream_forward_bytes(s),
+                       similarity_bytes=similarity_bytes)
     warn_below_floor(plan, "merging")
     return plan
 
@@ -331,7 +336,7 @@ def merge_checkpoint(path, out, calibration_batches: Iterable[dict], num_groups,
     counts = groups.up_front(s.views) if fused else {}
     standard = check_standard(format, router, s, chosen, globally, compress, device_map,
                               groups.up_front(s.views) if not globally else None, groups.unit)
-    plan = _plan(s, budget, max_shard_size, standard, strategy, keep_quantization, fused)
+    plan = _plan(s, budget, max_shard_size, standard, strategy, keep_quantization, fused, similarity)
     options, seconds = dict(similarity=similarity, permute=permute, strategy=strategy, grouping=grouping, seed=seed,
                             routing_groups=groups.unit, max_group_size=max_group_size), {}
     with atomic_directory(out) as tmp:
