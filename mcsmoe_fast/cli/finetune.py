@@ -75,7 +75,11 @@ def run(args) -> int:
         prune_initial_warmup=args.prune_initial_warmup,
         prune_final_warmup=args.prune_final_warmup, train_routers=args.train_routers,
         mixed_precision=args.mixed_precision, seed=args.seed)
-    check_output_dir(args.out, config, args.resume, names=("--out", "--resume"))  # before the model is loaded
+    # before the model is loaded
+    check_output_dir(args.out, config, args.resume, distilling=args.teacher is not None,
+                     names=("--out", "--resume", "--teacher"))
+    if args.resume:
+        check_resumed_rank(args.out, args.rank)
     model = open_model(args.model)
     if data.metric == "perplexity":  # --text trains a causal LM: refused for an encoder-decoder before any step
         refuse_encoder_decoder(model)
@@ -91,6 +95,32 @@ def run(args) -> int:
           f"best {result.best_metric} at step {result.best_step}")
     print(f"checkpoints: {args.out}/best (best {data.metric}), {args.out}/latest (resumable)")
     return 0
+
+
+def check_resumed_rank(out, rank: int | None) -> None:
+    """Refuse resuming the run in `out` with another --rank than it was started with: its latest/ holds the pruner's
+    state when the run pruned rows (--rank), and its compression section the rank the experts were decomposed at."""
+    import json
+    from pathlib import Path
+
+    from ..sections import COMPRESS_SECTION, compression_methods
+    from ..train.loop import LATEST
+    from ..train.state import read_progress
+
+    latest = Path(out) / LATEST
+    if not (latest / "config.json").exists():
+        return  # nothing to resume: the run starts
+    pruned = "pruner" in read_progress(latest)
+    section = json.loads((latest / "config.json").read_text(encoding="utf-8")).get(COMPRESS_SECTION) or {}
+    ranks = sorted({m["rank"] for m in compression_methods(section).values() if m and "rank" in m})
+    if pruned and rank is None:
+        raise ValueError(f"resume: {latest} holds a run that pruned experts decomposed with --rank "
+                         f"{', '.join(map(str, ranks)) or '?'}: give the same --rank")
+    if not pruned and rank is not None:
+        raise ValueError(f"resume: {latest} holds a run without --rank (no rows pruned): drop --rank {rank}")
+    if pruned and ranks and ranks != [rank]:
+        raise ValueError(f"resume: {latest} holds a run decomposed with --rank {', '.join(map(str, ranks))}, not "
+                         f"{rank}: give the same --rank")
 
 
 def decompose_for_pruning(model, args, config) -> None:

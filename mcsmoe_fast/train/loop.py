@@ -38,7 +38,7 @@ from ..models import moe_layers
 from ..pruner import CompressionPruner
 from .config import TrainConfig
 from .losses import kd_loss, task_loss
-from .state import STATE_JSON, read_progress, restore_state, write_state
+from .state import STATE_JSON, check_student_shapes, read_progress, restore_state, write_state
 
 BEST, LATEST = "best", "latest"
 
@@ -109,8 +109,9 @@ def _improved(value: float, best: float | None, greater: bool) -> bool:
 
 
 def _load_weights(model: nn.Module, checkpoint: Path) -> None:
-    saved = from_pretrained(checkpoint)
-    missing, unexpected = model.load_state_dict(saved.state_dict(), strict=False)
+    saved = from_pretrained(checkpoint).state_dict()
+    check_student_shapes(checkpoint, model, saved)
+    missing, unexpected = model.load_state_dict(saved, strict=False)
     if missing or unexpected:
         raise ValueError(f"resume: {checkpoint} does not hold this model's weights (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}): resume with the model the run started from")
@@ -155,7 +156,7 @@ def _check_arguments(models: dict, train_data, config: TrainConfig, eval_fn, out
         raise ValueError(f"train_data has {len(train_data)} examples, fewer than one batch of {config.batch_size}")
     if output_dir is not None:
         _refuse_writing_over_sources(output_dir, models)
-        check_output_dir(output_dir, config, resume)
+        check_output_dir(output_dir, config, resume, distilling=models["teacher"] is not None)
 
 
 def _refuse_writing_over_sources(output_dir: Path, models: dict) -> None:
@@ -178,11 +179,14 @@ def _refuse_writing_over_sources(output_dir: Path, models: dict) -> None:
 RESUMABLE_CHANGES = ("steps", "eval_every")  # the settings a resume may change (docs/training.md says why)
 
 
-def check_output_dir(output_dir, config: TrainConfig, resume: bool, names=("output_dir", "resume=True")) -> None:
+def check_output_dir(output_dir, config: TrainConfig, resume: bool, distilling: bool | None = None,
+                     names=("output_dir", "resume=True", "teacher")) -> None:
     """Refuse, before any work, a run that would lose or misread the run already in output_dir: without resume,
     one that would replace its best/ and latest/; with resume, one whose settings differ from the saved run's in
-    anything but RESUMABLE_CHANGES (the saved optimizer, data order and schedule are that run's). `names`: what
-    the caller calls the directory and the resume option (the CLI: --out, --resume)."""
+    anything but RESUMABLE_CHANGES (the saved optimizer, data order and schedule are that run's), or that distils
+    where the saved run did not or the reverse (`distilling`: whether a teacher is given; None: not checked).
+    `names`: what the caller calls the directory, the resume option and the teacher (the CLI: --out, --resume,
+    --teacher)."""
     output_dir = Path(output_dir)
     _put_back(output_dir)
     for name in (LATEST, BEST):  # a folder of the user's there: refused now, not at the first checkpoint
@@ -200,6 +204,10 @@ def check_output_dir(output_dir, config: TrainConfig, resume: bool, names=("outp
     now = json.loads(json.dumps(config.to_dict()))  # as the record keeps it: tuples become lists
     differ = [f"{key} {saved[key]!r} there, {now[key]!r} now" for key in sorted(now)
               if key in saved and key not in RESUMABLE_CHANGES and saved[key] != now[key]]
+    saved_distilling = read_progress(output_dir / LATEST).get("distilling")
+    if distilling is not None and saved_distilling is not None and saved_distilling != distilling:
+        differ.append(f"a {names[2]} distilled into the saved run, none is given now" if saved_distilling else
+                      f"the saved run had no {names[2]}, one is given now")
     if differ:
         raise ValueError(f"resume: {output_dir / LATEST} holds a run with other settings: {'; '.join(differ)}; resume "
                          f"with the saved settings (only {' and '.join(RESUMABLE_CHANGES)} may change) or start a new "
@@ -342,7 +350,8 @@ def _evaluate(run: _Run, loss: float) -> None:
     if run.output_dir is not None:
         _checkpoint(run, LATEST, {"step": run.step, "best_metric": run.best_metric, "best_step": run.best_step,
                                   "history": run.history, "config": config.to_dict(),
-                                  "data_seed": run.accelerator.dataloader_config.data_seed}, with_state=True)
+                                  "data_seed": run.accelerator.dataloader_config.data_seed,
+                                  "distilling": run.teacher is not None}, with_state=True)
     run.bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "step" and isinstance(v, float)})
     if run.callback is not None:
         run.callback(run.accelerator.unwrap_model(run.model), record)

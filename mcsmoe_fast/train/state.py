@@ -70,6 +70,18 @@ def read_progress(directory: Path) -> dict:
         raise ValueError(f"{path}: no readable training state ({exc})") from exc
 
 
+def check_student_shapes(directory: Path, model, saved: dict) -> None:
+    """Refuse resuming `model` from weights `saved` in `directory` whose tensors of the same names have other shapes
+    (a student decomposed at another rank, or another model), naming the first few."""
+    now = model.state_dict()
+    differ = [f"{k} {list(v.shape)} there, {list(now[k].shape)} now" for k, v in saved.items()
+              if k in now and v.shape != now[k].shape]
+    if differ:
+        more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+        raise ValueError(f"resume: {directory} holds a student of other shapes ({'; '.join(differ[:3])}{more}): "
+                         "resume with the model, and the decomposition rank, the run started from")
+
+
 def restore_state(directory: Path, optimizer, scheduler, pruner=None, model=None) -> dict:
     """Load optimizer, scheduler, pruner and RNG state (and `model`'s weights when they were saved
     here); returns the progress record."""
@@ -80,7 +92,9 @@ def restore_state(directory: Path, optimizer, scheduler, pruner=None, model=None
     if model is not None:
         if "model_tensors" not in record:
             raise ValueError(f"{directory}: the saved run holds no student state to resume a pruned student from")
-        model.load_state_dict({k: tensors[f"model.{k}"] for k in record["model_tensors"]}, strict=True)
+        state = {k: tensors[f"model.{k}"] for k in record["model_tensors"]}
+        check_student_shapes(directory, model, state)
+        model.load_state_dict(state, strict=True)
     optimizer.load_state_dict(_unflatten_optimizer(record["optimizer"], tensors))
     scheduler.load_state_dict({**scheduler.state_dict(), **record["scheduler"]})
     if pruner is not None:
