@@ -52,7 +52,8 @@ from .hooks import eval_mode
 from .merge import merge_experts
 from .models import moe_layers
 from .models.config_fields import expert_count_fields, routing_groups
-from .prune import check_expert_count, check_prune, check_routing_group_counts, prune_experts, resolve_count
+from .prune import (check_expert_count, check_prune, check_routing_group_counts, merged_or_compressed, prune_experts,
+                    resolve_count)
 from .ream import REAM_GROUP_SIZE, ream_experts
 from .train import TrainConfig, train
 from .train.text import lm_batch, perplexity
@@ -209,9 +210,15 @@ def refuse_encoder_decoder(is_encoder_decoder: bool, what: str) -> None:
 def check_feasible(model: nn.Module, methods: list[str], ratios: list[float]) -> None:
     """Every (ratio, method) can run on `model`: refused before the statistics pass and the first row, not after
     hours of rows that would then be lost. An encoder-decoder model (refuse_encoder_decoder), check_counts, and for
-    the standard forms prune.check_prune's refusal of merged, compressed or masked layers."""
+    the standard forms prune.check_prune's refusal of merged, compressed or masked layers. A model already merged,
+    compressed or masked is refused for every method: its rows would count the removed share from the router's
+    experts, not from what the model holds."""
     refuse_encoder_decoder(getattr(model.config, "is_encoder_decoder", False), type(model).__name__)
     layers = moe_layers(model)
+    for layer in layers:
+        if layer.logit_mask() is not None or merged_or_compressed(layer):
+            raise ValueError(f"layer {layer.name!r} is merged, compressed or masked: the model is an mcsmoe-fast "
+                             "checkpoint; compare the original model it was made from")
     check_counts(model.config, layers, methods, ratios)
     if _standard_forms(methods):
         for ratio in ratios:

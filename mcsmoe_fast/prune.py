@@ -95,12 +95,18 @@ def check_prune(model: nn.Module, num_keep: int) -> int:
         if layer.top_k > num_keep:
             raise ValueError(f"num_experts={num_keep} is fewer than the top_k={layer.top_k} experts each token of "
                              f"layer {layer.name!r} uses; keep at least {layer.top_k}")
-        compressed = isinstance(getattr(layer.module, "experts", None), CompressedMoEExperts)
-        slots = layer.expert_weights()[0].shape[0]
-        if compressed or slots != layer.num_experts or not torch.equal(layer.expert_map().cpu(),
-                                                                       torch.arange(layer.num_experts)):
+        if merged_or_compressed(layer):
             raise ValueError(f"layer {layer.name!r} is merged or compressed; prune the original model")
     return check_routing_group_counts(model.config, layers, num_keep)
+
+
+def merged_or_compressed(layer) -> bool:
+    """Whether an MoE layer's experts are compressed, or merged (fewer slots than router experts, or a slot map
+    other than the identity)."""
+    if isinstance(getattr(layer.module, "experts", None), CompressedMoEExperts):
+        return True
+    slots = layer.expert_weights()[0].shape[0]
+    return slots != layer.num_experts or not torch.equal(layer.expert_map().cpu(), torch.arange(layer.num_experts))
 
 
 def check_expert_count(layers: list, num_keep: int) -> int:

@@ -122,3 +122,23 @@ def test_compare_command_with_kd(tmp_path, capsys):
     too_few = args[:-2] + ["--kd-batch-size", 10_000, "--out", tmp_path / "bad"]
     assert main([str(a) for a in too_few]) == 2
     assert "at least one batch of 10000" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("reduced", ["merged", "compressed", "masked"])
+@pytest.mark.parametrize("method", ["m-smoe", "reap"])
+def test_a_merged_compressed_or_masked_model_is_refused_for_every_method(reduced, method):
+    """compare counts the removed share from the router's experts: on a model already merged (4 slots), compressed or
+    masked (strategy='drop'), its "m-smoe 50%" row was the input itself, or held 7.5x the input's expert parameters.
+    Refused before the statistics pass, as the streamed compare refuses such a checkpoint."""
+    from mcsmoe_fast import compress_experts, merge_experts
+
+    model = tiny_mixtral()
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(3, 128, (3, 12), generator=g)} for _ in range(2)]
+    stats = collect_routing_stats(model, batches, progress=False)
+    merge_experts(model, stats, num_groups=4, strategy="drop" if reduced == "masked" else "frequency")
+    if reduced == "compressed":
+        compress_experts(model, rank=4, progress=False)
+    with pytest.raises(ValueError, match="layer 'model.layers.0.mlp' is merged, compressed or masked: the model is an "
+                                         "mcsmoe-fast checkpoint; compare the original model it was made from"):
+        compare_methods(model, batches, torch.randint(3, 128, (2, 8), generator=g), [method], [0.5], progress=False)
