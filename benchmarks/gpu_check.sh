@@ -4,6 +4,9 @@
 # Usage (from the repo root): bash benchmarks/gpu_check.sh   [results also go to $OUT when set]
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# the tree built in place is what every step imports (the device machine has no installed mcsmoe_fast, and
+# `python3 benchmarks/x.py` puts benchmarks/, not the root, on sys.path)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-$(mktemp -d)}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
@@ -12,6 +15,8 @@ step() { printf '\n=== %s (%ss)\n' "$1" "$SECONDS"; }
 
 step "environment"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+# no visible GPU: stop here (every CUDA test would be skipped and the step would pass without running one)
+$PY -c 'import torch; assert torch.cuda.is_available(), "torch sees no GPU: the CUDA tests would all be skipped"' || exit 1
 $PY -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.get_device_name(0), "transformers", transformers.__version__)'
 
 step "build with CUDA (sm_90)"
