@@ -104,3 +104,22 @@ def test_cuda_bad_ids_raise():
     with pytest.raises(RuntimeError, match="expert_map"):
         ops.moe_align(torch.tensor([[0, 1]], device="cuda"), torch.rand(1, 2, device="cuda"),
                       torch.arange(8, device="cuda"), 4)
+
+
+@cuda_only
+@pytest.mark.parametrize("bad", ["ids", "map", "both"])
+def test_cuda_names_the_first_bad_entry_as_the_cpu_does(bad):
+    """Many bad entries across blocks and warps: the GPU reports the one the CPU reports (bad map entries first, then
+    top_k_index in flat order), not whichever thread got there first."""
+    T, k, E, S = 3000, 2, 16, 4
+    idx, w, emap = routing(T, k, E, S, 0.0, seed=5)
+    if bad in ("ids", "both"):
+        idx.view(-1)[[5000, 4001, 2999, 777]] = torch.tensor([-3, 17, 99, 16])
+    if bad in ("map", "both"):
+        emap[[15, 9, 11]] = torch.tensor([7, -2, 4])
+    with pytest.raises(RuntimeError) as on_cpu:
+        ops.moe_align(idx, w, emap, S)
+    for _ in range(3):
+        with pytest.raises(RuntimeError) as on_gpu:
+            ops.moe_align(idx.cuda(), w.cuda(), emap.cuda(), S)
+        assert str(on_gpu.value).splitlines()[0] == str(on_cpu.value).splitlines()[0]

@@ -18,10 +18,31 @@ __device__ __forceinline__ float to_float(double x) { return static_cast<float>(
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-__device__ void report(int64_t* status, int code, int64_t where, int64_t value) {
-  if (atomicCAS(reinterpret_cast<unsigned long long*>(status), 0ull, static_cast<unsigned long long>(code)) == 0ull) {
+// A bad entry is reported as a key in status[0] and the smallest key wins (atomicMin), so the report is the one
+// align_cpu gives whichever thread finds it first: expert_map entries first (key e), then top_k_index positions in
+// flat order (key kIdKey + position). finish_status_kernel turns the key into the status words (code, where, value).
+constexpr unsigned long long kNoError = ~0ull;
+constexpr unsigned long long kIdKey = 1ull << 62;
+
+__device__ void report(int64_t* status, unsigned long long key) {
+  atomicMin(reinterpret_cast<unsigned long long*>(status), key);
+}
+
+__global__ void finish_status_kernel(const int64_t* __restrict__ top_k_index, const int64_t* __restrict__ expert_map,
+                                     int64_t* status) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  const auto key = static_cast<unsigned long long>(status[0]);
+  if (key == kNoError) {
+    status[0] = 0;  // status[1] and status[2] stay 0
+  } else if (key < kIdKey) {
+    status[0] = 2;
+    status[1] = static_cast<int64_t>(key);
+    status[2] = expert_map[key];
+  } else {
+    const auto where = static_cast<int64_t>(key - kIdKey);
+    status[0] = 1;
     status[1] = where;
-    status[2] = value;
+    status[2] = top_k_index[where];
   }
 }
 
@@ -39,10 +60,10 @@ __global__ void pair_slots_kernel(const int64_t* __restrict__ top_k_index, const
     const int64_t e = top_k_index[base + j];
     int slot = -1;
     if (e < -1 || e >= E) {
-      report(status, 1, base + j, e);
+      report(status, kIdKey + static_cast<unsigned long long>(base + j));
     } else if (e >= 0) {
       const int64_t s = expert_map[e];
-      if (s < 0 || s >= S) report(status, 2, e, s); else slot = static_cast<int>(s);
+      if (s < 0 || s >= S) report(status, static_cast<unsigned long long>(e)); else slot = static_cast<int>(s);
     }
     pair_slot[base + j] = -1;
     pair_weight[base + j] = 0.f;
@@ -68,13 +89,13 @@ __global__ void pair_slots_kernel(const int64_t* __restrict__ top_k_index, const
   for (int j = distinct; j < k; ++j) token_rows[base + j] = -1;
 }
 
-// Every expert_map entry, as align_cpu checks them (also those no token routes to, and when T = 0). Runs
-// before pair_slots_kernel on the stream, so a bad map entry is reported first, as on the CPU.
+// Every expert_map entry, as align_cpu checks them (also those no token routes to, and when T = 0); a bad map
+// entry's key is below every top_k_index key, so it is reported first, as on the CPU.
 __global__ void check_map_kernel(const int64_t* __restrict__ expert_map, int64_t E, int64_t S, int64_t* status) {
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < E;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t s = expert_map[e];
-    if (s < 0 || s >= S) report(status, 2, e, s);
+    if (s < 0 || s >= S) report(status, static_cast<unsigned long long>(e));
   }
 }
 
@@ -150,7 +171,8 @@ void align_cuda(const int64_t* top_k_index, const IW* top_k_weights, const int64
   float* pair_weight = carve<float>(p, n);
   int* counts = carve<int>(p, S);
   cuda_check(cudaMemsetAsync(counts, 0, S * sizeof(int), stream), kOp, "memset");
-  cuda_check(cudaMemsetAsync(status_out, 0, 3 * sizeof(int64_t), stream), kOp, "memset");
+  cuda_check(cudaMemsetAsync(status_out, 0xFF, sizeof(int64_t), stream), kOp, "memset");  // kNoError
+  cuda_check(cudaMemsetAsync(status_out + 1, 0, 2 * sizeof(int64_t), stream), kOp, "memset");
   if (E > 0) {
     check_map_kernel<<<grid_for(E, 256), 256, 0, stream>>>(expert_map, E, S, status_out);
     cuda_check(cudaGetLastError(), kOp, "expert_map check kernel");
@@ -162,6 +184,8 @@ void align_cuda(const int64_t* top_k_index, const IW* top_k_weights, const int64
         counts, token_rows, status_out);
     cuda_check(cudaGetLastError(), kOp, "pair_slots kernel");
   }
+  finish_status_kernel<<<1, 1, 0, stream>>>(top_k_index, expert_map, status_out);
+  cuda_check(cudaGetLastError(), kOp, "status kernel");
   slot_offsets_kernel<<<1, 1, 0, stream>>>(counts, S, offsets);
   cuda_check(cudaGetLastError(), kOp, "slot_offsets kernel");
   place_kernel<<<static_cast<unsigned>(S + 1), kPlaceThreads, 0, stream>>>(
