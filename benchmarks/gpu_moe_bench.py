@@ -83,16 +83,19 @@ def main() -> int:
     tokens = [int(t) for t in args.tokens.split(",")]
     reps = 5 if args.quick else 20
     mix = dict(d=1024, ff=3584) if args.quick else dict(d=4096, ff=14336)  # Mixtral-8x7B
-    rows = []
+    print(f"\n{torch.cuda.get_device_name()}  bf16  (median ms over {reps} runs)")
+    print(f"{'layer':<40} {'T':>6} {'anchor':>10} {'anchor ms':>10} {'ours ms':>9} {'speed-up':>9} {'max|diff|':>10}")
 
     def measure(name, anchor, hf, ours, inputs):
-        """Time the anchor `hf` and `ours` on every T (inputs(T) -> x)."""
+        """Time the anchor `hf` and `ours` on every T (inputs(T) -> x); each row printed as it is measured, so that
+        a failing layer loses no earlier row."""
         for T in tokens:
             x = inputs(T)
             with torch.inference_mode():
                 diff = (ours(x).float() - hf(x).float()).abs().max().item()
                 t_hf, t_ours = time_ms(lambda: hf(x), reps), time_ms(lambda: ours(x), reps)
-            rows.append((name, T, anchor, t_hf, t_ours, diff))
+            print(f"{name:<40} {T:>6} {anchor:>10} {t_hf:>10.3f} {t_ours:>9.3f} {t_hf / t_ours:>8.2f}x {diff:>10.2e}",
+                  flush=True)
 
     for G in (8, 4, 2):
         measure(f"mixtral d{mix['d']} ff{mix['ff']} E8 top2 G={G}", "grouped_mm",
@@ -103,10 +106,6 @@ def main() -> int:
         measure(f"switch d768 ff3072 E32 top1 G={G}", "eager", *switch_pair(768, 3072, 32, G, dtype, capacity=64),
                 lambda T: torch.randn(T // min(T, 128), min(T, 128), 768, device="cuda", dtype=dtype))
         torch.cuda.empty_cache()
-    print(f"\n{torch.cuda.get_device_name()}  bf16  (median ms over {reps} runs)")
-    print(f"{'layer':<40} {'T':>6} {'anchor':>10} {'anchor ms':>10} {'ours ms':>9} {'speed-up':>9} {'max|diff|':>10}")
-    for name, T, anchor, t_hf, t_ours, diff in rows:
-        print(f"{name:<40} {T:>6} {anchor:>10} {t_hf:>10.3f} {t_ours:>9.3f} {t_hf / t_ours:>8.2f}x {diff:>10.2e}")
     return 0
 
 
