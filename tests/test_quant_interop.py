@@ -142,12 +142,12 @@ def _ue8m0_sources(root):
 
 def test_uint8_scales_are_written_back_as_uint8(tmp_path, capsys):
     _ue8m0_sources(tmp_path)
-    for source in ("e8m0", "u8"):
-        rc, err = _cli(["prune", "--model", tmp_path / source, "--calib", tmp_path / "calib.txt", "--num-experts", 2,
-                        "--out", tmp_path / f"pruned-{source}"], capsys)
+    for source in ("e8m0", "u8"):  # a standard merge: its merged experts are quantized afresh
+        rc, err = _cli(["merge", "--model", tmp_path / source, "--calib", tmp_path / "calib.txt", "--num-groups", 2,
+                        "--format", "standard", "--out", tmp_path / f"pruned-{source}"], capsys)
         assert rc == 0, err
-    kept = json.loads((tmp_path / "pruned-u8" / "config.json").read_text())["mcsmoe_prune"]["layers"]
-    assert any(v["kept"] != [0, 1] for v in kept.values()), kept  # a renumbered expert: quantized afresh
+    report = json.loads((tmp_path / "pruned-u8" / "config.json").read_text())["mcsmoe_quantization"]
+    assert report["tensors"], report
     ref, got = _tensors(tmp_path / "pruned-e8m0"), _tensors(tmp_path / "pruned-u8")
     assert sorted(got) == sorted(ref)
     for name, tensor in ref.items():
@@ -169,7 +169,7 @@ def test_a_failed_requantization_leaves_out_as_it_was(command, tmp_path, capsys,
     def refuse(*args, **kwargs):
         raise ValueError("re-quantizing failed (injected)")
 
-    monkeypatch.setattr(requantize, "quantize_tensor", refuse)
+    monkeypatch.setattr(requantize.LikeSource, "parts", refuse)  # a prune copies its kept experts: no quantize_tensor
     args = {"prune": ["--calib", tmp_path / "calib.txt", "--num-experts", 2],
             "merge": ["--calib", tmp_path / "calib.txt", "--num-groups", 2, "--format", "standard"],
             "permute": []}[command]

@@ -94,15 +94,56 @@ def test_fp8_prune_written_back_in_fp8(tmp_path):
     q_proj = "model.layers.1.self_attn.q_proj.weight"
     for part in (q_proj, q_proj + "_scale_inv"):  # unchanged tensors: the source's bytes
         assert torch.equal(stored[part].view(torch.uint8), source[part].view(torch.uint8)), part
-    expert = "model.layers.0.block_sparse_moe.experts.{}.w1.weight"  # transformers saves Mixtral per expert
-    assert stored[expert.format(1)].dtype == torch.float8_e4m3fn and expert.format(2) not in stored
-    assert stored[expert.format(1) + "_scale_inv"].shape == (1, 1)
-    report = json.loads((tmp_path / "q" / "config.json").read_text())["mcsmoe_quantization"]
-    assert expert.format(1) in report["tensors"] and q_proj not in report["tensors"]
-    assert report["max"]["weights"] < 2.0 ** -8  # renumbered experts: their own values, scales rounded again
+    expert = "model.layers.{}.block_sparse_moe.experts.{}.{}.weight"  # transformers saves Mixtral per expert
+    assert stored[expert.format(0, 1, "w1")].dtype == torch.float8_e4m3fn and expert.format(0, 2, "w1") not in stored
+    # every kept expert, renumbered or not, is the source expert it was: its codes and scales byte for byte (they were
+    # quantized afresh from the bfloat16 working copy: 0.1-0.4% off)
+    renumbered = 0
+    for layer, kept_here in kept.items():
+        n = int(layer.split(".")[2])
+        for i, j in enumerate(kept_here):
+            renumbered += i != j
+            for w in ("w1", "w2", "w3"):
+                for part in ("", "_scale_inv"):
+                    new, old = expert.format(n, i, w) + part, expert.format(n, j, w) + part
+                    assert torch.equal(stored[new].view(torch.uint8), source[old].view(torch.uint8)), (new, old)
+    assert renumbered > 0
+    assert "mcsmoe_quantization" not in json.loads((tmp_path / "q" / "config.json").read_text())  # nothing afresh
     got, ref = _dequantized_load(tmp_path / "q", FP8), pruned_twin.state_dict()
-    for name in ref:  # float32 work: the kept experts re-quantize to their own values
+    for name in ref:  # the twin holds the source's values, dequantized in float32
         assert torch.allclose(got[name], ref[name], rtol=2.0 ** -8, atol=0), name
+
+
+@pytest.mark.parametrize("max_memory", [None, "1MB"])
+def test_fp8_standard_merge_copies_its_one_expert_groups(tmp_path, capsys, max_memory):
+    """A standard merge's one-expert group written at another index is the source expert it was, byte for byte with
+    its scales (in memory and streamed alike); the merged groups are quantized afresh and reported."""
+    tiny_mixtral(num_experts=4, hidden_size=128, intermediate_size=128).save_pretrained(tmp_path / "plain")
+    tiny_tokenizer().save_pretrained(tmp_path / "plain")
+    quantize_checkpoint(tmp_path / "plain", tmp_path / "fp8", FP8)
+    (tmp_path / "calib.txt").write_text("\n".join(LINES * 2) + "\n")
+    rc, _, err = _cli(["merge", "--model", tmp_path / "fp8", "--calib", tmp_path / "calib.txt", "--num-groups", 3,
+                       "--format", "standard", "--out", tmp_path / "m", *(["--max-memory", max_memory] if max_memory
+                                                                          else [])], capsys)
+    assert rc == 0, err
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    stored, source = load_file(str(tmp_path / "m" / "model.safetensors")), load_file(str(tmp_path / "fp8" / "model.safetensors"))
+    expert = "model.layers.{}.block_sparse_moe.experts.{}.{}.weight{}"
+    moved = merged = 0
+    for layer, entry in config["mcsmoe_standard"]["layers"].items():
+        n = int(layer.split(".")[2])
+        for i, group in enumerate(entry["groups"]):
+            names = [expert.format(n, i, w, "") for w in ("w1", "w2", "w3")]
+            if len(group) > 1:
+                merged += 1
+                assert all(name in config["mcsmoe_quantization"]["tensors"] for name in names)
+                continue
+            moved += group[0] != i
+            for w in ("w1", "w2", "w3"):
+                for part in ("", "_scale_inv"):
+                    new, old = expert.format(n, i, w, part), expert.format(n, group[0], w, part)
+                    assert torch.equal(stored[new].view(torch.uint8), source[old].view(torch.uint8)), (new, old)
+    assert moved > 0 and merged > 0
 
 
 def _cli(args, capsys):

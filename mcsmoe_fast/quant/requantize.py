@@ -3,12 +3,15 @@ the relative error that adds, and the rule every output "in the input's precisio
 
 The rule (the in-memory outputs' requantize_saved and the streamed standard checkpoint both use it, so the two
 write the same bytes): a tensor the source stores quantized under the same name is copied byte for byte with its
-scales when its values are the source's (equal to the source's dequantization in the tensor's dtype), else
-quantized afresh (renumbered or merged experts); a fused expert bank (transformers 5 names, our merged slots) is
-quantized afresh;
+scales when its values are the source's (equal to the source's dequantization in the tensor's dtype); so is a
+renumbered expert stored per expert (a pruned model's kept expert, a standard merge's one-expert group: `expect`)
+from the source expert it is, when its values are that expert's; else it is quantized afresh (merged experts);
+a fused expert bank (transformers 5 names, our merged slots) is quantized afresh;
 every other tensor (norms, routers, biases, embeddings) stays as it is.
 """
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -22,6 +25,8 @@ KEEP = ("embed_tokens", "lm_head", "norm", ".gate.weight", ".router.weight", "e_
 # fused expert banks: the hub's (GPT-OSS, Llama-4, transformers 5 names) and the merged slots of our exact format
 HUB_BANKS = ("experts.gate_up_proj", "experts.down_proj", "experts.up_proj")
 BANKS = (*HUB_BANKS, "experts.w_in", "experts.w_out")
+LAYER_PREFIX = re.compile(r".*?layers\.\d+\.")  # a decoder layer's name prefix ("model.layers.3.")
+EXPERT_INDEX = re.compile(r"experts\.(\d+)\.")  # a per-expert tensor's expert index
 # kept tensors of modules transformers' FP8 loader turns into FP8Linear unless modules_to_not_convert lists them (its
 # routers are not nn.Linear; its default skips, the head, are replaced by any list given)
 KEPT_LINEAR = ("shared_expert_gate",)
@@ -123,16 +128,40 @@ class LikeSource:
 
     def __init__(self, files: QuantizedFiles):
         self.files, self.format, self.scale_dtype = files, files.format, stored_scale_dtype(files)
+        self.sources: dict[str, dict[int, list[int]]] = {}  # "model.layers.3." -> {written expert: source experts}
+
+    def expect(self, layer: str, groups) -> None:
+        """MoE layer `layer` (its module name) is written as one expert per group of source experts, in order: a
+        one-expert group [j] written at another index is looked for at source expert j too (parts). A hint only:
+        the values decide."""
+        prefix = LAYER_PREFIX.match(layer)
+        if prefix is not None:
+            experts = self.sources.setdefault(prefix.group(0), {})
+            for i, group in enumerate(groups):
+                if len(group) == 1 and group[0] != i and group[0] not in experts.setdefault(i, []):
+                    experts[i].append(group[0])
+
+    def _source_experts(self, name: str) -> list[str]:
+        """The names of the source experts per-expert tensor `name` may be (`expect`)."""
+        prefix = LAYER_PREFIX.match(name)
+        experts = self.sources.get(prefix.group(0)) if prefix is not None else None
+        index = EXPERT_INDEX.search(name, prefix.end()) if experts else None
+        if index is None:
+            return []
+        return [f"{name[:index.start(1)]}{j}{name[index.end(1):]}" for j in experts.get(int(index.group(1)), ())]
 
     @torch.no_grad()
     def parts(self, name: str, tensor: torch.Tensor) -> tuple[dict[str, torch.Tensor], bool]:
         """({stored name: part}, whether `tensor` was quantized afresh)."""
         source = self.files
         if source.is_quantized(name) and tensor.is_floating_point():
-            if tuple(source.shapes[name]) == tuple(tensor.shape) and torch.equal(source.get(name, tensor.dtype), tensor):
-                parts = source.raw(name)
-                source.release()
-                return parts, False
+            for stored in (name, *self._source_experts(name)):
+                if (source.is_quantized(stored)
+                        and tuple(source.shapes[stored]) == tuple(tensor.shape)
+                        and torch.equal(source.get(stored, tensor.dtype), tensor)):
+                    parts = source.raw(stored)
+                    source.release()
+                    return {name + part[len(stored):]: value for part, value in parts.items()}, False
             return quantize_tensor(name, tensor, self.format, self.scale_dtype, transpose_mxfp4=True), True
         if name.endswith(BANKS) and quantizable(name, tensor, self.format):
             return quantize_tensor(name, tensor, self.format, self.scale_dtype, transpose_mxfp4=True), True

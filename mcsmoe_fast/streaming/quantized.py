@@ -219,8 +219,9 @@ def write_quantized(src, dst, quantization_config: dict | None = None, scale_dty
     like: the quantized checkpoint directory `src` was made from (a model loaded dequantized, then pruned
     or merged in memory): its format, scale dtype and quantization_config are used, a tensor it stores
     quantized under the same name is copied byte for byte with its scales when `src` kept its values (equal
-    to its dequantization in src's dtype), else quantized (e.g. the per-expert weights of a pruned Mixtral,
-    renumbered); the fused expert banks are quantized, and every other tensor stays as the source stores it.
+    to its dequantization in src's dtype), a renumbered expert (the kept experts of a pruned Mixtral, a standard
+    merge's one-expert groups: expect_renumbered) from the source expert whose values it kept, else quantized; the
+    fused expert banks are quantized, and every other tensor stays as the source stores it.
     max_shard_size: bytes per output shard (None: one file); tensors are read and written one at a time, so a
     shard is what is held in memory."""
     from .source import open_weight_files
@@ -233,6 +234,8 @@ def write_quantized(src, dst, quantization_config: dict | None = None, scale_dty
     if fmt is None:
         raise ValueError("quantization_config: expected a dict with quant_method 'fp8' or 'mxfp4'")
     config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    if like is not None:
+        expect_renumbered(like, config)
     files = open_weight_files(src)
     if like is None:
         check_layout({n: torch.empty(s, dtype=files.dtypes[n], device="meta") for n, s in files.shapes.items()}, fmt,
@@ -280,6 +283,18 @@ class PlainWriter:
     def quantization_config(self) -> dict:
         listed = not_converted(self.kept, self.given) if self.fmt.method == "fp8" else self.given
         return self.config if listed is None else {**self.config, "modules_to_not_convert": listed}
+
+
+def expect_renumbered(like: LikeSource, config: dict) -> None:
+    """Tell `like` which source expert each written expert of a pruned or standard-merged checkpoint may be (the kept
+    experts of its prune section, the one-expert groups of its standard section)."""
+    from ..checkpoint.standard import STANDARD_SECTION
+    from ..prune import PRUNE_SECTION
+
+    for layer, entry in ((config.get(PRUNE_SECTION) or {}).get("layers") or {}).items():
+        like.expect(layer, [[e] for e in entry["kept"]])
+    for layer, entry in ((config.get(STANDARD_SECTION) or {}).get("layers") or {}).items():
+        like.expect(layer, entry["groups"])
 
 
 class LikeWriter:

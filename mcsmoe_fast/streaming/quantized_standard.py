@@ -94,6 +94,8 @@ class StandardRequantizer:
         from transformers.core_model_loading import revert_weight_conversion
 
         banks = {n for view, *_ in layers.values() for n in (*view.stored_tensors().w_in, *view.stored_tensors().w_out)}
+        for name, (_, plan, *_) in layers.items():
+            self.like.expect(name, plan.groups)
         for name, tensor in revert_weight_conversion(standard, {n: t for n, t in pending.items() if n not in banks}).items():
             self.add(name, tensor)
         for name, (view, plan, num_experts, merged) in layers.items():
