@@ -17,6 +17,15 @@ step "environment"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 # no visible GPU: stop here (every CUDA test would be skipped and the step would pass without running one)
 $PY -c 'import torch; assert torch.cuda.is_available(), "torch sees no GPU: the CUDA tests would all be skipped"' || exit 1
+# transformers older than the package's floor (mcsmoe_fast/_requirements.py; the device image had 5.17): install the
+# wheels carried in $WHEELS (prepare them here: pip download --no-deps transformers==5.24.0 -d .wheels; carry .wheels)
+floor_ok() { $PY -c "exec(open('mcsmoe_fast/_requirements.py').read()); check_transformers()"; }
+if ! floor_ok 2>/dev/null; then
+  WHEELS=${WHEELS:-.wheels} SITE=$(mktemp -d)
+  ls "$WHEELS"/*.whl > /dev/null 2>&1 && $PY -m pip install -q --no-deps --no-index --target "$SITE" "$WHEELS"/*.whl
+  export PYTHONPATH="$PWD:$SITE${PYTHONPATH#"$PWD"}"
+  floor_ok || { echo "carry a newer transformers: pip download --no-deps transformers==5.24.0 -d .wheels"; exit 1; }
+fi
 $PY -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.get_device_name(0), "transformers", transformers.__version__)'
 
 step "build with CUDA (sm_90)"

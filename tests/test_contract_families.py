@@ -265,6 +265,11 @@ def test_clamped_swiglu_under_minimax_m3_names():
     ("inkling2_text", r"Inkling2Experts._apply_gate \(its own gate\)"),
 ])
 def test_refusals_name_the_real_reason(model_type, message):
+    from packaging.version import Version
+
+    if model_type in ("longcat_flash", "ergo") and Version(transformers.__version__) < Version("5.25"):
+        pytest.skip(f"{model_type} joins transformers' experts contract (ergo: transformers) in 5.25; before, the "
+                    "refusal is the generic one")
     with pytest.raises(ValueError, match=message) as info:
         moe_layers(tiny_from_model_type(model_type))
     assert "are its sparse layers configured" not in str(info.value)

@@ -47,3 +47,23 @@ def test_source_tree_without_extension_says_so(monkeypatch, tmp_path):
     assert "site-packages" in message and "another directory" in message and "build_ext --inplace" in message
     (tmp_path / "mcsmoe_fast" / "_C.cpython-311-x86_64-linux-gnu.so").write_text("")  # built in place: other cause
     assert "source tree" not in _ext._hint(ImportError("no _C"))
+
+
+def test_an_older_transformers_is_refused_at_import_naming_both_versions():
+    """transformers before MIN_TRANSFORMERS routes some families differently (Ernie 4.5 silently): refused at import
+    with the installed and the required version; pyproject.toml states the same floor."""
+    import re
+    from pathlib import Path
+
+    from mcsmoe_fast._requirements import MIN_TRANSFORMERS, check_transformers
+
+    for older in ("5.0.0", "5.17.0", "5.23.1", "5.24.0.dev0"):
+        with pytest.raises(ImportError, match=re.escape(f"needs transformers>={MIN_TRANSFORMERS}, found {older}")):
+            check_transformers(older)
+    for newer in (MIN_TRANSFORMERS, "5.25.0", "6.0.0"):
+        check_transformers(newer)
+    check_transformers()  # the installed one
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    floor = re.search(r'"transformers>=([\d.]+)"', pyproject).group(1)
+    assert [int(x) for x in floor.split(".")] + [0] * (3 - len(floor.split("."))) == \
+        [int(x) for x in MIN_TRANSFORMERS.split(".")]

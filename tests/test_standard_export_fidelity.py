@@ -95,6 +95,10 @@ def test_sigmoid_routers_told_by_what_they_compute(family, sigmoid):
 def test_fitted_rows_of_sigmoid_routers_fit_their_sigmoid_scores(family):
     """The fit starts from the dominant rows and minimises the sigmoid objective (with a small ridge), so it must
     end no worse than the dominant rows; fitted as a softmax it ends worse (glm4_moe 0.693 -> 0.886)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if family not in CONFIG_MAPPING_NAMES:  # minicpm5_moe joined transformers in 5.25 (the floor is older)
+        pytest.skip(f"transformers {transformers.__version__} has no {family!r} model")
     model, batches = merged(tiny_from_model_type(family), batches=4, shape=(4, 16))
     dominant = sigmoid_objective(model, to_standard(model, router="dominant"), batches)
     fitted = sigmoid_objective(model, to_standard(model, router="fitted", batches=batches), batches)
