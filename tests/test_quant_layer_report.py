@@ -90,3 +90,22 @@ def test_cli_prints_and_records_layer_errors(fp8, tmp_path, capsys, command):
     assert set(report["layers"]) == set(LAYERS)
     for entry in report["layers"].values():
         assert entry["tokens"] > 0 and 0 < entry["output"] < 0.1 and 0 < entry["w_in"] < 2.0 ** -4
+
+
+@pytest.mark.parametrize("form", [[], ["--format", "standard"]])
+def test_a_device_map_merge_reports_the_layer_outputs_too(fp8, tmp_path, capsys, form):
+    """The statistics pass of a --device-map merge runs on the model accelerate dispatched: its error probe takes the
+    calibration samples there, so the report holds each layer's output error, as the other paths' (it had only the
+    weights' errors)."""
+    reports = {}
+    for name, extra in {"default": [], "device-map": ["--device-map", "cpu"]}.items():
+        out = _cli(["merge", "--model", fp8 / "fp8", "--calib", fp8 / "calib.txt", "--num-groups", 2, *form, *extra,
+                    "--out", tmp_path / name], capsys)
+        assert "layer outputs on calibration tokens" in out, out
+        reports[name] = json.loads((tmp_path / name / "config.json").read_text())["mcsmoe_quantization"]["layers"]
+    assert set(reports["device-map"]) == set(LAYERS)
+    for layer, entry in reports["default"].items():
+        got = reports["device-map"][layer]
+        assert got["tokens"] == entry["tokens"] > 0
+        for what in ("w_in", "w_out", "output"):
+            assert got[what] == pytest.approx(entry[what], rel=1e-5), (layer, what)

@@ -20,6 +20,7 @@ import gc
 import torch
 
 from ..calibrate import LayerStats, collect_routing_stats, refuse_unmeasured
+from ..models import moe_layers
 from ..models.dispatched import compute_device
 from ..checkpoint.weight_files import parse_size
 from .forward import Batch
@@ -70,9 +71,11 @@ def split_memory(max_memory) -> tuple[int | None, dict | None]:
 
 @torch.no_grad()
 def dispatched_statistics(source, dtype: torch.dtype, batches: list[Batch], bases, chosen: set[str], device_map,
-                          max_memory: dict | None, offload_folder, progress) -> tuple[dict[str, LayerStats], dict]:
+                          max_memory: dict | None, offload_folder, progress,
+                          probe=None) -> tuple[dict[str, LayerStats], dict]:
     """({chosen MoE layer: LayerStats on the CPU}, the device map accelerate used), from one forward of
-    every batch through the checkpoint dispatched by accelerate; the model is released before returning."""
+    every batch through the checkpoint dispatched by accelerate; the model is released before returning.
+    probe: an ErrorProbe (a quantized source's error report) to take its calibration samples from that forward."""
     from tqdm.auto import tqdm
 
     from ..models.hub import model_class_for
@@ -81,6 +84,8 @@ def dispatched_statistics(source, dtype: torch.dtype, batches: list[Batch], base
         str(source.path), device_map=device_map, max_memory=max_memory, offload_folder=str(offload_folder),
         dtype=dtype).eval()
     placed = dict(getattr(model, "hf_device_map", {}) or {})
+    if probe is not None:
+        probe.attach(moe_layers(model))
     try:
         bar = tqdm(batches, desc="pass 1/2: routing statistics (accelerate device map)", unit="batch",
                    disable=not progress.enabled)

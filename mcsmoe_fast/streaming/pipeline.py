@@ -193,7 +193,7 @@ def _dispatched_passes(s: Stream, merger: Merger, groups: _Groups, device_map, d
     t0 = time.perf_counter()
     with scratch_directory(scratch, ".mcsmoe-offload-") as offload:
         s.stats, placed = dispatched_statistics(s.source, s.dtype, s.batches, s.bases, s.chosen, device_map,
-                                                device_memory, offload, s.progress)
+                                                device_memory, offload, s.progress, getattr(s.writer, "probe", None))
     offloaded = "disk" in placed.values()
     seconds["pass1"] = time.perf_counter() - t0
     counts = groups.from_stats(s.stats)

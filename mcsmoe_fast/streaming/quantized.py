@@ -75,11 +75,16 @@ class ErrorProbe:
     forward(hidden, top_k_index, top_k_weights))."""
 
     def __init__(self, views: dict, chosen, tokens: int = PROBE_TOKENS):
-        self.tokens, self.samples, self.handles = tokens, {}, []
-        for view in views.values():
-            experts = getattr(view.module, "experts", None)
-            if view.name in chosen and isinstance(experts, torch.nn.Module):
-                self.handles.append(experts.register_forward_pre_hook(partial(self._take, view.name), with_kwargs=True))
+        self.tokens, self.samples, self.handles, self.chosen = tokens, {}, [], set(chosen)
+        self.attach(views.values())
+
+    def attach(self, layers) -> None:
+        """Hook the experts of the chosen ones of `layers` (views or MoE layers: .name, .module), e.g. those of the
+        model accelerate dispatched for the statistics pass."""
+        for layer in layers:
+            experts = getattr(layer.module, "experts", None)
+            if layer.name in self.chosen and isinstance(experts, torch.nn.Module):
+                self.handles.append(experts.register_forward_pre_hook(partial(self._take, layer.name), with_kwargs=True))
 
     def _take(self, name, _module, args, kwargs) -> None:
         values = [*args, *kwargs.values()][:3]

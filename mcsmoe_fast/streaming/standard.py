@@ -45,7 +45,7 @@ class StandardOutput:
         config = model.config.__class__.from_dict(model.config.to_dict())
         for name in expert_count_fields(config):
             setattr(config, name, num_experts)
-        self.model, self.dtype, self.router = model, dtype, router
+        self.model, self.dtype, self.router, self.probe = model, dtype, router, probe
         self.standard = build_skeleton(config, dtype)  # meta: names, layouts and the conversion mapping only
         self.standard_views = {v.name: v for v in moe_layers(self.standard)}
         self.prefixes = {v.name: f"{v.name}.{v.router_rows()[1]}" for v in views.values()}
