@@ -123,6 +123,14 @@ def _moe_align_fake(top_k_index, top_k_weights, expert_map, num_slots):
     )
 
 
+def autocasting(device_type: str) -> bool:
+    """Whether torch.autocast is on for `device_type` (a type without autocast, e.g. meta: off). Under
+    torch.compile the availability check is skipped: dynamo before torch 2.12 cannot trace it (fullgraph=True
+    failed), and compiled tensors are on real devices."""
+    return ((torch.compiler.is_compiling() or torch.amp.is_autocast_available(device_type))
+            and torch.is_autocast_enabled(device_type))
+
+
 def grouped_expert_ffn(
     hidden: torch.Tensor,
     w_in: torch.Tensor,
@@ -160,7 +168,7 @@ def grouped_expert_ffn(
     returns hidden's dtype, with or without gradients (as the compressed slots do, modules/compressed.py).
     """
     _refuse_derivative_transforms("grouped_expert_ffn", hidden, w_in, w_out, top_k_weights, b_in, b_out)
-    if torch.amp.is_autocast_available(hidden.device.type) and torch.is_autocast_enabled(hidden.device.type):
+    if autocasting(hidden.device.type):
         with torch.autocast(hidden.device.type, enabled=False):
             dtype = w_in.dtype
             return grouped_expert_ffn(hidden.to(dtype), w_in, w_out, expert_map, top_k_index, top_k_weights.to(dtype),

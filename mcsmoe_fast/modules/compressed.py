@@ -168,7 +168,7 @@ def autocasting(x: torch.Tensor) -> bool:
     """Whether torch.autocast is on for x's device. The compressed ops have no autocast rule (their inner GEMMs
     would be autocast while their operands stay in the slots' dtype), so under autocast the compressed slots run
     with it turned off, in the slots' own dtype (forward and backward), and hand back the caller's dtype."""
-    return torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+    return ops.autocasting(x.device.type)
 
 
 def slr_linear(x, U, V, S_rows, row_idx, bias=None) -> torch.Tensor:
