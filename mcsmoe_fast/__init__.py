@@ -1,8 +1,9 @@
 """mcsmoe-fast: Merge, Then Compress (MC-SMoE) for Mixture-of-Experts models, with fused kernels."""
 __version__ = "0.1.0"
 
-from ._requirements import check_transformers as _check_transformers  # noqa: E402
+from ._requirements import check_torch as _check_torch, check_transformers as _check_transformers  # noqa: E402
 
+_check_torch()
 _check_transformers()
 from . import ops  # noqa: E402  (loads the native extension; raises with build instructions if missing)
 from .calibrate import collect_routing_stats  # noqa: E402

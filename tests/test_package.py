@@ -67,3 +67,19 @@ def test_an_older_transformers_is_refused_at_import_naming_both_versions():
     floor = re.search(r'"transformers>=([\d.]+)"', pyproject).group(1)
     assert [int(x) for x in floor.split(".")] + [0] * (3 - len(floor.split("."))) == \
         [int(x) for x in MIN_TRANSFORMERS.split(".")]
+
+
+def test_an_older_torch_is_refused_at_import_naming_both_versions():
+    import re
+    from pathlib import Path
+
+    from mcsmoe_fast._requirements import MIN_TORCH, check_torch
+
+    for older in ("2.4.0", "2.6.0+cu124", "2.7.1"):
+        with pytest.raises(ImportError, match=re.escape(f"needs torch>={MIN_TORCH}, found {older}")):
+            check_torch(older)
+    for newer in ("2.8.0", "2.8.0+cu128", "2.11.0+cu130", "2.13.0"):
+        check_torch(newer)
+    check_torch()  # the installed one
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert re.findall(r'"torch>=([\d.]+)"', pyproject) == [MIN_TORCH, MIN_TORCH]  # build and run time
