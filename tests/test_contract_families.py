@@ -268,7 +268,7 @@ def test_refusals_name_the_real_reason(model_type, message):
     from packaging.version import Version
 
     if model_type in ("longcat_flash", "ergo") and Version(transformers.__version__) < Version("5.25"):
-        pytest.skip(f"{model_type} joins transformers' experts contract (ergo: transformers) in 5.25; before, the "
+        pytest.skip(f"{model_type}'s experts (ergo: the model itself) arrive in transformers 5.25; before, the "
                     "refusal is the generic one")
     with pytest.raises(ValueError, match=message) as info:
         moe_layers(tiny_from_model_type(model_type))
