@@ -123,12 +123,15 @@ def _moe_align_fake(top_k_index, top_k_weights, expert_map, num_slots):
     )
 
 
+# the device types with autocast, decided once: dynamo before torch 2.12 cannot trace torch.amp.is_autocast_available
+# (torch.compile(fullgraph=True) of every fused op failed), a constant set traces everywhere
+AUTOCAST_TYPES = frozenset(t for t in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "ipu", "privateuseone")
+                           if torch.amp.is_autocast_available(t))
+
+
 def autocasting(device_type: str) -> bool:
-    """Whether torch.autocast is on for `device_type` (a type without autocast, e.g. meta: off). Under
-    torch.compile the availability check is skipped: dynamo before torch 2.12 cannot trace it (fullgraph=True
-    failed), and compiled tensors are on real devices."""
-    return ((torch.compiler.is_compiling() or torch.amp.is_autocast_available(device_type))
-            and torch.is_autocast_enabled(device_type))
+    """Whether torch.autocast is on for `device_type` (a type without autocast, e.g. meta: off)."""
+    return device_type in AUTOCAST_TYPES and torch.is_autocast_enabled(device_type)
 
 
 def grouped_expert_ffn(

@@ -540,3 +540,25 @@ def test_fp32_model_stays_fp32():
         out = ops.grouped_expert_ffn(*args)
         out.float().sum().backward()
         assert out.dtype == dtype and args[1].grad.dtype == dtype
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_torch_compile_fullgraph_traces_meta_and_autocast_as_eager(autocast):
+    """The autocast check traces under torch.compile(fullgraph=True) on every torch the package supports (dynamo
+    before 2.12 could not trace torch.amp.is_autocast_available), for meta tensors too (no autocast: eager's branch)
+    and for CPU tensors under autocast (eager's result)."""
+    T, d, ff, S, k = 4, 8, 6, 3, 2
+    g = torch.Generator().manual_seed(11)
+    args = (torch.randn(T, d, generator=g), torch.randn(S, 2 * ff, d, generator=g), torch.randn(S, d, ff, generator=g),
+            torch.tensor([0, 1, 2, 0]), torch.tensor([[0, 1], [2, 3], [1, 2], [0, 3]]), torch.rand(T, k, generator=g))
+
+    def f(*a):
+        return ops.grouped_expert_ffn(*a, "swiglu")
+
+    torch._dynamo.reset()
+    meta = [a.to("meta") for a in args]
+    assert torch.compile(f, backend="eager", fullgraph=True)(*meta).shape == f(*meta).shape == (T, d)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        eager, compiled = f(*args), torch.compile(f, backend="eager", fullgraph=True)(*args)
+    assert compiled.dtype == eager.dtype
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)

@@ -192,3 +192,34 @@ def test_in_memory_steps_on_fp8_see_the_dequantized_twin(tmp_path):
     perms = align_experts(got)
     ref_perms = align_experts(open_model(str(twin), torch.float32))
     assert all(torch.equal(perms[n], ref_perms[n]) for n in ref_perms)
+
+
+def test_the_expected_source_expert_is_tried_before_the_dropped_one_at_the_same_index(tmp_path):
+    """A pruned bfloat16 working copy keeps source expert 1 at index 0; source expert 0 (dropped) has the same codes
+    with scales 2^-10 smaller, so both dequantize to the same bfloat16 values: the kept expert's bytes are written,
+    not those of the dropped expert whose name the written tensor has."""
+    from safetensors.torch import save_file
+
+    from mcsmoe_fast.prune import kept_model
+
+    tiny_mixtral(num_experts=4, hidden_size=128, intermediate_size=128, num_layers=1).to(torch.bfloat16).save_pretrained(
+        tmp_path / "plain")
+    quantize_checkpoint(tmp_path / "plain", tmp_path / "fp8", FP8)
+    file = tmp_path / "fp8" / "model.safetensors"
+    source = load_file(str(file))
+    expert = "model.layers.0.block_sparse_moe.experts.{}.{}.weight"
+    for w in ("w1", "w2", "w3"):
+        source[expert.format(1, w)] = source[expert.format(0, w)].clone()
+        source[expert.format(0, w) + "_scale_inv"] = torch.full_like(source[expert.format(0, w) + "_scale_inv"], 2.0 ** -12)
+        source[expert.format(1, w) + "_scale_inv"] = source[expert.format(0, w) + "_scale_inv"] * (1 + 2 ** -10)
+    save_file(source, str(file), metadata={"format": "pt"})
+    model = open_model(str(tmp_path / "fp8"), torch.bfloat16)
+    layer = "model.layers.0.mlp"
+    pruned = kept_model(model, {layer: [1, 2]}, {"method": "reap", "layers": {layer: {"kept": [1, 2], "scores": []}}})
+    save_pretrained(pruned, tmp_path / "q", format="standard")
+    requantize_saved(tmp_path / "q", tmp_path / "fp8")
+    stored = load_file(str(tmp_path / "q" / "model.safetensors"))
+    for w in ("w1", "w2", "w3"):
+        for part in ("", "_scale_inv"):
+            assert torch.equal(stored[expert.format(0, w) + part].view(torch.uint8),
+                               source[expert.format(1, w) + part].view(torch.uint8)), (w, part)

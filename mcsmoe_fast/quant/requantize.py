@@ -155,7 +155,8 @@ class LikeSource:
         """({stored name: part}, whether `tensor` was quantized afresh)."""
         source = self.files
         if source.is_quantized(name) and tensor.is_floating_point():
-            for stored in (name, *self._source_experts(name)):
+            # the expected source expert first: its name's own expert may be a dropped one equal in the working dtype
+            for stored in (*self._source_experts(name), name):
                 if (source.is_quantized(stored)
                         and tuple(source.shapes[stored]) == tuple(tensor.shape)
                         and torch.equal(source.get(stored, tensor.dtype), tensor)):
