@@ -46,7 +46,7 @@ def _tensors(directory):
 def test_merge_keeps_fp8_by_default_and_dequantizes_with_dtype(workspace, tmp_path, capsys):
     rc, out, err = _merge(workspace, tmp_path / "q", capsys)
     assert rc == 0, err
-    assert "re-quantized to fp8: merged weights" in out and "layer outputs on calibration tokens" in out
+    assert "written in fp8: expert weights" in out and "layer outputs on calibration tokens" in out
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert config["quantization_config"] == FP8 and config["mcsmoe_merge"]["dtype"] == "bfloat16"
     report = config["mcsmoe_quantization"]

@@ -174,7 +174,7 @@ def test_cli_prunes_and_merges_mxfp4_without_dequantizing_first(gpt_oss, tmp_pat
 
     rc, out, err = _cli(["merge", *common, "--num-groups", 2, "--out", tmp_path / "m"], capsys)
     assert rc == 0, err
-    assert "re-quantized to mxfp4" in out
+    assert "written in mxfp4: expert weights" in out
     assert json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"] == MXFP4
 
 

@@ -193,7 +193,7 @@ def test_cli_streamed_standard_keeps_fp8_unless_dtype(tmp_path, capsys):
             "standard", "--max-memory", "1KB"]
     assert main([str(a) for a in [*base, "--out", tmp_path / "q"]]) == 0
     out = capsys.readouterr().out
-    assert "streamed 2 layers" in out and "re-quantized to fp8: merged weights" in out and "changed tensors" in out
+    assert "streamed 2 layers" in out and "written in fp8: expert weights" in out and "changed tensors" in out
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert config["quantization_config"] == FP8 and "layers" in config["mcsmoe_quantization"]
     expert = "model.layers.0.block_sparse_moe.experts.1.w1.weight"

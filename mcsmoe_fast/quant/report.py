@@ -46,8 +46,9 @@ def describe_error(report: dict | None) -> str:
     mx, mean, method = report["max"], report["mean"], report["format"]
     parts = []
     if "w_in" in mx:
-        text = (f"re-quantized to {method}: merged weights {100 * max(mx['w_in'], mx['w_out']):.2f}% relative error "
-                f"(max over banks; mean {100 * (mean['w_in'] + mean['w_out']) / 2:.2f}%)")
+        # against the working dtype's values: a kept expert copied byte for byte shows that copy's rounding
+        text = (f"written in {method}: expert weights {100 * max(mx['w_in'], mx['w_out']):.2f}% relative error "
+                f"against the working copy (max over banks; mean {100 * (mean['w_in'] + mean['w_out']) / 2:.2f}%)")
         if "output" in mx:
             text += (f", layer outputs on calibration tokens {100 * mx['output']:.2f}% (max; mean "
                      f"{100 * mean['output']:.2f}%)")
