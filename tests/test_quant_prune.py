@@ -127,7 +127,8 @@ def test_fp8_standard_merge_copies_its_one_expert_groups(tmp_path, capsys, max_m
                                                                           else [])], capsys)
     assert rc == 0, err
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    stored, source = load_file(str(tmp_path / "m" / "model.safetensors")), load_file(str(tmp_path / "fp8" / "model.safetensors"))
+    stored = load_file(str(tmp_path / "m" / "model.safetensors"))
+    source = load_file(str(tmp_path / "fp8" / "model.safetensors"))
     expert = "model.layers.{}.block_sparse_moe.experts.{}.{}.weight{}"
     moved = merged = 0
     for layer, entry in config["mcsmoe_standard"]["layers"].items():
@@ -202,16 +203,17 @@ def test_the_expected_source_expert_is_tried_before_the_dropped_one_at_the_same_
 
     from mcsmoe_fast.prune import kept_model
 
-    tiny_mixtral(num_experts=4, hidden_size=128, intermediate_size=128, num_layers=1).to(torch.bfloat16).save_pretrained(
-        tmp_path / "plain")
+    plain = tiny_mixtral(num_experts=4, hidden_size=128, intermediate_size=128, num_layers=1).to(torch.bfloat16)
+    plain.save_pretrained(tmp_path / "plain")
     quantize_checkpoint(tmp_path / "plain", tmp_path / "fp8", FP8)
     file = tmp_path / "fp8" / "model.safetensors"
     source = load_file(str(file))
     expert = "model.layers.0.block_sparse_moe.experts.{}.{}.weight"
     for w in ("w1", "w2", "w3"):
         source[expert.format(1, w)] = source[expert.format(0, w)].clone()
-        source[expert.format(0, w) + "_scale_inv"] = torch.full_like(source[expert.format(0, w) + "_scale_inv"], 2.0 ** -12)
-        source[expert.format(1, w) + "_scale_inv"] = source[expert.format(0, w) + "_scale_inv"] * (1 + 2 ** -10)
+        scale = expert.format(0, w) + "_scale_inv"
+        source[scale] = torch.full_like(source[scale], 2.0 ** -12)
+        source[expert.format(1, w) + "_scale_inv"] = source[scale] * (1 + 2 ** -10)
     save_file(source, str(file), metadata={"format": "pt"})
     model = open_model(str(tmp_path / "fp8"), torch.bfloat16)
     layer = "model.layers.0.mlp"

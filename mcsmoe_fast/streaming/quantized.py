@@ -84,7 +84,8 @@ class ErrorProbe:
         for layer in layers:
             experts = getattr(layer.module, "experts", None)
             if layer.name in self.chosen and isinstance(experts, torch.nn.Module):
-                self.handles.append(experts.register_forward_pre_hook(partial(self._take, layer.name), with_kwargs=True))
+                hook = partial(self._take, layer.name)
+                self.handles.append(experts.register_forward_pre_hook(hook, with_kwargs=True))
 
     def _take(self, name, _module, args, kwargs) -> None:
         values = [*args, *kwargs.values()][:3]
