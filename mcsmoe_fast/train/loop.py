@@ -200,13 +200,13 @@ def check_output_dir(output_dir, config: TrainConfig, resume: bool, distilling: 
         return
     if not (output_dir / LATEST / "config.json").exists():
         return  # nothing to resume: the run starts
-    saved = read_progress(output_dir / LATEST).get("config", {})
+    record = read_progress(output_dir / LATEST)
+    saved = record.get("config", {})
     now = json.loads(json.dumps(config.to_dict()))  # as the record keeps it: tuples become lists
     differ = [f"{key} {saved[key]!r} there, {now[key]!r} now" for key in sorted(now)
               if key in saved and key not in RESUMABLE_CHANGES and saved[key] != now[key]]
-    saved_distilling = read_progress(output_dir / LATEST).get("distilling")
-    if distilling is not None and saved_distilling is not None and saved_distilling != distilling:
-        differ.append(f"a {names[2]} distilled into the saved run, none is given now" if saved_distilling else
+    if distilling is not None and record.get("distilling") not in (None, distilling):
+        differ.append(f"a {names[2]} distilled into the saved run, none is given now" if record["distilling"] else
                       f"the saved run had no {names[2]}, one is given now")
     if differ:
         raise ValueError(f"resume: {output_dir / LATEST} holds a run with other settings: {'; '.join(differ)}; resume "
