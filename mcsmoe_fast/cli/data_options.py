@@ -14,7 +14,8 @@ def add_data_options(p, training: bool) -> None:
                                                     "the hub dataset's training split)")
     p.add_argument("--eval-data", default=None,
                    help="local evaluation file of --task (default: the hub dataset's validation split)")
-    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N examples only")
+    p.add_argument("--eval-limit", type=int, default=None,
+                   help="evaluate on the first N examples only (with --eval-text: the first N perplexity windows)")
     if training:
         p.add_argument("--text", default=None, help="causal LM: a UTF-8 text file to train on")
     p.add_argument("--eval-text", default=None, help="causal LM: a UTF-8 text file to measure perplexity on")
