@@ -7,6 +7,7 @@
 #     pip install mutmut                                # once
 #     bash benchmarks/mutation.sh                       # all of them
 #     bash benchmarks/mutation.sh drop grouping         # some: drop grouping merge calibrate permute compress pruner train
+#                                                       #   prune ream quant (quant: every file of mcsmoe_fast/quant/)
 # A name is a file mcsmoe_fast/<name>.py or a directory mcsmoe_fast/<name>/ (every .py in it, e.g. train); one file
 # of a directory runs alone as <dir>/<file> (train/loop: mcsmoe_fast/train/loop.py against train's tests), so a
 # large directory can be run, and finished, a file at a time.
@@ -43,7 +44,7 @@ PYTHON=${PYTHON:-python}
 JOBS=${JOBS:-2}
 WORK=${WORK:-$(mktemp -d /tmp/mcsmoe-mutation.XXXXXX)}
 FILES=("$@")
-[ ${#FILES[@]} -gt 0 ] || FILES=(drop grouping merge calibrate permute compress pruner train)
+[ ${#FILES[@]} -gt 0 ] || FILES=(drop grouping merge calibrate permute compress pruner train prune ream quant)
 
 sources_for() {  # mutmut's only_mutate patterns: the file mcsmoe_fast/<name>.py or every file in mcsmoe_fast/<name>/
   if [ -f "$ROOT/mcsmoe_fast/$1.py" ]; then echo "mcsmoe_fast/$1.py"
@@ -61,7 +62,10 @@ tests_for() {  # the test files that exercise each algorithm file (a file of a d
     compress) echo "tests/test_compress.py tests/test_compress_importance.py tests/test_slr.py" ;;
     pruner) echo "tests/test_pruner_schedule.py tests/test_train.py tests/test_train_pruned_resume.py" ;;
     train) echo "tests/test_train.py tests/test_pruner_schedule.py tests/test_train_pruned_resume.py tests/test_cli_train.py" ;;
-    *) echo "unknown file '$1': choose from drop grouping merge calibrate permute compress pruner train" >&2; exit 2 ;;
+    prune) echo "tests/test_reap.py tests/test_methods_reference.py tests/test_methods_edge_cases.py tests/test_degenerate_stats.py tests/test_quant_prune.py" ;;
+    ream) echo "tests/test_ream.py tests/test_methods_reference.py tests/test_methods_edge_cases.py tests/test_degenerate_stats.py" ;;
+    quant) echo "tests/test_quant_formats.py tests/test_quant_formats_spec.py tests/test_quant_edge_values.py tests/test_dequant.py tests/test_quantize_native.py tests/test_quant_prune.py" ;;
+    *) echo "unknown file '$1': choose from drop grouping merge calibrate permute compress pruner train prune ream quant" >&2; exit 2 ;;
   esac
 }
 
