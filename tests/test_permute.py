@@ -1,4 +1,6 @@
 """Expert permutation alignment: function preserved, permutations recovered, references honoured."""
+import copy
+
 import pytest
 import torch
 
@@ -113,11 +115,18 @@ def test_alignment_raises_similarity_to_reference():
 
 
 def test_per_expert_references_and_chunking():
+    """One expert a chunk (memory_budget=1) finds every permutation a single chunk finds; references keep theirs."""
     model = tiny_switch(num_experts=6)
     refs = [[0, 0, 2, 2, 2, 0]] * len(moe_layers(model))
+    whole = align_experts(copy.deepcopy(model), reference=refs, progress=False)
     perms = align_experts(model, reference=refs, memory_budget=1, progress=False)
-    for perm in perms.values():
-        assert torch.equal(perm[0], torch.arange(perm.shape[1])) and torch.equal(perm[2], torch.arange(perm.shape[1]))
+    assert perms.keys() == whole.keys()
+    for name, perm in perms.items():
+        identity = torch.arange(perm.shape[1])
+        assert torch.equal(perm[0], identity) and torch.equal(perm[2], identity)
+        assert torch.equal(perm, whole[name])
+        moved = [e for e in (1, 3, 4, 5) if not torch.equal(perm[e], identity)]
+        assert moved, f"{name}: no non-reference expert was permuted, the test cannot see a skipped chunk"
 
 
 @pytest.mark.parametrize(
