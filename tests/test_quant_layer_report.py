@@ -34,7 +34,7 @@ def fp8(tmp_path_factory):
 def test_in_memory_standard_merge_reports_layer_errors(fp8, tmp_path):
     batches = calibration(tiny_mixtral(num_layers=1), seed=3, batches=3, batch=2, length=9)
     model = mf.open_model(str(fp8 / "fp8"), torch.float32)  # float32 work, as the twin runs
-    errors = LayerErrors(model)
+    errors = LayerErrors(model, batches)
     stats = mf.collect_routing_stats(model, batches, bases=("router-logits", "feature"), progress=False)
     errors.close()
     mf.merge_experts(model, stats, 2, globally=False, within_routing_groups=True, progress=False)
@@ -57,7 +57,7 @@ def test_in_memory_prune_reports_layer_errors(fp8, tmp_path):
 
     batches = calibration(tiny_mixtral(num_layers=1), seed=4, batches=3, batch=2, length=9)
     model = mf.open_model(str(fp8 / "fp8"), torch.bfloat16)
-    errors = LayerErrors(model)
+    errors = LayerErrors(model, batches)
     stats = mf.collect_routing_stats(model, batches, saliency="reap", progress=False)
     errors.close()
     kept = kept_experts(model, stats, 2)
@@ -109,3 +109,32 @@ def test_a_device_map_merge_reports_the_layer_outputs_too(fp8, tmp_path, capsys,
         assert got["tokens"] == entry["tokens"] > 0
         for what in ("w_in", "w_out", "output"):
             assert got[what] == pytest.approx(entry[what], rel=1e-5), (layer, what)
+
+
+def test_the_probe_takes_each_batchs_tokens_once_and_no_padding():
+    """ErrorProbe keeps the experts' inputs at the batches' token positions, in batch order; the same batches run
+    again (an unmerged layer in a second pass) add nothing; a mask that does not fit the experts' rows is refused."""
+    from mcsmoe_fast.models import moe_layers
+    from mcsmoe_fast.streaming.quantized import ErrorProbe
+
+    model = tiny_mixtral(num_layers=1, seed=5).eval()
+    batches = calibration(model, seed=6, batches=2, batch=3, length=7)
+    views = {layer.name: layer for layer in moe_layers(model)}
+    (name,) = views
+    seen = []
+    model.get_submodule(f"{name}.experts").register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append([*args, *kwargs.values()][0].detach().clone()), with_kwargs=True)
+    probe = ErrorProbe(views, set(views), [b["attention_mask"] for b in batches], tokens=1000)
+    with torch.no_grad():
+        for b in batches * 2:
+            model(**b)
+    probe.close()
+    expected = torch.cat([h[b["attention_mask"].reshape(-1).bool()] for h, b in zip(seen, batches)])
+    hidden, index, weights = probe.samples[name]
+    assert expected.shape[0] == sum(int(b["attention_mask"].sum()) for b in batches) < 2 * 3 * 7
+    assert torch.equal(hidden, expected) and index.shape[0] == weights.shape[0] == expected.shape[0]
+    wrong = ErrorProbe(views, set(views), [torch.ones(2, 7)])
+    with pytest.raises(ValueError, match="received 21 rows for calibration batch 0, whose padding mask has 14"):
+        with torch.no_grad():
+            model(**batches[0])
+    wrong.close()

@@ -137,15 +137,18 @@ def test_mxfp4_gpt_oss_merges_without_a_dequantized_copy(tmp_path, batches):
 
 # --- the error re-quantizing adds (reported, recorded in config.json) ------------------------------
 def _experts_inputs(model, batches):
-    """{layer: (hidden, top-k index, top-k weights)} at each MoE layer's experts module over the batches, as
-    transformers' own forward of `model` computes them (an independent look at the calibration tokens)."""
-    seen, handles = {}, []
+    """{layer: (hidden, top-k index, top-k weights)} at each MoE layer's experts module over the batches' tokens
+    (padding positions left out), as transformers' own forward of `model` computes them (an independent look at
+    the calibration tokens)."""
+    seen, handles, keep = {}, [], {}
     for layer in LAYERS:
         def take(_m, args, kwargs, layer=layer):
-            seen.setdefault(layer, []).append([t.detach().clone() for t in [*args, *kwargs.values()][:3]])
+            rows = [t.detach().clone() for t in [*args, *kwargs.values()][:3]]
+            seen.setdefault(layer, []).append([t[keep["rows"]] for t in rows])
         handles.append(model.get_submodule(f"{layer}.experts").register_forward_pre_hook(take, with_kwargs=True))
     with torch.no_grad():
         for x in batches:
+            keep["rows"] = x["attention_mask"].reshape(-1).bool() if "attention_mask" in x else slice(None)
             model(**x)
     for h in handles:
         h.remove()
@@ -181,7 +184,8 @@ def test_fp8_requantization_error_is_reported_against_the_merged_weights(fp8, ba
             assert 0.005 < expected < 2.0 ** -4  # Gaussian weights: ~2.6%; never more than half a step
             assert entry[bank] == pytest.approx(expected, rel=1e-6), (layer, bank)
         hidden, index, weights = inputs[layer]
-        assert entry["tokens"] == hidden.shape[0] == sum(x["input_ids"].numel() for x in batches)
+        tokens = sum(int(x["attention_mask"].sum()) for x in batches)  # padding left out
+        assert entry["tokens"] == hidden.shape[0] == tokens < sum(x["input_ids"].numel() for x in batches)
         expert_map = q[f"{layer}.experts.expert_map"]
         out = [MoEExperts(banks["w_in"][k], banks["w_out"][k], expert_map, "swiglu")(hidden, index, weights)
                for k in (0, 1)]

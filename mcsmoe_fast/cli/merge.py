@@ -131,11 +131,11 @@ def check_format_options(args) -> None:
         args.within_routing_groups = standard
 
 
-def _layer_errors(model):
+def _layer_errors(model, batches):
     """The layer errors of a re-quantized standard checkpoint (streaming/layer_errors.py), probed from here."""
     from ..streaming.layer_errors import LayerErrors
 
-    return LayerErrors(model)
+    return LayerErrors(model, batches)
 
 
 def _print_groupings(groupings, samples: int, elapsed: float) -> None:
@@ -226,7 +226,7 @@ def run(args) -> int:
     before = parameter_bytes(model)
     similarity_bases = (args.similarity,) if args.similarity == "expert-output" else ("router-logits", "feature")
     start = time.perf_counter()
-    errors = _layer_errors(model) if keep_quantization and args.format == "standard" else None
+    errors = _layer_errors(model, batches) if keep_quantization and args.format == "standard" else None
     stats = collect_routing_stats(model, batches, bases=similarity_bases)
     if errors is not None:
         errors.close()

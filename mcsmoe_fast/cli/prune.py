@@ -78,7 +78,7 @@ def run(args) -> int:
     batches = calibration_batches(texts, tokenizer, args.batch_size, args.max_length)
     check_batches(batches, tokenizer, model.config.vocab_size)
     start = time.perf_counter()
-    errors = LayerErrors(model) if keep_quantization else None  # the layer errors of the re-quantized output
+    errors = LayerErrors(model, batches) if keep_quantization else None  # the layer errors of the re-quantized output
     stats = collect_routing_stats(model, batches, saliency=args.saliency if args.method == "reap" else None)
     kept = kept_experts(model, stats, args.num_experts, args.ratio, args.method)
     pruned = prune_experts(model, stats, args.num_experts, args.ratio, args.method)

@@ -3,7 +3,8 @@ prune): the keys of the streamed report (quant/report.py "layers": w_in, w_out, 
 requantize_saved records ("tensors").
 
 `LayerErrors` hooks an ErrorProbe on the original model's MoE layers while the calibration statistics are
-collected (the first PROBE_TOKENS tokens reaching each layer's experts: hidden states and routing), keeps each
+collected (the first PROBE_TOKENS tokens, padding left out, reaching each layer's experts: hidden states and
+routing), keeps each
 layer's weights in the standard experts' order once merged or pruned, and after the checkpoint is re-quantized
 reads each layer's re-quantized banks back from it (SourceCheckpoint: dequantized, the family's hub layout
 assembled as the streamed reader assembles it) and measures, as the streamed standard output does, the banks'
@@ -47,11 +48,13 @@ class LayerErrors:
     """The probe on `model`'s MoE layers (open it before collect_routing_stats, close it after), the layers'
     kept weights, and record() once the output is re-quantized."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, batches):
+        """batches: the calibration batches (dicts) collect_routing_stats will run, in that order: their padding
+        masks tell the probe which positions are tokens."""
         from .quantized import ErrorProbe
 
         views = {v.name: v for v in moe_layers(model)}
-        self.probe = ErrorProbe(views, set(views))
+        self.probe = ErrorProbe(views, set(views), [b.get("attention_mask") for b in batches])
         self.layers: dict[str, tuple] = {}  # name -> (merged banks in the standard order, groups, E, activation, args)
 
     def close(self) -> None:

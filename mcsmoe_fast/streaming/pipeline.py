@@ -159,15 +159,16 @@ def _merger(s: Stream, tmp: Path, plan: MemoryPlan, compress: dict | None, optio
     standard: (M, router) for the standard format (standard.py)."""
     if not keep_quantization:
         drop_quantization(s.model.config)
+    masks = [b.attention_mask for b in s.batches]  # the error probe's padding (quantized outputs)
     if standard is not None:
         quantized = keep_quantization and s.source.quant is not None
         s.writer = StandardOutput(tmp, plan.shard_size, s.model, s.views, s.dtype, *standard,
                                   requantize=s.source.files if quantized else None,
-                                  probe=ErrorProbe(s.views, s.chosen) if quantized else None)
+                                  probe=ErrorProbe(s.views, s.chosen, masks) if quantized else None)
         return Merger(s.writer, None, options, plan.matching_bytes, s.model.config,
                       fit_router=_fits_router(standard, options["strategy"]))
     s.writer = output_writer(ShardWriter(tmp, WEIGHTS_NAME, plan.shard_size, WEIGHTS_METADATA), s.source, s.views,
-                             keep_quantization, s.chosen)
+                             keep_quantization, masks, s.chosen)
     stage = (CompressionStage(tmp / ".compress-staging", compress["rank"], compress["keep_ratio"], compress["svd"])
              if compress else None)
     return Merger(s.writer, stage, options, plan.matching_bytes)

@@ -94,7 +94,7 @@ def prune_checkpoint(path, out, calibration_batches: Iterable[dict], num_experts
         record["layers"][view.name] = {"kept": kept, "scores": [round(float(x), 6) for x in scores]}
 
     with atomic_directory(out) as tmp:
-        probe = ErrorProbe(views, s.chosen) if quantized else None
+        probe = ErrorProbe(views, s.chosen, [b.attention_mask for b in batches]) if quantized else None
         s.writer = StandardOutput(tmp, plan.shard_size, model, views, dtype, num_keep, "dominant",
                                   requantize=source.files if quantized else None, probe=probe)
         scratch = offload_dir or tmp

@@ -18,8 +18,8 @@ The error re-quantizing adds (`QuantizingWriter.report`, recorded in config.json
 `mcsmoe_quantization` and in StreamingResult.quantization_error): per merged layer, the relative
 (Frobenius) error of each re-quantized bank against the merged bank it was quantized from (the working
 dtype's values), and the relative error of the layer's routed-expert output on calibration tokens: the
-merged experts run on the first PROBE_TOKENS tokens that reached the layer's experts in the statistics
-pass (their hidden states and routing, as the original model routed them: `ErrorProbe`), once with the
+merged experts run on the first PROBE_TOKENS tokens (padding left out) that reached the layer's experts in the
+statistics pass (their hidden states and routing, as the original model routed them: `ErrorProbe`), once with the
 merged weights and once with their re-quantized values, both in float32.
 
 `quantize_checkpoint` writes a plain transformers checkpoint in an official quantized layout, atomically (tests and
@@ -47,7 +47,7 @@ __all__ = ["describe_error", "dequantize_parts", "quantize_tensor", "relative_er
            "write_quantized", "requantize_saved", "save_requantized", "load_dequantized", "output_writer",
            "record_error", "ErrorProbe", "QuantizingWriter"]
 
-PROBE_TOKENS = 256  # calibration tokens per layer the output error is measured on (kept until the layer is merged)
+PROBE_TOKENS = 256  # calibration tokens (not padding) per layer the output error is measured on (kept until merged)
 
 
 def source_format(config: dict) -> QuantFormat | None:
@@ -69,13 +69,18 @@ def checkpoint_format(spec) -> QuantFormat | None:
 
 
 class ErrorProbe:
-    """The first `tokens` calibration tokens that reach each chosen MoE layer's experts module in the
-    statistics pass: (hidden [T, d], top-k experts [T, k], top-k weights [T, k]), the experts' inputs as
-    the original model computes them (a forward pre-hook on `module.experts`, the experts contract's
-    forward(hidden, top_k_index, top_k_weights))."""
+    """The first `tokens` calibration tokens (padding left out) that reach each chosen MoE layer's experts
+    module in the statistics pass: (hidden [T, d], top-k experts [T, k], top-k weights [T, k]), the experts'
+    inputs as the original model computes them (a forward pre-hook on `module.experts`, the experts
+    contract's forward(hidden, top_k_index, top_k_weights)).
 
-    def __init__(self, views: dict, chosen, tokens: int = PROBE_TOKENS):
+    masks: each calibration batch's padding mask [B, L] (None: every position a token), in the order the
+    batches run. A layer's experts see batch j's B x L positions flattened on their j-th call; calls past the
+    last batch (the same batches run again through an unmerged layer) add nothing."""
+
+    def __init__(self, views: dict, chosen, masks, tokens: int = PROBE_TOKENS):
         self.tokens, self.samples, self.handles, self.chosen = tokens, {}, [], set(chosen)
+        self.masks, self.calls = list(masks), {}
         self.attach(views.values())
 
     def attach(self, layers) -> None:
@@ -94,10 +99,18 @@ class ErrorProbe:
         hidden, index, weights = values
         if hidden.dim() != 2 or index.dim() != 2 or tuple(weights.shape) != tuple(index.shape):
             return
+        call = self.calls[name] = self.calls.get(name, 0) + 1
         have = self.samples.get(name)
         room = self.tokens - (0 if have is None else have[0].shape[0])
-        if room <= 0:
+        if room <= 0 or call > len(self.masks):
             return
+        mask = self.masks[call - 1]
+        if mask is not None:
+            if mask.numel() != hidden.shape[0]:
+                raise ValueError(f"{name}: the experts received {hidden.shape[0]} rows for calibration batch "
+                                 f"{call - 1}, whose padding mask has {mask.numel()} positions")
+            keep = mask.reshape(-1).to(hidden.device).bool()
+            hidden, index, weights = hidden[keep], index[keep], weights[keep]
         take = [t[:room].detach().to("cpu", copy=True) for t in (hidden, index, weights)]
         self.samples[name] = take if have is None else [torch.cat(p) for p in zip(have, take)]
 
@@ -168,11 +181,12 @@ class QuantizingWriter:
         return getattr(self.writer, attr)
 
 
-def output_writer(writer: ShardWriter, source, views: dict, quantized_output: bool, chosen=None):
+def output_writer(writer: ShardWriter, source, views: dict, quantized_output: bool, masks, chosen=None):
     """The writer a streamed run writes through: QuantizingWriter when the source is quantized and the
     output keeps its precision, else `writer` itself. Banks: each MoE layer's merged slots (w_in, w_out)
     and, when the source stores them fused and quantized under the model's names, its own banks. The
-    layers in `chosen` (default: every MoE layer) get an ErrorProbe for the error report."""
+    layers in `chosen` (default: every MoE layer) get an ErrorProbe for the error report, on the calibration
+    batches whose padding masks are `masks`."""
     if not quantized_output or not isinstance(source.files, QuantizedFiles):
         return writer
     banks = set()
@@ -181,7 +195,7 @@ def output_writer(writer: ShardWriter, source, views: dict, quantized_output: bo
         layout = view.stored_tensors()
         banks.update(n for n in (*layout.w_in, *layout.w_out) if not source.files.is_quantized(n))
     chosen = chosen if chosen is not None else {v.name for v in views.values()}
-    return QuantizingWriter(writer, source.files, banks, views, ErrorProbe(views, chosen))
+    return QuantizingWriter(writer, source.files, banks, views, ErrorProbe(views, chosen, masks))
 
 
 def record_error(config, writer) -> dict | None:
