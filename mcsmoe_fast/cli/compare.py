@@ -113,6 +113,7 @@ def run(args) -> int:
     from ..calibration_data import calibration_batches, check_batches, load_tokenizer, read_calibration_texts
     from ..compare import check_compare, compare_methods, markdown_table, write_results, write_tables
     from ..loading import open_model
+    from ..streaming.activations import check_offload_dir
     from ..train import TrainConfig
     from ..train.text import text_windows
 
@@ -120,6 +121,7 @@ def run(args) -> int:
     if args.offload_dir is not None and args.max_memory is None:
         raise ValueError("--offload-dir needs --max-memory: it is where the comparison larger than memory writes its "
                          "reduced checkpoints and activations (without a budget the model is compared in memory)")
+    check_offload_dir(args.offload_dir)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     try:
         ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
@@ -151,14 +153,15 @@ def run(args) -> int:
         print(f"the comparison fits --max-memory {args.max_memory}: compared in memory; --offload-dir is not used")
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     harness = harness_option(args, tokenizer)
-    windows = text_windows(args.eval_text, tokenizer, args.eval_length).rows
+    vocab_size = load_config(args.model).get_text_config().vocab_size
+    windows = text_windows(args.eval_text, tokenizer, args.eval_length, vocab_size).rows
     model = open_model(args.model, dtype_option(args))
     texts = read_calibration_texts(args.calib, args.num_samples, args.text_field, args.split)
     batches = calibration_batches(texts, tokenizer, args.batch_size, args.max_length)
     check_batches(batches, tokenizer, model.config.vocab_size)
     if harness is not None and getattr(model.config, "is_encoder_decoder", False):
         raise ValueError("--lm-eval tasks run on causal LMs; this model is an encoder-decoder")
-    kd_data = kd_windows(args, texts, tokenizer) if kd is not None else None
+    kd_data = kd_windows(args, texts, tokenizer, vocab_size) if kd is not None else None
     result = compare_methods(model, batches, windows, methods, ratios, kd=kd, kd_data=kd_data, compress=compress,
                              harness=harness, on_row=lambda partial: write_tables(partial, args.out))
     out = write_results(result, args.out)
@@ -184,10 +187,11 @@ def run_streamed(args, methods, ratios, compress) -> int:
                              f"{args.max_memory} (leave {flag} out to compare one-shot, layer by layer)")
     check_checkpoint(args.model, methods, ratios, dtype_option(args))
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    windows = text_windows(args.eval_text, tokenizer, args.eval_length).rows
+    vocab_size = load_config(args.model).get_text_config().vocab_size
+    windows = text_windows(args.eval_text, tokenizer, args.eval_length, vocab_size).rows
     texts = read_calibration_texts(args.calib, args.num_samples, args.text_field, args.split)
     batches = calibration_batches(texts, tokenizer, args.batch_size, args.max_length)
-    check_batches(batches, tokenizer, load_config(args.model).vocab_size)
+    check_batches(batches, tokenizer, vocab_size)
     print(f"the model does not fit --max-memory {args.max_memory}: comparing layer by layer")
     result = compare_checkpoint(args.model, batches, windows, methods, ratios,
                                 scratch=Path(args.offload_dir or args.out), max_memory=args.max_memory,
@@ -199,13 +203,14 @@ def run_streamed(args, methods, ratios, compress) -> int:
     return 0
 
 
-def kd_windows(args, texts, tokenizer):
+def kd_windows(args, texts, tokenizer, vocab_size: int):
     """What KD trains on: --kd-text, or the calibration texts as one token stream, in --eval-length windows."""
     import torch
 
-    from ..train.text import Windows, text_windows
+    from ..train.text import Windows, check_vocabulary, text_windows
 
     if args.kd_text is not None:
-        return text_windows(args.kd_text, tokenizer, args.eval_length)
-    ids = tokenizer("\n".join(texts), add_special_tokens=False)["input_ids"]
-    return Windows(torch.tensor(ids, dtype=torch.long), args.eval_length)
+        return text_windows(args.kd_text, tokenizer, args.eval_length, vocab_size)
+    ids = torch.tensor(tokenizer("\n".join(texts), add_special_tokens=False)["input_ids"], dtype=torch.long)
+    check_vocabulary(ids, vocab_size, "the calibration text (KD's text without --kd-text)")
+    return Windows(ids, args.eval_length)

@@ -92,17 +92,19 @@ def _task_data(args, tokenizer, training: bool) -> Data:
 
 
 def _text_data(args, tokenizer, training: bool) -> Data:
+    from ..models.hub import load_config
     from ..train.text import lm_batch, perplexity, text_windows
 
     if training and args.text is None:
         raise ValueError("--text (the training text) is needed with --eval-text")
     eval_path = args.eval_text or getattr(args, "text", None)
     length = 256 if args.length is None else args.length
-    held_out = text_windows(eval_path, tokenizer, length).rows
+    vocab_size = load_config(args.model).get_text_config().vocab_size  # before the model is loaded
+    held_out = text_windows(eval_path, tokenizer, length, vocab_size).rows
     if args.eval_limit is not None:
         held_out = held_out[: args.eval_limit]
     return Data(
-        train=text_windows(args.text, tokenizer, length) if training else None,
+        train=text_windows(args.text, tokenizer, length, vocab_size) if training else None,
         collate=lm_batch, evaluate=lambda model: {"perplexity": perplexity(model, held_out)},
         metric="perplexity", greater_is_better=False, batch_size=None, learning_rate=None,
     )

@@ -33,8 +33,16 @@ def lm_batch(rows) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": ids}
 
 
-def text_windows(path, tokenizer, length: int) -> Windows:
-    """A text file, tokenized as one stream, cut into windows of `length` tokens."""
+def check_vocabulary(ids: torch.Tensor, vocab_size: int | None, what: str) -> None:
+    """ValueError naming `what` when a token id is past the model's vocabulary (another model's tokenizer)."""
+    if vocab_size is not None and ids.numel() and int(ids.max()) >= vocab_size:
+        raise ValueError(f"{what}: the tokenizer produces token id {int(ids.max())} but the model's vocabulary has "
+                         f"{vocab_size} entries; is --tokenizer the model's own tokenizer?")
+
+
+def text_windows(path, tokenizer, length: int, vocab_size: int | None = None) -> Windows:
+    """A text file, tokenized as one stream, cut into windows of `length` tokens; with vocab_size, a token id
+    past the model's vocabulary is refused, naming the file."""
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"{path}: no such text file")
@@ -42,8 +50,9 @@ def text_windows(path, tokenizer, length: int) -> Windows:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path}: not UTF-8 text ({exc})") from exc
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return Windows(torch.tensor(ids, dtype=torch.long), length)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    check_vocabulary(ids, vocab_size, str(path))
+    return Windows(ids, length)
 
 
 def refuse_encoder_decoder(model: nn.Module) -> None:
