@@ -86,3 +86,28 @@ def test_compare_offload_dir_naming_a_file_is_refused(space, capsys, monkeypatch
                    "1KB", "--offload-dir", "notes.txt"], capsys)
     assert rc == 2 and "offload_dir notes.txt is a file, not a directory" in err, err
     assert (space / "notes.txt").read_text() == "mine" and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "finetune"])
+def test_task_examples_past_the_embedding_are_refused_naming_the_file(tmp_path, capsys, command):
+    """--task: the examples' sources, targets and answer choices (here a word past the embedding in the sentences
+    of one file at a time: the evaluation file for eval, the training file for finetune)."""
+    from mcsmoe_fast.tiny import tiny_switch
+    from test_tasks import SST2_EVAL, write_jsonl
+
+    tiny_switch().save_pretrained(tmp_path / "switch")
+    words = " ".join(ex["sentence"] for ex in SST2_EVAL).replace(".", " ")
+    tiny_tokenizer(" ".join([*EXTRA, words, TINY_WORDS, "positive negative sst2 sentence:"])).save_pretrained(
+        tmp_path / "big")
+    good = write_jsonl(tmp_path / "good.jsonl", SST2_EVAL)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{**ex, "sentence": ex["sentence"] + " w199"} for ex in SST2_EVAL])
+    files = ["--eval-data", bad] if command == "eval" else ["--data", bad, "--eval-data", good, "--steps", "1",
+                                                             "--out", tmp_path / "out"]
+    rc, err = run([command, "--task", "sst2", *files, "--model", tmp_path / "switch", "--tokenizer", tmp_path / "big"],
+                  capsys)
+    assert rc == 2 and "bad.jsonl: the tokenizer produces token id" in err and "vocabulary has 128" in err, err
+    assert not (tmp_path / "out").exists()
+    if command == "eval":  # the same tokenizer on the examples without the word: evaluated
+        rc, err = run([command, "--task", "sst2", "--eval-data", good, "--model", tmp_path / "switch", "--tokenizer",
+                       tmp_path / "big"], capsys)
+        assert rc == 0, err

@@ -73,15 +73,28 @@ def _refuse_stray_options(args, harness: bool) -> None:
                          "chosen reads no text windows: drop it")
 
 
+def _vocab_size(args) -> int | None:
+    """The --model's vocabulary size, read from its config before the model is loaded (None without --model)."""
+    from ..models.hub import load_config
+
+    return load_config(args.model).get_text_config().vocab_size if getattr(args, "model", None) else None
+
+
 def _task_data(args, tokenizer, training: bool) -> Data:
     from ..tasks import check_examples, check_labelled, encode_pairs, evaluate_task, get_task, load_task_data
+    from ..tasks.evaluate import check_task_vocabulary
 
     task = get_task(args.task)
     examples = load_task_data(task, task.eval_split, args.eval_data, args.eval_limit)
     train = load_task_data(task, task.train_split, args.data) if training else None
+    vocab_size = _vocab_size(args)
     if training:  # every example usable: fail before the model is loaded and trained, not when a run reaches it
-        check_labelled(task, train, args.data or f"the hub's {task.train_split} split", "training example")
-    check_examples(task, tokenizer, examples, args.eval_data or f"the hub's {task.eval_split} split")
+        where = args.data or f"the hub's {task.train_split} split"
+        check_labelled(task, train, where, "training example")
+        check_task_vocabulary(task, tokenizer, train, vocab_size, where)
+    where = args.eval_data or f"the hub's {task.eval_split} split"
+    check_examples(task, tokenizer, examples, where)
+    check_task_vocabulary(task, tokenizer, examples, vocab_size, where)
     return Data(
         train=train,
         collate=lambda rows: encode_pairs(tokenizer, [task.to_text(r) for r in rows]),
@@ -92,14 +105,13 @@ def _task_data(args, tokenizer, training: bool) -> Data:
 
 
 def _text_data(args, tokenizer, training: bool) -> Data:
-    from ..models.hub import load_config
     from ..train.text import lm_batch, perplexity, text_windows
 
     if training and args.text is None:
         raise ValueError("--text (the training text) is needed with --eval-text")
     eval_path = args.eval_text or getattr(args, "text", None)
     length = 256 if args.length is None else args.length
-    vocab_size = load_config(args.model).get_text_config().vocab_size  # before the model is loaded
+    vocab_size = _vocab_size(args)
     held_out = text_windows(eval_path, tokenizer, length, vocab_size).rows
     if args.eval_limit is not None:
         held_out = held_out[: args.eval_limit]

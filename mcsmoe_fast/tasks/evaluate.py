@@ -200,6 +200,20 @@ def check_examples(task: Task | str, tokenizer, examples: Sequence[Mapping], whe
         _check_choices_differ(tokenizer, task, examples, max_target_length, at)
 
 
+def check_task_vocabulary(task: Task | str, tokenizer, examples: Sequence[Mapping], vocab_size: int,
+                          where: str) -> None:
+    """ValueError naming `where` when the tokenizer gives a labelled example's source, target or answer choices a
+    token id past the model's vocabulary (another model's tokenizer: the embedding would fail on it)."""
+    from ..train.text import check_vocabulary
+
+    task = get_task(task)
+    texts = [text for example in examples for text in task.to_text(example)]
+    if task.is_classification:
+        texts += sorted({choice for example in examples for choice in task.choices(example)})
+    highest = [max(row) for row in tokenizer(texts)["input_ids"] if row] if texts else []
+    check_vocabulary(torch.tensor(highest, dtype=torch.long), vocab_size, where)
+
+
 def evaluate_task(model, tokenizer, task: Task | str, examples: Sequence[Mapping], batch_size: int = 32,
                   max_new_tokens: int | None = None, max_source_length: int = 512, max_target_length: int = 128,
                   label_scoring: bool = True, progress: bool = True) -> dict[str, float]:
