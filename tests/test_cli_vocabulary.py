@@ -51,6 +51,10 @@ COMPARE = ["compare", "--calib", "calib.txt", "--methods", "m-smoe", "--ratios",
     ([*COMPARE, "--eval-text", "outside.txt"], "outside.txt"),
     ([*COMPARE, "--eval-text", "outside.txt", "--max-memory", "1KB"], "outside.txt"),
     (["merge", "--calib", "outside.txt", "--num-groups", "2", "--out", "out"], "the tokenizer produces token id"),
+    (["merge", "--calib", "outside.txt", "--num-groups", "2", "--out", "out", "--max-memory", "1KB"],
+     "the tokenizer produces token id"),
+    (["prune", "--calib", "outside.txt", "--num-experts", "2", "--out", "out", "--max-memory", "1KB"],
+     "the tokenizer produces token id"),
 ])
 def test_ids_past_the_embedding_are_refused_naming_the_text(space, capsys, monkeypatch, tmp_path, argv, named):
     monkeypatch.chdir(space)

@@ -158,7 +158,7 @@ def run(args) -> int:
     model = open_model(args.model, dtype_option(args))
     texts = read_calibration_texts(args.calib, args.num_samples, args.text_field, args.split)
     batches = calibration_batches(texts, tokenizer, args.batch_size, args.max_length)
-    check_batches(batches, tokenizer, model.config.vocab_size)
+    check_batches(batches, tokenizer, vocab_size)
     if harness is not None and getattr(model.config, "is_encoder_decoder", False):
         raise ValueError("--lm-eval tasks run on causal LMs; this model is an encoder-decoder")
     kd_data = kd_windows(args, texts, tokenizer, vocab_size) if kd is not None else None

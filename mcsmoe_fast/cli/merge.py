@@ -177,6 +177,7 @@ def run(args) -> int:
     from ..calibration_data import calibration_batches, check_batches, load_tokenizer, read_calibration_texts
     from ..merge import merge_experts
     from ..models import moe_layers, select_layers
+    from ..models.hub import load_config
     from ..loading import open_model
 
     refuse_overwriting_input(args)
@@ -189,6 +190,7 @@ def run(args) -> int:
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     texts = read_calibration_texts(args.calib, args.num_samples, args.text_field, args.split)
     batches = calibration_batches(texts, tokenizer, args.batch_size, args.max_length)
+    check_batches(batches, tokenizer, load_config(args.model).get_text_config().vocab_size)  # streamed runs too
     from ..streaming import fits_in_memory
     from ..streaming.quantized import checkpoint_format
     from ..streaming.requantize_merged import stored_format
@@ -222,7 +224,6 @@ def run(args) -> int:
                          "has one expert count for every layer: drop --layers")
     check_groups_below_experts(args.num_groups,  # a merged input: its slots
                                max(int(layer.expert_map().max()) + 1 for layer in moe_layers(model)))
-    check_batches(batches, tokenizer, model.config.vocab_size)
     before = parameter_bytes(model)
     similarity_bases = (args.similarity,) if args.similarity == "expert-output" else ("router-logits", "feature")
     start = time.perf_counter()

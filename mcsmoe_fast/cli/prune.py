@@ -109,12 +109,14 @@ def run(args) -> int:
 
 def run_streaming(args, keep_quantization: bool) -> int:
     """Larger than --max-memory: the checkpoint pruned one decoder layer at a time (streaming.prune)."""
-    from ..calibration_data import calibration_batches, load_tokenizer, read_calibration_texts
+    from ..calibration_data import calibration_batches, check_batches, load_tokenizer, read_calibration_texts
+    from ..models.hub import load_config
     from ..streaming.prune import prune_checkpoint
 
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     texts = read_calibration_texts(args.calib, args.num_samples, args.text_field, args.split)
     batches = calibration_batches(texts, tokenizer, args.batch_size, args.max_length)
+    check_batches(batches, tokenizer, load_config(args.model).get_text_config().vocab_size)
     start = time.perf_counter()
     out = prune_checkpoint(args.model, args.out, batches, args.num_experts, args.ratio, args.method, args.saliency,
                            max_memory=args.max_memory, offload_dir=args.offload_dir,
