@@ -22,10 +22,10 @@
 # surviving mutant (also saved to WORK/survivors-<file>.txt). benchmarks/MUTATION.md lists the survivors of
 # the last recorded run and why each one is harmless, or the test that now kills it.
 #
-# mutmut does not mutate decorated functions: in the copy of the mutated files, `@torch.no_grad()` on a
-# function or a method is rewritten as `name = torch.no_grad()(name)` after it, at the same indentation
-# (same behaviour), so merge_experts, align_experts, collect_routing_stats, compress_experts, the pruner's
-# step and perplexity are mutated too. Properties (@property) and other decorators stay unmutated.
+# mutmut does not mutate decorated functions: in the copy of the mutated files, `@torch.no_grad()` (or
+# `@edits_model`) on a function or a method is rewritten as `name = torch.no_grad()(name)` after it, at the same
+# indentation (same behaviour), so merge_experts, align_experts, collect_routing_stats, compress_experts, the
+# pruner's step and perplexity are mutated too. Properties (@property) and other decorators stay unmutated.
 #
 # Interrupted? `cd $WORK/<name> && python -m mutmut run --max-children $JOBS` continues where it stopped (results
 # are kept per mutant). Changing the test selection in setup.cfg makes mutmut forget every earlier result.
@@ -94,10 +94,11 @@ for rel in sys.argv[2:]:
     for node in ast.walk(ast.parse("".join(lines))):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and len(node.decorator_list) == 1:
             dec = node.decorator_list[0]
-            if ast.unparse(dec) == "torch.no_grad()" and lines[dec.lineno - 1].strip() == "@torch.no_grad()":
-                edits.append((dec.lineno, node.end_lineno, " " * node.col_offset, node.name))
-    for dec_line, end_line, indent, fn in sorted(edits, reverse=True):
-        lines.insert(end_line, f"{indent}{fn} = torch.no_grad()({fn})\n")
+            call = ast.unparse(dec)
+            if call in ("torch.no_grad()", "edits_model") and lines[dec.lineno - 1].strip() == "@" + call:
+                edits.append((dec.lineno, node.end_lineno, " " * node.col_offset, node.name, call))
+    for dec_line, end_line, indent, fn, call in sorted(edits, reverse=True):
+        lines.insert(end_line, f"{indent}{fn} = {call}({fn})\n")
         del lines[dec_line - 1]
     if edits:
         path.write_text("".join(lines))

@@ -15,7 +15,9 @@ from .models import moe_layers  # noqa: E402
 from .loading import open_model  # noqa: E402
 from .optimize import optimize  # noqa: E402
 from .permute import align_experts  # noqa: E402
+from .prune import prune_experts  # noqa: E402
 from .pruner import CompressionPruner  # noqa: E402
+from .ream import ream_experts  # noqa: E402
 from .modules.experts_interface import register as _register_experts_implementation  # noqa: E402
 
 _register_experts_implementation()  # experts_implementation="mcsmoe_fast" in transformers
@@ -32,6 +34,8 @@ __all__ = [
     "collect_routing_stats",
     "merge_experts",
     "compress_experts",
+    "prune_experts",
+    "ream_experts",
     "CompressionPruner",
     "save_pretrained",
     "from_pretrained",

@@ -50,7 +50,8 @@ from torch import nn
 
 from .drop import logit_mask
 from .hooks import run_hooked
-from .models import ExpertsLayer, MoELayer, moe_layers
+from .flags import check_flags
+from .models import ExpertsLayer, MoELayer, moe_layers, unwrap
 from .models.dispatched import compute_device, onloaded
 from .ops import grouped_expert_ffn
 
@@ -333,6 +334,8 @@ def collect_routing_stats(
     `saliency` ("reap", "reap-softmax" or None) also accumulates REAP's expert saliency (LayerStats.saliency,
     see the module docstring), running each expert only on its routed tokens.
     """
+    model = unwrap(model)
+    check_flags("collect_routing_stats", input_norms=input_norms)
     want_output, _ = _check_bases(bases)
     check_saliency(saliency)
     if chunk_tokens < 1:

@@ -139,6 +139,8 @@ def calibration_batches(texts: list[str], tokenizer, batch_size: int = 8, max_le
 
     These feed an encoder-decoder model's decoder its own input text; for a text-to-text task's calibration
     (the decoder reads the task's targets, as the original did) use mcsmoe_fast.tasks.calibration_batches."""
+    if isinstance(texts, str):  # slicing a string would cut it into characters
+        raise ValueError("texts must be a list of strings, one calibration text each: wrap a single text in a list")
     if batch_size < 1 or max_length < 1:
         raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size} and {max_length}")
     tokenizer = copy.deepcopy(tokenizer)

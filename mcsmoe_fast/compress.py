@@ -29,7 +29,9 @@ from tqdm.auto import tqdm
 
 from .calibrate import LayerStats, refuse_unmeasured
 from .modules.compressed import CompressedMoEExperts
-from .models import MoELayer, moe_layers, select_layers
+from .edits import edits_model
+from .models import MoELayer, moe_layers, select_layers, unwrap
+from .models.dispatched import refuse_meta_experts
 from .checkpoint.plain_save import guard_plain_save
 from .sections import record_compression
 
@@ -82,6 +84,11 @@ def lowrank_factors(W: torch.Tensor, rank: int, svd: str = "auto") -> tuple[torc
     when r <= min(out, in) / 4). Computed in float32 at least."""
     if svd not in SVD_METHODS:
         raise ValueError(f"svd must be one of {', '.join(SVD_METHODS)}, got {svd!r}")
+    with torch.autocast(W.device.type, enabled=False):  # the caller's autocast would run the GEMMs in bf16
+        return _lowrank_factors(W, rank, svd)
+
+
+def _lowrank_factors(W: torch.Tensor, rank: int, svd: str) -> tuple[torch.Tensor, torch.Tensor]:
     out, inp = W.shape[-2:]
     r = min(rank, out, inp)
     work = W.float() if W.dtype in (torch.float16, torch.bfloat16) else W
@@ -107,8 +114,9 @@ def full_bank(W: torch.Tensor, rank: int, svd: str) -> list[torch.Tensor]:
     U, V = lowrank_factors(W, rank, svd)
     work = torch.promote_types(W.dtype, torch.float32)  # S = W - U V in float32 at least, rounded once
     residual = torch.empty_like(W)
-    for s in range(S):
-        residual[s] = W[s].to(work) - U[s].to(work) @ V[s].to(work)
+    with torch.autocast(W.device.type, enabled=False):
+        for s in range(S):
+            residual[s] = W[s].to(work) - U[s].to(work) @ V[s].to(work)
     residual = residual.reshape(S * out, inp)
     row_idx = torch.arange(out, device=W.device).repeat(S)
     offsets = torch.arange(S + 1, device=W.device) * out
@@ -162,7 +170,7 @@ def _input_norms(stats: Mapping[str, LayerStats] | None, layer: MoELayer, num_sl
     return s.slot_input_sq.sqrt(), s.slot_hidden_sq.sqrt()
 
 
-@torch.no_grad()
+@edits_model
 def compress_experts(
     model: nn.Module,
     rank: int = 32,
@@ -183,8 +191,10 @@ def compress_experts(
     stats: routing statistics with input norms (importance="activation" only).
     svd: "auto", "exact" or "randomized" (see lowrank_factors).
     """
+    model = unwrap(model)
     options = CompressOptions(rank, keep_ratio, importance, svd)
     chosen = select_layers(moe_layers(model), layers)
+    refuse_meta_experts(chosen, "compress_experts")
     again = [layer.name for layer in chosen if _compressed(layer) is not None]
     if again:
         raise ValueError(f"layers {again} are already compressed; compress a model once (from its merged form)")
@@ -203,11 +213,10 @@ def compress_experts(
         module = CompressedMoEExperts(full_bank(w_in, rank, svd), full_bank(w_out, rank, svd),
                                       layer.expert_map().clone(), layer.activation, b_in, b_out,
                                       layer.activation_args)
-        module.train(layer.module.training)
         if importance == "gradient":  # every row kept, masked later by the pruner
             module.set_keep(torch.ones(module.in_S_rows.shape[0], dtype=torch.bool),
                             torch.ones(module.out_S_rows.shape[0], dtype=torch.bool))
-        layer.install_experts(module)
+        layer.take_over_experts(module)
         modules[layer.name] = module
 
     if importance != "gradient":

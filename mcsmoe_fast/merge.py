@@ -19,13 +19,16 @@ from .grouping import (
     ALL_GROUPINGS, MERGE_STRATEGIES, SIMILARITY_BASES, LayerGrouping, group_counts, group_layer, layer_seed,
     capped_groups, check_routing_groups, ream_scores, similarity_matrix,
 )
-from .models import MoELayer, expert_weights_per_expert, moe_layers, select_layers
+from .edits import edits_model
+from .flags import check_flags
+from .models import MoELayer, expert_weights_per_expert, moe_layers, select_layers, unwrap
 from .modules import MoEExperts
 from .permute import (
     DEFAULT_MEMORY_BUDGET, apply_permutation, apply_permutation_, match_permutations, with_bias_column,
 )
 from .checkpoint.plain_save import guard_plain_save
 from .models.config_fields import routing_groups
+from .models.dispatched import refuse_meta_experts
 from .sections import record_merge
 
 def merge_group_weights(w_in: torch.Tensor, w_out: torch.Tensor, grouping: LayerGrouping, *more: torch.Tensor):
@@ -124,6 +127,7 @@ def check_saliency_grouping(grouping: str, layer_stats: Mapping[str, LayerStats]
         capped_groups(torch.eye(s.num_experts), torch.ones(s.num_experts), counts[name], max_group_size)
 
 
+@edits_model
 def merge_experts(
     model: nn.Module,
     stats: Mapping[str, LayerStats],
@@ -161,8 +165,11 @@ def merge_experts(
       refuses groups across routing groups); num_groups must be a multiple of n_group (globally=True gives
       each layer a multiple of it). No effect on other routers.
     """
+    model = unwrap(model)
+    check_flags("merge_experts", globally=globally, permute=permute, within_routing_groups=within_routing_groups)
     check_merge_options(similarity, strategy, grouping)
     chosen = select_layers(moe_layers(model), layers)
+    refuse_meta_experts(chosen, "merge_experts")
     if strategy == "drop":  # before any layer changes: a refused layer must not leave the model half merged
         for layer in chosen:
             check_maskable(layer)
@@ -184,8 +191,8 @@ def merge_experts(
             grouping=grouping, seed=seed, b_in=b_in, b_out=b_out, max_group_size=max_group_size,
             routing_groups=n_group)
         emap = torch.tensor(g.expert_map, dtype=torch.int64, device=w_in.device)
-        layer.install_experts(MoEExperts(merged_in, merged_out, emap, layer.activation, merged_b_in, merged_b_out,
-                                         layer.activation_args))
+        layer.take_over_experts(MoEExperts(merged_in, merged_out, emap, layer.activation, merged_b_in, merged_b_out,
+                                           layer.activation_args))
         if strategy == "drop":
             keep = torch.zeros(layer.num_experts, dtype=torch.bool)
             keep[g.dominant] = True

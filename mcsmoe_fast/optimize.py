@@ -15,7 +15,7 @@ import warnings
 from torch import nn
 
 from .checkpoint.plain_save import guard_plain_save
-from .models import moe_layers
+from .models import moe_layers, unwrap
 from .modules.experts_interface import NAME as EXPERTS_IMPLEMENTATION
 
 
@@ -39,7 +39,9 @@ def optimize(model: nn.Module, dropless: bool | None = None) -> nn.Module:
     slots: hooks registered on them, and an optimizer built before, hold the old ones (call optimize() first).
     `model` is the transformers model (or a part of it with the model's config, such as its base model
     `model.model` or a Switch stack); a part without one (a decoder layer, an MoE block) is refused by name.
+    A torch.compile'd model is optimized in the module it compiles, and returned compiled.
     """
+    given, model = model, unwrap(model)
     if getattr(getattr(model, "config", None), "model_type", None) is None:
         raise ValueError(f"optimize() takes the transformers model (a PreTrainedModel: the ...ForCausalLM, or its "
                          f"base model model.model), got {type(model).__name__}, which has no model config: pass the "
@@ -50,7 +52,7 @@ def optimize(model: nn.Module, dropless: bool | None = None) -> nn.Module:
     if not layers:
         warnings.warn(f"optimize: this {model.config.model_type} model has no MoE layer; returned unchanged",
                       stacklevel=2)
-        return model
+        return given
     for layer in layers:  # its refusals (experts of one bank frozen differently) before any layer changes
         layer.stacked_requires_grad()
     ours = False
@@ -58,4 +60,6 @@ def optimize(model: nn.Module, dropless: bool | None = None) -> nn.Module:
         ours |= layer.optimize(dropless)
     if any(layer.experts_implementation for layer in layers):
         model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
-    return guard_plain_save(model) if ours else model
+    if ours:
+        guard_plain_save(model)
+    return given

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from . import ops
 from .activations import apply, is_gated
 from .hooks import run_hooked
-from .models import MoELayer, moe_layers
+from .models import MoELayer, moe_layers, unwrap
+from .models.dispatched import refuse_meta_experts
 
 DEFAULT_MEMORY_BUDGET = 2 << 30  # bytes of cost matrices (and a cost_fn's declared temporaries) built at once
 CPU_PROBLEMS_PER_THREAD = 4  # cost matrices per solver thread and chunk on the CPU
@@ -257,6 +258,7 @@ def align_experts(
     (correlation of hidden activations on calibration `batches`, an iterable of model input dicts).
     Returns {layer name: permutation [E, ff]}; row s says which old neuron each new neuron was.
     """
+    model = unwrap(model)
     if strategy not in ("weight", "activation"):
         raise ValueError(f"strategy must be 'weight' or 'activation', got {strategy!r}")
     if strategy == "activation" and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
@@ -264,6 +266,7 @@ def align_experts(
         raise ValueError("max_tokens must be a whole number >= 2 (activation matching correlates tokens), "
                          f"got {max_tokens!r}")
     layers = moe_layers(model)
+    refuse_meta_experts(layers, "align_experts")
     refs = _resolve_references(reference, layers)
     inputs = None
     if strategy == "activation":

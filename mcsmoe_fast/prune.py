@@ -31,7 +31,7 @@ from .checkpoint.standard import carry_generation_config, copy_shared_tensors, s
 from .checkpoint.standard_plan import LayerPlan
 from .models.config_fields import expert_count_fields, routing_groups
 from .checkpoint.standard_router import router_state
-from .models import moe_layers
+from .models import moe_layers, unwrap
 from .modules import CompressedMoEExperts
 
 PRUNE_METHODS = ("reap", "frequency")
@@ -141,6 +141,7 @@ def check_routing_group_counts(config, layers: list, num_keep: int) -> int:
 def kept_experts(model: nn.Module, stats: Mapping[str, LayerStats], num_experts: int | None = None,
                  ratio: float | None = None, method: str = "reap") -> dict[str, list[int]]:
     """{layer name: the experts prune_experts keeps}, checked as prune_experts checks (no model is built)."""
+    model = unwrap(model)
     if method not in PRUNE_METHODS:
         raise ValueError(f"method must be one of {', '.join(PRUNE_METHODS)}, got {method!r}")
     layers = moe_layers(model)
@@ -162,6 +163,7 @@ def kept_model(model: nn.Module, kept: Mapping[str, list[int]], record: dict | N
     """The family's own transformers model (eval mode) holding, per MoE layer, only the experts `kept[name]`
     and their router rows (bias and DeepSeek's e_score_correction_bias sliced alike), every other tensor
     copied. The same count in every layer; `record` goes into config.mcsmoe_prune."""
+    model = unwrap(model)
     from transformers.initialization import no_init_weights
 
     from .models.hub import keep_float32_, model_class_for

@@ -67,6 +67,10 @@ class CompressionPruner:
         """Fold |theta * grad| into the EMA; False (nothing changed) when any of it is not finite."""
         importance = [(rows * rows.grad).abs().float() if rows.grad is not None else None
                       for _, _, rows, _ in self._matrices()]
+        if all(i is None for i in importance):  # the scores would stay 0: rows kept in storage order
+            raise ValueError("CompressionPruner.step(): no compressed expert's sparse rows have a gradient: call it after "
+                             "loss.backward() and before optimizer.zero_grad(), with the compressed experts trainable "
+                             "(requires_grad), or pass update_scores=False for a step the optimizer skipped")
         if not all(i is None or bool(torch.isfinite(i).all()) for i in importance):
             self.skipped += 1
             return False

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..models import unwrap
 from ..modules import slot_names
 from ..sections import COMPRESS_SECTION, compression_methods, compression_section
 from .atomic import atomic_directory
@@ -91,6 +92,7 @@ def save_pretrained(model: nn.Module, save_directory, export_dense: bool = False
     expressed that way). router, batches: the standard format's router rows ("fitted" on `batches`, the
     default when they are given, or "dominant"); see standard_router.py.
     """
+    model = unwrap(model)
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if format == "standard" and export_dense:

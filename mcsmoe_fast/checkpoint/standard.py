@@ -19,7 +19,7 @@ import copy
 import torch
 from torch import nn
 
-from ..models import moe_layers
+from ..models import moe_layers, unwrap
 from ..sections import COMPRESS_SECTION, MERGE_SECTION
 from .format import model_dtype
 from ..models.config_fields import expert_count_fields
@@ -133,6 +133,7 @@ def to_standard(model: nn.Module, router: str | None = None, batches=None, exper
       model's: one that never binds).
     Raises ValueError, before any work, for what a standard checkpoint cannot express (standard_plan.py).
     """
+    model = unwrap(model)
     router = router or ("fitted" if batches is not None else "dominant")
     check_router(router, batches)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:

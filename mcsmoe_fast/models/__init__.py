@@ -24,9 +24,17 @@ def _is_moe_family(model: nn.Module) -> bool:
         return False
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module a torch.compile'd model compiles (OptimizedModule._orig_mod: its names carry no `_orig_mod.`
+    prefix), or `model` itself. The steps and saves work on it; the compiled wrapper runs the same modules."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def moe_layers(model: nn.Module, allow_empty: bool = False) -> list[MoELayer]:
-    """Every MoE layer of a supported model, in module order (an error when there is none, unless
-    allow_empty and the model is of an MoE family)."""
+    """Every MoE layer of a supported model (a torch.compile'd one: of the module it compiles), in module order
+    (an error when there is none, unless allow_empty and the model is of an MoE family)."""
+    model = unwrap(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     family = family_of(model_type)
     layers = family.find_layers(model)
@@ -46,4 +54,4 @@ def moe_layers(model: nn.Module, allow_empty: bool = False) -> list[MoELayer]:
 
 
 __all__ = ["MoELayer", "select_layers", "expert_weights_per_expert", "SwitchLayer", "ExpertsLayer", "moe_layers",
-           "Family", "families", "family_of", "ExpertTensors"]
+           "unwrap", "Family", "families", "family_of", "ExpertTensors"]

@@ -185,6 +185,14 @@ class MoELayer:
     def hidden_size(self) -> int:
         return self.router_weight().shape[-1]
 
+    def take_over_experts(self, experts: nn.Module) -> None:
+        """install_experts for new slots that replace the block's experts (merge, compress): in the block's
+        training mode, and trainable only if the experts they replace were (frozen experts stay frozen)."""
+        old = getattr(self.module, "experts", None)
+        params = list(old.parameters()) if isinstance(old, nn.Module) else []
+        experts.requires_grad_(not params or any(p.requires_grad for p in params))
+        self.install_experts(experts.train(self.module.training))
+
     def replace(self, new_module: nn.Module) -> None:
         """Swap the block for `new_module` in its parent; the new block takes the old one's forward and backward
         hooks (the same dicts, so the handles their owners hold still remove them)."""

@@ -47,3 +47,13 @@ def onloaded(module: nn.Module) -> Iterator[None]:
         for m in hooked:
             stack.enter_context(align_module_device(m))
         yield
+
+
+def refuse_meta_experts(layers, step: str) -> None:
+    """ValueError naming the layers whose expert weights are on the meta device (no values in memory), before
+    `step` (align, merge, compress: they read and rewrite the weights in place) changes anything."""
+    meta = [layer.name for layer in layers if any(w.is_meta for w in layer.expert_weights())]
+    if meta:
+        raise ValueError(f"{step}: the expert weights of layers {meta} are on the meta device (no values in memory: a "
+                         "model built empty, or experts offloaded by accelerate); load the model with its weights (a "
+                         "model larger than memory: the CLI's --max-memory streams it layer by layer)")
