@@ -121,6 +121,31 @@ def test_a_checkpoint_a_killed_writer_left_aside_is_restored(tmp_path):
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_a_live_writers_set_aside_checkpoint_is_left_to_it(tmp_path, monkeypatch):
+    """Another save to the target starting while this one is between its renames (its restore_previous on entry)
+    leaves the previous checkpoint this writer set aside: this save ends in place (it lost its output before). A
+    set-aside directory whose writer is dead is put back as before."""
+    target = checkpoint(tmp_path / "out", b"previous")
+    rename, raced = os.rename, []
+
+    def between_the_renames(src, dst):
+        rename(src, dst)
+        if not raced and ".out.old-" in str(dst):
+            raced.append(dst)
+            atomic.restore_previous(target)  # the other save, entering atomic_directory
+
+    monkeypatch.setattr(atomic.os, "rename", between_the_renames)
+    write_new(target)
+    monkeypatch.setattr(atomic.os, "rename", rename)
+    assert raced and str(raced[0]).endswith(f"-{os.getpid()}")
+    assert (target / "model.safetensors").read_bytes() == b"new weights"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    dead = tmp_path / "dead"
+    checkpoint(tmp_path / ".dead.old-0123abcd-999999999")  # no such pid
+    atomic.restore_previous(dead)
+    assert (dead / "model.safetensors").read_bytes() == b"old weights"
+
+
 def test_a_model_saved_twice_to_one_directory_is_replaced(tmp_path):
     model = tiny_mixtral()
     first = mf.save_pretrained(model, tmp_path / "ckpt")

@@ -243,3 +243,22 @@ def test_saving_tensors_the_config_ties_but_the_model_holds_apart_is_refused(tmp
         for p in model.parameters():
             p.normal_()
     assert_same_tensors(from_pretrained(save_pretrained(model, tmp_path / "ck")), model)
+
+
+def test_a_weights_file_replaced_between_reads_is_refused(tmp_path):
+    """Files are closed between layers and opened again by name: a file another command replaced meanwhile (here
+    a checkpoint saved again into the same directory) is refused, not read at the first file's offsets."""
+    model = tiny_switch(num_layers=2)
+    path = save_pretrained(model, tmp_path / "ck")
+    weights = open_weights(path, read_section(path), verify=False)
+    name = next(iter(weights.shapes))
+    first = weights.read_into(name, torch.empty(weights.shapes[name], dtype=weights.dtypes[name])).clone()
+    weights.release()
+    assert torch.equal(weights.read_into(name, torch.empty_like(first)), first)  # the same file: read again
+    weights.release()
+    with torch.no_grad():
+        next(model.parameters()).add_(1)
+    save_pretrained(model, tmp_path / "ck")
+    with pytest.raises(CheckpointError, match="changed while it was being read"):
+        weights.read_into(name, torch.empty_like(first))
+    assert weights.handles == {}

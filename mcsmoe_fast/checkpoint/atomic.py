@@ -77,11 +77,27 @@ def refuse_out_at_source(source, out) -> None:
         raise ValueError(f"out ({out}) holds the input checkpoint {source}: replacing it would delete the input")
 
 
+def check_writable_place(target: Path) -> None:
+    """PermissionError (FileExistsError for a file in the way) unless the directory that will hold `target` can
+    be written: its parent when it exists, else the nearest existing directory above it (where the missing ones
+    are created). Checked before any work, not when the output is finally written."""
+    place = next((p for p in Path(target).absolute().parents if p.exists()), None)
+    if place is None:
+        return
+    if not place.is_dir():
+        raise FileExistsError(f"{target} cannot be created: {place} is a file")
+    if not os.access(place, os.W_OK | os.X_OK):
+        raise PermissionError(f"{target} cannot be written: its directory {place} is not writable by you; choose "
+                              "another place")
+
+
 def check_replaceable(target: Path) -> None:
     """Raise FileExistsError unless `target` is absent, an empty directory, or a checkpoint directory holding
     only CHECKPOINT_FILES (then a save may replace it as a whole); a mount point is refused (renaming it fails),
     and a write-protected directory with PermissionError (renaming it needs only its parent writable, but the
-    user protected it, and its files could not be removed afterwards)."""
+    user protected it, and its files could not be removed afterwards), as is a place that cannot be written
+    (check_writable_place)."""
+    check_writable_place(target)
     if not target.exists():
         return
     if not target.is_dir():
@@ -110,7 +126,7 @@ def _replace_dir(tmp: Path, target: Path) -> None:
         os.rename(tmp, target)
         return
     check_replaceable(target)
-    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}-{os.getpid()}")  # see restore_previous
     os.rename(target, old)
     try:
         os.rename(tmp, target)
@@ -138,19 +154,29 @@ def remove_replaced(trash: Path) -> None:
 
 
 def _set_aside(target: Path, kind: str) -> list[Path]:
-    """The directories _replace_dir names `.<name>.<kind>-<8 hex digits>` next to `target`; a user's own
-    `.<name>.old-notes` does not match and is never touched."""
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.{kind}-[0-9a-f]{{8}}")
+    """The directories _replace_dir names `.<name>.<kind>-<8 hex digits>[-<writer's pid>]` next to `target`; a
+    user's own `.<name>.old-notes` does not match and is never touched."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.{kind}-[0-9a-f]{{8}}(-[0-9]+)?")
     return sorted(p for p in target.parent.glob(f".{target.name}.{kind}-*") if pattern.fullmatch(p.name))
+
+
+def _writer_alive(aside: Path) -> bool:
+    """Whether the process that set `aside` aside still runs (it is between its two renames: its own except
+    branch puts the directory back if its second rename fails); a name without a pid is a dead writer's."""
+    pid = re.search(r"-[0-9a-f]{8}-([0-9]+)$", aside.name)
+    return pid is not None and _pid_alive(int(pid.group(1)))
 
 
 def restore_previous(target: Path) -> None:
     """A writer killed between _replace_dir's two renames left no `target` and the previous checkpoint under
     `.<name>.old-*`: put it back. Once `target` is there, such leftovers are removed, as are replaced checkpoints
-    whose removal was interrupted (`.<name>.trash-*`). Only the names _replace_dir gives are read (_set_aside)."""
+    whose removal was interrupted (`.<name>.trash-*`). Only the names _replace_dir gives are read (_set_aside), and
+    a directory set aside by a writer that still runs (another save to `target`, between its renames) is left to it."""
     for trash in _set_aside(target, "trash"):
         shutil.rmtree(trash, ignore_errors=True)
     for old in _set_aside(target, "old"):
+        if _writer_alive(old):  # another save to `target` is between its renames: its previous checkpoint
+            continue
         if not target.exists():
             try:
                 os.rename(old, target)

@@ -228,6 +228,11 @@ def _readinto(f, out: torch.Tensor, offset: int, nbytes: int, path: Path) -> Non
 SCALED = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e8m0fnu)
 
 
+def _identity(stat: os.stat_result) -> tuple:
+    """What tells one file from another at the same path (a replaced file has another inode, size or time)."""
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 class WeightFiles:
     """Tensors stored in safetensors files of one directory, named by `weight_map` {tensor: file}
     (None: every tensor of the single file `single`). `aliases` {name: stored name} add tied names.
@@ -241,6 +246,7 @@ class WeightFiles:
                  aliases: dict[str, str] | None = None):
         self.directory = Path(directory)
         self.handles: dict[str, object] = {}
+        self.identity: dict[str, tuple] = {}  # each file as its header was read: reopened files must be the same
         self.bytes_read = 0
         files = [single] if weight_map is None else sorted(set(weight_map.values()))
         stored: dict[str, StoredTensor] = {}
@@ -248,6 +254,7 @@ class WeightFiles:
             path = self.directory / file
             if not path.is_file():
                 raise CheckpointError(f"{path}: weights file (shard) {file} is missing")
+            self.identity[file] = _identity(os.stat(path))
             header = _header(path)
             if weight_map is None:
                 wanted = list(header)
@@ -285,11 +292,19 @@ class WeightFiles:
         return self.stored[name].nbytes
 
     def _handle(self, file: str):
+        """The open file (files are closed between layers, release(), and opened again by name: a file replaced
+        meanwhile, by another command writing this directory, is refused rather than read at the old offsets)."""
         if file not in self.handles:
             try:
-                self.handles[file] = open(self.directory / file, "rb", buffering=0)
+                handle = open(self.directory / file, "rb", buffering=0)
             except OSError as exc:
                 raise CheckpointError(f"{self.directory / file}: cannot open weights file ({exc})") from exc
+            if _identity(os.fstat(handle.fileno())) != self.identity[file]:
+                handle.close()
+                raise CheckpointError(f"{self.directory / file} changed while it was being read (another command "
+                                      "wrote this directory?): the output would mix two checkpoints; run again once "
+                                      "nothing writes it")
+            self.handles[file] = handle
         return self.handles[file]
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:

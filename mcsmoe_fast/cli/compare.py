@@ -95,8 +95,10 @@ def harness_option(args, tokenizer):
 
 def refuse_results_in_model(args) -> None:
     """The results go into a directory beside the model, never into the model's directory (the CLI leaves the input
-    model as it is) nor over a file."""
+    model as it is) nor over a file, and only where they can be written."""
     from pathlib import Path
+
+    from ..checkpoint.atomic import check_writable_place
 
     out, model = Path(args.out).expanduser().resolve(), Path(args.model).expanduser().resolve()
     if model.is_dir() and (out == model or model in out.parents):
@@ -105,6 +107,7 @@ def refuse_results_in_model(args) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {args.out} is a file; give a directory for results.json, results.md and "
                          "perplexity.png")
+    check_writable_place(out / "results.json")
 
 
 def run(args) -> int:

@@ -26,7 +26,7 @@ def run(args) -> int:
     from ..optimize import optimize
 
     if args.json:
-        check_json_path(args.json)
+        check_json_path(args.json, [args.model, args.tokenizer, args.eval_text, args.eval_data])
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     data = resolve_data(args, tokenizer, training=False)
     model = open_model(args.model)
@@ -42,9 +42,17 @@ def run(args) -> int:
     return 0
 
 
-def check_json_path(path) -> None:
-    """--json can be written: refused now, before the model is loaded, rather than after the evaluation."""
+def check_json_path(path, inputs=()) -> None:
+    """--json can be written, and is none of the `inputs` (the model and tokenizer directories, the data files)
+    nor inside one of them: refused now, before the model is loaded, rather than after the evaluation."""
     file = Path(path)
+    real = Path(os.path.realpath(file))
+    for given in inputs:
+        if given is not None and Path(given).exists():
+            source = Path(os.path.realpath(given))
+            if real == source or source in real.parents:
+                raise ValueError(f"--json {path} would overwrite an input of this evaluation ({given}); choose a path "
+                                 "outside the model and its data")
     folder = file.parent
     if file.is_dir():
         raise ValueError(f"--json {path} is a directory; give a file name for the results")

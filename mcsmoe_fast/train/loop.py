@@ -24,6 +24,7 @@ import copy
 import json
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from ..models import moe_layers
 from ..pruner import CompressionPruner
 from .config import TrainConfig
 from .losses import kd_loss, task_loss
+from .run_lock import run_lock
 from .state import STATE_JSON, check_student_shapes, read_progress, restore_state, write_state
 
 BEST, LATEST = "best", "latest"
@@ -421,6 +423,13 @@ def train(
     is saved into every checkpoint."""
     output_dir = Path(output_dir) if output_dir is not None else None
     _check_arguments({"model": model, "teacher": teacher}, train_data, config, eval_fn, output_dir, resume)
+    with run_lock(output_dir) if output_dir is not None else nullcontext():  # one run at a time there
+        return _train(model, train_data, config, collate_fn, eval_fn, teacher, output_dir, resume, progress, callback,
+                      tokenizer)
+
+
+def _train(model, train_data, config, collate_fn, eval_fn, teacher, output_dir, resume, progress, callback,
+           tokenizer) -> TrainResult:
     run = _setup(model, train_data, config, collate_fn, teacher, output_dir, eval_fn, callback, tokenizer)
     if resume and (output_dir / LATEST / "config.json").exists():
         _resume(run)
