@@ -83,9 +83,7 @@ def resolve_count(num_experts_total: int, num_experts: int | None, ratio: float 
 
 def check_prune(model: nn.Module, num_keep: int) -> int:
     """ValueError unless every MoE layer can be pruned to num_keep experts; returns the routing-group count."""
-    layers = moe_layers(model)
-    if not layers:
-        raise ValueError("the model has no MoE layer to prune")
+    layers = moe_layers(model)  # a model without one is refused there
     expert_count_fields(model.config)
     check_expert_count(layers, num_keep)
     for layer in layers:
@@ -145,7 +143,7 @@ def kept_experts(model: nn.Module, stats: Mapping[str, LayerStats], num_experts:
     if method not in PRUNE_METHODS:
         raise ValueError(f"method must be one of {', '.join(PRUNE_METHODS)}, got {method!r}")
     layers = moe_layers(model)
-    num_keep = resolve_count(layers[0].num_experts if layers else 0, num_experts, ratio)
+    num_keep = resolve_count(layers[0].num_experts, num_experts, ratio)
     n_group = check_prune(model, num_keep)
     kept = {}
     for layer in layers:

@@ -48,7 +48,7 @@ def ream_experts(model: nn.Module, stats: Mapping[str, LayerStats], num_experts:
     collect_routing_stats(model, batches, bases=("expert-output",), saliency="reap"). within_routing_groups: on a
     group-limited router, each routing group merged on its own (merge_experts); refused there otherwise."""
     layers = moe_layers(model)
-    num_keep = resolve_count(layers[0].num_experts if layers else 0, num_experts, ratio)
+    num_keep = resolve_count(layers[0].num_experts, num_experts, ratio)
     check_ream(model, num_keep, within_routing_groups)
     return merge_experts(model, stats, num_keep, similarity="expert-output", globally=False, permute=permute,
                          strategy="frequency", grouping="ream", max_group_size=max_group_size, progress=progress,

@@ -115,3 +115,31 @@ def test_the_pruned_model_keeps_dtype_generation_config_and_record(measured):
         scores = expert_scores(stats[name], "reap")
         assert entry["scores"] == [round(float(x), 6) for x in scores]
         assert any(round(float(x), 7) != round(float(x), 6) for x in scores)  # the rounding is visible
+
+
+def test_statistics_of_another_model_are_refused_by_name(measured):
+    model, stats = measured
+    name = mf.moe_layers(model)[0].name
+    with refused(f"stats: no routing statistics of layer {name!r} with 8 experts (collect them with "
+                 "collect_routing_stats on this model)"):
+        prune_experts(model, {}, num_experts=4)
+
+
+@pytest.mark.parametrize("family,dtype", [("deepseek_v3", torch.bfloat16), ("gpt_oss", torch.float16)])
+def test_tensors_transformers_keeps_in_float32_stay_float32(tmp_path, family, dtype):
+    """DeepSeek-V3's router gate and score-correction bias (bfloat16 and float16) and GPT-OSS's norms (float16)
+    stay float32, as transformers loads them: the pruned model's dtypes are those of its own checkpoint loaded by
+    transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from merge_helpers import build
+
+    build(family, tmp_path)
+    model = mf.open_model(str(tmp_path / f"{family}-base"), dtype)
+    stats = mf.collect_routing_stats(model, calibration(model, seed=4), saliency="reap", progress=False)
+    pruned = prune_experts(model, stats, num_experts=4)
+    pruned.save_pretrained(tmp_path / "pruned")
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "pruned"), dtype=dtype)
+    dtypes = {name: p.dtype for name, p in loaded.named_parameters()}
+    assert {name: p.dtype for name, p in pruned.named_parameters()} == dtypes
+    assert torch.float32 in dtypes.values() and dtype in dtypes.values()
