@@ -205,3 +205,11 @@ def save_requantized_merged(model, out, like, tokenizer) -> tuple[Path, str]:
         for file in (scratch / "model").iterdir():
             os.replace(file, tmp / file.name)
     return target, describe_error(report)
+
+
+def vocab_size(model) -> int:
+    """The vocabulary size of --model, read from its config (before the model is loaded): token ids of the texts
+    are checked against it."""
+    from ..models.hub import load_config
+
+    return load_config(model).get_text_config().vocab_size

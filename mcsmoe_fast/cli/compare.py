@@ -1,7 +1,7 @@
 """mcsmoe-fast compare: M-SMoE, HC-SMoE, REAP, REAM-style merging and frequency pruning on one model."""
 from __future__ import annotations
 
-from .common import add_calibration_options, add_dtype_option, dtype_option, first_given, subcommand
+from .common import add_calibration_options, add_dtype_option, dtype_option, first_given, subcommand, vocab_size
 
 
 def add(sub):
@@ -156,15 +156,15 @@ def run(args) -> int:
         print(f"the comparison fits --max-memory {args.max_memory}: compared in memory; --offload-dir is not used")
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     harness = harness_option(args, tokenizer)
-    vocab_size = load_config(args.model).get_text_config().vocab_size
-    windows = text_windows(args.eval_text, tokenizer, args.eval_length, vocab_size).rows
+    vocab = vocab_size(args.model)
+    windows = text_windows(args.eval_text, tokenizer, args.eval_length, vocab).rows
     model = open_model(args.model, dtype_option(args))
     texts = read_calibration_texts(args.calib, args.num_samples, args.text_field, args.split)
     batches = calibration_batches(texts, tokenizer, args.batch_size, args.max_length)
-    check_batches(batches, tokenizer, vocab_size)
+    check_batches(batches, tokenizer, vocab)
     if harness is not None and getattr(model.config, "is_encoder_decoder", False):
         raise ValueError("--lm-eval tasks run on causal LMs; this model is an encoder-decoder")
-    kd_data = kd_windows(args, texts, tokenizer, vocab_size) if kd is not None else None
+    kd_data = kd_windows(args, texts, tokenizer, vocab) if kd is not None else None
     result = compare_methods(model, batches, windows, methods, ratios, kd=kd, kd_data=kd_data, compress=compress,
                              harness=harness, on_row=lambda partial: write_tables(partial, args.out))
     out = write_results(result, args.out)
@@ -180,7 +180,6 @@ def run_streamed(args, methods, ratios, compress) -> int:
     from ..calibration_data import calibration_batches, check_batches, load_tokenizer, read_calibration_texts
     from ..compare import markdown_table, write_results, write_tables
     from ..compare_streamed import check_checkpoint, check_streamed_methods, compare_checkpoint
-    from ..models.hub import load_config
     from ..train.text import text_windows
 
     check_streamed_methods(methods, compress)
@@ -190,11 +189,11 @@ def run_streamed(args, methods, ratios, compress) -> int:
                              f"{args.max_memory} (leave {flag} out to compare one-shot, layer by layer)")
     check_checkpoint(args.model, methods, ratios, dtype_option(args))
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    vocab_size = load_config(args.model).get_text_config().vocab_size
-    windows = text_windows(args.eval_text, tokenizer, args.eval_length, vocab_size).rows
+    vocab = vocab_size(args.model)
+    windows = text_windows(args.eval_text, tokenizer, args.eval_length, vocab).rows
     texts = read_calibration_texts(args.calib, args.num_samples, args.text_field, args.split)
     batches = calibration_batches(texts, tokenizer, args.batch_size, args.max_length)
-    check_batches(batches, tokenizer, vocab_size)
+    check_batches(batches, tokenizer, vocab)
     print(f"the model does not fit --max-memory {args.max_memory}: comparing layer by layer")
     result = compare_checkpoint(args.model, batches, windows, methods, ratios,
                                 scratch=Path(args.offload_dir or args.out), max_memory=args.max_memory,

@@ -74,10 +74,10 @@ def _refuse_stray_options(args, harness: bool) -> None:
 
 
 def _vocab_size(args) -> int | None:
-    """The --model's vocabulary size, read from its config before the model is loaded (None without --model)."""
-    from ..models.hub import load_config
+    """The --model's vocabulary size (None without --model: the texts are not checked)."""
+    from .common import vocab_size
 
-    return load_config(args.model).get_text_config().vocab_size if getattr(args, "model", None) else None
+    return vocab_size(args.model) if getattr(args, "model", None) else None
 
 
 def _task_data(args, tokenizer, training: bool) -> Data:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .common import (add_calibration_options, add_dtype_option, device_map_option, dir_bytes, dtype_option,
                      layers_option, parameter_bytes, per_device_sizes, refuse_overwriting_input,
-                     save_requantized_merged, saved_dtype, subcommand)
+                     save_requantized_merged, saved_dtype, subcommand, vocab_size)
 
 
 def add(sub):
@@ -177,7 +177,6 @@ def run(args) -> int:
     from ..calibration_data import calibration_batches, check_batches, load_tokenizer, read_calibration_texts
     from ..merge import merge_experts
     from ..models import moe_layers, select_layers
-    from ..models.hub import load_config
     from ..loading import open_model
 
     refuse_overwriting_input(args)
@@ -190,7 +189,7 @@ def run(args) -> int:
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     texts = read_calibration_texts(args.calib, args.num_samples, args.text_field, args.split)
     batches = calibration_batches(texts, tokenizer, args.batch_size, args.max_length)
-    check_batches(batches, tokenizer, load_config(args.model).get_text_config().vocab_size)  # streamed runs too
+    check_batches(batches, tokenizer, vocab_size(args.model))  # streamed runs too
     from ..streaming import fits_in_memory
     from ..streaming.quantized import checkpoint_format
     from ..streaming.requantize_merged import stored_format

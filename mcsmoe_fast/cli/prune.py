@@ -6,7 +6,7 @@ from functools import partial
 from pathlib import Path
 
 from .common import (add_calibration_options, add_dtype_option, dir_bytes, dtype_option, parameter_bytes,
-                     refuse_overwriting_input, subcommand)
+                     refuse_overwriting_input, subcommand, vocab_size)
 
 
 def add(sub):
@@ -110,13 +110,12 @@ def run(args) -> int:
 def run_streaming(args, keep_quantization: bool) -> int:
     """Larger than --max-memory: the checkpoint pruned one decoder layer at a time (streaming.prune)."""
     from ..calibration_data import calibration_batches, check_batches, load_tokenizer, read_calibration_texts
-    from ..models.hub import load_config
     from ..streaming.prune import prune_checkpoint
 
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     texts = read_calibration_texts(args.calib, args.num_samples, args.text_field, args.split)
     batches = calibration_batches(texts, tokenizer, args.batch_size, args.max_length)
-    check_batches(batches, tokenizer, load_config(args.model).get_text_config().vocab_size)
+    check_batches(batches, tokenizer, vocab_size(args.model))
     start = time.perf_counter()
     out = prune_checkpoint(args.model, args.out, batches, args.num_experts, args.ratio, args.method, args.saliency,
                            max_memory=args.max_memory, offload_dir=args.offload_dir,
