@@ -31,6 +31,7 @@ from .checkpoint.standard import carry_generation_config, copy_shared_tensors, s
 from .checkpoint.standard_plan import LayerPlan
 from .models.config_fields import expert_count_fields, routing_groups
 from .checkpoint.standard_router import router_state
+from .edits import edits_model
 from .models import moe_layers, unwrap
 from .modules import CompressedMoEExperts
 
@@ -156,7 +157,7 @@ def kept_experts(model: nn.Module, stats: Mapping[str, LayerStats], num_experts:
     return kept
 
 
-@torch.no_grad()
+@edits_model
 def kept_model(model: nn.Module, kept: Mapping[str, list[int]], record: dict | None = None) -> nn.Module:
     """The family's own transformers model (eval mode) holding, per MoE layer, only the experts `kept[name]`
     and their router rows (bias and DeepSeek's e_score_correction_bias sliced alike), every other tensor

@@ -53,17 +53,20 @@ def test_merged_and_compressed_experts_keep_the_models_mode_and_frozen_experts(b
         assert layer.module.experts.training and all(p.requires_grad for p in layer.module.experts.parameters())
 
 
-@pytest.mark.parametrize("step", ["merge", "compress"])
+@pytest.mark.parametrize("step", ["merge", "compress", "prune"])
 def test_steps_run_under_inference_mode_leave_a_model_that_trains(step):
     model = tiny_mixtral(seed=4)
     batches = calibration(model, seed=1)
     if step == "compress":
         merged(model)
+    reap = mf.collect_routing_stats(model, batches, saliency="reap", progress=False) if step == "prune" else None
     with torch.inference_mode():
         if step == "merge":
             merged(model)
-        else:
+        elif step == "compress":
             mf.compress_experts(model, rank=2, keep_ratio=0.5, progress=False)
+        else:
+            model = mf.prune_experts(model, reap, num_experts=4)
     assert not any(t.is_inference() for t in (*model.parameters(), *model.buffers()))
     model.train()
     ids = batches[0]["input_ids"]
@@ -131,3 +134,22 @@ def test_the_methods_entry_points_are_the_packages():
 
     assert mf.prune_experts is prune_experts and mf.ream_experts is ream_experts
     assert {"prune_experts", "ream_experts"} <= set(mf.__all__)
+
+
+def test_a_compiled_model_trains_saves_and_resumes(tmp_path):
+    """Checkpoints of a compiled model hold the compiled module's names; a resume loads them into it."""
+    from mcsmoe_fast.train import TrainConfig, train
+
+    model = torch.compile(tiny_mixtral(seed=2), backend="eager")
+    data = [{"input_ids": torch.arange(3, 11), "labels": torch.arange(3, 11)}] * 4
+
+    def collate(rows):
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+    train(model, data, TrainConfig(steps=1, batch_size=2, eval_every=0), output_dir=tmp_path / "run",
+          progress=False, collate_fn=collate)
+    saved = mf.from_pretrained(tmp_path / "run" / "latest").state_dict()
+    assert saved.keys() == model._orig_mod.state_dict().keys()
+    result = train(model, data, TrainConfig(steps=2, batch_size=2, eval_every=0), output_dir=tmp_path / "run",
+                   resume=True, progress=False, collate_fn=collate)
+    assert result.step == 2

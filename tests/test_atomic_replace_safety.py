@@ -3,6 +3,8 @@ before any work, a symlink's target is updated in place of the link, and an inte
 puts the previous checkpoint back (session 31's audit; each test failed before its fix)."""
 import argparse
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -132,7 +134,9 @@ def test_a_live_writers_set_aside_checkpoint_is_left_to_it(tmp_path, monkeypatch
         rename(src, dst)
         if not raced and ".out.old-" in str(dst):
             raced.append(dst)
-            atomic.restore_previous(target)  # the other save, entering atomic_directory
+            subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from mcsmoe_fast.checkpoint."
+                            "atomic import restore_previous; restore_previous(Path(sys.argv[1]))", str(target)],
+                           check=True)  # the other save, in its own process, entering atomic_directory
 
     monkeypatch.setattr(atomic.os, "rename", between_the_renames)
     write_new(target)
@@ -140,10 +144,10 @@ def test_a_live_writers_set_aside_checkpoint_is_left_to_it(tmp_path, monkeypatch
     assert raced and str(raced[0]).endswith(f"-{os.getpid()}")
     assert (target / "model.safetensors").read_bytes() == b"new weights"
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
-    dead = tmp_path / "dead"
-    checkpoint(tmp_path / ".dead.old-0123abcd-999999999")  # no such pid
-    atomic.restore_previous(dead)
-    assert (dead / "model.safetensors").read_bytes() == b"old weights"
+    for name, pid in (("dead", 999999999), ("reused", os.getpid())):  # no such pid; a killed writer's pid reused
+        checkpoint(tmp_path / f".{name}.old-0123abcd-{pid}")
+        atomic.restore_previous(tmp_path / name)
+        assert (tmp_path / name / "model.safetensors").read_bytes() == b"old weights"
 
 
 def test_a_model_saved_twice_to_one_directory_is_replaced(tmp_path):

@@ -161,10 +161,11 @@ def _set_aside(target: Path, kind: str) -> list[Path]:
 
 
 def _writer_alive(aside: Path) -> bool:
-    """Whether the process that set `aside` aside still runs (it is between its two renames: its own except
-    branch puts the directory back if its second rename fails); a name without a pid is a dead writer's."""
+    """Whether another process that set `aside` aside still runs (it is between its two renames: its own except
+    branch puts the directory back if its second rename fails). A name without a pid is a dead writer's, and so is
+    one with this process's pid: a killed writer whose pid came back (a fresh container starts at pid 1)."""
     pid = re.search(r"-[0-9a-f]{8}-([0-9]+)$", aside.name)
-    return pid is not None and _pid_alive(int(pid.group(1)))
+    return pid is not None and int(pid.group(1)) != os.getpid() and _pid_alive(int(pid.group(1)))
 
 
 def restore_previous(target: Path) -> None:

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import from_pretrained, save_pretrained
 from ..checkpoint.atomic import check_replaceable, previous_aside, restore_previous
 from ..modules.compressed import CompressedMoEExperts
-from ..models import moe_layers
+from ..models import moe_layers, unwrap
 from ..pruner import CompressionPruner
 from .config import TrainConfig
 from .losses import kd_loss, task_loss
@@ -111,6 +111,7 @@ def _improved(value: float, best: float | None, greater: bool) -> bool:
 
 
 def _load_weights(model: nn.Module, checkpoint: Path) -> None:
+    model = unwrap(model)  # a torch.compile'd model: its checkpoints hold the compiled module's names
     saved = from_pretrained(checkpoint).state_dict()
     check_student_shapes(checkpoint, model, saved)
     missing, unexpected = model.load_state_dict(saved, strict=False)
