@@ -26,7 +26,7 @@ def run(args) -> int:
     from ..optimize import optimize
 
     if args.json:
-        check_json_path(args.json, [args.model, args.tokenizer, args.eval_text, args.eval_data])
+        check_json_path(args.json, [args.model, args.tokenizer, args.eval_text, args.eval_data, args.lm_eval_include])
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     data = resolve_data(args, tokenizer, training=False)
     model = open_model(args.model)
