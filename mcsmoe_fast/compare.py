@@ -330,11 +330,13 @@ def _score(value) -> str:
 
 
 def write_tables(result: dict, out) -> Path:
-    """results.json and results.md (the table)."""
+    """results.json and results.md (the table); an earlier run's perplexity.png is removed (write_results draws
+    this run's once its table is complete), so a plot never sits beside another run's rows."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "results.json", json.dumps(result, indent=2) + "\n")
     write_text_atomic(out / "results.md", markdown_table(result))
+    (out / "perplexity.png").unlink(missing_ok=True)
     return out
 
 

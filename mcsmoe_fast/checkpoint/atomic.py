@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .run_lock import refuse_locked
+
 
 OWNER_FILE = ".mcsmoe-owner"  # the pid that writes a temporary directory
 _SHARD = "-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9]"  # ShardWriter's and transformers' shard numbers
@@ -253,6 +255,7 @@ def atomic_directory(target) -> Iterator[Path]:
     template and generation files that the block did not write are copied in before the replacement
     (keep_files). "~" is the home directory, as the loader reads it."""
     target = Path(os.path.realpath(os.path.expanduser(target)))  # "~", symlinks and "..": replace what it names
+    refuse_locked(target.parent, f"saving {target}")  # a run directory another process writes (its best/, latest/)
     target.parent.mkdir(parents=True, exist_ok=True)
     restore_previous(target)
     remove_stale_temporaries(target)

@@ -53,7 +53,7 @@ def add(sub):
                         "and removed (default: inside --out)")
     add_calibration_options(p)
     add_dtype_option(p, saves=False)
-    p.set_defaults(run=run)
+    p.set_defaults(run=run_locked)
     return p
 
 
@@ -108,6 +108,15 @@ def refuse_results_in_model(args) -> None:
         raise ValueError(f"--out {args.out} is a file; give a directory for results.json, results.md and "
                          "perplexity.png")
     check_writable_place(out / "results.json")
+
+
+def run_locked(args) -> int:
+    """One comparison at a time writes --out (two replaced each other's tables): its run lock held for the run."""
+    from ..checkpoint.run_lock import run_lock
+
+    refuse_results_in_model(args)  # before the lock creates --out
+    with run_lock(args.out):
+        return run(args)
 
 
 def run(args) -> int:

@@ -5,6 +5,7 @@ the cubic schedule down to --keep-ratio, and save the finalized (compact) model.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .common import first_given, refuse_overwriting_input, subcommand
 from .data_options import add_data_options, resolve_data
@@ -51,11 +52,10 @@ def add(sub):
 
 def run(args) -> int:
     from ..calibration_data import load_tokenizer
-    from ..loading import open_model
+    from ..checkpoint.atomic import check_writable_place
+    from ..checkpoint.run_lock import run_lock
     from ..compress import CompressOptions
-    from ..train import TrainConfig, train
-    from ..train.loop import check_output_dir
-    from ..train.text import refuse_encoder_decoder
+    from ..train import TrainConfig
 
     refuse_overwriting_input(args, checkpoint=False)  # --out holds the run's best/ and latest/
     if args.teacher is not None:
@@ -75,7 +75,17 @@ def run(args) -> int:
         prune_initial_warmup=args.prune_initial_warmup,
         prune_final_warmup=args.prune_final_warmup, train_routers=args.train_routers,
         mixed_precision=args.mixed_precision, seed=args.seed)
-    # before the model is loaded
+    check_writable_place(Path(args.out).expanduser() / "latest")  # before the lock creates --out
+    with run_lock(args.out):  # one run at a time in --out: refused before the model is loaded
+        return _train(args, data, config, tokenizer)
+
+
+def _train(args, data, config, tokenizer) -> int:
+    from ..loading import open_model
+    from ..train import train
+    from ..train.loop import check_output_dir
+    from ..train.text import refuse_encoder_decoder
+
     check_output_dir(args.out, config, args.resume, distilling=args.teacher is not None,
                      names=("--out", "--resume", "--teacher"))
     if args.resume:
@@ -101,7 +111,6 @@ def check_resumed_rank(out, rank: int | None) -> None:
     """Refuse resuming the run in `out` with another --rank than it was started with: its latest/ holds the pruner's
     state when the run pruned rows (--rank), and its compression section the rank the experts were decomposed at."""
     import json
-    from pathlib import Path
 
     from ..sections import COMPRESS_SECTION, compression_methods
     from ..train.loop import LATEST

@@ -34,12 +34,12 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import from_pretrained, save_pretrained
 from ..checkpoint.atomic import check_replaceable, previous_aside, restore_previous
+from ..checkpoint.run_lock import run_lock
 from ..modules.compressed import CompressedMoEExperts
 from ..models import moe_layers, unwrap
 from ..pruner import CompressionPruner
 from .config import TrainConfig
 from .losses import kd_loss, task_loss
-from .run_lock import run_lock
 from .state import STATE_JSON, check_student_shapes, read_progress, restore_state, write_state
 
 BEST, LATEST = "best", "latest"
