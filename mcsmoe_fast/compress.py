@@ -21,6 +21,7 @@ different lengths; the threshold counts entries, so the stored bytes follow keep
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -32,6 +33,7 @@ from .modules.compressed import CompressedMoEExperts
 from .edits import edits_model
 from .models import MoELayer, moe_layers, select_layers, unwrap
 from .models.dispatched import refuse_meta_experts
+from .ops import autocasting
 from .checkpoint.plain_save import guard_plain_save
 from .sections import record_compression
 
@@ -75,6 +77,12 @@ class CompressOptions:
 
 
 # --- decomposition ---------------------------------------------------------------------------------
+def without_autocast(device: torch.device):
+    """The caller's autocast turned off for the decomposition (it would run its GEMMs in bf16); nothing to do
+    where it is not on (a device without autocast, such as meta)."""
+    return torch.autocast(device.type, enabled=False) if autocasting(device.type) else nullcontext()
+
+
 def lowrank_factors(W: torch.Tensor, rank: int, svd: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """U [..., out, r], V [..., r, in] with U V the best rank-r approximation of W [..., out, in]
     (r = min(rank, out, in)); U = U_r sqrt(s_r), V = sqrt(s_r) Vh_r. `svd`: "exact" (torch.linalg.svd),
@@ -84,7 +92,7 @@ def lowrank_factors(W: torch.Tensor, rank: int, svd: str = "auto") -> tuple[torc
     when r <= min(out, in) / 4). Computed in float32 at least."""
     if svd not in SVD_METHODS:
         raise ValueError(f"svd must be one of {', '.join(SVD_METHODS)}, got {svd!r}")
-    with torch.autocast(W.device.type, enabled=False):  # the caller's autocast would run the GEMMs in bf16
+    with without_autocast(W.device):
         return _lowrank_factors(W, rank, svd)
 
 
@@ -114,7 +122,7 @@ def full_bank(W: torch.Tensor, rank: int, svd: str) -> list[torch.Tensor]:
     U, V = lowrank_factors(W, rank, svd)
     work = torch.promote_types(W.dtype, torch.float32)  # S = W - U V in float32 at least, rounded once
     residual = torch.empty_like(W)
-    with torch.autocast(W.device.type, enabled=False):
+    with without_autocast(W.device):
         for s in range(S):
             residual[s] = W[s].to(work) - U[s].to(work) @ V[s].to(work)
     residual = residual.reshape(S * out, inp)
