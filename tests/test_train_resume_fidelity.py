@@ -13,6 +13,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import mcsmoe_fast.loading
 from mcsmoe_fast import from_pretrained, save_pretrained
+from mcsmoe_fast.checkpoint.run_lock import LOCK_FILE
 from mcsmoe_fast.tiny import tiny_switch
 from mcsmoe_fast.train import TrainConfig, train
 from mcsmoe_fast.train.loop import _optimizer
@@ -26,8 +27,9 @@ def exact(message):
 
 
 def digest(directory):
+    """The run directory's files and their hashes, but the run lock (held while the run runs, removed after it)."""
     return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != LOCK_FILE}
 
 
 class Stop(Exception):
