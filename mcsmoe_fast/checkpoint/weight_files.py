@@ -228,7 +228,7 @@ def _readinto(f, out: torch.Tensor, offset: int, nbytes: int, path: Path) -> Non
 SCALED = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e8m0fnu)
 
 
-def _identity(stat: os.stat_result) -> tuple:
+def file_identity(stat: os.stat_result) -> tuple:
     """What tells one file from another at the same path (a replaced file has another inode, size or time)."""
     return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
@@ -254,7 +254,7 @@ class WeightFiles:
             path = self.directory / file
             if not path.is_file():
                 raise CheckpointError(f"{path}: weights file (shard) {file} is missing")
-            self.identity[file] = _identity(os.stat(path))
+            self.identity[file] = file_identity(os.stat(path))
             header = _header(path)
             if weight_map is None:
                 wanted = list(header)
@@ -299,7 +299,7 @@ class WeightFiles:
                 handle = open(self.directory / file, "rb", buffering=0)
             except OSError as exc:
                 raise CheckpointError(f"{self.directory / file}: cannot open weights file ({exc})") from exc
-            if _identity(os.fstat(handle.fileno())) != self.identity[file]:
+            if file_identity(os.fstat(handle.fileno())) != self.identity[file]:
                 handle.close()
                 raise CheckpointError(f"{self.directory / file} changed while it was being read (another command "
                                       "wrote this directory?): the output would mix two checkpoints; run again once "

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_directory
 from ..permute import apply_permutation_, match_permutations, with_bias_column
+from ..checkpoint.source_stamp import check_unchanged, source_stamp
 from ..checkpoint.weight_files import ShardWriter
 from .memory import shard_size_for
 from .skeleton import layer_units, moe_views, open_source
@@ -50,6 +51,7 @@ def permute_checkpoint(path, out, reference: int = 0, max_memory=None, max_shard
     experts = {n for v in views for n in v.stored_tensors().experts}
     perms, shard_size = {}, shard_size_for(max_memory, max_shard_size)
     requantize = source.quant is not None and keep_quantization
+    stamp = source_stamp(path) if requantize else None  # the re-quantizing write opens `path` again: the same files
     with atomic_directory(out) as final:
         tmp = final / ".dequantized" if requantize else final
         tmp.mkdir(exist_ok=True)
@@ -88,4 +90,5 @@ def permute_checkpoint(path, out, reference: int = 0, max_memory=None, max_shard
         if requantize:  # in the source's format, one tensor at a time
             write_quantized(tmp, final, like=path, max_shard_size=shard_size)
             shutil.rmtree(tmp)
+            check_unchanged(path, stamp)
     return perms
