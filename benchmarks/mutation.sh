@@ -64,7 +64,7 @@ tests_for() {  # the test files that exercise each algorithm file (a file of a d
     train) echo "tests/test_train.py tests/test_pruner_schedule.py tests/test_train_pruned_resume.py tests/test_cli_train.py" ;;
     prune) echo "tests/test_reap.py tests/test_methods_reference.py tests/test_methods_edge_cases.py tests/test_degenerate_stats.py tests/test_quant_prune.py" ;;
     ream) echo "tests/test_ream.py tests/test_methods_reference.py tests/test_methods_edge_cases.py tests/test_degenerate_stats.py" ;;
-    quant) echo "tests/test_quant_formats.py tests/test_quant_formats_spec.py tests/test_quant_edge_values.py tests/test_dequant.py tests/test_quantize_native.py tests/test_quant_prune.py" ;;
+    quant) echo "tests/test_quant_formats.py tests/test_quant_formats_spec.py tests/test_quant_edge_values.py tests/test_dequant.py tests/test_quantize_native.py tests/test_quant_prune.py tests/test_quantized_merge.py tests/test_quant_standard.py tests/test_quant_layer_report.py tests/test_quant_permute_compress.py tests/test_quant_cli.py tests/test_quant_interop.py tests/test_ops_quant_fidelity2.py" ;;
     *) echo "unknown file '$1': choose from drop grouping merge calibrate permute compress pruner train prune ream quant" >&2; exit 2 ;;
   esac
 }

@@ -51,9 +51,6 @@ class QuantizedFiles:
     def file_of(self, name: str) -> str:
         return self.files.file_of(self.parts[name][0] if name in self.parts else name)
 
-    def nbytes(self, name: str) -> int:
-        return sum(self.files.nbytes(p) for p in self.parts.get(name, (name,)))
-
     def raw(self, name: str) -> dict[str, torch.Tensor]:
         """The stored parts of `name` as they are {stored name: tensor} ({name: tensor} when not quantized)."""
         return {p: self.files.get(p) for p in self.parts.get(name, (name,))}

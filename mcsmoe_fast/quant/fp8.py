@@ -145,7 +145,7 @@ def quantize_fp8(w: torch.Tensor, block=BLOCK, scale_fmt: str = "float",
         _C.quantize_fp8_into(w3, scales, block[0], block[1], q.view(torch.uint8).view(-1, rows, cols))
         return q, scales.reshape(scale_grid(w.shape, block)).to(scale_dtype)
     w2, q2 = w.reshape(-1, rows, cols), q.view(-1, rows, cols)
-    scales = torch.empty((w2.shape[0], cdiv(rows, block[0]), cdiv(cols, block[1])), dtype=torch.float32)
+    scales = torch.empty((w2.shape[0], cdiv(rows, block[0]), cdiv(cols, block[1])), dtype=torch.float32, device=w.device)
     for k in range(w2.shape[0]):
         if rows % block[0] == 0 and cols % block[1] == 0:  # whole blocks: a fresh float32 copy, divided in place
             nr, nc = rows // block[0], cols // block[1]
