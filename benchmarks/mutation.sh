@@ -7,7 +7,8 @@
 #     pip install mutmut                                # once
 #     bash benchmarks/mutation.sh                       # all of them
 #     bash benchmarks/mutation.sh drop grouping         # some: drop grouping merge calibrate permute compress pruner train
-#                                                       #   prune ream quant (quant: every file of mcsmoe_fast/quant/)
+#                                                       #   prune ream quant checkpoint (quant, checkpoint: every file of
+#                                                       #   that directory; checkpoint/standard_plan: one of them)
 # A name is a file mcsmoe_fast/<name>.py or a directory mcsmoe_fast/<name>/ (every .py in it, e.g. train); one file
 # of a directory runs alone as <dir>/<file> (train/loop: mcsmoe_fast/train/loop.py against train's tests), so a
 # large directory can be run, and finished, a file at a time.
@@ -44,7 +45,7 @@ PYTHON=${PYTHON:-python}
 JOBS=${JOBS:-2}
 WORK=${WORK:-$(mktemp -d /tmp/mcsmoe-mutation.XXXXXX)}
 FILES=("$@")
-[ ${#FILES[@]} -gt 0 ] || FILES=(drop grouping merge calibrate permute compress pruner train prune ream quant)
+[ ${#FILES[@]} -gt 0 ] || FILES=(drop grouping merge calibrate permute compress pruner train prune ream quant checkpoint)
 
 sources_for() {  # mutmut's only_mutate patterns: the file mcsmoe_fast/<name>.py or every file in mcsmoe_fast/<name>/
   if [ -f "$ROOT/mcsmoe_fast/$1.py" ]; then echo "mcsmoe_fast/$1.py"
@@ -65,7 +66,8 @@ tests_for() {  # the test files that exercise each algorithm file (a file of a d
     prune) echo "tests/test_reap.py tests/test_methods_reference.py tests/test_methods_edge_cases.py tests/test_degenerate_stats.py tests/test_quant_prune.py" ;;
     ream) echo "tests/test_ream.py tests/test_methods_reference.py tests/test_methods_edge_cases.py tests/test_degenerate_stats.py" ;;
     quant) echo "tests/test_quant_formats.py tests/test_quant_formats_spec.py tests/test_quant_edge_values.py tests/test_dequant.py tests/test_quantize_native.py tests/test_quant_prune.py tests/test_quantized_merge.py tests/test_quant_standard.py tests/test_quant_layer_report.py tests/test_quant_permute_compress.py tests/test_quant_cli.py tests/test_quant_interop.py tests/test_ops_quant_fidelity2.py" ;;
-    *) echo "unknown file '$1': choose from drop grouping merge calibrate permute compress pruner train prune ream quant" >&2; exit 2 ;;
+    checkpoint) echo "tests/test_checkpoint.py tests/test_standard_export.py tests/test_standard_export_fidelity.py tests/test_standard_export_matches.py tests/test_vllm_layout.py tests/test_export_keeps_behaviour.py tests/test_cli_standard.py tests/test_masked_router_logits.py" ;;
+    *) echo "unknown file '$1': choose from drop grouping merge calibrate permute compress pruner train prune ream quant checkpoint" >&2; exit 2 ;;
   esac
 }
 
