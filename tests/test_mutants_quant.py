@@ -56,6 +56,7 @@ def test_outputs_of_the_wrong_shape_are_refused():
     _refused(blocks, scales, torch.empty(4, 70))  # the right number of dims, other rows
     _refused(blocks, scales, torch.empty(1, 3, 70))  # one dim too many
     _refused(blocks, scales, torch.tensor(0.0))  # a scalar
+    _refused(blocks[None], scales[None], torch.tensor(0.0), transpose=True)
     bank, bank_scales = _mx(rows=3, cols=70, lead=(2,))
     _refused(bank, bank_scales, torch.empty(2, 70, 4), transpose=True)  # [E, cols, rows]: other rows
     _refused(bank, bank_scales, torch.empty(3, 70, 3), transpose=True)  # other experts
