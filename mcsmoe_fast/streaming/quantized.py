@@ -377,6 +377,7 @@ def load_dequantized(path, dtype: torch.dtype | None = None) -> torch.nn.Module:
     bfloat16, one tensor at a time): the in-memory path of quantized checkpoints (open_model uses it)."""
     from transformers.initialization import no_init_weights
 
+    from ..checkpoint.load import read_generation_config
     from ..models.hub import keep_float32_, model_class_for
     from .skeleton import tensor_shapes
     from .source import SourceCheckpoint
@@ -388,6 +389,7 @@ def load_dequantized(path, dtype: torch.dtype | None = None) -> torch.nn.Module:
     with no_init_weights():
         model = model_class_for(config).from_config(config, dtype=dtype)
     keep_float32_(model, dtype)  # as from_pretrained keeps them
+    read_generation_config(model, source.path)  # the input's sampling defaults and eos ids, written with the outputs
     model.tie_weights()
     shapes, _ = tensor_shapes(model)
     source.check(shapes)
