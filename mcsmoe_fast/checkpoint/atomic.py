@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .run_lock import refuse_locked
+from .source_stamp import check_inputs
 
 
 OWNER_FILE = ".mcsmoe-owner"  # the pid that writes a temporary directory
@@ -62,6 +63,7 @@ def write_text_atomic(path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
         if path.exists():
             shutil.copymode(path, tmp)  # the file's permissions stay the user's
+        check_inputs()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -266,6 +268,7 @@ def atomic_directory(target) -> Iterator[Path]:
         (tmp / OWNER_FILE).write_text(str(os.getpid()))
         yield tmp
         keep_files(target, tmp)
+        check_inputs()  # the inputs read are still what the command began with: else two checkpoints in one
         _replace_dir(tmp, target)  # the owner file goes last: a temporary killed before its rename stays removable
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -9,6 +9,7 @@ import sys
 from safetensors import SafetensorError
 
 from . import bench, compare, compress, demo, evaluate, finetune, merge, permute, prune
+from ..checkpoint.source_stamp import watching_inputs
 from .common import check_model_options
 from .config_file import apply_config, config_path
 
@@ -17,6 +18,7 @@ SUBCOMMANDS = {
     "bench": bench, "prune": prune, "compare": compare,
 }
 # the options that name a file or directory (a model, data, an output): `~` in them is the home directory
+INPUT_OPTIONS = ("model", "teacher", "tokenizer")  # directories read more than once: watched while a command runs
 PATH_OPTIONS = ("model", "teacher", "tokenizer", "out", "calib", "data", "eval_data", "text", "eval_text", "kd_text",
                 "json", "offload_dir", "lm_eval_include", "config")
 
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_model_options(args)  # before the subcommand reads any tokenizer or data (names --model as typed)
         expand_home(args)
-        return args.run(args)
+        with watching_inputs(*(getattr(args, dest, None) for dest in INPUT_OPTIONS)):  # outputs of one checkpoint
+            return args.run(args)
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"mcsmoe-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -188,14 +188,12 @@ def weights_dtype(model: str):
     return None
 
 
-def save_requantized_merged(model, out, like, tokenizer, stamp) -> tuple[Path, str]:
+def save_requantized_merged(model, out, like, tokenizer) -> tuple[Path, str]:
     """Save the compressed or merged model of the block-FP8 / MXFP4 checkpoint `like` to `out` in `like`'s precision
     (streaming/requantize_merged.py), replacing `out` once all is done: the dequantized save and its
-    re-quantization happen in a scratch directory next to `out`, so a failure or Ctrl-C leaves what `out` held,
-    and `out` is not replaced when `like` changed since its source_stamp `stamp` was taken (before the load).
+    re-quantization happen in a scratch directory next to `out`, so a failure or Ctrl-C leaves what `out` held.
     Returns (out, the error re-quantizing added, in words)."""
     from ..checkpoint import atomic_directory, save_pretrained, scratch_directory
-    from ..checkpoint.source_stamp import check_unchanged
     from ..streaming.quantized import describe_error
     from ..streaming.requantize_merged import requantize_merged
 
@@ -206,7 +204,6 @@ def save_requantized_merged(model, out, like, tokenizer, stamp) -> tuple[Path, s
         report = requantize_merged(scratch / "model", like)
         for file in (scratch / "model").iterdir():
             os.replace(file, tmp / file.name)
-        check_unchanged(like, stamp)
     return target, describe_error(report)
 
 

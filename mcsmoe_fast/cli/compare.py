@@ -124,6 +124,7 @@ def run(args) -> int:
 
     from ..calibration_data import calibration_batches, check_batches, load_tokenizer, read_calibration_texts
     from ..compare import check_compare, compare_methods, markdown_table, write_results, write_tables
+    from ..checkpoint.source_stamp import done_reading_inputs
     from ..loading import open_model
     from ..streaming.activations import check_offload_dir
     from ..train import TrainConfig
@@ -174,6 +175,7 @@ def run(args) -> int:
     if harness is not None and getattr(model.config, "is_encoder_decoder", False):
         raise ValueError("--lm-eval tasks run on causal LMs; this model is an encoder-decoder")
     kd_data = kd_windows(args, texts, tokenizer, vocab) if kd is not None else None
+    done_reading_inputs()  # every method starts from the model in memory
     result = compare_methods(model, batches, windows, methods, ratios, kd=kd, kd_data=kd_data, compress=compress,
                              harness=harness, on_row=lambda partial: write_tables(partial, args.out))
     out = write_results(result, args.out)

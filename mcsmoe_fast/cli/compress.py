@@ -64,7 +64,6 @@ def run(args) -> int:
     except (OSError, ValueError):
         if args.calib is not None:
             raise
-    from ..checkpoint.source_stamp import source_stamp
     from ..streaming.requantize_merged import stored_format
     from ..streaming import compress_checkpoint, fits_in_memory
 
@@ -85,7 +84,6 @@ def run(args) -> int:
                   "compressed experts' factors in the working dtype")
         print(f"saved checkpoint to {args.out} ({dir_bytes(args.out) / 2**20:.2f} MiB on disk)")
         return 0
-    stamp = source_stamp(args.model) if keep_quantization else None  # the input the save copies from
     model = open_model(args.model, dtype)
     stats = None
     start = time.perf_counter()
@@ -107,7 +105,7 @@ def run(args) -> int:
     after = parameter_bytes(model)
     print(f"compressed {len(modules)} layers in {elapsed:.2f} s")
     if keep_quantization:
-        out, error = save_requantized_merged(model, args.out, args.model, tokenizer, stamp)
+        out, error = save_requantized_merged(model, args.out, args.model, tokenizer)
         print(f"non-expert tensors kept in the input's precision ({stored_format(args.model).method}), the compressed "
               "experts' factors in the working dtype; " + error)
     else:

@@ -22,6 +22,7 @@ def add(sub):
 
 def run(args) -> int:
     from ..calibration_data import load_tokenizer
+    from ..checkpoint.source_stamp import check_inputs
     from ..loading import open_model
     from ..optimize import optimize
 
@@ -33,6 +34,7 @@ def run(args) -> int:
     if args.optimize:
         optimize(model)
     results = data.evaluate(model.eval())
+    check_inputs()  # the figures come from one checkpoint and its tokenizer
     for name, value in results.items():
         print(f"{name}: {value:.4f}")
     if args.json:

@@ -81,6 +81,7 @@ def run(args) -> int:
 
 
 def _train(args, data, config, tokenizer) -> int:
+    from ..checkpoint.source_stamp import done_reading_inputs
     from ..loading import open_model
     from ..train import train
     from ..train.loop import check_output_dir
@@ -95,6 +96,7 @@ def _train(args, data, config, tokenizer) -> int:
         refuse_encoder_decoder(model)
     decompose_for_pruning(model, args, config)
     teacher = open_model(args.teacher) if args.teacher else None
+    done_reading_inputs()  # a change to the inputs during training no longer reaches the run
     try:
         result = train(model, data.train, config, collate_fn=data.collate, eval_fn=data.evaluate, teacher=teacher,
                        output_dir=args.out, resume=args.resume, tokenizer=tokenizer)

@@ -147,17 +147,16 @@ def _print_groupings(groupings, samples: int, elapsed: float) -> None:
     print(f"{samples} calibration samples; {total} groups over {len(groupings)} layers in {elapsed:.2f} s")
 
 
-def _save(args, model, tokenizer, batches, errors, keep_quantization: bool, merged_format, requantize: bool,
-          stamp) -> Path:
+def _save(args, model, tokenizer, batches, errors, keep_quantization: bool, merged_format, requantize: bool) -> Path:
     """The merged model written to --out: in its input's block-FP8 / MXFP4 precision where kept (a quantized
-    source's standard / dense export beside --out, then moved; our merged checkpoint of one re-quantized like it;
-    refused when --model changed since its source_stamp `stamp`), else in the working dtype."""
+    source's standard / dense export beside --out, then moved; our merged checkpoint of one re-quantized like it),
+    else in the working dtype."""
     from ..checkpoint import save_pretrained
 
     standard = dict(format="standard", router=args.router, batches=batches) if args.format == "standard" else {}
     save = partial(save_pretrained, model, export_dense=args.export_dense, tokenizer=tokenizer, **standard)
     if requantize:
-        out, error = save_requantized_merged(model, args.out, args.model, tokenizer, stamp)
+        out, error = save_requantized_merged(model, args.out, args.model, tokenizer)
         print(f"written in the input's precision ({merged_format.method}), the new slots quantized afresh; {error}")
         return out
     if not keep_quantization:
@@ -169,7 +168,7 @@ def _save(args, model, tokenizer, batches, errors, keep_quantization: bool, merg
     from ..streaming.quantized import describe_error, save_requantized
 
     out = Path(args.out)
-    print(describe_error(save_requantized(out, args.model, save, errors.record if errors is not None else None, stamp)))
+    print(describe_error(save_requantized(out, args.model, save, errors.record if errors is not None else None)))
     return out
 
 
@@ -178,7 +177,6 @@ def run(args) -> int:
     from ..calibration_data import calibration_batches, check_batches, load_tokenizer, read_calibration_texts
     from ..merge import merge_experts
     from ..models import moe_layers, select_layers
-    from ..checkpoint.source_stamp import source_stamp
     from ..loading import open_model
 
     refuse_overwriting_input(args)
@@ -218,7 +216,6 @@ def run(args) -> int:
         return run_streaming(args, tokenizer, batches, dtype, keep_quantization)
     if args.offload_dir is not None:
         print(f"the model fits --max-memory {args.max_memory}: merged in memory; --offload-dir is not used")
-    stamp = source_stamp(args.model) if keep_quantization or requantize else None  # the input a save copies from
     model = open_model(args.model, dtype)
     if args.format == "standard" and args.layers and len(select_layers(moe_layers(model), layers_option(args.layers))) \
             < len(moe_layers(model)):
@@ -243,7 +240,7 @@ def run(args) -> int:
         errors.keep_merged(model)
     after = parameter_bytes(model)
     _print_groupings(groupings, len(texts), elapsed)
-    out = _save(args, model, tokenizer, batches, errors, keep_quantization, merged_format, requantize, stamp)
+    out = _save(args, model, tokenizer, batches, errors, keep_quantization, merged_format, requantize)
     print(f"parameters: {before / 2**20:.2f} MiB before, {after / 2**20:.2f} MiB after merging "
           f"({before / max(after, 1):.2f}x smaller)")
     kind = "dense " if args.export_dense else ("standard " if args.format == "standard" else "")

@@ -29,7 +29,6 @@ def run(args) -> int:
     from ..loading import open_model, quantized_format
     from ..permute import align_experts
 
-    from ..checkpoint.source_stamp import source_stamp
     from ..streaming import fits_in_memory, permute_checkpoint
 
     refuse_overwriting_input(args)
@@ -56,7 +55,6 @@ def run(args) -> int:
             print(f"written in the input's precision ({quantized_format(args.model).method}, its quantization_config); "
                   + describe_error(saved_error(args.out)))
         return 0
-    stamp = source_stamp(args.model) if keep_quantization else None  # the input the save copies from
     model = open_model(args.model, dtype)
     start = time.perf_counter()
     perms = align_experts(model, reference=args.reference)
@@ -71,7 +69,7 @@ def run(args) -> int:
     else:  # the aligned experts quantized afresh, every other tensor the input's bytes; --out replaced only then
         from ..streaming.quantized import describe_error, save_requantized
 
-        report = save_requantized(args.out, args.model, partial(save_aligned, model, args.model), stamp=stamp)
+        report = save_requantized(args.out, args.model, partial(save_aligned, model, args.model))
         print(f"written in the input's precision ({quantized_format(args.model).method}, its quantization_config); "
               + describe_error(report))
     print(f"saved to {args.out}")

@@ -62,14 +62,12 @@ def run(args) -> int:
     # a block-FP8 / MXFP4 checkpoint: loaded dequantized, written in its own precision unless --dtype is given
     keep_quantization = quantized_format(args.model) is not None and args.dtype in (None, "auto")
     args.dtype = args.dtype or "float32"
-    from ..checkpoint.source_stamp import source_stamp
     from ..streaming import fits_in_memory
 
     if not fits_in_memory(args.model, args.max_memory, None if keep_quantization else dtype_option(args)):
         return run_streaming(args, keep_quantization)
     if args.offload_dir is not None:
         print(f"the model fits --max-memory {args.max_memory}: pruned in memory; --offload-dir is not used")
-    stamp = source_stamp(args.model) if keep_quantization else None  # the input the save copies from
     model = open_model(args.model, None if keep_quantization else dtype_option(args))
     layers = moe_layers(model)
     if not layers:
@@ -100,7 +98,7 @@ def run(args) -> int:
     else:  # saved and re-quantized beside --out, which is replaced only once both are done
         from ..streaming.quantized import describe_error, save_requantized
 
-        out, report = Path(args.out), save_requantized(args.out, args.model, save, errors.record, stamp)
+        out, report = Path(args.out), save_requantized(args.out, args.model, save, errors.record)
         print(f"written in the input's precision ({quantized_format(args.model).method}, its quantization_config); "
               + describe_error(report))
     print(f"parameters: {before / 2**20:.2f} MiB before, {after / 2**20:.2f} MiB after pruning "

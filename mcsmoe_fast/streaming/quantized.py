@@ -343,26 +343,21 @@ def requantize_saved(directory, like) -> Path:
     return directory
 
 
-def save_requantized(out, like, save, measure=None, stamp=None) -> dict | None:
+def save_requantized(out, like, save, measure=None) -> dict | None:
     """Save a model loaded dequantized from the quantized checkpoint `like` to `out` in `like`'s format, replacing
     `out` only once all is done, so a failure anywhere leaves what `out` held as it was: `save(directory)` writes the
     dequantized checkpoint into a scratch directory next to `out` (removed at the end), which write_quantized(like=...)
     rewrites into a temporary directory; `measure(directory)` (the layer errors) runs on that before it replaces
-    `out`; stamp: `like`'s source_stamp taken before the model was loaded, the save refused when `like` changed since.
-    Returns the error report (measure's, else the one write_quantized recorded)."""
+    `out`. Returns the error report (measure's, else the one write_quantized recorded)."""
     from ..checkpoint import atomic_directory, scratch_directory
     from ..checkpoint.atomic import keep_files
-    from ..checkpoint.source_stamp import check_unchanged
 
     real = Path(os.path.realpath(out))
     with atomic_directory(real) as tmp, scratch_directory(real.parent, f".{real.name}.dequantized-") as scratch:
         save(scratch / "model")
         write_quantized(scratch / "model", tmp, like=like)
         keep_files(scratch / "model", tmp)  # the tokenizer files write_quantized does not copy
-        report = measure(tmp) if measure is not None else saved_error(tmp)
-        if stamp is not None:
-            check_unchanged(like, stamp)
-        return report
+        return measure(tmp) if measure is not None else saved_error(tmp)
 
 
 def saved_error(directory) -> dict | None:
