@@ -249,11 +249,19 @@ def test_loop_does_not_score_steps_the_optimizer_skipped(monkeypatch):
         step["n"] += 1
         return step["n"] == 2
 
+    scheduled = []
+    real_lambda = torch.optim.lr_scheduler.LambdaLR.step
+
+    def count(self, *args):
+        scheduled.append(1)
+        return real_lambda(self, *args)
     monkeypatch.setattr(CompressionPruner, "step", record)
     monkeypatch.setattr(accelerate.Accelerator, "optimizer_step_was_skipped", property(skipped))
+    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", count)
     train(model, data, TrainConfig(steps=4, batch_size=8, eval_every=0, prune_initial_warmup=0, prune_final_warmup=0),
           collate_fn=collate, progress=False)
     assert calls == [True, False, True, True]
+    assert len(scheduled) == 1 + 3  # the schedule's initial step, then once per step taken (the skipped one not)
 
 
 def test_fine_tuning_learns_evaluates_and_keeps_best_and_latest(tmp_path):

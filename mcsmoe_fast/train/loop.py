@@ -40,6 +40,8 @@ from ..models import moe_layers, unwrap
 from ..pruner import CompressionPruner
 from .config import TrainConfig
 from .losses import kd_loss, task_loss
+from .processes import (PROCESSES_KEY, accelerator_options, check_batches_per_epoch, check_resumed_processes,
+                        check_world, mean_over_processes, rank_rng_states)
 from .state import STATE_JSON, check_student_shapes, read_progress, restore_state, write_state
 
 BEST, LATEST = "best", "latest"
@@ -244,7 +246,9 @@ def _setup(model: nn.Module, train_data, config: TrainConfig, collate_fn, teache
     _release_accelerator_state(config.mixed_precision)
     accelerator = Accelerator(mixed_precision=config.mixed_precision,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
-                                                                        data_seed=data_seed(config.seed)))
+                                                                        data_seed=data_seed(config.seed)),
+                              **accelerator_options())
+    check_world(accelerator)
     if config.mixed_precision == "fp16" and not _scales_loss(accelerator):
         raise ValueError(f"mixed_precision='fp16': accelerate runs no fp16 autocast and no loss scaler on "
                          f"{accelerator.device} (the run would train in the model's dtype, and a non-finite loss "
@@ -288,9 +292,11 @@ def _resume(run: _Run) -> None:
     """Continue from output_dir/latest: weights (a pruned student's masked rows come with the state),
     optimizer, schedule, pruner and the progress record."""
     latest = run.output_dir / LATEST
+    check_resumed_processes(read_progress(latest), run.accelerator, latest)
     if run.pruner is None:
         _load_weights(run.model, latest)
-    record = restore_state(latest, run.optimizer, run.scheduler, run.pruner, run.model if run.pruner else None)
+    record = restore_state(latest, run.optimizer, run.scheduler, run.pruner, run.model if run.pruner else None,
+                           rank=run.accelerator.process_index)
     run.step, run.best_metric, run.best_step, run.history = (record["step"], record["best_metric"],
                                                              record["best_step"], record["history"])
     # the saved run's data order: runs saved before data_seed existed shuffled with the seed itself
@@ -300,6 +306,9 @@ def _resume(run: _Run) -> None:
     # the next step's learning rate from this run's schedule (the saved one's to the bit when steps is unchanged;
     # a resume with other steps follows its own decay from the first resumed step)
     scheduler = run.scheduler
+    # one schedule step per optimizer step (fewer where mixed precision skipped one); runs saved by N processes
+    # before processes.py stepped it N times a step
+    scheduler.last_epoch = min(scheduler.last_epoch, run.step)
     for group, base, factor in zip(run.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * factor(scheduler.last_epoch)
 
@@ -315,6 +324,7 @@ def _prepare(run: _Run) -> None:
 def _checkpoint(run: _Run, name: str, progress_record: dict, with_state: bool) -> None:
     """Write output_dir/name (main process only): the model (a pruned student finalized), and with_state
     everything a resume needs."""
+    rng = rank_rng_states(run.accelerator) if with_state else {}  # every process takes part
     if not run.accelerator.is_main_process:
         return
     plain = saved = run.accelerator.unwrap_model(run.model)
@@ -325,7 +335,7 @@ def _checkpoint(run: _Run, name: str, progress_record: dict, with_state: bool) -
                 m.finalize()
     if with_state:
         model_state = plain.state_dict() if run.pruner is not None else None
-        state = (run.optimizer, run.scheduler, run.pruner, model_state)
+        state = (run.optimizer, run.scheduler, run.pruner, model_state, rng)
     else:
         state = ()
     save_pretrained(saved, run.output_dir / name, tokenizer=run.tokenizer,
@@ -354,7 +364,8 @@ def _evaluate(run: _Run, loss: float) -> None:
         _checkpoint(run, LATEST, {"step": run.step, "best_metric": run.best_metric, "best_step": run.best_step,
                                   "history": run.history, "config": config.to_dict(),
                                   "data_seed": run.accelerator.dataloader_config.data_seed,
-                                  "distilling": run.teacher is not None}, with_state=True)
+                                  "distilling": run.teacher is not None,
+                                  PROCESSES_KEY: run.accelerator.num_processes}, with_state=True)
     run.bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "step" and isinstance(v, float)})
     if run.callback is not None:
         run.callback(run.accelerator.unwrap_model(run.model), record)
@@ -379,9 +390,11 @@ def _optimizer_step(run: _Run, batch: dict, params: list[torch.Tensor]) -> torch
     if config.max_grad_norm is not None:
         run.accelerator.clip_grad_norm_(params, config.max_grad_norm)
     run.optimizer.step()
-    run.scheduler.step()
+    skipped = run.accelerator.optimizer_step_was_skipped  # fp16: the loss scaler skipped an overflowing step
+    if not skipped:  # the schedule follows the steps taken
+        run.scheduler.step()
     if run.pruner is not None:
-        run.pruner.step(update_scores=not run.accelerator.optimizer_step_was_skipped)
+        run.pruner.step(update_scores=not skipped)
     run.optimizer.zero_grad(set_to_none=True)
     return loss
 
@@ -435,6 +448,7 @@ def _train(model, train_data, config, collate_fn, eval_fn, teacher, output_dir, 
     if resume and (output_dir / LATEST / "config.json").exists():
         _resume(run)
     _prepare(run)
+    check_batches_per_epoch(run.loader, len(train_data), config.batch_size, run.accelerator.num_processes)
     try:
         _train_steps(run, progress)
     finally:
@@ -458,7 +472,7 @@ def _train_steps(run: _Run, progress: bool) -> None:
             for batch in _batches(run):
                 loss = _optimizer_step(run, batch, params)
                 run.step += 1
-                running += loss.item()
+                running += mean_over_processes(run.accelerator, loss)
                 run.bar.update(1)
                 if (config.eval_every and run.step % config.eval_every == 0) or run.step == config.steps:
                     _evaluate(run, running / (run.step - (run.history[-1]["step"] if run.history else 0)))

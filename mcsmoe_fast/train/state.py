@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from .processes import restore_rank_rng
+
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
 
@@ -35,9 +37,10 @@ def _unflatten_optimizer(plain: dict, tensors: dict) -> dict:
 
 
 def write_state(directory: Path, progress: dict, optimizer=None, scheduler=None, pruner=None,
-                model_state: dict | None = None) -> None:
+                model_state: dict | None = None, rng: dict | None = None) -> None:
     """The progress record, and with an optimizer everything a resumed run needs. `model_state`: the
-    student's own state dict, for students whose checkpoint form differs (masked rows while pruning)."""
+    student's own state dict, for students whose checkpoint form differs (masked rows while pruning); `rng`: every
+    process's random state under N processes (processes.rank_rng_states)."""
     from safetensors.torch import save_file
 
     if optimizer is None:
@@ -46,6 +49,7 @@ def write_state(directory: Path, progress: dict, optimizer=None, scheduler=None,
     tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():  # dropout and router jitter on a GPU draw from its own generator
         tensors.update({f"rng.cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+    tensors.update(rng or {})
     record = dict(progress)
     record["optimizer"] = _flatten_optimizer(optimizer.state_dict(), tensors)
     record["scheduler"] = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
@@ -82,9 +86,9 @@ def check_student_shapes(directory: Path, model, saved: dict) -> None:
                          "resume with the model, and the decomposition rank, the run started from")
 
 
-def restore_state(directory: Path, optimizer, scheduler, pruner=None, model=None) -> dict:
-    """Load optimizer, scheduler, pruner and RNG state (and `model`'s weights when they were saved
-    here); returns the progress record."""
+def restore_state(directory: Path, optimizer, scheduler, pruner=None, model=None, rank: int = 0) -> dict:
+    """Load optimizer, scheduler, pruner and RNG state (process `rank`'s own where the run saved every process's;
+    and `model`'s weights when they were saved here); returns the progress record."""
     from safetensors.torch import load_file
 
     record = read_progress(directory)
@@ -104,8 +108,9 @@ def restore_state(directory: Path, optimizer, scheduler, pruner=None, model=None
         pruner.load_state_dict({"steps": record["pruner"]["steps"],
                                 "ema": [tensors[f"pruner.ema.{i}"] for i in range(n)],
                                 "keep": [tensors[f"pruner.keep.{i}"] for i in range(n)]})
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[f"rng.cuda.{i}"] for i in range(len(tensors)) if f"rng.cuda.{i}" in tensors]
-    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
-        torch.cuda.set_rng_state_all(cuda)
+    if not restore_rank_rng(tensors, rank):
+        torch.set_rng_state(tensors["rng.torch"])
+        cuda = [tensors[f"rng.cuda.{i}"] for i in range(len(tensors)) if f"rng.cuda.{i}" in tensors]
+        if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+            torch.cuda.set_rng_state_all(cuda)
     return record
