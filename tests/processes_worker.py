@@ -2,8 +2,10 @@
 also runs in the test's own process for the 1-process reference). Saves {lrs, state, history} to RECORD.rank<R>.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/processes_worker.py OUT RECORD BATCH [options]
-options: --steps S, --stop-at K (a callback stops the run after step K's evaluation), --resume, --dropout (attention
-dropout 0.1 on batches padded to their longest example: each process draws its own dropout masks), --examples N.
+options: --steps S, --stop-at K (a callback stops the run after step K's evaluation), --resume, --padded (examples of
+4-12 tokens, batches padded to their longest: the processes' parts hold different numbers of target tokens),
+--dropout (attention dropout 0.1, padded: each process draws its own dropout masks), --kd (a teacher), --hidden
+(with KD's hidden-state term), --examples N.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ def padded_collate(rows):
 
 
 def job(out, batch: int, steps: int = 6, stop_at: int | None = None, resume: bool = False, dropout: bool = False,
-        examples: int = 48) -> dict:
+        examples: int = 48, padded: bool = False, kd: bool = False, hidden: bool = False) -> dict:
     """Fine-tune the tiny Mixtral of train_helpers; returns the learning rate of every step taken, the final
     weights and the history."""
     import mcsmoe_fast.train.loop as loop
@@ -56,12 +58,14 @@ def job(out, batch: int, steps: int = 6, stop_at: int | None = None, resume: boo
     if dropout:
         for layer in model.model.layers:
             layer.self_attn.attention_dropout = 0.1
-    data = padded_data(examples) if dropout else tiny_job_data(examples)
+    padded = padded or dropout
+    data = padded_data(examples) if padded else tiny_job_data(examples)
     config = TrainConfig(steps=steps, batch_size=batch, eval_every=2, learning_rate=5e-3, warmup_steps=2,
-                         metric="loss", greater_is_better=False)
+                         metric="loss", greater_is_better=False, hd_lambda=0.5 if hidden else 0.0)
     try:
-        result = train(model, data, config, collate_fn=padded_collate if dropout else collate,
-                       eval_fn=lambda m: {}, output_dir=out, resume=resume, progress=False, callback=stop)
+        result = train(model, data, config, collate_fn=padded_collate if padded else collate,
+                       eval_fn=lambda m: {}, output_dir=out, resume=resume, progress=False, callback=stop,
+                       teacher=tiny_job_model(seed=1) if kd else None)
         history = result.history
     except Stopped:
         history = None
@@ -80,7 +84,10 @@ if __name__ == "__main__":
     p.add_argument("--resume", action="store_true")
     p.add_argument("--dropout", action="store_true")
     p.add_argument("--examples", type=int, default=48)
+    p.add_argument("--padded", action="store_true")
+    p.add_argument("--kd", action="store_true")
+    p.add_argument("--hidden", action="store_true")
     a = p.parse_args()
-    result = job(a.out, a.batch, a.steps, a.stop_at, a.resume, a.dropout, a.examples)
+    result = job(a.out, a.batch, a.steps, a.stop_at, a.resume, a.dropout, a.examples, a.padded, a.kd, a.hidden)
     torch.save(result, f"{a.record}.rank{os.environ.get('RANK', '0')}")
     sys.exit(0)

@@ -63,6 +63,24 @@ def test_two_processes_train_as_one_process_on_the_global_batch(two_processes):
     assert one["lrs"] == pytest.approx(expected, rel=1e-12, abs=0)
 
 
+LOSSES = {"fine-tuning": ["--padded"], "kd-task": ["--padded", "--kd"], "kd-hidden": ["--kd", "--hidden"]}
+
+
+@pytest.mark.parametrize("kind", sorted(LOSSES))
+def test_the_losses_are_the_global_batch_s(tmp_path, kind):
+    """Batches padded to their longest example: the processes' parts hold different numbers of target tokens, so
+    per-process means weighted them unequally (fine-tuning's own loss, KD's task term); KD's hidden-state term is
+    the log of the global batch's mean squared error, not the mean of the processes' logs (unpadded batches: the
+    padding positions' states depend on how far each part is padded)."""
+    options = LOSSES[kind]
+    proc = torchrun(tmp_path / "two", tmp_path / "two.pt", 4, *options)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    one = job(tmp_path / "one", 8, padded="--padded" in options, kd="--kd" in options, hidden="--hidden" in options)
+    for rank in records(tmp_path / "two.pt"):
+        assert max_difference(rank["state"], one["state"]) < 1e-5
+        assert [h["loss"] for h in rank["history"]] == pytest.approx([h["loss"] for h in one["history"]], rel=1e-5)
+
+
 def test_a_resume_on_another_process_count_is_refused(two_processes):
     root, _, _ = two_processes
     with pytest.raises(ValueError, match=r"resume: .*latest holds a run trained by 2 process\(es\), 1 now: resume it "
@@ -136,3 +154,34 @@ def test_a_run_saved_with_the_schedule_stepped_per_process_resumes_on_its_steps_
     resumed = job(tmp_path / "run", 8, resume=True)
     assert resumed["lrs"] == pytest.approx(full["lrs"][2:], rel=1e-12, abs=0)
     assert max_difference(resumed["state"], full["state"]) == 0
+
+
+class _OtherProcess:
+    """Across for a test in one process: another process holding `others` of each summed quantity."""
+
+    def __init__(self, others: float):
+        self.processes, self.others = 2, others
+
+    def sum(self, tensor):
+        return tensor + self.others
+
+
+def test_fine_tuning_loss_weights_the_model_s_own_by_the_process_s_share_of_target_tokens():
+    from types import SimpleNamespace
+
+    from mcsmoe_fast.train.losses import fine_tuning_loss, task_loss
+
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 5))
+    labels[1, 3:] = -100  # 4 + 2 = 6 target tokens after the causal shift
+    own = task_loss(logits, labels, True)
+    out = SimpleNamespace(loss=own, logits=logits)
+    got = fine_tuning_loss(out, labels, True, _OtherProcess(10.0))
+    assert got.item() == pytest.approx(own.item() * 6 * 2 / 16, rel=1e-6)
+    assert fine_tuning_loss(out, labels, True) is own  # one process: the model's own loss as it is
+    none = torch.full_like(labels, -100)  # a part without a target token: nothing, not NaN
+    empty = fine_tuning_loss(SimpleNamespace(loss=task_loss(logits, none, True), logits=logits), none, True,
+                             _OtherProcess(10.0))
+    assert empty.item() == 0 and empty.requires_grad
+    empty.backward()
+    assert torch.count_nonzero(logits.grad) == 0

@@ -5,6 +5,7 @@ the cubic schedule down to --keep-ratio, and save the finalized (compact) model.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from .common import first_given, refuse_overwriting_input, subcommand
@@ -21,7 +22,8 @@ def add(sub):
     p.add_argument("--teacher", default=None, help="KD recovery: the full model the student was merged from")
     add_data_options(p, training=True)
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: the task's (paper) batch size, else 16")
+    p.add_argument("--batch-size", type=int, default=None, help="per process (N processes: a global batch of N x this); default: the task's (paper) "
+                   "batch size, else 16")
     p.add_argument("--lr", type=float, default=None, help="learning rate; default: the task's (paper), else 1e-4")
     p.add_argument("--warmup-steps", type=int, default=16, help="linear warm-up steps (default 16)")
     p.add_argument("--eval-every", type=int, default=100, help="steps between evaluations and checkpoints (default 100)")
@@ -102,6 +104,8 @@ def _train(args, data, config, tokenizer) -> int:
                        output_dir=args.out, resume=args.resume, tokenizer=tokenizer)
     except FloatingPointError as exc:  # a non-finite loss: one line, as the other refusals
         raise ValueError(str(exc)) from None
+    if os.environ.get("RANK", "0") != "0":  # one summary for a run of N processes
+        return 0
     last = result.history[-1] if result.history else {}
     print(f"trained to step {result.step}; last {data.metric} {last.get(data.metric, float('nan')):.4f}; "
           f"best {result.best_metric} at step {result.best_step}")

@@ -12,7 +12,7 @@ from ..compress import CompressOptions, check_keep_ratio
 @dataclass
 class TrainConfig:
     steps: int = 1000  # optimizer steps of this run (a resumed run ends at the same step)
-    batch_size: int = 16
+    batch_size: int = 16  # per process: N processes train on global batches of N x batch_size
     learning_rate: float = 1e-4
     warmup_steps: int = 16
     weight_decay: float = 0.01

@@ -1,5 +1,6 @@
 """One training loop for fine-tuning and KD recovery, on `accelerate`: `accelerate launch` spreads the
-same code over GPUs and machines, and mixed precision is accelerate's.
+same code over GPUs and machines (N processes train as one process on the global batch: processes.py), and mixed
+precision is accelerate's.
 
     result = train(model, dataset, TrainConfig(steps=300), collate_fn=..., eval_fn=..., teacher=full_model,
                    output_dir="runs/msmoe-kd")
@@ -39,8 +40,8 @@ from ..modules.compressed import CompressedMoEExperts
 from ..models import moe_layers, unwrap
 from ..pruner import CompressionPruner
 from .config import TrainConfig
-from .losses import kd_loss, task_loss
-from .processes import (PROCESSES_KEY, accelerator_options, check_batches_per_epoch, check_resumed_processes,
+from .losses import fine_tuning_loss, kd_loss
+from .processes import (PROCESSES_KEY, accelerator_options, across, check_batches_per_epoch, check_resumed_processes,
                         check_world, mean_over_processes, rank_rng_states)
 from .state import STATE_JSON, check_student_shapes, read_progress, restore_state, write_state
 
@@ -376,14 +377,14 @@ def _optimizer_step(run: _Run, batch: dict, params: list[torch.Tensor]) -> torch
     config, labels = run.config, batch["labels"]
     want_hidden = run.teacher is not None and config.hd_lambda > 0
     out = run.model(**batch, output_hidden_states=want_hidden)
-    parts = None
+    parts, processes = None, across(run.accelerator)
     if run.teacher is not None:
         with torch.no_grad():
             teacher_out = run.teacher(**batch, output_hidden_states=want_hidden)
         loss, parts = kd_loss(out, teacher_out, labels, run.causal, config.kd_lambda, config.temperature,
-                              config.task_lambda, config.hd_lambda)
+                              config.task_lambda, config.hd_lambda, processes)
     else:
-        loss = out.loss if getattr(out, "loss", None) is not None else task_loss(out.logits, labels, run.causal)
+        loss = fine_tuning_loss(out, labels, run.causal, processes)
     if config.mixed_precision != "fp16" and not torch.isfinite(loss):  # fp16 (loss-scaled: _setup) skips such a step
         raise FloatingPointError(_non_finite(run.step + 1, loss, parts))
     run.accelerator.backward(loss)

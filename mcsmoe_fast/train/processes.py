@@ -1,6 +1,7 @@
 """What training with more than one process (`accelerate launch`, `torchrun`: distributed data parallel) needs
 besides one process's loop: N processes train on global batches of N x batch_size, each on its own part, with the
-gradients averaged; the schedule still advances once per optimizer step; a resume continues on as many processes
+gradients averaged and the losses those of the global batch (losses.py, `across`); the schedule still advances
+once per optimizer step; a resume continues on as many processes
 as the run was trained by; each process keeps its own random state.
 
 On a CPU machine accelerate joins a torchrun launch only with ACCELERATE_USE_CPU=true (`accelerate launch --cpu
@@ -53,6 +54,21 @@ def check_batches_per_epoch(loader, examples: int, batch_size: int, processes: i
     if len(loader) == 0:
         raise ValueError(f"train_data has {examples} examples, fewer than one global batch of "
                          f"{batch_size * processes} (batch_size {batch_size} x {processes} processes)")
+
+
+class Across:
+    """Sums over the processes that share a global batch (losses.py's `across`)."""
+
+    def __init__(self, accelerator):
+        self.accelerator, self.processes = accelerator, accelerator.num_processes
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(tensor, "sum")
+
+
+def across(accelerator) -> Across | None:
+    """Across for N > 1 processes, None for one (the losses as one process computes them)."""
+    return Across(accelerator) if accelerator.num_processes > 1 else None
 
 
 def mean_over_processes(accelerator, loss: torch.Tensor) -> float:
