@@ -127,3 +127,110 @@ def test_copy_into_holds_at_most_a_tensor_s_two_files_open(tmp_path, monkeypatch
     assert max(most) <= 2 and not source.files.handles
     for name, w in weights.items():
         assert torch.equal(targets[name], fp8.dequantize_fp8(*fp8.quantize_fp8(w, (16, 16)), block=(16, 16)))
+
+
+# requantize.py (benchmarks/MUTATION.md, quant/requantize)
+FP8_16 = {"quant_method": "fp8", "weight_block_size": [16, 16]}
+
+
+def _checkpoint(tmp_path, tensors: dict, config: dict):
+    """QuantizedFiles over one safetensors file holding `tensors` in format `config`."""
+    from safetensors.torch import save_file
+
+    from mcsmoe_fast.checkpoint.weight_files import WeightFiles
+    from mcsmoe_fast.quant import detect
+    from mcsmoe_fast.quant.files import QuantizedFiles
+
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    return QuantizedFiles(WeightFiles(tmp_path, single="model.safetensors"), detect(config))
+
+
+def test_relative_and_squared_errors_by_their_definitions():
+    from mcsmoe_fast.quant.requantize import relative_error, squared_error
+
+    zero = torch.zeros(3, 4)
+    assert relative_error(zero, zero) == 0.0
+    assert relative_error(torch.ones(3, 4), zero) == float("inf")
+    got, ref = torch.randn(5, 3, 4), torch.randn(5, 3, 4)
+    diff, norm = squared_error(got, ref)  # every slice of the bank summed
+    assert diff == pytest.approx((got - ref).square().sum().item(), rel=1e-5)
+    assert norm == pytest.approx(ref.square().sum().item(), rel=1e-5)
+    assert relative_error(got, ref) == pytest.approx(((got - ref).norm() / ref.norm()).item(), rel=1e-5)
+
+
+def test_quantize_tensor_packs_the_last_dim_unless_told_to_transpose_and_dequantize_parts_reads_the_block():
+    from mcsmoe_fast.quant import detect
+    from mcsmoe_fast.quant.requantize import dequantize_parts, quantize_tensor
+
+    bank = torch.randn(2, 64, 96)
+    mx = detect({"quant_method": "mxfp4"})
+    plain = quantize_tensor("experts.down_proj", bank, mx)
+    assert [tuple(p.shape) for p in plain.values()] == [(2, 64, 3, 16), (2, 64, 3)]
+    assert torch.equal(plain["experts.down_proj_blocks"], quantize_mxfp4(bank)[0])
+    fp8_16 = detect(FP8_16)
+    parts = quantize_tensor("w", bank[0], fp8_16)
+    assert parts["w_scale_inv"].shape == (4, 6)  # 16 x 16 blocks
+    assert torch.equal(dequantize_parts(parts, fp8_16, (64, 96)), fp8.dequantize_fp8(*parts.values(), block=(16, 16)))
+
+
+def test_which_tensors_a_release_stores_quantized():
+    from mcsmoe_fast.quant import detect
+    from mcsmoe_fast.quant.requantize import quantizable
+
+    mx, f8 = detect({"quant_method": "mxfp4"}), detect(FP8_16)
+    bank, matrix, vector = torch.empty(2, 4, 4), torch.empty(4, 4), torch.empty(4)
+    assert quantizable("model.layers.0.mlp.experts.gate_up_proj", bank, mx)
+    assert not quantizable("model.layers.0.mlp.experts.gate_up_proj", matrix, mx)  # a bank is 3-D
+    assert not quantizable("model.layers.0.mlp.something", bank, mx)  # 3-D, not a bank
+    assert quantizable("model.layers.0.self_attn.q_proj.weight", matrix, f8)
+    assert not quantizable("model.layers.0.self_attn.sinks", matrix, f8)  # 2-D, not a weight
+    assert not quantizable("model.layers.0.self_attn.q_proj.weight", vector, f8)  # a weight, not 2-D
+    assert not quantizable("model.layers.0.mlp.something", bank, f8)  # 3-D, not a bank
+
+
+def test_check_layout_refusals_in_full_and_our_own_banks_pass():
+    from mcsmoe_fast.quant import detect
+    from mcsmoe_fast.quant.requantize import check_layout
+
+    meta = {"model.layers.0.mlp.experts.gate_up_proj": torch.empty(2, 4, 4, device="meta"),
+            "model.layers.1.mlp.experts.gate_up_proj": torch.empty(2, 4, 4, device="meta")}
+    message = ("block-FP8 of gpt_oss's fused expert banks (experts.gate_up_proj / down_proj, e.g. "
+               "model.layers.0.mlp.experts.gate_up_proj): transformers' dequantizing load reads block-FP8 scales only "
+               "as <module>.weight_scale_inv and its FP8 experts take neither GPT-OSS's biased banks nor Llama-4's "
+               "[E, in, out] ones, so no reader but mcsmoe-fast would load them right; write this model as MXFP4 "
+               "({'quant_method': 'mxfp4'}), which transformers reads")
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        check_layout(meta, detect(FP8_16), "gpt_oss")
+    check_layout({"model.layers.0.mlp.experts.w_in": torch.empty(2, 4, 4, device="meta")}, detect(FP8_16), "mixtral")
+    message = ("MXFP4 is written for fused expert banks (GPT-OSS, Llama-4: experts.gate_up_proj / down_proj), but "
+               "mixtral stores its experts per expert, so nothing would be quantized; write it as block-FP8 "
+               "({'quant_method': 'fp8', 'weight_block_size': [128, 128]})")
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        check_layout({"model.layers.0.mlp.experts.0.w1.weight": torch.empty(4, 4, device="meta")},
+                     detect({"quant_method": "mxfp4"}), "mixtral")
+
+
+def test_like_source_keeps_the_source_s_scale_dtype_and_its_unquantized_tensors(tmp_path):
+    from mcsmoe_fast.quant.requantize import LikeSource, stored_scale_dtype
+
+    w, kept = torch.randn(32, 32), torch.randn(32, 32)
+    q, s = fp8.quantize_fp8(w, (16, 16), "ue8m0", torch.float8_e8m0fnu)
+    source = _checkpoint(tmp_path, {"a.weight": q, "a.weight_scale_inv": s, "b.weight": kept},
+                         {**FP8_16, "scale_fmt": "ue8m0"})
+    assert stored_scale_dtype(source) == torch.float8_e8m0fnu
+    like = LikeSource(source)
+    parts, fresh = like.parts("a.weight", fp8.dequantize_fp8(q, s, block=(16, 16)))  # kept: the source's bytes
+    assert not fresh and torch.equal(parts["a.weight"].view(torch.uint8), q.view(torch.uint8))
+    parts, fresh = like.parts("a.weight", w * 3)  # changed: quantized afresh, scales in the source's dtype
+    assert fresh and parts["a.weight_scale_inv"].dtype == torch.float8_e8m0fnu
+    parts, fresh = like.parts("b.weight", kept)  # stored unquantized by the source: as it is
+    assert not fresh and list(parts) == ["b.weight"] and parts["b.weight"] is kept
+
+
+def test_stored_scale_dtype_of_an_mxfp4_source_is_float32(tmp_path):
+    from mcsmoe_fast.quant.requantize import stored_scale_dtype
+
+    blocks, scales = quantize_mxfp4(torch.randn(2, 8, 64))
+    source = _checkpoint(tmp_path, {"experts.down_proj_blocks": blocks, "experts.down_proj_scales": scales},
+                         {"quant_method": "mxfp4"})
+    assert source.is_quantized("experts.down_proj") and stored_scale_dtype(source) == torch.float32
