@@ -66,7 +66,7 @@ tests_for() {  # the test files that exercise each algorithm file (a file of a d
     prune) echo "tests/test_reap.py tests/test_methods_reference.py tests/test_methods_edge_cases.py tests/test_degenerate_stats.py tests/test_quant_prune.py" ;;
     ream) echo "tests/test_ream.py tests/test_methods_reference.py tests/test_methods_edge_cases.py tests/test_degenerate_stats.py" ;;
     quant) echo "tests/test_quant_formats.py tests/test_quant_formats_spec.py tests/test_quant_edge_values.py tests/test_dequant.py tests/test_quantize_native.py tests/test_quant_prune.py tests/test_quantized_merge.py tests/test_quant_standard.py tests/test_quant_layer_report.py tests/test_quant_permute_compress.py tests/test_quant_cli.py tests/test_quant_interop.py tests/test_ops_quant_fidelity2.py" ;;
-    checkpoint) echo "tests/test_checkpoint.py tests/test_standard_export.py tests/test_standard_export_fidelity.py tests/test_standard_export_matches.py tests/test_vllm_layout.py tests/test_export_keeps_behaviour.py tests/test_cli_standard.py tests/test_masked_router_logits.py" ;;
+    checkpoint) echo "tests/test_checkpoint.py tests/test_streaming_standard.py tests/test_standard_export.py tests/test_standard_export_fidelity.py tests/test_standard_export_matches.py tests/test_vllm_layout.py tests/test_export_keeps_behaviour.py tests/test_cli_standard.py tests/test_masked_router_logits.py" ;;
     *) echo "unknown file '$1': choose from drop grouping merge calibrate permute compress pruner train prune ream quant checkpoint" >&2; exit 2 ;;
   esac
 }
