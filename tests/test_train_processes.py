@@ -185,3 +185,14 @@ def test_fine_tuning_loss_weights_the_model_s_own_by_the_process_s_share_of_targ
     assert empty.item() == 0 and empty.requires_grad
     empty.backward()
     assert torch.count_nonzero(logits.grad) == 0
+
+
+def test_equal_hidden_states_give_minus_infinity_across_processes_as_in_one():
+    from types import SimpleNamespace
+
+    from mcsmoe_fast.train.losses import hidden_loss
+
+    states = [torch.randn(2, 3, 4) for _ in range(3)]
+    out = SimpleNamespace(hidden_states=states)
+    assert hidden_loss(out, out).item() == float("-inf")
+    assert hidden_loss(out, out, _OtherProcess(0.0)).item() == float("-inf")  # was 0 / 0 = NaN: no hint

@@ -85,7 +85,8 @@ def hidden_loss(student_out, teacher_out, across=None) -> torch.Tensor:
     counts = across.sum(torch.tensor([float(count) for _, count in parts], device=sums.device))
     mse = across.sum(sums.detach()) / counts
     mean = mse.mean()
-    share = across.processes * ((sums - sums.detach()) / counts).sum() / (len(parts) * mean)  # 0, with the gradient
+    # 0, with the gradient; equal states (mean 0) keep log(0) = -inf, as one process gives it, not 0 / 0
+    share = across.processes * ((sums - sums.detach()) / counts).sum() / (len(parts) * mean.clamp_min(1e-30))
     return torch.log(mean) + share
 
 
