@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -234,3 +235,24 @@ def test_a_change_once_everything_is_read_does_not_stop_a_long_command(models, t
     _swap_before(monkeypatch, module, step, source, models / "plain1")
     assert main([argv[0], "--model", str(source), *argv[1:], "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / ("best" if case == "finetune" else "results.json")).exists()
+
+
+def test_a_watch_that_fails_to_start_leaves_nothing_watched(models, tmp_path, monkeypatch):
+    import mcsmoe_fast.checkpoint.source_stamp as stamps
+    from mcsmoe_fast.checkpoint import check_inputs, watching_inputs
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        shutil.copytree(models / "plain0", d)
+    real = stamps.source_stamp
+
+    def failing(directory):
+        if Path(directory).name == "b":
+            raise PermissionError(f"{directory}: cannot be listed")
+        return real(directory)
+    monkeypatch.setattr(stamps, "source_stamp", failing)
+    with pytest.raises(PermissionError):
+        with watching_inputs(a, b):
+            pass
+    (a / "config.json").write_text((a / "config.json").read_text() + " ")
+    check_inputs()  # `a` is not left watched

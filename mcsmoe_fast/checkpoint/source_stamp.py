@@ -63,13 +63,14 @@ def check_unchanged(directory, stamp: SourceStamp) -> None:
 def watching_inputs(*paths) -> Iterator[None]:
     """Within the block, check_inputs (which every output commit calls) refuses when an input directory among
     `paths` changed since the block began (None, hub ids and files are not watched). Blocks nest."""
-    added = []
+    stamps = {}  # all taken before any is registered: a directory that cannot be read leaves nothing watched
     for path in paths:
         directory = Path(str(path)).expanduser().absolute() if path is not None else None
         if directory is not None and directory.is_dir() and directory not in _watched:
-            _watched[directory] = source_stamp(directory)
-            added.append(directory)
+            stamps[directory] = source_stamp(directory)
+    added = list(stamps)
     try:
+        _watched.update(stamps)
         yield
     finally:
         for directory in added:
