@@ -22,8 +22,9 @@ def add(sub):
     p.add_argument("--teacher", default=None, help="KD recovery: the full model the student was merged from")
     add_data_options(p, training=True)
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
-    p.add_argument("--batch-size", type=int, default=None, help="per process (N processes: a global batch of N x this); default: the task's (paper) "
-                   "batch size, else 16")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="per process (N processes: a global batch of N x this); default: the task's (paper) batch "
+                        "size, else 16")
     p.add_argument("--lr", type=float, default=None, help="learning rate; default: the task's (paper), else 1e-4")
     p.add_argument("--warmup-steps", type=int, default=16, help="linear warm-up steps (default 16)")
     p.add_argument("--eval-every", type=int, default=100, help="steps between evaluations and checkpoints (default 100)")
