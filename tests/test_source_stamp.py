@@ -256,3 +256,14 @@ def test_a_watch_that_fails_to_start_leaves_nothing_watched(models, tmp_path, mo
             pass
     (a / "config.json").write_text((a / "config.json").read_text() + " ")
     check_inputs()  # `a` is not left watched
+
+
+def test_the_streamed_permute_api_refuses_an_input_replaced_before_its_requantizing_write(models, tmp_path, monkeypatch):
+    from mcsmoe_fast.streaming import permute_checkpoint
+
+    source = tmp_path / "input"
+    shutil.copytree(models / "fp8_0", source)
+    _swap_before(monkeypatch, streamed_permute, "write_quantized", source, models / "fp8_1")
+    with pytest.raises(CheckpointError, match=REFUSAL):
+        permute_checkpoint(source, tmp_path / "out", max_memory="1KB")
+    assert not (tmp_path / "out").exists()

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_directory
 from ..permute import apply_permutation_, match_permutations, with_bias_column
-from ..checkpoint.source_stamp import check_unchanged, source_stamp
+from ..checkpoint.source_stamp import watching_inputs
 from ..checkpoint.weight_files import ShardWriter
 from .memory import shard_size_for
 from .skeleton import layer_units, moe_views, open_source
@@ -51,8 +51,8 @@ def permute_checkpoint(path, out, reference: int = 0, max_memory=None, max_shard
     experts = {n for v in views for n in v.stored_tensors().experts}
     perms, shard_size = {}, shard_size_for(max_memory, max_shard_size)
     requantize = source.quant is not None and keep_quantization
-    stamp = source_stamp(path) if requantize else None  # the re-quantizing write opens `path` again: the same files
-    with atomic_directory(out) as final:
+    # the re-quantizing write opens `path` again: the output is committed only if it still holds the same files
+    with watching_inputs(path if requantize else None), atomic_directory(out) as final:
         tmp = final / ".dequantized" if requantize else final
         tmp.mkdir(exist_ok=True)
         writer = ShardWriter(tmp, "model.safetensors", shard_size, {"format": "pt"})
@@ -90,5 +90,4 @@ def permute_checkpoint(path, out, reference: int = 0, max_memory=None, max_shard
         if requantize:  # in the source's format, one tensor at a time
             write_quantized(tmp, final, like=path, max_shard_size=shard_size)
             shutil.rmtree(tmp)
-            check_unchanged(path, stamp)
     return perms
